@@ -1,0 +1,168 @@
+/*
+ * abi.h - the shared-memory ABI between the proxy guest and the host harness.
+ *
+ * This header is the single source of truth for the layout of the ivshmem
+ * shared window (BAR2). The host never types an offset: it reads the
+ * structures and enumerations below from the built guest ELF's DWARF
+ * (harness/proxy/abi.py). So constants are enumerators, not #defines,
+ * and every type here is emitted into the debug info.
+ *
+ * Window layout (offsets from the start of BAR2):
+ *   0                       struct proxy_shared (control page, rings)
+ *   PROXY_DMA_OFFSET        DMA pool, to the end of the window
+ *
+ * A ring is single-producer (host) single-consumer (guest): the host fills
+ * entries[submit % PROXY_RING_ENTRIES ...], then advances `submit`; the
+ * guest executes every entry in [served, submit), writes status, value and
+ * tsc back into the same entry, then advances `served`. A batch is just
+ * several entries published by one `submit` store; once one of them fails,
+ * the rest of that batch is SKIPPED, so a driver never acts on a failed step.
+ */
+#ifndef PROXY_ABI_H
+#define PROXY_ABI_H
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+/* i386 aligns 64-bit fields to 4 bytes; the host reads them as naturally aligned words. */
+typedef unsigned long long u64 __attribute__((aligned(8)));
+
+enum proxy_abi {
+    PROXY_ABI_MAGIC = 0x48574858,   /* "XHWH" little-endian */
+    PROXY_ABI_VERSION = 1,
+};
+
+enum proxy_limits {
+    PROXY_MAX_DEVICES = 32,
+    PROXY_MAX_CHANNELS = 8,         /* channel 0 is the admin channel */
+    PROXY_RING_ENTRIES = 256,       /* a power of two */
+    PROXY_MAX_BARS = 6,
+    PROXY_MAX_CAPS = 12,
+    PROXY_ISA_MAX_PORTS = 64,       /* largest ISA port range one channel may hold */
+    PROXY_POLL_MAX_US = 2000000,    /* longest guest-side poll */
+    PROXY_REPEAT_MAX = 1000000,     /* longest native timing loop */
+    PROXY_DMA_OFFSET = 0x100000,    /* DMA pool starts 1 MiB into the window */
+    PROXY_HOST_PEER = 0,            /* ivshmem peer id of the host harness */
+    PROXY_CRASH_MAGIC = 0x0dead,    /* OP_CRASH needs this value: no accidents */
+};
+
+enum proxy_state {
+    PROXY_STATE_BOOTING = 0,        /* the window is all zeroes until the guest is up */
+    PROXY_STATE_READY = 1,
+    PROXY_STATE_CRASHED = 2,
+};
+
+enum proxy_op {
+    PROXY_OP_NOP = 0,
+    PROXY_OP_PIO_READ = 1,          /* addr = port */
+    PROXY_OP_PIO_WRITE = 2,
+    PROXY_OP_MMIO_READ = 3,         /* addr = guest-physical address */
+    PROXY_OP_MMIO_WRITE = 4,
+    PROXY_OP_CFG_READ = 5,          /* addr = offset in the device's config space */
+    PROXY_OP_CFG_WRITE = 6,
+    PROXY_OP_PIO_POLL = 7,          /* until (read & mask) == expect, or timeout_us */
+    PROXY_OP_MMIO_POLL = 8,
+    PROXY_OP_PIO_REPEAT = 9,        /* read value times; value := TSC cycles taken */
+    PROXY_OP_MMIO_REPEAT = 10,
+    /* admin channel only */
+    PROXY_OP_OPEN_PCI = 32,         /* addr = bus << 8 | dev << 3 | fn; value := channel */
+    PROXY_OP_OPEN_ISA = 33,         /* addr = first port, value = count; value := channel */
+    PROXY_OP_CLOSE = 34,            /* addr = channel */
+    PROXY_OP_CRASH = 35,            /* value = PROXY_CRASH_MAGIC, addr = enum proxy_crash_kind */
+};
+
+enum proxy_status {
+    PROXY_STATUS_PENDING = 0,       /* not executed yet */
+    PROXY_STATUS_OK = 1,
+    PROXY_STATUS_DENIED = 2,        /* outside the channel's grants */
+    PROXY_STATUS_BAD_REQUEST = 3,   /* malformed: op, width, alignment, range */
+    PROXY_STATUS_TIMEOUT = 4,       /* a poll expired; value holds the last read */
+    PROXY_STATUS_FAULT = 5,         /* the proxy could not carry it out */
+    PROXY_STATUS_SKIPPED = 6,       /* not run: an earlier request of its batch failed */
+};
+
+enum proxy_crash_kind {
+    PROXY_CRASH_INVALID_OPCODE = 0,
+    PROXY_CRASH_DIVIDE = 1,
+    PROXY_CRASH_GPF = 2,
+    PROXY_CRASH_PANIC = 3,
+};
+
+enum proxy_crash_vector {
+    PROXY_VECTOR_PANIC = 256,       /* a panic() rather than a CPU exception */
+};
+
+struct proxy_request {
+    u8 op;                          /* enum proxy_op */
+    u8 width;                       /* 1, 2, 4 or 8 bytes */
+    u16 status;                     /* enum proxy_status, written by the guest */
+    u32 timeout_us;                 /* polls */
+    u64 addr;
+    u64 value;                      /* in: value to write; out: value read */
+    u64 mask;                       /* polls */
+    u64 expect;                     /* polls */
+    u64 tsc;                        /* guest TSC at completion */
+    u64 reserved[2];
+};
+
+struct __attribute__((aligned(64))) proxy_ring {
+    u32 submit;                     /* written by the host only */
+    u32 pad0[15];                   /* keep the two indices on separate cache lines */
+    u32 served;                     /* written by the guest only */
+    u32 pad1[15];
+    struct proxy_request entries[PROXY_RING_ENTRIES];
+};
+
+struct proxy_bar {
+    u64 base;                       /* as the firmware assigned it; 0 if unused */
+    u64 size;
+    u8 is_io;
+    u8 is_64;
+    u8 prefetchable;
+    u8 pad[5];
+};
+
+struct proxy_cap {
+    u8 id;
+    u8 offset;
+};
+
+struct proxy_pci_device {
+    u8 bus, dev, fn, header_type;
+    u16 vendor, device;
+    u8 class_code, subclass, prog_if, revision;
+    u8 irq_line, irq_pin, ncaps, pad;
+    struct proxy_bar bars[PROXY_MAX_BARS];
+    struct proxy_cap caps[PROXY_MAX_CAPS];
+};
+
+struct proxy_crash {
+    u32 vector;                     /* CPU exception vector, or PROXY_VECTOR_PANIC */
+    u32 error_code;
+    u32 eip, cs, eflags, esp;
+    u32 eax, ebx, ecx, edx, esi, edi, ebp;
+    u32 cr0, cr2, cr3, cr4;
+    u8 code[32];                    /* bytes at eip */
+    u8 stack[64];                   /* bytes at esp */
+    char message[96];               /* panic() text, NUL-terminated */
+};
+
+struct proxy_shared {
+    u32 magic;                      /* PROXY_ABI_MAGIC once the guest is up */
+    u32 abi_version;
+    u32 state;                      /* enum proxy_state */
+    u32 guest_sleeping;             /* guest: "kick me before you wait" */
+    u32 host_sleeping;              /* host: "ring the doorbell when done" */
+    u32 ndevices;
+    u64 tsc_hz;                     /* guest TSC frequency, calibrated on the PIT */
+    u64 window_size;                /* bytes of BAR2 */
+    u64 window_phys;                /* guest-physical address of BAR2 */
+    u64 dma_offset;                 /* where the DMA pool starts in the window */
+    u64 kicks;                      /* wake-ups by the host's kick (diagnostics) */
+    u64 served_total;               /* requests executed (diagnostics) */
+    struct proxy_crash crash;
+    struct proxy_pci_device devices[PROXY_MAX_DEVICES];
+    struct proxy_ring rings[PROXY_MAX_CHANNELS];
+};
+
+#endif

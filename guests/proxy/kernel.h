@@ -1,0 +1,43 @@
+/* kernel.h - what the proxy's source files share. */
+#ifndef KERNEL_H
+#define KERNEL_H
+
+#include "abi.h"
+#include "x86.h"
+
+#define NULL ((void *)0)
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+
+/* kernel.c */
+void kprintf(const char *fmt, ...);
+void panic(const char *msg) __attribute__((noreturn));
+void *memset(void *d, int c, unsigned n);
+void *memcpy(void *d, const void *s, unsigned n);
+extern u64 tsc_hz;
+
+/* trap.c */
+struct trapframe {
+    u32 edi, esi, ebp, esp_pusha, ebx, edx, ecx, eax; /* pusha */
+    u32 vector, error_code;
+    u32 eip, cs, eflags;                              /* pushed by the CPU */
+};
+void trap_init(void);
+void lapic_init(void);
+void crash(const struct trapframe *tf, const char *msg) __attribute__((noreturn));
+void crash_on_purpose(u32 kind);
+extern volatile u32 kicks;
+
+/* pci.c */
+u32 pci_cfg_read(u8 bus, u8 dev, u8 fn, u8 off, u8 width);
+void pci_cfg_write(u8 bus, u8 dev, u8 fn, u8 off, u8 width, u32 v);
+int pci_enumerate(struct proxy_pci_device *table, int max);
+void pci_enable_msix(const struct proxy_pci_device *d, u32 entry, u32 vector);
+
+/* proxy.c */
+extern struct proxy_shared *shared;
+void proxy_init(struct proxy_shared *window, const struct proxy_pci_device *table, int n,
+                const struct proxy_pci_device *ivshmem);
+void proxy_loop(void) __attribute__((noreturn));
+void proxy_notify_host(void);
+
+#endif

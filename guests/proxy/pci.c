@@ -1,0 +1,155 @@
+/* pci.c - configuration space through ports 0xcf8/0xcfc, enumeration, BAR sizing, MSI-X. */
+#include "kernel.h"
+
+#define PCI_COMMAND 0x04
+#define PCI_COMMAND_IO 0x1
+#define PCI_COMMAND_MEMORY 0x2
+#define PCI_COMMAND_MASTER 0x4
+#define PCI_STATUS_CAP_LIST 0x10
+#define PCI_BAR0 0x10
+#define PCI_SECONDARY_BUS 0x19
+#define PCI_CAP_PTR 0x34
+#define PCI_CAP_ID_MSIX 0x11
+
+static void cfg_select(u8 bus, u8 dev, u8 fn, u8 off)
+{
+    outl(0xcf8, 0x80000000u | (u32)bus << 16 | (u32)dev << 11 | (u32)fn << 8 | (off & 0xfc));
+}
+
+u32 pci_cfg_read(u8 bus, u8 dev, u8 fn, u8 off, u8 width)
+{
+    cfg_select(bus, dev, fn, off);
+    switch (width) {
+    case 1: return inb(0xcfc + (off & 3));
+    case 2: return inw(0xcfc + (off & 2));
+    default: return inl(0xcfc);
+    }
+}
+
+void pci_cfg_write(u8 bus, u8 dev, u8 fn, u8 off, u8 width, u32 v)
+{
+    cfg_select(bus, dev, fn, off);
+    switch (width) {
+    case 1: outb(0xcfc + (off & 3), (u8)v); break;
+    case 2: outw(0xcfc + (off & 2), (u16)v); break;
+    default: outl(0xcfc, v);
+    }
+}
+
+/* Size one BAR the classic way: write all ones with decoding off, read the mask back. */
+static int size_bar(struct proxy_pci_device *d, int i)
+{
+    u8 off = PCI_BAR0 + 4 * i;
+    u32 orig = pci_cfg_read(d->bus, d->dev, d->fn, off, 4);
+    struct proxy_bar *b = &d->bars[i];
+    pci_cfg_write(d->bus, d->dev, d->fn, off, 4, 0xffffffff);
+    u32 mask = pci_cfg_read(d->bus, d->dev, d->fn, off, 4);
+    pci_cfg_write(d->bus, d->dev, d->fn, off, 4, orig);
+    if (mask == 0)
+        return 1;
+    if (orig & 1) {
+        b->is_io = 1;
+        b->base = orig & ~3u;
+        b->size = (u16)~(mask & ~3u) + 1;
+        return 1;
+    }
+    b->prefetchable = (orig >> 3) & 1;
+    b->base = orig & ~0xfu;
+    u64 size_mask = 0xffffffff00000000ull | (mask & ~0xfu);
+    if (((orig >> 1) & 3) == 2 && i < PROXY_MAX_BARS - 1) {
+        b->is_64 = 1;
+        u32 orig_hi = pci_cfg_read(d->bus, d->dev, d->fn, off + 4, 4);
+        pci_cfg_write(d->bus, d->dev, d->fn, off + 4, 4, 0xffffffff);
+        u32 mask_hi = pci_cfg_read(d->bus, d->dev, d->fn, off + 4, 4);
+        pci_cfg_write(d->bus, d->dev, d->fn, off + 4, 4, orig_hi);
+        b->base |= (u64)orig_hi << 32;
+        size_mask = (u64)mask_hi << 32 | (mask & ~0xfu);
+    }
+    b->size = ~size_mask + 1;
+    return b->is_64 ? 2 : 1;
+}
+
+static void read_caps(struct proxy_pci_device *d)
+{
+    if (!(pci_cfg_read(d->bus, d->dev, d->fn, 0x06, 2) & PCI_STATUS_CAP_LIST))
+        return;
+    u8 ptr = pci_cfg_read(d->bus, d->dev, d->fn, PCI_CAP_PTR, 1) & 0xfc;
+    for (int guard = 0; ptr && guard < 48 && d->ncaps < PROXY_MAX_CAPS; guard++) {
+        d->caps[d->ncaps].id = pci_cfg_read(d->bus, d->dev, d->fn, ptr, 1);
+        d->caps[d->ncaps].offset = ptr;
+        d->ncaps++;
+        ptr = pci_cfg_read(d->bus, d->dev, d->fn, ptr + 1, 1) & 0xfc;
+    }
+}
+
+static int scan_bus(u8 bus, struct proxy_pci_device *table, int n, int max)
+{
+    for (u8 dev = 0; dev < 32; dev++) {
+        for (u8 fn = 0; fn < 8; fn++) {
+            u32 id = pci_cfg_read(bus, dev, fn, 0, 4);
+            if ((id & 0xffff) == 0xffff) {
+                if (fn == 0)
+                    break;
+                continue;
+            }
+            if (n == max)
+                panic("scan_bus: more PCI functions than PROXY_MAX_DEVICES");
+            struct proxy_pci_device *d = &table[n++];
+            memset(d, 0, sizeof(*d));
+            d->bus = bus; d->dev = dev; d->fn = fn;
+            d->vendor = id & 0xffff;
+            d->device = id >> 16;
+            u32 class = pci_cfg_read(bus, dev, fn, 0x08, 4);
+            d->revision = class & 0xff;
+            d->prog_if = (class >> 8) & 0xff;
+            d->subclass = (class >> 16) & 0xff;
+            d->class_code = class >> 24;
+            d->header_type = pci_cfg_read(bus, dev, fn, 0x0e, 1);
+            d->irq_line = pci_cfg_read(bus, dev, fn, 0x3c, 1);
+            d->irq_pin = pci_cfg_read(bus, dev, fn, 0x3d, 1);
+            int nbars = (d->header_type & 0x7f) == 0 ? 6 : (d->header_type & 0x7f) == 1 ? 2 : 0;
+            u16 cmd = pci_cfg_read(bus, dev, fn, PCI_COMMAND, 2);
+            pci_cfg_write(bus, dev, fn, PCI_COMMAND, 2, cmd & ~(PCI_COMMAND_IO | PCI_COMMAND_MEMORY));
+            for (int i = 0; i < nbars;)
+                i += size_bar(d, i);
+            pci_cfg_write(bus, dev, fn, PCI_COMMAND, 2, cmd);
+            read_caps(d);
+            if ((d->header_type & 0x7f) == 1) {
+                u8 secondary = pci_cfg_read(bus, dev, fn, PCI_SECONDARY_BUS, 1);
+                if (secondary > bus)
+                    n = scan_bus(secondary, table, n, max);
+            }
+            if (fn == 0 && !(d->header_type & 0x80))
+                break;
+        }
+    }
+    return n;
+}
+
+int pci_enumerate(struct proxy_pci_device *table, int max)
+{
+    return scan_bus(0, table, 0, max);
+}
+
+/* Point MSI-X table entry `entry` at this CPU's LAPIC with `vector`, and turn MSI-X on. */
+void pci_enable_msix(const struct proxy_pci_device *d, u32 entry, u32 vector)
+{
+    for (int i = 0; i < d->ncaps; i++) {
+        if (d->caps[i].id != PCI_CAP_ID_MSIX)
+            continue;
+        u8 cap = d->caps[i].offset;
+        u32 table = pci_cfg_read(d->bus, d->dev, d->fn, cap + 4, 4);
+        const struct proxy_bar *bar = &d->bars[table & 7];
+        u32 slot = (u32)bar->base + (table & ~7u) + 16 * entry;
+        u16 cmd = pci_cfg_read(d->bus, d->dev, d->fn, PCI_COMMAND, 2);
+        pci_cfg_write(d->bus, d->dev, d->fn, PCI_COMMAND, 2, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
+        mmio_write32(slot + 0, 0xfee00000u);    /* destination: APIC id 0, physical mode */
+        mmio_write32(slot + 4, 0);
+        mmio_write32(slot + 8, vector);         /* fixed delivery, edge */
+        mmio_write32(slot + 12, 0);             /* unmasked */
+        u16 ctrl = pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2);
+        pci_cfg_write(d->bus, d->dev, d->fn, cap + 2, 2, (ctrl | 0x8000) & ~0x4000);
+        return;
+    }
+    panic("pci_enable_msix: device has no MSI-X capability");
+}

@@ -1,0 +1,412 @@
+/*
+ * proxy.c - the proxy proper: channels, grants, and the request loop.
+ *
+ * Everything the host writes is untrusted: a request is copied out of the
+ * ring before it is checked (so the host cannot change it between check and
+ * use), and grants and the device table live in guest-private memory.
+ */
+#include "kernel.h"
+
+#define READ_ONCE(x) (*(volatile __typeof__(x) *)&(x))
+#define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *)&(x) = (v))
+
+#define IVSHMEM_DOORBELL 12
+#define PCI_CAP_ID_MSI 0x05
+#define PCI_CAP_ID_MSIX 0x11
+#define MAX_WINDOWS 8
+
+struct window {
+    u64 base, size;
+};
+
+struct channel {
+    int open;
+    const struct proxy_pci_device *device;     /* NULL for an ISA channel */
+    struct window mmio[MAX_WINDOWS], pio[MAX_WINDOWS];
+    struct window mmio_readonly[2];             /* MSI-X table: an MSI is a DMA write */
+    struct window cfg_readonly[4];              /* BARs, ROM, MSI address and data */
+    int nmmio, npio, nmmio_readonly, ncfg_readonly;
+    u32 served;                                 /* private copy; the ring's is only a report */
+};
+
+struct proxy_shared *shared;
+static const struct proxy_pci_device *devices;
+static int ndevices;
+static const struct proxy_pci_device *self;     /* our own ivshmem: never granted */
+static u32 doorbell;
+static struct channel channels[PROXY_MAX_CHANNELS];
+
+/* Ports no ISA channel may hold: the 8259s, PCI configuration, the proxy's console. */
+static const struct window reserved_ports[] = {
+    { 0x20, 2 }, { 0xa0, 2 }, { 0xcf8, 8 }, { 0x3f8, 8 },
+};
+
+static int overlaps(u64 a, u64 alen, u64 b, u64 blen)
+{
+    return a < b + blen && b < a + alen;
+}
+
+static int inside(const struct window *w, int n, u64 addr, u64 width)
+{
+    for (int i = 0; i < n; i++)
+        if (addr >= w[i].base && addr - w[i].base <= w[i].size - width && width <= w[i].size)
+            return 1;
+    return 0;
+}
+
+static int any_overlap(const struct window *w, int n, u64 addr, u64 width)
+{
+    for (int i = 0; i < n; i++)
+        if (overlaps(addr, width, w[i].base, w[i].size))
+            return 1;
+    return 0;
+}
+
+void proxy_notify_host(void)
+{
+    if (doorbell)
+        mmio_write32(doorbell, PROXY_HOST_PEER << 16 | 0);
+}
+
+/* ---- granting ---- */
+
+static int free_channel(void)
+{
+    for (int c = 1; c < PROXY_MAX_CHANNELS; c++)
+        if (!channels[c].open)
+            return c;
+    return -1;
+}
+
+static void grant_config_fields(struct channel *ch, const struct proxy_pci_device *d)
+{
+    int bridge = (d->header_type & 0x7f) == 1;
+    ch->cfg_readonly[ch->ncfg_readonly++] = (struct window){ 0x10, bridge ? 8 : 24 };
+    ch->cfg_readonly[ch->ncfg_readonly++] = (struct window){ bridge ? 0x38 : 0x30, 4 };
+    for (int i = 0; i < d->ncaps; i++) {
+        u8 cap = d->caps[i].offset;
+        if (d->caps[i].id == PCI_CAP_ID_MSI && ch->ncfg_readonly < 4)
+            ch->cfg_readonly[ch->ncfg_readonly++] = (struct window){ cap + 4u, 10 };
+        if (d->caps[i].id == PCI_CAP_ID_MSIX && ch->nmmio_readonly < 2) {
+            u32 table = pci_cfg_read(d->bus, d->dev, d->fn, cap + 4, 4);
+            u32 entries = (pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2) & 0x7ff) + 1;
+            const struct proxy_bar *b = &d->bars[table & 7];
+            ch->mmio_readonly[ch->nmmio_readonly++] =
+                (struct window){ b->base + (table & ~7u), 16ull * entries };
+        }
+    }
+}
+
+static u16 open_pci(u64 bdf, u64 *out)
+{
+    const struct proxy_pci_device *d = NULL;
+    for (int i = 0; i < ndevices; i++)
+        if (((u64)devices[i].bus << 8 | (u64)devices[i].dev << 3 | devices[i].fn) == bdf)
+            d = &devices[i];
+    if (!d)
+        return PROXY_STATUS_BAD_REQUEST;
+    if (d == self)
+        return PROXY_STATUS_DENIED;
+    for (int c = 1; c < PROXY_MAX_CHANNELS; c++)
+        if (channels[c].open && channels[c].device == d)
+            return PROXY_STATUS_DENIED;
+    int c = free_channel();
+    if (c < 0)
+        return PROXY_STATUS_FAULT;
+    struct channel *ch = &channels[c];
+    memset(ch, 0, sizeof(*ch));
+    ch->device = d;
+    for (int i = 0; i < PROXY_MAX_BARS; i++) {
+        const struct proxy_bar *b = &d->bars[i];
+        if (!b->size || !b->base)
+            continue;
+        if (b->is_io && b->base + b->size <= 0x10000)
+            ch->pio[ch->npio++] = (struct window){ b->base, b->size };
+        else if (!b->is_io && b->base + b->size <= 0x100000000ull)
+            ch->mmio[ch->nmmio++] = (struct window){ b->base, b->size };
+    }
+    grant_config_fields(ch, d);
+    ch->served = READ_ONCE(shared->rings[c].submit);   /* anything already there is stale */
+    WRITE_ONCE(shared->rings[c].served, ch->served);
+    ch->open = 1;
+    *out = (u64)c;
+    return PROXY_STATUS_OK;
+}
+
+static u16 open_isa(u64 base, u64 count, u64 *out)
+{
+    if (count == 0 || count > PROXY_ISA_MAX_PORTS || base >= 0x10000 || base + count > 0x10000)
+        return PROXY_STATUS_BAD_REQUEST;
+    if (any_overlap(reserved_ports, ARRAY_SIZE(reserved_ports), base, count))
+        return PROXY_STATUS_DENIED;
+    for (int i = 0; i < ndevices; i++)
+        for (int b = 0; b < PROXY_MAX_BARS; b++)
+            if (devices[i].bars[b].is_io &&
+                overlaps(base, count, devices[i].bars[b].base, devices[i].bars[b].size))
+                return PROXY_STATUS_DENIED;
+    for (int c = 1; c < PROXY_MAX_CHANNELS; c++)
+        if (channels[c].open && any_overlap(channels[c].pio, channels[c].npio, base, count))
+            return PROXY_STATUS_DENIED;
+    int c = free_channel();
+    if (c < 0)
+        return PROXY_STATUS_FAULT;
+    struct channel *ch = &channels[c];
+    memset(ch, 0, sizeof(*ch));
+    ch->pio[ch->npio++] = (struct window){ base, count };
+    ch->served = READ_ONCE(shared->rings[c].submit);
+    WRITE_ONCE(shared->rings[c].served, ch->served);
+    ch->open = 1;
+    *out = (u64)c;
+    return PROXY_STATUS_OK;
+}
+
+/* ---- executing ---- */
+
+static u64 pio_read(u16 port, u8 width)
+{
+    return width == 1 ? inb(port) : width == 2 ? inw(port) : inl(port);
+}
+
+static void pio_write(u16 port, u8 width, u64 v)
+{
+    if (width == 1) outb(port, (u8)v);
+    else if (width == 2) outw(port, (u16)v);
+    else outl(port, (u32)v);
+}
+
+static u64 mmio_read(u32 a, u8 width)
+{
+    switch (width) {
+    case 1: return mmio_read8(a);
+    case 2: return mmio_read16(a);
+    case 4: return mmio_read32(a);
+    default: return mmio_read64(a);
+    }
+}
+
+static void mmio_write(u32 a, u8 width, u64 v)
+{
+    switch (width) {
+    case 1: mmio_write8(a, (u8)v); break;
+    case 2: mmio_write16(a, (u16)v); break;
+    case 4: mmio_write32(a, (u32)v); break;
+    default: mmio_write64(a, v);
+    }
+}
+
+static u64 space_read(u8 op, u64 addr, u8 width)
+{
+    return op == PROXY_OP_PIO_READ || op == PROXY_OP_PIO_POLL || op == PROXY_OP_PIO_REPEAT
+        ? pio_read((u16)addr, width) : mmio_read((u32)addr, width);
+}
+
+/* Check one access against the channel's grants; width and alignment first. */
+static u16 check_access(const struct channel *ch, u8 op, u64 addr, u8 width)
+{
+    int is_pio = op == PROXY_OP_PIO_READ || op == PROXY_OP_PIO_WRITE || op == PROXY_OP_PIO_POLL
+        || op == PROXY_OP_PIO_REPEAT;
+    int is_cfg = op == PROXY_OP_CFG_READ || op == PROXY_OP_CFG_WRITE;
+    int max_width = is_pio || is_cfg ? 4 : 8;
+    if (width == 0 || width > max_width || (width & (width - 1)) || (addr & (width - 1)))
+        return PROXY_STATUS_BAD_REQUEST;
+    if (is_cfg) {
+        if (addr >= 256)
+            return PROXY_STATUS_BAD_REQUEST;
+        if (!ch->device)
+            return PROXY_STATUS_DENIED;
+        if (op == PROXY_OP_CFG_WRITE && any_overlap(ch->cfg_readonly, ch->ncfg_readonly, addr, width))
+            return PROXY_STATUS_DENIED;
+        return PROXY_STATUS_OK;
+    }
+    if (is_pio)
+        return inside(ch->pio, ch->npio, addr, width) ? PROXY_STATUS_OK : PROXY_STATUS_DENIED;
+    if (!inside(ch->mmio, ch->nmmio, addr, width))
+        return PROXY_STATUS_DENIED;
+    if (op == PROXY_OP_MMIO_WRITE && any_overlap(ch->mmio_readonly, ch->nmmio_readonly, addr, width))
+        return PROXY_STATUS_DENIED;
+    return PROXY_STATUS_OK;
+}
+
+static u16 poll(const struct proxy_request *rq, u64 *value)
+{
+    if (rq->timeout_us > PROXY_POLL_MAX_US)
+        return PROXY_STATUS_BAD_REQUEST;
+    u64 deadline = rdtsc() + rq->timeout_us * tsc_hz / 1000000;
+    for (;;) {
+        *value = space_read(rq->op, rq->addr, rq->width);
+        if ((*value & rq->mask) == rq->expect)
+            return PROXY_STATUS_OK;
+        if (rdtsc() >= deadline)
+            return PROXY_STATUS_TIMEOUT;
+        pause();
+    }
+}
+
+static u16 repeat(const struct proxy_request *rq, u64 *value)
+{
+    if (rq->value == 0 || rq->value > PROXY_REPEAT_MAX)
+        return PROXY_STATUS_BAD_REQUEST;
+    u64 start = rdtsc();
+    for (u32 i = 0; i < (u32)rq->value; i++)
+        space_read(rq->op, rq->addr, rq->width);
+    *value = rdtsc() - start;
+    return PROXY_STATUS_OK;
+}
+
+static u16 admin(int c, const struct proxy_request *rq, u64 *value)
+{
+    if (c != 0)
+        return PROXY_STATUS_DENIED;
+    switch (rq->op) {
+    case PROXY_OP_OPEN_PCI:
+        return open_pci(rq->addr, value);
+    case PROXY_OP_OPEN_ISA:
+        return open_isa(rq->addr, rq->value, value);
+    case PROXY_OP_CLOSE:
+        if (rq->addr == 0 || rq->addr >= PROXY_MAX_CHANNELS || !channels[rq->addr].open)
+            return PROXY_STATUS_BAD_REQUEST;
+        channels[rq->addr].open = 0;
+        return PROXY_STATUS_OK;
+    case PROXY_OP_CRASH:
+        if (rq->value != PROXY_CRASH_MAGIC || rq->addr > PROXY_CRASH_PANIC)
+            return PROXY_STATUS_BAD_REQUEST;
+        crash_on_purpose((u32)rq->addr);
+        return PROXY_STATUS_FAULT;      /* not reached */
+    }
+    return PROXY_STATUS_BAD_REQUEST;
+}
+
+static u16 execute(int c, const struct proxy_request *rq, u64 *value)
+{
+    const struct channel *ch = &channels[c];
+    u8 op = rq->op, width = rq->width;
+    u64 addr = rq->addr;
+    if (op == PROXY_OP_NOP)
+        return PROXY_STATUS_OK;
+    if (op >= PROXY_OP_OPEN_PCI && op <= PROXY_OP_CRASH)
+        return admin(c, rq, value);
+    if (op > PROXY_OP_MMIO_REPEAT)
+        return PROXY_STATUS_BAD_REQUEST;
+    u16 st = check_access(ch, op, addr, width);
+    if (st != PROXY_STATUS_OK)
+        return st;
+    const struct proxy_pci_device *d = ch->device;
+    switch (op) {
+    case PROXY_OP_PIO_READ:
+    case PROXY_OP_MMIO_READ:
+        *value = space_read(op, addr, width);
+        return PROXY_STATUS_OK;
+    case PROXY_OP_PIO_WRITE:
+        pio_write((u16)addr, width, rq->value);
+        return PROXY_STATUS_OK;
+    case PROXY_OP_MMIO_WRITE:
+        mmio_write((u32)addr, width, rq->value);
+        return PROXY_STATUS_OK;
+    case PROXY_OP_CFG_READ:
+        *value = pci_cfg_read(d->bus, d->dev, d->fn, (u8)addr, width);
+        return PROXY_STATUS_OK;
+    case PROXY_OP_CFG_WRITE:
+        pci_cfg_write(d->bus, d->dev, d->fn, (u8)addr, width, (u32)rq->value);
+        return PROXY_STATUS_OK;
+    case PROXY_OP_PIO_POLL:
+    case PROXY_OP_MMIO_POLL:
+        return poll(rq, value);
+    default:
+        return repeat(rq, value);
+    }
+}
+
+/* Execute everything the host has published on channel c. Returns whether there was any. */
+static int serve(int c)
+{
+    struct proxy_ring *r = &shared->rings[c];
+    struct channel *ch = &channels[c];
+    u32 submit = READ_ONCE(r->submit);
+    if (submit == ch->served)
+        return 0;
+    if (c != 0 && !ch->open) {
+        ch->served = submit;            /* nobody may use a closed channel: drop it */
+    } else if (submit - ch->served > PROXY_RING_ENTRIES) {
+        ch->served = submit;            /* the host broke the protocol; resynchronise */
+    } else {
+        u16 failed = 0;
+        for (; ch->served != submit; ch->served++) {
+            struct proxy_request *slot = &r->entries[ch->served % PROXY_RING_ENTRIES];
+            struct proxy_request rq;
+            memcpy(&rq, slot, sizeof(rq));
+            barrier();
+            u64 value = 0;
+            u16 status = failed ? PROXY_STATUS_SKIPPED : execute(c, &rq, &value);
+            if (status != PROXY_STATUS_OK)
+                failed = 1;
+            slot->value = value;
+            slot->tsc = rdtsc();
+            barrier();
+            WRITE_ONCE(slot->status, status);
+            shared->served_total++;
+        }
+    }
+    WRITE_ONCE(r->served, ch->served);
+    mfence();
+    if (READ_ONCE(shared->host_sleeping))
+        proxy_notify_host();
+    return 1;
+}
+
+static int pending(void)
+{
+    for (int c = 0; c < PROXY_MAX_CHANNELS; c++)
+        if (READ_ONCE(shared->rings[c].submit) != channels[c].served)
+            return 1;
+    return 0;
+}
+
+void proxy_init(struct proxy_shared *window, const struct proxy_pci_device *table, int n,
+                const struct proxy_pci_device *ivshmem)
+{
+    devices = table;
+    ndevices = n;
+    self = ivshmem;
+    doorbell = (u32)ivshmem->bars[0].base + IVSHMEM_DOORBELL;
+    channels[0].open = 1;
+    shared = window;
+    shared->tsc_hz = tsc_hz;
+    shared->window_phys = ivshmem->bars[2].base;
+    shared->window_size = ivshmem->bars[2].size;
+    shared->dma_offset = PROXY_DMA_OFFSET;
+    shared->abi_version = PROXY_ABI_VERSION;
+    shared->magic = PROXY_ABI_MAGIC;
+    mfence();
+    WRITE_ONCE(shared->state, PROXY_STATE_READY);
+    mfence();
+}
+
+/* Spin while there is work, then announce sleep, look once more, and halt until kicked. */
+void proxy_loop(void)
+{
+    const u64 spin = tsc_hz / 5000;         /* 200 us of idle spinning before sleeping */
+    u64 idle_since = rdtsc();
+    for (u32 round = 1;; round++) {
+        int busy = 0;
+        for (int c = 0; c < PROXY_MAX_CHANNELS; c++)
+            busy |= serve(c);
+        if (busy) {
+            idle_since = rdtsc();
+            continue;
+        }
+        /*
+         * No pause here: under TCG it leaves the translated code, under KVM
+         * it may exit. And the clock is read only every 64 rounds: under TCG
+         * rdtsc is a helper call.
+         */
+        if (round % 64 || rdtsc() - idle_since < spin)
+            continue;
+        WRITE_ONCE(shared->guest_sleeping, 1);
+        mfence();
+        if (!pending())
+            sti_hlt();
+        WRITE_ONCE(shared->guest_sleeping, 0);
+        shared->kicks = kicks;
+        idle_since = rdtsc();
+    }
+}

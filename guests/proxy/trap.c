@@ -1,0 +1,156 @@
+/* trap.c - IDT, interrupt controllers, and CPU exceptions turned into crash records. */
+#include "kernel.h"
+#include "vectors.h"
+
+#define LAPIC_BASE 0xfee00000u
+#define LAPIC_TPR 0x80
+#define LAPIC_EOI 0xb0
+#define LAPIC_SVR 0xf0
+
+struct idt_gate {
+    u16 offset_lo, selector;
+    u8 zero, type_attr;
+    u16 offset_hi;
+} __attribute__((packed));
+
+static struct idt_gate idt[256];
+volatile u32 kicks;
+static volatile u32 spurious, unexpected;
+
+extern void vector0(void), vector1(void), vector2(void), vector3(void), vector4(void),
+    vector5(void), vector6(void), vector7(void), vector8(void), vector9(void),
+    vector10(void), vector11(void), vector12(void), vector13(void), vector14(void),
+    vector15(void), vector16(void), vector17(void), vector18(void), vector19(void),
+    vector20(void), vector21(void), vector22(void), vector23(void), vector24(void),
+    vector25(void), vector26(void), vector27(void), vector28(void), vector29(void),
+    vector30(void), vector31(void), vector32(void), vector39(void), vector47(void),
+    vector64(void), vector254(void), vector255(void);
+
+static void (*const exceptions[32])(void) = {
+    vector0, vector1, vector2, vector3, vector4, vector5, vector6, vector7,
+    vector8, vector9, vector10, vector11, vector12, vector13, vector14, vector15,
+    vector16, vector17, vector18, vector19, vector20, vector21, vector22, vector23,
+    vector24, vector25, vector26, vector27, vector28, vector29, vector30, vector31,
+};
+
+static void set_gate(int n, void (*fn)(void))
+{
+    u32 a = (u32)fn;
+    idt[n] = (struct idt_gate){ a & 0xffff, 0x08, 0, 0x8e, a >> 16 };
+}
+
+/* Remap the 8259s away from the exception vectors, then mask every line. */
+static void pic_disable(void)
+{
+    outb(0x20, 0x11); outb(0xa0, 0x11);
+    outb(0x21, VEC_PIC_BASE_0); outb(0xa1, VEC_PIC_BASE_0 + 8);
+    outb(0x21, 0x04); outb(0xa1, 0x02);
+    outb(0x21, 0x01); outb(0xa1, 0x01);
+    outb(0x21, 0xff); outb(0xa1, 0xff);
+}
+
+void trap_init(void)
+{
+    for (int i = 0; i < 256; i++)
+        set_gate(i, vector254);
+    for (int i = 0; i < 32; i++)
+        set_gate(i, exceptions[i]);
+    set_gate(VEC_PIC_BASE_0, vector32);
+    set_gate(VEC_PIC_BASE_7, vector39);
+    set_gate(VEC_PIC_BASE_15, vector47);
+    set_gate(VEC_KICK, vector64);
+    set_gate(VEC_SPURIOUS, vector255);
+    struct { u16 limit; u32 base; } __attribute__((packed)) desc = { sizeof(idt) - 1, (u32)idt };
+    asm volatile("lidt %0" : : "m"(desc));
+    pic_disable();
+}
+
+void lapic_init(void)
+{
+    mmio_write32(LAPIC_BASE + LAPIC_TPR, 0);
+    mmio_write32(LAPIC_BASE + LAPIC_SVR, 0x100 | VEC_SPURIOUS);
+}
+
+/* One dispatch for every device interrupt: acknowledge it and count what was not expected. */
+void irq(struct trapframe *tf)
+{
+    switch (tf->vector) {
+    case VEC_KICK:
+        kicks++;
+        mmio_write32(LAPIC_BASE + LAPIC_EOI, 0);
+        break;
+    case VEC_SPURIOUS:                  /* LAPIC spurious: no EOI */
+    case VEC_PIC_BASE_7:                /* masked 8259 lines only ever deliver spurious IRQs */
+        spurious++;
+        break;
+    case VEC_PIC_BASE_15:
+        spurious++;
+        outb(0x20, 0x20);               /* the slave's spurious IRQ still needs the master's EOI */
+        break;
+    default:
+        unexpected++;
+        mmio_write32(LAPIC_BASE + LAPIC_EOI, 0);
+    }
+}
+
+/* Record the machine state where the host can read it, tell the host, and stop for good. */
+void crash(const struct trapframe *tf, const char *msg)
+{
+    cli();
+    if (tf)
+        kprintf("proxy: exception %u error %x at eip %x\n", tf->vector, tf->error_code, tf->eip);
+    else
+        kprintf("proxy: panic: %s\n", msg);
+    if (shared) {
+        struct proxy_crash *c = &shared->crash;
+        memset(c, 0, sizeof(*c));
+        if (tf) {
+            c->vector = tf->vector;
+            c->error_code = tf->error_code;
+            c->eip = tf->eip;
+            c->cs = tf->cs;
+            c->eflags = tf->eflags;
+            c->esp = (u32)&tf->eflags + 4;    /* same privilege level: no esp was pushed */
+            c->eax = tf->eax; c->ebx = tf->ebx; c->ecx = tf->ecx; c->edx = tf->edx;
+            c->esi = tf->esi; c->edi = tf->edi; c->ebp = tf->ebp;
+            memcpy(c->code, (const void *)tf->eip, sizeof(c->code));
+            memcpy(c->stack, (const void *)c->esp, sizeof(c->stack));
+        } else {
+            c->vector = PROXY_VECTOR_PANIC;
+            c->eip = (u32)__builtin_return_address(0);
+            for (unsigned i = 0; msg[i] && i < sizeof(c->message) - 1; i++)
+                c->message[i] = msg[i];
+        }
+        c->cr0 = rcr0(); c->cr2 = rcr2(); c->cr3 = rcr3(); c->cr4 = rcr4();
+        mfence();
+        shared->state = PROXY_STATE_CRASHED;
+        mfence();
+        proxy_notify_host();
+    }
+    for (;;)
+        asm volatile("cli; hlt");
+}
+
+void trap(struct trapframe *tf)
+{
+    crash(tf, NULL);
+}
+
+/* The host's OP_CRASH lands here, so that tests can see a real CPU exception end to end. */
+__attribute__((noinline)) void crash_on_purpose(u32 kind)
+{
+    volatile u32 zero = 0;
+    switch (kind) {
+    case PROXY_CRASH_INVALID_OPCODE:
+        asm volatile("ud2");
+        break;
+    case PROXY_CRASH_DIVIDE:
+        asm volatile("divl %1" : : "a"(1), "r"(zero), "d"(0));
+        break;
+    case PROXY_CRASH_GPF:
+        asm volatile("mov %0, %%ds" : : "r"(0x38));   /* selector past the GDT's end */
+        break;
+    case PROXY_CRASH_PANIC:
+        panic("crash_on_purpose: the host asked for a panic");
+    }
+}

@@ -1,0 +1,335 @@
+"""The access interface: everything a driver may use to touch hardware.
+
+Drivers import this module and nothing else from the harness (besides the
+exceptions in :mod:`harness.errors`, which are part of the contract). Two
+transports implement it: the proxy (a guest CPU performs each access) and
+qtest (QEMU performs it with the guest CPU stopped).
+
+The pieces:
+
+- :class:`Access`: one operation (read, write or poll) in one address space;
+- :class:`Channel`: a transport's connection for one device, confined to that
+  device's grants; it executes accesses, one at a time or as a batch;
+- :class:`Region`: a window of one space (a BAR, a port range, config space)
+  with ``read32(offset)``-style methods, checked against its size on the host;
+- :class:`PciFunction` / :class:`Bar`: what the bus found;
+- :class:`Device`: an opened PCI function, its BARs and config space;
+- :class:`Bus`: finds functions and opens channels.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+
+class Space(enum.Enum):
+    """An address space an access goes to."""
+
+    PIO = "pio"        # x86 I/O ports
+    MMIO = "mmio"      # guest-physical memory-mapped registers
+    CONFIG = "config"  # the channel's own PCI configuration space (offsets)
+
+
+class Kind(enum.Enum):
+    READ = "read"
+    WRITE = "write"
+    POLL = "poll"      # read until (value & mask) == expect, guest-side, with a timeout
+
+
+WIDTHS = {Space.PIO: (1, 2, 4), Space.MMIO: (1, 2, 4, 8), Space.CONFIG: (1, 2, 4)}
+
+
+@dataclass(frozen=True)
+class Access:
+    """One operation. ``timeout`` is in seconds and matters only for polls."""
+
+    kind: Kind
+    space: Space
+    addr: int
+    width: int
+    value: int = 0
+    mask: int = 0
+    expect: int = 0
+    timeout: float = 0.0
+
+    def __str__(self) -> str:
+        s = f"{self.kind.value} {self.space.value} {self.addr:#x} width {self.width}"
+        if self.kind is Kind.WRITE:
+            s += f" value {self.value:#x}"
+        if self.kind is Kind.POLL:
+            s += f" until & {self.mask:#x} == {self.expect:#x} within {self.timeout:g} s"
+        return s
+
+
+class Channel(abc.ABC):
+    """A transport's connection for one device. Accesses run in order."""
+
+    @abc.abstractmethod
+    def execute(self, accesses: Sequence[Access]) -> list[int]:
+        """Run every access in order and return one value per access
+        (what was read; 0 for writes). The first failure raises its typed
+        :class:`~harness.errors.ProxyError`, naming the access."""
+
+    def read(self, space: Space, addr: int, width: int) -> int:
+        return self.execute([Access(Kind.READ, space, addr, width)])[0]
+
+    def write(self, space: Space, addr: int, width: int, value: int) -> None:
+        self.execute([Access(Kind.WRITE, space, addr, width, value)])
+
+    def poll(self, space: Space, addr: int, width: int, mask: int, expect: int,
+             timeout: float) -> int:
+        """Wait, without leaving the guest, until ``(read & mask) == expect``.
+        Returns the matching value; raises DeviceTimeout with the last one."""
+        return self.execute([Access(Kind.POLL, space, addr, width, 0, mask, expect, timeout)])[0]
+
+    def accessor(self, kind: Kind, space: Space) -> Callable[[int, int, int], int]:
+        """A callable ``(width, addr, value) -> int`` doing one read or write.
+
+        Regions bind one of each when they are made, so the per-access cost
+        is a single call; a transport may return something faster than this.
+        """
+        def access(width: int, addr: int, value: int) -> int:
+            return self.execute([Access(kind, space, addr, width, value)])[0]
+        return access
+
+    def close(self) -> None:
+        """Give the grants back. Idempotent."""
+
+
+class Region:
+    """A window of one space: offsets are relative to ``base`` and checked against ``size``."""
+
+    def __init__(self, channel: Channel, space: Space, base: int, size: int, name: str = "") -> None:
+        self.channel = channel
+        self.space = space
+        self.base = base
+        self.size = size
+        self.name = name or f"{space.value}@{base:#x}"
+        self._widths = WIDTHS[space]
+        self._read = channel.accessor(Kind.READ, space)
+        self._write = channel.accessor(Kind.WRITE, space)
+
+    def _check(self, offset: int, width: int) -> None:
+        """Raise ValueError for an access that cannot be right."""
+        if width not in WIDTHS[self.space]:
+            raise ValueError(f"{self.name}: width {width} is not one of {WIDTHS[self.space]}")
+        if offset < 0 or offset + width > self.size:
+            raise ValueError(f"{self.name}: offset {offset:#x} (+{width}) is outside its {self.size:#x} bytes")
+
+    def access(self, kind: Kind, offset: int, width: int, value: int = 0, mask: int = 0,
+               expect: int = 0, timeout: float = 0.0) -> Access:
+        """Build an access at ``offset``, refusing what cannot be right before it leaves the host."""
+        self._check(offset, width)
+        if not 0 <= value < 1 << (8 * width):
+            raise ValueError(f"{self.name}: value {value:#x} does not fit {width} bytes")
+        return Access(kind, self.space, self.base + offset, width, value, mask, expect, timeout)
+
+    # The register accessors are the hot path of every driver: one check, one call.
+    def read(self, offset: int, width: int) -> int:
+        if width not in self._widths or not 0 <= offset <= self.size - width:
+            self._check(offset, width)
+        return self._read(width, self.base + offset, 0)
+
+    def write(self, offset: int, width: int, value: int) -> None:
+        if width not in self._widths or not 0 <= offset <= self.size - width:
+            self._check(offset, width)
+        if not 0 <= value < 1 << (8 * width):
+            raise ValueError(f"{self.name}: value {value:#x} does not fit {width} bytes")
+        self._write(width, self.base + offset, value)
+
+    def poll(self, offset: int, width: int, mask: int, expect: int, timeout: float) -> int:
+        return self.channel.execute([self.access(Kind.POLL, offset, width, 0, mask, expect, timeout)])[0]
+
+    def read8(self, offset: int) -> int:
+        if not 0 <= offset < self.size:
+            self._check(offset, 1)
+        return self._read(1, self.base + offset, 0)
+
+    def read16(self, offset: int) -> int:
+        return self.read(offset, 2)
+
+    def read32(self, offset: int) -> int:
+        if not 0 <= offset <= self.size - 4:
+            self._check(offset, 4)
+        return self._read(4, self.base + offset, 0)
+
+    def read64(self, offset: int) -> int:
+        return self.read(offset, 8)
+
+    def write8(self, offset: int, value: int) -> None:
+        self.write(offset, 1, value)
+
+    def write16(self, offset: int, value: int) -> None:
+        self.write(offset, 2, value)
+
+    def write32(self, offset: int, value: int) -> None:
+        self.write(offset, 4, value)
+
+    def write64(self, offset: int, value: int) -> None:
+        self.write(offset, 8, value)
+
+    def poll32(self, offset: int, mask: int, expect: int, timeout: float) -> int:
+        return self.poll(offset, 4, mask, expect, timeout)
+
+    def __repr__(self) -> str:
+        return f"<Region {self.name} {self.space.value} {self.base:#x}+{self.size:#x}>"
+
+
+class Batch:
+    """Accesses collected against regions and sent with one notification.
+
+    ``with device.batch() as b: i = b.read32(bar, 8); b.write32(bar, 0xd0, 1)``
+    runs on leaving the block; ``b.results[i]`` then holds each value in order.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.accesses: list[Access] = []
+        self.results: list[int] = []
+
+    def add(self, access: Access) -> int:
+        self.accesses.append(access)
+        return len(self.accesses) - 1
+
+    def read(self, region: Region, offset: int, width: int) -> int:
+        return self.add(region.access(Kind.READ, offset, width))
+
+    def write(self, region: Region, offset: int, width: int, value: int) -> int:
+        return self.add(region.access(Kind.WRITE, offset, width, value))
+
+    def poll(self, region: Region, offset: int, width: int, mask: int, expect: int, timeout: float) -> int:
+        return self.add(region.access(Kind.POLL, offset, width, 0, mask, expect, timeout))
+
+    def read32(self, region: Region, offset: int) -> int: return self.read(region, offset, 4)
+    def write32(self, region: Region, offset: int, value: int) -> int: return self.write(region, offset, 4, value)
+
+    def run(self) -> list[int]:
+        self.results = self.channel.execute(self.accesses)
+        return self.results
+
+    def __enter__(self) -> "Batch":
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.run()
+
+
+@dataclass(frozen=True)
+class Bar:
+    index: int
+    base: int
+    size: int
+    is_io: bool
+    is_64: bool = False
+    prefetchable: bool = False
+
+
+@dataclass(frozen=True)
+class PciFunction:
+    """A PCI function as the bus enumerated it."""
+
+    bus: int
+    dev: int
+    fn: int
+    vendor: int
+    device: int
+    class_code: int
+    subclass: int
+    prog_if: int
+    revision: int
+    irq_line: int
+    irq_pin: int
+    bars: tuple[Bar, ...] = ()
+    caps: tuple[tuple[int, int], ...] = ()     # (capability id, config offset)
+
+    @property
+    def bdf(self) -> str:
+        return f"{self.bus:02x}:{self.dev:02x}.{self.fn:x}"
+
+    @property
+    def devfn(self) -> int:
+        return self.bus << 8 | self.dev << 3 | self.fn
+
+    def __str__(self) -> str:
+        return (f"{self.bdf} {self.vendor:04x}:{self.device:04x} class "
+                f"{self.class_code:02x}{self.subclass:02x}{self.prog_if:02x}")
+
+
+@dataclass
+class Device:
+    """An opened PCI function: its BARs and configuration space, over one channel."""
+
+    function: PciFunction
+    channel: Channel
+    _regions: dict[int, Region] = field(default_factory=dict)
+
+    def bar(self, index: int) -> Region:
+        if index not in self._regions:
+            bars = {b.index: b for b in self.function.bars}
+            if index not in bars:
+                raise ValueError(f"{self.function}: has no BAR{index}")
+            b = bars[index]
+            space = Space.PIO if b.is_io else Space.MMIO
+            self._regions[index] = Region(self.channel, space, b.base, b.size,
+                                          f"{self.function.bdf} BAR{index}")
+        return self._regions[index]
+
+    @property
+    def config(self) -> Region:
+        return Region(self.channel, Space.CONFIG, 0, 256, f"{self.function.bdf} config")
+
+    def batch(self) -> Batch:
+        return Batch(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Device":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class Bus(abc.ABC):
+    """Finds PCI functions and opens channels to them."""
+
+    @property
+    @abc.abstractmethod
+    def functions(self) -> Sequence[PciFunction]:
+        """Every PCI function, in enumeration order."""
+
+    @abc.abstractmethod
+    def open_channel(self, function: PciFunction) -> Channel:
+        """A channel granted exactly ``function``'s BARs and config space."""
+
+    @abc.abstractmethod
+    def open_ports(self, base: int, count: int) -> Channel:
+        """A channel granted the ISA ports ``base .. base + count - 1``."""
+
+    def find_all(self, vendor: int | None = None, device: int | None = None,
+                 class_code: int | None = None, subclass: int | None = None) -> Iterator[PciFunction]:
+        for f in self.functions:
+            if ((vendor is None or f.vendor == vendor) and (device is None or f.device == device)
+                    and (class_code is None or f.class_code == class_code)
+                    and (subclass is None or f.subclass == subclass)):
+                yield f
+
+    def find(self, vendor: int | None = None, device: int | None = None,
+             class_code: int | None = None, subclass: int | None = None) -> PciFunction:
+        """The first function that matches; LookupError if none does."""
+        for f in self.find_all(vendor, device, class_code, subclass):
+            return f
+        raise LookupError(f"no PCI function matches vendor={vendor} device={device} "
+                          f"class={class_code} subclass={subclass}")
+
+    def open(self, function: PciFunction) -> Device:
+        return Device(function, self.open_channel(function))
+
+    def ports(self, base: int, count: int) -> Region:
+        """An ISA port range as a region; close it with ``region.channel.close()``."""
+        return Region(self.open_ports(base, count), Space.PIO, base, count, f"ports {base:#x}+{count}")

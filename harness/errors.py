@@ -1,0 +1,114 @@
+"""The one exception tree of hwharness.
+
+Every error the harness raises derives from :class:`HarnessError`::
+
+    HarnessError
+    ├── QemuNotFound        the QEMU binary is missing (with the install hint)
+    ├── MachineError        QEMU failed to start, died, or QMP failed;
+    │                       carries the command line and the tail of its output
+    ├── AbiError            the guest ELF is missing or speaks another ABI version
+    ├── ProxyUnresponsive   the proxy did not complete a request in time
+    ├── GuestCrash          the guest took a CPU exception or panicked;
+    │                       carries the crash record and a rendered report
+    └── ProxyError          the proxy completed a request with a non-OK status;
+        │                   carries the request and the status
+        ├── AccessDenied    outside the channel's grants
+        ├── BadRequest      malformed: operation, width, alignment, range
+        ├── DeviceTimeout   a guest-side poll expired; carries the last value
+        └── ProxyFault      the proxy could not carry the request out
+
+Bad arguments that are caught on the host before anything reaches a device
+(an offset past a region, a width that does not exist) raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+class HarnessError(Exception):
+    """Root of every hwharness error."""
+
+
+class QemuNotFound(HarnessError):
+    """The QEMU binary is not installed or not on PATH."""
+
+
+class MachineError(HarnessError):
+    """QEMU failed to launch, exited unexpectedly, or QMP failed."""
+
+    def __init__(self, message: str, command: Sequence[str] = (), output: str = "",
+                 exitcode: int | None = None) -> None:
+        self.command = list(command)
+        self.output = output
+        self.exitcode = exitcode
+        detail = message
+        if exitcode is not None:
+            detail += f" (exit code {exitcode})"
+        if output.strip():
+            detail += "\n--- QEMU output (tail) ---\n" + output.strip()[-2000:]
+        super().__init__(detail)
+
+
+class AbiError(HarnessError):
+    """The guest ELF is missing, unreadable, or of a different ABI version."""
+
+
+class ProxyUnresponsive(HarnessError):
+    """The proxy did not complete a request before the deadline."""
+
+
+class GuestCrash(HarnessError):
+    """The proxy guest took a CPU exception or panicked.
+
+    ``record`` is the decoded crash record (registers, vector, code bytes);
+    ``report`` is the human-readable rendering with disassembly and symbol.
+    """
+
+    def __init__(self, record: dict[str, Any], report: str) -> None:
+        self.record = record
+        self.report = report
+        super().__init__(report)
+
+
+class ProxyError(HarnessError):
+    """A request completed with a status other than OK."""
+
+    status_name = "ERROR"
+
+    def __init__(self, request: Any, status: int, value: int = 0) -> None:
+        self.request = request
+        self.status = status
+        self.value = value
+        super().__init__(f"{self.status_name}: {request}")
+
+
+class AccessDenied(ProxyError):
+    """The request lies outside the channel's grants; nothing was touched."""
+
+    status_name = "DENIED"
+
+
+class BadRequest(ProxyError):
+    """The request is malformed; nothing was touched."""
+
+    status_name = "BAD_REQUEST"
+
+
+class DeviceTimeout(ProxyError):
+    """A guest-side poll expired; ``last_value`` is what the register last read."""
+
+    status_name = "TIMEOUT"
+
+    @property
+    def last_value(self) -> int:
+        return self.value
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} (last value {self.value:#x})"
+
+
+class ProxyFault(ProxyError):
+    """The proxy could not carry the request out."""
+
+    status_name = "FAULT"

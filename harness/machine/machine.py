@@ -1,0 +1,269 @@
+"""One QEMU process: launch, QMP, console, and a shutdown that always completes."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from ..errors import MachineError, QemuNotFound
+from ..ivshmem import IvshmemServer
+from .console import Console
+from .spec import Endpoints, MachineSpec, RuntimeFile, build_argv, resolve_accel
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+WORKDIR_PREFIX = "hwharness-"
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: QEMU gets SIGKILL when its parent dies, even by SIGKILL.
+
+    Linux delivers it when the *thread* that forked exits, so start machines
+    from a thread that outlives them (the main thread, normally).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_workdirs(root: Path) -> None:
+    """Remove private directories left by harness processes that were killed."""
+    for d in root.glob(WORKDIR_PREFIX + "*"):
+        try:
+            pid = int(d.name[len(WORKDIR_PREFIX):].split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+class Machine:
+    """A QEMU machine, used as a context manager.
+
+    ``with Machine(spec) as m: m.qmp("query-pci"); m.console.wait_for("login:", 30)``
+
+    Every machine has its own directory (serial log, QEMU's output, the
+    command line), abstract Unix sockets (no files to leave behind) and, if
+    the spec asks for it, its own ivshmem server. The directory is removed on
+    a clean exit and kept, with its path logged, when the block raised or
+    ``keep_artifacts`` is set.
+    """
+
+    def __init__(self, spec: MachineSpec, *, name: str = "machine", artifacts_root: Path | None = None,
+                 keep_artifacts: bool = False, launch_timeout: float = 60.0) -> None:
+        self.spec = spec
+        self.name = name
+        self.accel = resolve_accel(spec.accel)
+        self.log = log.getChild(name)
+        self.keep_artifacts = keep_artifacts
+        self.launch_timeout = launch_timeout
+        self._artifacts_root = Path(artifacts_root or tempfile.gettempdir())
+        self.workdir: Path | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.ivshmem: IvshmemServer | None = None
+        self.console: Console | None = None
+        self._qmp: QEMUMonitorProtocol | None = None
+        self._qtest_listener: socket.socket | None = None
+        self.qtest_socket: socket.socket | None = None
+        self.argv: list[str] = []
+        self.endpoints: Endpoints | None = None
+        self.failed = False
+
+    # ---- lifecycle ----
+
+    def __enter__(self) -> "Machine":
+        self.launch()
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            self.failed = True
+        self.shutdown()
+
+    def launch(self) -> None:
+        if shutil.which(self.spec.qemu) is None:
+            raise QemuNotFound(f"{self.spec.qemu} is not installed: run `make deps` "
+                               "(Debian's qemu-system-x86) or put it on PATH")
+        self._artifacts_root.mkdir(parents=True, exist_ok=True)
+        sweep_stale_workdirs(self._artifacts_root)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-{self.name}-",
+                                             dir=self._artifacts_root))
+        tag = f"\0{WORKDIR_PREFIX}{self.workdir.name}"
+        self.endpoints = Endpoints(
+            workdir=self.workdir, qmp=tag + "-qmp", serial_log=self.workdir / "serial.log",
+            ivshmem=tag + "-ivshmem" if self.spec.ivshmem_size else None,
+            qtest=tag + "-qtest" if self.spec.qtest else None)
+        self.argv = build_argv(self.spec, self.accel, self.endpoints)
+        (self.workdir / "cmdline.txt").write_text(" ".join(self.argv) + "\n")
+        try:
+            self._start(self.endpoints)
+        except BaseException:
+            self.failed = True
+            self.shutdown()
+            raise
+
+    def _start(self, ends: Endpoints) -> None:
+        if ends.ivshmem:
+            assert self.spec.ivshmem_size
+            self.ivshmem = IvshmemServer(self.spec.ivshmem_size)
+            self.ivshmem.listen(ends.ivshmem)
+        if ends.qtest:
+            self._qtest_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            self._qtest_listener.bind(ends.qtest)
+            self._qtest_listener.listen(1)
+        assert self.workdir is not None
+        self.console = Console(ends.serial_log, self.alive)
+        self.log.info("launching %s (%s): %s", self.name, self.accel, " ".join(self.argv))
+        with open(self.workdir / "qemu.out", "wb") as out:
+            self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
+                                            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                            start_new_session=True)
+        deadline = time.monotonic() + self.launch_timeout
+        if self.ivshmem:
+            self._accept(lambda t: self.ivshmem.accept(t), deadline, "the ivshmem connection")  # type: ignore[union-attr]
+        if self._qtest_listener:
+            self.qtest_socket = self._accept(self._accept_qtest, deadline, "the qtest connection")
+        self._connect_qmp(ends.qmp, deadline)
+
+    def _accept_qtest(self, timeout: float) -> socket.socket:
+        assert self._qtest_listener is not None
+        self._qtest_listener.settimeout(timeout)
+        sock, _ = self._qtest_listener.accept()
+        self._qtest_listener.close()
+        self._qtest_listener = None
+        return sock
+
+    def _accept(self, accept: Any, deadline: float, what: str) -> Any:
+        while True:
+            try:
+                return accept(0.1)
+            except socket.timeout:
+                pass
+            if not self.alive():
+                raise self._died(f"QEMU exited before {what}")
+            if time.monotonic() > deadline:
+                raise self._died(f"QEMU did not make {what} within {self.launch_timeout:g} s")
+
+    def _connect_qmp(self, address: str, deadline: float) -> None:
+        while True:
+            qmp = QEMUMonitorProtocol(address, nickname=self.name)
+            try:
+                qmp.connect()
+                self._qmp = qmp
+                return
+            except (QMPError, OSError) as exc:
+                qmp.close()
+                if not self.alive():
+                    raise self._died("QEMU exited before QMP answered") from exc
+                if time.monotonic() > deadline:
+                    raise self._died("QMP did not answer") from exc
+                time.sleep(0.01)
+
+    def _died(self, message: str) -> MachineError:
+        code = self.process.poll() if self.process else None
+        return MachineError(message, self.argv, self.output(), code)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """QMP quit, then SIGKILL, each with a bounded wait; always releases everything."""
+        try:
+            if self.process and self.process.poll() is None:
+                if self._qmp is not None:
+                    try:
+                        self._qmp.settimeout(timeout / 2)
+                        self._qmp.cmd("quit")
+                    except Exception as exc:  # QEMU may close the socket before answering
+                        self.log.debug("quit: %s", exc)
+                try:
+                    self.process.wait(timeout / 2)
+                except subprocess.TimeoutExpired:
+                    self.log.warning("%s did not quit; killing pid %d", self.name, self.process.pid)
+                    self.process.kill()
+                    self.process.wait(timeout)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._qmp is not None:
+            try:
+                self._qmp.close()
+            except Exception as exc:
+                self.log.debug("closing QMP: %s", exc)
+            self._qmp = None
+        for s in (self._qtest_listener, self.qtest_socket):
+            if s is not None:
+                s.close()
+        self._qtest_listener = self.qtest_socket = None
+        if self.ivshmem is not None:
+            self.ivshmem.close()
+            self.ivshmem = None
+        if self.workdir and self.workdir.exists():
+            if self.failed or self.keep_artifacts:
+                self.log.warning("%s: artifacts kept in %s", self.name, self.workdir)
+            else:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ---- using it ----
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def check_alive(self) -> None:
+        """Raise MachineError if QEMU has exited."""
+        if not self.alive():
+            raise self._died(f"QEMU ({self.name}) is no longer running")
+
+    def qmp(self, command: str, timeout: float = 10.0, **args: object) -> Any:
+        """Run a QMP command and return its result; errors become MachineError."""
+        if self._qmp is None:
+            raise MachineError(f"{self.name}: QMP is not connected")
+        self._qmp.settimeout(timeout)
+        try:
+            return self._qmp.cmd(command, **args)
+        except Exception as exc:
+            raise MachineError(f"QMP {command} failed: {exc}", self.argv, "",
+                               self.process.poll() if self.process else None) from exc
+
+    def events(self, wait: float = 0.0) -> list[dict[str, Any]]:
+        """QMP events received so far (waiting up to ``wait`` seconds for one)."""
+        if self._qmp is None:
+            return []
+        try:
+            return self._qmp.get_events(wait=wait or False)
+        except TimeoutError:
+            return []
+
+    def path(self, f: RuntimeFile) -> Path:
+        """Where a RuntimeFile of the spec lives."""
+        assert self.workdir is not None
+        return self.workdir / f.name
+
+    def output(self) -> str:
+        """QEMU's own stdout and stderr so far."""
+        if not self.workdir:
+            return ""
+        try:
+            return (self.workdir / "qemu.out").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""

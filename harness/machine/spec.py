@@ -1,0 +1,150 @@
+"""A machine described as data, and the one function that turns it into QEMU's argv."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Option:
+    """One ``-name value`` option whose value is ``kind,key=value,...``.
+
+    ``kind`` may be empty (``-netdev`` and ``-chardev`` lead with their backend).
+    Values that are :class:`RuntimeFile` become paths in the machine's private
+    directory when the machine starts.
+    """
+
+    name: str
+    kind: str
+    props: dict[str, object] = field(default_factory=dict)
+
+    def render(self, workdir: Path) -> list[str]:
+        parts = [self.kind] if self.kind else []
+        for key, value in self.props.items():
+            if isinstance(value, RuntimeFile):
+                value = workdir / value.name
+            if isinstance(value, bool):
+                value = "on" if value else "off"
+            parts.append(f"{key}={value}")
+        return [f"-{self.name}", ",".join(parts)]
+
+
+@dataclass(frozen=True)
+class RuntimeFile:
+    """A file in the machine's private directory, named before the directory exists."""
+
+    name: str
+
+
+@dataclass
+class MachineSpec:
+    """What to boot. Everything QEMU is told comes from here (see :func:`build_argv`)."""
+
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
+    memory_mb: int = 128
+    cpus: int = 1
+    machine: str = "q35"
+    accel: str = "auto"              # auto | kvm | tcg
+    qemu: str = "qemu-system-x86_64"
+    options: list[Option] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)
+    ivshmem_size: int | None = None  # a power of two: the machine runs an ivshmem server
+    start_stopped: bool = False      # -S: the CPU waits (qtest)
+    qtest: bool = False              # a qtest server on a private socket
+
+    def device(self, driver: str, **props: object) -> "MachineSpec":
+        self.options.append(Option("device", driver, props))
+        return self
+
+    def netdev(self, backend: str, id: str, **props: object) -> "MachineSpec":
+        self.options.append(Option("netdev", backend, {"id": id, **props}))
+        return self
+
+    def chardev(self, backend: str, id: str, **props: object) -> "MachineSpec":
+        self.options.append(Option("chardev", backend, {"id": id, **props}))
+        return self
+
+    def drive(self, **props: object) -> "MachineSpec":
+        self.options.append(Option("drive", "", props))
+        return self
+
+    def chardev_file(self, id: str) -> RuntimeFile:
+        """A file-backed chardev named ``id``; returns the file it writes."""
+        f = RuntimeFile(f"chardev-{id}.out")
+        self.chardev("file", id, path=f)
+        return f
+
+
+def kvm_usable() -> bool:
+    """True when /dev/kvm exists and this process may open it read-write."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def resolve_accel(accel: str) -> str:
+    """``auto`` becomes kvm when /dev/kvm works, else tcg; a forced choice stays."""
+    if accel not in ("auto", "kvm", "tcg"):
+        raise ValueError(f"accel must be auto, kvm or tcg, not {accel!r}")
+    if accel == "auto":
+        return "kvm" if kvm_usable() else "tcg"
+    return accel
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the running machine's sockets and files are (abstract socket names start with NUL)."""
+
+    workdir: Path
+    qmp: str
+    serial_log: Path
+    ivshmem: str | None = None
+    qtest: str | None = None
+
+
+def _abstract(name: str) -> dict[str, object]:
+    return {"path": name.lstrip("\0"), "abstract": True}
+
+
+def build_argv(spec: MachineSpec, accel: str, ends: Endpoints) -> list[str]:
+    """The QEMU command line for ``spec``: the only place one is built."""
+    if spec.qtest and accel == "kvm":
+        raise ValueError("qtest machines run with the CPU stopped under tcg; kvm makes no sense there")
+    argv = [spec.qemu, "-machine", spec.machine, "-accel", accel, "-m", f"{spec.memory_mb}M",
+            "-smp", str(spec.cpus), "-nodefaults", "-display", "none", "-vga", "none", "-no-reboot",
+            "-no-user-config"]
+    runtime = [
+        Option("chardev", "socket", {"id": "hwh-qmp", **_abstract(ends.qmp), "server": True, "wait": False}),
+        Option("mon", "", {"chardev": "hwh-qmp", "mode": "control"}),
+        Option("chardev", "file", {"id": "hwh-serial", "path": ends.serial_log}),
+        Option("serial", "chardev:hwh-serial"),
+    ]
+    if ends.ivshmem is not None:
+        assert spec.ivshmem_size
+        runtime += [
+            Option("chardev", "socket", {"id": "hwh-ivshmem", **_abstract(ends.ivshmem)}),
+            Option("device", "ivshmem-doorbell", {"chardev": "hwh-ivshmem", "vectors": 1}),
+        ]
+    if ends.qtest is not None:
+        runtime += [
+            Option("chardev", "socket", {"id": "hwh-qtest", **_abstract(ends.qtest)}),
+            Option("qtest", "chardev:hwh-qtest"),
+        ]
+    for opt in runtime + spec.options:
+        argv += opt.render(ends.workdir)
+    if spec.kernel:
+        argv += ["-kernel", str(spec.kernel)]
+    if spec.initrd:
+        argv += ["-initrd", str(spec.initrd)]
+    if spec.append:
+        argv += ["-append", spec.append]
+    if spec.start_stopped or spec.qtest:
+        argv.append("-S")
+    return argv + spec.extra_args

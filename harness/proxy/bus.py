@@ -1,0 +1,130 @@
+"""The proxy transport: a Bus whose channels are rings served by the proxy guest."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..access import Bar, Bus, PciFunction
+from ..errors import ProxyError
+from ..machine import Machine, MachineSpec
+from .abi import Abi, load_abi
+from .channel import ProxyChannel
+from .window import SharedWindow
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_ELF = REPO / "guests" / "proxy" / "build" / "proxy.elf"
+WINDOW_SIZE = 32 << 20
+
+
+def proxy_spec(elf: Path = DEFAULT_ELF, accel: str = "auto", memory_mb: int = 128,
+               window_size: int = WINDOW_SIZE) -> MachineSpec:
+    """A machine that boots the proxy guest with its shared window; add devices to taste."""
+    load_abi(elf)   # fail before booting if the ELF is missing or of another ABI
+    return MachineSpec(kernel=elf, accel=accel, memory_mb=memory_mb, ivshmem_size=window_size)
+
+
+class ProxyBus(Bus):
+    """PCI functions as the proxy enumerated them, and channels through it."""
+
+    def __init__(self, machine: Machine, abi: Abi, ready_timeout: float = 60.0) -> None:
+        self.machine = machine
+        self.abi = abi
+        self.window = SharedWindow(machine, abi)
+        self.window.wait_ready(ready_timeout)
+        self.admin = ProxyChannel(self, 0, "admin")
+        self._functions = tuple(self._read_device_table())
+        self.tsc_hz = self.window.field("tsc_hz")
+        self._open: dict[int, ProxyChannel] = {}
+
+    def _read_device_table(self) -> list[PciFunction]:
+        n = self.window.field("ndevices")
+        entry = self.abi.struct("proxy_pci_device")
+        base = self.abi.offsetof("proxy_shared", "devices")
+        out = []
+        for i in range(min(n, self.abi.PROXY_MAX_DEVICES)):
+            d: dict[str, Any] = self.abi.decode(entry, self.window.mem, base + i * entry.size)
+            bars = tuple(Bar(j, b["base"], b["size"], bool(b["is_io"]), bool(b["is_64"]), bool(b["prefetchable"]))
+                         for j, b in enumerate(d["bars"]) if b["size"])
+            caps = tuple((c["id"], c["offset"]) for c in d["caps"][:d["ncaps"]])
+            out.append(PciFunction(d["bus"], d["dev"], d["fn"], d["vendor"], d["device"], d["class_code"],
+                                   d["subclass"], d["prog_if"], d["revision"], d["irq_line"], d["irq_pin"],
+                                   bars, caps))
+        return out
+
+    @property
+    def functions(self) -> Sequence[PciFunction]:
+        return self._functions
+
+    def _admin(self, op: int, addr: int, value: int, what: str) -> int:
+        (status, result), = self.admin.submit([(op, 0, 0, 0, addr, value, 0, 0)], what=what)
+        if status != self.abi.PROXY_STATUS_OK:
+            self.admin._raise(what, status, result)
+        return result
+
+    def open_channel(self, function: PciFunction) -> ProxyChannel:
+        index = self._admin(self.abi.PROXY_OP_OPEN_PCI, function.devfn, 0, f"open {function}")
+        ch = ProxyChannel(self, index, str(function))
+        self._open[index] = ch
+        return ch
+
+    def open_ports(self, base: int, count: int) -> ProxyChannel:
+        index = self._admin(self.abi.PROXY_OP_OPEN_ISA, base, count, f"open ports {base:#x}+{count}")
+        ch = ProxyChannel(self, index, f"ports {base:#x}+{count}")
+        self._open[index] = ch
+        return ch
+
+    def close_channel(self, ch: ProxyChannel) -> None:
+        self._open.pop(ch.index, None)
+        if self.window.state == self.abi.PROXY_STATE_READY and self.machine.alive():
+            self._admin(self.abi.PROXY_OP_CLOSE, ch.index, 0, f"close {ch!r}")
+
+    def crash(self, kind: str = "INVALID_OPCODE") -> None:
+        """Make the guest take a real CPU exception (for testing crash reports); raises GuestCrash."""
+        self._admin(self.abi.PROXY_OP_CRASH, self.abi.consts[f"PROXY_CRASH_{kind}"],
+                    self.abi.PROXY_CRASH_MAGIC, f"crash {kind}")
+        raise ProxyError(f"crash {kind}", 0)   # not reached: the guest is gone
+
+    def close(self) -> None:
+        for ch in list(self._open.values()):
+            try:
+                ch.close()
+            except Exception as exc:    # a crashed or dead guest cannot take its grants back
+                log.debug("closing %r: %s", ch, exc)
+        self.admin.closed = True
+        self.window.release()
+
+
+class ProxyMachine:
+    """A booted proxy guest: ``with ProxyMachine(spec) as pm: pm.bus.find(...)``."""
+
+    def __init__(self, spec: MachineSpec, **machine_args: Any) -> None:
+        assert spec.kernel is not None and spec.ivshmem_size, "use proxy_spec() to build the spec"
+        self.abi = load_abi(Path(spec.kernel))
+        self.machine = Machine(spec, **machine_args)
+        self.bus: ProxyBus
+
+    def __enter__(self) -> "ProxyMachine":
+        self.machine.launch()
+        try:
+            self.bus = ProxyBus(self.machine, self.abi)
+        except BaseException:
+            self.machine.failed = True
+            self.machine.shutdown()
+            raise
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            self.machine.failed = True
+        self.close()
+
+    def close(self) -> None:
+        try:
+            if hasattr(self, "bus"):
+                self.bus.close()
+        finally:
+            self.machine.shutdown()

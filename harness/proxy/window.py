@@ -1,0 +1,143 @@
+"""The shared window as the host sees it: control page, rings, and how to wait.
+
+Waiting is spin-then-sleep on both sides. The host spins on a completion
+for a short while; then it announces ``host_sleeping`` and blocks on its
+doorbell eventfd, which the guest rings only while that flag is set. In the
+other direction the host kicks the guest's MSI-X vector only while the guest
+has announced ``guest_sleeping``. Each side re-checks after announcing, with
+a full fence between, so no wake-up is lost; the host's sleeps are also
+bounded (``SLEEP_SLICE``), so even a lost one costs milliseconds, not a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+from typing import Any, Callable
+
+from ..errors import GuestCrash, MachineError, ProxyUnresponsive
+from ..guestelf import load_elf, render_crash
+from ..machine import Machine
+from .abi import Abi
+
+log = logging.getLogger(__name__)
+
+SPIN_SECONDS = 200e-6   # host spins this long on a completion before it sleeps
+SLEEP_SLICE = 0.01      # longest single sleep; then liveness is checked again
+
+
+class SharedWindow:
+    """Typed views of the ivshmem window plus the notification protocol."""
+
+    def __init__(self, machine: Machine, abi: Abi) -> None:
+        assert machine.ivshmem is not None, "the machine has no ivshmem server"
+        self.machine = machine
+        self.abi = abi
+        self.ivshmem = machine.ivshmem
+        self.mem = machine.ivshmem.memory
+        self.u16 = memoryview(self.mem).cast("H")
+        self.u32 = memoryview(self.mem).cast("I")
+        self.u64 = memoryview(self.mem).cast("Q")
+        off = lambda path: abi.offsetof("proxy_shared", path)  # noqa: E731
+        self.state_idx = off("state") // 4
+        self.magic_idx = off("magic") // 4
+        self.guest_sleeping_idx = off("guest_sleeping") // 4
+        self.host_sleeping_idx = off("host_sleeping") // 4
+        self.rings_off = off("rings")
+        self.ring_size = abi.sizeof("proxy_ring")
+        self._fence = threading.Lock()   # a locked instruction: the full fence Python lacks
+        self._sleepers = 0
+        self._host_fd = self.ivshmem.host_fds[0]
+
+    def field(self, path: str) -> Any:
+        """Decode one member of the control page, e.g. ``field("tsc_hz")``."""
+        s = self.abi.struct("proxy_shared")
+        t: Any = s
+        offset = 0
+        for part in path.split("."):
+            m = t.member(part)
+            offset += m.offset
+            t = m.type
+        return self.abi.decode(t, self.mem, offset)
+
+    @property
+    def state(self) -> int:
+        return self.u32[self.state_idx]
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait for the guest to publish the ABI and reach READY."""
+        deadline = time.monotonic() + timeout
+        while self.state == self.abi.PROXY_STATE_BOOTING:
+            self.machine.check_alive()
+            if time.monotonic() > deadline:
+                raise MachineError(f"the proxy guest did not come up within {timeout:g} s",
+                                   self.machine.argv, self.machine.console.text() if self.machine.console else "")
+            time.sleep(0.002)
+        self.check_crash()
+        if self.u32[self.magic_idx] != self.abi.PROXY_ABI_MAGIC:
+            raise MachineError("the guest wrote a bad ABI magic into the window")
+        version = self.field("abi_version")
+        if version != self.abi.PROXY_ABI_VERSION:
+            raise MachineError(f"the running guest speaks ABI {version}, its ELF says "
+                               f"{self.abi.PROXY_ABI_VERSION}: stale build?")
+
+    def check_crash(self) -> None:
+        if self.state == self.abi.PROXY_STATE_CRASHED:
+            record = self.field("crash")
+            raise GuestCrash(record, render_crash(load_elf(self.abi.path), record))
+
+    def kick_if_sleeping(self) -> None:
+        if self.u32[self.guest_sleeping_idx]:
+            self.ivshmem.kick_guest()
+
+    def wait(self, done: Callable[[], bool], timeout: float, what: object) -> None:
+        """Block until ``done()``: spin first, then sleep on the doorbell.
+
+        Raises GuestCrash if the guest crashes, MachineError if QEMU dies, and
+        ProxyUnresponsive after ``timeout`` seconds.
+        """
+        start = time.perf_counter()
+        spins = 0
+        while not done():
+            spins += 1
+            if spins & 255 == 0 and time.perf_counter() - start > SPIN_SECONDS:
+                break
+        else:
+            return
+        deadline = start + timeout
+        while not done():
+            self.check_crash()
+            self.machine.check_alive()
+            if time.perf_counter() > deadline:
+                raise ProxyUnresponsive(f"no completion within {timeout:g} s for {what}")
+            self._sleep(done)
+
+    def _sleep(self, done: Callable[[], bool]) -> None:
+        with self._fence:
+            self._sleepers += 1
+            self.u32[self.host_sleeping_idx] = 1
+        try:
+            with self._fence:       # orders the flag store before the re-check below
+                pass
+            if done():
+                return
+            self.kick_if_sleeping()  # rescues a kick lost to the guest's own race
+            readable, _, _ = select.select([self._host_fd], [], [], SLEEP_SLICE)
+            if readable:
+                try:
+                    os.eventfd_read(self._host_fd)
+                except BlockingIOError:
+                    pass
+        finally:
+            with self._fence:
+                self._sleepers -= 1
+                if not self._sleepers:
+                    self.u32[self.host_sleeping_idx] = 0
+
+    def release(self) -> None:
+        """Drop the views so the mapping can be closed."""
+        for v in (self.u16, self.u32, self.u64):
+            v.release()
