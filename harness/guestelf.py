@@ -72,27 +72,27 @@ def load_elf(path: Path) -> GuestElf:
     return _elf(path.resolve(), path.stat().st_mtime_ns)
 
 
-def disassemble(elf: GuestElf, eip: int, fallback: bytes, context: int = 6) -> list[str]:
-    """Instructions around ``eip``, the faulting one marked with ``=>``.
+def disassemble(elf: GuestElf, rip: int, fallback: bytes, context: int = 6) -> list[str]:
+    """Instructions around ``rip``, the faulting one marked with ``=>``.
 
     Decodes from the start of the enclosing function (so the instructions
-    before ``eip`` are real boundaries), from the ELF's bytes; if ``eip`` is
+    before ``rip`` are real boundaries), from the ELF's bytes; if ``rip`` is
     outside the image, from the code bytes the guest copied into the record.
     """
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
-    sym = elf.symbolize(eip)
-    start = sym[0].addr if sym and eip - sym[0].addr < 4096 else eip
-    code = elf.read(start, eip - start + 64) or fallback
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    sym = elf.symbolize(rip)
+    start = sym[0].addr if sym and rip - sym[0].addr < 4096 else rip
+    code = elf.read(start, rip - start + 64) or fallback
     if not elf.read(start, 1):
-        start = eip
+        start = rip
     insns = list(md.disasm(code, start))
-    at = next((i for i, ins in enumerate(insns) if ins.address == eip), None)
-    if at is None:                   # eip not on a boundary we found: decode from eip itself
-        insns = list(md.disasm(fallback or elf.read(eip, 64), eip))
+    at = next((i for i, ins in enumerate(insns) if ins.address == rip), None)
+    if at is None:                   # rip not on a boundary we found: decode from rip itself
+        insns = list(md.disasm(fallback or elf.read(rip, 64), rip))
         at = 0
     lines = []
     for ins in insns[max(0, at - context):at + context + 1]:
-        mark = "=>" if ins.address == eip else "  "
+        mark = "=>" if ins.address == rip else "  "
         where = elf.symbolize(ins.address)
         label = f"<{where[0].name}+{where[1]:#x}>" if where else ""
         lines.append(f"{mark} {ins.address:08x} {label:<28} {ins.bytes.hex():<16} {ins.mnemonic} {ins.op_str}")
@@ -101,18 +101,20 @@ def disassemble(elf: GuestElf, eip: int, fallback: bytes, context: int = 6) -> l
 
 def render_crash(elf: GuestElf, record: dict[str, Any]) -> str:
     """A crash record as a person wants to read it."""
-    vector, eip = record["vector"], record["eip"]
+    vector, rip = record["vector"], record["rip"]
     what = EXCEPTION_NAMES.get(vector, f"vector {vector}")
-    sym = elf.symbolize(eip)
+    sym = elf.symbolize(rip)
     where = f"{sym[0].name}+{sym[1]:#x}" if sym else "?"
-    lines = [f"guest crash: {what} at {eip:#010x} in {where}"]
+    lines = [f"guest crash: {what} at {rip:#x} in {where}"]
     if record.get("message"):
         lines.append(f"  message: {record['message']}")
     if vector != 256:
-        lines.append(f"  error code {record['error_code']:#x}  cs {record['cs']:#x}  eflags {record['eflags']:#x}")
-        regs = ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp")
-        lines.append("  " + "  ".join(f"{r} {record[r]:08x}" for r in regs))
-    lines.append("  " + "  ".join(f"{r} {record[r]:08x}" for r in ("cr0", "cr2", "cr3", "cr4")))
+        lines.append(f"  error code {record['error_code']:#x}  cs {record['cs']:#x}  rflags {record['rflags']:#x}")
+        regs = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+                "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+        for row in range(0, len(regs), 4):
+            lines.append("  " + "  ".join(f"{r:>3} {record[r]:016x}" for r in regs[row:row + 4]))
+    lines.append("  " + "  ".join(f"{r} {record[r]:x}" for r in ("cr0", "cr2", "cr3", "cr4")))
     lines.append("  code:")
-    lines += ["    " + line for line in disassemble(elf, eip, record.get("code", b""))]
+    lines += ["    " + line for line in disassemble(elf, rip, record.get("code", b""))]
     return "\n".join(lines)

@@ -139,11 +139,12 @@ struct proxy_pci_device {
 struct proxy_crash {
     u32 vector;                     /* CPU exception vector, or PROXY_VECTOR_PANIC */
     u32 error_code;
-    u32 eip, cs, eflags, esp;
-    u32 eax, ebx, ecx, edx, esi, edi, ebp;
-    u32 cr0, cr2, cr3, cr4;
-    u8 code[32];                    /* bytes at eip */
-    u8 stack[64];                   /* bytes at esp */
+    u64 rip, cs, rflags, rsp;
+    u64 rax, rbx, rcx, rdx, rsi, rdi, rbp;
+    u64 r8, r9, r10, r11, r12, r13, r14, r15;
+    u64 cr0, cr2, cr3, cr4;
+    u8 code[32];                    /* bytes at rip */
+    u8 stack[64];                   /* bytes at rsp */
     char message[96];               /* panic() text, NUL-terminated */
 };
 

@@ -1,4 +1,10 @@
-/* boot.S - multiboot entry, flat GDT, SSE on, exception and interrupt stubs. */
+/*
+ * boot.S - multiboot entry, the switch to 64-bit long mode, and the
+ * exception and interrupt stubs.
+ *
+ * Long mode gives single 8-byte MMIO accesses with a plain mov (which
+ * every instruction emulator knows) and room to map BARs anywhere later.
+ */
 #include "vectors.h"
 
 .set MB_MAGIC, 0x1BADB002
@@ -9,53 +15,56 @@
 .long MB_MAGIC, MB_FLAGS, -(MB_MAGIC + MB_FLAGS)
 
 .section .text
+.code32
 .globl _start
 _start:
     cli
     mov $stack_top, %esp
+    /* Identity-map the low 4 GiB with 2 MiB pages: PML4[0] -> PDPT[0..3] -> pd[0..2047]. */
+    mov $pdpt + 3, %eax
+    mov %eax, pml4
+    mov $pd + 3, %eax
+    mov $pdpt, %edx
+    mov $4, %ecx
+1:  mov %eax, (%edx)
+    add $4096, %eax
+    add $8, %edx
+    loop 1b
+    xor %ecx, %ecx
+2:  mov %ecx, %eax
+    shl $21, %eax
+    or $0x83, %eax                  /* present, writable, 2 MiB */
+    mov %eax, pd(, %ecx, 8)
+    inc %ecx
+    cmp $2048, %ecx
+    jne 2b
+    mov %cr4, %eax
+    or $0x20, %eax                  /* PAE */
+    mov %eax, %cr4
+    mov $pml4, %eax
+    mov %eax, %cr3
+    mov $0xc0000080, %ecx           /* EFER.LME */
+    rdmsr
+    or $0x100, %eax
+    wrmsr
+    mov %cr0, %eax
+    or $0x80000001, %eax            /* paging and protection */
+    mov %eax, %cr0
     lgdt gdt_desc
-    ljmp $0x08, $1f
-1:  mov $0x10, %ax
+    ljmp $0x08, $long_mode
+
+.code64
+long_mode:
+    mov $0x10, %ax
     mov %ax, %ds
     mov %ax, %es
     mov %ax, %fs
     mov %ax, %gs
     mov %ax, %ss
-    /* MMX for 8-byte MMIO: CR0.EM off, CR0.MP on, FPU initialised. */
-    mov %cr0, %eax
-    and $~0x4, %eax
-    or $0x2, %eax
-    mov %eax, %cr0
-    fninit
-    push %ebx                       /* multiboot info */
+    mov $stack_top, %rsp
     call kmain
-2:  hlt
-    jmp 2b
-
-/*
- * 8-byte MMIO. MMX movq (0f 6f / 0f 7f) is one 8-byte access, and it is the
- * form KVM's instruction emulator knows (SSE's f3 0f 7e is not), so it works
- * whether an MMIO access is emulated by TCG or by KVM.
- */
-.globl mmio_read64
-mmio_read64:                        /* u64 mmio_read64(u32 addr) */
-    mov 4(%esp), %ecx
-    sub $8, %esp
-    movq (%ecx), %mm0
-    movq %mm0, (%esp)
-    emms
-    mov (%esp), %eax
-    mov 4(%esp), %edx
-    add $8, %esp
-    ret
-
-.globl mmio_write64
-mmio_write64:                       /* void mmio_write64(u32 addr, u64 value) */
-    mov 4(%esp), %ecx
-    movq 8(%esp), %mm0
-    movq %mm0, (%ecx)
-    emms
-    ret
+3:  hlt
+    jmp 3b
 
 /* Exception stubs: push a zero where the CPU pushes no error code, then the vector. */
 .macro EXC_NOERR n
@@ -120,35 +129,73 @@ IRQ VEC_KICK
 IRQ VEC_SPURIOUS
 IRQ VEC_UNEXPECTED
 
+/* Save every general register in struct trapframe order (kernel.h). */
+.macro SAVE_REGS
+    push %rax
+    push %rbx
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %rbp
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+.endm
+
 trap_entry:                         /* never returns: an exception is a crash */
-    pusha
-    push %esp
+    SAVE_REGS
+    mov %rsp, %rdi
     call trap
-1:  cli
+4:  cli
     hlt
-    jmp 1b
+    jmp 4b
 
 irq_entry:
-    pusha
-    push %esp
+    SAVE_REGS
+    mov %rsp, %rdi                  /* 176 bytes pushed since the CPU aligned rsp: still aligned */
     call irq
-    add $4, %esp
-    popa
-    add $8, %esp
-    iret
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rbp
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rbx
+    pop %rax
+    add $16, %rsp
+    iretq
 
 .section .rodata
 .align 8
 gdt:
     .quad 0
-    .quad 0x00cf9a000000ffff        /* 0x08: flat 32-bit code */
+    .quad 0x00af9a000000ffff        /* 0x08: 64-bit code */
     .quad 0x00cf92000000ffff        /* 0x10: flat data */
 gdt_desc:
     .word gdt_desc - gdt - 1
-    .long gdt
+    .quad gdt
 
 .section .bss
-.align 16
+.align 4096
+pml4:
+    .skip 4096
+pdpt:
+    .skip 4096
+pd:
+    .skip 4 * 4096
 stack:
     .skip 16384
 .globl stack_top

@@ -26,7 +26,7 @@ void *memcpy(void *d, const void *s, unsigned n)
 {
     u8 *p = d;
     const u8 *q = s;
-    if ((((u32)p | (u32)q | n) & 3) == 0) {
+    if ((((unsigned long)p | (unsigned long)q | n) & 3) == 0) {
         for (unsigned i = 0; i < n / 4; i++)
             ((u32 *)p)[i] = ((const u32 *)q)[i];
         return d;
@@ -35,25 +35,6 @@ void *memcpy(void *d, const void *s, unsigned n)
         *p++ = *q++;
     return d;
 }
-
-/* gcc calls these for 64-bit division on i386; there is no 32-bit libgcc to link. */
-u64 __udivmoddi4(u64 n, u64 d, u64 *rem)
-{
-    u64 q = 0, r = 0;
-    for (int i = 63; i >= 0; i--) {
-        r = r << 1 | ((n >> i) & 1);
-        if (r >= d) {
-            r -= d;
-            q |= 1ull << i;
-        }
-    }
-    if (rem)
-        *rem = r;
-    return q;
-}
-
-u64 __udivdi3(u64 n, u64 d) { return __udivmoddi4(n, d, NULL); }
-u64 __umoddi3(u64 n, u64 d) { u64 r; __udivmoddi4(n, d, &r); return r; }
 
 static void serial_init(void)
 {
@@ -183,7 +164,7 @@ void kmain(void)
     if (bar2->size < PROXY_DMA_OFFSET)
         panic("kmain: ivshmem window smaller than the control area");
 
-    struct proxy_shared *window = (struct proxy_shared *)(u32)bar2->base;
+    struct proxy_shared *window = (struct proxy_shared *)(unsigned long)bar2->base;
     memcpy(window->devices, devices, sizeof(devices));
     window->ndevices = (u32)n;
     lapic_init();

@@ -17,9 +17,9 @@ extern u64 tsc_hz;
 
 /* trap.c */
 struct trapframe {
-    u32 edi, esi, ebp, esp_pusha, ebx, edx, ecx, eax; /* pusha */
-    u32 vector, error_code;
-    u32 eip, cs, eflags;                              /* pushed by the CPU */
+    u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;  /* boot.S */
+    u64 vector, error_code;
+    u64 rip, cs, rflags, rsp, ss;                   /* pushed by the CPU */
 };
 void trap_init(void);
 void lapic_init(void);

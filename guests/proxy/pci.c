@@ -140,7 +140,7 @@ void pci_enable_msix(const struct proxy_pci_device *d, u32 entry, u32 vector)
         u8 cap = d->caps[i].offset;
         u32 table = pci_cfg_read(d->bus, d->dev, d->fn, cap + 4, 4);
         const struct proxy_bar *bar = &d->bars[table & 7];
-        u32 slot = (u32)bar->base + (table & ~7u) + 16 * entry;
+        u64 slot = bar->base + (table & ~7u) + 16 * entry;
         u16 cmd = pci_cfg_read(d->bus, d->dev, d->fn, PCI_COMMAND, 2);
         pci_cfg_write(d->bus, d->dev, d->fn, PCI_COMMAND, 2, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
         mmio_write32(slot + 0, 0xfee00000u);    /* destination: APIC id 0, physical mode */

@@ -33,7 +33,7 @@ struct proxy_shared *shared;
 static const struct proxy_pci_device *devices;
 static int ndevices;
 static const struct proxy_pci_device *self;     /* our own ivshmem: never granted */
-static u32 doorbell;
+static u64 doorbell;
 static struct channel channels[PROXY_MAX_CHANNELS];
 
 /* Ports no ISA channel may hold: the 8259s, PCI configuration, the proxy's console. */
@@ -174,7 +174,7 @@ static void pio_write(u16 port, u8 width, u64 v)
     else outl(port, (u32)v);
 }
 
-static u64 mmio_read(u32 a, u8 width)
+static u64 mmio_read(u64 a, u8 width)
 {
     switch (width) {
     case 1: return mmio_read8(a);
@@ -184,7 +184,7 @@ static u64 mmio_read(u32 a, u8 width)
     }
 }
 
-static void mmio_write(u32 a, u8 width, u64 v)
+static void mmio_write(u64 a, u8 width, u64 v)
 {
     switch (width) {
     case 1: mmio_write8(a, (u8)v); break;
@@ -197,7 +197,7 @@ static void mmio_write(u32 a, u8 width, u64 v)
 static u64 space_read(u8 op, u64 addr, u8 width)
 {
     return op == PROXY_OP_PIO_READ || op == PROXY_OP_PIO_POLL || op == PROXY_OP_PIO_REPEAT
-        ? pio_read((u16)addr, width) : mmio_read((u32)addr, width);
+        ? pio_read((u16)addr, width) : mmio_read(addr, width);
 }
 
 /* Check one access against the channel's grants; width and alignment first. */
@@ -300,7 +300,7 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
         pio_write((u16)addr, width, rq->value);
         return PROXY_STATUS_OK;
     case PROXY_OP_MMIO_WRITE:
-        mmio_write((u32)addr, width, rq->value);
+        mmio_write(addr, width, rq->value);
         return PROXY_STATUS_OK;
     case PROXY_OP_CFG_READ:
         *value = pci_cfg_read(d->bus, d->dev, d->fn, (u8)addr, width);
@@ -367,7 +367,7 @@ void proxy_init(struct proxy_shared *window, const struct proxy_pci_device *tabl
     devices = table;
     ndevices = n;
     self = ivshmem;
-    doorbell = (u32)ivshmem->bars[0].base + IVSHMEM_DOORBELL;
+    doorbell = ivshmem->bars[0].base + IVSHMEM_DOORBELL;
     channels[0].open = 1;
     shared = window;
     shared->tsc_hz = tsc_hz;

@@ -9,8 +9,9 @@
 
 struct idt_gate {
     u16 offset_lo, selector;
-    u8 zero, type_attr;
-    u16 offset_hi;
+    u8 ist, type_attr;
+    u16 offset_mid;
+    u32 offset_hi, reserved;
 } __attribute__((packed));
 
 static struct idt_gate idt[256];
@@ -35,8 +36,8 @@ static void (*const exceptions[32])(void) = {
 
 static void set_gate(int n, void (*fn)(void))
 {
-    u32 a = (u32)fn;
-    idt[n] = (struct idt_gate){ a & 0xffff, 0x08, 0, 0x8e, a >> 16 };
+    u64 a = (unsigned long)fn;
+    idt[n] = (struct idt_gate){ a & 0xffff, 0x08, 0, 0x8e, (a >> 16) & 0xffff, a >> 32, 0 };
 }
 
 /* Remap the 8259s away from the exception vectors, then mask every line. */
@@ -60,7 +61,7 @@ void trap_init(void)
     set_gate(VEC_PIC_BASE_15, vector47);
     set_gate(VEC_KICK, vector64);
     set_gate(VEC_SPURIOUS, vector255);
-    struct { u16 limit; u32 base; } __attribute__((packed)) desc = { sizeof(idt) - 1, (u32)idt };
+    struct { u16 limit; u64 base; } __attribute__((packed)) desc = { sizeof(idt) - 1, (unsigned long)idt };
     asm volatile("lidt %0" : : "m"(desc));
     pic_disable();
 }
@@ -98,26 +99,25 @@ void crash(const struct trapframe *tf, const char *msg)
 {
     cli();
     if (tf)
-        kprintf("proxy: exception %u error %x at eip %x\n", tf->vector, tf->error_code, tf->eip);
+        kprintf("proxy: exception %lu error %lx at rip %lx\n", tf->vector, tf->error_code, tf->rip);
     else
         kprintf("proxy: panic: %s\n", msg);
     if (shared) {
         struct proxy_crash *c = &shared->crash;
         memset(c, 0, sizeof(*c));
         if (tf) {
-            c->vector = tf->vector;
-            c->error_code = tf->error_code;
-            c->eip = tf->eip;
-            c->cs = tf->cs;
-            c->eflags = tf->eflags;
-            c->esp = (u32)&tf->eflags + 4;    /* same privilege level: no esp was pushed */
-            c->eax = tf->eax; c->ebx = tf->ebx; c->ecx = tf->ecx; c->edx = tf->edx;
-            c->esi = tf->esi; c->edi = tf->edi; c->ebp = tf->ebp;
-            memcpy(c->code, (const void *)tf->eip, sizeof(c->code));
-            memcpy(c->stack, (const void *)c->esp, sizeof(c->stack));
+            c->vector = (u32)tf->vector;
+            c->error_code = (u32)tf->error_code;
+            c->rip = tf->rip; c->cs = tf->cs; c->rflags = tf->rflags; c->rsp = tf->rsp;
+            c->rax = tf->rax; c->rbx = tf->rbx; c->rcx = tf->rcx; c->rdx = tf->rdx;
+            c->rsi = tf->rsi; c->rdi = tf->rdi; c->rbp = tf->rbp;
+            c->r8 = tf->r8; c->r9 = tf->r9; c->r10 = tf->r10; c->r11 = tf->r11;
+            c->r12 = tf->r12; c->r13 = tf->r13; c->r14 = tf->r14; c->r15 = tf->r15;
+            memcpy(c->code, (const void *)(unsigned long)tf->rip, sizeof(c->code));
+            memcpy(c->stack, (const void *)(unsigned long)tf->rsp, sizeof(c->stack));
         } else {
             c->vector = PROXY_VECTOR_PANIC;
-            c->eip = (u32)__builtin_return_address(0);
+            c->rip = (unsigned long)__builtin_return_address(0);
             for (unsigned i = 0; msg[i] && i < sizeof(c->message) - 1; i++)
                 c->message[i] = msg[i];
         }

@@ -55,6 +55,7 @@ class MachineSpec:
     ivshmem_size: int | None = None  # a power of two: the machine runs an ivshmem server
     start_stopped: bool = False      # -S: the CPU waits (qtest)
     qtest: bool = False              # a qtest server on a private socket
+    guest_elf: Path | None = None    # the kernel's ELF with symbols, when `kernel` is a stripped copy
 
     def device(self, driver: str, **props: object) -> "MachineSpec":
         self.options.append(Option("device", driver, props))

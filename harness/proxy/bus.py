@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..access import Bar, Bus, PciFunction
-from ..errors import ProxyError
+from ..errors import AbiError, ProxyError
 from ..machine import Machine, MachineSpec
 from .abi import Abi, load_abi
 from .channel import ProxyChannel
@@ -20,11 +20,20 @@ DEFAULT_ELF = REPO / "guests" / "proxy" / "build" / "proxy.elf"
 WINDOW_SIZE = 32 << 20
 
 
+def boot_image(elf: Path) -> Path:
+    """The copy of ``elf`` that QEMU's multiboot loader accepts (see guests/proxy/Makefile)."""
+    return elf.with_name(elf.stem + "-boot.elf")
+
+
 def proxy_spec(elf: Path = DEFAULT_ELF, accel: str = "auto", memory_mb: int = 128,
                window_size: int = WINDOW_SIZE) -> MachineSpec:
     """A machine that boots the proxy guest with its shared window; add devices to taste."""
     load_abi(elf)   # fail before booting if the ELF is missing or of another ABI
-    return MachineSpec(kernel=elf, accel=accel, memory_mb=memory_mb, ivshmem_size=window_size)
+    if not boot_image(elf).exists():
+        raise AbiError(f"{boot_image(elf)} is missing: build the guest with `make guest`")
+    spec = MachineSpec(kernel=boot_image(elf), accel=accel, memory_mb=memory_mb, ivshmem_size=window_size)
+    spec.guest_elf = elf
+    return spec
 
 
 class ProxyBus(Bus):
@@ -102,8 +111,8 @@ class ProxyMachine:
     """A booted proxy guest: ``with ProxyMachine(spec) as pm: pm.bus.find(...)``."""
 
     def __init__(self, spec: MachineSpec, **machine_args: Any) -> None:
-        assert spec.kernel is not None and spec.ivshmem_size, "use proxy_spec() to build the spec"
-        self.abi = load_abi(Path(spec.kernel))
+        assert spec.guest_elf is not None and spec.ivshmem_size, "use proxy_spec() to build the spec"
+        self.abi = load_abi(spec.guest_elf)
         self.machine = Machine(spec, **machine_args)
         self.bus: ProxyBus
 
