@@ -89,6 +89,26 @@ class ProxyChannel(Channel):
             out += self._submit_chunk(requests[start:start + self._nentries], timeout, what)
         return out
 
+    def submit_raw(self, entries: Sequence[bytes], timeout: float = DEFAULT_TIMEOUT) -> list[tuple[int, int]]:
+        """Publish whole ring entries exactly as given, garbage included (for testing the
+        proxy's validation), one batch each; return (status, value) for each."""
+        if self.closed:
+            raise ValueError(f"{self!r} is closed")
+        out = []
+        u32, served = self._u32, self._served_idx
+        for raw in entries:
+            if len(raw) != self._entry_size:
+                raise ValueError(f"a ring entry is {self._entry_size} bytes, not {len(raw)}")
+            slot = self._entries + (self._head & (self._nentries - 1)) * self._entry_size
+            self._mem[slot:slot + self._entry_size] = raw
+            head = self._head = (self._head + 1) & 0xFFFFFFFF
+            u32[self._submit_idx] = head
+            self._w.kick_if_sleeping()
+            if u32[served] != head:
+                self._w.wait(lambda: u32[served] == head, timeout, "a raw ring entry")
+            out.append((self._u16[(slot + self._status_off) >> 1], self._u64[(slot + self._value_off) >> 3]))
+        return out
+
     def _submit_chunk(self, requests: Sequence[tuple[int, ...]], timeout: float,
                       what: object) -> list[tuple[int, int]]:
         mem, pack, size, mask = self._mem, self._pack, self._entry_size, self._nentries - 1

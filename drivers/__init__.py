@@ -1,0 +1,1 @@
+"""Python device drivers. Each imports only harness.access (and harness.errors)."""

@@ -1,0 +1,107 @@
+"""pytest plugin: fixtures that boot machines, options in their own group.
+
+Fixtures:
+- ``hwharness_accel``: the accelerator chosen by ``--hwharness-accel`` (auto, kvm, tcg).
+- ``proxy_machine_factory``: boots proxy machines from a spec-editing callback;
+  every machine it made is shut down at the end of the test.
+- ``proxy_machine``: one booted proxy machine per test module, with an e1000
+  (random MAC, in ``proxy_machine.mac``) and an isa-debugcon on port 0xe9.
+
+Tests that boot QEMU carry the ``qemu`` marker; without QEMU they fail with
+the install hint (the README says QEMU is required, so there is no skip).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from .machine import MachineSpec
+from .proxy import ProxyMachine, proxy_spec
+
+DEBUGCON_PORT = 0xE9
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("hwharness", "hwharness: emulated hardware")
+    group.addoption("--hwharness-accel", default="auto", choices=("auto", "kvm", "tcg"),
+                    help="accelerator for booted machines (default: kvm if /dev/kvm works, else tcg)")
+    group.addoption("--hwharness-qemu", default="qemu-system-x86_64", help="the QEMU binary")
+    group.addoption("--hwharness-keep", action="store_true",
+                    help="keep every machine's directory (serial log, QEMU output, command line)")
+    group.addoption("--hwharness-artifacts", default=None,
+                    help="where machine directories go (default: pytest's temporary directory)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "qemu: the test boots a real QEMU machine")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("qemu"):
+        qemu = item.config.getoption("--hwharness-qemu")
+        if shutil.which(qemu) is None:
+            pytest.fail(f"{qemu} is not installed: run `make deps` (Debian's qemu-system-x86)", pytrace=False)
+
+
+def random_mac() -> str:
+    """A locally administered unicast MAC, different every run."""
+    return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
+
+
+@pytest.fixture(scope="session")
+def hwharness_accel(pytestconfig: pytest.Config) -> str:
+    return str(pytestconfig.getoption("--hwharness-accel"))
+
+
+def _machine_args(config: pytest.Config, tmp_root: Path) -> dict[str, object]:
+    artifacts = config.getoption("--hwharness-artifacts")
+    return {"artifacts_root": Path(artifacts) if artifacts else tmp_root,
+            "keep_artifacts": bool(config.getoption("--hwharness-keep"))}
+
+
+MachineFactory = Callable[..., ProxyMachine]
+
+
+@pytest.fixture
+def proxy_machine_factory(pytestconfig: pytest.Config, hwharness_accel: str,
+                          tmp_path_factory: pytest.TempPathFactory) -> Iterator[MachineFactory]:
+    """``factory(configure=None, name="m")``: boot a proxy machine; ``configure(spec)`` adds devices."""
+    made: list[ProxyMachine] = []
+
+    def factory(configure: Callable[[MachineSpec], None] | None = None, name: str = "machine") -> ProxyMachine:
+        spec = proxy_spec(accel=hwharness_accel)
+        spec.qemu = str(pytestconfig.getoption("--hwharness-qemu"))
+        if configure:
+            configure(spec)
+        pm = ProxyMachine(spec, name=name, **_machine_args(pytestconfig, tmp_path_factory.getbasetemp()))
+        made.append(pm)
+        return pm.__enter__()
+
+    yield factory
+    for pm in made:
+        pm.close()
+
+
+@pytest.fixture(scope="module")
+def proxy_machine(pytestconfig: pytest.Config, hwharness_accel: str,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyMachine]:
+    """A proxy machine shared by a module's tests: e1000 (``.mac``) and debugcon on 0xe9 (``.debugcon``)."""
+    if shutil.which(str(pytestconfig.getoption("--hwharness-qemu"))) is None:
+        pytest.fail("QEMU is not installed: run `make deps` (Debian's qemu-system-x86)", pytrace=False)
+    spec = proxy_spec(accel=hwharness_accel)
+    spec.qemu = str(pytestconfig.getoption("--hwharness-qemu"))
+    mac = random_mac()
+    spec.netdev("user", "net0", restrict=True)
+    spec.device("e1000", netdev="net0", mac=mac)
+    debugcon = spec.chardev_file("debugcon")
+    spec.device("isa-debugcon", iobase=DEBUGCON_PORT, chardev="debugcon")
+    pm = ProxyMachine(spec, name="shared", **_machine_args(pytestconfig, tmp_path_factory.getbasetemp()))
+    with pm:
+        pm.mac = mac                                    # type: ignore[attr-defined]
+        pm.debugcon = pm.machine.path(debugcon)         # type: ignore[attr-defined]
+        yield pm

@@ -1,0 +1,259 @@
+"""The proxy transport against real QEMU: device table, registers, ports, batches, grants."""
+
+from __future__ import annotations
+
+import datetime
+import random
+import struct
+import time
+
+import pytest
+
+from harness.access import Batch, Space
+from harness.errors import AccessDenied, BadRequest
+from harness.proxy import ProxyMachine
+
+pytestmark = pytest.mark.qemu
+
+E1000 = dict(vendor=0x8086, device=0x100E)
+AHCI = dict(vendor=0x8086, device=0x2922)
+RAL0, RAH0, STATUS = 0x5400, 0x5404, 0x0008
+
+
+def test_device_table_equals_query_pci(proxy_machine: ProxyMachine) -> None:
+    qmp_devices = {}
+    for bus in proxy_machine.machine.qmp("query-pci"):
+        for d in bus["devices"]:
+            # BAR 6 is the expansion ROM, which the proxy neither sizes nor grants
+            bars = {r["bar"]: (r["address"], r["size"], r["type"] == "io")
+                    for r in d.get("regions", []) if r["bar"] < 6}
+            qmp_devices[(bus["bus"], d["slot"], d["function"])] = (d["id"]["vendor"], d["id"]["device"], bars)
+    ours = {(f.bus, f.dev, f.fn): (f.vendor, f.device, {b.index: (b.base, b.size, b.is_io) for b in f.bars})
+            for f in proxy_machine.bus.functions}
+    assert ours == qmp_devices
+    assert any(f.vendor == 0x8086 and f.device == 0x100E for f in proxy_machine.bus.functions)
+
+
+def test_e1000_receive_address_is_the_mac(proxy_machine: ProxyMachine) -> None:
+    with proxy_machine.bus.open(proxy_machine.bus.find(**E1000)) as nic:
+        ral, rah = nic.bar(0).read32(RAL0), nic.bar(0).read32(RAH0)
+    mac = bytes(int(x, 16) for x in proxy_machine.mac.split(":"))
+    assert struct.pack("<IH", ral, rah & 0xFFFF) == mac
+    assert rah & 0x80000000, "RAH0's Address Valid bit"
+
+
+def test_outb_reaches_the_debugcon_chardev(proxy_machine: ProxyMachine) -> None:
+    before = proxy_machine.debugcon.read_bytes()
+    message = f"hello from python {random.getrandbits(32):08x}\n".encode()
+    port = proxy_machine.bus.ports(0xE9, 1)
+    try:
+        for byte in message:
+            port.write8(0, byte)
+    finally:
+        port.channel.close()
+    proxy_machine.machine.qmp("query-status")   # a round trip through QEMU's main loop
+    assert proxy_machine.debugcon.read_bytes() == before + message
+
+
+def _bcd(v: int) -> int:
+    return (v >> 4) * 10 + (v & 0xF)
+
+
+def _read_rtc(proxy_machine: ProxyMachine) -> datetime.datetime:
+    """The CMOS clock read the way a driver would, in one batch: index at 0x70, data at 0x71."""
+    cmos = proxy_machine.bus.ports(0x70, 2)
+    b = Batch(cmos.channel)
+    b.write(cmos, 0, 1, 0x0A)
+    b.poll(cmos, 1, 1, 0x80, 0x00, timeout=1.0)          # wait out an update in progress
+    index = {}
+    for name, reg in (("sec", 0), ("min", 2), ("hour", 4), ("day", 7), ("mon", 8), ("year", 9), ("b", 0x0B)):
+        b.write(cmos, 0, 1, reg)
+        index[name] = b.read(cmos, 1, 1)
+    try:
+        b.run()
+    finally:
+        cmos.channel.close()
+    v = {name: b.results[i] for name, i in index.items()}
+    binary = v.pop("b") & 0x04                            # status B: data mode
+    v = {k: (x if binary else _bcd(x)) for k, x in v.items()}
+    return datetime.datetime(2000 + v["year"], v["mon"], v["day"], v["hour"], v["min"], v["sec"])
+
+
+def _qemu_rtc(proxy_machine: ProxyMachine) -> datetime.datetime:
+    tm = proxy_machine.machine.qmp("qom-get", path="/machine", property="rtc-time")
+    return datetime.datetime(1900 + tm["tm_year"], 1 + tm["tm_mon"], tm["tm_mday"],
+                             tm["tm_hour"], tm["tm_min"], tm["tm_sec"])
+
+
+def test_cmos_rtc_through_port_io_agrees_with_qemu(proxy_machine: ProxyMachine) -> None:
+    before = _qemu_rtc(proxy_machine)
+    ours = _read_rtc(proxy_machine)
+    after = _qemu_rtc(proxy_machine)
+    one = datetime.timedelta(seconds=1)
+    assert before - one <= ours <= after + one, (before, ours, after)
+
+
+def test_batch_returns_every_result_in_order(proxy_machine: ProxyMachine) -> None:
+    bus = proxy_machine.bus
+    with bus.open(bus.find(**E1000)) as nic:
+        bar0 = nic.bar(0)
+        status, ral, rah = bar0.read32(STATUS), bar0.read32(RAL0), bar0.read32(RAH0)
+        vendor = nic.config.read16(0)
+        with nic.batch() as b:
+            i_status = b.read32(bar0, STATUS)
+            i_vendor = b.read(nic.config, 0, 2)
+            i_ral = b.read32(bar0, RAL0)
+            i_write = b.write32(bar0, 0x00D0, 0)        # IMS: enable no interrupt causes
+            i_rah = b.read32(bar0, RAH0)
+            i_device = b.read(nic.config, 2, 2)
+        assert b.results[i_status] == status
+        assert b.results[i_vendor] == vendor == 0x8086
+        assert b.results[i_ral] == ral
+        assert b.results[i_write] == 0
+        assert b.results[i_rah] == rah
+        assert b.results[i_device] == 0x100E
+        # A long batch crosses the ring's end several times and keeps its order.
+        n = 3 * proxy_machine.abi.PROXY_RING_ENTRIES + 7
+        offsets = [random.choice((STATUS, RAL0, RAH0)) for _ in range(n)]
+        with nic.batch() as long_batch:
+            for off in offsets:
+                long_batch.read32(bar0, off)
+        expected = {STATUS: status, RAL0: ral, RAH0: rah}
+        assert long_batch.results == [expected[off] for off in offsets]
+
+
+def test_failed_step_skips_the_rest_of_its_batch(proxy_machine: ProxyMachine) -> None:
+    bus = proxy_machine.bus
+    ahci = bus.find(**AHCI)
+    with bus.open(bus.find(**E1000)) as nic:
+        abar = next(b for b in ahci.bars if b.index == 5)
+        ch = nic.channel
+        abi = proxy_machine.abi
+        results = ch.submit([
+            (abi.PROXY_OP_MMIO_READ, 4, 0, 0, nic.function.bars[0].base + STATUS, 0, 0, 0),
+            (abi.PROXY_OP_MMIO_READ, 4, 0, 0, abar.base, 0, 0, 0),        # not ours
+            (abi.PROXY_OP_MMIO_READ, 4, 0, 0, nic.function.bars[0].base + STATUS, 0, 0, 0),
+        ])
+    assert [s for s, _ in results] == [abi.PROXY_STATUS_OK, abi.PROXY_STATUS_DENIED, abi.PROXY_STATUS_SKIPPED]
+
+
+def test_access_outside_the_grant_is_denied_and_changes_nothing(proxy_machine: ProxyMachine) -> None:
+    bus = proxy_machine.bus
+    ahci_fn = bus.find(**AHCI)
+    abar = next(b for b in ahci_fn.bars if b.index == 5)
+    PXCLB = 0x100                                        # port 0 command list base, writable
+    with bus.open(ahci_fn) as ahci:
+        before = ahci.bar(5).read32(PXCLB)
+    with bus.open(bus.find(**E1000)) as nic:
+        with pytest.raises(AccessDenied) as denied:
+            nic.channel.write(Space.MMIO, abar.base + PXCLB, 4, 0xDEAD0000)
+        assert "0xdead0000" in str(denied.value)
+        with pytest.raises(AccessDenied):
+            nic.channel.read(Space.PIO, 0x70, 1)          # the RTC is not the NIC's
+        with pytest.raises(AccessDenied):
+            nic.config.write32(0x10, 0xFFFFFFFF)          # its own BAR0 address: could hijack the bus
+        with pytest.raises(BadRequest):
+            nic.channel.read(Space.MMIO, nic.function.bars[0].base + 2, 4)   # unaligned
+    with bus.open(ahci_fn) as ahci:
+        assert ahci.bar(5).read32(PXCLB) == before
+    bar0 = [r for bus_ in proxy_machine.machine.qmp("query-pci") for d in bus_["devices"]
+            if d["id"]["device"] == 0x100E for r in d["regions"] if r["bar"] == 0][0]
+    assert bar0["address"] == bus.find(**E1000).bars[0].base
+    with pytest.raises(AccessDenied):
+        bus.open_ports(0xCF8, 8)                          # PCI configuration mechanism
+    with pytest.raises(AccessDenied):
+        bus.open(bus.find(vendor=0x1AF4, device=0x1110))  # the proxy's own window
+    with bus.open(bus.find(**E1000)):
+        with pytest.raises(AccessDenied):
+            bus.open(bus.find(**E1000))                   # one channel per device
+
+
+def test_region_refuses_bad_arguments_before_sending(proxy_machine: ProxyMachine) -> None:
+    with proxy_machine.bus.open(proxy_machine.bus.find(**E1000)) as nic:
+        bar0 = nic.bar(0)
+        with pytest.raises(ValueError):
+            bar0.read32(bar0.size)
+        with pytest.raises(ValueError):
+            bar0.read(0, 3)
+        with pytest.raises(ValueError):
+            bar0.write8(0, 0x100)
+        with pytest.raises(ValueError):
+            nic.bar(4)
+
+
+def _malformed(rng: random.Random, abi, nic_bars, cfg_size: int = 256) -> bytes:
+    """One ring entry that must be refused, with garbage in every field it does not need."""
+    garbage = lambda bits=64: rng.getrandbits(bits)  # noqa: E731
+    mmio_lo, mmio_hi = nic_bars["mmio"]
+    io_lo, io_hi = nic_bars["io"]
+    access_ops = {abi.PROXY_OP_PIO_READ: "pio", abi.PROXY_OP_PIO_WRITE: "pio", abi.PROXY_OP_PIO_POLL: "pio",
+                  abi.PROXY_OP_PIO_REPEAT: "pio", abi.PROXY_OP_MMIO_READ: "mmio", abi.PROXY_OP_MMIO_WRITE: "mmio",
+                  abi.PROXY_OP_MMIO_POLL: "mmio", abi.PROXY_OP_MMIO_REPEAT: "mmio",
+                  abi.PROXY_OP_CFG_READ: "cfg", abi.PROXY_OP_CFG_WRITE: "cfg"}
+    max_width = {"pio": 4, "mmio": 8, "cfg": 4}
+    kind = rng.randrange(6)
+    op = rng.choice(list(access_ops))
+    space = access_ops[op]
+    width = rng.choice([w for w in (1, 2, 4, 8) if w <= max_width[space]])
+    timeout, value = garbage(32), garbage()
+
+    def outside() -> int:
+        while True:
+            a = garbage(rng.choice((8, 16, 32, 64))) & ~(width - 1)
+            if space == "mmio" and not mmio_lo <= a < mmio_hi:
+                return a
+            if space == "pio" and not io_lo <= a < io_hi:
+                return a
+            if space == "cfg" and a >= cfg_size:
+                return a
+
+    if kind == 0:       # an operation that does not exist
+        op = rng.choice([o for o in range(256) if o not in access_ops and o not in
+                         (abi.PROXY_OP_NOP, abi.PROXY_OP_OPEN_PCI, abi.PROXY_OP_OPEN_ISA,
+                          abi.PROXY_OP_CLOSE, abi.PROXY_OP_CRASH)])
+        width, addr = garbage(8), garbage()
+    elif kind == 1:     # an admin operation on a device channel
+        op = rng.choice((abi.PROXY_OP_OPEN_PCI, abi.PROXY_OP_OPEN_ISA, abi.PROXY_OP_CLOSE, abi.PROXY_OP_CRASH))
+        width, addr = garbage(8), garbage()
+        if op == abi.PROXY_OP_CRASH:
+            value = abi.PROXY_CRASH_MAGIC
+    elif kind == 2:     # a width that does not exist for that space
+        width = rng.choice([w for w in range(256) if w not in (1, 2, 4, 8) or w > max_width[space]])
+        addr = mmio_lo if space == "mmio" else io_lo if space == "pio" else 0
+    elif kind == 3:     # misaligned
+        width = rng.choice([w for w in (2, 4, 8) if w <= max_width[space]])
+        base = mmio_lo if space == "mmio" else io_lo if space == "pio" else 0
+        addr = base + rng.choice([o for o in range(1, 16) if o % width])
+    elif kind == 4:     # outside the grant
+        addr = outside()
+    else:               # inside the grant but with an impossible poll timeout or repeat count
+        op = rng.choice((abi.PROXY_OP_MMIO_POLL, abi.PROXY_OP_MMIO_REPEAT, abi.PROXY_OP_PIO_POLL,
+                         abi.PROXY_OP_PIO_REPEAT))
+        width = 4
+        addr = mmio_lo + STATUS if op in (abi.PROXY_OP_MMIO_POLL, abi.PROXY_OP_MMIO_REPEAT) else io_lo
+        if op in (abi.PROXY_OP_MMIO_POLL, abi.PROXY_OP_PIO_POLL):
+            timeout = rng.randrange(abi.PROXY_POLL_MAX_US + 1, 2**32)
+        else:
+            value = rng.choice((0, rng.randrange(abi.PROXY_REPEAT_MAX + 1, 2**64)))
+    head = struct.pack("<BBHIQQ", op, width & 0xFF, garbage(16), timeout, addr & (2**64 - 1), value)
+    return head + rng.getrandbits(8 * (64 - len(head))).to_bytes(64 - len(head), "little")
+
+
+def test_100k_malformed_ring_entries_are_refused_and_the_proxy_survives(proxy_machine: ProxyMachine) -> None:
+    bus, abi = proxy_machine.bus, proxy_machine.abi
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    with bus.open(bus.find(**E1000)) as nic:
+        bars = {"mmio": (nic.function.bars[0].base, nic.function.bars[0].base + nic.function.bars[0].size),
+                "io": (nic.function.bars[1].base, nic.function.bars[1].base + nic.function.bars[1].size)}
+        ral = nic.bar(0).read32(RAL0)
+        entries = [_malformed(rng, abi, bars) for _ in range(100_000)]
+        results = nic.channel.submit_raw(entries)
+        refused = {abi.PROXY_STATUS_DENIED, abi.PROXY_STATUS_BAD_REQUEST}
+        wrong = [(i, s, entries[i].hex()) for i, (s, _) in enumerate(results) if s not in refused]
+        assert not wrong, f"seed {seed}: {len(wrong)} entries not refused, first {wrong[:3]}"
+        assert nic.bar(0).read32(RAL0) == ral
+    # the proxy still serves everyone, the admin channel included
+    with bus.open(bus.find(**E1000)) as nic:
+        assert nic.bar(0).read32(RAL0) == ral
+    assert proxy_machine.bus.window.state == abi.PROXY_STATE_READY
