@@ -1,0 +1,43 @@
+# hwharness: the two commands a person needs are `make demo` and `make test`.
+# Both install what they need first (Debian packages need root; see README).
+
+PYTHON ?= python3
+ACCEL ?= auto
+PYTEST_ARGS ?=
+APT_PACKAGES := qemu-system-x86 gcc binutils make mtools dosfstools
+STAMP := .deps.stamp
+
+.PHONY: deps guest images test demo bench clean
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v mformat >/dev/null; then \
+	    if [ "$$(id -u)" = 0 ]; then \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	    else \
+	        echo "missing Debian packages: run 'sudo apt-get install $(APT_PACKAGES)'" >&2; exit 1; \
+	    fi; \
+	fi
+	$(PYTHON) -m pip install -q -e '.[test]'
+	@touch $@
+
+guest:
+	$(MAKE) -C guests/proxy
+
+images:
+	$(MAKE) -C images
+
+test: deps guest
+	$(PYTHON) -m pytest -n 2 --hwharness-accel $(ACCEL) $(PYTEST_ARGS)
+
+demo: deps guest
+	$(PYTHON) -m harness.cli demo --accel $(ACCEL)
+
+bench: deps guest
+	mkdir -p bench-results
+	$(PYTHON) -m harness.cli bench roundtrip --accel $(ACCEL) --json bench-results/roundtrip-$(ACCEL).json
+
+clean:
+	$(MAKE) -C guests/proxy clean
+	rm -rf bench-results $(STAMP)

@@ -1,0 +1,92 @@
+"""``hwharness bench roundtrip``: the cost of one proxied register access, against qtest.
+
+Measured in one run on one machine: a side-effect-free port read (the
+isa-debugcon port, whose read returns a constant) and an e1000 STATUS read,
+through the proxy and through the qtest transport; batched throughput; the
+guest's own cost of the same port read (its TSC around a tight loop); and the
+CPU a booted, idle proxy machine uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from ..access import Kind, Region
+from ..machine import MachineSpec
+from ..proxy import ProxyMachine, proxy_spec
+from ..qtest import QtestMachine, qtest_spec
+from .stats import latencies_us, pct
+
+log = logging.getLogger(__name__)
+
+DEBUGCON_PORT = 0xE9
+E1000 = dict(vendor=0x8086, device=0x100E)
+STATUS = 0x0008
+
+
+def add_devices(spec: MachineSpec) -> None:
+    spec.device("e1000", mac="52:54:00:12:34:56")
+    spec.chardev("null", "debugcon")
+    spec.device("isa-debugcon", iobase=DEBUGCON_PORT, chardev="debugcon")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(port: Region, bar0: Region, count: int, budget_s: float) -> tuple[list[float], list[float]]:
+    port.read8(0)
+    bar0.read32(STATUS)      # warm up: translation, first faults
+    return (latencies_us(lambda: port.read8(0), count, budget_s),
+            latencies_us(lambda: bar0.read32(STATUS), count, budget_s))
+
+
+def run(accel: str, count: int = 20000, idle_seconds: float = 10.0) -> dict[str, object]:
+    results: dict[str, float] = {}
+    spec = proxy_spec(accel=accel)
+    add_devices(spec)
+    with ProxyMachine(spec, name="bench-proxy") as pm:
+        accel = pm.machine.accel
+        bus = pm.bus
+        port = bus.ports(DEBUGCON_PORT, 1)
+        nic = bus.open(bus.find(**E1000))
+        pio, mmio = measure(port, nic.bar(0), count, budget_s=10)
+        log.info("proxy: %d port reads, %d MMIO reads", len(pio), len(mmio))
+        results.update(proxy_pio_p50_us=pct(pio, 0.5), proxy_pio_p99_us=pct(pio, 0.99),
+                       proxy_mmio_p50_us=pct(mmio, 0.5), proxy_mmio_p99_us=pct(mmio, 0.99))
+
+        ring = pm.abi.PROXY_RING_ENTRIES
+        batch = port.channel.prepare([port.access(Kind.READ, 0, 1)] * ring)
+        batch.run()
+        rounds, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 2.0 or rounds < 2:
+            batch.run()
+            rounds += 1
+        results["batch_ops_per_s"] = rounds * ring / (time.perf_counter() - t0)
+
+        repeats = 100_000 if accel == "tcg" else 2_000
+        cycles = port.channel.repeat_read(port.space, DEBUGCON_PORT, 1, repeats)
+        results["native_pio_us"] = cycles / bus.tsc_hz / repeats * 1e6
+        port.channel.close()
+        nic.close()
+
+        time.sleep(1.0)                       # let the guest fall asleep
+        pid = pm.machine.process.pid
+        before, t0 = cpu_seconds(pid), time.monotonic()
+        time.sleep(idle_seconds)
+        results["idle_cpu_percent"] = 100 * (cpu_seconds(pid) - before) / (time.monotonic() - t0)
+
+    qspec = qtest_spec()
+    add_devices(qspec)
+    with QtestMachine(qspec, name="bench-qtest") as qm:
+        port = qm.bus.ports(DEBUGCON_PORT, 1)
+        nic = qm.bus.open(qm.bus.find(**E1000))
+        qpio, qmmio = measure(port, nic.bar(0), min(count, 5000), budget_s=10)
+        results.update(qtest_pio_p50_us=pct(qpio, 0.5), qtest_mmio_p50_us=pct(qmmio, 0.5))
+    results["qtest_over_proxy_pio"] = results["qtest_pio_p50_us"] / results["proxy_pio_p50_us"]
+    results["samples"] = float(len(pio))
+    log.debug("mean proxy pio %.2f us", statistics.fmean(pio))
+    return {"benchmark": "roundtrip", "accel": accel, "results": {k: round(v, 3) for k, v in results.items()}}

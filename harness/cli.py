@@ -1,0 +1,163 @@
+"""``hwharness``: boot the proxy, run the demo, run benchmarks.
+
+What a person reads goes to stdout through ``say``; everything else is
+logging (``-v`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import random
+import signal
+import struct
+import sys
+import time
+from pathlib import Path
+
+from .access import Batch
+from .bench.stats import latencies_us, pct
+from .errors import HarnessError
+from .proxy import ProxyMachine, proxy_spec
+
+log = logging.getLogger("hwharness")
+
+E1000 = dict(vendor=0x8086, device=0x100E)
+DEBUGCON_PORT = 0xE9
+
+
+def say(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def device_table(pm: ProxyMachine) -> None:
+    say(f"{'BDF':8} {'ID':10} {'class':7} BARs")
+    for f in pm.bus.functions:
+        bars = ", ".join(f"{b.index}:{'io' if b.is_io else 'mem'} {b.base:#x}+{b.size:#x}" for b in f.bars)
+        say(f"{f.bdf:8} {f.vendor:04x}:{f.device:04x}  {f.class_code:02x}{f.subclass:02x}{f.prog_if:02x}  {bars}")
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    spec = proxy_spec(accel=args.accel)
+    spec.netdev("user", "net0", restrict=True)
+    spec.device("e1000", netdev="net0", mac=random_mac())
+    with ProxyMachine(spec, name="boot", keep_artifacts=True) as pm:
+        say(f"proxy guest up under {pm.machine.accel}; QMP on the abstract socket "
+            f"@{pm.machine.endpoints.qmp.lstrip(chr(0))}; files in {pm.machine.workdir}")
+        device_table(pm)
+        say("Ctrl-C to stop.")
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            say("stopping")
+    return 0
+
+
+def random_mac() -> str:
+    return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
+
+
+def _bcd(v: int) -> int:
+    return (v >> 4) * 10 + (v & 0xF)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    mac = random_mac()
+    spec = proxy_spec(accel=args.accel)
+    spec.netdev("user", "net0", restrict=True)
+    spec.device("e1000", netdev="net0", mac=mac)
+    debugcon = spec.chardev_file("debugcon")
+    spec.device("isa-debugcon", iobase=DEBUGCON_PORT, chardev="debugcon")
+    t0 = time.monotonic()
+    with ProxyMachine(spec, name="demo") as pm:
+        say(f"== booted the proxy guest under {pm.machine.accel} in {time.monotonic() - t0:.2f} s "
+            f"(guest TSC {pm.bus.tsc_hz / 1e6:.0f} MHz)")
+        device_table(pm)
+
+        say("\n== e1000: receive address registers read through MMIO")
+        with pm.bus.open(pm.bus.find(**E1000)) as nic:
+            ral, rah = nic.bar(0).read32(0x5400), nic.bar(0).read32(0x5404)
+            read_mac = ":".join(f"{b:02x}" for b in struct.pack("<IH", ral, rah & 0xFFFF))
+            say(f"RAL0={ral:#010x} RAH0={rah:#010x} -> {read_mac} (command line said {mac}: "
+                f"{'match' if read_mac == mac else 'MISMATCH'})")
+
+        say("\n== port I/O: a line to the isa-debugcon at 0xe9, and the CMOS clock")
+        port = pm.bus.ports(DEBUGCON_PORT, 1)
+        for byte in b"hello from a Python driver\n":
+            port.write8(0, byte)
+        port.channel.close()
+        pm.machine.qmp("query-status")
+        say(f"debugcon file now holds: {pm.machine.path(debugcon).read_bytes()!r}")
+        cmos = pm.bus.ports(0x70, 2)
+        batch = Batch(cmos.channel)
+        batch.write(cmos, 0, 1, 0x0A)
+        batch.poll(cmos, 1, 1, 0x80, 0, timeout=1.0)
+        regs = {}
+        for name, reg in (("h", 4), ("m", 2), ("s", 0)):
+            batch.write(cmos, 0, 1, reg)
+            regs[name] = batch.read(cmos, 1, 1)
+        batch.run()
+        cmos.channel.close()
+        h, m, s = (_bcd(batch.results[regs[k]]) for k in "hms")
+        say(f"CMOS RTC {h:02d}:{m:02d}:{s:02d} in one batch of {len(batch.accesses)} accesses; "
+            f"host clock says {datetime.datetime.utcnow():%H:%M:%S} UTC")
+
+        say("\n== round-trip latency (proxied inb of the debugcon port)")
+        port = pm.bus.ports(DEBUGCON_PORT, 1)
+        lat = latencies_us(lambda: port.read8(0), 5000, budget_s=3)
+        cycles = port.channel.repeat_read(port.space, DEBUGCON_PORT, 1, 1000)
+        port.channel.close()
+        say(f"{len(lat)} reads: p50 {pct(lat, .5):.2f} us, p99 {pct(lat, .99):.2f} us; the guest's own inb "
+            f"costs {cycles / pm.bus.tsc_hz / 1000 * 1e6:.3f} us")
+        say("(`make bench` compares against the qtest transport and writes JSON)")
+
+        say("\n== a guest CPU exception becomes a readable crash report")
+        try:
+            pm.bus.crash("INVALID_OPCODE")
+        except HarnessError as crash:
+            say(str(crash))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import roundtrip
+    benches = {"roundtrip": roundtrip.run}
+    result = benches[args.name](args.accel)
+    text = json.dumps(result, indent=2)
+    say(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+        log.info("wrote %s", args.json)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hwharness", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_accel(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                       help="kvm if /dev/kvm works, else tcg (default auto)")
+        return p
+
+    with_accel(sub.add_parser("boot", help="boot the proxy guest, print the device table, wait for Ctrl-C"))
+    with_accel(sub.add_parser("demo", help="boot, drive the devices, print what happened"))
+    bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
+    bench.add_argument("name", choices=("roundtrip",))
+    bench.add_argument("--json", metavar="PATH", help="write the result here too")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
+    commands = {"boot": cmd_boot, "demo": cmd_demo, "bench": cmd_bench}
+    try:
+        return commands[args.command](args)
+    except HarnessError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
