@@ -1,0 +1,54 @@
+"""The access interface against a fake transport: bounds, widths, batches, errors."""
+
+from typing import Sequence
+
+import pytest
+
+from harness.access import Access, Batch, Channel, Kind, Region, Space
+
+
+class FakeChannel(Channel):
+    """Remembers every access and serves reads from a dict of registers."""
+
+    def __init__(self) -> None:
+        self.log: list[Access] = []
+        self.regs: dict[int, int] = {}
+
+    def execute(self, accesses: Sequence[Access]) -> list[int]:
+        out = []
+        for a in accesses:
+            self.log.append(a)
+            if a.kind is Kind.WRITE:
+                self.regs[a.addr] = a.value
+                out.append(0)
+            else:
+                out.append(self.regs.get(a.addr, 0))
+        return out
+
+
+def test_region_offsets_are_relative_and_checked() -> None:
+    ch = FakeChannel()
+    r = Region(ch, Space.MMIO, 0x1000, 0x20, "bar0")
+    r.write32(0x10, 0xABCD)
+    assert r.read32(0x10) == 0xABCD
+    assert ch.log[0] == Access(Kind.WRITE, Space.MMIO, 0x1010, 4, 0xABCD)
+    for bad in (lambda: r.read32(0x1D), lambda: r.read32(-4), lambda: r.read(0, 3),
+                lambda: r.write8(0, 0x100), lambda: Region(ch, Space.PIO, 0x60, 8).read64(0)):
+        with pytest.raises(ValueError):
+            bad()
+    assert len(ch.log) == 2, "nothing reached the transport"
+
+
+def test_batch_runs_in_order_on_exit() -> None:
+    ch = FakeChannel()
+    r = Region(ch, Space.PIO, 0x60, 8)
+    with Batch(ch) as b:
+        b.write(r, 4, 1, 0xAE)
+        i = b.read(r, 4, 1)
+    assert b.results[i] == 0xAE
+    assert [a.kind for a in ch.log] == [Kind.WRITE, Kind.READ]
+
+
+def test_access_names_itself() -> None:
+    a = Access(Kind.POLL, Space.MMIO, 0xFEBC0008, 4, mask=2, expect=2, timeout=0.5)
+    assert str(a) == "poll mmio 0xfebc0008 width 4 until & 0x2 == 0x2 within 0.5 s"
