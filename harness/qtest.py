@@ -31,7 +31,6 @@ from .access import Access, Bar, Bus, Channel, Kind, PciFunction, Space
 from .errors import (AccessDenied, BadRequest, DeviceTimeout, HarnessError, MachineError, ProxyFault,
                      ProxyUnresponsive)
 from .machine import Machine, MachineSpec
-from .machine.spec import Endpoints
 
 log = logging.getLogger(__name__)
 
@@ -650,45 +649,6 @@ class QtestChannel(Channel):
         self.bus._forget(self)
 
 
-class _QtestLabelMachine(Machine):
-    """A Machine whose qtest chardev is labelled ``qtest``.
-
-    QEMU 7.2's ``-qtest chardev:NAME`` looks the chardev up under the fixed
-    label "qtest" (softmmu/qtest.c, qtest_server_init), so any other id makes
-    QEMU abort with "Cannot find character device 'qtest'". build_argv names
-    it ``hwh-qtest``; this renames it before QEMU starts. Harmless on QEMU
-    versions without the bug, and a no-op once build_argv uses "qtest" itself.
-    """
-
-    def _start(self, ends: Endpoints) -> None:
-        self.argv = _relabel_qtest_chardev(self.argv)
-        if self.workdir is not None:
-            (self.workdir / "cmdline.txt").write_text(" ".join(self.argv) + "\n")
-        super()._start(ends)
-
-
-def _relabel_qtest_chardev(argv: list[str]) -> list[str]:
-    """``argv`` with the chardev behind ``-qtest chardev:NAME`` renamed to ``qtest``."""
-    try:
-        i = argv.index("-qtest")
-    except ValueError:
-        return argv
-    value = argv[i + 1]
-    if not value.startswith("chardev:") or value == "chardev:qtest":
-        return argv
-    name = value[len("chardev:"):]
-    options = [argv[j + 1] for j in range(len(argv) - 1) if argv[j] == "-chardev"]
-    if any(",id=qtest," in f",{o}," for o in options):
-        log.warning("a chardev is already called 'qtest'; leaving the qtest chardev %r alone", name)
-        return argv
-    out = list(argv)
-    out[i + 1] = "chardev:qtest"
-    for j in range(len(out) - 1):
-        if out[j] == "-chardev" and f",id={name}," in f",{out[j + 1]},":
-            out[j + 1] = f",{out[j + 1]},".replace(f",id={name},", ",id=qtest,")[1:-1]
-    return out
-
-
 class QtestMachine:
     """A stopped machine driven over qtest: ``with QtestMachine(qtest_spec()) as qm: qm.bus.find(...)``."""
 
@@ -697,7 +657,7 @@ class QtestMachine:
             raise ValueError("the qtest transport needs a spec with qtest=True: use qtest_spec()")
         if spec.accel != "tcg":
             raise ValueError(f"qtest machines run under tcg, not {spec.accel!r}: use qtest_spec()")
-        self.machine: Machine = _QtestLabelMachine(spec, **machine_args)
+        self.machine: Machine = Machine(spec, **machine_args)
         self.bus: QtestBus
 
     def __enter__(self) -> "QtestMachine":

@@ -134,9 +134,10 @@ def build_argv(spec: MachineSpec, accel: str, ends: Endpoints) -> list[str]:
             Option("device", "ivshmem-doorbell", {"chardev": "hwh-ivshmem", "vectors": 1}),
         ]
     if ends.qtest is not None:
+        # QEMU 7.2 looks the qtest chardev up by the fixed id "qtest" (qtest_server_init).
         runtime += [
-            Option("chardev", "socket", {"id": "hwh-qtest", **_abstract(ends.qtest)}),
-            Option("qtest", "chardev:hwh-qtest"),
+            Option("chardev", "socket", {"id": "qtest", **_abstract(ends.qtest)}),
+            Option("qtest", "chardev:qtest"),
         ]
     for opt in runtime + spec.options:
         argv += opt.render(ends.workdir)

@@ -31,7 +31,7 @@ def test_argv_carries_the_spec(tmp_path: Path) -> None:
 def test_qtest_machines_start_stopped_and_refuse_kvm(tmp_path: Path) -> None:
     spec = MachineSpec(qtest=True)
     argv = build_argv(spec, "tcg", endpoints(tmp_path, qtest="\0qt"))
-    assert "-S" in argv and "chardev:hwh-qtest" in argv
+    assert "-S" in argv and "chardev:qtest" in argv
     with pytest.raises(ValueError):
         build_argv(spec, "kvm", endpoints(tmp_path, qtest="\0qt"))
 
