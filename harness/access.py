@@ -327,6 +327,9 @@ class Bus(abc.ABC):
         raise LookupError(f"no PCI function matches vendor={vendor} device={device} "
                           f"class={class_code} subclass={subclass}")
 
+    def close(self) -> None:
+        """Close every channel this bus opened. Idempotent."""
+
     def open(self, function: PciFunction) -> Device:
         return Device(function, self.open_channel(function))
 

@@ -10,7 +10,6 @@ import argparse
 import datetime
 import json
 import logging
-import random
 import signal
 import struct
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 from .access import Batch
 from .bench.stats import latencies_us, pct
 from .errors import HarnessError
+from .machine import random_mac
 from .proxy import ProxyMachine, proxy_spec
 
 log = logging.getLogger("hwharness")
@@ -54,10 +54,6 @@ def cmd_boot(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             say("stopping")
     return 0
-
-
-def random_mac() -> str:
-    return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
 
 
 def _bcd(v: int) -> int:

@@ -13,14 +13,13 @@ the install hint (the README says QEMU is required, so there is no skip).
 
 from __future__ import annotations
 
-import random
 import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-from .machine import MachineSpec
+from .machine import MachineSpec, random_mac
 from .proxy import ProxyMachine, proxy_spec
 
 DEBUGCON_PORT = 0xE9
@@ -46,11 +45,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         qemu = item.config.getoption("--hwharness-qemu")
         if shutil.which(qemu) is None:
             pytest.fail(f"{qemu} is not installed: run `make deps` (Debian's qemu-system-x86)", pytrace=False)
-
-
-def random_mac() -> str:
-    """A locally administered unicast MAC, different every run."""
-    return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ from .access import Access, Bar, Bus, Channel, Kind, PciFunction, Space
 from .errors import (AccessDenied, BadRequest, DeviceTimeout, HarnessError, MachineError, ProxyFault,
                      ProxyUnresponsive)
 from .machine import Machine, MachineSpec
+from .machine.booted import BootedMachine
 
 log = logging.getLogger(__name__)
 
@@ -649,7 +650,7 @@ class QtestChannel(Channel):
         self.bus._forget(self)
 
 
-class QtestMachine:
+class QtestMachine(BootedMachine[QtestBus]):
     """A stopped machine driven over qtest: ``with QtestMachine(qtest_spec()) as qm: qm.bus.find(...)``."""
 
     def __init__(self, spec: MachineSpec, **machine_args: Any) -> None:
@@ -657,27 +658,11 @@ class QtestMachine:
             raise ValueError("the qtest transport needs a spec with qtest=True: use qtest_spec()")
         if spec.accel != "tcg":
             raise ValueError(f"qtest machines run under tcg, not {spec.accel!r}: use qtest_spec()")
-        self.machine: Machine = Machine(spec, **machine_args)
-        self.bus: QtestBus
+        super().__init__(spec, **machine_args)
+
+    def attach(self, machine: Machine) -> QtestBus:
+        return QtestBus(machine)
 
     def __enter__(self) -> "QtestMachine":
-        self.machine.launch()
-        try:
-            self.bus = QtestBus(self.machine)
-        except BaseException:
-            self.machine.failed = True
-            self.machine.shutdown()
-            raise
+        super().__enter__()
         return self
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is not None:
-            self.machine.failed = True
-        self.close()
-
-    def close(self) -> None:
-        try:
-            if hasattr(self, "bus"):
-                self.bus.close()
-        finally:
-            self.machine.shutdown()

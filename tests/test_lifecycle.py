@@ -14,7 +14,6 @@ import pytest
 
 from harness.errors import GuestCrash, MachineError
 from harness.machine import Machine, MachineSpec
-from harness.proxy import proxy_spec
 from harness.proxy.bus import DEFAULT_ELF, boot_image
 
 pytestmark = pytest.mark.qemu

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import random
 import struct
-import time
 
 import pytest
 

@@ -2,6 +2,7 @@
 
 from .console import Console
 from .machine import Machine
-from .spec import MachineSpec, Option, RuntimeFile, kvm_usable, resolve_accel
+from .spec import MachineSpec, Option, RuntimeFile, kvm_usable, random_mac, resolve_accel
 
-__all__ = ["Console", "Machine", "MachineSpec", "Option", "RuntimeFile", "kvm_usable", "resolve_accel"]
+__all__ = ["Console", "Machine", "MachineSpec", "Option", "RuntimeFile", "kvm_usable", "random_mac",
+           "resolve_accel"]

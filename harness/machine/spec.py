@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,11 @@ class MachineSpec:
         f = RuntimeFile(f"chardev-{id}.out")
         self.chardev("file", id, path=f)
         return f
+
+
+def random_mac() -> str:
+    """A locally administered unicast MAC in QEMU's 52:54:00 range, different every call."""
+    return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
 
 
 def kvm_usable() -> bool:

@@ -85,16 +85,20 @@ class Abi:
         except KeyError:
             raise AbiError(f"{self.path}: no struct {name} in the debug info") from None
 
-    def offsetof(self, struct_name: str, path: str) -> int:
-        """Offset of a dotted member path, e.g. ``offsetof("proxy_shared", "crash.eip")``."""
+    def locate(self, struct_name: str, path: str) -> tuple[int, Type]:
+        """Offset and type of a dotted member path, e.g. ``locate("proxy_shared", "crash.rip")``."""
         t: Type = self.struct(struct_name)
         offset = 0
         for part in path.split("."):
-            assert isinstance(t, Struct), f"{path}: {part} is not inside a struct"
+            if not isinstance(t, Struct):
+                raise AbiError(f"{struct_name}.{path}: {part} is not inside a struct")
             m = t.member(part)
             offset += m.offset
             t = m.type
-        return offset
+        return offset, t
+
+    def offsetof(self, struct_name: str, path: str) -> int:
+        return self.locate(struct_name, path)[0]
 
     def sizeof(self, struct_name: str) -> int:
         return self.struct(struct_name).size

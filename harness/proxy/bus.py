@@ -9,6 +9,7 @@ from typing import Any, Sequence
 from ..access import Bar, Bus, PciFunction
 from ..errors import AbiError, ProxyError
 from ..machine import Machine, MachineSpec
+from ..machine.booted import BootedMachine
 from .abi import Abi, load_abi
 from .channel import ProxyChannel
 from .window import SharedWindow
@@ -107,33 +108,17 @@ class ProxyBus(Bus):
         self.window.release()
 
 
-class ProxyMachine:
+class ProxyMachine(BootedMachine[ProxyBus]):
     """A booted proxy guest: ``with ProxyMachine(spec) as pm: pm.bus.find(...)``."""
 
     def __init__(self, spec: MachineSpec, **machine_args: Any) -> None:
         assert spec.guest_elf is not None and spec.ivshmem_size, "use proxy_spec() to build the spec"
         self.abi = load_abi(spec.guest_elf)
-        self.machine = Machine(spec, **machine_args)
-        self.bus: ProxyBus
+        super().__init__(spec, **machine_args)
+
+    def attach(self, machine: Machine) -> ProxyBus:
+        return ProxyBus(machine, self.abi)
 
     def __enter__(self) -> "ProxyMachine":
-        self.machine.launch()
-        try:
-            self.bus = ProxyBus(self.machine, self.abi)
-        except BaseException:
-            self.machine.failed = True
-            self.machine.shutdown()
-            raise
+        super().__enter__()
         return self
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is not None:
-            self.machine.failed = True
-        self.close()
-
-    def close(self) -> None:
-        try:
-            if hasattr(self, "bus"):
-                self.bus.close()
-        finally:
-            self.machine.shutdown()

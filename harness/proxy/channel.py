@@ -90,23 +90,27 @@ class ProxyChannel(Channel):
             out += self._submit_chunk(requests[start:start + self._nentries], timeout, what)
         return out
 
+    def _publish(self, count: int, timeout: float, what: object) -> None:
+        """Hand the next ``count`` entries to the guest and wait until it has served them."""
+        head = self._head = (self._head + count) & 0xFFFFFFFF
+        u32, served = self._u32, self._served_idx
+        u32[self._submit_idx] = head
+        self._w.kick_if_sleeping()
+        if u32[served] != head:
+            self._w.wait(lambda: u32[served] == head, timeout, what)
+
     def submit_raw(self, entries: Sequence[bytes], timeout: float = DEFAULT_TIMEOUT) -> list[tuple[int, int]]:
         """Publish whole ring entries exactly as given, garbage included (for testing the
         proxy's validation), one batch each; return (status, value) for each."""
         if self.closed:
             raise ValueError(f"{self!r} is closed")
         out = []
-        u32, served = self._u32, self._served_idx
         for raw in entries:
             if len(raw) != self._entry_size:
                 raise ValueError(f"a ring entry is {self._entry_size} bytes, not {len(raw)}")
             slot = self._entries + (self._head & (self._nentries - 1)) * self._entry_size
             self._mem[slot:slot + self._entry_size] = raw
-            head = self._head = (self._head + 1) & 0xFFFFFFFF
-            u32[self._submit_idx] = head
-            self._w.kick_if_sleeping()
-            if u32[served] != head:
-                self._w.wait(lambda: u32[served] == head, timeout, "a raw ring entry")
+            self._publish(1, timeout, "a raw ring entry")
             out.append((self._u16[(slot + self._status_off) >> 1], self._u64[(slot + self._value_off) >> 3]))
         return out
 
@@ -122,23 +126,20 @@ class ProxyChannel(Channel):
         self._mem[base:base + first * size] = batch.blob[:first * size]
         if first < n:
             self._mem[self._entries:self._entries + (n - first) * size] = batch.blob[first * size:]
-        head = self._head = (self._head + n) & 0xFFFFFFFF
-        u32, served = self._u32, self._served_idx
-        u32[self._submit_idx] = head
-        self._w.kick_if_sleeping()
-        if u32[served] != head:
-            self._w.wait(lambda: u32[served] == head, DEFAULT_TIMEOUT, f"a batch of {n} on {self!r}")
-        # Strided views pick one field out of every entry without a Python loop.
-        s16, s64 = size // 2, size // 8
-        def column(view: memoryview, offset: int, stride: int) -> list[int]:
-            lo = (base + offset) // (size // stride)
+        self._publish(n, DEFAULT_TIMEOUT, f"a batch of {n} on {self!r}")
+
+        def column(view: memoryview, offset: int) -> list[int]:
+            """One field out of every entry, through a strided view: no Python loop."""
+            item = view.itemsize
+            stride = size // item
+            lo = (base + offset) // item
             col = view[lo:lo + first * stride:stride].tolist()
             if first < n:
-                lo = (self._entries + offset) // (size // stride)
+                lo = (self._entries + offset) // item
                 col += view[lo:lo + (n - first) * stride:stride].tolist()
             return col
-        statuses = column(self._u16, self._status_off, s16)
-        values = column(self._u64, self._value_off, s64)
+        statuses = column(self._u16, self._status_off)
+        values = column(self._u64, self._value_off)
         if statuses.count(self._ok) != n:
             i = next(i for i, st in enumerate(statuses) if st != self._ok)
             self._raise(batch.accesses[i], statuses[i], values[i])
@@ -153,13 +154,7 @@ class ProxyChannel(Channel):
             slot = self._entries + ((head + i) & mask) * size
             pack(mem, slot, *r)
             slots.append(slot)
-        head = (head + len(requests)) & 0xFFFFFFFF
-        self._head = head
-        self._u32[self._submit_idx] = head
-        self._w.kick_if_sleeping()
-        u32, served = self._u32, self._served_idx
-        if u32[served] != head:
-            self._w.wait(lambda: u32[served] == head, timeout, what or f"{len(requests)} requests on {self!r}")
+        self._publish(len(requests), timeout, what or f"{len(requests)} requests on {self!r}")
         u16, u64 = self._u16, self._u64
         return [(u16[(s + self._status_off) >> 1], u64[(s + self._value_off) >> 3]) for s in slots]
 

@@ -54,13 +54,7 @@ class SharedWindow:
 
     def field(self, path: str) -> Any:
         """Decode one member of the control page, e.g. ``field("tsc_hz")``."""
-        s = self.abi.struct("proxy_shared")
-        t: Any = s
-        offset = 0
-        for part in path.split("."):
-            m = t.member(part)
-            offset += m.offset
-            t = m.type
+        offset, t = self.abi.locate("proxy_shared", path)
         return self.abi.decode(t, self.mem, offset)
 
     @property
