@@ -43,6 +43,7 @@ enum proxy_limits {
     PROXY_REPEAT_MAX = 1000000,     /* longest native timing loop */
     PROXY_DMA_OFFSET = 0x100000,    /* DMA pool starts 1 MiB into the window */
     PROXY_HOST_PEER = 0,            /* ivshmem peer id of the host harness */
+    PROXY_NO_GSI = 0xff,
     PROXY_CRASH_MAGIC = 0x0dead,    /* OP_CRASH needs this value: no accidents */
 };
 
@@ -69,6 +70,17 @@ enum proxy_op {
     PROXY_OP_OPEN_ISA = 33,         /* addr = first port, value = count; value := channel */
     PROXY_OP_CLOSE = 34,            /* addr = channel */
     PROXY_OP_CRASH = 35,            /* value = PROXY_CRASH_MAGIC, addr = enum proxy_crash_kind */
+    /* interrupts, on the channel's own device */
+    PROXY_OP_IRQ_ENABLE = 40,       /* addr = enum proxy_irq_mode; value = ISA IRQ for PROXY_IRQ_ISA */
+    PROXY_OP_IRQ_ACK = 41,          /* unmask a level line once every channel on it has acked */
+    PROXY_OP_IRQ_DISABLE = 42,
+};
+
+enum proxy_irq_mode {
+    PROXY_IRQ_NONE = 0,
+    PROXY_IRQ_INTX = 1,             /* the PCI device's INTx line, level-triggered, shareable */
+    PROXY_IRQ_MSI = 2,              /* the PCI device's MSI, programmed by the proxy */
+    PROXY_IRQ_ISA = 3,              /* an ISA IRQ (edge), for an ISA channel */
 };
 
 enum proxy_status {
@@ -102,7 +114,8 @@ struct proxy_request {
     u64 mask;                       /* polls */
     u64 expect;                     /* polls */
     u64 tsc;                        /* guest TSC at completion */
-    u64 reserved[2];
+    u64 start_tsc;                  /* guest TSC just before the access was made */
+    u64 reserved;
 };
 
 struct __attribute__((aligned(64))) proxy_ring {
@@ -131,7 +144,8 @@ struct proxy_pci_device {
     u8 bus, dev, fn, header_type;
     u16 vendor, device;
     u8 class_code, subclass, prog_if, revision;
-    u8 irq_line, irq_pin, ncaps, pad;
+    u8 irq_line, irq_pin, ncaps;
+    u8 gsi;                         /* IOAPIC input of INTx on this machine, 0xff if unknown */
     struct proxy_bar bars[PROXY_MAX_BARS];
     struct proxy_cap caps[PROXY_MAX_CAPS];
 };
@@ -148,6 +162,16 @@ struct proxy_crash {
     char message[96];               /* panic() text, NUL-terminated */
 };
 
+/* Per channel, written by the guest's interrupt handler; the host watches `count`. */
+struct proxy_irq {
+    u32 count;                      /* interrupts delivered to this channel so far */
+    u32 mode;                       /* enum proxy_irq_mode */
+    u32 line;                       /* GSI, or the MSI vector */
+    u32 masked;                     /* 1 while a level line waits for this channel's ack */
+    u64 tsc;                        /* guest TSC at handler entry, latest interrupt */
+    u64 reserved;
+};
+
 struct proxy_shared {
     u32 magic;                      /* PROXY_ABI_MAGIC once the guest is up */
     u32 abi_version;
@@ -161,6 +185,8 @@ struct proxy_shared {
     u64 dma_offset;                 /* where the DMA pool starts in the window */
     u64 kicks;                      /* wake-ups by the host's kick (diagnostics) */
     u64 served_total;               /* requests executed (diagnostics) */
+    u64 spurious_irqs;              /* interrupts nobody owned, and LAPIC/8259 spurious ones */
+    struct proxy_irq irqs[PROXY_MAX_CHANNELS];
     struct proxy_crash crash;
     struct proxy_pci_device devices[PROXY_MAX_DEVICES];
     struct proxy_ring rings[PROXY_MAX_CHANNELS];

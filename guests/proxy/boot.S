@@ -114,20 +114,24 @@ EXC_ERR   29
 EXC_ERR   30
 EXC_NOERR 31
 
-/* Device interrupts (vector >= 32) share one stub that passes the vector along. */
-.macro IRQ n
-.globl vector\n
-vector\n:
+/*
+ * Device interrupts: one stub per vector from 32 to 255, IRQ_STUB_SIZE bytes
+ * apart, each pushing a zero error code and its vector.
+ */
+.align IRQ_STUB_SIZE
+.globl irq_stubs
+irq_stubs:
+.set vec, 32
+.rept 224
+    .align IRQ_STUB_SIZE
     push $0
-    push $\n
+    push $vec
     jmp irq_entry
-.endm
-IRQ VEC_PIC_BASE_0
-IRQ VEC_PIC_BASE_7
-IRQ VEC_PIC_BASE_15
-IRQ VEC_KICK
-IRQ VEC_SPURIOUS
-IRQ VEC_UNEXPECTED
+.set vec, vec + 1
+.endr
+.align IRQ_STUB_SIZE
+.globl irq_stubs_end
+irq_stubs_end:                      /* link.ld checks that no stub outgrew its slot */
 
 /* Save every general register in struct trapframe order (kernel.h). */
 .macro SAVE_REGS

@@ -167,7 +167,7 @@ void kmain(void)
     struct proxy_shared *window = (struct proxy_shared *)(unsigned long)bar2->base;
     memcpy(window->devices, devices, sizeof(devices));
     window->ndevices = (u32)n;
-    lapic_init();
+    irq_init();
     pci_enable_msix(ivshmem, 0, VEC_KICK);
     proxy_init(window, devices, n, ivshmem);
     kprintf("proxy: ready, window %lx size %lx\n", bar2->base, bar2->size);

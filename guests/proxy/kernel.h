@@ -22,9 +22,16 @@ struct trapframe {
     u64 rip, cs, rflags, rsp, ss;                   /* pushed by the CPU */
 };
 void trap_init(void);
-void lapic_init(void);
 void crash(const struct trapframe *tf, const char *msg) __attribute__((noreturn));
 void crash_on_purpose(u32 kind);
+
+/* irq.c */
+void irq_init(void);
+u16 irq_enable_intx(int c, const struct proxy_pci_device *d);
+u16 irq_enable_msi(int c, const struct proxy_pci_device *d);
+u16 irq_enable_isa(int c, u64 isa_irq);
+u16 irq_ack(int c);
+void irq_disable(int c, const struct proxy_pci_device *d);
 extern volatile u32 kicks;
 
 /* pci.c */

@@ -82,6 +82,19 @@ static void read_caps(struct proxy_pci_device *d)
     }
 }
 
+/*
+ * Where INTx lands on the IOAPIC. QEMU's ICH9 (hw/isa/lpc_ich9.c,
+ * ich9_cc_init) wires INT[A-D] of bus-0 slots 0..24 to PIRQ[E-H] as
+ * (slot + pin) % 4 + 4, and PIRQ n drives IOAPIC input 16 + n. Slots 25..31
+ * follow chipset registers and bridges swizzle: those are not known here.
+ */
+static u8 q35_gsi(u8 bus, u8 dev, u8 pin)
+{
+    if (bus != 0 || dev >= 25 || pin < 1 || pin > 4)
+        return PROXY_NO_GSI;
+    return (u8)(16 + (dev + pin - 1) % 4 + 4);
+}
+
 static int scan_bus(u8 bus, struct proxy_pci_device *table, int n, int max)
 {
     for (u8 dev = 0; dev < 32; dev++) {
@@ -107,6 +120,7 @@ static int scan_bus(u8 bus, struct proxy_pci_device *table, int n, int max)
             d->header_type = pci_cfg_read(bus, dev, fn, 0x0e, 1);
             d->irq_line = pci_cfg_read(bus, dev, fn, 0x3c, 1);
             d->irq_pin = pci_cfg_read(bus, dev, fn, 0x3d, 1);
+            d->gsi = q35_gsi(bus, dev, d->irq_pin);
             int nbars = (d->header_type & 0x7f) == 0 ? 6 : (d->header_type & 0x7f) == 1 ? 2 : 0;
             u16 cmd = pci_cfg_read(bus, dev, fn, PCI_COMMAND, 2);
             pci_cfg_write(bus, dev, fn, PCI_COMMAND, 2, cmd & ~(PCI_COMMAND_IO | PCI_COMMAND_MEMORY));

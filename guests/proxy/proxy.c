@@ -265,6 +265,7 @@ static u16 admin(int c, const struct proxy_request *rq, u64 *value)
     case PROXY_OP_CLOSE:
         if (rq->addr == 0 || rq->addr >= PROXY_MAX_CHANNELS || !channels[rq->addr].open)
             return PROXY_STATUS_BAD_REQUEST;
+        irq_disable((int)rq->addr, channels[rq->addr].device);
         channels[rq->addr].open = 0;
         return PROXY_STATUS_OK;
     case PROXY_OP_CRASH:
@@ -276,6 +277,30 @@ static u16 admin(int c, const struct proxy_request *rq, u64 *value)
     return PROXY_STATUS_BAD_REQUEST;
 }
 
+static u16 interrupt_op(int c, const struct proxy_request *rq)
+{
+    const struct channel *ch = &channels[c];
+    if (c == 0)
+        return PROXY_STATUS_DENIED;
+    switch (rq->op) {
+    case PROXY_OP_IRQ_ENABLE:
+        if (rq->addr == PROXY_IRQ_INTX)
+            return ch->device ? irq_enable_intx(c, ch->device) : PROXY_STATUS_DENIED;
+        if (rq->addr == PROXY_IRQ_MSI)
+            return ch->device ? irq_enable_msi(c, ch->device) : PROXY_STATUS_DENIED;
+        if (rq->addr == PROXY_IRQ_ISA)
+            return ch->device ? PROXY_STATUS_DENIED : irq_enable_isa(c, rq->value);
+        return PROXY_STATUS_BAD_REQUEST;
+    case PROXY_OP_IRQ_ACK:
+        return irq_ack(c);
+    default:
+        if (shared->irqs[c].mode == PROXY_IRQ_NONE)
+            return PROXY_STATUS_BAD_REQUEST;
+        irq_disable(c, ch->device);
+        return PROXY_STATUS_OK;
+    }
+}
+
 static u16 execute(int c, const struct proxy_request *rq, u64 *value)
 {
     const struct channel *ch = &channels[c];
@@ -285,6 +310,8 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
         return PROXY_STATUS_OK;
     if (op >= PROXY_OP_OPEN_PCI && op <= PROXY_OP_CRASH)
         return admin(c, rq, value);
+    if (op >= PROXY_OP_IRQ_ENABLE && op <= PROXY_OP_IRQ_DISABLE)
+        return interrupt_op(c, rq);
     if (op > PROXY_OP_MMIO_REPEAT)
         return PROXY_STATUS_BAD_REQUEST;
     u16 st = check_access(ch, op, addr, width);
@@ -336,6 +363,7 @@ static int serve(int c)
             memcpy(&rq, slot, sizeof(rq));
             barrier();
             u64 value = 0;
+            slot->start_tsc = rdtsc();
             u16 status = failed ? PROXY_STATUS_SKIPPED : execute(c, &rq, &value);
             if (status != PROXY_STATUS_OK)
                 failed = 1;
@@ -386,6 +414,7 @@ void proxy_loop(void)
 {
     const u64 spin = tsc_hz / 5000;         /* 200 us of idle spinning before sleeping */
     u64 idle_since = rdtsc();
+    sti();                                  /* the loop runs with interrupts on: they are forwarded */
     for (u32 round = 1;; round++) {
         int busy = 0;
         for (int c = 0; c < PROXY_MAX_CHANNELS; c++)
@@ -401,10 +430,14 @@ void proxy_loop(void)
          */
         if (round % 64 || rdtsc() - idle_since < spin)
             continue;
+        /* Interrupts off between the last look and hlt: sti's shadow then covers hlt. */
+        cli();
         WRITE_ONCE(shared->guest_sleeping, 1);
         mfence();
         if (!pending())
             sti_hlt();
+        else
+            sti();
         WRITE_ONCE(shared->guest_sleeping, 0);
         shared->kicks = kicks;
         idle_since = rdtsc();

@@ -2,11 +2,6 @@
 #include "kernel.h"
 #include "vectors.h"
 
-#define LAPIC_BASE 0xfee00000u
-#define LAPIC_TPR 0x80
-#define LAPIC_EOI 0xb0
-#define LAPIC_SVR 0xf0
-
 struct idt_gate {
     u16 offset_lo, selector;
     u8 ist, type_attr;
@@ -15,8 +10,6 @@ struct idt_gate {
 } __attribute__((packed));
 
 static struct idt_gate idt[256];
-volatile u32 kicks;
-static volatile u32 spurious, unexpected;
 
 extern void vector0(void), vector1(void), vector2(void), vector3(void), vector4(void),
     vector5(void), vector6(void), vector7(void), vector8(void), vector9(void),
@@ -24,8 +17,8 @@ extern void vector0(void), vector1(void), vector2(void), vector3(void), vector4(
     vector15(void), vector16(void), vector17(void), vector18(void), vector19(void),
     vector20(void), vector21(void), vector22(void), vector23(void), vector24(void),
     vector25(void), vector26(void), vector27(void), vector28(void), vector29(void),
-    vector30(void), vector31(void), vector32(void), vector39(void), vector47(void),
-    vector64(void), vector254(void), vector255(void);
+    vector30(void), vector31(void);
+extern const u8 irq_stubs[];
 
 static void (*const exceptions[32])(void) = {
     vector0, vector1, vector2, vector3, vector4, vector5, vector6, vector7,
@@ -34,9 +27,8 @@ static void (*const exceptions[32])(void) = {
     vector24, vector25, vector26, vector27, vector28, vector29, vector30, vector31,
 };
 
-static void set_gate(int n, void (*fn)(void))
+static void set_gate(int n, u64 a)
 {
-    u64 a = (unsigned long)fn;
     idt[n] = (struct idt_gate){ a & 0xffff, 0x08, 0, 0x8e, (a >> 16) & 0xffff, a >> 32, 0 };
 }
 
@@ -44,7 +36,7 @@ static void set_gate(int n, void (*fn)(void))
 static void pic_disable(void)
 {
     outb(0x20, 0x11); outb(0xa0, 0x11);
-    outb(0x21, VEC_PIC_BASE_0); outb(0xa1, VEC_PIC_BASE_0 + 8);
+    outb(0x21, VEC_PIC_BASE); outb(0xa1, VEC_PIC_BASE + 8);
     outb(0x21, 0x04); outb(0xa1, 0x02);
     outb(0x21, 0x01); outb(0xa1, 0x01);
     outb(0x21, 0xff); outb(0xa1, 0xff);
@@ -52,46 +44,18 @@ static void pic_disable(void)
 
 void trap_init(void)
 {
-    for (int i = 0; i < 256; i++)
-        set_gate(i, vector254);
     for (int i = 0; i < 32; i++)
-        set_gate(i, exceptions[i]);
-    set_gate(VEC_PIC_BASE_0, vector32);
-    set_gate(VEC_PIC_BASE_7, vector39);
-    set_gate(VEC_PIC_BASE_15, vector47);
-    set_gate(VEC_KICK, vector64);
-    set_gate(VEC_SPURIOUS, vector255);
+        set_gate(i, (unsigned long)exceptions[i]);
+    for (int i = 32; i < 256; i++)
+        set_gate(i, (unsigned long)irq_stubs + (i - 32) * IRQ_STUB_SIZE);
     struct { u16 limit; u64 base; } __attribute__((packed)) desc = { sizeof(idt) - 1, (unsigned long)idt };
     asm volatile("lidt %0" : : "m"(desc));
     pic_disable();
 }
 
-void lapic_init(void)
+void trap(struct trapframe *tf)
 {
-    mmio_write32(LAPIC_BASE + LAPIC_TPR, 0);
-    mmio_write32(LAPIC_BASE + LAPIC_SVR, 0x100 | VEC_SPURIOUS);
-}
-
-/* One dispatch for every device interrupt: acknowledge it and count what was not expected. */
-void irq(struct trapframe *tf)
-{
-    switch (tf->vector) {
-    case VEC_KICK:
-        kicks++;
-        mmio_write32(LAPIC_BASE + LAPIC_EOI, 0);
-        break;
-    case VEC_SPURIOUS:                  /* LAPIC spurious: no EOI */
-    case VEC_PIC_BASE_7:                /* masked 8259 lines only ever deliver spurious IRQs */
-        spurious++;
-        break;
-    case VEC_PIC_BASE_15:
-        spurious++;
-        outb(0x20, 0x20);               /* the slave's spurious IRQ still needs the master's EOI */
-        break;
-    default:
-        unexpected++;
-        mmio_write32(LAPIC_BASE + LAPIC_EOI, 0);
-    }
+    crash(tf, NULL);
 }
 
 /* Record the machine state where the host can read it, tell the host, and stop for good. */
@@ -129,11 +93,6 @@ void crash(const struct trapframe *tf, const char *msg)
     }
     for (;;)
         asm volatile("cli; hlt");
-}
-
-void trap(struct trapframe *tf)
-{
-    crash(tf, NULL);
 }
 
 /* The host's OP_CRASH lands here, so that tests can see a real CPU exception end to end. */

@@ -1,10 +1,10 @@
-/* vectors.h - IDT vectors, shared by boot.S and C. Must match PROXY_VECTOR_KICK in abi.h. */
+/* vectors.h - IDT vectors, shared by boot.S and C. */
 #ifndef VECTORS_H
 #define VECTORS_H
-#define VEC_PIC_BASE_0 32       /* legacy 8259s remapped to 32..47, all masked */
-#define VEC_PIC_BASE_7 39       /* master's spurious IRQ7 */
-#define VEC_PIC_BASE_15 47      /* slave's spurious IRQ15 */
+#define VEC_PIC_BASE 32         /* legacy 8259s remapped to 32..47, all masked */
 #define VEC_KICK 64             /* ivshmem MSI-X vector 0: the host's kick */
-#define VEC_UNEXPECTED 254      /* every other vector lands here and is counted */
+#define VEC_GSI_BASE 80         /* IOAPIC input n raises vector 80 + n */
+#define VEC_MSI_BASE 128        /* channel c's MSI raises vector 128 + c */
 #define VEC_SPURIOUS 255        /* LAPIC spurious vector */
+#define IRQ_STUB_SIZE 16        /* boot.S: one stub per vector from 32 up, this far apart */
 #endif

@@ -31,9 +31,10 @@ static inline u64 rdtsc(void)
 static inline void pause(void) { asm volatile("pause"); }
 static inline void mfence(void) { asm volatile("mfence" : : : "memory"); }
 static inline void barrier(void) { asm volatile("" : : : "memory"); }
-static inline void cli(void) { asm volatile("cli"); }
+static inline void cli(void) { asm volatile("cli" : : : "memory"); }
 /* sti's one-instruction shadow means no interrupt slips in before hlt. */
-static inline void sti_hlt(void) { asm volatile("sti; hlt; cli" : : : "memory"); }
+static inline void sti_hlt(void) { asm volatile("sti; hlt" : : : "memory"); }
+static inline void sti(void) { asm volatile("sti" : : : "memory"); }
 static inline u64 rcr0(void) { u64 v; asm volatile("mov %%cr0, %0" : "=r"(v)); return v; }
 static inline u64 rcr2(void) { u64 v; asm volatile("mov %%cr2, %0" : "=r"(v)); return v; }
 static inline u64 rcr3(void) { u64 v; asm volatile("mov %%cr3, %0" : "=r"(v)); return v; }

@@ -1,0 +1,240 @@
+/*
+ * irq.c - interrupt controllers and the interrupt forwarding of the proxy.
+ *
+ * Every interrupt is recorded for the channels that own it (a count and the
+ * TSC at handler entry, in shared memory) and the host is told if it sleeps.
+ * A level-triggered line is masked at the IOAPIC until every channel on it
+ * has acknowledged (Linux VFIO's "automasked" INTx); MSI and edge lines need
+ * no mask. The request loop runs with interrupts on, so everything here that
+ * the loop also touches is changed with interrupts off.
+ */
+#include "kernel.h"
+#include "vectors.h"
+
+#define LAPIC_BASE 0xfee00000u
+#define LAPIC_TPR 0x80
+#define LAPIC_EOI 0xb0
+#define LAPIC_SVR 0xf0
+#define IOAPIC_BASE 0xfec00000u
+#define IOAPIC_PINS 24
+#define IOREDTBL_LEVEL (1u << 15)
+#define IOREDTBL_MASKED (1u << 16)
+#define PCI_CAP_ID_MSI 0x05
+#define PCI_COMMAND_INTX_DISABLE (1u << 10)
+
+struct line {
+    u32 owners;                 /* channels attached to this IOAPIC input */
+    u32 waiting;                /* channels that have not acked the current interrupt */
+    int level;
+};
+
+static struct line lines[IOAPIC_PINS];
+static int channel_mode[PROXY_MAX_CHANNELS];
+static u32 channel_line[PROXY_MAX_CHANNELS];
+volatile u32 kicks;
+
+static inline void irq_off(void) { asm volatile("cli" : : : "memory"); }
+static inline void irq_on(void) { asm volatile("sti" : : : "memory"); }
+
+static void ioapic_write(u32 reg, u32 v)
+{
+    mmio_write32(IOAPIC_BASE, reg);
+    mmio_write32(IOAPIC_BASE + 0x10, v);
+}
+
+/* Program input `pin`: its own vector, active high (QEMU's PCI links are), to APIC 0. */
+static void ioapic_route(u32 pin, int level, int masked)
+{
+    ioapic_write(0x11 + 2 * pin, 0);
+    ioapic_write(0x10 + 2 * pin, (VEC_GSI_BASE + pin) | (level ? IOREDTBL_LEVEL : 0)
+                 | (masked ? IOREDTBL_MASKED : 0));
+}
+
+void irq_init(void)
+{
+    mmio_write32(LAPIC_BASE + LAPIC_TPR, 0);
+    mmio_write32(LAPIC_BASE + LAPIC_SVR, 0x100 | VEC_SPURIOUS);
+    for (u32 pin = 0; pin < IOAPIC_PINS; pin++)
+        ioapic_route(pin, 0, 1);
+}
+
+static void eoi(void)
+{
+    mmio_write32(LAPIC_BASE + LAPIC_EOI, 0);
+}
+
+static void record(int c, u64 tsc)
+{
+    struct proxy_irq *r = &shared->irqs[c];
+    r->tsc = tsc;
+    barrier();
+    r->count++;
+}
+
+/* One dispatch for every device interrupt. */
+void irq(struct trapframe *tf)
+{
+    u64 tsc = rdtsc();                  /* first: this is "handler entry" */
+    u32 v = (u32)tf->vector;
+    int notify = 1;
+    if (v == VEC_KICK) {
+        kicks++;
+        notify = 0;
+        eoi();
+    } else if (v >= VEC_GSI_BASE && v < VEC_GSI_BASE + IOAPIC_PINS) {
+        struct line *l = &lines[v - VEC_GSI_BASE];
+        if (l->level)
+            ioapic_route(v - VEC_GSI_BASE, 1, 1);   /* automask until every owner acks */
+        if (!l->owners)
+            shared->spurious_irqs++;
+        l->waiting = l->level ? l->owners : 0;
+        for (int c = 0; c < PROXY_MAX_CHANNELS; c++) {
+            if (l->owners & (1u << c)) {
+                shared->irqs[c].masked = (u32)l->level;
+                record(c, tsc);
+            }
+        }
+        eoi();
+    } else if (v >= VEC_MSI_BASE && v < VEC_MSI_BASE + PROXY_MAX_CHANNELS
+               && channel_mode[v - VEC_MSI_BASE] == PROXY_IRQ_MSI) {
+        record((int)(v - VEC_MSI_BASE), tsc);
+        eoi();
+    } else if (v == VEC_SPURIOUS || v == VEC_PIC_BASE + 7) {
+        shared->spurious_irqs++;        /* LAPIC or 8259 spurious: no EOI */
+        notify = 0;
+    } else if (v == VEC_PIC_BASE + 15) {
+        shared->spurious_irqs++;
+        outb(0x20, 0x20);               /* the slave's spurious IRQ still needs the master's EOI */
+        notify = 0;
+    } else {
+        shared->spurious_irqs++;        /* nobody asked for this vector */
+        eoi();
+        notify = 0;
+    }
+    if (notify) {
+        mfence();
+        if (shared->host_sleeping)
+            proxy_notify_host();
+    }
+}
+
+static u16 attach_line(int c, u32 pin, int level, int mode)
+{
+    struct line *l = &lines[pin];
+    if (l->owners && l->level != level)
+        return PROXY_STATUS_DENIED;     /* an edge ISA line is not shared with a level PCI one */
+    irq_off();
+    int first = !l->owners;
+    l->owners |= 1u << c;
+    l->level = level;
+    channel_mode[c] = mode;
+    channel_line[c] = pin;
+    shared->irqs[c].mode = (u32)mode;
+    shared->irqs[c].line = pin;
+    shared->irqs[c].masked = 0;
+    if (first)
+        ioapic_route(pin, level, 0);
+    irq_on();
+    return PROXY_STATUS_OK;
+}
+
+u16 irq_enable_intx(int c, const struct proxy_pci_device *d)
+{
+    if (channel_mode[c] != PROXY_IRQ_NONE)
+        return PROXY_STATUS_BAD_REQUEST;
+    if (!d || d->gsi >= IOAPIC_PINS)
+        return PROXY_STATUS_FAULT;
+    return attach_line(c, d->gsi, 1, PROXY_IRQ_INTX);
+}
+
+/* ISA IRQs 0 and 2 are the timer's, 4 is the proxy's console. */
+u16 irq_enable_isa(int c, u64 isa_irq)
+{
+    if (channel_mode[c] != PROXY_IRQ_NONE || isa_irq > 15)
+        return PROXY_STATUS_BAD_REQUEST;
+    if (isa_irq == 0 || isa_irq == 2 || isa_irq == 4)
+        return PROXY_STATUS_DENIED;
+    return attach_line(c, (u32)isa_irq, 0, PROXY_IRQ_ISA);
+}
+
+static int find_cap(const struct proxy_pci_device *d, u8 id)
+{
+    for (int i = 0; i < d->ncaps; i++)
+        if (d->caps[i].id == id)
+            return d->caps[i].offset;
+    return 0;
+}
+
+/* The proxy writes the MSI address and data itself: a driver may not aim a DMA write anywhere. */
+u16 irq_enable_msi(int c, const struct proxy_pci_device *d)
+{
+    if (channel_mode[c] != PROXY_IRQ_NONE)
+        return PROXY_STATUS_BAD_REQUEST;
+    int cap = d ? find_cap(d, PCI_CAP_ID_MSI) : 0;
+    if (!cap)
+        return PROXY_STATUS_FAULT;
+    u16 ctrl = pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2);
+    int is64 = ctrl & 0x80;
+    irq_off();
+    channel_mode[c] = PROXY_IRQ_MSI;
+    channel_line[c] = VEC_MSI_BASE + c;
+    shared->irqs[c].mode = PROXY_IRQ_MSI;
+    shared->irqs[c].line = VEC_MSI_BASE + c;
+    shared->irqs[c].masked = 0;
+    pci_cfg_write(d->bus, d->dev, d->fn, cap + 4, 4, 0xfee00000u);      /* APIC 0, physical */
+    if (is64)
+        pci_cfg_write(d->bus, d->dev, d->fn, cap + 8, 4, 0);
+    pci_cfg_write(d->bus, d->dev, d->fn, cap + (is64 ? 12 : 8), 2, VEC_MSI_BASE + c);
+    pci_cfg_write(d->bus, d->dev, d->fn, cap + 2, 2, (ctrl & ~0x70) | 1);   /* one vector, on */
+    u16 cmd = pci_cfg_read(d->bus, d->dev, d->fn, 0x04, 2);
+    pci_cfg_write(d->bus, d->dev, d->fn, 0x04, 2, cmd | PCI_COMMAND_INTX_DISABLE | 0x4);
+    irq_on();
+    return PROXY_STATUS_OK;
+}
+
+static void unmask_if_acked(u32 pin)
+{
+    struct line *l = &lines[pin];
+    if (l->level && !l->waiting && l->owners)
+        ioapic_route(pin, 1, 0);        /* still asserted? then it fires again at once */
+}
+
+u16 irq_ack(int c)
+{
+    if (channel_mode[c] == PROXY_IRQ_NONE)
+        return PROXY_STATUS_BAD_REQUEST;
+    if (channel_mode[c] == PROXY_IRQ_MSI)
+        return PROXY_STATUS_OK;
+    irq_off();
+    u32 pin = channel_line[c];
+    lines[pin].waiting &= ~(1u << c);
+    shared->irqs[c].masked = 0;
+    unmask_if_acked(pin);
+    irq_on();
+    return PROXY_STATUS_OK;
+}
+
+/* Detach channel c from its interrupt; a closing channel never leaves a line masked for others. */
+void irq_disable(int c, const struct proxy_pci_device *d)
+{
+    irq_off();
+    int mode = channel_mode[c];
+    if (mode == PROXY_IRQ_INTX || mode == PROXY_IRQ_ISA) {
+        u32 pin = channel_line[c];
+        struct line *l = &lines[pin];
+        l->owners &= ~(1u << c);
+        l->waiting &= ~(1u << c);
+        if (!l->owners)
+            ioapic_route(pin, l->level, 1);
+        else
+            unmask_if_acked(pin);
+    } else if (mode == PROXY_IRQ_MSI && d) {
+        int cap = find_cap(d, PCI_CAP_ID_MSI);
+        u16 ctrl = pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2);
+        pci_cfg_write(d->bus, d->dev, d->fn, cap + 2, 2, ctrl & ~1);
+    }
+    channel_mode[c] = PROXY_IRQ_NONE;
+    shared->irqs[c].mode = PROXY_IRQ_NONE;
+    shared->irqs[c].masked = 0;
+    irq_on();
+}
