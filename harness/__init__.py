@@ -1,12 +1,13 @@
 """hwharness: drive real emulated x86 hardware from Python through a guest-side proxy."""
 
-from .access import Access, Bar, Batch, Bus, Channel, Device, Kind, PciFunction, Region, Space
+from .access import (Access, Bar, Batch, Bus, Channel, Device, Irq, IrqEvent, IrqMode, Kind, PciFunction, Region,
+                     Space)
 from .errors import (AbiError, AccessDenied, BadRequest, DeviceTimeout, GuestCrash, HarnessError,
-                     MachineError, ProxyError, ProxyFault, ProxyUnresponsive, QemuNotFound)
+                     InterruptTimeout, MachineError, ProxyError, ProxyFault, ProxyUnresponsive, QemuNotFound)
 from .machine import Machine, MachineSpec
 
 __all__ = [
     "AbiError", "Access", "AccessDenied", "BadRequest", "Bar", "Batch", "Bus", "Channel", "Device",
-    "DeviceTimeout", "GuestCrash", "HarnessError", "Kind", "Machine", "MachineError", "MachineSpec",
+    "DeviceTimeout", "GuestCrash", "HarnessError", "InterruptTimeout", "Irq", "IrqEvent", "IrqMode", "Kind", "Machine", "MachineError", "MachineSpec",
     "PciFunction", "ProxyError", "ProxyFault", "ProxyUnresponsive", "QemuNotFound", "Region", "Space",
 ]

@@ -14,7 +14,8 @@ The pieces:
   with ``read32(offset)``-style methods, checked against its size on the host;
 - :class:`PciFunction` / :class:`Bar`: what the bus found;
 - :class:`Device`: an opened PCI function, its BARs and config space;
-- :class:`Bus`: finds functions and opens channels.
+- :class:`Bus`: finds functions and opens channels;
+- :class:`Irq`: a channel's interrupt: ``wait``, ``ack``, handlers, counters.
 """
 
 from __future__ import annotations
@@ -64,6 +65,68 @@ class Access:
         return s
 
 
+class IrqMode(enum.Enum):
+    """Which interrupt of a channel's device to take."""
+
+    INTX = "intx"      # the PCI INTx line: level, masked until every channel on it acks
+    MSI = "msi"        # the PCI device's MSI: edge, never masked
+    ISA = "isa"        # an ISA IRQ, for a port-range channel: edge
+
+
+@dataclass(frozen=True)
+class IrqEvent:
+    """What ``Irq.wait`` returns.
+
+    ``count`` is the running count of interrupts delivered to the channel (as
+    UIO's read returns); ``new`` how many arrived since the previous wait
+    returned, so ``new > 1`` means some arrived while the driver was still
+    busy with the last one. ``guest_tsc`` is the guest's TSC at handler entry
+    of the latest; ``host_ns`` is ``time.perf_counter_ns()`` when the wait saw it.
+    """
+
+    count: int
+    new: int
+    guest_tsc: int
+    host_ns: int
+
+
+class Irq(abc.ABC):
+    """A channel's interrupt, enabled by ``Channel.interrupt``."""
+
+    def __init__(self) -> None:
+        self.handlers: list[Callable[[IrqEvent], None]] = []
+        self.delivered = 0      # interrupts seen by wait()
+        self.missed = 0         # of those, ones that arrived before the previous was handled
+
+    @abc.abstractmethod
+    def wait(self, timeout: float) -> IrqEvent:
+        """Block until an interrupt newer than the last one returned; InterruptTimeout after ``timeout`` s."""
+
+    @abc.abstractmethod
+    def ack(self) -> None:
+        """Done with the interrupt: a level line is unmasked (once every channel on it has acked)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Detach from the interrupt. Idempotent."""
+
+    def _count(self, event: IrqEvent) -> IrqEvent:
+        self.delivered += event.new
+        self.missed += event.new - 1
+        return event
+
+    def on(self, handler: Callable[[IrqEvent], None]) -> None:
+        """Call ``handler(event)`` for every interrupt that :meth:`dispatch` waits for."""
+        self.handlers.append(handler)
+
+    def dispatch(self, timeout: float) -> IrqEvent:
+        """Wait for one interrupt and run every handler on it, in this thread, in order."""
+        event = self.wait(timeout)
+        for handler in self.handlers:
+            handler(event)
+        return event
+
+
 class Channel(abc.ABC):
     """A transport's connection for one device. Accesses run in order."""
 
@@ -94,6 +157,10 @@ class Channel(abc.ABC):
         def access(width: int, addr: int, value: int) -> int:
             return self.execute([Access(kind, space, addr, width, value)])[0]
         return access
+
+    def interrupt(self, mode: IrqMode, isa_irq: int | None = None) -> Irq:
+        """Enable and take the device's interrupt (or ISA IRQ ``isa_irq``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not deliver interrupts")
 
     def close(self) -> None:
         """Give the grants back. Idempotent."""
@@ -284,6 +351,10 @@ class Device:
 
     def batch(self) -> Batch:
         return Batch(self.channel)
+
+    def irq(self, mode: IrqMode = IrqMode.INTX) -> Irq:
+        """The device's interrupt: INTx (level, shareable) or MSI."""
+        return self.channel.interrupt(mode)
 
     def close(self) -> None:
         self.channel.close()

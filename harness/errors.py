@@ -8,6 +8,7 @@ Every error the harness raises derives from :class:`HarnessError`::
     │                       carries the command line and the tail of its output
     ├── AbiError            the guest ELF is missing or speaks another ABI version
     ├── ProxyUnresponsive   the proxy did not complete a request in time
+    ├── InterruptTimeout    no interrupt arrived within the wait's timeout
     ├── GuestCrash          the guest took a CPU exception or panicked;
     │                       carries the crash record and a rendered report
     └── ProxyError          the proxy completed a request with a non-OK status;
@@ -56,6 +57,10 @@ class AbiError(HarnessError):
 
 class ProxyUnresponsive(HarnessError):
     """The proxy did not complete a request before the deadline."""
+
+
+class InterruptTimeout(HarnessError):
+    """``Irq.wait`` saw no new interrupt before its timeout."""
 
 
 class GuestCrash(HarnessError):

@@ -3,7 +3,8 @@
 Fixtures:
 - ``hwharness_accel``: the accelerator chosen by ``--hwharness-accel`` (auto, kvm, tcg).
 - ``proxy_machine_factory``: boots proxy machines from a spec-editing callback;
-  every machine it made is shut down at the end of the test.
+  every machine it made is shut down at the end of the test
+  (``proxy_machine_factory_module``: at the end of the module).
 - ``proxy_machine``: one booted proxy machine per test module, with an e1000
   (random MAC, in ``proxy_machine.mac``) and an isa-debugcon on port 0xe9.
 
@@ -61,24 +62,36 @@ def _machine_args(config: pytest.Config, tmp_root: Path) -> dict[str, object]:
 MachineFactory = Callable[..., ProxyMachine]
 
 
-@pytest.fixture
-def proxy_machine_factory(pytestconfig: pytest.Config, hwharness_accel: str,
-                          tmp_path_factory: pytest.TempPathFactory) -> Iterator[MachineFactory]:
-    """``factory(configure=None, name="m")``: boot a proxy machine; ``configure(spec)`` adds devices."""
+def _factory(config: pytest.Config, accel: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MachineFactory]:
     made: list[ProxyMachine] = []
 
     def factory(configure: Callable[[MachineSpec], None] | None = None, name: str = "machine") -> ProxyMachine:
-        spec = proxy_spec(accel=hwharness_accel)
-        spec.qemu = str(pytestconfig.getoption("--hwharness-qemu"))
+        spec = proxy_spec(accel=accel)
+        spec.qemu = str(config.getoption("--hwharness-qemu"))
         if configure:
             configure(spec)
-        pm = ProxyMachine(spec, name=name, **_machine_args(pytestconfig, tmp_path_factory.getbasetemp()))
+        pm = ProxyMachine(spec, name=name, **_machine_args(config, tmp_path_factory.getbasetemp()))
         made.append(pm)
         return pm.__enter__()
 
     yield factory
     for pm in made:
         pm.close()
+
+
+@pytest.fixture
+def proxy_machine_factory(pytestconfig: pytest.Config, hwharness_accel: str,
+                          tmp_path_factory: pytest.TempPathFactory) -> Iterator[MachineFactory]:
+    """``factory(configure=None, name="m")``: boot a proxy machine; ``configure(spec)`` adds devices.
+    Every machine it made is shut down after the test."""
+    yield from _factory(pytestconfig, hwharness_accel, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def proxy_machine_factory_module(pytestconfig: pytest.Config, hwharness_accel: str,
+                                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[MachineFactory]:
+    """The same factory, its machines shared by a module's tests."""
+    yield from _factory(pytestconfig, hwharness_accel, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

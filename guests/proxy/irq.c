@@ -85,13 +85,21 @@ void irq(struct trapframe *tf)
         struct line *l = &lines[v - VEC_GSI_BASE];
         if (l->level)
             ioapic_route(v - VEC_GSI_BASE, 1, 1);   /* automask until every owner acks */
-        if (!l->owners)
+        if (!l->owners || (l->level && l->waiting)) {
+            /*
+             * Nobody's, or a level line that is masked and not yet acked: a
+             * delivery that was already pending when the mask landed (seen
+             * under KVM). Its owners have not handled the last one yet.
+             */
             shared->spurious_irqs++;
-        l->waiting = l->level ? l->owners : 0;
-        for (int c = 0; c < PROXY_MAX_CHANNELS; c++) {
-            if (l->owners & (1u << c)) {
-                shared->irqs[c].masked = (u32)l->level;
-                record(c, tsc);
+            notify = 0;
+        } else {
+            l->waiting = l->level ? l->owners : 0;
+            for (int c = 0; c < PROXY_MAX_CHANNELS; c++) {
+                if (l->owners & (1u << c)) {
+                    shared->irqs[c].masked = (u32)l->level;
+                    record(c, tsc);
+                }
             }
         }
         eoi();
@@ -138,12 +146,21 @@ static u16 attach_line(int c, u32 pin, int level, int mode)
     return PROXY_STATUS_OK;
 }
 
+/* The command register's INTx Disable bit: set while MSI is in use, clear for INTx. */
+static void set_intx_disable(const struct proxy_pci_device *d, int disable)
+{
+    u16 cmd = pci_cfg_read(d->bus, d->dev, d->fn, 0x04, 2);
+    cmd = disable ? cmd | PCI_COMMAND_INTX_DISABLE : cmd & ~PCI_COMMAND_INTX_DISABLE;
+    pci_cfg_write(d->bus, d->dev, d->fn, 0x04, 2, cmd);
+}
+
 u16 irq_enable_intx(int c, const struct proxy_pci_device *d)
 {
     if (channel_mode[c] != PROXY_IRQ_NONE)
         return PROXY_STATUS_BAD_REQUEST;
     if (!d || d->gsi >= IOAPIC_PINS)
         return PROXY_STATUS_FAULT;
+    set_intx_disable(d, 0);
     return attach_line(c, d->gsi, 1, PROXY_IRQ_INTX);
 }
 
@@ -186,8 +203,9 @@ u16 irq_enable_msi(int c, const struct proxy_pci_device *d)
         pci_cfg_write(d->bus, d->dev, d->fn, cap + 8, 4, 0);
     pci_cfg_write(d->bus, d->dev, d->fn, cap + (is64 ? 12 : 8), 2, VEC_MSI_BASE + c);
     pci_cfg_write(d->bus, d->dev, d->fn, cap + 2, 2, (ctrl & ~0x70) | 1);   /* one vector, on */
+    set_intx_disable(d, 1);
     u16 cmd = pci_cfg_read(d->bus, d->dev, d->fn, 0x04, 2);
-    pci_cfg_write(d->bus, d->dev, d->fn, 0x04, 2, cmd | PCI_COMMAND_INTX_DISABLE | 0x4);
+    pci_cfg_write(d->bus, d->dev, d->fn, 0x04, 2, cmd | 0x4);              /* an MSI is a DMA write */
     irq_on();
     return PROXY_STATUS_OK;
 }
@@ -232,6 +250,7 @@ void irq_disable(int c, const struct proxy_pci_device *d)
         int cap = find_cap(d, PCI_CAP_ID_MSI);
         u16 ctrl = pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2);
         pci_cfg_write(d->bus, d->dev, d->fn, cap + 2, 2, ctrl & ~1);
+        set_intx_disable(d, 0);
     }
     channel_mode[c] = PROXY_IRQ_NONE;
     shared->irqs[c].mode = PROXY_IRQ_NONE;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,6 +13,7 @@ from ..machine import Machine, MachineSpec
 from ..machine.booted import BootedMachine
 from .abi import Abi, load_abi
 from .channel import ProxyChannel
+from .clock import GuestClock
 from .window import SharedWindow
 
 log = logging.getLogger(__name__)
@@ -70,10 +72,17 @@ class ProxyBus(Bus):
         return self._functions
 
     def _admin(self, op: int, addr: int, value: int, what: str) -> int:
-        (status, result), = self.admin.submit([(op, 0, 0, 0, addr, value, 0, 0)], what=what)
-        if status != self.abi.PROXY_STATUS_OK:
-            self.admin._raise(what, status, result)
-        return result
+        return self.admin.control(op, addr, value, what)
+
+    @property
+    def spurious_irqs(self) -> int:
+        """Interrupts the guest took that no channel owned, plus LAPIC and 8259 spurious ones."""
+        return int(self.window.field("spurious_irqs"))
+
+    @functools.cached_property
+    def clock(self) -> GuestClock:
+        """Guest TSC → host perf_counter_ns, from the admin channel; call ``clock.calibrate()`` to refine."""
+        return GuestClock(self.admin, self.tsc_hz)
 
     def open_channel(self, function: PciFunction) -> ProxyChannel:
         index = self._admin(self.abi.PROXY_OP_OPEN_PCI, function.devfn, 0, f"open {function}")

@@ -6,11 +6,12 @@ import functools
 import logging
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from ..access import Access, Channel, Kind, Space
+from ..access import Access, Channel, IrqMode, Kind, Space
 from ..errors import AbiError, AccessDenied, BadRequest, DeviceTimeout, ProxyError, ProxyFault
 
 if TYPE_CHECKING:
     from .bus import ProxyBus
+    from .irq import ProxyIrq
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class ProxyChannel(Channel):
         self._pack_short = abi.packer("proxy_request", REQUEST_FIELDS[:6]).pack_into
         self._status_off = abi.offsetof("proxy_request", "status")
         self._value_off = abi.offsetof("proxy_request", "value")
+        self._start_tsc_off = abi.offsetof("proxy_request", "start_tsc")
         if self._entries % 8 or self._entry_size % 8 or self._status_off % 2 or self._value_off % 8:
             raise AbiError("ring entries are not naturally aligned; the host reads them as words")
         self._head = self._u32[self._submit_idx]
@@ -220,6 +222,28 @@ class ProxyChannel(Channel):
 
     def write(self, space: Space, addr: int, width: int, value: int) -> None:
         self._one(self._write_ops[space], width, addr, value)
+
+    def control(self, op: int, addr: int, value: int, what: str) -> int:
+        """One request that is not an access (open, close, interrupt control); raises on failure."""
+        (status, result), = self.submit([(op, 0, 0, 0, addr, value, 0, 0)], what=what)
+        if status != self._ok:
+            self._raise(what, status, result)
+        return result
+
+    def interrupt(self, mode: IrqMode, isa_irq: int | None = None) -> "ProxyIrq":
+        from .irq import ProxyIrq
+        return ProxyIrq(self, mode, isa_irq)
+
+    @property
+    def last_start_tsc(self) -> int:
+        """Guest TSC just before the most recent request on this channel was carried out."""
+        slot = self._entries + ((self._head - 1) & (self._nentries - 1)) * self._entry_size
+        return self._u64[(slot + self._start_tsc_off) >> 3]
+
+    def guest_time(self) -> int:
+        """The guest's TSC, read by serving a NOP."""
+        self._one(self.bus.abi.PROXY_OP_NOP, 0, 0)
+        return self.last_start_tsc
 
     def repeat_read(self, space: Space, addr: int, width: int, count: int) -> int:
         """Have the guest read ``addr`` ``count`` times; returns the guest TSC cycles it took."""

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from ..errors import GuestCrash, MachineError, ProxyUnresponsive
+from ..errors import GuestCrash, HarnessError, MachineError, ProxyUnresponsive
 from ..guestelf import load_elf, render_crash
 from ..machine import Machine
 from .abi import Abi
@@ -87,26 +87,31 @@ class SharedWindow:
         if self.u32[self.guest_sleeping_idx]:
             self.ivshmem.kick_guest()
 
-    def wait(self, done: Callable[[], bool], timeout: float, what: object) -> None:
-        """Block until ``done()``: spin first, then sleep on the doorbell.
+    def wait(self, done: Callable[[], bool], timeout: float, what: object,
+             spin: float = SPIN_SECONDS, on_timeout: type[HarnessError] = ProxyUnresponsive) -> None:
+        """Block until ``done()``: spin for up to ``spin`` seconds, then sleep on the doorbell.
 
         Raises GuestCrash if the guest crashes, MachineError if QEMU dies, and
-        ProxyUnresponsive after ``timeout`` seconds.
+        ``on_timeout`` after ``timeout`` seconds.
         """
         start = time.perf_counter()
-        spins = 0
-        while not done():
-            spins += 1
-            if spins & 255 == 0 and time.perf_counter() - start > SPIN_SECONDS:
-                break
-        else:
-            return
         deadline = start + timeout
+        spin_until = start + min(spin, timeout)
+        spins = 0
+        while spin > 0 and not done():
+            spins += 1
+            if spins & 255 == 0:
+                now = time.perf_counter()
+                if now > spin_until:
+                    break
+                if spins & 0xFFFF == 0:           # a long spin still notices a dead guest
+                    self.check_crash()
+                    self.machine.check_alive()
         while not done():
             self.check_crash()
             self.machine.check_alive()
             if time.perf_counter() > deadline:
-                raise ProxyUnresponsive(f"no completion within {timeout:g} s for {what}")
+                raise on_timeout(f"nothing within {timeout:g} s for {what}")
             self._sleep(done)
 
     def _sleep(self, done: Callable[[], bool]) -> None:

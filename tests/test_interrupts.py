@@ -1,0 +1,192 @@
+"""Interrupts through the proxy against real QEMU devices: INTx, MSI, ISA, sharing, masking."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import pytest
+
+from harness.access import IrqEvent, IrqMode
+from harness.errors import InterruptTimeout
+from harness.machine import MachineSpec
+from harness.proxy import ProxyMachine
+
+pytestmark = pytest.mark.qemu
+
+E1000 = dict(vendor=0x8086, device=0x100E)
+ICR, ICS, IMS = 0x00C0, 0x00C8, 0x00D0              # 8254x interrupt cause read/set, mask set
+ICR_RXT0 = 0x80
+EDU = dict(vendor=0x1234, device=0x11E8)
+EDU_IRQ_STATUS, EDU_IRQ_RAISE, EDU_IRQ_ACK = 0x24, 0x60, 0x64   # QEMU docs/specs/edu.rst
+QUIET = 0.3                                          # how long "nothing arrives" is watched
+
+
+def _devices(spec: MachineSpec) -> None:
+    # Slots chosen for their INTx routing on q35 (PIRQ = (slot + pin) % 4 + 4):
+    # e1000 at 2 -> GSI 22; edu at 4 -> GSI 20; edu at 3 and 7 share GSI 23.
+    spec.device("e1000", addr="2", mitigation=False)
+    for slot in (3, 4, 7):
+        spec.device("edu", addr=str(slot))
+
+
+@pytest.fixture(scope="module")
+def irq_machine(proxy_machine_factory_module) -> ProxyMachine:
+    return proxy_machine_factory_module(_devices, name="irq")
+
+
+@pytest.fixture
+def nic(irq_machine: ProxyMachine) -> Iterator:
+    with irq_machine.bus.open(irq_machine.bus.find(**E1000)) as dev:
+        dev.bar(0).write32(IMS, ICR_RXT0)
+        yield dev
+        dev.bar(0).read32(ICR)
+
+
+def _edu(pm: ProxyMachine, slot: int):
+    return pm.bus.open(next(f for f in pm.bus.find_all(**EDU) if f.dev == slot))
+
+
+def _quiet(irq) -> bool:
+    try:
+        irq.wait(QUIET)
+    except InterruptTimeout:
+        return True
+    return False
+
+
+def test_device_interrupt_reaches_a_python_handler_with_its_guest_timestamp(irq_machine, nic) -> None:
+    irq = nic.irq()
+    seen: list[IrqEvent] = []
+    irq.on(seen.append)
+    try:
+        assert irq.line == 22
+        nic.bar(0).write32(ICS, ICR_RXT0)
+        triggered = nic.channel.last_start_tsc
+        event = irq.dispatch(timeout=10)
+        after = nic.channel.guest_time()
+        assert seen == [event]
+        assert event.new == 1 and irq.delivered == 1
+        assert triggered < event.guest_tsc < after
+        assert nic.bar(0).read32(ICR) & ICR_RXT0
+    finally:
+        irq.ack()
+        irq.close()
+
+
+def test_level_line_waits_for_ack_and_fires_again_while_asserted(irq_machine, nic) -> None:
+    irq = nic.irq()
+    try:
+        nic.bar(0).write32(ICS, ICR_RXT0)
+        first = irq.wait(10)
+        assert irq.masked
+        assert _quiet(irq), "a masked level line was delivered again before ack()"
+        irq.ack()                                    # the NIC still asserts: it comes straight back
+        second = irq.wait(10)
+        assert second.count == first.count + 1 and second.new == 1
+        assert nic.bar(0).read32(ICR) == ICR_RXT0    # reading ICR deasserts the line
+        irq.ack()
+        assert _quiet(irq), "a deasserted line kept interrupting"
+        assert irq.delivered == 2 and irq.missed == 0
+    finally:
+        irq.close()
+
+
+def test_msi_delivery_and_a_slow_driver_shows_in_the_counters(irq_machine) -> None:
+    with _edu(irq_machine, 4) as edu:
+        irq = edu.irq(IrqMode.MSI)
+        assert irq.line >= 128, "an MSI vector, not an IOAPIC input"
+        for _ in range(3):                           # three MSIs before the driver looks
+            edu.bar(0).write32(EDU_IRQ_RAISE, 1)
+        deadline = time.monotonic() + 10
+        while irq.count < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        event = irq.wait(10)
+        assert event.new == 3
+        assert irq.delivered == 3 and irq.missed == 2
+        edu.bar(0).write32(EDU_IRQ_ACK, 1)
+        irq.ack()                                    # harmless for MSI
+        assert _quiet(irq)
+
+
+def test_shared_line_reaches_both_and_unmasks_only_after_both_ack(irq_machine) -> None:
+    with _edu(irq_machine, 3) as a, _edu(irq_machine, 7) as b:
+        irq_a, irq_b = a.irq(), b.irq()
+        assert irq_a.line == irq_b.line == 23
+        a.bar(0).write32(EDU_IRQ_RAISE, 1)
+        assert irq_a.wait(10).new == 1
+        assert irq_b.wait(10).new == 1               # b's driver sees it too, and must say "not mine"
+        assert b.bar(0).read32(EDU_IRQ_STATUS) == 0
+        a.bar(0).write32(EDU_IRQ_ACK, 1)
+        irq_a.ack()
+        a.bar(0).write32(EDU_IRQ_RAISE, 1)           # asserted again, but b has not acked
+        assert irq_a.masked is False and irq_b.masked
+        assert _quiet(irq_a) and _quiet(irq_b), "the line was unmasked before every channel acked"
+        irq_b.ack()                                  # now it is unmasked, and a still asserts
+        assert irq_a.wait(10).new == 1
+        assert irq_b.wait(10).new == 1
+        a.bar(0).write32(EDU_IRQ_ACK, 1)
+        irq_a.ack()
+        irq_b.ack()
+        assert _quiet(irq_a) and _quiet(irq_b)
+
+
+def test_timeout_is_clean_and_a_channel_that_never_acks_wedges_nobody(irq_machine, nic) -> None:
+    with _edu(irq_machine, 4) as stubborn:
+        never = stubborn.irq()
+        assert never.line == 20
+        with pytest.raises(InterruptTimeout):
+            never.wait(0.1)
+        stubborn.bar(0).write32(EDU_IRQ_RAISE, 1)
+        never.wait(10)                               # ... and never acked, never quieted
+        irq = nic.irq()
+        try:
+            for _ in range(3):
+                nic.bar(0).write32(ICS, ICR_RXT0)
+                irq.wait(10)
+                nic.bar(0).read32(ICR)
+                irq.ack()
+            assert irq.delivered == 3
+        finally:
+            irq.close()
+        stubborn.bar(0).write32(EDU_IRQ_ACK, 1)
+    # closing the stubborn channel detached it: the line is usable again
+    with _edu(irq_machine, 4) as again:
+        irq = again.irq()
+        again.bar(0).write32(EDU_IRQ_RAISE, 1)
+        irq.wait(10)
+        again.bar(0).write32(EDU_IRQ_ACK, 1)
+        irq.ack()
+        assert _quiet(irq)
+
+
+def test_isa_keyboard_irq1_from_a_qmp_key_press(irq_machine) -> None:
+    kbd = irq_machine.bus.ports(0x60, 5)             # i8042 data 0x60, status/command 0x64
+    try:
+        irq = kbd.channel.interrupt(IrqMode.ISA, isa_irq=1)
+        while kbd.read8(4) & 1:                      # drain anything the firmware left
+            kbd.read8(0)
+        kbd.write8(4, 0x20)                          # read the controller configuration byte
+        kbd.poll(4, 1, 1, 1, timeout=1.0)
+        config = kbd.read8(0)
+        kbd.write8(4, 0x60)                          # write it back with the keyboard IRQ enabled
+        kbd.poll(4, 1, 2, 0, timeout=1.0)
+        kbd.write8(0, config | 0x01)
+        irq_machine.machine.qmp("send-key", keys=[{"type": "qcode", "data": "a"}])
+        irq.wait(10)
+        assert kbd.read8(4) & 1
+        codes = [kbd.read8(0)]
+        assert codes[0] in (0x1E, 0x1C), f"make code of 'a' (set 1 or set 2), got {codes[0]:#x}"
+    finally:
+        kbd.channel.close()
+
+
+def test_guest_clock_maps_onto_the_host_clock(irq_machine) -> None:
+    clock = irq_machine.bus.clock
+    clock.calibrate(span=0.2)
+    margin = 5e6 + 2 * clock.uncertainty_ns           # generous: this checks the mapping, not speed
+    for _ in range(5):
+        before = time.perf_counter_ns()
+        tsc = irq_machine.bus.admin.guest_time()
+        after = time.perf_counter_ns()
+        assert before - margin <= clock.to_host_ns(tsc) <= after + margin
