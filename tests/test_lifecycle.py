@@ -49,7 +49,7 @@ def test_qemu_that_dies_is_a_machine_error(proxy_machine_factory) -> None:
     pm.machine.process.wait(10)
     with pytest.raises(MachineError, match="no longer running"):
         # the guest cannot answer; the wait notices QEMU is gone instead of hanging
-        pm.bus.window.wait(lambda: False, timeout=30, what="a request to a dead machine")
+        pm.bus.window.wait(lambda: False, timeout=30, what="a request to a dead machine", vector=0)
 
 
 def test_machine_boots_any_kernel_and_waits_on_its_console(tmp_path: Path, hwharness_accel: str) -> None:

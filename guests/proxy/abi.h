@@ -43,6 +43,8 @@ enum proxy_limits {
     PROXY_REPEAT_MAX = 1000000,     /* longest native timing loop */
     PROXY_DMA_OFFSET = 0x100000,    /* DMA pool starts 1 MiB into the window */
     PROXY_HOST_PEER = 0,            /* ivshmem peer id of the host harness */
+    PROXY_DOORBELL_VECTORS = 16,    /* host doorbells: 0..7 ring c served, 8..15 channel c interrupted */
+    PROXY_DOORBELL_IRQ_BASE = 8,
     PROXY_NO_GSI = 0xff,
     PROXY_CRASH_MAGIC = 0x0dead,    /* OP_CRASH needs this value: no accidents */
 };
@@ -177,7 +179,7 @@ struct proxy_shared {
     u32 abi_version;
     u32 state;                      /* enum proxy_state */
     u32 guest_sleeping;             /* guest: "kick me before you wait" */
-    u32 host_sleeping;              /* host: "ring the doorbell when done" */
+    u32 host_sleeping;              /* bit n: the host sleeps on doorbell vector n; ring it */
     u32 ndevices;
     u64 tsc_hz;                     /* guest TSC frequency, calibrated on the PIT */
     u64 window_size;                /* bytes of BAR2 */

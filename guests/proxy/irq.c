@@ -76,10 +76,9 @@ void irq(struct trapframe *tf)
 {
     u64 tsc = rdtsc();                  /* first: this is "handler entry" */
     u32 v = (u32)tf->vector;
-    int notify = 1;
+    u32 woken = 0;                      /* channels whose waiters to wake */
     if (v == VEC_KICK) {
         kicks++;
-        notify = 0;
         eoi();
     } else if (v >= VEC_GSI_BASE && v < VEC_GSI_BASE + IOAPIC_PINS) {
         struct line *l = &lines[v - VEC_GSI_BASE];
@@ -92,13 +91,13 @@ void irq(struct trapframe *tf)
              * under KVM). Its owners have not handled the last one yet.
              */
             shared->spurious_irqs++;
-            notify = 0;
         } else {
             l->waiting = l->level ? l->owners : 0;
             for (int c = 0; c < PROXY_MAX_CHANNELS; c++) {
                 if (l->owners & (1u << c)) {
                     shared->irqs[c].masked = (u32)l->level;
                     record(c, tsc);
+                    woken |= 1u << c;
                 }
             }
         }
@@ -106,24 +105,20 @@ void irq(struct trapframe *tf)
     } else if (v >= VEC_MSI_BASE && v < VEC_MSI_BASE + PROXY_MAX_CHANNELS
                && channel_mode[v - VEC_MSI_BASE] == PROXY_IRQ_MSI) {
         record((int)(v - VEC_MSI_BASE), tsc);
+        woken |= 1u << (v - VEC_MSI_BASE);
         eoi();
     } else if (v == VEC_SPURIOUS || v == VEC_PIC_BASE + 7) {
         shared->spurious_irqs++;        /* LAPIC or 8259 spurious: no EOI */
-        notify = 0;
     } else if (v == VEC_PIC_BASE + 15) {
         shared->spurious_irqs++;
         outb(0x20, 0x20);               /* the slave's spurious IRQ still needs the master's EOI */
-        notify = 0;
     } else {
         shared->spurious_irqs++;        /* nobody asked for this vector */
         eoi();
-        notify = 0;
     }
-    if (notify) {
-        mfence();
-        if (shared->host_sleeping)
-            proxy_notify_host();
-    }
+    for (int c = 0; c < PROXY_MAX_CHANNELS; c++)
+        if (woken & (1u << c))
+            proxy_wake_host(PROXY_DOORBELL_IRQ_BASE + c);
 }
 
 static u16 attach_line(int c, u32 pin, int level, int mode)

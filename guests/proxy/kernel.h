@@ -45,6 +45,6 @@ extern struct proxy_shared *shared;
 void proxy_init(struct proxy_shared *window, const struct proxy_pci_device *table, int n,
                 const struct proxy_pci_device *ivshmem);
 void proxy_loop(void) __attribute__((noreturn));
-void proxy_notify_host(void);
+void proxy_wake_host(u32 vector);
 
 #endif

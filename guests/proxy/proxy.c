@@ -62,10 +62,16 @@ static int any_overlap(const struct window *w, int n, u64 addr, u64 width)
     return 0;
 }
 
-void proxy_notify_host(void)
+/*
+ * Wake the host if it sleeps on doorbell `vector`. Each ring and each
+ * channel's interrupts have their own vector (eventfd on the host), so one
+ * waiter never swallows another's wake-up.
+ */
+void proxy_wake_host(u32 vector)
 {
-    if (doorbell)
-        mmio_write32(doorbell, PROXY_HOST_PEER << 16 | 0);
+    mfence();                           /* our results before we read its flag */
+    if (doorbell && (READ_ONCE(shared->host_sleeping) & (1u << vector)))
+        mmio_write32(doorbell, PROXY_HOST_PEER << 16 | vector);
 }
 
 /* ---- granting ---- */
@@ -375,9 +381,7 @@ static int serve(int c)
         }
     }
     WRITE_ONCE(r->served, ch->served);
-    mfence();
-    if (READ_ONCE(shared->host_sleeping))
-        proxy_notify_host();
+    proxy_wake_host((u32)c);
     return 1;
 }
 

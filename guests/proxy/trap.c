@@ -89,7 +89,8 @@ void crash(const struct trapframe *tf, const char *msg)
         mfence();
         shared->state = PROXY_STATE_CRASHED;
         mfence();
-        proxy_notify_host();
+        for (u32 v = 0; v < PROXY_DOORBELL_VECTORS; v++)
+            proxy_wake_host(v);            /* whoever waits, on whatever */
     }
     for (;;)
         asm volatile("cli; hlt");

@@ -127,7 +127,7 @@ class Machine:
     def _start(self, ends: Endpoints) -> None:
         if ends.ivshmem:
             assert self.spec.ivshmem_size
-            self.ivshmem = IvshmemServer(self.spec.ivshmem_size)
+            self.ivshmem = IvshmemServer(self.spec.ivshmem_size, vectors=self.spec.ivshmem_vectors)
             self.ivshmem.listen(ends.ivshmem)
         if ends.qtest:
             self._qtest_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

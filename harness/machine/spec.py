@@ -54,6 +54,7 @@ class MachineSpec:
     options: list[Option] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
     ivshmem_size: int | None = None  # a power of two: the machine runs an ivshmem server
+    ivshmem_vectors: int = 1         # doorbell vectors (eventfds) each side of it
     start_stopped: bool = False      # -S: the CPU waits (qtest)
     qtest: bool = False              # a qtest server on a private socket
     guest_elf: Path | None = None    # the kernel's ELF with symbols, when `kernel` is a stripped copy
@@ -137,7 +138,7 @@ def build_argv(spec: MachineSpec, accel: str, ends: Endpoints) -> list[str]:
         assert spec.ivshmem_size
         runtime += [
             Option("chardev", "socket", {"id": "hwh-ivshmem", **_abstract(ends.ivshmem)}),
-            Option("device", "ivshmem-doorbell", {"chardev": "hwh-ivshmem", "vectors": 1}),
+            Option("device", "ivshmem-doorbell", {"chardev": "hwh-ivshmem", "vectors": spec.ivshmem_vectors}),
         ]
     if ends.qtest is not None:
         # QEMU 7.2 looks the qtest chardev up by the fixed id "qtest" (qtest_server_init).

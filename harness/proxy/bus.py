@@ -31,10 +31,11 @@ def boot_image(elf: Path) -> Path:
 def proxy_spec(elf: Path = DEFAULT_ELF, accel: str = "auto", memory_mb: int = 128,
                window_size: int = WINDOW_SIZE) -> MachineSpec:
     """A machine that boots the proxy guest with its shared window; add devices to taste."""
-    load_abi(elf)   # fail before booting if the ELF is missing or of another ABI
+    abi = load_abi(elf)   # fail before booting if the ELF is missing or of another ABI
     if not boot_image(elf).exists():
         raise AbiError(f"{boot_image(elf)} is missing: build the guest with `make guest`")
-    spec = MachineSpec(kernel=boot_image(elf), accel=accel, memory_mb=memory_mb, ivshmem_size=window_size)
+    spec = MachineSpec(kernel=boot_image(elf), accel=accel, memory_mb=memory_mb, ivshmem_size=window_size,
+                       ivshmem_vectors=abi.PROXY_DOORBELL_VECTORS)
     spec.guest_elf = elf
     return spec
 

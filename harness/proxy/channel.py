@@ -99,7 +99,7 @@ class ProxyChannel(Channel):
         u32[self._submit_idx] = head
         self._w.kick_if_sleeping()
         if u32[served] != head:
-            self._w.wait(lambda: u32[served] == head, timeout, what)
+            self._w.wait(lambda: u32[served] == head, timeout, what, self.index)
 
     def submit_raw(self, entries: Sequence[bytes], timeout: float = DEFAULT_TIMEOUT) -> list[tuple[int, int]]:
         """Publish whole ring entries exactly as given, garbage included (for testing the
@@ -177,7 +177,8 @@ class ProxyChannel(Channel):
         while not u16[st]:
             spins += 1
             if spins > 256:
-                self._w.wait(lambda: u16[st] != 0, DEFAULT_TIMEOUT, self._describe(op, width, addr, value))
+                self._w.wait(lambda: u16[st] != 0, DEFAULT_TIMEOUT, self._describe(op, width, addr, value),
+                             self.index)
                 break
         status = u16[st]
         result = self._u64[(slot + self._value_off) >> 3]

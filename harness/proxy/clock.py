@@ -41,6 +41,10 @@ class GuestClock:
         self.ns_per_tick = (ns1 - ns0) / (tsc1 - tsc0)
         self.anchor_ns, self.anchor_tsc = ns1, tsc1
 
+    def reanchor(self) -> None:
+        """Re-take the anchor, keeping the rate: bounds drift over a long run."""
+        self.anchor_ns, self.anchor_tsc = self._best_sample(4)
+
     def to_host_ns(self, tsc: int) -> float:
         """Where guest TSC ``tsc`` falls on the host's perf_counter_ns time line."""
         return self.anchor_ns + (tsc - self.anchor_tsc) * self.ns_per_tick

@@ -31,6 +31,7 @@ class ProxyIrq(Irq):
         self._line_idx = (base + abi.offsetof("proxy_irq", "line")) // 4
         self._tsc_idx = (base + abi.offsetof("proxy_irq", "tsc")) // 8
         self._seen = self._w.u32[self._count_idx]
+        self._vector = abi.PROXY_DOORBELL_IRQ_BASE + channel.index
         self.spin = SPIN_SECONDS if spin is None else spin
         channel.control(abi.PROXY_OP_IRQ_ENABLE, abi.consts[MODES[mode]], isa_irq or 0, f"enable {mode.value} irq")
         self.closed = False
@@ -54,7 +55,7 @@ class ProxyIrq(Irq):
         u32, idx, seen = self._w.u32, self._count_idx, self._seen
         if u32[idx] == seen:
             self._w.wait(lambda: u32[idx] != seen, timeout, f"an interrupt on {self.channel!r}",
-                         spin=self.spin, on_timeout=InterruptTimeout)
+                         self._vector, spin=self.spin, on_timeout=InterruptTimeout)
         now = time.perf_counter_ns()
         count = u32[idx]
         tsc = self._w.u64[self._tsc_idx]

@@ -1,12 +1,14 @@
 """The shared window as the host sees it: control page, rings, and how to wait.
 
 Waiting is spin-then-sleep on both sides. The host spins on a completion
-for a short while; then it announces ``host_sleeping`` and blocks on its
-doorbell eventfd, which the guest rings only while that flag is set. In the
-other direction the host kicks the guest's MSI-X vector only while the guest
-has announced ``guest_sleeping``. Each side re-checks after announcing, with
-a full fence between, so no wake-up is lost; the host's sleeps are also
-bounded (``SLEEP_SLICE``), so even a lost one costs milliseconds, not a hang.
+for a short while; then it sets its bit in ``host_sleeping`` and blocks on
+that doorbell vector's eventfd, which the guest rings only while the bit is
+set. Every ring and every channel's interrupts have a vector of their own,
+so one waiting thread never swallows another's wake-up. In the other
+direction the host kicks the guest's MSI-X vector only while the guest has
+announced ``guest_sleeping``. Each side re-checks after announcing, with a
+full fence between, so no wake-up is lost; the host's sleeps are also bounded
+(``SLEEP_SLICE``), so even a lost one costs milliseconds, not a hang.
 """
 
 from __future__ import annotations
@@ -49,8 +51,7 @@ class SharedWindow:
         self.rings_off = off("rings")
         self.ring_size = abi.sizeof("proxy_ring")
         self._fence = threading.Lock()   # a locked instruction: the full fence Python lacks
-        self._sleepers = 0
-        self._host_fd = self.ivshmem.host_fds[0]
+        self._sleepers = [0] * len(self.ivshmem.host_fds)
 
     def field(self, path: str) -> Any:
         """Decode one member of the control page, e.g. ``field("tsc_hz")``."""
@@ -87,9 +88,9 @@ class SharedWindow:
         if self.u32[self.guest_sleeping_idx]:
             self.ivshmem.kick_guest()
 
-    def wait(self, done: Callable[[], bool], timeout: float, what: object,
+    def wait(self, done: Callable[[], bool], timeout: float, what: object, vector: int,
              spin: float = SPIN_SECONDS, on_timeout: type[HarnessError] = ProxyUnresponsive) -> None:
-        """Block until ``done()``: spin for up to ``spin`` seconds, then sleep on the doorbell.
+        """Block until ``done()``: spin for up to ``spin`` seconds, then sleep on doorbell ``vector``.
 
         Raises GuestCrash if the guest crashes, MachineError if QEMU dies, and
         ``on_timeout`` after ``timeout`` seconds.
@@ -112,29 +113,30 @@ class SharedWindow:
             self.machine.check_alive()
             if time.perf_counter() > deadline:
                 raise on_timeout(f"nothing within {timeout:g} s for {what}")
-            self._sleep(done)
+            self._sleep(done, vector)
 
-    def _sleep(self, done: Callable[[], bool]) -> None:
+    def _sleep(self, done: Callable[[], bool], vector: int) -> None:
+        bit, fd = 1 << vector, self.ivshmem.host_fds[vector]
         with self._fence:
-            self._sleepers += 1
-            self.u32[self.host_sleeping_idx] = 1
+            self._sleepers[vector] += 1
+            self.u32[self.host_sleeping_idx] |= bit
         try:
             with self._fence:       # orders the flag store before the re-check below
                 pass
             if done():
                 return
             self.kick_if_sleeping()  # rescues a kick lost to the guest's own race
-            readable, _, _ = select.select([self._host_fd], [], [], SLEEP_SLICE)
+            readable, _, _ = select.select([fd], [], [], SLEEP_SLICE)
             if readable:
                 try:
-                    os.eventfd_read(self._host_fd)
+                    os.eventfd_read(fd)
                 except BlockingIOError:
                     pass
         finally:
             with self._fence:
-                self._sleepers -= 1
-                if not self._sleepers:
-                    self.u32[self.host_sleeping_idx] = 0
+                self._sleepers[vector] -= 1
+                if not self._sleepers[vector]:
+                    self.u32[self.host_sleeping_idx] &= ~bit
 
     def release(self) -> None:
         """Drop the views so the mapping can be closed."""
