@@ -35,8 +35,11 @@ demo: deps guest
 	$(PYTHON) -m harness.cli demo --accel $(ACCEL)
 
 bench: deps guest
-	mkdir -p bench-results
 	$(PYTHON) -m harness.cli bench roundtrip --accel $(ACCEL) --json bench-results/roundtrip-$(ACCEL).json
+	$(PYTHON) -m harness.cli latency --mode spin --accel $(ACCEL) --json bench-results/latency-spin-$(ACCEL).json \
+	    --plot bench-results/latency-spin-$(ACCEL).png
+	$(PYTHON) -m harness.cli latency --mode sleep --accel $(ACCEL) --json bench-results/latency-sleep-$(ACCEL).json \
+	    --plot bench-results/latency-sleep-$(ACCEL).png
 
 clean:
 	$(MAKE) -C guests/proxy clean
