@@ -70,6 +70,7 @@ class IrqMode(enum.Enum):
 
     INTX = "intx"      # the PCI INTx line: level, masked until every channel on it acks
     MSI = "msi"        # the PCI device's MSI: edge, never masked
+    MSIX = "msix"      # the PCI device's MSI-X table entry 0: edge, never masked
     ISA = "isa"        # an ISA IRQ, for a port-range channel: edge
 
 

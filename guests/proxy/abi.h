@@ -83,6 +83,7 @@ enum proxy_irq_mode {
     PROXY_IRQ_INTX = 1,             /* the PCI device's INTx line, level-triggered, shareable */
     PROXY_IRQ_MSI = 2,              /* the PCI device's MSI, programmed by the proxy */
     PROXY_IRQ_ISA = 3,              /* an ISA IRQ (edge), for an ISA channel */
+    PROXY_IRQ_MSIX = 4,             /* the PCI device's MSI-X table entry 0, programmed by the proxy */
 };
 
 enum proxy_status {

@@ -103,7 +103,8 @@ void irq(struct trapframe *tf)
         }
         eoi();
     } else if (v >= VEC_MSI_BASE && v < VEC_MSI_BASE + PROXY_MAX_CHANNELS
-               && channel_mode[v - VEC_MSI_BASE] == PROXY_IRQ_MSI) {
+               && (channel_mode[v - VEC_MSI_BASE] == PROXY_IRQ_MSI
+                   || channel_mode[v - VEC_MSI_BASE] == PROXY_IRQ_MSIX)) {
         record((int)(v - VEC_MSI_BASE), tsc);
         woken |= 1u << (v - VEC_MSI_BASE);
         eoi();
@@ -205,6 +206,26 @@ u16 irq_enable_msi(int c, const struct proxy_pci_device *d)
     return PROXY_STATUS_OK;
 }
 
+/* MSI-X: the proxy writes table entry 0 (the driver may not write the table at all). */
+u16 irq_enable_msix(int c, const struct proxy_pci_device *d)
+{
+    if (channel_mode[c] != PROXY_IRQ_NONE)
+        return PROXY_STATUS_BAD_REQUEST;
+    irq_off();
+    if (!d || pci_enable_msix(d, 0, VEC_MSI_BASE + c)) {
+        irq_on();
+        return PROXY_STATUS_FAULT;
+    }
+    set_intx_disable(d, 1);
+    channel_mode[c] = PROXY_IRQ_MSIX;
+    channel_line[c] = VEC_MSI_BASE + c;
+    shared->irqs[c].mode = PROXY_IRQ_MSIX;
+    shared->irqs[c].line = VEC_MSI_BASE + c;
+    shared->irqs[c].masked = 0;
+    irq_on();
+    return PROXY_STATUS_OK;
+}
+
 static void unmask_if_acked(u32 pin)
 {
     struct line *l = &lines[pin];
@@ -216,7 +237,7 @@ u16 irq_ack(int c)
 {
     if (channel_mode[c] == PROXY_IRQ_NONE)
         return PROXY_STATUS_BAD_REQUEST;
-    if (channel_mode[c] == PROXY_IRQ_MSI)
+    if (channel_mode[c] == PROXY_IRQ_MSI || channel_mode[c] == PROXY_IRQ_MSIX)
         return PROXY_STATUS_OK;
     irq_off();
     u32 pin = channel_line[c];
@@ -245,6 +266,9 @@ void irq_disable(int c, const struct proxy_pci_device *d)
         int cap = find_cap(d, PCI_CAP_ID_MSI);
         u16 ctrl = pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2);
         pci_cfg_write(d->bus, d->dev, d->fn, cap + 2, 2, ctrl & ~1);
+        set_intx_disable(d, 0);
+    } else if (mode == PROXY_IRQ_MSIX && d) {
+        pci_disable_msix(d);
         set_intx_disable(d, 0);
     }
     channel_mode[c] = PROXY_IRQ_NONE;

@@ -168,7 +168,8 @@ void kmain(void)
     memcpy(window->devices, devices, sizeof(devices));
     window->ndevices = (u32)n;
     irq_init();
-    pci_enable_msix(ivshmem, 0, VEC_KICK);
+    if (pci_enable_msix(ivshmem, 0, VEC_KICK))
+        panic("kmain: ivshmem has no MSI-X capability");
     proxy_init(window, devices, n, ivshmem);
     kprintf("proxy: ready, window %lx size %lx\n", bar2->base, bar2->size);
     proxy_loop();

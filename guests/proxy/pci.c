@@ -146,7 +146,7 @@ int pci_enumerate(struct proxy_pci_device *table, int max)
 }
 
 /* Point MSI-X table entry `entry` at this CPU's LAPIC with `vector`, and turn MSI-X on. */
-void pci_enable_msix(const struct proxy_pci_device *d, u32 entry, u32 vector)
+int pci_enable_msix(const struct proxy_pci_device *d, u32 entry, u32 vector)
 {
     for (int i = 0; i < d->ncaps; i++) {
         if (d->caps[i].id != PCI_CAP_ID_MSIX)
@@ -163,7 +163,18 @@ void pci_enable_msix(const struct proxy_pci_device *d, u32 entry, u32 vector)
         mmio_write32(slot + 12, 0);             /* unmasked */
         u16 ctrl = pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2);
         pci_cfg_write(d->bus, d->dev, d->fn, cap + 2, 2, (ctrl | 0x8000) & ~0x4000);
-        return;
+        return 0;
     }
-    panic("pci_enable_msix: device has no MSI-X capability");
+    return -1;
+}
+
+void pci_disable_msix(const struct proxy_pci_device *d)
+{
+    for (int i = 0; i < d->ncaps; i++) {
+        if (d->caps[i].id == PCI_CAP_ID_MSIX) {
+            u8 cap = d->caps[i].offset;
+            u16 ctrl = pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2);
+            pci_cfg_write(d->bus, d->dev, d->fn, cap + 2, 2, ctrl & ~0x8000);
+        }
+    }
 }

@@ -294,6 +294,8 @@ static u16 interrupt_op(int c, const struct proxy_request *rq)
             return ch->device ? irq_enable_intx(c, ch->device) : PROXY_STATUS_DENIED;
         if (rq->addr == PROXY_IRQ_MSI)
             return ch->device ? irq_enable_msi(c, ch->device) : PROXY_STATUS_DENIED;
+        if (rq->addr == PROXY_IRQ_MSIX)
+            return ch->device ? irq_enable_msix(c, ch->device) : PROXY_STATUS_DENIED;
         if (rq->addr == PROXY_IRQ_ISA)
             return ch->device ? PROXY_STATUS_DENIED : irq_enable_isa(c, rq->value);
         return PROXY_STATUS_BAD_REQUEST;

@@ -12,7 +12,8 @@ from .window import SPIN_SECONDS
 if TYPE_CHECKING:
     from .channel import ProxyChannel
 
-MODES = {IrqMode.INTX: "PROXY_IRQ_INTX", IrqMode.MSI: "PROXY_IRQ_MSI", IrqMode.ISA: "PROXY_IRQ_ISA"}
+MODES = {IrqMode.INTX: "PROXY_IRQ_INTX", IrqMode.MSI: "PROXY_IRQ_MSI", IrqMode.MSIX: "PROXY_IRQ_MSIX",
+         IrqMode.ISA: "PROXY_IRQ_ISA"}
 
 
 class ProxyIrq(Irq):
