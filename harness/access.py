@@ -159,8 +159,9 @@ class Channel(abc.ABC):
             return self.execute([Access(kind, space, addr, width, value)])[0]
         return access
 
-    def interrupt(self, mode: IrqMode, isa_irq: int | None = None) -> Irq:
-        """Enable and take the device's interrupt (or ISA IRQ ``isa_irq``)."""
+    def interrupt(self, mode: IrqMode, isa_irqs: Sequence[int] = ()) -> Irq:
+        """Enable and take the device's interrupt, or for a port range the ISA IRQs ``isa_irqs``
+        (one Irq for all of them: the i8042's 1 and 12, say)."""
         raise NotImplementedError(f"{type(self).__name__} does not deliver interrupts")
 
     def close(self) -> None:

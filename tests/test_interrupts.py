@@ -188,7 +188,8 @@ def test_timeout_is_clean_and_a_channel_that_never_acks_wedges_nobody(irq_machin
 def test_isa_keyboard_irq1_from_a_qmp_key_press(irq_machine) -> None:
     kbd = irq_machine.bus.ports(0x60, 5)             # i8042 data 0x60, status/command 0x64
     try:
-        irq = kbd.channel.interrupt(IrqMode.ISA, isa_irq=1)
+        irq = kbd.channel.interrupt(IrqMode.ISA, isa_irqs=(1, 12))
+        assert irq.line == (1 << 1) | (1 << 12)
         while kbd.read8(4) & 1:                      # drain anything the firmware left
             kbd.read8(0)
         kbd.write8(4, 0x20)                          # read the controller configuration byte

@@ -73,7 +73,7 @@ enum proxy_op {
     PROXY_OP_CLOSE = 34,            /* addr = channel */
     PROXY_OP_CRASH = 35,            /* value = PROXY_CRASH_MAGIC, addr = enum proxy_crash_kind */
     /* interrupts, on the channel's own device */
-    PROXY_OP_IRQ_ENABLE = 40,       /* addr = enum proxy_irq_mode; value = ISA IRQ for PROXY_IRQ_ISA */
+    PROXY_OP_IRQ_ENABLE = 40,       /* addr = enum proxy_irq_mode; value = ISA IRQ bitmask for PROXY_IRQ_ISA */
     PROXY_OP_IRQ_ACK = 41,          /* unmask a level line once every channel on it has acked */
     PROXY_OP_IRQ_DISABLE = 42,
 };
@@ -82,7 +82,7 @@ enum proxy_irq_mode {
     PROXY_IRQ_NONE = 0,
     PROXY_IRQ_INTX = 1,             /* the PCI device's INTx line, level-triggered, shareable */
     PROXY_IRQ_MSI = 2,              /* the PCI device's MSI, programmed by the proxy */
-    PROXY_IRQ_ISA = 3,              /* an ISA IRQ (edge), for an ISA channel */
+    PROXY_IRQ_ISA = 3,              /* ISA IRQs (edge), for an ISA channel: any of a bitmask */
     PROXY_IRQ_MSIX = 4,             /* the PCI device's MSI-X table entry 0, programmed by the proxy */
 };
 
@@ -169,7 +169,7 @@ struct proxy_crash {
 struct proxy_irq {
     u32 count;                      /* interrupts delivered to this channel so far */
     u32 mode;                       /* enum proxy_irq_mode */
-    u32 line;                       /* GSI, or the MSI vector */
+    u32 line;                       /* GSI (INTx), ISA IRQ bitmask (ISA), vector (MSI, MSI-X) */
     u32 masked;                     /* 1 while a level line waits for this channel's ack */
     u64 tsc;                        /* guest TSC at handler entry, latest interrupt */
     u64 reserved;

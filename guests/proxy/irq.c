@@ -30,7 +30,7 @@ struct line {
 
 static struct line lines[IOAPIC_PINS];
 static int channel_mode[PROXY_MAX_CHANNELS];
-static u32 channel_line[PROXY_MAX_CHANNELS];
+static u32 channel_pins[PROXY_MAX_CHANNELS];    /* IOAPIC inputs a channel owns (INTx, ISA) */
 volatile u32 kicks;
 
 static inline void irq_off(void) { asm volatile("cli" : : : "memory"); }
@@ -122,22 +122,28 @@ void irq(struct trapframe *tf)
             proxy_wake_host(PROXY_DOORBELL_IRQ_BASE + c);
 }
 
-static u16 attach_line(int c, u32 pin, int level, int mode)
+/* Attach channel c to every IOAPIC input in `pins`; `line` is what the host is told. */
+static u16 attach_lines(int c, u32 pins, int level, int mode, u32 line)
 {
-    struct line *l = &lines[pin];
-    if (l->owners && l->level != level)
-        return PROXY_STATUS_DENIED;     /* an edge ISA line is not shared with a level PCI one */
+    for (u32 pin = 0; pin < IOAPIC_PINS; pin++)
+        if ((pins & (1u << pin)) && lines[pin].owners && lines[pin].level != level)
+            return PROXY_STATUS_DENIED; /* an edge ISA line is not shared with a level PCI one */
     irq_off();
-    int first = !l->owners;
-    l->owners |= 1u << c;
-    l->level = level;
+    for (u32 pin = 0; pin < IOAPIC_PINS; pin++) {
+        if (!(pins & (1u << pin)))
+            continue;
+        struct line *l = &lines[pin];
+        int first = !l->owners;
+        l->owners |= 1u << c;
+        l->level = level;
+        if (first)
+            ioapic_route(pin, level, 0);
+    }
     channel_mode[c] = mode;
-    channel_line[c] = pin;
+    channel_pins[c] = pins;
     shared->irqs[c].mode = (u32)mode;
-    shared->irqs[c].line = pin;
+    shared->irqs[c].line = line;
     shared->irqs[c].masked = 0;
-    if (first)
-        ioapic_route(pin, level, 0);
     irq_on();
     return PROXY_STATUS_OK;
 }
@@ -157,17 +163,20 @@ u16 irq_enable_intx(int c, const struct proxy_pci_device *d)
     if (!d || d->gsi >= IOAPIC_PINS)
         return PROXY_STATUS_FAULT;
     set_intx_disable(d, 0);
-    return attach_line(c, d->gsi, 1, PROXY_IRQ_INTX);
+    return attach_lines(c, 1u << d->gsi, 1, PROXY_IRQ_INTX, d->gsi);
 }
 
-/* ISA IRQs 0 and 2 are the timer's, 4 is the proxy's console. */
-u16 irq_enable_isa(int c, u64 isa_irq)
+/*
+ * ISA IRQs, a bitmask (the i8042 needs 1 and 12 on one channel). ISA IRQ n
+ * is IOAPIC input n here; 0 and 2 are the timer's, 4 the proxy's console.
+ */
+u16 irq_enable_isa(int c, u64 isa_irqs)
 {
-    if (channel_mode[c] != PROXY_IRQ_NONE || isa_irq > 15)
+    if (channel_mode[c] != PROXY_IRQ_NONE || isa_irqs == 0 || isa_irqs > 0xffff)
         return PROXY_STATUS_BAD_REQUEST;
-    if (isa_irq == 0 || isa_irq == 2 || isa_irq == 4)
+    if (isa_irqs & ((1u << 0) | (1u << 2) | (1u << 4)))
         return PROXY_STATUS_DENIED;
-    return attach_line(c, (u32)isa_irq, 0, PROXY_IRQ_ISA);
+    return attach_lines(c, (u32)isa_irqs, 0, PROXY_IRQ_ISA, (u32)isa_irqs);
 }
 
 static int find_cap(const struct proxy_pci_device *d, u8 id)
@@ -190,7 +199,6 @@ u16 irq_enable_msi(int c, const struct proxy_pci_device *d)
     int is64 = ctrl & 0x80;
     irq_off();
     channel_mode[c] = PROXY_IRQ_MSI;
-    channel_line[c] = VEC_MSI_BASE + c;
     shared->irqs[c].mode = PROXY_IRQ_MSI;
     shared->irqs[c].line = VEC_MSI_BASE + c;
     shared->irqs[c].masked = 0;
@@ -218,7 +226,6 @@ u16 irq_enable_msix(int c, const struct proxy_pci_device *d)
     }
     set_intx_disable(d, 1);
     channel_mode[c] = PROXY_IRQ_MSIX;
-    channel_line[c] = VEC_MSI_BASE + c;
     shared->irqs[c].mode = PROXY_IRQ_MSIX;
     shared->irqs[c].line = VEC_MSI_BASE + c;
     shared->irqs[c].masked = 0;
@@ -240,10 +247,13 @@ u16 irq_ack(int c)
     if (channel_mode[c] == PROXY_IRQ_MSI || channel_mode[c] == PROXY_IRQ_MSIX)
         return PROXY_STATUS_OK;
     irq_off();
-    u32 pin = channel_line[c];
-    lines[pin].waiting &= ~(1u << c);
+    for (u32 pin = 0; pin < IOAPIC_PINS; pin++) {
+        if (channel_pins[c] & (1u << pin)) {
+            lines[pin].waiting &= ~(1u << c);
+            unmask_if_acked(pin);
+        }
+    }
     shared->irqs[c].masked = 0;
-    unmask_if_acked(pin);
     irq_on();
     return PROXY_STATUS_OK;
 }
@@ -253,8 +263,9 @@ void irq_disable(int c, const struct proxy_pci_device *d)
 {
     irq_off();
     int mode = channel_mode[c];
-    if (mode == PROXY_IRQ_INTX || mode == PROXY_IRQ_ISA) {
-        u32 pin = channel_line[c];
+    for (u32 pin = 0; pin < IOAPIC_PINS; pin++) {
+        if (!(channel_pins[c] & (1u << pin)))
+            continue;
         struct line *l = &lines[pin];
         l->owners &= ~(1u << c);
         l->waiting &= ~(1u << c);
@@ -262,7 +273,9 @@ void irq_disable(int c, const struct proxy_pci_device *d)
             ioapic_route(pin, l->level, 1);
         else
             unmask_if_acked(pin);
-    } else if (mode == PROXY_IRQ_MSI && d) {
+    }
+    channel_pins[c] = 0;
+    if (mode == PROXY_IRQ_MSI && d) {
         int cap = find_cap(d, PCI_CAP_ID_MSI);
         u16 ctrl = pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2);
         pci_cfg_write(d->bus, d->dev, d->fn, cap + 2, 2, ctrl & ~1);

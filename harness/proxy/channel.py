@@ -231,9 +231,9 @@ class ProxyChannel(Channel):
             self._raise(what, status, result)
         return result
 
-    def interrupt(self, mode: IrqMode, isa_irq: int | None = None) -> "ProxyIrq":
+    def interrupt(self, mode: IrqMode, isa_irqs: Sequence[int] = ()) -> "ProxyIrq":
         from .irq import ProxyIrq
-        return ProxyIrq(self, mode, isa_irq)
+        return ProxyIrq(self, mode, isa_irqs)
 
     @property
     def last_start_tsc(self) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from ..access import Irq, IrqEvent, IrqMode
 from ..errors import InterruptTimeout
@@ -19,7 +19,7 @@ MODES = {IrqMode.INTX: "PROXY_IRQ_INTX", IrqMode.MSI: "PROXY_IRQ_MSI", IrqMode.M
 class ProxyIrq(Irq):
     """One channel's interrupt. ``spin`` is how long ``wait`` spins before it sleeps on the doorbell."""
 
-    def __init__(self, channel: "ProxyChannel", mode: IrqMode, isa_irq: int | None = None,
+    def __init__(self, channel: "ProxyChannel", mode: IrqMode, isa_irqs: Sequence[int] = (),
                  spin: float | None = None) -> None:
         super().__init__()
         self.channel = channel
@@ -34,12 +34,15 @@ class ProxyIrq(Irq):
         self._seen = self._w.u32[self._count_idx]
         self._vector = abi.PROXY_DOORBELL_IRQ_BASE + channel.index
         self.spin = SPIN_SECONDS if spin is None else spin
-        channel.control(abi.PROXY_OP_IRQ_ENABLE, abi.consts[MODES[mode]], isa_irq or 0, f"enable {mode.value} irq")
+        if (mode is IrqMode.ISA) != bool(isa_irqs):
+            raise ValueError("ISA IRQ numbers go with IrqMode.ISA, and only with it")
+        mask = sum(1 << n for n in set(isa_irqs))
+        channel.control(abi.PROXY_OP_IRQ_ENABLE, abi.consts[MODES[mode]], mask, f"enable {mode.value} irq")
         self.closed = False
 
     @property
     def line(self) -> int:
-        """The IOAPIC input (INTx, ISA) or the vector (MSI) the guest took."""
+        """The IOAPIC input (INTx), the ISA IRQ bitmask (ISA), or the vector (MSI, MSI-X)."""
         return self._w.u32[self._line_idx]
 
     @property
