@@ -22,8 +22,25 @@ from __future__ import annotations
 
 import abc
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
+
+
+class Deadline:
+    """A point in time to give up at: ``remaining`` shrinks to 0, ``expired`` turns true."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.end = time.monotonic() + timeout
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.end
 
 
 class Space(enum.Enum):
