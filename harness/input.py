@@ -6,6 +6,7 @@ makes the keyboard and mouse produce real bytes.
 
 from __future__ import annotations
 
+import time
 from typing import Iterable, Sequence
 
 from .machine import Machine
@@ -52,10 +53,19 @@ def keystrokes(tokens: Iterable[str]) -> list[list[dict[str, object]]]:
     return out
 
 
-def type_keys(machine: Machine, tokens: Iterable[str]) -> None:
-    """Press and release every token's keys, in order, one QMP command per token."""
+TYPING_PACE = 0.01     # seconds between keys: a fast typist, and no faster
+
+
+def type_keys(machine: Machine, tokens: Iterable[str], pace: float = TYPING_PACE) -> None:
+    """Press and release every token's keys, in order, one QMP command per token.
+
+    Paced like a person: a PS/2 keyboard holds only 16 bytes (QEMU's
+    PS2_QUEUE_SIZE, as the protocol requires) and drops the rest, so keys
+    fired faster than the driver drains them would be lost by the keyboard.
+    """
     for events in keystrokes(tokens):
         machine.qmp("input-send-event", events=events)
+        time.sleep(pace)
 
 
 def mouse_actions(dx: int = 0, dy: int = 0, buttons: Sequence[str] = (),
