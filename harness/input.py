@@ -82,6 +82,10 @@ def mouse_actions(dx: int = 0, dy: int = 0, buttons: Sequence[str] = (),
     return [batch for batch in (press, release, turn) if batch]
 
 
-def move_mouse(machine: Machine, dx: int = 0, dy: int = 0, buttons: Sequence[str] = (), wheel: int = 0) -> None:
+def move_mouse(machine: Machine, dx: int = 0, dy: int = 0, buttons: Sequence[str] = (), wheel: int = 0,
+               pace: float = TYPING_PACE) -> None:
+    """One gesture, paced: QEMU's PS/2 mouse also queues only 16 bytes, and a packet
+    carries at most 127 counts each way (a bigger move is split across packets)."""
     for events in mouse_actions(dx, dy, buttons, wheel):
         machine.qmp("input-send-event", events=events)
+        time.sleep(pace)

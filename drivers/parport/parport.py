@@ -18,7 +18,7 @@ from .regs import CONTROL, DATA, PORT_COUNT, STATUS, Control, Status
 
 log = logging.getLogger(__name__)
 
-BYTES_PER_BATCH = 40            # six accesses each: a batch fits one ring
+BYTES_PER_BATCH = 50            # five accesses each, plus one: a batch fits one ring
 
 
 class ParportError(HarnessError):
@@ -90,8 +90,9 @@ class ParallelPort:
             chunk = data[start:start + BYTES_PER_BATCH]
             batch = Batch(self.ports.channel)
             strobe = self.control_bits | Control.STROBE
+            # not busy before the first byte; each byte's last wait covers the next one
+            batch.poll(self.ports, STATUS, 1, Status.NOT_BUSY, Status.NOT_BUSY, timeout)
             for byte in chunk:
-                batch.poll(self.ports, STATUS, 1, Status.NOT_BUSY, Status.NOT_BUSY, timeout)
                 batch.write(self.ports, DATA, 1, byte)
                 batch.write(self.ports, CONTROL, 1, int(strobe))
                 batch.write(self.ports, CONTROL, 1, int(self.control_bits))
