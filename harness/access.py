@@ -15,7 +15,8 @@ The pieces:
 - :class:`PciFunction` / :class:`Bar`: what the bus found;
 - :class:`Device`: an opened PCI function, its BARs and config space;
 - :class:`Bus`: finds functions and opens channels;
-- :class:`Irq`: a channel's interrupt: ``wait``, ``ack``, handlers, counters.
+- :class:`Irq`: a channel's interrupt: ``wait``, ``ack``, handlers, counters;
+- :class:`DmaBuffer`: memory a device can reach, from ``Bus.dma_alloc``.
 """
 
 from __future__ import annotations
@@ -305,6 +306,19 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class DmaBuffer:
+    """Memory a device can reach: ``phys`` is the address to program into it, ``view`` the
+    same bytes as Python sees them (no copies: the device writes, Python reads)."""
+
+    phys: int
+    view: memoryview
+
+    @property
+    def size(self) -> int:
+        return len(self.view)
+
+
+@dataclass(frozen=True)
 class Bar:
     index: int
     base: int
@@ -419,6 +433,13 @@ class Bus(abc.ABC):
 
     def close(self) -> None:
         """Close every channel this bus opened. Idempotent."""
+
+    def dma_alloc(self, size: int, align: int = 4096) -> DmaBuffer:
+        """Memory devices can DMA to and from, zeroed."""
+        raise NotImplementedError(f"{type(self).__name__} lends no DMA memory")
+
+    def dma_free(self, buffer: DmaBuffer) -> None:
+        """Give a buffer back."""
 
     def open(self, function: PciFunction) -> Device:
         return Device(function, self.open_channel(function))

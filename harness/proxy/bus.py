@@ -7,13 +7,14 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..access import Bar, Bus, PciFunction
+from ..access import Bar, Bus, DmaBuffer, PciFunction
 from ..errors import AbiError, ProxyError
 from ..machine import Machine, MachineSpec
 from ..machine.booted import BootedMachine
 from .abi import Abi, load_abi
 from .channel import ProxyChannel
 from .clock import GuestClock
+from .dma import DmaPool
 from .window import SharedWindow
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,15 @@ class ProxyBus(Bus):
         self._functions = tuple(self._read_device_table())
         self.tsc_hz = self.window.field("tsc_hz")
         self._open: dict[int, ProxyChannel] = {}
+        self._dma_view = memoryview(self.window.mem)
+        self.dma = DmaPool(self._dma_view, self.window.field("window_phys"), self.window.field("dma_offset"),
+                           self.window.field("window_size"))
+
+    def dma_alloc(self, size: int, align: int = 4096) -> DmaBuffer:
+        return self.dma.alloc(size, align)
+
+    def dma_free(self, buffer: DmaBuffer) -> None:
+        self.dma.free(buffer)
 
     def _read_device_table(self) -> list[PciFunction]:
         n = self.window.field("ndevices")
@@ -115,6 +125,7 @@ class ProxyBus(Bus):
             except Exception as exc:    # a crashed or dead guest cannot take its grants back
                 log.debug("closing %r: %s", ch, exc)
         self.admin.closed = True
+        self._dma_view.release()
         self.window.release()
 
 

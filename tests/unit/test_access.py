@@ -4,7 +4,7 @@ from typing import Sequence
 
 import pytest
 
-from harness.access import Access, Batch, Channel, Kind, Region, Space
+from harness.access import Access, Batch, Channel, DmaBuffer, Kind, Region, Space
 
 
 class FakeChannel(Channel):
@@ -52,3 +52,25 @@ def test_batch_runs_in_order_on_exit() -> None:
 def test_access_names_itself() -> None:
     a = Access(Kind.POLL, Space.MMIO, 0xFEBC0008, 4, mask=2, expect=2, timeout=0.5)
     assert str(a) == "poll mmio 0xfebc0008 width 4 until & 0x2 == 0x2 within 0.5 s"
+
+
+def test_dma_pool_aligns_zeroes_and_coalesces() -> None:
+    from harness.proxy.dma import DmaPool
+    memory = memoryview(bytearray(1 << 16))
+    pool = DmaPool(memory, phys_base=0xFC000000, start=0x1000, end=1 << 16)
+    a = pool.alloc(100, align=256)
+    b = pool.alloc(5000)
+    assert a.phys % 256 == 0 and b.phys % 4096 == 0 and a.phys >= 0xFC001000
+    b.view[:] = b"\xaa" * 5000
+    assert memory[b.phys - 0xFC000000] == 0xAA
+    pool.free(b)
+    c = pool.alloc(5000)
+    assert bytes(c.view) == bytes(5000), "lent zeroed"
+    pool.free(a)
+    pool.free(c)
+    assert pool.free_bytes == (1 << 16) - 0x1000
+    assert pool.alloc((1 << 16) - 0x1000, align=1).size == (1 << 16) - 0x1000, "coalesced back into one"
+    with pytest.raises(MemoryError):
+        pool.alloc(1)
+    with pytest.raises(ValueError):
+        pool.free(DmaBuffer(0xDEAD000, memoryview(b"")))    # not one of the pool's
