@@ -1,0 +1,301 @@
+"""The 82540EM driver: initialisation, batched zero-copy rings, interrupts or polling.
+
+The rings and buffers live in DMA memory the host has mapped, so the hot
+paths touch no register but the tail: a batch of transmits is descriptors
+written in memory plus one TDT write, and receiving by polling reads the
+descriptors' Descriptor Done bits straight from memory, with one RDT write
+per batch to hand the buffers back. "We own the tail, the hardware the head."
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from harness.access import Batch, Bus, Deadline, Device, DmaBuffer, IrqMode
+from harness.errors import DeviceTimeout, HarnessError, InterruptTimeout
+
+from .descriptors import RX_DD, RX_EOP, TX_DD, TX_EOP, TX_IFCS, TX_RS, RxDesc, TxDesc
+from .regs import (EERD_ADDR_SHIFT, EERD_DATA_SHIFT, MTA_ENTRIES, TCTL_COLD_FD, TCTL_CT, TIPG_82540, Ctrl,
+                   Eerd, Icr, Rctl, Reg, Stat, StatusBits, Tctl)
+
+log = logging.getLogger(__name__)
+
+VENDOR, DEVICE = 0x8086, 0x100E
+PCI_COMMAND, PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x04, 0x2, 0x4
+BUFFER_SIZE = 2048              # RCTL.BSIZE = 00: 2048-byte receive buffers
+MIN_FRAME, MAX_FRAME = 14, 1514  # an Ethernet header at least; no FCS (the hardware adds it)
+DESC_SIZE = 16
+INTERRUPTS = Icr.RXT0 | Icr.TXDW | Icr.LSC | Icr.RXO
+
+# Field offsets come from the ctypes declarations, not from here.
+_TX_LEN, _TX_CMD, _TX_STA = TxDesc.length.offset, TxDesc.cmd.offset, TxDesc.status.offset
+_RX_LEN, _RX_STA = RxDesc.length.offset, RxDesc.status.offset
+
+
+class E1000Error(HarnessError):
+    """The NIC did not come up or did not do what it was told."""
+
+
+class TxRingFull(E1000Error):
+    """No transmit descriptor came free before the deadline; ``sent`` frames went out."""
+
+    def __init__(self, message: str, sent: int) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+@dataclass(frozen=True)
+class Stats:
+    rx_packets: int
+    tx_packets: int
+    rx_bytes: int
+    tx_bytes: int
+    missed: int         # frames dropped for want of a receive descriptor
+    crc_errors: int
+
+
+class E1000:
+    """One 82540EM. ``E1000.open(bus)`` finds and initialises the first one."""
+
+    def __init__(self, bus: Bus, device: Device, rx_entries: int = 256, tx_entries: int = 256,
+                 interrupts: bool = True, itr: int = 0) -> None:
+        for n in (rx_entries, tx_entries):
+            if n % 8 or not 8 <= n <= 4096:
+                raise ValueError("ring sizes are multiples of 8 from 8 to 4096 (the length is in 128-byte units)")
+        self.bus, self.dev, self.regs = bus, device, device.bar(0)
+        self.rx_n, self.tx_n = rx_entries, tx_entries
+        self.rx_ring = bus.dma_alloc(rx_entries * DESC_SIZE, 128)
+        self.tx_ring = bus.dma_alloc(tx_entries * DESC_SIZE, 128)
+        self.rx_bufs = bus.dma_alloc(rx_entries * BUFFER_SIZE)
+        self.tx_bufs = bus.dma_alloc(tx_entries * BUFFER_SIZE)
+        self.rx_next = 0            # next descriptor the hardware will fill
+        self.tx_tail = 0            # next descriptor we fill
+        self.tx_clean = 0           # oldest descriptor the hardware may still own
+        self.irq = device.irq(IrqMode.INTX) if interrupts else None
+        self.mac = b""
+        self.reset_and_init(itr)
+
+    @classmethod
+    def open(cls, bus: Bus, **kwargs: object) -> "E1000":
+        return cls(bus, bus.open(bus.find(vendor=VENDOR, device=DEVICE)), **kwargs)  # type: ignore[arg-type]
+
+    # ---- bring-up, following the 8254x manual section 14 ----
+
+    def reset_and_init(self, itr: int = 0) -> None:
+        r = self.regs
+        cmd = self.dev.config.read16(PCI_COMMAND)           # it DMAs: bus mastering on
+        self.dev.config.write16(PCI_COMMAND, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
+        r.write32(Reg.IMC, 0xFFFFFFFF)                      # 14.4: no interrupts during set-up
+        r.write32(Reg.CTRL, r.read32(Reg.CTRL) | Ctrl.RST)  # 14.3: global reset
+        self._wait(Reg.CTRL, Ctrl.RST, 0, "the reset to finish")
+        r.write32(Reg.IMC, 0xFFFFFFFF)
+        r.read32(Reg.ICR)
+        self.mac = self.read_mac()                          # 5.6: EEPROM words 0-2
+        r.write32(Reg.CTRL, r.read32(Reg.CTRL) | Ctrl.SLU | Ctrl.ASDE)   # 14.5: link up
+        with self.dev.batch() as b:                         # 14.4: clear the multicast table
+            for i in range(MTA_ENTRIES):
+                b.write32(r, Reg.MTA + 4 * i, 0)
+            b.write32(r, Reg.RAL0, int.from_bytes(self.mac[:4], "little"))
+            b.write32(r, Reg.RAH0, int.from_bytes(self.mac[4:], "little") | 1 << 31)   # Address Valid
+        self._init_rx()
+        self._init_tx()
+        self.set_itr(itr)
+        if self.irq is not None:
+            r.write32(Reg.IMS, INTERRUPTS)
+        log.info("e1000 %s up, mac %s", self.dev.function.bdf, self.mac.hex(":"))
+
+    def _wait(self, reg: int, mask: int, value: int, what: str, timeout: float = 2.0) -> int:
+        try:
+            return self.regs.poll32(reg, mask, value, timeout)
+        except DeviceTimeout as exc:
+            raise E1000Error(f"e1000: timed out waiting for {what} ({Reg(reg).name}={exc.last_value:#010x})") from exc
+
+    def read_mac(self) -> bytes:
+        words = []
+        for addr in range(3):
+            self.regs.write32(Reg.EERD, addr << EERD_ADDR_SHIFT | Eerd.START)
+            value = self._wait(Reg.EERD, Eerd.DONE, Eerd.DONE, f"EEPROM word {addr}")
+            words.append(value >> EERD_DATA_SHIFT)
+        return b"".join(w.to_bytes(2, "little") for w in words)
+
+    def _init_rx(self) -> None:
+        ring = self.rx_ring.view
+        for i in range(self.rx_n):                          # every descriptor gets its buffer
+            struct.pack_into("<Q", ring, i * DESC_SIZE, self.rx_bufs.phys + i * BUFFER_SIZE)
+        with self.dev.batch() as b:
+            b.write32(self.regs, Reg.RDBAL, self.rx_ring.phys & 0xFFFFFFFF)
+            b.write32(self.regs, Reg.RDBAH, self.rx_ring.phys >> 32)
+            b.write32(self.regs, Reg.RDLEN, self.rx_n * DESC_SIZE)
+            b.write32(self.regs, Reg.RDH, 0)
+            b.write32(self.regs, Reg.RDT, self.rx_n - 1)    # all but one: head == tail means empty
+            b.write32(self.regs, Reg.RDTR, 0)
+            b.write32(self.regs, Reg.RCTL, Rctl.EN | Rctl.BAM | Rctl.SECRC)
+        self.rx_next = 0
+
+    def _init_tx(self) -> None:
+        ring = self.tx_ring.view
+        for i in range(self.tx_n):
+            struct.pack_into("<Q", ring, i * DESC_SIZE, self.tx_bufs.phys + i * BUFFER_SIZE)
+            ring[i * DESC_SIZE + _TX_STA] = TX_DD           # free
+        with self.dev.batch() as b:
+            b.write32(self.regs, Reg.TDBAL, self.tx_ring.phys & 0xFFFFFFFF)
+            b.write32(self.regs, Reg.TDBAH, self.tx_ring.phys >> 32)
+            b.write32(self.regs, Reg.TDLEN, self.tx_n * DESC_SIZE)
+            b.write32(self.regs, Reg.TDH, 0)
+            b.write32(self.regs, Reg.TDT, 0)
+            b.write32(self.regs, Reg.TIPG, TIPG_82540)
+            b.write32(self.regs, Reg.TCTL, Tctl.EN | Tctl.PSP | TCTL_CT | TCTL_COLD_FD)
+        self.tx_tail = self.tx_clean = 0
+
+    # ---- knobs ----
+
+    def set_itr(self, interval_256ns: int) -> None:
+        """Interrupt throttling: at least this many 256 ns units between interrupts (0: off)."""
+        self.regs.write32(Reg.ITR, interval_256ns & 0xFFFF)
+
+    def set_promiscuous(self, on: bool) -> None:
+        rctl = self.regs.read32(Reg.RCTL)
+        bits = Rctl.UPE | Rctl.MPE
+        self.regs.write32(Reg.RCTL, rctl | bits if on else rctl & ~bits)
+
+    def add_multicast(self, mac: bytes) -> None:
+        """Accept a multicast address: the MTA hash is bits 47:36 of it (RCTL.MO = 0)."""
+        h = (mac[4] >> 4 | mac[5] << 4) & 0xFFF
+        reg = Reg.MTA + 4 * (h >> 5)
+        self.regs.write32(reg, self.regs.read32(reg) | 1 << (h & 31))
+
+    @property
+    def link_up(self) -> bool:
+        return bool(self.regs.read32(Reg.STATUS) & StatusBits.LU)
+
+    def stats(self) -> Stats:
+        """Counters since the last call (they clear on read)."""
+        with self.dev.batch() as b:
+            idx = {s: b.read32(self.regs, s) for s in (Stat.GPRC, Stat.GPTC, Stat.GORCL, Stat.GOTCL,
+                                                        Stat.MPC, Stat.CRCERRS)}
+        v = {s: b.results[i] for s, i in idx.items()}
+        return Stats(v[Stat.GPRC], v[Stat.GPTC], v[Stat.GORCL], v[Stat.GOTCL], v[Stat.MPC], v[Stat.CRCERRS])
+
+    # ---- transmit ----
+
+    def _reclaim(self) -> int:
+        """Free every descriptor the hardware has written back (DD); how many are free."""
+        ring, n = self.tx_ring.view, self.tx_n
+        while self.tx_clean != self.tx_tail and ring[self.tx_clean * DESC_SIZE + _TX_STA] & TX_DD:
+            self.tx_clean = (self.tx_clean + 1) % n
+        return (self.tx_clean - self.tx_tail - 1) % n
+
+    def send(self, frames: Sequence[bytes], timeout: float = 1.0) -> int:
+        """Queue ``frames`` (14 to 1514 bytes, no FCS) with one tail write per batch that fits.
+
+        A frame of the wrong size raises ValueError before anything is queued.
+        When the ring is full the call waits for descriptors to come back, up to
+        ``timeout``, then raises TxRingFull; an in-flight descriptor is never reused.
+        """
+        for i, f in enumerate(frames):
+            if not MIN_FRAME <= len(f) <= MAX_FRAME:
+                raise ValueError(f"frame {i} is {len(f)} bytes; a frame is {MIN_FRAME} to {MAX_FRAME}")
+        ring, bufs, n = self.tx_ring.view, self.tx_bufs.view, self.tx_n
+        sent, deadline = 0, Deadline(timeout)
+        cmd = TX_EOP | TX_IFCS | TX_RS
+        while sent < len(frames):
+            free = self._reclaim()
+            if not free:
+                if deadline.expired:
+                    raise TxRingFull(f"no transmit descriptor came free within {timeout:g} s", sent)
+                self._wait_tx(deadline)
+                continue
+            batch = frames[sent:sent + free]
+            tail = self.tx_tail
+            for frame in batch:
+                size = len(frame)
+                bufs[tail * BUFFER_SIZE:tail * BUFFER_SIZE + size] = frame
+                d = tail * DESC_SIZE
+                struct.pack_into("<H", ring, d + _TX_LEN, size)
+                ring[d + _TX_CMD] = cmd
+                ring[d + _TX_STA] = 0                       # the hardware's now
+                tail = (tail + 1) % n
+            self.tx_tail = tail
+            self.regs.write32(Reg.TDT, tail)                # one register write for the batch
+            sent += len(batch)
+        return sent
+
+    def _wait_tx(self, deadline: Deadline) -> None:
+        if self.irq is None:
+            time.sleep(min(0.0005, deadline.remaining))
+            return
+        self._wait_irq(min(0.01, deadline.remaining))
+
+    def flush_tx(self, timeout: float = 2.0) -> None:
+        """Wait until the hardware has sent everything queued."""
+        deadline = Deadline(timeout)
+        while self.tx_clean != self.tx_tail:
+            self._reclaim()
+            if self.tx_clean == self.tx_tail:
+                return
+            if deadline.expired:
+                raise E1000Error(f"transmit ring did not drain within {timeout:g} s")
+            self._wait_tx(deadline)
+
+    # ---- receive ----
+
+    def recv(self, max_frames: int = 256, timeout: float = 0.0) -> list[bytes]:
+        """Frames that have arrived, oldest first, up to ``max_frames``; waits up to ``timeout``
+        for the first one (by interrupt, or by polling memory). One RDT write per batch."""
+        out = self._harvest(max_frames)
+        if out or timeout <= 0:
+            return out
+        deadline = Deadline(timeout)
+        while not out and not deadline.expired:
+            if self.irq is not None:
+                self._wait_irq(min(0.05, deadline.remaining))
+            else:
+                time.sleep(0.0002)
+            out = self._harvest(max_frames)
+        return out
+
+    def _harvest(self, max_frames: int) -> list[bytes]:
+        ring, bufs, n = self.rx_ring.view, self.rx_bufs.view, self.rx_n
+        out: list[bytes] = []
+        i = self.rx_next
+        while len(out) < max_frames:
+            d = i * DESC_SIZE
+            status = ring[d + _RX_STA]
+            if not status & RX_DD:
+                break
+            size = ring[d + _RX_LEN] | ring[d + _RX_LEN + 1] << 8
+            if status & RX_EOP:                             # 2048-byte buffers: a frame fits one
+                out.append(bytes(bufs[i * BUFFER_SIZE:i * BUFFER_SIZE + size]))
+            ring[d + _RX_STA] = 0
+            i = (i + 1) % n
+        if i != self.rx_next:
+            self.rx_next = i
+            self.regs.write32(Reg.RDT, (i - 1) % n)          # hand the buffers back
+        return out
+
+    def _wait_irq(self, timeout: float) -> None:
+        assert self.irq is not None
+        try:
+            self.irq.wait(timeout)
+        except InterruptTimeout:
+            return
+        self.regs.read32(Reg.ICR)                           # reading ICR lowers the line
+        self.irq.ack()
+
+    def close(self) -> None:
+        """Stop the NIC and give back its memory."""
+        try:
+            with self.dev.batch() as b:
+                b.write32(self.regs, Reg.IMC, 0xFFFFFFFF)
+                b.write32(self.regs, Reg.RCTL, 0)
+                b.write32(self.regs, Reg.TCTL, 0)
+        finally:
+            if self.irq is not None:
+                self.irq.close()
+            for buf in (self.rx_ring, self.tx_ring, self.rx_bufs, self.tx_bufs):
+                self.bus.dma_free(buf)
+            self.dev.close()
