@@ -22,7 +22,7 @@ from .access import Batch, IrqMode
 from .bench.stats import latencies_us, pct
 from .errors import HarnessError
 from .input import move_mouse, type_keys
-from .machine import random_mac
+from .machine import Option, RuntimeFile, random_mac
 from .proxy import ProxyMachine, proxy_spec
 
 log = logging.getLogger("hwharness")
@@ -221,6 +221,42 @@ def cmd_parport(args: argparse.Namespace) -> int:
     return 0 if received == data else 1
 
 
+def net_machine(accel: str, name: str = "net"):  # type: ignore[no-untyped-def]
+    """A proxy machine whose e1000 sits on QEMU's user-mode network, its traffic dumped to a pcap."""
+    spec = proxy_spec(accel=accel)
+    spec.netdev("user", "net0")
+    spec.device("e1000", netdev="net0", mac=random_mac())
+    pcap = RuntimeFile("net0.pcap")
+    spec.options.append(Option("object", "filter-dump", {"id": "dump0", "netdev": "net0", "file": pcap}))
+    return ProxyMachine(spec, name=name), pcap
+
+
+def ping_report(pm: ProxyMachine, count: int) -> None:
+    from drivers.e1000 import E1000
+    from .netstack import Host
+    nic = E1000.open(pm.bus)
+    try:
+        host = Host(nic)
+        lease = host.dhcp()
+        say(f"lease: {lease.address}")
+        say(f"netmask {lease.netmask}, dns {lease.dns}, {lease.seconds} s from {lease.server}")
+        say(f"gateway: {lease.router} at {host.resolve(lease.router).hex(':')}")
+        for seq in range(count):
+            say(f"echo reply from {lease.router}: seq={seq} time={host.ping(lease.router, seq) * 1000:.3f} ms")
+    finally:
+        nic.close()
+
+
+def cmd_net(args: argparse.Namespace) -> int:
+    machine, pcap = net_machine(args.accel)
+    with machine as pm:
+        ping_report(pm, args.count)
+        if args.pcap:
+            Path(args.pcap).write_bytes(pm.machine.path(pcap).read_bytes())
+            say(f"pcap: {args.pcap}")
+    return 0
+
+
 def cmd_latency(args: argparse.Namespace) -> int:
     from .bench import latency
     result, samples = latency.run(args.accel, args.mode, args.count, args.plot, progress=sys.stderr.isatty())
@@ -265,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
     bench.add_argument("name", choices=("roundtrip",))
     bench.add_argument("--json", metavar="PATH", help="write the result here too")
+    net = sub.add_parser("net", help="the e1000 driver against QEMU's user-mode network")
+    net_sub = net.add_subparsers(dest="net_command", required=True)
+    ping = with_accel(net_sub.add_parser("ping", help="DHCP lease, ARP for the gateway, ICMP echo"))
+    ping.add_argument("--count", type=int, default=4)
+    ping.add_argument("--pcap", metavar="PATH", help="keep QEMU's filter-dump of the traffic here")
     kbd = with_accel(sub.add_parser("keyboard", help="type TEXT through QMP; print what the Python driver decoded"))
     kbd.add_argument("--type", required=True, metavar="TEXT")
     par = with_accel(sub.add_parser("parport", help="send FILE through the Python parallel port driver"))
@@ -278,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
     commands = {"boot": cmd_boot, "demo": cmd_demo, "bench": cmd_bench, "latency": cmd_latency,
-                "keyboard": cmd_keyboard, "parport": cmd_parport}
+                "keyboard": cmd_keyboard, "parport": cmd_parport, "net": cmd_net}
     try:
         return commands[args.command](args)
     except HarnessError as exc:
