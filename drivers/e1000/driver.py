@@ -274,8 +274,17 @@ class E1000:
             i = (i + 1) % n
         if i != self.rx_next:
             self.rx_next = i
-            self.regs.write32(Reg.RDT, (i - 1) % n)          # hand the buffers back
+            self._write_flush(Reg.RDT, (i - 1) % n)          # hand the buffers back
         return out
+
+    def _write_flush(self, reg: int, value: int) -> None:
+        """A register write followed by a read of STATUS in the same batch: the e1000
+        "write flush". PCI writes are posted, and QEMU under KVM batches writes to most
+        e1000 registers (coalesced MMIO; RDT among them) until the next access that
+        exits, so without the read the NIC may not see the new tail at all."""
+        with self.dev.batch() as b:
+            b.write32(self.regs, reg, value)
+            b.read32(self.regs, Reg.STATUS)
 
     def _wait_irq(self, timeout: float) -> None:
         assert self.irq is not None

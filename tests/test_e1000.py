@@ -1,0 +1,189 @@
+"""The e1000 driver against real peers: QEMU's user-mode network and a host socket."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import shutil
+import socket
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import dpkt
+import pytest
+
+from drivers.e1000 import E1000, TxRingFull
+from drivers.e1000.regs import Reg, Tctl
+from harness.machine import MachineSpec, Option, RuntimeFile
+from harness.netstack import Host
+from harness.proxy import ProxyMachine
+
+pytestmark = pytest.mark.qemu
+
+SO_RCVBUFFORCE = 33     # Linux: root may exceed rmem_max
+BURST = 80              # frames the host sends before the guest catches up: more than a 64-entry ring
+
+
+def udp_socket() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
+    except PermissionError:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+@pytest.fixture(scope="module")
+def user_net(proxy_machine_factory_module) -> Iterator[tuple[ProxyMachine, Host, Path]]:
+    pcap = RuntimeFile("user.pcap")
+
+    def configure(spec: MachineSpec) -> None:
+        spec.netdev("user", "net0")
+        spec.device("e1000", netdev="net0", mac="52:54:00:ab:cd:01")
+        spec.options.append(Option("object", "filter-dump", {"id": "dump0", "netdev": "net0", "file": pcap}))
+
+    pm = proxy_machine_factory_module(configure, name="usernet")
+    nic = E1000.open(pm.bus)
+    yield pm, Host(nic), pm.machine.path(pcap)
+    nic.close()
+
+
+def test_dhcp_arp_icmp_and_udp_through_the_user_mode_network(user_net) -> None:
+    pm, host, _ = user_net
+    lease = host.dhcp()
+    assert ipaddress.IPv4Address(lease.address) in ipaddress.IPv4Network(f"{lease.router}/{lease.netmask}",
+                                                                        strict=False)
+    assert lease.seconds > 0
+    gateway = host.resolve(lease.router)
+    assert len(gateway) == 6 and not gateway[0] & 1, "a unicast MAC for the gateway"
+    rtts = [host.ping(lease.router, seq, payload=os.urandom(56)) for seq in range(5)]
+    assert all(r > 0 for r in rtts)
+    # a server on the host's loopback, reached through the user-mode network's forwarding
+    server = udp_socket()
+    port = server.getsockname()[1]
+
+    def echo() -> None:
+        data, peer = server.recvfrom(2048)
+        server.sendto(data[::-1], peer)
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    payload = os.urandom(200)
+    assert host.udp_exchange(lease.router, port, payload) == payload[::-1]
+    thread.join(5)
+    server.close()
+
+
+def test_the_filter_dump_pcap_reads_back_with_a_packet_library(user_net, tmp_path: Path) -> None:
+    pm, host, pcap = user_net
+    if host.lease is None:
+        host.dhcp()
+    host.ping(host.lease.router, 99)
+    pm.machine.qmp("query-status")
+    kept = tmp_path / "e1000-user.pcap"                    # the artifact
+    shutil.copy(pcap, kept)
+    seen = set()
+    with open(kept, "rb") as f:
+        for _, raw in dpkt.pcap.Reader(f):
+            eth = dpkt.ethernet.Ethernet(raw)
+            if isinstance(eth.data, dpkt.arp.ARP):
+                seen.add("arp")
+            elif isinstance(eth.data, dpkt.ip.IP):
+                inner = eth.data.data
+                if isinstance(inner, dpkt.udp.UDP) and {inner.sport, inner.dport} == {67, 68}:
+                    seen.add("dhcp")
+                    if inner.sport == 68:
+                        assert eth.src == host.nic.mac
+                if isinstance(inner, dpkt.icmp.ICMP):
+                    seen.add({dpkt.icmp.ICMP_ECHO: "echo", dpkt.icmp.ICMP_ECHOREPLY: "reply"}.get(inner.type, "icmp"))
+    assert {"arp", "dhcp", "echo", "reply"} <= seen
+
+
+@pytest.fixture(scope="module")
+def socket_net(proxy_machine_factory_module) -> Iterator[tuple[ProxyMachine, E1000, socket.socket, int]]:
+    host = udp_socket()
+    probe = udp_socket()
+    qemu_port = probe.getsockname()[1]          # free now; QEMU binds it next
+    probe.close()
+
+    def configure(spec: MachineSpec) -> None:
+        spec.netdev("socket", "net1", udp=f"127.0.0.1:{host.getsockname()[1]}", localaddr=f"127.0.0.1:{qemu_port}")
+        spec.device("e1000", netdev="net1", mac="52:54:00:ab:cd:02")
+
+    pm = proxy_machine_factory_module(configure, name="socketnet")
+    nic = E1000.open(pm.bus, rx_entries=64, tx_entries=64)    # small rings: they overflow
+    yield pm, nic, host, qemu_port
+    nic.close()
+    host.close()
+
+
+def frames_for(mac: bytes, n: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    return [mac + rng.randbytes(6) + b"\x88\xb5" + rng.randbytes(rng.randint(60, 1514) - 14) for _ in range(n)]
+
+
+def test_10000_frames_each_way_arrive_exact_in_order_through_full_rings(socket_net) -> None:
+    pm, nic, host, qemu_port = socket_net
+    seed = random.randrange(2**32)
+    # guest -> host: 10,000 frames through a 64-entry ring
+    out = frames_for(b"\x02" * 6, 10_000, seed)
+    received: list[bytes] = []
+    host.settimeout(10)
+
+    def drain() -> None:
+        while len(received) < len(out):
+            received.append(host.recv(2048))
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    for i in range(0, len(out), 500):
+        nic.send(out[i:i + 500], timeout=10)
+    nic.flush_tx(10)
+    reader.join(60)
+    assert received == out, f"seed {seed}"
+    # host -> guest: bursts bigger than the receive ring; QEMU holds what the ring cannot
+    # take. (A burst stays well inside the default socket buffer of QEMU's own UDP
+    # socket, which the host kernel would otherwise overflow before QEMU sees a thing.)
+    inbound = frames_for(nic.mac, 10_000, seed + 1)
+    got: list[bytes] = []
+    for i in range(0, len(inbound), BURST):
+        for frame in inbound[i:i + BURST]:
+            host.sendto(frame, ("127.0.0.1", qemu_port))
+        while len(got) < min(i + BURST, len(inbound)):
+            batch = nic.recv(256, timeout=10)
+            assert batch, f"frames stopped at {len(got)} (seed {seed})"
+            got += batch
+    assert got == inbound, f"seed {seed}"
+    stats = nic.stats()
+    assert stats.crc_errors == 0
+
+
+def test_bad_frames_are_refused_before_anything_is_queued(socket_net) -> None:
+    _, nic, _, _ = socket_net
+    tail = nic.tx_tail
+    for bad in ([b"x" * 1515], [b"\x02" * 60, b"x" * 13]):
+        with pytest.raises(ValueError):
+            nic.send(bad)
+    assert nic.tx_tail == tail
+
+
+def test_a_full_transmit_ring_times_out_and_spares_the_frames_in_flight(socket_net) -> None:
+    pm, nic, host, _ = socket_net
+    nic.flush_tx()
+    tctl = nic.regs.read32(Reg.TCTL)
+    nic.regs.write32(Reg.TCTL, tctl & ~Tctl.EN)               # the transmitter stops
+    frames = frames_for(b"\x02" * 6, nic.tx_n - 1, 7)
+    nic.send(frames)                                          # fills the ring exactly
+    ring_before = bytes(nic.tx_ring.view)
+    bufs_before = bytes(nic.tx_bufs.view)
+    with pytest.raises(TxRingFull) as full:
+        nic.send([b"\x02" * 60], timeout=0.2)
+    assert full.value.sent == 0
+    assert bytes(nic.tx_ring.view) == ring_before and bytes(nic.tx_bufs.view) == bufs_before
+    host.settimeout(10)
+    nic.regs.write32(Reg.TCTL, tctl)                          # and goes again
+    nic.regs.write32(Reg.TDT, nic.tx_tail)
+    assert [host.recv(2048) for _ in frames] == frames
