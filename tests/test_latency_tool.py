@@ -28,7 +28,8 @@ def test_latency_cli_writes_json_a_table_and_a_plot(tmp_path: Path, hwharness_ac
     r = result["results"]
     assert KEYS <= r.keys()
     assert r["count"] == 200
-    assert 0 < r["guest_entry_p50_us"] <= r["guest_entry_p99_us"]
-    assert r["guest_entry_p50_us"] < r["p50_us"] <= r["p99_us"] <= r["p999_us"] <= r["max_us"]
+    assert 0 < r["guest_entry_p50_us"] <= r["guest_entry_p99_us"]     # guest TSC only: exact
+    # end to end crosses clocks; its order statistics are ordered whatever the mapping's error
+    assert r["p50_us"] <= r["p99_us"] <= r["p999_us"] <= r["max_us"]
     assert "trigger -> Python handler" in run.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

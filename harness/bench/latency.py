@@ -83,7 +83,7 @@ def measure(pm: ProxyMachine, count: int, mode: str, progress: bool = False, tim
         try:
             for i in range(count):
                 if i % REANCHOR_EVERY == 0:
-                    clock.reanchor()
+                    clock.reanchor(8)
                 if thread:
                     armed.set()
                     event = irq.wait(timeout)

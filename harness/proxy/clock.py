@@ -29,6 +29,7 @@ class GuestClock:
         return (t0 + t1) / 2, tsc, t1 - t0
 
     def _best_sample(self, n: int = 16) -> tuple[float, int]:
+        self._sample()                      # wakes a sleeping guest: its kick would skew the first
         best = min((self._sample() for _ in range(n)), key=lambda s: s[2])
         self.uncertainty_ns = best[2] / 2
         return best[0], best[1]
@@ -41,9 +42,9 @@ class GuestClock:
         self.ns_per_tick = (ns1 - ns0) / (tsc1 - tsc0)
         self.anchor_ns, self.anchor_tsc = ns1, tsc1
 
-    def reanchor(self) -> None:
+    def reanchor(self, samples: int = 4) -> None:
         """Re-take the anchor, keeping the rate: bounds drift over a long run."""
-        self.anchor_ns, self.anchor_tsc = self._best_sample(4)
+        self.anchor_ns, self.anchor_tsc = self._best_sample(samples)
 
     def to_host_ns(self, tsc: int) -> float:
         """Where guest TSC ``tsc`` falls on the host's perf_counter_ns time line."""
