@@ -187,3 +187,19 @@ def test_a_full_transmit_ring_times_out_and_spares_the_frames_in_flight(socket_n
     nic.regs.write32(Reg.TCTL, tctl)                          # and goes again
     nic.regs.write32(Reg.TDT, nic.tx_tail)
     assert [host.recv(2048) for _ in frames] == frames
+
+
+def test_the_native_baseline_loop_sends_real_frames_and_checks_its_grant(socket_net) -> None:
+    from harness.bench.e1000 import NativeLoop, frame_of
+    from harness.errors import AccessDenied
+    pm, nic, host, _ = socket_net
+    native = NativeLoop(pm.bus, nic)
+    try:
+        frame = frame_of(300, b"\x02" * 6)
+        host.settimeout(10)
+        native.tx(frame, 50)
+        assert [host.recv(2048) for _ in range(50)] == [frame] * 50
+        with pytest.raises(AccessDenied):       # a parameter block outside the DMA pool
+            nic.dev.channel.control(pm.bus.abi.PROXY_OP_NIC_TX_LOOP, 0x1000, 0, "native loop")
+    finally:
+        native.close()

@@ -250,12 +250,18 @@ class E1000:
         if out or timeout <= 0:
             return out
         deadline = Deadline(timeout)
+        quiet = Deadline(0.001)
         while not out and not deadline.expired:
             if self.irq is not None:
                 self._wait_irq(min(0.05, deadline.remaining))
             else:
                 time.sleep(0.0002)
             out = self._harvest(max_frames)
+            if not out and quiet.expired:
+                # Restate the tail: QEMU may hold frames it queued while it thought the
+                # ring full until the tail is written again.
+                self._write_flush(Reg.RDT, (self.rx_next - 1) % self.rx_n)
+                quiet = Deadline(0.001)
         return out
 
     def _harvest(self, max_frames: int) -> list[bytes]:

@@ -76,6 +76,9 @@ enum proxy_op {
     PROXY_OP_IRQ_ENABLE = 40,       /* addr = enum proxy_irq_mode; value = ISA IRQ bitmask for PROXY_IRQ_ISA */
     PROXY_OP_IRQ_ACK = 41,          /* unmask a level line once every channel on it has acked */
     PROXY_OP_IRQ_DISABLE = 42,
+    /* the in-guest baselines ("the in-kernel driver"); addr = a struct proxy_nic_loop in the DMA pool */
+    PROXY_OP_NIC_TX_LOOP = 48,      /* value := TSC cycles taken */
+    PROXY_OP_NIC_RX_LOOP = 49,
 };
 
 enum proxy_irq_mode {
@@ -163,6 +166,24 @@ struct proxy_crash {
     u8 code[32];                    /* bytes at rip */
     u8 stack[64];                   /* bytes at rsp */
     char message[96];               /* panic() text, NUL-terminated */
+};
+
+/*
+ * A native e1000-style descriptor loop run by the guest on the channel's NIC
+ * (legacy 16-byte descriptors: length at 8, cmd at 11, status at 12). The
+ * host sets the ring up; the guest only moves frames, as a tight C loop would.
+ */
+struct proxy_nic_loop {
+    u64 ring_phys;                  /* the descriptor ring, in the DMA pool */
+    u64 timeout_us;
+    u32 entries;                    /* ring size */
+    u32 frame_len;                  /* TX: bytes per frame (the buffers are already filled) */
+    u32 count;                      /* frames to send or receive */
+    u32 tail_reg;                   /* BAR0 offset of TDT or RDT */
+    u32 flush_reg;                  /* BAR0 offset read after each tail write (posted writes) */
+    u32 next;                       /* in and out: TX tail, or RX next descriptor */
+    u32 clean;                      /* in and out: TX oldest descriptor in flight */
+    u32 done;                       /* out, updated as it goes: frames sent or received */
 };
 
 /* Per channel, written by the guest's interrupt handler; the host watches `count`. */

@@ -42,6 +42,10 @@ int pci_enumerate(struct proxy_pci_device *table, int max);
 int pci_enable_msix(const struct proxy_pci_device *d, u32 entry, u32 vector);
 void pci_disable_msix(const struct proxy_pci_device *d);
 
+/* native.c */
+u64 native_tx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress);
+u64 native_rx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress);
+
 /* proxy.c */
 extern struct proxy_shared *shared;
 void proxy_init(struct proxy_shared *window, const struct proxy_pci_device *table, int n,

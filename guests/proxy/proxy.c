@@ -309,6 +309,37 @@ static u16 interrupt_op(int c, const struct proxy_request *rq)
     }
 }
 
+/*
+ * The native loops: the parameter block must lie in the DMA pool, the ring
+ * too, and the tail and flush registers in the channel's first memory BAR.
+ */
+static u16 nic_loop(int c, const struct proxy_request *rq, u64 *value)
+{
+    const struct channel *ch = &channels[c];
+    if (c == 0 || !ch->device || !ch->nmmio)
+        return PROXY_STATUS_DENIED;
+    u64 pool = shared->window_phys + PROXY_DMA_OFFSET, pool_end = shared->window_phys + shared->window_size;
+    if (rq->addr < pool || rq->addr + sizeof(struct proxy_nic_loop) > pool_end || rq->addr & 7)
+        return PROXY_STATUS_DENIED;
+    struct proxy_nic_loop p;
+    memcpy(&p, (const void *)(unsigned long)rq->addr, sizeof(p));
+    const struct window *bar = &ch->mmio[0];
+    if (p.entries < 8 || p.entries > 4096 || p.ring_phys < pool || p.ring_phys + 16ull * p.entries > pool_end
+        || p.tail_reg & 3 || p.flush_reg & 3 || p.tail_reg + 4 > bar->size || p.flush_reg + 4 > bar->size
+        || p.next >= p.entries || p.clean >= p.entries || p.frame_len > 16384
+        || p.timeout_us > PROXY_POLL_MAX_US * 10ull)
+        return PROXY_STATUS_BAD_REQUEST;
+    struct proxy_nic_loop *live = (struct proxy_nic_loop *)(unsigned long)rq->addr;
+    live->done = 0;
+    p.done = 0;
+    *value = rq->op == PROXY_OP_NIC_TX_LOOP ? native_tx(&p, bar->base, &live->done)
+                                            : native_rx(&p, bar->base, &live->done);
+    live->next = p.next;
+    live->clean = p.clean;
+    live->done = p.done;
+    return PROXY_STATUS_OK;
+}
+
 static u16 execute(int c, const struct proxy_request *rq, u64 *value)
 {
     const struct channel *ch = &channels[c];
@@ -320,6 +351,8 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
         return admin(c, rq, value);
     if (op >= PROXY_OP_IRQ_ENABLE && op <= PROXY_OP_IRQ_DISABLE)
         return interrupt_op(c, rq);
+    if (op == PROXY_OP_NIC_TX_LOOP || op == PROXY_OP_NIC_RX_LOOP)
+        return nic_loop(c, rq, value);
     if (op > PROXY_OP_MMIO_REPEAT)
         return PROXY_STATUS_BAD_REQUEST;
     u16 st = check_access(ch, op, addr, width);
