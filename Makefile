@@ -36,6 +36,7 @@ demo: deps guest
 
 bench: deps guest
 	$(PYTHON) -m harness.cli bench roundtrip --accel $(ACCEL) --json bench-results/roundtrip-$(ACCEL).json
+	$(PYTHON) -m harness.cli bench e1000 --accel $(ACCEL) --json bench-results/e1000-$(ACCEL).json
 	$(PYTHON) -m harness.cli latency --mode spin --accel $(ACCEL) --json bench-results/latency-spin-$(ACCEL).json \
 	    --plot bench-results/latency-spin-$(ACCEL).png
 	$(PYTHON) -m harness.cli latency --mode sleep --accel $(ACCEL) --json bench-results/latency-sleep-$(ACCEL).json \
