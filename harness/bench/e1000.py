@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SO_RCVBUFFORCE = 33
 GUEST_LOOP_TIMEOUT = 8.0    # seconds; under the host's 10 s request deadline
+RCTL_QUIET = 1.1            # QEMU's e1000 refuses to receive for 1 s (virtual) after an RCTL write
 WINDOW = 64                 # receive: frames in flight; QEMU's own UDP socket holds ~212 KB of skbs
 LOOP_FIELDS = ["ring_phys", "timeout_us", "entries", "frame_len", "count", "tail_reg", "flush_reg",
                "next", "clean", "done"]
@@ -97,6 +98,7 @@ class Rig:
         self.pm, self.host, self.qemu_port = pm, host, qemu_port
         self.nic = E1000.open(pm.bus, interrupts=False)
         self.native = NativeLoop(pm.bus, self.nic)
+        time.sleep(RCTL_QUIET)                      # or the first receive measures QEMU's timer
         self._stop = threading.Event()
         self._drainer = threading.Thread(target=self._drain, daemon=True)
         self._drainer.start()
@@ -194,3 +196,77 @@ def run(accel: str, count_64: int = 20000, count_1514: int = 5000) -> dict[str, 
     r["ratio_rx_64"] = r["rx_pps_64"] / r["native_rx_pps_64"]
     r["ratio_rx_1514"] = r["rx_pps_1514"] / r["native_rx_pps_1514"]
     return {"benchmark": "e1000", "accel": accel, "results": {k: round(v, 3) for k, v in r.items()}}
+
+
+# ---- interrupt throttling: packets per second against interrupt latency ----
+
+ITR_SETTINGS = (0, 196, 488, 1953)      # in 256 ns units: off, ~50 us, ~125 us, ~500 us
+
+
+def itr_sweep(accel: str, frames: int = 3000, triggers: int = 200) -> dict[str, object]:
+    """For each ITR setting: interrupt latency of back-to-back device interrupts (ICS writes),
+    and interrupt-driven receive throughput with the interrupts it took.
+
+    The e1000 keeps QEMU's interrupt mitigation on here: that is the throttle being measured.
+    """
+    from .stats import pct
+    host = host_socket()
+    probe = host_socket()
+    qemu_port = probe.getsockname()[1]
+    probe.close()
+    spec = proxy_spec(accel=accel)
+    spec.netdev("socket", "net0", udp=f"127.0.0.1:{host.getsockname()[1]}", localaddr=f"127.0.0.1:{qemu_port}")
+    spec.device("e1000", netdev="net0", mac="52:54:00:be:ec:02")
+    out: dict[str, object] = {}
+    with ProxyMachine(spec, name="bench-itr") as pm:
+        accel = pm.machine.accel
+        nic = E1000.open(pm.bus, interrupts=True)
+        irq = nic.irq
+        assert irq is not None
+        time.sleep(RCTL_QUIET)
+        try:
+            inbound = frame_of(60, nic.mac)
+            for itr in ITR_SETTINGS:
+                nic.set_itr(itr)
+                entry = []
+                for _ in range(triggers):
+                    nic.regs.write32(Reg.ICS, 0x80)
+                    start = nic.dev.channel.last_start_tsc
+                    event = irq.wait(5)
+                    entry.append((event.guest_tsc - start) / pm.bus.tsc_hz * 1e6)
+                    nic.regs.read32(Reg.ICR)
+                    irq.ack()
+                entry.sort()
+                before = irq.delivered
+                got = 0
+                sent = [0]
+
+                def feeder() -> None:
+                    while sent[0] < frames:
+                        if sent[0] - got < WINDOW:
+                            host.sendto(inbound, ("127.0.0.1", qemu_port))
+                            sent[0] += 1
+                        else:
+                            time.sleep(0)
+                thread = threading.Thread(target=feeder, daemon=True)
+                thread.start()
+                start_t = time.perf_counter()
+                while got < frames:
+                    batch = nic.recv(256, timeout=10)
+                    if not batch:
+                        raise RuntimeError(f"receive stalled at {got} of {frames}")
+                    got += len(batch)
+                elapsed = time.perf_counter() - start_t
+                thread.join(10)
+                out[f"itr_{itr}"] = {
+                    "itr_us": round(itr * 0.256, 1),
+                    "irq_latency_p50_us": round(pct(entry, 0.5), 2),
+                    "irq_latency_p99_us": round(pct(entry, 0.99), 2),
+                    "rx_pps": round(frames / elapsed),
+                    "irqs_per_1000_frames": round(1000 * (irq.delivered - before) / frames, 1),
+                }
+                log.info("ITR %d: %s", itr, out[f"itr_{itr}"])
+        finally:
+            nic.close()
+    host.close()
+    return {"benchmark": "e1000_itr", "accel": accel, "results": out}
