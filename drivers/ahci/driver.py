@@ -1,0 +1,295 @@
+"""AHCI SATA driver: HBA reset, ports, command lists in DMA memory, DMA and NCQ commands.
+
+Every command is one slot of the port's command list: an H2D register FIS
+and a PRD table in the slot's command table, then a bit in PxCI (and PxSACT
+for NCQ). Completion is awaited guest-side (a proxy poll on PxCI or PxSACT),
+with PxIS and PxTFD read in the same batch, so a command costs one round trip
+to issue and one to complete. Data land in DMA buffers the host has mapped.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+from typing import Sequence
+
+from harness.access import Bus, Device, DmaBuffer
+from harness.errors import DeviceTimeout, HarnessError
+
+from .regs import (CAP_NCS_MASK, CAP_NCS_SHIFT, CMD_TABLE_PRDT, DEVICE_LBA, FIS_TYPE_H2D, H2D_COMMAND,
+                   HEADER_WRITE, PORT_BASE, PORT_STRIDE, PXIS_ERRORS, SECTOR, SIG_ATA, SSTS_DET_PRESENT, Ata, Cap,
+                   CommandHeader, Ghc, H2DFis, Hba, Prd, Px, PxCmd, Tfd)
+
+log = logging.getLogger(__name__)
+
+VENDOR, DEVICE = 0x8086, 0x2922         # ICH9 AHCI, built into q35 at 00:1f.2
+ABAR = 5
+SLOT_SECTORS = 128                      # 64 KiB of DMA buffer per command slot
+TABLE_SIZE = 256                        # a command table: FIS, ATAPI command, one PRD (aligned 128)
+PCI_COMMAND, PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x04, 0x2, 0x4
+
+
+class DiskError(HarnessError):
+    """The device reported an error (task file ERR); ``error`` is its error register."""
+
+    def __init__(self, message: str, status: int, error: int) -> None:
+        super().__init__(f"{message}: status {status:#04x} error {error:#04x}")
+        self.status, self.error = status, error
+
+
+@dataclass(frozen=True)
+class Identity:
+    model: str
+    serial: str
+    firmware: str
+    sectors: int            # LBA48 capacity
+    lba48: bool
+    ncq: bool
+    queue_depth: int
+    raw: bytes
+
+
+def _ata_string(words: bytes) -> str:
+    """ATA strings swap the bytes of every word (ATA8-ACS 3.4.9)."""
+    return bytes(b for pair in zip(words[1::2], words[0::2]) for b in pair).decode("ascii", "replace").strip()
+
+
+def parse_identify(data: bytes) -> Identity:
+    w = struct.unpack("<256H", data)
+    lba48 = bool(w[83] & 1 << 10)
+    sectors = w[100] | w[101] << 16 | w[102] << 32 | w[103] << 48 if lba48 else w[60] | w[61] << 16
+    return Identity(model=_ata_string(data[54:94]), serial=_ata_string(data[20:40]),
+                    firmware=_ata_string(data[46:54]), sectors=sectors, lba48=lba48,
+                    ncq=bool(w[76] & 1 << 8), queue_depth=(w[75] & 0x1F) + 1, raw=data)
+
+
+class Ahci:
+    """The HBA: reset, AHCI mode, and its ports."""
+
+    def __init__(self, bus: Bus, device: Device, timeout: float = 2.0) -> None:
+        self.bus, self.dev, self.regs = bus, device, device.bar(ABAR)
+        self.timeout = timeout
+        cmd = device.config.read16(PCI_COMMAND)                  # it DMAs: bus mastering on
+        device.config.write16(PCI_COMMAND, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
+        self.regs.write32(Hba.GHC, self.regs.read32(Hba.GHC) | Ghc.AE)
+        self.regs.write32(Hba.GHC, Ghc.HR | Ghc.AE)              # HBA reset (AHCI 10.4.3)
+        try:
+            self.regs.poll32(Hba.GHC, Ghc.HR, 0, timeout)
+        except DeviceTimeout as exc:
+            raise DiskError("the HBA did not come out of reset", exc.last_value, 0) from exc
+        self.regs.write32(Hba.GHC, Ghc.AE)
+        self.cap = Cap(self.regs.read32(Hba.CAP))
+        self.slots = ((self.cap >> CAP_NCS_SHIFT) & CAP_NCS_MASK) + 1
+        implemented = self.regs.read32(Hba.PI)
+        self.ports = [Port(self, i) for i in range(32) if implemented & 1 << i]
+
+    @classmethod
+    def open(cls, bus: Bus) -> "Ahci":
+        return cls(bus, bus.open(bus.find(vendor=VENDOR, device=DEVICE)))
+
+    def disks(self) -> list["Port"]:
+        return [p for p in self.ports if p.present and p.signature == SIG_ATA]
+
+    def close(self) -> None:
+        for p in self.ports:
+            p.close()
+        self.dev.close()
+
+
+class Port:
+    """One AHCI port and the ATA disk behind it: a block device."""
+
+    def __init__(self, hba: Ahci, index: int) -> None:
+        self.hba, self.index = hba, index
+        self.base = PORT_BASE + index * PORT_STRIDE
+        self.r = hba.regs
+        bus = hba.bus
+        self.slots = hba.slots
+        self.command_list = bus.dma_alloc(32 * 32, 1024)
+        self.received_fis = bus.dma_alloc(256, 256)
+        self.tables = bus.dma_alloc(self.slots * TABLE_SIZE, 128)
+        self.buffers = bus.dma_alloc(self.slots * SLOT_SECTORS * SECTOR)
+        self.identity: Identity | None = None
+        self.stop()
+        self._w(Px.CLB, self.command_list.phys & 0xFFFFFFFF)
+        self._w(Px.CLBU, self.command_list.phys >> 32)
+        self._w(Px.FB, self.received_fis.phys & 0xFFFFFFFF)
+        self._w(Px.FBU, self.received_fis.phys >> 32)
+        self._w(Px.SERR, 0xFFFFFFFF)
+        self._w(Px.IS, 0xFFFFFFFF)
+        if self.present:
+            self.start()
+
+    # ---- registers ----
+
+    def _r(self, reg: int) -> int:
+        return self.r.read32(self.base + reg)
+
+    def _w(self, reg: int, value: int) -> None:
+        self.r.write32(self.base + reg, value)
+
+    @property
+    def present(self) -> bool:
+        return self._r(Px.SSTS) & 0xF == SSTS_DET_PRESENT
+
+    @property
+    def signature(self) -> int:
+        return self._r(Px.SIG)
+
+    def _wait(self, reg: int, mask: int, value: int, what: str) -> int:
+        try:
+            return self.r.poll32(self.base + reg, mask, value, self.hba.timeout)
+        except DeviceTimeout as exc:
+            raise DiskError(f"port {self.index}: timed out waiting for {what}", exc.last_value, 0) from exc
+
+    def stop(self) -> None:
+        """Stop the command list and FIS receive (AHCI 10.1.2)."""
+        self._w(Px.CMD, self._r(Px.CMD) & ~PxCmd.ST)
+        self._wait(Px.CMD, PxCmd.CR, 0, "the command list to stop")
+        self._w(Px.CMD, self._r(Px.CMD) & ~PxCmd.FRE)
+        self._wait(Px.CMD, PxCmd.FR, 0, "FIS receive to stop")
+
+    def start(self) -> None:
+        self._w(Px.CMD, self._r(Px.CMD) | PxCmd.FRE | PxCmd.POD | PxCmd.SUD)
+        self._wait(Px.TFD, Tfd.BSY | Tfd.DRQ, 0, "the device to be idle")
+        self._w(Px.CMD, self._r(Px.CMD) | PxCmd.ST)
+
+    def recover(self) -> None:
+        """After a task-file error: restart the port, clearing its error state (AHCI 6.2.2)."""
+        self.stop()
+        self._w(Px.SERR, 0xFFFFFFFF)
+        self._w(Px.IS, 0xFFFFFFFF)
+        self.start()
+
+    # ---- building commands ----
+
+    def _slot_buffer(self, slot: int) -> tuple[int, memoryview]:
+        size = SLOT_SECTORS * SECTOR
+        return self.buffers.phys + slot * size, self.buffers.view[slot * size:(slot + 1) * size]
+
+    def _prepare(self, slot: int, command: int, lba: int = 0, count: int = 0, write: bool = False,
+                 nbytes: int = 0, tag: int | None = None, device: int = DEVICE_LBA) -> None:
+        table = self.tables.phys + slot * TABLE_SIZE
+        view = self.tables.view[slot * TABLE_SIZE:(slot + 1) * TABLE_SIZE]
+        fis = H2DFis(type=FIS_TYPE_H2D, flags=H2D_COMMAND, command=command, device=device,
+                     lba0=lba & 0xFF, lba1=lba >> 8 & 0xFF, lba2=lba >> 16 & 0xFF,
+                     lba3=lba >> 24 & 0xFF, lba4=lba >> 32 & 0xFF, lba5=lba >> 40 & 0xFF)
+        if tag is None:
+            fis.count = count
+        else:                                   # NCQ: the count moves to the features fields
+            fis.features, fis.features_exp, fis.count = count & 0xFF, count >> 8, tag << 3
+        view[:len(bytes(fis))] = bytes(fis)
+        prds = 0
+        if nbytes:
+            phys, _ = self._slot_buffer(slot)
+            view[CMD_TABLE_PRDT:CMD_TABLE_PRDT + 16] = bytes(Prd(dba=phys, dbc=nbytes - 1))
+            prds = 1
+        header = CommandHeader(flags=5 | (HEADER_WRITE if write else 0), prdtl=prds, prdbc=0, ctba=table)
+        self.command_list.view[slot * 32:slot * 32 + 32] = bytes(header)
+
+    def _complete(self, reg: int, mask: int, what: str) -> None:
+        """Wait for ``mask`` to clear in PxCI or PxSACT; raise DiskError on a task-file error."""
+        with self.hba.dev.batch() as b:
+            b.poll(self.r, self.base + reg, 4, mask, 0, self.hba.timeout)
+            i_is = b.read32(self.r, self.base + Px.IS)
+            i_tfd = b.read32(self.r, self.base + Px.TFD)
+        errors, tfd = b.results[i_is] & PXIS_ERRORS, b.results[i_tfd]
+        if errors or tfd & Tfd.ERR:
+            self.recover()
+            raise DiskError(f"port {self.index}: {what} failed", tfd & 0xFF, tfd >> 8 & 0xFF)
+        self._w(Px.IS, b.results[i_is])          # acknowledge what completion set
+
+    def _run(self, slot: int, what: str) -> None:
+        try:
+            self._w(Px.CI, 1 << slot)
+            self._complete(Px.CI, 1 << slot, what)
+        except DeviceTimeout as exc:
+            self.recover()
+            raise DiskError(f"port {self.index}: {what} did not complete", exc.last_value, 0) from exc
+
+    # ---- the block device ----
+
+    def identify(self) -> Identity:
+        self._prepare(0, Ata.IDENTIFY, nbytes=SECTOR, device=0)
+        self._run(0, "IDENTIFY DEVICE")
+        self.identity = parse_identify(bytes(self._slot_buffer(0)[1][:SECTOR]))
+        return self.identity
+
+    @property
+    def sector_size(self) -> int:
+        return SECTOR
+
+    @property
+    def size(self) -> int:
+        """Capacity in bytes."""
+        return (self.identity or self.identify()).sectors * SECTOR
+
+    def _check(self, lba: int, count: int) -> None:
+        sectors = (self.identity or self.identify()).sectors
+        if count <= 0 or lba < 0 or lba + count > sectors:
+            raise ValueError(f"sectors {lba}..{lba + count - 1} are not on a disk of {sectors}")
+
+    def read(self, lba: int, count: int) -> bytes:
+        """``count`` sectors from ``lba`` (READ DMA EXT, 64 KiB a command)."""
+        self._check(lba, count)
+        out = bytearray()
+        for start in range(0, count, SLOT_SECTORS):
+            n = min(SLOT_SECTORS, count - start)
+            self._prepare(0, Ata.READ_DMA_EXT, lba + start, n, nbytes=n * SECTOR)
+            self._run(0, f"READ DMA EXT {lba + start}+{n}")
+            out += self._slot_buffer(0)[1][:n * SECTOR]
+        return bytes(out)
+
+    def write(self, lba: int, data: bytes) -> None:
+        """Whole sectors at ``lba`` (WRITE DMA EXT). Checked before anything is written."""
+        if len(data) % SECTOR or not data:
+            raise ValueError(f"{len(data)} bytes is not a whole number of {SECTOR}-byte sectors")
+        count = len(data) // SECTOR
+        self._check(lba, count)
+        for start in range(0, count, SLOT_SECTORS):
+            n = min(SLOT_SECTORS, count - start)
+            self._slot_buffer(0)[1][:n * SECTOR] = data[start * SECTOR:(start + n) * SECTOR]
+            self._prepare(0, Ata.WRITE_DMA_EXT, lba + start, n, write=True, nbytes=n * SECTOR)
+            self._run(0, f"WRITE DMA EXT {lba + start}+{n}")
+
+    def flush(self) -> None:
+        self._prepare(0, Ata.FLUSH_CACHE_EXT)
+        self._run(0, "FLUSH CACHE EXT")
+
+    def read_queued(self, requests: Sequence[tuple[int, int]]) -> list[bytes]:
+        """NCQ: up to one request per slot in flight at once (READ FPDMA QUEUED); each
+        completion is matched to its tag, so the results come back in request order."""
+        identity = self.identity or self.identify()
+        depth = min(self.slots, identity.queue_depth) if identity.ncq else 0
+        if not depth:
+            raise DiskError(f"port {self.index}: the device does not queue", 0, 0)
+        for lba, count in requests:
+            if count > SLOT_SECTORS:
+                raise ValueError(f"a queued read is at most {SLOT_SECTORS} sectors")
+            self._check(lba, count)
+        out: list[bytes] = []
+        for start in range(0, len(requests), depth):
+            group = requests[start:start + depth]
+            mask = 0
+            for tag, (lba, count) in enumerate(group):
+                self._prepare(tag, Ata.READ_FPDMA_QUEUED, lba, count, nbytes=count * SECTOR, tag=tag)
+                mask |= 1 << tag
+            with self.hba.dev.batch() as b:
+                b.write32(self.r, self.base + Px.SACT, mask)
+                b.write32(self.r, self.base + Px.CI, mask)
+            try:
+                self._complete(Px.SACT, mask, f"{len(group)} queued reads")
+            except DeviceTimeout as exc:
+                self.recover()
+                raise DiskError(f"port {self.index}: queued reads did not complete", exc.last_value, 0) from exc
+            out += [bytes(self._slot_buffer(tag)[1][:count * SECTOR]) for tag, (_, count) in enumerate(group)]
+        return out
+
+    def close(self) -> None:
+        try:
+            if self.present:
+                self.stop()
+        finally:
+            for buf in (self.command_list, self.received_fis, self.tables, self.buffers):
+                self.hba.bus.dma_free(buf)
