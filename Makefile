@@ -28,10 +28,10 @@ guest:
 images:
 	$(MAKE) -C images
 
-test: deps guest
+test: deps guest images
 	$(PYTHON) -m pytest -n 2 --hwharness-accel $(ACCEL) $(PYTEST_ARGS)
 
-demo: deps guest
+demo: deps guest images
 	$(PYTHON) -m harness.cli demo --accel $(ACCEL)
 
 bench: deps guest

@@ -260,6 +260,48 @@ def cmd_net(args: argparse.Namespace) -> int:
     return 0
 
 
+def disk_machine(accel: str, image: Path, snapshot: bool = False, name: str = "disk") -> ProxyMachine:
+    """A proxy machine with ``image`` on the first port of q35's built-in AHCI controller.
+    With ``snapshot`` writes go to a throwaway overlay (QEMU's ide-hd refuses read-only drives)."""
+    if not image.is_file():
+        raise FileNotFoundError(f"no disk image at {image}")
+    spec = proxy_spec(accel=accel)
+    spec.drive(file=str(image.resolve()), format="raw", id="disk0", snapshot=snapshot, **{"if": "none"})
+    spec.device("ide-hd", drive="disk0", bus="ide.0")
+    return ProxyMachine(spec, name=name)
+
+
+def cmd_disk(args: argparse.Namespace) -> int:
+    from drivers.ahci import Ahci
+    from drivers.ahci.fat import DriverFatFS
+    with disk_machine(args.accel, Path(args.image), snapshot=True) as pm:
+        hba = Ahci.open(pm.bus)
+        try:
+            disk = hba.disks()[0]
+            identity = disk.identify()
+            if args.disk_command == "identify":
+                say(f"model: {identity.model}")
+                say(f"serial: {identity.serial}")
+                say(f"firmware: {identity.firmware}")
+                say(f"capacity: {identity.sectors} sectors of 512 bytes ({identity.sectors * 512} bytes)")
+                say(f"lba48: {identity.lba48}, ncq: {identity.ncq} (queue depth {identity.queue_depth})")
+                return 0
+            fat = DriverFatFS(disk, read_only=True)
+            try:
+                if args.disk_command == "ls":
+                    for entry in fat.scandir(args.dir, namespaces=["details"]):
+                        kind = "<DIR>" if entry.is_dir else f"{entry.size:>10}"
+                        say(f"{kind:>10}  {entry.name}")
+                else:
+                    sys.stdout.buffer.write(fat.readbytes(args.path))
+                    sys.stdout.flush()
+            finally:
+                fat.close()
+        finally:
+            hba.close()
+    return 0
+
+
 def cmd_latency(args: argparse.Namespace) -> int:
     from .bench import latency
     result, samples = latency.run(args.accel, args.mode, args.count, args.plot, progress=sys.stderr.isatty())
@@ -309,6 +351,16 @@ def main(argv: list[str] | None = None) -> int:
     ping = with_accel(net_sub.add_parser("ping", help="DHCP lease, ARP for the gateway, ICMP echo"))
     ping.add_argument("--count", type=int, default=4)
     ping.add_argument("--pcap", metavar="PATH", help="keep QEMU's filter-dump of the traffic here")
+    disk = sub.add_parser("disk", help="a FAT image on the AHCI controller, through the Python driver")
+    disk_sub = disk.add_subparsers(dest="disk_command", required=True)
+    ls = with_accel(disk_sub.add_parser("ls", help="list a directory"))
+    ls.add_argument("image")
+    ls.add_argument("dir", nargs="?", default="/")
+    cat = with_accel(disk_sub.add_parser("cat", help="write a file's exact bytes to stdout"))
+    cat.add_argument("image")
+    cat.add_argument("path")
+    ident = with_accel(disk_sub.add_parser("identify", help="IDENTIFY DEVICE"))
+    ident.add_argument("image")
     kbd = with_accel(sub.add_parser("keyboard", help="type TEXT through QMP; print what the Python driver decoded"))
     kbd.add_argument("--type", required=True, metavar="TEXT")
     par = with_accel(sub.add_parser("parport", help="send FILE through the Python parallel port driver"))
@@ -322,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
     commands = {"boot": cmd_boot, "demo": cmd_demo, "bench": cmd_bench, "latency": cmd_latency,
-                "keyboard": cmd_keyboard, "parport": cmd_parport, "net": cmd_net}
+                "keyboard": cmd_keyboard, "parport": cmd_parport, "net": cmd_net, "disk": cmd_disk}
     try:
         return commands[args.command](args)
     except HarnessError as exc:
