@@ -1,0 +1,154 @@
+"""The AHCI driver against QEMU's ICH9 AHCI with real FAT images made by mkfs.fat and mtools."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from drivers.ahci import Ahci, DiskError
+from drivers.ahci.fat import DriverFatFS
+from harness.machine import MachineSpec
+from harness.proxy import ProxyMachine
+
+pytestmark = pytest.mark.qemu
+
+IMAGE = Path(__file__).resolve().parents[1] / "images" / "fat16.img"
+
+
+def fresh_image(tmp_path: Path) -> Path:
+    if not IMAGE.is_file():
+        pytest.fail(f"{IMAGE} is missing: run `make images` (mkfs.fat and mtools build it)", pytrace=False)
+    copy = tmp_path / "disk.img"
+    shutil.copy(IMAGE, copy)
+    return copy
+
+
+def attach(image: Path, **drive: object):  # type: ignore[no-untyped-def]
+    def configure(spec: MachineSpec) -> None:
+        spec.drive(id="disk0", **{"if": "none"}, **(drive or {"file": str(image), "format": "raw"}))
+        spec.device("ide-hd", drive="disk0", bus="ide.0")
+    return configure
+
+
+def mtools(*args: str) -> bytes:
+    return subprocess.run(list(args), check=True, capture_output=True).stdout
+
+
+@pytest.fixture(scope="module")
+def reader(proxy_machine_factory_module, tmp_path_factory) -> Iterator[tuple[ProxyMachine, Ahci, Path]]:
+    image = fresh_image(tmp_path_factory.mktemp("ahci"))
+    pm = proxy_machine_factory_module(attach(image), name="ahci")
+    hba = Ahci.open(pm.bus)
+    yield pm, hba, image
+    hba.close()
+
+
+def test_identify_agrees_with_qemu(reader) -> None:
+    pm, hba, image = reader
+    disk = hba.disks()[0]
+    identity = disk.identify()
+    blocks = {b["device"] or b["qdev"]: b for b in pm.machine.qmp("query-block")}
+    size = next(b["inserted"]["image"]["virtual-size"] for b in blocks.values() if "inserted" in b)
+    assert identity.sectors * 512 == size == image.stat().st_size
+    assert identity.model == "QEMU HARDDISK"
+    assert identity.lba48 and identity.ncq and identity.queue_depth == 32
+
+
+def test_fat_files_listed_and_read_byte_exact_as_mtools_sees_them(reader) -> None:
+    _, hba, image = reader
+    fat = DriverFatFS(hba.disks()[0], read_only=True)
+    try:
+        for directory in ("/", "/DOCS"):
+            ours = sorted(fat.listdir(directory))
+            # mtools reads the pristine image: QEMU holds a lock on the attached copy
+            theirs = sorted(Path(line).name.upper() for line in
+                            mtools("mdir", "-b", "-i", str(IMAGE), f"::{directory}").decode().split())
+            assert ours == theirs
+            for name in ours:
+                path = f"{directory.rstrip('/')}/{name}"
+                if fat.isfile(path):
+                    assert fat.readbytes(path) == mtools("mcopy", "-n", "-i", str(IMAGE), f"::{path}", "-")
+    finally:
+        fat.close()
+
+
+def test_32_queued_commands_each_complete_with_their_data(reader) -> None:
+    _, hba, image = reader
+    disk = hba.disks()[0]
+    rng = random.Random()
+    requests = [(rng.randrange(0, disk.size // 512 - 128), rng.randint(1, 128)) for _ in range(32)]
+    raw = image.read_bytes()
+    results = disk.read_queued(requests)
+    assert len(results) == 32
+    for (lba, count), data in zip(requests, results):
+        assert data == raw[lba * 512:(lba + count) * 512]
+
+
+def test_bad_requests_raise_before_anything_is_written(reader) -> None:
+    _, hba, image = reader
+    disk = hba.disks()[0]
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    sectors = disk.size // 512
+    with pytest.raises(ValueError):
+        disk.read(sectors - 1, 2)                       # runs past the end
+    with pytest.raises(ValueError):
+        disk.write(sectors, b"\0" * 512)                # starts past the end
+    with pytest.raises(ValueError):
+        disk.write(0, b"\0" * 511)                      # not whole sectors
+    with pytest.raises(ValueError):
+        disk.read_queued([(0, 129)])
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before
+
+
+def test_writes_through_the_driver_are_read_back_by_mtools_and_fsck_is_clean(
+        proxy_machine_factory, tmp_path: Path) -> None:
+    image = fresh_image(tmp_path)
+    pm = proxy_machine_factory(attach(image), name="ahci-write")
+    hba = Ahci.open(pm.bus)
+    payload = random.randbytes(150_000)
+    fat = DriverFatFS(hba.disks()[0])
+    fat.writebytes("/NEW.BIN", payload)
+    fat.makedir("/OUT")
+    fat.writebytes("/OUT/NOTE.TXT", b"written by the python AHCI driver\n")
+    fat.close()
+    disk = hba.disks()[0]
+    rng = random.Random()
+    spots = {rng.randrange(40_000, disk.size // 512 - 8): rng.randbytes(512 * rng.randint(1, 8)) for _ in range(20)}
+    for lba, data in sorted(spots.items()):            # raw sectors far past the files
+        disk.write(lba, data)
+    disk.flush()                                       # acknowledged after flush: must be on disk
+    hba.close()
+    pm.close()                                         # QEMU is gone; only the file is left
+    assert mtools("mcopy", "-n", "-i", str(image), "::/NEW.BIN", "-") == payload
+    assert mtools("mtype", "-i", str(image), "::/OUT/NOTE.TXT") == b"written by the python AHCI driver\n"
+    check = subprocess.run(["fsck.fat", "-n", str(image)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    raw = image.read_bytes()
+    for lba, data in spots.items():
+        assert raw[lba * 512:lba * 512 + len(data)] == data
+
+
+def test_a_device_write_error_is_reported_and_the_image_is_unchanged(
+        proxy_machine_factory, tmp_path: Path) -> None:
+    image = fresh_image(tmp_path)
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    # blkdebug fails every write with EROFS (errno 30): a disk that will not be written
+    drive = {"driver": "blkdebug", "image.driver": "raw", "image.file.driver": "file",
+             "image.file.filename": str(image), "inject-error.0.event": "pwritev", "inject-error.0.iotype": "write",
+             "inject-error.0.errno": 30, "werror": "report"}
+    pm = proxy_machine_factory(attach(image, **drive), name="ahci-ro")
+    hba = Ahci.open(pm.bus)
+    disk = hba.disks()[0]
+    with pytest.raises(DiskError) as failed:
+        disk.write(100, b"\xff" * 512)
+    assert failed.value.status & 0x01, "ERR in the task file"
+    assert disk.read(0, 1)[510:512] == b"\x55\xaa", "the port recovered and still reads"
+    hba.close()
+    pm.close()
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before
