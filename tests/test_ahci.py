@@ -152,3 +152,30 @@ def test_a_device_write_error_is_reported_and_the_image_is_unchanged(
     hba.close()
     pm.close()
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before
+
+
+def test_scatter_gather_and_completion_by_interrupt(proxy_machine_factory, tmp_path: Path) -> None:
+    image = fresh_image(tmp_path)
+    pm = proxy_machine_factory(attach(image), name="ahci-irq")
+    hba = Ahci.open(pm.bus, interrupts=True)
+    try:
+        disk = hba.disks()[0]
+        sizes = [512, 4096, 1024, 65536, 2048]                 # five buffers, one command
+        buffers = [pm.bus.dma_alloc(n) for n in sizes]
+        data = random.randbytes(sum(sizes))
+        offset = 0
+        for b in buffers:
+            b.view[:] = data[offset:offset + b.size]
+            offset += b.size
+        disk.write_from(30_000, buffers)
+        for b in buffers:
+            b.view[:] = bytes(b.size)
+        disk.read_into(30_000, list(reversed(buffers)))       # the same sectors, scattered the other way
+        scattered = b"".join(bytes(b.view) for b in reversed(buffers))
+        assert scattered == data
+        assert disk.read(30_000, len(data) // 512) == data
+        assert hba.irq is not None and hba.irq.count > 0, "the HBA raised its MSI on completion"
+        for b in buffers:
+            pm.bus.dma_free(b)
+    finally:
+        hba.close()

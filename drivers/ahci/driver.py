@@ -14,19 +14,21 @@ import struct
 from dataclasses import dataclass
 from typing import Sequence
 
-from harness.access import Bus, Device, DmaBuffer
-from harness.errors import DeviceTimeout, HarnessError
+from harness.access import Bus, Deadline, Device, DmaBuffer, IrqMode
+from harness.errors import DeviceTimeout, HarnessError, InterruptTimeout
 
 from .regs import (CAP_NCS_MASK, CAP_NCS_SHIFT, CMD_TABLE_PRDT, DEVICE_LBA, FIS_TYPE_H2D, H2D_COMMAND,
                    HEADER_WRITE, PORT_BASE, PORT_STRIDE, PXIS_ERRORS, SECTOR, SIG_ATA, SSTS_DET_PRESENT, Ata, Cap,
-                   CommandHeader, Ghc, H2DFis, Hba, Prd, Px, PxCmd, Tfd)
+                   CommandHeader, Ghc, H2DFis, Hba, Prd, Px, PxCmd, PxIs, Tfd)
 
 log = logging.getLogger(__name__)
 
 VENDOR, DEVICE = 0x8086, 0x2922         # ICH9 AHCI, built into q35 at 00:1f.2
 ABAR = 5
 SLOT_SECTORS = 128                      # 64 KiB of DMA buffer per command slot
-TABLE_SIZE = 256                        # a command table: FIS, ATAPI command, one PRD (aligned 128)
+MAX_PRDS = 24                           # scatter-gather entries a command may carry
+TABLE_SIZE = CMD_TABLE_PRDT + 16 * MAX_PRDS     # FIS, ATAPI command, PRD table: 512 bytes (aligned 128)
+MAX_PRD_BYTES = 4 << 20                 # a PRD moves at most 4 MiB (22-bit byte count)
 PCI_COMMAND, PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x04, 0x2, 0x4
 
 
@@ -67,9 +69,10 @@ def parse_identify(data: bytes) -> Identity:
 class Ahci:
     """The HBA: reset, AHCI mode, and its ports."""
 
-    def __init__(self, bus: Bus, device: Device, timeout: float = 2.0) -> None:
+    def __init__(self, bus: Bus, device: Device, timeout: float = 2.0, interrupts: bool = False) -> None:
         self.bus, self.dev, self.regs = bus, device, device.bar(ABAR)
         self.timeout = timeout
+        self.irq = device.irq(IrqMode.MSI) if interrupts else None
         cmd = device.config.read16(PCI_COMMAND)                  # it DMAs: bus mastering on
         device.config.write16(PCI_COMMAND, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
         self.regs.write32(Hba.GHC, self.regs.read32(Hba.GHC) | Ghc.AE)
@@ -78,15 +81,15 @@ class Ahci:
             self.regs.poll32(Hba.GHC, Ghc.HR, 0, timeout)
         except DeviceTimeout as exc:
             raise DiskError("the HBA did not come out of reset", exc.last_value, 0) from exc
-        self.regs.write32(Hba.GHC, Ghc.AE)
+        self.regs.write32(Hba.GHC, Ghc.AE | (Ghc.IE if interrupts else 0))
         self.cap = Cap(self.regs.read32(Hba.CAP))
         self.slots = ((self.cap >> CAP_NCS_SHIFT) & CAP_NCS_MASK) + 1
         implemented = self.regs.read32(Hba.PI)
         self.ports = [Port(self, i) for i in range(32) if implemented & 1 << i]
 
     @classmethod
-    def open(cls, bus: Bus) -> "Ahci":
-        return cls(bus, bus.open(bus.find(vendor=VENDOR, device=DEVICE)))
+    def open(cls, bus: Bus, **kwargs: object) -> "Ahci":
+        return cls(bus, bus.open(bus.find(vendor=VENDOR, device=DEVICE)), **kwargs)  # type: ignore[arg-type]
 
     def disks(self) -> list["Port"]:
         return [p for p in self.ports if p.present and p.signature == SIG_ATA]
@@ -94,6 +97,8 @@ class Ahci:
     def close(self) -> None:
         for p in self.ports:
             p.close()
+        if self.irq is not None:
+            self.irq.close()
         self.dev.close()
 
 
@@ -118,6 +123,8 @@ class Port:
         self._w(Px.FBU, self.received_fis.phys >> 32)
         self._w(Px.SERR, 0xFFFFFFFF)
         self._w(Px.IS, 0xFFFFFFFF)
+        if hba.irq is not None:
+            self._w(Px.IE, PxIs.DHRS | PxIs.PSS | PxIs.DSS | PxIs.SDBS | PXIS_ERRORS)
         if self.present:
             self.start()
 
@@ -169,7 +176,10 @@ class Port:
         return self.buffers.phys + slot * size, self.buffers.view[slot * size:(slot + 1) * size]
 
     def _prepare(self, slot: int, command: int, lba: int = 0, count: int = 0, write: bool = False,
-                 nbytes: int = 0, tag: int | None = None, device: int = DEVICE_LBA) -> None:
+                 nbytes: int = 0, tag: int | None = None, device: int = DEVICE_LBA,
+                 regions: Sequence[tuple[int, int]] = ()) -> None:
+        """Fill slot ``slot``: the FIS, then a PRD per region (phys, bytes), by default the
+        slot's own buffer for ``nbytes``."""
         table = self.tables.phys + slot * TABLE_SIZE
         view = self.tables.view[slot * TABLE_SIZE:(slot + 1) * TABLE_SIZE]
         fis = H2DFis(type=FIS_TYPE_H2D, flags=H2D_COMMAND, command=command, device=device,
@@ -180,25 +190,47 @@ class Port:
         else:                                   # NCQ: the count moves to the features fields
             fis.features, fis.features_exp, fis.count = count & 0xFF, count >> 8, tag << 3
         view[:len(bytes(fis))] = bytes(fis)
-        prds = 0
-        if nbytes:
-            phys, _ = self._slot_buffer(slot)
-            view[CMD_TABLE_PRDT:CMD_TABLE_PRDT + 16] = bytes(Prd(dba=phys, dbc=nbytes - 1))
-            prds = 1
-        header = CommandHeader(flags=5 | (HEADER_WRITE if write else 0), prdtl=prds, prdbc=0, ctba=table)
+        if not regions and nbytes:
+            regions = [(self._slot_buffer(slot)[0], nbytes)]
+        if len(regions) > MAX_PRDS:
+            raise ValueError(f"a command carries at most {MAX_PRDS} buffers")
+        for i, (phys, size) in enumerate(regions):
+            if not 0 < size <= MAX_PRD_BYTES or size & 1:
+                raise ValueError(f"a PRD moves an even 2 to {MAX_PRD_BYTES} bytes, not {size}")
+            view[CMD_TABLE_PRDT + 16 * i:CMD_TABLE_PRDT + 16 * (i + 1)] = bytes(Prd(dba=phys, dbc=size - 1))
+        header = CommandHeader(flags=5 | (HEADER_WRITE if write else 0), prdtl=len(regions), prdbc=0,
+                               ctba=table)
         self.command_list.view[slot * 32:slot * 32 + 32] = bytes(header)
 
     def _complete(self, reg: int, mask: int, what: str) -> None:
-        """Wait for ``mask`` to clear in PxCI or PxSACT; raise DiskError on a task-file error."""
-        with self.hba.dev.batch() as b:
-            b.poll(self.r, self.base + reg, 4, mask, 0, self.hba.timeout)
-            i_is = b.read32(self.r, self.base + Px.IS)
-            i_tfd = b.read32(self.r, self.base + Px.TFD)
-        errors, tfd = b.results[i_is] & PXIS_ERRORS, b.results[i_tfd]
-        if errors or tfd & Tfd.ERR:
-            self.recover()
-            raise DiskError(f"port {self.index}: {what} failed", tfd & 0xFF, tfd >> 8 & 0xFF)
-        self._w(Px.IS, b.results[i_is])          # acknowledge what completion set
+        """Wait for ``mask`` to clear in PxCI or PxSACT; raise DiskError on a task-file error.
+
+        Polling: the guest polls the register and reads PxIS and PxTFD in the same
+        batch. Interrupts: wait for the HBA's MSI, then look at the same three."""
+        deadline = Deadline(self.hba.timeout)
+        while True:
+            with self.hba.dev.batch() as b:
+                if self.hba.irq is None:
+                    i_reg = b.poll(self.r, self.base + reg, 4, mask, 0, self.hba.timeout)
+                else:
+                    i_reg = b.read32(self.r, self.base + reg)
+                i_is = b.read32(self.r, self.base + Px.IS)
+                i_tfd = b.read32(self.r, self.base + Px.TFD)
+            status, tfd = b.results[i_is], b.results[i_tfd]
+            if status & PXIS_ERRORS or tfd & Tfd.ERR:
+                self.recover()
+                raise DiskError(f"port {self.index}: {what} failed", tfd & 0xFF, tfd >> 8 & 0xFF)
+            if not b.results[i_reg] & mask:
+                break
+            if deadline.expired:
+                raise DeviceTimeout(what, 0, b.results[i_reg])
+            try:
+                self.hba.irq.wait(deadline.remaining)    # type: ignore[union-attr]
+            except InterruptTimeout:
+                pass
+        with self.hba.dev.batch() as b:                  # acknowledge what completion set
+            b.write32(self.r, self.base + Px.IS, status)
+            b.write32(self.r, Hba.IS, 1 << self.index)
 
     def _run(self, slot: int, what: str) -> None:
         try:
@@ -252,6 +284,26 @@ class Port:
             self._slot_buffer(0)[1][:n * SECTOR] = data[start * SECTOR:(start + n) * SECTOR]
             self._prepare(0, Ata.WRITE_DMA_EXT, lba + start, n, write=True, nbytes=n * SECTOR)
             self._run(0, f"WRITE DMA EXT {lba + start}+{n}")
+
+    def read_into(self, lba: int, buffers: Sequence[DmaBuffer]) -> None:
+        """Read straight into DMA buffers, in order (scatter): no copy through Python."""
+        self._transfer(lba, buffers, write=False)
+
+    def write_from(self, lba: int, buffers: Sequence[DmaBuffer]) -> None:
+        """Write straight from DMA buffers, in order (gather)."""
+        self._transfer(lba, buffers, write=True)
+
+    def _transfer(self, lba: int, buffers: Sequence[DmaBuffer], write: bool) -> None:
+        total = sum(b.size for b in buffers)
+        if not buffers or total % SECTOR or any(b.size % 2 for b in buffers):
+            raise ValueError(f"buffers of {total} bytes are not whole {SECTOR}-byte sectors")
+        count = total // SECTOR
+        if count > 65536:
+            raise ValueError("one command moves at most 65536 sectors")
+        self._check(lba, count)
+        command = Ata.WRITE_DMA_EXT if write else Ata.READ_DMA_EXT
+        self._prepare(0, command, lba, count & 0xFFFF, write=write, regions=[(b.phys, b.size) for b in buffers])
+        self._run(0, f"{command.name} {lba}+{count} ({len(buffers)} buffers)")
 
     def flush(self) -> None:
         self._prepare(0, Ata.FLUSH_CACHE_EXT)
