@@ -323,8 +323,8 @@ def write_json(result: dict, path: str | None) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import e1000, roundtrip
-    benches = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep}
+    from .bench import ahci, e1000, roundtrip
+    benches = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep, "ahci": ahci.run}
     result = benches[args.name](args.accel)
     say(json.dumps(result, indent=2))
     write_json(result, args.json)
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     with_accel(sub.add_parser("boot", help="boot the proxy guest, print the device table, wait for Ctrl-C"))
     with_accel(sub.add_parser("demo", help="boot, drive the devices, print what happened"))
     bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
-    bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr"))
+    bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci"))
     bench.add_argument("--json", metavar="PATH", help="write the result here too")
     net = sub.add_parser("net", help="the e1000 driver against QEMU's user-mode network")
     net_sub = net.add_subparsers(dest="net_command", required=True)

@@ -211,7 +211,7 @@ def _malformed(rng: random.Random, abi, nic_bars, cfg_size: int = 256) -> bytes:
                          (abi.PROXY_OP_NOP, abi.PROXY_OP_OPEN_PCI, abi.PROXY_OP_OPEN_ISA,
                           abi.PROXY_OP_CLOSE, abi.PROXY_OP_CRASH, abi.PROXY_OP_IRQ_ENABLE,
                           abi.PROXY_OP_IRQ_ACK, abi.PROXY_OP_IRQ_DISABLE, abi.PROXY_OP_NIC_TX_LOOP,
-                          abi.PROXY_OP_NIC_RX_LOOP)])
+                          abi.PROXY_OP_NIC_RX_LOOP, abi.PROXY_OP_DISK_READ_LOOP)])
         width, addr = garbage(8), garbage()
     elif kind == 1:     # an admin operation on a device channel
         op = rng.choice((abi.PROXY_OP_OPEN_PCI, abi.PROXY_OP_OPEN_ISA, abi.PROXY_OP_CLOSE, abi.PROXY_OP_CRASH))

@@ -202,14 +202,18 @@ class Port:
                                ctba=table)
         self.command_list.view[slot * 32:slot * 32 + 32] = bytes(header)
 
-    def _complete(self, reg: int, mask: int, what: str) -> None:
+    def _complete(self, reg: int, mask: int, what: str, issue: dict[int, int] | None = None) -> None:
         """Wait for ``mask`` to clear in PxCI or PxSACT; raise DiskError on a task-file error.
 
-        Polling: the guest polls the register and reads PxIS and PxTFD in the same
-        batch. Interrupts: wait for the HBA's MSI, then look at the same three."""
+        Polling: one batch writes the ``issue`` registers (PxSACT, PxCI), polls the
+        register guest-side and reads PxIS and PxTFD: a command costs one round trip.
+        Interrupts: issue, wait for the HBA's MSI, then look at the same registers."""
         deadline = Deadline(self.hba.timeout)
         while True:
             with self.hba.dev.batch() as b:
+                for issue_reg, value in (issue or {}).items():
+                    b.write32(self.r, self.base + issue_reg, value)
+                issue = None
                 if self.hba.irq is None:
                     i_reg = b.poll(self.r, self.base + reg, 4, mask, 0, self.hba.timeout)
                 else:
@@ -234,8 +238,7 @@ class Port:
 
     def _run(self, slot: int, what: str) -> None:
         try:
-            self._w(Px.CI, 1 << slot)
-            self._complete(Px.CI, 1 << slot, what)
+            self._complete(Px.CI, 1 << slot, what, issue={Px.CI: 1 << slot})
         except DeviceTimeout as exc:
             self.recover()
             raise DiskError(f"port {self.index}: {what} did not complete", exc.last_value, 0) from exc
@@ -309,34 +312,52 @@ class Port:
         self._prepare(0, Ata.FLUSH_CACHE_EXT)
         self._run(0, "FLUSH CACHE EXT")
 
+    @property
+    def queue_depth(self) -> int:
+        identity = self.identity or self.identify()
+        return min(self.slots, identity.queue_depth) if identity.ncq else 0
+
     def read_queued(self, requests: Sequence[tuple[int, int]]) -> list[bytes]:
         """NCQ: up to one request per slot in flight at once (READ FPDMA QUEUED); each
         completion is matched to its tag, so the results come back in request order."""
-        identity = self.identity or self.identify()
-        depth = min(self.slots, identity.queue_depth) if identity.ncq else 0
-        if not depth:
-            raise DiskError(f"port {self.index}: the device does not queue", 0, 0)
         for lba, count in requests:
             if count > SLOT_SECTORS:
                 raise ValueError(f"a queued read is at most {SLOT_SECTORS} sectors")
             self._check(lba, count)
         out: list[bytes] = []
+        self._queued([(lba, [(self._slot_buffer(tag % self.slots)[0], count * SECTOR)])
+                      for tag, (lba, count) in enumerate(requests)],
+                     lambda tag, group_start: out.append(
+                         bytes(self._slot_buffer(tag)[1][:requests[group_start + tag][1] * SECTOR])))
+        return out
+
+    def read_queued_into(self, requests: Sequence[tuple[int, DmaBuffer]]) -> None:
+        """NCQ straight into DMA buffers: no copy through Python."""
+        for lba, buffer in requests:
+            if buffer.size % SECTOR or buffer.size // SECTOR > 65535:
+                raise ValueError(f"a queued read moves whole sectors, at most 65535 ({buffer.size} bytes)")
+            self._check(lba, buffer.size // SECTOR)
+        self._queued([(lba, [(b.phys, b.size)]) for lba, b in requests], None)
+
+    def _queued(self, requests: Sequence[tuple[int, list[tuple[int, int]]]], collect) -> None:  # type: ignore[no-untyped-def]
+        depth = self.queue_depth
+        if not depth:
+            raise DiskError(f"port {self.index}: the device does not queue", 0, 0)
         for start in range(0, len(requests), depth):
             group = requests[start:start + depth]
             mask = 0
-            for tag, (lba, count) in enumerate(group):
-                self._prepare(tag, Ata.READ_FPDMA_QUEUED, lba, count, nbytes=count * SECTOR, tag=tag)
+            for tag, (lba, regions) in enumerate(group):
+                count = sum(size for _, size in regions) // SECTOR
+                self._prepare(tag, Ata.READ_FPDMA_QUEUED, lba, count, tag=tag, regions=regions)
                 mask |= 1 << tag
-            with self.hba.dev.batch() as b:
-                b.write32(self.r, self.base + Px.SACT, mask)
-                b.write32(self.r, self.base + Px.CI, mask)
             try:
-                self._complete(Px.SACT, mask, f"{len(group)} queued reads")
+                self._complete(Px.SACT, mask, f"{len(group)} queued reads", issue={Px.SACT: mask, Px.CI: mask})
             except DeviceTimeout as exc:
                 self.recover()
                 raise DiskError(f"port {self.index}: queued reads did not complete", exc.last_value, 0) from exc
-            out += [bytes(self._slot_buffer(tag)[1][:count * SECTOR]) for tag, (_, count) in enumerate(group)]
-        return out
+            if collect:
+                for tag in range(len(group)):
+                    collect(tag, start)
 
     def close(self) -> None:
         try:

@@ -79,6 +79,7 @@ enum proxy_op {
     /* the in-guest baselines ("the in-kernel driver"); addr = a struct proxy_nic_loop in the DMA pool */
     PROXY_OP_NIC_TX_LOOP = 48,      /* value := TSC cycles taken */
     PROXY_OP_NIC_RX_LOOP = 49,
+    PROXY_OP_DISK_READ_LOOP = 50,   /* addr = a struct proxy_disk_loop in the DMA pool */
 };
 
 enum proxy_irq_mode {
@@ -184,6 +185,27 @@ struct proxy_nic_loop {
     u32 next;                       /* in and out: TX tail, or RX next descriptor */
     u32 clean;                      /* in and out: TX oldest descriptor in flight */
     u32 done;                       /* out, updated as it goes: frames sent or received */
+};
+
+/*
+ * A native AHCI read loop on one port: the host has set up the command list,
+ * the command tables (FIS at 0, one PRD to the slot's buffer) and the port;
+ * the guest only writes the FIS's LBA and count and issues, as a kernel would.
+ */
+struct proxy_disk_loop {
+    u64 command_list;               /* the port's 32 command headers */
+    u64 tables;                     /* command tables, table_size apart */
+    u64 timeout_us;
+    u32 table_size;
+    u32 port_offset;                /* BAR offset of the port's registers */
+    u32 sectors;                    /* per command */
+    u32 count;                      /* commands to complete */
+    u32 depth;                      /* 1: READ DMA EXT; more: READ FPDMA QUEUED, this many in flight */
+    u32 lba_span;                   /* random LBAs below this; 0: sequential from 0 */
+    u32 seed;
+    u32 done;                       /* out: commands completed */
+    u32 errors;                     /* out: commands that ended in a task-file error */
+    u32 pad;
 };
 
 /* Per channel, written by the guest's interrupt handler; the host watches `count`. */

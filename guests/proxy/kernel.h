@@ -45,6 +45,7 @@ void pci_disable_msix(const struct proxy_pci_device *d);
 /* native.c */
 u64 native_tx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress);
 u64 native_rx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress);
+u64 native_disk_read(struct proxy_disk_loop *p, u64 bar, volatile u32 *progress);
 
 /* proxy.c */
 extern struct proxy_shared *shared;

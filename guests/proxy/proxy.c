@@ -244,7 +244,6 @@ static u16 poll(const struct proxy_request *rq, u64 *value)
             return PROXY_STATUS_OK;
         if (rdtsc() >= deadline)
             return PROXY_STATUS_TIMEOUT;
-        pause();
     }
 }
 
@@ -340,6 +339,32 @@ static u16 nic_loop(int c, const struct proxy_request *rq, u64 *value)
     return PROXY_STATUS_OK;
 }
 
+/* The native disk loop: block, command list and tables in the DMA pool, the port in the HBA's BAR. */
+static u16 disk_loop(int c, const struct proxy_request *rq, u64 *value)
+{
+    const struct channel *ch = &channels[c];
+    if (c == 0 || !ch->device || !ch->nmmio)
+        return PROXY_STATUS_DENIED;
+    u64 pool = shared->window_phys + PROXY_DMA_OFFSET, pool_end = shared->window_phys + shared->window_size;
+    if (rq->addr < pool || rq->addr + sizeof(struct proxy_disk_loop) > pool_end || rq->addr & 7)
+        return PROXY_STATUS_DENIED;
+    struct proxy_disk_loop p;
+    memcpy(&p, (const void *)(unsigned long)rq->addr, sizeof(p));
+    const struct window *bar = &ch->mmio[ch->nmmio - 1];        /* the AHCI BAR is the last memory BAR */
+    if (p.depth < 1 || p.depth > 32 || p.sectors < 1 || p.sectors > 65535 || p.table_size < 128
+        || p.command_list < pool || p.command_list + 32 * 32 > pool_end
+        || p.tables < pool || p.tables + (u64)p.table_size * p.depth > pool_end
+        || p.port_offset & 3 || p.port_offset + 0x80 > bar->size
+        || p.timeout_us > PROXY_POLL_MAX_US * 10ull)
+        return PROXY_STATUS_BAD_REQUEST;
+    struct proxy_disk_loop *live = (struct proxy_disk_loop *)(unsigned long)rq->addr;
+    live->done = 0;
+    *value = native_disk_read(&p, bar->base, &live->done);
+    live->done = p.done;
+    live->errors = p.errors;
+    return PROXY_STATUS_OK;
+}
+
 static u16 execute(int c, const struct proxy_request *rq, u64 *value)
 {
     const struct channel *ch = &channels[c];
@@ -353,6 +378,8 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
         return interrupt_op(c, rq);
     if (op == PROXY_OP_NIC_TX_LOOP || op == PROXY_OP_NIC_RX_LOOP)
         return nic_loop(c, rq, value);
+    if (op == PROXY_OP_DISK_READ_LOOP)
+        return disk_loop(c, rq, value);
     if (op > PROXY_OP_MMIO_REPEAT)
         return PROXY_STATUS_BAD_REQUEST;
     u16 st = check_access(ch, op, addr, width);
