@@ -147,7 +147,14 @@ class Irq(abc.ABC):
 
 
 class Channel(abc.ABC):
-    """A transport's connection for one device. Accesses run in order."""
+    """A transport's connection for one device. Accesses run in order.
+
+    ``spin`` is how long a transport may busy-wait for a completion before it
+    sleeps. On a machine with few cores a device whose operations take long
+    (a disk) runs faster when the waiting host gives its core back.
+    """
+
+    spin: float = 0.0
 
     @abc.abstractmethod
     def execute(self, accesses: Sequence[Access]) -> list[int]:
@@ -167,6 +174,10 @@ class Channel(abc.ABC):
         Returns the matching value; raises DeviceTimeout with the last one."""
         return self.execute([Access(Kind.POLL, space, addr, width, 0, mask, expect, timeout)])[0]
 
+    def prepare(self, accesses: Sequence[Access]) -> "Prepared":
+        """A batch to run many times; a transport may encode it once (the proxy does)."""
+        return Prepared(self, accesses)
+
     def accessor(self, kind: Kind, space: Space) -> Callable[[int, int, int], int]:
         """A callable ``(width, addr, value) -> int`` doing one read or write.
 
@@ -184,6 +195,17 @@ class Channel(abc.ABC):
 
     def close(self) -> None:
         """Give the grants back. Idempotent."""
+
+
+class Prepared:
+    """A fixed batch: ``run()`` executes it and returns one value per access."""
+
+    def __init__(self, channel: Channel, accesses: Sequence[Access]) -> None:
+        self.channel = channel
+        self.accesses = list(accesses)
+
+    def run(self) -> list[int]:
+        return self.channel.execute(self.accesses)
 
 
 class Region:

@@ -9,12 +9,13 @@ to issue and one to complete. Data land in DMA buffers the host has mapped.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import struct
 from dataclasses import dataclass
 from typing import Sequence
 
-from harness.access import Bus, Deadline, Device, DmaBuffer, IrqMode
+from harness.access import Bus, Deadline, Device, DmaBuffer, IrqMode, Kind, Prepared
 from harness.errors import DeviceTimeout, HarnessError, InterruptTimeout
 
 from .regs import (CAP_NCS_MASK, CAP_NCS_SHIFT, CMD_TABLE_PRDT, DEVICE_LBA, FIS_TYPE_H2D, H2D_COMMAND,
@@ -30,6 +31,13 @@ MAX_PRDS = 24                           # scatter-gather entries a command may c
 TABLE_SIZE = CMD_TABLE_PRDT + 16 * MAX_PRDS     # FIS, ATAPI command, PRD table: 512 bytes (aligned 128)
 MAX_PRD_BYTES = 4 << 20                 # a PRD moves at most 4 MiB (22-bit byte count)
 PCI_COMMAND, PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x04, 0x2, 0x4
+
+# The hot path packs with struct; the layouts are the ctypes declarations in regs.py.
+FIS = struct.Struct("<BBBBBBBBBBBBHBBI")
+PRD = struct.Struct("<QII")
+HEADER = struct.Struct("<HHIQ")
+assert FIS.size == ctypes.sizeof(H2DFis) and PRD.size == ctypes.sizeof(Prd)
+assert HEADER.size == CommandHeader.ctba.offset + CommandHeader.ctba.size
 
 
 class DiskError(HarnessError):
@@ -116,6 +124,7 @@ class Port:
         self.tables = bus.dma_alloc(self.slots * TABLE_SIZE, 128)
         self.buffers = bus.dma_alloc(self.slots * SLOT_SECTORS * SECTOR)
         self.identity: Identity | None = None
+        self._completions: dict[tuple, Prepared] = {}
         self.stop()
         self._w(Px.CLB, self.command_list.phys & 0xFFFFFFFF)
         self._w(Px.CLBU, self.command_list.phys >> 32)
@@ -175,21 +184,34 @@ class Port:
         size = SLOT_SECTORS * SECTOR
         return self.buffers.phys + slot * size, self.buffers.view[slot * size:(slot + 1) * size]
 
+    def _completion(self, reg: int, mask: int, issue: tuple[tuple[int, int], ...]) -> Prepared:
+        """Issue, poll until ``mask`` clears in ``reg``, read PxIS and PxTFD, then clear both
+        interrupt status registers: one batch, encoded once and kept per shape."""
+        key = (reg, mask, issue)
+        batch = self._completions.get(key)
+        if batch is None:
+            r, base, t = self.r, self.base, self.hba.timeout
+            accesses = [r.access(Kind.WRITE, base + ir, 4, v) for ir, v in issue]
+            accesses += [r.access(Kind.POLL, base + reg, 4, 0, mask, 0, t),
+                         r.access(Kind.READ, base + Px.IS, 4), r.access(Kind.READ, base + Px.TFD, 4),
+                         r.access(Kind.WRITE, base + Px.IS, 4, 0xFFFFFFFF),
+                         r.access(Kind.WRITE, Hba.IS, 4, 1 << self.index)]
+            batch = self._completions[key] = self.hba.dev.channel.prepare(accesses)
+        return batch
+
     def _prepare(self, slot: int, command: int, lba: int = 0, count: int = 0, write: bool = False,
                  nbytes: int = 0, tag: int | None = None, device: int = DEVICE_LBA,
                  regions: Sequence[tuple[int, int]] = ()) -> None:
         """Fill slot ``slot``: the FIS, then a PRD per region (phys, bytes), by default the
         slot's own buffer for ``nbytes``."""
-        table = self.tables.phys + slot * TABLE_SIZE
-        view = self.tables.view[slot * TABLE_SIZE:(slot + 1) * TABLE_SIZE]
-        fis = H2DFis(type=FIS_TYPE_H2D, flags=H2D_COMMAND, command=command, device=device,
-                     lba0=lba & 0xFF, lba1=lba >> 8 & 0xFF, lba2=lba >> 16 & 0xFF,
-                     lba3=lba >> 24 & 0xFF, lba4=lba >> 32 & 0xFF, lba5=lba >> 40 & 0xFF)
+        table_off = slot * TABLE_SIZE
         if tag is None:
-            fis.count = count
+            features, features_exp, fis_count = 0, 0, count
         else:                                   # NCQ: the count moves to the features fields
-            fis.features, fis.features_exp, fis.count = count & 0xFF, count >> 8, tag << 3
-        view[:len(bytes(fis))] = bytes(fis)
+            features, features_exp, fis_count = count & 0xFF, count >> 8, tag << 3
+        FIS.pack_into(self.tables.view, table_off, FIS_TYPE_H2D, H2D_COMMAND, command, features,
+                      lba & 0xFF, lba >> 8 & 0xFF, lba >> 16 & 0xFF, device, lba >> 24 & 0xFF,
+                      lba >> 32 & 0xFF, lba >> 40 & 0xFF, features_exp, fis_count, 0, 0, 0)
         if not regions and nbytes:
             regions = [(self._slot_buffer(slot)[0], nbytes)]
         if len(regions) > MAX_PRDS:
@@ -197,10 +219,9 @@ class Port:
         for i, (phys, size) in enumerate(regions):
             if not 0 < size <= MAX_PRD_BYTES or size & 1:
                 raise ValueError(f"a PRD moves an even 2 to {MAX_PRD_BYTES} bytes, not {size}")
-            view[CMD_TABLE_PRDT + 16 * i:CMD_TABLE_PRDT + 16 * (i + 1)] = bytes(Prd(dba=phys, dbc=size - 1))
-        header = CommandHeader(flags=5 | (HEADER_WRITE if write else 0), prdtl=len(regions), prdbc=0,
-                               ctba=table)
-        self.command_list.view[slot * 32:slot * 32 + 32] = bytes(header)
+            PRD.pack_into(self.tables.view, table_off + CMD_TABLE_PRDT + 16 * i, phys, 0, size - 1)
+        HEADER.pack_into(self.command_list.view, slot * 32, 5 | (HEADER_WRITE if write else 0), len(regions), 0,
+                         self.tables.phys + table_off)
 
     def _complete(self, reg: int, mask: int, what: str, issue: dict[int, int] | None = None) -> None:
         """Wait for ``mask`` to clear in PxCI or PxSACT; raise DiskError on a task-file error.
@@ -208,6 +229,13 @@ class Port:
         Polling: one batch writes the ``issue`` registers (PxSACT, PxCI), polls the
         register guest-side and reads PxIS and PxTFD: a command costs one round trip.
         Interrupts: issue, wait for the HBA's MSI, then look at the same registers."""
+        if self.hba.irq is None:
+            values = self._completion(reg, mask, tuple(sorted((issue or {}).items()))).run()
+            status, tfd = values[-4], values[-3]
+            if status & PXIS_ERRORS or tfd & Tfd.ERR:
+                self.recover()
+                raise DiskError(f"port {self.index}: {what} failed", tfd & 0xFF, tfd >> 8 & 0xFF)
+            return
         deadline = Deadline(self.hba.timeout)
         while True:
             with self.hba.dev.batch() as b:

@@ -6,8 +6,9 @@ import functools
 import logging
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from ..access import Access, Channel, IrqMode, Kind, Space
+from ..access import Access, Channel, IrqMode, Kind, Prepared, Space
 from ..errors import AbiError, AccessDenied, BadRequest, DeviceTimeout, ProxyError, ProxyFault
+from .window import SPIN_SECONDS
 
 if TYPE_CHECKING:
     from .bus import ProxyBus
@@ -31,6 +32,7 @@ class ProxyChannel(Channel):
         self.index = index
         self.name = name
         self.closed = False
+        self.spin = SPIN_SECONDS
         w = bus.window
         abi = bus.abi
         self._w = w
@@ -99,7 +101,7 @@ class ProxyChannel(Channel):
         u32[self._submit_idx] = head
         self._w.kick_if_sleeping()
         if u32[served] != head:
-            self._w.wait(lambda: u32[served] == head, timeout, what, self.index)
+            self._w.wait(lambda: u32[served] == head, timeout, what, self.index, spin=self.spin)
 
     def submit_raw(self, entries: Sequence[bytes], timeout: float = DEFAULT_TIMEOUT) -> list[tuple[int, int]]:
         """Publish whole ring entries exactly as given, garbage included (for testing the
@@ -178,7 +180,7 @@ class ProxyChannel(Channel):
             spins += 1
             if spins > 256:
                 self._w.wait(lambda: u16[st] != 0, DEFAULT_TIMEOUT, self._describe(op, width, addr, value),
-                             self.index)
+                             self.index, spin=self.spin)
                 break
         status = u16[st]
         result = self._u64[(slot + self._value_off) >> 3]
@@ -262,7 +264,7 @@ class ProxyChannel(Channel):
             self.bus.close_channel(self)
 
 
-class PreparedBatch:
+class PreparedBatch(Prepared):
     """A batch encoded once into ring-entry bytes; ``run()`` copies it in and returns the values."""
 
     def __init__(self, channel: ProxyChannel, accesses: Sequence[Access]) -> None:
