@@ -72,6 +72,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec.device("isa-debugcon", iobase=DEBUGCON_PORT, chardev="debugcon")
     printer = spec.chardev_file("printer")
     spec.device("isa-parallel", chardev="printer", iobase=0x378, irq=7)
+    image = Path(__file__).resolve().parents[1] / "images" / "fat16.img"
+    spec.drive(file=str(image), format="raw", id="disk0", snapshot=True, **{"if": "none"})
+    spec.device("ide-hd", drive="disk0", bus="ide.0")
     t0 = time.monotonic()
     with ProxyMachine(spec, name="demo") as pm:
         say(f"== booted the proxy guest under {pm.machine.accel} in {time.monotonic() - t0:.2f} s "
@@ -145,6 +148,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         say("\n== e1000: DHCP, ARP and ICMP through QEMU's user-mode network, by the Python driver")
         ping_report(pm, 3)
+
+        say("\n== AHCI: the disk identified and its FAT filesystem listed through the Python driver")
+        from drivers.ahci import Ahci
+        from drivers.ahci.fat import DriverFatFS
+        hba = Ahci.open(pm.bus)
+        disk = hba.disks()[0]
+        identity = disk.identify()
+        say(f"port {disk.index}: {identity.model}, serial {identity.serial}, firmware {identity.firmware}, "
+            f"{identity.sectors * 512 // (1 << 20)} MiB, NCQ depth {identity.queue_depth}")
+        fat = DriverFatFS(disk, read_only=True)
+        for entry in fat.scandir("/", namespaces=["details"]):
+            say(f"  {'<DIR>' if entry.is_dir else entry.size:>8}  {entry.name}")
+        say(f"  /HELLO.TXT: {fat.readbytes('/HELLO.TXT').decode().strip()!r}")
+        fat.close()
+        hba.close()
 
         say("\n== a guest CPU exception becomes a readable crash report")
         try:
