@@ -12,7 +12,8 @@ STAMP := .deps.stamp
 deps: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v mformat >/dev/null; then \
+	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v mformat >/dev/null \
+	        || ! PATH="$$PATH:/sbin:/usr/sbin" command -v mkfs.fat >/dev/null; then \
 	    if [ "$$(id -u)" = 0 ]; then \
 	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
 	    else \

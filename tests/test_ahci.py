@@ -119,7 +119,8 @@ def test_writes_through_the_driver_are_read_back_by_mtools_and_fsck_is_clean(
     fat.close()
     disk = hba.disks()[0]
     rng = random.Random()
-    spots = {rng.randrange(40_000, disk.size // 512 - 8): rng.randbytes(512 * rng.randint(1, 8)) for _ in range(20)}
+    slots = rng.sample(range(40_000 // 16, disk.size // 512 // 16), 20)     # 16-sector slots: no overlaps
+    spots = {slot * 16 + rng.randrange(8): rng.randbytes(512 * rng.randint(1, 8)) for slot in slots}
     for lba, data in sorted(spots.items()):            # raw sectors far past the files
         disk.write(lba, data)
     disk.flush()                                       # acknowledged after flush: must be on disk
