@@ -22,6 +22,7 @@ from .access import Batch, IrqMode
 from .bench.stats import latencies_us, pct
 from .errors import HarnessError
 from .input import move_mouse, type_keys
+from drivers.ps2 import open_i8042
 from .machine import Option, RuntimeFile, random_mac
 from .proxy import ProxyMachine, proxy_spec
 
@@ -128,7 +129,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         say("(`hwharness latency --plot PNG` for the full picture)")
 
         say("\n== PS/2: a sentence typed through QMP, decoded by the Python keyboard driver")
-        controller, keyboard, mouse = open_ps2(pm)
+        controller, keyboard, mouse = open_i8042(pm.bus)
         sentence = "The quick brown fox jumps over the lazy dog: 1234567890!"
         decoded = type_and_decode(pm, keyboard, list(sentence), idle=0.5)
         say(f"typed:   {sentence}")
@@ -181,18 +182,6 @@ def keyboard_machine(accel: str) -> ProxyMachine:
     return ProxyMachine(proxy_spec(accel=accel), name="keyboard")
 
 
-def open_ps2(pm: ProxyMachine):  # type: ignore[no-untyped-def]
-    """The i8042 with both interrupts, initialised, keyboard and mouse set up."""
-    from drivers.ps2 import Controller, Keyboard, Mouse
-    ports = pm.bus.ports(0x60, 5)
-    controller = Controller(ports, ports.channel.interrupt(IrqMode.ISA, isa_irqs=(1, 12)))
-    controller.initialize()
-    keyboard, mouse = Keyboard(controller), Mouse(controller)
-    keyboard.setup()
-    mouse.setup()
-    return controller, keyboard, mouse
-
-
 def type_and_decode(pm: ProxyMachine, keyboard, tokens: list[str], idle: float = 1.0) -> str:  # type: ignore[no-untyped-def]
     """Inject ``tokens`` through QMP while the driver reads; what the driver decoded."""
     typist = threading.Thread(target=type_keys, args=(pm.machine, tokens))
@@ -205,7 +194,7 @@ def type_and_decode(pm: ProxyMachine, keyboard, tokens: list[str], idle: float =
 
 def cmd_keyboard(args: argparse.Namespace) -> int:
     with keyboard_machine(args.accel) as pm:
-        _, keyboard, _ = open_ps2(pm)
+        _, keyboard, _ = open_i8042(pm.bus)
         say(f"decoded: {escape_controls(type_and_decode(pm, keyboard, list(args.type)))}")
     return 0
 

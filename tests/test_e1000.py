@@ -16,24 +16,14 @@ import pytest
 
 from drivers.e1000 import E1000, TxRingFull
 from drivers.e1000.regs import Reg, Tctl
+from harness.bench.e1000 import host_socket
 from harness.machine import MachineSpec, Option, RuntimeFile
 from harness.netstack import Host
 from harness.proxy import ProxyMachine
 
 pytestmark = pytest.mark.qemu
 
-SO_RCVBUFFORCE = 33     # Linux: root may exceed rmem_max
 BURST = 80              # frames the host sends before the guest catches up: more than a 64-entry ring
-
-
-def udp_socket() -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
-    except PermissionError:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
-    s.bind(("127.0.0.1", 0))
-    return s
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +52,7 @@ def test_dhcp_arp_icmp_and_udp_through_the_user_mode_network(user_net) -> None:
     rtts = [host.ping(lease.router, seq, payload=os.urandom(56)) for seq in range(5)]
     assert all(r > 0 for r in rtts)
     # a server on the host's loopback, reached through the user-mode network's forwarding
-    server = udp_socket()
+    server = host_socket()
     port = server.getsockname()[1]
 
     def echo() -> None:
@@ -104,8 +94,8 @@ def test_the_filter_dump_pcap_reads_back_with_a_packet_library(user_net, tmp_pat
 
 @pytest.fixture(scope="module")
 def socket_net(proxy_machine_factory_module) -> Iterator[tuple[ProxyMachine, E1000, socket.socket, int]]:
-    host = udp_socket()
-    probe = udp_socket()
+    host = host_socket()
+    probe = host_socket()
     qemu_port = probe.getsockname()[1]          # free now; QEMU binds it next
     probe.close()
 

@@ -7,9 +7,8 @@ from typing import Iterator
 
 import pytest
 
-from drivers.ps2 import CommandRefused, Controller, Keyboard, Mouse, Port
+from drivers.ps2 import CommandRefused, Controller, Keyboard, Mouse, Port, open_i8042
 from drivers.ps2.regs import Led
-from harness.access import IrqMode
 from harness.input import move_mouse, type_keys
 from harness.proxy import ProxyMachine
 
@@ -19,14 +18,9 @@ pytestmark = pytest.mark.qemu
 @pytest.fixture(scope="module")
 def ps2(proxy_machine_factory_module) -> Iterator[tuple[ProxyMachine, Controller, Keyboard, Mouse]]:
     pm = proxy_machine_factory_module(name="ps2")
-    ports = pm.bus.ports(0x60, 5)
-    controller = Controller(ports, ports.channel.interrupt(IrqMode.ISA, isa_irqs=(1, 12)))
-    controller.initialize()
-    keyboard, mouse = Keyboard(controller), Mouse(controller)
-    keyboard.setup()
-    mouse.setup()
+    controller, keyboard, mouse = open_i8042(pm.bus)
     yield pm, controller, keyboard, mouse
-    ports.channel.close()
+    controller.ports.channel.close()
 
 
 def typed(pm: ProxyMachine, keyboard: Keyboard, tokens: list[str]) -> list:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from harness.access import Batch, Bus, Deadline, Device, DmaBuffer, IrqMode
+from harness.access import Bus, Deadline, Device, IrqMode
 from harness.errors import DeviceTimeout, HarnessError, InterruptTimeout
 
 from .descriptors import RX_DD, RX_EOP, TX_DD, TX_EOP, TX_IFCS, TX_RS, RxDesc, TxDesc

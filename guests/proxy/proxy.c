@@ -308,6 +308,13 @@ static u16 interrupt_op(int c, const struct proxy_request *rq)
     }
 }
 
+/* Does [addr, addr + len) lie inside the DMA pool? Native loops touch only that memory. */
+static int in_pool(u64 addr, u64 len)
+{
+    u64 pool = shared->window_phys + PROXY_DMA_OFFSET, end = shared->window_phys + shared->window_size;
+    return addr >= pool && addr <= end && len <= end - addr;
+}
+
 /*
  * The native loops: the parameter block must lie in the DMA pool, the ring
  * too, and the tail and flush registers in the channel's first memory BAR.
@@ -317,13 +324,12 @@ static u16 nic_loop(int c, const struct proxy_request *rq, u64 *value)
     const struct channel *ch = &channels[c];
     if (c == 0 || !ch->device || !ch->nmmio)
         return PROXY_STATUS_DENIED;
-    u64 pool = shared->window_phys + PROXY_DMA_OFFSET, pool_end = shared->window_phys + shared->window_size;
-    if (rq->addr < pool || rq->addr + sizeof(struct proxy_nic_loop) > pool_end || rq->addr & 7)
+    if (!in_pool(rq->addr, sizeof(struct proxy_nic_loop)) || rq->addr & 7)
         return PROXY_STATUS_DENIED;
     struct proxy_nic_loop p;
     memcpy(&p, (const void *)(unsigned long)rq->addr, sizeof(p));
     const struct window *bar = &ch->mmio[0];
-    if (p.entries < 8 || p.entries > 4096 || p.ring_phys < pool || p.ring_phys + 16ull * p.entries > pool_end
+    if (p.entries < 8 || p.entries > 4096 || !in_pool(p.ring_phys, 16ull * p.entries)
         || p.tail_reg & 3 || p.flush_reg & 3 || p.tail_reg + 4 > bar->size || p.flush_reg + 4 > bar->size
         || p.next >= p.entries || p.clean >= p.entries || p.frame_len > 16384
         || p.timeout_us > PROXY_POLL_MAX_US * 10ull)
@@ -345,15 +351,13 @@ static u16 disk_loop(int c, const struct proxy_request *rq, u64 *value)
     const struct channel *ch = &channels[c];
     if (c == 0 || !ch->device || !ch->nmmio)
         return PROXY_STATUS_DENIED;
-    u64 pool = shared->window_phys + PROXY_DMA_OFFSET, pool_end = shared->window_phys + shared->window_size;
-    if (rq->addr < pool || rq->addr + sizeof(struct proxy_disk_loop) > pool_end || rq->addr & 7)
+    if (!in_pool(rq->addr, sizeof(struct proxy_disk_loop)) || rq->addr & 7)
         return PROXY_STATUS_DENIED;
     struct proxy_disk_loop p;
     memcpy(&p, (const void *)(unsigned long)rq->addr, sizeof(p));
     const struct window *bar = &ch->mmio[ch->nmmio - 1];        /* the AHCI BAR is the last memory BAR */
     if (p.depth < 1 || p.depth > 32 || p.sectors < 1 || p.sectors > 65535 || p.table_size < 128
-        || p.command_list < pool || p.command_list + 32 * 32 > pool_end
-        || p.tables < pool || p.tables + (u64)p.table_size * p.depth > pool_end
+        || !in_pool(p.command_list, 32 * 32) || !in_pool(p.tables, (u64)p.table_size * p.depth)
         || p.port_offset & 3 || p.port_offset + 0x80 > bar->size
         || p.timeout_us > PROXY_POLL_MAX_US * 10ull)
         return PROXY_STATUS_BAD_REQUEST;

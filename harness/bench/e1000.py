@@ -19,7 +19,7 @@ import time
 from typing import Callable
 
 from drivers.e1000 import E1000
-from drivers.e1000.driver import BUFFER_SIZE, DESC_SIZE
+from drivers.e1000.driver import BUFFER_SIZE
 from drivers.e1000.regs import Reg
 
 from ..machine import MachineSpec
@@ -36,6 +36,7 @@ LOOP_FIELDS = ["ring_phys", "timeout_us", "entries", "frame_len", "count", "tail
 
 
 def host_socket() -> socket.socket:
+    """A UDP socket on loopback with a buffer big enough for a burst of full frames."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
