@@ -180,3 +180,27 @@ def test_scatter_gather_and_completion_by_interrupt(proxy_machine_factory, tmp_p
             pm.bus.dma_free(b)
     finally:
         hba.close()
+
+
+def test_atapi_reads_a_cdrom_image_byte_exact(proxy_machine_factory, tmp_path: Path) -> None:
+    disc = tmp_path / "disc.bin"
+    disc.write_bytes(random.randbytes(2048 * 400))        # 400 blocks of 2048 bytes
+
+    def configure(spec: MachineSpec) -> None:
+        spec.drive(file=str(disc), format="raw", id="cd0", readonly=True, media="cdrom", **{"if": "none"})
+        spec.device("ide-cd", drive="cd0", bus="ide.1")
+
+    pm = proxy_machine_factory(configure, name="ahci-cd")
+    hba = Ahci.open(pm.bus)
+    try:
+        assert not hba.disks()
+        cd = hba.cdroms()[0]
+        assert cd.identify_packet().model == "QEMU DVD-ROM"
+        assert cd.atapi_capacity() == (400, 2048)
+        data = disc.read_bytes()
+        assert cd.atapi_read(0, 1) == data[:2048]
+        assert cd.atapi_read(123, 77) == data[123 * 2048:200 * 2048]   # crosses a 64 KiB transfer
+        with pytest.raises(ValueError):
+            cd.atapi_read(399, 2)
+    finally:
+        hba.close()

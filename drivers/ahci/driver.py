@@ -19,7 +19,7 @@ from harness.access import Bus, Deadline, Device, DmaBuffer, IrqMode, Kind, Prep
 from harness.errors import DeviceTimeout, HarnessError, InterruptTimeout
 
 from .regs import (CAP_NCS_MASK, CAP_NCS_SHIFT, CMD_TABLE_PRDT, DEVICE_LBA, FIS_TYPE_H2D, H2D_COMMAND,
-                   HEADER_WRITE, PORT_BASE, PORT_STRIDE, PXIS_ERRORS, SECTOR, SIG_ATA, SSTS_DET_PRESENT, Ata, Cap,
+                   HEADER_ATAPI, HEADER_WRITE, PORT_BASE, CMD_TABLE_ACMD, SIG_ATAPI, PORT_STRIDE, PXIS_ERRORS, SECTOR, SIG_ATA, SSTS_DET_PRESENT, Ata, Cap,
                    CommandHeader, Ghc, H2DFis, Hba, Prd, Px, PxCmd, PxIs, Tfd)
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,9 @@ class Ahci:
 
     def disks(self) -> list["Port"]:
         return [p for p in self.ports if p.present and p.signature == SIG_ATA]
+
+    def cdroms(self) -> list["Port"]:
+        return [p for p in self.ports if p.present and p.signature == SIG_ATAPI]
 
     def close(self) -> None:
         for p in self.ports:
@@ -335,6 +338,46 @@ class Port:
         command = Ata.WRITE_DMA_EXT if write else Ata.READ_DMA_EXT
         self._prepare(0, command, lba, count & 0xFFFF, write=write, regions=[(b.phys, b.size) for b in buffers])
         self._run(0, f"{command.name} {lba}+{count} ({len(buffers)} buffers)")
+
+    # ---- ATAPI (a CD-ROM): SCSI commands inside ATA PACKET (MMC; AHCI 4.2.2 "A") ----
+
+    def _packet(self, cdb: bytes, nbytes: int, what: str) -> memoryview:
+        """PACKET with ``cdb`` in the command table's ATAPI area, data in by DMA to slot 0."""
+        if nbytes > SLOT_SECTORS * SECTOR:
+            raise ValueError(f"one ATAPI transfer moves at most {SLOT_SECTORS * SECTOR} bytes")
+        self._prepare(0, Ata.PACKET, 0, 0, nbytes=nbytes, device=0)
+        FIS_FEATURES_DMA = 0x01
+        self.tables.view[3] = FIS_FEATURES_DMA                  # the FIS's features: data by DMA
+        self.tables.view[CMD_TABLE_ACMD:CMD_TABLE_ACMD + 16] = cdb.ljust(16, b"\0")
+        flags = self.command_list.view[0] | HEADER_ATAPI
+        self.command_list.view[0] = flags & 0xFF
+        self._run(0, what)
+        return self._slot_buffer(0)[1][:nbytes]
+
+    def identify_packet(self) -> Identity:
+        self._prepare(0, Ata.IDENTIFY_PACKET, nbytes=SECTOR, device=0)
+        self._run(0, "IDENTIFY PACKET DEVICE")
+        self.identity = parse_identify(bytes(self._slot_buffer(0)[1][:SECTOR]))
+        return self.identity
+
+    def atapi_capacity(self) -> tuple[int, int]:
+        """READ CAPACITY(10): (blocks, block size)."""
+        data = bytes(self._packet(bytes([0x25]), 8, "READ CAPACITY"))
+        last, size = struct.unpack(">II", data)
+        return last + 1, size
+
+    def atapi_read(self, lba: int, count: int) -> bytes:
+        """READ(10) of ``count`` 2048-byte blocks from ``lba``."""
+        blocks, size = self.atapi_capacity()
+        if count <= 0 or lba < 0 or lba + count > blocks:
+            raise ValueError(f"blocks {lba}..{lba + count - 1} are not on a disc of {blocks}")
+        out = bytearray()
+        per = SLOT_SECTORS * SECTOR // size
+        for start in range(0, count, per):
+            n = min(per, count - start)
+            cdb = struct.pack(">BBIBHB", 0x28, 0, lba + start, 0, n, 0)
+            out += self._packet(cdb, n * size, f"READ(10) {lba + start}+{n}")
+        return bytes(out)
 
     def flush(self) -> None:
         self._prepare(0, Ata.FLUSH_CACHE_EXT)
