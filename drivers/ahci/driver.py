@@ -19,7 +19,7 @@ from harness.access import Bus, Deadline, Device, DmaBuffer, IrqMode, Kind, Prep
 from harness.errors import DeviceTimeout, HarnessError, InterruptTimeout
 
 from .regs import (CAP_NCS_MASK, CAP_NCS_SHIFT, CMD_TABLE_PRDT, DEVICE_LBA, FIS_TYPE_H2D, H2D_COMMAND,
-                   HEADER_ATAPI, HEADER_WRITE, PORT_BASE, CMD_TABLE_ACMD, SIG_ATAPI, PORT_STRIDE, PXIS_ERRORS, SECTOR, SIG_ATA, SSTS_DET_PRESENT, Ata, Cap,
+                   HEADER_ATAPI, HEADER_WRITE, PACKET_DMA, PORT_BASE, CMD_TABLE_ACMD, SIG_ATAPI, PORT_STRIDE, PXIS_ERRORS, SECTOR, SIG_ATA, SSTS_DET_PRESENT, Ata, Cap,
                    CommandHeader, Ghc, H2DFis, Hba, Prd, Px, PxCmd, PxIs, Tfd)
 
 log = logging.getLogger(__name__)
@@ -346,8 +346,7 @@ class Port:
         if nbytes > SLOT_SECTORS * SECTOR:
             raise ValueError(f"one ATAPI transfer moves at most {SLOT_SECTORS * SECTOR} bytes")
         self._prepare(0, Ata.PACKET, 0, 0, nbytes=nbytes, device=0)
-        FIS_FEATURES_DMA = 0x01
-        self.tables.view[3] = FIS_FEATURES_DMA                  # the FIS's features: data by DMA
+        self.tables.view[3] = PACKET_DMA                        # the FIS's features byte
         self.tables.view[CMD_TABLE_ACMD:CMD_TABLE_ACMD + 16] = cdb.ljust(16, b"\0")
         flags = self.command_list.view[0] | HEADER_ATAPI
         self.command_list.view[0] = flags & 0xFF

@@ -137,5 +137,6 @@ assert ctypes.sizeof(CommandHeader) == 32 and ctypes.sizeof(Prd) == 16 and ctype
 H2D_COMMAND = 0x80          # flags: this FIS updates the command register
 HEADER_WRITE = 1 << 6
 HEADER_ATAPI = 1 << 5
+PACKET_DMA = 0x01           # PACKET's features: the data move by DMA
 CMD_TABLE_PRDT = 0x80       # PRDT offset in a command table
 CMD_TABLE_ACMD = 0x40       # ATAPI command offset
