@@ -22,10 +22,11 @@ The pieces:
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 
 class Deadline:
@@ -55,7 +56,12 @@ class Space(enum.Enum):
 class Kind(enum.Enum):
     READ = "read"
     WRITE = "write"
-    POLL = "poll"      # read until (value & mask) == expect, guest-side, with a timeout
+    POLL = "poll"                   # read until (value & mask) == expect, guest-side, with a timeout
+    POLL_CHANGE = "poll-change"     # read until (value & mask) != expect: until it leaves a known state
+
+    @property
+    def polls(self) -> bool:
+        return self is Kind.POLL or self is Kind.POLL_CHANGE
 
 
 WIDTHS = {Space.PIO: (1, 2, 4), Space.MMIO: (1, 2, 4, 8), Space.CONFIG: (1, 2, 4)}
@@ -78,9 +84,14 @@ class Access:
         s = f"{self.kind.value} {self.space.value} {self.addr:#x} width {self.width}"
         if self.kind is Kind.WRITE:
             s += f" value {self.value:#x}"
-        if self.kind is Kind.POLL:
-            s += f" until & {self.mask:#x} == {self.expect:#x} within {self.timeout:g} s"
+        if self.kind.polls:
+            s += (f" until & {self.mask:#x} {'!=' if self.kind is Kind.POLL_CHANGE else '=='} {self.expect:#x}"
+                  f" within {self.timeout:g} s")
         return s
+
+    def satisfied_by(self, value: int) -> bool:
+        """Whether a poll stops at ``value``."""
+        return (value & self.mask == self.expect) != (self.kind is Kind.POLL_CHANGE)
 
 
 class IrqMode(enum.Enum):
@@ -198,14 +209,27 @@ class Channel(abc.ABC):
 
 
 class Prepared:
-    """A fixed batch: ``run()`` executes it and returns one value per access."""
+    """A fixed batch: ``run()`` executes it and returns one value per access.
+
+    ``run(values)`` may swap in a new value for some accesses, by index: the
+    shape stays fixed, the numbers written (a queue's fresh tags, say) vary."""
 
     def __init__(self, channel: Channel, accesses: Sequence[Access]) -> None:
         self.channel = channel
         self.accesses = list(accesses)
 
-    def run(self) -> list[int]:
-        return self.channel.execute(self.accesses)
+    def with_values(self, values: Mapping[int, int]) -> list[Access]:
+        """The accesses with ``values`` swapped in, each checked against its width."""
+        accesses = list(self.accesses)
+        for i, value in values.items():
+            a = accesses[i]
+            if not 0 <= value < 1 << (8 * a.width):
+                raise ValueError(f"{a}: value {value:#x} does not fit {a.width} bytes")
+            accesses[i] = dataclasses.replace(a, value=value)
+        return accesses
+
+    def run(self, values: Mapping[int, int] | None = None) -> list[int]:
+        return self.channel.execute(self.with_values(values) if values else self.accesses)
 
 
 class Region:
@@ -251,6 +275,10 @@ class Region:
 
     def poll(self, offset: int, width: int, mask: int, expect: int, timeout: float) -> int:
         return self.channel.execute([self.access(Kind.POLL, offset, width, 0, mask, expect, timeout)])[0]
+
+    def poll_change(self, offset: int, width: int, mask: int, expect: int, timeout: float) -> int:
+        """Wait guest-side until ``(read & mask) != expect``; returns the value that differed."""
+        return self.channel.execute([self.access(Kind.POLL_CHANGE, offset, width, 0, mask, expect, timeout)])[0]
 
     def read8(self, offset: int) -> int:
         if not 0 <= offset < self.size:

@@ -568,7 +568,7 @@ class QtestChannel(Channel):
         return write
 
     def accessor(self, kind: Kind, space: Space) -> Callable[[int, int, int], int]:
-        if kind is Kind.POLL:
+        if kind.polls:
             return super().accessor(kind, space)
         return self._fast[kind, space]
 
@@ -604,7 +604,7 @@ class QtestChannel(Channel):
     # ---- polls and batches ----
 
     def _poll(self, a: Access) -> int:
-        """Read until ``(value & mask) == expect``; at least once, however short the timeout."""
+        """Read until the poll is satisfied; at least once, however short the timeout."""
         if a.space is Space.CONFIG:
             raise ValueError("the proxy cannot poll config space, so neither does qtest")
         if self.closed:
@@ -618,7 +618,7 @@ class QtestChannel(Channel):
         deadline = time.monotonic() + a.timeout
         while True:
             value = read(a.width, a.addr, 0)
-            if value & a.mask == a.expect:
+            if a.satisfied_by(value):
                 return value
             if time.monotonic() >= deadline:
                 raise DeviceTimeout(a, 0, value)
@@ -630,7 +630,7 @@ class QtestChannel(Channel):
         fast = self._fast
         out = []
         for a in accesses:
-            if a.kind is Kind.POLL:
+            if a.kind.polls:
                 out.append(self._poll(a))
                 continue
             try:

@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from harness.access import Batch, Space
-from harness.errors import AccessDenied, BadRequest
+from harness.access import Batch, Kind, Space
+from harness.errors import AccessDenied, BadRequest, DeviceTimeout
 from harness.proxy import ProxyMachine
 
 pytestmark = pytest.mark.qemu
@@ -121,6 +121,28 @@ def test_batch_returns_every_result_in_order(proxy_machine: ProxyMachine) -> Non
         assert long_batch.results == [expected[off] for off in offsets]
 
 
+def test_polls_stop_on_equal_or_on_change_and_prepared_batches_take_new_values(
+        proxy_machine: ProxyMachine) -> None:
+    bus = proxy_machine.bus
+    with bus.open(bus.find(**E1000)) as nic:
+        bar0 = nic.bar(0)
+        ral = bar0.read32(RAL0)
+        assert bar0.poll32(RAL0, 0xFFFF_FFFF, ral, 0.5) == ral
+        assert bar0.poll_change(RAL0, 4, 0xFFFF_FFFF, ral ^ 1, 0.5) == ral
+        with pytest.raises(DeviceTimeout) as exc:
+            bar0.poll_change(RAL0, 4, 0xFFFF_0000, ral & 0xFFFF_0000, 0.05)
+        assert exc.value.last_value == ral
+        # A prepared batch keeps its shape; run(values) swaps in what is written.
+        scratch = 0x5408                                # RAL1: no MAC filter is enabled by it here
+        batch = nic.channel.prepare([bar0.access(Kind.WRITE, scratch, 4, 0), bar0.access(Kind.READ, scratch, 4)])
+        for value in (0x1234_5678, 0xCAFE_F00D, 0):
+            assert batch.run({0: value})[1] == value
+        assert batch.run()[1] == 0
+        with pytest.raises(ValueError):
+            batch.run({0: 1 << 32})
+        assert bar0.read32(RAL0) == ral
+
+
 def test_failed_step_skips_the_rest_of_its_batch(proxy_machine: ProxyMachine) -> None:
     bus = proxy_machine.bus
     ahci = bus.find(**AHCI)
@@ -188,7 +210,9 @@ def _malformed(rng: random.Random, abi, nic_bars, cfg_size: int = 256) -> bytes:
     access_ops = {abi.PROXY_OP_PIO_READ: "pio", abi.PROXY_OP_PIO_WRITE: "pio", abi.PROXY_OP_PIO_POLL: "pio",
                   abi.PROXY_OP_PIO_REPEAT: "pio", abi.PROXY_OP_MMIO_READ: "mmio", abi.PROXY_OP_MMIO_WRITE: "mmio",
                   abi.PROXY_OP_MMIO_POLL: "mmio", abi.PROXY_OP_MMIO_REPEAT: "mmio",
+                  abi.PROXY_OP_PIO_POLL_CHANGE: "pio", abi.PROXY_OP_MMIO_POLL_CHANGE: "mmio",
                   abi.PROXY_OP_CFG_READ: "cfg", abi.PROXY_OP_CFG_WRITE: "cfg"}
+    polls = (abi.PROXY_OP_MMIO_POLL, abi.PROXY_OP_PIO_POLL, abi.PROXY_OP_MMIO_POLL_CHANGE, abi.PROXY_OP_PIO_POLL_CHANGE)
     max_width = {"pio": 4, "mmio": 8, "cfg": 4}
     kind = rng.randrange(6)
     op = rng.choice(list(access_ops))
@@ -228,11 +252,10 @@ def _malformed(rng: random.Random, abi, nic_bars, cfg_size: int = 256) -> bytes:
     elif kind == 4:     # outside the grant
         addr = outside()
     else:               # inside the grant but with an impossible poll timeout or repeat count
-        op = rng.choice((abi.PROXY_OP_MMIO_POLL, abi.PROXY_OP_MMIO_REPEAT, abi.PROXY_OP_PIO_POLL,
-                         abi.PROXY_OP_PIO_REPEAT))
+        op = rng.choice(polls + (abi.PROXY_OP_MMIO_REPEAT, abi.PROXY_OP_PIO_REPEAT))
         width = 4
-        addr = mmio_lo + STATUS if op in (abi.PROXY_OP_MMIO_POLL, abi.PROXY_OP_MMIO_REPEAT) else io_lo
-        if op in (abi.PROXY_OP_MMIO_POLL, abi.PROXY_OP_PIO_POLL):
+        addr = mmio_lo + STATUS if access_ops[op] == "mmio" else io_lo
+        if op in polls:
             timeout = rng.randrange(abi.PROXY_POLL_MAX_US + 1, 2**32)
         else:
             value = rng.choice((0, rng.randrange(abi.PROXY_REPEAT_MAX + 1, 2**64)))

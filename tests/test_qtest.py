@@ -183,6 +183,10 @@ def test_poll(rig: Rig) -> None:
         assert 0.05 <= time.monotonic() - start < 2
         with pytest.raises(BadRequest):       # longer than the proxy allows
             bar0.poll32(STATUS, 0, 0, 5.0)
+        assert bar0.poll_change(STATUS, 4, 0xFFFF_FFFF, status ^ 1, 0.5) == status
+        with pytest.raises(DeviceTimeout) as exc:
+            bar0.poll_change(STATUS, 4, 0xFFFF_FFFF, status, 0.05)
+        assert exc.value.last_value == status
 
 
 # ---- grants ----

@@ -29,7 +29,7 @@ typedef unsigned long long u64 __attribute__((aligned(8)));
 
 enum proxy_abi {
     PROXY_ABI_MAGIC = 0x48574858,   /* "XHWH" little-endian */
-    PROXY_ABI_VERSION = 1,
+    PROXY_ABI_VERSION = 2,
 };
 
 enum proxy_limits {
@@ -67,6 +67,8 @@ enum proxy_op {
     PROXY_OP_MMIO_POLL = 8,
     PROXY_OP_PIO_REPEAT = 9,        /* read value times; value := TSC cycles taken */
     PROXY_OP_MMIO_REPEAT = 10,
+    PROXY_OP_PIO_POLL_CHANGE = 11,  /* until (read & mask) != expect, or timeout_us */
+    PROXY_OP_MMIO_POLL_CHANGE = 12,
     /* admin channel only */
     PROXY_OP_OPEN_PCI = 32,         /* addr = bus << 8 | dev << 3 | fn; value := channel */
     PROXY_OP_OPEN_ISA = 33,         /* addr = first port, value = count; value := channel */

@@ -200,19 +200,22 @@ static void mmio_write(u64 a, u8 width, u64 v)
     }
 }
 
+static int is_pio(u8 op)
+{
+    return op == PROXY_OP_PIO_READ || op == PROXY_OP_PIO_WRITE || op == PROXY_OP_PIO_POLL
+        || op == PROXY_OP_PIO_REPEAT || op == PROXY_OP_PIO_POLL_CHANGE;
+}
+
 static u64 space_read(u8 op, u64 addr, u8 width)
 {
-    return op == PROXY_OP_PIO_READ || op == PROXY_OP_PIO_POLL || op == PROXY_OP_PIO_REPEAT
-        ? pio_read((u16)addr, width) : mmio_read(addr, width);
+    return is_pio(op) ? pio_read((u16)addr, width) : mmio_read(addr, width);
 }
 
 /* Check one access against the channel's grants; width and alignment first. */
 static u16 check_access(const struct channel *ch, u8 op, u64 addr, u8 width)
 {
-    int is_pio = op == PROXY_OP_PIO_READ || op == PROXY_OP_PIO_WRITE || op == PROXY_OP_PIO_POLL
-        || op == PROXY_OP_PIO_REPEAT;
     int is_cfg = op == PROXY_OP_CFG_READ || op == PROXY_OP_CFG_WRITE;
-    int max_width = is_pio || is_cfg ? 4 : 8;
+    int max_width = is_pio(op) || is_cfg ? 4 : 8;
     if (width == 0 || width > max_width || (width & (width - 1)) || (addr & (width - 1)))
         return PROXY_STATUS_BAD_REQUEST;
     if (is_cfg) {
@@ -224,7 +227,7 @@ static u16 check_access(const struct channel *ch, u8 op, u64 addr, u8 width)
             return PROXY_STATUS_DENIED;
         return PROXY_STATUS_OK;
     }
-    if (is_pio)
+    if (is_pio(op))
         return inside(ch->pio, ch->npio, addr, width) ? PROXY_STATUS_OK : PROXY_STATUS_DENIED;
     if (!inside(ch->mmio, ch->nmmio, addr, width))
         return PROXY_STATUS_DENIED;
@@ -238,9 +241,10 @@ static u16 poll(const struct proxy_request *rq, u64 *value)
     if (rq->timeout_us > PROXY_POLL_MAX_US)
         return PROXY_STATUS_BAD_REQUEST;
     u64 deadline = rdtsc() + rq->timeout_us * tsc_hz / 1000000;
+    int until_change = rq->op == PROXY_OP_PIO_POLL_CHANGE || rq->op == PROXY_OP_MMIO_POLL_CHANGE;
     for (;;) {
         *value = space_read(rq->op, rq->addr, rq->width);
-        if ((*value & rq->mask) == rq->expect)
+        if (((*value & rq->mask) == rq->expect) != until_change)
             return PROXY_STATUS_OK;
         if (rdtsc() >= deadline)
             return PROXY_STATUS_TIMEOUT;
@@ -384,7 +388,7 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
         return nic_loop(c, rq, value);
     if (op == PROXY_OP_DISK_READ_LOOP)
         return disk_loop(c, rq, value);
-    if (op > PROXY_OP_MMIO_REPEAT)
+    if (op > PROXY_OP_MMIO_POLL_CHANGE)
         return PROXY_STATUS_BAD_REQUEST;
     u16 st = check_access(ch, op, addr, width);
     if (st != PROXY_STATUS_OK)
@@ -407,11 +411,11 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
     case PROXY_OP_CFG_WRITE:
         pci_cfg_write(d->bus, d->dev, d->fn, (u8)addr, width, (u32)rq->value);
         return PROXY_STATUS_OK;
-    case PROXY_OP_PIO_POLL:
-    case PROXY_OP_MMIO_POLL:
-        return poll(rq, value);
-    default:
+    case PROXY_OP_PIO_REPEAT:
+    case PROXY_OP_MMIO_REPEAT:
         return repeat(rq, value);
+    default:
+        return poll(rq, value);
     }
 }
 

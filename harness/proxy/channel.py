@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from ..access import Access, Channel, IrqMode, Kind, Prepared, Space
 from ..errors import AbiError, AccessDenied, BadRequest, DeviceTimeout, ProxyError, ProxyFault
@@ -63,6 +63,8 @@ class ProxyChannel(Channel):
             (Kind.READ, Space.MMIO): abi.PROXY_OP_MMIO_READ, (Kind.WRITE, Space.MMIO): abi.PROXY_OP_MMIO_WRITE,
             (Kind.READ, Space.CONFIG): abi.PROXY_OP_CFG_READ, (Kind.WRITE, Space.CONFIG): abi.PROXY_OP_CFG_WRITE,
             (Kind.POLL, Space.PIO): abi.PROXY_OP_PIO_POLL, (Kind.POLL, Space.MMIO): abi.PROXY_OP_MMIO_POLL,
+            (Kind.POLL_CHANGE, Space.PIO): abi.PROXY_OP_PIO_POLL_CHANGE,
+            (Kind.POLL_CHANGE, Space.MMIO): abi.PROXY_OP_MMIO_POLL_CHANGE,
         }
         self._read_ops = {space: self._ops[Kind.READ, space] for space in Space}
         self._write_ops = {space: self._ops[Kind.WRITE, space] for space in Space}
@@ -122,7 +124,7 @@ class ProxyChannel(Channel):
         """Encode a batch once to run it many times (at most one ring's worth)."""
         return PreparedBatch(self, accesses)
 
-    def _run_prepared(self, batch: "PreparedBatch") -> list[int]:
+    def _run_prepared(self, batch: "PreparedBatch", patch: Mapping[int, int] | None) -> list[int]:
         n, size, ring = batch.count, self._entry_size, self._nentries
         start = self._head & (ring - 1)
         first = min(n, ring - start)              # entries before the ring wraps
@@ -130,6 +132,12 @@ class ProxyChannel(Channel):
         self._mem[base:base + first * size] = batch.blob[:first * size]
         if first < n:
             self._mem[self._entries:self._entries + (n - first) * size] = batch.blob[first * size:]
+        if patch:
+            for i, value in patch.items():
+                if not 0 <= value < batch.limits[i]:
+                    raise ValueError(f"{batch.accesses[i]}: value {value:#x} does not fit its width")
+                slot = self._entries + ((start + i) & (ring - 1)) * size
+                self._u64[(slot + self._value_off) >> 3] = value
         self._publish(n, DEFAULT_TIMEOUT, f"a batch of {n} on {self!r}")
 
         def column(view: memoryview, offset: int) -> list[int]:
@@ -146,7 +154,7 @@ class ProxyChannel(Channel):
         values = column(self._u64, self._value_off)
         if statuses.count(self._ok) != n:
             i = next(i for i, st in enumerate(statuses) if st != self._ok)
-            self._raise(batch.accesses[i], statuses[i], values[i])
+            self._raise(batch.with_values(patch or {})[i], statuses[i], values[i])
         return values
 
     def _submit_chunk(self, requests: Sequence[tuple[int, ...]], timeout: float,
@@ -203,7 +211,7 @@ class ProxyChannel(Channel):
     # ---- the access interface ----
 
     def execute(self, accesses: Sequence[Access]) -> list[int]:
-        if len(accesses) == 1 and accesses[0].kind is not Kind.POLL:
+        if len(accesses) == 1 and not accesses[0].kind.polls:
             a = accesses[0]
             return [self._one(self._encode(a)[0], a.width, a.addr, a.value)]
         encoded = [self._encode(a) for a in accesses]
@@ -216,7 +224,7 @@ class ProxyChannel(Channel):
         return [value for _, value in results]
 
     def accessor(self, kind: Kind, space: Space) -> Callable[[int, int, int], int]:
-        if kind is Kind.POLL:
+        if kind.polls:
             return super().accessor(kind, space)
         return functools.partial(self._one, self._ops[kind, space])
 
@@ -279,6 +287,7 @@ class PreparedBatch(Prepared):
             channel._pack(packed, channel._first_off, *channel._encode(a))
             blob += packed
         self.blob = bytes(blob)
+        self.limits = [1 << (8 * a.width) for a in accesses]
 
-    def run(self) -> list[int]:
-        return self.channel._run_prepared(self)
+    def run(self, values: Mapping[int, int] | None = None) -> list[int]:
+        return self.channel._run_prepared(self, values)

@@ -1,7 +1,9 @@
 """The shared window as the host sees it: control page, rings, and how to wait.
 
 Waiting is spin-then-sleep on both sides. The host spins on a completion
-for a short while; then it sets its bit in ``host_sleeping`` and blocks on
+for a while, yielding its core to anyone runnable each time round (a
+machine here has two cores, and the vCPU and QEMU's I/O threads want them
+both); then it sets its bit in ``host_sleeping`` and blocks on
 that doorbell vector's eventfd, which the guest rings only while the bit is
 set. Every ring and every channel's interrupts have a vector of their own,
 so one waiting thread never swallows another's wake-up. In the other
@@ -27,7 +29,7 @@ from .abi import Abi
 
 log = logging.getLogger(__name__)
 
-SPIN_SECONDS = 200e-6   # host spins this long on a completion before it sleeps
+SPIN_SECONDS = 2e-3     # host spins this long on a completion before it sleeps
 SLEEP_SLICE = 0.01      # longest single sleep; then liveness is checked again
 
 
@@ -101,13 +103,14 @@ class SharedWindow:
         spins = 0
         while spin > 0 and not done():
             spins += 1
-            if spins & 255 == 0:
-                now = time.perf_counter()
-                if now > spin_until:
-                    break
-                if spins & 0xFFFF == 0:           # a long spin still notices a dead guest
-                    self.check_crash()
-                    self.machine.check_alive()
+            # On two cores the vCPU and QEMU's I/O threads want the core this spin
+            # holds: offer it every time round.
+            os.sched_yield()
+            if time.perf_counter() > spin_until:
+                break
+            if spins & 0xFFF == 0:                # a long spin still notices a dead guest
+                self.check_crash()
+                self.machine.check_alive()
         while not done():
             self.check_crash()
             self.machine.check_alive()

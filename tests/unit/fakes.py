@@ -30,7 +30,7 @@ class FakePorts(Channel):
                 deadline = time.monotonic() + a.timeout
                 while True:
                     value = self._read(a.addr)
-                    if value & a.mask == a.expect:
+                    if a.satisfied_by(value):
                         break
                     if time.monotonic() > deadline:
                         raise DeviceTimeout(a, 0, value)
