@@ -13,7 +13,7 @@ import ctypes
 import logging
 import struct
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from harness.access import Bus, Deadline, Device, DmaBuffer, IrqMode, Kind, Prepared
 from harness.errors import DeviceTimeout, HarnessError, InterruptTimeout
@@ -41,11 +41,13 @@ assert HEADER.size == CommandHeader.ctba.offset + CommandHeader.ctba.size
 
 
 class DiskError(HarnessError):
-    """The device reported an error (task file ERR); ``error`` is its error register."""
+    """The device reported an error (task file ERR); ``error`` is its error register.
+    For queued commands, ``failed`` lists the requests that did not complete."""
 
-    def __init__(self, message: str, status: int, error: int) -> None:
+    def __init__(self, message: str, status: int, error: int, failed: Sequence[int] = ()) -> None:
         super().__init__(f"{message}: status {status:#04x} error {error:#04x}")
         self.status, self.error = status, error
+        self.failed = list(failed)          # queued requests (by index) that did not complete
 
 
 @dataclass(frozen=True)
@@ -187,20 +189,27 @@ class Port:
         size = SLOT_SECTORS * SECTOR
         return self.buffers.phys + slot * size, self.buffers.view[slot * size:(slot + 1) * size]
 
-    def _completion(self, reg: int, mask: int, issue: tuple[tuple[int, int], ...]) -> Prepared:
-        """Issue, poll until ``mask`` clears in ``reg``, read PxIS and PxTFD, then clear both
-        interrupt status registers: one batch, encoded once and kept per shape."""
-        key = (reg, mask, issue)
+    def _completion(self, kind: Kind, reg: int, mask: int, expect: int, issue: tuple[int, ...]) -> Prepared:
+        """The batch behind ``_round``, encoded once per shape."""
+        key = (kind, reg, mask, expect, issue)
         batch = self._completions.get(key)
         if batch is None:
             r, base, t = self.r, self.base, self.hba.timeout
-            accesses = [r.access(Kind.WRITE, base + ir, 4, v) for ir, v in issue]
-            accesses += [r.access(Kind.POLL, base + reg, 4, 0, mask, 0, t),
-                         r.access(Kind.READ, base + Px.IS, 4), r.access(Kind.READ, base + Px.TFD, 4),
+            accesses = [r.access(Kind.WRITE, base + ir, 4, 0) for ir in issue]
+            accesses += [r.access(kind, base + reg, 4, 0, mask, expect, t), r.access(Kind.READ, base + Px.IS, 4),
                          r.access(Kind.WRITE, base + Px.IS, 4, 0xFFFFFFFF),
-                         r.access(Kind.WRITE, Hba.IS, 4, 1 << self.index)]
+                         r.access(Kind.WRITE, Hba.IS, 4, 1 << self.index),
+                         r.access(Kind.READ, base + Px.SACT, 4), r.access(Kind.READ, base + Px.TFD, 4)]
             batch = self._completions[key] = self.hba.dev.channel.prepare(accesses)
         return batch
+
+    def _round(self, kind: Kind, reg: int, mask: int, expect: int, issue: dict[int, int]) -> tuple[int, ...]:
+        """One round trip: write the ``issue`` registers (PxSACT, PxCI), poll ``reg`` guest-side,
+        read and clear the interrupt status, read PxSACT and PxTFD. Clearing PxIS before
+        reading PxSACT loses no completion: a later one sets PxIS again.
+        Returns (polled value, PxIS, PxSACT, PxTFD)."""
+        values = self._completion(kind, reg, mask, expect, tuple(issue)).run(dict(enumerate(issue.values())))
+        return values[-6], values[-5], values[-2], values[-1]
 
     def _prepare(self, slot: int, command: int, lba: int = 0, count: int = 0, write: bool = False,
                  nbytes: int = 0, tag: int | None = None, device: int = DEVICE_LBA,
@@ -233,8 +242,8 @@ class Port:
         register guest-side and reads PxIS and PxTFD: a command costs one round trip.
         Interrupts: issue, wait for the HBA's MSI, then look at the same registers."""
         if self.hba.irq is None:
-            values = self._completion(reg, mask, tuple(sorted((issue or {}).items()))).run()
-            status, tfd = values[-4], values[-3]
+            issue = issue or {}
+            _, status, _, tfd = self._round(Kind.POLL, reg, mask, 0, issue)
             if status & PXIS_ERRORS or tfd & Tfd.ERR:
                 self.recover()
                 raise DiskError(f"port {self.index}: {what} failed", tfd & 0xFF, tfd >> 8 & 0xFF)
@@ -388,47 +397,137 @@ class Port:
         return min(self.slots, identity.queue_depth) if identity.ncq else 0
 
     def read_queued(self, requests: Sequence[tuple[int, int]]) -> list[bytes]:
-        """NCQ: up to one request per slot in flight at once (READ FPDMA QUEUED); each
-        completion is matched to its tag, so the results come back in request order."""
+        """NCQ reads of (lba, sectors), at most ``SLOT_SECTORS`` each, through the slots' own
+        buffers; the results come back in request order."""
         for lba, count in requests:
-            if count > SLOT_SECTORS:
-                raise ValueError(f"a queued read is at most {SLOT_SECTORS} sectors")
+            if not 0 < count <= SLOT_SECTORS:
+                raise ValueError(f"a queued read is 1 to {SLOT_SECTORS} sectors, not {count}")
             self._check(lba, count)
-        out: list[bytes] = []
-        self._queued([(lba, [(self._slot_buffer(tag % self.slots)[0], count * SECTOR)])
-                      for tag, (lba, count) in enumerate(requests)],
-                     lambda tag, group_start: out.append(
-                         bytes(self._slot_buffer(tag)[1][:requests[group_start + tag][1] * SECTOR])))
+        out = [b""] * len(requests)
+
+        def collect(tag: int, index: int) -> None:
+            out[index] = bytes(self._slot_buffer(tag)[1][:requests[index][1] * SECTOR])
+        self._queued([(lba, None, count * SECTOR) for lba, count in requests], False, collect)
         return out
 
     def read_queued_into(self, requests: Sequence[tuple[int, DmaBuffer]]) -> None:
-        """NCQ straight into DMA buffers: no copy through Python."""
-        for lba, buffer in requests:
-            if buffer.size % SECTOR or buffer.size // SECTOR > 65535:
-                raise ValueError(f"a queued read moves whole sectors, at most 65535 ({buffer.size} bytes)")
-            self._check(lba, buffer.size // SECTOR)
-        self._queued([(lba, [(b.phys, b.size)]) for lba, b in requests], None)
+        """NCQ reads straight into DMA buffers: no copy through Python."""
+        self._queued(self._queue_of(requests), False)
 
-    def _queued(self, requests: Sequence[tuple[int, list[tuple[int, int]]]], collect) -> None:  # type: ignore[no-untyped-def]
+    def write_queued_from(self, requests: Sequence[tuple[int, DmaBuffer]]) -> None:
+        """NCQ writes (WRITE FPDMA QUEUED) straight from DMA buffers. Queued writes may reach
+        the disk in any order: requests that overlap are refused."""
+        queue = self._queue_of(requests)
+        spans = sorted((lba, lba + size // SECTOR) for lba, _, size in queue)
+        if any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])):
+            raise ValueError("queued writes overlap: the device may apply them in any order")
+        self._queued(queue, True)
+
+    def _queue_of(self, requests: Sequence[tuple[int, DmaBuffer]]) -> list[tuple[int, DmaBuffer | None, int]]:
+        for lba, buffer in requests:
+            if not buffer.size or buffer.size % SECTOR or buffer.size // SECTOR > 65535:
+                raise ValueError(f"a queued command moves 1 to 65535 whole sectors, not {buffer.size} bytes")
+            self._check(lba, buffer.size // SECTOR)
+        return [(lba, b, b.size) for lba, b in requests]
+
+    def _queued(self, requests: Sequence[tuple[int, DmaBuffer | None, int]], write: bool,
+                collect: Callable[[int, int], None] | None = None) -> None:
+        """Keep up to ``queue_depth`` commands in flight, the way a kernel's block layer does.
+
+        Each round is one round trip: issue up to half a queue of free tags; if no tag is
+        left free, wait guest-side until PxIS shows a completion (SDBS) or an error; then
+        see in PxSACT which tags are done, and those take the next requests. Issuing by
+        halves matters: QEMU finishes what was issued together together, so a queue
+        refilled whole would sit empty while Python fills it; by halves, one half is
+        in flight while the other is filled. A failed command stops the port: it is recovered,
+        and every request that had not completed is retried on its own (not queued),
+        so one bad sector fails one request, which DiskError names, and no other."""
         depth = self.queue_depth
         if not depth:
             raise DiskError(f"port {self.index}: the device does not queue", 0, 0)
-        for start in range(0, len(requests), depth):
-            group = requests[start:start + depth]
-            mask = 0
-            for tag, (lba, regions) in enumerate(group):
-                count = sum(size for _, size in regions) // SECTOR
-                self._prepare(tag, Ata.READ_FPDMA_QUEUED, lba, count, tag=tag, regions=regions)
-                mask |= 1 << tag
+        command = Ata.WRITE_FPDMA_QUEUED if write else Ata.READ_FPDMA_QUEUED
+        waiting = list(range(len(requests)))[::-1]     # request indices, next at the end
+        in_flight: dict[int, int] = {}                  # tag -> request index
+        free = list(range(depth))[::-1]
+        watch = PxIs.SDBS | PXIS_ERRORS
+        chunk = max(1, depth // 2)
+        while waiting or in_flight:
+            fresh = 0
+            while free and waiting and fresh.bit_count() < chunk:
+                tag, index = free.pop(), waiting.pop()
+                lba, buffer, size = requests[index]
+                regions = [(buffer.phys, size)] if buffer else [(self._slot_buffer(tag)[0], size)]
+                self._prepare(tag, command, lba, size // SECTOR, write=write, tag=tag, regions=regions)
+                in_flight[tag] = index
+                fresh |= 1 << tag
             try:
-                self._complete(Px.SACT, mask, f"{len(group)} queued reads", issue={Px.SACT: mask, Px.CI: mask})
+                _, status, active, tfd = self._queue_round(fresh, watch, wait=not (free and waiting))
             except DeviceTimeout as exc:
                 self.recover()
-                raise DiskError(f"port {self.index}: queued reads did not complete", exc.last_value, 0) from exc
-            if collect:
-                for tag in range(len(group)):
-                    collect(tag, start)
+                raise DiskError(f"port {self.index}: queued commands did not complete", exc.last_value, 0) from exc
+            for tag in [t for t in in_flight if not active & 1 << t]:
+                if collect:
+                    collect(tag, in_flight[tag])
+                del in_flight[tag]
+                free.append(tag)
+            if status & PXIS_ERRORS or tfd & Tfd.ERR:
+                self.recover()
+                self._retry_alone(requests, sorted(in_flight.values()), write, collect)
+                in_flight.clear()
+                free = list(range(depth))[::-1]
 
+    def _retry_alone(self, requests: Sequence[tuple[int, DmaBuffer | None, int]], indices: list[int],
+                     write: bool, collect: Callable[[int, int], None] | None) -> None:
+        """After a queued command failed: each unfinished request once more, on its own in
+        slot 0. Raises DiskError naming the requests that fail again."""
+        command = Ata.WRITE_DMA_EXT if write else Ata.READ_DMA_EXT
+        failed: list[int] = []
+        last: DiskError | None = None
+        for index in indices:
+            lba, buffer, size = requests[index]
+            region = (buffer.phys, size) if buffer else (self._slot_buffer(0)[0], size)
+            self._prepare(0, command, lba, size // SECTOR, write=write, regions=[region])
+            try:
+                self._run(0, f"{command.name} {lba}+{size // SECTOR} (retried alone)")
+            except DiskError as exc:
+                failed.append(index)
+                last = exc
+                continue
+            if collect:
+                collect(0, index)
+        log.info("port %d: a queued command failed; %d retried alone, %d failed again",
+                 self.index, len(indices), len(failed))
+        if last is not None:
+            raise DiskError(f"port {self.index}: queued request(s) {failed} failed", last.status, last.error,
+                            failed=failed)
+
+    def _queue_round(self, fresh: int, watch: int, wait: bool) -> tuple[int, ...]:
+        if self.hba.irq is None or not wait:
+            return self._round(Kind.POLL_CHANGE if wait else Kind.READ, Px.IS, watch, 0,
+                               {Px.SACT: fresh, Px.CI: fresh})
+        issue: dict[int, int] | None = {Px.SACT: fresh, Px.CI: fresh}
+        deadline = Deadline(self.hba.timeout)
+        while True:                                 # the HBA's MSI says when PxIS may have changed
+            with self.hba.dev.batch() as b:
+                for reg, value in (issue or {}).items():
+                    b.write32(self.r, self.base + reg, value)
+                i_is = b.read32(self.r, self.base + Px.IS)
+            issue = None
+            if b.results[i_is] & watch:
+                break
+            if deadline.expired:
+                raise DeviceTimeout("queued commands", 0, b.results[i_is])
+            try:
+                self.hba.irq.wait(deadline.remaining)       # type: ignore[union-attr]
+            except InterruptTimeout:
+                pass
+        with self.hba.dev.batch() as b:
+            i_is = b.read32(self.r, self.base + Px.IS)
+            b.write32(self.r, self.base + Px.IS, 0xFFFFFFFF)
+            b.write32(self.r, Hba.IS, 1 << self.index)
+            i_act = b.read32(self.r, self.base + Px.SACT)
+            i_tfd = b.read32(self.r, self.base + Px.TFD)
+        return 0, b.results[i_is], b.results[i_act], b.results[i_tfd]
     def close(self) -> None:
         try:
             if self.present:
