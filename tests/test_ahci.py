@@ -123,6 +123,17 @@ def test_writes_through_the_driver_are_read_back_by_mtools_and_fsck_is_clean(
     spots = {slot * 16 + rng.randrange(8): rng.randbytes(512 * rng.randint(1, 8)) for slot in slots}
     for lba, data in sorted(spots.items()):            # raw sectors far past the files
         disk.write(lba, data)
+    # 96 queued writes (NCQ, 32 in flight) from DMA buffers, in slots of their own
+    free = sorted(set(range(40_000 // 16, disk.size // 512 // 16)) - set(slots))
+    queued = []
+    for slot in rng.sample(free, 96):
+        buffer = pm.bus.dma_alloc(512 * rng.randint(1, 16))
+        buffer.view[:] = rng.randbytes(buffer.size)
+        queued.append((slot * 16, buffer))
+    disk.write_queued_from(queued)
+    spots.update((lba, bytes(b.view)) for lba, b in queued)
+    with pytest.raises(ValueError):                    # overlapping queued writes have no order
+        disk.write_queued_from([(queued[0][0], queued[0][1]), (queued[0][0], queued[1][1])])
     disk.flush()                                       # acknowledged after flush: must be on disk
     hba.close()
     pm.close()                                         # QEMU is gone; only the file is left
@@ -155,6 +166,38 @@ def test_a_device_write_error_is_reported_and_the_image_is_unchanged(
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before
 
 
+def test_a_bad_sector_in_a_queue_fails_its_own_request_and_no_other(
+        proxy_machine_factory, tmp_path: Path) -> None:
+    image = tmp_path / "random.img"
+    image.write_bytes(random.randbytes(20_480 * 512))      # every sector different: a lost read shows
+    bad = 5_000
+    # raw over blkdebug over the file: every read that touches sector `bad` fails with EIO
+    drive = {"driver": "raw", "file.driver": "blkdebug", "file.image.driver": "file",
+             "file.image.filename": str(image), "file.inject-error.0.event": "read_aio",
+             "file.inject-error.0.sector": bad, "file.inject-error.0.errno": 5, "rerror": "report"}
+    pm = proxy_machine_factory(attach(image, **drive), name="ahci-bad-sector")
+    hba = Ahci.open(pm.bus)
+    try:
+        disk = hba.disks()[0]
+        rng = random.Random()
+        requests = [(lba, pm.bus.dma_alloc(4096)) for lba in rng.sample(range(0, 20_000, 8), 40)
+                    if not lba <= bad < lba + 8]
+        victim = rng.randrange(len(requests))
+        requests.insert(victim, (bad - 3, pm.bus.dma_alloc(4096)))
+        with pytest.raises(DiskError) as failed:
+            disk.read_queued_into(requests)
+        assert failed.value.failed == [victim]
+        raw = image.read_bytes()
+        for i, (lba, buffer) in enumerate(requests):
+            if i != victim:
+                assert bytes(buffer.view) == raw[lba * 512:lba * 512 + 4096], f"request {i} at {lba}"
+        assert disk.read(0, 8) == raw[:4096], "the port recovered and still reads"
+        for _, buffer in requests:
+            pm.bus.dma_free(buffer)
+    finally:
+        hba.close()
+
+
 def test_scatter_gather_and_completion_by_interrupt(proxy_machine_factory, tmp_path: Path) -> None:
     image = fresh_image(tmp_path)
     pm = proxy_machine_factory(attach(image), name="ahci-irq")
@@ -176,6 +219,11 @@ def test_scatter_gather_and_completion_by_interrupt(proxy_machine_factory, tmp_p
         assert scattered == data
         assert disk.read(30_000, len(data) // 512) == data
         assert hba.irq is not None and hba.irq.count > 0, "the HBA raised its MSI on completion"
+        pristine = IMAGE.read_bytes()                          # the sectors below 30 000 are mkfs's
+        rng = random.Random()
+        requests = [(rng.randrange(0, 29_000), rng.randint(1, 128)) for _ in range(70)]
+        for (lba, count), got in zip(requests, disk.read_queued(requests)):
+            assert got == pristine[lba * 512:(lba + count) * 512]
         for b in buffers:
             pm.bus.dma_free(b)
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import struct
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -31,6 +32,7 @@ MAX_PRDS = 24                           # scatter-gather entries a command may c
 TABLE_SIZE = CMD_TABLE_PRDT + 16 * MAX_PRDS     # FIS, ATAPI command, PRD table: 512 bytes (aligned 128)
 MAX_PRD_BYTES = 4 << 20                 # a PRD moves at most 4 MiB (22-bit byte count)
 PCI_COMMAND, PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x04, 0x2, 0x4
+PORT_INTERRUPTS = PxIs.DHRS | PxIs.PSS | PxIs.DSS | PxIs.SDBS | PXIS_ERRORS     # what raises the MSI
 
 # The hot path packs with struct; the layouts are the ctypes declarations in regs.py.
 FIS = struct.Struct("<BBBBBBBBBBBBHBBI")
@@ -138,7 +140,7 @@ class Port:
         self._w(Px.SERR, 0xFFFFFFFF)
         self._w(Px.IS, 0xFFFFFFFF)
         if hba.irq is not None:
-            self._w(Px.IE, PxIs.DHRS | PxIs.PSS | PxIs.DSS | PxIs.SDBS | PXIS_ERRORS)
+            self._w(Px.IE, PORT_INTERRUPTS)
         if self.present:
             self.start()
 
@@ -183,6 +185,24 @@ class Port:
         self._w(Px.IS, 0xFFFFFFFF)
         self.start()
 
+    def reset(self) -> None:
+        """COMRESET (AHCI 10.4.2): the device drops whatever it still has in flight.
+
+        After a queued command fails, the others may still be running; stopping the
+        port forgets them, but their completions would arrive later and clear the
+        PxSACT bits of whatever reuses their tags. A COMRESET cancels them (QEMU
+        waits for each one) and clears the device's error status."""
+        self.stop()
+        self._w(Px.SCTL, 1)
+        time.sleep(0.001)                       # DET = 1 for at least 1 ms (AHCI 3.3.11)
+        self._w(Px.SCTL, 0)
+        self._wait(Px.SSTS, 0xF, SSTS_DET_PRESENT, "the link to come back after COMRESET")
+        self._w(Px.SERR, 0xFFFFFFFF)
+        self._w(Px.IS, 0xFFFFFFFF)
+        if self.hba.irq is not None:
+            self._w(Px.IE, PORT_INTERRUPTS)
+        self.start()
+
     # ---- building commands ----
 
     def _slot_buffer(self, slot: int) -> tuple[int, memoryview]:
@@ -197,7 +217,7 @@ class Port:
             r, base, t = self.r, self.base, self.hba.timeout
             accesses = [r.access(Kind.WRITE, base + ir, 4, 0) for ir in issue]
             accesses += [r.access(kind, base + reg, 4, 0, mask, expect, t), r.access(Kind.READ, base + Px.IS, 4),
-                         r.access(Kind.WRITE, base + Px.IS, 4, 0xFFFFFFFF),
+                         r.access(Kind.WRITE, base + Px.IS, 4, ~PXIS_ERRORS & 0xFFFFFFFF),
                          r.access(Kind.WRITE, Hba.IS, 4, 1 << self.index),
                          r.access(Kind.READ, base + Px.SACT, 4), r.access(Kind.READ, base + Px.TFD, 4)]
             batch = self._completions[key] = self.hba.dev.channel.prepare(accesses)
@@ -206,7 +226,9 @@ class Port:
     def _round(self, kind: Kind, reg: int, mask: int, expect: int, issue: dict[int, int]) -> tuple[int, ...]:
         """One round trip: write the ``issue`` registers (PxSACT, PxCI), poll ``reg`` guest-side,
         read and clear the interrupt status, read PxSACT and PxTFD. Clearing PxIS before
-        reading PxSACT loses no completion: a later one sets PxIS again.
+        reading PxSACT loses no completion: a later one sets PxIS again. Error bits are
+        left set, so one that lands between the read and the clear is seen next round;
+        recovery clears them.
         Returns (polled value, PxIS, PxSACT, PxTFD)."""
         values = self._completion(kind, reg, mask, expect, tuple(issue)).run(dict(enumerate(issue.values())))
         return values[-6], values[-5], values[-2], values[-1]
@@ -439,17 +461,20 @@ class Port:
         see in PxSACT which tags are done, and those take the next requests. Issuing by
         halves matters: QEMU finishes what was issued together together, so a queue
         refilled whole would sit empty while Python fills it; by halves, one half is
-        in flight while the other is filled. A failed command stops the port: it is recovered,
-        and every request that had not completed is retried on its own (not queued),
-        so one bad sector fails one request, which DiskError names, and no other."""
+        in flight while the other is filled. A failed command stops the port: it is reset
+        (COMRESET), and every request that had not completed is retried on its own (not
+        queued), so one bad sector fails one request, which DiskError names, and no other."""
         depth = self.queue_depth
         if not depth:
             raise DiskError(f"port {self.index}: the device does not queue", 0, 0)
+        if self._r(Px.TFD) & Tfd.ERR:               # an earlier failure left the error status
+            self.reset()
         command = Ata.WRITE_FPDMA_QUEUED if write else Ata.READ_FPDMA_QUEUED
         waiting = list(range(len(requests)))[::-1]     # request indices, next at the end
         in_flight: dict[int, int] = {}                  # tag -> request index
         free = list(range(depth))[::-1]
         watch = PxIs.SDBS | PXIS_ERRORS
+        failures: list[tuple[int, DiskError]] = []
         chunk = max(1, depth // 2)
         while waiting or in_flight:
             fresh = 0
@@ -463,7 +488,7 @@ class Port:
             try:
                 _, status, active, tfd = self._queue_round(fresh, watch, wait=not (free and waiting))
             except DeviceTimeout as exc:
-                self.recover()
+                self.reset()
                 raise DiskError(f"port {self.index}: queued commands did not complete", exc.last_value, 0) from exc
             for tag in [t for t in in_flight if not active & 1 << t]:
                 if collect:
@@ -471,18 +496,21 @@ class Port:
                 del in_flight[tag]
                 free.append(tag)
             if status & PXIS_ERRORS or tfd & Tfd.ERR:
-                self.recover()
-                self._retry_alone(requests, sorted(in_flight.values()), write, collect)
+                self.reset()
+                failures += self._retry_alone(requests, sorted(in_flight.values()), write, collect)
                 in_flight.clear()
                 free = list(range(depth))[::-1]
+        if failures:
+            last = failures[-1][1]
+            raise DiskError(f"port {self.index}: queued request(s) {[i for i, _ in failures]} failed",
+                            last.status, last.error, failed=[i for i, _ in failures])
 
     def _retry_alone(self, requests: Sequence[tuple[int, DmaBuffer | None, int]], indices: list[int],
-                     write: bool, collect: Callable[[int, int], None] | None) -> None:
+                     write: bool, collect: Callable[[int, int], None] | None) -> list[tuple[int, DiskError]]:
         """After a queued command failed: each unfinished request once more, on its own in
-        slot 0. Raises DiskError naming the requests that fail again."""
+        slot 0. Returns those that fail again, with their errors."""
         command = Ata.WRITE_DMA_EXT if write else Ata.READ_DMA_EXT
-        failed: list[int] = []
-        last: DiskError | None = None
+        failed: list[tuple[int, DiskError]] = []
         for index in indices:
             lba, buffer, size = requests[index]
             region = (buffer.phys, size) if buffer else (self._slot_buffer(0)[0], size)
@@ -490,16 +518,14 @@ class Port:
             try:
                 self._run(0, f"{command.name} {lba}+{size // SECTOR} (retried alone)")
             except DiskError as exc:
-                failed.append(index)
-                last = exc
+                failed.append((index, exc))
+                self.reset()                    # queued commands after this start from a clean status
                 continue
             if collect:
                 collect(0, index)
         log.info("port %d: a queued command failed; %d retried alone, %d failed again",
                  self.index, len(indices), len(failed))
-        if last is not None:
-            raise DiskError(f"port {self.index}: queued request(s) {failed} failed", last.status, last.error,
-                            failed=failed)
+        return failed
 
     def _queue_round(self, fresh: int, watch: int, wait: bool) -> tuple[int, ...]:
         if self.hba.irq is None or not wait:
@@ -523,7 +549,7 @@ class Port:
                 pass
         with self.hba.dev.batch() as b:
             i_is = b.read32(self.r, self.base + Px.IS)
-            b.write32(self.r, self.base + Px.IS, 0xFFFFFFFF)
+            b.write32(self.r, self.base + Px.IS, ~PXIS_ERRORS & 0xFFFFFFFF)
             b.write32(self.r, Hba.IS, 1 << self.index)
             i_act = b.read32(self.r, self.base + Px.SACT)
             i_tfd = b.read32(self.r, self.base + Px.TFD)

@@ -44,6 +44,7 @@ class Px(enum.IntEnum):
     TFD = 0x20          # task file data: status and error
     SIG = 0x24          # device signature
     SSTS = 0x28         # SATA status (DET, SPD, IPM)
+    SCTL = 0x2C         # SATA control: DET = 1 holds COMRESET on the link
     SERR = 0x30         # SATA error
     SACT = 0x34         # NCQ: tags outstanding
     CI = 0x38           # command issue: slots outstanding
