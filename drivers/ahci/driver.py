@@ -33,6 +33,8 @@ TABLE_SIZE = CMD_TABLE_PRDT + 16 * MAX_PRDS     # FIS, ATAPI command, PRD table:
 MAX_PRD_BYTES = 4 << 20                 # a PRD moves at most 4 MiB (22-bit byte count)
 PCI_COMMAND, PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x04, 0x2, 0x4
 PORT_INTERRUPTS = PxIs.DHRS | PxIs.PSS | PxIs.DSS | PxIs.SDBS | PXIS_ERRORS     # what raises the MSI
+# The hot path tests plain ints: arithmetic on an IntFlag costs about a microsecond.
+TFD_ERR, QUEUE_EVENTS = int(Tfd.ERR), int(PxIs.SDBS | PXIS_ERRORS)
 
 # The hot path packs with struct; the layouts are the ctypes declarations in regs.py.
 FIS = struct.Struct("<BBBBBBBBBBBBHBBI")
@@ -131,7 +133,13 @@ class Port:
         self.tables = bus.dma_alloc(self.slots * TABLE_SIZE, 128)
         self.buffers = bus.dma_alloc(self.slots * SLOT_SECTORS * SECTOR)
         self.identity: Identity | None = None
-        self._completions: dict[tuple, Prepared] = {}
+        self._batches: dict[tuple, Prepared] = {}
+        # The queue's hot path writes words: the FIS, the PRD only when it changed.
+        self._table_words = self.tables.view.cast("I")
+        self._list_words = self.command_list.view.cast("I")
+        self._slot_prd: list[tuple[int, int] | None] = [None] * self.slots
+        for slot in range(self.slots):                  # each slot's table, for good
+            HEADER.pack_into(self.command_list.view, slot * 32, 0, 0, 0, self.tables.phys + slot * TABLE_SIZE)
         self.stop()
         self._w(Px.CLB, self.command_list.phys & 0xFFFFFFFF)
         self._w(Px.CLBU, self.command_list.phys >> 32)
@@ -209,29 +217,36 @@ class Port:
         size = SLOT_SECTORS * SECTOR
         return self.buffers.phys + slot * size, self.buffers.view[slot * size:(slot + 1) * size]
 
-    def _completion(self, kind: Kind, reg: int, mask: int, expect: int, issue: tuple[int, ...]) -> Prepared:
-        """The batch behind ``_round``, encoded once per shape."""
-        key = (kind, reg, mask, expect, issue)
-        batch = self._completions.get(key)
+    def _command_batch(self, slot: int) -> Prepared:
+        """Issue ``slot``, poll guest-side until PxCI clears, read PxIS and PxTFD: a command
+        in one round trip, encoded once per slot."""
+        key = ("command", slot)
+        batch = self._batches.get(key)
         if batch is None:
-            r, base, t = self.r, self.base, self.hba.timeout
-            accesses = [r.access(Kind.WRITE, base + ir, 4, 0) for ir in issue]
-            accesses += [r.access(kind, base + reg, 4, 0, mask, expect, t), r.access(Kind.READ, base + Px.IS, 4),
-                         r.access(Kind.WRITE, base + Px.IS, 4, ~PXIS_ERRORS & 0xFFFFFFFF),
-                         r.access(Kind.WRITE, Hba.IS, 4, 1 << self.index),
-                         r.access(Kind.READ, base + Px.SACT, 4), r.access(Kind.READ, base + Px.TFD, 4)]
-            batch = self._completions[key] = self.hba.dev.channel.prepare(accesses)
+            r, base = self.r, self.base
+            batch = self._batches[key] = self.hba.dev.channel.prepare([
+                r.access(Kind.WRITE, base + Px.CI, 4, 1 << slot),
+                r.access(Kind.POLL, base + Px.CI, 4, 0, 1 << slot, 0, self.hba.timeout),
+                r.access(Kind.READ, base + Px.IS, 4), r.access(Kind.READ, base + Px.TFD, 4)])
         return batch
 
-    def _round(self, kind: Kind, reg: int, mask: int, expect: int, issue: dict[int, int]) -> tuple[int, ...]:
-        """One round trip: write the ``issue`` registers (PxSACT, PxCI), poll ``reg`` guest-side,
-        read and clear the interrupt status, read PxSACT and PxTFD. Clearing PxIS before
-        reading PxSACT loses no completion: a later one sets PxIS again. Error bits are
-        left set, so one that lands between the read and the clear is seen next round;
-        recovery clears them.
-        Returns (polled value, PxIS, PxSACT, PxTFD)."""
-        values = self._completion(kind, reg, mask, expect, tuple(issue)).run(dict(enumerate(issue.values())))
-        return values[-6], values[-5], values[-2], values[-1]
+    def _queue_batch(self, wait: bool) -> Prepared:
+        """Issue the fresh tags (PxSACT, then PxCI: swapped in at run time); if ``wait``, poll
+        guest-side until PxIS shows a completion (SDBS) or an error; clear the completion
+        bits; read PxSACT and PxTFD. Clearing PxIS before reading PxSACT loses no
+        completion: a later one sets PxIS again. Error bits stay set until recovery, so
+        one that lands between the poll and the clear is seen next round."""
+        key = ("queue", wait)
+        batch = self._batches.get(key)
+        if batch is None:
+            r, base = self.r, self.base
+            look = (r.access(Kind.POLL_CHANGE, base + Px.IS, 4, 0, QUEUE_EVENTS, 0, self.hba.timeout)
+                    if wait else r.access(Kind.READ, base + Px.IS, 4))
+            batch = self._batches[key] = self.hba.dev.channel.prepare([
+                r.access(Kind.WRITE, base + Px.SACT, 4, 0), r.access(Kind.WRITE, base + Px.CI, 4, 0), look,
+                r.access(Kind.WRITE, base + Px.IS, 4, ~PXIS_ERRORS & 0xFFFFFFFF),
+                r.access(Kind.READ, base + Px.SACT, 4), r.access(Kind.READ, base + Px.TFD, 4)])
+        return batch
 
     def _prepare(self, slot: int, command: int, lba: int = 0, count: int = 0, write: bool = False,
                  nbytes: int = 0, tag: int | None = None, device: int = DEVICE_LBA,
@@ -239,6 +254,7 @@ class Port:
         """Fill slot ``slot``: the FIS, then a PRD per region (phys, bytes), by default the
         slot's own buffer for ``nbytes``."""
         table_off = slot * TABLE_SIZE
+        self._slot_prd[slot] = None
         if tag is None:
             features, features_exp, fis_count = 0, 0, count
         else:                                   # NCQ: the count moves to the features fields
@@ -257,39 +273,42 @@ class Port:
         HEADER.pack_into(self.command_list.view, slot * 32, 5 | (HEADER_WRITE if write else 0), len(regions), 0,
                          self.tables.phys + table_off)
 
-    def _complete(self, reg: int, mask: int, what: str, issue: dict[int, int] | None = None) -> None:
-        """Wait for ``mask`` to clear in PxCI or PxSACT; raise DiskError on a task-file error.
+    def _run(self, slot: int, what: str | Callable[[], str]) -> None:
+        """Issue ``slot`` and wait for it; raise DiskError on a task-file error or a timeout.
+        ``what`` names the command in errors (a callable, to be formatted only then).
 
-        Polling: one batch writes the ``issue`` registers (PxSACT, PxCI), polls the
-        register guest-side and reads PxIS and PxTFD: a command costs one round trip.
-        Interrupts: issue, wait for the HBA's MSI, then look at the same registers."""
-        if self.hba.irq is None:
-            issue = issue or {}
-            _, status, _, tfd = self._round(Kind.POLL, reg, mask, 0, issue)
-            if status & PXIS_ERRORS or tfd & Tfd.ERR:
-                self.recover()
-                raise DiskError(f"port {self.index}: {what} failed", tfd & 0xFF, tfd >> 8 & 0xFF)
-            return
+        Polling: one round trip (``_command_batch``). Interrupts: issue, wait for the
+        HBA's MSI, look at PxCI, PxIS and PxTFD, and acknowledge."""
+        try:
+            if self.hba.irq is None:
+                _, _, status, tfd = self._command_batch(slot).run()
+            else:
+                status, tfd = self._run_by_interrupt(slot)
+        except DeviceTimeout as exc:
+            self.recover()
+            raise DiskError(f"port {self.index}: {what if isinstance(what, str) else what()} did not complete",
+                            exc.last_value, 0) from exc
+        if status & PXIS_ERRORS or tfd & TFD_ERR:
+            self.recover()
+            raise DiskError(f"port {self.index}: {what if isinstance(what, str) else what()} failed",
+                            tfd & 0xFF, tfd >> 8 & 0xFF)
+
+    def _run_by_interrupt(self, slot: int) -> tuple[int, int]:
         deadline = Deadline(self.hba.timeout)
+        issue = True
         while True:
             with self.hba.dev.batch() as b:
-                for issue_reg, value in (issue or {}).items():
-                    b.write32(self.r, self.base + issue_reg, value)
-                issue = None
-                if self.hba.irq is None:
-                    i_reg = b.poll(self.r, self.base + reg, 4, mask, 0, self.hba.timeout)
-                else:
-                    i_reg = b.read32(self.r, self.base + reg)
+                if issue:
+                    b.write32(self.r, self.base + Px.CI, 1 << slot)
+                    issue = False
+                i_ci = b.read32(self.r, self.base + Px.CI)
                 i_is = b.read32(self.r, self.base + Px.IS)
                 i_tfd = b.read32(self.r, self.base + Px.TFD)
             status, tfd = b.results[i_is], b.results[i_tfd]
-            if status & PXIS_ERRORS or tfd & Tfd.ERR:
-                self.recover()
-                raise DiskError(f"port {self.index}: {what} failed", tfd & 0xFF, tfd >> 8 & 0xFF)
-            if not b.results[i_reg] & mask:
+            if status & PXIS_ERRORS or tfd & TFD_ERR or not b.results[i_ci] & 1 << slot:
                 break
             if deadline.expired:
-                raise DeviceTimeout(what, 0, b.results[i_reg])
+                raise DeviceTimeout(f"slot {slot}", 0, b.results[i_ci])
             try:
                 self.hba.irq.wait(deadline.remaining)    # type: ignore[union-attr]
             except InterruptTimeout:
@@ -297,13 +316,7 @@ class Port:
         with self.hba.dev.batch() as b:                  # acknowledge what completion set
             b.write32(self.r, self.base + Px.IS, status)
             b.write32(self.r, Hba.IS, 1 << self.index)
-
-    def _run(self, slot: int, what: str) -> None:
-        try:
-            self._complete(Px.CI, 1 << slot, what, issue={Px.CI: 1 << slot})
-        except DeviceTimeout as exc:
-            self.recover()
-            raise DiskError(f"port {self.index}: {what} did not complete", exc.last_value, 0) from exc
+        return status, tfd
 
     # ---- the block device ----
 
@@ -359,16 +372,17 @@ class Port:
         self._transfer(lba, buffers, write=True)
 
     def _transfer(self, lba: int, buffers: Sequence[DmaBuffer], write: bool) -> None:
-        total = sum(b.size for b in buffers)
-        if not buffers or total % SECTOR or any(b.size % 2 for b in buffers):
+        regions = [(b.phys, b.size) for b in buffers]
+        total = sum(size for _, size in regions)
+        if not regions or total % SECTOR or any(size & 1 for _, size in regions):
             raise ValueError(f"buffers of {total} bytes are not whole {SECTOR}-byte sectors")
         count = total // SECTOR
         if count > 65536:
             raise ValueError("one command moves at most 65536 sectors")
         self._check(lba, count)
         command = Ata.WRITE_DMA_EXT if write else Ata.READ_DMA_EXT
-        self._prepare(0, command, lba, count & 0xFFFF, write=write, regions=[(b.phys, b.size) for b in buffers])
-        self._run(0, f"{command.name} {lba}+{count} ({len(buffers)} buffers)")
+        self._prepare(0, command, lba, count & 0xFFFF, write=write, regions=regions)
+        self._run(0, lambda: f"{command.name} {lba}+{count} ({len(buffers)} buffers)")
 
     # ---- ATAPI (a CD-ROM): SCSI commands inside ATA PACKET (MMC; AHCI 4.2.2 "A") ----
 
@@ -447,8 +461,9 @@ class Port:
 
     def _queue_of(self, requests: Sequence[tuple[int, DmaBuffer]]) -> list[tuple[int, DmaBuffer | None, int]]:
         for lba, buffer in requests:
-            if not buffer.size or buffer.size % SECTOR or buffer.size // SECTOR > 65535:
-                raise ValueError(f"a queued command moves 1 to 65535 whole sectors, not {buffer.size} bytes")
+            if not buffer.size or buffer.size % SECTOR or buffer.size > MAX_PRD_BYTES:
+                raise ValueError(f"a queued command moves whole sectors, at most {MAX_PRD_BYTES} bytes, "
+                                 f"not {buffer.size}")
             self._check(lba, buffer.size // SECTOR)
         return [(lba, b, b.size) for lba, b in requests]
 
@@ -467,26 +482,27 @@ class Port:
         depth = self.queue_depth
         if not depth:
             raise DiskError(f"port {self.index}: the device does not queue", 0, 0)
-        if self._r(Px.TFD) & Tfd.ERR:               # an earlier failure left the error status
+        if self._r(Px.TFD) & TFD_ERR:               # an earlier failure left the error status
             self.reset()
         command = Ata.WRITE_FPDMA_QUEUED if write else Ata.READ_FPDMA_QUEUED
         waiting = list(range(len(requests)))[::-1]     # request indices, next at the end
         in_flight: dict[int, int] = {}                  # tag -> request index
         free = list(range(depth))[::-1]
-        watch = PxIs.SDBS | PXIS_ERRORS
         failures: list[tuple[int, DiskError]] = []
         chunk = max(1, depth // 2)
         while waiting or in_flight:
             fresh = 0
-            while free and waiting and fresh.bit_count() < chunk:
+            issued = 0
+            while free and waiting and issued < chunk:
                 tag, index = free.pop(), waiting.pop()
                 lba, buffer, size = requests[index]
-                regions = [(buffer.phys, size)] if buffer else [(self._slot_buffer(tag)[0], size)]
-                self._prepare(tag, command, lba, size // SECTOR, write=write, tag=tag, regions=regions)
+                self._prepare_queued(tag, command, lba, buffer.phys if buffer else self._slot_buffer(tag)[0],
+                                     size, write)
                 in_flight[tag] = index
                 fresh |= 1 << tag
+                issued += 1
             try:
-                _, status, active, tfd = self._queue_round(fresh, watch, wait=not (free and waiting))
+                status, active, tfd = self._queue_round(fresh, wait=not (free and waiting))
             except DeviceTimeout as exc:
                 self.reset()
                 raise DiskError(f"port {self.index}: queued commands did not complete", exc.last_value, 0) from exc
@@ -495,7 +511,7 @@ class Port:
                     collect(tag, in_flight[tag])
                 del in_flight[tag]
                 free.append(tag)
-            if status & PXIS_ERRORS or tfd & Tfd.ERR:
+            if status & PXIS_ERRORS or tfd & TFD_ERR:
                 self.reset()
                 failures += self._retry_alone(requests, sorted(in_flight.values()), write, collect)
                 in_flight.clear()
@@ -504,6 +520,22 @@ class Port:
             last = failures[-1][1]
             raise DiskError(f"port {self.index}: queued request(s) {[i for i, _ in failures]} failed",
                             last.status, last.error, failed=[i for i, _ in failures])
+
+    def _prepare_queued(self, tag: int, command: int, lba: int, phys: int, size: int, write: bool) -> None:
+        """``_prepare`` for one NCQ command of one PRD (checked by the caller), by words."""
+        t, words = tag * TABLE_SIZE // 4, self._table_words
+        count = size // SECTOR
+        words[t] = FIS_TYPE_H2D | H2D_COMMAND << 8 | command << 16 | (count & 0xFF) << 24
+        words[t + 1] = lba & 0xFFFFFF | DEVICE_LBA << 24
+        words[t + 2] = lba >> 24 & 0xFFFFFF | count >> 8 << 24
+        words[t + 3] = tag << 3                         # the tag in the count field; ICC, control 0
+        words[t + 4] = 0
+        if self._slot_prd[tag] != (phys, size):
+            PRD.pack_into(self.tables.view, tag * TABLE_SIZE + CMD_TABLE_PRDT, phys, 0, size - 1)
+            self._slot_prd[tag] = (phys, size)
+        h = tag * 8
+        self._list_words[h] = 5 | (HEADER_WRITE if write else 0) | 1 << 16     # a 5-dword FIS, one PRD
+        self._list_words[h + 1] = 0                     # PRD byte count; the table address is fixed
 
     def _retry_alone(self, requests: Sequence[tuple[int, DmaBuffer | None, int]], indices: list[int],
                      write: bool, collect: Callable[[int, int], None] | None) -> list[tuple[int, DiskError]]:
@@ -527,10 +559,11 @@ class Port:
                  self.index, len(indices), len(failed))
         return failed
 
-    def _queue_round(self, fresh: int, watch: int, wait: bool) -> tuple[int, ...]:
+    def _queue_round(self, fresh: int, wait: bool) -> tuple[int, int, int]:
+        """Issue ``fresh`` and, if ``wait``, wait for a completion or an error: (PxIS, PxSACT, PxTFD)."""
         if self.hba.irq is None or not wait:
-            return self._round(Kind.POLL_CHANGE if wait else Kind.READ, Px.IS, watch, 0,
-                               {Px.SACT: fresh, Px.CI: fresh})
+            _, _, status, _, active, tfd = self._queue_batch(wait).run({0: fresh, 1: fresh})
+            return status, active, tfd
         issue: dict[int, int] | None = {Px.SACT: fresh, Px.CI: fresh}
         deadline = Deadline(self.hba.timeout)
         while True:                                 # the HBA's MSI says when PxIS may have changed
@@ -539,7 +572,7 @@ class Port:
                     b.write32(self.r, self.base + reg, value)
                 i_is = b.read32(self.r, self.base + Px.IS)
             issue = None
-            if b.results[i_is] & watch:
+            if b.results[i_is] & QUEUE_EVENTS:
                 break
             if deadline.expired:
                 raise DeviceTimeout("queued commands", 0, b.results[i_is])
@@ -553,7 +586,8 @@ class Port:
             b.write32(self.r, Hba.IS, 1 << self.index)
             i_act = b.read32(self.r, self.base + Px.SACT)
             i_tfd = b.read32(self.r, self.base + Px.TFD)
-        return 0, b.results[i_is], b.results[i_act], b.results[i_tfd]
+        return b.results[i_is], b.results[i_act], b.results[i_tfd]
+
     def close(self) -> None:
         try:
             if self.present:
