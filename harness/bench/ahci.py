@@ -65,7 +65,7 @@ def _disk_image(path: Path) -> None:
             pass
 
 
-def run(accel: str, count: int = 2000, rounds: int = 5) -> dict[str, object]:
+def run(accel: str, count: int = 2000, rounds: int = 9) -> dict[str, object]:
     """Python and native take turns, workload by workload, for ``rounds`` rounds after one
     warm-up; each figure is the median of its rounds, each ratio the median of the rounds'
     Python-to-native ratios."""
