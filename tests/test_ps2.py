@@ -23,13 +23,23 @@ def ps2(proxy_machine_factory_module) -> Iterator[tuple[ProxyMachine, Controller
     controller.ports.channel.close()
 
 
-def typed(pm: ProxyMachine, keyboard: Keyboard, tokens: list[str]) -> list:
-    typist = threading.Thread(target=type_keys, args=(pm.machine, tokens))
-    typist.start()
+def while_injecting(inject, read_events) -> list:  # type: ignore[no-untyped-def]
+    """Read events while another thread injects input through QMP, then until 1 s of quiet.
+    Reading goes on while the injector lives, however slow a loaded machine makes it."""
+    injector = threading.Thread(target=inject)
+    injector.start()
+    events: list = []
     try:
-        return list(keyboard.events(timeout=1.0))
+        while injector.is_alive():
+            events += read_events(timeout=1.0)
+        events += read_events(timeout=1.0)          # what was still on its way
     finally:
-        typist.join()
+        injector.join()
+    return events
+
+
+def typed(pm: ProxyMachine, keyboard: Keyboard, tokens: list[str]) -> list:
+    return while_injecting(lambda: type_keys(pm.machine, tokens), keyboard.events)
 
 
 def test_controller_and_devices_identify_themselves(ps2) -> None:
@@ -88,12 +98,7 @@ def test_mouse_motion_buttons_and_wheel_add_up(ps2) -> None:
         for dx, dy, buttons, wheel in gestures:
             move_mouse(pm.machine, dx, dy, buttons, wheel)
 
-    mover = threading.Thread(target=hand)
-    mover.start()
-    try:
-        events = list(mouse.events(timeout=1.0))
-    finally:
-        mover.join()
+    events = while_injecting(hand, mouse.events)
     assert sum(e.dx for e in events) == sum(g[0] for g in gestures)
     assert sum(e.dy for e in events) == sum(g[1] for g in gestures)
     assert sum(e.wheel for e in events) == sum(g[3] for g in gestures)
