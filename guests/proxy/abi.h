@@ -29,7 +29,7 @@ typedef unsigned long long u64 __attribute__((aligned(8)));
 
 enum proxy_abi {
     PROXY_ABI_MAGIC = 0x48574858,   /* "XHWH" little-endian */
-    PROXY_ABI_VERSION = 2,
+    PROXY_ABI_VERSION = 4,
 };
 
 enum proxy_limits {
@@ -122,9 +122,8 @@ struct proxy_request {
     u64 value;                      /* in: value to write; out: value read */
     u64 mask;                       /* polls */
     u64 expect;                     /* polls */
-    u64 tsc;                        /* guest TSC at completion */
     u64 start_tsc;                  /* guest TSC just before the access was made */
-    u64 reserved;
+    u64 reserved[2];
 };
 
 struct __attribute__((aligned(64))) proxy_ring {
@@ -234,6 +233,7 @@ struct proxy_shared {
     u64 kicks;                      /* wake-ups by the host's kick (diagnostics) */
     u64 served_total;               /* requests executed (diagnostics) */
     u64 spurious_irqs;              /* interrupts nobody owned, and LAPIC/8259 spurious ones */
+    u8 ring_posted[PROXY_MAX_CHANNELS]; /* host: 1 after it moves ring n's submit; guest: 0 before serving it */
     struct proxy_irq irqs[PROXY_MAX_CHANNELS];
     struct proxy_crash crash;
     struct proxy_pci_device devices[PROXY_MAX_DEVICES];

@@ -5,6 +5,8 @@
 
 _Static_assert(sizeof(struct proxy_shared) <= PROXY_DMA_OFFSET, "control area overlaps the DMA pool");
 _Static_assert(sizeof(struct proxy_request) == 64, "a request is one cache line");
+_Static_assert(PROXY_MAX_CHANNELS == 8 && __builtin_offsetof(struct proxy_shared, ring_posted) % 8 == 0,
+               "the guest reads every ring's posted flag as one aligned word");
 
 #define COM1 0x3f8
 #define IVSHMEM_VENDOR 0x1af4

@@ -41,6 +41,7 @@ class ProxyChannel(Channel):
         ring = w.rings_off + index * w.ring_size
         self._submit_idx = (ring + abi.offsetof("proxy_ring", "submit")) // 4
         self._served_idx = (ring + abi.offsetof("proxy_ring", "served")) // 4
+        self._posted = abi.offsetof("proxy_shared", "ring_posted") + index   # set after each move of submit
         self._entries = ring + abi.offsetof("proxy_ring", "entries")
         self._entry_size = abi.sizeof("proxy_request")
         self._nentries = abi.PROXY_RING_ENTRIES
@@ -101,6 +102,7 @@ class ProxyChannel(Channel):
         head = self._head = (self._head + count) & 0xFFFFFFFF
         u32, served = self._u32, self._served_idx
         u32[self._submit_idx] = head
+        self._mem[self._posted] = 1
         self._w.kick_if_sleeping()
         if u32[served] != head:
             self._w.wait(lambda: u32[served] == head, timeout, what, self.index, spin=self.spin)
@@ -180,6 +182,7 @@ class ProxyChannel(Channel):
         head = (head + 1) & 0xFFFFFFFF
         self._head = head
         self._u32[self._submit_idx] = head
+        self._mem[self._posted] = 1
         if self._u32[self._w.guest_sleeping_idx]:
             self._w.ivshmem.kick_guest()
         u16, st = self._u16, (slot + self._status_off) >> 1
