@@ -200,50 +200,67 @@ static void mmio_write(u64 a, u8 width, u64 v)
     }
 }
 
-static int is_pio(u8 op)
-{
-    return op == PROXY_OP_PIO_READ || op == PROXY_OP_PIO_WRITE || op == PROXY_OP_PIO_POLL
-        || op == PROXY_OP_PIO_REPEAT || op == PROXY_OP_PIO_POLL_CHANGE;
-}
+/*
+ * What each access op is, found with one load: under an emulating hypervisor
+ * every compare in a chain of them costs about a microsecond.
+ */
+enum access_kind {
+    ACCESS_PIO = 1, ACCESS_MMIO = 2, ACCESS_CFG = 4,        /* the space */
+    ACCESS_WRITE = 8, ACCESS_POLL = 16, ACCESS_CHANGE = 32, ACCESS_REPEAT = 64,
+};
 
-static u64 space_read(u8 op, u64 addr, u8 width)
+static const u8 access_kinds[PROXY_OP_MMIO_POLL_CHANGE + 1] = {
+    [PROXY_OP_PIO_READ] = ACCESS_PIO,
+    [PROXY_OP_PIO_WRITE] = ACCESS_PIO | ACCESS_WRITE,
+    [PROXY_OP_MMIO_READ] = ACCESS_MMIO,
+    [PROXY_OP_MMIO_WRITE] = ACCESS_MMIO | ACCESS_WRITE,
+    [PROXY_OP_CFG_READ] = ACCESS_CFG,
+    [PROXY_OP_CFG_WRITE] = ACCESS_CFG | ACCESS_WRITE,
+    [PROXY_OP_PIO_POLL] = ACCESS_PIO | ACCESS_POLL,
+    [PROXY_OP_MMIO_POLL] = ACCESS_MMIO | ACCESS_POLL,
+    [PROXY_OP_PIO_REPEAT] = ACCESS_PIO | ACCESS_REPEAT,
+    [PROXY_OP_MMIO_REPEAT] = ACCESS_MMIO | ACCESS_REPEAT,
+    [PROXY_OP_PIO_POLL_CHANGE] = ACCESS_PIO | ACCESS_POLL | ACCESS_CHANGE,
+    [PROXY_OP_MMIO_POLL_CHANGE] = ACCESS_MMIO | ACCESS_POLL | ACCESS_CHANGE,
+};
+
+static u64 space_read(u8 kind, u64 addr, u8 width)
 {
-    return is_pio(op) ? pio_read((u16)addr, width) : mmio_read(addr, width);
+    return kind & ACCESS_PIO ? pio_read((u16)addr, width) : mmio_read(addr, width);
 }
 
 /* Check one access against the channel's grants; width and alignment first. */
-static u16 check_access(const struct channel *ch, u8 op, u64 addr, u8 width)
+static u16 check_access(const struct channel *ch, u8 kind, u64 addr, u8 width)
 {
-    int is_cfg = op == PROXY_OP_CFG_READ || op == PROXY_OP_CFG_WRITE;
-    int max_width = is_pio(op) || is_cfg ? 4 : 8;
+    u8 max_width = kind & ACCESS_MMIO ? 8 : 4;
     if (width == 0 || width > max_width || (width & (width - 1)) || (addr & (width - 1)))
         return PROXY_STATUS_BAD_REQUEST;
-    if (is_cfg) {
+    if (kind & ACCESS_CFG) {
         if (addr >= 256)
             return PROXY_STATUS_BAD_REQUEST;
         if (!ch->device)
             return PROXY_STATUS_DENIED;
-        if (op == PROXY_OP_CFG_WRITE && any_overlap(ch->cfg_readonly, ch->ncfg_readonly, addr, width))
+        if (kind & ACCESS_WRITE && any_overlap(ch->cfg_readonly, ch->ncfg_readonly, addr, width))
             return PROXY_STATUS_DENIED;
         return PROXY_STATUS_OK;
     }
-    if (is_pio(op))
+    if (kind & ACCESS_PIO)
         return inside(ch->pio, ch->npio, addr, width) ? PROXY_STATUS_OK : PROXY_STATUS_DENIED;
     if (!inside(ch->mmio, ch->nmmio, addr, width))
         return PROXY_STATUS_DENIED;
-    if (op == PROXY_OP_MMIO_WRITE && any_overlap(ch->mmio_readonly, ch->nmmio_readonly, addr, width))
+    if (kind & ACCESS_WRITE && any_overlap(ch->mmio_readonly, ch->nmmio_readonly, addr, width))
         return PROXY_STATUS_DENIED;
     return PROXY_STATUS_OK;
 }
 
-static u16 poll(const struct proxy_request *rq, u64 *value)
+static u16 poll(const struct proxy_request *rq, u8 kind, u64 *value)
 {
     if (rq->timeout_us > PROXY_POLL_MAX_US)
         return PROXY_STATUS_BAD_REQUEST;
     u64 deadline = rdtsc() + rq->timeout_us * tsc_hz / 1000000;
-    int until_change = rq->op == PROXY_OP_PIO_POLL_CHANGE || rq->op == PROXY_OP_MMIO_POLL_CHANGE;
+    int until_change = (kind & ACCESS_CHANGE) != 0;
     for (;;) {
-        *value = space_read(rq->op, rq->addr, rq->width);
+        *value = space_read(kind, rq->addr, rq->width);
         if (((*value & rq->mask) == rq->expect) != until_change)
             return PROXY_STATUS_OK;
         if (rdtsc() >= deadline)
@@ -251,13 +268,13 @@ static u16 poll(const struct proxy_request *rq, u64 *value)
     }
 }
 
-static u16 repeat(const struct proxy_request *rq, u64 *value)
+static u16 repeat(const struct proxy_request *rq, u8 kind, u64 *value)
 {
     if (rq->value == 0 || rq->value > PROXY_REPEAT_MAX)
         return PROXY_STATUS_BAD_REQUEST;
     u64 start = rdtsc();
     for (u32 i = 0; i < (u32)rq->value; i++)
-        space_read(rq->op, rq->addr, rq->width);
+        space_read(kind, rq->addr, rq->width);
     *value = rdtsc() - start;
     return PROXY_STATUS_OK;
 }
@@ -378,45 +395,42 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
     const struct channel *ch = &channels[c];
     u8 op = rq->op, width = rq->width;
     u64 addr = rq->addr;
-    if (op == PROXY_OP_NOP)
-        return PROXY_STATUS_OK;
-    if (op >= PROXY_OP_OPEN_PCI && op <= PROXY_OP_CRASH)
-        return admin(c, rq, value);
-    if (op >= PROXY_OP_IRQ_ENABLE && op <= PROXY_OP_IRQ_DISABLE)
-        return interrupt_op(c, rq);
-    if (op == PROXY_OP_NIC_TX_LOOP || op == PROXY_OP_NIC_RX_LOOP)
-        return nic_loop(c, rq, value);
-    if (op == PROXY_OP_DISK_READ_LOOP)
-        return disk_loop(c, rq, value);
-    if (op > PROXY_OP_MMIO_POLL_CHANGE)
+    u8 kind = op < sizeof(access_kinds) ? access_kinds[op] : 0;
+    if (!kind) {                                /* not an access: control and the baselines */
+        if (op == PROXY_OP_NOP)
+            return PROXY_STATUS_OK;
+        if (op >= PROXY_OP_OPEN_PCI && op <= PROXY_OP_CRASH)
+            return admin(c, rq, value);
+        if (op >= PROXY_OP_IRQ_ENABLE && op <= PROXY_OP_IRQ_DISABLE)
+            return interrupt_op(c, rq);
+        if (op == PROXY_OP_NIC_TX_LOOP || op == PROXY_OP_NIC_RX_LOOP)
+            return nic_loop(c, rq, value);
+        if (op == PROXY_OP_DISK_READ_LOOP)
+            return disk_loop(c, rq, value);
         return PROXY_STATUS_BAD_REQUEST;
-    u16 st = check_access(ch, op, addr, width);
+    }
+    u16 st = check_access(ch, kind, addr, width);
     if (st != PROXY_STATUS_OK)
         return st;
-    const struct proxy_pci_device *d = ch->device;
-    switch (op) {
-    case PROXY_OP_PIO_READ:
-    case PROXY_OP_MMIO_READ:
-        *value = space_read(op, addr, width);
+    if (kind & ACCESS_POLL)
+        return poll(rq, kind, value);
+    if (kind & ACCESS_REPEAT)
+        return repeat(rq, kind, value);
+    if (kind & ACCESS_CFG) {
+        const struct proxy_pci_device *d = ch->device;
+        if (kind & ACCESS_WRITE)
+            pci_cfg_write(d->bus, d->dev, d->fn, (u8)addr, width, (u32)rq->value);
+        else
+            *value = pci_cfg_read(d->bus, d->dev, d->fn, (u8)addr, width);
         return PROXY_STATUS_OK;
-    case PROXY_OP_PIO_WRITE:
-        pio_write((u16)addr, width, rq->value);
-        return PROXY_STATUS_OK;
-    case PROXY_OP_MMIO_WRITE:
-        mmio_write(addr, width, rq->value);
-        return PROXY_STATUS_OK;
-    case PROXY_OP_CFG_READ:
-        *value = pci_cfg_read(d->bus, d->dev, d->fn, (u8)addr, width);
-        return PROXY_STATUS_OK;
-    case PROXY_OP_CFG_WRITE:
-        pci_cfg_write(d->bus, d->dev, d->fn, (u8)addr, width, (u32)rq->value);
-        return PROXY_STATUS_OK;
-    case PROXY_OP_PIO_REPEAT:
-    case PROXY_OP_MMIO_REPEAT:
-        return repeat(rq, value);
-    default:
-        return poll(rq, value);
     }
+    if (!(kind & ACCESS_WRITE))
+        *value = space_read(kind, addr, width);
+    else if (kind & ACCESS_PIO)
+        pio_write((u16)addr, width, rq->value);
+    else
+        mmio_write(addr, width, rq->value);
+    return PROXY_STATUS_OK;
 }
 
 /* The words of a request the host writes: op through expect. */
@@ -436,8 +450,10 @@ static int serve(int c)
         ch->served = submit;            /* the host broke the protocol; resynchronise */
     } else {
         u16 failed = 0;
-        for (; ch->served != submit; ch->served++) {
-            struct proxy_request *slot = &r->entries[ch->served % PROXY_RING_ENTRIES];
+        u32 served = ch->served;
+        shared->served_total += submit - served;
+        for (; served != submit; served++) {
+            struct proxy_request *slot = &r->entries[served % PROXY_RING_ENTRIES];
             /* Take the request once (the host could rewrite it under us), by words:
              * under an emulating hypervisor every instruction here costs microseconds. */
             struct proxy_request rq;
@@ -453,8 +469,8 @@ static int serve(int c)
             slot->value = value;
             barrier();
             WRITE_ONCE(slot->status, status);
-            shared->served_total++;
         }
+        ch->served = served;
     }
     WRITE_ONCE(r->served, ch->served);
     proxy_wake_host((u32)c);
