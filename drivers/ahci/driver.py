@@ -230,20 +230,19 @@ class Port:
                 r.access(Kind.READ, base + Px.IS, 4), r.access(Kind.READ, base + Px.TFD, 4)])
         return batch
 
-    def _queue_batch(self, wait: bool) -> Prepared:
-        """Issue the fresh tags (PxSACT, then PxCI: swapped in at run time); if ``wait``, poll
-        guest-side until PxIS shows a completion (SDBS) or an error; clear the completion
+    def _queue_batch(self) -> Prepared:
+        """Issue the fresh tags (PxSACT, then PxCI: swapped in at run time), poll guest-side
+        until PxIS shows a completion (SDBS) or an error, clear the completion
         bits; read PxSACT and PxTFD. Clearing PxIS before reading PxSACT loses no
         completion: a later one sets PxIS again. Error bits stay set until recovery, so
         one that lands between the poll and the clear is seen next round."""
-        key = ("queue", wait)
+        key = ("queue",)
         batch = self._batches.get(key)
         if batch is None:
             r, base = self.r, self.base
-            look = (r.access(Kind.POLL_CHANGE, base + Px.IS, 4, 0, QUEUE_EVENTS, 0, self.hba.timeout)
-                    if wait else r.access(Kind.READ, base + Px.IS, 4))
             batch = self._batches[key] = self.hba.dev.channel.prepare([
-                r.access(Kind.WRITE, base + Px.SACT, 4, 0), r.access(Kind.WRITE, base + Px.CI, 4, 0), look,
+                r.access(Kind.WRITE, base + Px.SACT, 4, 0), r.access(Kind.WRITE, base + Px.CI, 4, 0),
+                r.access(Kind.POLL_CHANGE, base + Px.IS, 4, 0, QUEUE_EVENTS, 0, self.hba.timeout),
                 r.access(Kind.WRITE, base + Px.IS, 4, ~PXIS_ERRORS & 0xFFFFFFFF),
                 r.access(Kind.READ, base + Px.SACT, 4), r.access(Kind.READ, base + Px.TFD, 4)])
         return batch
@@ -471,12 +470,11 @@ class Port:
                 collect: Callable[[int, int], None] | None = None) -> None:
         """Keep up to ``queue_depth`` commands in flight, the way a kernel's block layer does.
 
-        Each round is one round trip: issue up to half a queue of free tags; if no tag is
-        left free, wait guest-side until PxIS shows a completion (SDBS) or an error; then
-        see in PxSACT which tags are done, and those take the next requests. Issuing by
-        halves matters: QEMU finishes what was issued together together, so a queue
-        refilled whole would sit empty while Python fills it; by halves, one half is
-        in flight while the other is filled. A failed command stops the port: it is reset
+        Each round is one round trip: issue every free tag, wait guest-side until PxIS
+        shows a completion (SDBS) or an error, then see in PxSACT which tags are done;
+        those take the next requests. (Issuing by halves, to fill one while the other
+        is in flight, measured slower: QEMU's cost per PxCI write is large enough that
+        fewer, fuller issues win.) A failed command stops the port: it is reset
         (COMRESET), and every request that had not completed is retried on its own (not
         queued), so one bad sector fails one request, which DiskError names, and no other."""
         depth = self.queue_depth
@@ -489,20 +487,17 @@ class Port:
         in_flight: dict[int, int] = {}                  # tag -> request index
         free = list(range(depth))[::-1]
         failures: list[tuple[int, DiskError]] = []
-        chunk = max(1, depth // 2)
         while waiting or in_flight:
             fresh = 0
-            issued = 0
-            while free and waiting and issued < chunk:
+            while free and waiting:
                 tag, index = free.pop(), waiting.pop()
                 lba, buffer, size = requests[index]
                 self._prepare_queued(tag, command, lba, buffer.phys if buffer else self._slot_buffer(tag)[0],
                                      size, write)
                 in_flight[tag] = index
                 fresh |= 1 << tag
-                issued += 1
             try:
-                status, active, tfd = self._queue_round(fresh, wait=not (free and waiting))
+                status, active, tfd = self._queue_round(fresh)
             except DeviceTimeout as exc:
                 self.reset()
                 raise DiskError(f"port {self.index}: queued commands did not complete", exc.last_value, 0) from exc
@@ -559,10 +554,10 @@ class Port:
                  self.index, len(indices), len(failed))
         return failed
 
-    def _queue_round(self, fresh: int, wait: bool) -> tuple[int, int, int]:
-        """Issue ``fresh`` and, if ``wait``, wait for a completion or an error: (PxIS, PxSACT, PxTFD)."""
-        if self.hba.irq is None or not wait:
-            _, _, status, _, active, tfd = self._queue_batch(wait).run({0: fresh, 1: fresh})
+    def _queue_round(self, fresh: int) -> tuple[int, int, int]:
+        """Issue ``fresh`` and wait for a completion or an error: (PxIS, PxSACT, PxTFD)."""
+        if self.hba.irq is None:
+            _, _, status, _, active, tfd = self._queue_batch().run({0: fresh, 1: fresh})
             return status, active, tfd
         issue: dict[int, int] | None = {Px.SACT: fresh, Px.CI: fresh}
         deadline = Deadline(self.hba.timeout)
