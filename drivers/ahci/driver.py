@@ -30,6 +30,7 @@ ABAR = 5
 SLOT_SECTORS = 128                      # 64 KiB of DMA buffer per command slot
 MAX_PRDS = 24                           # scatter-gather entries a command may carry
 TABLE_SIZE = CMD_TABLE_PRDT + 16 * MAX_PRDS     # FIS, ATAPI command, PRD table: 512 bytes (aligned 128)
+TABLE_WORDS = TABLE_SIZE // 4
 MAX_PRD_BYTES = 4 << 20                 # a PRD moves at most 4 MiB (22-bit byte count)
 PCI_COMMAND, PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x04, 0x2, 0x4
 PORT_INTERRUPTS = PxIs.DHRS | PxIs.PSS | PxIs.DSS | PxIs.SDBS | PXIS_ERRORS     # what raises the MSI
@@ -42,6 +43,9 @@ PRD = struct.Struct("<QII")
 HEADER = struct.Struct("<HHIQ")
 assert FIS.size == ctypes.sizeof(H2DFis) and PRD.size == ctypes.sizeof(Prd)
 assert HEADER.size == CommandHeader.ctba.offset + CommandHeader.ctba.size
+
+
+QueuedRequest = tuple[int, "int | None", int]   # (lba, buffer address or None for the slot's own, bytes)
 
 
 class DiskError(HarnessError):
@@ -134,10 +138,10 @@ class Port:
         self.buffers = bus.dma_alloc(self.slots * SLOT_SECTORS * SECTOR)
         self.identity: Identity | None = None
         self._batches: dict[tuple, Prepared] = {}
-        # The queue's hot path writes words: the FIS, the PRD only when it changed.
+        # The queue's hot path writes words: the FIS, the PRD and header only when they changed.
         self._table_words = self.tables.view.cast("I")
         self._list_words = self.command_list.view.cast("I")
-        self._slot_prd: list[tuple[int, int] | None] = [None] * self.slots
+        self._slot_prd: list[tuple[int, int, bool] | None] = [None] * self.slots
         for slot in range(self.slots):                  # each slot's table, for good
             HEADER.pack_into(self.command_list.view, slot * 32, 0, 0, 0, self.tables.phys + slot * TABLE_SIZE)
         self.stop()
@@ -458,15 +462,17 @@ class Port:
             raise ValueError("queued writes overlap: the device may apply them in any order")
         self._queued(queue, True)
 
-    def _queue_of(self, requests: Sequence[tuple[int, DmaBuffer]]) -> list[tuple[int, DmaBuffer | None, int]]:
+    def _queue_of(self, requests: Sequence[tuple[int, DmaBuffer]]) -> list[QueuedRequest]:
+        queue = []
         for lba, buffer in requests:
-            if not buffer.size or buffer.size % SECTOR or buffer.size > MAX_PRD_BYTES:
-                raise ValueError(f"a queued command moves whole sectors, at most {MAX_PRD_BYTES} bytes, "
-                                 f"not {buffer.size}")
-            self._check(lba, buffer.size // SECTOR)
-        return [(lba, b, b.size) for lba, b in requests]
+            size = buffer.size
+            if not size or size % SECTOR or size > MAX_PRD_BYTES:
+                raise ValueError(f"a queued command moves whole sectors, at most {MAX_PRD_BYTES} bytes, not {size}")
+            self._check(lba, size // SECTOR)
+            queue.append((lba, buffer.phys, size))
+        return queue
 
-    def _queued(self, requests: Sequence[tuple[int, DmaBuffer | None, int]], write: bool,
+    def _queued(self, requests: Sequence[QueuedRequest], write: bool,
                 collect: Callable[[int, int], None] | None = None) -> None:
         """Keep up to ``queue_depth`` commands in flight, the way a kernel's block layer does.
 
@@ -476,71 +482,74 @@ class Port:
         is in flight, measured slower: QEMU's cost per PxCI write is large enough that
         fewer, fuller issues win.) A failed command stops the port: it is reset
         (COMRESET), and every request that had not completed is retried on its own (not
-        queued), so one bad sector fails one request, which DiskError names, and no other."""
+        queued), so one bad sector fails one request, which DiskError names, and no other.
+        Tags are bits of masks here, as they are in PxSACT."""
         depth = self.queue_depth
         if not depth:
             raise DiskError(f"port {self.index}: the device does not queue", 0, 0)
         if self._r(Px.TFD) & TFD_ERR:               # an earlier failure left the error status
             self.reset()
-        command = Ata.WRITE_FPDMA_QUEUED if write else Ata.READ_FPDMA_QUEUED
-        waiting = list(range(len(requests)))[::-1]     # request indices, next at the end
-        in_flight: dict[int, int] = {}                  # tag -> request index
-        free = list(range(depth))[::-1]
+        # The FIS by words (SATA 10.5.5; NCQ moves the count to the features bytes and
+        # the tag to the count's): the first word wants the count, the fourth the tag.
+        fis0 = FIS_TYPE_H2D | H2D_COMMAND << 8 | int(Ata.WRITE_FPDMA_QUEUED if write else Ata.READ_FPDMA_QUEUED) << 16
+        header0 = 5 | (HEADER_WRITE if write else 0) | 1 << 16     # a 5-dword FIS, one PRD
+        words, headers, prds = self._table_words, self._list_words, self._slot_prd
+        request_of = [0] * depth                    # tag -> request index
+        free, in_flight, following, total = (1 << depth) - 1, 0, 0, len(requests)
         failures: list[tuple[int, DiskError]] = []
-        while waiting or in_flight:
+        while following < total or in_flight:
             fresh = 0
-            while free and waiting:
-                tag, index = free.pop(), waiting.pop()
-                lba, buffer, size = requests[index]
-                self._prepare_queued(tag, command, lba, buffer.phys if buffer else self._slot_buffer(tag)[0],
-                                     size, write)
-                in_flight[tag] = index
-                fresh |= 1 << tag
+            while free and following < total:      # this loop is the driver's hot path
+                bit = free & -free                  # the lowest free tag
+                tag = bit.bit_length() - 1
+                lba, phys, size = requests[following]
+                if phys is None:
+                    phys = self._slot_buffer(tag)[0]
+                count, t = size // SECTOR, tag * TABLE_WORDS
+                words[t] = fis0 | (count & 0xFF) << 24
+                words[t + 1] = lba & 0xFFFFFF | DEVICE_LBA << 24
+                words[t + 2] = lba >> 24 & 0xFFFFFF | count >> 8 << 24
+                words[t + 3] = tag << 3             # the FIS's fifth word and the table address stay
+                if prds[tag] != (phys, size, write):
+                    PRD.pack_into(self.tables.view, tag * TABLE_SIZE + CMD_TABLE_PRDT, phys, 0, size - 1)
+                    headers[tag * 8] = header0
+                    prds[tag] = (phys, size, write)
+                headers[tag * 8 + 1] = 0            # PRD byte count
+                request_of[tag] = following
+                following += 1
+                free ^= bit
+                fresh |= bit
+            in_flight |= fresh
             try:
                 status, active, tfd = self._queue_round(fresh)
             except DeviceTimeout as exc:
                 self.reset()
                 raise DiskError(f"port {self.index}: queued commands did not complete", exc.last_value, 0) from exc
-            for tag in [t for t in in_flight if not active & 1 << t]:
-                if collect:
-                    collect(tag, in_flight[tag])
-                del in_flight[tag]
-                free.append(tag)
+            done, in_flight = in_flight & ~active, in_flight & active
+            free |= done
+            while collect and done:
+                bit = done & -done
+                collect(bit.bit_length() - 1, request_of[bit.bit_length() - 1])
+                done ^= bit
             if status & PXIS_ERRORS or tfd & TFD_ERR:
                 self.reset()
-                failures += self._retry_alone(requests, sorted(in_flight.values()), write, collect)
-                in_flight.clear()
-                free = list(range(depth))[::-1]
+                unfinished = sorted(request_of[t] for t in range(depth) if in_flight >> t & 1)
+                failures += self._retry_alone(requests, unfinished, write, collect)
+                free, in_flight = (1 << depth) - 1, 0
         if failures:
             last = failures[-1][1]
             raise DiskError(f"port {self.index}: queued request(s) {[i for i, _ in failures]} failed",
                             last.status, last.error, failed=[i for i, _ in failures])
 
-    def _prepare_queued(self, tag: int, command: int, lba: int, phys: int, size: int, write: bool) -> None:
-        """``_prepare`` for one NCQ command of one PRD (checked by the caller), by words."""
-        t, words = tag * TABLE_SIZE // 4, self._table_words
-        count = size // SECTOR
-        words[t] = FIS_TYPE_H2D | H2D_COMMAND << 8 | command << 16 | (count & 0xFF) << 24
-        words[t + 1] = lba & 0xFFFFFF | DEVICE_LBA << 24
-        words[t + 2] = lba >> 24 & 0xFFFFFF | count >> 8 << 24
-        words[t + 3] = tag << 3                         # the tag in the count field; ICC, control 0
-        words[t + 4] = 0
-        if self._slot_prd[tag] != (phys, size):
-            PRD.pack_into(self.tables.view, tag * TABLE_SIZE + CMD_TABLE_PRDT, phys, 0, size - 1)
-            self._slot_prd[tag] = (phys, size)
-        h = tag * 8
-        self._list_words[h] = 5 | (HEADER_WRITE if write else 0) | 1 << 16     # a 5-dword FIS, one PRD
-        self._list_words[h + 1] = 0                     # PRD byte count; the table address is fixed
-
-    def _retry_alone(self, requests: Sequence[tuple[int, DmaBuffer | None, int]], indices: list[int],
+    def _retry_alone(self, requests: Sequence[QueuedRequest], indices: list[int],
                      write: bool, collect: Callable[[int, int], None] | None) -> list[tuple[int, DiskError]]:
         """After a queued command failed: each unfinished request once more, on its own in
         slot 0. Returns those that fail again, with their errors."""
         command = Ata.WRITE_DMA_EXT if write else Ata.READ_DMA_EXT
         failed: list[tuple[int, DiskError]] = []
         for index in indices:
-            lba, buffer, size = requests[index]
-            region = (buffer.phys, size) if buffer else (self._slot_buffer(0)[0], size)
+            lba, phys, size = requests[index]
+            region = (self._slot_buffer(0)[0] if phys is None else phys, size)
             self._prepare(0, command, lba, size // SECTOR, write=write, regions=[region])
             try:
                 self._run(0, f"{command.name} {lba}+{size // SECTOR} (retried alone)")
