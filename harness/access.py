@@ -217,6 +217,7 @@ class Prepared:
     def __init__(self, channel: Channel, accesses: Sequence[Access]) -> None:
         self.channel = channel
         self.accesses = list(accesses)
+        self._results: list[int] | None = None
 
     def with_values(self, values: Mapping[int, int]) -> list[Access]:
         """The accesses with ``values`` swapped in, each checked against its width."""
@@ -230,6 +231,18 @@ class Prepared:
 
     def run(self, values: Mapping[int, int] | None = None) -> list[int]:
         return self.channel.execute(self.with_values(values) if values else self.accesses)
+
+    def start(self, values: Mapping[int, int] | None = None) -> None:
+        """Begin ``run``; ``finish()`` returns its values. A transport may let the device work
+        in between (the proxy does) while the caller computes; the channel is not to be
+        used meanwhile. Here the whole run happens in ``start``."""
+        self._results = self.run(values)
+
+    def finish(self) -> list[int]:
+        results, self._results = self._results, None
+        if results is None:
+            raise RuntimeError("no batch was started")
+        return results
 
 
 class Region:

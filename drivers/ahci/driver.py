@@ -134,16 +134,16 @@ class Port:
         self.slots = hba.slots
         self.command_list = bus.dma_alloc(32 * 32, 1024)
         self.received_fis = bus.dma_alloc(256, 256)
-        self.tables = bus.dma_alloc(self.slots * TABLE_SIZE, 128)
+        # Two command tables per slot: a queued command is built in one while the slot's
+        # previous command still runs from the other. Table k is slot k % slots.
+        self.tables = bus.dma_alloc(2 * self.slots * TABLE_SIZE, 128)
         self.buffers = bus.dma_alloc(self.slots * SLOT_SECTORS * SECTOR)
         self.identity: Identity | None = None
         self._batches: dict[tuple, Prepared] = {}
-        # The queue's hot path writes words: the FIS, the PRD and header only when they changed.
+        # The queue's hot path writes words, and a PRD only when it changed (per table).
         self._table_words = self.tables.view.cast("I")
         self._list_words = self.command_list.view.cast("I")
-        self._slot_prd: list[tuple[int, int, bool] | None] = [None] * self.slots
-        for slot in range(self.slots):                  # each slot's table, for good
-            HEADER.pack_into(self.command_list.view, slot * 32, 0, 0, 0, self.tables.phys + slot * TABLE_SIZE)
+        self._table_prd: list[tuple[int, int] | None] = [None] * (2 * self.slots)
         self.stop()
         self._w(Px.CLB, self.command_list.phys & 0xFFFFFFFF)
         self._w(Px.CLBU, self.command_list.phys >> 32)
@@ -257,7 +257,7 @@ class Port:
         """Fill slot ``slot``: the FIS, then a PRD per region (phys, bytes), by default the
         slot's own buffer for ``nbytes``."""
         table_off = slot * TABLE_SIZE
-        self._slot_prd[slot] = None
+        self._table_prd[slot] = None
         if tag is None:
             features, features_exp, fis_count = 0, 0, count
         else:                                   # NCQ: the count moves to the features fields
@@ -477,10 +477,12 @@ class Port:
         """Keep up to ``queue_depth`` commands in flight, the way a kernel's block layer does.
 
         Each round is one round trip: issue every free tag, wait guest-side until PxIS
-        shows a completion (SDBS) or an error, then see in PxSACT which tags are done;
-        those take the next requests. (Issuing by halves, to fill one while the other
-        is in flight, measured slower: QEMU's cost per PxCI write is large enough that
-        fewer, fuller issues win.) A failed command stops the port: it is reset
+        shows a completion (SDBS) or an error, then see in PxSACT which tags are done.
+        While the proxy works on a round, Python builds each busy tag's next command in
+        its spare table, so a tag that completes goes again at once, and Python's share
+        of the work overlaps the device's. (Issuing by halves, to fill one while the
+        other is in flight, measured slower: QEMU's cost per PxCI write is large enough
+        that fewer, fuller issues win.) A failed command stops the port: it is reset
         (COMRESET), and every request that had not completed is retried on its own (not
         queued), so one bad sector fails one request, which DiskError names, and no other.
         Tags are bits of masks here, as they are in PxSACT."""
@@ -489,57 +491,91 @@ class Port:
             raise DiskError(f"port {self.index}: the device does not queue", 0, 0)
         if self._r(Px.TFD) & TFD_ERR:               # an earlier failure left the error status
             self.reset()
-        # The FIS by words (SATA 10.5.5; NCQ moves the count to the features bytes and
-        # the tag to the count's): the first word wants the count, the fourth the tag.
-        fis0 = FIS_TYPE_H2D | H2D_COMMAND << 8 | int(Ata.WRITE_FPDMA_QUEUED if write else Ata.READ_FPDMA_QUEUED) << 16
+        command = int(Ata.WRITE_FPDMA_QUEUED if write else Ata.READ_FPDMA_QUEUED)
         header0 = 5 | (HEADER_WRITE if write else 0) | 1 << 16     # a 5-dword FIS, one PRD
-        words, headers, prds = self._table_words, self._list_words, self._slot_prd
-        request_of = [0] * depth                    # tag -> request index
-        free, in_flight, following, total = (1 << depth) - 1, 0, 0, len(requests)
+        total, slots = len(requests), self.slots
+        request_of = [0] * depth                    # tag -> the request it runs
+        built = [-1] * depth                        # tag -> the request built in its spare table
+        spare = list(range(slots, slots + depth))   # tag -> the table its next command goes in
+        free, in_flight, following = (1 << depth) - 1, 0, 0
         failures: list[tuple[int, DiskError]] = []
-        while following < total or in_flight:
-            fresh = 0
-            while free and following < total:      # this loop is the driver's hot path
-                bit = free & -free                  # the lowest free tag
-                tag = bit.bit_length() - 1
-                lba, phys, size = requests[following]
-                if phys is None:
-                    phys = self._slot_buffer(tag)[0]
-                count, t = size // SECTOR, tag * TABLE_WORDS
-                words[t] = fis0 | (count & 0xFF) << 24
-                words[t + 1] = lba & 0xFFFFFF | DEVICE_LBA << 24
-                words[t + 2] = lba >> 24 & 0xFFFFFF | count >> 8 << 24
-                words[t + 3] = tag << 3             # the FIS's fifth word and the table address stay
-                if prds[tag] != (phys, size, write):
-                    PRD.pack_into(self.tables.view, tag * TABLE_SIZE + CMD_TABLE_PRDT, phys, 0, size - 1)
-                    headers[tag * 8] = header0
-                    prds[tag] = (phys, size, write)
-                headers[tag * 8 + 1] = 0            # PRD byte count
-                request_of[tag] = following
-                following += 1
-                free ^= bit
-                fresh |= bit
+
+        def build(tag: int) -> None:                # the next request, into the tag's spare table
+            nonlocal following
+            self._build_queued(spare[tag], tag, command, requests[following])
+            built[tag] = following
+            following += 1
+
+        def issue(tag: int) -> int:                 # point the slot at what was built; its bit
+            table = spare[tag]
+            h, address = tag * 8, self.tables.phys + table * TABLE_SIZE
+            headers = self._list_words
+            headers[h], headers[h + 1] = header0, 0     # flags and PRD count; PRD byte count
+            headers[h + 2], headers[h + 3] = address & 0xFFFFFFFF, address >> 32
+            request_of[tag], built[tag] = built[tag], -1
+            spare[tag] = table - slots if table >= slots else table + slots
+            return 1 << tag
+
+        def build_ahead() -> None:                  # while a round runs: tags in flight get their next
+            for tag in range(depth):
+                if following >= total:
+                    return
+                if in_flight >> tag & 1 and built[tag] < 0:
+                    build(tag)
+
+        fresh = 0                                   # issued in the command list, not yet to the HBA
+        while True:
+            for tag in range(depth):                # free tags take requests at once
+                if not free or following >= total:
+                    break
+                if free >> tag & 1:
+                    build(tag)
+                    fresh |= issue(tag)
+                    free ^= 1 << tag
+            if not fresh and not in_flight:
+                break
             in_flight |= fresh
             try:
-                status, active, tfd = self._queue_round(fresh)
+                status, active, tfd = self._queue_round(fresh, build_ahead)
             except DeviceTimeout as exc:
                 self.reset()
                 raise DiskError(f"port {self.index}: queued commands did not complete", exc.last_value, 0) from exc
+            fresh = 0
             done, in_flight = in_flight & ~active, in_flight & active
-            free |= done
-            while collect and done:
-                bit = done & -done
-                collect(bit.bit_length() - 1, request_of[bit.bit_length() - 1])
-                done ^= bit
+            for tag in range(depth):
+                if not done >> tag & 1:
+                    continue
+                if collect:
+                    collect(tag, request_of[tag])
+                if built[tag] >= 0:
+                    fresh |= issue(tag)             # its next command is ready: it goes next round
+                else:
+                    free |= 1 << tag
             if status & PXIS_ERRORS or tfd & TFD_ERR:
                 self.reset()
-                unfinished = sorted(request_of[t] for t in range(depth) if in_flight >> t & 1)
-                failures += self._retry_alone(requests, unfinished, write, collect)
-                free, in_flight = (1 << depth) - 1, 0
+                waiting = [request_of[t] for t in range(depth) if (in_flight | fresh) >> t & 1]
+                failures += self._retry_alone(requests, sorted(waiting + [b for b in built if b >= 0]),
+                                              write, collect)
+                fresh, free, in_flight, built = 0, (1 << depth) - 1, 0, [-1] * depth
         if failures:
             last = failures[-1][1]
             raise DiskError(f"port {self.index}: queued request(s) {[i for i, _ in failures]} failed",
                             last.status, last.error, failed=[i for i, _ in failures])
+
+    def _build_queued(self, table: int, tag: int, command: int, request: QueuedRequest) -> None:
+        """One NCQ command of one PRD (checked by the caller) into command table ``table``, by
+        words (SATA 10.5.5: NCQ moves the count to the features bytes, the tag to the count's)."""
+        lba, phys, size = request
+        if phys is None:
+            phys = self._slot_buffer(tag)[0]
+        count, words, t = size // SECTOR, self._table_words, table * TABLE_WORDS
+        words[t] = FIS_TYPE_H2D | H2D_COMMAND << 8 | command << 16 | (count & 0xFF) << 24
+        words[t + 1] = lba & 0xFFFFFF | DEVICE_LBA << 24
+        words[t + 2] = lba >> 24 & 0xFFFFFF | count >> 8 << 24
+        words[t + 3], words[t + 4] = tag << 3, 0
+        if self._table_prd[table] != (phys, size):
+            PRD.pack_into(self.tables.view, table * TABLE_SIZE + CMD_TABLE_PRDT, phys, 0, size - 1)
+            self._table_prd[table] = (phys, size)
 
     def _retry_alone(self, requests: Sequence[QueuedRequest], indices: list[int],
                      write: bool, collect: Callable[[int, int], None] | None) -> list[tuple[int, DiskError]]:
@@ -563,11 +599,16 @@ class Port:
                  self.index, len(indices), len(failed))
         return failed
 
-    def _queue_round(self, fresh: int) -> tuple[int, int, int]:
-        """Issue ``fresh`` and wait for a completion or an error: (PxIS, PxSACT, PxTFD)."""
+    def _queue_round(self, fresh: int, meanwhile: Callable[[], None]) -> tuple[int, int, int]:
+        """Issue ``fresh`` and wait for a completion or an error: (PxIS, PxSACT, PxTFD).
+        ``meanwhile`` runs while the proxy works on the round."""
         if self.hba.irq is None:
-            _, _, status, _, active, tfd = self._queue_batch().run({0: fresh, 1: fresh})
+            batch = self._queue_batch()
+            batch.start({0: fresh, 1: fresh})
+            meanwhile()
+            _, _, status, _, active, tfd = batch.finish()
             return status, active, tfd
+        meanwhile()
         issue: dict[int, int] | None = {Px.SACT: fresh, Px.CI: fresh}
         deadline = Deadline(self.hba.timeout)
         while True:                                 # the HBA's MSI says when PxIS may have changed

@@ -55,6 +55,7 @@ class ProxyChannel(Channel):
         if self._entries % 8 or self._entry_size % 8 or self._status_off % 2 or self._value_off % 8:
             raise AbiError("ring entries are not naturally aligned; the host reads them as words")
         self._head = self._u32[self._submit_idx]
+        self._started: tuple | None = None          # a prepared batch published, not yet awaited
         self._ok = abi.PROXY_STATUS_OK
         self._errors = {abi.PROXY_STATUS_DENIED: AccessDenied, abi.PROXY_STATUS_BAD_REQUEST: BadRequest,
                         abi.PROXY_STATUS_TIMEOUT: DeviceTimeout, abi.PROXY_STATUS_FAULT: ProxyFault}
@@ -99,11 +100,24 @@ class ProxyChannel(Channel):
 
     def _publish(self, count: int, timeout: float, what: object) -> None:
         """Hand the next ``count`` entries to the guest and wait until it has served them."""
+        self._await(self._post(count), timeout, what)
+
+    def _refuse(self) -> None:
+        if self.closed:
+            raise ValueError(f"{self!r} is closed")
+        raise RuntimeError(f"{self!r}: a started batch must finish before anything else runs")
+
+    def _post(self, count: int) -> int:
+        if self._started is not None:
+            self._refuse()
         head = self._head = (self._head + count) & 0xFFFFFFFF
-        u32, served = self._u32, self._served_idx
-        u32[self._submit_idx] = head
+        self._u32[self._submit_idx] = head
         self._mem[self._posted] = 1
         self._w.kick_if_sleeping()
+        return head
+
+    def _await(self, head: int, timeout: float, what: object) -> None:
+        u32, served = self._u32, self._served_idx
         if u32[served] != head:
             self._w.wait(lambda: u32[served] == head, timeout, what, self.index, spin=self.spin)
 
@@ -126,7 +140,9 @@ class ProxyChannel(Channel):
         """Encode a batch once to run it many times (at most one ring's worth)."""
         return PreparedBatch(self, accesses)
 
-    def _run_prepared(self, batch: "PreparedBatch", patch: Mapping[int, int] | None) -> list[int]:
+    def _start_prepared(self, batch: "PreparedBatch", patch: Mapping[int, int] | None) -> None:
+        """Copy the batch in and publish it; ``_finish_prepared`` waits for it. In between the
+        guest works while the caller may compute, but may not use the channel."""
         n, size, ring = batch.count, self._entry_size, self._nentries
         start = self._head & (ring - 1)
         first = min(n, ring - start)              # entries before the ring wraps
@@ -140,7 +156,15 @@ class ProxyChannel(Channel):
                     raise ValueError(f"{batch.accesses[i]}: value {value:#x} does not fit its width")
                 slot = self._entries + ((start + i) & (ring - 1)) * size
                 self._u64[(slot + self._value_off) >> 3] = value
-        self._publish(n, DEFAULT_TIMEOUT, f"a batch of {n} on {self!r}")
+        self._started = (batch, patch, self._post(n), base, first)
+
+    def _finish_prepared(self) -> list[int]:
+        if self._started is None:
+            raise RuntimeError(f"{self!r}: no batch was started")
+        batch, patch, head, base, first = self._started
+        n, size = batch.count, self._entry_size
+        self._started = None
+        self._await(head, DEFAULT_TIMEOUT, f"a batch of {n} on {self!r}")
 
         def column(view: memoryview, offset: int) -> list[int]:
             """One field out of every entry, through a strided view: no Python loop."""
@@ -174,8 +198,8 @@ class ProxyChannel(Channel):
 
     def _one(self, op: int, width: int, addr: int, value: int = 0) -> int:
         """The hot path: one request, no objects built unless it fails."""
-        if self.closed:
-            raise ValueError(f"{self!r} is closed")
+        if self.closed or self._started is not None:
+            self._refuse()
         head = self._head
         slot = self._entries + (head & (self._nentries - 1)) * self._entry_size
         self._pack_short(self._mem, slot, op, width, 0, 0, addr, value)
@@ -293,4 +317,11 @@ class PreparedBatch(Prepared):
         self.limits = [1 << (8 * a.width) for a in accesses]
 
     def run(self, values: Mapping[int, int] | None = None) -> list[int]:
-        return self.channel._run_prepared(self, values)
+        self.channel._start_prepared(self, values)
+        return self.channel._finish_prepared()
+
+    def start(self, values: Mapping[int, int] | None = None) -> None:
+        self.channel._start_prepared(self, values)
+
+    def finish(self) -> list[int]:
+        return self.channel._finish_prepared()
