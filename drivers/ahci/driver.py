@@ -506,14 +506,22 @@ class Port:
             built[tag] = following
             following += 1
 
+        headers, tables_phys = self._list_words, self.tables.phys
+        address = [(tables_phys + k * TABLE_SIZE) & 0xFFFFFFFF for k in range(2 * slots)]
+        other = [k + slots if k < slots else k - slots for k in range(2 * slots)]
+        assert (tables_phys + 2 * slots * TABLE_SIZE - 1) >> 32 == tables_phys >> 32, "tables cross 4 GiB"
+
+        def claim_headers() -> None:                # what stays: flags, PRD count, address above 4 GiB
+            for tag in range(depth):
+                headers[tag * 8], headers[tag * 8 + 3] = header0, tables_phys >> 32
+        claim_headers()
+
         def issue(tag: int) -> int:                 # point the slot at what was built; its bit
             table = spare[tag]
-            h, address = tag * 8, self.tables.phys + table * TABLE_SIZE
-            headers = self._list_words
-            headers[h], headers[h + 1] = header0, 0     # flags and PRD count; PRD byte count
-            headers[h + 2], headers[h + 3] = address & 0xFFFFFFFF, address >> 32
+            headers[tag * 8 + 1] = 0                # PRD byte count
+            headers[tag * 8 + 2] = address[table]
             request_of[tag], built[tag] = built[tag], -1
-            spare[tag] = table - slots if table >= slots else table + slots
+            spare[tag] = other[table]
             return 1 << tag
 
         def build_ahead() -> None:                  # while a round runs: tags in flight get their next
@@ -542,21 +550,23 @@ class Port:
                 raise DiskError(f"port {self.index}: queued commands did not complete", exc.last_value, 0) from exc
             fresh = 0
             done, in_flight = in_flight & ~active, in_flight & active
-            for tag in range(depth):
-                if not done >> tag & 1:
-                    continue
+            while done:
+                bit = done & -done
+                done ^= bit
+                tag = bit.bit_length() - 1
                 if collect:
                     collect(tag, request_of[tag])
                 if built[tag] >= 0:
                     fresh |= issue(tag)             # its next command is ready: it goes next round
                 else:
-                    free |= 1 << tag
+                    free |= bit
             if status & PXIS_ERRORS or tfd & TFD_ERR:
                 self.reset()
                 waiting = [request_of[t] for t in range(depth) if (in_flight | fresh) >> t & 1]
                 failures += self._retry_alone(requests, sorted(waiting + [b for b in built if b >= 0]),
                                               write, collect)
                 fresh, free, in_flight, built = 0, (1 << depth) - 1, 0, [-1] * depth
+                claim_headers()                     # the retries used slot 0's header
         if failures:
             last = failures[-1][1]
             raise DiskError(f"port {self.index}: queued request(s) {[i for i, _ in failures]} failed",
