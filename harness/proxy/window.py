@@ -29,7 +29,7 @@ from .abi import Abi
 
 log = logging.getLogger(__name__)
 
-SPIN_SECONDS = 2e-3     # host spins this long on a completion before it sleeps
+SPIN_SECONDS = 200e-6   # host spins this long on a completion before it sleeps
 SLEEP_SLICE = 0.01      # longest single sleep; then liveness is checked again
 
 
