@@ -140,7 +140,21 @@ def test_polls_stop_on_equal_or_on_change_and_prepared_batches_take_new_values(
         assert batch.run()[1] == 0
         with pytest.raises(ValueError):
             batch.run({0: 1 << 32})
+        # Started, the batch runs while the host computes; the channel refuses anything else.
+        batch.start({0: 0x600D_F00D})
+        with pytest.raises(RuntimeError):
+            bar0.read32(RAL0)
+        with pytest.raises(RuntimeError):
+            batch.start({0: 1})
+        assert batch.finish()[1] == 0x600D_F00D
+        with pytest.raises(RuntimeError):
+            batch.finish()
         assert bar0.read32(RAL0) == ral
+        batch.run({0: 0})
+    with pytest.raises(ValueError):                     # a closed channel refuses, plainly
+        bar0.read32(RAL0)
+    with pytest.raises(ValueError):
+        batch.run()
 
 
 def test_failed_step_skips_the_rest_of_its_batch(proxy_machine: ProxyMachine) -> None:

@@ -91,8 +91,8 @@ class ProxyChannel(Channel):
         No status is interpreted here; :meth:`execute` does that. Batches
         larger than the ring go in ring-sized pieces.
         """
-        if self.closed:
-            raise ValueError(f"{self!r} is closed")
+        if self.closed or self._started is not None:
+            self._refuse()
         out: list[tuple[int, int]] = []
         for start in range(0, len(requests), self._nentries):
             out += self._submit_chunk(requests[start:start + self._nentries], timeout, what)
@@ -108,8 +108,6 @@ class ProxyChannel(Channel):
         raise RuntimeError(f"{self!r}: a started batch must finish before anything else runs")
 
     def _post(self, count: int) -> int:
-        if self._started is not None:
-            self._refuse()
         head = self._head = (self._head + count) & 0xFFFFFFFF
         self._u32[self._submit_idx] = head
         self._mem[self._posted] = 1
@@ -124,8 +122,8 @@ class ProxyChannel(Channel):
     def submit_raw(self, entries: Sequence[bytes], timeout: float = DEFAULT_TIMEOUT) -> list[tuple[int, int]]:
         """Publish whole ring entries exactly as given, garbage included (for testing the
         proxy's validation), one batch each; return (status, value) for each."""
-        if self.closed:
-            raise ValueError(f"{self!r} is closed")
+        if self.closed or self._started is not None:
+            self._refuse()
         out = []
         for raw in entries:
             if len(raw) != self._entry_size:
@@ -143,6 +141,8 @@ class ProxyChannel(Channel):
     def _start_prepared(self, batch: "PreparedBatch", patch: Mapping[int, int] | None) -> None:
         """Copy the batch in and publish it; ``_finish_prepared`` waits for it. In between the
         guest works while the caller may compute, but may not use the channel."""
+        if self.closed or self._started is not None:
+            self._refuse()
         n, size, ring = batch.count, self._entry_size, self._nentries
         start = self._head & (ring - 1)
         first = min(n, ring - start)              # entries before the ring wraps

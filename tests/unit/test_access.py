@@ -52,6 +52,24 @@ def test_batch_runs_in_order_on_exit() -> None:
 def test_access_names_itself() -> None:
     a = Access(Kind.POLL, Space.MMIO, 0xFEBC0008, 4, mask=2, expect=2, timeout=0.5)
     assert str(a) == "poll mmio 0xfebc0008 width 4 until & 0x2 == 0x2 within 0.5 s"
+    c = Access(Kind.POLL_CHANGE, Space.PIO, 0x64, 1, mask=1, expect=0, timeout=0.1)
+    assert str(c) == "poll-change pio 0x64 width 1 until & 0x1 != 0x0 within 0.1 s"
+    assert c.satisfied_by(0x1D) and not c.satisfied_by(0x1C)
+    assert a.satisfied_by(0x2) and not a.satisfied_by(0x1)
+
+
+def test_prepared_batch_takes_new_values_and_runs_in_two_halves() -> None:
+    ch = FakeChannel()
+    r = Region(ch, Space.MMIO, 0x1000, 0x20)
+    batch = ch.prepare([r.access(Kind.WRITE, 0x8, 4, 1), r.access(Kind.READ, 0x8, 4)])
+    assert batch.run()[1] == 1
+    assert batch.run({0: 0xBEEF})[1] == 0xBEEF
+    with pytest.raises(ValueError):                     # checked against the access's width
+        batch.run({0: 1 << 32})
+    batch.start({0: 7})
+    assert batch.finish() == [0, 7]
+    with pytest.raises(RuntimeError):                   # nothing started
+        batch.finish()
 
 
 def test_dma_pool_aligns_zeroes_and_coalesces() -> None:
