@@ -137,6 +137,8 @@ class Port:
         # Two command tables per slot: a queued command is built in one while the slot's
         # previous command still runs from the other. Table k is slot k % slots.
         self.tables = bus.dma_alloc(2 * self.slots * TABLE_SIZE, 128)
+        if self.tables.phys >> 32 != (self.tables.phys + self.tables.size - 1) >> 32:
+            raise DiskError(f"port {index}: the command tables straddle 4 GiB", 0, 0)   # one CTBAU for all
         self.buffers = bus.dma_alloc(self.slots * SLOT_SECTORS * SECTOR)
         self.identity: Identity | None = None
         self._batches: dict[tuple, Prepared] = {}
@@ -509,7 +511,6 @@ class Port:
         headers, tables_phys = self._list_words, self.tables.phys
         address = [(tables_phys + k * TABLE_SIZE) & 0xFFFFFFFF for k in range(2 * slots)]
         other = [k + slots if k < slots else k - slots for k in range(2 * slots)]
-        assert (tables_phys + 2 * slots * TABLE_SIZE - 1) >> 32 == tables_phys >> 32, "tables cross 4 GiB"
 
         def claim_headers() -> None:                # what stays: flags, PRD count, address above 4 GiB
             for tag in range(depth):
