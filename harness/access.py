@@ -223,6 +223,8 @@ class Prepared:
         """The accesses with ``values`` swapped in, each checked against its width."""
         accesses = list(self.accesses)
         for i, value in values.items():
+            if not 0 <= i < len(accesses):
+                raise ValueError(f"no access {i} of {len(accesses)} to take the value {value:#x}")
             a = accesses[i]
             if not 0 <= value < 1 << (8 * a.width):
                 raise ValueError(f"{a}: value {value:#x} does not fit {a.width} bytes")

@@ -90,6 +90,39 @@ def test_32_queued_commands_each_complete_with_their_data(reader) -> None:
         assert data == raw[lba * 512:(lba + count) * 512]
 
 
+def test_a_queue_interrupted_midway_leaves_the_port_and_channel_usable(
+        proxy_machine_factory, tmp_path: Path, monkeypatch) -> None:
+    image = tmp_path / "random.img"
+    image.write_bytes(random.randbytes(4 << 20))
+    # QEMU holds each read 10 ms or so (100 IOPS): commands from the broken call are still
+    # running when the next call starts, and would come back on tags it reuses.
+    pm = proxy_machine_factory(attach(image, file=str(image), format="raw", **{"throttling.iops-total": 100}),
+                               name="ahci-throttled")
+    hba = Ahci.open(pm.bus)
+    try:
+        disk = hba.disks()[0]
+        raw = image.read_bytes()
+        requests = [(lba, 8) for lba in random.sample(range(0, 8000, 8), 48)]
+        calls = [0]
+        build = type(disk)._build_queued
+
+        def build_then_break(self, *args):  # type: ignore[no-untyped-def]
+            calls[0] += 1
+            if calls[0] == 40:                              # while a round is in flight
+                raise KeyboardInterrupt
+            return build(self, *args)
+        monkeypatch.setattr(type(disk), "_build_queued", build_then_break)
+        with pytest.raises(KeyboardInterrupt):
+            disk.read_queued(requests)
+        monkeypatch.undo()
+        assert disk._r(0x34), "commands of the broken call are still in flight (PxSACT)"
+        again = requests[::-1]                              # other requests on the same tags
+        for (lba, count), got in zip(again, disk.read_queued(again)):
+            assert got == raw[lba * 512:(lba + count) * 512], f"sector {lba}"
+    finally:
+        hba.close()
+
+
 def test_bad_requests_raise_before_anything_is_written(reader) -> None:
     _, hba, image = reader
     disk = hba.disks()[0]

@@ -50,7 +50,7 @@ QueuedRequest = tuple[int, "int | None", int]   # (lba, buffer address or None f
 
 class DiskError(HarnessError):
     """The device reported an error (task file ERR); ``error`` is its error register.
-    For queued commands, ``failed`` lists the requests that did not complete."""
+    For queued commands, ``failed`` lists the requests (by index) that did not complete."""
 
     def __init__(self, message: str, status: int, error: int, failed: Sequence[int] = ()) -> None:
         super().__init__(f"{message}: status {status:#04x} error {error:#04x}")
@@ -137,8 +137,10 @@ class Port:
         # Two command tables per slot: a queued command is built in one while the slot's
         # previous command still runs from the other. Table k is slot k % slots.
         self.tables = bus.dma_alloc(2 * self.slots * TABLE_SIZE, 128)
-        if self.tables.phys >> 32 != (self.tables.phys + self.tables.size - 1) >> 32:
-            raise DiskError(f"port {index}: the command tables straddle 4 GiB", 0, 0)   # one CTBAU for all
+        if self.tables.phys >> 32 != (self.tables.phys + self.tables.size - 1) >> 32:     # one CTBAU for all
+            for buf in (self.command_list, self.received_fis, self.tables):
+                bus.dma_free(buf)
+            raise DiskError(f"port {index}: the command tables straddle 4 GiB", 0, 0)
         self.buffers = bus.dma_alloc(self.slots * SLOT_SECTORS * SECTOR)
         self.identity: Identity | None = None
         self._batches: dict[tuple, Prepared] = {}
@@ -182,10 +184,13 @@ class Port:
 
     def stop(self) -> None:
         """Stop the command list and FIS receive (AHCI 10.1.2)."""
-        self._w(Px.CMD, self._r(Px.CMD) & ~PxCmd.ST)
-        self._wait(Px.CMD, PxCmd.CR, 0, "the command list to stop")
+        self._stop_commands()
         self._w(Px.CMD, self._r(Px.CMD) & ~PxCmd.FRE)
         self._wait(Px.CMD, PxCmd.FR, 0, "FIS receive to stop")
+
+    def _stop_commands(self) -> None:
+        self._w(Px.CMD, self._r(Px.CMD) & ~PxCmd.ST)
+        self._wait(Px.CMD, PxCmd.CR, 0, "the command list to stop")
 
     def start(self) -> None:
         self._w(Px.CMD, self._r(Px.CMD) | PxCmd.FRE | PxCmd.POD | PxCmd.SUD)
@@ -205,8 +210,11 @@ class Port:
         After a queued command fails, the others may still be running; stopping the
         port forgets them, but their completions would arrive later and clear the
         PxSACT bits of whatever reuses their tags. A COMRESET cancels them (QEMU
-        waits for each one) and clears the device's error status."""
-        self.stop()
+        waits for each one) and clears the device's error status. FIS receive stays
+        on meanwhile: QEMU 7.2 keeps the tags that finish during the cancel as
+        "finished" until it can post a Set Device Bits FIS, and with FIS receive off
+        it would post them later, against the next commands on those tags."""
+        self._stop_commands()
         self._w(Px.SCTL, 1)
         time.sleep(0.001)                       # DET = 1 for at least 1 ms (AHCI 3.3.11)
         self._w(Px.SCTL, 0)
@@ -491,8 +499,10 @@ class Port:
         depth = self.queue_depth
         if not depth:
             raise DiskError(f"port {self.index}: the device does not queue", 0, 0)
-        if self._r(Px.TFD) & TFD_ERR:               # an earlier failure left the error status
-            self.reset()
+        with self.hba.dev.batch() as b:
+            i_tfd, i_act, i_ci = (b.read32(self.r, self.base + reg) for reg in (Px.TFD, Px.SACT, Px.CI))
+        if b.results[i_tfd] & TFD_ERR or b.results[i_act] or b.results[i_ci]:
+            self.reset()        # an earlier failure, or commands an interrupted call left running
         command = int(Ata.WRITE_FPDMA_QUEUED if write else Ata.READ_FPDMA_QUEUED)
         header0 = 5 | (HEADER_WRITE if write else 0) | 1 << 16     # a 5-dword FIS, one PRD
         total, slots = len(requests), self.slots
@@ -548,7 +558,10 @@ class Port:
                 status, active, tfd = self._queue_round(fresh, build_ahead)
             except DeviceTimeout as exc:
                 self.reset()
-                raise DiskError(f"port {self.index}: queued commands did not complete", exc.last_value, 0) from exc
+                unfinished = sorted([request_of[t] for t in range(depth) if in_flight >> t & 1]
+                                    + [b for b in built if b >= 0] + list(range(following, total)))
+                raise DiskError(f"port {self.index}: queued commands did not complete", exc.last_value, 0,
+                                failed=[i for i, _ in failures] + unfinished) from exc
             fresh = 0
             done, in_flight = in_flight & ~active, in_flight & active
             while done:
@@ -616,8 +629,10 @@ class Port:
         if self.hba.irq is None:
             batch = self._queue_batch()
             batch.start({0: fresh, 1: fresh})
-            meanwhile()
-            _, _, status, _, active, tfd = batch.finish()
+            try:
+                meanwhile()
+            finally:                                # the channel is not left waiting, whatever happens
+                _, _, status, _, active, tfd = batch.finish()
             return status, active, tfd
         meanwhile()
         issue: dict[int, int] | None = {Px.SACT: fresh, Px.CI: fresh}

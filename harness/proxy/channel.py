@@ -144,18 +144,18 @@ class ProxyChannel(Channel):
         if self.closed or self._started is not None:
             self._refuse()
         n, size, ring = batch.count, self._entry_size, self._nentries
+        for i, value in (patch or {}).items():    # checked before anything is written
+            if not 0 <= i < n or not 0 <= value < batch.limits[i]:
+                raise ValueError(f"no access {i} of {n} takes the value {value:#x}")
         start = self._head & (ring - 1)
         first = min(n, ring - start)              # entries before the ring wraps
         base = self._entries + start * size
         self._mem[base:base + first * size] = batch.blob[:first * size]
         if first < n:
             self._mem[self._entries:self._entries + (n - first) * size] = batch.blob[first * size:]
-        if patch:
-            for i, value in patch.items():
-                if not 0 <= value < batch.limits[i]:
-                    raise ValueError(f"{batch.accesses[i]}: value {value:#x} does not fit its width")
-                slot = self._entries + ((start + i) & (ring - 1)) * size
-                self._u64[(slot + self._value_off) >> 3] = value
+        for i, value in (patch or {}).items():
+            slot = self._entries + ((start + i) & (ring - 1)) * size
+            self._u64[(slot + self._value_off) >> 3] = value
         self._started = (batch, patch, self._post(n), base, first)
 
     def _finish_prepared(self) -> list[int]:
@@ -164,7 +164,7 @@ class ProxyChannel(Channel):
         batch, patch, head, base, first = self._started
         n, size = batch.count, self._entry_size
         self._started = None
-        self._await(head, DEFAULT_TIMEOUT, f"a batch of {n} on {self!r}")
+        self._await(head, batch.timeout, f"a batch of {n} on {self!r}")
 
         def column(view: memoryview, offset: int) -> list[int]:
             """One field out of every entry, through a strided view: no Python loop."""
@@ -294,6 +294,11 @@ class ProxyChannel(Channel):
     def close(self) -> None:
         if self.closed:
             return
+        if self._started is not None:             # let a started batch end before the grants go
+            try:
+                self._finish_prepared()
+            except Exception as exc:
+                log.debug("closing %r: its started batch ended with %s", self, exc)
         self.closed = True
         if self.index != 0:
             self.bus.close_channel(self)
@@ -315,6 +320,7 @@ class PreparedBatch(Prepared):
             blob += packed
         self.blob = bytes(blob)
         self.limits = [1 << (8 * a.width) for a in accesses]
+        self.timeout = DEFAULT_TIMEOUT + sum(a.timeout for a in accesses)   # as execute() allows
 
     def run(self, values: Mapping[int, int] | None = None) -> list[int]:
         self.channel._start_prepared(self, values)

@@ -11,6 +11,12 @@ direction the host kicks the guest's MSI-X vector only while the guest has
 announced ``guest_sleeping``. Each side re-checks after announcing, with a
 full fence between, so no wake-up is lost; the host's sleeps are also bounded
 (``SLEEP_SLICE``), so even a lost one costs milliseconds, not a hang.
+
+One reordering is left on purpose: after posting work the host reads
+``guest_sleeping`` with no fence after its store (a fence from Python is a
+lock round trip, a tenth of a request). If the guest went to sleep just then,
+the kick is missed; the host's own re-kick before it sleeps (``_sleep``)
+recovers it, at the price of one spin.
 """
 
 from __future__ import annotations

@@ -66,6 +66,9 @@ def test_prepared_batch_takes_new_values_and_runs_in_two_halves() -> None:
     assert batch.run({0: 0xBEEF})[1] == 0xBEEF
     with pytest.raises(ValueError):                     # checked against the access's width
         batch.run({0: 1 << 32})
+    for index in (-1, 2):                               # and against the batch
+        with pytest.raises(ValueError):
+            batch.run({index: 1})
     batch.start({0: 7})
     assert batch.finish() == [0, 7]
     with pytest.raises(RuntimeError):                   # nothing started
