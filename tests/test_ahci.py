@@ -13,6 +13,7 @@ import pytest
 
 from drivers.ahci import Ahci, DiskError
 from drivers.ahci.fat import DriverFatFS
+from drivers.ahci.regs import Px
 from harness.machine import MachineSpec
 from harness.proxy import ProxyMachine
 
@@ -115,7 +116,7 @@ def test_a_queue_interrupted_midway_leaves_the_port_and_channel_usable(
         with pytest.raises(KeyboardInterrupt):
             disk.read_queued(requests)
         monkeypatch.undo()
-        assert disk._r(0x34), "commands of the broken call are still in flight (PxSACT)"
+        assert disk._r(Px.SACT), "commands of the broken call are still in flight"
         again = requests[::-1]                              # other requests on the same tags
         for (lba, count), got in zip(again, disk.read_queued(again)):
             assert got == raw[lba * 512:(lba + count) * 512], f"sector {lba}"

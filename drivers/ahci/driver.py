@@ -84,6 +84,10 @@ def parse_identify(data: bytes) -> Identity:
                     ncq=bool(w[76] & 1 << 8), queue_depth=(w[75] & 0x1F) + 1, raw=data)
 
 
+def _name(what: str | Callable[[], str]) -> str:
+    return what if isinstance(what, str) else what()
+
+
 class Ahci:
     """The HBA: reset, AHCI mode, and its ports."""
 
@@ -299,37 +303,41 @@ class Port:
                 status, tfd = self._run_by_interrupt(slot)
         except DeviceTimeout as exc:
             self.recover()
-            raise DiskError(f"port {self.index}: {what if isinstance(what, str) else what()} did not complete",
-                            exc.last_value, 0) from exc
+            raise DiskError(f"port {self.index}: {_name(what)} did not complete", exc.last_value, 0) from exc
         if status & PXIS_ERRORS or tfd & TFD_ERR:
             self.recover()
-            raise DiskError(f"port {self.index}: {what if isinstance(what, str) else what()} failed",
-                            tfd & 0xFF, tfd >> 8 & 0xFF)
+            raise DiskError(f"port {self.index}: {_name(what)} failed", tfd & 0xFF, tfd >> 8 & 0xFF)
 
     def _run_by_interrupt(self, slot: int) -> tuple[int, int]:
-        deadline = Deadline(self.hba.timeout)
-        issue = True
-        while True:
-            with self.hba.dev.batch() as b:
-                if issue:
-                    b.write32(self.r, self.base + Px.CI, 1 << slot)
-                    issue = False
-                i_ci = b.read32(self.r, self.base + Px.CI)
-                i_is = b.read32(self.r, self.base + Px.IS)
-                i_tfd = b.read32(self.r, self.base + Px.TFD)
-            status, tfd = b.results[i_is], b.results[i_tfd]
-            if status & PXIS_ERRORS or tfd & TFD_ERR or not b.results[i_ci] & 1 << slot:
-                break
-            if deadline.expired:
-                raise DeviceTimeout(f"slot {slot}", 0, b.results[i_ci])
-            try:
-                self.hba.irq.wait(deadline.remaining)    # type: ignore[union-attr]
-            except InterruptTimeout:
-                pass
+        bit = 1 << slot
+        _, status, tfd = self._until_interrupted(
+            {Px.CI: bit}, (Px.CI, Px.IS, Px.TFD), f"slot {slot}",
+            lambda ci, status, tfd: status & PXIS_ERRORS or tfd & TFD_ERR or not ci & bit)
         with self.hba.dev.batch() as b:                  # acknowledge what completion set
             b.write32(self.r, self.base + Px.IS, status)
             b.write32(self.r, Hba.IS, 1 << self.index)
         return status, tfd
+
+    def _until_interrupted(self, issue: dict[int, int], look: tuple[int, ...], what: str,
+                           done: Callable[..., object]) -> list[int]:
+        """Write the ``issue`` registers, then read the ``look`` registers, again after each
+        MSI of the HBA, until ``done(*values)``; returns those values."""
+        deadline = Deadline(self.hba.timeout)
+        while True:
+            with self.hba.dev.batch() as b:
+                for reg, value in issue.items():
+                    b.write32(self.r, self.base + reg, value)
+                indices = [b.read32(self.r, self.base + reg) for reg in look]
+            issue = {}
+            values = [b.results[i] for i in indices]
+            if done(*values):
+                return values
+            if deadline.expired:
+                raise DeviceTimeout(what, 0, values[0])
+            try:
+                self.hba.irq.wait(deadline.remaining)    # type: ignore[union-attr]
+            except InterruptTimeout:
+                pass
 
     # ---- the block device ----
 
@@ -635,22 +643,8 @@ class Port:
                 _, _, status, _, active, tfd = batch.finish()
             return status, active, tfd
         meanwhile()
-        issue: dict[int, int] | None = {Px.SACT: fresh, Px.CI: fresh}
-        deadline = Deadline(self.hba.timeout)
-        while True:                                 # the HBA's MSI says when PxIS may have changed
-            with self.hba.dev.batch() as b:
-                for reg, value in (issue or {}).items():
-                    b.write32(self.r, self.base + reg, value)
-                i_is = b.read32(self.r, self.base + Px.IS)
-            issue = None
-            if b.results[i_is] & QUEUE_EVENTS:
-                break
-            if deadline.expired:
-                raise DeviceTimeout("queued commands", 0, b.results[i_is])
-            try:
-                self.hba.irq.wait(deadline.remaining)       # type: ignore[union-attr]
-            except InterruptTimeout:
-                pass
+        self._until_interrupted({Px.SACT: fresh, Px.CI: fresh}, (Px.IS,), "queued commands",
+                                lambda status: status & QUEUE_EVENTS)
         with self.hba.dev.batch() as b:
             i_is = b.read32(self.r, self.base + Px.IS)
             b.write32(self.r, self.base + Px.IS, ~PXIS_ERRORS & 0xFFFFFFFF)
