@@ -31,6 +31,7 @@ def check_paired(result: dict, units: dict[str, int], counted_by: str) -> None:
     assert result["tsc_hz_boot"] > 0 and result["tsc_hz_host"] > 0 and result["native_call_us"] > 0
     rounds = result["rounds"]
     assert rounds >= 1 and result["warmup_rounds"] == 1 and len(result["first"]) == rounds
+    assert all(cores >= 0 for cores in result["foreign_cores"])
     for key, count in units.items():
         for name in (key, f"native_{key}", f"ratio_{key}"):
             assert result["results"][name] > 0, name

@@ -183,6 +183,6 @@ def run(accel: str, count: int = 2000, rounds: int = 9, quick: bool = False) -> 
             ]
             for w in workloads:
                 w.counter, w.counted_by = (lambda: reads_counted(pm)), "QEMU's query-blockstats rd_operations"
-            result = run_rounds([workloads], rounds)
+            result = run_rounds([workloads], rounds, pm)
     return {"benchmark": "ahci", "accel": {"python": accel, "native": accel}, "aio": aio, "quick": quick,
             **figures, **result}

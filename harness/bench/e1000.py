@@ -239,7 +239,7 @@ def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int =
                     f"rx_pps_{wire}", lambda inbound=inbound, count=count: rig.python_rx(inbound, count),
                     lambda inbound=inbound, count=count: rig.native_rx(inbound, count), count,
                     counter=lambda: rig.frames_counted("rx"), counted_by="the NIC's GPRC register"))
-            result = run_rounds([groups["tx"], groups["rx"]], rounds)
+            result = run_rounds([groups["tx"], groups["rx"]], rounds, pm)
         finally:
             rig.close()
     host.close()

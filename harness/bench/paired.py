@@ -14,11 +14,16 @@
   one round (on two shared cores either side alone swings far more than a
   pair); the result is the median, and ``ratio_spread`` (max/min of the
   per-round ratios) says how far the rounds disagreed.
+- Disturbance. The CPU that processes other than this one and its QEMU used
+  during each round (``foreign_cores``, from /proc) is recorded: the Python
+  side needs two cores at once (itself and the vCPU), the native side one, so
+  another job on a two-core machine hurts Python first.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -89,13 +94,47 @@ def clock_figures(pm: ProxyMachine, channel_calls: Callable[[], object], span: f
             "native_call_us": round(statistics.median(samples) / 1000, 3)}
 
 
-def run_rounds(groups: list[list[Workload]], rounds: int, progress: Callable[[str], None] = log.info) -> dict:
+class ForeignLoad:
+    """CPU time used by every process but ``own`` (this process, its QEMU), in cores."""
+
+    def __init__(self, own: list[int]) -> None:
+        self.own = own
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self._last = self._sample()
+
+    def _sample(self) -> tuple[float, float]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        busy = sum(fields) - fields[3] - fields[4]          # all but idle and iowait
+        mine = 0
+        for pid in self.own:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read().rsplit(")", 1)[1].split()
+                mine += int(stat[11]) + int(stat[12])
+            except OSError:
+                pass
+        return time.monotonic(), (busy - mine) / self.hz
+
+    def since_last(self) -> float:
+        """Cores used by others since the previous call."""
+        (t0, cpu0), (t1, cpu1) = self._last, self._sample()
+        self._last = (t1, cpu1)
+        return max(0.0, (cpu1 - cpu0) / (t1 - t0)) if t1 > t0 else 0.0
+
+
+def run_rounds(groups: list[list[Workload]], rounds: int, pm: ProxyMachine,
+               progress: Callable[[str], None] = log.info) -> dict:
     """For each group of workloads in turn: a warm-up round, then ``rounds`` paired rounds
     (a group runs all its rounds before the next starts). The figures, ratios and spread."""
     per_round: dict[str, list[float]] = {}
     first = []
+    assert pm.machine.process is not None
+    load = ForeignLoad([os.getpid(), pm.machine.process.pid])
+    foreign: list[float] = []
     for group in groups:
         for round_ in range(rounds + 1):
+            load.since_last()
             order = ("python", "native") if round_ % 2 == 0 else ("native", "python")
             if round_ and group is groups[0]:
                 first.append(order[0])
@@ -105,10 +144,15 @@ def run_rounds(groups: list[list[Workload]], rounds: int, progress: Callable[[st
                     per_round.setdefault(w.key, []).append(figures["python"])
                     per_round.setdefault(f"native_{w.key}", []).append(figures["native"])
                     per_round.setdefault(f"ratio_{w.key}", []).append(figures["python"] / figures["native"])
+            if round_:
+                foreign.append(round(load.since_last(), 2))
             progress(f"{group[0].key}...: " + (f"round {round_} of {rounds} done" if round_ else "warm-up done"))
     results = {k: round(statistics.median(v), 3) for k, v in per_round.items()}
     spread = {k: round(max(v) / min(v), 3) for k, v in per_round.items() if k.startswith("ratio_")}
-    return {"clock": "host", "rounds": rounds, "warmup_rounds": 1, "first": first,
+    if max(foreign) > 0.25:
+        log.warning("other processes used up to %.1f cores during a round: the figures are disturbed "
+                    "(foreign_cores in the JSON)", max(foreign))
+    return {"clock": "host", "rounds": rounds, "warmup_rounds": 1, "first": first, "foreign_cores": foreign,
             "results": results, "ratio_spread": spread,
             "per_round": {k: [round(x, 4 if k.startswith("ratio_") else 1) for x in v] for k, v in per_round.items()},
             "work": {w.key: {"units_per_run": w.units, "counted_by": w.counted_by or "the side itself"}
