@@ -16,7 +16,9 @@ Every error the harness raises derives from :class:`HarnessError`::
         ├── AccessDenied    outside the channel's grants
         ├── BadRequest      malformed: operation, width, alignment, range
         ├── DeviceTimeout   a guest-side poll expired; carries the last value
-        └── ProxyFault      the proxy could not carry the request out
+        ├── ProxyFault      the proxy could not carry the request out
+        └── DmaFault        the channel's device tried DMA outside its domain;
+                            carries the fault (address, direction, reason)
 
 Bad arguments that are caught on the host before anything reaches a device
 (an offset past a region, a width that does not exist) raise ``ValueError``.
@@ -24,6 +26,7 @@ Bad arguments that are caught on the host before anything reaches a device
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 
@@ -117,3 +120,33 @@ class ProxyFault(ProxyError):
     """The proxy could not carry the request out."""
 
     status_name = "FAULT"
+
+
+@dataclass(frozen=True)
+class DmaFaultRecord:
+    """What the IOMMU reported of a device's DMA outside its domain (the latest of ``count``)."""
+
+    count: int              # faults on this channel so far
+    source: str             # the device, bus:dev.fn
+    addr: int               # the faulting page (an IOVA)
+    write: bool             # a DMA write (else a read)
+    reason: int             # the VT-d fault reason code (VT-d spec, Appendix A)
+
+    def __str__(self) -> str:
+        return (f"{self.source} DMA {'write to' if self.write else 'read from'} {self.addr:#x} "
+                f"outside its domain (VT-d fault reason {self.reason:#x}; {self.count} so far)")
+
+
+class DmaFault(ProxyError):
+    """The channel's device tried DMA outside its domain since the channel's previous request;
+    this request was not run. ``fault`` says what the IOMMU saw; nothing outside the domain
+    was read or written."""
+
+    status_name = "DMA_FAULT"
+
+    def __init__(self, request: Any, status: int, fault: DmaFaultRecord) -> None:
+        self.fault = fault
+        super().__init__(request, status, 0)
+
+    def __str__(self) -> str:
+        return f"{self.fault} (reported on: {self.request})"

@@ -58,6 +58,7 @@ class MachineSpec:
     start_stopped: bool = False      # -S: the CPU waits (qtest)
     qtest: bool = False              # a qtest server on a private socket
     guest_elf: Path | None = None    # the kernel's ELF with symbols, when `kernel` is a stripped copy
+    iommu: bool = False              # an Intel VT-d (intel-iommu) that translates every device's DMA
 
     def device(self, driver: str, **props: object) -> "MachineSpec":
         self.options.append(Option("device", driver, props))
@@ -146,6 +147,8 @@ def build_argv(spec: MachineSpec, accel: str, ends: Endpoints) -> list[str]:
             Option("chardev", "socket", {"id": "qtest", **_abstract(ends.qtest)}),
             Option("qtest", "chardev:qtest"),
         ]
+    if spec.iommu:
+        runtime.append(Option("device", "intel-iommu", {}))
     for opt in runtime + spec.options:
         argv += opt.render(ends.workdir)
     if spec.kernel:
