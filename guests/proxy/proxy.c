@@ -165,7 +165,7 @@ static u16 open_pci(u64 bdf, u64 dma_base, u64 dma_size, u64 *out)
     memset(ch, 0, sizeof(*ch));
     ch->device = d;
     ch->dma = (struct window){ dma_base, dma_size };
-    ch->faults_reported = shared->dma_faults[c].count;
+    memset(&shared->dma_faults[c], 0, sizeof(shared->dma_faults[c]));     /* a new channel: no faults yet */
     for (int i = 0; i < PROXY_MAX_BARS; i++) {
         const struct proxy_bar *b = &d->bars[i];
         if (!b->size || !b->base)
@@ -603,6 +603,7 @@ void proxy_init(struct proxy_shared *window, const struct proxy_pci_device *tabl
     shared->window_phys = ivshmem->bars[2].base;
     shared->window_size = ivshmem->bars[2].size;
     shared->dma_offset = PROXY_DMA_OFFSET;
+    shared->iommu = (u32)iommu_present();
     shared->abi_version = PROXY_ABI_VERSION;
     shared->magic = PROXY_ABI_MAGIC;
     mfence();
