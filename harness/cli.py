@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def with_accel(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
-                       help="kvm if /dev/kvm works, else tcg (default auto)")
+                       help="auto (the default): kvm only where it is hardware-backed, else tcg")
         return p
 
     with_accel(sub.add_parser("boot", help="boot the proxy guest, print the device table, wait for Ctrl-C"))

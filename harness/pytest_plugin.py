@@ -29,7 +29,8 @@ DEBUGCON_PORT = 0xE9
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("hwharness", "hwharness: emulated hardware")
     group.addoption("--hwharness-accel", default="auto", choices=("auto", "kvm", "tcg"),
-                    help="accelerator for booted machines (default: kvm if /dev/kvm works, else tcg)")
+                    help="accelerator for booted machines (default auto: kvm only where it is hardware-backed, "
+                         "else tcg)")
     group.addoption("--hwharness-qemu", default="qemu-system-x86_64", help="the QEMU binary")
     group.addoption("--hwharness-keep", action="store_true",
                     help="keep every machine's directory (serial log, QEMU output, command line)")

@@ -20,7 +20,8 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from ..errors import MachineError, QemuNotFound
 from ..ivshmem import IvshmemServer
 from .console import Console
-from .spec import Endpoints, MachineSpec, RuntimeFile, build_argv, resolve_accel
+from .accel import resolve_accel
+from .spec import Endpoints, MachineSpec, RuntimeFile, build_argv
 
 log = logging.getLogger(__name__)
 

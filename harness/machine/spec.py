@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,25 +84,6 @@ class MachineSpec:
 def random_mac() -> str:
     """A locally administered unicast MAC in QEMU's 52:54:00 range, different every call."""
     return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
-
-
-def kvm_usable() -> bool:
-    """True when /dev/kvm exists and this process may open it read-write."""
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
-def resolve_accel(accel: str) -> str:
-    """``auto`` becomes kvm when /dev/kvm works, else tcg; a forced choice stays."""
-    if accel not in ("auto", "kvm", "tcg"):
-        raise ValueError(f"accel must be auto, kvm or tcg, not {accel!r}")
-    if accel == "auto":
-        return "kvm" if kvm_usable() else "tcg"
-    return accel
 
 
 @dataclass(frozen=True)
