@@ -9,7 +9,8 @@ from harness.machine.spec import Endpoints, MachineSpec, build_argv
 
 
 def endpoints(tmp_path: Path, **kw: str) -> Endpoints:
-    return Endpoints(workdir=tmp_path, qmp="\0qmp", serial_log=tmp_path / "serial.log", **kw)
+    return Endpoints(workdir=tmp_path, qmp="\0qmp", serial="\0serial", serial_log=tmp_path / "serial.log",
+                     **kw)
 
 
 def test_argv_carries_the_spec(tmp_path: Path) -> None:
@@ -26,6 +27,7 @@ def test_argv_carries_the_spec(tmp_path: Path) -> None:
     assert f"-chardev file,id=dbg,path={tmp_path / dbg.name}" in line
     assert "socket,id=hwh-ivshmem,path=ivs,abstract=on" in line
     assert "socket,id=hwh-qmp,path=qmp,abstract=on,server=on,wait=off" in line
+    assert "-chardev socket,id=hwh-serial,path=serial,abstract=on -serial chardev:hwh-serial" in line
     assert "-S" not in argv
 
 
