@@ -7,6 +7,7 @@ Every error the harness raises derives from :class:`HarnessError`::
     ├── MachineError        QEMU failed to start, died, or QMP failed;
     │   │                   carries the command line and the tail of its output
     │   ├── QemuExited      QEMU exited while something waited on it (and the console's tail)
+    │   ├── SnapshotError   a snapshot could not be saved or loaded (QEMU's reason)
     │   └── ConsoleTimeout  a console wait ran out of time; quotes the console's tail
     ├── GuestFailure        the console or QMP shows the guest is gone; quotes the
     │   │                   console's tail, and the machine keeps its artifacts
@@ -69,6 +70,10 @@ class QemuExited(MachineError):
         if console.strip():
             message += "\n--- console (tail) ---\n" + console.rstrip()
         super().__init__(message, command, output, exitcode)
+
+
+class SnapshotError(MachineError):
+    """A snapshot could not be taken or restored; the message carries QEMU's reason."""
 
 
 class ConsoleTimeout(MachineError):

@@ -20,11 +20,14 @@ so ``printk`` noise cannot break the parse (labgrid#1749).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import re
 import secrets
 import shlex
 import socket
+import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -87,6 +90,14 @@ class _Evidence:
     line: str
     seen_at: float
     rank: int
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes waiting in ``sock``'s receive queue."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    except OSError:
+        return 0
 
 
 class _Stream(SpawnBase):  # type: ignore[misc]
@@ -158,8 +169,15 @@ class Console:
         self.detach()
         self._log_file.close()
 
-    def forget(self) -> None:
-        """Drop unread output and any evidence: the guest was restored to an earlier state."""
+    def forget(self, settle: float = 0.5) -> None:
+        """Drop unread output and any evidence: the guest was restored to an earlier state.
+
+        What QEMU wrote before the restore may still sit in the socket; wait (up to
+        ``settle`` seconds) until the reader has taken it, so none of it counts later.
+        """
+        deadline = time.monotonic() + settle
+        while self._sock is not None and _unread(self._sock) and time.monotonic() < deadline:
+            time.sleep(0.001)
         with self._cond:
             self._scanned = len(self._transcript)
             self._evidence = None

@@ -20,6 +20,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from ..errors import MachineError, QemuNotFound
 from ..ivshmem import IvshmemServer
 from .console import LINUX_RULES, Console, ConsoleRules
+from .snapshots import Snapshots
 from .accel import resolve_accel
 from .spec import Endpoints, MachineSpec, RuntimeFile, build_argv
 
@@ -95,6 +96,7 @@ class Machine:
         self.argv: list[str] = []
         self.endpoints: Endpoints | None = None
         self.failed = False
+        self.snapshots = Snapshots(self)
 
     # ---- lifecycle ----
 
@@ -268,9 +270,15 @@ class Machine:
             except subprocess.TimeoutExpired:
                 pass
         reason = None
-        for event in self.events():
-            if event.get("event") == "SHUTDOWN":
-                reason = event.get("data", {}).get("reason")
+        # Waiting lets the QMP client read what QEMU sent before it closed the socket; it
+        # hands back what it had already queued first, so ask until nothing more comes.
+        for _ in range(100):
+            events = self.events(wait=0.2)
+            if not events:
+                break
+            for event in events:
+                if event.get("event") == "SHUTDOWN":
+                    reason = event.get("data", {}).get("reason")
         return reason
 
     def check_alive(self) -> None:
@@ -297,6 +305,17 @@ class Machine:
             return self._qmp.get_events(wait=wait or False)
         except (TimeoutError, QMPError, OSError):
             return []
+
+    def snapshot(self, name: str, timeout: float = 60.0) -> None:
+        """Save the running machine's state as ``name`` (see :mod:`harness.machine.snapshots`)."""
+        self.snapshots.save(name, timeout)
+
+    def restore(self, name: str, timeout: float = 60.0) -> None:
+        """Back to the state saved as ``name``, running, without a reboot; unread console output
+        and evidence of failure from before are forgotten."""
+        self.snapshots.load(name, timeout)
+        assert self.console is not None
+        self.console.forget()
 
     def path(self, f: RuntimeFile) -> Path:
         """Where a RuntimeFile of the spec lives."""
