@@ -29,7 +29,8 @@ import pytest
 
 from .errors import HarnessError
 from .images import LinuxImage, linux
-from .machine import Machine, MachineSpec, random_mac
+from .machine import Machine, MachineSpec, random_mac, resolve_accel
+from .machine.accel import choose_auto
 from .proxy import ProxyMachine, proxy_spec
 
 DEBUGCON_PORT = 0xE9
@@ -49,6 +50,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "qemu: the test boots a real QEMU machine")
+    config.addinivalue_line("markers", "kvm: the test forces KVM whatever --hwharness-accel says "
+                                       "(slow where KVM is emulated, such as kvm_pvm)")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -145,6 +148,10 @@ def _linux_factory(config: pytest.Config, accel: str, image: LinuxImage,
 
     def factory(configure: Callable[[MachineSpec], None] | None = None, modules: tuple[str, ...] = (),
                 name: str = "linux") -> Machine:
+        if resolve_accel(accel) == "kvm" and choose_auto().accel != "kvm":
+            pytest.skip(f"the Linux guest is not booted under this host's KVM ({choose_auto().reason}); "
+                        "it would take minutes to boot. The README lists this case as unsupported; "
+                        "the proxy guest's tests cover forced KVM here")
         spec = image.spec(accel=accel, modules=modules)
         spec.qemu = str(config.getoption("--hwharness-qemu"))
         if configure:
