@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import re
 import secrets
+import select
 import shlex
 import socket
 import struct
 import termios
+import tty
 import threading
 import time
 from dataclasses import dataclass, field
@@ -130,6 +133,7 @@ class Console:
         self._pending = bytearray()       # read from the socket, not yet taken by an expect
         self._scanned = 0                 # transcript offset the failure scan has covered
         self._last_output = time.monotonic()
+        self.first_output_at: float | None = None    # when the guest's first byte came (boot timings)
         self._wait_started = 0.0
         self._quiet_now: float | None = None
         self._eof = True
@@ -195,6 +199,8 @@ class Console:
                     self._cond.notify_all()
                     return
                 self._log_file.write(data)
+                if self.first_output_at is None:
+                    self.first_output_at = time.monotonic()
                 self._transcript += data
                 self._pending += data
                 self._last_output = time.monotonic()
@@ -354,6 +360,39 @@ class Console:
         output = self.clean(found.before)
         status = int(self._noise.sub("", found.match.group("status")))
         return (output[:-1] if output.endswith("\n") else output), status
+
+    def interact(self, in_fd: int = 0, out_fd: int = 1, escape: bytes = b"\x1d") -> None:
+        """Attach a terminal to the console until ``escape`` (Ctrl-]) is typed or QEMU exits.
+
+        The terminal is put in raw mode so keys (Ctrl-C, arrows) reach the guest; what the
+        guest prints goes to ``out_fd`` as it comes. Failure evidence is not raised here:
+        the person watching sees it.
+        """
+        saved = termios.tcgetattr(in_fd) if os.isatty(in_fd) else None
+        if saved is not None:
+            tty.setraw(in_fd)
+        try:
+            with self._cond:
+                backlog, self._pending = bytes(self._pending), bytearray()
+            os.write(out_fd, backlog)
+            while True:
+                ready, _, _ = select.select([in_fd], [], [], POLL_S)
+                if ready:
+                    keys = os.read(in_fd, 1024)
+                    if not keys or escape in keys:
+                        self.send(keys.split(escape)[0].decode(errors="replace"))
+                        return
+                    self.send(keys.decode(errors="replace"))
+                with self._cond:
+                    out, self._pending = bytes(self._pending), bytearray()
+                    eof = self._eof
+                if out:
+                    os.write(out_fd, out)
+                if eof:
+                    return
+        finally:
+            if saved is not None:
+                termios.tcsetattr(in_fd, termios.TCSADRAIN, saved)
 
     def _drain(self) -> None:
         """Forget output nobody waited for (a prompt, boot messages) so a match starts from now."""

@@ -97,6 +97,7 @@ class Machine:
         self.endpoints: Endpoints | None = None
         self.failed = False
         self.snapshots = Snapshots(self)
+        self.exec_at = 0.0
 
     # ---- lifecycle ----
 
@@ -147,6 +148,7 @@ class Machine:
         self._serial_listener.bind(ends.serial)
         self._serial_listener.listen(1)
         self.log.info("launching %s (%s): %s", self.name, self.accel, " ".join(self.argv))
+        self.exec_at = time.monotonic()       # for boot timings (bench boot)
         with open(self.workdir / "qemu.out", "wb") as out:
             self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
                                             stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
