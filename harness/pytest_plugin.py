@@ -8,6 +8,8 @@ Fixtures:
 - ``proxy_machine``: one booted proxy machine per test module, with an e1000
   (random MAC, in ``proxy_machine.mac``) and an isa-debugcon on port 0xe9.
 - ``linux_image``: the Linux guest ``make images`` built (:func:`harness.images.linux`).
+- ``linux_accel``: the accelerator Linux machines use; skips with the reason where
+  that is an emulating KVM (kvm_pvm), under which the guest takes minutes to boot.
 - ``linux_machine``: a Linux machine at its shell prompt, booted once per test
   module and restored from a snapshot before every test after the first, so each
   test starts from the same freshly booted state (a new boot if QEMU has gone).
@@ -142,16 +144,22 @@ def linux_image() -> LinuxImage:
         pytest.fail(str(exc), pytrace=False)
 
 
+@pytest.fixture(scope="session")
+def linux_accel(hwharness_accel: str) -> str:
+    """The accelerator for Linux machines; skips, saying why, where it is an emulating KVM."""
+    if resolve_accel(hwharness_accel) == "kvm" and choose_auto().accel != "kvm":
+        pytest.skip(f"the Linux guest is not booted under this host's KVM ({choose_auto().reason}); "
+                    "it would take minutes to boot. The README lists this case as unsupported; "
+                    "the proxy guest's tests cover forced KVM here")
+    return hwharness_accel
+
+
 def _linux_factory(config: pytest.Config, accel: str, image: LinuxImage,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[LinuxFactory]:
     made: list[Machine] = []
 
     def factory(configure: Callable[[MachineSpec], None] | None = None, modules: tuple[str, ...] = (),
                 name: str = "linux") -> Machine:
-        if resolve_accel(accel) == "kvm" and choose_auto().accel != "kvm":
-            pytest.skip(f"the Linux guest is not booted under this host's KVM ({choose_auto().reason}); "
-                        "it would take minutes to boot. The README lists this case as unsupported; "
-                        "the proxy guest's tests cover forced KVM here")
         spec = image.spec(accel=accel, modules=modules)
         spec.qemu = str(config.getoption("--hwharness-qemu"))
         if configure:
@@ -168,18 +176,18 @@ def _linux_factory(config: pytest.Config, accel: str, image: LinuxImage,
 
 
 @pytest.fixture
-def linux_machine_factory(pytestconfig: pytest.Config, hwharness_accel: str, linux_image: LinuxImage,
+def linux_machine_factory(pytestconfig: pytest.Config, linux_accel: str, linux_image: LinuxImage,
                           tmp_path_factory: pytest.TempPathFactory) -> Iterator[LinuxFactory]:
     """``factory(configure=None, modules=(), name="linux")``: a Linux machine at its prompt;
     ``configure(spec)`` adds devices, ``modules`` are loaded at boot. Shut down after the test."""
-    yield from _linux_factory(pytestconfig, hwharness_accel, linux_image, tmp_path_factory)
+    yield from _linux_factory(pytestconfig, linux_accel, linux_image, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def linux_machine_factory_module(pytestconfig: pytest.Config, hwharness_accel: str, linux_image: LinuxImage,
+def linux_machine_factory_module(pytestconfig: pytest.Config, linux_accel: str, linux_image: LinuxImage,
                                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[LinuxFactory]:
     """The same factory, its machines shared by a module's tests."""
-    yield from _linux_factory(pytestconfig, hwharness_accel, linux_image, tmp_path_factory)
+    yield from _linux_factory(pytestconfig, linux_accel, linux_image, tmp_path_factory)
 
 
 class _SharedLinux:
