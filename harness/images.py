@@ -12,7 +12,6 @@ kernel and busybox-static packages)::
 from __future__ import annotations
 
 import json
-import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -21,8 +20,6 @@ from typing import Sequence
 
 from .errors import ImageMissing
 from .machine import Machine, MachineSpec
-
-log = logging.getLogger(__name__)
 
 IMAGES = Path(__file__).resolve().parents[1] / "images"
 LINUX_DIR = IMAGES / "linux"

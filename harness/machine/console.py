@@ -30,12 +30,12 @@ import shlex
 import socket
 import struct
 import termios
-import tty
 import threading
 import time
-from dataclasses import dataclass, field
+import tty
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 from pexpect import TIMEOUT
 from pexpect.spawnbase import SpawnBase

@@ -19,9 +19,9 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..errors import MachineError, QemuNotFound
 from ..ivshmem import IvshmemServer
+from .accel import resolve_accel
 from .console import LINUX_RULES, Console, ConsoleRules
 from .snapshots import Snapshots
-from .accel import resolve_accel
 from .spec import Endpoints, MachineSpec, RuntimeFile, build_argv
 
 log = logging.getLogger(__name__)
