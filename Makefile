@@ -27,7 +27,7 @@ guest:
 	$(MAKE) -C guests/proxy
 
 images:
-	$(MAKE) -C images
+	$(MAKE) -C images PYTHON=$(PYTHON)
 
 test: deps guest images
 	$(PYTHON) -m pytest -n 2 --hwharness-accel $(ACCEL) $(PYTEST_ARGS)

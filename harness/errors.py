@@ -5,7 +5,17 @@ Every error the harness raises derives from :class:`HarnessError`::
     HarnessError
     ├── QemuNotFound        the QEMU binary is missing (with the install hint)
     ├── MachineError        QEMU failed to start, died, or QMP failed;
-    │                       carries the command line and the tail of its output
+    │   │                   carries the command line and the tail of its output
+    │   ├── QemuExited      QEMU exited while something waited on it (and the console's tail)
+    │   ├── SnapshotError   a snapshot could not be saved or loaded (QEMU's reason)
+    │   └── ConsoleTimeout  a console wait ran out of time; quotes the console's tail
+    ├── GuestFailure        the console or QMP shows the guest is gone; quotes the
+    │   │                   console's tail, and the machine keeps its artifacts
+    │   ├── GuestPanic      a kernel panic
+    │   ├── GuestOops       an oops or BUG
+    │   ├── GuestReset      a triple fault or reboot (-no-reboot turns it into QEMU's exit)
+    │   └── GuestHang       no console output for the quiet time; carries QMP's status
+    ├── ImageMissing        a guest image is not built (with the command that builds it)
     ├── AbiError            the guest ELF is missing or speaks another ABI version
     ├── ProxyUnresponsive   the proxy did not complete a request in time
     ├── InterruptTimeout    no interrupt arrived within the wait's timeout
@@ -52,6 +62,66 @@ class MachineError(HarnessError):
         if output.strip():
             detail += "\n--- QEMU output (tail) ---\n" + output.strip()[-2000:]
         super().__init__(detail)
+
+
+class QemuExited(MachineError):
+    """QEMU exited while the harness waited on it; ``console`` is the console's tail."""
+
+    def __init__(self, message: str, command: Sequence[str] = (), output: str = "",
+                 exitcode: int | None = None, console: str = "") -> None:
+        self.console = console
+        if console.strip():
+            message += "\n--- console (tail) ---\n" + console.rstrip()
+        super().__init__(message, command, output, exitcode)
+
+
+class SnapshotError(MachineError):
+    """A snapshot could not be taken or restored; the message carries QEMU's reason."""
+
+
+class ConsoleTimeout(MachineError):
+    """A console wait reached its timeout; ``console`` is the console's tail."""
+
+    def __init__(self, message: str, console: str = "", workdir: Any = None) -> None:
+        self.console = console
+        self.workdir = workdir
+        super().__init__(message + "\n--- console (tail) ---\n" + console.rstrip())
+
+
+class GuestFailure(HarnessError):
+    """The guest is gone: ``what`` happened, ``console`` is the console's tail, and the
+    machine's directory (``workdir``: serial log, QEMU output, command line) is kept."""
+
+    def __init__(self, what: str, console: str, workdir: Any = None) -> None:
+        self.what = what
+        self.console = console
+        self.workdir = workdir
+        kept = f" (artifacts kept in {workdir})" if workdir else ""
+        super().__init__(f"{type(self).__name__}: {what}{kept}\n--- console (tail) ---\n{console.rstrip()}")
+
+
+class GuestPanic(GuestFailure):
+    """The kernel panicked (its panic line on the console, or QEMU's guest-panic event)."""
+
+
+class GuestOops(GuestFailure):
+    """The kernel printed an oops or a BUG."""
+
+
+class GuestReset(GuestFailure):
+    """The guest reset itself (a triple fault, a reboot); with -no-reboot QEMU exits."""
+
+
+class GuestHang(GuestFailure):
+    """No console output for the quiet time; ``status`` is what QMP's query-status said."""
+
+    def __init__(self, what: str, console: str, workdir: Any = None, status: str = "") -> None:
+        self.status = status
+        super().__init__(what, console, workdir)
+
+
+class ImageMissing(HarnessError):
+    """A guest image has not been built; the message says how to build it."""
 
 
 class AbiError(HarnessError):
