@@ -3,6 +3,9 @@
 Every error the harness raises derives from :class:`HarnessError`::
 
     HarnessError
+    ├── BadInput            what the user gave cannot be used: an image that is not
+    │                       FAT, a path not on it, text with no key on the layout
+    │                       (the CLI exits 2 for these, 1 for everything else)
     ├── QemuNotFound        the QEMU binary is missing (with the install hint)
     ├── MachineError        QEMU failed to start, died, or QMP failed;
     │                       carries the command line and the tail of its output
@@ -29,6 +32,10 @@ from typing import Any, Sequence
 
 class HarnessError(Exception):
     """Root of every hwharness error."""
+
+
+class BadInput(HarnessError):
+    """The input cannot be used as given; the message names it and says what would do."""
 
 
 class QemuNotFound(HarnessError):
