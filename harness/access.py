@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
+from .errors import DeviceNotFound
+
 
 class Deadline:
     """A point in time to give up at: ``remaining`` shrinks to 0, ``expired`` turns true."""
@@ -490,11 +492,13 @@ class Bus(abc.ABC):
 
     def find(self, vendor: int | None = None, device: int | None = None,
              class_code: int | None = None, subclass: int | None = None) -> PciFunction:
-        """The first function that matches; LookupError if none does."""
+        """The first function that matches; DeviceNotFound (a LookupError) if none does."""
         for f in self.find_all(vendor, device, class_code, subclass):
             return f
-        raise LookupError(f"no PCI function matches vendor={vendor} device={device} "
-                          f"class={class_code} subclass={subclass}")
+        wanted = ", ".join(f"{name} {value:#x}" for name, value in (("vendor", vendor), ("device", device),
+                           ("class", class_code), ("subclass", subclass)) if value is not None)
+        present = "; ".join(str(f) for f in self.functions) or "none"
+        raise DeviceNotFound(f"this machine has no PCI device with {wanted or 'any ID'} (it has: {present})")
 
     def close(self) -> None:
         """Close every channel this bus opened. Idempotent."""

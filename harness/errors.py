@@ -7,6 +7,7 @@ Every error the harness raises derives from :class:`HarnessError`::
     │                       FAT, a path not on it, text with no key on the layout
     │                       (the CLI exits 2 for these, 1 for everything else)
     ├── QemuNotFound        the QEMU binary is missing (with the install hint)
+    ├── DeviceNotFound      the machine has no device that matches (also a LookupError)
     ├── MachineError        QEMU failed to start, died, or QMP failed;
     │                       carries the command line and the tail of its output
     ├── AbiError            the guest ELF is missing or speaks another ABI version
@@ -40,6 +41,10 @@ class BadInput(HarnessError):
 
 class QemuNotFound(HarnessError):
     """The QEMU binary is not installed or not on PATH."""
+
+
+class DeviceNotFound(HarnessError, LookupError):
+    """The machine has no device that matches what a driver asked for."""
 
 
 class MachineError(HarnessError):
