@@ -79,16 +79,43 @@ def test_fat_files_listed_and_read_byte_exact_as_mtools_sees_them(reader) -> Non
         fat.close()
 
 
-def test_32_queued_commands_each_complete_with_their_data(reader) -> None:
+def test_32_queued_commands_each_complete_with_their_data(reader, rng: random.Random) -> None:
     _, hba, image = reader
     disk = hba.disks()[0]
-    rng = random.Random()
     requests = [(rng.randrange(0, disk.size // 512 - 128), rng.randint(1, 128)) for _ in range(32)]
     raw = image.read_bytes()
     results = disk.read_queued(requests)
     assert len(results) == 32
     for (lba, count), data in zip(requests, results):
         assert data == raw[lba * 512:(lba + count) * 512]
+
+
+def test_the_native_disk_loop_reads_the_lbas_it_was_given(reader, rng: random.Random) -> None:
+    from harness.bench.ahci import NativeDiskLoop
+    from harness.errors import AccessDenied
+    pm, hba, image = reader
+    disk = hba.disks()[0]
+    raw = image.read_bytes()
+    native = NativeDiskLoop(pm.bus, disk, 64)
+    buffers = [pm.bus.dma_alloc(4096) for _ in range(64)] + [pm.bus.dma_alloc(128 << 10) for _ in range(3)]
+    try:
+        for depth, sectors, count in ((1, 8, 64), (32, 8, 64), (1, 256, 3)):
+            own = buffers[:64] if sectors == 8 else buffers[64:]
+            for b in own:
+                b.view[:] = bytes(b.size)
+            blocks = len(raw) // (sectors * 512)
+            requests = [(rng.randrange(blocks) * sectors, own[i]) for i in range(count)]
+            assert native.prepare(requests, sectors, depth)() == count
+            for i, (lba, buffer) in enumerate(requests):
+                assert bytes(buffer.view) == raw[lba * 512:(lba + sectors) * 512], f"depth {depth}, request {i}"
+        outside = type(buffers[0])(0x1000, buffers[0].view)     # a buffer address outside the DMA pool
+        with pytest.raises(AccessDenied):
+            native.prepare([(0, outside)], 8, 1)()
+        assert disk.read(0, 1)[510:512] == b"\x55\xaa", "the port still reads"
+    finally:
+        native.close()
+        for b in buffers:
+            pm.bus.dma_free(b)
 
 
 def test_a_queue_interrupted_midway_leaves_the_port_and_channel_usable(
@@ -141,7 +168,7 @@ def test_bad_requests_raise_before_anything_is_written(reader) -> None:
 
 
 def test_writes_through_the_driver_are_read_back_by_mtools_and_fsck_is_clean(
-        proxy_machine_factory, tmp_path: Path) -> None:
+        proxy_machine_factory, tmp_path: Path, rng: random.Random) -> None:
     image = fresh_image(tmp_path)
     pm = proxy_machine_factory(attach(image), name="ahci-write")
     hba = Ahci.open(pm.bus)
@@ -152,7 +179,6 @@ def test_writes_through_the_driver_are_read_back_by_mtools_and_fsck_is_clean(
     fat.writebytes("/OUT/NOTE.TXT", b"written by the python AHCI driver\n")
     fat.close()
     disk = hba.disks()[0]
-    rng = random.Random()
     slots = rng.sample(range(40_000 // 16, disk.size // 512 // 16), 20)     # 16-sector slots: no overlaps
     spots = {slot * 16 + rng.randrange(8): rng.randbytes(512 * rng.randint(1, 8)) for slot in slots}
     for lba, data in sorted(spots.items()):            # raw sectors far past the files
@@ -201,7 +227,7 @@ def test_a_device_write_error_is_reported_and_the_image_is_unchanged(
 
 
 def test_a_bad_sector_in_a_queue_fails_its_own_request_and_no_other(
-        proxy_machine_factory, tmp_path: Path) -> None:
+        proxy_machine_factory, tmp_path: Path, rng: random.Random) -> None:
     image = tmp_path / "random.img"
     image.write_bytes(random.randbytes(20_480 * 512))      # every sector different: a lost read shows
     bad = 5_000
@@ -213,7 +239,6 @@ def test_a_bad_sector_in_a_queue_fails_its_own_request_and_no_other(
     hba = Ahci.open(pm.bus)
     try:
         disk = hba.disks()[0]
-        rng = random.Random()
         requests = [(lba, pm.bus.dma_alloc(4096)) for lba in rng.sample(range(0, 20_000, 8), 40)
                     if not lba <= bad < lba + 8]
         victim = rng.randrange(len(requests))
@@ -232,7 +257,8 @@ def test_a_bad_sector_in_a_queue_fails_its_own_request_and_no_other(
         hba.close()
 
 
-def test_scatter_gather_and_completion_by_interrupt(proxy_machine_factory, tmp_path: Path) -> None:
+def test_scatter_gather_and_completion_by_interrupt(proxy_machine_factory, tmp_path: Path,
+                                                   rng: random.Random) -> None:
     image = fresh_image(tmp_path)
     pm = proxy_machine_factory(attach(image), name="ahci-irq")
     hba = Ahci.open(pm.bus, interrupts=True)
@@ -246,6 +272,7 @@ def test_scatter_gather_and_completion_by_interrupt(proxy_machine_factory, tmp_p
             b.view[:] = data[offset:offset + b.size]
             offset += b.size
         disk.write_from(30_000, buffers)
+        disk.flush()
         for b in buffers:
             b.view[:] = bytes(b.size)
         disk.read_into(30_000, list(reversed(buffers)))       # the same sectors, scattered the other way
@@ -254,7 +281,6 @@ def test_scatter_gather_and_completion_by_interrupt(proxy_machine_factory, tmp_p
         assert disk.read(30_000, len(data) // 512) == data
         assert hba.irq is not None and hba.irq.count > 0, "the HBA raised its MSI on completion"
         pristine = IMAGE.read_bytes()                          # the sectors below 30 000 are mkfs's
-        rng = random.Random()
         requests = [(rng.randrange(0, 29_000), rng.randint(1, 128)) for _ in range(70)]
         for (lba, count), got in zip(requests, disk.read_queued(requests)):
             assert got == pristine[lba * 512:(lba + count) * 512]
@@ -262,6 +288,8 @@ def test_scatter_gather_and_completion_by_interrupt(proxy_machine_factory, tmp_p
             pm.bus.dma_free(b)
     finally:
         hba.close()
+    pm.close()                                                 # QEMU is gone; only the file is left
+    assert image.read_bytes()[30_000 * 512:30_000 * 512 + len(data)] == data
 
 
 def test_atapi_reads_a_cdrom_image_byte_exact(proxy_machine_factory, tmp_path: Path) -> None:

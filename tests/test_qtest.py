@@ -176,11 +176,9 @@ def test_poll(rig: Rig) -> None:
         bar0 = dev.bar(0)
         status = bar0.read32(STATUS)
         assert bar0.poll32(STATUS, 0xFFFF_FFFF, status, 0.5) == status
-        start = time.monotonic()
         with pytest.raises(DeviceTimeout) as exc:
             bar0.poll32(STATUS, 0xFFFF_FFFF, status ^ 1, 0.05)
         assert exc.value.last_value == status
-        assert 0.05 <= time.monotonic() - start < 2
         with pytest.raises(BadRequest):       # longer than the proxy allows
             bar0.poll32(STATUS, 0, 0, 5.0)
         assert bar0.poll_change(STATUS, 4, 0xFFFF_FFFF, status ^ 1, 0.5) == status

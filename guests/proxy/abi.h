@@ -29,7 +29,7 @@ typedef unsigned long long u64 __attribute__((aligned(8)));
 
 enum proxy_abi {
     PROXY_ABI_MAGIC = 0x48574858,   /* "XHWH" little-endian */
-    PROXY_ABI_VERSION = 4,
+    PROXY_ABI_VERSION = 5,
 };
 
 enum proxy_limits {
@@ -172,38 +172,48 @@ struct proxy_crash {
 
 /*
  * A native e1000-style descriptor loop run by the guest on the channel's NIC
- * (legacy 16-byte descriptors: length at 8, cmd at 11, status at 12). The
- * host sets the ring up; the guest only moves frames, as a tight C loop would.
+ * (legacy 16-byte descriptors: buffer address at 0, length at 8, cmd at 11,
+ * status at 12). The host sets the ring up; the guest moves frames as a tight
+ * C loop would, doing the same work per frame as the Python driver: a transmit
+ * copies `frame` into the descriptor's buffer, a receive copies each frame out
+ * of its buffer into `frame` (the sink), and both wait for every descriptor.
  */
 struct proxy_nic_loop {
     u64 ring_phys;                  /* the descriptor ring, in the DMA pool */
+    u64 frame_phys;                 /* TX: the frame to send; RX: the sink (16 KiB), 0 for none */
     u64 timeout_us;
     u32 entries;                    /* ring size */
-    u32 frame_len;                  /* TX: bytes per frame (the buffers are already filled) */
+    u32 frame_len;                  /* TX: bytes per frame */
     u32 count;                      /* frames to send or receive */
     u32 tail_reg;                   /* BAR0 offset of TDT or RDT */
-    u32 flush_reg;                  /* BAR0 offset read after each tail write (posted writes) */
+    u32 flush_reg;                  /* BAR0 offset read after each tail write (posted writes); 0: none */
     u32 next;                       /* in and out: TX tail, or RX next descriptor */
     u32 clean;                      /* in and out: TX oldest descriptor in flight */
-    u32 done;                       /* out, updated as it goes: frames sent or received */
+    u32 done;                       /* out, updated as it goes: frames sent (written back) or received */
+};
+
+/* One command of the native disk loop: where it reads and where the data go. */
+struct proxy_disk_request {
+    u64 lba;
+    u64 phys;                       /* the command's one buffer, `sectors` * 512 bytes, in the DMA pool */
 };
 
 /*
- * A native AHCI read loop on one port: the host has set up the command list,
- * the command tables (FIS at 0, one PRD to the slot's buffer) and the port;
- * the guest only writes the FIS's LBA and count and issues, as a kernel would.
+ * A native AHCI read loop on one port: the host has set up the command list
+ * (headers of slots 0..depth-1, one PRD each) and the port, and lists the
+ * commands to run; the guest writes each FIS and PRD address by words, issues
+ * and completes them with the same register accesses as the Python driver.
  */
 struct proxy_disk_loop {
     u64 command_list;               /* the port's 32 command headers */
-    u64 tables;                     /* command tables, table_size apart */
+    u64 tables;                     /* command tables, table_size apart, slot k's at k */
+    u64 requests;                   /* `count` struct proxy_disk_request, in the DMA pool */
     u64 timeout_us;
     u32 table_size;
     u32 port_offset;                /* BAR offset of the port's registers */
     u32 sectors;                    /* per command */
     u32 count;                      /* commands to complete */
     u32 depth;                      /* 1: READ DMA EXT; more: READ FPDMA QUEUED, this many in flight */
-    u32 lba_span;                   /* random LBAs below this; 0: sequential from 0 */
-    u32 seed;
     u32 done;                       /* out: commands completed */
     u32 errors;                     /* out: commands that ended in a task-file error */
     u32 pad;

@@ -42,13 +42,14 @@ int pci_enumerate(struct proxy_pci_device *table, int max);
 int pci_enable_msix(const struct proxy_pci_device *d, u32 entry, u32 vector);
 void pci_disable_msix(const struct proxy_pci_device *d);
 
-/* native.c */
-u64 native_tx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress);
-u64 native_rx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress);
-u64 native_disk_read(struct proxy_disk_loop *p, u64 bar, volatile u32 *progress);
+/* native.c: each returns a request status */
+u16 native_tx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress);
+u16 native_rx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress);
+u16 native_disk_read(struct proxy_disk_loop *p, u64 bar, volatile u32 *progress);
 
 /* proxy.c */
 extern struct proxy_shared *shared;
+int in_pool(u64 addr, u64 len);
 void proxy_init(struct proxy_shared *window, const struct proxy_pci_device *table, int n,
                 const struct proxy_pci_device *ivshmem);
 void proxy_loop(void) __attribute__((noreturn));

@@ -330,7 +330,7 @@ static u16 interrupt_op(int c, const struct proxy_request *rq)
 }
 
 /* Does [addr, addr + len) lie inside the DMA pool? Native loops touch only that memory. */
-static int in_pool(u64 addr, u64 len)
+int in_pool(u64 addr, u64 len)
 {
     u64 pool = shared->window_phys + PROXY_DMA_OFFSET, end = shared->window_phys + shared->window_size;
     return addr >= pool && addr <= end && len <= end - addr;
@@ -352,18 +352,22 @@ static u16 nic_loop(int c, const struct proxy_request *rq, u64 *value)
     const struct window *bar = &ch->mmio[0];
     if (p.entries < 8 || p.entries > 4096 || !in_pool(p.ring_phys, 16ull * p.entries)
         || p.tail_reg & 3 || p.flush_reg & 3 || p.tail_reg + 4 > bar->size || p.flush_reg + 4 > bar->size
-        || p.next >= p.entries || p.clean >= p.entries || p.frame_len > 16384
+        || p.next >= p.entries || p.clean >= p.entries || p.frame_len > 2048
+        || (p.frame_phys && !in_pool(p.frame_phys, 16384))
+        || (rq->op == PROXY_OP_NIC_TX_LOOP && !p.frame_phys)
         || p.timeout_us > PROXY_POLL_MAX_US * 10ull)
         return PROXY_STATUS_BAD_REQUEST;
     struct proxy_nic_loop *live = (struct proxy_nic_loop *)(unsigned long)rq->addr;
     live->done = 0;
     p.done = 0;
-    *value = rq->op == PROXY_OP_NIC_TX_LOOP ? native_tx(&p, bar->base, &live->done)
+    u64 start = rdtsc();
+    u16 st = rq->op == PROXY_OP_NIC_TX_LOOP ? native_tx(&p, bar->base, &live->done)
                                             : native_rx(&p, bar->base, &live->done);
+    *value = rdtsc() - start;
     live->next = p.next;
     live->clean = p.clean;
     live->done = p.done;
-    return PROXY_STATUS_OK;
+    return st;
 }
 
 /* The native disk loop: block, command list and tables in the DMA pool, the port in the HBA's BAR. */
@@ -377,17 +381,19 @@ static u16 disk_loop(int c, const struct proxy_request *rq, u64 *value)
     struct proxy_disk_loop p;
     memcpy(&p, (const void *)(unsigned long)rq->addr, sizeof(p));
     const struct window *bar = &ch->mmio[ch->nmmio - 1];        /* the AHCI BAR is the last memory BAR */
-    if (p.depth < 1 || p.depth > 32 || p.sectors < 1 || p.sectors > 65535 || p.table_size < 128
-        || !in_pool(p.command_list, 32 * 32) || !in_pool(p.tables, (u64)p.table_size * p.depth)
+    if (p.depth < 1 || p.depth > 32 || p.sectors < 1 || p.sectors > 65535 || p.table_size < 0x90
+        || p.table_size & 127 || !in_pool(p.command_list, 32 * 32) || !in_pool(p.tables, (u64)p.table_size * p.depth)
         || p.port_offset & 3 || p.port_offset + 0x80 > bar->size
         || p.timeout_us > PROXY_POLL_MAX_US * 10ull)
         return PROXY_STATUS_BAD_REQUEST;
     struct proxy_disk_loop *live = (struct proxy_disk_loop *)(unsigned long)rq->addr;
     live->done = 0;
-    *value = native_disk_read(&p, bar->base, &live->done);
+    u64 start = rdtsc();
+    u16 st = native_disk_read(&p, bar->base, &live->done);
+    *value = rdtsc() - start;
     live->done = p.done;
     live->errors = p.errors;
-    return PROXY_STATUS_OK;
+    return st;
 }
 
 static u16 execute(int c, const struct proxy_request *rq, u64 *value)

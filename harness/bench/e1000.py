@@ -1,30 +1,33 @@
 """``hwharness bench e1000``: the Python e1000 driver against an in-guest C loop, same NIC, same run.
 
 The NIC sits on a socket netdev whose far end is a UDP socket on the host's
-loopback. Transmit: frames go out through the ring until ``count`` are done.
+loopback. Transmit: ``count`` copies of a frame go out through the ring, each
+copied into its descriptor's buffer, until every descriptor is written back.
 Receive: the host feeds frames at the rate the receiver drains them (a window
-of frames in flight, so no socket buffer on the way overflows) and the
-receiver is timed from its first frame to its last. "64" and "1514" are
-frame sizes on the wire: the driver hands 60 and 1514 bytes to the NIC,
-which adds the FCS to the first and not to the second's budget (a 1514-byte
-frame is the largest without FCS).
+of frames in flight, so no socket buffer on the way overflows); each frame is
+copied out of its buffer, and the buffers go back with one tail write (and a
+STATUS read: RDT writes are coalesced under KVM) per batch of what had
+arrived. Each receive is timed from before the feeder starts to the last
+frame. The NIC's own statistics registers (GPTC, GPRC) must count exactly the
+frames each run was given. "64" and "1514" are frame sizes on the wire: the
+driver hands 60 and 1514 bytes to the NIC, which adds the FCS to the first
+and not to the second's budget. Measured as ``paired.py`` describes.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import statistics
 import threading
 import time
 from typing import Callable
 
 from drivers.e1000 import E1000
-from drivers.e1000.driver import BUFFER_SIZE
 from drivers.e1000.regs import Reg
 
 from ..machine import MachineSpec
 from ..proxy import ProxyBus, ProxyMachine, proxy_spec
+from .paired import Run, Workload, clock_figures, run_rounds
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +35,10 @@ SO_RCVBUFFORCE = 33
 GUEST_LOOP_TIMEOUT = 8.0    # seconds; under the host's 10 s request deadline
 RCTL_QUIET = 1.1            # QEMU's e1000 refuses to receive for 1 s (virtual) after an RCTL write
 WINDOW = 64                 # receive: frames in flight; QEMU's own UDP socket holds ~212 KB of skbs
-LOOP_FIELDS = ["ring_phys", "timeout_us", "entries", "frame_len", "count", "tail_reg", "flush_reg",
+SINK_BYTES = 16384          # the native receive loop's copy target (native.c)
+LOOP_FIELDS = ["ring_phys", "frame_phys", "timeout_us", "entries", "frame_len", "count", "tail_reg", "flush_reg",
                "next", "clean", "done"]
+QUICK = dict(count_64=2000, count_1514=500, rounds=1)
 
 
 def host_socket() -> socket.socket:
@@ -53,6 +58,7 @@ class NativeLoop:
     def __init__(self, bus: ProxyBus, nic: E1000) -> None:
         self.bus, self.nic, self.abi = bus, nic, bus.abi
         self.block = bus.dma_alloc(self.abi.sizeof("proxy_nic_loop"), 64)
+        self.frame = bus.dma_alloc(SINK_BYTES)      # TX: the frame to copy; RX: where frames are copied
         self._pack = self.abi.packer("proxy_nic_loop", LOOP_FIELDS)
         done = self.abi.offsetof("proxy_nic_loop", "done")
         self.done = self.block.view[done:done + 4].cast("I")     # progress, as the guest goes
@@ -60,46 +66,66 @@ class NativeLoop:
     def close(self) -> None:
         self.done.release()
         self.bus.dma_free(self.block)
+        self.bus.dma_free(self.frame)
 
-    def _run(self, op: int, ring: int, entries: int, frame_len: int, count: int, next_: int, clean: int,
-             tail_reg: int) -> tuple[int, int, int, int]:
-        self._pack.pack_into(self.block.view, 0, ring, int(GUEST_LOOP_TIMEOUT * 1e6), entries, frame_len, count,
-                             tail_reg, Reg.STATUS, next_, clean, 0)
-        cycles = self.nic.dev.channel.control(op, self.block.phys, 0, "native loop")
-        fields = dict(zip(LOOP_FIELDS, self._pack.unpack_from(self.block.view, 0)))
-        return cycles, fields["next"], fields["clean"], fields["done"]
+    def _prepare(self, op: int, ring: int, entries: int, frame_len: int, count: int, next_: int, clean: int,
+                 tail_reg: int, flush_reg: int) -> Callable[[], tuple[int, int, int]]:
+        self._pack.pack_into(self.block.view, 0, ring, self.frame.phys, int(GUEST_LOOP_TIMEOUT * 1e6), entries,
+                             frame_len, count, tail_reg, flush_reg, next_, clean, 0)
+        channel = self.nic.dev.channel
 
-    def tx(self, frame: bytes, count: int) -> float:
-        """Send ``frame`` ``count`` times from the guest; frames per second by the guest's clock."""
+        def run() -> tuple[int, int, int]:
+            channel.control(op, self.block.phys, 0, "native loop")
+            fields = dict(zip(LOOP_FIELDS, self._pack.unpack_from(self.block.view, 0)))
+            return fields["next"], fields["clean"], fields["done"]
+        return run
+
+    def prepare_tx(self, frame: bytes, count: int) -> Run:
+        """Untimed: nothing in flight, the frame in place. The run sends ``count`` copies
+        of it and returns how many the NIC wrote back."""
         nic = self.nic
         nic.flush_tx(30)
-        for i in range(nic.tx_n):                   # every slot holds the frame, as the Python path leaves it
-            nic.tx_bufs.view[i * BUFFER_SIZE:i * BUFFER_SIZE + len(frame)] = frame
-        cycles, nic.tx_tail, nic.tx_clean, done = self._run(
-            self.abi.PROXY_OP_NIC_TX_LOOP, nic.tx_ring.phys, nic.tx_n, len(frame), count, nic.tx_tail,
-            nic.tx_clean, Reg.TDT)
-        nic.flush_tx(30)
-        if done != count:
-            raise RuntimeError(f"the native transmit loop sent {done} of {count}")
-        return count / (cycles / self.bus.tsc_hz)
+        self.frame.view[:len(frame)] = frame
+        # TDT is not a coalesced register in QEMU's e1000: no flush read, as in E1000.send.
+        go = self._prepare(self.abi.PROXY_OP_NIC_TX_LOOP, nic.tx_ring.phys, nic.tx_n, len(frame), count,
+                           nic.tx_tail, nic.tx_clean, Reg.TDT, 0)
 
-    def rx(self, count: int) -> float:
-        """Receive ``count`` frames in the guest (someone else feeds them); frames per second."""
+        def run() -> int:
+            nic.tx_tail, nic.tx_clean, done = go()
+            return done
+        return run
+
+    def tx(self, frame: bytes, count: int) -> int:
+        """Send ``frame`` ``count`` times from the guest; frames written back."""
+        return self.prepare_tx(frame, count)()
+
+    def prepare_rx(self, count: int) -> Run:
+        """Untimed: the progress counter zeroed (a feeder paces itself by it). The run
+        receives ``count`` frames (someone else feeds them) and returns how many."""
         nic = self.nic
-        cycles, nic.rx_next, _, done = self._run(
-            self.abi.PROXY_OP_NIC_RX_LOOP, nic.rx_ring.phys, nic.rx_n, 0, count, nic.rx_next, 0, Reg.RDT)
-        if done != count:
-            raise RuntimeError(f"the native receive loop got {done} of {count}")
-        return count / (cycles / self.bus.tsc_hz)
+        self.done[0] = 0
+        go = self._prepare(self.abi.PROXY_OP_NIC_RX_LOOP, nic.rx_ring.phys, nic.rx_n, 0, count, nic.rx_next, 0,
+                           Reg.RDT, Reg.STATUS)
+
+        def run() -> int:
+            nic.rx_next, _, done = go()
+            return done
+        return run
+
+    def last_received(self, length: int) -> bytes:
+        """The last frame the receive loop copied out (``length`` bytes of the sink)."""
+        return bytes(self.frame.view[:length])
 
 
 class Rig:
-    """The machine, the driver, its native twin, and the host end of the wire."""
+    """The machine, the driver, its native twin, the host end of the wire, and the NIC's
+    own frame counters."""
 
     def __init__(self, pm: ProxyMachine, host: socket.socket, qemu_port: int) -> None:
         self.pm, self.host, self.qemu_port = pm, host, qemu_port
         self.nic = E1000.open(pm.bus, interrupts=False)
         self.native = NativeLoop(pm.bus, self.nic)
+        self.counted = {"tx": 0, "rx": 0}
         time.sleep(RCTL_QUIET)                      # or the first receive measures QEMU's timer
         self._stop = threading.Event()
         self._drainer = threading.Thread(target=self._drain, daemon=True)
@@ -119,17 +145,27 @@ class Rig:
         self.native.close()
         self.nic.close()
 
-    def python_tx(self, frame: bytes, count: int) -> float:
-        batch = [frame] * min(self.nic.tx_n - 1, count)
-        start = time.perf_counter()
-        sent = 0
-        while sent < count:
-            sent += self.nic.send(batch[:count - sent], timeout=10)
-        self.nic.flush_tx(30)
-        return count / (time.perf_counter() - start)
+    def frames_counted(self, way: str) -> int:
+        """Frames the NIC has counted so far (GPTC or GPRC; they clear on read, so keep a sum)."""
+        stats = self.nic.stats()
+        self.counted["tx"] += stats.tx_packets
+        self.counted["rx"] += stats.rx_packets
+        return self.counted[way]
 
-    def _feed(self, frame: bytes, count: int, received: Callable[[], int]) -> threading.Thread:
-        def feeder() -> None:
+    def python_tx(self, frame: bytes, count: int) -> Run:
+        batch = [frame] * min(self.nic.tx_n - 1, count)
+        self.nic.flush_tx(30)
+
+        def run() -> int:
+            sent = 0
+            while sent < count:
+                sent += self.nic.send(batch[:count - sent], timeout=10)
+            self.nic.flush_tx(30)
+            return sent
+        return run
+
+    def _feeder(self, frame: bytes, count: int, received: Callable[[], int]) -> threading.Thread:
+        def feed() -> None:
             sent = 0
             while sent < count and not self._stop.is_set():
                 if sent - received() < WINDOW:
@@ -137,29 +173,33 @@ class Rig:
                     sent += 1
                 else:
                     time.sleep(0)
-        thread = threading.Thread(target=feeder, daemon=True)
-        thread.start()
-        return thread
+        return threading.Thread(target=feed, daemon=True)
 
-    def python_rx(self, frame: bytes, count: int) -> float:
+    def python_rx(self, frame: bytes, count: int) -> Run:
         got = [0]
-        feeder = self._feed(frame, count, lambda: got[0])
-        first = None
-        while got[0] < count:
-            frames = self.nic.recv(256, timeout=10)
-            if not frames:
-                raise RuntimeError(f"receive stalled at {got[0]} of {count}")
-            if first is None:
-                first = time.perf_counter()
-            got[0] += len(frames)
-        feeder.join(10)
-        return (count - 1) / (time.perf_counter() - first)
+        feeder = self._feeder(frame, count, lambda: got[0])
 
-    def native_rx(self, frame: bytes, count: int) -> float:
-        feeder = self._feed(frame, count, lambda: self.native.done[0])
-        pps = self.native.rx(count)
-        feeder.join(10)
-        return pps
+        def run() -> int:
+            feeder.start()
+            while got[0] < count:
+                frames = self.nic.recv(256, timeout=10)
+                if not frames:
+                    raise RuntimeError(f"receive stalled at {got[0]} of {count}")
+                got[0] += len(frames)
+            feeder.join(10)
+            return got[0]
+        return run
+
+    def native_rx(self, frame: bytes, count: int) -> Run:
+        go = self.native.prepare_rx(count)
+        feeder = self._feeder(frame, count, lambda: self.native.done[0])
+
+        def run() -> int:
+            feeder.start()
+            done = go()
+            feeder.join(10)
+            return done
+        return run
 
 
 def frame_of(size: int, dst: bytes) -> bytes:
@@ -167,10 +207,12 @@ def frame_of(size: int, dst: bytes) -> bytes:
     return (dst + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + bytes(range(256)) * 6)[:size]
 
 
-def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int = 5) -> dict[str, object]:
-    """Python and native take turns, for ``rounds`` rounds; each figure is the median of its
-    rounds, each ratio the median of the rounds' Python-to-native ratios (on two shared
-    cores either side alone swings by a third from run to run, a pair far less)."""
+def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int = 5,
+        quick: bool = False) -> dict[str, object]:
+    """All the transmit rounds, then all the receive rounds (a receive leaves QEMU busy with
+    the socket for a while, and a transmit measured just after it suffers)."""
+    if quick:
+        count_64, count_1514, rounds = QUICK["count_64"], QUICK["count_1514"], QUICK["rounds"]
     host = host_socket()
     probe = host_socket()
     qemu_port = probe.getsockname()[1]
@@ -178,36 +220,30 @@ def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int =
     spec: MachineSpec = proxy_spec(accel=accel)
     spec.netdev("socket", "net0", udp=f"127.0.0.1:{host.getsockname()[1]}", localaddr=f"127.0.0.1:{qemu_port}")
     spec.device("e1000", netdev="net0", mac="52:54:00:be:ec:01")
-    samples: dict[str, list[float]] = {}
     with ProxyMachine(spec, name="bench-e1000") as pm:
         accel = pm.machine.accel
         rig = Rig(pm, host, qemu_port)
         try:
-            if accel == "kvm":          # the guest is emulated here: keep the run short
+            if accel == "kvm" and not quick:    # the guest is emulated here: keep the run short
                 count_64, count_1514, rounds = min(count_64, 2000), min(count_1514, 1000), min(rounds, 3)
-            # All the transmit rounds, then all the receive rounds: a receive leaves QEMU
-            # busy with the socket for a while, and transmit measured just after it suffers.
-            for way in ("tx", "rx"):
-                for round_ in range(rounds):
-                    for wire, length, count in (("64", 60, count_64), ("1514", 1514, count_1514)):
-                        if way == "tx":
-                            out = frame_of(length, b"\x02\x00\x00\x00\x00\x02")
-                            pair = (lambda: rig.python_tx(out, count), lambda: rig.native.tx(out, count))
-                        else:
-                            inbound = frame_of(length, rig.nic.mac)
-                            pair = (lambda: rig.python_rx(inbound, count), lambda: rig.native_rx(inbound, count))
-                        samples.setdefault(f"{way}_pps_{wire}", []).append(pair[0]())
-                        samples.setdefault(f"native_{way}_pps_{wire}", []).append(pair[1]())
-                    log.info("%s round %d of %d done", way, round_ + 1, rounds)
+            figures = clock_figures(pm, rig.nic.dev.channel.guest_time)
+            groups: dict[str, list[Workload]] = {"tx": [], "rx": []}
+            for wire, length, count in (("64", 60, count_64), ("1514", 1514, count_1514)):
+                out = frame_of(length, b"\x02\x00\x00\x00\x00\x02")
+                inbound = frame_of(length, rig.nic.mac)
+                groups["tx"].append(Workload(
+                    f"tx_pps_{wire}", lambda out=out, count=count: rig.python_tx(out, count),
+                    lambda out=out, count=count: rig.native.prepare_tx(out, count), count,
+                    counter=lambda: rig.frames_counted("tx"), counted_by="the NIC's GPTC register"))
+                groups["rx"].append(Workload(
+                    f"rx_pps_{wire}", lambda inbound=inbound, count=count: rig.python_rx(inbound, count),
+                    lambda inbound=inbound, count=count: rig.native_rx(inbound, count), count,
+                    counter=lambda: rig.frames_counted("rx"), counted_by="the NIC's GPRC register"))
+            result = run_rounds([groups["tx"], groups["rx"]], rounds, pm)
         finally:
             rig.close()
     host.close()
-    r = {k: statistics.median(v) for k, v in samples.items()}
-    for way, wire in (("tx", "64"), ("tx", "1514"), ("rx", "64"), ("rx", "1514")):
-        key = f"{way}_pps_{wire}"
-        r[f"ratio_{way}_{wire}"] = statistics.median(p / n for p, n in zip(samples[key], samples[f"native_{key}"]))
-    return {"benchmark": "e1000", "accel": accel, "results": {k: round(v, 3) for k, v in r.items()},
-            "rounds": {k: [round(x, 1) for x in v] for k, v in samples.items()}}
+    return {"benchmark": "e1000", "accel": {"python": accel, "native": accel}, "quick": quick, **figures, **result}
 
 
 # ---- interrupt throttling: packets per second against interrupt latency ----
@@ -215,13 +251,15 @@ def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int =
 ITR_SETTINGS = (0, 196, 488, 1953)      # in 256 ns units: off, ~50 us, ~125 us, ~500 us
 
 
-def itr_sweep(accel: str, frames: int = 3000, triggers: int = 200) -> dict[str, object]:
+def itr_sweep(accel: str, frames: int = 3000, triggers: int = 200, quick: bool = False) -> dict[str, object]:
     """For each ITR setting: interrupt latency of back-to-back device interrupts (ICS writes),
     and interrupt-driven receive throughput with the interrupts it took.
 
     The e1000 keeps QEMU's interrupt mitigation on here: that is the throttle being measured.
     """
     from .stats import pct
+    if quick:
+        frames, triggers = 300, 20
     host = host_socket()
     probe = host_socket()
     qemu_port = probe.getsockname()[1]
@@ -236,6 +274,8 @@ def itr_sweep(accel: str, frames: int = 3000, triggers: int = 200) -> dict[str, 
         irq = nic.irq
         assert irq is not None
         time.sleep(RCTL_QUIET)
+        clock = pm.bus.clock                        # guest TSC ticks in the host's units
+        clock.calibrate(0.5)
         try:
             inbound = frame_of(60, nic.mac)
             for itr in ITR_SETTINGS:
@@ -245,7 +285,7 @@ def itr_sweep(accel: str, frames: int = 3000, triggers: int = 200) -> dict[str, 
                     nic.regs.write32(Reg.ICS, 0x80)
                     start = nic.dev.channel.last_start_tsc
                     event = irq.wait(5)
-                    entry.append((event.guest_tsc - start) / pm.bus.tsc_hz * 1e6)
+                    entry.append(clock.ticks_to_us(event.guest_tsc - start))
                     nic.regs.read32(Reg.ICR)
                     irq.ack()
                 entry.sort()
@@ -281,4 +321,4 @@ def itr_sweep(accel: str, frames: int = 3000, triggers: int = 200) -> dict[str, 
         finally:
             nic.close()
     host.close()
-    return {"benchmark": "e1000_itr", "accel": accel, "results": out}
+    return {"benchmark": "e1000_itr", "accel": accel, "clock": "host", "quick": quick, "results": out}

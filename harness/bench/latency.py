@@ -38,6 +38,7 @@ ICR, ICS, IMS = 0x00C0, 0x00C8, 0x00D0
 ICR_RXT0 = 0x80
 SLEEP_ARM_S = 0.0005        # sleep mode: how long the trigger waits for the waiter to block
 REANCHOR_EVERY = 200        # samples between clock re-anchorings
+QUICK_COUNT = 200
 
 
 @dataclass

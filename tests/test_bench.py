@@ -1,0 +1,78 @@
+"""Every bench in its --quick mode: it runs, writes JSON of the promised shape, and both
+sides did all the work they were given (no figure is judged: machines are shared)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.bench import ahci, e1000
+
+pytestmark = pytest.mark.qemu
+
+
+def bench(name: str, accel: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{name}.json"
+    run = subprocess.run([sys.executable, "-m", "harness.cli", "bench", name, "--quick", "--accel", accel,
+                          "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["quick"] is True and result["clock"] == "host"
+    return result
+
+
+def check_paired(result: dict, units: dict[str, int], counted_by: str) -> None:
+    """The shape paired.run_rounds promises, for these workloads and their units per run."""
+    assert result["accel"]["python"] == result["accel"]["native"] in ("kvm", "tcg")
+    assert result["tsc_hz_boot"] > 0 and result["tsc_hz_host"] > 0 and result["native_call_us"] > 0
+    rounds = result["rounds"]
+    assert rounds >= 1 and result["warmup_rounds"] == 1 and len(result["first"]) == rounds
+    assert all(cores >= 0 for cores in result["foreign_cores"])
+    for key, count in units.items():
+        for name in (key, f"native_{key}", f"ratio_{key}"):
+            assert result["results"][name] > 0, name
+            assert len(result["per_round"][name]) == rounds
+        assert result["ratio_spread"][f"ratio_{key}"] >= 1.0
+        assert result["work"][key] == {"units_per_run": count, "counted_by": counted_by}
+    assert set(result["work"]) == set(units)
+
+
+def test_bench_ahci_quick(tmp_path: Path, hwharness_accel: str) -> None:
+    result = bench("ahci", hwharness_accel, tmp_path)
+    assert result["benchmark"] == "ahci" and result["aio"] in ("io_uring", "threads")
+    n = ahci.QUICK["count"]
+    check_paired(result, {"randread_4k_qd1_iops": n, "randread_4k_qd32_iops": n // 32 * 32, "seqread_128k_mbps": n},
+                 "QEMU's query-blockstats rd_operations")
+
+
+def test_bench_e1000_quick(tmp_path: Path, hwharness_accel: str) -> None:
+    result = bench("e1000", hwharness_accel, tmp_path)
+    assert result["benchmark"] == "e1000"
+    q = e1000.QUICK
+    for way, register in (("tx", "GPTC"), ("rx", "GPRC")):
+        check_paired({**result, "work": {k: v for k, v in result["work"].items() if k.startswith(way)}},
+                     {f"{way}_pps_64": q["count_64"], f"{way}_pps_1514": q["count_1514"]},
+                     f"the NIC's {register} register")
+
+
+def test_bench_roundtrip_quick(tmp_path: Path, hwharness_accel: str) -> None:
+    result = bench("roundtrip", hwharness_accel, tmp_path)
+    assert result["accel"] == {"proxy": result["accel"]["proxy"], "qtest": "tcg"}
+    r = result["results"]
+    for key in ("proxy_pio_p50_us", "proxy_mmio_p50_us", "qtest_pio_p50_us", "native_pio_us", "native_call_us",
+                "batch_ops_per_s", "qtest_over_proxy_pio"):
+        assert r[key] > 0, key
+    assert r["proxy_pio_p50_us"] <= r["proxy_pio_p99_us"]
+    assert r["idle_cpu_percent"] >= 0
+
+
+def test_bench_e1000_itr_quick(tmp_path: Path, hwharness_accel: str) -> None:
+    result = bench("e1000-itr", hwharness_accel, tmp_path)
+    assert set(result["results"]) == {f"itr_{itr}" for itr in e1000.ITR_SETTINGS}
+    for figures in result["results"].values():
+        assert 0 < figures["irq_latency_p50_us"] <= figures["irq_latency_p99_us"]
+        assert figures["rx_pps"] > 0 and figures["irqs_per_1000_frames"] > 0
