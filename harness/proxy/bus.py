@@ -15,13 +15,19 @@ from .abi import Abi, load_abi
 from .channel import ProxyChannel
 from .clock import GuestClock
 from .dma import DmaPool
+from .guest import guest_elf
 from .window import SharedWindow
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_ELF = REPO / "guests" / "proxy" / "build" / "proxy.elf"
 WINDOW_SIZE = 32 << 20
+
+
+def __getattr__(name: str) -> Any:
+    # DEFAULT_ELF, for callers from before the guest was built on first use: built when asked for
+    if name == "DEFAULT_ELF":
+        return guest_elf()
+    raise AttributeError(name)
 
 
 def boot_image(elf: Path) -> Path:
@@ -29,12 +35,14 @@ def boot_image(elf: Path) -> Path:
     return elf.with_name(elf.stem + "-boot.elf")
 
 
-def proxy_spec(elf: Path = DEFAULT_ELF, accel: str = "auto", memory_mb: int = 128,
+def proxy_spec(elf: Path | None = None, accel: str = "auto", memory_mb: int = 128,
                window_size: int = WINDOW_SIZE) -> MachineSpec:
-    """A machine that boots the proxy guest with its shared window; add devices to taste."""
+    """A machine that boots the proxy guest with its shared window; add devices to taste.
+    ``elf`` defaults to the guest built from the current sources (see :mod:`.guest`)."""
+    elf = elf or guest_elf()
     abi = load_abi(elf)   # fail before booting if the ELF is missing or of another ABI
     if not boot_image(elf).exists():
-        raise AbiError(f"{boot_image(elf)} is missing: build the guest with `make guest`")
+        raise AbiError(f"{boot_image(elf)} is missing beside {elf}: its build did not finish")
     spec = MachineSpec(kernel=boot_image(elf), accel=accel, memory_mb=memory_mb, ivshmem_size=window_size,
                        ivshmem_vectors=abi.PROXY_DOORBELL_VECTORS)
     spec.guest_elf = elf
