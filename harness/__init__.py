@@ -6,9 +6,10 @@ from .errors import (AbiError, AccessDenied, BadInput, BadRequest, DeviceNotFoun
                      HarnessError, InterruptTimeout, MachineError, ProxyError, ProxyFault, ProxyUnresponsive,
                      QemuNotFound)
 from .machine import Machine, MachineSpec
+from .tracing import Tracer, trace
 
 __all__ = [
     "AbiError", "Access", "AccessDenied", "BadInput", "BadRequest", "Bar", "Batch", "Bus", "Channel", "Device",
     "DeviceNotFound", "DeviceTimeout", "GuestCrash", "HarnessError", "InterruptTimeout", "Irq", "IrqEvent", "IrqMode", "Kind", "Machine", "MachineError", "MachineSpec",
-    "PciFunction", "ProxyError", "ProxyFault", "ProxyUnresponsive", "QemuNotFound", "Region", "Space",
+    "PciFunction", "ProxyError", "ProxyFault", "ProxyUnresponsive", "QemuNotFound", "Region", "Space", "Tracer", "trace",
 ]

@@ -209,6 +209,16 @@ class Channel(abc.ABC):
     def close(self) -> None:
         """Give the grants back. Idempotent."""
 
+    def name_registers(self, space: Space, names: Mapping[int, str]) -> None:
+        """Remember register names by address (``Region.name_registers`` calls this once per region);
+        a trace of this channel's accesses shows them."""
+        self.__dict__.setdefault("_register_names", {}).update(
+            {(space, addr): name for addr, name in names.items()})
+
+    def register_name(self, space: Space, addr: int) -> str:
+        """The name a driver gave the register at ``addr``, or ""."""
+        return str(self.__dict__.get("_register_names", {}).get((space, addr), ""))
+
 
 class Prepared:
     """A fixed batch: ``run()`` executes it and returns one value per access.
@@ -327,6 +337,16 @@ class Region:
 
     def poll32(self, offset: int, mask: int, expect: int, timeout: float) -> int:
         return self.poll(offset, 4, mask, expect, timeout)
+
+    def name_registers(self, registers: type[enum.IntEnum], offset: int = 0, prefix: str = "") -> None:
+        """Declare the names of this region's registers, once, from a driver's regs.py enum:
+        each member's value is its offset (plus ``offset``; ``prefix`` goes before the name, as
+        ``P0.`` for an AHCI port's block). Aliases share a name: ``STATUS/COMMAND``."""
+        names: dict[int, str] = {}
+        for name, member in registers.__members__.items():
+            addr = self.base + offset + int(member)
+            names[addr] = f"{names[addr]}/{name}" if addr in names else prefix + name
+        self.channel.name_registers(self.space, names)
 
     def __repr__(self) -> str:
         return f"<Region {self.name} {self.space.value} {self.base:#x}+{self.size:#x}>"

@@ -28,6 +28,7 @@ import traceback
 from contextlib import closing
 from pathlib import Path
 
+from . import tracing
 from .access import Batch, IrqMode
 from .bench.stats import latencies_us, pct
 from .errors import BadInput, HarnessError
@@ -91,7 +92,7 @@ def writable_output(path: str, option: str) -> None:
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    for option in ("json", "plot", "pcap"):
+    for option in ("json", "plot", "pcap", "trace"):
         if getattr(args, option, None):
             writable_output(getattr(args, option), f"--{option}")
 
@@ -492,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="count", default=0)
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (also HWHARNESS_DEBUG=1)")
+    parser.add_argument("--trace", metavar="PATH",
+                        help="record every access, batch, poll, interrupt and DMA allocation: Chrome/Perfetto "
+                             "trace JSON at PATH, a text log beside it (.txt)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_accel(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -538,7 +542,13 @@ def main(argv: list[str] | None = None) -> int:
                 "keyboard": cmd_keyboard, "parport": cmd_parport, "net": cmd_net, "disk": cmd_disk}
     try:
         check_outputs(args)
-        return commands[args.command](args)
+        if not args.trace:
+            return commands[args.command](args)
+        with tracing.trace(args.trace) as tracer:
+            status = commands[args.command](args)
+        sys.stderr.write(f"hwharness: trace of {tracer.written} records in {tracer.path} "
+                         f"and {tracing.text_path(tracer.path)} (ui.perfetto.dev opens the JSON)\n")
+        return status
     except BaseException as exc:  # the one place a failure becomes what a person reads
         return report(exc, debug=args.debug or os.environ.get("HWHARNESS_DEBUG", "") not in ("", "0"))
 

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import tracing
 from ..access import Bar, Bus, DmaBuffer, PciFunction
 from ..errors import AbiError, ProxyError
 from ..machine import Machine, MachineSpec
@@ -57,7 +58,7 @@ class ProxyBus(Bus):
         self.abi = abi
         self.window = SharedWindow(machine, abi)
         self.window.wait_ready(ready_timeout)
-        self.admin = ProxyChannel(self, 0, "admin")
+        self.admin = self._new_channel(0, "admin")
         self._functions = tuple(self._read_device_table())
         self.tsc_hz = self.window.field("tsc_hz")
         self._open: dict[int, ProxyChannel] = {}
@@ -65,11 +66,26 @@ class ProxyBus(Bus):
         self.dma = DmaPool(self._dma_view, self.window.field("window_phys"), self.window.field("dma_offset"),
                            self.window.field("window_size"))
 
+    def _new_channel(self, index: int, name: str) -> ProxyChannel:
+        """A channel on ring ``index``: one that records, if a trace is on (harness.tracing)."""
+        tracer = tracing.active()
+        if tracer is None:
+            return ProxyChannel(self, index, name)
+        from .traced import TracedChannel
+        return TracedChannel(self, index, name, tracer)
+
     def dma_alloc(self, size: int, align: int = 4096) -> DmaBuffer:
-        return self.dma.alloc(size, align)
+        buffer = self.dma.alloc(size, align)
+        tracer = tracing.active()
+        if tracer is not None:
+            tracer.dma(self.admin, buffer.phys, buffer.size)
+        return buffer
 
     def dma_free(self, buffer: DmaBuffer) -> None:
         self.dma.free(buffer)
+        tracer = tracing.active()
+        if tracer is not None:
+            tracer.dma(self.admin, buffer.phys, buffer.size, freed=True)
 
     def _read_device_table(self) -> list[PciFunction]:
         n = self.window.field("ndevices")
@@ -105,13 +121,13 @@ class ProxyBus(Bus):
 
     def open_channel(self, function: PciFunction) -> ProxyChannel:
         index = self._admin(self.abi.PROXY_OP_OPEN_PCI, function.devfn, 0, f"open {function}")
-        ch = ProxyChannel(self, index, str(function))
+        ch = self._new_channel(index, str(function))
         self._open[index] = ch
         return ch
 
     def open_ports(self, base: int, count: int) -> ProxyChannel:
         index = self._admin(self.abi.PROXY_OP_OPEN_ISA, base, count, f"open ports {base:#x}+{count}")
-        ch = ProxyChannel(self, index, f"ports {base:#x}+{count}")
+        ch = self._new_channel(index, f"ports {base:#x}+{count}")
         self._open[index] = ch
         return ch
 
