@@ -92,6 +92,7 @@ def writable_output(path: str, option: str) -> None:
 
 
 def check_outputs(args: argparse.Namespace) -> None:
+    """Every output path a command was given (--json, --plot, --pcap, --trace) can be written."""
     for option in ("json", "plot", "pcap", "trace"):
         if getattr(args, option, None):
             writable_output(getattr(args, option), f"--{option}")

@@ -124,6 +124,17 @@ def test_argparse_errors_share_the_prefix_and_status(images: Path) -> None:
                                               "must be a whole number above 0, not '0'")
 
 
+@pytest.mark.parametrize("args", [
+    ["boot", "--accel", "fast"], ["demo", "--accel", "fast"], ["bench", "nope"], ["bench", "roundtrip", "--json"],
+    ["net", "ping", "--count", "-1"], ["disk", "ls"], ["keyboard"], ["parport"], ["latency", "--mode", "busy"]],
+    ids=lambda args: " ".join(args))
+def test_every_command_refuses_malformed_arguments(images: Path, args: list[str]) -> None:
+    result = hwharness(*args, cwd=images)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1].startswith("hwharness ")
+    assert ": error: " in result.stderr.splitlines()[-1] and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("how", ["--debug", "HWHARNESS_DEBUG=1"])
 def test_debug_adds_the_traceback(images: Path, how: str) -> None:
     args = ["disk", "ls", "random.img"]
@@ -160,6 +171,9 @@ def test_lowercase_names_on_fat32_listed_and_read_through_the_cli(images: Path, 
     listed = hwharness("disk", "ls", "fat32.img", "/deep", "--accel", hwharness_accel, cwd=images, qemu=True)
     assert listed.returncode == 0, listed.stderr
     assert [line.split()[-1] for line in listed.stdout.splitlines()] == ["Nested", "notes.txt"]
+    one = hwharness("disk", "ls", "fat32.img", "/Deep/Notes.TXT", "--accel", hwharness_accel, cwd=images, qemu=True)
+    assert one.returncode == 0 and one.stdout.split() == [str(len(tree(random.Random(3))["deep/notes.txt"])),  # type: ignore[arg-type]
+                                                          "notes.txt"], one.stderr
     read = hwharness("disk", "cat", "fat32.img", "/DEEP/NOTES.TXT", "--accel", hwharness_accel, cwd=images, qemu=True)
     assert read.returncode == 0, read.stderr
     assert read.stdout == tree(random.Random(3))["deep/notes.txt"].decode()  # type: ignore[union-attr]
