@@ -19,7 +19,6 @@ the install hint (the README says QEMU is required, so there is no skip).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -51,7 +50,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def trace_path(config: pytest.Config) -> Path | None:
     """This process's trace file: None without --hwharness-trace, and in xdist's controller (which runs no test)."""
     option = config.getoption("--hwharness-trace")
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    worker = getattr(config, "workerinput", {}).get("workerid")     # set by xdist in its workers
     if not option or (getattr(config.option, "numprocesses", None) and not worker):
         return None
     path = Path(option).resolve()
