@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
-from .errors import DeviceTimeout, DmaFaultRecord
+from .errors import DeviceNotFound, DeviceTimeout, DmaFaultRecord
 
 
 class Deadline:
@@ -220,6 +220,16 @@ class Channel(abc.ABC):
     def close(self) -> None:
         """Give the grants back. Idempotent."""
 
+    def name_registers(self, space: Space, names: Mapping[int, str]) -> None:
+        """Remember register names by address (``Region.name_registers`` calls this once per region);
+        a trace of this channel's accesses shows them."""
+        self.__dict__.setdefault("_register_names", {}).update(
+            {(space, addr): name for addr, name in names.items()})
+
+    def register_name(self, space: Space, addr: int) -> str:
+        """The name a driver gave the register at ``addr``, or ""."""
+        return str(self.__dict__.get("_register_names", {}).get((space, addr), ""))
+
 
 class Prepared:
     """A fixed batch: ``run()`` executes it and returns one value per access.
@@ -374,6 +384,16 @@ class Region:
 
     def poll32(self, offset: int, mask: int, expect: int, timeout: float) -> int:
         return self.poll(offset, 4, mask, expect, timeout)
+
+    def name_registers(self, registers: type[enum.IntEnum], offset: int = 0, prefix: str = "") -> None:
+        """Declare the names of this region's registers, once, from a driver's regs.py enum:
+        each member's value is its offset (plus ``offset``; ``prefix`` goes before the name, as
+        ``P0.`` for an AHCI port's block). Aliases share a name: ``STATUS/COMMAND``."""
+        names: dict[int, str] = {}
+        for name, member in registers.__members__.items():
+            addr = self.base + offset + int(member)
+            names[addr] = f"{names[addr]}/{name}" if addr in names else prefix + name
+        self.channel.name_registers(self.space, names)
 
     def __repr__(self) -> str:
         return f"<Region {self.name} {self.space.value} {self.base:#x}+{self.size:#x}>"
@@ -563,11 +583,13 @@ class Bus(abc.ABC):
 
     def find(self, vendor: int | None = None, device: int | None = None,
              class_code: int | None = None, subclass: int | None = None) -> PciFunction:
-        """The first function that matches; LookupError if none does."""
+        """The first function that matches; DeviceNotFound (a LookupError) if none does."""
         for f in self.find_all(vendor, device, class_code, subclass):
             return f
-        raise LookupError(f"no PCI function matches vendor={vendor} device={device} "
-                          f"class={class_code} subclass={subclass}")
+        wanted = ", ".join(f"{name} {value:#x}" for name, value in (("vendor", vendor), ("device", device),
+                           ("class", class_code), ("subclass", subclass)) if value is not None)
+        present = "; ".join(str(f) for f in self.functions) or "none"
+        raise DeviceNotFound(f"this machine has no PCI device with {wanted or 'any ID'} (it has: {present})")
 
     def close(self) -> None:
         """Close every channel this bus opened. Idempotent."""

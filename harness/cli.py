@@ -1,7 +1,11 @@
 """``hwharness``: boot the proxy, run the demo, run benchmarks.
 
 What a person reads goes to stdout through ``say``; everything else is
-logging (``-v`` shows it).
+logging (``-v`` shows it). A command that fails says so in one line on
+stderr, ``hwharness: error: ...``, and exits 2 when the input was unusable
+(:class:`~harness.errors.BadInput`, checked before any machine boots where
+it can be), 1 when a check or a device failed; ``--debug`` or
+``HWHARNESS_DEBUG=1`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -11,17 +15,24 @@ import datetime
 import hashlib
 import json
 import logging
+import os
+import shutil
 import signal
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+import traceback
+from contextlib import closing
 from pathlib import Path
 
+from . import tracing
 from .access import Batch, IrqMode
 from .bench.stats import latencies_us, pct
-from .errors import HarnessError
-from .input import move_mouse, type_keys
+from .errors import BadInput, HarnessError
+from .input import move_mouse, type_keys, untypeable
 from drivers.ps2 import open_i8042
 from .machine import Option, RuntimeFile, random_mac
 from .proxy import ProxyMachine, proxy_spec
@@ -35,6 +46,79 @@ DEBUGCON_PORT = 0xE9
 def say(text: str = "") -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+class CheckFailed(HarnessError):
+    """A command's own check failed (the bytes received differ from those sent, say): exit 1."""
+
+
+# ---- input, checked before a machine boots ----
+
+def readable_file(path: str, what: str) -> Path:
+    """``path`` if it names a regular file this process can read; BadInput naming it otherwise."""
+    file = Path(path)
+    if not file.exists():
+        raise BadInput(f"{what} {path}: no such file")
+    if file.is_dir():
+        raise BadInput(f"{what} {path}: is a directory, not a file")
+    try:
+        with open(file, "rb"):
+            pass
+    except OSError as exc:
+        raise BadInput(f"{what} {path}: cannot be read ({exc.strerror})") from exc
+    return file
+
+
+def disk_image(path: str) -> Path:
+    """A readable, non-empty image file (QEMU would attach an empty one as a disk of no sectors)."""
+    image = readable_file(path, "image")
+    if image.stat().st_size == 0:
+        raise BadInput(f"image {path}: is empty (0 bytes); a disk image holds at least one 512-byte sector")
+    return image
+
+
+def writable_output(path: str, option: str) -> None:
+    """Refuse an output path that cannot be written, before the work that would fill it."""
+    target = Path(path)
+    if target.is_dir():
+        raise BadInput(f"{option} {path}: is a directory; give a file name")
+    parent = target.resolve().parent
+    while not parent.exists():                      # write_json makes the missing directories
+        parent = parent.parent
+    try:                                            # the only sure test (root, read-only mounts, /proc)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise BadInput(f"{option} {path}: cannot write in {parent} ({exc.strerror})") from exc
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output path a command was given (--json, --plot, --pcap, --trace) can be written."""
+    for option in ("json", "plot", "pcap", "trace"):
+        if getattr(args, option, None):
+            writable_output(getattr(args, option), f"--{option}")
+
+
+def typeable_text(text: str) -> str:
+    """``text`` if every character has a key on the US layout; BadInput listing the ones that do not."""
+    missing = untypeable(text)
+    if missing:
+        listed = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in missing)
+        raise BadInput(f"--type: no key on the US keyboard layout for {listed}; ASCII letters, digits, "
+                       f"punctuation, space, tab, newline and backspace can be typed")
+    if not text:
+        raise BadInput("--type: no text to type")
+    return text
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0, not {text!r}")
+    return value
 
 
 def device_table(pm: ProxyMachine) -> None:
@@ -103,16 +187,39 @@ def _bcd(v: int) -> int:
     return (v >> 4) * 10 + (v & 0xF)
 
 
+def make_demo_image(directory: Path) -> Path:
+    """A 16 MiB FAT16 image made by mkfs.fat and filled by mtools, as a user's own would be."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/sbin", "/usr/sbin"])
+    for tool, package in (("mkfs.fat", "dosfstools"), ("mcopy", "mtools"), ("mmd", "mtools")):
+        if shutil.which(tool, path=search) is None:
+            raise HarnessError(f"{tool} is not installed, and the demo makes its disk with it: "
+                               f"apt-get install {package}")
+    image, hello, readme = directory / "demo.img", directory / "hello.txt", directory / "readme.txt"
+    hello.write_text("Hello from a FAT filesystem made by mkfs.fat\n")
+    readme.write_text("".join(f"line {i}: the quick brown fox\n" for i in range(200)))
+    env = dict(os.environ, PATH=search)
+    for command in (["mkfs.fat", "-C", "-F", "16", "-n", "HWHARNESS", str(image), "16384"],
+                    ["mcopy", "-i", str(image), str(hello), "::/"], ["mmd", "-i", str(image), "::/docs"],
+                    ["mcopy", "-i", str(image), str(readme), "::/docs/"]):
+        subprocess.run(command, check=True, capture_output=True, env=env)
+    return image
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="hwharness-demo-") as scratch:
+        return demo(args.accel, make_demo_image(Path(scratch)))
+
+
+def demo(accel: str, image: Path) -> int:
+    failed: list[str] = []                      # the demo's own checks that did not hold
     mac = random_mac()
-    spec = proxy_spec(accel=args.accel)
+    spec = proxy_spec(accel=accel)
     spec.netdev("user", "net0")   # the guest only ever talks to the user network's own gateway
     spec.device("e1000", netdev="net0", mac=mac, mitigation=False)
     debugcon = spec.chardev_file("debugcon")
     spec.device("isa-debugcon", iobase=DEBUGCON_PORT, chardev="debugcon")
     printer = spec.chardev_file("printer")
     spec.device("isa-parallel", chardev="printer", iobase=0x378, irq=7)
-    image = Path(__file__).resolve().parents[1] / "images" / "fat16.img"
     spec.drive(file=str(image), format="raw", id="disk0", snapshot=True, **{"if": "none"})
     spec.device("ide-hd", drive="disk0", bus="ide.0")
     t0 = time.monotonic()
@@ -127,6 +234,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             read_mac = ":".join(f"{b:02x}" for b in struct.pack("<IH", ral, rah & 0xFFFF))
             say(f"RAL0={ral:#010x} RAH0={rah:#010x} -> {read_mac} (command line said {mac}: "
                 f"{'match' if read_mac == mac else 'MISMATCH'})")
+            if read_mac != mac:
+                failed.append("the e1000's MAC address")
 
         say("\n== port I/O: a line to the isa-debugcon at 0xe9, and the CMOS clock")
         port = pm.bus.ports(DEBUGCON_PORT, 1)
@@ -173,6 +282,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         decoded = type_and_decode(pm, keyboard, list(sentence), idle=0.5)
         say(f"typed:   {sentence}")
         say(f"decoded: {escape_controls(decoded)} ({'match' if decoded == sentence else 'MISMATCH'})")
+        if decoded != sentence:
+            failed.append("the typed sentence")
         move_mouse(pm.machine, dx=40, dy=-25, buttons=["left"], wheel=3)
         events = list(mouse.events(0.5))
         say(f"mouse: {len(events)} packets, dx {sum(e.dx for e in events)}, dy {sum(e.dy for e in events)}, "
@@ -185,6 +296,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         received, acks = send_to_printer(pm, printer, page)
         say(f"sent {len(page)} bytes, the printer chardev got {len(received)} "
             f"({'identical' if received == page else 'DIFFERENT'}), {acks} ACK interrupts")
+        if received != page:
+            failed.append("the printed page")
 
         say("\n== e1000: DHCP, ARP and ICMP through QEMU's user-mode network, by the Python driver")
         ping_report(pm, 3)
@@ -200,7 +313,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         fat = DriverFatFS(disk, read_only=True)
         for entry in fat.scandir("/", namespaces=["details"]):
             say(f"  {'<DIR>' if entry.is_dir else entry.size:>8}  {entry.name}")
-        say(f"  /HELLO.TXT: {fat.readbytes('/HELLO.TXT').decode().strip()!r}")
+        say(f"  /hello.txt: {fat.readbytes('/hello.txt').decode().strip()!r}")
         fat.close()
         hba.close()
 
@@ -209,6 +322,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             pm.bus.crash("INVALID_OPCODE")
         except HarnessError as crash:
             say(str(crash))
+    if failed:
+        raise CheckFailed(f"the demo's checks failed for {', '.join(failed)}")
     return 0
 
 
@@ -222,16 +337,28 @@ def keyboard_machine(accel: str) -> ProxyMachine:
 
 
 def type_and_decode(pm: ProxyMachine, keyboard, tokens: list[str], idle: float = 1.0) -> str:  # type: ignore[no-untyped-def]
-    """Inject ``tokens`` through QMP while the driver reads; what the driver decoded."""
-    typist = threading.Thread(target=type_keys, args=(pm.machine, tokens))
+    """Inject ``tokens`` through QMP while the driver reads; what the driver decoded.
+    If typing failed, its error is raised here rather than lost in the thread."""
+    failed: list[BaseException] = []
+
+    def typist_run() -> None:
+        try:
+            type_keys(pm.machine, tokens)
+        except BaseException as exc:
+            failed.append(exc)
+    typist = threading.Thread(target=typist_run)
     typist.start()
     try:
-        return keyboard.read_text(idle=idle)
+        decoded = keyboard.read_text(idle=idle)
     finally:
         typist.join()
+    if failed:
+        raise failed[0]
+    return str(decoded)
 
 
 def cmd_keyboard(args: argparse.Namespace) -> int:
+    typeable_text(args.type)
     with keyboard_machine(args.accel) as pm:
         _, keyboard, _ = open_i8042(pm.bus)
         say(f"decoded: {escape_controls(type_and_decode(pm, keyboard, list(args.type)))}")
@@ -260,14 +387,17 @@ def send_to_printer(pm: ProxyMachine, printer, data: bytes) -> tuple[bytes, int]
 
 
 def cmd_parport(args: argparse.Namespace) -> int:
-    data = Path(args.send).read_bytes()
+    data = readable_file(args.send, "--send").read_bytes()
     machine, printer = parport_machine(args.accel)
     with machine as pm:
         received, acks = send_to_printer(pm, printer, data)
     say(f"sent {len(data)} bytes sha256 {hashlib.sha256(data).hexdigest()}")
     say(f"received {len(received)} bytes sha256 {hashlib.sha256(received).hexdigest()}")
     log.info("%d ACK interrupts", acks)
-    return 0 if received == data else 1
+    if received != data:
+        raise CheckFailed(f"the printer chardev received {len(received)} bytes that differ from the "
+                          f"{len(data)} sent")
+    return 0
 
 
 def net_machine(accel: str, name: str = "net"):  # type: ignore[no-untyped-def]
@@ -309,20 +439,36 @@ def cmd_net(args: argparse.Namespace) -> int:
 def disk_machine(accel: str, image: Path, snapshot: bool = False, name: str = "disk") -> ProxyMachine:
     """A proxy machine with ``image`` on the first port of q35's built-in AHCI controller.
     With ``snapshot`` writes go to a throwaway overlay (QEMU's ide-hd refuses read-only drives)."""
-    if not image.is_file():
-        raise FileNotFoundError(f"no disk image at {image}")
+    disk_image(str(image))
     spec = proxy_spec(accel=accel)
     spec.drive(file=str(image.resolve()), format="raw", id="disk0", snapshot=snapshot, **{"if": "none"})
     spec.device("ide-hd", drive="disk0", bus="ide.0")
     return ProxyMachine(spec, name=name)
 
 
+def check_fat_path(image: Path, path: str, command: str) -> None:
+    """Read the image's FAT on the host and check ``path`` on it, before a machine boots."""
+    from drivers.ahci.fat import DriverFatFS
+    with closing(DriverFatFS.open_image(str(image))) as fat:
+        if not fat.exists(path):
+            raise BadInput(f"{image}: there is no {path} on this FAT filesystem "
+                           f"(`hwharness disk ls {image}` lists what is)")
+        if command == "cat" and fat.isdir(path):
+            raise BadInput(f"{image}: {path} is a directory (`hwharness disk ls {image} {path}` lists it)")
+
+
 def cmd_disk(args: argparse.Namespace) -> int:
+    import fs.errors
     from drivers.ahci import Ahci
     from drivers.ahci.fat import DriverFatFS
-    with disk_machine(args.accel, Path(args.image), snapshot=True) as pm:
+    image = disk_image(args.image)
+    if args.disk_command != "identify":
+        check_fat_path(image, args.dir if args.disk_command == "ls" else args.path, args.disk_command)
+    with disk_machine(args.accel, image, snapshot=True) as pm:
         hba = Ahci.open(pm.bus)
         try:
+            if not hba.disks():
+                raise HarnessError(f"the AHCI controller found no disk on any port (QEMU was given {image})")
             disk = hba.disks()[0]
             identity = disk.identify()
             if args.disk_command == "identify":
@@ -332,15 +478,19 @@ def cmd_disk(args: argparse.Namespace) -> int:
                 say(f"capacity: {identity.sectors} sectors of 512 bytes ({identity.sectors * 512} bytes)")
                 say(f"lba48: {identity.lba48}, ncq: {identity.ncq} (queue depth {identity.queue_depth})")
                 return 0
-            fat = DriverFatFS(disk, read_only=True)
+            fat = DriverFatFS(disk, read_only=True, name=str(image))
             try:
                 if args.disk_command == "ls":
-                    for entry in fat.scandir(args.dir, namespaces=["details"]):
+                    entries = ([fat.getinfo(args.dir, namespaces=["details"])] if fat.isfile(args.dir)
+                               else fat.scandir(args.dir, namespaces=["details"]))
+                    for entry in entries:
                         kind = "<DIR>" if entry.is_dir else f"{entry.size:>10}"
                         say(f"{kind:>10}  {entry.name}")
                 else:
                     sys.stdout.buffer.write(fat.readbytes(args.path))
                     sys.stdout.flush()
+            except fs.errors.ResourceError as exc:     # what the host saw and the driver did not
+                raise BadInput(f"{image}: {exc}") from exc
             finally:
                 fat.close()
         finally:
@@ -401,6 +551,11 @@ def add_kernel_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hwharness", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also HWHARNESS_DEBUG=1)")
+    parser.add_argument("--trace", metavar="PATH",
+                        help="record every access, batch, poll, interrupt and DMA allocation: Chrome/Perfetto "
+                             "trace JSON at PATH, a text log beside it (.txt)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_accel(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -426,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     net = sub.add_parser("net", help="the e1000 driver against QEMU's user-mode network")
     net_sub = net.add_subparsers(dest="net_command", required=True)
     ping = with_accel(net_sub.add_parser("ping", help="DHCP lease, ARP for the gateway, ICMP echo"))
-    ping.add_argument("--count", type=int, default=4)
+    ping.add_argument("--count", type=positive_int, default=4)
     ping.add_argument("--pcap", metavar="PATH", help="keep QEMU's filter-dump of the traffic here")
     disk = sub.add_parser("disk", help="a FAT image on the AHCI controller, through the Python driver")
     disk_sub = disk.add_subparsers(dest="disk_command", required=True)
@@ -445,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     lat = with_accel(sub.add_parser("latency", help="interrupt latency of a real device, in stages"))
     lat.add_argument("--mode", choices=("spin", "sleep"), default="spin",
                      help="the host spins on the interrupt, or sleeps until the guest rings")
-    lat.add_argument("--count", type=int, default=10000, help="interrupts to time (default 10000)")
+    lat.add_argument("--count", type=positive_int, default=10000, help="interrupts to time (default 10000)")
     lat.add_argument("--json", metavar="PATH", help="write the figures here")
     lat.add_argument("--quick", action="store_true", help="time 200 interrupts: checks the tool, measures little")
     lat.add_argument("--plot", metavar="PNG", help="write histograms of the stages here")
@@ -454,10 +609,52 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"boot": cmd_boot, "run": cmd_run, "demo": cmd_demo, "bench": cmd_bench, "latency": cmd_latency,
                 "keyboard": cmd_keyboard, "parport": cmd_parport, "net": cmd_net, "disk": cmd_disk}
     try:
-        return commands[args.command](args)
-    except HarnessError as exc:
-        log.error("%s", exc)
+        check_outputs(args)
+        if not args.trace:
+            return commands[args.command](args)
+        with tracing.trace(args.trace) as tracer:
+            status = commands[args.command](args)
+        sys.stderr.write(f"hwharness: trace of {tracer.written} records in {tracer.path} "
+                         f"and {tracing.text_path(tracer.path)} (ui.perfetto.dev opens the JSON)\n")
+        return status
+    except BaseException as exc:  # the one place a failure becomes what a person reads
+        return report(exc, debug=args.debug or os.environ.get("HWHARNESS_DEBUG", "") not in ("", "0"))
+
+
+def complain(message: str) -> None:
+    """The one line on stderr that says why a command failed."""
+    sys.stderr.write(f"hwharness: error: {message}\n")
+    sys.stderr.flush()
+
+
+def report(exc: BaseException, debug: bool) -> int:
+    """Say why the command failed, in one line, and return the exit status:
+    2 for input it could not use, 1 for a failed check or device, 130 for Ctrl-C."""
+    if isinstance(exc, SystemExit):
+        raise exc
+    if debug:
+        traceback.print_exception(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        complain("interrupted")
+        return 130
+    if isinstance(exc, BrokenPipeError):            # `disk cat ... | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    if isinstance(exc, OSError) and exc.filename:
+        message = f"{exc.filename}: {exc.strerror}"
+    elif isinstance(exc, (HarnessError, OSError)):
+        message = str(exc)
+    else:
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        if not debug:
+            message += " (--debug or HWHARNESS_DEBUG=1 shows the traceback)"
+    first, _, details = message.partition("\n")
+    if details.strip():
+        log.info("%s", details)                 # QEMU's output, a crash report's registers
+        if not log.isEnabledFor(logging.INFO):
+            first += " (-v shows the details)"
+    complain(first)
+    return 2 if isinstance(exc, BadInput) else 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 Every error the harness raises derives from :class:`HarnessError`::
 
     HarnessError
+    ├── BadInput            what the user gave cannot be used: an image that is not
+    │                       FAT, a path not on it, text with no key on the layout
+    │                       (the CLI exits 2 for these, 1 for everything else)
     ├── QemuNotFound        the QEMU binary is missing (with the install hint)
+    ├── DeviceNotFound      the machine has no device that matches (also a LookupError)
     ├── MachineError        QEMU failed to start, died, or QMP failed;
     │   │                   carries the command line and the tail of its output
     │   ├── QemuExited      QEMU exited while something waited on it (and the console's tail)
@@ -44,8 +48,16 @@ class HarnessError(Exception):
     """Root of every hwharness error."""
 
 
+class BadInput(HarnessError):
+    """The input cannot be used as given; the message names it and says what would do."""
+
+
 class QemuNotFound(HarnessError):
     """The QEMU binary is not installed or not on PATH."""
+
+
+class DeviceNotFound(HarnessError, LookupError):
+    """The machine has no device that matches what a driver asked for."""
 
 
 class MachineError(HarnessError):

@@ -17,18 +17,25 @@ Fixtures:
   modules=(), name="linux")``, each at its prompt; shut down after the test
   (``linux_machine_factory_module``: after the module).
 
+``--hwharness-trace PATH`` traces every machine of the session (one file per
+xdist worker, ``PATH`` with ``-gw0`` before the suffix); for a failed test
+the last 1,000 records go to ``<PATH stem>-failed/<test>.txt`` and the
+report says where.
+
 Tests that boot QEMU carry the ``qemu`` marker; without QEMU they fail with
 the install hint (the README says QEMU is required, so there is no skip).
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
+from . import tracing
 from .errors import HarnessError
 from .images import LinuxImage, linux
 from .machine import Machine, MachineSpec, random_mac, resolve_accel
@@ -48,12 +55,46 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="keep every machine's directory (serial log, QEMU output, command line)")
     group.addoption("--hwharness-artifacts", default=None,
                     help="where machine directories go (default: pytest's temporary directory)")
+    group.addoption("--hwharness-trace", default=None, metavar="PATH",
+                    help="trace every access of every machine into PATH (Chrome/Perfetto JSON) and PATH's .txt; "
+                         "a failed test's last 1000 records go to PATH-stem-failed/")
+
+
+def trace_path(config: pytest.Config) -> Path | None:
+    """This process's trace file: None without --hwharness-trace, and in xdist's controller (which runs no test)."""
+    option = config.getoption("--hwharness-trace")
+    worker = getattr(config, "workerinput", {}).get("workerid")     # set by xdist in its workers
+    if not option or (getattr(config.option, "numprocesses", None) and not worker):
+        return None
+    path = Path(option).resolve()
+    return path.with_name(f"{path.stem}-{worker}{path.suffix}") if worker else path
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "qemu: the test boots a real QEMU machine")
     config.addinivalue_line("markers", "kvm: the test forces KVM whatever --hwharness-accel says "
                                        "(slow where KVM is emulated, such as kvm_pvm)")
+    path = trace_path(config)
+    if path is not None:
+        tracing.start(path)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if trace_path(config) is not None:
+        tracing.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()                   # type: ignore[attr-defined]
+    tracer = tracing.active()
+    if report.failed and tracer is not None:
+        failed = tracer.path.with_name(f"{tracer.path.stem}-failed")
+        failed.mkdir(exist_ok=True)
+        dump = failed / (re.sub(r"[^\w.-]+", "_", item.nodeid) + f"-{report.when}.txt")
+        dump.write_text(tracer.tail())
+        report.sections.append(("hwharness trace", f"the last {tracer.keep} records before the failure: {dump}"))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

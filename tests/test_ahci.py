@@ -68,8 +68,8 @@ def test_fat_files_listed_and_read_byte_exact_as_mtools_sees_them(reader) -> Non
         for directory in ("/", "/DOCS"):
             ours = sorted(fat.listdir(directory))
             # mtools reads the pristine image: QEMU holds a lock on the attached copy
-            theirs = sorted(Path(line).name.upper() for line in
-                            mtools("mdir", "-b", "-i", str(IMAGE), f"::{directory}").decode().split())
+            theirs = sorted(line.rstrip("/").rsplit("/", 1)[1] for line in
+                            mtools("mdir", "-b", "-i", str(IMAGE), f"::{directory}").decode().splitlines())
             assert ours == theirs
             for name in ours:
                 path = f"{directory.rstrip('/')}/{name}"

@@ -93,6 +93,7 @@ class Ahci:
 
     def __init__(self, bus: Bus, device: Device, timeout: float = 2.0, interrupts: bool = False) -> None:
         self.bus, self.dev, self.regs = bus, device, device.bar(ABAR)
+        self.regs.name_registers(Hba)
         self.timeout = timeout
         self.irq = device.irq(IrqMode.MSI) if interrupts else None
         device.enable_dma()
@@ -134,6 +135,7 @@ class Port:
         self.hba, self.index = hba, index
         self.base = PORT_BASE + index * PORT_STRIDE
         self.r = hba.regs
+        self.r.name_registers(Px, self.base, f"P{index}.")
         dev = hba.dev
         self.slots = hba.slots
         self.command_list = dev.dma_alloc(32 * 32, 1024)

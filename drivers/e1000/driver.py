@@ -66,6 +66,7 @@ class E1000:
             if n % 8 or not 8 <= n <= 4096:
                 raise ValueError("ring sizes are multiples of 8 from 8 to 4096 (the length is in 128-byte units)")
         self.bus, self.dev, self.regs = bus, device, device.bar(0)
+        self.regs.name_registers(Reg)
         self.rx_n, self.tx_n = rx_entries, tx_entries
         self.rx_ring = device.dma_alloc(rx_entries * DESC_SIZE, 128)
         self.tx_ring = device.dma_alloc(tx_entries * DESC_SIZE, 128)

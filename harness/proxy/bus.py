@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import tracing
 from ..access import Bar, Bus, PciFunction
 from ..errors import AbiError, AccessDenied, ProxyError
 from ..machine import Machine, MachineSpec
@@ -16,15 +17,21 @@ from .abi import Abi, load_abi
 from .channel import ProxyChannel
 from .clock import GuestClock
 from .dma import DmaPool
+from .guest import guest_elf
 from .window import SharedWindow
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_ELF = REPO / "guests" / "proxy" / "build" / "proxy.elf"
 WINDOW_SIZE = 64 << 20
 DOMAIN_SIZE = 4 << 20       # each opened device's DMA memory unless it asks for another size
 DOMAIN_ALIGN = 64 << 10
+
+
+def __getattr__(name: str) -> Any:
+    # DEFAULT_ELF, for callers from before the guest was built on first use: built when asked for
+    if name == "DEFAULT_ELF":
+        return guest_elf()
+    raise AttributeError(name)
 
 
 def boot_image(elf: Path) -> Path:
@@ -32,15 +39,17 @@ def boot_image(elf: Path) -> Path:
     return elf.with_name(elf.stem + "-boot.elf")
 
 
-def proxy_spec(elf: Path = DEFAULT_ELF, accel: str = "auto", memory_mb: int = 128,
+def proxy_spec(elf: Path | None = None, accel: str = "auto", memory_mb: int = 128,
                window_size: int = WINDOW_SIZE, iommu: bool = True) -> MachineSpec:
     """A machine that boots the proxy guest with its shared window; add devices to taste.
+    ``elf`` defaults to the guest built from the current sources (see :mod:`.guest`).
 
     With ``iommu`` (the default) the machine has an Intel VT-d, and the proxy confines
     every device's DMA to that device's own domain; without, DMA is not confined."""
+    elf = elf or guest_elf()
     abi = load_abi(elf)   # fail before booting if the ELF is missing or of another ABI
     if not boot_image(elf).exists():
-        raise AbiError(f"{boot_image(elf)} is missing: build the guest with `make guest`")
+        raise AbiError(f"{boot_image(elf)} is missing beside {elf}: its build did not finish")
     spec = MachineSpec(kernel=boot_image(elf), accel=accel, memory_mb=memory_mb, ivshmem_size=window_size,
                        ivshmem_vectors=abi.PROXY_DOORBELL_VECTORS, iommu=iommu)
     spec.guest_elf = elf
@@ -55,7 +64,7 @@ class ProxyBus(Bus):
         self.abi = abi
         self.window = SharedWindow(machine, abi)
         self.window.wait_ready(ready_timeout)
-        self.admin = ProxyChannel(self, 0, "admin")
+        self.admin = self._new_channel(0, "admin")
         self._functions = tuple(self._read_device_table())
         self.tsc_hz = self.window.field("tsc_hz")
         self._open: dict[int, ProxyChannel] = {}
@@ -65,6 +74,17 @@ class ProxyBus(Bus):
         self.dma = DmaPool(self._dma_view, self._window_phys, self.window.field("dma_offset"),
                            self.window.field("window_size"))
         self.iommu = bool(self.window.field("iommu"))
+
+    def _new_channel(self, index: int, name: str, domain: DmaPool | None = None) -> ProxyChannel:
+        """A channel on ring ``index``: one that records, if a trace is on (harness.tracing)."""
+        tracer = tracing.active()
+        if tracer is None:
+            return ProxyChannel(self, index, name, domain)
+        from .traced import TracedChannel
+        ch = TracedChannel(self, index, name, tracer, domain)
+        if domain is not None:
+            domain.observer = lambda phys, size, freed: tracer.dma(ch, phys, size, freed=freed)
+        return ch
 
     def _read_device_table(self) -> list[PciFunction]:
         n = self.window.field("ndevices")
@@ -123,7 +143,7 @@ class ProxyBus(Bus):
             if domain:
                 self.dma.free_at(domain.base)
             raise
-        ch = ProxyChannel(self, index, str(function), domain)
+        ch = self._new_channel(index, str(function), domain)
         self._open[index] = ch
         return ch
 
@@ -138,7 +158,7 @@ class ProxyBus(Bus):
         if not mask:
             raise AccessDenied(f"{what}: {why}", self.abi.PROXY_STATUS_DENIED)
         index = self.admin.control(self.abi.PROXY_OP_OPEN_ISA, base, count, what, mask=mask)
-        ch = ProxyChannel(self, index, f"ports {base:#x}+{count}")
+        ch = self._new_channel(index, f"ports {base:#x}+{count}")
         self._open[index] = ch
         return ch
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from typing import Callable
 
 from ..access import DmaBuffer, DmaDomain
 
@@ -24,6 +25,7 @@ class DmaPool(DmaDomain):
     def __init__(self, memory: memoryview, phys_base: int, start: int, end: int) -> None:
         self.size = end - start
         self.base = phys_base + start
+        self.observer: Callable[[int, int, bool], None] | None = None    # (phys, size, freed): a trace
         self._memory = memory
         self._phys_base = phys_base
         self._free: list[tuple[int, int]] = [(start, end)]      # (offset, end), sorted, disjoint
@@ -51,6 +53,8 @@ class DmaPool(DmaDomain):
                     self._used[self._phys_base + offset] = (offset, offset + size)
                     view = self._memory[offset:offset + size]
                     view[:] = bytes(size)
+                    if self.observer:
+                        self.observer(self._phys_base + offset, size, False)
                     return DmaBuffer(self._phys_base + offset, view)
         raise MemoryError(f"no {size} contiguous bytes aligned to {align} in {self.size >> 10} KiB of DMA memory "
                           f"at {self.base:#x} ({self.free_bytes} bytes free in all)")
@@ -62,6 +66,8 @@ class DmaPool(DmaDomain):
         """Give back the buffer that starts at ``phys``."""
         with self._lock:
             block = self._used.pop(phys, None)
+            if block is not None and self.observer:
+                self.observer(phys, block[1] - block[0], True)
             if block is None:
                 raise ValueError(f"{phys:#x} is not a buffer of the DMA memory at {self.base:#x}")
             i = bisect.bisect(self._free, block)
