@@ -99,7 +99,7 @@ class IrqMode(enum.Enum):
 
     INTX = "intx"      # the PCI INTx line: level, masked until every channel on it acks
     MSI = "msi"        # the PCI device's MSI: edge, never masked
-    MSIX = "msix"      # the PCI device's MSI-X table entry 0: edge, never masked
+    MSIX = "msix"      # the PCI device's MSI-X table entries 0..n-1, one Irq each: edge, never masked
     ISA = "isa"        # an ISA IRQ, for a port-range channel: edge
 
 
@@ -203,6 +203,13 @@ class Channel(abc.ABC):
         """Enable and take the device's interrupt, or for a port range the ISA IRQs ``isa_irqs``
         (one Irq for all of them: the i8042's 1 and 12, say)."""
         raise NotImplementedError(f"{type(self).__name__} does not deliver interrupts")
+
+    def interrupts(self, mode: IrqMode, count: int) -> list[Irq]:
+        """Enable the device's interrupt with ``count`` vectors (several: MSI-X entries 0..count-1),
+        one Irq each with its own counter; closing the last of them disables the interrupt."""
+        if count != 1:
+            raise NotImplementedError(f"{type(self).__name__} delivers one vector per channel")
+        return [self.interrupt(mode)]
 
     def close(self) -> None:
         """Give the grants back. Idempotent."""
@@ -453,6 +460,10 @@ class Device:
     def irq(self, mode: IrqMode = IrqMode.INTX) -> Irq:
         """The device's interrupt: INTx (level, shareable) or MSI."""
         return self.channel.interrupt(mode)
+
+    def irqs(self, mode: IrqMode, count: int) -> list[Irq]:
+        """``count`` vectors of the device's interrupt (MSI-X entries 0..count-1), an Irq each."""
+        return self.channel.interrupts(mode, count)
 
     def close(self) -> None:
         self.channel.close()

@@ -29,7 +29,7 @@ typedef unsigned long long u64 __attribute__((aligned(8)));
 
 enum proxy_abi {
     PROXY_ABI_MAGIC = 0x48574858,   /* "XHWH" little-endian */
-    PROXY_ABI_VERSION = 5,
+    PROXY_ABI_VERSION = 6,
 };
 
 enum proxy_limits {
@@ -43,8 +43,9 @@ enum proxy_limits {
     PROXY_REPEAT_MAX = 1000000,     /* longest native timing loop */
     PROXY_DMA_OFFSET = 0x100000,    /* DMA pool starts 1 MiB into the window */
     PROXY_HOST_PEER = 0,            /* ivshmem peer id of the host harness */
-    PROXY_DOORBELL_VECTORS = 16,    /* host doorbells: 0..7 ring c served, 8..15 channel c interrupted */
-    PROXY_DOORBELL_IRQ_BASE = 8,
+    PROXY_IRQ_VECTORS = 4,          /* interrupt vectors one channel may take (MSI-X entries 0..3) */
+    PROXY_DOORBELL_VECTORS = 40,    /* host doorbells: 0..7 ring c served, then one per channel vector */
+    PROXY_DOORBELL_IRQ_BASE = 8,    /* channel c's vector v rings 8 + c * PROXY_IRQ_VECTORS + v */
     PROXY_NO_GSI = 0xff,
     PROXY_CRASH_MAGIC = 0x0dead,    /* OP_CRASH needs this value: no accidents */
 };
@@ -75,7 +76,8 @@ enum proxy_op {
     PROXY_OP_CLOSE = 34,            /* addr = channel */
     PROXY_OP_CRASH = 35,            /* value = PROXY_CRASH_MAGIC, addr = enum proxy_crash_kind */
     /* interrupts, on the channel's own device */
-    PROXY_OP_IRQ_ENABLE = 40,       /* addr = enum proxy_irq_mode; value = ISA IRQ bitmask for PROXY_IRQ_ISA */
+    PROXY_OP_IRQ_ENABLE = 40,       /* addr = enum proxy_irq_mode; value = ISA IRQ bitmask for PROXY_IRQ_ISA,
+                                       vectors (1..PROXY_IRQ_VECTORS; 0 means 1) for PROXY_IRQ_MSIX */
     PROXY_OP_IRQ_ACK = 41,          /* unmask a level line once every channel on it has acked */
     PROXY_OP_IRQ_DISABLE = 42,
     /* the in-guest baselines ("the in-kernel driver"); addr = a struct proxy_nic_loop in the DMA pool */
@@ -89,7 +91,7 @@ enum proxy_irq_mode {
     PROXY_IRQ_INTX = 1,             /* the PCI device's INTx line, level-triggered, shareable */
     PROXY_IRQ_MSI = 2,              /* the PCI device's MSI, programmed by the proxy */
     PROXY_IRQ_ISA = 3,              /* ISA IRQs (edge), for an ISA channel: any of a bitmask */
-    PROXY_IRQ_MSIX = 4,             /* the PCI device's MSI-X table entry 0, programmed by the proxy */
+    PROXY_IRQ_MSIX = 4,             /* the PCI device's MSI-X table entries 0..n-1, programmed by the proxy */
 };
 
 enum proxy_status {
@@ -219,7 +221,8 @@ struct proxy_disk_loop {
     u32 pad;
 };
 
-/* Per channel, written by the guest's interrupt handler; the host watches `count`. */
+/* Per channel vector, written by the guest's interrupt handler; the host watches `count`.
+ * INTx, MSI and ISA use a channel's vector 0; MSI-X entry v counts in vector v. */
 struct proxy_irq {
     u32 count;                      /* interrupts delivered to this channel so far */
     u32 mode;                       /* enum proxy_irq_mode */
@@ -234,8 +237,8 @@ struct proxy_shared {
     u32 abi_version;
     u32 state;                      /* enum proxy_state */
     u32 guest_sleeping;             /* guest: "kick me before you wait" */
-    u32 host_sleeping;              /* bit n: the host sleeps on doorbell vector n; ring it */
     u32 ndevices;
+    u64 host_sleeping;              /* bit n: the host sleeps on doorbell vector n; ring it */
     u64 tsc_hz;                     /* guest TSC frequency, calibrated on the PIT */
     u64 window_size;                /* bytes of BAR2 */
     u64 window_phys;                /* guest-physical address of BAR2 */
@@ -244,7 +247,7 @@ struct proxy_shared {
     u64 served_total;               /* requests executed (diagnostics) */
     u64 spurious_irqs;              /* interrupts nobody owned, and LAPIC/8259 spurious ones */
     u8 ring_posted[PROXY_MAX_CHANNELS]; /* host: 1 after it moves ring n's submit; guest: 0 before serving it */
-    struct proxy_irq irqs[PROXY_MAX_CHANNELS];
+    struct proxy_irq irqs[PROXY_MAX_CHANNELS * PROXY_IRQ_VECTORS];    /* channel c's vector v at c * VECTORS + v */
     struct proxy_crash crash;
     struct proxy_pci_device devices[PROXY_MAX_DEVICES];
     struct proxy_ring rings[PROXY_MAX_CHANNELS];

@@ -70,7 +70,7 @@ static int any_overlap(const struct window *w, int n, u64 addr, u64 width)
 void proxy_wake_host(u32 vector)
 {
     mfence();                           /* our results before we read its flag */
-    if (doorbell && (READ_ONCE(shared->host_sleeping) & (1u << vector)))
+    if (doorbell && vector < PROXY_DOORBELL_VECTORS && (READ_ONCE(shared->host_sleeping) & (1ull << vector)))
         mmio_write32(doorbell, PROXY_HOST_PEER << 16 | vector);
 }
 
@@ -315,14 +315,14 @@ static u16 interrupt_op(int c, const struct proxy_request *rq)
         if (rq->addr == PROXY_IRQ_MSI)
             return ch->device ? irq_enable_msi(c, ch->device) : PROXY_STATUS_DENIED;
         if (rq->addr == PROXY_IRQ_MSIX)
-            return ch->device ? irq_enable_msix(c, ch->device) : PROXY_STATUS_DENIED;
+            return ch->device ? irq_enable_msix(c, ch->device, rq->value) : PROXY_STATUS_DENIED;
         if (rq->addr == PROXY_IRQ_ISA)
             return ch->device ? PROXY_STATUS_DENIED : irq_enable_isa(c, rq->value);
         return PROXY_STATUS_BAD_REQUEST;
     case PROXY_OP_IRQ_ACK:
         return irq_ack(c);
     default:
-        if (shared->irqs[c].mode == PROXY_IRQ_NONE)
+        if (shared->irqs[c * PROXY_IRQ_VECTORS].mode == PROXY_IRQ_NONE)
             return PROXY_STATUS_BAD_REQUEST;
         irq_disable(c, ch->device);
         return PROXY_STATUS_OK;
