@@ -39,6 +39,7 @@ ADMIN_ENTRIES = 32
 IO_ENTRIES = 64                     # per I/O queue: 63 commands in flight
 PRP_LIST_ENTRIES = PAGE // 8        # one list page per command: 2 MiB at most
 COMMAND_TIMEOUT = 5.0               # seconds a command may take
+COPY_BUDGET = 4 << 20               # bytes of DMA buffers read_queued holds at once
 
 
 class NvmeError(HarnessError):
@@ -50,7 +51,7 @@ class NvmeError(HarnessError):
     others completed."""
 
     def __init__(self, command: str, sct: int | None, sc: int | None, lba: int | None = None,
-                 failed: Sequence[int] = (), detail: str = "") -> None:
+                 failed: Sequence[int] = (), detail: str = "", of: int = 1) -> None:
         self.command, self.sct, self.sc, self.lba = command, sct, sc, lba
         self.failed = list(failed)
         where = f" at LBA {lba}" if lba is not None else ""
@@ -59,8 +60,8 @@ class NvmeError(HarnessError):
         else:
             name = STATUS_NAMES.get((sct, sc), "status")
             text = f"{command}{where}: {name} (SCT {sct:#x}, SC {sc:#04x})"
-            if self.failed:
-                text += f"; failed request(s) {self.failed}"
+            if of > 1:
+                text += f"; failed request(s) {self.failed} of {of}"
         super().__init__(text)
 
     @property
@@ -286,7 +287,7 @@ class QueuePair:
         if failures:
             index, sct, sc = failures[0]
             raise NvmeError(commands[index].name, sct, sc, commands[index].lba,
-                            failed=[i for i, _, _ in failures] if total > 1 else ())
+                            failed=[i for i, _, _ in failures], of=total)
         return results
 
     def execute(self, command: Command, timeout: float = COMMAND_TIMEOUT) -> int:
@@ -591,9 +592,34 @@ class Namespace:
             self._check(lba, count)
             if count * self.sector_size > self.max_transfer:
                 raise ValueError(f"a queued read moves at most {self.max_transfer} bytes (MDTS)")
+        out: list[bytes] = []
+        failure: NvmeError | None = None
+        failed: list[int] = []
+        start = 0
+        while start < len(requests):            # a few MiB of buffers at a time: the DMA pool is shared
+            end, nbytes = start, 0
+            while end < len(requests) and (end == start or nbytes + requests[end][1] * self.sector_size <= COPY_BUDGET):
+                nbytes += requests[end][1] * self.sector_size
+                end += 1
+            try:
+                out += self._read_queued_part(requests[start:end], depth)
+            except NvmeError as exc:            # the rest still run; the error names every failure
+                if exc.sct is None:
+                    raise
+                failure = failure or exc
+                failed += [start + i for i in exc.failed]
+                out += [b""] * (end - start)
+            start = end
+        if failure is not None:
+            raise NvmeError(failure.command, failure.sct, failure.sc, failure.lba, failed=failed, of=len(requests))
+        return out
+
+    def _read_queued_part(self, requests: Sequence[tuple[int, int]], depth: int | None) -> list[bytes]:
         bus = self.controller.bus
-        buffers = [bus.dma_alloc(count * self.sector_size) for _, count in requests]
+        buffers: list[DmaBuffer] = []
         try:
+            for _, count in requests:
+                buffers.append(bus.dma_alloc(count * self.sector_size))
             self.read_queued_into([(lba, b) for (lba, _), b in zip(requests, buffers)], depth)
             return [bytes(b.view) for b in buffers]
         finally:
