@@ -331,8 +331,9 @@ def write_json(result: dict, path: str | None) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import ahci, e1000, roundtrip
-    benches = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep, "ahci": ahci.run}
+    from .bench import ahci, e1000, nvme, roundtrip
+    benches = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep, "ahci": ahci.run,
+               "nvme": nvme.run}
     result = benches[args.name](args.accel, quick=args.quick)
     say(json.dumps({k: v for k, v in result.items() if k != "per_round"}, indent=2))
     write_json(result, args.json)
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     with_accel(sub.add_parser("boot", help="boot the proxy guest, print the device table, wait for Ctrl-C"))
     with_accel(sub.add_parser("demo", help="boot, drive the devices, print what happened"))
     bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
-    bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci"))
+    bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "nvme"))
     bench.add_argument("--json", metavar="PATH", help="write the result here too")
     bench.add_argument("--quick", action="store_true",
                        help="a second or two of each workload: checks that the bench works, measures little")

@@ -48,6 +48,8 @@ enum proxy_limits {
     PROXY_DOORBELL_IRQ_BASE = 8,    /* channel c's vector v rings 8 + c * PROXY_IRQ_VECTORS + v */
     PROXY_NO_GSI = 0xff,
     PROXY_CRASH_MAGIC = 0x0dead,    /* OP_CRASH needs this value: no accidents */
+    PROXY_NVME_MAX_QUEUES = 2,      /* queue pairs one native NVMe loop drives at once */
+    PROXY_NVME_MAX_DEPTH = 64,      /* commands in flight per queue in that loop */
 };
 
 enum proxy_state {
@@ -84,6 +86,7 @@ enum proxy_op {
     PROXY_OP_NIC_TX_LOOP = 48,      /* value := TSC cycles taken */
     PROXY_OP_NIC_RX_LOOP = 49,
     PROXY_OP_DISK_READ_LOOP = 50,   /* addr = a struct proxy_disk_loop in the DMA pool */
+    PROXY_OP_NVME_LOOP = 51,        /* addr = a struct proxy_nvme_loop in the DMA pool */
 };
 
 enum proxy_irq_mode {
@@ -219,6 +222,42 @@ struct proxy_disk_loop {
     u32 done;                       /* out: commands completed */
     u32 errors;                     /* out: commands that ended in a task-file error */
     u32 pad;
+};
+
+/*
+ * One NVMe queue pair the Python driver created, as the native loop takes it
+ * over and hands it back: where its entries are, its doorbells (BAR offsets),
+ * and its state, read at the start and written back at the end.
+ */
+struct proxy_nvme_queue {
+    u64 sq;                         /* submission queue: `entries` of 64 bytes */
+    u64 cq;                         /* completion queue: `entries` of 16 bytes */
+    u64 prp_lists;                  /* a 4 KiB PRP list page per command identifier 0..depth-1 */
+    u32 entries;
+    u32 depth;                      /* commands in flight at most (< entries) */
+    u32 sq_doorbell;                /* BAR offset of the SQ tail doorbell */
+    u32 cq_doorbell;                /* BAR offset of the CQ head doorbell */
+    u32 tail, head, phase, acked;   /* in and out: SQ tail, CQ head, expected phase, head last rung */
+};
+
+/*
+ * A native NVMe loop: the same queue rounds as the Python driver's
+ * QueuePair.run on up to two queue pairs at once, request i on queue
+ * i % nqueues. Each command reads or writes `blocks` blocks into its own
+ * buffer (struct proxy_disk_request: lba, phys), with PRP2 or a PRP list.
+ */
+struct proxy_nvme_loop {
+    struct proxy_nvme_queue queues[PROXY_NVME_MAX_QUEUES];
+    u64 requests;                   /* `count` struct proxy_disk_request, in the DMA pool */
+    u64 timeout_us;
+    u32 nqueues;
+    u32 nsid;
+    u32 opcode;                     /* NVM Read (2) or Write (1) */
+    u32 blocks;                     /* per command */
+    u32 block_size;                 /* 512 or 4096 */
+    u32 count;
+    u32 done;                       /* out: commands completed */
+    u32 errors;                     /* out: of those, with an error status */
 };
 
 /* Per channel vector, written by the guest's interrupt handler; the host watches `count`.

@@ -47,6 +47,7 @@ u32 pci_msix_entries(const struct proxy_pci_device *d);
 u16 native_tx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress);
 u16 native_rx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress);
 u16 native_disk_read(struct proxy_disk_loop *p, u64 bar, volatile u32 *progress);
+u16 native_nvme(struct proxy_nvme_loop *p, u64 bar, volatile u32 *progress);
 
 /* proxy.c */
 extern struct proxy_shared *shared;

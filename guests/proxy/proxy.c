@@ -396,6 +396,52 @@ static u16 disk_loop(int c, const struct proxy_request *rq, u64 *value)
     return st;
 }
 
+/*
+ * The native NVMe loop: the block, every queue, PRP list page and request list in the
+ * DMA pool; the doorbells inside the channel's BAR0 and outside its MSI-X table.
+ */
+static u16 nvme_loop(int c, const struct proxy_request *rq, u64 *value)
+{
+    const struct channel *ch = &channels[c];
+    if (c == 0 || !ch->device || !ch->nmmio)
+        return PROXY_STATUS_DENIED;
+    if (!in_pool(rq->addr, sizeof(struct proxy_nvme_loop)) || rq->addr & 7)
+        return PROXY_STATUS_DENIED;
+    struct proxy_nvme_loop p;
+    memcpy(&p, (const void *)(unsigned long)rq->addr, sizeof(p));
+    const struct window *bar = &ch->mmio[0];
+    u64 bytes = (u64)p.blocks * p.block_size;
+    if (p.nqueues < 1 || p.nqueues > PROXY_NVME_MAX_QUEUES || (p.block_size != 512 && p.block_size != 4096)
+        || p.blocks < 1 || bytes > 512ull * 4096 || (p.opcode != 1 && p.opcode != 2)
+        || p.timeout_us > PROXY_POLL_MAX_US * 10ull
+        || !in_pool(p.requests, (u64)p.count * sizeof(struct proxy_disk_request)))
+        return PROXY_STATUS_BAD_REQUEST;
+    for (u32 k = 0; k < p.nqueues; k++) {
+        const struct proxy_nvme_queue *q = &p.queues[k];
+        if (q->entries < 2 || q->entries > 4096 || q->depth < 1 || q->depth >= q->entries
+            || q->depth > PROXY_NVME_MAX_DEPTH || q->tail >= q->entries || q->head >= q->entries
+            || q->acked >= q->entries || q->phase > 1
+            || !in_pool(q->sq, 64ull * q->entries) || !in_pool(q->cq, 16ull * q->entries)
+            || (bytes > 2 * 4096 && !in_pool(q->prp_lists, 4096ull * q->depth)))
+            return PROXY_STATUS_BAD_REQUEST;
+        u32 doorbells[2] = { q->sq_doorbell, q->cq_doorbell };
+        for (int i = 0; i < 2; i++)
+            if (doorbells[i] & 3 || doorbells[i] + 4ull > bar->size
+                || any_overlap(ch->mmio_readonly, ch->nmmio_readonly, bar->base + doorbells[i], 4))
+                return PROXY_STATUS_DENIED;
+    }
+    struct proxy_nvme_loop *live = (struct proxy_nvme_loop *)(unsigned long)rq->addr;
+    live->done = 0;
+    u64 start = rdtsc();
+    u16 st = native_nvme(&p, bar->base, &live->done);
+    *value = rdtsc() - start;
+    for (u32 k = 0; k < p.nqueues; k++)     /* the queues' state goes back to the Python driver */
+        live->queues[k] = p.queues[k];
+    live->done = p.done;
+    live->errors = p.errors;
+    return st;
+}
+
 static u16 execute(int c, const struct proxy_request *rq, u64 *value)
 {
     const struct channel *ch = &channels[c];
@@ -413,6 +459,8 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
             return nic_loop(c, rq, value);
         if (op == PROXY_OP_DISK_READ_LOOP)
             return disk_loop(c, rq, value);
+        if (op == PROXY_OP_NVME_LOOP)
+            return nvme_loop(c, rq, value);
         return PROXY_STATUS_BAD_REQUEST;
     }
     u16 st = check_access(ch, kind, addr, width);
