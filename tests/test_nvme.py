@@ -3,6 +3,7 @@ image files, QMP, mtools and fsck.fat."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import random
 import shutil
@@ -297,3 +298,37 @@ def test_an_error_injected_block_fails_its_own_read_and_no_other(
             pm.bus.dma_free(buffer)
     finally:
         nvme.close()
+
+
+def test_the_native_loop_reads_what_it_was_given_and_stays_in_its_grants(machine, nvme, rng: random.Random) -> None:
+    from harness.bench.nvme import NativeNvmeLoop
+    from harness.errors import AccessDenied
+    pm, fat, noise = machine
+    data = noise.read_bytes()
+    loop = NativeNvmeLoop(pm.bus, nvme, 64)
+    ns = nvme.namespaces()[1]
+    buffers = [pm.bus.dma_alloc(4096) for _ in range(64)] + [pm.bus.dma_alloc(128 << 10) for _ in range(3)]
+    try:
+        for depth, blocks, count, queues in ((1, 8, 64, nvme.queues[:1]), (32, 8, 64, nvme.queues),
+                                             (1, 256, 3, nvme.queues[:1])):
+            own = buffers[:64] if blocks == 8 else buffers[64:]
+            for b in own:
+                b.view[:] = bytes(b.size)
+            requests = [(rng.randrange(SMALL // 512 // blocks) * blocks, own[i]) for i in range(count)]
+            assert loop.prepare(ns, requests, blocks, depth, queues)() == count
+            for i, (lba, buffer) in enumerate(requests):
+                assert bytes(buffer.view) == data[lba * 512:(lba + blocks) * 512], f"depth {depth}, request {i}"
+        # the Python driver carries on where the loop left its queues
+        assert ns.on(nvme.queues[1]).read(8, 8) == data[8 * 512:16 * 512]
+        outside = DmaBuffer(0x1000, buffers[0].view)                # a buffer outside the DMA pool
+        with pytest.raises(AccessDenied):
+            loop.prepare(ns, [(0, outside)], 8, 1, nvme.queues[:1])()
+        aimed = copy.copy(nvme.queues[0])
+        aimed.qid = (0x2000 - 0x1000) // (2 * nvme.doorbell_stride)  # its "doorbell": the MSI-X table
+        with pytest.raises(AccessDenied):
+            loop.prepare(ns, [(0, buffers[0])], 8, 1, [aimed])()
+        assert ns.read(0, 8) == data[:4096], "the queue survived the refusals"
+    finally:
+        loop.close()
+        for b in buffers:
+            pm.bus.dma_free(b)

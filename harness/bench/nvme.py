@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from drivers.nvme import Nvme, QueuePair
+from drivers.nvme import Namespace, Nvme, QueuePair
 from drivers.nvme.regs import DOORBELL_BASE, Nvm
 
 from ..access import DmaBuffer
@@ -58,7 +58,7 @@ class NativeNvmeLoop:
         self.bus.dma_free(self.block)
         self.bus.dma_free(self.requests)
 
-    def prepare(self, requests: Sequence[tuple[int, DmaBuffer]], blocks: int, depth: int,
+    def prepare(self, ns: Namespace, requests: Sequence[tuple[int, DmaBuffer]], blocks: int, depth: int,
                 queues: Sequence[QueuePair], opcode: int = Nvm.READ) -> Run:
         """Lay out ``requests`` (lba, buffer), request i for queue i % len(queues); the
         returned run completes them all and returns how many completed without error."""
@@ -66,7 +66,6 @@ class NativeNvmeLoop:
             raise ValueError(f"{len(requests)} requests do not fit the native loop's list")
         for i, (lba, buffer) in enumerate(requests):
             REQUEST.pack_into(self.requests.view, i * REQUEST.size, lba, buffer.phys)
-        ns = self.nvme.namespaces()[0]
         self._loop.pack_into(self.block.view, self.abi.offsetof("proxy_nvme_loop", LOOP_FIELDS[0]),
                              self.requests.phys, 8_000_000, len(queues), ns.nsid, opcode, blocks, ns.sector_size,
                              len(requests), 0, 0)
@@ -199,7 +198,7 @@ def run(accel: str, count: int = 2000, rounds: int = 9, quick: bool = False) -> 
 
             def native(key: str, n: int, blocks_: int, depth: int, queues: Sequence[QueuePair],
                        opcode: int = Nvm.READ) -> Callable[[], Run]:
-                return lambda: loop.prepare(same(key, n) if key != "seq" else [(i * 256, big) for i in range(seq)],
+                return lambda: loop.prepare(ns, same(key, n) if key != "seq" else [(i * 256, big) for i in range(seq)],
                                             blocks_, depth, queues, opcode)
 
             def reads() -> int:
