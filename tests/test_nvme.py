@@ -8,6 +8,7 @@ import hashlib
 import random
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -332,3 +333,19 @@ def test_the_native_loop_reads_what_it_was_given_and_stays_in_its_grants(machine
         loop.close()
         for b in buffers:
             pm.bus.dma_free(b)
+
+
+def test_the_disk_commands_take_bus_nvme(hwharness_accel: str) -> None:
+    if not IMAGE.is_file():
+        pytest.fail(f"{IMAGE} is missing: run `make images`", pytrace=False)
+
+    def cli(*args: str) -> bytes:
+        run = subprocess.run([sys.executable, "-m", "harness.cli", "disk", *args, "--bus", "nvme", "--accel",
+                              hwharness_accel], capture_output=True, timeout=300)
+        assert run.returncode == 0, run.stderr.decode()[-2000:]
+        return run.stdout
+    listed = sorted(line.split()[-1] for line in cli("ls", str(IMAGE)).decode().splitlines())
+    assert listed == sorted(Path(line).name.upper() for line in mtools("mdir", "-b", "-i", str(IMAGE), "::/").decode().split())
+    assert cli("cat", str(IMAGE), "/RANDOM.BIN") == mtools("mcopy", "-n", "-i", str(IMAGE), "::/RANDOM.BIN", "-")
+    identity = cli("identify", str(IMAGE)).decode()
+    assert "model: QEMU NVMe Ctrl" in identity and f"({IMAGE.stat().st_size} bytes)" in identity
