@@ -144,7 +144,8 @@ def run(accel: str, count: int = 2000, rounds: int = 9, quick: bool = False) -> 
             figures = clock_figures(pm, nvme.dev.channel.guest_time)
 
             def random_requests(n: int) -> list[tuple[int, DmaBuffer]]:
-                return [(rng.randrange(blocks) * 8, small[i % len(small)]) for i in range(n)]
+                """Distinct blocks: queued writes to one block would have no order (the driver refuses them)."""
+                return [(block * 8, small[i % len(small)]) for i, block in enumerate(rng.sample(range(blocks), n))]
 
             drawn: dict[str, list[tuple[int, DmaBuffer]]] = {}
 
