@@ -195,6 +195,7 @@ struct proxy_nic_loop {
     u32 next;                       /* in and out: TX tail, or RX next descriptor */
     u32 clean;                      /* in and out: TX oldest descriptor in flight */
     u32 done;                       /* out, updated as it goes: frames sent (written back) or received */
+    u32 zero_copy;                  /* TX: every descriptor points at `frame` itself; nothing is copied */
 };
 
 /* One command of the native disk loop: where it reads and where the data go. */

@@ -62,10 +62,14 @@ u16 native_tx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress)
             continue;
         for (u32 k = 0; k < free; k++) {
             u8 *d = desc(p, tail);
-            u64 buffer = *(volatile u64 *)(d + DESC_ADDR);
-            if (!in_pool(buffer, p->frame_len))
-                return PROXY_STATUS_DENIED;
-            copy_frame(buffer, p->frame_phys, p->frame_len);
+            if (p->zero_copy) {                     /* as E1000.send_from: the frame where it is */
+                *(volatile u64 *)(d + DESC_ADDR) = p->frame_phys;
+            } else {
+                u64 buffer = *(volatile u64 *)(d + DESC_ADDR);
+                if (!in_pool(buffer, p->frame_len))
+                    return PROXY_STATUS_DENIED;
+                copy_frame(buffer, p->frame_phys, p->frame_len);
+            }
             *(volatile u16 *)(d + DESC_LEN) = (u16)p->frame_len;
             *(volatile u8 *)(d + DESC_CMD) = TX_CMD;
             *(volatile u8 *)(d + DESC_STATUS) = 0;

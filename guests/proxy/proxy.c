@@ -355,6 +355,7 @@ static u16 nic_loop(int c, const struct proxy_request *rq, u64 *value)
         || p.next >= p.entries || p.clean >= p.entries || p.frame_len > 2048
         || (p.frame_phys && !in_pool(p.frame_phys, 16384))
         || (rq->op == PROXY_OP_NIC_TX_LOOP && !p.frame_phys)
+        || p.zero_copy > 1 || (p.zero_copy && rq->op != PROXY_OP_NIC_TX_LOOP)
         || p.timeout_us > PROXY_POLL_MAX_US * 10ull)
         return PROXY_STATUS_BAD_REQUEST;
     struct proxy_nic_loop *live = (struct proxy_nic_loop *)(unsigned long)rq->addr;
