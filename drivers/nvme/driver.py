@@ -234,12 +234,50 @@ class QueuePair:
         of the last progress raises NvmeError and leaves the queue unusable."""
         if self.broken:
             raise NvmeError(f"queue {self.qid}", None, None, detail="an earlier command never completed")
+        if depth is not None and depth < 1:
+            raise ValueError(f"a queue depth is at least 1, not {depth}")
         depth = min(depth or self.depth, self.depth)
         total = len(commands)
         results = [0] * total
         failures: list[tuple[int, int, int]] = []
         owner = [-1] * self.depth                   # command identifier -> index of its command
         free = list(range(depth - 1, -1, -1))
+        try:
+            return self._rounds(commands, depth, on_done, timeout, results, failures, owner, free)
+        except BaseException:
+            if not self.broken and any(i >= 0 for i in owner):  # interrupted with commands in flight
+                self._drain(owner, timeout)
+            raise
+
+    def _drain(self, owner: list[int], timeout: float) -> None:
+        """Reap the completions of the commands still in flight (``owner`` >= 0), whatever
+        they say, so that the next call starts from a quiet queue; or mark it unusable."""
+        deadline = Deadline(timeout)
+        try:
+            while any(i >= 0 for i in owner):
+                self._ring()
+                self._wait(deadline)
+                while self._completed():
+                    cid = CQE.unpack_from(self.cq.view, self.head << CQE_SIZE_LOG2)[4]
+                    self._advance()
+                    if cid < len(owner):
+                        owner[cid] = -1
+            self._ring()
+        except BaseException as exc:
+            self.broken = True
+            log.warning("queue %d: commands of an interrupted call did not end (%s); the queue is unusable",
+                        self.qid, exc)
+
+    def _advance(self) -> None:
+        self.head = self.head + 1 if self.head + 1 < self.entries else 0
+        if self.head == 0:
+            self.phase ^= 1
+
+    def _rounds(self, commands: Sequence[Command], depth: int, on_done: Callable[[int, int], None] | None,
+                timeout: float, results: list[int], failures: list[tuple[int, int, int]], owner: list[int],
+                free: list[int]) -> list[int]:
+        """The rounds of :meth:`run`: fill free identifiers, one doorbell batch, wait, reap."""
+        total = len(commands)
         following = in_flight = 0
         unrung = False
         while following < total or in_flight:
@@ -268,9 +306,7 @@ class QueuePair:
                                 detail=f"no completion within {timeout:g} s") from None
             while self._completed():                # reap every entry the controller has posted
                 result, _, _, _, cid, status = CQE.unpack_from(self.cq.view, self.head << CQE_SIZE_LOG2)
-                self.head = self.head + 1 if self.head + 1 < self.entries else 0
-                if self.head == 0:
-                    self.phase ^= 1
+                self._advance()
                 index = owner[cid] if cid < len(owner) else -1
                 if index < 0:
                     self.broken = True

@@ -117,3 +117,19 @@ def test_identify_structures_are_parsed() -> None:
     parsed = parse_namespace(1, bytes(ns), identity)
     assert parsed.sectors == 1000 and parsed.sector_size == 4096
     assert parsed.lba_formats == ((0, 512), (8, 4096)) and parsed.model == "Model X"
+
+
+def test_an_interrupted_call_lets_its_commands_end_and_the_queue_goes_on() -> None:
+    fake = FakeController(8)
+
+    def stop(index: int, _: int) -> None:
+        if index == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        fake.qp.run([Command(Nvm.FLUSH, 1, name=f"FLUSH {i}") for i in range(20)], on_done=stop)
+    assert not fake.qp.broken and fake.heads[-1] == fake.qp.head == fake.cq_tail   # all reaped, given back
+    fetched = len(fake.fetched)
+    assert fake.qp.run([Command(Nvm.READ, 1, [0x5000_0000], cdw10=i) for i in range(5)]) == \
+        [0x1000 + entry[2] for entry in fake.fetched[fetched:]]
+    with pytest.raises(ValueError):
+        fake.qp.run([Command(Nvm.FLUSH, 1)], depth=0)
