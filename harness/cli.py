@@ -222,6 +222,7 @@ def demo(accel: str, image: Path) -> int:
     spec.device("isa-parallel", chardev="printer", iobase=0x378, irq=7)
     spec.drive(file=str(image), format="raw", id="disk0", snapshot=True, **{"if": "none"})
     spec.device("ide-hd", drive="disk0", bus="ide.0")
+    spec.nvme([{"file": str(image), "format": "raw", "snapshot": True}])
     t0 = time.monotonic()
     with ProxyMachine(spec, name="demo") as pm:
         say(f"== booted the proxy guest under {pm.machine.accel} in {time.monotonic() - t0:.2f} s "
@@ -316,6 +317,20 @@ def demo(accel: str, image: Path) -> int:
         say(f"  /hello.txt: {fat.readbytes('/hello.txt').decode().strip()!r}")
         fat.close()
         hba.close()
+
+        say("\n== NVMe: the namespace identified and its FAT filesystem listed through the Python driver")
+        from drivers.nvme import Nvme
+        nvme = Nvme.open(pm.bus)
+        ns = nvme.namespaces()[0]
+        ident = ns.identify()
+        say(f"namespace {ns.nsid}: {ident.model}, serial {ident.serial}, firmware {ident.firmware}, "
+            f"{ns.size // (1 << 20)} MiB in {ns.sector_size}-byte blocks, {len(nvme.queues)} I/O queue pair(s), "
+            f"largest transfer {nvme.identity.max_transfer // 1024} KiB")
+        fat = DriverFatFS(ns, read_only=True)
+        for entry in fat.scandir("/", namespaces=["details"]):
+            say(f"  {'<DIR>' if entry.is_dir else entry.size:>8}  {entry.name}")
+        fat.close()
+        nvme.close()
 
         say("\n== a guest CPU exception becomes a readable crash report")
         try:
@@ -436,13 +451,18 @@ def cmd_net(args: argparse.Namespace) -> int:
     return 0
 
 
-def disk_machine(accel: str, image: Path, snapshot: bool = False, name: str = "disk") -> ProxyMachine:
-    """A proxy machine with ``image`` on the first port of q35's built-in AHCI controller.
+def disk_machine(accel: str, image: Path, snapshot: bool = False, name: str = "disk",
+                 bus: str = "ahci") -> ProxyMachine:
+    """A proxy machine with ``image`` on the first port of q35's built-in AHCI controller, or
+    as namespace 1 of an NVMe controller (``bus="nvme"``).
     With ``snapshot`` writes go to a throwaway overlay (QEMU's ide-hd refuses read-only drives)."""
     disk_image(str(image))
     spec = proxy_spec(accel=accel)
-    spec.drive(file=str(image.resolve()), format="raw", id="disk0", snapshot=snapshot, **{"if": "none"})
-    spec.device("ide-hd", drive="disk0", bus="ide.0")
+    if bus == "nvme":
+        spec.nvme([{"file": str(image.resolve()), "format": "raw", "snapshot": snapshot}])
+    else:
+        spec.drive(file=str(image.resolve()), format="raw", id="disk0", snapshot=snapshot, **{"if": "none"})
+        spec.device("ide-hd", drive="disk0", bus="ide.0")
     return ProxyMachine(spec, name=name)
 
 
@@ -457,26 +477,43 @@ def check_fat_path(image: Path, path: str, command: str) -> None:
             raise BadInput(f"{image}: {path} is a directory (`hwharness disk ls {image} {path}` lists it)")
 
 
+def open_disk(pm: ProxyMachine, bus: str, image: Path):  # type: ignore[no-untyped-def]
+    """The controller and its first disk (an AHCI port or an NVMe namespace): the same block API."""
+    if bus == "nvme":
+        from drivers.nvme import Nvme
+        controller = Nvme.open(pm.bus)
+    else:
+        from drivers.ahci import Ahci
+        controller = Ahci.open(pm.bus)
+    try:
+        if not controller.disks():
+            raise HarnessError(f"the {bus} controller found no disk (QEMU was given {image})")
+        return controller, controller.disks()[0]
+    except BaseException:
+        controller.close()
+        raise
+
+
 def cmd_disk(args: argparse.Namespace) -> int:
     import fs.errors
-    from drivers.ahci import Ahci
     from drivers.ahci.fat import DriverFatFS
     image = disk_image(args.image)
     if args.disk_command != "identify":
         check_fat_path(image, args.dir if args.disk_command == "ls" else args.path, args.disk_command)
-    with disk_machine(args.accel, image, snapshot=True) as pm:
-        hba = Ahci.open(pm.bus)
+    with disk_machine(args.accel, image, snapshot=True, bus=args.bus) as pm:
+        hba, disk = open_disk(pm, args.bus, image)
         try:
-            if not hba.disks():
-                raise HarnessError(f"the AHCI controller found no disk on any port (QEMU was given {image})")
-            disk = hba.disks()[0]
             identity = disk.identify()
             if args.disk_command == "identify":
                 say(f"model: {identity.model}")
                 say(f"serial: {identity.serial}")
                 say(f"firmware: {identity.firmware}")
-                say(f"capacity: {identity.sectors} sectors of 512 bytes ({identity.sectors * 512} bytes)")
-                say(f"lba48: {identity.lba48}, ncq: {identity.ncq} (queue depth {identity.queue_depth})")
+                say(f"capacity: {identity.sectors} sectors of {disk.sector_size} bytes ({disk.size} bytes)")
+                if args.bus == "nvme":
+                    say(f"namespace {identity.nsid} of {identity.controller.namespaces}, largest transfer "
+                        f"{identity.controller.max_transfer} bytes, deallocate: {identity.controller.dsm}")
+                else:
+                    say(f"lba48: {identity.lba48}, ncq: {identity.ncq} (queue depth {identity.queue_depth})")
                 return 0
             fat = DriverFatFS(disk, read_only=True, name=str(image))
             try:
@@ -522,8 +559,9 @@ def write_json(result: dict, path: str | None) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.name == "boot":
         return cmd_bench_boot(args)
-    from .bench import ahci, e1000, roundtrip
-    benches = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep, "ahci": ahci.run}
+    from .bench import ahci, e1000, nvme, roundtrip
+    benches = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep, "ahci": ahci.run,
+               "nvme": nvme.run}
     result = benches[args.name](args.accel, quick=args.quick)
     say(json.dumps({k: v for k, v in result.items() if k != "per_round"}, indent=2))
     write_json(result, args.json)
@@ -573,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
     with_accel(sub.add_parser("demo", help="boot, drive the devices, print what happened"))
     bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
-    bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "boot"))
+    bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "nvme", "boot"))
     bench.add_argument("--count", type=int, help="boot: how many boots (default 10)")
     bench.add_argument("--json", metavar="PATH", help="write the result here too")
     bench.add_argument("--quick", action="store_true",
@@ -583,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     ping = with_accel(net_sub.add_parser("ping", help="DHCP lease, ARP for the gateway, ICMP echo"))
     ping.add_argument("--count", type=positive_int, default=4)
     ping.add_argument("--pcap", metavar="PATH", help="keep QEMU's filter-dump of the traffic here")
-    disk = sub.add_parser("disk", help="a FAT image on the AHCI controller, through the Python driver")
+    disk = sub.add_parser("disk", help="a FAT image on the AHCI or NVMe controller, through the Python driver")
     disk_sub = disk.add_subparsers(dest="disk_command", required=True)
     ls = with_accel(disk_sub.add_parser("ls", help="list a directory"))
     ls.add_argument("image")
@@ -591,8 +629,11 @@ def main(argv: list[str] | None = None) -> int:
     cat = with_accel(disk_sub.add_parser("cat", help="write a file's exact bytes to stdout"))
     cat.add_argument("image")
     cat.add_argument("path")
-    ident = with_accel(disk_sub.add_parser("identify", help="IDENTIFY DEVICE"))
+    ident = with_accel(disk_sub.add_parser("identify", help="IDENTIFY DEVICE (AHCI) or Identify (NVMe)"))
     ident.add_argument("image")
+    for p in (ls, cat, ident):
+        p.add_argument("--bus", choices=("ahci", "nvme"), default="ahci",
+                       help="the image on the AHCI controller (default) or as an NVMe namespace")
     kbd = with_accel(sub.add_parser("keyboard", help="type TEXT through QMP; print what the Python driver decoded"))
     kbd.add_argument("--type", required=True, metavar="TEXT")
     par = with_accel(sub.add_parser("parport", help="send FILE through the Python parallel port driver"))

@@ -2,7 +2,9 @@
 
 The NIC sits on a socket netdev whose far end is a UDP socket on the host's
 loopback. Transmit: ``count`` copies of a frame go out through the ring, each
-copied into its descriptor's buffer, until every descriptor is written back.
+copied into its descriptor's buffer, until every descriptor is written back;
+``tx_zerocopy_*`` sends the same frames from one DMA buffer every descriptor
+points at (``E1000.send_from``; the C loop likewise, copying nothing).
 Receive: the host feeds frames at the rate the receiver drains them (a window
 of frames in flight, so no socket buffer on the way overflows); each frame is
 copied out of its buffer, and the buffers go back with one tail write (and a
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 import time
 from typing import Callable
@@ -37,7 +40,7 @@ RCTL_QUIET = 1.1            # QEMU's e1000 refuses to receive for 1 s (virtual) 
 WINDOW = 64                 # receive: frames in flight; QEMU's own UDP socket holds ~212 KB of skbs
 SINK_BYTES = 16384          # the native receive loop's copy target (native.c)
 LOOP_FIELDS = ["ring_phys", "frame_phys", "timeout_us", "entries", "frame_len", "count", "tail_reg", "flush_reg",
-               "next", "clean", "done"]
+               "next", "clean", "done", "zero_copy"]
 QUICK = dict(count_64=2000, count_1514=500, rounds=1)
 
 
@@ -69,9 +72,9 @@ class NativeLoop:
         self.nic.dev.dma_free(self.frame)
 
     def _prepare(self, op: int, ring: int, entries: int, frame_len: int, count: int, next_: int, clean: int,
-                 tail_reg: int, flush_reg: int) -> Callable[[], tuple[int, int, int]]:
+                 tail_reg: int, flush_reg: int, zero_copy: bool = False) -> Callable[[], tuple[int, int, int]]:
         self._pack.pack_into(self.block.view, 0, ring, self.frame.phys, int(GUEST_LOOP_TIMEOUT * 1e6), entries,
-                             frame_len, count, tail_reg, flush_reg, next_, clean, 0)
+                             frame_len, count, tail_reg, flush_reg, next_, clean, 0, int(zero_copy))
         channel = self.nic.dev.channel
 
         def run() -> tuple[int, int, int]:
@@ -80,15 +83,19 @@ class NativeLoop:
             return fields["next"], fields["clean"], fields["done"]
         return run
 
-    def prepare_tx(self, frame: bytes, count: int) -> Run:
-        """Untimed: nothing in flight, the frame in place. The run sends ``count`` copies
-        of it and returns how many the NIC wrote back."""
+    def prepare_tx(self, frame: bytes, count: int, zero_copy: bool = False) -> Run:
+        """Untimed: nothing in flight, the frame in place, each descriptor on its own slot's
+        buffer (a zero-copy send moved them). The run sends ``count`` copies of it, copied
+        into the slots or (``zero_copy``, as E1000.send_from) pointed at where it is, and
+        returns how many the NIC wrote back."""
         nic = self.nic
         nic.flush_tx(30)
         self.frame.view[:len(frame)] = frame
+        for i in range(nic.tx_n):
+            struct.pack_into("<Q", nic.tx_ring.view, i * 16, nic.tx_bufs.phys + i * 2048)
         # TDT is not a coalesced register in QEMU's e1000: no flush read, as in E1000.send.
         go = self._prepare(self.abi.PROXY_OP_NIC_TX_LOOP, nic.tx_ring.phys, nic.tx_n, len(frame), count,
-                           nic.tx_tail, nic.tx_clean, Reg.TDT, 0)
+                           nic.tx_tail, nic.tx_clean, Reg.TDT, 0, zero_copy)
 
         def run() -> int:
             nic.tx_tail, nic.tx_clean, done = go()
@@ -125,6 +132,7 @@ class Rig:
         self.pm, self.host, self.qemu_port = pm, host, qemu_port
         self.nic = E1000.open(pm.bus, interrupts=False)
         self.native = NativeLoop(pm.bus, self.nic)
+        self.zero_copy_frame = pm.bus.dma_alloc(2048)   # the frame E1000.send_from sends, in place
         self.counted = {"tx": 0, "rx": 0}
         time.sleep(RCTL_QUIET)                      # or the first receive measures QEMU's timer
         self._stop = threading.Event()
@@ -144,6 +152,7 @@ class Rig:
         self._drainer.join(2)
         self.native.close()
         self.nic.close()
+        self.pm.bus.dma_free(self.zero_copy_frame)
 
     def frames_counted(self, way: str) -> int:
         """Frames the NIC has counted so far (GPTC or GPRC; they clear on read, so keep a sum)."""
@@ -152,14 +161,20 @@ class Rig:
         self.counted["rx"] += stats.rx_packets
         return self.counted[way]
 
-    def python_tx(self, frame: bytes, count: int) -> Run:
-        batch = [frame] * min(self.nic.tx_n - 1, count)
+    def python_tx(self, frame: bytes, count: int, zero_copy: bool = False) -> Run:
+        """``count`` copies of ``frame`` through E1000.send, or (``zero_copy``) one DMA buffer
+        holding it handed to E1000.send_from for every descriptor."""
+        if zero_copy:
+            self.zero_copy_frame.view[:len(frame)] = frame
+        one = (self.zero_copy_frame, len(frame)) if zero_copy else frame
+        batch = [one] * min(self.nic.tx_n - 1, count)
+        send = self.nic.send_from if zero_copy else self.nic.send
         self.nic.flush_tx(30)
 
         def run() -> int:
             sent = 0
             while sent < count:
-                sent += self.nic.send(batch[:count - sent], timeout=10)
+                sent += send(batch[:count - sent], timeout=10)   # type: ignore[arg-type]
             self.nic.flush_tx(30)
             return sent
         return run
@@ -231,10 +246,12 @@ def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int =
             for wire, length, count in (("64", 60, count_64), ("1514", 1514, count_1514)):
                 out = frame_of(length, b"\x02\x00\x00\x00\x00\x02")
                 inbound = frame_of(length, rig.nic.mac)
-                groups["tx"].append(Workload(
-                    f"tx_pps_{wire}", lambda out=out, count=count: rig.python_tx(out, count),
-                    lambda out=out, count=count: rig.native.prepare_tx(out, count), count,
-                    counter=lambda: rig.frames_counted("tx"), counted_by="the NIC's GPTC register"))
+                for zero_copy in (False, True):
+                    groups["tx"].append(Workload(
+                        f"tx_{'zerocopy_' if zero_copy else ''}pps_{wire}",
+                        lambda out=out, count=count, zc=zero_copy: rig.python_tx(out, count, zc),
+                        lambda out=out, count=count, zc=zero_copy: rig.native.prepare_tx(out, count, zc), count,
+                        counter=lambda: rig.frames_counted("tx"), counted_by="the NIC's GPTC register"))
                 groups["rx"].append(Workload(
                     f"rx_pps_{wire}", lambda inbound=inbound, count=count: rig.python_rx(inbound, count),
                     lambda inbound=inbound, count=count: rig.native_rx(inbound, count), count,
