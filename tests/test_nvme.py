@@ -130,8 +130,8 @@ def test_fat_listed_and_read_as_mtools_sees_it(machine, nvme) -> None:
     try:
         for directory in ("/", "/DOCS"):
             ours = sorted(fat.listdir(directory))
-            theirs = sorted(Path(line).name.upper() for line in
-                            mtools("mdir", "-b", "-i", str(IMAGE), f"::{directory}").decode().split())
+            theirs = sorted(line.rstrip("/").rsplit("/", 1)[1] for line in
+                            mtools("mdir", "-b", "-i", str(IMAGE), f"::{directory}").decode().splitlines())
             assert ours == theirs
             for name in ours:
                 path = f"{directory.rstrip('/')}/{name}"
@@ -345,7 +345,8 @@ def test_the_disk_commands_take_bus_nvme(hwharness_accel: str) -> None:
         assert run.returncode == 0, run.stderr.decode()[-2000:]
         return run.stdout
     listed = sorted(line.split()[-1] for line in cli("ls", str(IMAGE)).decode().splitlines())
-    assert listed == sorted(Path(line).name.upper() for line in mtools("mdir", "-b", "-i", str(IMAGE), "::/").decode().split())
+    assert listed == sorted(line.rstrip("/").rsplit("/", 1)[1]
+                            for line in mtools("mdir", "-b", "-i", str(IMAGE), "::/").decode().splitlines())
     assert cli("cat", str(IMAGE), "/RANDOM.BIN") == mtools("mcopy", "-n", "-i", str(IMAGE), "::/RANDOM.BIN", "-")
     identity = cli("identify", str(IMAGE)).decode()
     assert "model: QEMU NVMe Ctrl" in identity and f"({IMAGE.stat().st_size} bytes)" in identity
