@@ -36,6 +36,7 @@ from .input import move_mouse, type_keys, untypeable
 from drivers.ps2 import open_i8042
 from .machine import Option, RuntimeFile, random_mac
 from .proxy import ProxyMachine, proxy_spec
+from .proxy.bus import IOMMU_ENV
 
 log = logging.getLogger("hwharness")
 
@@ -599,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     def with_accel(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                        help="auto (the default): kvm only where it is hardware-backed, else tcg")
+        p.add_argument("--no-iommu", action="store_true",
+                       help="no VT-d: devices' DMA is not confined to their domains (for comparison)")
         return p
 
     boot_p = add_kernel_args(with_accel(sub.add_parser(
@@ -646,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     lat.add_argument("--quick", action="store_true", help="time 200 interrupts: checks the tool, measures little")
     lat.add_argument("--plot", metavar="PNG", help="write histograms of the stages here")
     args = parser.parse_args(argv)
+    if getattr(args, "no_iommu", False):
+        os.environ[IOMMU_ENV] = "0"                 # every proxy_spec of this command, and its children
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
     commands = {"boot": cmd_boot, "run": cmd_run, "demo": cmd_demo, "bench": cmd_bench, "latency": cmd_latency,
                 "keyboard": cmd_keyboard, "parport": cmd_parport, "net": cmd_net, "disk": cmd_disk}

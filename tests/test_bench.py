@@ -32,6 +32,12 @@ def check_paired(result: dict, units: dict[str, int], counted_by: str) -> None:
     rounds = result["rounds"]
     assert rounds >= 1 and result["warmup_rounds"] == 1 and len(result["first"]) == rounds
     assert all(cores >= 0 for cores in result["foreign_cores"])
+    if "iommu_rounds" in result:                # the Python driver with the IOMMU on, against off
+        cost = result["iommu_rounds"]
+        assert result["iommu"] is True and len(cost["first"]) == rounds
+        assert result["iommu_cost"] == min(v for k, v in cost["results"].items() if k.startswith("ratio_")) > 0
+        for key in units:
+            assert cost["results"][f"iommu_on_{key}"] > 0 and cost["results"][f"iommu_off_{key}"] > 0
     for key, count in units.items():
         for name in (key, f"native_{key}", f"ratio_{key}"):
             assert result["results"][name] > 0, name

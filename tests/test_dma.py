@@ -230,3 +230,22 @@ def test_10000_random_dma_targets_change_nothing_outside_the_domain(rig, rng: ra
         assert bytes(victim.view) == witness
         assert memory(pm, code, code_size, scratch) == code_before
     assert pm.bus.window.state == pm.abi.PROXY_STATE_READY
+
+
+def test_without_the_iommu_nothing_is_confined(proxy_machine_factory, tmp_path: Path) -> None:
+    """The off switch is honest: the same DMA outside the domain lands."""
+    def configure(spec: MachineSpec) -> None:
+        spec.iommu = False                              # proxy_spec(iommu=False), as --no-iommu does
+        spec.device("edu", addr="3", dma_mask=0xFFFFFFFF)
+    pm = proxy_machine_factory(configure, name="no-iommu")
+    assert not pm.bus.iommu
+    with edu(pm, 3) as dev:
+        pattern = dev.dma_alloc(4096)
+        pattern.view[:256] = b"\xa5" * 256
+        edu_dma(dev, pattern.phys, EDU_BUFFER, 256, to_ram=False)
+        target = pm.bus.window.field("window_phys") + pm.abi.offsetof("proxy_shared", "rings") \
+            + 7 * pm.abi.sizeof("proxy_ring") + 2048
+        edu_dma(dev, EDU_BUFFER, target, 256, to_ram=True)
+        dev.bar(0).read32(0)                            # no DmaFault
+        assert memory(pm, target, 256, tmp_path) == b"\xa5" * 256
+        assert dev.dma_faults() is None

@@ -224,6 +224,6 @@ def run(accel: str, count: int = 2000, rounds: int = 9, quick: bool = False) -> 
                          native("w32", queued, 8, 32, [first], Nvm.WRITE), queued, counter=writes,
                          counted_by=by_writes),
             ]
-            result = run_rounds([workloads], rounds, pm)
+            result = run_rounds([workloads], rounds, [pm])
     return {"benchmark": "nvme", "accel": {"python": accel, "native": accel}, "aio": aio, "quick": quick,
             **figures, **result}
