@@ -150,7 +150,8 @@ def test_pytest_traces_a_session_and_keeps_the_last_records_of_a_failed_test(
     monkeypatch.setenv("PYTHONPATH", str(REPO))         # the inner pytest loads this checkout's plugin
     pytester.makepyfile(test_inner='''
         def test_fails_after_some_accesses(proxy_machine_factory):
-            pm = proxy_machine_factory()
+            pm = proxy_machine_factory(lambda spec: spec.device("isa-debugcon", iobase=0xE9, chardev="null0")
+                                       and spec.chardev("null", "null0"))
             port = pm.bus.ports(0xE9, 1)
             for _ in range(1500):
                 port.read8(0)
