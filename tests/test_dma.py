@@ -249,3 +249,23 @@ def test_without_the_iommu_nothing_is_confined(proxy_machine_factory, tmp_path: 
         dev.bar(0).read32(0)                            # no DmaFault
         assert memory(pm, target, 256, tmp_path) == b"\xa5" * 256
         assert dev.dma_faults() is None
+
+
+@pytest.mark.parametrize("vector", [0x30, 18], ids=["an unowned vector", "an exception's vector"])
+def test_a_forged_msi_is_counted_as_spurious_and_the_proxy_goes_on(rig, vector: int) -> None:
+    """A device's DMA write into the MSI range is an interrupt: QEMU 7.2's VT-d passes a
+    compatibility-format one through even with interrupt remapping on (against VT-d 5.1.4),
+    so the proxy cannot stop it. It must not be taken for anybody's, nor crash the proxy."""
+    pm = rig[0]
+    with edu(pm, 3) as dev, edu(pm, 4) as other:
+        irq = other.irq()                               # a channel that could be blamed
+        message = dev.dma_alloc(4096)
+        message.view[:4] = vector.to_bytes(4, "little")     # MSI data: fixed delivery, this vector
+        edu_dma(dev, message.phys, EDU_BUFFER, 4, to_ram=False)
+        before = pm.bus.spurious_irqs
+        edu_dma(dev, EDU_BUFFER, 0xFEE00000, 4, to_ram=True)
+        dev.bar(0).read32(0)                            # a round trip: the interrupt has been taken
+        assert pm.bus.spurious_irqs == before + 1
+        assert irq.count == 0
+        irq.close()
+    assert pm.bus.window.state == pm.abi.PROXY_STATE_READY
