@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from drivers.ahci import Ahci
+import drivers.edu as edu_device
 from drivers.e1000 import E1000
 from drivers.e1000.descriptors import RX_DD, TX_DD, TX_EOP, TX_IFCS, TX_RS, RxDesc, TxDesc
 from drivers.e1000.regs import Reg
@@ -30,10 +30,10 @@ from harness.proxy import ProxyMachine
 
 pytestmark = pytest.mark.qemu
 
-EDU = dict(vendor=0x1234, device=0x11E8)
-EDU_SRC, EDU_DST, EDU_COUNT, EDU_CMD = 0x80, 0x88, 0x90, 0x98
-EDU_RUN, EDU_TO_RAM = 0x1, 0x2
-EDU_BUFFER = 0x40000                     # the device's own 4 KiB; stay below its end (QEMU-FACTS)
+EDU = dict(vendor=edu_device.VENDOR, device=edu_device.DEVICE)
+EDU_SRC, EDU_DST, EDU_COUNT, EDU_CMD = edu_device.DMA_SRC, edu_device.DMA_DST, edu_device.DMA_COUNT, edu_device.DMA_CMD
+EDU_RUN, EDU_TO_RAM = edu_device.DMA_RUN, edu_device.DMA_TO_RAM
+EDU_BUFFER = edu_device.BUFFER
 VTD_WRITE_DENIED, VTD_READ_DENIED = 0x5, 0x6     # VT-d fault reasons (spec, Appendix A)
 
 
@@ -61,13 +61,7 @@ def edu(pm: ProxyMachine, slot: int, **open_args: int) -> Device:
     return dev
 
 
-def edu_dma(dev: Device, src: int, dst: int, count: int, to_ram: bool) -> None:
-    bar = dev.bar(0)
-    bar.write64(EDU_SRC, src)
-    bar.write64(EDU_DST, dst)
-    bar.write64(EDU_COUNT, count)
-    bar.write32(EDU_CMD, EDU_RUN | (EDU_TO_RAM if to_ram else 0))
-    bar.poll32(EDU_CMD, EDU_RUN, 0, 2.0)               # 100 ms of virtual time, then done
+edu_dma = edu_device.dma
 
 
 def memory(pm: ProxyMachine, addr: int, size: int, scratch: Path) -> bytes:
@@ -132,6 +126,9 @@ def test_dma_outside_the_domain_faults_and_changes_nothing(rig, target: str) -> 
         edu_dma(dev, EDU_BUFFER, pattern.phys, 512, to_ram=True)      # what the edu holds now
         assert bytes(pattern.view[:512]) == bytes(512), "a refused read returns zeros, not the proxy's code"
         assert memory(pm, code, 512, scratch) != bytes(512)
+    cmos = pm.bus.ports(0x70, 2)                        # the channel's next owner inherits no fault
+    cmos.read8(1)
+    cmos.channel.close()
     assert pm.bus.window.state == abi.PROXY_STATE_READY
 
 

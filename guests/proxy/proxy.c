@@ -93,6 +93,14 @@ void proxy_wake_host(u32 vector)
 
 /* ---- granting ---- */
 
+/* Channel c, cleared for a new owner: no grants, no faults of the last one's device. */
+static struct channel *fresh_channel(int c)
+{
+    memset(&channels[c], 0, sizeof(channels[c]));
+    memset(&shared->dma_faults[c], 0, sizeof(shared->dma_faults[c]));
+    return &channels[c];
+}
+
 static int free_channel(void)
 {
     for (int c = 1; c < PROXY_MAX_CHANNELS; c++)
@@ -161,11 +169,9 @@ static u16 open_pci(u64 bdf, u64 dma_base, u64 dma_size, u64 *out)
     u16 st = iommu_map(c, d->bus, (u8)(d->dev << 3 | d->fn), dma_base, dma_size);
     if (st != PROXY_STATUS_OK)
         return st;
-    struct channel *ch = &channels[c];
-    memset(ch, 0, sizeof(*ch));
+    struct channel *ch = fresh_channel(c);
     ch->device = d;
     ch->dma = (struct window){ dma_base, dma_size };
-    memset(&shared->dma_faults[c], 0, sizeof(shared->dma_faults[c]));     /* a new channel: no faults yet */
     for (int i = 0; i < PROXY_MAX_BARS; i++) {
         const struct proxy_bar *b = &d->bars[i];
         if (!b->size || !b->base)
@@ -211,8 +217,7 @@ static u16 open_isa(u64 base, u64 count, u64 grant, u64 *out)
     int c = free_channel();
     if (c < 0)
         return PROXY_STATUS_FAULT;
-    struct channel *ch = &channels[c];
-    memset(ch, 0, sizeof(*ch));
+    struct channel *ch = fresh_channel(c);
     ch->isa_base = base;
     ch->isa_ports = grant;
     ch->served = READ_ONCE(shared->rings[c].submit);
