@@ -266,3 +266,33 @@ def test_a_forged_msi_is_counted_as_spurious_and_the_proxy_goes_on(rig, vector: 
         assert irq.count == 0
         irq.close()
     assert pm.bus.window.state == pm.abi.PROXY_STATE_READY
+
+
+def test_an_ahci_prd_outside_the_domain_faults_and_the_driver_recovers(proxy_machine_factory, tmp_path: Path,
+                                                                         rng: random.Random) -> None:
+    from drivers.ahci import Ahci
+    from harness.access import DmaBuffer
+    image = tmp_path / "disk.img"
+    image.write_bytes(rng.randbytes(1 << 20))
+
+    def configure(spec: MachineSpec) -> None:
+        spec.drive(file=str(image), format="raw", id="disk0", **{"if": "none"})
+        spec.device("ide-hd", drive="disk0", bus="ide.0")
+        spec.device("edu", addr="3", dma_mask=0xFFFFFFFF)
+    pm = proxy_machine_factory(configure, name="dma-ahci")
+    with edu(pm, 3) as other:
+        victim = other.dma_alloc(4096)
+        victim.view[:] = b"\x5a" * 4096
+        hba = Ahci.open(pm.bus)
+        try:
+            disk = hba.disks()[0]
+            disk.read_into(8, [DmaBuffer(victim.phys, victim.view)])   # another device's memory as a PRD
+            with pytest.raises(DmaFault) as fault:
+                disk.read(0, 1)
+            assert fault.value.fault.write and fault.value.fault.addr == victim.phys
+            assert fault.value.fault.source == hba.dev.function.bdf
+            assert bytes(victim.view) == b"\x5a" * 4096
+            disk.reset()                                # the driver recovers and works again
+            assert disk.read(8, 8) == image.read_bytes()[8 * 512:16 * 512]
+        finally:
+            hba.close()
