@@ -87,7 +87,7 @@ static int any_overlap(const struct window *w, int n, u64 addr, u64 width)
 void proxy_wake_host(u32 vector)
 {
     mfence();                           /* our results before we read its flag */
-    if (doorbell && vector < PROXY_DOORBELL_VECTORS && (READ_ONCE(shared->host_sleeping) & (1ull << vector)))
+    if (doorbell && vector < PROXY_DOORBELL_VECTORS && READ_ONCE(shared->host_sleeping[vector]))
         mmio_write32(doorbell, PROXY_HOST_PEER << 16 | vector);
 }
 
