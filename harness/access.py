@@ -386,8 +386,9 @@ class Region:
         try:
             return self.poll32(offset, mask, expect, timeout)
         except DeviceTimeout as exc:
-            raise error(f"{self.name}+{offset:#x}: (value & {mask:#x}) != {expect:#x} after {timeout:g} s, "
-                        f"last {exc.last_value:#x}", exc.last_value) from exc
+            register = self.channel.register_name(self.space, self.base + offset) or f"{self.name}+{offset:#x}"
+            raise error(f"{register} & {mask:#x} was not {expect:#x} within {timeout:g} s "
+                        f"(last {exc.last_value:#x})", exc.last_value) from exc
 
     def poll32(self, offset: int, mask: int, expect: int, timeout: float) -> int:
         return self.poll(offset, 4, mask, expect, timeout)
