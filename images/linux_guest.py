@@ -35,7 +35,10 @@ from elftools.elf.elffile import ELFFile
 KERNEL_META = "linux-image-amd64"
 BUSYBOX = "busybox-static"
 # Modules for the project's tests, with everything they depend on (from each module's .modinfo).
-MODULES = ("e1000", "ahci", "sd_mod", "vfat", "nls_cp437", "nls_ascii", "nls_utf8")
+MODULES = ("e1000", "ahci", "sd_mod", "vfat", "nls_cp437", "nls_ascii", "nls_utf8",
+           "pktgen")   # the kernel's packet generator: the peer baseline of `bench e1000 --peer linux`
+# Programs of the project's own, built static with the system's gcc: name in /bin -> source
+PROGRAMS = {"blockread": Path(__file__).resolve().parent / "peer" / "blockread.c"}
 PROMPT = "hwh-linux# "
 XZ_MAGIC = b"\xfd7zXZ\x00"
 XEN_ELFNOTE_PHYS32_ENTRY = 18          # the PVH entry point note QEMU looks for
@@ -188,7 +191,15 @@ class Newc:
         return bytes(self.data)
 
 
-def initramfs(busybox_root: Path, kernel_root: Path, release: str) -> bytes:
+def build_program(source: Path, cache: Path) -> bytes:
+    """``source`` compiled static (it runs in a guest with no libc), rebuilt when it changes."""
+    out = cache / source.stem
+    if not out.exists() or out.stat().st_mtime < source.stat().st_mtime:
+        subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-o", str(out), str(source)], check=True)
+    return out.read_bytes()
+
+
+def initramfs(busybox_root: Path, kernel_root: Path, release: str, programs: dict[str, bytes]) -> bytes:
     archive = Newc()
     for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "etc", "root",
               "lib", "lib/modules", f"lib/modules/{release}"):
@@ -202,6 +213,8 @@ def initramfs(busybox_root: Path, kernel_root: Path, release: str) -> bytes:
         if applet != "bin/busybox":
             archive.symlink(applet, "/bin/busybox")
     archive.file("init", (INIT % {"prompt": PROMPT}).encode(), 0o755)
+    for name, binary in programs.items():
+        archive.file(f"usr/bin/{name}", binary, 0o755)
     moddir = kernel_root / "lib" / "modules" / release
     closure = module_closure(moddir, MODULES)
     made = {f"lib/modules/{release}"}
@@ -235,12 +248,14 @@ def main(outdir: Path) -> None:
     kernel_root, busybox_root = extract(kernel_deb, cache), extract(busybox_deb, cache)
     release = next((kernel_root / "lib" / "modules").iterdir()).name
     write_if_changed(outdir / "vmlinux", vmlinux_from_bzimage((kernel_root / "boot" / f"vmlinuz-{release}").read_bytes()))
-    write_if_changed(outdir / "initramfs.cpio", initramfs(busybox_root, kernel_root, release))
+    programs = {name: build_program(source, cache) for name, source in PROGRAMS.items()}
+    write_if_changed(outdir / "initramfs.cpio", initramfs(busybox_root, kernel_root, release, programs))
     manifest = {
         "release": release,
         "packages": {deb_field(d, "Package"): deb_field(d, "Version") for d in (kernel_deb, busybox_deb)},
         "modules": sorted(module_closure(kernel_root / "lib" / "modules" / release, MODULES)),
         "prompt": PROMPT,
+        "programs": sorted(PROGRAMS),
         "kernel": "vmlinux",
         "initrd": "initramfs.cpio",
     }
