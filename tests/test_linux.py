@@ -180,3 +180,10 @@ def test_eight_machines_booted_at_once_each_answer_on_their_own_console(linux_ac
             assert m.console.run("echo $hwh_id") == (f"m{i}", 0)
         assert len({m.workdir for m in machines}) == 8
         assert len({m.endpoints.serial for m in machines}) == 8
+
+
+def test_dmesg_through_run_keeps_the_boot_log(linux_machine, linux_image) -> None:
+    # dmesg prints lines shaped like the kernel's own console lines; only live ones are noise.
+    out, status = linux_machine.console.run("dmesg | head -3")
+    assert status == 0
+    assert out.startswith("[    0.000000] Linux version " + linux_image.release), out

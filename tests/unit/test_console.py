@@ -140,3 +140,15 @@ def test_forget_drops_what_came_before_a_restore(wired) -> None:
     guest.sendall(b"new output\r\n")
     found = console.expect("output", timeout=5)
     assert found.before == "new ", "nothing from before the restore is matched, nor raised"
+
+
+def test_dmesg_output_keeps_its_old_log_lines_while_live_noise_goes(wired) -> None:
+    console, guest, _ = wired
+    guest.sendall(b"[    5.000000] the newest line before the command\r\nhwh-linux# ")
+    console.expect("hwh-linux# ", timeout=5)
+    replay = "[    0.000000] Linux version 6.1\r\n[    4.999999] older still\r\n"
+    live = "[    6.100000] printed while dmesg ran\r\n"
+    t = shell(guest, lambda m, line: f"{m}B\r\n" + replay[:20] + live + replay[20:] + f"{m}E 0\r\n")
+    output, status = console.run("dmesg", timeout=5)
+    t.join()
+    assert (output, status) == ("[    0.000000] Linux version 6.1\n[    4.999999] older still", 0)
