@@ -117,21 +117,25 @@ def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_
     image = linux()
     boots: list[dict[str, float]] = []
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="hwharness-bench-boot-") as tmp:
-        workdir = Path(tmp)
-        resolved = accel
-        for i in range(count):
-            m, phases = one_boot(image, accel, workdir)
-            resolved = m.accel
-            try:
-                if i == count - 1:
-                    restore_s = restores(m, restore_count)
-            finally:
-                m.shutdown()
-            boots.append(phases)
-            log.info("boot %d: %.2f s", i, phases["boot"])
-        parallel_s = parallel(image, accel, workdir, parallel_count)
-        proxy_s = proxy_boots(accel, count)
+    # Each machine removes its own directory unless it failed; a failed one's stays for reading.
+    workdir = Path(tempfile.gettempdir())
+    resolved = accel
+    restore_s: list[float] = []
+    for i in range(count):
+        m, phases = one_boot(image, accel, workdir)
+        resolved = m.accel
+        try:
+            if i == count - 1:
+                restore_s = restores(m, restore_count)
+        except BaseException:
+            m.failed = True
+            raise
+        finally:
+            m.shutdown()
+        boots.append(phases)
+        log.info("boot %d: %.2f s", i, phases["boot"])
+    parallel_s = parallel(image, accel, workdir, parallel_count)
+    proxy_s = proxy_boots(accel, count)
     total = sorted(b["boot"] for b in boots)
     return {
         "bench": "boot",
