@@ -281,6 +281,9 @@ class Console:
         return error(what, self.tail(), self._machine.workdir, **extra)
 
     def _exited(self) -> Exception:
+        ev = self._evidence
+        if ev is not None:                # it panicked and then QEMU went: the panic is the news
+            return self._failure(ev.error, ev.line)
         reason = self._machine.exit_reason(timeout=1.0)
         if reason == "guest-reset":
             return self._failure(GuestReset, "the guest reset (a triple fault or a reboot); -no-reboot made "

@@ -152,3 +152,11 @@ def test_dmesg_output_keeps_its_old_log_lines_while_live_noise_goes(wired) -> No
     output, status = console.run("dmesg", timeout=5)
     t.join()
     assert (output, status) == ("[    0.000000] Linux version 6.1\n[    4.999999] older still", 0)
+
+
+def test_a_panic_just_before_qemu_exits_is_still_the_panic(wired) -> None:
+    console, guest, _ = wired
+    guest.sendall(b"[    3.1] Kernel panic - not syncing: Attempted to kill init!\r\n")
+    guest.shutdown(socket.SHUT_WR)
+    with pytest.raises(GuestPanic, match="kill init"):
+        console.expect("never printed", timeout=30)
