@@ -48,6 +48,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="keep every machine's directory (serial log, QEMU output, command line)")
     group.addoption("--hwharness-artifacts", default=None,
                     help="where machine directories go (default: pytest's temporary directory)")
+    group.addoption("--hwharness-quiet", type=float, default=None, metavar="SECONDS",
+                    help="Linux machines: a console wait with no output for this long raises GuestHang "
+                         "(default: never; a test can pass quiet= to a wait)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -164,7 +167,8 @@ def _linux_factory(config: pytest.Config, accel: str, image: LinuxImage,
         spec.qemu = str(config.getoption("--hwharness-qemu"))
         if configure:
             configure(spec)
-        m = Machine(spec, name=name, **_machine_args(config, tmp_path_factory.getbasetemp()))  # type: ignore[arg-type]
+        m = Machine(spec, name=name, quiet=config.getoption("--hwharness-quiet"),
+                    **_machine_args(config, tmp_path_factory.getbasetemp()))  # type: ignore[arg-type]
         made.append(m)
         m.launch()
         image.wait_ready(m)
