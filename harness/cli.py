@@ -132,10 +132,13 @@ def device_table(pm: ProxyMachine) -> None:
 def console_machine(args: argparse.Namespace, name: str):  # type: ignore[no-untyped-def]
     """A machine for ``boot``/``run``: ``--kernel``/``--initrd``/``--append``, or the Linux guest
     ``make images`` built; with the regex its shell prompt matches."""
+    import re
     from .images import linux
     from .machine import Machine, MachineSpec
-    import re
     if args.kernel:
+        for f in (args.kernel, args.initrd):
+            if f and not Path(f).is_file():
+                raise HarnessError(f"no such file: {f}")
         spec = MachineSpec(kernel=Path(args.kernel), initrd=Path(args.initrd) if args.initrd else None,
                            append=args.append or "console=ttyS0", memory_mb=args.memory, accel=args.accel)
         return Machine(spec, name=name), args.prompt

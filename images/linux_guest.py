@@ -40,6 +40,7 @@ MODULES = ("e1000", "ahci", "sd_mod", "vfat", "nls_cp437", "nls_ascii", "nls_utf
 # Programs of the project's own, built static with the system's gcc: name in /bin -> source
 PROGRAMS = {"blockread": Path(__file__).resolve().parent / "peer" / "blockread.c"}
 PROMPT = "hwh-linux# "
+APT_ENV = {**os.environ, "LC_ALL": "C"}   # apt-cache's "Candidate:" is translated otherwise
 XZ_MAGIC = b"\xfd7zXZ\x00"
 XEN_ELFNOTE_PHYS32_ENTRY = 18          # the PVH entry point note QEMU looks for
 
@@ -66,7 +67,7 @@ def log(msg: str) -> None:
 def apt_download(package: str, cache: Path) -> Path:
     """The package's .deb in ``cache``, downloaded unless already there."""
     version = subprocess.run(["apt-cache", "policy", package], check=True, capture_output=True,
-                             text=True).stdout
+                             text=True, env=APT_ENV).stdout
     candidate = next(line.split(":", 1)[1].strip() for line in version.splitlines()
                      if line.strip().startswith("Candidate:"))
     if candidate == "(none)":
@@ -82,7 +83,7 @@ def apt_download(package: str, cache: Path) -> Path:
     if found:
         return found[0]
     log(f"apt-get download {package}={candidate}")
-    subprocess.run(["apt-get", "download", "-q", f"{package}={candidate}"], cwd=cache, check=True)
+    subprocess.run(["apt-get", "download", "-q", f"{package}={candidate}"], cwd=cache, check=True, env=APT_ENV)
     return next(p for p in cache.glob(f"{package}_*.deb") if deb_field(p, "Version") == candidate)
 
 
