@@ -230,10 +230,8 @@ class ProxyChannel(Channel):
         return f"op {op} width {width} addr {addr:#x} value {value:#x}"
 
     def _raise(self, what: object, status: int, value: int) -> None:
-        error = self._errors.get(status)
-        if error is None:
-            raise ProxyError(what, status, value)
-        raise error(what, status, value)
+        register = self.register_name(what.space, what.addr) if isinstance(what, Access) else ""
+        raise self._errors.get(status, ProxyError)(what, status, value, register)
 
     # ---- the access interface ----
 
