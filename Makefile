@@ -36,7 +36,7 @@ guest:
 	$(PYTHON) -c 'from harness.proxy.guest import guest_elf; print(guest_elf())'
 
 images:
-	$(MAKE) -C images
+	$(MAKE) -C images PYTHON=$(PYTHON)
 
 test: deps guest images
 	$(PYTHON) -m pytest -n 2 --hwharness-accel $(ACCEL) $(PYTEST_ARGS)

@@ -128,7 +128,46 @@ def device_table(pm: ProxyMachine) -> None:
         say(f"{f.bdf:8} {f.vendor:04x}:{f.device:04x}  {f.class_code:02x}{f.subclass:02x}{f.prog_if:02x}  {bars}")
 
 
+def console_machine(args: argparse.Namespace, name: str):  # type: ignore[no-untyped-def]
+    """A machine for ``boot``/``run``: ``--kernel``/``--initrd``/``--append``, or the Linux guest
+    ``make images`` built; with the regex its shell prompt matches."""
+    from .images import linux
+    from .machine import Machine, MachineSpec
+    import re
+    if args.kernel:
+        spec = MachineSpec(kernel=Path(args.kernel), initrd=Path(args.initrd) if args.initrd else None,
+                           append=args.append or "console=ttyS0", memory_mb=args.memory, accel=args.accel)
+        return Machine(spec, name=name), args.prompt
+    image = linux()
+    spec = image.spec(accel=args.accel, memory_mb=args.memory, append=args.append or "")
+    return Machine(spec, name=name), re.escape(image.prompt)
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    machine, _ = console_machine(args, "boot")
+    with machine as m:
+        say(f"serial console of {m.spec.kernel} under {m.accel}; Ctrl-] leaves (files in {m.workdir})")
+        m.console.interact()
+    say("")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    words = args.guest_command[1:] if args.guest_command[:1] == ["--"] else args.guest_command
+    command = " ".join(words)
+    if not command:
+        raise HarnessError("nothing to run: hwharness run [--kernel K ...] -- COMMAND")
+    machine, prompt = console_machine(args, "run")
+    with machine as m:
+        m.console.expect([prompt], args.timeout)
+        output, status = m.console.run(command, timeout=args.timeout)
+    sys.stdout.write(output + ("\n" if output else ""))
+    return status
+
+
 def cmd_boot(args: argparse.Namespace) -> int:
+    if not args.proxy:
+        return cmd_console(args)
     spec = proxy_spec(accel=args.accel)
     spec.netdev("user", "net0", restrict=True)
     spec.device("e1000", netdev="net0", mac=random_mac())
@@ -481,12 +520,32 @@ def write_json(result: dict, path: str | None) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.name == "boot":
+        return cmd_bench_boot(args)
     from .bench import ahci, e1000, roundtrip
     benches = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep, "ahci": ahci.run}
     result = benches[args.name](args.accel, quick=args.quick)
     say(json.dumps({k: v for k, v in result.items() if k != "per_round"}, indent=2))
     write_json(result, args.json)
     return 0
+
+
+def cmd_bench_boot(args: argparse.Namespace) -> int:
+    from .bench import boot
+    result = boot.run(args.accel, count=args.count or 10)
+    say(json.dumps({k: v for k, v in result.items() if k != "boots_s"}, indent=2))
+    write_json(result, args.json)
+    return 0
+
+
+def add_kernel_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--kernel", metavar="K", help="kernel to boot (default: the Linux guest `make images` built)")
+    p.add_argument("--initrd", metavar="I", help="initial ramdisk for --kernel")
+    p.add_argument("--append", metavar="ARGS", help="kernel command line (added to the Linux guest's own)")
+    p.add_argument("--memory", type=int, default=256, metavar="MB", help="guest memory (default 256)")
+    p.add_argument("--prompt", default=r"[#$] ", metavar="REGEX",
+                   help="what --kernel's shell prompt matches (default '[#$] ')")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,13 +560,21 @@ def main(argv: list[str] | None = None) -> int:
 
     def with_accel(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
-                       help="kvm if /dev/kvm works, else tcg (default auto)")
+                       help="auto (the default): kvm only where it is hardware-backed, else tcg")
         return p
 
-    with_accel(sub.add_parser("boot", help="boot the proxy guest, print the device table, wait for Ctrl-C"))
+    boot_p = add_kernel_args(with_accel(sub.add_parser(
+        "boot", help="boot a kernel (default: the Linux guest) with the terminal on its serial console")))
+    boot_p.add_argument("--proxy", action="store_true",
+                        help="boot the proxy guest instead, print the device table, wait for Ctrl-C")
+    run_p = add_kernel_args(with_accel(sub.add_parser(
+        "run", help="boot, run COMMAND at the guest's shell, print its output, exit with its status")))
+    run_p.add_argument("--timeout", type=float, default=300.0, help="seconds for the boot and for COMMAND")
+    run_p.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
     with_accel(sub.add_parser("demo", help="boot, drive the devices, print what happened"))
     bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
-    bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci"))
+    bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "boot"))
+    bench.add_argument("--count", type=int, help="boot: how many boots (default 10)")
     bench.add_argument("--json", metavar="PATH", help="write the result here too")
     bench.add_argument("--quick", action="store_true",
                        help="a second or two of each workload: checks that the bench works, measures little")
@@ -539,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     lat.add_argument("--plot", metavar="PNG", help="write histograms of the stages here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"boot": cmd_boot, "demo": cmd_demo, "bench": cmd_bench, "latency": cmd_latency,
+    commands = {"boot": cmd_boot, "run": cmd_run, "demo": cmd_demo, "bench": cmd_bench, "latency": cmd_latency,
                 "keyboard": cmd_keyboard, "parport": cmd_parport, "net": cmd_net, "disk": cmd_disk}
     try:
         check_outputs(args)

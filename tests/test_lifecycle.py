@@ -110,3 +110,17 @@ def test_sigkill_of_the_owner_takes_qemu_and_its_sockets_along(hwharness_accel: 
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+
+
+@pytest.mark.kvm
+def test_forced_kvm_still_runs_the_proxy_guest(proxy_machine_factory) -> None:
+    # auto may well pick tcg here (see harness/machine/accel.py); a forced kvm must still work.
+    from harness.machine import kvm_usable
+    if not kvm_usable():
+        pytest.skip("no usable /dev/kvm on this host: there is no KVM to force")
+    pm = proxy_machine_factory(lambda spec: setattr(spec, "accel", "kvm"), name="forced-kvm")
+    assert pm.machine.accel == "kvm"
+    assert pm.machine.qmp("query-kvm") == {"enabled": True, "present": True}
+    # the guest CPU ran under KVM: the proxy enumerated PCI, and QMP agrees with what it found
+    qmp_ids = {(d["id"]["vendor"], d["id"]["device"]) for bus in pm.machine.qmp("query-pci") for d in bus["devices"]}
+    assert {(f.vendor, f.device) for f in pm.bus.functions} == qmp_ids

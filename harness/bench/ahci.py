@@ -42,13 +42,14 @@ class NativeDiskLoop:
 
     def __init__(self, bus: ProxyBus, port: Port, max_count: int) -> None:
         self.bus, self.port, self.abi = bus, port, bus.abi
-        self.block = bus.dma_alloc(self.abi.sizeof("proxy_disk_loop"), 64)
-        self.requests = bus.dma_alloc(max_count * REQUEST.size, 64)
+        self.dev = port.hba.dev
+        self.block = self.dev.dma_alloc(self.abi.sizeof("proxy_disk_loop"), 64)
+        self.requests = self.dev.dma_alloc(max_count * REQUEST.size, 64)
         self._pack = self.abi.packer("proxy_disk_loop", LOOP_FIELDS)
 
     def close(self) -> None:
-        self.bus.dma_free(self.block)
-        self.bus.dma_free(self.requests)
+        self.dev.dma_free(self.block)
+        self.dev.dma_free(self.requests)
 
     def prepare(self, requests: Sequence[tuple[int, DmaBuffer]], sectors: int, depth: int) -> Run:
         """Lay out ``requests`` (lba, buffer) and the slots' headers; the returned run
@@ -128,9 +129,10 @@ def run(accel: str, count: int = 2000, rounds: int = 9, quick: bool = False) -> 
             disk = hba.disks()[0]
             bus = pm.bus
             # Reads land in buffer i % 128: the data are not looked at, only moved.
-            small = [bus.dma_alloc(4096) for _ in range(128)]
-            big = bus.dma_alloc(128 << 10)
-            stack.callback(lambda: [bus.dma_free(b) for b in small + [big]])
+            dev = hba.dev
+            small = [dev.dma_alloc(4096) for _ in range(128)]
+            big = dev.dma_alloc(128 << 10)
+            stack.callback(lambda: [dev.dma_free(b) for b in small + [big]])
             native = NativeDiskLoop(bus, disk, count)
             stack.callback(native.close)
             rng = random.Random(1)

@@ -57,16 +57,16 @@ class NativeLoop:
 
     def __init__(self, bus: ProxyBus, nic: E1000) -> None:
         self.bus, self.nic, self.abi = bus, nic, bus.abi
-        self.block = bus.dma_alloc(self.abi.sizeof("proxy_nic_loop"), 64)
-        self.frame = bus.dma_alloc(SINK_BYTES)      # TX: the frame to copy; RX: where frames are copied
+        self.block = nic.dev.dma_alloc(self.abi.sizeof("proxy_nic_loop"), 64)
+        self.frame = nic.dev.dma_alloc(SINK_BYTES)  # TX: the frame to copy; RX: where frames are copied
         self._pack = self.abi.packer("proxy_nic_loop", LOOP_FIELDS)
         done = self.abi.offsetof("proxy_nic_loop", "done")
         self.done = self.block.view[done:done + 4].cast("I")     # progress, as the guest goes
 
     def close(self) -> None:
         self.done.release()
-        self.bus.dma_free(self.block)
-        self.bus.dma_free(self.frame)
+        self.nic.dev.dma_free(self.block)
+        self.nic.dev.dma_free(self.frame)
 
     def _prepare(self, op: int, ring: int, entries: int, frame_len: int, count: int, next_: int, clean: int,
                  tail_reg: int, flush_reg: int) -> Callable[[], tuple[int, int, int]]:

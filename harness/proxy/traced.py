@@ -17,6 +17,7 @@ from .channel import PreparedBatch, ProxyChannel
 from .irq import ProxyIrq
 
 if TYPE_CHECKING:
+    from ..access import DmaDomain
     from .bus import ProxyBus
 
 
@@ -27,8 +28,9 @@ def status_of(exc: BaseException) -> str:
 class TracedChannel(ProxyChannel):
     """A ProxyChannel that records every request into ``tracer``."""
 
-    def __init__(self, bus: "ProxyBus", index: int, name: str, tracer: Tracer) -> None:
-        super().__init__(bus, index, name)
+    def __init__(self, bus: "ProxyBus", index: int, name: str, tracer: Tracer,
+                 domain: "DmaDomain | None" = None) -> None:
+        super().__init__(bus, index, name, domain)
         self.tracer = tracer
         ops = {code: (kind, space) for (kind, space), code in self._ops.items()}
         names = {v: k.removeprefix("PROXY_OP_").lower() for k, v in bus.abi.consts.items()
