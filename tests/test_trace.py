@@ -149,8 +149,12 @@ def test_pytest_traces_a_session_and_keeps_the_last_records_of_a_failed_test(
         pytester: pytest.Pytester, hwharness_accel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(REPO))         # the inner pytest loads this checkout's plugin
     pytester.makepyfile(test_inner='''
+        def debugcon(spec):
+            spec.chardev("null", "debugcon")
+            spec.device("isa-debugcon", iobase=0xE9, chardev="debugcon")
+
         def test_fails_after_some_accesses(proxy_machine_factory):
-            pm = proxy_machine_factory()
+            pm = proxy_machine_factory(debugcon)
             port = pm.bus.ports(0xE9, 1)
             for _ in range(1500):
                 port.read8(0)
