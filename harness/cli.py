@@ -135,6 +135,9 @@ def console_machine(args: argparse.Namespace, name: str):  # type: ignore[no-unt
     from .machine import Machine, MachineSpec
     import re
     if args.kernel:
+        readable_file(args.kernel, "--kernel")
+        if args.initrd:
+            readable_file(args.initrd, "--initrd")
         spec = MachineSpec(kernel=Path(args.kernel), initrd=Path(args.initrd) if args.initrd else None,
                            append=args.append or "console=ttyS0", memory_mb=args.memory, accel=args.accel)
         return Machine(spec, name=name), args.prompt
@@ -156,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     words = args.guest_command[1:] if args.guest_command[:1] == ["--"] else args.guest_command
     command = " ".join(words)
     if not command:
-        raise HarnessError("nothing to run: hwharness run [--kernel K ...] -- COMMAND")
+        raise BadInput("nothing to run: hwharness run [--kernel K ...] -- COMMAND")
     machine, prompt = console_machine(args, "run")
     with machine as m:
         m.console.expect([prompt], args.timeout)
@@ -574,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     with_accel(sub.add_parser("demo", help="boot, drive the devices, print what happened"))
     bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
     bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "boot"))
-    bench.add_argument("--count", type=int, help="boot: how many boots (default 10)")
+    bench.add_argument("--count", type=positive_int, help="boot: how many boots (default 10)")
     bench.add_argument("--json", metavar="PATH", help="write the result here too")
     bench.add_argument("--quick", action="store_true",
                        help="a second or two of each workload: checks that the bench works, measures little")
@@ -606,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     lat.add_argument("--plot", metavar="PNG", help="write histograms of the stages here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:            # a failure is one line: QMP's own error repeats our MachineError, and
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)     # where a failed machine's files
+        logging.getLogger("harness.machine").setLevel(logging.ERROR)  # are kept is for -v
     commands = {"boot": cmd_boot, "run": cmd_run, "demo": cmd_demo, "bench": cmd_bench, "latency": cmd_latency,
                 "keyboard": cmd_keyboard, "parport": cmd_parport, "net": cmd_net, "disk": cmd_disk}
     try:
