@@ -106,7 +106,7 @@ class IrqMode(enum.Enum):
 
     INTX = "intx"      # the PCI INTx line: level, masked until every channel on it acks
     MSI = "msi"        # the PCI device's MSI: edge, never masked
-    MSIX = "msix"      # the PCI device's MSI-X table entry 0: edge, never masked
+    MSIX = "msix"      # the PCI device's MSI-X table entries 0..n-1, one Irq each: edge, never masked
     ISA = "isa"        # an ISA IRQ, for a port-range channel: edge
 
 
@@ -216,6 +216,13 @@ class Channel(abc.ABC):
     def dma_faults(self) -> "DmaFaultRecord | None":
         """The latest DMA the device tried outside its domain (and how many so far), or None."""
         return None
+
+    def interrupts(self, mode: IrqMode, count: int) -> list[Irq]:
+        """Enable the device's interrupt with ``count`` vectors (several: MSI-X entries 0..count-1),
+        one Irq each with its own counter; closing the last of them disables the interrupt."""
+        if count != 1:
+            raise NotImplementedError(f"{type(self).__name__} delivers one vector per channel")
+        return [self.interrupt(mode)]
 
     def close(self) -> None:
         """Give the grants back. Idempotent."""
@@ -545,6 +552,10 @@ class Device:
         """The latest DMA the device tried outside its domain (with the running count), or None.
         The channel's next request after a fault raises :class:`~harness.errors.DmaFault`."""
         return self.channel.dma_faults()
+
+    def irqs(self, mode: IrqMode, count: int) -> list[Irq]:
+        """``count`` vectors of the device's interrupt (MSI-X entries 0..count-1), an Irq each."""
+        return self.channel.interrupts(mode, count)
 
     def close(self) -> None:
         self.channel.close()

@@ -31,11 +31,12 @@ from pathlib import Path
 from . import tracing
 from .access import Batch, IrqMode
 from .bench.stats import latencies_us, pct
-from .errors import BadInput, HarnessError
+from .errors import DmaFault, BadInput, HarnessError
 from .input import move_mouse, type_keys, untypeable
 from drivers.ps2 import open_i8042
 from .machine import Option, RuntimeFile, random_mac
 from .proxy import ProxyMachine, proxy_spec
+from .proxy.bus import IOMMU_ENV
 
 log = logging.getLogger("hwharness")
 
@@ -213,6 +214,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return demo(args.accel, make_demo_image(Path(scratch)))
 
 
+def demo_refused_dma(pm: ProxyMachine, failed: list[str]) -> None:
+    """Program the edu device to copy 64 bytes over the proxy's device table, and show
+    what the IOMMU made of it."""
+    import drivers.edu as edu
+    table = pm.bus.window.field("window_phys") + pm.abi.offsetof("proxy_shared", "devices")
+    if not pm.bus.iommu:
+        say("the IOMMU is off (--no-iommu): the write would land; skipped")
+        return
+    with pm.bus.open(pm.bus.find(vendor=edu.VENDOR, device=edu.DEVICE)) as dev:
+        dev.enable_dma()
+        before = bytes(pm.bus.window.mem[table - pm.bus.window.field("window_phys"):][:64])
+        edu.dma(dev, edu.BUFFER, table, 64, to_ram=True)
+        try:
+            dev.bar(0).read32(edu.IDENTIFICATION)
+        except DmaFault as exc:
+            say(f"refused by the IOMMU; the driver's next request raised DmaFault: {exc.fault}")
+        else:
+            failed.append("a DMA outside the device's domain")
+            say("NOT refused")
+        after = bytes(pm.bus.window.mem[table - pm.bus.window.field("window_phys"):][:64])
+        say(f"the device table is {'unchanged' if after == before else 'CHANGED'}")
+        if after != before:
+            failed.append("the proxy's device table")
+
+
 def demo(accel: str, image: Path) -> int:
     failed: list[str] = []                      # the demo's own checks that did not hold
     mac = random_mac()
@@ -225,6 +251,8 @@ def demo(accel: str, image: Path) -> int:
     spec.device("isa-parallel", chardev="printer", iobase=0x378, irq=7)
     spec.drive(file=str(image), format="raw", id="disk0", snapshot=True, **{"if": "none"})
     spec.device("ide-hd", drive="disk0", bus="ide.0")
+    spec.nvme([{"file": str(image), "format": "raw", "snapshot": True}])
+    spec.device("edu", dma_mask=0xFFFFFFFF)         # a DMA engine, to show what a device may not reach
     t0 = time.monotonic()
     with ProxyMachine(spec, name="demo") as pm:
         say(f"== booted the proxy guest under {pm.machine.accel} in {time.monotonic() - t0:.2f} s "
@@ -239,6 +267,9 @@ def demo(accel: str, image: Path) -> int:
                 f"{'match' if read_mac == mac else 'MISMATCH'})")
             if read_mac != mac:
                 failed.append("the e1000's MAC address")
+
+        say("\n== DMA confinement: a device told to write into the proxy's device table")
+        demo_refused_dma(pm, failed)
 
         say("\n== port I/O: a line to the isa-debugcon at 0xe9, and the CMOS clock")
         port = pm.bus.ports(DEBUGCON_PORT, 1)
@@ -264,10 +295,12 @@ def demo(accel: str, image: Path) -> int:
         say("\n== round-trip latency (proxied inb of the debugcon port)")
         port = pm.bus.ports(DEBUGCON_PORT, 1)
         lat = latencies_us(lambda: port.read8(0), 5000, budget_s=3)
-        cycles = port.channel.repeat_read(port.space, DEBUGCON_PORT, 1, 1000)
+        t0_ns = time.perf_counter_ns()
+        port.channel.repeat_read(port.space, DEBUGCON_PORT, 1, 100_000 if pm.machine.accel == "tcg" else 1000)
+        native_us = (time.perf_counter_ns() - t0_ns) / (100_000 if pm.machine.accel == "tcg" else 1000) / 1000
         port.channel.close()
         say(f"{len(lat)} reads: p50 {pct(lat, .5):.2f} us, p99 {pct(lat, .99):.2f} us; the guest's own inb "
-            f"costs {cycles / pm.bus.tsc_hz / 1000 * 1e6:.3f} us")
+            f"costs {native_us:.3f} us (a loop of them in the guest, timed on the host)")
         say("(`make bench` compares against the qtest transport and writes JSON)")
 
         say("\n== interrupt latency: e1000 ICS -> proxy handler -> Python (1000 interrupts each)")
@@ -319,6 +352,20 @@ def demo(accel: str, image: Path) -> int:
         say(f"  /hello.txt: {fat.readbytes('/hello.txt').decode().strip()!r}")
         fat.close()
         hba.close()
+
+        say("\n== NVMe: the namespace identified and its FAT filesystem listed through the Python driver")
+        from drivers.nvme import Nvme
+        nvme = Nvme.open(pm.bus)
+        ns = nvme.namespaces()[0]
+        ident = ns.identify()
+        say(f"namespace {ns.nsid}: {ident.model}, serial {ident.serial}, firmware {ident.firmware}, "
+            f"{ns.size // (1 << 20)} MiB in {ns.sector_size}-byte blocks, {len(nvme.queues)} I/O queue pair(s), "
+            f"largest transfer {nvme.identity.max_transfer // 1024} KiB")
+        fat = DriverFatFS(ns, read_only=True)
+        for entry in fat.scandir("/", namespaces=["details"]):
+            say(f"  {'<DIR>' if entry.is_dir else entry.size:>8}  {entry.name}")
+        fat.close()
+        nvme.close()
 
         say("\n== a guest CPU exception becomes a readable crash report")
         try:
@@ -439,13 +486,18 @@ def cmd_net(args: argparse.Namespace) -> int:
     return 0
 
 
-def disk_machine(accel: str, image: Path, snapshot: bool = False, name: str = "disk") -> ProxyMachine:
-    """A proxy machine with ``image`` on the first port of q35's built-in AHCI controller.
+def disk_machine(accel: str, image: Path, snapshot: bool = False, name: str = "disk",
+                 bus: str = "ahci") -> ProxyMachine:
+    """A proxy machine with ``image`` on the first port of q35's built-in AHCI controller, or
+    as namespace 1 of an NVMe controller (``bus="nvme"``).
     With ``snapshot`` writes go to a throwaway overlay (QEMU's ide-hd refuses read-only drives)."""
     disk_image(str(image))
     spec = proxy_spec(accel=accel)
-    spec.drive(file=str(image.resolve()), format="raw", id="disk0", snapshot=snapshot, **{"if": "none"})
-    spec.device("ide-hd", drive="disk0", bus="ide.0")
+    if bus == "nvme":
+        spec.nvme([{"file": str(image.resolve()), "format": "raw", "snapshot": snapshot}])
+    else:
+        spec.drive(file=str(image.resolve()), format="raw", id="disk0", snapshot=snapshot, **{"if": "none"})
+        spec.device("ide-hd", drive="disk0", bus="ide.0")
     return ProxyMachine(spec, name=name)
 
 
@@ -460,26 +512,43 @@ def check_fat_path(image: Path, path: str, command: str) -> None:
             raise BadInput(f"{image}: {path} is a directory (`hwharness disk ls {image} {path}` lists it)")
 
 
+def open_disk(pm: ProxyMachine, bus: str, image: Path):  # type: ignore[no-untyped-def]
+    """The controller and its first disk (an AHCI port or an NVMe namespace): the same block API."""
+    if bus == "nvme":
+        from drivers.nvme import Nvme
+        controller = Nvme.open(pm.bus)
+    else:
+        from drivers.ahci import Ahci
+        controller = Ahci.open(pm.bus)
+    try:
+        if not controller.disks():
+            raise HarnessError(f"the {bus} controller found no disk (QEMU was given {image})")
+        return controller, controller.disks()[0]
+    except BaseException:
+        controller.close()
+        raise
+
+
 def cmd_disk(args: argparse.Namespace) -> int:
     import fs.errors
-    from drivers.ahci import Ahci
     from drivers.ahci.fat import DriverFatFS
     image = disk_image(args.image)
     if args.disk_command != "identify":
         check_fat_path(image, args.dir if args.disk_command == "ls" else args.path, args.disk_command)
-    with disk_machine(args.accel, image, snapshot=True) as pm:
-        hba = Ahci.open(pm.bus)
+    with disk_machine(args.accel, image, snapshot=True, bus=args.bus) as pm:
+        hba, disk = open_disk(pm, args.bus, image)
         try:
-            if not hba.disks():
-                raise HarnessError(f"the AHCI controller found no disk on any port (QEMU was given {image})")
-            disk = hba.disks()[0]
             identity = disk.identify()
             if args.disk_command == "identify":
                 say(f"model: {identity.model}")
                 say(f"serial: {identity.serial}")
                 say(f"firmware: {identity.firmware}")
-                say(f"capacity: {identity.sectors} sectors of 512 bytes ({identity.sectors * 512} bytes)")
-                say(f"lba48: {identity.lba48}, ncq: {identity.ncq} (queue depth {identity.queue_depth})")
+                say(f"capacity: {identity.sectors} sectors of {disk.sector_size} bytes ({disk.size} bytes)")
+                if args.bus == "nvme":
+                    say(f"namespace {identity.nsid} of {identity.controller.namespaces}, largest transfer "
+                        f"{identity.controller.max_transfer} bytes, deallocate: {identity.controller.dsm}")
+                else:
+                    say(f"lba48: {identity.lba48}, ncq: {identity.ncq} (queue depth {identity.queue_depth})")
                 return 0
             fat = DriverFatFS(disk, read_only=True, name=str(image))
             try:
@@ -525,8 +594,9 @@ def write_json(result: dict, path: str | None) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.name == "boot":
         return cmd_bench_boot(args)
-    from .bench import ahci, e1000, roundtrip
-    benches = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep, "ahci": ahci.run}
+    from .bench import ahci, e1000, nvme, roundtrip
+    benches = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep, "ahci": ahci.run,
+               "nvme": nvme.run}
     result = benches[args.name](args.accel, quick=args.quick)
     say(json.dumps({k: v for k, v in result.items() if k != "per_round"}, indent=2))
     write_json(result, args.json)
@@ -564,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     def with_accel(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                        help="auto (the default): kvm only where it is hardware-backed, else tcg")
+        p.add_argument("--no-iommu", action="store_true",
+                       help="no VT-d: devices' DMA is not confined to their domains (for comparison)")
         return p
 
     boot_p = add_kernel_args(with_accel(sub.add_parser(
@@ -576,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
     with_accel(sub.add_parser("demo", help="boot, drive the devices, print what happened"))
     bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
-    bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "boot"))
+    bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "nvme", "boot"))
     bench.add_argument("--count", type=positive_int, help="boot: how many boots (default 10)")
     bench.add_argument("--json", metavar="PATH", help="write the result here too")
     bench.add_argument("--quick", action="store_true",
@@ -586,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     ping = with_accel(net_sub.add_parser("ping", help="DHCP lease, ARP for the gateway, ICMP echo"))
     ping.add_argument("--count", type=positive_int, default=4)
     ping.add_argument("--pcap", metavar="PATH", help="keep QEMU's filter-dump of the traffic here")
-    disk = sub.add_parser("disk", help="a FAT image on the AHCI controller, through the Python driver")
+    disk = sub.add_parser("disk", help="a FAT image on the AHCI or NVMe controller, through the Python driver")
     disk_sub = disk.add_subparsers(dest="disk_command", required=True)
     ls = with_accel(disk_sub.add_parser("ls", help="list a directory"))
     ls.add_argument("image")
@@ -594,8 +666,11 @@ def main(argv: list[str] | None = None) -> int:
     cat = with_accel(disk_sub.add_parser("cat", help="write a file's exact bytes to stdout"))
     cat.add_argument("image")
     cat.add_argument("path")
-    ident = with_accel(disk_sub.add_parser("identify", help="IDENTIFY DEVICE"))
+    ident = with_accel(disk_sub.add_parser("identify", help="IDENTIFY DEVICE (AHCI) or Identify (NVMe)"))
     ident.add_argument("image")
+    for p in (ls, cat, ident):
+        p.add_argument("--bus", choices=("ahci", "nvme"), default="ahci",
+                       help="the image on the AHCI controller (default) or as an NVMe namespace")
     kbd = with_accel(sub.add_parser("keyboard", help="type TEXT through QMP; print what the Python driver decoded"))
     kbd.add_argument("--type", required=True, metavar="TEXT")
     par = with_accel(sub.add_parser("parport", help="send FILE through the Python parallel port driver"))
@@ -608,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     lat.add_argument("--quick", action="store_true", help="time 200 interrupts: checks the tool, measures little")
     lat.add_argument("--plot", metavar="PNG", help="write histograms of the stages here")
     args = parser.parse_args(argv)
+    if getattr(args, "no_iommu", False):
+        os.environ[IOMMU_ENV] = "0"                 # every proxy_spec of this command, and its children
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:            # a failure is one line: QMP's own error repeats our MachineError, and
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)     # where a failed machine's files

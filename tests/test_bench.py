@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.bench import ahci, e1000
+from harness.bench import ahci, e1000, nvme
 
 pytestmark = pytest.mark.qemu
 
@@ -32,6 +32,12 @@ def check_paired(result: dict, units: dict[str, int], counted_by: str) -> None:
     rounds = result["rounds"]
     assert rounds >= 1 and result["warmup_rounds"] == 1 and len(result["first"]) == rounds
     assert all(cores >= 0 for cores in result["foreign_cores"])
+    if "iommu_rounds" in result:                # the Python driver with the IOMMU on, against off
+        cost = result["iommu_rounds"]
+        assert result["iommu"] is True and len(cost["first"]) == rounds
+        assert result["iommu_cost"] == min(v for k, v in cost["results"].items() if k.startswith("ratio_")) > 0
+        for key in units:
+            assert cost["results"][f"iommu_on_{key}"] > 0 and cost["results"][f"iommu_off_{key}"] > 0
     for key, count in units.items():
         for name in (key, f"native_{key}", f"ratio_{key}"):
             assert result["results"][name] > 0, name
@@ -49,14 +55,27 @@ def test_bench_ahci_quick(tmp_path: Path, hwharness_accel: str) -> None:
                  "QEMU's query-blockstats rd_operations")
 
 
+def test_bench_nvme_quick(tmp_path: Path, hwharness_accel: str) -> None:
+    result = bench("nvme", hwharness_accel, tmp_path)
+    assert result["benchmark"] == "nvme" and result["aio"] in ("io_uring", "threads")
+    n = nvme.QUICK["count"]
+    reads = {"randread_4k_qd1_iops": n, "randread_4k_qd32_iops": n // 64 * 64,
+             "randread_4k_qd32x2_iops": n // 64 * 64, "seqread_128k_mbps": n}
+    check_paired({**result, "work": {k: v for k, v in result["work"].items() if k in reads}}, reads,
+                 "QEMU's query-blockstats rd_operations")
+    check_paired({**result, "work": {k: v for k, v in result["work"].items() if k not in reads}},
+                 {"randwrite_4k_qd32_iops": n // 64 * 64}, "QEMU's query-blockstats wr_operations")
+
+
 def test_bench_e1000_quick(tmp_path: Path, hwharness_accel: str) -> None:
     result = bench("e1000", hwharness_accel, tmp_path)
     assert result["benchmark"] == "e1000"
     q = e1000.QUICK
-    for way, register in (("tx", "GPTC"), ("rx", "GPRC")):
-        check_paired({**result, "work": {k: v for k, v in result["work"].items() if k.startswith(way)}},
-                     {f"{way}_pps_64": q["count_64"], f"{way}_pps_1514": q["count_1514"]},
+    for way, register in (("tx_", "GPTC"), ("tx_zerocopy_", "GPTC"), ("rx_", "GPRC")):
+        keys = {f"{way}pps_64": q["count_64"], f"{way}pps_1514": q["count_1514"]}
+        check_paired({**result, "work": {k: v for k, v in result["work"].items() if k in keys}}, keys,
                      f"the NIC's {register} register")
+    assert len(result["work"]) == 6
 
 
 def test_bench_roundtrip_quick(tmp_path: Path, hwharness_accel: str) -> None:

@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from drivers.ahci import Ahci
+import drivers.edu as edu_device
 from drivers.e1000 import E1000
 from drivers.e1000.descriptors import RX_DD, TX_DD, TX_EOP, TX_IFCS, TX_RS, RxDesc, TxDesc
 from drivers.e1000.regs import Reg
@@ -30,10 +30,10 @@ from harness.proxy import ProxyMachine
 
 pytestmark = pytest.mark.qemu
 
-EDU = dict(vendor=0x1234, device=0x11E8)
-EDU_SRC, EDU_DST, EDU_COUNT, EDU_CMD = 0x80, 0x88, 0x90, 0x98
-EDU_RUN, EDU_TO_RAM = 0x1, 0x2
-EDU_BUFFER = 0x40000                     # the device's own 4 KiB; stay below its end (QEMU-FACTS)
+EDU = dict(vendor=edu_device.VENDOR, device=edu_device.DEVICE)
+EDU_SRC, EDU_DST, EDU_COUNT, EDU_CMD = edu_device.DMA_SRC, edu_device.DMA_DST, edu_device.DMA_COUNT, edu_device.DMA_CMD
+EDU_RUN, EDU_TO_RAM = edu_device.DMA_RUN, edu_device.DMA_TO_RAM
+EDU_BUFFER = edu_device.BUFFER
 VTD_WRITE_DENIED, VTD_READ_DENIED = 0x5, 0x6     # VT-d fault reasons (spec, Appendix A)
 
 
@@ -61,13 +61,7 @@ def edu(pm: ProxyMachine, slot: int, **open_args: int) -> Device:
     return dev
 
 
-def edu_dma(dev: Device, src: int, dst: int, count: int, to_ram: bool) -> None:
-    bar = dev.bar(0)
-    bar.write64(EDU_SRC, src)
-    bar.write64(EDU_DST, dst)
-    bar.write64(EDU_COUNT, count)
-    bar.write32(EDU_CMD, EDU_RUN | (EDU_TO_RAM if to_ram else 0))
-    bar.poll32(EDU_CMD, EDU_RUN, 0, 2.0)               # 100 ms of virtual time, then done
+edu_dma = edu_device.dma
 
 
 def memory(pm: ProxyMachine, addr: int, size: int, scratch: Path) -> bytes:
@@ -132,6 +126,9 @@ def test_dma_outside_the_domain_faults_and_changes_nothing(rig, target: str) -> 
         edu_dma(dev, EDU_BUFFER, pattern.phys, 512, to_ram=True)      # what the edu holds now
         assert bytes(pattern.view[:512]) == bytes(512), "a refused read returns zeros, not the proxy's code"
         assert memory(pm, code, 512, scratch) != bytes(512)
+    cmos = pm.bus.ports(0x70, 2)                        # the channel's next owner inherits no fault
+    cmos.read8(1)
+    cmos.channel.close()
     assert pm.bus.window.state == abi.PROXY_STATE_READY
 
 
@@ -230,3 +227,72 @@ def test_10000_random_dma_targets_change_nothing_outside_the_domain(rig, rng: ra
         assert bytes(victim.view) == witness
         assert memory(pm, code, code_size, scratch) == code_before
     assert pm.bus.window.state == pm.abi.PROXY_STATE_READY
+
+
+def test_without_the_iommu_nothing_is_confined(proxy_machine_factory, tmp_path: Path) -> None:
+    """The off switch is honest: the same DMA outside the domain lands."""
+    def configure(spec: MachineSpec) -> None:
+        spec.iommu = False                              # proxy_spec(iommu=False), as --no-iommu does
+        spec.device("edu", addr="3", dma_mask=0xFFFFFFFF)
+    pm = proxy_machine_factory(configure, name="no-iommu")
+    assert not pm.bus.iommu
+    with edu(pm, 3) as dev:
+        pattern = dev.dma_alloc(4096)
+        pattern.view[:256] = b"\xa5" * 256
+        edu_dma(dev, pattern.phys, EDU_BUFFER, 256, to_ram=False)
+        target = pm.bus.window.field("window_phys") + pm.abi.offsetof("proxy_shared", "rings") \
+            + 7 * pm.abi.sizeof("proxy_ring") + 2048
+        edu_dma(dev, EDU_BUFFER, target, 256, to_ram=True)
+        dev.bar(0).read32(0)                            # no DmaFault
+        assert memory(pm, target, 256, tmp_path) == b"\xa5" * 256
+        assert dev.dma_faults() is None
+
+
+@pytest.mark.parametrize("vector", [0x30, 18], ids=["an unowned vector", "an exception's vector"])
+def test_a_forged_msi_is_counted_as_spurious_and_the_proxy_goes_on(rig, vector: int) -> None:
+    """A device's DMA write into the MSI range is an interrupt: QEMU 7.2's VT-d passes a
+    compatibility-format one through even with interrupt remapping on (against VT-d 5.1.4),
+    so the proxy cannot stop it. It must not be taken for anybody's, nor crash the proxy."""
+    pm = rig[0]
+    with edu(pm, 3) as dev, edu(pm, 4) as other:
+        irq = other.irq()                               # a channel that could be blamed
+        message = dev.dma_alloc(4096)
+        message.view[:4] = vector.to_bytes(4, "little")     # MSI data: fixed delivery, this vector
+        edu_dma(dev, message.phys, EDU_BUFFER, 4, to_ram=False)
+        before = pm.bus.spurious_irqs
+        edu_dma(dev, EDU_BUFFER, 0xFEE00000, 4, to_ram=True)
+        dev.bar(0).read32(0)                            # a round trip: the interrupt has been taken
+        assert pm.bus.spurious_irqs == before + 1
+        assert irq.count == 0
+        irq.close()
+    assert pm.bus.window.state == pm.abi.PROXY_STATE_READY
+
+
+def test_an_ahci_prd_outside_the_domain_faults_and_the_driver_recovers(proxy_machine_factory, tmp_path: Path,
+                                                                         rng: random.Random) -> None:
+    from drivers.ahci import Ahci
+    from harness.access import DmaBuffer
+    image = tmp_path / "disk.img"
+    image.write_bytes(rng.randbytes(1 << 20))
+
+    def configure(spec: MachineSpec) -> None:
+        spec.drive(file=str(image), format="raw", id="disk0", **{"if": "none"})
+        spec.device("ide-hd", drive="disk0", bus="ide.0")
+        spec.device("edu", addr="3", dma_mask=0xFFFFFFFF)
+    pm = proxy_machine_factory(configure, name="dma-ahci")
+    with edu(pm, 3) as other:
+        victim = other.dma_alloc(4096)
+        victim.view[:] = b"\x5a" * 4096
+        hba = Ahci.open(pm.bus)
+        try:
+            disk = hba.disks()[0]
+            disk.read_into(8, [DmaBuffer(victim.phys, victim.view)])   # another device's memory as a PRD
+            with pytest.raises(DmaFault) as fault:
+                disk.read(0, 1)
+            assert fault.value.fault.write and fault.value.fault.addr == victim.phys
+            assert fault.value.fault.source == hba.dev.function.bdf
+            assert bytes(victim.view) == b"\x5a" * 4096
+            disk.reset()                                # the driver recovers and works again
+            assert disk.read(8, 8) == image.read_bytes()[8 * 512:16 * 512]
+        finally:
+            hba.close()

@@ -161,6 +161,34 @@ def test_bad_frames_are_refused_before_anything_is_queued(socket_net) -> None:
     assert nic.tx_tail == tail
 
 
+def test_zero_copy_sends_from_dma_buffers_mix_with_copying_sends(socket_net) -> None:
+    pm, nic, host, _ = socket_net
+    nic.flush_tx()
+    frames = frames_for(b"\x02" * 6, 300, random.randrange(2**32))
+    buffers = []
+    for frame in frames[:150]:
+        buffer = nic.dev.dma_alloc(2048)
+        buffer.view[:len(frame)] = frame
+        buffers.append((buffer, len(frame)))
+    with pytest.raises(ValueError):                            # longer than its buffer holds
+        nic.send_from([(buffers[0][0], 2049)])
+    with pytest.raises(ValueError):
+        nic.send_from([(buffers[0][0], 13)])
+    host.settimeout(10)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.extend(host.recv(2048) for _ in frames))
+    reader.start()
+    for i in range(0, 150, 50):                               # 64-entry ring: both forms wrap it
+        nic.send_from(buffers[i:i + 50], timeout=10)
+        nic.send(frames[150 + i:200 + i], timeout=10)
+    nic.flush_tx(10)
+    reader.join(60)
+    expected = [f for i in range(0, 150, 50) for f in frames[i:i + 50] + frames[150 + i:200 + i]]
+    assert received == expected
+    for buffer, _ in buffers:
+        nic.dev.dma_free(buffer)
+
+
 def test_a_full_transmit_ring_times_out_and_spares_the_frames_in_flight(socket_net) -> None:
     pm, nic, host, _ = socket_net
     nic.flush_tx()

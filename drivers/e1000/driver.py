@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from harness.access import Bus, Deadline, Device, IrqMode
+from harness.access import Bus, Deadline, Device, DmaBuffer, IrqMode
 from harness.errors import DeviceTimeout, HarnessError, InterruptTimeout
 
 from .descriptors import RX_DD, RX_EOP, TX_DD, TX_EOP, TX_IFCS, TX_RS, RxDesc, TxDesc
@@ -32,6 +32,8 @@ INTERRUPTS = Icr.RXT0 | Icr.TXDW | Icr.LSC | Icr.RXO
 
 # Field offsets come from the ctypes declarations, not from here.
 _TX_LEN, _TX_CMD, _TX_STA = TxDesc.length.offset, TxDesc.cmd.offset, TxDesc.status.offset
+_TX_ADDR_LEN = struct.Struct("<QH")     # a transmit descriptor's buffer address and length, together
+assert TxDesc.addr.offset == 0 and TxDesc.length.offset == 8
 _RX_LEN, _RX_STA = RxDesc.length.offset, RxDesc.status.offset
 
 
@@ -198,7 +200,26 @@ class E1000:
         for i, f in enumerate(frames):
             if not MIN_FRAME <= len(f) <= MAX_FRAME:
                 raise ValueError(f"frame {i} is {len(f)} bytes; a frame is {MIN_FRAME} to {MAX_FRAME}")
+        return self._transmit(frames, False, timeout)
+
+    def send_from(self, frames: Sequence[DmaBuffer | tuple[DmaBuffer, int]], timeout: float = 1.0) -> int:
+        """Zero-copy send: each descriptor points at the caller's DMA buffer (all of it, or
+        ``(buffer, length)``'s first bytes); nothing is copied. The NIC reads the buffers
+        while it sends, so a buffer must not change until :meth:`flush_tx` returns (one
+        buffer may go out many times). Otherwise as :meth:`send`."""
+        spans = [(f, f.size) if isinstance(f, DmaBuffer) else f for f in frames]
+        for i, (buffer, length) in enumerate(spans):
+            if not MIN_FRAME <= length <= min(MAX_FRAME, buffer.size):
+                raise ValueError(f"frame {i} is {length} bytes of a {buffer.size}-byte buffer; "
+                                 f"a frame is {MIN_FRAME} to {MAX_FRAME}")
+        return self._transmit([(b.phys, length) for b, length in spans], True, timeout)
+
+    def _transmit(self, frames: Sequence, zero_copy: bool, timeout: float) -> int:
+        """Queue ``frames``: bytes to copy into the slots' own buffers, or (``zero_copy``)
+        (address, length) pairs the descriptors point at. Every descriptor gets its address
+        anew, so the two forms mix freely."""
         ring, bufs, n = self.tx_ring.view, self.tx_bufs.view, self.tx_n
+        own, pack = self.tx_bufs.phys, _TX_ADDR_LEN.pack_into
         sent, deadline = 0, Deadline(timeout)
         cmd = TX_EOP | TX_IFCS | TX_RS
         while sent < len(frames):
@@ -211,10 +232,13 @@ class E1000:
             batch = frames[sent:sent + free]
             tail = self.tx_tail
             for frame in batch:
-                size = len(frame)
-                bufs[tail * BUFFER_SIZE:tail * BUFFER_SIZE + size] = frame
                 d = tail * DESC_SIZE
-                struct.pack_into("<H", ring, d + _TX_LEN, size)
+                if not zero_copy:
+                    size = len(frame)
+                    bufs[tail * BUFFER_SIZE:tail * BUFFER_SIZE + size] = frame
+                    pack(ring, d, own + tail * BUFFER_SIZE, size)
+                else:
+                    pack(ring, d, *frame)
                 ring[d + _TX_CMD] = cmd
                 ring[d + _TX_STA] = 0                       # the hardware's now
                 tail = (tail + 1) % n

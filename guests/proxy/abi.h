@@ -29,7 +29,7 @@ typedef unsigned long long u64 __attribute__((aligned(8)));
 
 enum proxy_abi {
     PROXY_ABI_MAGIC = 0x48574858,   /* "XHWH" little-endian */
-    PROXY_ABI_VERSION = 6,
+    PROXY_ABI_VERSION = 7,
 };
 
 enum proxy_limits {
@@ -43,10 +43,13 @@ enum proxy_limits {
     PROXY_REPEAT_MAX = 1000000,     /* longest native timing loop */
     PROXY_DMA_OFFSET = 0x100000,    /* DMA pool starts 1 MiB into the window */
     PROXY_HOST_PEER = 0,            /* ivshmem peer id of the host harness */
-    PROXY_DOORBELL_VECTORS = 16,    /* host doorbells: 0..7 ring c served, 8..15 channel c interrupted */
-    PROXY_DOORBELL_IRQ_BASE = 8,
+    PROXY_IRQ_VECTORS = 4,          /* interrupt vectors one channel may take (MSI-X entries 0..3) */
+    PROXY_DOORBELL_VECTORS = 40,    /* host doorbells: 0..7 ring c served, then one per channel vector */
+    PROXY_DOORBELL_IRQ_BASE = 8,    /* channel c's vector v rings 8 + c * PROXY_IRQ_VECTORS + v */
     PROXY_NO_GSI = 0xff,
     PROXY_CRASH_MAGIC = 0x0dead,    /* OP_CRASH needs this value: no accidents */
+    PROXY_NVME_MAX_QUEUES = 2,      /* queue pairs one native NVMe loop drives at once */
+    PROXY_NVME_MAX_DEPTH = 64,      /* commands in flight per queue in that loop */
     PROXY_DOMAIN_ALIGN = 0x1000,    /* a DMA domain is whole pages of the pool */
     PROXY_DOMAIN_MAX = 0x1000000,   /* and at most 16 MiB */
 };
@@ -103,13 +106,15 @@ enum proxy_op {
     PROXY_OP_CLOSE = 34,            /* addr = channel */
     PROXY_OP_CRASH = 35,            /* value = PROXY_CRASH_MAGIC, addr = enum proxy_crash_kind */
     /* interrupts, on the channel's own device */
-    PROXY_OP_IRQ_ENABLE = 40,       /* addr = enum proxy_irq_mode; value = ISA IRQ bitmask for PROXY_IRQ_ISA */
+    PROXY_OP_IRQ_ENABLE = 40,       /* addr = enum proxy_irq_mode; value = ISA IRQ bitmask for PROXY_IRQ_ISA,
+                                       vectors (1..PROXY_IRQ_VECTORS; 0 means 1) for PROXY_IRQ_MSIX */
     PROXY_OP_IRQ_ACK = 41,          /* unmask a level line once every channel on it has acked */
     PROXY_OP_IRQ_DISABLE = 42,
     /* the in-guest baselines ("the in-kernel driver"); addr = a struct proxy_nic_loop in the DMA pool */
     PROXY_OP_NIC_TX_LOOP = 48,      /* value := TSC cycles taken */
     PROXY_OP_NIC_RX_LOOP = 49,
     PROXY_OP_DISK_READ_LOOP = 50,   /* addr = a struct proxy_disk_loop in the DMA pool */
+    PROXY_OP_NVME_LOOP = 51,        /* addr = a struct proxy_nvme_loop in the DMA pool */
 };
 
 enum proxy_irq_mode {
@@ -117,7 +122,7 @@ enum proxy_irq_mode {
     PROXY_IRQ_INTX = 1,             /* the PCI device's INTx line, level-triggered, shareable */
     PROXY_IRQ_MSI = 2,              /* the PCI device's MSI, programmed by the proxy */
     PROXY_IRQ_ISA = 3,              /* ISA IRQs (edge), for an ISA channel: any of a bitmask */
-    PROXY_IRQ_MSIX = 4,             /* the PCI device's MSI-X table entry 0, programmed by the proxy */
+    PROXY_IRQ_MSIX = 4,             /* the PCI device's MSI-X table entries 0..n-1, programmed by the proxy */
 };
 
 enum proxy_status {
@@ -220,6 +225,7 @@ struct proxy_nic_loop {
     u32 next;                       /* in and out: TX tail, or RX next descriptor */
     u32 clean;                      /* in and out: TX oldest descriptor in flight */
     u32 done;                       /* out, updated as it goes: frames sent (written back) or received */
+    u32 zero_copy;                  /* TX: every descriptor points at `frame` itself; nothing is copied */
 };
 
 /* One command of the native disk loop: where it reads and where the data go. */
@@ -250,6 +256,42 @@ struct proxy_disk_loop {
 };
 
 /*
+ * One NVMe queue pair the Python driver created, as the native loop takes it
+ * over and hands it back: where its entries are, its doorbells (BAR offsets),
+ * and its state, read at the start and written back at the end.
+ */
+struct proxy_nvme_queue {
+    u64 sq;                         /* submission queue: `entries` of 64 bytes */
+    u64 cq;                         /* completion queue: `entries` of 16 bytes */
+    u64 prp_lists;                  /* a 4 KiB PRP list page per command identifier 0..depth-1 */
+    u32 entries;
+    u32 depth;                      /* commands in flight at most (< entries) */
+    u32 sq_doorbell;                /* BAR offset of the SQ tail doorbell */
+    u32 cq_doorbell;                /* BAR offset of the CQ head doorbell */
+    u32 tail, head, phase, acked;   /* in and out: SQ tail, CQ head, expected phase, head last rung */
+};
+
+/*
+ * A native NVMe loop: the same queue rounds as the Python driver's
+ * QueuePair.run on up to two queue pairs at once, request i on queue
+ * i % nqueues. Each command reads or writes `blocks` blocks into its own
+ * buffer (struct proxy_disk_request: lba, phys), with PRP2 or a PRP list.
+ */
+struct proxy_nvme_loop {
+    struct proxy_nvme_queue queues[PROXY_NVME_MAX_QUEUES];
+    u64 requests;                   /* `count` struct proxy_disk_request, in the DMA pool */
+    u64 timeout_us;
+    u32 nqueues;
+    u32 nsid;
+    u32 opcode;                     /* NVM Read (2) or Write (1) */
+    u32 blocks;                     /* per command */
+    u32 block_size;                 /* 512 or 4096 */
+    u32 count;
+    u32 done;                       /* out: commands completed */
+    u32 errors;                     /* out: of those, with an error status */
+};
+
+/*
  * Per channel: the DMA its device tried outside its domain, as the IOMMU's
  * fault recording registers reported it (VT-d 7.2). The latest fault's
  * details; `count` runs, so faults between two looks show.
@@ -263,7 +305,8 @@ struct proxy_dma_fault {
     u64 tsc;                        /* guest TSC when the proxy read the record */
 };
 
-/* Per channel, written by the guest's interrupt handler; the host watches `count`. */
+/* Per channel vector, written by the guest's interrupt handler; the host watches `count`.
+ * INTx, MSI and ISA use a channel's vector 0; MSI-X entry v counts in vector v. */
 struct proxy_irq {
     u32 count;                      /* interrupts delivered to this channel so far */
     u32 mode;                       /* enum proxy_irq_mode */
@@ -278,8 +321,8 @@ struct proxy_shared {
     u32 abi_version;
     u32 state;                      /* enum proxy_state */
     u32 guest_sleeping;             /* guest: "kick me before you wait" */
-    u32 host_sleeping;              /* bit n: the host sleeps on doorbell vector n; ring it */
     u32 ndevices;
+    u64 host_sleeping;              /* bit n: the host sleeps on doorbell vector n; ring it */
     u64 tsc_hz;                     /* guest TSC frequency, calibrated on the PIT */
     u64 window_size;                /* bytes of BAR2 */
     u64 window_phys;                /* guest-physical address of BAR2 */
@@ -290,7 +333,7 @@ struct proxy_shared {
     u32 iommu;                      /* 1: DMA is translated, each device confined to its domain */
     u32 unowned_dma_faults;         /* faults by devices no channel holds */
     u8 ring_posted[PROXY_MAX_CHANNELS]; /* host: 1 after it moves ring n's submit; guest: 0 before serving it */
-    struct proxy_irq irqs[PROXY_MAX_CHANNELS];
+    struct proxy_irq irqs[PROXY_MAX_CHANNELS * PROXY_IRQ_VECTORS];    /* channel c's vector v at c * VECTORS + v */
     struct proxy_dma_fault dma_faults[PROXY_MAX_CHANNELS];
     struct proxy_crash crash;
     struct proxy_pci_device devices[PROXY_MAX_DEVICES];

@@ -30,6 +30,7 @@ struct line {
 
 static struct line lines[IOAPIC_PINS];
 static int channel_mode[PROXY_MAX_CHANNELS];
+static u32 channel_vectors[PROXY_MAX_CHANNELS]; /* MSI-X entries a channel took (MSI, INTx, ISA: 1) */
 static u32 channel_pins[PROXY_MAX_CHANNELS];    /* IOAPIC inputs a channel owns (INTx, ISA) */
 volatile u32 kicks;
 
@@ -63,9 +64,13 @@ static void eoi(void)
     mmio_write32(LAPIC_BASE + LAPIC_EOI, 0);
 }
 
-static void record(int c, u64 tsc)
+/* Channel c's vector v: its counter in shared memory, its IDT vector, its host doorbell. */
+static struct proxy_irq *slot(int c, u32 v) { return &shared->irqs[c * PROXY_IRQ_VECTORS + v]; }
+static u32 idt_vector(int c, u32 v) { return VEC_MSI_BASE + (u32)c * PROXY_IRQ_VECTORS + v; }
+
+static void record(int c, u32 v, u64 tsc)
 {
-    struct proxy_irq *r = &shared->irqs[c];
+    struct proxy_irq *r = slot(c, v);
     r->tsc = tsc;
     barrier();
     r->count++;
@@ -76,7 +81,7 @@ void irq(struct trapframe *tf)
 {
     u64 tsc = rdtsc();                  /* first: this is "handler entry" */
     u32 v = (u32)tf->vector;
-    u32 woken = 0;                      /* channels whose waiters to wake */
+    u64 woken = 0;                      /* host doorbells to ring, as bits */
     if (v == VEC_KICK) {
         kicks++;
         eoi();
@@ -98,18 +103,20 @@ void irq(struct trapframe *tf)
             l->waiting = l->level ? l->owners : 0;
             for (int c = 0; c < PROXY_MAX_CHANNELS; c++) {
                 if (l->owners & (1u << c)) {
-                    shared->irqs[c].masked = (u32)l->level;
-                    record(c, tsc);
-                    woken |= 1u << c;
+                    slot(c, 0)->masked = (u32)l->level;
+                    record(c, 0, tsc);
+                    woken |= 1ull << (PROXY_DOORBELL_IRQ_BASE + c * PROXY_IRQ_VECTORS);
                 }
             }
         }
         eoi();
-    } else if (v >= VEC_MSI_BASE && v < VEC_MSI_BASE + PROXY_MAX_CHANNELS
-               && (channel_mode[v - VEC_MSI_BASE] == PROXY_IRQ_MSI
-                   || channel_mode[v - VEC_MSI_BASE] == PROXY_IRQ_MSIX)) {
-        record((int)(v - VEC_MSI_BASE), tsc);
-        woken |= 1u << (v - VEC_MSI_BASE);
+    } else if (v >= VEC_MSI_BASE && v < VEC_MSI_BASE + PROXY_MAX_CHANNELS * PROXY_IRQ_VECTORS
+               && (channel_mode[(v - VEC_MSI_BASE) / PROXY_IRQ_VECTORS] == PROXY_IRQ_MSI
+                   || channel_mode[(v - VEC_MSI_BASE) / PROXY_IRQ_VECTORS] == PROXY_IRQ_MSIX)
+               && (v - VEC_MSI_BASE) % PROXY_IRQ_VECTORS < channel_vectors[(v - VEC_MSI_BASE) / PROXY_IRQ_VECTORS]) {
+        u32 n = v - VEC_MSI_BASE;
+        record((int)(n / PROXY_IRQ_VECTORS), n % PROXY_IRQ_VECTORS, tsc);
+        woken |= 1ull << (PROXY_DOORBELL_IRQ_BASE + n);
         eoi();
     } else if (v == VEC_SPURIOUS || v == VEC_PIC_BASE + 7) {
         shared->spurious_irqs++;        /* LAPIC or 8259 spurious: no EOI */
@@ -120,9 +127,21 @@ void irq(struct trapframe *tf)
         shared->spurious_irqs++;        /* nobody asked for this vector */
         eoi();
     }
-    for (int c = 0; c < PROXY_MAX_CHANNELS; c++)
-        if (woken & (1u << c))
-            proxy_wake_host(PROXY_DOORBELL_IRQ_BASE + c);
+    for (u32 bell = 0; woken; bell++, woken >>= 1)
+        if (woken & 1)
+            proxy_wake_host(bell);
+}
+
+/* Channel c takes `n` vectors of `mode`: each reports its mode and IDT vector (or `line`). */
+static void claim(int c, int mode, u32 n, u32 line)
+{
+    channel_mode[c] = mode;
+    channel_vectors[c] = n;
+    for (u32 v = 0; v < PROXY_IRQ_VECTORS; v++) {
+        slot(c, v)->mode = v < n ? (u32)mode : PROXY_IRQ_NONE;
+        slot(c, v)->line = v < n ? (mode == PROXY_IRQ_MSI || mode == PROXY_IRQ_MSIX ? idt_vector(c, v) : line) : 0;
+        slot(c, v)->masked = 0;
+    }
 }
 
 /* Attach channel c to every IOAPIC input in `pins`; `line` is what the host is told. */
@@ -142,11 +161,8 @@ static u16 attach_lines(int c, u32 pins, int level, int mode, u32 line)
         if (first)
             ioapic_route(pin, level, 0);
     }
-    channel_mode[c] = mode;
+    claim(c, mode, 1, line);
     channel_pins[c] = pins;
-    shared->irqs[c].mode = (u32)mode;
-    shared->irqs[c].line = line;
-    shared->irqs[c].masked = 0;
     irq_on();
     return PROXY_STATUS_OK;
 }
@@ -201,14 +217,11 @@ u16 irq_enable_msi(int c, const struct proxy_pci_device *d)
     u16 ctrl = pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2);
     int is64 = ctrl & 0x80;
     irq_off();
-    channel_mode[c] = PROXY_IRQ_MSI;
-    shared->irqs[c].mode = PROXY_IRQ_MSI;
-    shared->irqs[c].line = VEC_MSI_BASE + c;
-    shared->irqs[c].masked = 0;
+    claim(c, PROXY_IRQ_MSI, 1, 0);
     pci_cfg_write(d->bus, d->dev, d->fn, cap + 4, 4, 0xfee00000u);      /* APIC 0, physical */
     if (is64)
         pci_cfg_write(d->bus, d->dev, d->fn, cap + 8, 4, 0);
-    pci_cfg_write(d->bus, d->dev, d->fn, cap + (is64 ? 12 : 8), 2, VEC_MSI_BASE + c);
+    pci_cfg_write(d->bus, d->dev, d->fn, cap + (is64 ? 12 : 8), 2, idt_vector(c, 0));
     pci_cfg_write(d->bus, d->dev, d->fn, cap + 2, 2, (ctrl & ~0x70) | 1);   /* one vector, on */
     set_intx_disable(d, 1);
     u16 cmd = pci_cfg_read(d->bus, d->dev, d->fn, 0x04, 2);
@@ -217,21 +230,23 @@ u16 irq_enable_msi(int c, const struct proxy_pci_device *d)
     return PROXY_STATUS_OK;
 }
 
-/* MSI-X: the proxy writes table entry 0 (the driver may not write the table at all). */
-u16 irq_enable_msix(int c, const struct proxy_pci_device *d)
+/*
+ * MSI-X: the proxy writes table entries 0..n-1, entry v to the channel's
+ * vector v (the driver may not write the table at all). A device with
+ * fewer entries than asked for gets FAULT and keeps MSI-X off.
+ */
+u16 irq_enable_msix(int c, const struct proxy_pci_device *d, u64 vectors)
 {
-    if (channel_mode[c] != PROXY_IRQ_NONE)
+    u32 n = vectors ? (u32)vectors : 1;
+    if (channel_mode[c] != PROXY_IRQ_NONE || vectors > PROXY_IRQ_VECTORS)
         return PROXY_STATUS_BAD_REQUEST;
-    irq_off();
-    if (!d || pci_enable_msix(d, 0, VEC_MSI_BASE + c)) {
-        irq_on();
+    if (!d || pci_msix_entries(d) < n)
         return PROXY_STATUS_FAULT;
-    }
+    irq_off();
+    for (u32 v = 0; v < n; v++)
+        pci_enable_msix(d, v, idt_vector(c, v));
     set_intx_disable(d, 1);
-    channel_mode[c] = PROXY_IRQ_MSIX;
-    shared->irqs[c].mode = PROXY_IRQ_MSIX;
-    shared->irqs[c].line = VEC_MSI_BASE + c;
-    shared->irqs[c].masked = 0;
+    claim(c, PROXY_IRQ_MSIX, n, 0);
     irq_on();
     return PROXY_STATUS_OK;
 }
@@ -256,7 +271,7 @@ u16 irq_ack(int c)
             unmask_if_acked(pin);
         }
     }
-    shared->irqs[c].masked = 0;
+    slot(c, 0)->masked = 0;
     irq_on();
     return PROXY_STATUS_OK;
 }
@@ -287,8 +302,6 @@ void irq_disable(int c, const struct proxy_pci_device *d)
         pci_disable_msix(d);
         set_intx_disable(d, 0);
     }
-    channel_mode[c] = PROXY_IRQ_NONE;
-    shared->irqs[c].mode = PROXY_IRQ_NONE;
-    shared->irqs[c].masked = 0;
+    claim(c, PROXY_IRQ_NONE, 0, 0);
     irq_on();
 }

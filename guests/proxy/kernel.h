@@ -40,7 +40,7 @@ void crash_on_purpose(u32 kind);
 void irq_init(void);
 u16 irq_enable_intx(int c, const struct proxy_pci_device *d);
 u16 irq_enable_msi(int c, const struct proxy_pci_device *d);
-u16 irq_enable_msix(int c, const struct proxy_pci_device *d);
+u16 irq_enable_msix(int c, const struct proxy_pci_device *d, u64 vectors);
 u16 irq_enable_isa(int c, u64 isa_irq);
 u16 irq_ack(int c);
 void irq_disable(int c, const struct proxy_pci_device *d);
@@ -52,6 +52,7 @@ void pci_cfg_write(u8 bus, u8 dev, u8 fn, u8 off, u8 width, u32 v);
 int pci_enumerate(struct proxy_pci_device *table, int max);
 int pci_enable_msix(const struct proxy_pci_device *d, u32 entry, u32 vector);
 void pci_disable_msix(const struct proxy_pci_device *d);
+u32 pci_msix_entries(const struct proxy_pci_device *d);
 
 /* iommu.c */
 void iommu_init(void);
@@ -64,6 +65,7 @@ void iommu_fault(u64 tsc);
 u16 native_tx(struct proxy_nic_loop *p, const struct window *dma, u64 bar0, volatile u32 *progress);
 u16 native_rx(struct proxy_nic_loop *p, const struct window *dma, u64 bar0, volatile u32 *progress);
 u16 native_disk_read(struct proxy_disk_loop *p, const struct window *dma, u64 bar, volatile u32 *progress);
+u16 native_nvme(struct proxy_nvme_loop *p, const struct window *dma, u64 bar, volatile u32 *progress);
 
 /* proxy.c */
 extern struct proxy_shared *shared;

@@ -145,6 +145,15 @@ int pci_enumerate(struct proxy_pci_device *table, int max)
     return scan_bus(0, table, 0, max);
 }
 
+/* How many MSI-X table entries the device has; 0 without MSI-X. */
+u32 pci_msix_entries(const struct proxy_pci_device *d)
+{
+    for (int i = 0; i < d->ncaps; i++)
+        if (d->caps[i].id == PCI_CAP_ID_MSIX)
+            return (pci_cfg_read(d->bus, d->dev, d->fn, d->caps[i].offset + 2, 2) & 0x7ff) + 1;
+    return 0;
+}
+
 /* Point MSI-X table entry `entry` at this CPU's LAPIC with `vector`, and turn MSI-X on. */
 int pci_enable_msix(const struct proxy_pci_device *d, u32 entry, u32 vector)
 {

@@ -87,11 +87,19 @@ static int any_overlap(const struct window *w, int n, u64 addr, u64 width)
 void proxy_wake_host(u32 vector)
 {
     mfence();                           /* our results before we read its flag */
-    if (doorbell && (READ_ONCE(shared->host_sleeping) & (1u << vector)))
+    if (doorbell && vector < PROXY_DOORBELL_VECTORS && (READ_ONCE(shared->host_sleeping) & (1ull << vector)))
         mmio_write32(doorbell, PROXY_HOST_PEER << 16 | vector);
 }
 
 /* ---- granting ---- */
+
+/* Channel c, cleared for a new owner: no grants, no faults of the last one's device. */
+static struct channel *fresh_channel(int c)
+{
+    memset(&channels[c], 0, sizeof(channels[c]));
+    memset(&shared->dma_faults[c], 0, sizeof(shared->dma_faults[c]));
+    return &channels[c];
+}
 
 static int free_channel(void)
 {
@@ -161,11 +169,9 @@ static u16 open_pci(u64 bdf, u64 dma_base, u64 dma_size, u64 *out)
     u16 st = iommu_map(c, d->bus, (u8)(d->dev << 3 | d->fn), dma_base, dma_size);
     if (st != PROXY_STATUS_OK)
         return st;
-    struct channel *ch = &channels[c];
-    memset(ch, 0, sizeof(*ch));
+    struct channel *ch = fresh_channel(c);
     ch->device = d;
     ch->dma = (struct window){ dma_base, dma_size };
-    memset(&shared->dma_faults[c], 0, sizeof(shared->dma_faults[c]));     /* a new channel: no faults yet */
     for (int i = 0; i < PROXY_MAX_BARS; i++) {
         const struct proxy_bar *b = &d->bars[i];
         if (!b->size || !b->base)
@@ -211,8 +217,7 @@ static u16 open_isa(u64 base, u64 count, u64 grant, u64 *out)
     int c = free_channel();
     if (c < 0)
         return PROXY_STATUS_FAULT;
-    struct channel *ch = &channels[c];
-    memset(ch, 0, sizeof(*ch));
+    struct channel *ch = fresh_channel(c);
     ch->isa_base = base;
     ch->isa_ports = grant;
     ch->served = READ_ONCE(shared->rings[c].submit);
@@ -409,14 +414,14 @@ static u16 interrupt_op(int c, const struct proxy_request *rq)
         if (rq->addr == PROXY_IRQ_MSI)
             return ch->device ? irq_enable_msi(c, ch->device) : PROXY_STATUS_DENIED;
         if (rq->addr == PROXY_IRQ_MSIX)
-            return ch->device ? irq_enable_msix(c, ch->device) : PROXY_STATUS_DENIED;
+            return ch->device ? irq_enable_msix(c, ch->device, rq->value) : PROXY_STATUS_DENIED;
         if (rq->addr == PROXY_IRQ_ISA)
             return ch->device ? PROXY_STATUS_DENIED : irq_enable_isa(c, rq->value);
         return PROXY_STATUS_BAD_REQUEST;
     case PROXY_OP_IRQ_ACK:
         return irq_ack(c);
     default:
-        if (shared->irqs[c].mode == PROXY_IRQ_NONE)
+        if (shared->irqs[c * PROXY_IRQ_VECTORS].mode == PROXY_IRQ_NONE)
             return PROXY_STATUS_BAD_REQUEST;
         irq_disable(c, ch->device);
         return PROXY_STATUS_OK;
@@ -442,6 +447,7 @@ static u16 nic_loop(int c, const struct proxy_request *rq, u64 *value)
         || p.next >= p.entries || p.clean >= p.entries || p.frame_len > 2048
         || (p.frame_phys && !in_window(&ch->dma, p.frame_phys, 16384))
         || (rq->op == PROXY_OP_NIC_TX_LOOP && !p.frame_phys)
+        || p.zero_copy > 1 || (p.zero_copy && rq->op != PROXY_OP_NIC_TX_LOOP)
         || p.timeout_us > PROXY_POLL_MAX_US * 10ull)
         return PROXY_STATUS_BAD_REQUEST;
     struct proxy_nic_loop *live = (struct proxy_nic_loop *)(unsigned long)rq->addr;
@@ -492,6 +498,52 @@ static u64 rtc_keeps_nmi(u64 port, u8 width, u64 value)
     return value;
 }
 
+/*
+ * The native NVMe loop: the block, every queue, PRP list page and request list in the
+ * channel's DMA domain; the doorbells inside the channel's BAR0 and outside its MSI-X table.
+ */
+static u16 nvme_loop(int c, const struct proxy_request *rq, u64 *value)
+{
+    const struct channel *ch = &channels[c];
+    if (c == 0 || !ch->device || !ch->nmmio)
+        return PROXY_STATUS_DENIED;
+    if (!in_window(&ch->dma, rq->addr, sizeof(struct proxy_nvme_loop)) || rq->addr & 7)
+        return PROXY_STATUS_DENIED;
+    struct proxy_nvme_loop p;
+    memcpy(&p, (const void *)(unsigned long)rq->addr, sizeof(p));
+    const struct window *bar = &ch->mmio[0];
+    u64 bytes = (u64)p.blocks * p.block_size;
+    if (p.nqueues < 1 || p.nqueues > PROXY_NVME_MAX_QUEUES || (p.block_size != 512 && p.block_size != 4096)
+        || p.blocks < 1 || bytes > 512ull * 4096 || (p.opcode != 1 && p.opcode != 2)
+        || p.timeout_us > PROXY_POLL_MAX_US * 10ull
+        || !in_window(&ch->dma, p.requests, (u64)p.count * sizeof(struct proxy_disk_request)))
+        return PROXY_STATUS_BAD_REQUEST;
+    for (u32 k = 0; k < p.nqueues; k++) {
+        const struct proxy_nvme_queue *q = &p.queues[k];
+        if (q->entries < 2 || q->entries > 4096 || q->depth < 1 || q->depth >= q->entries
+            || q->depth > PROXY_NVME_MAX_DEPTH || q->tail >= q->entries || q->head >= q->entries
+            || q->acked >= q->entries || q->phase > 1
+            || !in_window(&ch->dma, q->sq, 64ull * q->entries) || !in_window(&ch->dma, q->cq, 16ull * q->entries)
+            || (bytes > 2 * 4096 && !in_window(&ch->dma, q->prp_lists, 4096ull * q->depth)))
+            return PROXY_STATUS_BAD_REQUEST;
+        u32 doorbells[2] = { q->sq_doorbell, q->cq_doorbell };
+        for (int i = 0; i < 2; i++)
+            if (doorbells[i] & 3 || doorbells[i] + 4ull > bar->size
+                || any_overlap(ch->mmio_readonly, ch->nmmio_readonly, bar->base + doorbells[i], 4))
+                return PROXY_STATUS_DENIED;
+    }
+    struct proxy_nvme_loop *live = (struct proxy_nvme_loop *)(unsigned long)rq->addr;
+    live->done = 0;
+    u64 start = rdtsc();
+    u16 st = native_nvme(&p, &ch->dma, bar->base, &live->done);
+    *value = rdtsc() - start;
+    for (u32 k = 0; k < p.nqueues; k++)     /* the queues' state goes back to the Python driver */
+        live->queues[k] = p.queues[k];
+    live->done = p.done;
+    live->errors = p.errors;
+    return st;
+}
+
 static u16 execute(int c, const struct proxy_request *rq, u64 *value)
 {
     const struct channel *ch = &channels[c];
@@ -509,6 +561,8 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
             return nic_loop(c, rq, value);
         if (op == PROXY_OP_DISK_READ_LOOP)
             return disk_loop(c, rq, value);
+        if (op == PROXY_OP_NVME_LOOP)
+            return nvme_loop(c, rq, value);
         return PROXY_STATUS_BAD_REQUEST;
     }
     u16 st = check_access(ch, kind, addr, width);

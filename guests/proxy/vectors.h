@@ -5,7 +5,7 @@
 #define VEC_KICK 64             /* ivshmem MSI-X vector 0: the host's kick */
 #define VEC_DMAR 65             /* the IOMMU's fault event */
 #define VEC_GSI_BASE 80         /* IOAPIC input n raises vector 80 + n */
-#define VEC_MSI_BASE 128        /* channel c's MSI raises vector 128 + c */
+#define VEC_MSI_BASE 128        /* channel c's MSI or MSI-X entry v raises 128 + c * PROXY_IRQ_VECTORS + v */
 #define VEC_SPURIOUS 255        /* LAPIC spurious vector */
 #define IRQ_STUB_SIZE 16        /* boot.S: one stub per vector from 32 up, this far apart */
 #endif

@@ -77,6 +77,16 @@ class MachineSpec:
         self.options.append(Option("drive", "", props))
         return self
 
+    def nvme(self, namespaces: list[dict[str, object]], serial: str = "HWH-NVME-1", id: str = "nvme0",
+             **props: object) -> "MachineSpec":
+        """An NVMe controller with one ``nvme-ns`` per entry of ``namespaces`` (each the
+        ``-drive`` properties of its image, e.g. ``{"file": path, "format": "raw"}``), NSIDs 1, 2, ..."""
+        self.device("nvme", id=id, serial=serial, **props)
+        for nsid, drive in enumerate(namespaces, 1):
+            self.drive(id=f"{id}-ns{nsid}", **{"if": "none", **drive})
+            self.device("nvme-ns", drive=f"{id}-ns{nsid}", bus=id, nsid=nsid)
+        return self
+
     def chardev_file(self, id: str) -> RuntimeFile:
         """A file-backed chardev named ``id``; returns the file it writes."""
         f = RuntimeFile(f"chardev-{id}.out")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +23,7 @@ from .window import SharedWindow
 
 log = logging.getLogger(__name__)
 
+IOMMU_ENV = "HWHARNESS_IOMMU"      # "0": machines without the IOMMU, by default (the CLI's --no-iommu)
 WINDOW_SIZE = 64 << 20
 DOMAIN_SIZE = 4 << 20       # each opened device's DMA memory unless it asks for another size
 DOMAIN_ALIGN = 64 << 10
@@ -40,13 +42,16 @@ def boot_image(elf: Path) -> Path:
 
 
 def proxy_spec(elf: Path | None = None, accel: str = "auto", memory_mb: int = 128,
-               window_size: int = WINDOW_SIZE, iommu: bool = True) -> MachineSpec:
+               window_size: int = WINDOW_SIZE, iommu: bool | None = None) -> MachineSpec:
     """A machine that boots the proxy guest with its shared window; add devices to taste.
     ``elf`` defaults to the guest built from the current sources (see :mod:`.guest`).
 
-    With ``iommu`` (the default) the machine has an Intel VT-d, and the proxy confines
-    every device's DMA to that device's own domain; without, DMA is not confined."""
+    With ``iommu`` (the default, unless the environment has HWHARNESS_IOMMU=0) the machine
+    has an Intel VT-d, and the proxy confines every device's DMA to that device's own
+    domain; without, DMA is not confined."""
     elf = elf or guest_elf()
+    if iommu is None:
+        iommu = os.environ.get(IOMMU_ENV, "1") != "0"
     abi = load_abi(elf)   # fail before booting if the ELF is missing or of another ABI
     if not boot_image(elf).exists():
         raise AbiError(f"{boot_image(elf)} is missing beside {elf}: its build did not finish")

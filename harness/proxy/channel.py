@@ -283,8 +283,12 @@ class ProxyChannel(Channel):
         return result
 
     def interrupt(self, mode: IrqMode, isa_irqs: Sequence[int] = ()) -> "ProxyIrq":
-        from .irq import ProxyIrq
-        return ProxyIrq(self, mode, isa_irqs)
+        from .irq import enable
+        return enable(self, mode, isa_irqs)[0]
+
+    def interrupts(self, mode: IrqMode, count: int) -> list["ProxyIrq"]:
+        from .irq import enable
+        return enable(self, mode, count=count)
 
     @property
     def last_start_tsc(self) -> int:

@@ -1,4 +1,4 @@
-"""Interrupts through the proxy: the guest counts them per channel; the host waits on the count."""
+"""Interrupts through the proxy: the guest counts them per channel vector; the host waits on the count."""
 
 from __future__ import annotations
 
@@ -16,33 +16,53 @@ MODES = {IrqMode.INTX: "PROXY_IRQ_INTX", IrqMode.MSI: "PROXY_IRQ_MSI", IrqMode.M
          IrqMode.ISA: "PROXY_IRQ_ISA"}
 
 
-class ProxyIrq(Irq):
-    """One channel's interrupt. ``spin`` is how long ``wait`` spins before it sleeps on the doorbell."""
+def enable(channel: "ProxyChannel", mode: IrqMode, isa_irqs: Sequence[int] = (), count: int = 1,
+           spin: float | None = None) -> list["ProxyIrq"]:
+    """Enable the channel's interrupt and return one Irq per vector (``count`` > 1: MSI-X only).
 
-    def __init__(self, channel: "ProxyChannel", mode: IrqMode, isa_irqs: Sequence[int] = (),
+    The vectors are enabled together and disabled together: the proxy drops the
+    channel's interrupt when the last of them is closed."""
+    abi = channel.bus.abi
+    if (mode is IrqMode.ISA) != bool(isa_irqs):
+        raise ValueError("ISA IRQ numbers go with IrqMode.ISA, and only with it")
+    if not 1 <= count <= abi.PROXY_IRQ_VECTORS or (count > 1 and mode is not IrqMode.MSIX):
+        raise ValueError(f"a channel takes 1 to {abi.PROXY_IRQ_VECTORS} vectors, several only with MSI-X, "
+                         f"not {count} of {mode.value}")
+    value = sum(1 << n for n in set(isa_irqs)) if mode is IrqMode.ISA else count
+    channel.control(abi.PROXY_OP_IRQ_ENABLE, abi.consts[MODES[mode]], value, f"enable {count} {mode.value} irq")
+    group: list[ProxyIrq] = []
+    make = getattr(channel, "irq_class", ProxyIrq)      # a traced channel's record their waits
+    group += [make(channel, mode, vector, group, spin) for vector in range(count)]
+    return group
+
+
+class ProxyIrq(Irq):
+    """One vector of a channel's interrupt. ``spin`` is how long ``wait`` spins before it
+    sleeps on the vector's own doorbell. Made by :func:`enable`."""
+
+    def __init__(self, channel: "ProxyChannel", mode: IrqMode, vector: int, group: list["ProxyIrq"],
                  spin: float | None = None) -> None:
         super().__init__()
         self.channel = channel
         self.mode = mode
+        self.vector = vector                # MSI-X table entry; 0 for every other mode
+        self._group = group                 # the channel's vectors, enabled and disabled together
         abi = channel.bus.abi
         self._w = channel.bus.window
-        base = abi.offsetof("proxy_shared", "irqs") + channel.index * abi.sizeof("proxy_irq")
+        slot = channel.index * abi.PROXY_IRQ_VECTORS + vector
+        base = abi.offsetof("proxy_shared", "irqs") + slot * abi.sizeof("proxy_irq")
         self._count_idx = (base + abi.offsetof("proxy_irq", "count")) // 4
         self._masked_idx = (base + abi.offsetof("proxy_irq", "masked")) // 4
         self._line_idx = (base + abi.offsetof("proxy_irq", "line")) // 4
         self._tsc_idx = (base + abi.offsetof("proxy_irq", "tsc")) // 8
         self._seen = self._w.u32[self._count_idx]
-        self._vector = abi.PROXY_DOORBELL_IRQ_BASE + channel.index
+        self._doorbell = abi.PROXY_DOORBELL_IRQ_BASE + slot
         self.spin = SPIN_SECONDS if spin is None else spin
-        if (mode is IrqMode.ISA) != bool(isa_irqs):
-            raise ValueError("ISA IRQ numbers go with IrqMode.ISA, and only with it")
-        mask = sum(1 << n for n in set(isa_irqs))
-        channel.control(abi.PROXY_OP_IRQ_ENABLE, abi.consts[MODES[mode]], mask, f"enable {mode.value} irq")
         self.closed = False
 
     @property
     def line(self) -> int:
-        """The IOAPIC input (INTx), the ISA IRQ bitmask (ISA), or the vector (MSI, MSI-X)."""
+        """The IOAPIC input (INTx), the ISA IRQ bitmask (ISA), or the guest's IDT vector (MSI, MSI-X)."""
         return self._w.u32[self._line_idx]
 
     @property
@@ -52,14 +72,14 @@ class ProxyIrq(Irq):
 
     @property
     def count(self) -> int:
-        """Interrupts the guest has delivered to this channel, seen by wait() or not."""
+        """Interrupts the guest has delivered to this vector, seen by wait() or not."""
         return (self._w.u32[self._count_idx] - self._seen + self.delivered) & 0xFFFFFFFF
 
     def wait(self, timeout: float) -> IrqEvent:
         u32, idx, seen = self._w.u32, self._count_idx, self._seen
         if u32[idx] == seen:
-            self._w.wait(lambda: u32[idx] != seen, timeout, f"an interrupt on {self.channel!r}",
-                         self._vector, spin=self.spin, on_timeout=InterruptTimeout)
+            self._w.wait(lambda: u32[idx] != seen, timeout, f"an interrupt on {self.channel!r} vector {self.vector}",
+                         self._doorbell, spin=self.spin, on_timeout=InterruptTimeout)
         now = time.perf_counter_ns()
         count = u32[idx]
         tsc = self._w.u64[self._tsc_idx]
@@ -74,6 +94,6 @@ class ProxyIrq(Irq):
         if self.closed:
             return
         self.closed = True
-        if not self.channel.closed:
+        if all(irq.closed for irq in self._group) and not self.channel.closed:
             abi = self.channel.bus.abi
             self.channel.control(abi.PROXY_OP_IRQ_DISABLE, 0, 0, "disable irq")

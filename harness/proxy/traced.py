@@ -107,8 +107,9 @@ class TracedChannel(ProxyChannel):
         finally:
             self.tracer.control(self, what, result, status, start, time.perf_counter_ns())
 
-    def interrupt(self, mode, isa_irqs=()):  # type: ignore[no-untyped-def]
-        return TracedIrq(self, mode, isa_irqs)
+    @property
+    def irq_class(self) -> type:
+        return TracedIrq
 
 
 class TracedIrq(ProxyIrq):

@@ -55,7 +55,7 @@ class SharedWindow:
         self.state_idx = off("state") // 4
         self.magic_idx = off("magic") // 4
         self.guest_sleeping_idx = off("guest_sleeping") // 4
-        self.host_sleeping_idx = off("host_sleeping") // 4
+        self.host_sleeping_idx = off("host_sleeping") // 8     # a u64: one bit per doorbell vector
         self.rings_off = off("rings")
         self.ring_size = abi.sizeof("proxy_ring")
         self._fence = threading.Lock()   # a locked instruction: the full fence Python lacks
@@ -128,7 +128,7 @@ class SharedWindow:
         bit, fd = 1 << vector, self.ivshmem.host_fds[vector]
         with self._fence:
             self._sleepers[vector] += 1
-            self.u32[self.host_sleeping_idx] |= bit
+            self.u64[self.host_sleeping_idx] |= bit
         try:
             with self._fence:       # orders the flag store before the re-check below
                 pass
@@ -145,7 +145,7 @@ class SharedWindow:
             with self._fence:
                 self._sleepers[vector] -= 1
                 if not self._sleepers[vector]:
-                    self.u32[self.host_sleeping_idx] &= ~bit
+                    self.u64[self.host_sleeping_idx] &= ~bit
 
     def release(self) -> None:
         """Drop the views so the mapping can be closed."""

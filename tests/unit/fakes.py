@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Sequence
 
-from harness.access import Access, Channel, Kind, Region, Space
+from harness.access import Access, Channel, DmaBuffer, Kind, Region, Space
 from harness.errors import DeviceTimeout
 
 
@@ -39,3 +39,39 @@ class FakePorts(Channel):
 
     def region(self, base: int, count: int) -> Region:
         return Region(self, Space.PIO, base, count)
+
+
+class FakeDma:
+    """DMA memory from a bytearray: buffers at made-up physical addresses, page aligned."""
+
+    def __init__(self, size: int = 1 << 20, base: int = 0x1000_0000) -> None:
+        self.memory = bytearray(size)
+        self.view = memoryview(self.memory)
+        self.base = base
+        self.next = 0
+
+    def dma_alloc(self, size: int, align: int = 4096) -> DmaBuffer:
+        self.next = -(-self.next // align) * align
+        start, self.next = self.next, self.next + size
+        return DmaBuffer(self.base + start, self.view[start:start + size])
+
+    def dma_free(self, buffer: DmaBuffer) -> None:
+        pass
+
+    def read(self, phys: int, size: int) -> bytes:
+        return bytes(self.memory[phys - self.base:phys - self.base + size])
+
+
+class FakeMmio(Channel):
+    """MMIO served by a ``write(addr, value)`` callback (reads return 0); every batch is logged."""
+
+    def __init__(self, write: Callable[[int, int], None]) -> None:
+        self._write = write
+        self.batches: list[list[Access]] = []
+
+    def execute(self, accesses: Sequence[Access]) -> list[int]:
+        self.batches.append(list(accesses))
+        for a in accesses:
+            assert a.space is Space.MMIO and a.kind is Kind.WRITE
+            self._write(a.addr, a.value)
+        return [0] * len(accesses)

@@ -1,0 +1,136 @@
+"""NVMe command encoding and completion decoding, against a fake queue-pair transport."""
+
+from __future__ import annotations
+
+import struct
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from drivers.nvme import Command, NvmeError, QueuePair
+from drivers.nvme.driver import parse_controller, parse_namespace
+from drivers.nvme.regs import CQE, DOORBELL_BASE, SQE, Nvm
+from harness.access import Region, Space
+
+from .fakes import FakeDma, FakeMmio
+
+BAR = 0xFEB0_0000
+STRIDE = 4
+
+
+class FakeController:
+    """Just enough of an NVMe controller for one I/O queue pair: on each tail doorbell it
+    fetches the new submission entries and posts a completion for each, at once, with
+    the status ``status_of(entry)`` gives and the phase it should carry."""
+
+    def __init__(self, entries: int, status_of=lambda sqe: 0) -> None:  # type: ignore[no-untyped-def]
+        self.dma = FakeDma()
+        self.channel = FakeMmio(self._doorbell)
+        self.regs = Region(self.channel, Space.MMIO, BAR, 0x4000)
+        self.status_of = status_of
+        self.entries = entries
+        self.fetched: list[tuple] = []
+        self.sq_head = self.cq_tail = 0
+        self.phase = 1
+        self.heads: list[int] = []
+        controller = SimpleNamespace(regs=self.regs, doorbell_stride=STRIDE, doorbell_lock=threading.Lock(),
+                                     dev=SimpleNamespace(channel=self.channel, dma_alloc=self.dma.dma_alloc,
+                                                         dma_free=self.dma.dma_free))
+        self.qp = QueuePair(controller, 1, entries, None)     # type: ignore[arg-type]
+
+    def _doorbell(self, addr: int, value: int) -> None:
+        offset = addr - BAR
+        if offset == DOORBELL_BASE + 3 * STRIDE:          # CQ 1 head
+            self.heads.append(value)
+            return
+        assert offset == DOORBELL_BASE + 2 * STRIDE        # SQ 1 tail
+        while self.sq_head != value:
+            sqe = SQE.unpack_from(self.qp.sq.view, self.sq_head * 64)
+            self.fetched.append(sqe)
+            self.sq_head = (self.sq_head + 1) % self.entries
+            status = self.status_of(sqe) << 1 | self.phase
+            CQE.pack_into(self.qp.cq.view, self.cq_tail * 16, 0x1000 + sqe[2], 0, self.sq_head, 1, sqe[2], status)
+            self.cq_tail = (self.cq_tail + 1) % self.entries
+            if self.cq_tail == 0:
+                self.phase ^= 1
+
+
+def test_a_read_is_encoded_with_its_prp_list() -> None:
+    fake = FakeController(8)
+    pages = [0x2000_0000, 0x2000_1000, 0x2000_5000, 0x2000_9000]
+    result = fake.qp.execute(Command(Nvm.READ, 3, pages, cdw10=0x89ABCDEF, cdw11=0x12, cdw12=31, name="READ"))
+    opcode, flags, cid, nsid, _, _, mptr, prp1, prp2, cdw10, cdw11, cdw12, *_ = fake.fetched[0]
+    assert (opcode, flags, nsid, mptr, prp1) == (Nvm.READ, 0, 3, 0, pages[0])
+    assert (cdw10, cdw11, cdw12) == (0x89ABCDEF, 0x12, 31)
+    assert prp2 == fake.qp.prp_lists.phys + cid * 4096           # the command's own list page
+    assert struct.unpack_from("<3Q", fake.dma.view, prp2 - fake.dma.base) == tuple(pages[1:])
+    assert result == 0x1000 + cid                                 # dword 0 of its completion
+
+
+def test_two_pages_go_in_prp2_and_one_page_leaves_it_zero() -> None:
+    fake = FakeController(8)
+    fake.qp.run([Command(Nvm.WRITE, 1, [0x3000_0000, 0x3000_1000]), Command(Nvm.FLUSH, 1)])
+    assert [entry[7:9] for entry in fake.fetched] == [(0x3000_0000, 0x3000_1000), (0, 0)]
+
+
+def test_phase_wraps_and_a_full_queue_never_holds_more_than_entries_minus_one() -> None:
+    fake = FakeController(4)
+    done: list[int] = []
+    results = fake.qp.run([Command(Nvm.FLUSH, 1, name=f"FLUSH {i}") for i in range(10)],
+                          on_done=lambda index, _: done.append(index))
+    assert sorted(done) == list(range(10)) and len(results) == 10
+    assert fake.qp.most_in_flight == 3 and fake.qp.submitted == 10
+    assert len({entry[2] for entry in fake.fetched}) == 3         # three command identifiers, reused
+    # every round is one batch: the completion queue head, then the submission queue tail
+    assert all([a.addr - BAR for a in batch] == [DOORBELL_BASE + 3 * STRIDE, DOORBELL_BASE + 2 * STRIDE]
+               for batch in fake.channel.batches)
+    assert fake.qp.head == 10 % 4 and fake.qp.phase == fake.phase == 1     # wrapped twice: flipped and back
+
+
+def test_an_error_status_is_decoded_and_the_other_commands_complete() -> None:
+    failing_lba = 77
+    fake = FakeController(8, status_of=lambda sqe: (0x2 << 8 | 0x81) if sqe[9] == failing_lba else 0)
+    commands = [Command(Nvm.READ, 1, [0x4000_0000], cdw10=lba, name=f"READ {lba}", lba=lba) for lba in (5, 77, 9)]
+    done: list[int] = []
+    with pytest.raises(NvmeError) as failed:
+        fake.qp.run(commands, on_done=lambda index, _: done.append(index))
+    error = failed.value
+    assert (error.command, error.sct, error.sc, error.lba, error.failed) == ("READ 77", 2, 0x81, 77, [1])
+    assert "Unrecovered Read Error" in str(error) and "LBA 77" in str(error)
+    assert sorted(done) == [0, 2]
+
+
+def test_identify_structures_are_parsed() -> None:
+    ctrl = bytearray(4096)
+    ctrl[4:24] = b"SERIAL-1".ljust(20)
+    ctrl[24:64] = b"Model X".ljust(40)
+    ctrl[64:72] = b"1.0".ljust(8)
+    ctrl[77] = 5                                                   # MDTS: 2^5 pages
+    struct.pack_into("<I", ctrl, 516, 4)
+    struct.pack_into("<H", ctrl, 520, 1 << 2)                      # ONCS: Dataset Management
+    identity = parse_controller(bytes(ctrl), 4096)
+    assert (identity.serial, identity.model, identity.firmware) == ("SERIAL-1", "Model X", "1.0")
+    assert identity.max_transfer == 128 << 10 and identity.namespaces == 4 and identity.dsm
+    ns = bytearray(4096)
+    struct.pack_into("<QQQBBBB", ns, 0, 1000, 1000, 10, 0, 1, 1, 0)  # two formats, the second in use
+    struct.pack_into("<II", ns, 128, 9 << 16, 8 | 12 << 16)
+    parsed = parse_namespace(1, bytes(ns), identity)
+    assert parsed.sectors == 1000 and parsed.sector_size == 4096
+    assert parsed.lba_formats == ((0, 512), (8, 4096)) and parsed.model == "Model X"
+
+
+def test_an_interrupted_call_lets_its_commands_end_and_the_queue_goes_on() -> None:
+    fake = FakeController(8)
+
+    def stop(index: int, _: int) -> None:
+        if index == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        fake.qp.run([Command(Nvm.FLUSH, 1, name=f"FLUSH {i}") for i in range(20)], on_done=stop)
+    assert not fake.qp.broken and fake.heads[-1] == fake.qp.head == fake.cq_tail   # all reaped, given back
+    fetched = len(fake.fetched)
+    assert fake.qp.run([Command(Nvm.READ, 1, [0x5000_0000], cdw10=i) for i in range(5)]) == \
+        [0x1000 + entry[2] for entry in fake.fetched[fetched:]]
+    with pytest.raises(ValueError):
+        fake.qp.run([Command(Nvm.FLUSH, 1)], depth=0)
