@@ -136,9 +136,9 @@ def console_machine(args: argparse.Namespace, name: str):  # type: ignore[no-unt
     from .images import linux
     from .machine import Machine, MachineSpec
     if args.kernel:
-        for f in (args.kernel, args.initrd):
-            if f and not Path(f).is_file():
-                raise HarnessError(f"no such file: {f}")
+        readable_file(args.kernel, "--kernel")
+        if args.initrd:
+            readable_file(args.initrd, "--initrd")
         spec = MachineSpec(kernel=Path(args.kernel), initrd=Path(args.initrd) if args.initrd else None,
                            append=args.append or "console=ttyS0", memory_mb=args.memory, accel=args.accel)
         return Machine(spec, name=name), args.prompt
@@ -160,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     words = args.guest_command[1:] if args.guest_command[:1] == ["--"] else args.guest_command
     command = " ".join(words)
     if not command:
-        raise HarnessError("nothing to run: hwharness run [--kernel K ...] -- COMMAND")
+        raise BadInput("nothing to run: hwharness run [--kernel K ...] -- COMMAND")
     machine, prompt = console_machine(args, "run")
     with machine as m:
         m.console.expect([prompt], args.timeout)
@@ -652,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     with_accel(sub.add_parser("demo", help="boot, drive the devices, print what happened"))
     bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
     bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "nvme", "boot"))
-    bench.add_argument("--count", type=int, help="boot: how many boots (default 10)")
+    bench.add_argument("--count", type=positive_int, help="boot: how many boots (default 10)")
     bench.add_argument("--json", metavar="PATH", help="write the result here too")
     bench.add_argument("--peer", choices=("linux",),
                        help="also measure Linux's own driver in the same machine (the Linux guest of `make images`)")
@@ -691,6 +691,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "no_iommu", False):
         os.environ[IOMMU_ENV] = "0"                 # every proxy_spec of this command, and its children
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:            # a failure is one line: QMP's own error repeats our MachineError, and
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)     # where a failed machine's files
+        logging.getLogger("harness.machine").setLevel(logging.ERROR)  # are kept is for -v
     commands = {"boot": cmd_boot, "run": cmd_run, "demo": cmd_demo, "bench": cmd_bench, "latency": cmd_latency,
                 "keyboard": cmd_keyboard, "parport": cmd_parport, "net": cmd_net, "disk": cmd_disk}
     try:

@@ -166,11 +166,12 @@ class ProxyError(HarnessError):
 
     status_name = "ERROR"
 
-    def __init__(self, request: Any, status: int, value: int = 0) -> None:
+    def __init__(self, request: Any, status: int, value: int = 0, register: str = "") -> None:
         self.request = request
         self.status = status
         self.value = value
-        super().__init__(f"{self.status_name}: {request}")
+        self.register = register           # the register's name, where the driver declared it
+        super().__init__(f"{self.status_name}: {request}" + (f" ({register})" if register else ""))
 
 
 class AccessDenied(ProxyError):

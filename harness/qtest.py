@@ -35,7 +35,7 @@ from .machine import Machine, MachineSpec
 from .machine.booted import BootedMachine
 from .machine.legacy import grantable
 from .proxy.abi import Abi, load_abi
-from .proxy.bus import DEFAULT_ELF
+from .proxy.guest import guest_elf
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ BRIDGE_MEM_ALIGN, BRIDGE_IO_ALIGN = 1 << 20, 1 << 12
 def _proxy_rules() -> Abi:
     """The proxy's limits and reserved ports, which this transport applies too: read from
     the proxy guest's ABI (guests/proxy/abi.h), never retyped."""
-    return load_abi(DEFAULT_ELF)
+    return load_abi(guest_elf())
 
 PCI_COMMAND = 0x04
 PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x1, 0x2, 0x4

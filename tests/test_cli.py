@@ -110,6 +110,13 @@ def test_parport_needs_a_readable_file(images: Path) -> None:
     refused(hwharness("parport", "--send", str(images), cwd=images), 2, "is a directory")
 
 
+def test_boot_and_run_need_a_kernel_file_and_run_a_command(images: Path) -> None:
+    refused(hwharness("boot", "--kernel", "missing-bzImage", cwd=images), 2, "--kernel missing-bzImage: no such file")
+    refused(hwharness("run", "--kernel", "fat32.img", "--initrd", str(images), "--", "true", cwd=images), 2,
+            f"--initrd {images}: is a directory")
+    refused(hwharness("run", "--kernel", "fat32.img", cwd=images), 2, "nothing to run")
+
+
 def test_outputs_that_cannot_be_written_are_refused_first(images: Path) -> None:
     refused(hwharness("bench", "roundtrip", "--json", str(images), cwd=images), 2, f"--json {images}: is a directory")
     (images / "a-file").write_text("")
@@ -126,6 +133,7 @@ def test_argparse_errors_share_the_prefix_and_status(images: Path) -> None:
 
 @pytest.mark.parametrize("args", [
     ["boot", "--accel", "fast"], ["demo", "--accel", "fast"], ["bench", "nope"], ["bench", "roundtrip", "--json"],
+    ["bench", "boot", "--count", "0"], ["run", "--memory", "lots"],
     ["net", "ping", "--count", "-1"], ["disk", "ls"], ["keyboard"], ["parport"], ["latency", "--mode", "busy"]],
     ids=lambda args: " ".join(args))
 def test_every_command_refuses_malformed_arguments(images: Path, args: list[str]) -> None:

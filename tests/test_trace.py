@@ -149,9 +149,12 @@ def test_pytest_traces_a_session_and_keeps_the_last_records_of_a_failed_test(
         pytester: pytest.Pytester, hwharness_accel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(REPO))         # the inner pytest loads this checkout's plugin
     pytester.makepyfile(test_inner='''
+        def debugcon(spec):
+            spec.chardev("null", "debugcon")
+            spec.device("isa-debugcon", iobase=0xE9, chardev="debugcon")
+
         def test_fails_after_some_accesses(proxy_machine_factory):
-            pm = proxy_machine_factory(lambda spec: spec.device("isa-debugcon", iobase=0xE9, chardev="null0")
-                                       and spec.chardev("null", "null0"))
+            pm = proxy_machine_factory(debugcon)
             port = pm.bus.ports(0xE9, 1)
             for _ in range(1500):
                 port.read8(0)
@@ -167,3 +170,13 @@ def test_pytest_traces_a_session_and_keeps_the_last_records_of_a_failed_test(
     lines = dumps[0].read_text().splitlines()
     assert len(lines) == 1000 and all("read   pio 0xe9" in line for line in lines[-900:])
     assert len([e for e in events(trace) if e["name"] == "read pio 0xe9"]) >= 1500
+
+
+@pytest.mark.qemu
+def test_an_error_names_the_register(proxy_machine) -> None:
+    from harness.errors import DeviceTimeout
+    with proxy_machine.bus.open(proxy_machine.bus.find(vendor=0x8086, device=0x100E)) as nic:
+        nic.bar(0).name_registers(Reg)
+        with pytest.raises(DeviceTimeout, match=r"poll mmio 0x[0-9a-f]+008 .* \(STATUS\) \(last value 0x") as failed:
+            nic.bar(0).poll32(Reg.STATUS, 0x4, 0x4, timeout=0.01)          # FUNC_ID: 0 on a single-port NIC
+        assert failed.value.register == "STATUS" and failed.value.request.addr == nic.bar(0).base + Reg.STATUS

@@ -246,10 +246,8 @@ class ProxyChannel(Channel):
             fault = self.dma_faults()
             assert fault is not None, "a DMA fault status with no fault recorded"
             raise DmaFault(what, status, fault)
-        error = self._errors.get(status)
-        if error is None:
-            raise ProxyError(what, status, value)
-        raise error(what, status, value)
+        register = self.register_name(what.space, what.addr) if isinstance(what, Access) else ""
+        raise self._errors.get(status, ProxyError)(what, status, value, register)
 
     # ---- the access interface ----
 
