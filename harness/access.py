@@ -51,6 +51,7 @@ class Space(enum.Enum):
     PIO = "pio"        # x86 I/O ports
     MMIO = "mmio"      # guest-physical memory-mapped registers
     CONFIG = "config"  # the channel's own PCI configuration space (offsets)
+    DMA = "dma"        # memory from Bus.dma_alloc, by DmaBuffer.phys: polls only (wait for what a device wrote)
 
 
 class Kind(enum.Enum):
@@ -64,7 +65,7 @@ class Kind(enum.Enum):
         return self is Kind.POLL or self is Kind.POLL_CHANGE
 
 
-WIDTHS = {Space.PIO: (1, 2, 4), Space.MMIO: (1, 2, 4, 8), Space.CONFIG: (1, 2, 4)}
+WIDTHS = {Space.PIO: (1, 2, 4), Space.MMIO: (1, 2, 4, 8), Space.CONFIG: (1, 2, 4), Space.DMA: (1, 2, 4, 8)}
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,29 @@ def test_bad_input_gets_a_typed_error_and_changes_nothing(machine, nvme) -> None
     assert hashlib.sha256(fat.read_bytes()).hexdigest() == before
 
 
+def test_a_guest_side_wait_on_dma_memory_stays_inside_the_pool(machine, nvme) -> None:
+    from harness.access import Access, Kind, Space
+    from harness.errors import AccessDenied, BadRequest, DeviceTimeout
+    pm = machine[0]
+    channel = nvme.dev.channel
+    buffer = pm.bus.dma_alloc(4096)
+    try:
+        buffer.view[8:16] = (0x1234_5678_9ABC_DEF0).to_bytes(8, "little")
+        poll = lambda addr, width, expect: Access(Kind.POLL, Space.DMA, addr, width, 0, 0xFFFF, expect, 0.01)  # noqa: E731
+        assert channel.execute([poll(buffer.phys + 8, 8, 0xDEF0)]) == [0x1234_5678_9ABC_DEF0]
+        with pytest.raises(DeviceTimeout) as late:
+            channel.execute([poll(buffer.phys + 8, 2, 0x1111)])
+        assert late.value.last_value == 0xDEF0
+        with pytest.raises(AccessDenied):
+            channel.execute([poll(0x1000, 2, 0)])                      # guest memory outside the pool
+        with pytest.raises(AccessDenied):
+            channel.execute([poll(nvme.regs.base, 4, 0)])              # a device register is no DMA memory
+        with pytest.raises(BadRequest):
+            channel.execute([poll(buffer.phys + 9, 2, 0)])             # misaligned
+    finally:
+        pm.bus.dma_free(buffer)
+
+
 def test_each_queue_pairs_completions_arrive_on_its_own_vector(machine) -> None:
     pm, fat, noise = machine
     nvme = Nvme.open(pm.bus, queues=2, interrupts=True)
