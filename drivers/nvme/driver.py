@@ -167,7 +167,12 @@ class QueuePair:
         cq_doorbell = regs.access(Kind.WRITE, DOORBELL_BASE + (2 * qid + 1) * stride, 4, 0)   # completion queue head
         sq_doorbell = regs.access(Kind.WRITE, DOORBELL_BASE + 2 * qid * stride, 4, 0)         # submission queue tail
         self._doorbells = controller.dev.channel.prepare([cq_doorbell, sq_doorbell])
-        self._cq_doorbell, self._sq_doorbell = cq_doorbell.addr, sq_doorbell.addr
+        # Every access a round may need, built once: the hot path only picks them.
+        self._head_writes = [Access(Kind.WRITE, Space.MMIO, cq_doorbell.addr, 4, v) for v in range(entries)]
+        self._tail_writes = [Access(Kind.WRITE, Space.MMIO, sq_doorbell.addr, 4, v) for v in range(entries)]
+        status = self.cq.phys + CQE_STATUS_WORD * 2
+        self._phase_polls = [[Access(Kind.POLL, Space.DMA, status + (i << CQE_SIZE_LOG2), 2, 0, 1, phase, GUEST_WAIT)
+                              for i in range(entries)] for phase in (0, 1)]
         self.rung_tail = 0              # the tail the controller was last told
         self.submitted = 0              # commands given to the controller (diagnostics and tests)
         self.most_in_flight = 0
@@ -190,11 +195,10 @@ class QueuePair:
         head, tail = self.head, self.tail
         accesses = []
         if head != self.acked:
-            accesses.append(Access(Kind.WRITE, Space.MMIO, self._cq_doorbell, 4, head))
+            accesses.append(self._head_writes[head])
         if tail != self.rung_tail:
-            accesses.append(Access(Kind.WRITE, Space.MMIO, self._sq_doorbell, 4, tail))
-        accesses.append(Access(Kind.POLL, Space.DMA, self.cq.phys + (head << CQE_SIZE_LOG2) + CQE_STATUS_WORD * 2,
-                               2, 0, 1, self.phase, GUEST_WAIT))
+            accesses.append(self._tail_writes[tail])
+        accesses.append(self._phase_polls[self.phase][head])
         try:
             with self.controller.doorbell_lock:
                 self.controller.dev.channel.execute(accesses)
