@@ -342,8 +342,16 @@ def test_the_native_loop_reads_what_it_was_given_and_stays_in_its_grants(machine
             assert loop.prepare(ns, requests, blocks, depth, queues)() == count
             for i, (lba, buffer) in enumerate(requests):
                 assert bytes(buffer.view) == data[lba * 512:(lba + blocks) * 512], f"depth {depth}, request {i}"
-        # the Python driver carries on where the loop left its queues
-        assert ns.on(nvme.queues[1]).read(8, 8) == data[8 * 512:16 * 512]
+        # the Python driver carries on where the loop left its queues, even where the loop's
+        # last tail and the next command's tail are the one the driver itself rang last
+        queue = nvme.queues[0]
+        ns.on(queue).read(0, 8)
+        rung_before = queue.tail
+        laps = queue.entries - 1
+        assert loop.prepare(ns, [(8 * i, buffers[i % 64]) for i in range(laps)], 8, 32, [queue])() == laps
+        assert (queue.tail + 1) % queue.entries == rung_before
+        assert ns.on(queue).read(8, 8) == data[8 * 512:16 * 512]
+        assert ns.on(nvme.queues[1]).read(16, 8) == data[16 * 512:24 * 512]
         outside = DmaBuffer(0x1000, buffers[0].view)                # a buffer outside the DMA pool
         with pytest.raises(AccessDenied):
             loop.prepare(ns, [(0, outside)], 8, 1, nvme.queues[:1])()

@@ -206,6 +206,16 @@ class QueuePair:
             pass                        # not yet: the caller's deadline decides
         self.acked, self.rung_tail = head, tail
 
+    def resume(self, tail: int, head: int, phase: int, acked: int) -> None:
+        """Take the queue back after another driver (the in-guest loop) used it, in the state
+        it left: it rang every tail it wrote, and the head ``acked``."""
+        if not (0 <= tail < self.entries and 0 <= head < self.entries and 0 <= acked < self.entries
+                and phase in (0, 1)):
+            raise ValueError(f"queue {self.qid}: no such state: tail {tail}, head {head}, phase {phase}, "
+                             f"acked {acked}")
+        self.tail, self.head, self.phase, self.acked = tail, head, phase, acked
+        self.rung_tail = tail
+
     def bounce(self, size: int) -> DmaBuffer:
         """The queue's own buffer for copying reads and writes, at least ``size`` bytes."""
         if self._bounce is None or self._bounce.size < size:

@@ -85,7 +85,7 @@ class NativeNvmeLoop:
             finally:
                 for k, q in enumerate(queues):      # and back, whatever happened
                     fields = dict(zip(QUEUE_FIELDS, self._queue.unpack_from(self.block.view, place(k))))
-                    q.tail, q.head, q.phase, q.acked = (fields[f] for f in ("tail", "head", "phase", "acked"))
+                    q.resume(fields["tail"], fields["head"], fields["phase"], fields["acked"])
             fields = dict(zip(LOOP_FIELDS, self._loop.unpack_from(
                 self.block.view, self.abi.offsetof("proxy_nvme_loop", LOOP_FIELDS[0]))))
             if fields["errors"]:
