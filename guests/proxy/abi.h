@@ -98,6 +98,7 @@ enum proxy_op {
     PROXY_OP_MMIO_REPEAT = 10,
     PROXY_OP_PIO_POLL_CHANGE = 11,  /* until (read & mask) != expect, or timeout_us */
     PROXY_OP_MMIO_POLL_CHANGE = 12,
+    PROXY_OP_DMA_POLL = 13,         /* addr = guest-physical, inside the DMA pool: memory a device writes */
     /* admin channel only */
     PROXY_OP_OPEN_PCI = 32,         /* addr = bus << 8 | dev << 3 | fn, value = DMA domain base (IOVA),
                                        mask = its size (0: none); value := channel */
