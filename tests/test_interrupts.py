@@ -51,8 +51,9 @@ def _edu(pm: ProxyMachine, slot: int):
 def _quiet(irq) -> bool:
     """No interrupt arrived that wait() has not seen. QEMU asserts these devices' lines
     (and the IOAPIC redelivers) within the register write that causes it, and the proxy
-    serves requests with interrupts enabled: once a round trip after the last such
-    write has completed, any interrupt it caused has been counted."""
+    serves requests with interrupts enabled: under TCG, once a round trip after the last
+    such write has completed, any interrupt it caused has been counted. (Under KVM the
+    injection may lag the round trip: this can then miss a late interrupt, never invent one.)"""
     irq.channel.guest_time()
     return irq.count == irq.delivered
 
@@ -84,7 +85,6 @@ def test_level_line_waits_for_ack_and_fires_again_while_asserted(irq_machine, ni
         assert irq.masked
         assert _quiet(irq), "a masked level line was delivered again before ack()"
         irq.ack()                                    # the NIC still asserts: it comes straight back
-        assert not _quiet(irq), "the settle check sees an interrupt it has not waited for"
         second = irq.wait(10)
         assert second.count == first.count + 1 and second.new == 1
         assert nic.bar(0).read32(ICR) == ICR_RXT0    # reading ICR deasserts the line
