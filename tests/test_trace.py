@@ -107,9 +107,14 @@ def test_a_driver_traced_with_register_names_tsc_interrupts_and_dma(proxy_machin
         nic.regs.read32(Reg.ICR)
         nic.irq.ack()
         nic.close()
+        with pm.bus.open(pm.bus.find(vendor=0x8086, device=0x100E)) as again:    # the same ring, reused
+            again.bar(0).read32(Reg.STATUS)
         pm.close()
     loaded = events(tmp_path / "e1000.json")
     names = {e["args"]["name"] for e in loaded if e["ph"] == "M"}
+    threads = [(e["pid"], e["tid"], e["args"]["name"]) for e in loaded if e["name"] == "thread_name"]
+    assert len({(pid, tid) for pid, tid, _ in threads}) == len(threads), "a track per channel"
+    assert len([name for _, _, name in threads if name.startswith("ch1 ") and "8086:100e" in name]) == 2
     assert "traced" in names and any("8086:100e" in n for n in names) and "ch0 admin" in names
     reads = [e for e in loaded if e["name"] == "read STATUS"]
     assert reads and reads[-1]["args"]["value"] == f"{status:#x}" and reads[-1]["args"]["space"] == "mmio"
