@@ -4,7 +4,7 @@
 PYTHON ?= python3
 ACCEL ?= auto
 PYTEST_ARGS ?=
-APT_PACKAGES := qemu-system-x86 gcc binutils make mtools dosfstools
+APT_PACKAGES := qemu-system-x86 gcc binutils make mtools dosfstools libc6-dev
 STAMP := .deps.stamp
 # apt's progress goes here, not to the terminal; if it fails, its tail is shown
 APT_LOG := .deps-apt.log
@@ -16,6 +16,7 @@ deps: $(STAMP)
 $(STAMP): pyproject.toml
 	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v mformat >/dev/null \
 	        || ! command -v gcc >/dev/null || ! command -v objcopy >/dev/null \
+	        || [ ! -e /usr/lib/x86_64-linux-gnu/libc.a ] \
 	        || ! PATH="$$PATH:/sbin:/usr/sbin" command -v mkfs.fat >/dev/null; then \
 	    if [ "$$(id -u)" = 0 ]; then \
 	        echo "installing $(APT_PACKAGES) with apt-get (its output: $(APT_LOG))"; \

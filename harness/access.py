@@ -55,6 +55,7 @@ class Space(enum.Enum):
     PIO = "pio"        # x86 I/O ports
     MMIO = "mmio"      # guest-physical memory-mapped registers
     CONFIG = "config"  # the channel's own PCI configuration space (offsets)
+    DMA = "dma"        # memory from Bus.dma_alloc, by DmaBuffer.phys: polls only (wait for what a device wrote)
 
 
 class Kind(enum.Enum):
@@ -71,7 +72,7 @@ class Kind(enum.Enum):
 PCI_COMMAND = 0x04                                  # PCI 3.0 6.2.2: the command register
 PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x2, 0x4   # memory space decode, bus master
 
-WIDTHS = {Space.PIO: (1, 2, 4), Space.MMIO: (1, 2, 4, 8), Space.CONFIG: (1, 2, 4)}
+WIDTHS = {Space.PIO: (1, 2, 4), Space.MMIO: (1, 2, 4, 8), Space.CONFIG: (1, 2, 4), Space.DMA: (1, 2, 4, 8)}
 
 
 @dataclass(frozen=True)
@@ -386,8 +387,9 @@ class Region:
         try:
             return self.poll32(offset, mask, expect, timeout)
         except DeviceTimeout as exc:
-            raise error(f"{self.name}+{offset:#x}: (value & {mask:#x}) != {expect:#x} after {timeout:g} s, "
-                        f"last {exc.last_value:#x}", exc.last_value) from exc
+            register = self.channel.register_name(self.space, self.base + offset) or f"{self.name}+{offset:#x}"
+            raise error(f"{register} & {mask:#x} was not {expect:#x} within {timeout:g} s "
+                        f"(last {exc.last_value:#x})", exc.last_value) from exc
 
     def poll32(self, offset: int, mask: int, expect: int, timeout: float) -> int:
         return self.poll(offset, 4, mask, expect, timeout)

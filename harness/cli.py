@@ -132,9 +132,9 @@ def device_table(pm: ProxyMachine) -> None:
 def console_machine(args: argparse.Namespace, name: str):  # type: ignore[no-untyped-def]
     """A machine for ``boot``/``run``: ``--kernel``/``--initrd``/``--append``, or the Linux guest
     ``make images`` built; with the regex its shell prompt matches."""
+    import re
     from .images import linux
     from .machine import Machine, MachineSpec
-    import re
     if args.kernel:
         readable_file(args.kernel, "--kernel")
         if args.initrd:
@@ -597,7 +597,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import ahci, e1000, nvme, roundtrip
     benches = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep, "ahci": ahci.run,
                "nvme": nvme.run}
-    result = benches[args.name](args.accel, quick=args.quick)
+    extra = {"peer": args.peer} if args.peer else {}
+    if args.peer and args.name not in ("ahci", "e1000"):
+        raise BadInput(f"--peer {args.peer} is for bench ahci and bench e1000, not {args.name}")
+    result = benches[args.name](args.accel, quick=args.quick, **extra)
     say(json.dumps({k: v for k, v in result.items() if k != "per_round"}, indent=2))
     write_json(result, args.json)
     return 0
@@ -646,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "nvme", "boot"))
     bench.add_argument("--count", type=positive_int, help="boot: how many boots (default 10)")
     bench.add_argument("--json", metavar="PATH", help="write the result here too")
+    bench.add_argument("--peer", choices=("linux",),
+                       help="also measure Linux's own driver in the same machine (the Linux guest of `make images`)")
     bench.add_argument("--quick", action="store_true",
                        help="a second or two of each workload: checks that the bench works, measures little")
     net = sub.add_parser("net", help="the e1000 driver against QEMU's user-mode network")

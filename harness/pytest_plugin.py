@@ -58,6 +58,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--hwharness-trace", default=None, metavar="PATH",
                     help="trace every access of every machine into PATH (Chrome/Perfetto JSON) and PATH's .txt; "
                          "a failed test's last 1000 records go to PATH-stem-failed/")
+    group.addoption("--hwharness-quiet", type=float, default=None, metavar="SECONDS",
+                    help="Linux machines: a console wait with no output for this long raises GuestHang "
+                         "(default: never; a test can pass quiet= to a wait)")
 
 
 def trace_path(config: pytest.Config) -> Path | None:
@@ -205,7 +208,8 @@ def _linux_factory(config: pytest.Config, accel: str, image: LinuxImage,
         spec.qemu = str(config.getoption("--hwharness-qemu"))
         if configure:
             configure(spec)
-        m = Machine(spec, name=name, **_machine_args(config, tmp_path_factory.getbasetemp()))  # type: ignore[arg-type]
+        m = Machine(spec, name=name, quiet=config.getoption("--hwharness-quiet"),
+                    **_machine_args(config, tmp_path_factory.getbasetemp()))  # type: ignore[arg-type]
         made.append(m)
         m.launch()
         image.wait_ready(m)

@@ -68,7 +68,7 @@ PCI_CAP_PTR = 0x34
 PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX = 0x05, 0x11
 
 _MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
-_MAX_WIDTH = {Space.PIO: 4, Space.MMIO: 8, Space.CONFIG: 4}
+_MAX_WIDTH = {Space.PIO: 4, Space.MMIO: 8, Space.CONFIG: 4, Space.DMA: 8}
 # Commands, preformatted: the hot path only fills in numbers.
 _READ_CMDS = {
     Space.PIO: {1: b"inb 0x%x\n", 2: b"inw 0x%x\n", 4: b"inl 0x%x\n"},
@@ -497,6 +497,8 @@ class QtestChannel(Channel):
         if not isinstance(width, int) or width not in _MASKS or width > _MAX_WIDTH[space] \
                 or not isinstance(addr, int) or addr & (width - 1):
             return BadRequest
+        if space is Space.DMA:
+            return AccessDenied             # this transport lends no DMA memory
         if space is Space.CONFIG:
             if not 0 <= addr < 256:
                 return BadRequest

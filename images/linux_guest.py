@@ -35,8 +35,12 @@ from elftools.elf.elffile import ELFFile
 KERNEL_META = "linux-image-amd64"
 BUSYBOX = "busybox-static"
 # Modules for the project's tests, with everything they depend on (from each module's .modinfo).
-MODULES = ("e1000", "ahci", "sd_mod", "vfat", "nls_cp437", "nls_ascii", "nls_utf8")
+MODULES = ("e1000", "ahci", "sd_mod", "vfat", "nls_cp437", "nls_ascii", "nls_utf8",
+           "pktgen")   # the kernel's packet generator: the peer baseline of `bench e1000 --peer linux`
+# Programs of the project's own, built static with the system's gcc: name in /bin -> source
+PROGRAMS = {"blockread": Path(__file__).resolve().parent / "peer" / "blockread.c"}
 PROMPT = "hwh-linux# "
+APT_ENV = {**os.environ, "LC_ALL": "C"}   # apt-cache's "Candidate:" is translated otherwise
 XZ_MAGIC = b"\xfd7zXZ\x00"
 XEN_ELFNOTE_PHYS32_ENTRY = 18          # the PVH entry point note QEMU looks for
 
@@ -63,7 +67,7 @@ def log(msg: str) -> None:
 def apt_download(package: str, cache: Path) -> Path:
     """The package's .deb in ``cache``, downloaded unless already there."""
     version = subprocess.run(["apt-cache", "policy", package], check=True, capture_output=True,
-                             text=True).stdout
+                             text=True, env=APT_ENV).stdout
     candidate = next(line.split(":", 1)[1].strip() for line in version.splitlines()
                      if line.strip().startswith("Candidate:"))
     if candidate == "(none)":
@@ -79,7 +83,7 @@ def apt_download(package: str, cache: Path) -> Path:
     if found:
         return found[0]
     log(f"apt-get download {package}={candidate}")
-    subprocess.run(["apt-get", "download", "-q", f"{package}={candidate}"], cwd=cache, check=True)
+    subprocess.run(["apt-get", "download", "-q", f"{package}={candidate}"], cwd=cache, check=True, env=APT_ENV)
     return next(p for p in cache.glob(f"{package}_*.deb") if deb_field(p, "Version") == candidate)
 
 
@@ -188,7 +192,15 @@ class Newc:
         return bytes(self.data)
 
 
-def initramfs(busybox_root: Path, kernel_root: Path, release: str) -> bytes:
+def build_program(source: Path, cache: Path) -> bytes:
+    """``source`` compiled static (it runs in a guest with no libc), rebuilt when it changes."""
+    out = cache / source.stem
+    if not out.exists() or out.stat().st_mtime < source.stat().st_mtime:
+        subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-o", str(out), str(source)], check=True)
+    return out.read_bytes()
+
+
+def initramfs(busybox_root: Path, kernel_root: Path, release: str, programs: dict[str, bytes]) -> bytes:
     archive = Newc()
     for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "etc", "root",
               "lib", "lib/modules", f"lib/modules/{release}"):
@@ -202,6 +214,8 @@ def initramfs(busybox_root: Path, kernel_root: Path, release: str) -> bytes:
         if applet != "bin/busybox":
             archive.symlink(applet, "/bin/busybox")
     archive.file("init", (INIT % {"prompt": PROMPT}).encode(), 0o755)
+    for name, binary in programs.items():
+        archive.file(f"usr/bin/{name}", binary, 0o755)
     moddir = kernel_root / "lib" / "modules" / release
     closure = module_closure(moddir, MODULES)
     made = {f"lib/modules/{release}"}
@@ -235,12 +249,14 @@ def main(outdir: Path) -> None:
     kernel_root, busybox_root = extract(kernel_deb, cache), extract(busybox_deb, cache)
     release = next((kernel_root / "lib" / "modules").iterdir()).name
     write_if_changed(outdir / "vmlinux", vmlinux_from_bzimage((kernel_root / "boot" / f"vmlinuz-{release}").read_bytes()))
-    write_if_changed(outdir / "initramfs.cpio", initramfs(busybox_root, kernel_root, release))
+    programs = {name: build_program(source, cache) for name, source in PROGRAMS.items()}
+    write_if_changed(outdir / "initramfs.cpio", initramfs(busybox_root, kernel_root, release, programs))
     manifest = {
         "release": release,
         "packages": {deb_field(d, "Package"): deb_field(d, "Version") for d in (kernel_deb, busybox_deb)},
         "modules": sorted(module_closure(kernel_root / "lib" / "modules" / release, MODULES)),
         "prompt": PROMPT,
+        "programs": sorted(PROGRAMS),
         "kernel": "vmlinux",
         "initrd": "initramfs.cpio",
     }

@@ -15,10 +15,10 @@ from harness.bench import ahci, e1000, nvme
 pytestmark = pytest.mark.qemu
 
 
-def bench(name: str, accel: str, tmp_path: Path) -> dict:
+def bench(name: str, accel: str, tmp_path: Path, *extra: str) -> dict:
     out = tmp_path / f"{name}.json"
     run = subprocess.run([sys.executable, "-m", "harness.cli", "bench", name, "--quick", "--accel", accel,
-                          "--json", str(out)], capture_output=True, text=True, timeout=900)
+                          "--json", str(out), *extra], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["quick"] is True and result["clock"] == "host"
@@ -95,3 +95,17 @@ def test_bench_e1000_itr_quick(tmp_path: Path, hwharness_accel: str) -> None:
     for figures in result["results"].values():
         assert 0 < figures["irq_latency_p50_us"] <= figures["irq_latency_p99_us"]
         assert figures["rx_pps"] > 0 and figures["irqs_per_1000_frames"] > 0
+
+
+def test_bench_ahci_and_e1000_quick_with_linux_as_the_peer(tmp_path: Path, linux_accel: str) -> None:
+    """Linux's own drivers in the same machine configuration: each figure present, each run
+    checked by the bench (blockread's whole reads, pktgen's and the interface's counts)."""
+    disk = bench("ahci", linux_accel, tmp_path, "--peer", "linux")
+    net = bench("e1000", linux_accel, tmp_path, "--peer", "linux")
+    for result, keys, tool in ((disk, ("randread_4k_qd1_iops", "seqread_128k_mbps"), "blockread"),
+                               (net, ("tx_pps_64", "tx_pps_1514"), "pktgen")):
+        assert result["peer"]["tool"].startswith(tool) and result["peer"]["call_ms"] > 0
+        for key in keys:
+            assert result["results"][f"peer_linux_{key}"] > 0
+            assert result["results"][f"ratio_python_over_peer_linux_{key}"] > 0
+            assert len(result["peer"]["runs"][f"peer_linux_{key}"]) == 3

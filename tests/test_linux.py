@@ -38,7 +38,7 @@ def test_run_parses_output_interleaved_with_printk_noise(linux_machine) -> None:
         # the pause makes room for kernel lines inside the output, not only around it
         assert console.run(f"echo $(({i}*7)); usleep 20000; echo line-{i}") == (f"{i * 7}\nline-{i}", 0)
     # The parse had something to survive: kernel lines printed inside the framed output.
-    framed = re.findall(r"hwh[0-9a-f]{8}B\r?\n(.*?)hwh[0-9a-f]{8}E", console.text(), re.DOTALL)
+    framed = re.findall(r"hwh[0-9a-f]{8}B[ \d.]*\r?\n(.*?)hwh[0-9a-f]{8}E", console.text(), re.DOTALL)
     assert sum("hwh-noise" in f for f in framed) >= 5, "the noise never landed inside a command's output"
 
 
@@ -161,3 +161,29 @@ def test_linux_ahci_reads_the_fat_image_byte_exact(devices_machine) -> None:
     files = IMAGES / "files"
     assert sums["/mnt/random.bin"] == hashlib.sha256((files / "random.bin").read_bytes()).hexdigest()
     assert sums["/mnt/docs/readme.txt"] == hashlib.sha256((files / "docs" / "readme.txt").read_bytes()).hexdigest()
+
+
+def test_eight_machines_booted_at_once_each_answer_on_their_own_console(linux_accel, linux_image, tmp_path) -> None:
+    from contextlib import ExitStack
+    from harness.machine import Machine
+    with ExitStack() as stack:
+        machines = []
+        for i in range(8):                  # launched from this thread: QEMU dies with the thread that forks it
+            m = Machine(linux_image.spec(accel=linux_accel, append=f"hwh_id=m{i}"), name=f"par{i}",
+                        artifacts_root=tmp_path)
+            stack.enter_context(m)
+            machines.append(m)
+        for m in machines:
+            linux_image.wait_ready(m, timeout=300)
+        for i, m in enumerate(machines):
+            # init's environment carries the id its own command line gave it: no console crossed over
+            assert m.console.run("echo $hwh_id") == (f"m{i}", 0)
+        assert len({m.workdir for m in machines}) == 8
+        assert len({m.endpoints.serial for m in machines}) == 8
+
+
+def test_dmesg_through_run_keeps_the_boot_log(linux_machine, linux_image) -> None:
+    # dmesg prints lines shaped like the kernel's own console lines; only live ones are noise.
+    out, status = linux_machine.console.run("dmesg | head -3")
+    assert status == 0
+    assert out.startswith("[    0.000000] Linux version " + linux_image.release), out

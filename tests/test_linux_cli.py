@@ -11,6 +11,7 @@ import pytest
 from harness.bench import boot
 
 pytestmark = pytest.mark.qemu
+pytest_plugins = ["pytester"]
 
 
 def cli(*args: str) -> list[str]:
@@ -47,3 +48,13 @@ def test_boot_bench_reports_every_phase(linux_accel, tmp_path) -> None:
     assert sum(phases.values()) == pytest.approx(result["boot_p50_s"], abs=1e-6)
     assert phases["qemu_start"] > 0 and phases["init_to_prompt"] > 0 and phases["prompt_to_answer"] > 0
     assert result["parallel2_s"] > 0 and result["restore_p50_ms"] > 0 and result["proxy_boot_p50_ms"] > 0
+
+
+def test_a_users_three_line_test_passes_with_the_plugin(pytester, linux_accel, linux_image) -> None:
+    pytester.makepyfile(f"""
+        def test_mine(linux_machine):
+            output, status = linux_machine.console.run("uname -r")
+            assert status == 0 and output == {linux_image.release!r}
+    """)
+    result = pytester.runpytest("-p", "no:xdist", f"--hwharness-accel={linux_accel}")
+    result.assert_outcomes(passed=1)

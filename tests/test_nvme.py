@@ -176,6 +176,31 @@ def test_bad_input_gets_a_typed_error_and_changes_nothing(machine, nvme) -> None
     assert hashlib.sha256(fat.read_bytes()).hexdigest() == before
 
 
+def test_a_guest_side_wait_on_dma_memory_stays_inside_the_domain(machine, nvme) -> None:
+    from harness.access import Access, Kind, Space
+    from harness.errors import AccessDenied, BadRequest, DeviceTimeout
+    pm = machine[0]
+    channel = nvme.dev.channel
+    buffer = nvme.dev.dma_alloc(4096)
+    try:
+        buffer.view[8:16] = (0x1234_5678_9ABC_DEF0).to_bytes(8, "little")
+        poll = lambda addr, width, expect: Access(Kind.POLL, Space.DMA, addr, width, 0, 0xFFFF, expect, 0.01)  # noqa: E731
+        assert channel.execute([poll(buffer.phys + 8, 8, 0xDEF0)]) == [0x1234_5678_9ABC_DEF0]
+        with pytest.raises(DeviceTimeout) as late:
+            channel.execute([poll(buffer.phys + 8, 2, 0x1111)])
+        assert late.value.last_value == 0xDEF0
+        with pytest.raises(AccessDenied):
+            channel.execute([poll(0x1000, 2, 0)])                      # guest memory outside the domain
+        with pytest.raises(AccessDenied):                              # the shared window outside it too
+            channel.execute([poll(pm.bus.window.field("window_phys"), 4, 0)])
+        with pytest.raises(AccessDenied):
+            channel.execute([poll(nvme.regs.base, 4, 0)])              # a device register is no DMA memory
+        with pytest.raises(BadRequest):
+            channel.execute([poll(buffer.phys + 9, 2, 0)])             # misaligned
+    finally:
+        nvme.dev.dma_free(buffer)
+
+
 def test_each_queue_pairs_completions_arrive_on_its_own_vector(machine) -> None:
     pm, fat, noise = machine
     nvme = Nvme.open(pm.bus, queues=2, interrupts=True)
@@ -319,8 +344,16 @@ def test_the_native_loop_reads_what_it_was_given_and_stays_in_its_grants(machine
             assert loop.prepare(ns, requests, blocks, depth, queues)() == count
             for i, (lba, buffer) in enumerate(requests):
                 assert bytes(buffer.view) == data[lba * 512:(lba + blocks) * 512], f"depth {depth}, request {i}"
-        # the Python driver carries on where the loop left its queues
-        assert ns.on(nvme.queues[1]).read(8, 8) == data[8 * 512:16 * 512]
+        # the Python driver carries on where the loop left its queues, even where the loop's
+        # last tail and the next command's tail are the one the driver itself rang last
+        queue = nvme.queues[0]
+        ns.on(queue).read(0, 8)
+        rung_before = queue.tail
+        laps = queue.entries - 1
+        assert loop.prepare(ns, [(8 * i, buffers[i % 64]) for i in range(laps)], 8, 32, [queue])() == laps
+        assert (queue.tail + 1) % queue.entries == rung_before
+        assert ns.on(queue).read(8, 8) == data[8 * 512:16 * 512]
+        assert ns.on(nvme.queues[1]).read(16, 8) == data[16 * 512:24 * 512]
         outside = DmaBuffer(0x1000, buffers[0].view)                # a buffer outside the DMA pool
         with pytest.raises(AccessDenied):
             loop.prepare(ns, [(0, outside)], 8, 1, nvme.queues[:1])()

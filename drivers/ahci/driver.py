@@ -99,10 +99,8 @@ class Ahci:
         device.enable_dma()
         self.regs.write32(Hba.GHC, self.regs.read32(Hba.GHC) | Ghc.AE)
         self.regs.write32(Hba.GHC, Ghc.HR | Ghc.AE)              # HBA reset (AHCI 10.4.3)
-        try:
-            self.regs.poll32(Hba.GHC, Ghc.HR, 0, timeout)
-        except DeviceTimeout as exc:
-            raise DiskError("the HBA did not come out of reset", exc.last_value, 0) from exc
+        self.regs.wait32(Hba.GHC, Ghc.HR, 0, timeout,
+                         lambda detail, last: DiskError(f"the HBA did not come out of reset: {detail}", last, 0))
         self.regs.write32(Hba.GHC, Ghc.AE | (Ghc.IE if interrupts else 0))
         self.cap = Cap(self.regs.read32(Hba.CAP))
         self.slots = ((self.cap >> CAP_NCS_SHIFT) & CAP_NCS_MASK) + 1
@@ -184,10 +182,8 @@ class Port:
         return self._r(Px.SIG)
 
     def _wait(self, reg: int, mask: int, value: int, what: str) -> int:
-        try:
-            return self.r.poll32(self.base + reg, mask, value, self.hba.timeout)
-        except DeviceTimeout as exc:
-            raise DiskError(f"port {self.index}: timed out waiting for {what}", exc.last_value, 0) from exc
+        return self.r.wait32(self.base + reg, mask, value, self.hba.timeout, lambda detail, last: DiskError(
+            f"port {self.index}: timed out waiting for {what}: {detail}", last, 0))
 
     def stop(self) -> None:
         """Stop the command list and FIS receive (AHCI 10.1.2)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from harness.access import Bus, Deadline, Device, DmaBuffer, IrqMode
-from harness.errors import DeviceTimeout, HarnessError, InterruptTimeout
+from harness.errors import HarnessError, InterruptTimeout
 
 from .descriptors import RX_DD, RX_EOP, TX_DD, TX_EOP, TX_IFCS, TX_RS, RxDesc, TxDesc
 from .regs import (EERD_ADDR_SHIFT, EERD_DATA_SHIFT, MTA_ENTRIES, TCTL_COLD_FD, TCTL_CT, TIPG_82540, Ctrl,
@@ -110,10 +110,8 @@ class E1000:
         log.info("e1000 %s up, mac %s", self.dev.function.bdf, self.mac.hex(":"))
 
     def _wait(self, reg: int, mask: int, value: int, what: str, timeout: float = 2.0) -> int:
-        try:
-            return self.regs.poll32(reg, mask, value, timeout)
-        except DeviceTimeout as exc:
-            raise E1000Error(f"e1000: timed out waiting for {what} ({Reg(reg).name}={exc.last_value:#010x})") from exc
+        return self.regs.wait32(reg, mask, value, timeout,
+                                lambda detail, _: E1000Error(f"e1000: timed out waiting for {what}: {detail}"))
 
     def read_mac(self) -> bytes:
         words = []

@@ -2,10 +2,11 @@
 
 Queues live in DMA memory the host has mapped, so Python writes submission
 entries and reads completion entries itself, at host speed; the guest only
-carries the doorbell writes (one batch per round: the completion queue's head
-and the submission queue's tail). Completion is seen by polling the phase bit
-of the next completion entry in memory, or by waiting for the queue's own
-MSI-X vector. Every error status becomes an :class:`NvmeError` naming the
+carries the doorbell writes, one batch per round: the completion queue's head
+and the submission queue's tail, then a guest-side poll of the phase bit of the
+next completion entry, in the same round trip (so the guest stays busy, as an
+in-kernel driver's would, instead of dozing off between doorbells). With
+interrupts, each queue waits for its own MSI-X vector instead. Every error status becomes an :class:`NvmeError` naming the
 command, its status code type and code, and its LBA.
 
 Threads: one queue pair serves one thread at a time; several threads may each
@@ -16,13 +17,12 @@ and take turns under a lock).
 from __future__ import annotations
 
 import logging
-import os
 import struct
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from harness.access import Bus, Deadline, Device, DmaBuffer, Irq, IrqMode, Kind
+from harness.access import Access, Bus, Deadline, Device, DmaBuffer, Irq, IrqMode, Kind, Space
 from harness.errors import DeviceTimeout, HarnessError, InterruptTimeout
 
 from .regs import (CQ_IEN, CQ_PC, CQE, CQE_STATUS_WORD, CQE_WORDS, CC_IOCQES_SHIFT, CC_IOSQES_SHIFT,
@@ -40,6 +40,8 @@ IO_ENTRIES = 64                     # per I/O queue: 63 commands in flight
 PRP_LIST_ENTRIES = PAGE // 8        # one list page per command: 2 MiB at most
 COMMAND_TIMEOUT = 5.0               # seconds a command may take
 COPY_BUDGET = 4 << 20               # bytes of DMA buffers read_queued holds at once
+GUEST_WAIT = 100e-6                 # one guest-side wait for a completion: short, so queues sharing
+                                    # the device's channel take turns
 
 
 DMA_SIZE = 16 << 20                     # the controller's DMA domain: its queues, PRP lists, callers' buffers
@@ -164,9 +166,16 @@ class QueuePair:
         self.phase = 1                  # the controller writes entries with this phase until it wraps
         self.broken = False
         regs, stride = controller.regs, controller.doorbell_stride
-        self._doorbells = controller.dev.channel.prepare([
-            regs.access(Kind.WRITE, DOORBELL_BASE + (2 * qid + 1) * stride, 4, 0),   # completion queue head
-            regs.access(Kind.WRITE, DOORBELL_BASE + 2 * qid * stride, 4, 0)])         # submission queue tail
+        cq_doorbell = regs.access(Kind.WRITE, DOORBELL_BASE + (2 * qid + 1) * stride, 4, 0)   # completion queue head
+        sq_doorbell = regs.access(Kind.WRITE, DOORBELL_BASE + 2 * qid * stride, 4, 0)         # submission queue tail
+        self._doorbells = controller.dev.channel.prepare([cq_doorbell, sq_doorbell])
+        # Every access a round may need, built once: the hot path only picks them.
+        self._head_writes = [Access(Kind.WRITE, Space.MMIO, cq_doorbell.addr, 4, v) for v in range(entries)]
+        self._tail_writes = [Access(Kind.WRITE, Space.MMIO, sq_doorbell.addr, 4, v) for v in range(entries)]
+        status = self.cq.phys + CQE_STATUS_WORD * 2
+        self._phase_polls = [[Access(Kind.POLL, Space.DMA, status + (i << CQE_SIZE_LOG2), 2, 0, 1, phase, GUEST_WAIT)
+                              for i in range(entries)] for phase in (0, 1)]
+        self.rung_tail = 0              # the tail the controller was last told
         self.submitted = 0              # commands given to the controller (diagnostics and tests)
         self.most_in_flight = 0
         self._bounce: DmaBuffer | None = None
@@ -180,7 +189,34 @@ class QueuePair:
         """Both doorbells in one batch: the entries reaped so far, and the new tail."""
         with self.controller.doorbell_lock:
             self._doorbells.run({0: self.head, 1: self.tail})
-        self.acked = self.head
+        self.acked, self.rung_tail = self.head, self.tail
+
+    def _ring_and_wait(self) -> None:
+        """The doorbells that moved, then a guest-side wait (at most GUEST_WAIT) until the next
+        completion entry carries the controller's phase: one round trip."""
+        head, tail = self.head, self.tail
+        accesses = []
+        if head != self.acked:
+            accesses.append(self._head_writes[head])
+        if tail != self.rung_tail:
+            accesses.append(self._tail_writes[tail])
+        accesses.append(self._phase_polls[self.phase][head])
+        try:
+            with self.controller.doorbell_lock:
+                self.controller.dev.channel.execute(accesses)
+        except DeviceTimeout:
+            pass                        # not yet: the caller's deadline decides
+        self.acked, self.rung_tail = head, tail
+
+    def resume(self, tail: int, head: int, phase: int, acked: int) -> None:
+        """Take the queue back after another driver (the in-guest loop) used it, in the state
+        it left: it rang every tail it wrote, and the head ``acked``."""
+        if not (0 <= tail < self.entries and 0 <= head < self.entries and 0 <= acked < self.entries
+                and phase in (0, 1)):
+            raise ValueError(f"queue {self.qid}: no such state: tail {tail}, head {head}, phase {phase}, "
+                             f"acked {acked}")
+        self.tail, self.head, self.phase, self.acked = tail, head, phase, acked
+        self.rung_tail = tail
 
     def bounce(self, size: int) -> DmaBuffer:
         """The queue's own buffer for copying reads and writes, at least ``size`` bytes."""
@@ -211,19 +247,16 @@ class QueuePair:
         return (self._cq_words[self.head * CQE_WORDS + CQE_STATUS_WORD] & 1) == self.phase
 
     def _wait(self, deadline: Deadline) -> None:
-        """Until the next completion entry is the controller's: its vector, or a spin on memory
-        that gives the core away each time round (the vCPU and QEMU's threads need it)."""
-        spins = 0
+        """Until the next completion entry is the controller's: guest-side waits, or the vector."""
         while not self._completed():
-            if self.irq is not None:
+            if self.irq is None:
+                self._ring_and_wait()
+            else:
                 try:
                     self.irq.wait(deadline.remaining)
                 except InterruptTimeout:
                     pass
-            else:
-                spins += 1
-                os.sched_yield()
-            if ((spins & 0x3F) == 0 or self.irq is not None) and deadline.expired and not self._completed():
+            if deadline.expired and not self._completed():
                 raise DeviceTimeout(f"a completion on queue {self.qid}", 0, 0)
 
     def run(self, commands: Sequence[Command], depth: int | None = None,
@@ -295,7 +328,10 @@ class QueuePair:
             # The completion queue must hold every command in flight, counting entries
             # reaped but not yet given back; otherwise the controller waits for the head.
             if unrung or (self.head - self.acked) % self.entries + in_flight > self.depth:
-                self._ring()
+                if self.irq is None and not self._completed():
+                    self._ring_and_wait()
+                else:
+                    self._ring()
                 unrung = False
             deadline = Deadline(timeout)
             try:

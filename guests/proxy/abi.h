@@ -98,6 +98,7 @@ enum proxy_op {
     PROXY_OP_MMIO_REPEAT = 10,
     PROXY_OP_PIO_POLL_CHANGE = 11,  /* until (read & mask) != expect, or timeout_us */
     PROXY_OP_MMIO_POLL_CHANGE = 12,
+    PROXY_OP_DMA_POLL = 13,         /* addr = guest-physical, inside the DMA pool: memory a device writes */
     /* admin channel only */
     PROXY_OP_OPEN_PCI = 32,         /* addr = bus << 8 | dev << 3 | fn, value = DMA domain base (IOVA),
                                        mask = its size (0: none); value := channel */
@@ -322,7 +323,6 @@ struct proxy_shared {
     u32 state;                      /* enum proxy_state */
     u32 guest_sleeping;             /* guest: "kick me before you wait" */
     u32 ndevices;
-    u64 host_sleeping;              /* bit n: the host sleeps on doorbell vector n; ring it */
     u64 tsc_hz;                     /* guest TSC frequency, calibrated on the PIT */
     u64 window_size;                /* bytes of BAR2 */
     u64 window_phys;                /* guest-physical address of BAR2 */
@@ -333,6 +333,7 @@ struct proxy_shared {
     u32 iommu;                      /* 1: DMA is translated, each device confined to its domain */
     u32 unowned_dma_faults;         /* faults by devices no channel holds */
     u8 ring_posted[PROXY_MAX_CHANNELS]; /* host: 1 after it moves ring n's submit; guest: 0 before serving it */
+    u8 host_sleeping[PROXY_DOORBELL_VECTORS];   /* host: 1 while it sleeps on doorbell vector n; ring it */
     struct proxy_irq irqs[PROXY_MAX_CHANNELS * PROXY_IRQ_VECTORS];    /* channel c's vector v at c * VECTORS + v */
     struct proxy_dma_fault dma_faults[PROXY_MAX_CHANNELS];
     struct proxy_crash crash;

@@ -87,7 +87,7 @@ static int any_overlap(const struct window *w, int n, u64 addr, u64 width)
 void proxy_wake_host(u32 vector)
 {
     mfence();                           /* our results before we read its flag */
-    if (doorbell && vector < PROXY_DOORBELL_VECTORS && (READ_ONCE(shared->host_sleeping) & (1ull << vector)))
+    if (doorbell && vector < PROXY_DOORBELL_VECTORS && READ_ONCE(shared->host_sleeping[vector]))
         mmio_write32(doorbell, PROXY_HOST_PEER << 16 | vector);
 }
 
@@ -266,11 +266,11 @@ static void mmio_write(u64 a, u8 width, u64 v)
  * every compare in a chain of them costs about a microsecond.
  */
 enum access_kind {
-    ACCESS_PIO = 1, ACCESS_MMIO = 2, ACCESS_CFG = 4,        /* the space */
+    ACCESS_PIO = 1, ACCESS_MMIO = 2, ACCESS_CFG = 4, ACCESS_DMA = 128,     /* the space */
     ACCESS_WRITE = 8, ACCESS_POLL = 16, ACCESS_CHANGE = 32, ACCESS_REPEAT = 64,
 };
 
-static const u8 access_kinds[PROXY_OP_MMIO_POLL_CHANGE + 1] = {
+static const u8 access_kinds[PROXY_OP_DMA_POLL + 1] = {
     [PROXY_OP_PIO_READ] = ACCESS_PIO,
     [PROXY_OP_PIO_WRITE] = ACCESS_PIO | ACCESS_WRITE,
     [PROXY_OP_MMIO_READ] = ACCESS_MMIO,
@@ -283,8 +283,10 @@ static const u8 access_kinds[PROXY_OP_MMIO_POLL_CHANGE + 1] = {
     [PROXY_OP_MMIO_REPEAT] = ACCESS_MMIO | ACCESS_REPEAT,
     [PROXY_OP_PIO_POLL_CHANGE] = ACCESS_PIO | ACCESS_POLL | ACCESS_CHANGE,
     [PROXY_OP_MMIO_POLL_CHANGE] = ACCESS_MMIO | ACCESS_POLL | ACCESS_CHANGE,
+    [PROXY_OP_DMA_POLL] = ACCESS_DMA | ACCESS_POLL,
 };
 
+/* DMA memory is plain memory: read as such (mmio_read's accessors are volatile loads too). */
 static u64 space_read(u8 kind, u64 addr, u8 width)
 {
     return kind & ACCESS_PIO ? pio_read((u16)addr, width) : mmio_read(addr, width);
@@ -293,7 +295,7 @@ static u64 space_read(u8 kind, u64 addr, u8 width)
 /* Check one access against the channel's grants; width and alignment first. */
 static u16 check_access(const struct channel *ch, u8 kind, u64 addr, u8 width)
 {
-    u8 max_width = kind & ACCESS_MMIO ? 8 : 4;
+    u8 max_width = kind & (ACCESS_MMIO | ACCESS_DMA) ? 8 : 4;
     if (width == 0 || width > max_width || (width & (width - 1)) || (addr & (width - 1)))
         return PROXY_STATUS_BAD_REQUEST;
     if (kind & ACCESS_CFG) {
@@ -312,6 +314,8 @@ static u16 check_access(const struct channel *ch, u8 kind, u64 addr, u8 width)
         return addr >= ch->isa_base && addr - ch->isa_base <= 64u - width
             && (ch->isa_ports >> (addr - ch->isa_base) & bits) == bits ? PROXY_STATUS_OK : PROXY_STATUS_DENIED;
     }
+    if (kind & ACCESS_DMA)              /* a wait on what the device wrote: its own DMA domain only */
+        return ch->device && in_window(&ch->dma, addr, width) ? PROXY_STATUS_OK : PROXY_STATUS_DENIED;
     if (!inside(ch->mmio, ch->nmmio, addr, width))
         return PROXY_STATUS_DENIED;
     if (kind & ACCESS_WRITE && any_overlap(ch->mmio_readonly, ch->nmmio_readonly, addr, width))

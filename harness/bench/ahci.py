@@ -25,7 +25,7 @@ from drivers.ahci.regs import Ata
 from ..access import DmaBuffer
 from ..errors import MachineError
 from ..proxy import ProxyBus, ProxyMachine, proxy_spec
-from .paired import Run, Workload, clock_figures, run_rounds
+from .paired import Run, Workload, add_peer, clock_figures, run_rounds
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +194,10 @@ def workloads(a: DiskRig, b: DiskRig, draw: Draw, count: int, native: bool) -> l
 
 
 def run(accel: str, count: int = 2000, rounds: int = 9, quick: bool = False, iommu: bool | None = None,
-        iommu_cost: bool = True) -> dict[str, object]:
+        iommu_cost: bool = True, peer: str | None = None) -> dict[str, object]:
     """Python and native take turns, workload by workload, as ``paired.run_rounds`` does; then
     (``iommu_cost``) the Python driver with the IOMMU on against the same with it off, on
-    two machines, the same way."""
+    two machines, the same way; then (``peer="linux"``) Linux's own driver on the same disk."""
     if quick:
         count, rounds = QUICK["count"], QUICK["rounds"]
     iommu = proxy_spec(accel=accel, iommu=iommu).iommu      # the caller's choice, or the default
@@ -221,5 +221,11 @@ def run(accel: str, count: int = 2000, rounds: int = 9, quick: bool = False, iom
                                   sides=("iommu_on", "iommu_off"))
                 result["iommu_cost"] = min(v for k, v in cost["results"].items() if k.startswith("ratio_"))
                 result["iommu_rounds"] = cost
+            iommu = pm.bus.iommu
+        if peer == "linux":
+            from . import peer_linux
+            drive = {"format": "raw", "id": DRIVE, "aio": aio, "if": "none", "file.locking": "off"}
+            linux = peer_linux.disk(accel, image, drive, count, min(count, (DISK_BYTES >> 17) - 1))
+            add_peer(result, linux)
     return {"benchmark": "ahci", "accel": {"python": accel, "native": accel}, "aio": aio, "quick": quick,
-            "iommu": pm.bus.iommu, **figures, **result}
+            "iommu": iommu, **figures, **result}

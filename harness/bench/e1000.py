@@ -31,7 +31,7 @@ from drivers.e1000.regs import Reg
 
 from ..machine import MachineSpec
 from ..proxy import ProxyBus, ProxyMachine, proxy_spec
-from .paired import Run, Workload, clock_figures, run_rounds
+from .paired import Run, Workload, add_peer, clock_figures, run_rounds
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,16 @@ def host_socket() -> socket.socket:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
     s.bind(("127.0.0.1", 0))
     return s
+
+
+def _drain(host: socket.socket, stop: threading.Event) -> None:
+    """Read and drop what reaches ``host`` until ``stop``."""
+    host.settimeout(0.1)
+    while not stop.is_set():
+        try:
+            host.recv(2048)
+        except TimeoutError:
+            pass
 
 
 class NativeLoop:
@@ -141,12 +151,7 @@ class Rig:
         self._drainer.start()
 
     def _drain(self) -> None:
-        self.host.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                self.host.recv(2048)
-            except TimeoutError:
-                pass
+        _drain(self.host, self._stop)
 
     def close(self) -> None:
         self._stop.set()
@@ -267,7 +272,7 @@ def workloads(a: Rig, b: Rig, counts: dict[str, int], native: bool) -> list[list
 
 
 def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int = 5, quick: bool = False,
-        iommu: bool | None = None, iommu_cost: bool = True) -> dict[str, object]:
+        iommu: bool | None = None, iommu_cost: bool = True, peer: str | None = None) -> dict[str, object]:
     """All the transmit rounds, then all the receive rounds (a receive leaves QEMU busy with
     the socket for a while, and a transmit measured just after it suffers); then
     (``iommu_cost``) the Python driver with the IOMMU on against the same with it off, on
@@ -292,6 +297,22 @@ def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int =
             result["iommu_cost"] = min(v for k, v in cost["results"].items() if k.startswith("ratio_"))
             result["iommu_rounds"] = cost
         iommu = pm.bus.iommu
+    if peer == "linux":
+        from . import peer_linux
+        with contextlib.ExitStack() as stack:       # the far end drains, as the bench's does
+            host = host_socket()
+            stack.callback(host.close)
+            probe = host_socket()
+            qemu_port = probe.getsockname()[1]
+            probe.close()
+            stop = threading.Event()
+            drainer = threading.Thread(target=_drain, args=(host, stop), daemon=True)
+            drainer.start()
+            stack.callback(drainer.join, 2)
+            stack.callback(stop.set)
+            add_peer(result, peer_linux.transmit(
+                accel, {"udp": f"127.0.0.1:{host.getsockname()[1]}", "localaddr": f"127.0.0.1:{qemu_port}"},
+                {"64": count_64, "1514": count_1514}))
     return {"benchmark": "e1000", "accel": {"python": accel, "native": accel}, "quick": quick, "iommu": iommu,
             **figures, **result}
 

@@ -72,20 +72,21 @@ class NativeNvmeLoop:
                              len(requests), 0, 0)
         channel, stride = self.nvme.dev.channel, self.nvme.doorbell_stride
 
-        def place(k: int, q: QueuePair) -> int:
+        def place(k: int) -> int:
+            """Where queue k's fields start in the block."""
             return self._queues_at + k * self._queue_size + self.abi.offsetof("proxy_nvme_queue", QUEUE_FIELDS[0])
 
         def run() -> int:
             for k, q in enumerate(queues):          # the queues as the Python driver left them
-                self._queue.pack_into(self.block.view, place(k, q), q.sq.phys, q.cq.phys, q.prp_lists.phys,
+                self._queue.pack_into(self.block.view, place(k), q.sq.phys, q.cq.phys, q.prp_lists.phys,
                                       q.entries, min(depth, q.depth), DOORBELL_BASE + 2 * q.qid * stride,
                                       DOORBELL_BASE + (2 * q.qid + 1) * stride, q.tail, q.head, q.phase, q.acked)
             try:
                 channel.control(self.abi.PROXY_OP_NVME_LOOP, self.block.phys, 0, "native nvme loop")
             finally:
                 for k, q in enumerate(queues):      # and back, whatever happened
-                    fields = dict(zip(QUEUE_FIELDS, self._queue.unpack_from(self.block.view, place(k, q))))
-                    q.tail, q.head, q.phase, q.acked = (fields[f] for f in ("tail", "head", "phase", "acked"))
+                    fields = dict(zip(QUEUE_FIELDS, self._queue.unpack_from(self.block.view, place(k))))
+                    q.resume(fields["tail"], fields["head"], fields["phase"], fields["acked"])
             fields = dict(zip(LOOP_FIELDS, self._loop.unpack_from(
                 self.block.view, self.abi.offsetof("proxy_nvme_loop", LOOP_FIELDS[0]))))
             if fields["errors"]:

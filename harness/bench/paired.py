@@ -163,3 +163,15 @@ def run_rounds(groups: list[list[Workload]], rounds: int, pms: list[ProxyMachine
             "per_round": {k: [round(x, 4 if k.startswith("ratio_") else 1) for x in v] for k, v in per_round.items()},
             "work": {w.key: {"units_per_run": w.units, "counted_by": w.counted_by or "the side itself"}
                      for group in groups for w in group}}
+
+
+def add_peer(result: dict, peer: dict) -> None:
+    """Put a peer's figures (``peer_<name>_<key>``) beside the bench's, with the ratio of the
+    Python driver's figure to each (``ratio_python_over_peer_<name>_<key>``)."""
+    results = result["results"]
+    for key, value in peer["results"].items():
+        results[key] = value
+        ours = results.get(key.split("_", 2)[2])
+        if ours:
+            results[f"ratio_python_over_{key}"] = round(ours / value, 3)
+    result["peer"] = {k: v for k, v in peer.items() if k != "results"}

@@ -15,7 +15,9 @@ output for ``quiet`` seconds (:class:`~harness.errors.GuestHang`, with what QMP'
 :meth:`Console.run` frames a shell command between two unique markers. The kernel
 may print between any two bytes the shell writes; the markers are matched with its
 log lines allowed anywhere inside them and those lines are removed from the output,
-so ``printk`` noise cannot break the parse (labgrid#1749).
+so ``printk`` noise cannot break the parse (labgrid#1749). Only log lines stamped no
+earlier than the newest the console had shown before the command count as noise, so
+the output of ``dmesg`` (old stamps) comes back whole.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ Quiet = Union[float, None, _Default]
 TAIL_CHARS = 3000
 SETTLE_S = 0.25          # after evidence, wait this long for silence so the error quotes the whole trace
 EVIDENCE_GRACE_S = 1.0   # ... but never longer than this
+UPTIME_MARGIN_S = 0.2    # /proc/uptime is ahead of the kernel log's clock by some 30 ms
 POLL_S = 0.05            # how often a wait looks up from the stream (evidence, QEMU gone, quiet)
 VT100 = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -69,6 +72,7 @@ class ConsoleRules:
     and the lines that mean it has failed (most severe first)."""
 
     noise: str = r"\[ *\d+\.\d+\] [^\n]*\n"     # a Linux printk line with its timestamp
+    stamp: str = r"^\[ *(\d+\.\d+)\]"             # the time in a noise line (seconds since boot)
     failures: tuple[tuple[str, type[GuestFailure]], ...] = (
         (r"Kernel panic - not syncing[^\n]*", GuestPanic),
         (r"\] (?:Oops|BUG|kernel BUG at|general protection fault)[: ][^\n]*", GuestOops),
@@ -128,6 +132,8 @@ class Console:
         self._machine = machine
         self._failures = [(re.compile(p), err) for p, err in rules.failures]
         self._noise = re.compile(rules.noise)
+        self._stamp = re.compile(rules.stamp, re.MULTILINE)
+        self._kernel_time = 0.0           # the newest log stamp seen on the console
         self._cond = threading.Condition()
         self._transcript = bytearray()
         self._pending = bytearray()       # read from the socket, not yet taken by an expect
@@ -185,6 +191,7 @@ class Console:
         with self._cond:
             self._scanned = len(self._transcript)
             self._evidence = None
+            self._kernel_time = 0.0       # the restored kernel's clock is behind what we saw
         self._drain()
 
     def _read(self, sock: socket.socket) -> None:
@@ -214,6 +221,8 @@ class Console:
             return
         text = self._transcript[self._scanned:end].decode("utf-8", "replace")
         self._scanned = end
+        for stamp in self._stamp.findall(text):
+            self._kernel_time = max(self._kernel_time, float(stamp))
         for rank, (regex, error) in enumerate(self._failures):
             m = regex.search(text)
             if m and (self._evidence is None or rank < self._evidence.rank):
@@ -272,6 +281,9 @@ class Console:
         return error(what, self.tail(), self._machine.workdir, **extra)
 
     def _exited(self) -> Exception:
+        ev = self._evidence
+        if ev is not None:                # it panicked and then QEMU went: the panic is the news
+            return self._failure(ev.error, ev.line)
         reason = self._machine.exit_reason(timeout=1.0)
         if reason == "guest-reset":
             return self._failure(GuestReset, "the guest reset (a triple fault or a reboot); -no-reboot made "
@@ -336,28 +348,46 @@ class Console:
         gap = f"(?:{self.rules.noise})*"
         return gap.join(re.escape(c) for c in literal)
 
-    def clean(self, text: str) -> str:
-        """``text`` without the guest's log lines, terminal escapes and carriage returns."""
-        return VT100.sub("", self._noise.sub("", text)).replace("\r", "")
+    def clean(self, text: str, since: float = 0.0) -> str:
+        """``text`` without the guest's log lines stamped ``since`` or later, terminal escapes
+        and carriage returns."""
+        def strip(line: re.Match[str]) -> str:
+            text = line.group(0)
+            stamp = self._stamp.match(text)
+            if stamp is None or float(stamp.group(1)) >= since:
+                return ""
+            # an older line (dmesg's output) may have a live one printed into its middle
+            return text[0] + self._noise.sub(strip, text[1:])
+        return VT100.sub("", self._noise.sub(strip, text)).replace("\r", "")
 
     def run(self, command: str, timeout: float = 30.0,
             quiet: Quiet = DEFAULT) -> tuple[str, int]:
         """Run ``command`` at a POSIX shell prompt; its output (stdout and stderr) and exit status.
 
-        The command runs through ``eval`` in the current shell (``cd``, variables
-        stay), framed by markers that its own echo cannot contain.
+        The command runs through ``command eval`` in the current shell (``cd`` and
+        variables stay; a syntax error is status 2), framed by markers that its own
+        echo cannot contain. The begin marker carries the guest's uptime where
+        ``/proc/uptime`` exists: log lines stamped before it are output (``dmesg``),
+        not noise.
         """
         marker = "hwh" + secrets.token_hex(4)
         split = f"'{marker[:5]}''{marker[5:]}'"      # the shell prints it whole; its echo shows it split
         self._drain()
-        self.sendline(f"echo {split}B; command eval {shlex.quote(command)}; echo {split}E $?")
-        gap = f"(?:{self.rules.noise})*"
-        begin = self._tolerant(marker + "B") + gap + r"\r?\n"
-        end = self._tolerant(marker + "E ") + r"(?P<status>\d(?:" + self.rules.noise + r"|\d)*)" + gap + r"\r?\n"
+        with self._cond:
+            since = self._kernel_time
+        self.sendline(f"{{ read -r _hwh_up _ < /proc/uptime; }} 2>/dev/null; echo {split}B $_hwh_up; "
+                      f"command eval {shlex.quote(command)}; echo {split}E $?")
+        noise = self.rules.noise
+        begin = self._tolerant(marker + "B") + r"(?P<uptime>(?:[ \d.]|" + noise + r")*)\r?\n"
+        end = self._tolerant(marker + "E ") + r"(?P<status>\d(?:" + noise + r"|\d)*)(?:" + noise + r")*\r?\n"
         deadline = time.monotonic() + timeout
-        self.expect([begin], timeout, quiet)
+        started = self.expect([begin], timeout, quiet)
+        uptime = self._noise.sub("", started.match.group("uptime")).strip()
+        if re.fullmatch(r"\d+\.\d+", uptime):
+            # the log's clock runs some 30 ms behind /proc/uptime's: leave a margin
+            since = max(since, float(uptime) - UPTIME_MARGIN_S)
         found = self.expect([end], max(0.0, deadline - time.monotonic()), quiet)
-        output = self.clean(found.before)
+        output = self.clean(found.before, since)
         status = int(self._noise.sub("", found.match.group("status")))
         return (output[:-1] if output.endswith("\n") else output), status
 

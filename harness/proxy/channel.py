@@ -69,9 +69,10 @@ class ProxyChannel(Channel):
             (Kind.POLL, Space.PIO): abi.PROXY_OP_PIO_POLL, (Kind.POLL, Space.MMIO): abi.PROXY_OP_MMIO_POLL,
             (Kind.POLL_CHANGE, Space.PIO): abi.PROXY_OP_PIO_POLL_CHANGE,
             (Kind.POLL_CHANGE, Space.MMIO): abi.PROXY_OP_MMIO_POLL_CHANGE,
+            (Kind.POLL, Space.DMA): abi.PROXY_OP_DMA_POLL,
         }
-        self._read_ops = {space: self._ops[Kind.READ, space] for space in Space}
-        self._write_ops = {space: self._ops[Kind.WRITE, space] for space in Space}
+        self._read_ops = {space: op for (kind, space), op in self._ops.items() if kind is Kind.READ}
+        self._write_ops = {space: op for (kind, space), op in self._ops.items() if kind is Kind.WRITE}
 
     def __repr__(self) -> str:
         return f"<ProxyChannel {self.index} {self.name}>"

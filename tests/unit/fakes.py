@@ -63,15 +63,24 @@ class FakeDma:
 
 
 class FakeMmio(Channel):
-    """MMIO served by a ``write(addr, value)`` callback (reads return 0); every batch is logged."""
+    """MMIO writes served by a ``write(addr, value)`` callback, and polls of ``memory`` (what a
+    device wrote, guest-side waits) that time out at once if unsatisfied; every batch is logged."""
 
-    def __init__(self, write: Callable[[int, int], None]) -> None:
-        self._write = write
+    def __init__(self, write: Callable[[int, int], None], memory: FakeDma) -> None:
+        self._write, self.memory = write, memory
         self.batches: list[list[Access]] = []
 
     def execute(self, accesses: Sequence[Access]) -> list[int]:
         self.batches.append(list(accesses))
+        out = []
         for a in accesses:
+            if a.kind is Kind.POLL and a.space is Space.DMA:
+                value = int.from_bytes(self.memory.read(a.addr, a.width), "little")
+                if not a.satisfied_by(value):
+                    raise DeviceTimeout(a, 0, value)
+                out.append(value)
+                continue
             assert a.space is Space.MMIO and a.kind is Kind.WRITE
             self._write(a.addr, a.value)
-        return [0] * len(accesses)
+            out.append(0)
+        return out

@@ -11,7 +11,7 @@ import pytest
 from drivers.nvme import Command, NvmeError, QueuePair
 from drivers.nvme.driver import parse_controller, parse_namespace
 from drivers.nvme.regs import CQE, DOORBELL_BASE, SQE, Nvm
-from harness.access import Region, Space
+from harness.access import Kind, Region, Space
 
 from .fakes import FakeDma, FakeMmio
 
@@ -26,7 +26,7 @@ class FakeController:
 
     def __init__(self, entries: int, status_of=lambda sqe: 0) -> None:  # type: ignore[no-untyped-def]
         self.dma = FakeDma()
-        self.channel = FakeMmio(self._doorbell)
+        self.channel = FakeMmio(self._doorbell, self.dma)
         self.regs = Region(self.channel, Space.MMIO, BAR, 0x4000)
         self.status_of = status_of
         self.entries = entries
@@ -82,9 +82,14 @@ def test_phase_wraps_and_a_full_queue_never_holds_more_than_entries_minus_one() 
     assert sorted(done) == list(range(10)) and len(results) == 10
     assert fake.qp.most_in_flight == 3 and fake.qp.submitted == 10
     assert len({entry[2] for entry in fake.fetched}) == 3         # three command identifiers, reused
-    # every round is one batch: the completion queue head, then the submission queue tail
-    assert all([a.addr - BAR for a in batch] == [DOORBELL_BASE + 3 * STRIDE, DOORBELL_BASE + 2 * STRIDE]
-               for batch in fake.channel.batches)
+    # every round is one batch: the completion queue's head and the submission queue's tail where
+    # they moved, then a guest-side wait on the next completion entry's phase
+    cq_head, sq_tail = BAR + DOORBELL_BASE + 3 * STRIDE, BAR + DOORBELL_BASE + 2 * STRIDE
+    for batch in fake.channel.batches:
+        writes = [a.addr for a in batch if a.kind is Kind.WRITE]
+        assert writes in ([cq_head, sq_tail], [sq_tail], [cq_head], [])
+        assert batch[-1].kind is Kind.POLL and batch[-1].space is Space.DMA
+        assert fake.qp.cq.phys <= batch[-1].addr < fake.qp.cq.phys + fake.qp.cq.size
     assert fake.qp.head == 10 % 4 and fake.qp.phase == fake.phase == 1     # wrapped twice: flipped and back
 
 
