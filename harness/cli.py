@@ -627,11 +627,6 @@ def add_kernel_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hwharness", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0)
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an error (also HWHARNESS_DEBUG=1)")
-    parser.add_argument("--trace", metavar="PATH",
-                        help="record every access, batch, poll, interrupt and DMA allocation: Chrome/Perfetto "
-                             "trace JSON at PATH, a text log beside it (.txt)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_accel(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -687,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     lat.add_argument("--json", metavar="PATH", help="write the figures here")
     lat.add_argument("--quick", action="store_true", help="time 200 interrupts: checks the tool, measures little")
     lat.add_argument("--plot", metavar="PNG", help="write histograms of the stages here")
+    add_anywhere_options(parser)
     args = parser.parse_args(argv)
     if getattr(args, "no_iommu", False):
         os.environ[IOMMU_ENV] = "0"                 # every proxy_spec of this command, and its children
@@ -707,6 +703,28 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except BaseException as exc:  # the one place a failure becomes what a person reads
         return report(exc, debug=args.debug or os.environ.get("HWHARNESS_DEBUG", "") not in ("", "0"))
+
+
+# Options of the main parser that may also follow any command: ``hwharness disk ls X --trace T``.
+ANYWHERE = (
+    (("--debug",), dict(action="store_true", help="show the traceback of an error (also HWHARNESS_DEBUG=1)")),
+    (("--trace",), dict(metavar="PATH", help="record every access, batch, poll, interrupt and DMA allocation: "
+                                             "Chrome/Perfetto trace JSON at PATH, a text log beside it (.txt)")),
+)
+
+
+def add_anywhere_options(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """ANYWHERE's options on ``parser`` and every command below it. Below the top they
+    default to SUPPRESS, so one that is not given leaves the top's value alone."""
+    if top:
+        for flags, settings in ANYWHERE:
+            parser.add_argument(*flags, **settings)  # type: ignore[arg-type]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                for flags, settings in ANYWHERE:
+                    command.add_argument(*flags, **settings, default=argparse.SUPPRESS)  # type: ignore[arg-type]
+                add_anywhere_options(command, top=False)
 
 
 def complain(message: str) -> None:

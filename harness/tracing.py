@@ -67,8 +67,9 @@ class Tracer:
         self.written = 0                            # records written out so far
         self.t0 = time.perf_counter_ns()
         self._lock = threading.Lock()
-        self._tracks: dict[int, tuple[int, int]] = {}     # id(channel) -> (pid, tid), first seen order
-        self._machines: dict[int, int] = {}               # id(bus) -> pid
+        # channel -> (pid, tid) and bus -> pid; held, so that no id is reused while the trace is on
+        self._tracks: dict[object, tuple[int, int]] = {}
+        self._machines: dict[object, int] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._json = open(self.path, "w")
         self._text = open(text_path(self.path), "w")
@@ -109,17 +110,19 @@ class Tracer:
 
     def _track(self, channel: Channel) -> tuple[int, int]:
         """(pid, tid) of a channel: a process per machine, a thread per channel, named when first seen."""
-        track = self._tracks.get(id(channel))
+        track = self._tracks.get(channel)
         if track is None:
             bus = getattr(channel, "bus", None)
-            pid = self._machines.get(id(bus))
+            pid = self._machines.get(bus)
             if pid is None:
-                pid = self._machines[id(bus)] = len(self._machines) + 1
+                pid = self._machines[bus] = len(self._machines) + 1
                 machine = getattr(getattr(bus, "machine", None), "name", "machine")
                 self._event({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": machine}})
-            track = self._tracks[id(channel)] = (pid, int(getattr(channel, "index", len(self._tracks))))
-            self._event({"ph": "M", "name": "thread_name", "pid": pid, "tid": track[1],
-                         "args": {"name": f"ch{track[1]} {getattr(channel, 'name', channel)}"}})
+            # a track per channel: a ring index is used again by the next channel opened after a close
+            tid = 1 + sum(1 for p, _ in self._tracks.values() if p == pid)
+            track = self._tracks[channel] = (pid, tid)
+            self._event({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
+                         "args": {"name": f"ch{getattr(channel, 'index', '?')} {getattr(channel, 'name', channel)}"}})
         return track
 
     def _event(self, event: dict[str, Any]) -> None:
@@ -181,7 +184,7 @@ class Tracer:
         _, _, text = self.describe(record)
         pid, tid = self._track(record[1])
         took = f"+{(end - start) / 1000:9.3f}" if end is not None else f"{'':10}"
-        return f"{self._us(start):14.3f} us {took}  m{pid} ch{tid:<2} {text}"
+        return f"{self._us(start):14.3f} us {took}  m{pid} ch{getattr(record[1], 'index', '?'):<2} {text}"
 
     def flush(self) -> None:
         """Write out every record not yet written, keeping the last ``keep`` for tail()."""

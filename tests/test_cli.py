@@ -143,11 +143,12 @@ def test_every_command_refuses_malformed_arguments(images: Path, args: list[str]
     assert ": error: " in result.stderr.splitlines()[-1] and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("how", ["--debug", "HWHARNESS_DEBUG=1"])
+@pytest.mark.parametrize("how", ["--debug first", "--debug last", "HWHARNESS_DEBUG=1"])
 def test_debug_adds_the_traceback(images: Path, how: str) -> None:
     args = ["disk", "ls", "random.img"]
-    result = (hwharness("--debug", *args, cwd=images) if how == "--debug"
-              else hwharness(*args, cwd=images, env={"HWHARNESS_DEBUG": "1"}))
+    result = {"--debug first": lambda: hwharness("--debug", *args, cwd=images),
+              "--debug last": lambda: hwharness(*args, "--debug", cwd=images),
+              "HWHARNESS_DEBUG=1": lambda: hwharness(*args, cwd=images, env={"HWHARNESS_DEBUG": "1"})}[how]()
     assert result.returncode == 2
     assert "Traceback (most recent call last)" in result.stderr
     assert "NotFatFilesystem" in result.stderr

@@ -107,9 +107,14 @@ def test_a_driver_traced_with_register_names_tsc_interrupts_and_dma(proxy_machin
         nic.regs.read32(Reg.ICR)
         nic.irq.ack()
         nic.close()
+        with pm.bus.open(pm.bus.find(vendor=0x8086, device=0x100E)) as again:    # the same ring, reused
+            again.bar(0).read32(Reg.STATUS)
         pm.close()
     loaded = events(tmp_path / "e1000.json")
     names = {e["args"]["name"] for e in loaded if e["ph"] == "M"}
+    threads = [(e["pid"], e["tid"], e["args"]["name"]) for e in loaded if e["name"] == "thread_name"]
+    assert len({(pid, tid) for pid, tid, _ in threads}) == len(threads), "a track per channel"
+    assert len([name for _, _, name in threads if name.startswith("ch1 ") and "8086:100e" in name]) == 2
     assert "traced" in names and any("8086:100e" in n for n in names) and "ch0 admin" in names
     reads = [e for e in loaded if e["name"] == "read STATUS"]
     assert reads and reads[-1]["args"]["value"] == f"{status:#x}" and reads[-1]["args"]["space"] == "mmio"
@@ -130,8 +135,8 @@ def test_a_driver_traced_with_register_names_tsc_interrupts_and_dma(proxy_machin
 def test_the_cli_traces_any_command(tmp_path: Path, hwharness_accel: str) -> None:
     from tests.fatimages import make_image
     image = make_image(tmp_path / "disk.img", 16, {"a.txt": b"traced\n"}, tmp_path)
-    done = subprocess.run([sys.executable, "-m", "harness.cli", "--trace", "out/disk.json", "disk", "cat", "disk.img",
-                           "/a.txt", "--accel", hwharness_accel], cwd=tmp_path, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "disk", "cat", "disk.img", "/a.txt",
+                           "--trace", "out/disk.json", "--accel", hwharness_accel], cwd=tmp_path, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "traced\n"
