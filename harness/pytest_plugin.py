@@ -252,6 +252,8 @@ class _SharedLinux:
                 m.shutdown()
             m = self.machine = self.factory(name="linux-shared")
             m.snapshot(READY_SNAPSHOT)
+        assert m.console is not None
+        m.console.quiet = m.quiet         # a test may have changed it for itself
         self.dirty = True
         return m
 

@@ -307,7 +307,8 @@ class Console:
 
     def expect(self, patterns: Pattern | Sequence[Pattern], timeout: float,
                quiet: Quiet = DEFAULT) -> Expected:
-        """Wait until one of ``patterns`` (regular expressions) appears after the previous match.
+        """Wait until one of ``patterns`` (regular expressions; strings are compiled with
+        ``re.DOTALL``, so ``.`` spans lines) appears after the previous match.
 
         Returns which matched, the text before it and the match. Raises
         :class:`~harness.errors.ConsoleTimeout` after ``timeout`` seconds, a
