@@ -94,7 +94,7 @@ def test_bench_e1000_itr_quick(tmp_path: Path, hwharness_accel: str) -> None:
     assert set(result["results"]) == {f"itr_{itr}" for itr in e1000.ITR_SETTINGS}
     for figures in result["results"].values():
         assert 0 < figures["irq_latency_p50_us"] <= figures["irq_latency_p99_us"]
-        assert figures["rx_pps"] > 0 and figures["irqs_per_1000_frames"] > 0
+        assert figures["rx_pps"] > 0 and figures["irqs_per_1000_frames"] >= 0   # 0: every look found frames
 
 
 def test_bench_ahci_and_e1000_quick_with_linux_as_the_peer(tmp_path: Path, linux_accel: str) -> None:
