@@ -6,6 +6,8 @@ ACCEL ?= auto
 PYTEST_ARGS ?=
 APT_PACKAGES := qemu-system-x86 gcc binutils make mtools dosfstools
 STAMP := .deps.stamp
+# apt's progress goes here, not to the terminal; if it fails, its tail is shown
+APT_LOG := .deps-apt.log
 
 .PHONY: deps guest images test demo bench clean
 
@@ -13,9 +15,14 @@ deps: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v mformat >/dev/null \
+	        || ! command -v gcc >/dev/null || ! command -v objcopy >/dev/null \
 	        || ! PATH="$$PATH:/sbin:/usr/sbin" command -v mkfs.fat >/dev/null; then \
 	    if [ "$$(id -u)" = 0 ]; then \
-	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	        echo "installing $(APT_PACKAGES) with apt-get (its output: $(APT_LOG))"; \
+	        if ! { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(APT_PACKAGES); } \
+	                >$(APT_LOG) 2>&1; then \
+	            echo "apt-get failed; the end of $(APT_LOG):" >&2; tail -n 25 $(APT_LOG) >&2; exit 1; \
+	        fi; \
 	    else \
 	        echo "missing Debian packages: run 'sudo apt-get install $(APT_PACKAGES)'" >&2; exit 1; \
 	    fi; \
@@ -23,11 +30,13 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q -e '.[test]'
 	@touch $@
 
+# The guest is built on first use into a cache keyed by its sources (harness/proxy/guest.py);
+# this builds it ahead of time and prints where.
 guest:
-	$(MAKE) -C guests/proxy
+	$(PYTHON) -c 'from harness.proxy.guest import guest_elf; print(guest_elf())'
 
 images:
-	$(MAKE) -C images
+	$(MAKE) -C images PYTHON=$(PYTHON)
 
 test: deps guest images
 	$(PYTHON) -m pytest -n 2 --hwharness-accel $(ACCEL) $(PYTEST_ARGS)

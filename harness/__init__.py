@@ -2,12 +2,14 @@
 
 from .access import (Access, Bar, Batch, Bus, Channel, Device, Irq, IrqEvent, IrqMode, Kind, PciFunction, Region,
                      Space)
-from .errors import (AbiError, AccessDenied, BadRequest, DeviceTimeout, GuestCrash, HarnessError,
-                     InterruptTimeout, MachineError, ProxyError, ProxyFault, ProxyUnresponsive, QemuNotFound)
+from .errors import (AbiError, AccessDenied, BadInput, BadRequest, DeviceNotFound, DeviceTimeout, GuestCrash,
+                     HarnessError, InterruptTimeout, MachineError, ProxyError, ProxyFault, ProxyUnresponsive,
+                     QemuNotFound)
 from .machine import Machine, MachineSpec
+from .tracing import Tracer, trace
 
 __all__ = [
-    "AbiError", "Access", "AccessDenied", "BadRequest", "Bar", "Batch", "Bus", "Channel", "Device",
-    "DeviceTimeout", "GuestCrash", "HarnessError", "InterruptTimeout", "Irq", "IrqEvent", "IrqMode", "Kind", "Machine", "MachineError", "MachineSpec",
-    "PciFunction", "ProxyError", "ProxyFault", "ProxyUnresponsive", "QemuNotFound", "Region", "Space",
+    "AbiError", "Access", "AccessDenied", "BadInput", "BadRequest", "Bar", "Batch", "Bus", "Channel", "Device",
+    "DeviceNotFound", "DeviceTimeout", "GuestCrash", "HarnessError", "InterruptTimeout", "Irq", "IrqEvent", "IrqMode", "Kind", "Machine", "MachineError", "MachineSpec",
+    "PciFunction", "ProxyError", "ProxyFault", "ProxyUnresponsive", "QemuNotFound", "Region", "Space", "Tracer", "trace",
 ]

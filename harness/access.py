@@ -16,7 +16,9 @@ The pieces:
 - :class:`Device`: an opened PCI function, its BARs and config space;
 - :class:`Bus`: finds functions and opens channels;
 - :class:`Irq`: a channel's interrupt: ``wait``, ``ack``, handlers, counters;
-- :class:`DmaBuffer`: memory a device can reach, from ``Bus.dma_alloc``.
+- :class:`DmaBuffer`: memory a device can reach, from ``Device.dma_alloc``: each
+  opened device has a DMA domain of its own, and with the IOMMU on it can
+  reach that and nothing else.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
+
+from .errors import DeviceNotFound, DeviceTimeout, DmaFaultRecord
 
 
 class Deadline:
@@ -64,6 +68,9 @@ class Kind(enum.Enum):
     def polls(self) -> bool:
         return self is Kind.POLL or self is Kind.POLL_CHANGE
 
+
+PCI_COMMAND = 0x04                                  # PCI 3.0 6.2.2: the command register
+PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x2, 0x4   # memory space decode, bus master
 
 WIDTHS = {Space.PIO: (1, 2, 4), Space.MMIO: (1, 2, 4, 8), Space.CONFIG: (1, 2, 4), Space.DMA: (1, 2, 4, 8)}
 
@@ -205,6 +212,12 @@ class Channel(abc.ABC):
         (one Irq for all of them: the i8042's 1 and 12, say)."""
         raise NotImplementedError(f"{type(self).__name__} does not deliver interrupts")
 
+    domain: "DmaDomain | None" = None       # the device's DMA memory, where the transport lends any
+
+    def dma_faults(self) -> "DmaFaultRecord | None":
+        """The latest DMA the device tried outside its domain (and how many so far), or None."""
+        return None
+
     def interrupts(self, mode: IrqMode, count: int) -> list[Irq]:
         """Enable the device's interrupt with ``count`` vectors (several: MSI-X entries 0..count-1),
         one Irq each with its own counter; closing the last of them disables the interrupt."""
@@ -214,6 +227,16 @@ class Channel(abc.ABC):
 
     def close(self) -> None:
         """Give the grants back. Idempotent."""
+
+    def name_registers(self, space: Space, names: Mapping[int, str]) -> None:
+        """Remember register names by address (``Region.name_registers`` calls this once per region);
+        a trace of this channel's accesses shows them."""
+        self.__dict__.setdefault("_register_names", {}).update(
+            {(space, addr): name for addr, name in names.items()})
+
+    def register_name(self, space: Space, addr: int) -> str:
+        """The name a driver gave the register at ``addr``, or ""."""
+        return str(self.__dict__.get("_register_names", {}).get((space, addr), ""))
 
 
 class Prepared:
@@ -253,6 +276,20 @@ class Prepared:
         if results is None:
             raise RuntimeError("no batch was started")
         return results
+
+
+class DmaDomain(abc.ABC):
+    """A device's own DMA memory: buffers it can reach, at the addresses to program into it."""
+
+    size: int
+
+    @abc.abstractmethod
+    def alloc(self, size: int, align: int = 4096) -> "DmaBuffer":
+        """A zeroed buffer; MemoryError when the domain has no room (it names what is free)."""
+
+    @abc.abstractmethod
+    def free(self, buffer: "DmaBuffer") -> None:
+        """Give a buffer back; ValueError if it is not one of this domain's."""
 
 
 class Region:
@@ -331,8 +368,41 @@ class Region:
     def write64(self, offset: int, value: int) -> None:
         self.write(offset, 8, value)
 
+    def set_bits32(self, offset: int, bits: int) -> int:
+        """Read, OR in ``bits``, write back; returns the value written."""
+        value = self.read32(offset) | bits
+        self.write32(offset, value)
+        return value
+
+    def clear_bits32(self, offset: int, bits: int) -> int:
+        """Read, clear ``bits``, write back; returns the value written."""
+        value = self.read32(offset) & ~bits & 0xFFFFFFFF
+        self.write32(offset, value)
+        return value
+
+    def wait32(self, offset: int, mask: int, expect: int, timeout: float,
+               error: Callable[[str, int], Exception]) -> int:
+        """``poll32``, but a timeout raises the caller's own error: ``error(message, last_value)``,
+        the message naming the register, what was awaited and what it last read."""
+        try:
+            return self.poll32(offset, mask, expect, timeout)
+        except DeviceTimeout as exc:
+            register = self.channel.register_name(self.space, self.base + offset) or f"{self.name}+{offset:#x}"
+            raise error(f"{register} & {mask:#x} was not {expect:#x} within {timeout:g} s "
+                        f"(last {exc.last_value:#x})", exc.last_value) from exc
+
     def poll32(self, offset: int, mask: int, expect: int, timeout: float) -> int:
         return self.poll(offset, 4, mask, expect, timeout)
+
+    def name_registers(self, registers: type[enum.IntEnum], offset: int = 0, prefix: str = "") -> None:
+        """Declare the names of this region's registers, once, from a driver's regs.py enum:
+        each member's value is its offset (plus ``offset``; ``prefix`` goes before the name, as
+        ``P0.`` for an AHCI port's block). Aliases share a name: ``STATUS/COMMAND``."""
+        names: dict[int, str] = {}
+        for name, member in registers.__members__.items():
+            addr = self.base + offset + int(member)
+            names[addr] = f"{names[addr]}/{name}" if addr in names else prefix + name
+        self.channel.name_registers(self.space, names)
 
     def __repr__(self) -> str:
         return f"<Region {self.name} {self.space.value} {self.base:#x}+{self.size:#x}>"
@@ -462,6 +532,29 @@ class Device:
         """The device's interrupt: INTx (level, shareable) or MSI."""
         return self.channel.interrupt(mode)
 
+    def enable_dma(self) -> None:
+        """Turn on memory decoding and bus mastering (PCI command register): the device may
+        then answer at its memory BARs and DMA into its domain."""
+        self.config.write16(PCI_COMMAND, self.config.read16(PCI_COMMAND) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
+
+    def dma_alloc(self, size: int, align: int = 4096) -> "DmaBuffer":
+        """Memory this device can DMA to and from, zeroed, from its own domain. ``phys`` is
+        the address to program into the device (an IOVA; the same with the IOMMU off)."""
+        if self.channel.domain is None:
+            raise NotImplementedError(f"{self.function}: this transport lends no DMA memory")
+        return self.channel.domain.alloc(size, align)
+
+    def dma_free(self, buffer: "DmaBuffer") -> None:
+        """Give a buffer back to the device's domain."""
+        if self.channel.domain is None:
+            raise NotImplementedError(f"{self.function}: this transport lends no DMA memory")
+        self.channel.domain.free(buffer)
+
+    def dma_faults(self) -> "DmaFaultRecord | None":
+        """The latest DMA the device tried outside its domain (with the running count), or None.
+        The channel's next request after a fault raises :class:`~harness.errors.DmaFault`."""
+        return self.channel.dma_faults()
+
     def irqs(self, mode: IrqMode, count: int) -> list[Irq]:
         """``count`` vectors of the device's interrupt (MSI-X entries 0..count-1), an Irq each."""
         return self.channel.interrupts(mode, count)
@@ -485,8 +578,9 @@ class Bus(abc.ABC):
         """Every PCI function, in enumeration order."""
 
     @abc.abstractmethod
-    def open_channel(self, function: PciFunction) -> Channel:
-        """A channel granted exactly ``function``'s BARs and config space."""
+    def open_channel(self, function: PciFunction, dma_size: int | None = None) -> Channel:
+        """A channel granted exactly ``function``'s BARs and config space, and where the
+        transport lends DMA memory, a domain of ``dma_size`` bytes (None: its default)."""
 
     @abc.abstractmethod
     def open_ports(self, base: int, count: int) -> Channel:
@@ -502,24 +596,21 @@ class Bus(abc.ABC):
 
     def find(self, vendor: int | None = None, device: int | None = None,
              class_code: int | None = None, subclass: int | None = None) -> PciFunction:
-        """The first function that matches; LookupError if none does."""
+        """The first function that matches; DeviceNotFound (a LookupError) if none does."""
         for f in self.find_all(vendor, device, class_code, subclass):
             return f
-        raise LookupError(f"no PCI function matches vendor={vendor} device={device} "
-                          f"class={class_code} subclass={subclass}")
+        wanted = ", ".join(f"{name} {value:#x}" for name, value in (("vendor", vendor), ("device", device),
+                           ("class", class_code), ("subclass", subclass)) if value is not None)
+        present = "; ".join(str(f) for f in self.functions) or "none"
+        raise DeviceNotFound(f"this machine has no PCI device with {wanted or 'any ID'} (it has: {present})")
 
     def close(self) -> None:
         """Close every channel this bus opened. Idempotent."""
 
-    def dma_alloc(self, size: int, align: int = 4096) -> DmaBuffer:
-        """Memory devices can DMA to and from, zeroed."""
-        raise NotImplementedError(f"{type(self).__name__} lends no DMA memory")
-
-    def dma_free(self, buffer: DmaBuffer) -> None:
-        """Give a buffer back."""
-
-    def open(self, function: PciFunction) -> Device:
-        return Device(function, self.open_channel(function))
+    def open(self, function: PciFunction, dma_size: int | None = None) -> Device:
+        """Open ``function``; ``dma_size`` is how much DMA memory its domain holds (None: the
+        transport's default)."""
+        return Device(function, self.open_channel(function, dma_size))
 
     def ports(self, base: int, count: int) -> Region:
         """An ISA port range as a region; close it with ``region.channel.close()``."""

@@ -1,7 +1,11 @@
 """``hwharness``: boot the proxy, run the demo, run benchmarks.
 
 What a person reads goes to stdout through ``say``; everything else is
-logging (``-v`` shows it).
+logging (``-v`` shows it). A command that fails says so in one line on
+stderr, ``hwharness: error: ...``, and exits 2 when the input was unusable
+(:class:`~harness.errors.BadInput`, checked before any machine boots where
+it can be), 1 when a check or a device failed; ``--debug`` or
+``HWHARNESS_DEBUG=1`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -11,20 +15,28 @@ import datetime
 import hashlib
 import json
 import logging
+import os
+import shutil
 import signal
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+import traceback
+from contextlib import closing
 from pathlib import Path
 
+from . import tracing
 from .access import Batch, IrqMode
 from .bench.stats import latencies_us, pct
-from .errors import HarnessError
-from .input import move_mouse, type_keys
+from .errors import DmaFault, BadInput, HarnessError
+from .input import move_mouse, type_keys, untypeable
 from drivers.ps2 import open_i8042
 from .machine import Option, RuntimeFile, random_mac
 from .proxy import ProxyMachine, proxy_spec
+from .proxy.bus import IOMMU_ENV
 
 log = logging.getLogger("hwharness")
 
@@ -37,6 +49,79 @@ def say(text: str = "") -> None:
     sys.stdout.flush()
 
 
+class CheckFailed(HarnessError):
+    """A command's own check failed (the bytes received differ from those sent, say): exit 1."""
+
+
+# ---- input, checked before a machine boots ----
+
+def readable_file(path: str, what: str) -> Path:
+    """``path`` if it names a regular file this process can read; BadInput naming it otherwise."""
+    file = Path(path)
+    if not file.exists():
+        raise BadInput(f"{what} {path}: no such file")
+    if file.is_dir():
+        raise BadInput(f"{what} {path}: is a directory, not a file")
+    try:
+        with open(file, "rb"):
+            pass
+    except OSError as exc:
+        raise BadInput(f"{what} {path}: cannot be read ({exc.strerror})") from exc
+    return file
+
+
+def disk_image(path: str) -> Path:
+    """A readable, non-empty image file (QEMU would attach an empty one as a disk of no sectors)."""
+    image = readable_file(path, "image")
+    if image.stat().st_size == 0:
+        raise BadInput(f"image {path}: is empty (0 bytes); a disk image holds at least one 512-byte sector")
+    return image
+
+
+def writable_output(path: str, option: str) -> None:
+    """Refuse an output path that cannot be written, before the work that would fill it."""
+    target = Path(path)
+    if target.is_dir():
+        raise BadInput(f"{option} {path}: is a directory; give a file name")
+    parent = target.resolve().parent
+    while not parent.exists():                      # write_json makes the missing directories
+        parent = parent.parent
+    try:                                            # the only sure test (root, read-only mounts, /proc)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise BadInput(f"{option} {path}: cannot write in {parent} ({exc.strerror})") from exc
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output path a command was given (--json, --plot, --pcap, --trace) can be written."""
+    for option in ("json", "plot", "pcap", "trace"):
+        if getattr(args, option, None):
+            writable_output(getattr(args, option), f"--{option}")
+
+
+def typeable_text(text: str) -> str:
+    """``text`` if every character has a key on the US layout; BadInput listing the ones that do not."""
+    missing = untypeable(text)
+    if missing:
+        listed = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in missing)
+        raise BadInput(f"--type: no key on the US keyboard layout for {listed}; ASCII letters, digits, "
+                       f"punctuation, space, tab, newline and backspace can be typed")
+    if not text:
+        raise BadInput("--type: no text to type")
+    return text
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0, not {text!r}")
+    return value
+
+
 def device_table(pm: ProxyMachine) -> None:
     say(f"{'BDF':8} {'ID':10} {'class':7} BARs")
     for f in pm.bus.functions:
@@ -44,7 +129,46 @@ def device_table(pm: ProxyMachine) -> None:
         say(f"{f.bdf:8} {f.vendor:04x}:{f.device:04x}  {f.class_code:02x}{f.subclass:02x}{f.prog_if:02x}  {bars}")
 
 
+def console_machine(args: argparse.Namespace, name: str):  # type: ignore[no-untyped-def]
+    """A machine for ``boot``/``run``: ``--kernel``/``--initrd``/``--append``, or the Linux guest
+    ``make images`` built; with the regex its shell prompt matches."""
+    from .images import linux
+    from .machine import Machine, MachineSpec
+    import re
+    if args.kernel:
+        spec = MachineSpec(kernel=Path(args.kernel), initrd=Path(args.initrd) if args.initrd else None,
+                           append=args.append or "console=ttyS0", memory_mb=args.memory, accel=args.accel)
+        return Machine(spec, name=name), args.prompt
+    image = linux()
+    spec = image.spec(accel=args.accel, memory_mb=args.memory, append=args.append or "")
+    return Machine(spec, name=name), re.escape(image.prompt)
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    machine, _ = console_machine(args, "boot")
+    with machine as m:
+        say(f"serial console of {m.spec.kernel} under {m.accel}; Ctrl-] leaves (files in {m.workdir})")
+        m.console.interact()
+    say("")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    words = args.guest_command[1:] if args.guest_command[:1] == ["--"] else args.guest_command
+    command = " ".join(words)
+    if not command:
+        raise HarnessError("nothing to run: hwharness run [--kernel K ...] -- COMMAND")
+    machine, prompt = console_machine(args, "run")
+    with machine as m:
+        m.console.expect([prompt], args.timeout)
+        output, status = m.console.run(command, timeout=args.timeout)
+    sys.stdout.write(output + ("\n" if output else ""))
+    return status
+
+
 def cmd_boot(args: argparse.Namespace) -> int:
+    if not args.proxy:
+        return cmd_console(args)
     spec = proxy_spec(accel=args.accel)
     spec.netdev("user", "net0", restrict=True)
     spec.device("e1000", netdev="net0", mac=random_mac())
@@ -64,19 +188,68 @@ def _bcd(v: int) -> int:
     return (v >> 4) * 10 + (v & 0xF)
 
 
+def make_demo_image(directory: Path) -> Path:
+    """A 16 MiB FAT16 image made by mkfs.fat and filled by mtools, as a user's own would be."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/sbin", "/usr/sbin"])
+    for tool, package in (("mkfs.fat", "dosfstools"), ("mcopy", "mtools"), ("mmd", "mtools")):
+        if shutil.which(tool, path=search) is None:
+            raise HarnessError(f"{tool} is not installed, and the demo makes its disk with it: "
+                               f"apt-get install {package}")
+    image, hello, readme = directory / "demo.img", directory / "hello.txt", directory / "readme.txt"
+    hello.write_text("Hello from a FAT filesystem made by mkfs.fat\n")
+    readme.write_text("".join(f"line {i}: the quick brown fox\n" for i in range(200)))
+    env = dict(os.environ, PATH=search)
+    for command in (["mkfs.fat", "-C", "-F", "16", "-n", "HWHARNESS", str(image), "16384"],
+                    ["mcopy", "-i", str(image), str(hello), "::/"], ["mmd", "-i", str(image), "::/docs"],
+                    ["mcopy", "-i", str(image), str(readme), "::/docs/"]):
+        subprocess.run(command, check=True, capture_output=True, env=env)
+    return image
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="hwharness-demo-") as scratch:
+        return demo(args.accel, make_demo_image(Path(scratch)))
+
+
+def demo_refused_dma(pm: ProxyMachine, failed: list[str]) -> None:
+    """Program the edu device to copy 64 bytes over the proxy's device table, and show
+    what the IOMMU made of it."""
+    import drivers.edu as edu
+    table = pm.bus.window.field("window_phys") + pm.abi.offsetof("proxy_shared", "devices")
+    if not pm.bus.iommu:
+        say("the IOMMU is off (--no-iommu): the write would land; skipped")
+        return
+    with pm.bus.open(pm.bus.find(vendor=edu.VENDOR, device=edu.DEVICE)) as dev:
+        dev.enable_dma()
+        before = bytes(pm.bus.window.mem[table - pm.bus.window.field("window_phys"):][:64])
+        edu.dma(dev, edu.BUFFER, table, 64, to_ram=True)
+        try:
+            dev.bar(0).read32(edu.IDENTIFICATION)
+        except DmaFault as exc:
+            say(f"refused by the IOMMU; the driver's next request raised DmaFault: {exc.fault}")
+        else:
+            failed.append("a DMA outside the device's domain")
+            say("NOT refused")
+        after = bytes(pm.bus.window.mem[table - pm.bus.window.field("window_phys"):][:64])
+        say(f"the device table is {'unchanged' if after == before else 'CHANGED'}")
+        if after != before:
+            failed.append("the proxy's device table")
+
+
+def demo(accel: str, image: Path) -> int:
+    failed: list[str] = []                      # the demo's own checks that did not hold
     mac = random_mac()
-    spec = proxy_spec(accel=args.accel)
+    spec = proxy_spec(accel=accel)
     spec.netdev("user", "net0")   # the guest only ever talks to the user network's own gateway
     spec.device("e1000", netdev="net0", mac=mac, mitigation=False)
     debugcon = spec.chardev_file("debugcon")
     spec.device("isa-debugcon", iobase=DEBUGCON_PORT, chardev="debugcon")
     printer = spec.chardev_file("printer")
     spec.device("isa-parallel", chardev="printer", iobase=0x378, irq=7)
-    image = Path(__file__).resolve().parents[1] / "images" / "fat16.img"
     spec.drive(file=str(image), format="raw", id="disk0", snapshot=True, **{"if": "none"})
     spec.device("ide-hd", drive="disk0", bus="ide.0")
     spec.nvme([{"file": str(image), "format": "raw", "snapshot": True}])
+    spec.device("edu", dma_mask=0xFFFFFFFF)         # a DMA engine, to show what a device may not reach
     t0 = time.monotonic()
     with ProxyMachine(spec, name="demo") as pm:
         say(f"== booted the proxy guest under {pm.machine.accel} in {time.monotonic() - t0:.2f} s "
@@ -89,6 +262,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             read_mac = ":".join(f"{b:02x}" for b in struct.pack("<IH", ral, rah & 0xFFFF))
             say(f"RAL0={ral:#010x} RAH0={rah:#010x} -> {read_mac} (command line said {mac}: "
                 f"{'match' if read_mac == mac else 'MISMATCH'})")
+            if read_mac != mac:
+                failed.append("the e1000's MAC address")
+
+        say("\n== DMA confinement: a device told to write into the proxy's device table")
+        demo_refused_dma(pm, failed)
 
         say("\n== port I/O: a line to the isa-debugcon at 0xe9, and the CMOS clock")
         port = pm.bus.ports(DEBUGCON_PORT, 1)
@@ -114,10 +292,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         say("\n== round-trip latency (proxied inb of the debugcon port)")
         port = pm.bus.ports(DEBUGCON_PORT, 1)
         lat = latencies_us(lambda: port.read8(0), 5000, budget_s=3)
-        cycles = port.channel.repeat_read(port.space, DEBUGCON_PORT, 1, 1000)
+        t0_ns = time.perf_counter_ns()
+        port.channel.repeat_read(port.space, DEBUGCON_PORT, 1, 100_000 if pm.machine.accel == "tcg" else 1000)
+        native_us = (time.perf_counter_ns() - t0_ns) / (100_000 if pm.machine.accel == "tcg" else 1000) / 1000
         port.channel.close()
         say(f"{len(lat)} reads: p50 {pct(lat, .5):.2f} us, p99 {pct(lat, .99):.2f} us; the guest's own inb "
-            f"costs {cycles / pm.bus.tsc_hz / 1000 * 1e6:.3f} us")
+            f"costs {native_us:.3f} us (a loop of them in the guest, timed on the host)")
         say("(`make bench` compares against the qtest transport and writes JSON)")
 
         say("\n== interrupt latency: e1000 ICS -> proxy handler -> Python (1000 interrupts each)")
@@ -135,6 +315,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         decoded = type_and_decode(pm, keyboard, list(sentence), idle=0.5)
         say(f"typed:   {sentence}")
         say(f"decoded: {escape_controls(decoded)} ({'match' if decoded == sentence else 'MISMATCH'})")
+        if decoded != sentence:
+            failed.append("the typed sentence")
         move_mouse(pm.machine, dx=40, dy=-25, buttons=["left"], wheel=3)
         events = list(mouse.events(0.5))
         say(f"mouse: {len(events)} packets, dx {sum(e.dx for e in events)}, dy {sum(e.dy for e in events)}, "
@@ -147,6 +329,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         received, acks = send_to_printer(pm, printer, page)
         say(f"sent {len(page)} bytes, the printer chardev got {len(received)} "
             f"({'identical' if received == page else 'DIFFERENT'}), {acks} ACK interrupts")
+        if received != page:
+            failed.append("the printed page")
 
         say("\n== e1000: DHCP, ARP and ICMP through QEMU's user-mode network, by the Python driver")
         ping_report(pm, 3)
@@ -162,7 +346,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         fat = DriverFatFS(disk, read_only=True)
         for entry in fat.scandir("/", namespaces=["details"]):
             say(f"  {'<DIR>' if entry.is_dir else entry.size:>8}  {entry.name}")
-        say(f"  /HELLO.TXT: {fat.readbytes('/HELLO.TXT').decode().strip()!r}")
+        say(f"  /hello.txt: {fat.readbytes('/hello.txt').decode().strip()!r}")
         fat.close()
         hba.close()
 
@@ -185,6 +369,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             pm.bus.crash("INVALID_OPCODE")
         except HarnessError as crash:
             say(str(crash))
+    if failed:
+        raise CheckFailed(f"the demo's checks failed for {', '.join(failed)}")
     return 0
 
 
@@ -198,16 +384,28 @@ def keyboard_machine(accel: str) -> ProxyMachine:
 
 
 def type_and_decode(pm: ProxyMachine, keyboard, tokens: list[str], idle: float = 1.0) -> str:  # type: ignore[no-untyped-def]
-    """Inject ``tokens`` through QMP while the driver reads; what the driver decoded."""
-    typist = threading.Thread(target=type_keys, args=(pm.machine, tokens))
+    """Inject ``tokens`` through QMP while the driver reads; what the driver decoded.
+    If typing failed, its error is raised here rather than lost in the thread."""
+    failed: list[BaseException] = []
+
+    def typist_run() -> None:
+        try:
+            type_keys(pm.machine, tokens)
+        except BaseException as exc:
+            failed.append(exc)
+    typist = threading.Thread(target=typist_run)
     typist.start()
     try:
-        return keyboard.read_text(idle=idle)
+        decoded = keyboard.read_text(idle=idle)
     finally:
         typist.join()
+    if failed:
+        raise failed[0]
+    return str(decoded)
 
 
 def cmd_keyboard(args: argparse.Namespace) -> int:
+    typeable_text(args.type)
     with keyboard_machine(args.accel) as pm:
         _, keyboard, _ = open_i8042(pm.bus)
         say(f"decoded: {escape_controls(type_and_decode(pm, keyboard, list(args.type)))}")
@@ -236,14 +434,17 @@ def send_to_printer(pm: ProxyMachine, printer, data: bytes) -> tuple[bytes, int]
 
 
 def cmd_parport(args: argparse.Namespace) -> int:
-    data = Path(args.send).read_bytes()
+    data = readable_file(args.send, "--send").read_bytes()
     machine, printer = parport_machine(args.accel)
     with machine as pm:
         received, acks = send_to_printer(pm, printer, data)
     say(f"sent {len(data)} bytes sha256 {hashlib.sha256(data).hexdigest()}")
     say(f"received {len(received)} bytes sha256 {hashlib.sha256(received).hexdigest()}")
     log.info("%d ACK interrupts", acks)
-    return 0 if received == data else 1
+    if received != data:
+        raise CheckFailed(f"the printer chardev received {len(received)} bytes that differ from the "
+                          f"{len(data)} sent")
+    return 0
 
 
 def net_machine(accel: str, name: str = "net"):  # type: ignore[no-untyped-def]
@@ -287,8 +488,7 @@ def disk_machine(accel: str, image: Path, snapshot: bool = False, name: str = "d
     """A proxy machine with ``image`` on the first port of q35's built-in AHCI controller, or
     as namespace 1 of an NVMe controller (``bus="nvme"``).
     With ``snapshot`` writes go to a throwaway overlay (QEMU's ide-hd refuses read-only drives)."""
-    if not image.is_file():
-        raise FileNotFoundError(f"no disk image at {image}")
+    disk_image(str(image))
     spec = proxy_spec(accel=accel)
     if bus == "nvme":
         spec.nvme([{"file": str(image.resolve()), "format": "raw", "snapshot": snapshot}])
@@ -298,7 +498,18 @@ def disk_machine(accel: str, image: Path, snapshot: bool = False, name: str = "d
     return ProxyMachine(spec, name=name)
 
 
-def open_disk(pm: ProxyMachine, bus: str):  # type: ignore[no-untyped-def]
+def check_fat_path(image: Path, path: str, command: str) -> None:
+    """Read the image's FAT on the host and check ``path`` on it, before a machine boots."""
+    from drivers.ahci.fat import DriverFatFS
+    with closing(DriverFatFS.open_image(str(image))) as fat:
+        if not fat.exists(path):
+            raise BadInput(f"{image}: there is no {path} on this FAT filesystem "
+                           f"(`hwharness disk ls {image}` lists what is)")
+        if command == "cat" and fat.isdir(path):
+            raise BadInput(f"{image}: {path} is a directory (`hwharness disk ls {image} {path}` lists it)")
+
+
+def open_disk(pm: ProxyMachine, bus: str, image: Path):  # type: ignore[no-untyped-def]
     """The controller and its first disk (an AHCI port or an NVMe namespace): the same block API."""
     if bus == "nvme":
         from drivers.nvme import Nvme
@@ -307,6 +518,8 @@ def open_disk(pm: ProxyMachine, bus: str):  # type: ignore[no-untyped-def]
         from drivers.ahci import Ahci
         controller = Ahci.open(pm.bus)
     try:
+        if not controller.disks():
+            raise HarnessError(f"the {bus} controller found no disk (QEMU was given {image})")
         return controller, controller.disks()[0]
     except BaseException:
         controller.close()
@@ -314,9 +527,13 @@ def open_disk(pm: ProxyMachine, bus: str):  # type: ignore[no-untyped-def]
 
 
 def cmd_disk(args: argparse.Namespace) -> int:
+    import fs.errors
     from drivers.ahci.fat import DriverFatFS
-    with disk_machine(args.accel, Path(args.image), snapshot=True, bus=args.bus) as pm:
-        hba, disk = open_disk(pm, args.bus)
+    image = disk_image(args.image)
+    if args.disk_command != "identify":
+        check_fat_path(image, args.dir if args.disk_command == "ls" else args.path, args.disk_command)
+    with disk_machine(args.accel, image, snapshot=True, bus=args.bus) as pm:
+        hba, disk = open_disk(pm, args.bus, image)
         try:
             identity = disk.identify()
             if args.disk_command == "identify":
@@ -330,15 +547,19 @@ def cmd_disk(args: argparse.Namespace) -> int:
                 else:
                     say(f"lba48: {identity.lba48}, ncq: {identity.ncq} (queue depth {identity.queue_depth})")
                 return 0
-            fat = DriverFatFS(disk, read_only=True)
+            fat = DriverFatFS(disk, read_only=True, name=str(image))
             try:
                 if args.disk_command == "ls":
-                    for entry in fat.scandir(args.dir, namespaces=["details"]):
+                    entries = ([fat.getinfo(args.dir, namespaces=["details"])] if fat.isfile(args.dir)
+                               else fat.scandir(args.dir, namespaces=["details"]))
+                    for entry in entries:
                         kind = "<DIR>" if entry.is_dir else f"{entry.size:>10}"
                         say(f"{kind:>10}  {entry.name}")
                 else:
                     sys.stdout.buffer.write(fat.readbytes(args.path))
                     sys.stdout.flush()
+            except fs.errors.ResourceError as exc:     # what the host saw and the driver did not
+                raise BadInput(f"{image}: {exc}") from exc
             finally:
                 fat.close()
         finally:
@@ -368,6 +589,8 @@ def write_json(result: dict, path: str | None) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.name == "boot":
+        return cmd_bench_boot(args)
     from .bench import ahci, e1000, nvme, roundtrip
     benches = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep, "ahci": ahci.run,
                "nvme": nvme.run}
@@ -377,27 +600,60 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_boot(args: argparse.Namespace) -> int:
+    from .bench import boot
+    result = boot.run(args.accel, count=args.count or 10)
+    say(json.dumps({k: v for k, v in result.items() if k != "boots_s"}, indent=2))
+    write_json(result, args.json)
+    return 0
+
+
+def add_kernel_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--kernel", metavar="K", help="kernel to boot (default: the Linux guest `make images` built)")
+    p.add_argument("--initrd", metavar="I", help="initial ramdisk for --kernel")
+    p.add_argument("--append", metavar="ARGS", help="kernel command line (added to the Linux guest's own)")
+    p.add_argument("--memory", type=int, default=256, metavar="MB", help="guest memory (default 256)")
+    p.add_argument("--prompt", default=r"[#$] ", metavar="REGEX",
+                   help="what --kernel's shell prompt matches (default '[#$] ')")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hwharness", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also HWHARNESS_DEBUG=1)")
+    parser.add_argument("--trace", metavar="PATH",
+                        help="record every access, batch, poll, interrupt and DMA allocation: Chrome/Perfetto "
+                             "trace JSON at PATH, a text log beside it (.txt)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_accel(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
-                       help="kvm if /dev/kvm works, else tcg (default auto)")
+                       help="auto (the default): kvm only where it is hardware-backed, else tcg")
+        p.add_argument("--no-iommu", action="store_true",
+                       help="no VT-d: devices' DMA is not confined to their domains (for comparison)")
         return p
 
-    with_accel(sub.add_parser("boot", help="boot the proxy guest, print the device table, wait for Ctrl-C"))
+    boot_p = add_kernel_args(with_accel(sub.add_parser(
+        "boot", help="boot a kernel (default: the Linux guest) with the terminal on its serial console")))
+    boot_p.add_argument("--proxy", action="store_true",
+                        help="boot the proxy guest instead, print the device table, wait for Ctrl-C")
+    run_p = add_kernel_args(with_accel(sub.add_parser(
+        "run", help="boot, run COMMAND at the guest's shell, print its output, exit with its status")))
+    run_p.add_argument("--timeout", type=float, default=300.0, help="seconds for the boot and for COMMAND")
+    run_p.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
     with_accel(sub.add_parser("demo", help="boot, drive the devices, print what happened"))
     bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
-    bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "nvme"))
+    bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "nvme", "boot"))
+    bench.add_argument("--count", type=int, help="boot: how many boots (default 10)")
     bench.add_argument("--json", metavar="PATH", help="write the result here too")
     bench.add_argument("--quick", action="store_true",
                        help="a second or two of each workload: checks that the bench works, measures little")
     net = sub.add_parser("net", help="the e1000 driver against QEMU's user-mode network")
     net_sub = net.add_subparsers(dest="net_command", required=True)
     ping = with_accel(net_sub.add_parser("ping", help="DHCP lease, ARP for the gateway, ICMP echo"))
-    ping.add_argument("--count", type=int, default=4)
+    ping.add_argument("--count", type=positive_int, default=4)
     ping.add_argument("--pcap", metavar="PATH", help="keep QEMU's filter-dump of the traffic here")
     disk = sub.add_parser("disk", help="a FAT image on the AHCI or NVMe controller, through the Python driver")
     disk_sub = disk.add_subparsers(dest="disk_command", required=True)
@@ -419,19 +675,63 @@ def main(argv: list[str] | None = None) -> int:
     lat = with_accel(sub.add_parser("latency", help="interrupt latency of a real device, in stages"))
     lat.add_argument("--mode", choices=("spin", "sleep"), default="spin",
                      help="the host spins on the interrupt, or sleeps until the guest rings")
-    lat.add_argument("--count", type=int, default=10000, help="interrupts to time (default 10000)")
+    lat.add_argument("--count", type=positive_int, default=10000, help="interrupts to time (default 10000)")
     lat.add_argument("--json", metavar="PATH", help="write the figures here")
     lat.add_argument("--quick", action="store_true", help="time 200 interrupts: checks the tool, measures little")
     lat.add_argument("--plot", metavar="PNG", help="write histograms of the stages here")
     args = parser.parse_args(argv)
+    if getattr(args, "no_iommu", False):
+        os.environ[IOMMU_ENV] = "0"                 # every proxy_spec of this command, and its children
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"boot": cmd_boot, "demo": cmd_demo, "bench": cmd_bench, "latency": cmd_latency,
+    commands = {"boot": cmd_boot, "run": cmd_run, "demo": cmd_demo, "bench": cmd_bench, "latency": cmd_latency,
                 "keyboard": cmd_keyboard, "parport": cmd_parport, "net": cmd_net, "disk": cmd_disk}
     try:
-        return commands[args.command](args)
-    except HarnessError as exc:
-        log.error("%s", exc)
+        check_outputs(args)
+        if not args.trace:
+            return commands[args.command](args)
+        with tracing.trace(args.trace) as tracer:
+            status = commands[args.command](args)
+        sys.stderr.write(f"hwharness: trace of {tracer.written} records in {tracer.path} "
+                         f"and {tracing.text_path(tracer.path)} (ui.perfetto.dev opens the JSON)\n")
+        return status
+    except BaseException as exc:  # the one place a failure becomes what a person reads
+        return report(exc, debug=args.debug or os.environ.get("HWHARNESS_DEBUG", "") not in ("", "0"))
+
+
+def complain(message: str) -> None:
+    """The one line on stderr that says why a command failed."""
+    sys.stderr.write(f"hwharness: error: {message}\n")
+    sys.stderr.flush()
+
+
+def report(exc: BaseException, debug: bool) -> int:
+    """Say why the command failed, in one line, and return the exit status:
+    2 for input it could not use, 1 for a failed check or device, 130 for Ctrl-C."""
+    if isinstance(exc, SystemExit):
+        raise exc
+    if debug:
+        traceback.print_exception(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        complain("interrupted")
+        return 130
+    if isinstance(exc, BrokenPipeError):            # `disk cat ... | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    if isinstance(exc, OSError) and exc.filename:
+        message = f"{exc.filename}: {exc.strerror}"
+    elif isinstance(exc, (HarnessError, OSError)):
+        message = str(exc)
+    else:
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        if not debug:
+            message += " (--debug or HWHARNESS_DEBUG=1 shows the traceback)"
+    first, _, details = message.partition("\n")
+    if details.strip():
+        log.info("%s", details)                 # QEMU's output, a crash report's registers
+        if not log.isEnabledFor(logging.INFO):
+            first += " (-v shows the details)"
+    complain(first)
+    return 2 if isinstance(exc, BadInput) else 1
 
 
 if __name__ == "__main__":

@@ -3,9 +3,23 @@
 Every error the harness raises derives from :class:`HarnessError`::
 
     HarnessError
+    ├── BadInput            what the user gave cannot be used: an image that is not
+    │                       FAT, a path not on it, text with no key on the layout
+    │                       (the CLI exits 2 for these, 1 for everything else)
     ├── QemuNotFound        the QEMU binary is missing (with the install hint)
+    ├── DeviceNotFound      the machine has no device that matches (also a LookupError)
     ├── MachineError        QEMU failed to start, died, or QMP failed;
-    │                       carries the command line and the tail of its output
+    │   │                   carries the command line and the tail of its output
+    │   ├── QemuExited      QEMU exited while something waited on it (and the console's tail)
+    │   ├── SnapshotError   a snapshot could not be saved or loaded (QEMU's reason)
+    │   └── ConsoleTimeout  a console wait ran out of time; quotes the console's tail
+    ├── GuestFailure        the console or QMP shows the guest is gone; quotes the
+    │   │                   console's tail, and the machine keeps its artifacts
+    │   ├── GuestPanic      a kernel panic
+    │   ├── GuestOops       an oops or BUG
+    │   ├── GuestReset      a triple fault or reboot (-no-reboot turns it into QEMU's exit)
+    │   └── GuestHang       no console output for the quiet time; carries QMP's status
+    ├── ImageMissing        a guest image is not built (with the command that builds it)
     ├── AbiError            the guest ELF is missing or speaks another ABI version
     ├── ProxyUnresponsive   the proxy did not complete a request in time
     ├── InterruptTimeout    no interrupt arrived within the wait's timeout
@@ -16,7 +30,9 @@ Every error the harness raises derives from :class:`HarnessError`::
         ├── AccessDenied    outside the channel's grants
         ├── BadRequest      malformed: operation, width, alignment, range
         ├── DeviceTimeout   a guest-side poll expired; carries the last value
-        └── ProxyFault      the proxy could not carry the request out
+        ├── ProxyFault      the proxy could not carry the request out
+        └── DmaFault        the channel's device tried DMA outside its domain;
+                            carries the fault (address, direction, reason)
 
 Bad arguments that are caught on the host before anything reaches a device
 (an offset past a region, a width that does not exist) raise ``ValueError``.
@@ -24,6 +40,7 @@ Bad arguments that are caught on the host before anything reaches a device
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 
@@ -31,8 +48,16 @@ class HarnessError(Exception):
     """Root of every hwharness error."""
 
 
+class BadInput(HarnessError):
+    """The input cannot be used as given; the message names it and says what would do."""
+
+
 class QemuNotFound(HarnessError):
     """The QEMU binary is not installed or not on PATH."""
+
+
+class DeviceNotFound(HarnessError, LookupError):
+    """The machine has no device that matches what a driver asked for."""
 
 
 class MachineError(HarnessError):
@@ -49,6 +74,66 @@ class MachineError(HarnessError):
         if output.strip():
             detail += "\n--- QEMU output (tail) ---\n" + output.strip()[-2000:]
         super().__init__(detail)
+
+
+class QemuExited(MachineError):
+    """QEMU exited while the harness waited on it; ``console`` is the console's tail."""
+
+    def __init__(self, message: str, command: Sequence[str] = (), output: str = "",
+                 exitcode: int | None = None, console: str = "") -> None:
+        self.console = console
+        if console.strip():
+            message += "\n--- console (tail) ---\n" + console.rstrip()
+        super().__init__(message, command, output, exitcode)
+
+
+class SnapshotError(MachineError):
+    """A snapshot could not be taken or restored; the message carries QEMU's reason."""
+
+
+class ConsoleTimeout(MachineError):
+    """A console wait reached its timeout; ``console`` is the console's tail."""
+
+    def __init__(self, message: str, console: str = "", workdir: Any = None) -> None:
+        self.console = console
+        self.workdir = workdir
+        super().__init__(message + "\n--- console (tail) ---\n" + console.rstrip())
+
+
+class GuestFailure(HarnessError):
+    """The guest is gone: ``what`` happened, ``console`` is the console's tail, and the
+    machine's directory (``workdir``: serial log, QEMU output, command line) is kept."""
+
+    def __init__(self, what: str, console: str, workdir: Any = None) -> None:
+        self.what = what
+        self.console = console
+        self.workdir = workdir
+        kept = f" (artifacts kept in {workdir})" if workdir else ""
+        super().__init__(f"{type(self).__name__}: {what}{kept}\n--- console (tail) ---\n{console.rstrip()}")
+
+
+class GuestPanic(GuestFailure):
+    """The kernel panicked (its panic line on the console, or QEMU's guest-panic event)."""
+
+
+class GuestOops(GuestFailure):
+    """The kernel printed an oops or a BUG."""
+
+
+class GuestReset(GuestFailure):
+    """The guest reset itself (a triple fault, a reboot); with -no-reboot QEMU exits."""
+
+
+class GuestHang(GuestFailure):
+    """No console output for the quiet time; ``status`` is what QMP's query-status said."""
+
+    def __init__(self, what: str, console: str, workdir: Any = None, status: str = "") -> None:
+        self.status = status
+        super().__init__(what, console, workdir)
+
+
+class ImageMissing(HarnessError):
+    """A guest image has not been built; the message says how to build it."""
 
 
 class AbiError(HarnessError):
@@ -117,3 +202,33 @@ class ProxyFault(ProxyError):
     """The proxy could not carry the request out."""
 
     status_name = "FAULT"
+
+
+@dataclass(frozen=True)
+class DmaFaultRecord:
+    """What the IOMMU reported of a device's DMA outside its domain (the latest of ``count``)."""
+
+    count: int              # faults on this channel so far
+    source: str             # the device, bus:dev.fn
+    addr: int               # the faulting page (an IOVA)
+    write: bool             # a DMA write (else a read)
+    reason: int             # the VT-d fault reason code (VT-d spec, Appendix A)
+
+    def __str__(self) -> str:
+        return (f"{self.source} DMA {'write to' if self.write else 'read from'} {self.addr:#x} "
+                f"outside its domain (VT-d fault reason {self.reason:#x}; {self.count} so far)")
+
+
+class DmaFault(ProxyError):
+    """The channel's device tried DMA outside its domain since the channel's previous request;
+    this request was not run. ``fault`` says what the IOMMU saw; nothing outside the domain
+    was read or written."""
+
+    status_name = "DMA_FAULT"
+
+    def __init__(self, request: Any, status: int, fault: DmaFaultRecord) -> None:
+        self.fault = fault
+        super().__init__(request, status, 0)
+
+    def __str__(self) -> str:
+        return f"{self.fault} (reported on: {self.request})"

@@ -33,6 +33,18 @@ def qcode_of(char: str) -> tuple[str, bool]:
     raise ValueError(f"{char!r} has no key on a US keyboard")
 
 
+def untypeable(text: str) -> list[str]:
+    """The characters of ``text`` that have no key on a US keyboard, each once, in order."""
+    missing: list[str] = []
+    for char in text:
+        if char not in missing:
+            try:
+                qcode_of(char)
+            except ValueError:
+                missing.append(char)
+    return missing
+
+
 def _key(qcode: str, down: bool) -> dict[str, object]:
     return {"type": "key", "data": {"down": down, "key": {"type": "qcode", "data": qcode}}}
 

@@ -20,6 +20,7 @@ path (:meth:`QtestChannel.accessor`) is one check, one command and one reply.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
@@ -32,20 +33,26 @@ from .errors import (AccessDenied, BadRequest, DeviceTimeout, HarnessError, Mach
                      ProxyUnresponsive)
 from .machine import Machine, MachineSpec
 from .machine.booted import BootedMachine
+from .machine.legacy import grantable
+from .proxy.abi import Abi, load_abi
+from .proxy.bus import DEFAULT_ELF
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0          # seconds QEMU may take to answer one command
-POLL_MAX = 2.0                  # longest poll, as the proxy allows (PROXY_POLL_MAX_US)
-ISA_MAX_PORTS = 64              # largest ISA range one channel may hold (PROXY_ISA_MAX_PORTS)
 
 # Where BARs go: no firmware assigned anything, so we do, below the IOAPIC.
 MEM_START, MEM_END = 0xE000_0000, 0xFEC0_0000
 IO_START, IO_END = 0xC000, 0x1_0000
 BRIDGE_MEM_ALIGN, BRIDGE_IO_ALIGN = 1 << 20, 1 << 12
 
-# Ports no ISA channel may hold, as in the proxy: the 8259s, PCI configuration, COM1.
-RESERVED_PORTS = ((0x20, 2), (0xA0, 2), (0xCF8, 8), (0x3F8, 8))
+
+
+@functools.cache
+def _proxy_rules() -> Abi:
+    """The proxy's limits and reserved ports, which this transport applies too: read from
+    the proxy guest's ABI (guests/proxy/abi.h), never retyped."""
+    return load_abi(DEFAULT_ELF)
 
 PCI_COMMAND = 0x04
 PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x1, 0x2, 0x4
@@ -380,8 +387,9 @@ class QtestBus(Bus):
     def functions(self) -> Sequence[PciFunction]:
         return self._functions
 
-    def open_channel(self, function: PciFunction) -> "QtestChannel":
-        """A channel granted ``function``'s BARs and config space (as this bus enumerated it)."""
+    def open_channel(self, function: PciFunction, dma_size: int | None = None) -> "QtestChannel":
+        """A channel granted ``function``'s BARs and config space (as this bus enumerated it);
+        qtest lends no DMA memory, so ``dma_size`` is ignored."""
         what = f"open {function}"
         if self._closed:
             raise ValueError(f"{self!r} is closed")
@@ -416,16 +424,23 @@ class QtestBus(Bus):
         what = f"open ports {base:#x}+{count}"
         if self._closed:
             raise ValueError(f"{self!r} is closed")
-        if not 0 < count <= ISA_MAX_PORTS or not 0 <= base < 0x1_0000 or base + count > 0x1_0000:
+        rules = _proxy_rules()
+        if not 0 < count <= rules.PROXY_ISA_MAX_PORTS or not 0 <= base < 0x1_0000 or base + count > 0x1_0000:
             raise BadRequest(what, 0)
-        if any(_overlaps(base, count, b, n) for b, n in RESERVED_PORTS):
-            raise AccessDenied(what, 0)
+        mask, why = grantable(self.machine.spec, base, count)
+        reserved = rules.reserved_ports(base, count)
+        if not mask:
+            raise AccessDenied(f"{what}: {why}", 0)
+        granted = [base + n for n in range(count) if mask >> n & 1]
+        if any(rules.reserved_ports(port, 1) for port in granted):
+            raise AccessDenied(f"{what}: the proxy never grants {', '.join(reserved)}", 0)
         if any(bar.is_io and _overlaps(base, count, bar.base, bar.size)
                for f in self._functions for bar in f.bars):
             raise AccessDenied(what, 0)
-        if any(_overlaps(base, count, b, e - b) for ch in [*self._open.values(), *self._isa] for b, e in ch.pio):
+        if any(_overlaps(port, 1, b, e - b) for ch in [*self._open.values(), *self._isa] for b, e in ch.pio
+               for port in granted):
             raise AccessDenied(what, 0)
-        ch = QtestChannel(self, f"ports {base:#x}+{count}", None, [(base, base + count)], [], [], [])
+        ch = QtestChannel(self, f"ports {base:#x}+{count}", None, [(p, p + 1) for p in granted], [], [], [])
         self._isa.append(ch)
         return ch
 
@@ -614,7 +629,7 @@ class QtestChannel(Channel):
         error = self._refusal(Kind.READ, a.space, a.addr, a.width)
         if error is not None:
             raise error(a, 0)
-        if not 0 <= a.timeout <= POLL_MAX:
+        if not 0 <= a.timeout <= _proxy_rules().PROXY_POLL_MAX_US / 1e6:
             raise BadRequest(a, 0)
         read = self._fast[Kind.READ, a.space]
         deadline = time.monotonic() + a.timeout

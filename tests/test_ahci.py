@@ -68,8 +68,8 @@ def test_fat_files_listed_and_read_byte_exact_as_mtools_sees_them(reader) -> Non
         for directory in ("/", "/DOCS"):
             ours = sorted(fat.listdir(directory))
             # mtools reads the pristine image: QEMU holds a lock on the attached copy
-            theirs = sorted(Path(line).name.upper() for line in
-                            mtools("mdir", "-b", "-i", str(IMAGE), f"::{directory}").decode().split())
+            theirs = sorted(line.rstrip("/").rsplit("/", 1)[1] for line in
+                            mtools("mdir", "-b", "-i", str(IMAGE), f"::{directory}").decode().splitlines())
             assert ours == theirs
             for name in ours:
                 path = f"{directory.rstrip('/')}/{name}"
@@ -97,7 +97,7 @@ def test_the_native_disk_loop_reads_the_lbas_it_was_given(reader, rng: random.Ra
     disk = hba.disks()[0]
     raw = image.read_bytes()
     native = NativeDiskLoop(pm.bus, disk, 64)
-    buffers = [pm.bus.dma_alloc(4096) for _ in range(64)] + [pm.bus.dma_alloc(128 << 10) for _ in range(3)]
+    buffers = [hba.dev.dma_alloc(4096) for _ in range(64)] + [hba.dev.dma_alloc(128 << 10) for _ in range(3)]
     try:
         for depth, sectors, count in ((1, 8, 64), (32, 8, 64), (1, 256, 3)):
             own = buffers[:64] if sectors == 8 else buffers[64:]
@@ -115,7 +115,7 @@ def test_the_native_disk_loop_reads_the_lbas_it_was_given(reader, rng: random.Ra
     finally:
         native.close()
         for b in buffers:
-            pm.bus.dma_free(b)
+            hba.dev.dma_free(b)
 
 
 def test_a_queue_interrupted_midway_leaves_the_port_and_channel_usable(
@@ -187,7 +187,7 @@ def test_writes_through_the_driver_are_read_back_by_mtools_and_fsck_is_clean(
     free = sorted(set(range(40_000 // 16, disk.size // 512 // 16)) - set(slots))
     queued = []
     for slot in rng.sample(free, 96):
-        buffer = pm.bus.dma_alloc(512 * rng.randint(1, 16))
+        buffer = hba.dev.dma_alloc(512 * rng.randint(1, 16))
         buffer.view[:] = rng.randbytes(buffer.size)
         queued.append((slot * 16, buffer))
     disk.write_queued_from(queued)
@@ -239,10 +239,10 @@ def test_a_bad_sector_in_a_queue_fails_its_own_request_and_no_other(
     hba = Ahci.open(pm.bus)
     try:
         disk = hba.disks()[0]
-        requests = [(lba, pm.bus.dma_alloc(4096)) for lba in rng.sample(range(0, 20_000, 8), 40)
+        requests = [(lba, hba.dev.dma_alloc(4096)) for lba in rng.sample(range(0, 20_000, 8), 40)
                     if not lba <= bad < lba + 8]
         victim = rng.randrange(len(requests))
-        requests.insert(victim, (bad - 3, pm.bus.dma_alloc(4096)))
+        requests.insert(victim, (bad - 3, hba.dev.dma_alloc(4096)))
         with pytest.raises(DiskError) as failed:
             disk.read_queued_into(requests)
         assert failed.value.failed == [victim]
@@ -252,7 +252,7 @@ def test_a_bad_sector_in_a_queue_fails_its_own_request_and_no_other(
                 assert bytes(buffer.view) == raw[lba * 512:lba * 512 + 4096], f"request {i} at {lba}"
         assert disk.read(0, 8) == raw[:4096], "the port recovered and still reads"
         for _, buffer in requests:
-            pm.bus.dma_free(buffer)
+            hba.dev.dma_free(buffer)
     finally:
         hba.close()
 
@@ -265,7 +265,7 @@ def test_scatter_gather_and_completion_by_interrupt(proxy_machine_factory, tmp_p
     try:
         disk = hba.disks()[0]
         sizes = [512, 4096, 1024, 65536, 2048]                 # five buffers, one command
-        buffers = [pm.bus.dma_alloc(n) for n in sizes]
+        buffers = [hba.dev.dma_alloc(n) for n in sizes]
         data = random.randbytes(sum(sizes))
         offset = 0
         for b in buffers:
@@ -285,7 +285,7 @@ def test_scatter_gather_and_completion_by_interrupt(proxy_machine_factory, tmp_p
         for (lba, count), got in zip(requests, disk.read_queued(requests)):
             assert got == pristine[lba * 512:(lba + count) * 512]
         for b in buffers:
-            pm.bus.dma_free(b)
+            hba.dev.dma_free(b)
     finally:
         hba.close()
     pm.close()                                                 # QEMU is gone; only the file is left

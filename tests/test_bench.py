@@ -32,6 +32,12 @@ def check_paired(result: dict, units: dict[str, int], counted_by: str) -> None:
     rounds = result["rounds"]
     assert rounds >= 1 and result["warmup_rounds"] == 1 and len(result["first"]) == rounds
     assert all(cores >= 0 for cores in result["foreign_cores"])
+    if "iommu_rounds" in result:                # the Python driver with the IOMMU on, against off
+        cost = result["iommu_rounds"]
+        assert result["iommu"] is True and len(cost["first"]) == rounds
+        assert result["iommu_cost"] == min(v for k, v in cost["results"].items() if k.startswith("ratio_")) > 0
+        for key in units:
+            assert cost["results"][f"iommu_on_{key}"] > 0 and cost["results"][f"iommu_off_{key}"] > 0
     for key, count in units.items():
         for name in (key, f"native_{key}", f"ratio_{key}"):
             assert result["results"][name] > 0, name
@@ -77,7 +83,7 @@ def test_bench_roundtrip_quick(tmp_path: Path, hwharness_accel: str) -> None:
     assert result["accel"] == {"proxy": result["accel"]["proxy"], "qtest": "tcg"}
     r = result["results"]
     for key in ("proxy_pio_p50_us", "proxy_mmio_p50_us", "qtest_pio_p50_us", "native_pio_us", "native_call_us",
-                "batch_ops_per_s", "qtest_over_proxy_pio"):
+                "batch_ops_per_s", "qtest_over_proxy_pio", "trace_on_cost", "trace_off_cost"):
         assert r[key] > 0, key
     assert r["proxy_pio_p50_us"] <= r["proxy_pio_p99_us"]
     assert r["idle_cpu_percent"] >= 0

@@ -167,7 +167,7 @@ def test_zero_copy_sends_from_dma_buffers_mix_with_copying_sends(socket_net) -> 
     frames = frames_for(b"\x02" * 6, 300, random.randrange(2**32))
     buffers = []
     for frame in frames[:150]:
-        buffer = pm.bus.dma_alloc(2048)
+        buffer = nic.dev.dma_alloc(2048)
         buffer.view[:len(frame)] = frame
         buffers.append((buffer, len(frame)))
     with pytest.raises(ValueError):                            # longer than its buffer holds
@@ -186,7 +186,7 @@ def test_zero_copy_sends_from_dma_buffers_mix_with_copying_sends(socket_net) -> 
     expected = [f for i in range(0, 150, 50) for f in frames[i:i + 50] + frames[150 + i:200 + i]]
     assert received == expected
     for buffer, _ in buffers:
-        pm.bus.dma_free(buffer)
+        nic.dev.dma_free(buffer)
 
 
 def test_a_full_transmit_ring_times_out_and_spares_the_frames_in_flight(socket_net) -> None:

@@ -7,6 +7,7 @@ from typing import Iterator
 
 import pytest
 
+import drivers.edu as edu
 from harness.access import IrqEvent, IrqMode
 from harness.errors import AccessDenied, InterruptTimeout
 from harness.machine import MachineSpec
@@ -17,8 +18,8 @@ pytestmark = pytest.mark.qemu
 E1000 = dict(vendor=0x8086, device=0x100E)
 ICR, ICS, IMS = 0x00C0, 0x00C8, 0x00D0              # 8254x interrupt cause read/set, mask set
 ICR_RXT0 = 0x80
-EDU = dict(vendor=0x1234, device=0x11E8)
-EDU_IRQ_STATUS, EDU_IRQ_RAISE, EDU_IRQ_ACK = 0x24, 0x60, 0x64   # QEMU docs/specs/edu.rst
+EDU = dict(vendor=edu.VENDOR, device=edu.DEVICE)
+EDU_IRQ_STATUS, EDU_IRQ_RAISE, EDU_IRQ_ACK = edu.IRQ_STATUS, edu.IRQ_RAISE, edu.IRQ_ACK
 
 
 def _devices(spec: MachineSpec) -> None:

@@ -14,7 +14,8 @@ import pytest
 
 from harness.errors import GuestCrash, MachineError
 from harness.machine import Machine, MachineSpec
-from harness.proxy.bus import DEFAULT_ELF, boot_image
+from harness.proxy.bus import boot_image
+from harness.proxy.guest import guest_elf
 
 pytestmark = pytest.mark.qemu
 
@@ -54,7 +55,7 @@ def test_qemu_that_dies_is_a_machine_error(proxy_machine_factory) -> None:
 
 def test_machine_boots_any_kernel_and_waits_on_its_console(tmp_path: Path, hwharness_accel: str) -> None:
     # The proxy kernel without its shared window is just a kernel that prints and panics.
-    spec = MachineSpec(kernel=boot_image(DEFAULT_ELF), accel=hwharness_accel)
+    spec = MachineSpec(kernel=boot_image(guest_elf()), accel=hwharness_accel)
     with Machine(spec, name="plain", artifacts_root=tmp_path) as m:
         m.console.wait_for(r"proxy: booting", timeout=60)
         m.console.wait_for(r"panic: kmain: no ivshmem", timeout=60)
@@ -64,7 +65,7 @@ def test_machine_boots_any_kernel_and_waits_on_its_console(tmp_path: Path, hwhar
 
 
 def test_console_wait_times_out_with_the_log(tmp_path: Path, hwharness_accel: str) -> None:
-    spec = MachineSpec(kernel=boot_image(DEFAULT_ELF), accel=hwharness_accel)
+    spec = MachineSpec(kernel=boot_image(guest_elf()), accel=hwharness_accel)
     with pytest.raises(MachineError, match="never printed"):
         with Machine(spec, name="timeout", artifacts_root=tmp_path) as m:
             m.console.wait_for(r"proxy: booting", timeout=60)
@@ -109,3 +110,17 @@ def test_sigkill_of_the_owner_takes_qemu_and_its_sockets_along(hwharness_accel: 
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+
+
+@pytest.mark.kvm
+def test_forced_kvm_still_runs_the_proxy_guest(proxy_machine_factory) -> None:
+    # auto may well pick tcg here (see harness/machine/accel.py); a forced kvm must still work.
+    from harness.machine import kvm_usable
+    if not kvm_usable():
+        pytest.skip("no usable /dev/kvm on this host: there is no KVM to force")
+    pm = proxy_machine_factory(lambda spec: setattr(spec, "accel", "kvm"), name="forced-kvm")
+    assert pm.machine.accel == "kvm"
+    assert pm.machine.qmp("query-kvm") == {"enabled": True, "present": True}
+    # the guest CPU ran under KVM: the proxy enumerated PCI, and QMP agrees with what it found
+    qmp_ids = {(d["id"]["vendor"], d["id"]["device"]) for bus in pm.machine.qmp("query-pci") for d in bus["devices"]}
+    assert {(f.vendor, f.device) for f in pm.bus.functions} == qmp_ids

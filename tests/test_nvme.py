@@ -130,8 +130,8 @@ def test_fat_listed_and_read_as_mtools_sees_it(machine, nvme) -> None:
     try:
         for directory in ("/", "/DOCS"):
             ours = sorted(fat.listdir(directory))
-            theirs = sorted(Path(line).name.upper() for line in
-                            mtools("mdir", "-b", "-i", str(IMAGE), f"::{directory}").decode().split())
+            theirs = sorted(line.rstrip("/").rsplit("/", 1)[1] for line in
+                            mtools("mdir", "-b", "-i", str(IMAGE), f"::{directory}").decode().splitlines())
             assert ours == theirs
             for name in ours:
                 path = f"{directory.rstrip('/')}/{name}"
@@ -146,7 +146,7 @@ def test_bad_input_gets_a_typed_error_and_changes_nothing(machine, nvme) -> None
     before = hashlib.sha256(fat.read_bytes()).hexdigest()
     ns = nvme.namespaces()[0]
     end = ns.identity.sectors
-    buffer = pm.bus.dma_alloc(8192)
+    buffer = nvme.dev.dma_alloc(8192)
     try:
         with pytest.raises(ValueError):
             ns.read(end - 1, 2)                                 # runs past the end: the driver knows
@@ -157,12 +157,12 @@ def test_bad_input_gets_a_typed_error_and_changes_nothing(machine, nvme) -> None
         misaligned = DmaBuffer(buffer.phys + 512, buffer.view[512:4608])
         with pytest.raises(ValueError, match="page"):
             ns.read_into(0, [misaligned])
-        too_big = pm.bus.dma_alloc(nvme.identity.max_transfer + 4096)
+        too_big = nvme.dev.dma_alloc(nvme.identity.max_transfer + 4096)
         try:
             with pytest.raises(ValueError, match="MDTS"):
                 ns.read_into(0, [too_big])                       # one command may not exceed MDTS
         finally:
-            pm.bus.dma_free(too_big)
+            nvme.dev.dma_free(too_big)
         blocks = nvme.identity.max_transfer // 512 + 24          # but a copying read is split
         assert ns.read(100, blocks) == fat.read_bytes()[100 * 512:(100 + blocks) * 512]
         # The device's own verdict, on a command the driver would have refused
@@ -172,7 +172,7 @@ def test_bad_input_gets_a_typed_error_and_changes_nothing(machine, nvme) -> None
         assert "LBA Out of Range" in str(failed.value)
         assert ns.read(0, 1)[510:512] == b"\x55\xaa", "the queue still works"
     finally:
-        pm.bus.dma_free(buffer)
+        nvme.dev.dma_free(buffer)
     assert hashlib.sha256(fat.read_bytes()).hexdigest() == before
 
 
@@ -181,7 +181,7 @@ def test_a_guest_side_wait_on_dma_memory_stays_inside_the_pool(machine, nvme) ->
     from harness.errors import AccessDenied, BadRequest, DeviceTimeout
     pm = machine[0]
     channel = nvme.dev.channel
-    buffer = pm.bus.dma_alloc(4096)
+    buffer = nvme.dev.dma_alloc(4096)
     try:
         buffer.view[8:16] = (0x1234_5678_9ABC_DEF0).to_bytes(8, "little")
         poll = lambda addr, width, expect: Access(Kind.POLL, Space.DMA, addr, width, 0, 0xFFFF, expect, 0.01)  # noqa: E731
@@ -191,12 +191,15 @@ def test_a_guest_side_wait_on_dma_memory_stays_inside_the_pool(machine, nvme) ->
         assert late.value.last_value == 0xDEF0
         with pytest.raises(AccessDenied):
             channel.execute([poll(0x1000, 2, 0)])                      # guest memory outside the pool
+        domain = nvme.dev.channel.domain
+        with pytest.raises(AccessDenied):
+            channel.execute([poll(domain.base + domain.size, 2, 0)])  # just past this device's domain
         with pytest.raises(AccessDenied):
             channel.execute([poll(nvme.regs.base, 4, 0)])              # a device register is no DMA memory
         with pytest.raises(BadRequest):
             channel.execute([poll(buffer.phys + 9, 2, 0)])             # misaligned
     finally:
-        pm.bus.dma_free(buffer)
+        nvme.dev.dma_free(buffer)
 
 
 def test_each_queue_pairs_completions_arrive_on_its_own_vector(machine) -> None:
@@ -252,7 +255,7 @@ def test_writes_from_two_queue_pairs_and_a_fat_filesystem_land_in_the_image_file
     for k in range(2):
         plan = []
         for slot in slots[k::2]:
-            buffer = pm.bus.dma_alloc(512 * rng.randint(1, 64))
+            buffer = nvme.dev.dma_alloc(512 * rng.randint(1, 64))
             buffer.view[:] = rng.randbytes(buffer.size)
             plan.append((slot * 64, buffer))
             written[slot * 64] = bytes(buffer.view)
@@ -304,10 +307,10 @@ def test_an_error_injected_block_fails_its_own_read_and_no_other(
     nvme = Nvme.open(pm.bus)
     try:
         ns = nvme.namespaces()[0]
-        requests = [(lba, pm.bus.dma_alloc(4096)) for lba in rng.sample(range(0, 16_000, 8), 40)
+        requests = [(lba, nvme.dev.dma_alloc(4096)) for lba in rng.sample(range(0, 16_000, 8), 40)
                     if not lba <= bad < lba + 8]
         victim = rng.randrange(len(requests))
-        requests.insert(victim, (bad - 3, pm.bus.dma_alloc(4096)))
+        requests.insert(victim, (bad - 3, nvme.dev.dma_alloc(4096)))
         with pytest.raises(NvmeError) as failed:
             ns.read_queued_into(requests, depth=32)
         assert failed.value.failed == [victim]
@@ -319,7 +322,7 @@ def test_an_error_injected_block_fails_its_own_read_and_no_other(
                 assert bytes(buffer.view) == data[lba * 512:lba * 512 + 4096], f"request {i} at {lba}"
         assert ns.read(0, 8) == data[:4096], "the queue still reads"
         for _, buffer in requests:
-            pm.bus.dma_free(buffer)
+            nvme.dev.dma_free(buffer)
     finally:
         nvme.close()
 
@@ -331,7 +334,7 @@ def test_the_native_loop_reads_what_it_was_given_and_stays_in_its_grants(machine
     data = noise.read_bytes()
     loop = NativeNvmeLoop(pm.bus, nvme, 64)
     ns = nvme.namespaces()[1]
-    buffers = [pm.bus.dma_alloc(4096) for _ in range(64)] + [pm.bus.dma_alloc(128 << 10) for _ in range(3)]
+    buffers = [nvme.dev.dma_alloc(4096) for _ in range(64)] + [nvme.dev.dma_alloc(128 << 10) for _ in range(3)]
     try:
         for depth, blocks, count, queues in ((1, 8, 64, nvme.queues[:1]), (32, 8, 64, nvme.queues),
                                              (1, 256, 3, nvme.queues[:1])):
@@ -363,7 +366,7 @@ def test_the_native_loop_reads_what_it_was_given_and_stays_in_its_grants(machine
     finally:
         loop.close()
         for b in buffers:
-            pm.bus.dma_free(b)
+            nvme.dev.dma_free(b)
 
 
 def test_the_disk_commands_take_bus_nvme(hwharness_accel: str) -> None:
@@ -376,7 +379,8 @@ def test_the_disk_commands_take_bus_nvme(hwharness_accel: str) -> None:
         assert run.returncode == 0, run.stderr.decode()[-2000:]
         return run.stdout
     listed = sorted(line.split()[-1] for line in cli("ls", str(IMAGE)).decode().splitlines())
-    assert listed == sorted(Path(line).name.upper() for line in mtools("mdir", "-b", "-i", str(IMAGE), "::/").decode().split())
+    assert listed == sorted(line.rstrip("/").rsplit("/", 1)[1]
+                            for line in mtools("mdir", "-b", "-i", str(IMAGE), "::/").decode().splitlines())
     assert cli("cat", str(IMAGE), "/RANDOM.BIN") == mtools("mcopy", "-n", "-i", str(IMAGE), "::/RANDOM.BIN", "-")
     identity = cli("identify", str(IMAGE)).decode()
     assert "model: QEMU NVMe Ctrl" in identity and f"({IMAGE.stat().st_size} bytes)" in identity

@@ -18,16 +18,17 @@ class BlockDevice(Protocol):
 class BlockFile(io.RawIOBase):
     """Byte-addressed reads and writes over whole sectors; a partial sector is read, merged, written."""
 
-    def __init__(self, device: BlockDevice) -> None:
+    def __init__(self, device: BlockDevice, writable: bool = True) -> None:
         super().__init__()
         self.device = device
         self.pos = 0
+        self._writable = writable
 
     def readable(self) -> bool:
         return True
 
     def writable(self) -> bool:
-        return True
+        return self._writable
 
     def seekable(self) -> bool:
         return True
@@ -55,6 +56,8 @@ class BlockFile(io.RawIOBase):
         return n
 
     def write(self, data) -> int:  # type: ignore[no-untyped-def,override]
+        if not self._writable:
+            raise io.UnsupportedOperation("this view of the device is read-only")
         data = bytes(data)
         if self.pos + len(data) > self.device.size:
             raise ValueError(f"writing {len(data)} bytes at {self.pos} runs past the end of the device")
@@ -74,5 +77,5 @@ class BlockFile(io.RawIOBase):
         return len(data)
 
     def flush(self) -> None:
-        if not self.closed:
+        if self._writable and not self.closed:
             self.device.flush()

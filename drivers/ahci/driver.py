@@ -28,11 +28,11 @@ log = logging.getLogger(__name__)
 VENDOR, DEVICE = 0x8086, 0x2922         # ICH9 AHCI, built into q35 at 00:1f.2
 ABAR = 5
 SLOT_SECTORS = 128                      # 64 KiB of DMA buffer per command slot
+DMA_SIZE = 16 << 20                     # the HBA's DMA domain: 2.1 MiB per disk, the rest for callers' buffers
 MAX_PRDS = 24                           # scatter-gather entries a command may carry
 TABLE_SIZE = CMD_TABLE_PRDT + 16 * MAX_PRDS     # FIS, ATAPI command, PRD table: 512 bytes (aligned 128)
 TABLE_WORDS = TABLE_SIZE // 4
 MAX_PRD_BYTES = 4 << 20                 # a PRD moves at most 4 MiB (22-bit byte count)
-PCI_COMMAND, PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x04, 0x2, 0x4
 PORT_INTERRUPTS = PxIs.DHRS | PxIs.PSS | PxIs.DSS | PxIs.SDBS | PXIS_ERRORS     # what raises the MSI
 # The hot path tests plain ints: arithmetic on an IntFlag costs about a microsecond.
 TFD_ERR, QUEUE_EVENTS = int(Tfd.ERR), int(PxIs.SDBS | PXIS_ERRORS)
@@ -93,16 +93,14 @@ class Ahci:
 
     def __init__(self, bus: Bus, device: Device, timeout: float = 2.0, interrupts: bool = False) -> None:
         self.bus, self.dev, self.regs = bus, device, device.bar(ABAR)
+        self.regs.name_registers(Hba)
         self.timeout = timeout
         self.irq = device.irq(IrqMode.MSI) if interrupts else None
-        cmd = device.config.read16(PCI_COMMAND)                  # it DMAs: bus mastering on
-        device.config.write16(PCI_COMMAND, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
+        device.enable_dma()
         self.regs.write32(Hba.GHC, self.regs.read32(Hba.GHC) | Ghc.AE)
         self.regs.write32(Hba.GHC, Ghc.HR | Ghc.AE)              # HBA reset (AHCI 10.4.3)
-        try:
-            self.regs.poll32(Hba.GHC, Ghc.HR, 0, timeout)
-        except DeviceTimeout as exc:
-            raise DiskError("the HBA did not come out of reset", exc.last_value, 0) from exc
+        self.regs.wait32(Hba.GHC, Ghc.HR, 0, timeout,
+                         lambda detail, last: DiskError(f"the HBA did not come out of reset: {detail}", last, 0))
         self.regs.write32(Hba.GHC, Ghc.AE | (Ghc.IE if interrupts else 0))
         self.cap = Cap(self.regs.read32(Hba.CAP))
         self.slots = ((self.cap >> CAP_NCS_SHIFT) & CAP_NCS_MASK) + 1
@@ -111,7 +109,8 @@ class Ahci:
 
     @classmethod
     def open(cls, bus: Bus, **kwargs: object) -> "Ahci":
-        return cls(bus, bus.open(bus.find(vendor=VENDOR, device=DEVICE)), **kwargs)  # type: ignore[arg-type]
+        return cls(bus, bus.open(bus.find(vendor=VENDOR, device=DEVICE), dma_size=DMA_SIZE),
+                   **kwargs)  # type: ignore[arg-type]
 
     def disks(self) -> list["Port"]:
         return [p for p in self.ports if p.present and p.signature == SIG_ATA]
@@ -134,18 +133,20 @@ class Port:
         self.hba, self.index = hba, index
         self.base = PORT_BASE + index * PORT_STRIDE
         self.r = hba.regs
-        bus = hba.bus
+        self.r.name_registers(Px, self.base, f"P{index}.")
+        dev = hba.dev
         self.slots = hba.slots
-        self.command_list = bus.dma_alloc(32 * 32, 1024)
-        self.received_fis = bus.dma_alloc(256, 256)
+        self.command_list = dev.dma_alloc(32 * 32, 1024)
+        self.received_fis = dev.dma_alloc(256, 256)
         # Two command tables per slot: a queued command is built in one while the slot's
         # previous command still runs from the other. Table k is slot k % slots.
-        self.tables = bus.dma_alloc(2 * self.slots * TABLE_SIZE, 128)
+        self.tables = dev.dma_alloc(2 * self.slots * TABLE_SIZE, 128)
         if self.tables.phys >> 32 != (self.tables.phys + self.tables.size - 1) >> 32:     # one CTBAU for all
             for buf in (self.command_list, self.received_fis, self.tables):
-                bus.dma_free(buf)
+                dev.dma_free(buf)
             raise DiskError(f"port {index}: the command tables straddle 4 GiB", 0, 0)
-        self.buffers = bus.dma_alloc(self.slots * SLOT_SECTORS * SECTOR)
+        # Slot buffers (2 MiB with 32 slots) only where a device is attached.
+        self.buffers = dev.dma_alloc(self.slots * SLOT_SECTORS * SECTOR) if self.present else None
         self.identity: Identity | None = None
         self._batches: dict[tuple, Prepared] = {}
         # The queue's hot path writes words, and a PRD only when it changed (per table).
@@ -181,10 +182,8 @@ class Port:
         return self._r(Px.SIG)
 
     def _wait(self, reg: int, mask: int, value: int, what: str) -> int:
-        try:
-            return self.r.poll32(self.base + reg, mask, value, self.hba.timeout)
-        except DeviceTimeout as exc:
-            raise DiskError(f"port {self.index}: timed out waiting for {what}", exc.last_value, 0) from exc
+        return self.r.wait32(self.base + reg, mask, value, self.hba.timeout, lambda detail, last: DiskError(
+            f"port {self.index}: timed out waiting for {what}: {detail}", last, 0))
 
     def stop(self) -> None:
         """Stop the command list and FIS receive (AHCI 10.1.2)."""
@@ -232,6 +231,8 @@ class Port:
     # ---- building commands ----
 
     def _slot_buffer(self, slot: int) -> tuple[int, memoryview]:
+        if self.buffers is None:
+            raise DiskError(f"port {self.index}: no device is attached", 0, 0)
         size = SLOT_SECTORS * SECTOR
         return self.buffers.phys + slot * size, self.buffers.view[slot * size:(slot + 1) * size]
 
@@ -659,4 +660,5 @@ class Port:
                 self.stop()
         finally:
             for buf in (self.command_list, self.received_fis, self.tables, self.buffers):
-                self.hba.bus.dma_free(buf)
+                if buf is not None:
+                    self.hba.dev.dma_free(buf)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from harness.access import Bus, Deadline, Device, DmaBuffer, IrqMode
-from harness.errors import DeviceTimeout, HarnessError, InterruptTimeout
+from harness.errors import HarnessError, InterruptTimeout
 
 from .descriptors import RX_DD, RX_EOP, TX_DD, TX_EOP, TX_IFCS, TX_RS, RxDesc, TxDesc
 from .regs import (EERD_ADDR_SHIFT, EERD_DATA_SHIFT, MTA_ENTRIES, TCTL_COLD_FD, TCTL_CT, TIPG_82540, Ctrl,
@@ -25,7 +25,6 @@ from .regs import (EERD_ADDR_SHIFT, EERD_DATA_SHIFT, MTA_ENTRIES, TCTL_COLD_FD, 
 log = logging.getLogger(__name__)
 
 VENDOR, DEVICE = 0x8086, 0x100E
-PCI_COMMAND, PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x04, 0x2, 0x4
 BUFFER_SIZE = 2048              # RCTL.BSIZE = 00: 2048-byte receive buffers
 MIN_FRAME, MAX_FRAME = 14, 1514  # an Ethernet header at least; no FCS (the hardware adds it)
 DESC_SIZE = 16
@@ -69,11 +68,12 @@ class E1000:
             if n % 8 or not 8 <= n <= 4096:
                 raise ValueError("ring sizes are multiples of 8 from 8 to 4096 (the length is in 128-byte units)")
         self.bus, self.dev, self.regs = bus, device, device.bar(0)
+        self.regs.name_registers(Reg)
         self.rx_n, self.tx_n = rx_entries, tx_entries
-        self.rx_ring = bus.dma_alloc(rx_entries * DESC_SIZE, 128)
-        self.tx_ring = bus.dma_alloc(tx_entries * DESC_SIZE, 128)
-        self.rx_bufs = bus.dma_alloc(rx_entries * BUFFER_SIZE)
-        self.tx_bufs = bus.dma_alloc(tx_entries * BUFFER_SIZE)
+        self.rx_ring = device.dma_alloc(rx_entries * DESC_SIZE, 128)
+        self.tx_ring = device.dma_alloc(tx_entries * DESC_SIZE, 128)
+        self.rx_bufs = device.dma_alloc(rx_entries * BUFFER_SIZE)
+        self.tx_bufs = device.dma_alloc(tx_entries * BUFFER_SIZE)
         self.rx_next = 0            # next descriptor the hardware will fill
         self.tx_tail = 0            # next descriptor we fill
         self.tx_clean = 0           # oldest descriptor the hardware may still own
@@ -89,8 +89,7 @@ class E1000:
 
     def reset_and_init(self, itr: int = 0) -> None:
         r = self.regs
-        cmd = self.dev.config.read16(PCI_COMMAND)           # it DMAs: bus mastering on
-        self.dev.config.write16(PCI_COMMAND, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
+        self.dev.enable_dma()
         r.write32(Reg.IMC, 0xFFFFFFFF)                      # 14.4: no interrupts during set-up
         r.write32(Reg.CTRL, r.read32(Reg.CTRL) | Ctrl.RST)  # 14.3: global reset
         self._wait(Reg.CTRL, Ctrl.RST, 0, "the reset to finish")
@@ -111,10 +110,8 @@ class E1000:
         log.info("e1000 %s up, mac %s", self.dev.function.bdf, self.mac.hex(":"))
 
     def _wait(self, reg: int, mask: int, value: int, what: str, timeout: float = 2.0) -> int:
-        try:
-            return self.regs.poll32(reg, mask, value, timeout)
-        except DeviceTimeout as exc:
-            raise E1000Error(f"e1000: timed out waiting for {what} ({Reg(reg).name}={exc.last_value:#010x})") from exc
+        return self.regs.wait32(reg, mask, value, timeout,
+                                lambda detail, _: E1000Error(f"e1000: timed out waiting for {what}: {detail}"))
 
     def read_mac(self) -> bytes:
         words = []
@@ -336,5 +333,5 @@ class E1000:
             if self.irq is not None:
                 self.irq.close()
             for buf in (self.rx_ring, self.tx_ring, self.rx_bufs, self.tx_bufs):
-                self.bus.dma_free(buf)
+                self.dev.dma_free(buf)
             self.dev.close()

@@ -44,6 +44,8 @@ GUEST_WAIT = 100e-6                 # one guest-side wait for a completion: shor
                                     # the device's channel take turns
 
 
+DMA_SIZE = 16 << 20                     # the controller's DMA domain: its queues, PRP lists, callers' buffers
+
 class NvmeError(HarnessError):
     """The controller completed a command with an error status, or not at all.
 
@@ -153,10 +155,10 @@ class QueuePair:
 
     def __init__(self, controller: "Nvme", qid: int, entries: int, irq: Irq | None) -> None:
         self.controller, self.qid, self.entries, self.irq = controller, qid, entries, irq
-        bus = controller.bus
-        self.sq = bus.dma_alloc(entries << SQE_SIZE_LOG2)
-        self.cq = bus.dma_alloc(entries << CQE_SIZE_LOG2)
-        self.prp_lists = bus.dma_alloc((entries - 1) * PAGE)     # command identifier k's list at page k
+        dev = controller.dev
+        self.sq = dev.dma_alloc(entries << SQE_SIZE_LOG2)
+        self.cq = dev.dma_alloc(entries << CQE_SIZE_LOG2)
+        self.prp_lists = dev.dma_alloc((entries - 1) * PAGE)     # command identifier k's list at page k
         self._cq_words = self.cq.view.cast("H")
         self._prp_words = self.prp_lists.view.cast("Q")
         self.tail = self.head = 0
@@ -220,9 +222,9 @@ class QueuePair:
         """The queue's own buffer for copying reads and writes, at least ``size`` bytes."""
         if self._bounce is None or self._bounce.size < size:
             if self._bounce is not None:
-                self.controller.bus.dma_free(self._bounce)
+                self.controller.dev.dma_free(self._bounce)
                 self._bounce = None
-            self._bounce = self.controller.bus.dma_alloc(size)
+            self._bounce = self.controller.dev.dma_alloc(size)
         return self._bounce
 
     def _place(self, cid: int, command: Command) -> None:
@@ -368,7 +370,7 @@ class QueuePair:
 
     def free(self) -> None:
         for buf in (self.sq, self.cq, self.prp_lists) + ((self._bounce,) if self._bounce else ()):
-            self.controller.bus.dma_free(buf)
+            self.controller.dev.dma_free(buf)
 
 
 class Nvme:
@@ -414,7 +416,7 @@ class Nvme:
                          if f.prog_if == PROG_IF_NVME), None)
         if function is None:
             raise LookupError("no NVMe controller (class 01 08 02) on the bus")
-        return cls(bus, bus.open(function), **kwargs)  # type: ignore[arg-type]
+        return cls(bus, bus.open(function, dma_size=DMA_SIZE), **kwargs)  # type: ignore[arg-type]
 
     # ---- bring-up (7.6.1) ----
 
@@ -449,13 +451,13 @@ class Nvme:
         self._until(Csts.RDY, Csts.RDY, "CSTS.RDY")
 
     def _identify(self, cns: int, nsid: int = 0) -> bytes:
-        buf = self.bus.dma_alloc(PAGE)
+        buf = self.dev.dma_alloc(PAGE)
         try:
             assert self.admin is not None
             self.admin.execute(Command(Admin.IDENTIFY, nsid, [buf.phys], cdw10=cns, name=f"IDENTIFY CNS {cns}"))
             return bytes(buf.view)
         finally:
-            self.bus.dma_free(buf)
+            self.dev.dma_free(buf)
 
     def _create_io_queues(self, count: int, entries: int, interrupts: bool) -> None:
         assert self.admin is not None
@@ -636,14 +638,14 @@ class Namespace:
             if count > 0xFFFFFFFF:
                 raise ValueError(f"a range holds at most {0xFFFFFFFF} blocks")
             self._check(lba, count)
-        buf = self.controller.bus.dma_alloc(PAGE)
+        buf = self.controller.dev.dma_alloc(PAGE)
         try:
             for i, (lba, count) in enumerate(ranges):
                 DSM_RANGE.pack_into(buf.view, i * DSM_RANGE.size, 0, count, lba)
             self.queue.run([Command(Nvm.DATASET_MANAGEMENT, self.nsid, [buf.phys], cdw10=len(ranges) - 1,
                                     cdw11=DSM_DEALLOCATE, name=f"DEALLOCATE ns {self.nsid}", lba=ranges[0][0])])
         finally:
-            self.controller.bus.dma_free(buf)
+            self.controller.dev.dma_free(buf)
 
     def read_queued_into(self, requests: Sequence[tuple[int, DmaBuffer]], depth: int | None = None) -> None:
         """Reads of (lba, buffer), up to ``depth`` in flight (default: the queue's). A failed
@@ -687,16 +689,16 @@ class Namespace:
         return out
 
     def _read_queued_part(self, requests: Sequence[tuple[int, int]], depth: int | None) -> list[bytes]:
-        bus = self.controller.bus
+        dev = self.controller.dev
         buffers: list[DmaBuffer] = []
         try:
             for _, count in requests:
-                buffers.append(bus.dma_alloc(count * self.sector_size))
+                buffers.append(dev.dma_alloc(count * self.sector_size))
             self.read_queued_into([(lba, b) for (lba, _), b in zip(requests, buffers)], depth)
             return [bytes(b.view) for b in buffers]
         finally:
             for b in buffers:
-                bus.dma_free(b)
+                dev.dma_free(b)
 
     def _queue_of(self, opcode: int, requests: Sequence[tuple[int, DmaBuffer]]) -> list[Command]:
         commands = []

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from harness.access import Batch, Irq, Region
 from harness.errors import DeviceTimeout, HarnessError
 
-from .regs import CONTROL, DATA, PORT_COUNT, STATUS, Control, Status
+from .regs import CONTROL, DATA, PORT_COUNT, STATUS, Control, Reg, Status
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class ParallelPort:
         if ports.size < PORT_COUNT:
             raise ValueError(f"a parallel port needs {PORT_COUNT} ports, the region has {ports.size}")
         self.ports = ports
+        ports.name_registers(Reg)
         self.irq = irq
         self.control_bits = Control.NOT_INIT | Control.SELECT_IN
         self.sent = 0

@@ -6,10 +6,15 @@ what a 1 means in the register, which is what the driver reads and writes.
 
 import enum
 
-DATA = 0
-STATUS = 1
-CONTROL = 2
-PORT_COUNT = 3
+class Reg(enum.IntEnum):
+    """Offsets from the port base (0x378 for the first port)."""
+    DATA = 0
+    STATUS = 1
+    CONTROL = 2
+
+
+DATA, STATUS, CONTROL = int(Reg.DATA), int(Reg.STATUS), int(Reg.CONTROL)    # plain ints for the hot path
+PORT_COUNT = len(Reg)
 
 
 class Status(enum.IntFlag):

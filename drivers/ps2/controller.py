@@ -17,7 +17,7 @@ import time
 from harness.access import Deadline, Irq, Region
 from harness.errors import DeviceTimeout, HarnessError, InterruptTimeout
 
-from .regs import ACK, COMMAND, DATA, PORT_TEST_OK, RESEND, SELF_TEST_OK, STATUS, Cmd, Config, Status
+from .regs import ACK, COMMAND, DATA, PORT_TEST_OK, RESEND, SELF_TEST_OK, STATUS, Cmd, Config, Reg, Status
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class Controller:
         if ports.size < 5:
             raise ValueError("the i8042 needs the five ports 0x60..0x64 in one region")
         self.ports = ports
+        ports.name_registers(Reg)
         self.irq = irq
         self.queues: dict[Port, collections.deque[int]] = {p: collections.deque() for p in Port}
         self.config = Config(0)

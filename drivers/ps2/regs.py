@@ -6,9 +6,14 @@ documentation (the same names QEMU's hw/input/pckbd.c and ps2.c use).
 
 import enum
 
-DATA = 0x0      # offset of port 0x60 in the 0x60..0x64 range: output/input buffer
-STATUS = 0x4    # offset of port 0x64: status (read), command (write)
-COMMAND = 0x4
+class Reg(enum.IntEnum):
+    """Offsets in the 0x60..0x64 port range."""
+    DATA = 0x0      # port 0x60: output/input buffer
+    STATUS = 0x4    # port 0x64: status (read), command (write)
+    COMMAND = 0x4
+
+
+DATA, STATUS, COMMAND = int(Reg.DATA), int(Reg.STATUS), int(Reg.COMMAND)    # plain ints for the hot path
 
 
 class Status(enum.IntFlag):

@@ -29,7 +29,7 @@ typedef unsigned long long u64 __attribute__((aligned(8)));
 
 enum proxy_abi {
     PROXY_ABI_MAGIC = 0x48574858,   /* "XHWH" little-endian */
-    PROXY_ABI_VERSION = 6,
+    PROXY_ABI_VERSION = 8,
 };
 
 enum proxy_limits {
@@ -50,6 +50,32 @@ enum proxy_limits {
     PROXY_CRASH_MAGIC = 0x0dead,    /* OP_CRASH needs this value: no accidents */
     PROXY_NVME_MAX_QUEUES = 2,      /* queue pairs one native NVMe loop drives at once */
     PROXY_NVME_MAX_DEPTH = 64,      /* commands in flight per queue in that loop */
+    PROXY_DOMAIN_ALIGN = 0x1000,    /* a DMA domain is whole pages of the pool */
+    PROXY_DOMAIN_MAX = 0x1000000,   /* and at most 16 MiB */
+};
+
+/*
+ * Ports no ISA channel may hold, whatever the host asks: their effects reach
+ * beyond one device. Each is base << 16 | count; the host reads the names as
+ * the reason it gives. On top of this the host grants only the ports of the
+ * legacy devices its machine was built with (harness/machine/legacy.py).
+ */
+enum proxy_reserved_ports {
+    PROXY_RESERVED_ISA_DMA_CONTROLLER_1 = 0x00 << 16 | 0x20,   /* a way around any IOMMU */
+    PROXY_RESERVED_INTERRUPT_CONTROLLER_1 = 0x20 << 16 | 2,
+    PROXY_RESERVED_INTERRUPT_ROUTING_IMCR = 0x22 << 16 | 2,
+    PROXY_RESERVED_TIMER_THE_PROXY_USES = 0x40 << 16 | 4,
+    PROXY_RESERVED_TIMER_GATE_AND_NMI_STATUS = 0x61 << 16 | 1,
+    PROXY_RESERVED_ISA_DMA_PAGE_REGISTERS = 0x80 << 16 | 0x10,
+    PROXY_RESERVED_FAST_A20_AND_RESET = 0x92 << 16 | 1,
+    PROXY_RESERVED_INTERRUPT_CONTROLLER_2 = 0xa0 << 16 | 2,
+    PROXY_RESERVED_APM_CONTROL_SMI = 0xb2 << 16 | 2,
+    PROXY_RESERVED_ISA_DMA_CONTROLLER_2 = 0xc0 << 16 | 0x20,
+    PROXY_RESERVED_THE_PROXY_CONSOLE = 0x3f8 << 16 | 8,
+    PROXY_RESERVED_EDGE_LEVEL_CONTROL = 0x4d0 << 16 | 2,
+    PROXY_RESERVED_FW_CFG_WHICH_CAN_DMA = 0x510 << 16 | 12,
+    PROXY_RESERVED_ACPI_POWER_MANAGEMENT = 0x600 << 16 | 0x80,
+    PROXY_RESERVED_PCI_CONFIGURATION_AND_RESET = 0xcf8 << 16 | 8,
 };
 
 enum proxy_state {
@@ -74,8 +100,10 @@ enum proxy_op {
     PROXY_OP_MMIO_POLL_CHANGE = 12,
     PROXY_OP_DMA_POLL = 13,         /* addr = guest-physical, inside the DMA pool: memory a device writes */
     /* admin channel only */
-    PROXY_OP_OPEN_PCI = 32,         /* addr = bus << 8 | dev << 3 | fn; value := channel */
-    PROXY_OP_OPEN_ISA = 33,         /* addr = first port, value = count; value := channel */
+    PROXY_OP_OPEN_PCI = 32,         /* addr = bus << 8 | dev << 3 | fn, value = DMA domain base (IOVA),
+                                       mask = its size (0: none); value := channel */
+    PROXY_OP_OPEN_ISA = 33,         /* addr = first port, value = count, mask = bit n grants port
+                                       addr + n (0: all of them); value := channel */
     PROXY_OP_CLOSE = 34,            /* addr = channel */
     PROXY_OP_CRASH = 35,            /* value = PROXY_CRASH_MAGIC, addr = enum proxy_crash_kind */
     /* interrupts, on the channel's own device */
@@ -106,6 +134,8 @@ enum proxy_status {
     PROXY_STATUS_TIMEOUT = 4,       /* a poll expired; value holds the last read */
     PROXY_STATUS_FAULT = 5,         /* the proxy could not carry it out */
     PROXY_STATUS_SKIPPED = 6,       /* not run: an earlier request of its batch failed */
+    PROXY_STATUS_DMA_FAULT = 7,     /* not run: the channel's device made a DMA outside its domain
+                                       since the channel's last request; see dma_faults[channel] */
 };
 
 enum proxy_crash_kind {
@@ -262,6 +292,20 @@ struct proxy_nvme_loop {
     u32 errors;                     /* out: of those, with an error status */
 };
 
+/*
+ * Per channel: the DMA its device tried outside its domain, as the IOMMU's
+ * fault recording registers reported it (VT-d 7.2). The latest fault's
+ * details; `count` runs, so faults between two looks show.
+ */
+struct proxy_dma_fault {
+    u32 count;                      /* faults so far */
+    u16 source_id;                  /* bus << 8 | devfn of the device that faulted */
+    u8 reason;                      /* the VT-d fault reason code */
+    u8 write;                       /* 1: a DMA write; 0: a read */
+    u64 addr;                       /* the faulting page (IOVA) */
+    u64 tsc;                        /* guest TSC when the proxy read the record */
+};
+
 /* Per channel vector, written by the guest's interrupt handler; the host watches `count`.
  * INTx, MSI and ISA use a channel's vector 0; MSI-X entry v counts in vector v. */
 struct proxy_irq {
@@ -279,7 +323,6 @@ struct proxy_shared {
     u32 state;                      /* enum proxy_state */
     u32 guest_sleeping;             /* guest: "kick me before you wait" */
     u32 ndevices;
-    u64 host_sleeping;              /* bit n: the host sleeps on doorbell vector n; ring it */
     u64 tsc_hz;                     /* guest TSC frequency, calibrated on the PIT */
     u64 window_size;                /* bytes of BAR2 */
     u64 window_phys;                /* guest-physical address of BAR2 */
@@ -287,8 +330,12 @@ struct proxy_shared {
     u64 kicks;                      /* wake-ups by the host's kick (diagnostics) */
     u64 served_total;               /* requests executed (diagnostics) */
     u64 spurious_irqs;              /* interrupts nobody owned, and LAPIC/8259 spurious ones */
+    u32 iommu;                      /* 1: DMA is translated, each device confined to its domain */
+    u32 unowned_dma_faults;         /* faults by devices no channel holds */
     u8 ring_posted[PROXY_MAX_CHANNELS]; /* host: 1 after it moves ring n's submit; guest: 0 before serving it */
+    u8 host_sleeping[PROXY_DOORBELL_VECTORS];   /* host: 1 while it sleeps on doorbell vector n; ring it */
     struct proxy_irq irqs[PROXY_MAX_CHANNELS * PROXY_IRQ_VECTORS];    /* channel c's vector v at c * VECTORS + v */
+    struct proxy_dma_fault dma_faults[PROXY_MAX_CHANNELS];
     struct proxy_crash crash;
     struct proxy_pci_device devices[PROXY_MAX_DEVICES];
     struct proxy_ring rings[PROXY_MAX_CHANNELS];

@@ -152,18 +152,17 @@ irq_stubs_end:                      /* link.ld checks that no stub outgrew its s
     push %r15
 .endm
 
-trap_entry:                         /* never returns: an exception is a crash */
-    SAVE_REGS
+trap_entry:                         /* an exception is a crash: trap() returns only for an interrupt */
+    SAVE_REGS                       /* that a device sent on an exception's vector (a forged MSI) */
     mov %rsp, %rdi
     call trap
-4:  cli
-    hlt
-    jmp 4b
+    jmp restore
 
 irq_entry:
     SAVE_REGS
     mov %rsp, %rdi                  /* 176 bytes pushed since the CPU aligned rsp: still aligned */
     call irq
+restore:
     pop %r15
     pop %r14
     pop %r13

@@ -85,6 +85,9 @@ void irq(struct trapframe *tf)
     if (v == VEC_KICK) {
         kicks++;
         eoi();
+    } else if (v == VEC_DMAR) {
+        iommu_fault(tsc);
+        eoi();
     } else if (v >= VEC_GSI_BASE && v < VEC_GSI_BASE + IOAPIC_PINS) {
         struct line *l = &lines[v - VEC_GSI_BASE];
         if (l->level)

@@ -170,6 +170,7 @@ void kmain(void)
     memcpy(window->devices, devices, sizeof(devices));
     window->ndevices = (u32)n;
     irq_init();
+    iommu_init();
     if (pci_enable_msix(ivshmem, 0, VEC_KICK))
         panic("kmain: ivshmem has no MSI-X capability");
     proxy_init(window, devices, n, ivshmem);

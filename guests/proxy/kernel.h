@@ -8,6 +8,17 @@
 #define NULL ((void *)0)
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
+/* A range of addresses: a BAR, a port range, a DMA domain. */
+struct window {
+    u64 base, size;
+};
+
+/* Does [addr, addr + len) lie inside w? */
+static inline int in_window(const struct window *w, u64 addr, u64 len)
+{
+    return addr >= w->base && len <= w->size && addr - w->base <= w->size - len;
+}
+
 /* kernel.c */
 void kprintf(const char *fmt, ...);
 void panic(const char *msg) __attribute__((noreturn));
@@ -43,15 +54,22 @@ int pci_enable_msix(const struct proxy_pci_device *d, u32 entry, u32 vector);
 void pci_disable_msix(const struct proxy_pci_device *d);
 u32 pci_msix_entries(const struct proxy_pci_device *d);
 
-/* native.c: each returns a request status */
-u16 native_tx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress);
-u16 native_rx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress);
-u16 native_disk_read(struct proxy_disk_loop *p, u64 bar, volatile u32 *progress);
-u16 native_nvme(struct proxy_nvme_loop *p, u64 bar, volatile u32 *progress);
+/* iommu.c */
+void iommu_init(void);
+int iommu_present(void);
+u16 iommu_map(int c, u8 bus, u8 devfn, u64 base, u64 size);
+void iommu_unmap(u8 bus, u8 devfn);
+void iommu_fault(u64 tsc);
+
+/* native.c: each returns a request status; `dma` is the channel's DMA domain */
+u16 native_tx(struct proxy_nic_loop *p, const struct window *dma, u64 bar0, volatile u32 *progress);
+u16 native_rx(struct proxy_nic_loop *p, const struct window *dma, u64 bar0, volatile u32 *progress);
+u16 native_disk_read(struct proxy_disk_loop *p, const struct window *dma, u64 bar, volatile u32 *progress);
+u16 native_nvme(struct proxy_nvme_loop *p, const struct window *dma, u64 bar, volatile u32 *progress);
 
 /* proxy.c */
 extern struct proxy_shared *shared;
-int in_pool(u64 addr, u64 len);
+void proxy_dma_fault(u32 source_id, u64 addr, int write, u8 reason, u64 tsc);
 void proxy_init(struct proxy_shared *window, const struct proxy_pci_device *table, int n,
                 const struct proxy_pci_device *ivshmem);
 void proxy_loop(void) __attribute__((noreturn));

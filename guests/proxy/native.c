@@ -6,7 +6,8 @@
  * benches say where the two differ), no host in the loop.
  *
  * The host times each loop from outside (one clock for both sides); the TSC
- * figure they return is kept only as a cross-check.
+ * figure they return is kept only as a cross-check. Every address a loop
+ * touches or hands to the device is checked against the channel's DMA domain.
  */
 #include "kernel.h"
 
@@ -43,7 +44,7 @@ static void write_tail(const struct proxy_nic_loop *p, u64 bar0, u32 tail)
 /* Send `count` copies of the frame: fill every free descriptor, one tail write per
  * batch, until every descriptor has been written back (DD). The host starts it with
  * nothing in flight (clean == next). Returns a request status. */
-u16 native_tx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress)
+u16 native_tx(struct proxy_nic_loop *p, const struct window *dma, u64 bar0, volatile u32 *progress)
 {
     u32 n = p->entries, tail = p->next, clean = p->clean, queued = 0, sent = 0;
     u64 deadline = rdtsc() + p->timeout_us * tsc_hz / 1000000;
@@ -66,7 +67,7 @@ u16 native_tx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress)
                 *(volatile u64 *)(d + DESC_ADDR) = p->frame_phys;
             } else {
                 u64 buffer = *(volatile u64 *)(d + DESC_ADDR);
-                if (!in_pool(buffer, p->frame_len))
+                if (!in_window(dma, buffer, p->frame_len))
                     return PROXY_STATUS_DENIED;
                 copy_frame(buffer, p->frame_phys, p->frame_len);
             }
@@ -86,7 +87,7 @@ u16 native_tx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress)
 
 /* Receive `count` frames: copy each out of its buffer into the sink, hand the
  * buffers back with one tail write per batch of what had arrived. */
-u16 native_rx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress)
+u16 native_rx(struct proxy_nic_loop *p, const struct window *dma, u64 bar0, volatile u32 *progress)
 {
     u32 n = p->entries, next = p->next, got = 0;
     u64 start = rdtsc(), deadline = start + p->timeout_us * tsc_hz / 1000000;
@@ -97,7 +98,7 @@ u16 native_rx(struct proxy_nic_loop *p, u64 bar0, volatile u32 *progress)
         while (got + batch < p->count && (*(volatile u8 *)((d = desc(p, next)) + DESC_STATUS) & STATUS_DD)) {
             u32 len = *(volatile u16 *)(d + DESC_LEN);
             u64 buffer = *(volatile u64 *)(d + DESC_ADDR);
-            if (len > SINK_BYTES || !in_pool(buffer, len))
+            if (len > SINK_BYTES || !in_window(dma, buffer, len))
                 return PROXY_STATUS_DENIED;
             if (p->frame_phys)
                 copy_frame(p->frame_phys, buffer, len);
@@ -158,12 +159,12 @@ static struct fis_words fis_template(const struct proxy_disk_loop *p, int queued
 }
 
 /* Slot `slot` reads request `rq`: the FIS's LBA words, the PRD's address, PRDBC cleared. */
-static int build(const struct proxy_disk_loop *p, const struct fis_words *f, u32 slot,
+static int build(const struct proxy_disk_loop *p, const struct window *dma, const struct fis_words *f, u32 slot,
                  const struct proxy_disk_request *rq, int queued)
 {
     volatile u32 *t = (volatile u32 *)(unsigned long)(p->tables + (u64)slot * p->table_size);
     u64 lba = rq->lba, phys = rq->phys;
-    if (!in_pool(phys, (u64)p->sectors * 512))
+    if (!in_window(dma, phys, (u64)p->sectors * 512))
         return 0;
     t[0] = f->w0;
     t[1] = (u32)(lba & 0xffffff) | 0x40u << 24;
@@ -177,12 +178,13 @@ static int build(const struct proxy_disk_loop *p, const struct fis_words *f, u32
 }
 
 /* Queue depth 1, as Port.read_into: write PxCI, poll it, read PxIS and PxTFD. */
-static u16 disk_one_by_one(struct proxy_disk_loop *p, u64 port, u64 deadline, volatile u32 *progress)
+static u16 disk_one_by_one(struct proxy_disk_loop *p, const struct window *dma, u64 port, u64 deadline,
+                           volatile u32 *progress)
 {
     const struct proxy_disk_request *rq = (const struct proxy_disk_request *)(unsigned long)p->requests;
     struct fis_words f = fis_template(p, 0);
     for (u32 i = 0; i < p->count; i++) {
-        if (!build(p, &f, 0, &rq[i], 0))
+        if (!build(p, dma, &f, 0, &rq[i], 0))
             return PROXY_STATUS_DENIED;
         mmio_write32(port + PX_CI, 1);
         while (mmio_read32(port + PX_CI) & 1)
@@ -200,7 +202,8 @@ static u16 disk_one_by_one(struct proxy_disk_loop *p, u64 port, u64 deadline, vo
 
 /* NCQ, as Port._queued's rounds: issue every free tag (PxSACT, then PxCI), poll
  * PxIS until a Set Device Bits FIS or an error, clear it, read PxSACT and PxTFD. */
-static u16 disk_queued(struct proxy_disk_loop *p, u64 port, u64 deadline, volatile u32 *progress)
+static u16 disk_queued(struct proxy_disk_loop *p, const struct window *dma, u64 port, u64 deadline,
+                       volatile u32 *progress)
 {
     const struct proxy_disk_request *rq = (const struct proxy_disk_request *)(unsigned long)p->requests;
     struct fis_words f = fis_template(p, 1);
@@ -209,7 +212,7 @@ static u16 disk_queued(struct proxy_disk_loop *p, u64 port, u64 deadline, volati
         u32 fresh = 0;
         while (free && issued < p->count) {
             u32 slot = (u32)__builtin_ctz(free);
-            if (!build(p, &f, slot, &rq[issued++], 1))
+            if (!build(p, dma, &f, slot, &rq[issued++], 1))
                 return PROXY_STATUS_DENIED;
             free &= free - 1;
             fresh |= 1u << slot;
@@ -238,17 +241,18 @@ static u16 disk_queued(struct proxy_disk_loop *p, u64 port, u64 deadline, volati
     return PROXY_STATUS_OK;
 }
 
-u16 native_disk_read(struct proxy_disk_loop *p, u64 bar, volatile u32 *progress)
+u16 native_disk_read(struct proxy_disk_loop *p, const struct window *dma, u64 bar, volatile u32 *progress)
 {
     u64 deadline = rdtsc() + p->timeout_us * tsc_hz / 1000000;
-    if (!in_pool(p->requests, (u64)p->count * sizeof(struct proxy_disk_request)))
+    if (!in_window(dma, p->requests, (u64)p->count * sizeof(struct proxy_disk_request)))
         return PROXY_STATUS_DENIED;
     p->done = p->errors = 0;
     u64 port = bar + p->port_offset;
-    return p->depth > 1 ? disk_queued(p, port, deadline, progress) : disk_one_by_one(p, port, deadline, progress);
+    return p->depth > 1 ? disk_queued(p, dma, port, deadline, progress)
+                        : disk_one_by_one(p, dma, port, deadline, progress);
 }
 
-/* ---- NVMe (NVM Express Base 1.4): queue pairs in the DMA pool, driven from C ---- */
+/* ---- NVMe (NVM Express Base 1.4): queue pairs in the channel's DMA domain, driven from C ---- */
 
 #define NVME_PAGE 4096u
 #define SQE_BYTES 64
@@ -256,12 +260,12 @@ u16 native_disk_read(struct proxy_disk_loop *p, u64 bar, volatile u32 *progress)
 
 /* Command identifier `cid` of queue q reads or writes request r: its submission entry
  * at the tail by words (4.2), PRP2 the second page or the cid's PRP list (4.3). */
-static int nvme_submit(const struct proxy_nvme_loop *p, struct proxy_nvme_queue *q, u32 cid,
-                       const struct proxy_disk_request *r)
+static int nvme_submit(const struct proxy_nvme_loop *p, const struct window *dma, struct proxy_nvme_queue *q,
+                       u32 cid, const struct proxy_disk_request *r)
 {
     u64 bytes = (u64)p->blocks * p->block_size, phys = r->phys, prp2 = 0;
     u32 pages = (u32)((bytes + NVME_PAGE - 1) / NVME_PAGE);
-    if (!in_pool(phys, bytes) || phys % NVME_PAGE)
+    if (!in_window(dma, phys, bytes) || phys % NVME_PAGE)
         return 0;
     if (pages == 2) {
         prp2 = phys + NVME_PAGE;
@@ -304,7 +308,7 @@ static u32 nvme_reap(struct proxy_nvme_queue *q, u64 *free, u32 *errors)
     }
 }
 
-u16 native_nvme(struct proxy_nvme_loop *p, u64 bar, volatile u32 *progress)
+u16 native_nvme(struct proxy_nvme_loop *p, const struct window *dma, u64 bar, volatile u32 *progress)
 {
     const struct proxy_disk_request *rq = (const struct proxy_disk_request *)(unsigned long)p->requests;
     u64 deadline = rdtsc() + p->timeout_us * tsc_hz / 1000000;
@@ -323,7 +327,7 @@ u16 native_nvme(struct proxy_nvme_loop *p, u64 bar, volatile u32 *progress)
             u32 fresh = 0;
             while (free[k] && next[k] < p->count) {
                 u32 cid = (u32)__builtin_ctzll(free[k]);
-                if (!nvme_submit(p, q, cid, &rq[next[k]]))
+                if (!nvme_submit(p, dma, q, cid, &rq[next[k]]))
                     return PROXY_STATUS_DENIED;
                 free[k] &= free[k] - 1;
                 next[k] += p->nqueues;

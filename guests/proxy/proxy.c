@@ -14,10 +14,10 @@
 #define PCI_CAP_ID_MSI 0x05
 #define PCI_CAP_ID_MSIX 0x11
 #define MAX_WINDOWS 8
-
-struct window {
-    u64 base, size;
-};
+#define PCI_COMMAND 0x04
+#define PCI_COMMAND_MASTER 0x4
+#define RTC_INDEX 0x70
+#define RTC_NMI_DISABLE 0x80
 
 struct channel {
     int open;
@@ -26,6 +26,9 @@ struct channel {
     struct window mmio_readonly[2];             /* MSI-X table: an MSI is a DMA write */
     struct window cfg_readonly[4];              /* BARs, ROM, MSI address and data */
     int nmmio, npio, nmmio_readonly, ncfg_readonly;
+    struct window dma;                          /* the device's DMA domain (IOVA = guest-physical) */
+    u64 isa_base, isa_ports;                    /* ISA: bit n of isa_ports grants port isa_base + n */
+    u32 faults_reported;                        /* dma_faults[c].count the host has been told of */
     u32 served;                                 /* private copy; the ring's is only a report */
 };
 
@@ -36,10 +39,24 @@ static const struct proxy_pci_device *self;     /* our own ivshmem: never grante
 static u64 doorbell;
 static struct channel channels[PROXY_MAX_CHANNELS];
 
-/* Ports no ISA channel may hold: the 8259s, PCI configuration, the proxy's console. */
-static const struct window reserved_ports[] = {
-    { 0x20, 2 }, { 0xa0, 2 }, { 0xcf8, 8 }, { 0x3f8, 8 },
+/* Ports no ISA channel may hold: abi.h says which and why. */
+static const u32 reserved_ports[] = {
+    PROXY_RESERVED_ISA_DMA_CONTROLLER_1, PROXY_RESERVED_INTERRUPT_CONTROLLER_1,
+    PROXY_RESERVED_INTERRUPT_ROUTING_IMCR, PROXY_RESERVED_TIMER_THE_PROXY_USES,
+    PROXY_RESERVED_TIMER_GATE_AND_NMI_STATUS, PROXY_RESERVED_ISA_DMA_PAGE_REGISTERS,
+    PROXY_RESERVED_FAST_A20_AND_RESET, PROXY_RESERVED_INTERRUPT_CONTROLLER_2, PROXY_RESERVED_APM_CONTROL_SMI,
+    PROXY_RESERVED_ISA_DMA_CONTROLLER_2, PROXY_RESERVED_THE_PROXY_CONSOLE, PROXY_RESERVED_EDGE_LEVEL_CONTROL,
+    PROXY_RESERVED_FW_CFG_WHICH_CAN_DMA, PROXY_RESERVED_ACPI_POWER_MANAGEMENT,
+    PROXY_RESERVED_PCI_CONFIGURATION_AND_RESET,
 };
+
+static int reserved_port(u64 port)
+{
+    for (unsigned i = 0; i < ARRAY_SIZE(reserved_ports); i++)
+        if (port >= reserved_ports[i] >> 16 && port < (reserved_ports[i] >> 16) + (reserved_ports[i] & 0xffff))
+            return 1;
+    return 0;
+}
 
 static int overlaps(u64 a, u64 alen, u64 b, u64 blen)
 {
@@ -70,11 +87,19 @@ static int any_overlap(const struct window *w, int n, u64 addr, u64 width)
 void proxy_wake_host(u32 vector)
 {
     mfence();                           /* our results before we read its flag */
-    if (doorbell && vector < PROXY_DOORBELL_VECTORS && (READ_ONCE(shared->host_sleeping) & (1ull << vector)))
+    if (doorbell && vector < PROXY_DOORBELL_VECTORS && READ_ONCE(shared->host_sleeping[vector]))
         mmio_write32(doorbell, PROXY_HOST_PEER << 16 | vector);
 }
 
 /* ---- granting ---- */
+
+/* Channel c, cleared for a new owner: no grants, no faults of the last one's device. */
+static struct channel *fresh_channel(int c)
+{
+    memset(&channels[c], 0, sizeof(channels[c]));
+    memset(&shared->dma_faults[c], 0, sizeof(shared->dma_faults[c]));
+    return &channels[c];
+}
 
 static int free_channel(void)
 {
@@ -103,7 +128,27 @@ static void grant_config_fields(struct channel *ch, const struct proxy_pci_devic
     }
 }
 
-static u16 open_pci(u64 bdf, u64 *out)
+/* Does [addr, addr + len) lie inside the DMA pool? Domains are carved from it. */
+static int in_pool(u64 addr, u64 len)
+{
+    u64 pool = shared->window_phys + PROXY_DMA_OFFSET, end = shared->window_phys + shared->window_size;
+    return addr >= pool && addr <= end && len <= end - addr;
+}
+
+/* A device's DMA domain: whole pages of the pool that no open channel's domain overlaps. */
+static int valid_domain(u64 base, u64 size)
+{
+    if (!size)
+        return 1;
+    if (base % PROXY_DOMAIN_ALIGN || size % PROXY_DOMAIN_ALIGN || size > PROXY_DOMAIN_MAX || !in_pool(base, size))
+        return 0;
+    for (int c = 1; c < PROXY_MAX_CHANNELS; c++)
+        if (channels[c].open && channels[c].dma.size && overlaps(base, size, channels[c].dma.base, channels[c].dma.size))
+            return 0;
+    return 1;
+}
+
+static u16 open_pci(u64 bdf, u64 dma_base, u64 dma_size, u64 *out)
 {
     const struct proxy_pci_device *d = NULL;
     for (int i = 0; i < ndevices; i++)
@@ -116,12 +161,17 @@ static u16 open_pci(u64 bdf, u64 *out)
     for (int c = 1; c < PROXY_MAX_CHANNELS; c++)
         if (channels[c].open && channels[c].device == d)
             return PROXY_STATUS_DENIED;
+    if (!valid_domain(dma_base, dma_size))
+        return PROXY_STATUS_BAD_REQUEST;
     int c = free_channel();
     if (c < 0)
         return PROXY_STATUS_FAULT;
-    struct channel *ch = &channels[c];
-    memset(ch, 0, sizeof(*ch));
+    u16 st = iommu_map(c, d->bus, (u8)(d->dev << 3 | d->fn), dma_base, dma_size);
+    if (st != PROXY_STATUS_OK)
+        return st;
+    struct channel *ch = fresh_channel(c);
     ch->device = d;
+    ch->dma = (struct window){ dma_base, dma_size };
     for (int i = 0; i < PROXY_MAX_BARS; i++) {
         const struct proxy_bar *b = &d->bars[i];
         if (!b->size || !b->base)
@@ -139,26 +189,37 @@ static u16 open_pci(u64 bdf, u64 *out)
     return PROXY_STATUS_OK;
 }
 
-static u16 open_isa(u64 base, u64 count, u64 *out)
+static u16 open_isa(u64 base, u64 count, u64 grant, u64 *out)
 {
     if (count == 0 || count > PROXY_ISA_MAX_PORTS || base >= 0x10000 || base + count > 0x10000)
         return PROXY_STATUS_BAD_REQUEST;
-    if (any_overlap(reserved_ports, ARRAY_SIZE(reserved_ports), base, count))
-        return PROXY_STATUS_DENIED;
-    for (int i = 0; i < ndevices; i++)
-        for (int b = 0; b < PROXY_MAX_BARS; b++)
-            if (devices[i].bars[b].is_io &&
-                overlaps(base, count, devices[i].bars[b].base, devices[i].bars[b].size))
-                return PROXY_STATUS_DENIED;
-    for (int c = 1; c < PROXY_MAX_CHANNELS; c++)
-        if (channels[c].open && any_overlap(channels[c].pio, channels[c].npio, base, count))
+    u64 all = count == 64 ? ~0ull : (1ull << count) - 1;
+    grant = grant ? grant : all;
+    if (grant & ~all)
+        return PROXY_STATUS_BAD_REQUEST;
+    for (u64 n = 0; n < count; n++) {
+        if (!(grant >> n & 1))
+            continue;
+        u64 port = base + n;
+        if (reserved_port(port))
             return PROXY_STATUS_DENIED;
+        for (int i = 0; i < ndevices; i++)
+            for (int b = 0; b < PROXY_MAX_BARS; b++)
+                if (devices[i].bars[b].is_io && overlaps(port, 1, devices[i].bars[b].base, devices[i].bars[b].size))
+                    return PROXY_STATUS_DENIED;
+        for (int c = 1; c < PROXY_MAX_CHANNELS; c++) {
+            const struct channel *o = &channels[c];
+            if (o->open && !o->device && port >= o->isa_base && port - o->isa_base < 64
+                && o->isa_ports >> (port - o->isa_base) & 1)
+                return PROXY_STATUS_DENIED;
+        }
+    }
     int c = free_channel();
     if (c < 0)
         return PROXY_STATUS_FAULT;
-    struct channel *ch = &channels[c];
-    memset(ch, 0, sizeof(*ch));
-    ch->pio[ch->npio++] = (struct window){ base, count };
+    struct channel *ch = fresh_channel(c);
+    ch->isa_base = base;
+    ch->isa_ports = grant;
     ch->served = READ_ONCE(shared->rings[c].submit);
     WRITE_ONCE(shared->rings[c].served, ch->served);
     ch->open = 1;
@@ -246,10 +307,15 @@ static u16 check_access(const struct channel *ch, u8 kind, u64 addr, u8 width)
             return PROXY_STATUS_DENIED;
         return PROXY_STATUS_OK;
     }
-    if (kind & ACCESS_PIO)
+    if (kind & ACCESS_PIO && ch->device)
         return inside(ch->pio, ch->npio, addr, width) ? PROXY_STATUS_OK : PROXY_STATUS_DENIED;
-    if (kind & ACCESS_DMA)              /* a wait on what a device wrote: the lent pool only, never the device */
-        return ch->device && in_pool(addr, width) ? PROXY_STATUS_OK : PROXY_STATUS_DENIED;
+    if (kind & ACCESS_PIO) {                    /* an ISA channel: every byte's port granted */
+        u64 bits = (1ull << width) - 1;
+        return addr >= ch->isa_base && addr - ch->isa_base <= 64u - width
+            && (ch->isa_ports >> (addr - ch->isa_base) & bits) == bits ? PROXY_STATUS_OK : PROXY_STATUS_DENIED;
+    }
+    if (kind & ACCESS_DMA)              /* a wait on what a device wrote: its own DMA domain, never a device */
+        return ch->device && in_window(&ch->dma, addr, width) ? PROXY_STATUS_OK : PROXY_STATUS_DENIED;
     if (!inside(ch->mmio, ch->nmmio, addr, width))
         return PROXY_STATUS_DENIED;
     if (kind & ACCESS_WRITE && any_overlap(ch->mmio_readonly, ch->nmmio_readonly, addr, width))
@@ -283,20 +349,53 @@ static u16 repeat(const struct proxy_request *rq, u8 kind, u64 *value)
     return PROXY_STATUS_OK;
 }
 
+/* Revoke everything a channel was lent: its interrupt, bus mastering, its DMA domain. */
+static void close_channel(struct channel *ch, int c)
+{
+    const struct proxy_pci_device *d = ch->device;
+    irq_disable(c, d);
+    if (d) {
+        u32 cmd = pci_cfg_read(d->bus, d->dev, d->fn, PCI_COMMAND, 2);
+        pci_cfg_write(d->bus, d->dev, d->fn, PCI_COMMAND, 2, cmd & ~PCI_COMMAND_MASTER);
+        iommu_unmap(d->bus, (u8)(d->dev << 3 | d->fn));
+    }
+    ch->dma = (struct window){ 0, 0 };
+    ch->open = 0;
+}
+
+/* The IOMMU refused a DMA of device `source_id`: tell its channel (interrupts are off here). */
+void proxy_dma_fault(u32 source_id, u64 addr, int write, u8 reason, u64 tsc)
+{
+    for (int c = 1; c < PROXY_MAX_CHANNELS; c++) {
+        const struct proxy_pci_device *d = channels[c].device;
+        if (channels[c].open && d && (u32)(d->bus << 8 | d->dev << 3 | d->fn) == source_id) {
+            struct proxy_dma_fault *f = &shared->dma_faults[c];
+            f->source_id = (u16)source_id;
+            f->addr = addr;
+            f->write = (u8)write;
+            f->reason = reason;
+            f->tsc = tsc;
+            barrier();
+            f->count++;
+            return;
+        }
+    }
+    shared->unowned_dma_faults++;
+}
+
 static u16 admin(int c, const struct proxy_request *rq, u64 *value)
 {
     if (c != 0)
         return PROXY_STATUS_DENIED;
     switch (rq->op) {
     case PROXY_OP_OPEN_PCI:
-        return open_pci(rq->addr, value);
+        return open_pci(rq->addr, rq->value, rq->mask, value);
     case PROXY_OP_OPEN_ISA:
-        return open_isa(rq->addr, rq->value, value);
+        return open_isa(rq->addr, rq->value, rq->mask, value);
     case PROXY_OP_CLOSE:
         if (rq->addr == 0 || rq->addr >= PROXY_MAX_CHANNELS || !channels[rq->addr].open)
             return PROXY_STATUS_BAD_REQUEST;
-        irq_disable((int)rq->addr, channels[rq->addr].device);
-        channels[rq->addr].open = 0;
+        close_channel(&channels[rq->addr], (int)rq->addr);
         return PROXY_STATUS_OK;
     case PROXY_OP_CRASH:
         if (rq->value != PROXY_CRASH_MAGIC || rq->addr > PROXY_CRASH_PANIC)
@@ -333,13 +432,6 @@ static u16 interrupt_op(int c, const struct proxy_request *rq)
     }
 }
 
-/* Does [addr, addr + len) lie inside the DMA pool? Native loops touch only that memory. */
-int in_pool(u64 addr, u64 len)
-{
-    u64 pool = shared->window_phys + PROXY_DMA_OFFSET, end = shared->window_phys + shared->window_size;
-    return addr >= pool && addr <= end && len <= end - addr;
-}
-
 /*
  * The native loops: the parameter block must lie in the DMA pool, the ring
  * too, and the tail and flush registers in the channel's first memory BAR.
@@ -349,15 +441,15 @@ static u16 nic_loop(int c, const struct proxy_request *rq, u64 *value)
     const struct channel *ch = &channels[c];
     if (c == 0 || !ch->device || !ch->nmmio)
         return PROXY_STATUS_DENIED;
-    if (!in_pool(rq->addr, sizeof(struct proxy_nic_loop)) || rq->addr & 7)
+    if (!in_window(&ch->dma, rq->addr, sizeof(struct proxy_nic_loop)) || rq->addr & 7)
         return PROXY_STATUS_DENIED;
     struct proxy_nic_loop p;
     memcpy(&p, (const void *)(unsigned long)rq->addr, sizeof(p));
     const struct window *bar = &ch->mmio[0];
-    if (p.entries < 8 || p.entries > 4096 || !in_pool(p.ring_phys, 16ull * p.entries)
+    if (p.entries < 8 || p.entries > 4096 || !in_window(&ch->dma, p.ring_phys, 16ull * p.entries)
         || p.tail_reg & 3 || p.flush_reg & 3 || p.tail_reg + 4 > bar->size || p.flush_reg + 4 > bar->size
         || p.next >= p.entries || p.clean >= p.entries || p.frame_len > 2048
-        || (p.frame_phys && !in_pool(p.frame_phys, 16384))
+        || (p.frame_phys && !in_window(&ch->dma, p.frame_phys, 16384))
         || (rq->op == PROXY_OP_NIC_TX_LOOP && !p.frame_phys)
         || p.zero_copy > 1 || (p.zero_copy && rq->op != PROXY_OP_NIC_TX_LOOP)
         || p.timeout_us > PROXY_POLL_MAX_US * 10ull)
@@ -366,8 +458,8 @@ static u16 nic_loop(int c, const struct proxy_request *rq, u64 *value)
     live->done = 0;
     p.done = 0;
     u64 start = rdtsc();
-    u16 st = rq->op == PROXY_OP_NIC_TX_LOOP ? native_tx(&p, bar->base, &live->done)
-                                            : native_rx(&p, bar->base, &live->done);
+    u16 st = rq->op == PROXY_OP_NIC_TX_LOOP ? native_tx(&p, &ch->dma, bar->base, &live->done)
+                                            : native_rx(&p, &ch->dma, bar->base, &live->done);
     *value = rdtsc() - start;
     live->next = p.next;
     live->clean = p.clean;
@@ -381,36 +473,45 @@ static u16 disk_loop(int c, const struct proxy_request *rq, u64 *value)
     const struct channel *ch = &channels[c];
     if (c == 0 || !ch->device || !ch->nmmio)
         return PROXY_STATUS_DENIED;
-    if (!in_pool(rq->addr, sizeof(struct proxy_disk_loop)) || rq->addr & 7)
+    if (!in_window(&ch->dma, rq->addr, sizeof(struct proxy_disk_loop)) || rq->addr & 7)
         return PROXY_STATUS_DENIED;
     struct proxy_disk_loop p;
     memcpy(&p, (const void *)(unsigned long)rq->addr, sizeof(p));
     const struct window *bar = &ch->mmio[ch->nmmio - 1];        /* the AHCI BAR is the last memory BAR */
     if (p.depth < 1 || p.depth > 32 || p.sectors < 1 || p.sectors > 65535 || p.table_size < 0x90
-        || p.table_size & 127 || !in_pool(p.command_list, 32 * 32) || !in_pool(p.tables, (u64)p.table_size * p.depth)
+        || p.table_size & 127 || !in_window(&ch->dma, p.command_list, 32 * 32)
+        || !in_window(&ch->dma, p.tables, (u64)p.table_size * p.depth)
         || p.port_offset & 3 || p.port_offset + 0x80 > bar->size
         || p.timeout_us > PROXY_POLL_MAX_US * 10ull)
         return PROXY_STATUS_BAD_REQUEST;
     struct proxy_disk_loop *live = (struct proxy_disk_loop *)(unsigned long)rq->addr;
     live->done = 0;
     u64 start = rdtsc();
-    u16 st = native_disk_read(&p, bar->base, &live->done);
+    u16 st = native_disk_read(&p, &ch->dma, bar->base, &live->done);
     *value = rdtsc() - start;
     live->done = p.done;
     live->errors = p.errors;
     return st;
 }
 
+/* Bit 7 of the RTC index port masks NMIs for the whole machine: the proxy keeps it as it is (clear). */
+static u64 rtc_keeps_nmi(u64 port, u8 width, u64 value)
+{
+    if (port <= RTC_INDEX && RTC_INDEX < port + width)
+        value &= ~((u64)RTC_NMI_DISABLE << 8 * (RTC_INDEX - port));
+    return value;
+}
+
 /*
  * The native NVMe loop: the block, every queue, PRP list page and request list in the
- * DMA pool; the doorbells inside the channel's BAR0 and outside its MSI-X table.
+ * channel's DMA domain; the doorbells inside the channel's BAR0 and outside its MSI-X table.
  */
 static u16 nvme_loop(int c, const struct proxy_request *rq, u64 *value)
 {
     const struct channel *ch = &channels[c];
     if (c == 0 || !ch->device || !ch->nmmio)
         return PROXY_STATUS_DENIED;
-    if (!in_pool(rq->addr, sizeof(struct proxy_nvme_loop)) || rq->addr & 7)
+    if (!in_window(&ch->dma, rq->addr, sizeof(struct proxy_nvme_loop)) || rq->addr & 7)
         return PROXY_STATUS_DENIED;
     struct proxy_nvme_loop p;
     memcpy(&p, (const void *)(unsigned long)rq->addr, sizeof(p));
@@ -419,15 +520,15 @@ static u16 nvme_loop(int c, const struct proxy_request *rq, u64 *value)
     if (p.nqueues < 1 || p.nqueues > PROXY_NVME_MAX_QUEUES || (p.block_size != 512 && p.block_size != 4096)
         || p.blocks < 1 || bytes > 512ull * 4096 || (p.opcode != 1 && p.opcode != 2)
         || p.timeout_us > PROXY_POLL_MAX_US * 10ull
-        || !in_pool(p.requests, (u64)p.count * sizeof(struct proxy_disk_request)))
+        || !in_window(&ch->dma, p.requests, (u64)p.count * sizeof(struct proxy_disk_request)))
         return PROXY_STATUS_BAD_REQUEST;
     for (u32 k = 0; k < p.nqueues; k++) {
         const struct proxy_nvme_queue *q = &p.queues[k];
         if (q->entries < 2 || q->entries > 4096 || q->depth < 1 || q->depth >= q->entries
             || q->depth > PROXY_NVME_MAX_DEPTH || q->tail >= q->entries || q->head >= q->entries
             || q->acked >= q->entries || q->phase > 1
-            || !in_pool(q->sq, 64ull * q->entries) || !in_pool(q->cq, 16ull * q->entries)
-            || (bytes > 2 * 4096 && !in_pool(q->prp_lists, 4096ull * q->depth)))
+            || !in_window(&ch->dma, q->sq, 64ull * q->entries) || !in_window(&ch->dma, q->cq, 16ull * q->entries)
+            || (bytes > 2 * 4096 && !in_window(&ch->dma, q->prp_lists, 4096ull * q->depth)))
             return PROXY_STATUS_BAD_REQUEST;
         u32 doorbells[2] = { q->sq_doorbell, q->cq_doorbell };
         for (int i = 0; i < 2; i++)
@@ -438,7 +539,7 @@ static u16 nvme_loop(int c, const struct proxy_request *rq, u64 *value)
     struct proxy_nvme_loop *live = (struct proxy_nvme_loop *)(unsigned long)rq->addr;
     live->done = 0;
     u64 start = rdtsc();
-    u16 st = native_nvme(&p, bar->base, &live->done);
+    u16 st = native_nvme(&p, &ch->dma, bar->base, &live->done);
     *value = rdtsc() - start;
     for (u32 k = 0; k < p.nqueues; k++)     /* the queues' state goes back to the Python driver */
         live->queues[k] = p.queues[k];
@@ -486,7 +587,7 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
     if (!(kind & ACCESS_WRITE))
         *value = space_read(kind, addr, width);
     else if (kind & ACCESS_PIO)
-        pio_write((u16)addr, width, rq->value);
+        pio_write((u16)addr, width, rtc_keeps_nmi(addr, width, rq->value));
     else
         mmio_write(addr, width, rq->value);
     return PROXY_STATUS_OK;
@@ -510,6 +611,12 @@ static int serve(int c)
     } else {
         u16 failed = 0;
         u32 served = ch->served;
+        u32 faults = READ_ONCE(shared->dma_faults[c].count);
+        u16 first = PROXY_STATUS_OK;
+        if (c != 0 && faults != ch->faults_reported) {
+            ch->faults_reported = faults;   /* told once, on the batch after the fault */
+            first = PROXY_STATUS_DMA_FAULT;
+        }
         shared->served_total += submit - served;
         for (; served != submit; served++) {
             struct proxy_request *slot = &r->entries[served % PROXY_RING_ENTRIES];
@@ -522,7 +629,7 @@ static int serve(int c)
                 to[w] = from[w];
             u64 value = 0;
             slot->start_tsc = rdtsc();
-            u16 status = failed ? PROXY_STATUS_SKIPPED : execute(c, &rq, &value);
+            u16 status = failed ? PROXY_STATUS_SKIPPED : first != PROXY_STATUS_OK ? first : execute(c, &rq, &value);
             if (status != PROXY_STATUS_OK)
                 failed = 1;
             slot->value = value;
@@ -554,6 +661,7 @@ void proxy_init(struct proxy_shared *window, const struct proxy_pci_device *tabl
     shared->window_phys = ivshmem->bars[2].base;
     shared->window_size = ivshmem->bars[2].size;
     shared->dma_offset = PROXY_DMA_OFFSET;
+    shared->iommu = (u32)iommu_present();
     shared->abi_version = PROXY_ABI_VERSION;
     shared->magic = PROXY_ABI_MAGIC;
     mfence();

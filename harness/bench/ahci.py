@@ -16,7 +16,7 @@ import random
 import struct
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from drivers.ahci import Ahci
 from drivers.ahci.driver import TABLE_SIZE, Port
@@ -42,13 +42,14 @@ class NativeDiskLoop:
 
     def __init__(self, bus: ProxyBus, port: Port, max_count: int) -> None:
         self.bus, self.port, self.abi = bus, port, bus.abi
-        self.block = bus.dma_alloc(self.abi.sizeof("proxy_disk_loop"), 64)
-        self.requests = bus.dma_alloc(max_count * REQUEST.size, 64)
+        self.dev = port.hba.dev
+        self.block = self.dev.dma_alloc(self.abi.sizeof("proxy_disk_loop"), 64)
+        self.requests = self.dev.dma_alloc(max_count * REQUEST.size, 64)
         self._pack = self.abi.packer("proxy_disk_loop", LOOP_FIELDS)
 
     def close(self) -> None:
-        self.bus.dma_free(self.block)
-        self.bus.dma_free(self.requests)
+        self.dev.dma_free(self.block)
+        self.dev.dma_free(self.requests)
 
     def prepare(self, requests: Sequence[tuple[int, DmaBuffer]], sectors: int, depth: int) -> Run:
         """Lay out ``requests`` (lba, buffer) and the slots' headers; the returned run
@@ -86,13 +87,15 @@ def _disk_image(path: Path) -> None:
             pass
 
 
-def machine(stack: contextlib.ExitStack, accel: str, image: Path, name: str = "bench-ahci") -> tuple[ProxyMachine, str]:
+def machine(stack: contextlib.ExitStack, accel: str, image: Path, iommu: bool = True,
+            name: str = "bench-ahci") -> tuple[ProxyMachine, str]:
     """A machine with the disk on QEMU's io_uring backend where QEMU has one: its
     thread pool, the fallback, adds worker threads that fight the vCPU for two cores,
-    and both sides' figures then swing by twofold from run to run."""
+    and both sides' figures then swing by twofold from run to run. The image is not
+    locked: a second machine (the other IOMMU setting) reads it too."""
     for aio in ("io_uring", "threads"):
-        spec = proxy_spec(accel=accel)
-        spec.drive(file=str(image), format="raw", id=DRIVE, aio=aio, **{"if": "none"})
+        spec = proxy_spec(accel=accel, iommu=iommu)
+        spec.drive(file=str(image), format="raw", id=DRIVE, aio=aio, **{"if": "none", "file.locking": "off"})
         spec.device("ide-hd", drive=DRIVE, bus="ide.0")
         try:
             return stack.enter_context(ProxyMachine(spec, name=name)), aio
@@ -103,86 +106,120 @@ def machine(stack: contextlib.ExitStack, accel: str, image: Path, name: str = "b
     raise AssertionError("unreachable")
 
 
-def reads_counted(pm: ProxyMachine) -> int:
-    """Read commands QEMU's block layer has completed on the bench's drive."""
-    for entry in pm.machine.qmp("query-blockstats"):
-        if entry.get("device") == DRIVE:
-            return int(entry["stats"]["rd_operations"])
-    raise MachineError(f"query-blockstats has no drive {DRIVE!r}")
+class DiskRig:
+    """One machine's disk, its DMA buffers and its native loop: the sides of every workload.
+    Reads land in buffer i % 128 (QD1: buffer 0): the data are moved, not looked at."""
+
+    def __init__(self, stack: contextlib.ExitStack, pm: ProxyMachine, count: int) -> None:
+        self.pm = pm
+        hba = Ahci.open(pm.bus)
+        stack.callback(hba.close)
+        self.disk = hba.disks()[0]
+        dev = hba.dev
+        self.small = [dev.dma_alloc(4096) for _ in range(128)]
+        self.big = dev.dma_alloc(128 << 10)
+        stack.callback(lambda: [dev.dma_free(b) for b in self.small + [self.big]])
+        self.native = NativeDiskLoop(pm.bus, self.disk, count)
+        stack.callback(self.native.close)
+
+    def requests(self, lbas: Sequence[int], spread: bool) -> list[tuple[int, DmaBuffer]]:
+        return [(lba, self.small[i % len(self.small)] if spread else self.small[0]) for i, lba in enumerate(lbas)]
+
+    def python_one_by_one(self, lbas: Sequence[int], big: bool = False) -> Run:
+        disk, buffers = self.disk, [self.big] if big else [self.small[0]]
+
+        def go() -> int:
+            for lba in lbas:
+                disk.read_into(lba, buffers)
+            return len(lbas)
+        return go
+
+    def python_queued(self, lbas: Sequence[int]) -> Run:
+        requests = self.requests(lbas, True)
+
+        def go() -> int:
+            self.disk.read_queued_into(requests)
+            return len(requests)
+        return go
+
+    def native_one_by_one(self, lbas: Sequence[int], big: bool = False) -> Run:
+        if big:
+            return self.native.prepare([(lba, self.big) for lba in lbas], 256, 1)
+        return self.native.prepare(self.requests(lbas, False), 8, 1)
+
+    def native_queued(self, lbas: Sequence[int]) -> Run:
+        return self.native.prepare(self.requests(lbas, True), 8, 32)
+
+    def reads_counted(self) -> int:
+        """Read commands QEMU's block layer has completed on the bench's drive."""
+        for entry in self.pm.machine.qmp("query-blockstats"):
+            if entry.get("device") == DRIVE:
+                return int(entry["stats"]["rd_operations"])
+        raise MachineError(f"query-blockstats has no drive {DRIVE!r}")
 
 
-def run(accel: str, count: int = 2000, rounds: int = 9, quick: bool = False) -> dict[str, object]:
-    """Python and native take turns, workload by workload, as ``paired.run_rounds`` does."""
+class Draw:
+    """Each round's LBAs: drawn by whichever side goes first, handed to the other."""
+
+    def __init__(self, blocks: int) -> None:
+        self.rng, self.blocks = random.Random(1), blocks
+        self.drawn: dict[str, list[int]] = {}
+
+    def __call__(self, key: str, n: int) -> list[int]:
+        if key in self.drawn:
+            return self.drawn.pop(key)
+        lbas = self.drawn[key] = [self.rng.randrange(self.blocks) * 8 for _ in range(n)]   # 4 KiB-aligned
+        return lbas
+
+
+def workloads(a: DiskRig, b: DiskRig, draw: Draw, count: int, native: bool) -> list[Workload]:
+    """The three workloads, ``a``'s Python driver against ``b``'s native loop (``native``) or
+    against ``b``'s Python driver (the IOMMU's cost: the same driver on two machines)."""
+    queued, seq = count // 32 * 32, min(count, (DISK_BYTES >> 17) - 1)
+    sequential = [i * 256 for i in range(seq)]
+    if native:
+        other = (lambda: b.native_one_by_one(draw("qd1", count)), lambda: b.native_queued(draw("qd32", queued)),
+                 lambda: b.native_one_by_one(sequential, big=True))
+    else:
+        other = (lambda: b.python_one_by_one(draw("qd1", count)), lambda: b.python_queued(draw("qd32", queued)),
+                 lambda: b.python_one_by_one(sequential, big=True))
+    out = [Workload("randread_4k_qd1_iops", lambda: a.python_one_by_one(draw("qd1", count)), other[0], count),
+           Workload("randread_4k_qd32_iops", lambda: a.python_queued(draw("qd32", queued)), other[1], queued),
+           Workload("seqread_128k_mbps", lambda: a.python_one_by_one(sequential, big=True), other[2], seq,
+                    scale=128 / 1024)]
+    if native:                                  # one machine: its block layer counts both sides
+        for w in out:
+            w.counter, w.counted_by = a.reads_counted, "QEMU's query-blockstats rd_operations"
+    return out
+
+
+def run(accel: str, count: int = 2000, rounds: int = 9, quick: bool = False, iommu: bool | None = None,
+        iommu_cost: bool = True) -> dict[str, object]:
+    """Python and native take turns, workload by workload, as ``paired.run_rounds`` does; then
+    (``iommu_cost``) the Python driver with the IOMMU on against the same with it off, on
+    two machines, the same way."""
     if quick:
         count, rounds = QUICK["count"], QUICK["rounds"]
+    iommu = proxy_spec(accel=accel, iommu=iommu).iommu      # the caller's choice, or the default
     with tempfile.TemporaryDirectory(prefix="hwharness-bench-") as tmp:
         image = Path(tmp) / "disk.img"
         _disk_image(image)
         with contextlib.ExitStack() as stack:
-            pm, aio = machine(stack, accel, image)
+            pm, aio = machine(stack, accel, image, iommu)
             accel = pm.machine.accel
             if accel == "kvm" and not quick:     # the guest is emulated here: keep the run short
                 count = min(count, 500)
-            hba = Ahci.open(pm.bus)
-            stack.callback(hba.close)
-            disk = hba.disks()[0]
-            bus = pm.bus
-            # Reads land in buffer i % 128: the data are not looked at, only moved.
-            small = [bus.dma_alloc(4096) for _ in range(128)]
-            big = bus.dma_alloc(128 << 10)
-            stack.callback(lambda: [bus.dma_free(b) for b in small + [big]])
-            native = NativeDiskLoop(bus, disk, count)
-            stack.callback(native.close)
-            rng = random.Random(1)
-            blocks = (DISK_BYTES >> 12) - 1     # 4 KiB blocks, LBAs 8-aligned
-            queued = count // 32 * 32
-            seq = min(count, (DISK_BYTES >> 17) - 1)
-            figures = clock_figures(pm, disk.hba.dev.channel.guest_time)
-
-            def random_reads(n: int, spread: bool) -> list[tuple[int, DmaBuffer]]:
-                return [(rng.randrange(blocks) * 8, small[i % len(small)] if spread else small[0]) for i in range(n)]
-
-            drawn: dict[str, list[tuple[int, DmaBuffer]]] = {}
-
-            def same_lbas(key: str, make: Callable[[], list[tuple[int, DmaBuffer]]]) -> list[tuple[int, DmaBuffer]]:
-                """The round's requests: drawn by whichever side goes first, handed to the other."""
-                return drawn.pop(key) if key in drawn else drawn.setdefault(key, make())
-
-            def python_qd1() -> Run:
-                requests = same_lbas("qd1", lambda: random_reads(count, False))
-                def go() -> int:
-                    for lba, buffer in requests:
-                        disk.read_into(lba, [buffer])
-                    return len(requests)
-                return go
-
-            def python_qd32() -> Run:
-                requests = same_lbas("qd32", lambda: random_reads(queued, True))
-                def go() -> int:
-                    disk.read_queued_into(requests)
-                    return len(requests)
-                return go
-
-            def python_seq() -> Run:
-                def go() -> int:
-                    for i in range(seq):
-                        disk.read_into(i * 256, [big])
-                    return seq
-                return go
-
-            workloads = [
-                Workload("randread_4k_qd1_iops", python_qd1,
-                         lambda: native.prepare(same_lbas("qd1", lambda: random_reads(count, False)), 8, 1),
-                         count),
-                Workload("randread_4k_qd32_iops", python_qd32,
-                         lambda: native.prepare(same_lbas("qd32", lambda: random_reads(queued, True)), 8, 32),
-                         queued),
-                Workload("seqread_128k_mbps", python_seq,
-                         lambda: native.prepare([(i * 256, big) for i in range(seq)], 256, 1),
-                         seq, scale=128 / 1024),
-            ]
-            for w in workloads:
-                w.counter, w.counted_by = (lambda: reads_counted(pm)), "QEMU's query-blockstats rd_operations"
-            result = run_rounds([workloads], rounds, pm)
+            rig = DiskRig(stack, pm, count)
+            draw = Draw((DISK_BYTES >> 12) - 1)
+            figures = clock_figures(pm, rig.disk.hba.dev.channel.guest_time)
+            result = run_rounds([workloads(rig, rig, draw, count, native=True)], rounds, [pm])
+            if iommu_cost:
+                other_pm, _ = machine(stack, accel, image, not iommu, name="bench-ahci-other")
+                other = DiskRig(stack, other_pm, count)
+                on, off = (rig, other) if iommu else (other, rig)
+                cost = run_rounds([workloads(on, off, draw, count, native=False)], rounds, [pm, other_pm],
+                                  sides=("iommu_on", "iommu_off"))
+                result["iommu_cost"] = min(v for k, v in cost["results"].items() if k.startswith("ratio_"))
+                result["iommu_rounds"] = cost
     return {"benchmark": "ahci", "accel": {"python": accel, "native": accel}, "aio": aio, "quick": quick,
-            **figures, **result}
+            "iommu": pm.bus.iommu, **figures, **result}

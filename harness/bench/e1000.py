@@ -18,6 +18,7 @@ and not to the second's budget. Measured as ``paired.py`` describes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
@@ -60,16 +61,16 @@ class NativeLoop:
 
     def __init__(self, bus: ProxyBus, nic: E1000) -> None:
         self.bus, self.nic, self.abi = bus, nic, bus.abi
-        self.block = bus.dma_alloc(self.abi.sizeof("proxy_nic_loop"), 64)
-        self.frame = bus.dma_alloc(SINK_BYTES)      # TX: the frame to copy; RX: where frames are copied
+        self.block = nic.dev.dma_alloc(self.abi.sizeof("proxy_nic_loop"), 64)
+        self.frame = nic.dev.dma_alloc(SINK_BYTES)  # TX: the frame to copy; RX: where frames are copied
         self._pack = self.abi.packer("proxy_nic_loop", LOOP_FIELDS)
         done = self.abi.offsetof("proxy_nic_loop", "done")
         self.done = self.block.view[done:done + 4].cast("I")     # progress, as the guest goes
 
     def close(self) -> None:
         self.done.release()
-        self.bus.dma_free(self.block)
-        self.bus.dma_free(self.frame)
+        self.nic.dev.dma_free(self.block)
+        self.nic.dev.dma_free(self.frame)
 
     def _prepare(self, op: int, ring: int, entries: int, frame_len: int, count: int, next_: int, clean: int,
                  tail_reg: int, flush_reg: int, zero_copy: bool = False) -> Callable[[], tuple[int, int, int]]:
@@ -132,7 +133,7 @@ class Rig:
         self.pm, self.host, self.qemu_port = pm, host, qemu_port
         self.nic = E1000.open(pm.bus, interrupts=False)
         self.native = NativeLoop(pm.bus, self.nic)
-        self.zero_copy_frame = pm.bus.dma_alloc(2048)   # the frame E1000.send_from sends, in place
+        self.zero_copy_frame = self.nic.dev.dma_alloc(2048)     # the frame E1000.send_from sends, in place
         self.counted = {"tx": 0, "rx": 0}
         time.sleep(RCTL_QUIET)                      # or the first receive measures QEMU's timer
         self._stop = threading.Event()
@@ -151,8 +152,8 @@ class Rig:
         self._stop.set()
         self._drainer.join(2)
         self.native.close()
+        self.nic.dev.dma_free(self.zero_copy_frame)
         self.nic.close()
-        self.pm.bus.dma_free(self.zero_copy_frame)
 
     def frames_counted(self, way: str) -> int:
         """Frames the NIC has counted so far (GPTC or GPRC; they clear on read, so keep a sum)."""
@@ -222,45 +223,77 @@ def frame_of(size: int, dst: bytes) -> bytes:
     return (dst + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + bytes(range(256)) * 6)[:size]
 
 
-def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int = 5,
-        quick: bool = False) -> dict[str, object]:
-    """All the transmit rounds, then all the receive rounds (a receive leaves QEMU busy with
-    the socket for a while, and a transmit measured just after it suffers)."""
-    if quick:
-        count_64, count_1514, rounds = QUICK["count_64"], QUICK["count_1514"], QUICK["rounds"]
+def machine(stack: contextlib.ExitStack, accel: str, iommu: bool, name: str) -> "Rig":
+    """A proxy machine whose e1000 is wired to a UDP socket of the host's, and its rig."""
     host = host_socket()
+    stack.callback(host.close)
     probe = host_socket()
     qemu_port = probe.getsockname()[1]
     probe.close()
-    spec: MachineSpec = proxy_spec(accel=accel)
+    spec: MachineSpec = proxy_spec(accel=accel, iommu=iommu)
     spec.netdev("socket", "net0", udp=f"127.0.0.1:{host.getsockname()[1]}", localaddr=f"127.0.0.1:{qemu_port}")
     spec.device("e1000", netdev="net0", mac="52:54:00:be:ec:01")
-    with ProxyMachine(spec, name="bench-e1000") as pm:
+    pm = stack.enter_context(ProxyMachine(spec, name=name))
+    rig = Rig(pm, host, qemu_port)
+    stack.callback(rig.close)
+    return rig
+
+
+def workloads(a: Rig, b: Rig, counts: dict[str, int], native: bool) -> list[list[Workload]]:
+    """Transmit workloads, then receive ones: ``a``'s Python driver against ``b``'s native
+    loops (``native``), or against ``b``'s Python driver (the IOMMU's cost)."""
+    def tx(wire: str, length: int, zero_copy: bool) -> Workload:
+        count, out = counts[wire], frame_of(length, b"\x02\x00\x00\x00\x00\x02")
+        other = (lambda: b.native.prepare_tx(out, count, zero_copy)) if native else \
+            (lambda: b.python_tx(out, count, zero_copy))
+        return Workload(f"tx_{'zerocopy_' if zero_copy else ''}pps_{wire}",
+                        lambda: a.python_tx(out, count, zero_copy), other, count)
+
+    def rx(wire: str, length: int) -> Workload:
+        count = counts[wire]
+        other = (lambda: b.native_rx(frame_of(length, b.nic.mac), count)) if native else \
+            (lambda: b.python_rx(frame_of(length, b.nic.mac), count))
+        return Workload(f"rx_pps_{wire}", lambda: a.python_rx(frame_of(length, a.nic.mac), count), other, count)
+
+    sizes = (("64", 60), ("1514", 1514))
+    groups = [[tx(wire, length, zc) for wire, length in sizes for zc in (False, True)],
+              [rx(wire, length) for wire, length in sizes]]
+    if native:                                  # one NIC: its statistics count both sides
+        for w in groups[0]:
+            w.counter, w.counted_by = (lambda: a.frames_counted("tx")), "the NIC's GPTC register"
+        for w in groups[1]:
+            w.counter, w.counted_by = (lambda: a.frames_counted("rx")), "the NIC's GPRC register"
+    return groups
+
+
+def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int = 5, quick: bool = False,
+        iommu: bool | None = None, iommu_cost: bool = True) -> dict[str, object]:
+    """All the transmit rounds, then all the receive rounds (a receive leaves QEMU busy with
+    the socket for a while, and a transmit measured just after it suffers); then
+    (``iommu_cost``) the Python driver with the IOMMU on against the same with it off, on
+    two machines, the same way."""
+    if quick:
+        count_64, count_1514, rounds = QUICK["count_64"], QUICK["count_1514"], QUICK["rounds"]
+    iommu = proxy_spec(accel=accel, iommu=iommu).iommu      # the caller's choice, or the default
+    with contextlib.ExitStack() as stack:
+        rig = machine(stack, accel, iommu, "bench-e1000")
+        pm = rig.pm
         accel = pm.machine.accel
-        rig = Rig(pm, host, qemu_port)
-        try:
-            if accel == "kvm" and not quick:    # the guest is emulated here: keep the run short
-                count_64, count_1514, rounds = min(count_64, 2000), min(count_1514, 1000), min(rounds, 3)
-            figures = clock_figures(pm, rig.nic.dev.channel.guest_time)
-            groups: dict[str, list[Workload]] = {"tx": [], "rx": []}
-            for wire, length, count in (("64", 60, count_64), ("1514", 1514, count_1514)):
-                out = frame_of(length, b"\x02\x00\x00\x00\x00\x02")
-                inbound = frame_of(length, rig.nic.mac)
-                for zero_copy in (False, True):
-                    groups["tx"].append(Workload(
-                        f"tx_{'zerocopy_' if zero_copy else ''}pps_{wire}",
-                        lambda out=out, count=count, zc=zero_copy: rig.python_tx(out, count, zc),
-                        lambda out=out, count=count, zc=zero_copy: rig.native.prepare_tx(out, count, zc), count,
-                        counter=lambda: rig.frames_counted("tx"), counted_by="the NIC's GPTC register"))
-                groups["rx"].append(Workload(
-                    f"rx_pps_{wire}", lambda inbound=inbound, count=count: rig.python_rx(inbound, count),
-                    lambda inbound=inbound, count=count: rig.native_rx(inbound, count), count,
-                    counter=lambda: rig.frames_counted("rx"), counted_by="the NIC's GPRC register"))
-            result = run_rounds([groups["tx"], groups["rx"]], rounds, pm)
-        finally:
-            rig.close()
-    host.close()
-    return {"benchmark": "e1000", "accel": {"python": accel, "native": accel}, "quick": quick, **figures, **result}
+        if accel == "kvm" and not quick:        # the guest is emulated here: keep the run short
+            count_64, count_1514, rounds = min(count_64, 2000), min(count_1514, 1000), min(rounds, 3)
+        counts = {"64": count_64, "1514": count_1514}
+        figures = clock_figures(pm, rig.nic.dev.channel.guest_time)
+        result = run_rounds(workloads(rig, rig, counts, native=True), rounds, [pm])
+        if iommu_cost:
+            other = machine(stack, accel, not iommu, "bench-e1000-other")
+            on, off = (rig, other) if iommu else (other, rig)
+            cost = run_rounds(workloads(on, off, counts, native=False), rounds, [pm, other.pm],
+                              sides=("iommu_on", "iommu_off"))
+            result["iommu_cost"] = min(v for k, v in cost["results"].items() if k.startswith("ratio_"))
+            result["iommu_rounds"] = cost
+        iommu = pm.bus.iommu
+    return {"benchmark": "e1000", "accel": {"python": accel, "native": accel}, "quick": quick, "iommu": iommu,
+            **figures, **result}
 
 
 # ---- interrupt throttling: packets per second against interrupt latency ----

@@ -47,16 +47,17 @@ class NativeNvmeLoop:
 
     def __init__(self, bus: ProxyBus, nvme: Nvme, max_count: int) -> None:
         self.bus, self.nvme, self.abi = bus, nvme, bus.abi
-        self.block = bus.dma_alloc(self.abi.sizeof("proxy_nvme_loop"), 64)
-        self.requests = bus.dma_alloc(max_count * REQUEST.size, 64)
+        self.dev = nvme.dev
+        self.block = self.dev.dma_alloc(self.abi.sizeof("proxy_nvme_loop"), 64)
+        self.requests = self.dev.dma_alloc(max_count * REQUEST.size, 64)
         self._loop = self.abi.packer("proxy_nvme_loop", LOOP_FIELDS)
         self._queue = self.abi.packer("proxy_nvme_queue", QUEUE_FIELDS)
         self._queues_at = self.abi.offsetof("proxy_nvme_loop", "queues")
         self._queue_size = self.abi.sizeof("proxy_nvme_queue")
 
     def close(self) -> None:
-        self.bus.dma_free(self.block)
-        self.bus.dma_free(self.requests)
+        self.dev.dma_free(self.block)
+        self.dev.dma_free(self.requests)
 
     def prepare(self, ns: Namespace, requests: Sequence[tuple[int, DmaBuffer]], blocks: int, depth: int,
                 queues: Sequence[QueuePair], opcode: int = Nvm.READ) -> Run:
@@ -133,9 +134,10 @@ def run(accel: str, count: int = 2000, rounds: int = 9, quick: bool = False) -> 
             ns = nvme.namespaces()[0]
             first, second = nvme.queues
             bus = pm.bus
-            small = [bus.dma_alloc(4096) for _ in range(128)]       # the data are moved, not looked at
-            big = bus.dma_alloc(128 << 10)
-            stack.callback(lambda: [bus.dma_free(b) for b in small + [big]])
+            dev = nvme.dev
+            small = [dev.dma_alloc(4096) for _ in range(128)]       # the data are moved, not looked at
+            big = dev.dma_alloc(128 << 10)
+            stack.callback(lambda: [dev.dma_free(b) for b in small + [big]])
             loop = NativeNvmeLoop(bus, nvme, count)
             stack.callback(loop.close)
             rng = random.Random(1)
@@ -223,6 +225,6 @@ def run(accel: str, count: int = 2000, rounds: int = 9, quick: bool = False) -> 
                          native("w32", queued, 8, 32, [first], Nvm.WRITE), queued, counter=writes,
                          counted_by=by_writes),
             ]
-            result = run_rounds([workloads], rounds, pm)
+            result = run_rounds([workloads], rounds, [pm])
     return {"benchmark": "nvme", "accel": {"python": accel, "native": accel}, "aio": aio, "quick": quick,
             **figures, **result}

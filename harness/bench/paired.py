@@ -58,8 +58,8 @@ class WorkMismatch(RuntimeError):
     """A side did not do the work it was given: the figure would be meaningless."""
 
 
-def _timed(workload: Workload, side: str) -> float:
-    run = (workload.python if side == "python" else workload.native)()
+def _timed(workload: Workload, side: str, first_side: bool) -> float:
+    run = (workload.python if first_side else workload.native)()
     before = workload.counter() if workload.counter else 0
     t0 = time.perf_counter_ns()
     units = run()
@@ -123,35 +123,41 @@ class ForeignLoad:
         return max(0.0, (cpu1 - cpu0) / (t1 - t0)) if t1 > t0 else 0.0
 
 
-def run_rounds(groups: list[list[Workload]], rounds: int, pm: ProxyMachine,
-               progress: Callable[[str], None] = log.info) -> dict:
+def run_rounds(groups: list[list[Workload]], rounds: int, pms: list[ProxyMachine],
+               progress: Callable[[str], None] = log.info, sides: tuple[str, str] = ("python", "native")) -> dict:
     """For each group of workloads in turn: a warm-up round, then ``rounds`` paired rounds
-    (a group runs all its rounds before the next starts). The figures, ratios and spread."""
+    (a group runs all its rounds before the next starts). The figures, ratios and spread.
+
+    ``sides`` name a workload's two sides (``python`` and ``native``): a figure is keyed
+    by the workload, prefixed by its side's name unless that is ``python``; a ratio is
+    ``ratio_`` and the workload, the first side over the second. ``pms`` are the machines
+    whose CPU is the bench's own."""
     per_round: dict[str, list[float]] = {}
     first = []
-    assert pm.machine.process is not None
-    load = ForeignLoad([os.getpid(), pm.machine.process.pid])
+    pids = [os.getpid()] + [pm.machine.process.pid for pm in pms if pm.machine.process is not None]
+    load = ForeignLoad(pids)
     foreign: list[float] = []
+    label = {side: "" if side == "python" else f"{side}_" for side in sides}
     for group in groups:
         for round_ in range(rounds + 1):
-            load.since_last()
-            order = ("python", "native") if round_ % 2 == 0 else ("native", "python")
+            order = sides if round_ % 2 == 0 else sides[::-1]
             if round_ and group is groups[0]:
                 first.append(order[0])
+            load.since_last()
             for w in group:
-                figures = {side: _timed(w, side) for side in order}
+                figures = {side: _timed(w, side, side == sides[0]) for side in order}
                 if round_:                      # round 0 warms both up
-                    per_round.setdefault(w.key, []).append(figures["python"])
-                    per_round.setdefault(f"native_{w.key}", []).append(figures["native"])
-                    per_round.setdefault(f"ratio_{w.key}", []).append(figures["python"] / figures["native"])
+                    for side in sides:
+                        per_round.setdefault(f"{label[side]}{w.key}", []).append(figures[side])
+                    per_round.setdefault(f"ratio_{w.key}", []).append(figures[sides[0]] / figures[sides[1]])
             if round_:
                 foreign.append(round(load.since_last(), 2))
             progress(f"{group[0].key}...: " + (f"round {round_} of {rounds} done" if round_ else "warm-up done"))
-    results = {k: round(statistics.median(v), 3) for k, v in per_round.items()}
-    spread = {k: round(max(v) / min(v), 3) for k, v in per_round.items() if k.startswith("ratio_")}
     if max(foreign) > 0.25:
         log.warning("other processes used up to %.1f cores during a round: the figures are disturbed "
                     "(foreign_cores in the JSON)", max(foreign))
+    results = {k: round(statistics.median(v), 3) for k, v in per_round.items()}
+    spread = {k: round(max(v) / min(v), 3) for k, v in per_round.items() if k.startswith("ratio_")}
     return {"clock": "host", "rounds": rounds, "warmup_rounds": 1, "first": first, "foreign_cores": foreign,
             "results": results, "ratio_spread": spread,
             "per_round": {k: [round(x, 4 if k.startswith("ratio_") else 1) for x in v] for k, v in per_round.items()},

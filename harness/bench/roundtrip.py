@@ -19,6 +19,7 @@ from ..access import Kind, Region
 from ..machine import MachineSpec
 from ..proxy import ProxyMachine, proxy_spec
 from ..qtest import QtestMachine, qtest_spec
+from . import tracecost
 from .stats import latencies_us, pct
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def run(accel: str, count: int = 20000, idle_seconds: float = 10.0, quick: bool 
         results["native_pio_us"] = (time.perf_counter_ns() - t0) / repeats / 1000
         results["native_call_us"] = pct(latencies_us(port.channel.guest_time, 200, 5), 0.5)
         port.channel.close()
+        results.update(tracecost.measure(bus, DEBUGCON_PORT, count // 4, rounds=3 if quick else 5))
         nic.close()
 
         time.sleep(1.0)                       # let the guest fall asleep

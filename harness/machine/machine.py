@@ -19,8 +19,10 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..errors import MachineError, QemuNotFound
 from ..ivshmem import IvshmemServer
-from .console import Console
-from .spec import Endpoints, MachineSpec, RuntimeFile, build_argv, resolve_accel
+from .accel import resolve_accel
+from .console import LINUX_RULES, Console, ConsoleRules
+from .snapshots import Snapshots
+from .spec import Endpoints, MachineSpec, RuntimeFile, build_argv
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,11 @@ class Machine:
     """
 
     def __init__(self, spec: MachineSpec, *, name: str = "machine", artifacts_root: Path | None = None,
-                 keep_artifacts: bool = False, launch_timeout: float = 60.0) -> None:
+                 keep_artifacts: bool = False, launch_timeout: float = 60.0,
+                 console_rules: ConsoleRules = LINUX_RULES, quiet: float | None = None) -> None:
         self.spec = spec
+        self.console_rules = console_rules
+        self.quiet = quiet
         self.name = name
         self.accel = resolve_accel(spec.accel)
         self.log = log.getChild(name)
@@ -86,10 +91,13 @@ class Machine:
         self.console: Console | None = None
         self._qmp: QEMUMonitorProtocol | None = None
         self._qtest_listener: socket.socket | None = None
+        self._serial_listener: socket.socket | None = None
         self.qtest_socket: socket.socket | None = None
         self.argv: list[str] = []
         self.endpoints: Endpoints | None = None
         self.failed = False
+        self.snapshots = Snapshots(self)
+        self.exec_at = 0.0
 
     # ---- lifecycle ----
 
@@ -112,11 +120,10 @@ class Machine:
                                              dir=self._artifacts_root))
         tag = f"\0{WORKDIR_PREFIX}{self.workdir.name}"
         self.endpoints = Endpoints(
-            workdir=self.workdir, qmp=tag + "-qmp", serial_log=self.workdir / "serial.log",
+            workdir=self.workdir, qmp=tag + "-qmp", serial=tag + "-serial", serial_log=self.workdir / "serial.log",
             ivshmem=tag + "-ivshmem" if self.spec.ivshmem_size else None,
             qtest=tag + "-qtest" if self.spec.qtest else None)
-        self.argv = build_argv(self.spec, self.accel, self.endpoints)
-        (self.workdir / "cmdline.txt").write_text(" ".join(self.argv) + "\n")
+        self.console = Console(self.endpoints.serial_log, self, self.console_rules, self.quiet)
         try:
             self._start(self.endpoints)
         except BaseException:
@@ -124,7 +131,11 @@ class Machine:
             self.shutdown()
             raise
 
-    def _start(self, ends: Endpoints) -> None:
+    def _start(self, ends: Endpoints, incoming: Path | None = None) -> None:
+        """Start a QEMU process for the spec (from a saved state when ``incoming``) and connect to it."""
+        assert self.workdir is not None and self.console is not None
+        self.argv = build_argv(self.spec, self.accel, ends, incoming)
+        (self.workdir / "cmdline.txt").write_text(" ".join(self.argv) + "\n")
         if ends.ivshmem:
             assert self.spec.ivshmem_size
             self.ivshmem = IvshmemServer(self.spec.ivshmem_size, vectors=self.spec.ivshmem_vectors)
@@ -133,9 +144,11 @@ class Machine:
             self._qtest_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             self._qtest_listener.bind(ends.qtest)
             self._qtest_listener.listen(1)
-        assert self.workdir is not None
-        self.console = Console(ends.serial_log, self.alive)
+        self._serial_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._serial_listener.bind(ends.serial)
+        self._serial_listener.listen(1)
         self.log.info("launching %s (%s): %s", self.name, self.accel, " ".join(self.argv))
+        self.exec_at = time.monotonic()       # for boot timings (bench boot)
         with open(self.workdir / "qemu.out", "wb") as out:
             self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
                                             stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
@@ -145,14 +158,28 @@ class Machine:
             self._accept(lambda t: self.ivshmem.accept(t), deadline, "the ivshmem connection")  # type: ignore[union-attr]
         if self._qtest_listener:
             self.qtest_socket = self._accept(self._accept_qtest, deadline, "the qtest connection")
+        self.console.attach(self._accept(self._accept_serial, deadline, "the serial connection"))
         self._connect_qmp(ends.qmp, deadline)
 
     def _accept_qtest(self, timeout: float) -> socket.socket:
         assert self._qtest_listener is not None
-        self._qtest_listener.settimeout(timeout)
-        sock, _ = self._qtest_listener.accept()
-        self._qtest_listener.close()
+        sock = self._accept_once(self._qtest_listener, timeout)
         self._qtest_listener = None
+        return sock
+
+    def _accept_serial(self, timeout: float) -> socket.socket:
+        assert self._serial_listener is not None
+        sock = self._accept_once(self._serial_listener, timeout)
+        self._serial_listener = None
+        return sock
+
+    @staticmethod
+    def _accept_once(listener: socket.socket, timeout: float) -> socket.socket:
+        """The one connection a listener exists for; the listener is closed once it came."""
+        listener.settimeout(timeout)
+        sock, _ = listener.accept()
+        listener.close()
+        sock.settimeout(None)
         return sock
 
     def _accept(self, accept: Any, deadline: float, what: str) -> Any:
@@ -211,10 +238,12 @@ class Machine:
             except Exception as exc:
                 self.log.debug("closing QMP: %s", exc)
             self._qmp = None
-        for s in (self._qtest_listener, self.qtest_socket):
+        for s in (self._qtest_listener, self.qtest_socket, self._serial_listener):
             if s is not None:
                 s.close()
-        self._qtest_listener = self.qtest_socket = None
+        self._qtest_listener = self.qtest_socket = self._serial_listener = None
+        if self.console is not None:
+            self.console.close()
         if self.ivshmem is not None:
             self.ivshmem.close()
             self.ivshmem = None
@@ -228,6 +257,31 @@ class Machine:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def exitcode(self) -> int | None:
+        """QEMU's exit status once it has exited, else None."""
+        return self.process.poll() if self.process else None
+
+    def exit_reason(self, timeout: float = 1.0) -> str | None:
+        """Why QEMU stopped: the ``reason`` of its last QMP SHUTDOWN event (``guest-reset``,
+        ``guest-shutdown``, ``guest-panic``, ``host-qmp-quit``...), waiting up to ``timeout``
+        for the process to exit; None when it sent none."""
+        if self.process is not None:
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        reason = None
+        # Waiting lets the QMP client read what QEMU sent before it closed the socket; it
+        # hands back what it had already queued first, so ask until nothing more comes.
+        for _ in range(100):
+            events = self.events(wait=0.2)
+            if not events:
+                break
+            for event in events:
+                if event.get("event") == "SHUTDOWN":
+                    reason = event.get("data", {}).get("reason")
+        return reason
 
     def check_alive(self) -> None:
         """Raise MachineError if QEMU has exited."""
@@ -251,8 +305,19 @@ class Machine:
             return []
         try:
             return self._qmp.get_events(wait=wait or False)
-        except TimeoutError:
+        except (TimeoutError, QMPError, OSError):
             return []
+
+    def snapshot(self, name: str, timeout: float = 60.0) -> None:
+        """Save the running machine's state as ``name`` (see :mod:`harness.machine.snapshots`)."""
+        self.snapshots.save(name, timeout)
+
+    def restore(self, name: str, timeout: float = 60.0) -> None:
+        """Back to the state saved as ``name``, running, without a reboot; unread console output
+        and evidence of failure from before are forgotten."""
+        self.snapshots.load(name, timeout)
+        assert self.console is not None
+        self.console.forget()
 
     def path(self, f: RuntimeFile) -> Path:
         """Where a RuntimeFile of the spec lives."""

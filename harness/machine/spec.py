@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import random
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,7 @@ class MachineSpec:
     kernel: Path | None = None
     initrd: Path | None = None
     append: str | None = None
+    bios: Path | None = None         # firmware instead of SeaBIOS (e.g. qboot for a fast Linux boot)
     memory_mb: int = 128
     cpus: int = 1
     machine: str = "q35"
@@ -58,6 +59,7 @@ class MachineSpec:
     start_stopped: bool = False      # -S: the CPU waits (qtest)
     qtest: bool = False              # a qtest server on a private socket
     guest_elf: Path | None = None    # the kernel's ELF with symbols, when `kernel` is a stripped copy
+    iommu: bool = False              # an Intel VT-d (intel-iommu) that translates every device's DMA
 
     def device(self, driver: str, **props: object) -> "MachineSpec":
         self.options.append(Option("device", driver, props))
@@ -97,32 +99,14 @@ def random_mac() -> str:
     return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
 
 
-def kvm_usable() -> bool:
-    """True when /dev/kvm exists and this process may open it read-write."""
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
-def resolve_accel(accel: str) -> str:
-    """``auto`` becomes kvm when /dev/kvm works, else tcg; a forced choice stays."""
-    if accel not in ("auto", "kvm", "tcg"):
-        raise ValueError(f"accel must be auto, kvm or tcg, not {accel!r}")
-    if accel == "auto":
-        return "kvm" if kvm_usable() else "tcg"
-    return accel
-
-
 @dataclass(frozen=True)
 class Endpoints:
     """Where the running machine's sockets and files are (abstract socket names start with NUL)."""
 
     workdir: Path
     qmp: str
-    serial_log: Path
+    serial: str                      # the harness listens; QEMU's serial port connects to it
+    serial_log: Path                 # where the harness logs what the guest printed
     ivshmem: str | None = None
     qtest: str | None = None
 
@@ -131,8 +115,11 @@ def _abstract(name: str) -> dict[str, object]:
     return {"path": name.lstrip("\0"), "abstract": True}
 
 
-def build_argv(spec: MachineSpec, accel: str, ends: Endpoints) -> list[str]:
-    """The QEMU command line for ``spec``: the only place one is built."""
+def build_argv(spec: MachineSpec, accel: str, ends: Endpoints, incoming: Path | None = None) -> list[str]:
+    """The QEMU command line for ``spec``: the only place one is built.
+
+    ``incoming``: start from a state saved by migration to that file instead of booting.
+    """
     if spec.qtest and accel == "kvm":
         raise ValueError("qtest machines run with the CPU stopped under tcg; kvm makes no sense there")
     argv = [spec.qemu, "-machine", spec.machine, "-accel", accel, "-m", f"{spec.memory_mb}M",
@@ -141,7 +128,7 @@ def build_argv(spec: MachineSpec, accel: str, ends: Endpoints) -> list[str]:
     runtime = [
         Option("chardev", "socket", {"id": "hwh-qmp", **_abstract(ends.qmp), "server": True, "wait": False}),
         Option("mon", "", {"chardev": "hwh-qmp", "mode": "control"}),
-        Option("chardev", "file", {"id": "hwh-serial", "path": ends.serial_log}),
+        Option("chardev", "socket", {"id": "hwh-serial", **_abstract(ends.serial)}),
         Option("serial", "chardev:hwh-serial"),
     ]
     if ends.ivshmem is not None:
@@ -156,8 +143,12 @@ def build_argv(spec: MachineSpec, accel: str, ends: Endpoints) -> list[str]:
             Option("chardev", "socket", {"id": "qtest", **_abstract(ends.qtest)}),
             Option("qtest", "chardev:qtest"),
         ]
+    if spec.iommu:
+        runtime.append(Option("device", "intel-iommu", {}))
     for opt in runtime + spec.options:
         argv += opt.render(ends.workdir)
+    if spec.bios:
+        argv += ["-bios", str(spec.bios)]
     if spec.kernel:
         argv += ["-kernel", str(spec.kernel)]
     if spec.initrd:
@@ -166,4 +157,8 @@ def build_argv(spec: MachineSpec, accel: str, ends: Endpoints) -> list[str]:
         argv += ["-append", spec.append]
     if spec.start_stopped or spec.qtest:
         argv.append("-S")
+    if incoming is not None:
+        # QEMU reads the state, then waits stopped for `cont`. exec:cat keeps the path out of
+        # QEMU's own file: URI parsing (7.2 has none) and streams it as migration expects.
+        argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
     return argv + spec.extra_args

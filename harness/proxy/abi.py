@@ -18,7 +18,7 @@ from elftools.elf.elffile import ELFFile
 
 from ..errors import AbiError
 
-HOST_ABI_VERSION = 6
+HOST_ABI_VERSION = 8
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,18 @@ class Abi:
             return self.consts[name]
         except KeyError:
             raise AttributeError(name) from None
+
+    def reserved_ports(self, base: int, count: int) -> list[str]:
+        """Why the proxy refuses ports ``base .. base + count - 1`` to any ISA channel
+        (``enum proxy_reserved_ports``): one reason per reserved range they touch."""
+        reasons = []
+        for name, value in self.consts.items():
+            if name.startswith("PROXY_RESERVED_"):
+                start, n = value >> 16, value & 0xFFFF
+                if start < base + count and base < start + n:
+                    what = name.removeprefix("PROXY_RESERVED_").lower().replace("_", " ")
+                    reasons.append(f"{start:#x}-{start + n - 1:#x} ({what})")
+        return reasons
 
     def struct(self, name: str) -> Struct:
         try:

@@ -4,24 +4,36 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..access import Bar, Bus, DmaBuffer, PciFunction
-from ..errors import AbiError, ProxyError
+from .. import tracing
+from ..access import Bar, Bus, PciFunction
+from ..errors import AbiError, AccessDenied, ProxyError
 from ..machine import Machine, MachineSpec
 from ..machine.booted import BootedMachine
+from ..machine.legacy import grantable
 from .abi import Abi, load_abi
 from .channel import ProxyChannel
 from .clock import GuestClock
 from .dma import DmaPool
+from .guest import guest_elf
 from .window import SharedWindow
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_ELF = REPO / "guests" / "proxy" / "build" / "proxy.elf"
-WINDOW_SIZE = 32 << 20
+IOMMU_ENV = "HWHARNESS_IOMMU"      # "0": machines without the IOMMU, by default (the CLI's --no-iommu)
+WINDOW_SIZE = 64 << 20
+DOMAIN_SIZE = 4 << 20       # each opened device's DMA memory unless it asks for another size
+DOMAIN_ALIGN = 64 << 10
+
+
+def __getattr__(name: str) -> Any:
+    # DEFAULT_ELF, for callers from before the guest was built on first use: built when asked for
+    if name == "DEFAULT_ELF":
+        return guest_elf()
+    raise AttributeError(name)
 
 
 def boot_image(elf: Path) -> Path:
@@ -29,14 +41,22 @@ def boot_image(elf: Path) -> Path:
     return elf.with_name(elf.stem + "-boot.elf")
 
 
-def proxy_spec(elf: Path = DEFAULT_ELF, accel: str = "auto", memory_mb: int = 128,
-               window_size: int = WINDOW_SIZE) -> MachineSpec:
-    """A machine that boots the proxy guest with its shared window; add devices to taste."""
+def proxy_spec(elf: Path | None = None, accel: str = "auto", memory_mb: int = 128,
+               window_size: int = WINDOW_SIZE, iommu: bool | None = None) -> MachineSpec:
+    """A machine that boots the proxy guest with its shared window; add devices to taste.
+    ``elf`` defaults to the guest built from the current sources (see :mod:`.guest`).
+
+    With ``iommu`` (the default, unless the environment has HWHARNESS_IOMMU=0) the machine
+    has an Intel VT-d, and the proxy confines every device's DMA to that device's own
+    domain; without, DMA is not confined."""
+    elf = elf or guest_elf()
+    if iommu is None:
+        iommu = os.environ.get(IOMMU_ENV, "1") != "0"
     abi = load_abi(elf)   # fail before booting if the ELF is missing or of another ABI
     if not boot_image(elf).exists():
-        raise AbiError(f"{boot_image(elf)} is missing: build the guest with `make guest`")
+        raise AbiError(f"{boot_image(elf)} is missing beside {elf}: its build did not finish")
     spec = MachineSpec(kernel=boot_image(elf), accel=accel, memory_mb=memory_mb, ivshmem_size=window_size,
-                       ivshmem_vectors=abi.PROXY_DOORBELL_VECTORS)
+                       ivshmem_vectors=abi.PROXY_DOORBELL_VECTORS, iommu=iommu)
     spec.guest_elf = elf
     return spec
 
@@ -49,19 +69,27 @@ class ProxyBus(Bus):
         self.abi = abi
         self.window = SharedWindow(machine, abi)
         self.window.wait_ready(ready_timeout)
-        self.admin = ProxyChannel(self, 0, "admin")
+        self.admin = self._new_channel(0, "admin")
         self._functions = tuple(self._read_device_table())
         self.tsc_hz = self.window.field("tsc_hz")
         self._open: dict[int, ProxyChannel] = {}
         self._dma_view = memoryview(self.window.mem)
-        self.dma = DmaPool(self._dma_view, self.window.field("window_phys"), self.window.field("dma_offset"),
+        self._window_phys = self.window.field("window_phys")
+        # The pool, carved into one domain per opened device.
+        self.dma = DmaPool(self._dma_view, self._window_phys, self.window.field("dma_offset"),
                            self.window.field("window_size"))
+        self.iommu = bool(self.window.field("iommu"))
 
-    def dma_alloc(self, size: int, align: int = 4096) -> DmaBuffer:
-        return self.dma.alloc(size, align)
-
-    def dma_free(self, buffer: DmaBuffer) -> None:
-        self.dma.free(buffer)
+    def _new_channel(self, index: int, name: str, domain: DmaPool | None = None) -> ProxyChannel:
+        """A channel on ring ``index``: one that records, if a trace is on (harness.tracing)."""
+        tracer = tracing.active()
+        if tracer is None:
+            return ProxyChannel(self, index, name, domain)
+        from .traced import TracedChannel
+        ch = TracedChannel(self, index, name, tracer, domain)
+        if domain is not None:
+            domain.observer = lambda phys, size, freed: tracer.dma(ch, phys, size, freed=freed)
+        return ch
 
     def _read_device_table(self) -> list[PciFunction]:
         n = self.window.field("ndevices")
@@ -95,22 +123,58 @@ class ProxyBus(Bus):
         """Guest TSC → host perf_counter_ns, from the admin channel; call ``clock.calibrate()`` to refine."""
         return GuestClock(self.admin, self.tsc_hz)
 
-    def open_channel(self, function: PciFunction) -> ProxyChannel:
-        index = self._admin(self.abi.PROXY_OP_OPEN_PCI, function.devfn, 0, f"open {function}")
-        ch = ProxyChannel(self, index, str(function))
+    def open_channel(self, function: PciFunction, dma_size: int | None = None) -> ProxyChannel:
+        """A channel to ``function`` with a DMA domain of ``dma_size`` bytes (default
+        ``DOMAIN_SIZE``; 0: the device may not DMA at all)."""
+        dma_size = DOMAIN_SIZE if dma_size is None else dma_size
+        limit = self.abi.PROXY_DOMAIN_MAX
+        if not 0 <= dma_size <= limit or dma_size % self.abi.PROXY_DOMAIN_ALIGN:
+            raise ValueError(f"{function}: a DMA domain is whole 4 KiB pages, at most {limit >> 20} MiB, "
+                             f"not {dma_size} bytes")
+        domain = None
+        if dma_size:
+            try:
+                piece = self.dma.alloc(dma_size, DOMAIN_ALIGN)
+            except MemoryError as exc:
+                raise MemoryError(f"{function}: no room for a {dma_size >> 10} KiB DMA domain in the shared "
+                                  f"window ({self.dma.free_bytes >> 10} KiB free); close a device or ask for "
+                                  f"less (open(..., dma_size=...))") from exc
+            start = piece.phys - self._window_phys
+            domain = DmaPool(self._dma_view, self._window_phys, start, start + dma_size)
+        try:
+            index = self.admin.control(self.abi.PROXY_OP_OPEN_PCI, function.devfn,
+                                       domain.base if domain else 0, f"open {function}", mask=dma_size)
+        except BaseException:
+            if domain:
+                self.dma.free_at(domain.base)
+            raise
+        ch = self._new_channel(index, str(function), domain)
         self._open[index] = ch
         return ch
 
     def open_ports(self, base: int, count: int) -> ProxyChannel:
-        index = self._admin(self.abi.PROXY_OP_OPEN_ISA, base, count, f"open ports {base:#x}+{count}")
-        ch = ProxyChannel(self, index, f"ports {base:#x}+{count}")
+        """A channel granted those of the ports that belong to the machine's legacy devices
+        (the rest of the range stays refused); AccessDenied, saying why, when none does."""
+        what = f"open ports {base:#x}+{count}"
+        reserved = self.abi.reserved_ports(base, count)
+        mask, why = grantable(self.machine.spec, base, count)
+        if reserved and not mask:
+            why = f"the proxy never grants {', '.join(reserved)}: their effects reach beyond one device"
+        if not mask:
+            raise AccessDenied(f"{what}: {why}", self.abi.PROXY_STATUS_DENIED)
+        index = self.admin.control(self.abi.PROXY_OP_OPEN_ISA, base, count, what, mask=mask)
+        ch = self._new_channel(index, f"ports {base:#x}+{count}")
         self._open[index] = ch
         return ch
 
     def close_channel(self, ch: ProxyChannel) -> None:
+        """Revoke the channel (the proxy turns bus mastering off and unmaps its domain), then
+        take the domain's memory back."""
         self._open.pop(ch.index, None)
         if self.window.state == self.abi.PROXY_STATE_READY and self.machine.alive():
             self._admin(self.abi.PROXY_OP_CLOSE, ch.index, 0, f"close {ch!r}")
+        if isinstance(ch.domain, DmaPool):
+            self.dma.free_at(ch.domain.base)
 
     def crash(self, kind: str = "INVALID_OPCODE") -> None:
         """Make the guest take a real CPU exception (for testing crash reports); raises GuestCrash."""

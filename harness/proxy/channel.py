@@ -6,8 +6,9 @@ import functools
 import logging
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from ..access import Access, Channel, IrqMode, Kind, Prepared, Space
-from ..errors import AbiError, AccessDenied, BadRequest, DeviceTimeout, ProxyError, ProxyFault
+from ..access import Access, Channel, DmaDomain, IrqMode, Kind, Prepared, Space
+from ..errors import (AbiError, AccessDenied, BadRequest, DeviceTimeout, DmaFault, DmaFaultRecord, ProxyError,
+                      ProxyFault)
 from .window import SPIN_SECONDS
 
 if TYPE_CHECKING:
@@ -27,10 +28,11 @@ class ProxyChannel(Channel):
     no lock (a lock costs as much as a fifth of a round trip here).
     """
 
-    def __init__(self, bus: "ProxyBus", index: int, name: str) -> None:
+    def __init__(self, bus: "ProxyBus", index: int, name: str, domain: DmaDomain | None = None) -> None:
         self.bus = bus
         self.index = index
         self.name = name
+        self.domain = domain
         self.closed = False
         self.spin = SPIN_SECONDS
         w = bus.window
@@ -230,7 +232,21 @@ class ProxyChannel(Channel):
                 return Access(kind, space, addr, width, value)
         return f"op {op} width {width} addr {addr:#x} value {value:#x}"
 
+    def dma_faults(self) -> DmaFaultRecord | None:
+        abi = self.bus.abi
+        f = abi.decode("proxy_dma_fault", self._mem,
+                       abi.offsetof("proxy_shared", "dma_faults") + self.index * abi.sizeof("proxy_dma_fault"))
+        if not f["count"]:
+            return None
+        source = f["source_id"]
+        return DmaFaultRecord(f["count"], f"{source >> 8:02x}:{source >> 3 & 31:02x}.{source & 7}", f["addr"],
+                              bool(f["write"]), f["reason"])
+
     def _raise(self, what: object, status: int, value: int) -> None:
+        if status == self.bus.abi.PROXY_STATUS_DMA_FAULT:
+            fault = self.dma_faults()
+            assert fault is not None, "a DMA fault status with no fault recorded"
+            raise DmaFault(what, status, fault)
         error = self._errors.get(status)
         if error is None:
             raise ProxyError(what, status, value)
@@ -262,9 +278,9 @@ class ProxyChannel(Channel):
     def write(self, space: Space, addr: int, width: int, value: int) -> None:
         self._one(self._write_ops[space], width, addr, value)
 
-    def control(self, op: int, addr: int, value: int, what: str) -> int:
+    def control(self, op: int, addr: int, value: int, what: str, mask: int = 0) -> int:
         """One request that is not an access (open, close, interrupt control); raises on failure."""
-        (status, result), = self.submit([(op, 0, 0, 0, addr, value, 0, 0)], what=what)
+        (status, result), = self.submit([(op, 0, 0, 0, addr, value, mask, 0)], what=what)
         if status != self._ok:
             self._raise(what, status, result)
         return result

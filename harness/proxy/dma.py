@@ -1,21 +1,31 @@
-"""The DMA pool: the part of the shared window after the control area, lent out in buffers.
+"""DMA memory: the part of the shared window after the control area.
 
-A buffer's guest-physical address is BAR2's address plus its offset, so a
-device DMAs straight into memory the host has mapped: no copies, no
-translation (QEMU-FACTS: devices can DMA into BAR2). First fit over a sorted
-free list, coalescing on free; every buffer is zeroed when it is lent.
+The window's pool is carved into one *domain* per opened device (a
+``DmaPool`` over a slice), and each domain lends buffers. A buffer's address
+is BAR2's guest-physical address plus its offset, so a device DMAs straight
+into memory the host has mapped: no copies (QEMU-FACTS: devices can DMA into
+BAR2). With the IOMMU on, the proxy maps each domain for its device alone,
+identity (IOVA = guest-physical), so a driver programs the same addresses
+either way. First fit over a sorted free list, coalescing on free; every
+buffer and every domain is zeroed when it is lent.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
+from typing import Callable
 
-from ..access import DmaBuffer
+from ..access import DmaBuffer, DmaDomain
 
 
-class DmaPool:
+class DmaPool(DmaDomain):
+    """Offsets ``start`` to ``end`` of ``memory`` (guest-physical ``phys_base`` + offset), lent out."""
+
     def __init__(self, memory: memoryview, phys_base: int, start: int, end: int) -> None:
+        self.size = end - start
+        self.base = phys_base + start
+        self.observer: Callable[[int, int, bool], None] | None = None    # (phys, size, freed): a trace
         self._memory = memory
         self._phys_base = phys_base
         self._free: list[tuple[int, int]] = [(start, end)]      # (offset, end), sorted, disjoint
@@ -43,15 +53,23 @@ class DmaPool:
                     self._used[self._phys_base + offset] = (offset, offset + size)
                     view = self._memory[offset:offset + size]
                     view[:] = bytes(size)
+                    if self.observer:
+                        self.observer(self._phys_base + offset, size, False)
                     return DmaBuffer(self._phys_base + offset, view)
-        raise MemoryError(f"the DMA pool has no {size} contiguous bytes aligned to {align} "
-                          f"({self.free_bytes} bytes free in all)")
+        raise MemoryError(f"no {size} contiguous bytes aligned to {align} in {self.size >> 10} KiB of DMA memory "
+                          f"at {self.base:#x} ({self.free_bytes} bytes free in all)")
 
     def free(self, buffer: DmaBuffer) -> None:
+        self.free_at(buffer.phys)
+
+    def free_at(self, phys: int) -> None:
+        """Give back the buffer that starts at ``phys``."""
         with self._lock:
-            block = self._used.pop(buffer.phys, None)
+            block = self._used.pop(phys, None)
+            if block is not None and self.observer:
+                self.observer(phys, block[1] - block[0], True)
             if block is None:
-                raise ValueError(f"{buffer.phys:#x} is not a buffer of this pool")
+                raise ValueError(f"{phys:#x} is not a buffer of the DMA memory at {self.base:#x}")
             i = bisect.bisect(self._free, block)
             self._free.insert(i, block)
             merged: list[tuple[int, int]] = []

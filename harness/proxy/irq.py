@@ -31,7 +31,8 @@ def enable(channel: "ProxyChannel", mode: IrqMode, isa_irqs: Sequence[int] = (),
     value = sum(1 << n for n in set(isa_irqs)) if mode is IrqMode.ISA else count
     channel.control(abi.PROXY_OP_IRQ_ENABLE, abi.consts[MODES[mode]], value, f"enable {count} {mode.value} irq")
     group: list[ProxyIrq] = []
-    group += [ProxyIrq(channel, mode, vector, group, spin) for vector in range(count)]
+    make = getattr(channel, "irq_class", ProxyIrq)      # a traced channel's record their waits
+    group += [make(channel, mode, vector, group, spin) for vector in range(count)]
     return group
 
 

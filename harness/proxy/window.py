@@ -3,10 +3,12 @@
 Waiting is spin-then-sleep on both sides. The host spins on a completion
 for a while, yielding its core to anyone runnable each time round (a
 machine here has two cores, and the vCPU and QEMU's I/O threads want them
-both); then it sets its bit in ``host_sleeping`` and blocks on
-that doorbell vector's eventfd, which the guest rings only while the bit is
-set. Every ring and every channel's interrupts have a vector of their own,
-so one waiting thread never swallows another's wake-up. In the other
+both); then it sets that doorbell vector's byte of ``host_sleeping`` and
+blocks on the vector's eventfd, which the guest rings only while the byte is
+set. Every ring and every channel vector has a doorbell vector of its own,
+and each has one waiter at a time (a channel serves one thread), so one
+waiting thread never swallows another's wake-up and the flags need no lock:
+a second process could own a channel. In the other
 direction the host kicks the guest's MSI-X vector only while the guest has
 announced ``guest_sleeping``. Each side re-checks after announcing, with a
 full fence between, so no wake-up is lost; the host's sleeps are also bounded
@@ -55,11 +57,10 @@ class SharedWindow:
         self.state_idx = off("state") // 4
         self.magic_idx = off("magic") // 4
         self.guest_sleeping_idx = off("guest_sleeping") // 4
-        self.host_sleeping_idx = off("host_sleeping") // 8     # a u64: one bit per doorbell vector
+        self.host_sleeping_off = off("host_sleeping")          # a byte per doorbell vector
         self.rings_off = off("rings")
         self.ring_size = abi.sizeof("proxy_ring")
         self._fence = threading.Lock()   # a locked instruction: the full fence Python lacks
-        self._sleepers = [0] * len(self.ivshmem.host_fds)
 
     def field(self, path: str) -> Any:
         """Decode one member of the control page, e.g. ``field("tsc_hz")``."""
@@ -125,10 +126,8 @@ class SharedWindow:
             self._sleep(done, vector)
 
     def _sleep(self, done: Callable[[], bool], vector: int) -> None:
-        bit, fd = 1 << vector, self.ivshmem.host_fds[vector]
-        with self._fence:
-            self._sleepers[vector] += 1
-            self.u64[self.host_sleeping_idx] |= bit
+        flag, fd = self.host_sleeping_off + vector, self.ivshmem.host_fds[vector]
+        self.mem[flag] = 1
         try:
             with self._fence:       # orders the flag store before the re-check below
                 pass
@@ -142,10 +141,7 @@ class SharedWindow:
                 except BlockingIOError:
                     pass
         finally:
-            with self._fence:
-                self._sleepers[vector] -= 1
-                if not self._sleepers[vector]:
-                    self.u64[self.host_sleeping_idx] &= ~bit
+            self.mem[flag] = 0
 
     def release(self) -> None:
         """Drop the views so the mapping can be closed."""

@@ -6,11 +6,11 @@ import pytest
 
 from harness.errors import AbiError
 from harness.proxy import abi as abi_mod
-from harness.proxy.bus import DEFAULT_ELF
+from harness.proxy.guest import guest_elf
 
 
 def test_layout_comes_from_the_elf() -> None:
-    abi = abi_mod.load_abi(DEFAULT_ELF)
+    abi = abi_mod.load_abi(guest_elf())
     assert abi.sizeof("proxy_request") == 64
     assert abi.offsetof("proxy_shared", "rings") % 64 == 0
     assert abi.offsetof("proxy_shared", "rings") + abi.PROXY_MAX_CHANNELS * abi.sizeof("proxy_ring") \
@@ -24,7 +24,7 @@ def test_another_abi_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(abi_mod, "HOST_ABI_VERSION", 99)
     abi_mod._load.cache_clear()
     with pytest.raises(AbiError, match="ABI version"):
-        abi_mod.load_abi(DEFAULT_ELF)
+        abi_mod.load_abi(guest_elf())
     abi_mod._load.cache_clear()
 
 

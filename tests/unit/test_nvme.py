@@ -34,8 +34,9 @@ class FakeController:
         self.sq_head = self.cq_tail = 0
         self.phase = 1
         self.heads: list[int] = []
-        controller = SimpleNamespace(bus=self.dma, regs=self.regs, doorbell_stride=STRIDE,
-                                     dev=SimpleNamespace(channel=self.channel), doorbell_lock=threading.Lock())
+        controller = SimpleNamespace(regs=self.regs, doorbell_stride=STRIDE, doorbell_lock=threading.Lock(),
+                                     dev=SimpleNamespace(channel=self.channel, dma_alloc=self.dma.dma_alloc,
+                                                         dma_free=self.dma.dma_free))
         self.qp = QueuePair(controller, 1, entries, None)     # type: ignore[arg-type]
 
     def _doorbell(self, addr: int, value: int) -> None:

@@ -1,0 +1,124 @@
+"""Proxy channels and interrupts that record into a trace (harness.tracing).
+
+The bus makes a channel of these classes instead of the plain ones when a
+trace is on as the channel opens; the plain classes know nothing of tracing,
+so with tracing off the hot path is exactly what it was.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from ..access import Access, IrqEvent
+from ..errors import ProxyError
+from ..tracing import Tracer
+from .channel import PreparedBatch, ProxyChannel
+from .irq import ProxyIrq
+
+if TYPE_CHECKING:
+    from ..access import DmaDomain
+    from .bus import ProxyBus
+
+
+def status_of(exc: BaseException) -> str:
+    return exc.status_name if isinstance(exc, ProxyError) else type(exc).__name__
+
+
+class TracedChannel(ProxyChannel):
+    """A ProxyChannel that records every request into ``tracer``."""
+
+    def __init__(self, bus: "ProxyBus", index: int, name: str, tracer: Tracer,
+                 domain: "DmaDomain | None" = None) -> None:
+        super().__init__(bus, index, name, domain)
+        self.tracer = tracer
+        ops = {code: (kind, space) for (kind, space), code in self._ops.items()}
+        names = {v: k.removeprefix("PROXY_OP_").lower() for k, v in bus.abi.consts.items()
+                 if k.startswith("PROXY_OP_")}
+        # op -> (what the trace calls it, its space): "read"/"write" in a space, else the op's own name
+        self._op_names = {code: (ops[code][0].value, ops[code][1]) if code in ops else (name, None)
+                          for code, name in names.items()}
+        self._prepared_start = 0
+
+    def _one(self, op: int, width: int, addr: int, value: int = 0) -> int:
+        tracer = self.tracer
+        if not tracer.recording:
+            return super()._one(op, width, addr, value)
+        start = time.perf_counter_ns()
+        status, result = "OK", value
+        try:
+            result = super()._one(op, width, addr, value)
+            return result
+        except BaseException as exc:
+            status = status_of(exc)
+            raise
+        finally:
+            kind, space = self._op_names.get(op, (f"op {op}", None))
+            tracer.access(self, kind, space, addr, width, value if kind == "write" else result, status,
+                          self.last_start_tsc, start, time.perf_counter_ns())
+
+    def _first_tsc(self, head: int) -> int:
+        slot = self._entries + (head & (self._nentries - 1)) * self._entry_size
+        return int(self._u64[(slot + self._start_tsc_off) >> 3])
+
+    def execute(self, accesses: Sequence[Access]) -> list[int]:
+        if not self.tracer.recording or (len(accesses) == 1 and not accesses[0].kind.polls):
+            return super().execute(accesses)          # a single access: _one records it
+        head, start, values, status = self._head, time.perf_counter_ns(), None, "OK"
+        try:
+            values = super().execute(accesses)
+            return values
+        except BaseException as exc:
+            status = status_of(exc)
+            raise
+        finally:
+            self.tracer.batch(self, accesses, values, status, self._first_tsc(head), start, time.perf_counter_ns())
+
+    def _start_prepared(self, batch: PreparedBatch, patch: Mapping[int, int] | None) -> None:
+        self._prepared_start = time.perf_counter_ns()
+        super()._start_prepared(batch, patch)
+
+    def _finish_prepared(self) -> list[int]:
+        if self._started is None or not self.tracer.recording:
+            return super()._finish_prepared()
+        batch, patch, head, _, _ = self._started
+        first = (head - batch.count) & 0xFFFFFFFF
+        values, status = None, "OK"
+        try:
+            values = super()._finish_prepared()
+            return values
+        except BaseException as exc:
+            status = status_of(exc)
+            raise
+        finally:
+            self.tracer.batch(self, batch.with_values(patch or {}), values, status, self._first_tsc(first),
+                              self._prepared_start, time.perf_counter_ns())
+
+    def control(self, op: int, addr: int, value: int, what: str, mask: int = 0) -> int:
+        if not self.tracer.recording:
+            return super().control(op, addr, value, what, mask)
+        start, result, status = time.perf_counter_ns(), 0, "OK"
+        try:
+            result = super().control(op, addr, value, what, mask)
+            return result
+        except BaseException as exc:
+            status = status_of(exc)
+            raise
+        finally:
+            self.tracer.control(self, what, result, status, start, time.perf_counter_ns())
+
+    @property
+    def irq_class(self) -> type:
+        return TracedIrq
+
+
+class TracedIrq(ProxyIrq):
+    """A ProxyIrq whose every wait that returns is an instant in the trace."""
+
+    channel: TracedChannel
+
+    def wait(self, timeout: float) -> IrqEvent:
+        event = super().wait(timeout)
+        if self.channel.tracer.recording:
+            self.channel.tracer.interrupt(self.channel, event)
+        return event

@@ -1,0 +1,49 @@
+"""The console commands and the boot bench, as a person runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+from harness.bench import boot
+
+pytestmark = pytest.mark.qemu
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "harness.cli", *args]
+
+
+def test_run_prints_the_output_and_exits_with_the_status(linux_accel, linux_image) -> None:
+    done = subprocess.run(cli("run", "--accel", linux_accel, "--", "uname -r; echo done; false"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout == f"{linux_image.release}\ndone\n", done.stderr
+    assert done.returncode == 1
+
+
+def test_boot_attaches_the_terminal_until_ctrl_close_bracket(linux_accel, linux_image) -> None:
+    session = pexpect.spawn(sys.executable, ["-m", "harness.cli", "boot", "--accel", linux_accel],
+                            encoding="utf-8", timeout=120)
+    try:
+        session.expect("Ctrl-] leaves")
+        session.expect_exact(linux_image.prompt)
+        session.send("echo $((20+22))\r")          # raw mode: the Enter key sends CR
+        session.expect("42")
+        session.send("\x1d")
+        session.expect(pexpect.EOF)
+    finally:
+        session.close(force=True)
+    assert session.exitstatus == 0
+
+
+def test_boot_bench_reports_every_phase(linux_accel, tmp_path) -> None:
+    result = boot.run(linux_accel, count=1, restore_count=2, parallel_count=2)
+    phases = result["phases_p50_s"]
+    assert set(phases) == set(boot.PHASES)
+    # one boot: its phases telescope from QEMU's exec to the answered command
+    assert sum(phases.values()) == pytest.approx(result["boot_p50_s"], abs=1e-6)
+    assert phases["qemu_start"] > 0 and phases["init_to_prompt"] > 0 and phases["prompt_to_answer"] > 0
+    assert result["parallel2_s"] > 0 and result["restore_p50_ms"] > 0 and result["proxy_boot_p50_ms"] > 0
