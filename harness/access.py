@@ -106,7 +106,7 @@ class IrqMode(enum.Enum):
     """Which interrupt of a channel's device to take."""
 
     INTX = "intx"      # the PCI INTx line: level, masked until every channel on it acks
-    MSI = "msi"        # the PCI device's MSI: edge, never masked
+    MSI = "msi"        # the PCI device's MSI, 1, 2 or 4 messages (an Irq each): edge, never masked
     MSIX = "msix"      # the PCI device's MSI-X table entries 0..n-1, one Irq each: edge, never masked
     ISA = "isa"        # an ISA IRQ, for a port-range channel: edge
 
@@ -556,7 +556,8 @@ class Device:
         return self.channel.dma_faults()
 
     def irqs(self, mode: IrqMode, count: int) -> list[Irq]:
-        """``count`` vectors of the device's interrupt (MSI-X entries 0..count-1), an Irq each."""
+        """``count`` vectors of the device's interrupt (MSI-X entries 0..count-1, or MSI
+        messages where the device offers several), an Irq each."""
         return self.channel.interrupts(mode, count)
 
     def close(self) -> None:

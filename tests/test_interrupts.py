@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import time
 from typing import Iterator
 
@@ -9,7 +10,7 @@ import pytest
 
 import drivers.edu as edu
 from harness.access import IrqEvent, IrqMode
-from harness.errors import AccessDenied, InterruptTimeout
+from harness.errors import AccessDenied, InterruptTimeout, ProxyFault
 from harness.machine import MachineSpec
 from harness.proxy import ProxyMachine
 
@@ -145,7 +146,9 @@ IVAR_VALID = 0x8                                    # each IVAR field: vector in
 def test_msix_vectors_arrive_on_their_own_counters(irq_machine) -> None:
     with irq_machine.bus.open(irq_machine.bus.find(**E1000E)) as nic:
         with pytest.raises(ValueError):
-            nic.irqs(IrqMode.MSI, 2)                # several vectors are MSI-X's
+            nic.irqs(IrqMode.INTX, 2)               # several vectors are MSI-X's, or MSI's
+        with pytest.raises(ProxyFault):
+            nic.irqs(IrqMode.MSI, 2)                # where the device offers them: the 82574 has one
         irqs = nic.irqs(IrqMode.MSIX, 3)
         try:
             assert len({irq.line for irq in irqs}) == 3
@@ -257,3 +260,50 @@ def test_guest_clock_maps_onto_the_host_clock(irq_machine) -> None:
         tsc = irq_machine.bus.admin.guest_time()
         after = time.perf_counter_ns()
         assert before - margin <= clock.to_host_ns(tsc) <= after + margin
+
+
+XHCI = dict(vendor=0x1033, device=0x0194)           # nec-usb-xhci: MSI with 16 messages when MSI-X is off
+XHCI_RTSOFF, XHCI_USBCMD_INTE, XHCI_IMAN_IE, XHCI_ERDP_EHB = 0x18, 1 << 2, 1 << 1, 1 << 3
+
+
+def test_multiple_message_msi_vectors_arrive_on_their_own_counters(proxy_machine_factory) -> None:
+    """xHCI 5.5.2: an interrupter whose Event Ring Dequeue Pointer is written one TRB short of
+    where the controller stands has events pending, and raises its interrupt: message v."""
+    pm = proxy_machine_factory(lambda spec: spec.device("nec-usb-xhci", msix=False, addr="6"), name="irq-xhci")
+    with pm.bus.open(pm.bus.find(**XHCI)) as xhci:
+        with pytest.raises(ValueError):
+            xhci.irqs(IrqMode.MSI, 3)                   # messages come in powers of two
+        irqs = xhci.irqs(IrqMode.MSI, 4)
+        rings = []
+        try:
+            lines = [irq.line for irq in irqs]
+            assert lines == list(range(lines[0], lines[0] + 4)) and lines[0] % 4 == 0
+            cap = next(offset for cap_id, offset in xhci.function.caps if cap_id == 0x05)
+            assert xhci.config.read16(cap + 2) >> 4 & 7 == 2, "Multiple Message Enable: 4"
+            xhci.enable_dma()
+            regs = xhci.bar(0)
+            operational, runtime = regs.read8(0), regs.read32(XHCI_RTSOFF) & ~0x1F
+            regs.write32(operational, regs.read32(operational) | XHCI_USBCMD_INTE)
+            interrupter = [runtime + 0x20 + 32 * v for v in range(4)]
+            for base in interrupter:                    # one 16-TRB event ring segment each (xHCI 6.5)
+                ring, table = xhci.dma_alloc(16 * 16, 64), xhci.dma_alloc(64, 64)
+                struct.pack_into("<QI", table.view, 0, ring.phys, 16)
+                rings += [ring, table]
+                regs.write32(base + 0x08, 1)                                # ERSTSZ
+                regs.write32(base + 0x10, table.phys & 0xFFFFFFFF)          # ERSTBA; the high half
+                regs.write32(base + 0x14, table.phys >> 32)                 # makes the controller read it
+                regs.write32(base + 0x00, XHCI_IMAN_IE)
+            for v in (2, 0, 3, 1):
+                xhci.channel.guest_time()
+                before = [irq.count for irq in irqs]
+                ring = rings[2 * v]
+                regs.write32(interrupter[v] + 0x1C, ring.phys >> 32)
+                regs.write32(interrupter[v] + 0x18, (ring.phys + 16) & 0xFFFFFFFF | XHCI_ERDP_EHB)
+                assert irqs[v].wait(10).new == 1
+                xhci.channel.guest_time()
+                assert [irq.count - b for irq, b in zip(irqs, before)] == [int(k == v) for k in range(4)]
+        finally:
+            for irq in irqs:
+                irq.close()
+            for buffer in rings:
+                xhci.dma_free(buffer)

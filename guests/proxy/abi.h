@@ -29,7 +29,7 @@ typedef unsigned long long u64 __attribute__((aligned(8)));
 
 enum proxy_abi {
     PROXY_ABI_MAGIC = 0x48574858,   /* "XHWH" little-endian */
-    PROXY_ABI_VERSION = 7,
+    PROXY_ABI_VERSION = 8,
 };
 
 enum proxy_limits {
@@ -108,7 +108,8 @@ enum proxy_op {
     PROXY_OP_CRASH = 35,            /* value = PROXY_CRASH_MAGIC, addr = enum proxy_crash_kind */
     /* interrupts, on the channel's own device */
     PROXY_OP_IRQ_ENABLE = 40,       /* addr = enum proxy_irq_mode; value = ISA IRQ bitmask for PROXY_IRQ_ISA,
-                                       vectors (1..PROXY_IRQ_VECTORS; 0 means 1) for PROXY_IRQ_MSIX */
+                                       vectors (1..PROXY_IRQ_VECTORS; 0 means 1) for MSI-X, and
+                                       for MSI a power of two the device offers */
     PROXY_OP_IRQ_ACK = 41,          /* unmask a level line once every channel on it has acked */
     PROXY_OP_IRQ_DISABLE = 42,
     /* the in-guest baselines ("the in-kernel driver"); addr = a struct proxy_nic_loop in the DMA pool */
@@ -121,7 +122,7 @@ enum proxy_op {
 enum proxy_irq_mode {
     PROXY_IRQ_NONE = 0,
     PROXY_IRQ_INTX = 1,             /* the PCI device's INTx line, level-triggered, shareable */
-    PROXY_IRQ_MSI = 2,              /* the PCI device's MSI, programmed by the proxy */
+    PROXY_IRQ_MSI = 2,              /* the PCI device's MSI, 1, 2 or 4 messages, programmed by the proxy */
     PROXY_IRQ_ISA = 3,              /* ISA IRQs (edge), for an ISA channel: any of a bitmask */
     PROXY_IRQ_MSIX = 4,             /* the PCI device's MSI-X table entries 0..n-1, programmed by the proxy */
 };

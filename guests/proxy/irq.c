@@ -206,23 +206,37 @@ static int find_cap(const struct proxy_pci_device *d, u8 id)
     return 0;
 }
 
-/* The proxy writes the MSI address and data itself: a driver may not aim a DMA write anywhere. */
-u16 irq_enable_msi(int c, const struct proxy_pci_device *d)
+/*
+ * The proxy writes the MSI address and data itself: a driver may not aim a DMA
+ * write anywhere. Multiple messages (PCI 3.0 6.8.1.3): `vectors`, a power of
+ * two the device offers (MMC), at most PROXY_IRQ_VECTORS; the device puts
+ * message v into the data's low bits, and a channel's block of IDT vectors is
+ * aligned to PROXY_IRQ_VECTORS, so message v lands on the channel's vector v.
+ */
+_Static_assert((VEC_MSI_BASE % PROXY_IRQ_VECTORS) == 0 && (PROXY_IRQ_VECTORS & (PROXY_IRQ_VECTORS - 1)) == 0,
+               "multiple-message MSI needs each channel's vectors aligned to their count");
+
+u16 irq_enable_msi(int c, const struct proxy_pci_device *d, u64 vectors)
 {
-    if (channel_mode[c] != PROXY_IRQ_NONE)
+    u32 n = vectors ? (u32)vectors : 1, log2n = 0;
+    if (channel_mode[c] != PROXY_IRQ_NONE || vectors > PROXY_IRQ_VECTORS || (n & (n - 1)))
         return PROXY_STATUS_BAD_REQUEST;
+    while ((1u << log2n) < n)
+        log2n++;
     int cap = d ? find_cap(d, PCI_CAP_ID_MSI) : 0;
     if (!cap)
         return PROXY_STATUS_FAULT;
     u16 ctrl = pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2);
+    if (log2n > ((ctrl >> 1) & 7u))
+        return PROXY_STATUS_FAULT;                  /* the device offers fewer messages */
     int is64 = ctrl & 0x80;
     irq_off();
-    claim(c, PROXY_IRQ_MSI, 1, 0);
+    claim(c, PROXY_IRQ_MSI, n, 0);
     pci_cfg_write(d->bus, d->dev, d->fn, cap + 4, 4, 0xfee00000u);      /* APIC 0, physical */
     if (is64)
         pci_cfg_write(d->bus, d->dev, d->fn, cap + 8, 4, 0);
     pci_cfg_write(d->bus, d->dev, d->fn, cap + (is64 ? 12 : 8), 2, idt_vector(c, 0));
-    pci_cfg_write(d->bus, d->dev, d->fn, cap + 2, 2, (ctrl & ~0x70) | 1);   /* one vector, on */
+    pci_cfg_write(d->bus, d->dev, d->fn, cap + 2, 2, (ctrl & ~0x70) | log2n << 4 | 1);   /* MME, on */
     set_intx_disable(d, 1);
     u16 cmd = pci_cfg_read(d->bus, d->dev, d->fn, 0x04, 2);
     pci_cfg_write(d->bus, d->dev, d->fn, 0x04, 2, cmd | 0x4);              /* an MSI is a DMA write */

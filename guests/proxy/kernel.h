@@ -39,7 +39,7 @@ void crash_on_purpose(u32 kind);
 /* irq.c */
 void irq_init(void);
 u16 irq_enable_intx(int c, const struct proxy_pci_device *d);
-u16 irq_enable_msi(int c, const struct proxy_pci_device *d);
+u16 irq_enable_msi(int c, const struct proxy_pci_device *d, u64 vectors);
 u16 irq_enable_msix(int c, const struct proxy_pci_device *d, u64 vectors);
 u16 irq_enable_isa(int c, u64 isa_irq);
 u16 irq_ack(int c);

@@ -416,7 +416,7 @@ static u16 interrupt_op(int c, const struct proxy_request *rq)
         if (rq->addr == PROXY_IRQ_INTX)
             return ch->device ? irq_enable_intx(c, ch->device) : PROXY_STATUS_DENIED;
         if (rq->addr == PROXY_IRQ_MSI)
-            return ch->device ? irq_enable_msi(c, ch->device) : PROXY_STATUS_DENIED;
+            return ch->device ? irq_enable_msi(c, ch->device, rq->value) : PROXY_STATUS_DENIED;
         if (rq->addr == PROXY_IRQ_MSIX)
             return ch->device ? irq_enable_msix(c, ch->device, rq->value) : PROXY_STATUS_DENIED;
         if (rq->addr == PROXY_IRQ_ISA)

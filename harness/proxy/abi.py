@@ -18,7 +18,7 @@ from elftools.elf.elffile import ELFFile
 
 from ..errors import AbiError
 
-HOST_ABI_VERSION = 7
+HOST_ABI_VERSION = 8
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,18 @@ MODES = {IrqMode.INTX: "PROXY_IRQ_INTX", IrqMode.MSI: "PROXY_IRQ_MSI", IrqMode.M
 
 def enable(channel: "ProxyChannel", mode: IrqMode, isa_irqs: Sequence[int] = (), count: int = 1,
            spin: float | None = None) -> list["ProxyIrq"]:
-    """Enable the channel's interrupt and return one Irq per vector (``count`` > 1: MSI-X only).
+    """Enable the channel's interrupt and return one Irq per vector (``count`` > 1: MSI-X, or
+    MSI with multiple messages where the device offers them).
 
     The vectors are enabled together and disabled together: the proxy drops the
     channel's interrupt when the last of them is closed."""
     abi = channel.bus.abi
     if (mode is IrqMode.ISA) != bool(isa_irqs):
         raise ValueError("ISA IRQ numbers go with IrqMode.ISA, and only with it")
-    if not 1 <= count <= abi.PROXY_IRQ_VECTORS or (count > 1 and mode is not IrqMode.MSIX):
-        raise ValueError(f"a channel takes 1 to {abi.PROXY_IRQ_VECTORS} vectors, several only with MSI-X, "
-                         f"not {count} of {mode.value}")
+    several = mode is IrqMode.MSIX or (mode is IrqMode.MSI and not count & (count - 1))
+    if not 1 <= count <= abi.PROXY_IRQ_VECTORS or (count > 1 and not several):
+        raise ValueError(f"a channel takes 1 to {abi.PROXY_IRQ_VECTORS} vectors, several only with MSI-X or "
+                         f"(a power of two) MSI, not {count} of {mode.value}")
     value = sum(1 << n for n in set(isa_irqs)) if mode is IrqMode.ISA else count
     channel.control(abi.PROXY_OP_IRQ_ENABLE, abi.consts[MODES[mode]], value, f"enable {count} {mode.value} irq")
     group: list[ProxyIrq] = []
