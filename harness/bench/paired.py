@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import HarnessError
 from ..proxy import ProxyMachine
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class Workload:
     counted_by: str = ""
 
 
-class WorkMismatch(RuntimeError):
+class WorkMismatch(HarnessError):
     """A side did not do the work it was given: the figure would be meaningless."""
 
 
