@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import struct
 import threading
@@ -39,6 +40,7 @@ SO_RCVBUFFORCE = 33
 GUEST_LOOP_TIMEOUT = 8.0    # seconds; under the host's 10 s request deadline
 RCTL_QUIET = 1.1            # QEMU's e1000 refuses to receive for 1 s (virtual) after an RCTL write
 WINDOW = 64                 # receive: frames in flight; QEMU's own UDP socket holds ~212 KB of skbs
+FEEDER_DOZE = 100e-6        # seconds the feeder sleeps while the window is full
 SINK_BYTES = 16384          # the native receive loop's copy target (native.c)
 LOOP_FIELDS = ["ring_phys", "frame_phys", "timeout_us", "entries", "frame_len", "count", "tail_reg", "flush_reg",
                "next", "clean", "done", "zero_copy"]
@@ -185,35 +187,32 @@ class Rig:
             return sent
         return run
 
-    def _feeder(self, frame: bytes, count: int, received: Callable[[], int]) -> threading.Thread:
-        def feed() -> None:
-            sent = 0
-            while sent < count and not self._stop.is_set():
-                if sent - received() < WINDOW:
-                    self.host.sendto(frame, ("127.0.0.1", self.qemu_port))
-                    sent += 1
-                else:
-                    time.sleep(0)
-        return threading.Thread(target=feed, daemon=True)
+    def _feeder(self, frame: bytes, count: int) -> "Feeder":
+        """The host end of a receive: ``count`` frames, at most WINDOW ahead of the receiver's
+        progress (``native.done``, a word of shared memory both sides publish to)."""
+        return Feeder(self.host, (("127.0.0.1", self.qemu_port)), frame, count, self.native.done)
 
     def python_rx(self, frame: bytes, count: int) -> Run:
-        got = [0]
-        feeder = self._feeder(frame, count, lambda: got[0])
+        progress = self.native.done
+        progress[0] = 0
+        feeder = self._feeder(frame, count)
 
         def run() -> int:
             feeder.start()
-            while got[0] < count:
+            got = 0
+            while got < count:
                 frames = self.nic.recv(256, timeout=10)
                 if not frames:
-                    raise RuntimeError(f"receive stalled at {got[0]} of {count}")
-                got[0] += len(frames)
+                    raise RuntimeError(f"receive stalled at {got} of {count}")
+                got += len(frames)
+                progress[0] = got                   # what the feeder paces itself by
             feeder.join(10)
-            return got[0]
+            return got
         return run
 
     def native_rx(self, frame: bytes, count: int) -> Run:
-        go = self.native.prepare_rx(count)
-        feeder = self._feeder(frame, count, lambda: self.native.done[0])
+        go = self.native.prepare_rx(count)          # zeroes the progress word the loop publishes
+        feeder = self._feeder(frame, count)
 
         def run() -> int:
             feeder.start()
@@ -221,6 +220,49 @@ class Rig:
             feeder.join(10)
             return done
         return run
+
+
+class Feeder:
+    """Frames to QEMU's socket from a forked process, paced by a word of the shared window.
+
+    A feeder thread would share the GIL with the Python driver it feeds (and not with
+    the C loop): a process paces both sides alike. The child inherits the window's
+    shared mapping, so it reads the receiver's progress as the receiver writes it."""
+
+    def __init__(self, sock: socket.socket, to: tuple[str, int], frame: bytes, count: int,
+                 progress: memoryview) -> None:
+        self.sock, self.to, self.frame, self.count, self.progress = sock, to, frame, count, progress
+        self.pid = 0
+
+    def start(self) -> None:
+        self.pid = os.fork()
+        if self.pid == 0:                           # the child: send, pace, and leave at once
+            code = 1
+            try:
+                sent, deadline = 0, time.monotonic() + 30
+                while sent < self.count and time.monotonic() < deadline:
+                    if sent - self.progress[0] < WINDOW:
+                        self.sock.sendto(self.frame, self.to)
+                        sent += 1
+                    else:                           # a window is a millisecond of frames: doze, free the core
+                        time.sleep(FEEDER_DOZE)
+                code = 0 if sent == self.count else 1
+            finally:
+                os._exit(code)
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                if os.waitstatus_to_exitcode(status):
+                    raise RuntimeError("the feeder did not send all its frames")
+                return
+            if time.monotonic() > deadline:
+                os.kill(self.pid, 9)
+                os.waitpid(self.pid, 0)
+                raise RuntimeError("the feeder did not finish")
+            time.sleep(0.001)
 
 
 def frame_of(size: int, dst: bytes) -> bytes:

@@ -96,7 +96,8 @@ def clock_figures(pm: ProxyMachine, channel_calls: Callable[[], object], span: f
 
 
 class ForeignLoad:
-    """CPU time used by every process but ``own`` (this process, its QEMU), in cores."""
+    """CPU time used by every process but ``own`` (this process and the children it has
+    waited for, such as a bench's feeder; its QEMU), in cores."""
 
     def __init__(self, own: list[int]) -> None:
         self.own = own
@@ -112,7 +113,7 @@ class ForeignLoad:
             try:
                 with open(f"/proc/{pid}/stat") as f:
                     stat = f.read().rsplit(")", 1)[1].split()
-                mine += int(stat[11]) + int(stat[12])
+                mine += sum(int(x) for x in stat[11:15])     # utime, stime, and its waited-for children's
             except OSError:
                 pass
         return time.monotonic(), (busy - mine) / self.hz
