@@ -193,7 +193,7 @@ def workloads(a: DiskRig, b: DiskRig, draw: Draw, count: int, native: bool) -> l
     return out
 
 
-def run(accel: str, count: int = 2000, rounds: int = 9, quick: bool = False, iommu: bool | None = None,
+def run(accel: str, count: int = 2000, rounds: int = 15, quick: bool = False, iommu: bool | None = None,
         iommu_cost: bool = True, peer: str | None = None) -> dict[str, object]:
     """Python and native take turns, workload by workload, as ``paired.run_rounds`` does; then
     (``iommu_cost``) the Python driver with the IOMMU on against the same with it off, on

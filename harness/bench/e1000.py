@@ -313,7 +313,7 @@ def workloads(a: Rig, b: Rig, counts: dict[str, int], native: bool) -> list[list
     return groups
 
 
-def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int = 9, quick: bool = False,
+def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int = 15, quick: bool = False,
         iommu: bool | None = None, iommu_cost: bool = True, peer: str | None = None) -> dict[str, object]:
     """All the transmit rounds, then all the receive rounds (a receive leaves QEMU busy with
     the socket for a while, and a transmit measured just after it suffers); then
