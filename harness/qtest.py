@@ -427,12 +427,12 @@ class QtestBus(Bus):
         rules = _proxy_rules()
         if not 0 < count <= rules.PROXY_ISA_MAX_PORTS or not 0 <= base < 0x1_0000 or base + count > 0x1_0000:
             raise BadRequest(what, 0)
-        mask, why = grantable(self.machine.spec, base, count)
-        reserved = rules.reserved_ports(base, count)
+        mask, why = grantable(self.machine.spec, base, count, rules.reserved_ports(base, count))
         if not mask:
             raise AccessDenied(f"{what}: {why}", 0)
         granted = [base + n for n in range(count) if mask >> n & 1]
-        if any(rules.reserved_ports(port, 1) for port in granted):
+        reserved = [reason for port in granted for reason in rules.reserved_ports(port, 1)]
+        if reserved:                                # as the proxy refuses them, whatever the host grants
             raise AccessDenied(f"{what}: the proxy never grants {', '.join(reserved)}", 0)
         if any(bar.is_io and _overlaps(base, count, bar.base, bar.size)
                for f in self._functions for bar in f.bars):

@@ -1,4 +1,5 @@
-"""FAT12, FAT16 and FAT32 images made by mkfs.fat and filled by mtools, and what mtools reads back.
+"""FAT12, FAT16 and FAT32 images made by mkfs.fat and filled by mtools, and what mtools reads back;
+the FAT16 image ``make images`` builds (``IMAGE``), and a check of a driver's reading of it.
 
 The tree has what trips a FAT reader: nested directories; short names that
 mtools stores in capitals with the lowercase flags (``deep``, ``low.TXT``,
@@ -13,8 +14,12 @@ import random
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 SBIN = os.pathsep.join(["/sbin", "/usr/sbin"])
+IMAGE = Path(__file__).resolve().parents[1] / "images" / "fat16.img"
 
 # mkfs.fat's FAT size -> image size in 512-byte sectors (each well inside what that FAT size allows)
 SECTORS = {12: 8_000, 16: 40_000, 32: 80_000}
@@ -78,6 +83,29 @@ def mtools_listing(image: Path) -> set[str]:
 
 def mtools_read(image: Path, path: str) -> bytes:
     return mtools("mcopy", "-n", "-i", str(image), f"::{path}", "-")
+
+
+def fresh_image(directory: Path, name: str = "disk.img") -> Path:
+    """A copy of ``IMAGE`` to attach (QEMU locks what it attaches; mtools reads the original)."""
+    if not IMAGE.is_file():
+        pytest.fail(f"{IMAGE} is missing: run `make images` (mkfs.fat and mtools build it)", pytrace=False)
+    copy = directory / name
+    shutil.copy(IMAGE, copy)
+    return copy
+
+
+def check_against_mtools(fat: Any, directories: tuple[str, ...] = ("/", "/DOCS")) -> None:
+    """``fat`` (a DriverFatFS over a disk holding a copy of ``IMAGE``) lists each directory
+    as mtools does and reads every file in it byte-exact."""
+    for directory in directories:
+        ours = sorted(fat.listdir(directory))
+        theirs = sorted(line.rstrip("/").rsplit("/", 1)[1] for line in
+                        mtools("mdir", "-b", "-i", str(IMAGE), f"::{directory}").decode().splitlines())
+        assert ours == theirs
+        for name in ours:
+            path = f"{directory.rstrip('/')}/{name}"
+            if fat.isfile(path):
+                assert fat.readbytes(path) == mtools_read(IMAGE, path)
 
 
 def have_tools() -> str | None:

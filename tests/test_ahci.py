@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -17,28 +16,15 @@ from drivers.ahci.regs import Px
 from harness.machine import MachineSpec
 from harness.proxy import ProxyMachine
 
+from tests.fatimages import IMAGE, check_against_mtools, fresh_image, mtools
+
 pytestmark = pytest.mark.qemu
-
-IMAGE = Path(__file__).resolve().parents[1] / "images" / "fat16.img"
-
-
-def fresh_image(tmp_path: Path) -> Path:
-    if not IMAGE.is_file():
-        pytest.fail(f"{IMAGE} is missing: run `make images` (mkfs.fat and mtools build it)", pytrace=False)
-    copy = tmp_path / "disk.img"
-    shutil.copy(IMAGE, copy)
-    return copy
-
 
 def attach(image: Path, **drive: object):  # type: ignore[no-untyped-def]
     def configure(spec: MachineSpec) -> None:
         spec.drive(id="disk0", **{"if": "none"}, **(drive or {"file": str(image), "format": "raw"}))
         spec.device("ide-hd", drive="disk0", bus="ide.0")
     return configure
-
-
-def mtools(*args: str) -> bytes:
-    return subprocess.run(list(args), check=True, capture_output=True).stdout
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +51,7 @@ def test_fat_files_listed_and_read_byte_exact_as_mtools_sees_them(reader) -> Non
     _, hba, image = reader
     fat = DriverFatFS(hba.disks()[0], read_only=True)
     try:
-        for directory in ("/", "/DOCS"):
-            ours = sorted(fat.listdir(directory))
-            # mtools reads the pristine image: QEMU holds a lock on the attached copy
-            theirs = sorted(line.rstrip("/").rsplit("/", 1)[1] for line in
-                            mtools("mdir", "-b", "-i", str(IMAGE), f"::{directory}").decode().splitlines())
-            assert ours == theirs
-            for name in ours:
-                path = f"{directory.rstrip('/')}/{name}"
-                if fat.isfile(path):
-                    assert fat.readbytes(path) == mtools("mcopy", "-n", "-i", str(IMAGE), f"::{path}", "-")
+        check_against_mtools(fat)
     finally:
         fat.close()
 

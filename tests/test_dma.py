@@ -18,36 +18,29 @@ from typing import Iterator
 import pytest
 from elftools.elf.elffile import ELFFile
 
-import drivers.edu as edu_device
+import drivers.edu as edu
 from drivers.e1000 import E1000
 from drivers.e1000.descriptors import RX_DD, TX_DD, TX_EOP, TX_IFCS, TX_RS, RxDesc, TxDesc
 from drivers.e1000.regs import Reg
 from harness.access import Device
-from harness.bench.e1000 import host_socket
+from harness.bench.e1000 import wire
 from harness.errors import DmaFault, DmaFaultRecord
 from harness.machine import MachineSpec
 from harness.proxy import ProxyMachine
 
 pytestmark = pytest.mark.qemu
 
-EDU = dict(vendor=edu_device.VENDOR, device=edu_device.DEVICE)
-EDU_SRC, EDU_DST, EDU_COUNT, EDU_CMD = edu_device.DMA_SRC, edu_device.DMA_DST, edu_device.DMA_COUNT, edu_device.DMA_CMD
-EDU_RUN, EDU_TO_RAM = edu_device.DMA_RUN, edu_device.DMA_TO_RAM
-EDU_BUFFER = edu_device.BUFFER
 VTD_WRITE_DENIED, VTD_READ_DENIED = 0x5, 0x6     # VT-d fault reasons (spec, Appendix A)
 
 
 @pytest.fixture(scope="module")
 def rig(proxy_machine_factory_module, tmp_path_factory) -> Iterator[tuple[ProxyMachine, socket.socket, int, Path]]:
-    host = host_socket()
-    probe = host_socket()
-    qemu_port = probe.getsockname()[1]
-    probe.close()
+    host, qemu_port, netdev = wire()
 
     def configure(spec: MachineSpec) -> None:
         for slot in (3, 4):
             spec.device("edu", addr=str(slot), dma_mask=0xFFFFFFFF)
-        spec.netdev("socket", "net0", udp=f"127.0.0.1:{host.getsockname()[1]}", localaddr=f"127.0.0.1:{qemu_port}")
+        spec.netdev("socket", "net0", **netdev)
         spec.device("e1000", netdev="net0", mac="52:54:00:d0:0d:01")
     pm = proxy_machine_factory_module(configure, name="dma")
     assert pm.bus.iommu, "the machine has a VT-d and the proxy turned translation on"
@@ -55,13 +48,10 @@ def rig(proxy_machine_factory_module, tmp_path_factory) -> Iterator[tuple[ProxyM
     host.close()
 
 
-def edu(pm: ProxyMachine, slot: int, **open_args: int) -> Device:
-    dev = pm.bus.open(next(f for f in pm.bus.find_all(**EDU) if f.dev == slot), **open_args)
+def open_edu(pm: ProxyMachine, slot: int, **open_args: int) -> Device:
+    dev = pm.bus.open(next(f for f in pm.bus.find_all(vendor=edu.VENDOR, device=edu.DEVICE) if f.dev == slot), **open_args)
     dev.enable_dma()
     return dev
-
-
-edu_dma = edu_device.dma
 
 
 def memory(pm: ProxyMachine, addr: int, size: int, scratch: Path) -> bytes:
@@ -81,12 +71,12 @@ def proxy_code(pm: ProxyMachine) -> tuple[int, int]:
 
 def test_a_device_reaches_its_own_domain_both_ways(rig, rng: random.Random) -> None:
     pm = rig[0]
-    with edu(pm, 3) as dev:
+    with open_edu(pm, 3) as dev:
         src, dst = dev.dma_alloc(4096), dev.dma_alloc(4096)
         data = rng.randbytes(1000)
         src.view[:1000] = data
-        edu_dma(dev, src.phys, EDU_BUFFER, 1000, to_ram=False)
-        edu_dma(dev, EDU_BUFFER, dst.phys + 24, 1000, to_ram=True)
+        edu.dma(dev, src.phys, edu.BUFFER, 1000, to_ram=False)
+        edu.dma(dev, edu.BUFFER, dst.phys + 24, 1000, to_ram=True)
         assert bytes(dst.view[24:1024]) == data
         assert dev.dma_faults() is None
 
@@ -96,10 +86,10 @@ def test_dma_outside_the_domain_faults_and_changes_nothing(rig, target: str) -> 
     pm, _, _, scratch = rig
     abi, window = pm.abi, pm.bus.window
     base = window.field("window_phys")
-    with edu(pm, 3) as dev, edu(pm, 4) as other:
+    with open_edu(pm, 3) as dev, open_edu(pm, 4) as other:
         pattern = dev.dma_alloc(4096)
         pattern.view[:] = b"\xcc" * 4096
-        edu_dma(dev, pattern.phys, EDU_BUFFER, 1024, to_ram=False)      # the edu's buffer: 0xcc
+        edu.dma(dev, pattern.phys, edu.BUFFER, 1024, to_ram=False)      # the edu's buffer: 0xcc
         victim = other.dma_alloc(4096)
         victim.view[:] = b"\x5a" * 4096
         addr = {"proxy code": proxy_code(pm)[0] + 0x1000,
@@ -107,7 +97,7 @@ def test_dma_outside_the_domain_faults_and_changes_nothing(rig, target: str) -> 
                 "unused ring": base + abi.offsetof("proxy_shared", "rings") + 7 * abi.sizeof("proxy_ring"),
                 "another device's buffer": victim.phys}[target]
         before = memory(pm, addr, 1024, scratch)
-        edu_dma(dev, EDU_BUFFER, addr, 1024, to_ram=True)
+        edu.dma(dev, edu.BUFFER, addr, 1024, to_ram=True)
         with pytest.raises(DmaFault) as fault:
             dev.bar(0).read32(0)                        # the channel's next request reports it
         f = fault.value.fault
@@ -118,12 +108,12 @@ def test_dma_outside_the_domain_faults_and_changes_nothing(rig, target: str) -> 
         assert dev.bar(0).read32(0) == 0x010000ED, "the channel works again once told"
         # a read of the proxy's code does not reach the device either
         code, _ = proxy_code(pm)
-        edu_dma(dev, code, EDU_BUFFER, 512, to_ram=False)
+        edu.dma(dev, code, edu.BUFFER, 512, to_ram=False)
         with pytest.raises(DmaFault) as fault:
             dev.bar(0).read32(0)
         assert not fault.value.fault.write and fault.value.fault.count == 2
         assert fault.value.fault.reason == VTD_READ_DENIED
-        edu_dma(dev, EDU_BUFFER, pattern.phys, 512, to_ram=True)      # what the edu holds now
+        edu.dma(dev, edu.BUFFER, pattern.phys, 512, to_ram=True)      # what the edu holds now
         assert bytes(pattern.view[:512]) == bytes(512), "a refused read returns zeros, not the proxy's code"
         assert memory(pm, code, 512, scratch) != bytes(512)
     cmos = pm.bus.ports(0x70, 2)                        # the channel's next owner inherits no fault
@@ -134,18 +124,14 @@ def test_dma_outside_the_domain_faults_and_changes_nothing(rig, target: str) -> 
 
 def test_closing_a_device_revokes_its_domain(rig) -> None:
     pm, _, _, scratch = rig
-    dev = edu(pm, 3)
+    dev = open_edu(pm, 3)
     target = dev.dma_alloc(4096)
     phys = target.phys
-    bar = dev.bar(0)
-    bar.write64(EDU_SRC, EDU_BUFFER)
-    bar.write64(EDU_DST, phys)
-    bar.write64(EDU_COUNT, 256)
-    bar.write32(EDU_CMD, EDU_RUN | EDU_TO_RAM)          # lands 100 ms of virtual time from now...
+    edu.start_dma(dev, edu.BUFFER, phys, 256, to_ram=True)     # lands 100 ms of virtual time from now...
     before = memory(pm, phys, 256, scratch)
     dev.close()                                         # ... after the domain is gone
-    again = edu(pm, 3, dma_size=0)                      # open, but lent nothing
-    again.bar(0).poll32(EDU_CMD, EDU_RUN, 0, 2.0)       # the DMA has been tried
+    again = open_edu(pm, 3, dma_size=0)                      # open, but lent nothing
+    edu.wait_dma(again)                                 # the DMA has been tried
     assert memory(pm, phys, 256, scratch) == before
     with pytest.raises(NotImplementedError):
         again.dma_alloc(4096)
@@ -159,7 +145,7 @@ def test_10000_random_dma_targets_change_nothing_outside_the_domain(rig, rng: ra
     pm, host, qemu_port, scratch = rig
     code, code_size = proxy_code(pm)
     count = 10_000 if pm.machine.accel == "tcg" else 300     # the emulating KVM: 100x slower
-    with edu(pm, 4) as other:
+    with open_edu(pm, 4) as other:
         victim = other.dma_alloc(64 << 10)
         victim.view[:] = rng.randbytes(victim.size)
         witness = bytes(victim.view)
@@ -238,13 +224,13 @@ def test_without_the_iommu_nothing_is_confined(proxy_machine_factory, tmp_path: 
         spec.device("edu", addr="3", dma_mask=0xFFFFFFFF)
     pm = proxy_machine_factory(configure, name="no-iommu")
     assert not pm.bus.iommu
-    with edu(pm, 3) as dev:
+    with open_edu(pm, 3) as dev:
         pattern = dev.dma_alloc(4096)
         pattern.view[:256] = b"\xa5" * 256
-        edu_dma(dev, pattern.phys, EDU_BUFFER, 256, to_ram=False)
+        edu.dma(dev, pattern.phys, edu.BUFFER, 256, to_ram=False)
         target = pm.bus.window.field("window_phys") + pm.abi.offsetof("proxy_shared", "rings") \
             + 7 * pm.abi.sizeof("proxy_ring") + 2048
-        edu_dma(dev, EDU_BUFFER, target, 256, to_ram=True)
+        edu.dma(dev, edu.BUFFER, target, 256, to_ram=True)
         dev.bar(0).read32(0)                            # no DmaFault
         assert memory(pm, target, 256, tmp_path) == b"\xa5" * 256
         assert dev.dma_faults() is None
@@ -259,13 +245,13 @@ def test_a_forged_msi_is_counted_as_spurious_and_the_proxy_goes_on(rig, vector: 
     if vector < 32 and pm.machine.accel == "kvm":
         pytest.xfail("under this host's emulating KVM (kvm_pvm) an MSI on an exception's vector does not show "
                      "in the local APIC's in-service register: the proxy takes it for the exception (README)")
-    with edu(pm, 3) as dev, edu(pm, 4) as other:
+    with open_edu(pm, 3) as dev, open_edu(pm, 4) as other:
         irq = other.irq()                               # a channel that could be blamed
         message = dev.dma_alloc(4096)
         message.view[:4] = vector.to_bytes(4, "little")     # MSI data: fixed delivery, this vector
-        edu_dma(dev, message.phys, EDU_BUFFER, 4, to_ram=False)
+        edu.dma(dev, message.phys, edu.BUFFER, 4, to_ram=False)
         before = pm.bus.spurious_irqs
-        edu_dma(dev, EDU_BUFFER, 0xFEE00000, 4, to_ram=True)
+        edu.dma(dev, edu.BUFFER, 0xFEE00000, 4, to_ram=True)
         dev.bar(0).read32(0)                            # a round trip: the interrupt has been taken
         assert pm.bus.spurious_irqs == before + 1
         assert irq.count == 0
@@ -285,7 +271,7 @@ def test_an_ahci_prd_outside_the_domain_faults_and_the_driver_recovers(proxy_mac
         spec.device("ide-hd", drive="disk0", bus="ide.0")
         spec.device("edu", addr="3", dma_mask=0xFFFFFFFF)
     pm = proxy_machine_factory(configure, name="dma-ahci")
-    with edu(pm, 3) as other:
+    with open_edu(pm, 3) as other:
         victim = other.dma_alloc(4096)
         victim.view[:] = b"\x5a" * 4096
         hba = Ahci.open(pm.bus)

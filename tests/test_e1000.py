@@ -17,7 +17,7 @@ import pytest
 
 from drivers.e1000 import E1000, TxRingFull
 from drivers.e1000.regs import Reg, Tctl
-from harness.bench.e1000 import host_socket
+from harness.bench.e1000 import host_socket, wire
 from harness.machine import MachineSpec, Option, RuntimeFile
 from harness.netstack import Host
 from harness.proxy import ProxyMachine
@@ -95,13 +95,10 @@ def test_the_filter_dump_pcap_reads_back_with_a_packet_library(user_net, tmp_pat
 
 @pytest.fixture(scope="module")
 def socket_net(proxy_machine_factory_module) -> Iterator[tuple[ProxyMachine, E1000, socket.socket, int]]:
-    host = host_socket()
-    probe = host_socket()
-    qemu_port = probe.getsockname()[1]          # free now; QEMU binds it next
-    probe.close()
+    host, qemu_port, netdev = wire()
 
     def configure(spec: MachineSpec) -> None:
-        spec.netdev("socket", "net1", udp=f"127.0.0.1:{host.getsockname()[1]}", localaddr=f"127.0.0.1:{qemu_port}")
+        spec.netdev("socket", "net1", **netdev)
         spec.device("e1000", netdev="net1", mac="52:54:00:ab:cd:02")
 
     pm = proxy_machine_factory_module(configure, name="socketnet")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import random
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,19 +21,12 @@ from harness.access import DmaBuffer
 from harness.machine import MachineSpec
 from harness.proxy import ProxyMachine
 
+from tests.fatimages import IMAGE, check_against_mtools, fresh_image, mtools
+
 pytestmark = pytest.mark.qemu
 
-IMAGE = Path(__file__).resolve().parents[1] / "images" / "fat16.img"
 SERIAL = "HWH-TEST-7"
 SMALL = 8 << 20                     # the second namespace: random bytes
-
-
-def fresh_image(tmp_path: Path) -> Path:
-    if not IMAGE.is_file():
-        pytest.fail(f"{IMAGE} is missing: run `make images` (mkfs.fat and mtools build it)", pytrace=False)
-    copy = tmp_path / "fat.img"
-    shutil.copy(IMAGE, copy)
-    return copy
 
 
 def raw(path: Path, **extra: object) -> dict[str, object]:
@@ -47,10 +39,6 @@ def namespaces(*drives: dict[str, object]) -> Callable[[MachineSpec], None]:
     return configure
 
 
-def mtools(*args: str) -> bytes:
-    return subprocess.run(list(args), check=True, capture_output=True).stdout
-
-
 def scaled(pm: ProxyMachine, n: int) -> int:
     """Under this host's emulating KVM every guest instruction costs a microsecond: keep runs short."""
     return max(8, n // 10) if pm.machine.accel == "kvm" else n
@@ -60,7 +48,7 @@ def scaled(pm: ProxyMachine, n: int) -> int:
 def machine(proxy_machine_factory_module, tmp_path_factory) -> tuple[ProxyMachine, Path, Path]:
     """Namespace 1 a FAT image from mkfs.fat and mtools, namespace 2 random bytes (read only here)."""
     tmp = tmp_path_factory.mktemp("nvme")
-    fat = fresh_image(tmp)
+    fat = fresh_image(tmp, "fat.img")
     noise = tmp / "random.img"
     noise.write_bytes(random.Random(7).randbytes(SMALL))
     return proxy_machine_factory_module(namespaces(raw(fat), raw(noise)), name="nvme"), fat, noise
@@ -128,15 +116,7 @@ def test_random_reads_across_two_queue_pairs_return_the_images_bytes(machine, nv
 def test_fat_listed_and_read_as_mtools_sees_it(machine, nvme) -> None:
     fat = DriverFatFS(nvme.namespaces()[0], read_only=True)
     try:
-        for directory in ("/", "/DOCS"):
-            ours = sorted(fat.listdir(directory))
-            theirs = sorted(line.rstrip("/").rsplit("/", 1)[1] for line in
-                            mtools("mdir", "-b", "-i", str(IMAGE), f"::{directory}").decode().splitlines())
-            assert ours == theirs
-            for name in ours:
-                path = f"{directory.rstrip('/')}/{name}"
-                if fat.isfile(path):
-                    assert fat.readbytes(path) == mtools("mcopy", "-n", "-i", str(IMAGE), f"::{path}", "-")
+        check_against_mtools(fat)
     finally:
         fat.close()
 
@@ -242,7 +222,7 @@ def test_a_full_submission_queue_waits_and_never_overwrites(machine, rng: random
 
 def test_writes_from_two_queue_pairs_and_a_fat_filesystem_land_in_the_image_files(
         proxy_machine_factory, tmp_path: Path, rng: random.Random) -> None:
-    fat_image = fresh_image(tmp_path)
+    fat_image = fresh_image(tmp_path, "fat.img")
     noise = tmp_path / "random.img"
     noise.write_bytes(rng.randbytes(SMALL))
     pm = proxy_machine_factory(namespaces(raw(fat_image), raw(noise, discard="unmap")), name="nvme-write")

@@ -55,7 +55,7 @@ def test_the_wheel_installed_elsewhere_builds_and_boots_its_guest(tmp_path: Path
 
     if have_tools():
         pytest.fail(f"{have_tools()} is not installed: run `make deps`", pytrace=False)
-    image = make_image(elsewhere / "disk.img", 16, {"hello.txt": b"from an installed hwharness\n"}, tmp_path)
+    make_image(elsewhere / "disk.img", 16, {"hello.txt": b"from an installed hwharness\n"}, tmp_path)
     done = run(venv / "bin" / "hwharness", "disk", "cat", "disk.img", "/HELLO.TXT", "--accel", hwharness_accel,
                cwd=elsewhere, env=env)
     assert done.stdout == "from an installed hwharness\n"

@@ -18,12 +18,22 @@ BUFFER = 0x40000                        # the device's own memory; a transfer mu
 DMA_TIMEOUT = 2.0                       # seconds; the device takes 100 ms of virtual time
 
 
-def dma(device: Device, src: int, dst: int, count: int, to_ram: bool) -> None:
-    """Copy ``count`` bytes from ``src`` to ``dst`` (one of them in the device's buffer) and
-    wait until the device says it is done."""
+def start_dma(device: Device, src: int, dst: int, count: int, to_ram: bool) -> None:
+    """Copy ``count`` bytes from ``src`` to ``dst`` (one of them in the device's buffer);
+    the copy happens 100 ms of virtual time later."""
     bar = device.bar(0)
     bar.write64(DMA_SRC, src)
     bar.write64(DMA_DST, dst)
     bar.write64(DMA_COUNT, count)
     bar.write32(DMA_CMD, DMA_RUN | (DMA_TO_RAM if to_ram else 0))
-    bar.poll32(DMA_CMD, DMA_RUN, 0, DMA_TIMEOUT)
+
+
+def wait_dma(device: Device) -> None:
+    """Wait until the device says its copy is done (or was tried)."""
+    device.bar(0).poll32(DMA_CMD, DMA_RUN, 0, DMA_TIMEOUT)
+
+
+def dma(device: Device, src: int, dst: int, count: int, to_ram: bool) -> None:
+    """``start_dma``, then ``wait_dma``."""
+    start_dma(device, src, dst, count, to_ram)
+    wait_dma(device)

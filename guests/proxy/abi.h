@@ -52,6 +52,7 @@ enum proxy_limits {
     PROXY_NVME_MAX_DEPTH = 64,      /* commands in flight per queue in that loop */
     PROXY_DOMAIN_ALIGN = 0x1000,    /* a DMA domain is whole pages of the pool */
     PROXY_DOMAIN_MAX = 0x1000000,   /* and at most 16 MiB */
+    PROXY_NIC_SINK_BYTES = 16384,   /* the native receive loop's copy target (struct proxy_nic_loop) */
 };
 
 /*
@@ -217,7 +218,7 @@ struct proxy_crash {
  */
 struct proxy_nic_loop {
     u64 ring_phys;                  /* the descriptor ring, in the DMA pool */
-    u64 frame_phys;                 /* TX: the frame to send; RX: the sink (16 KiB), 0 for none */
+    u64 frame_phys;                 /* TX: the frame to send; RX: the sink (PROXY_NIC_SINK_BYTES), 0 for none */
     u64 timeout_us;
     u32 entries;                    /* ring size */
     u32 frame_len;                  /* TX: bytes per frame */

@@ -63,6 +63,7 @@ static struct {
     u64 l1[L1_TABLES][512] PAGE;
 } tables[PROXY_MAX_CHANNELS];
 static u32 fault_records, fault_base;                   /* how many, and where (CAP.NFR, CAP.FRO) */
+static u32 iotlb;                                       /* the IOTLB invalidate register (ECAP.IRO) */
 static int on;
 
 static u32 r32(u32 reg) { return mmio_read32(DMAR_BASE + reg); }
@@ -70,13 +71,19 @@ static void w32(u32 reg, u32 v) { mmio_write32(DMAR_BASE + reg, v); }
 
 static u64 phys(const void *p) { return (u64)(unsigned long)p; }     /* the kernel is identity-mapped */
 
+/* Wait until register `reg`'s `bit` is `set` (1) or clear (0); the IOMMU answers at once, so a long wait is a bug. */
+static void wait_bit(u32 reg, u32 bit, int set, const char *what)
+{
+    for (u32 spins = 0; !(r32(reg) & bit) != !set; spins++)
+        if (spins > 10000000)
+            panic(what);
+}
+
 /* Set one GCMD bit, restating those already on (QEMU toggles any that differ), and wait for it. */
 static void command(u32 bit)
 {
     w32(DMAR_GCMD, (r32(DMAR_GSTS) & GSTS_KEEP) | bit);
-    for (u32 spins = 0; !(r32(DMAR_GSTS) & bit); spins++)
-        if (spins > 10000000)
-            panic("iommu: a global command did not complete");
+    wait_bit(DMAR_GSTS, bit, 1, "iommu: a global command did not complete");
 }
 
 /* Global context-cache, then IOTLB, invalidation (VT-d 6.5.1, register-based). */
@@ -84,13 +91,10 @@ static void invalidate(void)
 {
     w32(DMAR_CCMD, 0);
     w32(DMAR_CCMD + 4, CCMD_ICC | CCMD_GLOBAL);
-    while (r32(DMAR_CCMD + 4) & CCMD_ICC)
-        ;
-    u32 iotlb = (u32)((mmio_read32(DMAR_BASE + DMAR_ECAP) >> 8 & 0x3ff) * 16 + 8);    /* ECAP.IRO */
+    wait_bit(DMAR_CCMD + 4, CCMD_ICC, 0, "iommu: a context-cache invalidation did not complete");
     w32(iotlb, 0);
     w32(iotlb + 4, IOTLB_IVT | IOTLB_GLOBAL);
-    while (r32(iotlb + 4) & IOTLB_IVT)
-        ;
+    wait_bit(iotlb + 4, IOTLB_IVT, 0, "iommu: an IOTLB invalidation did not complete");
 }
 
 int iommu_present(void)
@@ -109,6 +113,7 @@ void iommu_init(void)
     u64 cap = (u64)cap_hi << 32 | cap_lo;
     fault_records = (u32)(cap >> 40 & 0xff) + 1;
     fault_base = (u32)(cap >> 24 & 0x3ff) * 16;
+    iotlb = (r32(DMAR_ECAP) >> 8 & 0x3ff) * 16 + 8;
     for (int i = 0; i < CONTEXT_BUSES; i++)
         context_bus[i] = -1;
     w32(DMAR_FEDATA, VEC_DMAR);

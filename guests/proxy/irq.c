@@ -13,6 +13,7 @@
 
 #define LAPIC_BASE 0xfee00000u
 #define LAPIC_TPR 0x80
+#define LAPIC_ISR 0x100                 /* in-service bits, 32 vectors per register, 16 bytes apart */
 #define LAPIC_EOI 0xb0
 #define LAPIC_SVR 0xf0
 #define IOAPIC_BASE 0xfec00000u
@@ -59,9 +60,15 @@ void irq_init(void)
         ioapic_route(pin, 0, 1);
 }
 
-static void eoi(void)
+void lapic_eoi(void)
 {
     mmio_write32(LAPIC_BASE + LAPIC_EOI, 0);
+}
+
+/* Is `vector` in service at the local APIC? An interrupt is, an exception is not. */
+int lapic_in_service(u32 vector)
+{
+    return mmio_read32(LAPIC_BASE + LAPIC_ISR + 16 * (vector / 32)) >> (vector % 32) & 1;
 }
 
 /* Channel c's vector v: its counter in shared memory, its IDT vector, its host doorbell. */
@@ -84,10 +91,10 @@ void irq(struct trapframe *tf)
     u64 woken = 0;                      /* host doorbells to ring, as bits */
     if (v == VEC_KICK) {
         kicks++;
-        eoi();
+        lapic_eoi();
     } else if (v == VEC_DMAR) {
         iommu_fault(tsc);
-        eoi();
+        lapic_eoi();
     } else if (v >= VEC_GSI_BASE && v < VEC_GSI_BASE + IOAPIC_PINS) {
         struct line *l = &lines[v - VEC_GSI_BASE];
         if (l->level)
@@ -109,7 +116,7 @@ void irq(struct trapframe *tf)
                 }
             }
         }
-        eoi();
+        lapic_eoi();
     } else if (v >= VEC_MSI_BASE && v < VEC_MSI_BASE + PROXY_MAX_CHANNELS * PROXY_IRQ_VECTORS
                && (channel_mode[(v - VEC_MSI_BASE) / PROXY_IRQ_VECTORS] == PROXY_IRQ_MSI
                    || channel_mode[(v - VEC_MSI_BASE) / PROXY_IRQ_VECTORS] == PROXY_IRQ_MSIX)
@@ -117,7 +124,7 @@ void irq(struct trapframe *tf)
         u32 n = v - VEC_MSI_BASE;
         record((int)(n / PROXY_IRQ_VECTORS), n % PROXY_IRQ_VECTORS, tsc);
         woken |= 1ull << (PROXY_DOORBELL_IRQ_BASE + n);
-        eoi();
+        lapic_eoi();
     } else if (v == VEC_SPURIOUS || v == VEC_PIC_BASE + 7) {
         shared->spurious_irqs++;        /* LAPIC or 8259 spurious: no EOI */
     } else if (v == VEC_PIC_BASE + 15) {
@@ -125,7 +132,7 @@ void irq(struct trapframe *tf)
         outb(0x20, 0x20);               /* the slave's spurious IRQ still needs the master's EOI */
     } else {
         shared->spurious_irqs++;        /* nobody asked for this vector */
-        eoi();
+        lapic_eoi();
     }
     for (u32 bell = 0; woken; bell++, woken >>= 1)
         if (woken & 1)

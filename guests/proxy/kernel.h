@@ -38,6 +38,8 @@ void crash_on_purpose(u32 kind);
 
 /* irq.c */
 void irq_init(void);
+void lapic_eoi(void);
+int lapic_in_service(u32 vector);
 u16 irq_enable_intx(int c, const struct proxy_pci_device *d);
 u16 irq_enable_msi(int c, const struct proxy_pci_device *d, u64 vectors);
 u16 irq_enable_msix(int c, const struct proxy_pci_device *d, u64 vectors);

@@ -18,7 +18,6 @@
 #define DESC_STATUS 12
 #define STATUS_DD 0x01
 #define TX_CMD (0x01 | 0x02 | 0x08)     /* EOP, IFCS, RS (8254x manual 3.3.3) */
-#define SINK_BYTES 16384
 
 static u8 *desc(const struct proxy_nic_loop *p, u32 i)
 {
@@ -98,7 +97,7 @@ u16 native_rx(struct proxy_nic_loop *p, const struct window *dma, u64 bar0, vola
         while (got + batch < p->count && (*(volatile u8 *)((d = desc(p, next)) + DESC_STATUS) & STATUS_DD)) {
             u32 len = *(volatile u16 *)(d + DESC_LEN);
             u64 buffer = *(volatile u64 *)(d + DESC_ADDR);
-            if (len > SINK_BYTES || !in_window(dma, buffer, len))
+            if (len > PROXY_NIC_SINK_BYTES || !in_window(dma, buffer, len))
                 return PROXY_STATUS_DENIED;
             if (p->frame_phys)
                 copy_frame(p->frame_phys, buffer, len);

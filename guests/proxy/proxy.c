@@ -433,28 +433,36 @@ static u16 interrupt_op(int c, const struct proxy_request *rq)
 }
 
 /*
- * The native loops: the parameter block must lie in the DMA pool, the ring
- * too, and the tail and flush registers in the channel's first memory BAR.
+ * A native loop's parameter block: the channel must hold a PCI device with a memory
+ * BAR, and the block lie in the device's DMA domain. It is copied to `copy` before it
+ * is checked (the host could rewrite it); the loop reports progress in the original,
+ * which is returned (NULL: refused).
  */
+static void *loop_block(int c, const struct proxy_request *rq, void *copy, u32 size)
+{
+    const struct channel *ch = &channels[c];
+    if (c == 0 || !ch->device || !ch->nmmio || !in_window(&ch->dma, rq->addr, size) || rq->addr & 7)
+        return NULL;
+    memcpy(copy, (const void *)(unsigned long)rq->addr, size);
+    return (void *)(unsigned long)rq->addr;
+}
+
+/* The native e1000 loops: the ring in the DMA domain too, tail and flush registers in the first memory BAR. */
 static u16 nic_loop(int c, const struct proxy_request *rq, u64 *value)
 {
     const struct channel *ch = &channels[c];
-    if (c == 0 || !ch->device || !ch->nmmio)
+    struct proxy_nic_loop p, *live = loop_block(c, rq, &p, sizeof(p));
+    if (!live)
         return PROXY_STATUS_DENIED;
-    if (!in_window(&ch->dma, rq->addr, sizeof(struct proxy_nic_loop)) || rq->addr & 7)
-        return PROXY_STATUS_DENIED;
-    struct proxy_nic_loop p;
-    memcpy(&p, (const void *)(unsigned long)rq->addr, sizeof(p));
     const struct window *bar = &ch->mmio[0];
     if (p.entries < 8 || p.entries > 4096 || !in_window(&ch->dma, p.ring_phys, 16ull * p.entries)
         || p.tail_reg & 3 || p.flush_reg & 3 || p.tail_reg + 4 > bar->size || p.flush_reg + 4 > bar->size
         || p.next >= p.entries || p.clean >= p.entries || p.frame_len > 2048
-        || (p.frame_phys && !in_window(&ch->dma, p.frame_phys, 16384))
+        || (p.frame_phys && !in_window(&ch->dma, p.frame_phys, PROXY_NIC_SINK_BYTES))
         || (rq->op == PROXY_OP_NIC_TX_LOOP && !p.frame_phys)
         || p.zero_copy > 1 || (p.zero_copy && rq->op != PROXY_OP_NIC_TX_LOOP)
         || p.timeout_us > PROXY_POLL_MAX_US * 10ull)
         return PROXY_STATUS_BAD_REQUEST;
-    struct proxy_nic_loop *live = (struct proxy_nic_loop *)(unsigned long)rq->addr;
     live->done = 0;
     p.done = 0;
     u64 start = rdtsc();
@@ -467,16 +475,13 @@ static u16 nic_loop(int c, const struct proxy_request *rq, u64 *value)
     return st;
 }
 
-/* The native disk loop: block, command list and tables in the DMA pool, the port in the HBA's BAR. */
+/* The native disk loop: block, command list and tables in the DMA domain, the port in the HBA's BAR. */
 static u16 disk_loop(int c, const struct proxy_request *rq, u64 *value)
 {
     const struct channel *ch = &channels[c];
-    if (c == 0 || !ch->device || !ch->nmmio)
+    struct proxy_disk_loop p, *live = loop_block(c, rq, &p, sizeof(p));
+    if (!live)
         return PROXY_STATUS_DENIED;
-    if (!in_window(&ch->dma, rq->addr, sizeof(struct proxy_disk_loop)) || rq->addr & 7)
-        return PROXY_STATUS_DENIED;
-    struct proxy_disk_loop p;
-    memcpy(&p, (const void *)(unsigned long)rq->addr, sizeof(p));
     const struct window *bar = &ch->mmio[ch->nmmio - 1];        /* the AHCI BAR is the last memory BAR */
     if (p.depth < 1 || p.depth > 32 || p.sectors < 1 || p.sectors > 65535 || p.table_size < 0x90
         || p.table_size & 127 || !in_window(&ch->dma, p.command_list, 32 * 32)
@@ -484,7 +489,6 @@ static u16 disk_loop(int c, const struct proxy_request *rq, u64 *value)
         || p.port_offset & 3 || p.port_offset + 0x80 > bar->size
         || p.timeout_us > PROXY_POLL_MAX_US * 10ull)
         return PROXY_STATUS_BAD_REQUEST;
-    struct proxy_disk_loop *live = (struct proxy_disk_loop *)(unsigned long)rq->addr;
     live->done = 0;
     u64 start = rdtsc();
     u16 st = native_disk_read(&p, &ch->dma, bar->base, &live->done);
@@ -494,14 +498,6 @@ static u16 disk_loop(int c, const struct proxy_request *rq, u64 *value)
     return st;
 }
 
-/* Bit 7 of the RTC index port masks NMIs for the whole machine: the proxy keeps it as it is (clear). */
-static u64 rtc_keeps_nmi(u64 port, u8 width, u64 value)
-{
-    if (port <= RTC_INDEX && RTC_INDEX < port + width)
-        value &= ~((u64)RTC_NMI_DISABLE << 8 * (RTC_INDEX - port));
-    return value;
-}
-
 /*
  * The native NVMe loop: the block, every queue, PRP list page and request list in the
  * channel's DMA domain; the doorbells inside the channel's BAR0 and outside its MSI-X table.
@@ -509,12 +505,9 @@ static u64 rtc_keeps_nmi(u64 port, u8 width, u64 value)
 static u16 nvme_loop(int c, const struct proxy_request *rq, u64 *value)
 {
     const struct channel *ch = &channels[c];
-    if (c == 0 || !ch->device || !ch->nmmio)
+    struct proxy_nvme_loop p, *live = loop_block(c, rq, &p, sizeof(p));
+    if (!live)
         return PROXY_STATUS_DENIED;
-    if (!in_window(&ch->dma, rq->addr, sizeof(struct proxy_nvme_loop)) || rq->addr & 7)
-        return PROXY_STATUS_DENIED;
-    struct proxy_nvme_loop p;
-    memcpy(&p, (const void *)(unsigned long)rq->addr, sizeof(p));
     const struct window *bar = &ch->mmio[0];
     u64 bytes = (u64)p.blocks * p.block_size;
     if (p.nqueues < 1 || p.nqueues > PROXY_NVME_MAX_QUEUES || (p.block_size != 512 && p.block_size != 4096)
@@ -536,7 +529,6 @@ static u16 nvme_loop(int c, const struct proxy_request *rq, u64 *value)
                 || any_overlap(ch->mmio_readonly, ch->nmmio_readonly, bar->base + doorbells[i], 4))
                 return PROXY_STATUS_DENIED;
     }
-    struct proxy_nvme_loop *live = (struct proxy_nvme_loop *)(unsigned long)rq->addr;
     live->done = 0;
     u64 start = rdtsc();
     u16 st = native_nvme(&p, &ch->dma, bar->base, &live->done);
@@ -546,6 +538,14 @@ static u16 nvme_loop(int c, const struct proxy_request *rq, u64 *value)
     live->done = p.done;
     live->errors = p.errors;
     return st;
+}
+
+/* Bit 7 of the RTC index port masks NMIs for the whole machine: the proxy keeps it as it is (clear). */
+static u64 rtc_keeps_nmi(u64 port, u8 width, u64 value)
+{
+    if (port <= RTC_INDEX && RTC_INDEX < port + width)
+        value &= ~((u64)RTC_NMI_DISABLE << 8 * (RTC_INDEX - port));
+    return value;
 }
 
 static u16 execute(int c, const struct proxy_request *rq, u64 *value)

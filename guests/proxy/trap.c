@@ -56,8 +56,6 @@ void trap_init(void)
 /* Exceptions that push an error code: an interrupt on their vectors leaves a frame trap() cannot return from. */
 #define ERROR_CODE_VECTORS ((1u << 8) | (1u << 10) | (1u << 11) | (1u << 12) | (1u << 13) | (1u << 14) \
                             | (1u << 17) | (1u << 21) | (1u << 29) | (1u << 30))
-#define LAPIC_ISR0 0xfee00100u             /* in-service bits of vectors 0..31 */
-#define LAPIC_EOI 0xfee000b0u
 
 /*
  * A CPU exception is a crash. But a device can send an MSI with any vector (a
@@ -69,10 +67,10 @@ void trap_init(void)
 void trap(struct trapframe *tf)
 {
     u32 v = (u32)tf->vector;
-    if (v < 32 && !(ERROR_CODE_VECTORS >> v & 1) && mmio_read32(LAPIC_ISR0) >> v & 1) {
+    if (v < 32 && !(ERROR_CODE_VECTORS >> v & 1) && lapic_in_service(v)) {
         if (shared)
             shared->spurious_irqs++;
-        mmio_write32(LAPIC_EOI, 0);
+        lapic_eoi();
         return;
     }
     crash(tf, NULL);

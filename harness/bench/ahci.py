@@ -13,10 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import struct
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from drivers.ahci import Ahci
 from drivers.ahci.driver import TABLE_SIZE, Port
@@ -24,8 +23,10 @@ from drivers.ahci.regs import Ata
 
 from ..access import DmaBuffer
 from ..errors import MachineError
+from ..machine import MachineSpec
 from ..proxy import ProxyBus, ProxyMachine, proxy_spec
 from .paired import Run, Workload, add_peer, clock_figures, run_rounds
+from .requests import RequestList
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ DISK_BYTES = 256 << 20
 DRIVE = "disk0"
 LOOP_FIELDS = ["command_list", "tables", "requests", "timeout_us", "table_size", "port_offset", "sectors", "count",
                "depth", "done", "errors"]
-REQUEST = struct.Struct("<QQ")          # struct proxy_disk_request: lba, phys
 QUICK = dict(count=256, rounds=1)
 
 
@@ -44,20 +44,17 @@ class NativeDiskLoop:
         self.bus, self.port, self.abi = bus, port, bus.abi
         self.dev = port.hba.dev
         self.block = self.dev.dma_alloc(self.abi.sizeof("proxy_disk_loop"), 64)
-        self.requests = self.dev.dma_alloc(max_count * REQUEST.size, 64)
+        self.requests = RequestList(self.dev, self.abi, max_count)
         self._pack = self.abi.packer("proxy_disk_loop", LOOP_FIELDS)
 
     def close(self) -> None:
         self.dev.dma_free(self.block)
-        self.dev.dma_free(self.requests)
+        self.requests.free()
 
     def prepare(self, requests: Sequence[tuple[int, DmaBuffer]], sectors: int, depth: int) -> Run:
         """Lay out ``requests`` (lba, buffer) and the slots' headers; the returned run
         reads them all and returns how many completed."""
-        if len(requests) * REQUEST.size > self.requests.size:
-            raise ValueError(f"{len(requests)} requests do not fit the native loop's list")
-        for i, (lba, buffer) in enumerate(requests):
-            REQUEST.pack_into(self.requests.view, i * REQUEST.size, lba, buffer.phys)
+        self.requests.fill(requests)
         command = Ata.READ_FPDMA_QUEUED if depth > 1 else Ata.READ_DMA_EXT
         for slot in range(depth):               # headers and PRD sizes, as the Python path sets them
             self.port._prepare(slot, command, 0, sectors, regions=[(requests[0][1].phys, sectors * 512)])
@@ -87,23 +84,32 @@ def _disk_image(path: Path) -> None:
             pass
 
 
-def machine(stack: contextlib.ExitStack, accel: str, image: Path, iommu: bool = True,
-            name: str = "bench-ahci") -> tuple[ProxyMachine, str]:
-    """A machine with the disk on QEMU's io_uring backend where QEMU has one: its
-    thread pool, the fallback, adds worker threads that fight the vCPU for two cores,
-    and both sides' figures then swing by twofold from run to run. The image is not
-    locked: a second machine (the other IOMMU setting) reads it too."""
+def on_fastest_aio(stack: contextlib.ExitStack, name: str,
+                   spec_for: Callable[[str], MachineSpec]) -> tuple[ProxyMachine, str]:
+    """The machine ``spec_for(aio)`` describes, with its disk on QEMU's io_uring backend
+    where QEMU has one: its thread pool, the fallback, adds worker threads that fight
+    the vCPU for two cores, and both sides' figures then swing by twofold from run to
+    run. Returns the machine and the backend it got."""
     for aio in ("io_uring", "threads"):
-        spec = proxy_spec(accel=accel, iommu=iommu)
-        spec.drive(file=str(image), format="raw", id=DRIVE, aio=aio, **{"if": "none", "file.locking": "off"})
-        spec.device("ide-hd", drive=DRIVE, bus="ide.0")
         try:
-            return stack.enter_context(ProxyMachine(spec, name=name)), aio
+            return stack.enter_context(ProxyMachine(spec_for(aio), name=name)), aio
         except MachineError as exc:
             if aio == "threads":
                 raise
             log.warning("QEMU refused aio=io_uring (%s); the disk uses its thread pool", str(exc).splitlines()[0])
     raise AssertionError("unreachable")
+
+
+def machine(stack: contextlib.ExitStack, accel: str, image: Path, iommu: bool = True,
+            name: str = "bench-ahci") -> tuple[ProxyMachine, str]:
+    """A machine with the disk on the AHCI controller's first port. The image is not
+    locked: a second machine (the other IOMMU setting) reads it too."""
+    def spec_for(aio: str) -> MachineSpec:
+        spec = proxy_spec(accel=accel, iommu=iommu)
+        spec.drive(file=str(image), format="raw", id=DRIVE, aio=aio, **{"if": "none", "file.locking": "off"})
+        spec.device("ide-hd", drive=DRIVE, bus="ide.0")
+        return spec
+    return on_fastest_aio(stack, name, spec_for)
 
 
 class DiskRig:

@@ -41,7 +41,6 @@ GUEST_LOOP_TIMEOUT = 8.0    # seconds; under the host's 10 s request deadline
 RCTL_QUIET = 1.1            # QEMU's e1000 refuses to receive for 1 s (virtual) after an RCTL write
 WINDOW = 64                 # receive: frames in flight; QEMU's own UDP socket holds ~212 KB of skbs
 FEEDER_DOZE = 100e-6        # seconds the feeder sleeps while the window is full
-SINK_BYTES = 16384          # the native receive loop's copy target (native.c)
 LOOP_FIELDS = ["ring_phys", "frame_phys", "timeout_us", "entries", "frame_len", "count", "tail_reg", "flush_reg",
                "next", "clean", "done", "zero_copy"]
 QUICK = dict(count_64=2000, count_1514=500, rounds=1)
@@ -68,13 +67,24 @@ def _drain(host: socket.socket, stop: threading.Event) -> None:
             pass
 
 
+def wire() -> tuple[socket.socket, int, dict[str, object]]:
+    """The host's end of a wire to a NIC: a UDP socket on loopback, the port QEMU's end
+    will bind (free when probed; QEMU takes it next), and the socket netdev's properties."""
+    host = host_socket()
+    probe = host_socket()
+    qemu_port = probe.getsockname()[1]
+    probe.close()
+    return host, qemu_port, {"udp": f"127.0.0.1:{host.getsockname()[1]}", "localaddr": f"127.0.0.1:{qemu_port}"}
+
+
 class NativeLoop:
     """The in-guest C loops (guests/proxy/native.c) on a driver's rings: the baseline."""
 
     def __init__(self, bus: ProxyBus, nic: E1000) -> None:
         self.bus, self.nic, self.abi = bus, nic, bus.abi
         self.block = nic.dev.dma_alloc(self.abi.sizeof("proxy_nic_loop"), 64)
-        self.frame = nic.dev.dma_alloc(SINK_BYTES)  # TX: the frame to copy; RX: where frames are copied
+        # TX: the frame to copy; RX: where frames are copied (the size is the guest's)
+        self.frame = nic.dev.dma_alloc(self.abi.PROXY_NIC_SINK_BYTES)
         self._pack = self.abi.packer("proxy_nic_loop", LOOP_FIELDS)
         done = self.abi.offsetof("proxy_nic_loop", "done")
         self.done = self.block.view[done:done + 4].cast("I")     # progress, as the guest goes
@@ -272,13 +282,10 @@ def frame_of(size: int, dst: bytes) -> bytes:
 
 def machine(stack: contextlib.ExitStack, accel: str, iommu: bool, name: str) -> "Rig":
     """A proxy machine whose e1000 is wired to a UDP socket of the host's, and its rig."""
-    host = host_socket()
+    host, qemu_port, netdev = wire()
     stack.callback(host.close)
-    probe = host_socket()
-    qemu_port = probe.getsockname()[1]
-    probe.close()
     spec: MachineSpec = proxy_spec(accel=accel, iommu=iommu)
-    spec.netdev("socket", "net0", udp=f"127.0.0.1:{host.getsockname()[1]}", localaddr=f"127.0.0.1:{qemu_port}")
+    spec.netdev("socket", "net0", **netdev)
     spec.device("e1000", netdev="net0", mac="52:54:00:be:ec:01")
     pm = stack.enter_context(ProxyMachine(spec, name=name))
     rig = Rig(pm, host, qemu_port)
@@ -342,19 +349,14 @@ def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int =
     if peer == "linux":
         from . import peer_linux
         with contextlib.ExitStack() as stack:       # the far end drains, as the bench's does
-            host = host_socket()
+            host, _, netdev = wire()
             stack.callback(host.close)
-            probe = host_socket()
-            qemu_port = probe.getsockname()[1]
-            probe.close()
             stop = threading.Event()
             drainer = threading.Thread(target=_drain, args=(host, stop), daemon=True)
             drainer.start()
             stack.callback(drainer.join, 2)
             stack.callback(stop.set)
-            add_peer(result, peer_linux.transmit(
-                accel, {"udp": f"127.0.0.1:{host.getsockname()[1]}", "localaddr": f"127.0.0.1:{qemu_port}"},
-                {"64": count_64, "1514": count_1514}))
+            add_peer(result, peer_linux.transmit(accel, netdev, {"64": count_64, "1514": count_1514}))
     return {"benchmark": "e1000", "accel": {"python": accel, "native": accel}, "quick": quick, "iommu": iommu,
             **figures, **result}
 
@@ -373,12 +375,9 @@ def itr_sweep(accel: str, frames: int = 3000, triggers: int = 200, quick: bool =
     from .stats import pct
     if quick:
         frames, triggers = 300, 20
-    host = host_socket()
-    probe = host_socket()
-    qemu_port = probe.getsockname()[1]
-    probe.close()
+    host, qemu_port, netdev = wire()
     spec = proxy_spec(accel=accel)
-    spec.netdev("socket", "net0", udp=f"127.0.0.1:{host.getsockname()[1]}", localaddr=f"127.0.0.1:{qemu_port}")
+    spec.netdev("socket", "net0", **netdev)
     spec.device("e1000", netdev="net0", mac="52:54:00:be:ec:02")
     out: dict[str, object] = {}
     with ProxyMachine(spec, name="bench-itr") as pm:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import struct
 import tempfile
 import threading
 from pathlib import Path
@@ -27,8 +26,9 @@ from drivers.nvme.regs import DOORBELL_BASE, Nvm
 from ..access import DmaBuffer
 from ..errors import MachineError
 from ..proxy import ProxyBus, ProxyMachine, proxy_spec
-from .ahci import DISK_BYTES, _disk_image
+from .ahci import DISK_BYTES, _disk_image, on_fastest_aio
 from .paired import Run, Workload, clock_figures, run_rounds
+from .requests import RequestList
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ QUEUE_FIELDS = ["sq", "cq", "prp_lists", "entries", "depth", "sq_doorbell", "cq_
                 "phase", "acked"]
 LOOP_FIELDS = ["requests", "timeout_us", "nqueues", "nsid", "opcode", "blocks", "block_size", "count", "done",
                "errors"]
-REQUEST = struct.Struct("<QQ")          # struct proxy_disk_request: lba, phys
 QUICK = dict(count=256, rounds=1)
 
 
@@ -49,7 +48,7 @@ class NativeNvmeLoop:
         self.bus, self.nvme, self.abi = bus, nvme, bus.abi
         self.dev = nvme.dev
         self.block = self.dev.dma_alloc(self.abi.sizeof("proxy_nvme_loop"), 64)
-        self.requests = self.dev.dma_alloc(max_count * REQUEST.size, 64)
+        self.requests = RequestList(self.dev, self.abi, max_count)
         self._loop = self.abi.packer("proxy_nvme_loop", LOOP_FIELDS)
         self._queue = self.abi.packer("proxy_nvme_queue", QUEUE_FIELDS)
         self._queues_at = self.abi.offsetof("proxy_nvme_loop", "queues")
@@ -57,16 +56,13 @@ class NativeNvmeLoop:
 
     def close(self) -> None:
         self.dev.dma_free(self.block)
-        self.dev.dma_free(self.requests)
+        self.requests.free()
 
     def prepare(self, ns: Namespace, requests: Sequence[tuple[int, DmaBuffer]], blocks: int, depth: int,
                 queues: Sequence[QueuePair], opcode: int = Nvm.READ) -> Run:
         """Lay out ``requests`` (lba, buffer), request i for queue i % len(queues); the
         returned run completes them all and returns how many completed without error."""
-        if len(requests) * REQUEST.size > self.requests.size:
-            raise ValueError(f"{len(requests)} requests do not fit the native loop's list")
-        for i, (lba, buffer) in enumerate(requests):
-            REQUEST.pack_into(self.requests.view, i * REQUEST.size, lba, buffer.phys)
+        self.requests.fill(requests)
         self._loop.pack_into(self.block.view, self.abi.offsetof("proxy_nvme_loop", LOOP_FIELDS[0]),
                              self.requests.phys, 8_000_000, len(queues), ns.nsid, opcode, blocks, ns.sector_size,
                              len(requests), 0, 0)
@@ -96,17 +92,9 @@ class NativeNvmeLoop:
 
 
 def machine(stack: contextlib.ExitStack, accel: str, image: Path) -> tuple[ProxyMachine, str]:
-    """A machine whose NVMe namespace is on QEMU's io_uring backend where it has one (see bench ahci)."""
-    for aio in ("io_uring", "threads"):
-        spec = proxy_spec(accel=accel)
-        spec.nvme([{"file": str(image), "format": "raw", "aio": aio}])
-        try:
-            return stack.enter_context(ProxyMachine(spec, name="bench-nvme")), aio
-        except MachineError as exc:
-            if aio == "threads":
-                raise
-            log.warning("QEMU refused aio=io_uring (%s); the disk uses its thread pool", str(exc).splitlines()[0])
-    raise AssertionError("unreachable")
+    """A machine whose NVMe namespace is on the fastest disk backend QEMU has (see bench ahci)."""
+    return on_fastest_aio(stack, "bench-nvme",
+                          lambda aio: proxy_spec(accel=accel).nvme([{"file": str(image), "format": "raw", "aio": aio}]))
 
 
 def counted(pm: ProxyMachine, key: str) -> int:

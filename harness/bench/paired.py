@@ -31,6 +31,7 @@ from typing import Callable
 
 from ..errors import HarnessError
 from ..proxy import ProxyMachine
+from .stats import latencies_us, pct
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,8 @@ def clock_figures(pm: ProxyMachine, channel_calls: Callable[[], object], span: f
         log.warning("the guest's boot-time TSC rate (%.1f MHz) is %+.1f%% off the host's measurement "
                     "(%.1f MHz); no figure here depends on it", boot_hz / 1e6, 100 * (boot_hz / host_hz - 1),
                     host_hz / 1e6)
-    samples = []
-    for _ in range(200):
-        t0 = time.perf_counter_ns()
-        channel_calls()
-        samples.append(time.perf_counter_ns() - t0)
     return {"tsc_hz_boot": round(boot_hz), "tsc_hz_host": round(host_hz),
-            "native_call_us": round(statistics.median(samples) / 1000, 3)}
+            "native_call_us": round(pct(latencies_us(channel_calls, 200, budget_s=5), 0.5), 3)}
 
 
 class ForeignLoad:

@@ -13,6 +13,7 @@ hw/char/debugcon.c, hw/misc/debugexit.c, hw/input/pckbd.c, hw/rtc/mc146818rtc.c)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from .spec import MachineSpec
 
@@ -68,9 +69,10 @@ def legacy_devices(spec: MachineSpec) -> list[LegacyDevice]:
     return found
 
 
-def grantable(spec: MachineSpec, base: int, count: int) -> tuple[int, str]:
+def grantable(spec: MachineSpec, base: int, count: int, reserved: Sequence[str] = ()) -> tuple[int, str]:
     """Which of ports ``base .. base + count - 1`` belong to a legacy device of ``spec``:
-    a mask (bit n for port base + n), and when it is 0, why not, naming what the machine has."""
+    a mask (bit n for port base + n), and when it is 0, why not: the proxy's ``reserved``
+    reasons for the range where there are any, else what the machine has."""
     devices = legacy_devices(spec)
     mask = 0
     for device in devices:
@@ -79,6 +81,8 @@ def grantable(spec: MachineSpec, base: int, count: int) -> tuple[int, str]:
                 mask |= 1 << (port - base)
     if mask:
         return mask, ""
+    if reserved:
+        return 0, f"the proxy never grants {', '.join(reserved)}: their effects reach beyond one device"
     have = "; ".join(str(d) for d in devices) or "none"
     return 0, (f"ports {base:#x}-{base + count - 1:#x} belong to no legacy device of this machine "
                f"(it has: {have}); add the device to its spec")

@@ -156,10 +156,7 @@ class ProxyBus(Bus):
         """A channel granted those of the ports that belong to the machine's legacy devices
         (the rest of the range stays refused); AccessDenied, saying why, when none does."""
         what = f"open ports {base:#x}+{count}"
-        reserved = self.abi.reserved_ports(base, count)
-        mask, why = grantable(self.machine.spec, base, count)
-        if reserved and not mask:
-            why = f"the proxy never grants {', '.join(reserved)}: their effects reach beyond one device"
+        mask, why = grantable(self.machine.spec, base, count, self.abi.reserved_ports(base, count))
         if not mask:
             raise AccessDenied(f"{what}: {why}", self.abi.PROXY_STATUS_DENIED)
         index = self.admin.control(self.abi.PROXY_OP_OPEN_ISA, base, count, what, mask=mask)
