@@ -34,13 +34,13 @@ GUEST_PEER = 1
 class IvshmemServer:
     """Owns the shared memory and the eventfds of one machine's ivshmem-doorbell."""
 
-    def __init__(self, size: int, host_peer: int = 0, vectors: int = 1) -> None:
+    def __init__(self, size: int, host_peer: int = 0, vectors: int = 1, name: str = "hwharness-ivshmem") -> None:
         if size <= 0 or size & (size - 1):
             raise ValueError(f"ivshmem size must be a power of two, not {size}")
         self.size = size
         self.host_peer = host_peer
         self.vectors = vectors
-        self._memfd = os.memfd_create("hwharness-ivshmem", os.MFD_CLOEXEC)
+        self._memfd = os.memfd_create(name, os.MFD_CLOEXEC)
         os.ftruncate(self._memfd, size)
         self.memory = mmap.mmap(self._memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         # host_fds: the guest rings these (we read them); guest_fds: we write these to kick it.

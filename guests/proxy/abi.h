@@ -11,6 +11,14 @@
  *   0                       struct proxy_shared (control page, rings)
  *   PROXY_DMA_OFFSET        DMA pool, to the end of the window
  *
+ * A machine has one control window, held by the process that owns the
+ * machine, and up to PROXY_MAX_SLOTS driver slots: ivshmem devices of their
+ * own with the same layout, each handed to one driver process. A slot's
+ * channels use its rings 0..PROXY_SLOT_CHANNELS-1 and its devices' DMA
+ * domains lie in its own pool; only the control window's channel 0 may open
+ * and close channels (in any window). Before boot the host writes each
+ * slot's number into its `slot` field; the control window's is 0.
+ *
  * A ring is single-producer (host) single-consumer (guest): the host fills
  * entries[submit % PROXY_RING_ENTRIES ...], then advances `submit`; the
  * guest executes every entry in [served, submit), writes status, value and
@@ -29,12 +37,15 @@ typedef unsigned long long u64 __attribute__((aligned(8)));
 
 enum proxy_abi {
     PROXY_ABI_MAGIC = 0x48574858,   /* "XHWH" little-endian */
-    PROXY_ABI_VERSION = 8,
+    PROXY_ABI_VERSION = 9,
 };
 
 enum proxy_limits {
     PROXY_MAX_DEVICES = 32,
-    PROXY_MAX_CHANNELS = 8,         /* channel 0 is the admin channel */
+    PROXY_MAX_CHANNELS = 8,         /* rings of one window; the control window's channel 0 is the admin channel */
+    PROXY_MAX_SLOTS = 4,            /* driver slots: windows of their own, one per driver process */
+    PROXY_SLOT_CHANNELS = 4,        /* channels a driver slot serves: its rings 0..3 */
+    PROXY_TOTAL_CHANNELS = 24,      /* PROXY_MAX_CHANNELS + PROXY_MAX_SLOTS * PROXY_SLOT_CHANNELS */
     PROXY_RING_ENTRIES = 256,       /* a power of two */
     PROXY_MAX_BARS = 6,
     PROXY_MAX_CAPS = 12,
@@ -102,11 +113,14 @@ enum proxy_op {
     PROXY_OP_DMA_POLL = 13,         /* addr = guest-physical, inside the DMA pool: memory a device writes */
     /* admin channel only */
     PROXY_OP_OPEN_PCI = 32,         /* addr = bus << 8 | dev << 3 | fn, value = DMA domain base (IOVA),
-                                       mask = its size (0: none); value := channel */
+                                       mask = its size (0: none), expect = the window (0: control,
+                                       n: slot n); value := the channel's ring in that window */
     PROXY_OP_OPEN_ISA = 33,         /* addr = first port, value = count, mask = bit n grants port
-                                       addr + n (0: all of them); value := channel */
-    PROXY_OP_CLOSE = 34,            /* addr = channel */
+                                       addr + n (0: all of them), expect = the window; value := ring */
+    PROXY_OP_CLOSE = 34,            /* addr = ring, expect = the window */
     PROXY_OP_CRASH = 35,            /* value = PROXY_CRASH_MAGIC, addr = enum proxy_crash_kind */
+    PROXY_OP_SLOT_REVOKE = 36,      /* addr = slot: close every channel it holds */
+    PROXY_OP_SLOT_READY = 37,       /* addr = slot: publish its control page again (after the host cleared it) */
     /* interrupts, on the channel's own device */
     PROXY_OP_IRQ_ENABLE = 40,       /* addr = enum proxy_irq_mode; value = ISA IRQ bitmask for PROXY_IRQ_ISA,
                                        vectors (1..PROXY_IRQ_VECTORS; 0 means 1) for MSI-X, and
@@ -325,6 +339,8 @@ struct proxy_shared {
     u32 state;                      /* enum proxy_state */
     u32 guest_sleeping;             /* guest: "kick me before you wait" */
     u32 ndevices;
+    u32 slot;                       /* 0: the control window; n: driver slot n */
+    u64 heartbeat;                  /* a slot's driver counts here while it is alive (the supervisor watches) */
     u64 tsc_hz;                     /* guest TSC frequency, calibrated on the PIT */
     u64 window_size;                /* bytes of BAR2 */
     u64 window_phys;                /* guest-physical address of BAR2 */

@@ -61,7 +61,7 @@ static struct {
     u64 l3[512] PAGE;
     u64 l2[512] PAGE;
     u64 l1[L1_TABLES][512] PAGE;
-} tables[PROXY_MAX_CHANNELS];
+} tables[PROXY_TOTAL_CHANNELS];
 static u32 fault_records, fault_base;                   /* how many, and where (CAP.NFR, CAP.FRO) */
 static u32 iotlb;                                       /* the IOTLB invalidate register (ECAP.IRO) */
 static int on;

@@ -30,9 +30,9 @@ struct line {
 };
 
 static struct line lines[IOAPIC_PINS];
-static int channel_mode[PROXY_MAX_CHANNELS];
-static u32 channel_vectors[PROXY_MAX_CHANNELS]; /* MSI-X entries a channel took (MSI, INTx, ISA: 1) */
-static u32 channel_pins[PROXY_MAX_CHANNELS];    /* IOAPIC inputs a channel owns (INTx, ISA) */
+static int channel_mode[PROXY_TOTAL_CHANNELS];
+static u32 channel_vectors[PROXY_TOTAL_CHANNELS]; /* MSI-X entries a channel took (MSI, INTx, ISA: 1) */
+static u32 channel_pins[PROXY_TOTAL_CHANNELS];    /* IOAPIC inputs a channel owns (INTx, ISA) */
 volatile u32 kicks;
 
 static inline void irq_off(void) { asm volatile("cli" : : : "memory"); }
@@ -72,7 +72,7 @@ int lapic_in_service(u32 vector)
 }
 
 /* Channel c's vector v: its counter in shared memory, its IDT vector, its host doorbell. */
-static struct proxy_irq *slot(int c, u32 v) { return &shared->irqs[c * PROXY_IRQ_VECTORS + v]; }
+static struct proxy_irq *slot(int c, u32 v) { return proxy_irq_slot(c, v); }
 static u32 idt_vector(int c, u32 v) { return VEC_MSI_BASE + (u32)c * PROXY_IRQ_VECTORS + v; }
 
 static void record(int c, u32 v, u64 tsc)
@@ -88,7 +88,7 @@ void irq(struct trapframe *tf)
 {
     u64 tsc = rdtsc();                  /* first: this is "handler entry" */
     u32 v = (u32)tf->vector;
-    u64 woken = 0;                      /* host doorbells to ring, as bits */
+    u64 woken[2] = { 0, 0 };            /* channel vectors (c * PROXY_IRQ_VECTORS + v) whose waiter to wake */
     if (v == VEC_KICK) {
         kicks++;
         lapic_eoi();
@@ -108,22 +108,22 @@ void irq(struct trapframe *tf)
             shared->spurious_irqs++;
         } else {
             l->waiting = l->level ? l->owners : 0;
-            for (int c = 0; c < PROXY_MAX_CHANNELS; c++) {
+            for (int c = 0; c < PROXY_TOTAL_CHANNELS; c++) {
                 if (l->owners & (1u << c)) {
                     slot(c, 0)->masked = (u32)l->level;
                     record(c, 0, tsc);
-                    woken |= 1ull << (PROXY_DOORBELL_IRQ_BASE + c * PROXY_IRQ_VECTORS);
+                    woken[c * PROXY_IRQ_VECTORS / 64] |= 1ull << (c * PROXY_IRQ_VECTORS % 64);
                 }
             }
         }
         lapic_eoi();
-    } else if (v >= VEC_MSI_BASE && v < VEC_MSI_BASE + PROXY_MAX_CHANNELS * PROXY_IRQ_VECTORS
+    } else if (v >= VEC_MSI_BASE && v < VEC_MSI_BASE + PROXY_TOTAL_CHANNELS * PROXY_IRQ_VECTORS
                && (channel_mode[(v - VEC_MSI_BASE) / PROXY_IRQ_VECTORS] == PROXY_IRQ_MSI
                    || channel_mode[(v - VEC_MSI_BASE) / PROXY_IRQ_VECTORS] == PROXY_IRQ_MSIX)
                && (v - VEC_MSI_BASE) % PROXY_IRQ_VECTORS < channel_vectors[(v - VEC_MSI_BASE) / PROXY_IRQ_VECTORS]) {
         u32 n = v - VEC_MSI_BASE;
         record((int)(n / PROXY_IRQ_VECTORS), n % PROXY_IRQ_VECTORS, tsc);
-        woken |= 1ull << (PROXY_DOORBELL_IRQ_BASE + n);
+        woken[n / 64] |= 1ull << (n % 64);
         lapic_eoi();
     } else if (v == VEC_SPURIOUS || v == VEC_PIC_BASE + 7) {
         shared->spurious_irqs++;        /* LAPIC or 8259 spurious: no EOI */
@@ -134,9 +134,9 @@ void irq(struct trapframe *tf)
         shared->spurious_irqs++;        /* nobody asked for this vector */
         lapic_eoi();
     }
-    for (u32 bell = 0; woken; bell++, woken >>= 1)
-        if (woken & 1)
-            proxy_wake_host(bell);
+    for (u32 n = 0; n < PROXY_TOTAL_CHANNELS * PROXY_IRQ_VECTORS; n++)
+        if (woken[n / 64] >> (n % 64) & 1)
+            proxy_wake_irq((int)(n / PROXY_IRQ_VECTORS), n % PROXY_IRQ_VECTORS);
 }
 
 /* Channel c takes `n` vectors of `mode`: each reports its mode and IDT vector (or `line`). */
@@ -220,6 +220,8 @@ static int find_cap(const struct proxy_pci_device *d, u8 id)
  * message v into the data's low bits, and a channel's block of IDT vectors is
  * aligned to PROXY_IRQ_VECTORS, so message v lands on the channel's vector v.
  */
+_Static_assert(VEC_MSI_BASE + PROXY_TOTAL_CHANNELS * PROXY_IRQ_VECTORS <= VEC_SPURIOUS,
+               "every channel's vectors fit below the spurious vector");
 _Static_assert((VEC_MSI_BASE % PROXY_IRQ_VECTORS) == 0 && (PROXY_IRQ_VECTORS & (PROXY_IRQ_VECTORS - 1)) == 0,
                "multiple-message MSI needs each channel's vectors aligned to their count");
 

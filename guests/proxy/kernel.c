@@ -7,10 +7,11 @@ _Static_assert(sizeof(struct proxy_shared) <= PROXY_DMA_OFFSET, "control area ov
 _Static_assert(sizeof(struct proxy_request) == 64, "a request is one cache line");
 _Static_assert(PROXY_MAX_CHANNELS == 8 && __builtin_offsetof(struct proxy_shared, ring_posted) % 8 == 0,
                "the guest reads every ring's posted flag as one aligned word");
+_Static_assert(PROXY_TOTAL_CHANNELS == PROXY_MAX_CHANNELS + PROXY_MAX_SLOTS * PROXY_SLOT_CHANNELS
+               && PROXY_SLOT_CHANNELS <= PROXY_MAX_CHANNELS && PROXY_TOTAL_CHANNELS <= 32,
+               "channels are numbered across windows, and an IOAPIC line's owners are bits of a word");
 
 #define COM1 0x3f8
-#define IVSHMEM_VENDOR 0x1af4
-#define IVSHMEM_DEVICE 0x1110
 
 u64 tsc_hz;
 static struct proxy_pci_device devices[PROXY_MAX_DEVICES];
@@ -176,14 +177,6 @@ static u64 calibrate_tsc(void)
     return good[2] < lo ? lo : good[2] > hi ? hi : good[2];    /* the median */
 }
 
-static const struct proxy_pci_device *find_ivshmem(int n)
-{
-    for (int i = 0; i < n; i++)
-        if (devices[i].vendor == IVSHMEM_VENDOR && devices[i].device == IVSHMEM_DEVICE)
-            return &devices[i];
-    return NULL;
-}
-
 void kmain(void)
 {
     serial_init();
@@ -194,23 +187,8 @@ void kmain(void)
 
     int n = pci_enumerate(devices, PROXY_MAX_DEVICES);
     kprintf("proxy: %d pci functions\n", n);
-    const struct proxy_pci_device *ivshmem = find_ivshmem(n);
-    if (!ivshmem)
-        panic("kmain: no ivshmem-doorbell device");
-    const struct proxy_bar *bar2 = &ivshmem->bars[2];
-    if (bar2->base == 0 || bar2->base + bar2->size > 0x100000000ull)
-        panic("kmain: ivshmem BAR2 unassigned or above 4 GiB");
-    if (bar2->size < PROXY_DMA_OFFSET)
-        panic("kmain: ivshmem window smaller than the control area");
-
-    struct proxy_shared *window = (struct proxy_shared *)(unsigned long)bar2->base;
-    memcpy(window->devices, devices, sizeof(devices));
-    window->ndevices = (u32)n;
     irq_init();
     iommu_init();
-    if (pci_enable_msix(ivshmem, 0, VEC_KICK))
-        panic("kmain: ivshmem has no MSI-X capability");
-    proxy_init(window, devices, n, ivshmem);
-    kprintf("proxy: ready, window %lx size %lx\n", bar2->base, bar2->size);
+    proxy_init(devices, n);
     proxy_loop();
 }

@@ -72,9 +72,10 @@ u16 native_nvme(struct proxy_nvme_loop *p, const struct window *dma, u64 bar, vo
 /* proxy.c */
 extern struct proxy_shared *shared;
 void proxy_dma_fault(u32 source_id, u64 addr, int write, u8 reason, u64 tsc);
-void proxy_init(struct proxy_shared *window, const struct proxy_pci_device *table, int n,
-                const struct proxy_pci_device *ivshmem);
+void proxy_init(const struct proxy_pci_device *table, int n);
 void proxy_loop(void) __attribute__((noreturn));
-void proxy_wake_host(u32 vector);
+struct proxy_irq *proxy_irq_slot(int c, u32 v);
+void proxy_wake_irq(int c, u32 v);
+void proxy_crashed(void);
 
 #endif

@@ -4,12 +4,20 @@
  * Everything the host writes is untrusted: a request is copied out of the
  * ring before it is checked (so the host cannot change it between check and
  * use), and grants and the device table live in guest-private memory.
+ *
+ * Channels are numbered across windows: the control window's rings are
+ * channels 0..PROXY_MAX_CHANNELS-1, driver slot s's rings k are channel
+ * PROXY_MAX_CHANNELS + (s - 1) * PROXY_SLOT_CHANNELS + k. A driver process
+ * sees only its slot's window, so it can reach only what its channels hold.
  */
 #include "kernel.h"
+#include "vectors.h"
 
 #define READ_ONCE(x) (*(volatile __typeof__(x) *)&(x))
 #define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *)&(x) = (v))
 
+#define IVSHMEM_VENDOR 0x1af4
+#define IVSHMEM_DEVICE 0x1110
 #define IVSHMEM_DOORBELL 12
 #define PCI_CAP_ID_MSI 0x05
 #define PCI_CAP_ID_MSIX 0x11
@@ -32,12 +40,24 @@ struct channel {
     u32 served;                                 /* private copy; the ring's is only a report */
 };
 
-struct proxy_shared *shared;
+/* One ivshmem window: the control window (0) or driver slot n. */
+struct port {
+    struct proxy_shared *win;                   /* NULL: the machine has no such slot */
+    const struct proxy_pci_device *dev;         /* its ivshmem device: never granted */
+    u64 doorbell;
+};
+
+struct proxy_shared *shared;                    /* the control window */
 static const struct proxy_pci_device *devices;
 static int ndevices;
-static const struct proxy_pci_device *self;     /* our own ivshmem: never granted */
-static u64 doorbell;
-static struct channel channels[PROXY_MAX_CHANNELS];
+static struct port ports[1 + PROXY_MAX_SLOTS];
+static struct channel channels[PROXY_TOTAL_CHANNELS];
+
+static int port_of(int c) { return c < PROXY_MAX_CHANNELS ? 0 : 1 + (c - PROXY_MAX_CHANNELS) / PROXY_SLOT_CHANNELS; }
+static int ring_of(int c) { return c < PROXY_MAX_CHANNELS ? c : (c - PROXY_MAX_CHANNELS) % PROXY_SLOT_CHANNELS; }
+static int first_channel(int p) { return p ? PROXY_MAX_CHANNELS + (p - 1) * PROXY_SLOT_CHANNELS : 0; }
+static int nchannels(int p) { return p ? PROXY_SLOT_CHANNELS : PROXY_MAX_CHANNELS; }
+static struct proxy_shared *window_of(int c) { return ports[port_of(c)].win; }
 
 /* Ports no ISA channel may hold: abi.h says which and why. */
 static const u32 reserved_ports[] = {
@@ -84,29 +104,71 @@ static int any_overlap(const struct window *w, int n, u64 addr, u64 width)
  * channel's interrupts have their own vector (eventfd on the host), so one
  * waiter never swallows another's wake-up.
  */
-void proxy_wake_host(u32 vector)
+static void wake(const struct port *p, u32 vector)
 {
     mfence();                           /* our results before we read its flag */
-    if (doorbell && vector < PROXY_DOORBELL_VECTORS && READ_ONCE(shared->host_sleeping[vector]))
-        mmio_write32(doorbell, PROXY_HOST_PEER << 16 | vector);
+    if (p->win && vector < PROXY_DOORBELL_VECTORS && READ_ONCE(p->win->host_sleeping[vector]))
+        mmio_write32(p->doorbell, PROXY_HOST_PEER << 16 | vector);
+}
+
+/* Channel c's interrupt vector v: its counter, and the doorbell of whoever waits on it. */
+struct proxy_irq *proxy_irq_slot(int c, u32 v)
+{
+    return &window_of(c)->irqs[ring_of(c) * PROXY_IRQ_VECTORS + v];
+}
+
+void proxy_wake_irq(int c, u32 v)
+{
+    wake(&ports[port_of(c)], PROXY_DOORBELL_IRQ_BASE + (u32)ring_of(c) * PROXY_IRQ_VECTORS + v);
+}
+
+/* The proxy crashed (trap.c wrote the record into the control window): every window says so. */
+void proxy_crashed(void)
+{
+    for (int p = 0; p <= PROXY_MAX_SLOTS; p++) {
+        struct proxy_shared *w = ports[p].win;
+        if (!w)
+            continue;
+        if (w != shared)
+            memcpy(&w->crash, &shared->crash, sizeof(w->crash));
+        mfence();
+        w->state = PROXY_STATE_CRASHED;
+        for (u32 v = 0; v < PROXY_DOORBELL_VECTORS; v++)
+            wake(&ports[p], v);         /* whoever waits, on whatever */
+    }
 }
 
 /* ---- granting ---- */
 
-/* Channel c, cleared for a new owner: no grants, no faults of the last one's device. */
+/* Channel c, cleared for a new owner: no grants, no faults of the last one's device,
+ * nothing stale in its ring. */
 static struct channel *fresh_channel(int c)
 {
+    struct proxy_shared *w = window_of(c);
     memset(&channels[c], 0, sizeof(channels[c]));
-    memset(&shared->dma_faults[c], 0, sizeof(shared->dma_faults[c]));
+    memset(&w->dma_faults[ring_of(c)], 0, sizeof(w->dma_faults[0]));
+    channels[c].served = READ_ONCE(w->rings[ring_of(c)].submit);
+    WRITE_ONCE(w->rings[ring_of(c)].served, channels[c].served);
     return &channels[c];
 }
 
-static int free_channel(void)
+/* A free channel in window p (the control window's channel 0 is the admin's). */
+static int free_channel(int p)
 {
-    for (int c = 1; c < PROXY_MAX_CHANNELS; c++)
+    if (p < 0 || p > PROXY_MAX_SLOTS || !ports[p].win)
+        return -1;
+    for (int c = first_channel(p) + (p == 0); c < first_channel(p) + nchannels(p); c++)
         if (!channels[c].open)
             return c;
     return -1;
+}
+
+static int is_window_device(const struct proxy_pci_device *d)
+{
+    for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
+        if (ports[p].dev == d)
+            return 1;
+    return 0;
 }
 
 static void grant_config_fields(struct channel *ch, const struct proxy_pci_device *d)
@@ -128,27 +190,29 @@ static void grant_config_fields(struct channel *ch, const struct proxy_pci_devic
     }
 }
 
-/* Does [addr, addr + len) lie inside the DMA pool? Domains are carved from it. */
-static int in_pool(u64 addr, u64 len)
+/* Does [addr, addr + len) lie inside window p's DMA pool? Its domains are carved from it. */
+static int in_pool(int p, u64 addr, u64 len)
 {
-    u64 pool = shared->window_phys + PROXY_DMA_OFFSET, end = shared->window_phys + shared->window_size;
+    const struct proxy_bar *bar2 = &ports[p].dev->bars[2];
+    u64 pool = bar2->base + PROXY_DMA_OFFSET, end = bar2->base + bar2->size;
     return addr >= pool && addr <= end && len <= end - addr;
 }
 
-/* A device's DMA domain: whole pages of the pool that no open channel's domain overlaps. */
-static int valid_domain(u64 base, u64 size)
+/* A device's DMA domain: whole pages of window p's pool that no open channel's domain overlaps. */
+static int valid_domain(int p, u64 base, u64 size)
 {
     if (!size)
         return 1;
-    if (base % PROXY_DOMAIN_ALIGN || size % PROXY_DOMAIN_ALIGN || size > PROXY_DOMAIN_MAX || !in_pool(base, size))
+    if (base % PROXY_DOMAIN_ALIGN || size % PROXY_DOMAIN_ALIGN || size > PROXY_DOMAIN_MAX
+        || !in_pool(p, base, size))
         return 0;
-    for (int c = 1; c < PROXY_MAX_CHANNELS; c++)
+    for (int c = 1; c < PROXY_TOTAL_CHANNELS; c++)
         if (channels[c].open && channels[c].dma.size && overlaps(base, size, channels[c].dma.base, channels[c].dma.size))
             return 0;
     return 1;
 }
 
-static u16 open_pci(u64 bdf, u64 dma_base, u64 dma_size, u64 *out)
+static u16 open_pci(int p, u64 bdf, u64 dma_base, u64 dma_size, u64 *out)
 {
     const struct proxy_pci_device *d = NULL;
     for (int i = 0; i < ndevices; i++)
@@ -156,14 +220,14 @@ static u16 open_pci(u64 bdf, u64 dma_base, u64 dma_size, u64 *out)
             d = &devices[i];
     if (!d)
         return PROXY_STATUS_BAD_REQUEST;
-    if (d == self)
+    if (is_window_device(d))
         return PROXY_STATUS_DENIED;
-    for (int c = 1; c < PROXY_MAX_CHANNELS; c++)
+    for (int c = 1; c < PROXY_TOTAL_CHANNELS; c++)
         if (channels[c].open && channels[c].device == d)
             return PROXY_STATUS_DENIED;
-    if (!valid_domain(dma_base, dma_size))
+    if (!valid_domain(p, dma_base, dma_size))
         return PROXY_STATUS_BAD_REQUEST;
-    int c = free_channel();
+    int c = free_channel(p);
     if (c < 0)
         return PROXY_STATUS_FAULT;
     u16 st = iommu_map(c, d->bus, (u8)(d->dev << 3 | d->fn), dma_base, dma_size);
@@ -182,14 +246,12 @@ static u16 open_pci(u64 bdf, u64 dma_base, u64 dma_size, u64 *out)
             ch->mmio[ch->nmmio++] = (struct window){ b->base, b->size };
     }
     grant_config_fields(ch, d);
-    ch->served = READ_ONCE(shared->rings[c].submit);   /* anything already there is stale */
-    WRITE_ONCE(shared->rings[c].served, ch->served);
     ch->open = 1;
-    *out = (u64)c;
+    *out = (u64)ring_of(c);
     return PROXY_STATUS_OK;
 }
 
-static u16 open_isa(u64 base, u64 count, u64 grant, u64 *out)
+static u16 open_isa(int p, u64 base, u64 count, u64 grant, u64 *out)
 {
     if (count == 0 || count > PROXY_ISA_MAX_PORTS || base >= 0x10000 || base + count > 0x10000)
         return PROXY_STATUS_BAD_REQUEST;
@@ -207,23 +269,21 @@ static u16 open_isa(u64 base, u64 count, u64 grant, u64 *out)
             for (int b = 0; b < PROXY_MAX_BARS; b++)
                 if (devices[i].bars[b].is_io && overlaps(port, 1, devices[i].bars[b].base, devices[i].bars[b].size))
                     return PROXY_STATUS_DENIED;
-        for (int c = 1; c < PROXY_MAX_CHANNELS; c++) {
+        for (int c = 1; c < PROXY_TOTAL_CHANNELS; c++) {
             const struct channel *o = &channels[c];
             if (o->open && !o->device && port >= o->isa_base && port - o->isa_base < 64
                 && o->isa_ports >> (port - o->isa_base) & 1)
                 return PROXY_STATUS_DENIED;
         }
     }
-    int c = free_channel();
+    int c = free_channel(p);
     if (c < 0)
         return PROXY_STATUS_FAULT;
     struct channel *ch = fresh_channel(c);
     ch->isa_base = base;
     ch->isa_ports = grant;
-    ch->served = READ_ONCE(shared->rings[c].submit);
-    WRITE_ONCE(shared->rings[c].served, ch->served);
     ch->open = 1;
-    *out = (u64)c;
+    *out = (u64)ring_of(c);
     return PROXY_STATUS_OK;
 }
 
@@ -366,10 +426,10 @@ static void close_channel(struct channel *ch, int c)
 /* The IOMMU refused a DMA of device `source_id`: tell its channel (interrupts are off here). */
 void proxy_dma_fault(u32 source_id, u64 addr, int write, u8 reason, u64 tsc)
 {
-    for (int c = 1; c < PROXY_MAX_CHANNELS; c++) {
+    for (int c = 1; c < PROXY_TOTAL_CHANNELS; c++) {
         const struct proxy_pci_device *d = channels[c].device;
         if (channels[c].open && d && (u32)(d->bus << 8 | d->dev << 3 | d->fn) == source_id) {
-            struct proxy_dma_fault *f = &shared->dma_faults[c];
+            struct proxy_dma_fault *f = &window_of(c)->dma_faults[ring_of(c)];
             f->source_id = (u16)source_id;
             f->addr = addr;
             f->write = (u8)write;
@@ -383,19 +443,66 @@ void proxy_dma_fault(u32 source_id, u64 addr, int write, u8 reason, u64 tsc)
     shared->unowned_dma_faults++;
 }
 
+/* The channel of window p's ring k, if that is one a host may name (-1: not). */
+static int channel_at(u64 p, u64 k)
+{
+    if (p > PROXY_MAX_SLOTS || !ports[p].win || k >= (u64)nchannels((int)p) || (p == 0 && k == 0))
+        return -1;
+    return first_channel((int)p) + (int)k;
+}
+
+/* Publish window p's control page: what its holder reads before anything else. */
+static void publish(int p)
+{
+    struct proxy_shared *w = ports[p].win;
+    const struct proxy_bar *bar2 = &ports[p].dev->bars[2];
+    memcpy(w->devices, devices, sizeof(w->devices));
+    w->ndevices = (u32)ndevices;
+    w->slot = (u32)p;
+    w->tsc_hz = tsc_hz;
+    w->window_phys = bar2->base;
+    w->window_size = bar2->size;
+    w->dma_offset = PROXY_DMA_OFFSET;
+    w->iommu = (u32)iommu_present();
+    w->abi_version = PROXY_ABI_VERSION;
+    w->magic = PROXY_ABI_MAGIC;
+    mfence();
+    WRITE_ONCE(w->state, PROXY_STATE_READY);
+    mfence();
+}
+
 static u16 admin(int c, const struct proxy_request *rq, u64 *value)
 {
     if (c != 0)
         return PROXY_STATUS_DENIED;
+    int slot = rq->addr >= 1 && rq->addr <= PROXY_MAX_SLOTS && ports[rq->addr].win ? (int)rq->addr : 0;
     switch (rq->op) {
     case PROXY_OP_OPEN_PCI:
-        return open_pci(rq->addr, rq->value, rq->mask, value);
-    case PROXY_OP_OPEN_ISA:
-        return open_isa(rq->addr, rq->value, rq->mask, value);
-    case PROXY_OP_CLOSE:
-        if (rq->addr == 0 || rq->addr >= PROXY_MAX_CHANNELS || !channels[rq->addr].open)
+        if (rq->expect > PROXY_MAX_SLOTS || !ports[rq->expect].win)
             return PROXY_STATUS_BAD_REQUEST;
-        close_channel(&channels[rq->addr], (int)rq->addr);
+        return open_pci((int)rq->expect, rq->addr, rq->value, rq->mask, value);
+    case PROXY_OP_OPEN_ISA:
+        if (rq->expect > PROXY_MAX_SLOTS || !ports[rq->expect].win)
+            return PROXY_STATUS_BAD_REQUEST;
+        return open_isa((int)rq->expect, rq->addr, rq->value, rq->mask, value);
+    case PROXY_OP_CLOSE: {
+        int target = channel_at(rq->expect, rq->addr);
+        if (target < 0 || !channels[target].open)
+            return PROXY_STATUS_BAD_REQUEST;
+        close_channel(&channels[target], target);
+        return PROXY_STATUS_OK;
+    }
+    case PROXY_OP_SLOT_REVOKE:
+        if (!slot)
+            return PROXY_STATUS_BAD_REQUEST;
+        for (int t = first_channel(slot); t < first_channel(slot) + nchannels(slot); t++)
+            if (channels[t].open)
+                close_channel(&channels[t], t);
+        return PROXY_STATUS_OK;
+    case PROXY_OP_SLOT_READY:
+        if (!slot)
+            return PROXY_STATUS_BAD_REQUEST;
+        publish(slot);
         return PROXY_STATUS_OK;
     case PROXY_OP_CRASH:
         if (rq->value != PROXY_CRASH_MAGIC || rq->addr > PROXY_CRASH_PANIC)
@@ -425,7 +532,7 @@ static u16 interrupt_op(int c, const struct proxy_request *rq)
     case PROXY_OP_IRQ_ACK:
         return irq_ack(c);
     default:
-        if (shared->irqs[c * PROXY_IRQ_VECTORS].mode == PROXY_IRQ_NONE)
+        if (proxy_irq_slot(c, 0)->mode == PROXY_IRQ_NONE)
             return PROXY_STATUS_BAD_REQUEST;
         irq_disable(c, ch->device);
         return PROXY_STATUS_OK;
@@ -599,7 +706,8 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
 /* Execute everything the host has published on channel c. Returns whether there was any. */
 static int serve(int c)
 {
-    struct proxy_ring *r = &shared->rings[c];
+    struct proxy_shared *w = window_of(c);
+    struct proxy_ring *r = &w->rings[ring_of(c)];
     struct channel *ch = &channels[c];
     u32 submit = READ_ONCE(r->submit);
     if (submit == ch->served)
@@ -611,7 +719,7 @@ static int serve(int c)
     } else {
         u16 failed = 0;
         u32 served = ch->served;
-        u32 faults = READ_ONCE(shared->dma_faults[c].count);
+        u32 faults = READ_ONCE(w->dma_faults[ring_of(c)].count);
         u16 first = PROXY_STATUS_OK;
         if (c != 0 && faults != ch->faults_reported) {
             ch->faults_reported = faults;   /* told once, on the batch after the fault */
@@ -639,34 +747,83 @@ static int serve(int c)
         ch->served = served;
     }
     WRITE_ONCE(r->served, ch->served);
-    proxy_wake_host((u32)c);
+    wake(&ports[port_of(c)], (u32)ring_of(c));
     return 1;
 }
 
 static int pending(void)
 {
-    return READ_ONCE(*(volatile u64 *)shared->ring_posted) != 0;
+    for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
+        if (ports[p].win && READ_ONCE(*(volatile u64 *)ports[p].win->ring_posted))
+            return 1;
+    return 0;
 }
 
-void proxy_init(struct proxy_shared *window, const struct proxy_pci_device *table, int n,
-                const struct proxy_pci_device *ivshmem)
+static void set_sleeping(u32 asleep)
+{
+    for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
+        if (ports[p].win)
+            WRITE_ONCE(ports[p].win->guest_sleeping, asleep);
+}
+
+/* Serve every ring of window p that the host has posted to. */
+static int serve_port(int p)
+{
+    /* One word says which rings moved: under an emulating hypervisor each
+     * instruction costs microseconds, and looking at eight rings costs fifty.
+     * Each flag seen is cleared by a plain store before its ring's submit is
+     * read, so a later post sets it again. (Not one exchange of the word:
+     * TCG carries it out as a load and a store, which can swallow a post the
+     * host makes in between.) A slot's flags past its rings are cleared too:
+     * they are only garbage its driver wrote. */
+    struct proxy_shared *w = ports[p].win;
+    u64 posted = READ_ONCE(*(volatile u64 *)w->ring_posted);
+    int busy = 0;
+    for (int k = 0; posted; k++, posted >>= 8) {
+        if (!(posted & 0xFF))
+            continue;
+        WRITE_ONCE(w->ring_posted[k], 0);
+        mfence();
+        if (k < nchannels(p))
+            busy |= serve(first_channel(p) + k);
+    }
+    return busy;
+}
+
+/*
+ * Find the windows: every ivshmem-doorbell device, told apart by the slot
+ * number the host wrote into its window before boot (0: the control window).
+ * Each gets its MSI-X vector 0 for the host's kick.
+ */
+void proxy_init(const struct proxy_pci_device *table, int n)
 {
     devices = table;
     ndevices = n;
-    self = ivshmem;
-    doorbell = ivshmem->bars[0].base + IVSHMEM_DOORBELL;
+    for (int i = 0; i < n; i++) {
+        const struct proxy_pci_device *d = &table[i];
+        if (d->vendor != IVSHMEM_VENDOR || d->device != IVSHMEM_DEVICE)
+            continue;
+        const struct proxy_bar *bar2 = &d->bars[2];
+        if (bar2->base == 0 || bar2->base + bar2->size > 0x100000000ull)
+            panic("proxy_init: an ivshmem BAR2 unassigned or above 4 GiB");
+        if (bar2->size < PROXY_DMA_OFFSET)
+            panic("proxy_init: an ivshmem window smaller than the control area");
+        struct proxy_shared *w = (struct proxy_shared *)(unsigned long)bar2->base;
+        u32 p = READ_ONCE(w->slot);
+        if (p > PROXY_MAX_SLOTS || ports[p].win)
+            panic("proxy_init: an ivshmem window with a bad or repeated slot number");
+        if (pci_enable_msix(d, 0, VEC_KICK))
+            panic("proxy_init: an ivshmem device without MSI-X");
+        ports[p] = (struct port){ w, d, d->bars[0].base + IVSHMEM_DOORBELL };
+    }
+    if (!ports[0].win)
+        panic("proxy_init: no control window (an ivshmem-doorbell whose slot is 0)");
+    shared = ports[0].win;
     channels[0].open = 1;
-    shared = window;
-    shared->tsc_hz = tsc_hz;
-    shared->window_phys = ivshmem->bars[2].base;
-    shared->window_size = ivshmem->bars[2].size;
-    shared->dma_offset = PROXY_DMA_OFFSET;
-    shared->iommu = (u32)iommu_present();
-    shared->abi_version = PROXY_ABI_VERSION;
-    shared->magic = PROXY_ABI_MAGIC;
-    mfence();
-    WRITE_ONCE(shared->state, PROXY_STATE_READY);
-    mfence();
+    for (int p = PROXY_MAX_SLOTS; p >= 0; p--)       /* the control window last: READY means all are */
+        if (ports[p].win)
+            publish(p);
+    kprintf("proxy: ready, control window %lx size %lx\n", ports[0].dev->bars[2].base, ports[0].dev->bars[2].size);
 }
 
 /* Spin while there is work, then announce sleep, look once more, and halt until kicked. */
@@ -676,17 +833,10 @@ void proxy_loop(void)
     u64 idle_since = rdtsc();
     sti();                                  /* the loop runs with interrupts on: they are forwarded */
     for (u32 round = 1;; round++) {
-        /* One word says which rings moved: under an emulating hypervisor each
-         * instruction costs microseconds, and looking at eight rings costs fifty. */
         int busy = 0;
-        u64 posted = READ_ONCE(*(volatile u64 *)shared->ring_posted);
-        for (int c = 0; posted; c++, posted >>= 8) {
-            if (!(posted & 0xFF))
-                continue;
-            WRITE_ONCE(shared->ring_posted[c], 0);
-            mfence();                       /* cleared before submit is read: a later post sets it again */
-            busy |= serve(c);
-        }
+        for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
+            if (ports[p].win)
+                busy |= serve_port(p);
         if (busy) {
             idle_since = rdtsc();
             continue;
@@ -700,13 +850,13 @@ void proxy_loop(void)
             continue;
         /* Interrupts off between the last look and hlt: sti's shadow then covers hlt. */
         cli();
-        WRITE_ONCE(shared->guest_sleeping, 1);
+        set_sleeping(1);
         mfence();
         if (!pending())
             sti_hlt();
         else
             sti();
-        WRITE_ONCE(shared->guest_sleeping, 0);
+        set_sleeping(0);
         shared->kicks = kicks;
         idle_since = rdtsc();
     }

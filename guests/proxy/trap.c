@@ -104,11 +104,7 @@ void crash(const struct trapframe *tf, const char *msg)
                 c->message[i] = msg[i];
         }
         c->cr0 = rcr0(); c->cr2 = rcr2(); c->cr3 = rcr3(); c->cr4 = rcr4();
-        mfence();
-        shared->state = PROXY_STATE_CRASHED;
-        mfence();
-        for (u32 v = 0; v < PROXY_DOORBELL_VECTORS; v++)
-            proxy_wake_host(v);            /* whoever waits, on whatever */
+        proxy_crashed();
     }
     for (;;)
         asm volatile("cli; hlt");

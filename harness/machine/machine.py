@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import time
@@ -88,6 +89,7 @@ class Machine:
         self.workdir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.ivshmem: IvshmemServer | None = None
+        self.slots: list[IvshmemServer] = []      # driver slots' windows: slot n is slots[n - 1]
         self.console: Console | None = None
         self._qmp: QEMUMonitorProtocol | None = None
         self._qtest_listener: socket.socket | None = None
@@ -122,7 +124,8 @@ class Machine:
         self.endpoints = Endpoints(
             workdir=self.workdir, qmp=tag + "-qmp", serial=tag + "-serial", serial_log=self.workdir / "serial.log",
             ivshmem=tag + "-ivshmem" if self.spec.ivshmem_size else None,
-            qtest=tag + "-qtest" if self.spec.qtest else None)
+            qtest=tag + "-qtest" if self.spec.qtest else None,
+            slots=tuple(f"{tag}-slot{n}" for n in range(1, self.spec.slots + 1)))
         self.console = Console(self.endpoints.serial_log, self, self.console_rules, self.quiet)
         try:
             self._start(self.endpoints)
@@ -140,6 +143,12 @@ class Machine:
             assert self.spec.ivshmem_size
             self.ivshmem = IvshmemServer(self.spec.ivshmem_size, vectors=self.spec.ivshmem_vectors)
             self.ivshmem.listen(ends.ivshmem)
+        for n, address in enumerate(ends.slots, 1):
+            assert self.spec.slot_number_at is not None, "a slot's number goes where the guest looks for it"
+            slot = IvshmemServer(self.spec.slot_size, vectors=self.spec.ivshmem_vectors, name=f"hwharness-slot{n}")
+            struct.pack_into("<I", slot.memory, self.spec.slot_number_at, n)
+            slot.listen(address)
+            self.slots.append(slot)
         if ends.qtest:
             self._qtest_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             self._qtest_listener.bind(ends.qtest)
@@ -156,6 +165,8 @@ class Machine:
         deadline = time.monotonic() + self.launch_timeout
         if self.ivshmem:
             self._accept(lambda t: self.ivshmem.accept(t), deadline, "the ivshmem connection")  # type: ignore[union-attr]
+        for n, slot in enumerate(self.slots, 1):
+            self._accept(slot.accept, deadline, f"slot {n}'s ivshmem connection")
         if self._qtest_listener:
             self.qtest_socket = self._accept(self._accept_qtest, deadline, "the qtest connection")
         self.console.attach(self._accept(self._accept_serial, deadline, "the serial connection"))
@@ -247,6 +258,9 @@ class Machine:
         if self.ivshmem is not None:
             self.ivshmem.close()
             self.ivshmem = None
+        for slot in self.slots:
+            slot.close()
+        self.slots = []
         if self.workdir and self.workdir.exists():
             if self.failed or self.keep_artifacts:
                 self.log.warning("%s: artifacts kept in %s", self.name, self.workdir)

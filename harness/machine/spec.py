@@ -56,6 +56,9 @@ class MachineSpec:
     extra_args: list[str] = field(default_factory=list)
     ivshmem_size: int | None = None  # a power of two: the machine runs an ivshmem server
     ivshmem_vectors: int = 1         # doorbell vectors (eventfds) each side of it
+    slots: int = 0                   # driver slots: more ivshmem windows, one per driver process
+    slot_size: int = 32 << 20        # each slot's window, a power of two
+    slot_number_at: int | None = None    # where in a slot's window its number goes before boot
     start_stopped: bool = False      # -S: the CPU waits (qtest)
     qtest: bool = False              # a qtest server on a private socket
     guest_elf: Path | None = None    # the kernel's ELF with symbols, when `kernel` is a stripped copy
@@ -109,6 +112,7 @@ class Endpoints:
     serial_log: Path                 # where the harness logs what the guest printed
     ivshmem: str | None = None
     qtest: str | None = None
+    slots: tuple[str, ...] = ()      # each driver slot's ivshmem server
 
 
 def _abstract(name: str) -> dict[str, object]:
@@ -136,6 +140,11 @@ def build_argv(spec: MachineSpec, accel: str, ends: Endpoints, incoming: Path | 
         runtime += [
             Option("chardev", "socket", {"id": "hwh-ivshmem", **_abstract(ends.ivshmem)}),
             Option("device", "ivshmem-doorbell", {"chardev": "hwh-ivshmem", "vectors": spec.ivshmem_vectors}),
+        ]
+    for n, address in enumerate(ends.slots, 1):     # after the control window: QEMU connects in this order
+        runtime += [
+            Option("chardev", "socket", {"id": f"hwh-slot{n}", **_abstract(address)}),
+            Option("device", "ivshmem-doorbell", {"chardev": f"hwh-slot{n}", "vectors": spec.ivshmem_vectors}),
         ]
     if ends.qtest is not None:
         # QEMU 7.2 looks the qtest chardev up by the fixed id "qtest" (qtest_server_init).

@@ -18,7 +18,7 @@ from elftools.elf.elffile import ELFFile
 
 from ..errors import AbiError
 
-HOST_ABI_VERSION = 8
+HOST_ABI_VERSION = 9
 
 
 @dataclass(frozen=True)

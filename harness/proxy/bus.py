@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +20,7 @@ from .channel import ProxyChannel
 from .clock import GuestClock
 from .dma import DmaPool
 from .guest import guest_elf
+from .slots import Slot
 from .window import SharedWindow
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ IOMMU_ENV = "HWHARNESS_IOMMU"      # "0": machines without the IOMMU, by default
 WINDOW_SIZE = 64 << 20
 DOMAIN_SIZE = 4 << 20       # each opened device's DMA memory unless it asks for another size
 DOMAIN_ALIGN = 64 << 10
+DRIVER_SLOTS = 4            # driver slots a proxy machine has unless asked otherwise
+SLOT_SIZE = 32 << 20        # each slot's window: room for a 16 MiB domain and more
 
 
 def __getattr__(name: str) -> Any:
@@ -42,13 +46,16 @@ def boot_image(elf: Path) -> Path:
 
 
 def proxy_spec(elf: Path | None = None, accel: str = "auto", memory_mb: int = 128,
-               window_size: int = WINDOW_SIZE, iommu: bool | None = None) -> MachineSpec:
+               window_size: int = WINDOW_SIZE, iommu: bool | None = None, slots: int = DRIVER_SLOTS) -> MachineSpec:
     """A machine that boots the proxy guest with its shared window; add devices to taste.
     ``elf`` defaults to the guest built from the current sources (see :mod:`.guest`).
 
     With ``iommu`` (the default, unless the environment has HWHARNESS_IOMMU=0) the machine
     has an Intel VT-d, and the proxy confines every device's DMA to that device's own
-    domain; without, DMA is not confined."""
+    domain; without, DMA is not confined.
+
+    ``slots``: driver slots, each a window of its own (``SLOT_SIZE``) that one driver
+    process may attach to (:mod:`harness.proxy.control`)."""
     elf = elf or guest_elf()
     if iommu is None:
         iommu = os.environ.get(IOMMU_ENV, "1") != "0"
@@ -56,28 +63,28 @@ def proxy_spec(elf: Path | None = None, accel: str = "auto", memory_mb: int = 12
     if not boot_image(elf).exists():
         raise AbiError(f"{boot_image(elf)} is missing beside {elf}: its build did not finish")
     spec = MachineSpec(kernel=boot_image(elf), accel=accel, memory_mb=memory_mb, ivshmem_size=window_size,
-                       ivshmem_vectors=abi.PROXY_DOORBELL_VECTORS, iommu=iommu)
+                       ivshmem_vectors=abi.PROXY_DOORBELL_VECTORS, iommu=iommu, slots=slots,
+                       slot_size=SLOT_SIZE, slot_number_at=abi.offsetof("proxy_shared", "slot"))
+    if not 0 <= slots <= abi.PROXY_MAX_SLOTS:
+        raise ValueError(f"a machine has 0 to {abi.PROXY_MAX_SLOTS} driver slots, not {slots}")
     spec.guest_elf = elf
     return spec
 
 
-class ProxyBus(Bus):
-    """PCI functions as the proxy enumerated them, and channels through it."""
+class WindowBus(Bus):
+    """What every holder of a window has: the device table the proxy published in it,
+    channels on its rings, and DMA domains in its pool. The owner's control window
+    (:class:`ProxyBus`) and a driver process's slot (:class:`harness.proxy.attached.AttachedBus`)."""
 
-    def __init__(self, machine: Machine, abi: Abi, ready_timeout: float = 60.0) -> None:
-        self.machine = machine
-        self.abi = abi
-        self.window = SharedWindow(machine, abi)
+    def __init__(self, window: SharedWindow, ready_timeout: float = 60.0) -> None:
+        self.window = window
+        self.abi = window.abi
         self.window.wait_ready(ready_timeout)
-        self.admin = self._new_channel(0, "admin")
         self._functions = tuple(self._read_device_table())
         self.tsc_hz = self.window.field("tsc_hz")
         self._open: dict[int, ProxyChannel] = {}
         self._dma_view = memoryview(self.window.mem)
         self._window_phys = self.window.field("window_phys")
-        # The pool, carved into one domain per opened device.
-        self.dma = DmaPool(self._dma_view, self._window_phys, self.window.field("dma_offset"),
-                           self.window.field("window_size"))
         self.iommu = bool(self.window.field("iommu"))
 
     def _new_channel(self, index: int, name: str, domain: DmaPool | None = None) -> ProxyChannel:
@@ -89,6 +96,16 @@ class ProxyBus(Bus):
         ch = TracedChannel(self, index, name, tracer, domain)
         if domain is not None:
             domain.observer = lambda phys, size, freed: tracer.dma(ch, phys, size, freed=freed)
+        return ch
+
+    def _opened(self, index: int, name: str, domain_base: int = 0, domain_size: int = 0) -> ProxyChannel:
+        """The channel the proxy granted on ring ``index``, lending from its domain (if any)."""
+        domain = None
+        if domain_size:
+            start = domain_base - self._window_phys
+            domain = DmaPool(self._dma_view, self._window_phys, start, start + domain_size)
+        ch = self._new_channel(index, name, domain)
+        self._open[index] = ch
         return ch
 
     def _read_device_table(self) -> list[PciFunction]:
@@ -110,68 +127,122 @@ class ProxyBus(Bus):
     def functions(self) -> Sequence[PciFunction]:
         return self._functions
 
-    def _admin(self, op: int, addr: int, value: int, what: str) -> int:
-        return self.admin.control(op, addr, value, what)
+    def check_domain_size(self, function: object, dma_size: int | None) -> int:
+        dma_size = DOMAIN_SIZE if dma_size is None else dma_size
+        limit = self.abi.PROXY_DOMAIN_MAX
+        if not 0 <= dma_size <= limit or dma_size % self.abi.PROXY_DOMAIN_ALIGN:
+            raise ValueError(f"{function}: a DMA domain is whole 4 KiB pages, at most {limit >> 20} MiB, "
+                             f"not {dma_size} bytes")
+        return dma_size
 
-    @property
-    def spurious_irqs(self) -> int:
-        """Interrupts the guest took that no channel owned, plus LAPIC and 8259 spurious ones."""
-        return int(self.window.field("spurious_irqs"))
+    def close(self) -> None:
+        for ch in list(self._open.values()):
+            try:
+                ch.close()
+            except Exception as exc:    # a crashed or dead guest cannot take its grants back
+                log.debug("closing %r: %s", ch, exc)
+        self._dma_view.release()
+        self.window.release()
+
+
+class ProxyBus(WindowBus):
+    """The machine owner's bus: the control window, its admin channel, and the grants of
+    every window (its own channels, and those of the driver slots it lends out)."""
+
+    def __init__(self, machine: Machine, abi: Abi, ready_timeout: float = 60.0) -> None:
+        assert machine.ivshmem is not None, "the machine has no ivshmem server"
+        self.machine = machine
+        super().__init__(SharedWindow(machine.ivshmem, abi, machine), ready_timeout)
+        self.admin = self._new_channel(0, "admin")
+        self._admin_lock = threading.Lock()     # the admin ring serves the owner and its slot server
+        # The pool, carved into one domain per opened device.
+        self.dma = DmaPool(self._dma_view, self._window_phys, self.window.field("dma_offset"),
+                           self.window.field("window_size"))
+        self.slots = [Slot(n, handles, SharedWindow(handles, abi, machine))
+                      for n, handles in enumerate(machine.slots, 1)]
 
     @functools.cached_property
     def clock(self) -> GuestClock:
         """Guest TSC → host perf_counter_ns, from the admin channel; call ``clock.calibrate()`` to refine."""
         return GuestClock(self.admin, self.tsc_hz)
 
-    def open_channel(self, function: PciFunction, dma_size: int | None = None) -> ProxyChannel:
-        """A channel to ``function`` with a DMA domain of ``dma_size`` bytes (default
-        ``DOMAIN_SIZE``; 0: the device may not DMA at all)."""
-        dma_size = DOMAIN_SIZE if dma_size is None else dma_size
-        limit = self.abi.PROXY_DOMAIN_MAX
-        if not 0 <= dma_size <= limit or dma_size % self.abi.PROXY_DOMAIN_ALIGN:
-            raise ValueError(f"{function}: a DMA domain is whole 4 KiB pages, at most {limit >> 20} MiB, "
-                             f"not {dma_size} bytes")
-        domain = None
+    def _admin(self, op: int, addr: int, value: int, what: str, mask: int = 0, window: int = 0) -> int:
+        with self._admin_lock:
+            (status, result), = self.admin.submit([(op, 0, 0, 0, addr, value, mask, window)], what=what)
+        if status != self.abi.PROXY_STATUS_OK:
+            self.admin._raise(what, status, result)
+        return result
+
+    @property
+    def spurious_irqs(self) -> int:
+        """Interrupts the guest took that no channel owned, plus LAPIC and 8259 spurious ones."""
+        return int(self.window.field("spurious_irqs"))
+
+    # ---- grants, in any window ----
+
+    def grant_pci(self, function: PciFunction, dma_size: int | None = None, slot: int = 0) -> tuple[int, int, int]:
+        """Open ``function`` on a ring of window ``slot`` (0: our own) with a DMA domain of
+        ``dma_size`` bytes from that window's pool; returns (ring, domain base, domain size)."""
+        dma_size = self.check_domain_size(function, dma_size)
+        pool = self.slots[slot - 1].pool if slot else self.dma
+        base = 0
         if dma_size:
             try:
-                piece = self.dma.alloc(dma_size, DOMAIN_ALIGN)
+                base = pool.alloc(dma_size, DOMAIN_ALIGN).phys
             except MemoryError as exc:
                 raise MemoryError(f"{function}: no room for a {dma_size >> 10} KiB DMA domain in the shared "
-                                  f"window ({self.dma.free_bytes >> 10} KiB free); close a device or ask for "
+                                  f"window ({pool.free_bytes >> 10} KiB free); close a device or ask for "
                                   f"less (open(..., dma_size=...))") from exc
-            start = piece.phys - self._window_phys
-            domain = DmaPool(self._dma_view, self._window_phys, start, start + dma_size)
         try:
-            index = self.admin.control(self.abi.PROXY_OP_OPEN_PCI, function.devfn,
-                                       domain.base if domain else 0, f"open {function}", mask=dma_size)
+            ring = self._admin(self.abi.PROXY_OP_OPEN_PCI, function.devfn, base, f"open {function}",
+                               mask=dma_size, window=slot)
         except BaseException:
-            if domain:
-                self.dma.free_at(domain.base)
+            if base:
+                pool.free_at(base)
             raise
-        ch = self._new_channel(index, str(function), domain)
-        self._open[index] = ch
-        return ch
+        return ring, base, dma_size
 
-    def open_ports(self, base: int, count: int) -> ProxyChannel:
-        """A channel granted those of the ports that belong to the machine's legacy devices
-        (the rest of the range stays refused); AccessDenied, saying why, when none does."""
+    def grant_ports(self, base: int, count: int, slot: int = 0) -> int:
+        """Open those of the ports that belong to the machine's legacy devices on a ring of
+        window ``slot`` (the rest of the range stays refused); AccessDenied, saying why, when none does."""
         what = f"open ports {base:#x}+{count}"
         mask, why = grantable(self.machine.spec, base, count, self.abi.reserved_ports(base, count))
         if not mask:
             raise AccessDenied(f"{what}: {why}", self.abi.PROXY_STATUS_DENIED)
-        index = self.admin.control(self.abi.PROXY_OP_OPEN_ISA, base, count, what, mask=mask)
-        ch = self._new_channel(index, f"ports {base:#x}+{count}")
-        self._open[index] = ch
-        return ch
+        return self._admin(self.abi.PROXY_OP_OPEN_ISA, base, count, what, mask=mask, window=slot)
+
+    def revoke(self, ring: int, domain_base: int = 0, slot: int = 0) -> None:
+        """Close a ring's channel (the proxy turns bus mastering off and unmaps its domain),
+        then take the domain's memory back."""
+        if self.window.state == self.abi.PROXY_STATE_READY and self.machine.alive():
+            self._admin(self.abi.PROXY_OP_CLOSE, ring, 0, f"close ring {ring} of window {slot}", window=slot)
+        if domain_base:
+            (self.slots[slot - 1].pool if slot else self.dma).free_at(domain_base)
+
+    def reset_slot(self, slot: int) -> None:
+        """Take everything back from a slot whose driver is gone: its channels are closed (no
+        interrupts, no bus mastering, domains unmapped), its window is cleared, and the proxy
+        publishes it afresh, ready for the next driver."""
+        s = self.slots[slot - 1]
+        self._admin(self.abi.PROXY_OP_SLOT_REVOKE, slot, 0, f"revoke slot {slot}")
+        s.clear()
+        self._admin(self.abi.PROXY_OP_SLOT_READY, slot, 0, f"publish slot {slot}")
+        s.window.wait_ready(10.0)
+
+    # ---- our own channels ----
+
+    def open_channel(self, function: PciFunction, dma_size: int | None = None) -> ProxyChannel:
+        """A channel to ``function`` with a DMA domain of ``dma_size`` bytes (default
+        ``DOMAIN_SIZE``; 0: the device may not DMA at all)."""
+        ring, base, size = self.grant_pci(function, dma_size)
+        return self._opened(ring, str(function), base, size)
+
+    def open_ports(self, base: int, count: int) -> ProxyChannel:
+        return self._opened(self.grant_ports(base, count), f"ports {base:#x}+{count}")
 
     def close_channel(self, ch: ProxyChannel) -> None:
-        """Revoke the channel (the proxy turns bus mastering off and unmaps its domain), then
-        take the domain's memory back."""
         self._open.pop(ch.index, None)
-        if self.window.state == self.abi.PROXY_STATE_READY and self.machine.alive():
-            self._admin(self.abi.PROXY_OP_CLOSE, ch.index, 0, f"close {ch!r}")
-        if isinstance(ch.domain, DmaPool):
-            self.dma.free_at(ch.domain.base)
+        self.revoke(ch.index, ch.domain.base if isinstance(ch.domain, DmaPool) else 0)
 
     def crash(self, kind: str = "INVALID_OPCODE") -> None:
         """Make the guest take a real CPU exception (for testing crash reports); raises GuestCrash."""
@@ -180,14 +251,10 @@ class ProxyBus(Bus):
         raise ProxyError(f"crash {kind}", 0)   # not reached: the guest is gone
 
     def close(self) -> None:
-        for ch in list(self._open.values()):
-            try:
-                ch.close()
-            except Exception as exc:    # a crashed or dead guest cannot take its grants back
-                log.debug("closing %r: %s", ch, exc)
+        super().close()
         self.admin.closed = True
-        self._dma_view.release()
-        self.window.release()
+        for s in self.slots:
+            s.window.release()
 
 
 class ProxyMachine(BootedMachine[ProxyBus]):

@@ -28,12 +28,30 @@ import os
 import select
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
 from ..errors import GuestCrash, HarnessError, MachineError, ProxyUnresponsive
 from ..guestelf import load_elf, render_crash
-from ..machine import Machine
 from .abi import Abi
+
+
+class WindowHandles(Protocol):
+    """What a holder of one ivshmem window has: its mapping and its eventfds
+    (an IvshmemServer in the owner; what the owner lent, in a driver process)."""
+
+    memory: Any                         # the mmap
+    host_fds: Sequence[int]             # the guest rings these: we wait on them
+
+    def kick_guest(self, vector: int = 0) -> None: ...
+
+
+class Liveness(Protocol):
+    """Whether the machine behind a window still runs (a Machine, or its owner seen from afar)."""
+
+    argv: list[str]
+    console: Any
+
+    def check_alive(self) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +62,11 @@ SLEEP_SLICE = 0.01      # longest single sleep; then liveness is checked again
 class SharedWindow:
     """Typed views of the ivshmem window plus the notification protocol."""
 
-    def __init__(self, machine: Machine, abi: Abi) -> None:
-        assert machine.ivshmem is not None, "the machine has no ivshmem server"
+    def __init__(self, handles: WindowHandles, abi: Abi, machine: Liveness) -> None:
         self.machine = machine
         self.abi = abi
-        self.ivshmem = machine.ivshmem
-        self.mem = machine.ivshmem.memory
+        self.ivshmem = handles
+        self.mem = handles.memory
         self.u16 = memoryview(self.mem).cast("H")
         self.u32 = memoryview(self.mem).cast("I")
         self.u64 = memoryview(self.mem).cast("Q")
@@ -58,6 +75,7 @@ class SharedWindow:
         self.magic_idx = off("magic") // 4
         self.guest_sleeping_idx = off("guest_sleeping") // 4
         self.host_sleeping_off = off("host_sleeping")          # a byte per doorbell vector
+        self.heartbeat_idx = off("heartbeat") // 8
         self.rings_off = off("rings")
         self.ring_size = abi.sizeof("proxy_ring")
         self._fence = threading.Lock()   # a locked instruction: the full fence Python lacks

@@ -1,0 +1,45 @@
+"""Driver slots as the machine's owner sees them.
+
+A slot is an ivshmem window of its own (its own memfd and eventfds, served
+by the harness) that the owner lends to one driver process at a time
+(:mod:`.control`). The proxy serves the rings in it, and the DMA domains of
+the devices opened into it lie in its pool, so a driver process holding only
+this window cannot reach another slot, the control window or the proxy.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+from ..ivshmem import IvshmemServer
+from .dma import DmaPool
+from .window import SharedWindow
+
+
+class Slot:
+    """Slot ``n``: its window (the owner maps every slot) and the pool its domains come from."""
+
+    def __init__(self, n: int, handles: IvshmemServer, window: SharedWindow) -> None:
+        self.n = n
+        self.handles = handles
+        self.window = window
+        self.pool = self._fresh_pool()
+
+    def _fresh_pool(self) -> DmaPool:
+        w = self.window
+        return DmaPool(memoryview(w.mem), w.field("window_phys"), w.field("dma_offset"), w.field("window_size"))
+
+    @property
+    def heartbeat(self) -> int:
+        """What the slot's driver has counted so far (0 until it beats)."""
+        return int(self.window.u64[self.window.heartbeat_idx])
+
+    def clear(self) -> None:
+        """Every byte of the window back to zero, and every domain free. Dropping the pages
+        (a hole punched in the memfd) is instant and gives their memory back; QEMU's and
+        any other mapping see zeroes from then on."""
+        self.handles.memory.madvise(mmap.MADV_REMOVE)
+        self.pool = self._fresh_pool()
+
+    def __repr__(self) -> str:
+        return f"<Slot {self.n}>"
