@@ -136,6 +136,11 @@ class ImageMissing(HarnessError):
     """A guest image has not been built; the message says how to build it."""
 
 
+class AttachRefused(HarnessError):
+    """The machine's owner would not lend it: the device is held by another process,
+    every driver slot is taken, or the asking process is not the owner's user."""
+
+
 class AbiError(HarnessError):
     """The guest ELF is missing, unreadable, or of a different ABI version."""
 

@@ -77,6 +77,11 @@ class IvshmemServer:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))] if fd is not None else []
         self._client.sendmsg([struct.pack("<q", value)], ancillary)
 
+    def lendable_fds(self) -> list[int]:
+        """What a driver process needs to hold this window: the memory, the eventfds the
+        guest rings (to wait on), and the one that kicks the guest."""
+        return [self._memfd, *self.host_fds, self.guest_fds[0]]
+
     def kick_guest(self, vector: int = 0) -> None:
         """Raise MSI-X `vector` in the guest."""
         os.eventfd_write(self.guest_fds[vector], 1)

@@ -664,7 +664,7 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
     if (!kind) {                                /* not an access: control and the baselines */
         if (op == PROXY_OP_NOP)
             return PROXY_STATUS_OK;
-        if (op >= PROXY_OP_OPEN_PCI && op <= PROXY_OP_CRASH)
+        if (op >= PROXY_OP_OPEN_PCI && op <= PROXY_OP_SLOT_READY)
             return admin(c, rq, value);
         if (op >= PROXY_OP_IRQ_ENABLE && op <= PROXY_OP_IRQ_DISABLE)
             return interrupt_op(c, rq);

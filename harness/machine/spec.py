@@ -115,6 +115,9 @@ class Endpoints:
     slots: tuple[str, ...] = ()      # each driver slot's ivshmem server
 
 
+SLOT_PCI_BASE = 0x18        # driver slot n's ivshmem sits at 00:(0x18 + n - 1).0
+
+
 def _abstract(name: str) -> dict[str, object]:
     return {"path": name.lstrip("\0"), "abstract": True}
 
@@ -142,9 +145,10 @@ def build_argv(spec: MachineSpec, accel: str, ends: Endpoints, incoming: Path | 
             Option("device", "ivshmem-doorbell", {"chardev": "hwh-ivshmem", "vectors": spec.ivshmem_vectors}),
         ]
     for n, address in enumerate(ends.slots, 1):     # after the control window: QEMU connects in this order
-        runtime += [
+        runtime += [        # at PCI slots of their own, out of the way of devices the spec places
             Option("chardev", "socket", {"id": f"hwh-slot{n}", **_abstract(address)}),
-            Option("device", "ivshmem-doorbell", {"chardev": f"hwh-slot{n}", "vectors": spec.ivshmem_vectors}),
+            Option("device", "ivshmem-doorbell", {"chardev": f"hwh-slot{n}", "vectors": spec.ivshmem_vectors,
+                                                  "addr": f"{SLOT_PCI_BASE + n - 1:#x}"}),
         ]
     if ends.qtest is not None:
         # QEMU 7.2 looks the qtest chardev up by the fixed id "qtest" (qtest_server_init).

@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import tracing
 from ..access import Bar, Bus, PciFunction
@@ -22,6 +22,9 @@ from .dma import DmaPool
 from .guest import guest_elf
 from .slots import Slot
 from .window import SharedWindow
+
+if TYPE_CHECKING:
+    from .control import ControlServer
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +163,7 @@ class ProxyBus(WindowBus):
                            self.window.field("window_size"))
         self.slots = [Slot(n, handles, SharedWindow(handles, abi, machine))
                       for n, handles in enumerate(machine.slots, 1)]
+        self.owned: dict[int, int] = {}         # our own channels' rings -> the devfn each holds
 
     @functools.cached_property
     def clock(self) -> GuestClock:
@@ -219,12 +223,16 @@ class ProxyBus(WindowBus):
         if domain_base:
             (self.slots[slot - 1].pool if slot else self.dma).free_at(domain_base)
 
-    def reset_slot(self, slot: int) -> None:
-        """Take everything back from a slot whose driver is gone: its channels are closed (no
-        interrupts, no bus mastering, domains unmapped), its window is cleared, and the proxy
-        publishes it afresh, ready for the next driver."""
-        s = self.slots[slot - 1]
+    def revoke_slot(self, slot: int) -> None:
+        """Take back everything slot ``slot`` holds: its channels close (no interrupts, no
+        bus mastering, domains unmapped and invalidated), and its domains are free."""
         self._admin(self.abi.PROXY_OP_SLOT_REVOKE, slot, 0, f"revoke slot {slot}")
+        self.slots[slot - 1].reset_pool()
+
+    def renew_slot(self, slot: int) -> None:
+        """Clear slot ``slot``'s window and have the proxy publish it afresh, for the next
+        driver. Only once nobody maps it any more: the last driver's process has exited."""
+        s = self.slots[slot - 1]
         s.clear()
         self._admin(self.abi.PROXY_OP_SLOT_READY, slot, 0, f"publish slot {slot}")
         s.window.wait_ready(10.0)
@@ -235,6 +243,7 @@ class ProxyBus(WindowBus):
         """A channel to ``function`` with a DMA domain of ``dma_size`` bytes (default
         ``DOMAIN_SIZE``; 0: the device may not DMA at all)."""
         ring, base, size = self.grant_pci(function, dma_size)
+        self.owned[ring] = function.devfn
         return self._opened(ring, str(function), base, size)
 
     def open_ports(self, base: int, count: int) -> ProxyChannel:
@@ -242,6 +251,7 @@ class ProxyBus(WindowBus):
 
     def close_channel(self, ch: ProxyChannel) -> None:
         self._open.pop(ch.index, None)
+        self.owned.pop(ch.index, None)
         self.revoke(ch.index, ch.domain.base if isinstance(ch.domain, DmaPool) else 0)
 
     def crash(self, kind: str = "INVALID_OPCODE") -> None:
@@ -263,6 +273,7 @@ class ProxyMachine(BootedMachine[ProxyBus]):
     def __init__(self, spec: MachineSpec, **machine_args: Any) -> None:
         assert spec.guest_elf is not None and spec.ivshmem_size, "use proxy_spec() to build the spec"
         self.abi = load_abi(spec.guest_elf)
+        self.control: ControlServer | None = None
         super().__init__(spec, **machine_args)
 
     def attach(self, machine: Machine) -> ProxyBus:
@@ -271,3 +282,17 @@ class ProxyMachine(BootedMachine[ProxyBus]):
     def __enter__(self) -> "ProxyMachine":
         super().__enter__()
         return self
+
+    def serve(self, address: str | None = None) -> "ControlServer":
+        """Let other processes attach to this machine's driver slots (``harness.attach``);
+        the server stops when the machine does."""
+        from .control import ControlServer
+        if self.control is None:
+            self.control = ControlServer(self.bus, address)
+        return self.control
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        super().close()

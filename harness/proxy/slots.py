@@ -34,12 +34,15 @@ class Slot:
         """What the slot's driver has counted so far (0 until it beats)."""
         return int(self.window.u64[self.window.heartbeat_idx])
 
-    def clear(self) -> None:
-        """Every byte of the window back to zero, and every domain free. Dropping the pages
-        (a hole punched in the memfd) is instant and gives their memory back; QEMU's and
-        any other mapping see zeroes from then on."""
-        self.handles.memory.madvise(mmap.MADV_REMOVE)
+    def reset_pool(self) -> None:
+        """Every domain free (once the proxy has unmapped them)."""
         self.pool = self._fresh_pool()
+
+    def clear(self) -> None:
+        """Every byte of the window back to zero. Dropping the pages (a hole punched in the
+        memfd) is instant and gives their memory back; QEMU's and any other mapping see
+        zeroes from then on."""
+        self.handles.memory.madvise(mmap.MADV_REMOVE)
 
     def __repr__(self) -> str:
         return f"<Slot {self.n}>"
