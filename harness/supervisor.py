@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.01          # how often the watcher looks at processes and heartbeats
+BACKOFF_FIRST, BACKOFF_MAX = 0.05, 5.0   # seconds before restarting a driver that died before serving
 PRELOAD = ["drivers.ahci.driver", "drivers.e1000.driver"]
 
 
@@ -79,6 +80,8 @@ class Driver:
     deaths: list[str] = field(default_factory=list)
     pidfd: int | None = None
     pending: Restart | None = None      # a restart under way: its death, waiting for the first beat
+    early_deaths: int = 0               # deaths in a row before serving: a crash loop backs off
+    restart_at: float = 0.0             # when a backed-off restart is due
     _serving: threading.Condition = field(default_factory=threading.Condition)
 
     def wait_serving(self, timeout: float = 30.0, after: int = 0) -> None:
@@ -212,9 +215,12 @@ class Supervisor:
                         log.exception("supervisor: watching %s", driver.name)
 
     def _look_at(self, driver: Driver) -> None:
-        if driver.pidfd is None:
-            return
         now = time.monotonic()
+        if driver.pidfd is None:
+            if driver.restart_at and now >= driver.restart_at and not self._stop.is_set():
+                driver.restart_at = 0.0
+                self._start(driver)
+            return
         if select.select([driver.pidfd], [], [], 0)[0]:
             self._died(driver, _describe(self.zygote.reap(driver.pid)), now)
             return
@@ -224,6 +230,7 @@ class Supervisor:
         if beat != driver.last_beat:
             driver.last_beat, driver.last_beat_at = beat, now
             if driver.state == "starting" and beat:
+                driver.early_deaths = 0
                 with driver._serving:
                     if driver.pending is not None:
                         driver.pending.serving_at = now
@@ -259,6 +266,12 @@ class Supervisor:
             return
         if driver.pending is None:              # died again before serving: the first death counts
             driver.pending = Restart(cause, now)
+        if driver.state == "starting":          # it never served: do not spin on a driver that cannot start
+            driver.early_deaths += 1
+            driver.restart_at = now + min(BACKOFF_FIRST * 2 ** (driver.early_deaths - 1), BACKOFF_MAX)
+            log.warning("driver %s: died %d times before serving; next try in %.2f s", driver.name,
+                        driver.early_deaths, driver.restart_at - now)
+            return
         self._start(driver)
 
     def stop(self) -> None:

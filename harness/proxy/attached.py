@@ -23,7 +23,7 @@ from ..errors import AccessDenied, AttachRefused, MachineError
 from .abi import load_abi
 from .bus import WindowBus
 from .channel import ProxyChannel
-from .control import recv_message, send_message
+from .control import recv_message, send_message, unix_address
 from .window import SharedWindow
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class OwnerLink:
         self.address = address
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            self.sock.connect(address)
+            self.sock.connect(unix_address(address))
         except OSError as exc:
             self.sock.close()
             raise AttachRefused(f"no machine owner listens at {address!r}: {exc}") from None

@@ -172,10 +172,7 @@ class ProxyBus(WindowBus):
 
     def _admin(self, op: int, addr: int, value: int, what: str, mask: int = 0, window: int = 0) -> int:
         with self._admin_lock:
-            (status, result), = self.admin.submit([(op, 0, 0, 0, addr, value, mask, window)], what=what)
-        if status != self.abi.PROXY_STATUS_OK:
-            self.admin._raise(what, status, result)
-        return result
+            return self.admin.control(op, addr, value, what, mask, expect=window)
 
     @property
     def spurious_irqs(self) -> int:

@@ -276,9 +276,9 @@ class ProxyChannel(Channel):
     def write(self, space: Space, addr: int, width: int, value: int) -> None:
         self._one(self._write_ops[space], width, addr, value)
 
-    def control(self, op: int, addr: int, value: int, what: str, mask: int = 0) -> int:
+    def control(self, op: int, addr: int, value: int, what: str, mask: int = 0, expect: int = 0) -> int:
         """One request that is not an access (open, close, interrupt control); raises on failure."""
-        (status, result), = self.submit([(op, 0, 0, 0, addr, value, mask, 0)], what=what)
+        (status, result), = self.submit([(op, 0, 0, 0, addr, value, mask, expect)], what=what)
         if status != self._ok:
             self._raise(what, status, result)
         return result

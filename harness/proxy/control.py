@@ -2,7 +2,7 @@
 
 The process that owns the machine (``ProxyMachine.serve()``, or ``hwharness
 boot --serve``) listens on a private Unix socket in the abstract namespace
-(nothing on disk to leave behind; only processes of the owner's own user are
+(``@hwharness-control-...``: nothing on disk to leave behind; only processes of the owner's own user are
 let in, by SO_PEERCRED). A process that connects is lent one free driver
 slot: the slot window's memfd and eventfds arrive over SCM_RIGHTS, and
 nothing else. It then asks the owner to open devices into its slot; the
@@ -42,6 +42,12 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE = 1 << 16
 MAX_FDS = 64
 _serial = itertools.count(1)
+
+
+def unix_address(text: str) -> str:
+    """A Unix socket address as people write it: a path, or ``@name`` for the abstract
+    namespace (as ``ss`` prints it), into what ``bind``/``connect`` take."""
+    return "\0" + text[1:] if text.startswith("@") else text
 
 
 def send_message(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
@@ -94,9 +100,9 @@ class ControlServer:
         if not bus.slots:
             raise AttachRefused("this machine has no driver slots (proxy_spec(slots=...))")
         self.bus = bus
-        self.address = address or f"\0hwharness-control-{os.getpid()}-{next(_serial)}"
+        self.address = address or f"@hwharness-control-{os.getpid()}-{next(_serial)}"   # printable
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._listener.bind(self.address)
+        self._listener.bind(unix_address(self.address))
         self._listener.listen(16)
         self._lock = threading.Condition()
         self.holders: dict[int, Holder] = {}           # slot -> its holder
@@ -248,7 +254,8 @@ class ControlServer:
         try:
             if self.bus.machine.alive():
                 self.bus.revoke_slot(n)
-            self._wait_exit(holder.pid)
+            if holder.pid != os.getpid():       # the owner itself maps every window anyway
+                self._wait_exit(holder.pid)
             if self.bus.machine.alive() and not self._closed:
                 self.bus.renew_slot(n)
         except HarnessError as exc:

@@ -1,0 +1,244 @@
+"""Drivers in processes of their own: driver slots, attaching, isolation, the supervisor.
+
+Each driver process holds one slot window and nothing else; what it could
+have reached is checked from outside it: the owner's own view of every window
+and QEMU's view of guest memory (QMP pmemsave).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import drivers.edu as edu
+from drivers.e1000.driver import DEVICE as E1000_DEVICE, VENDOR as E1000_VENDOR
+from harness.bench.e1000 import wire
+from harness.errors import AttachRefused
+from harness.machine import MachineSpec
+from harness.proxy import ProxyMachine
+from harness.proxy.attached import attach
+from harness.supervisor import Supervisor
+from tests.test_dma import memory, proxy_code
+
+pytestmark = pytest.mark.qemu
+
+MAC = "52:54:00:5a:07:01"
+RAL0 = 0x5400               # the e1000's first receive address, low half (8254x 13.4.62)
+
+
+@pytest.fixture(scope="module")
+def rig(proxy_machine_factory_module, tmp_path_factory) -> Iterator[tuple[ProxyMachine, socket.socket, int, Path]]:
+    host, qemu_port, netdev = wire()
+
+    def configure(spec: MachineSpec) -> None:
+        spec.device("edu", dma_mask=0xFFFFFFFF)
+        spec.netdev("socket", "net0", **netdev)
+        spec.device("e1000", netdev="net0", mac=MAC)
+    pm = proxy_machine_factory_module(configure, name="slots")
+    assert len(pm.bus.slots) == 4, "a proxy machine has four driver slots unless asked otherwise"
+    yield pm, host, qemu_port, tmp_path_factory.mktemp("slots")
+    host.close()
+
+
+def wait_for(path: Path, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"nothing in {path} within {timeout:g} s"
+        time.sleep(0.01)
+    return json.loads(path.read_text())
+
+
+def holder(address: str, vendor: int, device: int, register: int = 0) -> tuple[subprocess.Popen, dict]:
+    """A process of its own that attaches and holds a device (tests/slot_drivers.py: hold)."""
+    p = subprocess.Popen([sys.executable, "-m", "tests.slot_drivers", address, hex(vendor), hex(device), hex(register)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    return p, json.loads(p.stdout.readline())
+
+
+def release(p: subprocess.Popen) -> None:
+    assert p.stdin is not None
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    assert p.wait(30) == 0
+
+
+def test_two_processes_attach_at_once_and_a_held_device_is_refused(rig) -> None:
+    pm = rig[0]
+    control = pm.serve()
+    nic_holder, nic = holder(control.address, E1000_VENDOR, E1000_DEVICE, RAL0)
+    edu_holder, card = holder(control.address, edu.VENDOR, edu.DEVICE)
+    try:
+        assert {nic["slot"], card["slot"]} <= {1, 2, 3, 4} and nic["slot"] != card["slot"]
+        assert card["register"] == 0x010000ED                   # edu's identification register
+        assert nic["register"] == int.from_bytes(bytes.fromhex(MAC.replace(":", ""))[:4], "little")  # RAL0: the MAC
+        assert {h.pid for h in control.holders.values()} == {nic["pid"], card["pid"]}
+        third, refused = holder(control.address, E1000_VENDOR, E1000_DEVICE)
+        assert third.wait(30) == 0
+        assert refused["error"] == "AttachRefused" and f"held by process {nic['pid']}" in refused["message"]
+        for p in (nic_holder, edu_holder):                       # both still work
+            assert p.stdin is not None and p.stdout is not None
+            p.stdin.write("work\n")
+            p.stdin.flush()
+            assert json.loads(p.stdout.readline())["register"] in (nic["register"], card["register"])
+        # the machine's owner may not take a device a driver process holds either
+        with pytest.raises(Exception, match="DENIED"):
+            pm.bus.open(pm.bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE))
+        # let the NIC go: it can be attached again, and comes back with bus mastering off
+        pm.bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE)
+        release(nic_holder)
+        again, nic2 = holder(control.address, E1000_VENDOR, E1000_DEVICE, RAL0)
+        assert "error" not in nic2, nic2
+        assert not nic2["command"] & 0x4, "bus mastering survived the last holder"
+        release(again)
+    finally:
+        for p in (nic_holder, edu_holder):
+            if p.poll() is None:
+                release(p)
+    assert all(control.wait_free(n, 10.0) for n in range(1, 5))
+
+
+def test_a_full_machine_refuses_another_attach(rig) -> None:
+    pm = rig[0]
+    control = pm.serve()
+    held = [attach(control.address) for _ in range(4)]
+    try:
+        assert sorted(b.slot for b in held) == [1, 2, 3, 4]
+        with pytest.raises(AttachRefused, match="every driver slot"):
+            attach(control.address)
+    finally:
+        for b in held:
+            b.close()
+    assert all(control.wait_free(n, 10.0) for n in range(1, 5))
+
+
+def test_a_slot_is_lent_again_only_once_its_last_holder_has_exited(rig) -> None:
+    """A process that hangs up still maps the window: the slot waits for it to exit."""
+    control = rig[0].serve()
+    code = ("import sys; from harness.proxy.attached import attach; "
+            f"b = attach({control.address!r}); print(b.slot, flush=True); b.close(); sys.stdin.readline()")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdin is not None and p.stdout is not None
+    slot = int(p.stdout.readline())
+    assert not control.wait_free(slot, 1.0), "the slot was lent again while its holder still mapped it"
+    p.stdin.write("\n")
+    p.stdin.flush()
+    assert p.wait(30) == 0
+    assert control.wait_free(slot, 10.0)
+    assert rig[0].bus.slots[slot - 1].heartbeat == 0 and rig[0].bus.slots[slot - 1].window.field("slot") == slot
+
+
+def test_a_vandal_driver_reaches_nothing_outside_its_slot(rig, rng: random.Random) -> None:
+    """A driver process writes every byte of its mapping and aims its NIC's DMA all over the
+    4 GiB; another slot's driver keeps working, and nothing outside the vandal's slot changes."""
+    pm, _, qemu_port, scratch = rig
+    bus, abi = pm.bus, pm.abi
+    secret = os.urandom(16).hex()                      # the keeper's witness starts with it
+    own = bus.dma.alloc(64 << 10)                      # the owner's own DMA memory
+    own.view[:] = bytes.fromhex(secret[::-1]) + rng.randbytes(own.size - 16)
+    own_before = bytes(own.view)
+    code, code_size = proxy_code(pm)
+    window_phys = bus.window.field("window_phys")
+    table = abi.offsetof("proxy_shared", "devices")
+    table_before = bytes(bus.window.mem[table:table + abi.sizeof("proxy_pci_device") * abi.PROXY_MAX_DEVICES])
+    code_before = memory(pm, code, code_size, scratch)
+    keeper_report, vandal_report = scratch / "keeper.json", scratch / "vandal.json"
+    with Supervisor(pm) as sup:
+        keeper = sup.run("tests.slot_drivers:keeper", bus.find(vendor=edu.VENDOR, device=edu.DEVICE),
+                         marker=secret, out=str(keeper_report))
+        keeper.wait_serving(60)
+        kept = wait_for(keeper_report)
+        idle = [s for s in bus.slots if s.n != kept["slot"]]
+        idle_before = {s.n: hashlib.sha256(s.window.mem).hexdigest() for s in idle}
+        witness_before = memory(pm, kept["witness"], kept["size"], scratch)
+        count = 400 if pm.machine.accel == "tcg" else 40      # the emulating KVM: 100x slower
+        targets = [own.phys, window_phys, window_phys + abi.offsetof("proxy_shared", "rings"), window_phys + table,
+                   kept["witness"], code, *(s.window.field("window_phys") for s in idle)]
+        targets += [rng.randrange(0, 1 << 32) & ~63 for _ in range(count)]
+        targets = [t for t in targets if not 0xFEE00000 <= t < 0xFEF00000]   # MSIs: see the README
+        beats = bus.slots[kept["slot"] - 1].heartbeat
+        vandal = sup.run("tests.slot_drivers:vandal", bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE),
+                         restart=False, qemu_port=qemu_port, targets=targets, markers=[secret, secret[::-1]],
+                         out=str(vandal_report))
+        deadline = time.monotonic() + 600
+        while vandal.state != "dead":
+            assert time.monotonic() < deadline, "the vandal never finished"
+            time.sleep(0.05)
+        assert vandal.deaths == ["exited with status 0"], vandal.deaths
+        done = wait_for(vandal_report)
+        assert done["found"] == [], "a driver process found another's memory in its mapping"
+        assert done["landed"] == [] and done["faults"] > count * 0.9, done
+        # the keeper kept working throughout, and still does
+        assert keeper.deaths == [] and keeper.state == "serving"
+        assert bus.slots[kept["slot"] - 1].heartbeat > beats
+        time.sleep(0.5)
+        assert keeper.deaths == []
+        # nothing outside the vandal's slot changed
+        assert memory(pm, kept["witness"], kept["size"], scratch) == witness_before
+        assert {s.n: hashlib.sha256(s.window.mem).hexdigest() for s in idle} == idle_before
+    assert bytes(own.view) == own_before
+    assert bytes(bus.window.mem[table:table + len(table_before)]) == table_before
+    assert memory(pm, code, code_size, scratch) == code_before
+    assert bus.window.state == abi.PROXY_STATE_READY
+    bus.dma.free(own)
+
+
+def test_the_supervisor_restarts_a_killed_or_hung_driver(rig, rng: random.Random) -> None:
+    pm = rig[0]
+    with Supervisor(pm, hang_timeout=1.0) as sup:
+        driver = sup.run("tests.slot_drivers:reader", pm.bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE))
+        driver.wait_serving(60)
+        signals = [signal.SIGKILL, signal.SIGSTOP, signal.SIGKILL, signal.SIGSEGV]
+        for n, sig in enumerate(signals, 1):
+            victim = driver.pid
+            os.kill(victim, sig)                       # our own driver process, by its PID
+            driver.wait_serving(60, after=n)
+            assert driver.pid != victim
+        causes = [r.cause for r in driver.restarts]
+        assert causes[0] == causes[2] == "killed by SIGKILL"
+        assert causes[1].startswith("hung: no heartbeat")
+        assert causes[3] == "killed by SIGSEGV"
+        assert all(r.ms > 0 for r in driver.restarts)
+
+
+ORPHAN_SCRIPT = """
+import os, sys, time
+from harness.proxy import ProxyMachine, proxy_spec
+from harness.supervisor import Supervisor
+spec = proxy_spec(accel=sys.argv[1])
+spec.device("edu")
+pm = ProxyMachine(spec).__enter__()
+sup = Supervisor(pm)
+d = sup.run("tests.slot_drivers:reader", pm.bus.find(vendor=0x1234, device=0x11e8))
+d.wait_serving(60)
+print(pm.machine.process.pid, sup.zygote.process.pid, d.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_killing_the_supervisor_leaves_no_process_and_no_socket(hwharness_accel: str) -> None:
+    owner = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT, hwharness_accel], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None
+    line = owner.stdout.readline()
+    assert line, "the supervisor never came up"
+    qemu, zygote, driver = map(int, line.split())
+    owner.kill()                                       # SIGKILL: no clean-up runs in it
+    owner.wait()
+    deadline = time.monotonic() + 20
+    for pid in (qemu, zygote, driver):
+        while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+            assert time.monotonic() < deadline, f"process {pid} outlived its supervisor"
+            time.sleep(0.05)
+    sockets = Path("/proc/net/unix").read_text()
+    assert f"hwharness-{owner.pid}-" not in sockets and f"hwharness-control-{owner.pid}-" not in sockets
