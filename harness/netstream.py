@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 SEQ = struct.Struct(">Q")       # the sequence number that leads every payload
 MAX_PAYLOAD = 1472              # a 1500-byte IP MTU less the IP and UDP headers: no fragments
+RECEIVE_BUFFER = 8 << 20        # room for the burst of echoes a service sends when it catches up
+SO_RCVBUFFORCE = 33             # Linux: SO_RCVBUF past net.core.rmem_max, for a privileged process
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
@@ -83,18 +85,29 @@ class UdpEchoStream:
     ``with UdpEchoStream(port) as stream: ...`` starts and stops it; ``stream.stop()``
     returns the :class:`StreamReport`. ``count`` stops sending after that many.
     Payloads are ``sizes[0]`` to ``sizes[1]`` bytes, from ``seed``.
+
+    ``window`` paces the stream by the service as well: no datagram goes out while that
+    many have gone out since the newest one that came back. A service slower than the
+    stream then never has more than ``window`` waiting for it anywhere on the way, so
+    none is dropped for want of room (a stream into a service that is down stalls).
     """
 
     def __init__(self, host_port: int, interval: float = 0.002, count: int | None = None,
                  sizes: tuple[int, int] = (SEQ.size, MAX_PAYLOAD), seed: int | None = None,
-                 host: str = "127.0.0.1") -> None:
+                 window: int | None = None, host: str = "127.0.0.1") -> None:
         if not SEQ.size <= sizes[0] <= sizes[1] <= MAX_PAYLOAD:
             raise ValueError(f"payload sizes are {SEQ.size} to {MAX_PAYLOAD} bytes, not {sizes}")
+        if window is not None and window < 1:
+            raise ValueError(f"a window is at least one datagram, not {window}")
         self.peer = (host, host_port)
-        self.interval, self.count, self.sizes = interval, count, sizes
+        self.interval, self.count, self.sizes, self.window = interval, count, sizes, window
         self.seed = random.randrange(2**32) if seed is None else seed
         self._rng = random.Random(self.seed)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+        except PermissionError:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         self._sock.bind((host, 0))
         self._sock.settimeout(0.05)             # how often the receiver looks at the stop flag
         self._lock = threading.Condition()
@@ -197,6 +210,11 @@ class UdpEchoStream:
                 time.sleep(due - now)
             due = max(due, time.perf_counter() - self.interval) + self.interval
             with self._lock:
+                while (self.window is not None and len(self._payloads) - 1 - self._highest >= self.window
+                       and self._sending.is_set()):
+                    self._lock.wait(0.05)
+                if not self._sending.is_set():
+                    return
                 seq = len(self._payloads)
                 payload = SEQ.pack(seq) + self._rng.randbytes(self._rng.randint(*self.sizes) - SEQ.size)
                 self._payloads.append(payload)
@@ -205,7 +223,7 @@ class UdpEchoStream:
                 self._lock.notify_all()
             try:
                 self._sock.sendto(payload, self.peer)
-            except OSError as exc:              # loopback does not refuse a datagram; say so if it does
+            except OSError as exc:              # stop() raises it: a thread has no one else to tell
                 self._error = exc
                 return
 

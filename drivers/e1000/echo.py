@@ -12,6 +12,14 @@ are parsed and built with dpkt, as :mod:`harness.netstack` does.
 A frame that cannot be parsed, or whose IP, UDP or ICMP checksum is wrong, is counted
 as malformed and dropped; a well-formed frame that is not for this service (another
 address, port or protocol, a fragment) is counted as ignored. Neither stops the loop.
+
+What a restarted service loses depends on the NIC's receive ring, because of how QEMU's
+e1000 behaves after a write to RCTL (which every bring-up makes): for one second of the
+guest's clock it takes no frame, holding what arrives in QEMU's queue, then delivers the
+queue at once, and drops what the ring cannot hold at that moment (a receiver overrun).
+A ring of 256 loses all but 255 of that second's frames; a service that should lose only
+what arrived while it was down wants a ring that holds a second of its traffic
+(``E1000(..., rx_entries=1024)`` for 500 datagrams a second).
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ class EchoCounters:
 
 def _checksum_ok(*parts: bytes) -> bool:
     """The Internet checksum (RFC 1071) over data that includes its checksum field sums to zero."""
-    return dpkt.in_cksum(b"".join(parts)) == 0
+    return int(dpkt.in_cksum(b"".join(parts))) == 0
 
 
 class EchoResponder:
