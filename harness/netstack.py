@@ -50,6 +50,15 @@ def ip(text: str) -> bytes:
     return socket.inet_aton(text)
 
 
+def arp_frame(op: int, sender_mac: bytes, sender_ip: str, target_mac: bytes, target_ip: str) -> bytes:
+    """An ARP request (to everyone) or reply (to the target) as a whole Ethernet frame.
+    A request whose target is its own sender is an announcement (RFC 5227): peers that
+    keep an ARP table learn the sender from it without asking."""
+    arp = dpkt.arp.ARP(op=op, sha=sender_mac, spa=ip(sender_ip), tha=target_mac, tpa=ip(target_ip))
+    dst = BROADCAST if op == dpkt.arp.ARP_OP_REQUEST else target_mac
+    return bytes(dpkt.ethernet.Ethernet(dst=dst, src=sender_mac, type=dpkt.ethernet.ETH_TYPE_ARP, data=arp))
+
+
 class Host:
     """One IPv4 address on one NIC."""
 
@@ -86,10 +95,7 @@ class Host:
                 self._arp(dpkt.arp.ARP_OP_REPLY, eth.data.sha, socket.inet_ntoa(eth.data.spa))
 
     def _arp(self, op: int, target_mac: bytes, target_ip: str) -> None:
-        arp = dpkt.arp.ARP(op=op, sha=self.nic.mac, spa=ip(self.address), tha=target_mac, tpa=ip(target_ip))
-        dst = BROADCAST if op == dpkt.arp.ARP_OP_REQUEST else target_mac
-        self.nic.send([bytes(dpkt.ethernet.Ethernet(dst=dst, src=self.nic.mac, type=dpkt.ethernet.ETH_TYPE_ARP,
-                                                    data=arp))])
+        self.nic.send([arp_frame(op, self.nic.mac, self.address, target_mac, target_ip)])
 
     # ---- DHCP (RFC 2131) ----
 
