@@ -32,6 +32,7 @@ from typing import Callable
 
 import dpkt
 
+from harness.access import Bus, PciFunction
 from harness.netstack import Nic, arp_frame, ip
 
 from .driver import TxRingFull
@@ -212,3 +213,12 @@ def _send(nic: Nic, frames: list[bytes], counts: EchoCounters) -> None:
     except TxRingFull as full:
         counts.unsent += len(frames) - full.sent
         log.debug("transmit ring full: dropped %d answers", len(frames) - full.sent)
+
+
+def echo_driver(bus: Bus, function: PciFunction, rx_entries: int = 1024, **serve: object) -> None:
+    """The service as a driver process (``Supervisor.run("drivers.e1000.echo:echo_driver", nic)``):
+    bring the NIC up, by interrupt, and serve until the process is killed. A ring of 1024
+    holds the second of traffic QEMU's e1000 holds back after each bring-up (see above)."""
+    from .driver import E1000
+    nic = E1000(bus, bus.open(function), rx_entries=rx_entries)
+    serve_echo(nic, beat=getattr(bus, "beat", None), **serve)  # type: ignore[arg-type]
