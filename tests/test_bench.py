@@ -83,8 +83,10 @@ def test_bench_roundtrip_quick(tmp_path: Path, hwharness_accel: str) -> None:
     assert result["accel"] == {"proxy": result["accel"]["proxy"], "qtest": "tcg"}
     r = result["results"]
     for key in ("proxy_pio_p50_us", "proxy_mmio_p50_us", "qtest_pio_p50_us", "native_pio_us", "native_call_us",
-                "batch_ops_per_s", "qtest_over_proxy_pio", "trace_on_cost", "trace_off_cost"):
+                "batch_ops_per_s", "qtest_over_proxy_pio", "trace_on_cost", "trace_off_cost",
+                "owner_pio_p50_us", "attached_pio_p50_us", "attached_over_owner_pio", "attached_over_owner_mmio"):
         assert r[key] > 0, key
+    assert r["attached_over_owner_pio_spread"] >= 1
     assert r["proxy_pio_p50_us"] <= r["proxy_pio_p99_us"]
     assert r["idle_cpu_percent"] >= 0
 

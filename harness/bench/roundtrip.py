@@ -7,15 +7,24 @@ guest's own cost of the same port read (a tight in-guest loop, timed on the
 host around the request that runs it; ``native_call_us`` is that request's
 own cost); and the CPU a booted, idle proxy machine uses. The qtest machine
 never runs its CPU, so its accelerator does not matter; both are recorded.
+
+The process boundary: the same two reads from a driver process attached to a
+driver slot (``python -m harness.bench.roundtrip ADDRESS``), against the same
+from the owner, in paired rounds that alternate which goes first.
+``attached_over_owner_pio`` is the owner's median latency over the attached
+process's: a speed ratio, 1.0 when the boundary costs nothing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import statistics
+import subprocess
+import sys
 import time
-from ..access import Kind, Region
+from ..access import Bus, Kind, Region
 from ..machine import MachineSpec
 from ..proxy import ProxyMachine, proxy_spec
 from ..qtest import QtestMachine, qtest_spec
@@ -45,6 +54,61 @@ def measure(port: Region, bar0: Region, count: int, budget_s: float) -> tuple[li
     bar0.read32(STATUS)      # warm up: translation, first faults
     return (latencies_us(lambda: port.read8(0), count, budget_s),
             latencies_us(lambda: bar0.read32(STATUS), count, budget_s))
+
+
+def measure_on(bus: Bus, count: int) -> tuple[float, float]:
+    """p50s of ``count`` debugcon port reads and e1000 STATUS reads, on grants held just for this."""
+    port = bus.ports(DEBUGCON_PORT, 1)
+    try:
+        with bus.open(bus.find(**E1000)) as nic:
+            pio, mmio = measure(port, nic.bar(0), count, budget_s=10)
+    finally:
+        port.channel.close()
+    return pct(pio, 0.5), pct(mmio, 0.5)
+
+
+def attached_main(address: str) -> None:
+    """A driver process's side of the paired rounds: attach, then answer each line
+    ``COUNT`` on stdin with the p50s of that many port and MMIO reads, as JSON."""
+    from ..proxy.attached import attach
+    bus = attach(address)
+    print(json.dumps({"slot": bus.slot}), flush=True)
+    for line in sys.stdin:
+        print(json.dumps(measure_on(bus, int(line))), flush=True)
+    bus.close()
+
+
+def process_boundary(pm: ProxyMachine, count: int, rounds: int) -> dict[str, float]:
+    """The owner against an attached process, the same reads, in paired rounds that
+    alternate which side goes first; each side holds the devices only for its turn."""
+    control = pm.serve()
+    child = subprocess.Popen([sys.executable, "-m", "harness.bench.roundtrip", control.address],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    owner: list[tuple[float, float]] = []
+    attached: list[tuple[float, float]] = []
+    try:
+        json.loads(child.stdout.readline())
+        for r in range(rounds + 1):                     # round 0 warms both up
+            for side in (("owner", "attached") if r % 2 else ("attached", "owner")):
+                if side == "owner":
+                    got = measure_on(pm.bus, count)
+                else:
+                    child.stdin.write(f"{count}\n")
+                    child.stdin.flush()
+                    got = tuple(json.loads(child.stdout.readline()))
+                if r:
+                    (owner if side == "owner" else attached).append(got)
+    finally:
+        child.stdin.close()
+        child.wait(30)
+    med = lambda pairs, i: statistics.median(p[i] for p in pairs)  # noqa: E731
+    ratios = [o[0] / a[0] for o, a in zip(owner, attached)]
+    return {"owner_pio_p50_us": med(owner, 0), "attached_pio_p50_us": med(attached, 0),
+            "owner_mmio_p50_us": med(owner, 1), "attached_mmio_p50_us": med(attached, 1),
+            "attached_over_owner_pio": med(owner, 0) / med(attached, 0),
+            "attached_over_owner_mmio": med(owner, 1) / med(attached, 1),
+            "attached_over_owner_pio_spread": max(ratios) / min(ratios)}
 
 
 def run(accel: str, count: int = 20000, idle_seconds: float = 10.0, quick: bool = False) -> dict[str, object]:
@@ -80,6 +144,7 @@ def run(accel: str, count: int = 20000, idle_seconds: float = 10.0, quick: bool 
         port.channel.close()
         results.update(tracecost.measure(bus, DEBUGCON_PORT, count // 4, rounds=3 if quick else 5))
         nic.close()
+        results.update(process_boundary(pm, count // 4, rounds=2 if quick else 7))
 
         time.sleep(1.0)                       # let the guest fall asleep
         pid = pm.machine.process.pid
@@ -100,3 +165,7 @@ def run(accel: str, count: int = 20000, idle_seconds: float = 10.0, quick: bool 
     log.debug("mean proxy pio %.2f us", statistics.fmean(pio))
     return {"benchmark": "roundtrip", "accel": {"proxy": accel, "qtest": qtest_accel}, "clock": "host",
             "quick": quick, "results": {k: round(v, 3) for k, v in results.items()}}
+
+
+if __name__ == "__main__":
+    attached_main(sys.argv[1])

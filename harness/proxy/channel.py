@@ -319,7 +319,7 @@ class ProxyChannel(Channel):
             except Exception as exc:
                 log.debug("closing %r: its started batch ended with %s", self, exc)
         self.closed = True
-        if self.index != 0:
+        if self is not getattr(self.bus, "admin", None):     # a slot's ring 0 is an ordinary channel
             self.bus.close_channel(self)
 
 
