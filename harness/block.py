@@ -63,7 +63,7 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from .access import Deadline
 from .errors import HarnessError
@@ -98,6 +98,9 @@ class Op(enum.IntEnum):
     INFO = 4
 
 
+OPS = frozenset(op.value for op in Op)
+
+
 class Status(enum.IntEnum):
     OK = 0
     BAD_MAGIC = 1           # not a request header: the connection is closed after the reply
@@ -108,18 +111,21 @@ class Status(enum.IntEnum):
     IO_ERROR = 6            # the device failed the request (or the flush after it)
 
 
+STATUSES = frozenset(status.value for status in Status)
+
+
 class BlockError(HarnessError):
     """The server answered a request with an error: nothing of it was done (or, IO_ERROR,
     the device failed it). Not retried: the same request would fail the same way."""
 
     def __init__(self, op: Op, lba: int, count: int, status: int, reason: str) -> None:
         self.op, self.lba, self.count, self.status, self.reason = op, lba, count, status, reason
-        name = Status(status).name if status in Status._value2member_map_ else f"status {status}"
+        name = Status(status).name if status in STATUSES else f"status {status}"
         super().__init__(f"{op.name} lba {lba} count {count}: {name}: {reason}")
 
 
 class BlockUnreachable(HarnessError):
-    """No server accepted a connection at ``address`` within ``timeout`` seconds."""
+    """Nothing listened at ``address`` (no socket, or refused) for ``timeout`` seconds."""
 
     def __init__(self, address: str, timeout: float, last: BaseException | None) -> None:
         self.address, self.timeout = address, timeout
@@ -132,10 +138,6 @@ class BlockTimeout(HarnessError):
 
 class BlockProtocolError(HarnessError):
     """The server's reply stream is malformed: a wrong magic, an id never sent, a wrong length."""
-
-
-def _spans_overlap(a_start: int, a_end: int, b_start: int, b_end: int) -> bool:
-    return a_start < b_end and b_start < a_end
 
 
 class _Spans:
@@ -207,6 +209,7 @@ class BlockServer:
     while the device is idle: a liveness heartbeat for a supervisor.
     The device's exceptions of ``request_errors`` fail the request they came from (IO_ERROR);
     any other escapes, and ends the server (its clients will send again to the next one).
+    ``accepted`` and ``flushes`` count connections and flushes.
     """
 
     def __init__(self, device: "BlockDevice", listener: socket.socket,
@@ -354,7 +357,8 @@ class BlockServer:
         magic, op, _, _, count = REQUEST.unpack_from(connection.inbox)
         if magic != REQUEST_MAGIC or op != Op.WRITE or not 0 < count <= self.max_count:
             return True
-        return len(connection.inbox) >= REQUEST.size + count * self.sector_size
+        needed: int = REQUEST.size + count * self.sector_size
+        return len(connection.inbox) >= needed
 
     def _gather(self) -> list[_Request]:
         """This turn's requests, checked, each connection's in the order they came."""
@@ -380,7 +384,7 @@ class BlockServer:
         request = _Request(connection, op, id_, lba, count)
         if magic != REQUEST_MAGIC:
             request.fail(Status.BAD_MAGIC, f"magic {magic:#010x}, not {REQUEST_MAGIC:#010x}")
-        elif op not in Op._value2member_map_:
+        elif op not in OPS:
             request.fail(Status.BAD_OP, f"op {op} is not one of {[o.value for o in Op]}")
         elif op in (Op.READ, Op.WRITE) and count > self.max_count:
             request.fail(Status.BAD_COUNT, f"{count} sectors is over the cap of {self.max_count} a request")
@@ -434,6 +438,10 @@ class BlockServer:
 
     def _run_segment(self, segment: list[_Request]) -> bool:
         """Reads and writes that do not overlap any write among them; True if anything was written."""
+        if not segment:
+            return False
+        if self.beat is not None:           # a long turn still beats, between its segments
+            self.beat()
         writes = [r for r in segment if r.op == Op.WRITE]
         if writes and self.write_many is not None:
             try:
@@ -506,8 +514,12 @@ class BlockClient:
         self._sent: dict[int, _Sent] = {}                  # in the order first sent
         self._done: dict[int, bytes | BlockError] = {}
         self.sector_size = self.size = self.max_bytes = self.max_count = 0     # until INFO answers
-        self._connect()
-        (info,) = self.wait([self._submit(Op.INFO, 0, 0)])
+        try:
+            self._connect()
+            (info,) = self.wait([self._submit(Op.INFO, 0, 0)])
+        except BaseException:
+            self.close()
+            raise
         self.sector_size, self.size, self.max_bytes = INFO.unpack(info)
         self.max_count = self.max_bytes // self.sector_size
 
@@ -704,12 +716,13 @@ class BlockClient:
         pause = 0.005
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(max(deadline.remaining, 0.001))     # a full backlog makes connect wait
             try:
                 sock.connect(self.address)
                 break
             except OSError as exc:
                 sock.close()
-                if not isinstance(exc, _GONE) and exc.errno not in _GONE_ERRNOS | {errno.EAGAIN}:
+                if not isinstance(exc, (*_GONE, TimeoutError)) and exc.errno not in _GONE_ERRNOS | {errno.EAGAIN}:
                     raise
                 if deadline.expired:
                     raise BlockUnreachable(self.address, self.reconnect_timeout, exc) from exc
