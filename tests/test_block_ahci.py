@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def test_a_served_disk_keeps_every_acknowledged_write(proxy_machine_factory, tmp
                    until=lambda: client.poll() is not None or deadline.expired)
     finally:
         if client.poll() is None:
-            os.kill(client.pid, 9)
+            os.kill(client.pid, signal.SIGKILL)
         out, err = client.communicate()
         listener.close()
     assert client.returncode == 0, f"the client failed:\n{err.decode()}"
