@@ -39,14 +39,15 @@ what follows is garbage. Other connections see nothing of it.
 Group commit: each turn of the server's loop gathers the complete requests of
 every connection, runs them (writes as one ``write_many`` batch where the
 backend has it, split where two overlap so that they land in the order they
-arrived), then flushes once, then answers them all. One flush serves every
-write of the turn, which is what makes many clients' small writes fast.
+arrived), then flushes once, then answers them all, reads too: so a read never
+returns what a write not yet durable put there. One flush serves every write of
+the turn, which is what makes many clients' small writes fast.
 
 Errors (all :class:`~harness.errors.HarnessError`)::
 
     BlockError          the server answered a request with an error status;
                         names the request (op, lba, count), the status and why
-    BlockUnreachable    no server accepted a connection within reconnect_timeout
+    BlockUnreachable    nothing listened at the address for reconnect_timeout
     BlockTimeout        a connection took no reply for the client's timeout
     BlockProtocolError  the server's replies make no sense (a bug, not a crash)
 """
