@@ -7,9 +7,10 @@ from .errors import (AbiError, AccessDenied, BadInput, BadRequest, DeviceNotFoun
                      QemuNotFound)
 from .machine import Machine, MachineSpec
 from .tracing import Tracer, trace
+from .proxy.attached import attach  # noqa: E402  (after the rest: it builds on all of it)
 
 __all__ = [
     "AbiError", "Access", "AccessDenied", "BadInput", "BadRequest", "Bar", "Batch", "Bus", "Channel", "Device",
     "DeviceNotFound", "DeviceTimeout", "GuestCrash", "HarnessError", "InterruptTimeout", "Irq", "IrqEvent", "IrqMode", "Kind", "Machine", "MachineError", "MachineSpec",
-    "PciFunction", "ProxyError", "ProxyFault", "ProxyUnresponsive", "QemuNotFound", "Region", "Space", "Tracer", "trace",
+    "PciFunction", "ProxyError", "ProxyFault", "ProxyUnresponsive", "QemuNotFound", "Region", "Space", "Tracer", "attach", "trace",
 ]

@@ -170,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
-    if not args.proxy:
+    if not (args.proxy or args.serve):
         return cmd_console(args)
     spec = proxy_spec(accel=args.accel)
     spec.netdev("user", "net0", restrict=True)
@@ -179,6 +179,10 @@ def cmd_boot(args: argparse.Namespace) -> int:
         say(f"proxy guest up under {pm.machine.accel}; QMP on the abstract socket "
             f"@{pm.machine.endpoints.qmp.lstrip(chr(0))}; files in {pm.machine.workdir}")
         device_table(pm)
+        if args.serve:
+            control = pm.serve()
+            say(f"{len(pm.bus.slots)} driver slots; from another process: "
+                f"bus = harness.attach({control.address!r})")
         say("Ctrl-C to stop.")
         try:
             signal.pause()
@@ -368,6 +372,9 @@ def demo(accel: str, image: Path) -> int:
         fat.close()
         nvme.close()
 
+        say("\n== the AHCI driver in a process of its own: killed with SIGKILL, and back")
+        failed += supervised_disk(pm)
+
         say("\n== a guest CPU exception becomes a readable crash report")
         try:
             pm.bus.crash("INVALID_OPCODE")
@@ -376,6 +383,33 @@ def demo(accel: str, image: Path) -> int:
     if failed:
         raise CheckFailed(f"the demo's checks failed for {', '.join(failed)}")
     return 0
+
+
+def supervised_disk(pm: ProxyMachine) -> list[str]:
+    """The disk served by a supervised driver process to a client here; the driver killed
+    between two reads; the client's second read waits for the restarted one. Failed checks."""
+    from drivers.ahci.driver import DEVICE, VENDOR
+    from .bench.restart import disk_listener
+    from .block import BlockClient
+    from .supervisor import Supervisor
+    listener, address = disk_listener()
+    with listener, Supervisor(pm) as sup:
+        driver = sup.run("drivers.ahci.service:disk_driver", pm.bus.find(vendor=VENDOR, device=DEVICE),
+                         sockets={"listener": listener})
+        driver.wait_serving(60)
+        say(f"driver process {driver.pid} serves the disk from driver slot {driver.slot}")
+        with BlockClient(address) as client:
+            before = client.read(0, 1)
+            victim = driver.pid
+            os.kill(victim, signal.SIGKILL)
+            after = client.read(0, 1)           # sent to a dead driver, answered by the next one
+            driver.wait_serving(60, after=1)
+            restart = driver.restarts[0]
+            say(f"killed process {victim}; process {driver.pid} serves again, {restart.ms:.0f} ms after it was "
+                f"{restart.cause}")
+            say(f"the client reconnected {client.reconnects} time(s) and read sector 0 again: "
+                f"{'the same' if after == before else 'DIFFERENT'} (boot signature {after[510:512].hex()})")
+    return [] if after == before and after[510:512] == b"\x55\xaa" else ["the supervised disk"]
 
 
 def escape_controls(text: str) -> str:
@@ -595,10 +629,14 @@ def write_json(result: dict, path: str | None) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.name == "boot":
         return cmd_bench_boot(args)
-    from .bench import ahci, e1000, nvme, roundtrip
+    from .bench import ahci, e1000, nvme, restart, roundtrip
     benches = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep, "ahci": ahci.run,
-               "nvme": nvme.run}
-    extra = {"peer": args.peer} if args.peer else {}
+               "nvme": nvme.run, "restart": restart.run}
+    extra: dict[str, object] = {"peer": args.peer} if args.peer else {}
+    if args.hang:
+        if args.name != "restart":
+            raise BadInput(f"--hang is for bench restart, not {args.name}")
+        extra["hang"] = True
     if args.peer and args.name not in ("ahci", "e1000"):
         raise BadInput(f"--peer {args.peer} is for bench ahci and bench e1000, not {args.name}")
     result = benches[args.name](args.accel, quick=args.quick, **extra)
@@ -641,13 +679,17 @@ def main(argv: list[str] | None = None) -> int:
         "boot", help="boot a kernel (default: the Linux guest) with the terminal on its serial console")))
     boot_p.add_argument("--proxy", action="store_true",
                         help="boot the proxy guest instead, print the device table, wait for Ctrl-C")
+    boot_p.add_argument("--serve", action="store_true",
+                        help="the proxy guest, and let other processes attach to its driver slots")
     run_p = add_kernel_args(with_accel(sub.add_parser(
         "run", help="boot, run COMMAND at the guest's shell, print its output, exit with its status")))
     run_p.add_argument("--timeout", type=float, default=300.0, help="seconds for the boot and for COMMAND")
     run_p.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
     with_accel(sub.add_parser("demo", help="boot, drive the devices, print what happened"))
     bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
-    bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "nvme", "boot"))
+    bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "nvme", "boot", "restart"))
+    bench.add_argument("--hang", action="store_true",
+                       help="restart: stop the driver (SIGSTOP, a hang) instead of killing it")
     bench.add_argument("--count", type=positive_int, help="boot: how many boots (default 10)")
     bench.add_argument("--json", metavar="PATH", help="write the result here too")
     bench.add_argument("--peer", choices=("linux",),

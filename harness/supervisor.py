@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.01          # how often the watcher looks at processes and heartbeats
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 5.0   # seconds before restarting a driver that died before serving
-PRELOAD = ["drivers.ahci.driver", "drivers.e1000.driver"]
+PRELOAD = ["drivers.ahci.service", "drivers.e1000.echo"]
 
 
 class SupervisorError(HarnessError):
@@ -235,7 +235,7 @@ class Supervisor:
                     if driver.pending is not None:
                         driver.pending.serving_at = now
                         driver.restarts.append(driver.pending)
-                        log.warning("driver %s: serving again %.0f ms after it %s", driver.name,
+                        log.warning("driver %s: serving again %.0f ms after it was %s", driver.name,
                                     driver.pending.ms, driver.pending.cause)
                         driver.pending = None
                     driver.state = "serving"

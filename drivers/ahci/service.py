@@ -12,7 +12,7 @@ import logging
 import socket
 from typing import Callable, Sequence
 
-from harness.access import Bus, DmaBuffer
+from harness.access import Bus, DmaBuffer, PciFunction
 from harness.block import MAX_REQUEST_BYTES, BlockServer
 from harness.errors import DeviceNotFound
 
@@ -89,3 +89,9 @@ def serve_disk(bus: Bus, listener: socket.socket, beat: Callable[[], None] | Non
             backend.close()
     finally:
         hba.close()
+
+
+def disk_driver(bus: Bus, function: PciFunction, listener: socket.socket) -> None:
+    """The disk as a supervised driver process (``Supervisor.run("drivers.ahci.service:disk_driver",
+    ahci, sockets={"listener": listener})``): serve until the process is killed, beating as it goes."""
+    serve_disk(bus, listener, beat=getattr(bus, "beat", None))
