@@ -108,7 +108,7 @@ def run(accel: str, quick: bool = False, kills: int | None = None, blocks: int |
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hwharness-restart-")))
         image = scratch / "disk.img"
         with open(image, "wb") as f:
-            f.truncate(64 << 20)
+            f.truncate(128 << 20)            # sparse: 20,000 blocks of 4 KiB and room to spare
         listener, address = disk_listener()
         stack.callback(listener.close)
         with contextlib.ExitStack() as running:
