@@ -20,6 +20,12 @@ Every error the harness raises derives from :class:`HarnessError`::
     │   ├── GuestReset      a triple fault or reboot (-no-reboot turns it into QEMU's exit)
     │   └── GuestHang       no console output for the quiet time; carries QMP's status
     ├── ImageMissing        a guest image is not built (with the command that builds it)
+    ├── AttachRefused       the machine's owner will not lend a driver slot or a device:
+    │                       every slot is taken, another process holds the device
+    ├── SupervisorError     a supervised driver did not start or serve in time
+    │                       (harness.supervisor)
+    ├── BlockError ...      the block protocol's errors (harness.block): an error reply,
+    │                       no server to reconnect to, a silent server, nonsense replies
     ├── AbiError            the guest ELF is missing or speaks another ABI version
     ├── ProxyUnresponsive   the proxy did not complete a request in time
     ├── InterruptTimeout    no interrupt arrived within the wait's timeout
