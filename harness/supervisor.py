@@ -256,10 +256,12 @@ class Supervisor:
         os.close(driver.pidfd)
         driver.pidfd = None
         driver.deaths.append(cause)
-        log.warning("driver %s: process %d %s", driver.name, driver.pid, cause)
+        log.info("driver %s: process %d %s", driver.name, driver.pid, cause)
         if driver.state == "stopped":
             return
         if not driver.restart or self._stop.is_set():
+            if driver.restart:
+                log.warning("driver %s: %s, and is not restarted (the supervisor is stopping)", driver.name, cause)
             with driver._serving:
                 driver.state = "dead"
                 driver._serving.notify_all()

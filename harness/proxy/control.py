@@ -110,6 +110,7 @@ class ControlServer:
         self._closed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self.on_release: list[Callable[[int, int], None]] = []    # (slot, pid), once a slot is free again
+        self._connections: set[socket.socket] = set()
         self._threads = [threading.Thread(target=self._accept_loop, name="hwharness-control", daemon=True)]
         self._threads[0].start()
 
@@ -139,6 +140,12 @@ class ControlServer:
         except OSError:
             pass
         self._listener.close()
+        with self._lock:
+            for conn in self._connections:      # a holder's thread waits in recv: wake it
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         for t in self._threads[1:]:
             t.join(2.0)
         os.close(self._wake_r)
@@ -165,6 +172,8 @@ class ControlServer:
     def _serve(self, conn: socket.socket) -> None:
         pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         holder: Holder | None = None
+        with self._lock:
+            self._connections.add(conn)
         try:
             if uid != os.getuid():
                 send_message(conn, {"ok": False, "error": "refused",
@@ -188,6 +197,8 @@ class ControlServer:
         except (ConnectionError, OSError, ValueError) as exc:
             log.info("control connection of process %d ended: %s", pid, exc)
         finally:
+            with self._lock:
+                self._connections.discard(conn)
             conn.close()
             if holder is not None:
                 self._release(holder)
