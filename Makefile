@@ -51,6 +51,7 @@ bench: deps guest images
 	$(PYTHON) -m harness.cli bench e1000-itr --accel $(ACCEL) --json bench-results/e1000-itr-$(ACCEL).json
 	$(PYTHON) -m harness.cli bench ahci --accel $(ACCEL) --json bench-results/ahci-$(ACCEL).json
 	$(PYTHON) -m harness.cli bench nvme --accel $(ACCEL) --json bench-results/nvme-$(ACCEL).json
+	$(PYTHON) -m harness.cli bench restart --accel $(ACCEL) --json bench-results/restart-$(ACCEL).json
 	$(PYTHON) -m harness.cli latency --mode spin --accel $(ACCEL) --json bench-results/latency-spin-$(ACCEL).json \
 	    --plot bench-results/latency-spin-$(ACCEL).png
 	$(PYTHON) -m harness.cli latency --mode sleep --accel $(ACCEL) --json bench-results/latency-sleep-$(ACCEL).json \
