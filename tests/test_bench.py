@@ -111,3 +111,13 @@ def test_bench_ahci_and_e1000_quick_with_linux_as_the_peer(tmp_path: Path, linux
             assert result["results"][f"peer_linux_{key}"] > 0
             assert result["results"][f"ratio_python_over_peer_linux_{key}"] > 0
             assert len(result["peer"]["runs"][f"peer_linux_{key}"]) == 3
+
+
+def test_bench_restart_quick_with_a_hang(tmp_path: Path, hwharness_accel: str) -> None:
+    """The command line's restart bench: --hang stops the driver instead of killing it;
+    the image is checked by the bench itself once QEMU is gone."""
+    result = bench("restart", hwharness_accel, tmp_path, "--hang")
+    r = result["results"]
+    assert result["signal"] == "SIGSTOP" and result["causes"] == ["hung: no heartbeat"]
+    assert r["acked_lost"] == 0 and r["blocks_acked"] == r["blocks"] and r["restarts"] >= 2
+    assert 0 < r["restart_p50_ms"] <= r["restart_p99_ms"] <= r["restart_max_ms"]
