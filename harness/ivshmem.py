@@ -20,6 +20,7 @@ is a memfd, so nothing is ever left in /dev/shm.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import socket
@@ -40,8 +41,11 @@ class IvshmemServer:
         self.size = size
         self.host_peer = host_peer
         self.vectors = vectors
-        self._memfd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self._memfd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self._memfd, size)
+        # Sealed at its size: whoever holds the fd (a driver process it is lent to) cannot
+        # shrink it under QEMU's and the owner's mappings (SIGBUS) or grow it to eat memory.
+        fcntl.fcntl(self._memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         self.memory = mmap.mmap(self._memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         # host_fds: the guest rings these (we read them); guest_fds: we write these to kick it.
         self.host_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(vectors)]

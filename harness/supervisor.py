@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .access import PciFunction
 from .errors import HarnessError
-from .zygote import MAX_MESSAGE, die_with_parent
+from .zygote import MAX_MESSAGE
 
 if TYPE_CHECKING:
     from .proxy.bus import ProxyMachine
@@ -110,8 +110,8 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = ours
         self._lock = threading.Lock()
-        self.process = subprocess.Popen([sys.executable, "-m", "harness.zygote", str(theirs.fileno()), guest_elf,
-                                         *preload], pass_fds=[theirs.fileno()], preexec_fn=die_with_parent)
+        self.process = subprocess.Popen([sys.executable, "-m", "harness.zygote", str(os.getpid()),
+                                         str(theirs.fileno()), guest_elf, *preload], pass_fds=[theirs.fileno()])
         theirs.close()
         self.sock.settimeout(60.0)
         reply = self._recv()
@@ -152,7 +152,7 @@ def driver_main(spec: dict[str, Any], fds: list[int]) -> int:
     from .proxy.attached import attach
     logging.basicConfig(level=logging.WARNING, format=f"driver {spec['name']} %(levelname)s %(message)s")
     sockets = {name: socket.socket(fileno=fd) for name, fd in zip(spec["sockets"], fds)}
-    bus = attach(spec["address"], wait=spec["attach_wait"])
+    bus = attach(spec["address"], wait=spec["attach_wait"], token=spec["token"])
     try:
         function = next((f for f in bus.functions if f.devfn == spec["devfn"]), None)
         if function is None:
@@ -191,7 +191,8 @@ class Supervisor:
         **kwargs)``) in a driver process for ``device``; returns at once (``wait_serving()``)."""
         name = name or f"{entry.rpartition(':')[2]}@{device}"
         spec = {"name": name, "entry": entry, "devfn": device.devfn, "address": self.control.address,
-                "sockets": list((sockets or {}).keys()), "kwargs": kwargs, "attach_wait": self.start_timeout}
+                "sockets": list((sockets or {}).keys()), "kwargs": kwargs, "attach_wait": self.start_timeout,
+                "token": self.control.reserve([device.devfn])}     # its device, and only its device
         driver = Driver(name, spec, dict(sockets or {}), restart)
         with self._lock:
             self.drivers.append(driver)
@@ -281,6 +282,10 @@ class Supervisor:
         self._stop.set()
         self._watcher.join()
         for driver in self.drivers:
+            with driver._serving:
+                if driver.pidfd is None and driver.state != "dead":
+                    driver.state = "stopped"        # one waiting to be restarted: it will not be
+                driver._serving.notify_all()
             if driver.pidfd is not None:
                 driver.state = "stopped"
                 os.kill(driver.pid, signal.SIGKILL)
@@ -289,6 +294,7 @@ class Supervisor:
                 driver.pidfd = None
                 if driver.slot:
                     self.control.wait_free(driver.slot, 10.0)
+            self.control.unreserve(driver.spec["token"])
         self.zygote.close()
 
     def __enter__(self) -> "Supervisor":

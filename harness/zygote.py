@@ -33,7 +33,10 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def main(fd: int, guest_elf: str, preload: list[str]) -> None:
+def main(parent: int, fd: int, guest_elf: str, preload: list[str]) -> None:
+    die_with_parent()                       # here, not between fork and exec in a threaded parent
+    if os.getppid() != parent:              # it died before the line above
+        return
     from pathlib import Path
 
     from harness.proxy.abi import load_abi
@@ -79,4 +82,4 @@ def main(fd: int, guest_elf: str, preload: list[str]) -> None:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C is the supervisor's to handle
-    main(int(sys.argv[1]), sys.argv[2], sys.argv[3:])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:])

@@ -102,6 +102,7 @@ def vandal(bus: AttachedBus, function: PciFunction, qemu_port: int, targets: lis
             landed.append(addr)
     report(out, found=found, faults=faults, landed=landed, aimed=len(targets))
     mapping[:] = random.randbytes(len(mapping))     # every byte of its window, rings and all
+    time.sleep(0.5)                                 # and the proxy serves that garbage for a while
 
 
 def hold(address: str, vendor: int, device: int, register: int) -> None:

@@ -16,6 +16,7 @@
 #define READ_ONCE(x) (*(volatile __typeof__(x) *)&(x))
 #define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *)&(x) = (v))
 
+#define PCI_CLASS_BRIDGE 0x06           /* host, ISA and PCI bridges: their registers route the machine */
 #define IVSHMEM_VENDOR 0x1af4
 #define IVSHMEM_DEVICE 0x1110
 #define IVSHMEM_DOORBELL 12
@@ -122,15 +123,15 @@ void proxy_wake_irq(int c, u32 v)
     wake(&ports[port_of(c)], PROXY_DOORBELL_IRQ_BASE + (u32)ring_of(c) * PROXY_IRQ_VECTORS + v);
 }
 
-/* The proxy crashed (trap.c wrote the record into the control window): every window says so. */
+/* The proxy crashed (trap.c wrote the record into the control window): every window says
+ * so, but only the owner's holds the record (its registers and stack could show another
+ * slot's requests). */
 void proxy_crashed(void)
 {
     for (int p = 0; p <= PROXY_MAX_SLOTS; p++) {
         struct proxy_shared *w = ports[p].win;
         if (!w)
             continue;
-        if (w != shared)
-            memcpy(&w->crash, &shared->crash, sizeof(w->crash));
         mfence();
         w->state = PROXY_STATE_CRASHED;
         for (u32 v = 0; v < PROXY_DOORBELL_VECTORS; v++)
@@ -220,8 +221,8 @@ static u16 open_pci(int p, u64 bdf, u64 dma_base, u64 dma_size, u64 *out)
             d = &devices[i];
     if (!d)
         return PROXY_STATUS_BAD_REQUEST;
-    if (is_window_device(d))
-        return PROXY_STATUS_DENIED;
+    if (is_window_device(d) || (p != 0 && d->class_code == PCI_CLASS_BRIDGE))
+        return PROXY_STATUS_DENIED;     /* a slot's driver gets a device, not the chipset */
     for (int c = 1; c < PROXY_TOTAL_CHANNELS; c++)
         if (channels[c].open && channels[c].device == d)
             return PROXY_STATUS_DENIED;

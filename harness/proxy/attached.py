@@ -119,8 +119,13 @@ class SlotHandles:
                 os.close(fd)
             raise MachineError(f"the owner lent {len(fds)} descriptors, not {vectors + 2}")
         memfd, *self.host_fds, self._kick = fds
-        self.memory = mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        os.close(memfd)
+        try:
+            self.memory = mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        os.close(memfd)                     # the mapping holds the memory
 
     def kick_guest(self, vector: int = 0) -> None:
         os.eventfd_write(self._kick, 1)
@@ -143,9 +148,13 @@ class AttachedBus(WindowBus):
         self.slot = int(hello["slot"])
         self.handles = SlotHandles(fds, int(hello["vectors"]), int(hello["size"]))
         self.machine = RemoteMachine(link, int(hello["qemu_pid"]))
-        abi = load_abi(Path(hello["guest_elf"]))
-        super().__init__(SharedWindow(self.handles, abi, self.machine), ready_timeout)
-        self._domains: dict[int, int] = {}      # ring -> its domain base
+        try:
+            abi = load_abi(Path(hello["guest_elf"]))
+            super().__init__(SharedWindow(self.handles, abi, self.machine, holds_crash=False), ready_timeout)
+        except BaseException:
+            self.machine.close()
+            self.handles.close()
+            raise
 
     def open_channel(self, function: PciFunction, dma_size: int | None = None) -> ProxyChannel:
         dma_size = self.check_domain_size(function, dma_size)
@@ -173,13 +182,15 @@ class AttachedBus(WindowBus):
         self.handles.close()
 
 
-def attach(address: str, wait: float = 0.0, ready_timeout: float = 10.0) -> AttachedBus:
+def attach(address: str, wait: float = 0.0, ready_timeout: float = 10.0, token: str | None = None) -> AttachedBus:
     """Attach to the machine whose owner serves at ``address``: a free driver slot is lent to
     this process (waiting up to ``wait`` seconds for one), and its bus returned.
-    AttachRefused if there is none, or the owner will not have us."""
+    AttachRefused if there is none, or the owner will not have us. ``token``: the devices
+    the owner reserved under it (``ControlServer.reserve``) are this process's to open,
+    and nothing else is."""
     link = OwnerLink(address)
     try:
-        hello, fds = link.call({"op": "hello", "wait": wait})
+        hello, fds = link.call({"op": "hello", "wait": wait, "token": token})
         return AttachedBus(link, hello, fds, ready_timeout)
     except BaseException:
         link.close()

@@ -168,7 +168,7 @@ class ProxyBus(WindowBus):
     @functools.cached_property
     def clock(self) -> GuestClock:
         """Guest TSC → host perf_counter_ns, from the admin channel; call ``clock.calibrate()`` to refine."""
-        return GuestClock(self.admin, self.tsc_hz)
+        return GuestClock(_Locked(self.admin, self._admin_lock), self.tsc_hz)
 
     def _admin(self, op: int, addr: int, value: int, what: str, mask: int = 0, window: int = 0) -> int:
         with self._admin_lock:
@@ -262,6 +262,17 @@ class ProxyBus(WindowBus):
         self.admin.closed = True
         for s in self.slots:
             s.window.release()
+
+
+class _Locked:
+    """The admin channel's NOPs for the clock, taken under the lock the slot server shares."""
+
+    def __init__(self, channel: ProxyChannel, lock: threading.Lock) -> None:
+        self.channel, self.lock = channel, lock
+
+    def guest_time(self) -> int:
+        with self.lock:
+            return self.channel.guest_time()
 
 
 class ProxyMachine(BootedMachine[ProxyBus]):

@@ -23,11 +23,13 @@ class Slot:
         self.n = n
         self.handles = handles
         self.window = window
+        # Read once, at boot, before any driver could write the window: later its control
+        # page says whatever the last driver wrote there.
+        self.phys, self.dma_offset, self.size = (window.field(f) for f in ("window_phys", "dma_offset", "window_size"))
         self.pool = self._fresh_pool()
 
     def _fresh_pool(self) -> DmaPool:
-        w = self.window
-        return DmaPool(memoryview(w.mem), w.field("window_phys"), w.field("dma_offset"), w.field("window_size"))
+        return DmaPool(memoryview(self.window.mem), self.phys, self.dma_offset, self.size)
 
     @property
     def heartbeat(self) -> int:

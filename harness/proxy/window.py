@@ -62,8 +62,9 @@ SLEEP_SLICE = 0.01      # longest single sleep; then liveness is checked again
 class SharedWindow:
     """Typed views of the ivshmem window plus the notification protocol."""
 
-    def __init__(self, handles: WindowHandles, abi: Abi, machine: Liveness) -> None:
+    def __init__(self, handles: WindowHandles, abi: Abi, machine: Liveness, holds_crash: bool = True) -> None:
         self.machine = machine
+        self.holds_crash = holds_crash      # the control window; a slot's says only that it happened
         self.abi = abi
         self.ivshmem = handles
         self.mem = handles.memory
@@ -108,6 +109,9 @@ class SharedWindow:
 
     def check_crash(self) -> None:
         if self.state == self.abi.PROXY_STATE_CRASHED:
+            if not self.holds_crash:
+                raise GuestCrash({}, "the proxy guest crashed; its report is in the control window of the "
+                                     "machine's owner")
             record = self.field("crash")
             raise GuestCrash(record, render_crash(load_elf(self.abi.path), record))
 
