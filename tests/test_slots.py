@@ -344,3 +344,30 @@ def test_the_proxy_checks_the_window_of_every_admin_request(rig) -> None:
             assert card.bar(0).read32(0) == 0x010000ED
     finally:
         attached.close()
+
+
+def test_a_long_batch_yields_its_turn_to_the_other_rings(rig) -> None:
+    """One channel publishes a batch that takes the guest a second or more (256 repeated
+    reads); a single read on another channel, made after it, is answered while that batch
+    is still being served, not after it."""
+    pm = rig[0]
+    bus, abi = pm.bus, pm.abi
+    reads = 10_000 if pm.machine.accel == "tcg" else 100        # the emulating KVM: 100x slower
+    with bus.open(bus.find(vendor=edu.VENDOR, device=edu.DEVICE)) as card, \
+            bus.open(bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE)) as nic:
+        ch = card.channel
+        ident = card.function.bars[0].base
+        size, mask = ch._entry_size, ch._nentries - 1
+        for i in range(ch._nentries):                   # published, not waited for
+            ch._pack(ch._mem, ch._entries + ((ch._head + i) & mask) * size,
+                     abi.PROXY_OP_MMIO_REPEAT, 4, 0, 0, ident, reads, 0, 0)
+        head = ch._post(ch._nentries)
+        while ch._u32[ch._served_idx] == (head - ch._nentries) & 0xFFFFFFFF:
+            pass                                        # the guest has begun it
+        ral = nic.bar(0).read32(RAL0)
+        still_serving = ch._u32[ch._served_idx] != head
+        ch._await(head, 600, "the long batch")
+        statuses = [ch._u16[(ch._entries + i * size + ch._status_off) >> 1] for i in range(ch._nentries)]
+    assert ral == int.from_bytes(bytes.fromhex(MAC.replace(":", ""))[:4], "little")
+    assert still_serving, "the read waited for the whole batch"
+    assert statuses == [abi.PROXY_STATUS_OK] * len(statuses)

@@ -22,7 +22,8 @@
  * A ring is single-producer (host) single-consumer (guest): the host fills
  * entries[submit % PROXY_RING_ENTRIES ...], then advances `submit`; the
  * guest executes every entry in [served, submit), writes status, value and
- * tsc back into the same entry, then advances `served`. A batch is just
+ * tsc back into the same entry, then advances `served` (in steps, when the
+ * batch outlasts its turn: PROXY_TURN_US). A batch is just
  * several entries published by one `submit` store; once one of them fails,
  * the rest of that batch is SKIPPED, so a driver never acts on a failed step.
  */
@@ -51,6 +52,7 @@ enum proxy_limits {
     PROXY_MAX_CAPS = 12,
     PROXY_ISA_MAX_PORTS = 64,       /* largest ISA port range one channel may hold */
     PROXY_POLL_MAX_US = 2000000,    /* longest guest-side poll */
+    PROXY_TURN_US = 1000,           /* a ring's turn: a longer batch yields to the other rings, then goes on */
     PROXY_REPEAT_MAX = 1000000,     /* longest native timing loop */
     PROXY_DMA_OFFSET = 0x100000,    /* DMA pool starts 1 MiB into the window */
     PROXY_HOST_PEER = 0,            /* ivshmem peer id of the host harness */

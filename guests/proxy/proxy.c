@@ -39,6 +39,8 @@ struct channel {
     u64 isa_base, isa_ports;                    /* ISA: bit n of isa_ports grants port isa_base + n */
     u32 faults_reported;                        /* dma_faults[c].count the host has been told of */
     u32 served;                                 /* private copy; the ring's is only a report */
+    u32 batch_end;                              /* the batch being served: its submit */
+    u16 failed, first;                          /* a request of it failed; what its first gets */
 };
 
 /* One ivshmem window: the control window (0) or driver slot n. */
@@ -53,6 +55,8 @@ static const struct proxy_pci_device *devices;
 static int ndevices;
 static struct port ports[1 + PROXY_MAX_SLOTS];
 static struct channel channels[PROXY_TOTAL_CHANNELS];
+static u32 backlog[1 + PROXY_MAX_SLOTS];        /* per window: rings whose batch outlasted its turn */
+static u64 turn_ticks;                          /* PROXY_TURN_US in TSC ticks */
 
 static int port_of(int c) { return c < PROXY_MAX_CHANNELS ? 0 : 1 + (c - PROXY_MAX_CHANNELS) / PROXY_SLOT_CHANNELS; }
 static int ring_of(int c) { return c < PROXY_MAX_CHANNELS ? c : (c - PROXY_MAX_CHANNELS) % PROXY_SLOT_CHANNELS; }
@@ -147,6 +151,7 @@ static struct channel *fresh_channel(int c)
 {
     struct proxy_shared *w = window_of(c);
     memset(&channels[c], 0, sizeof(channels[c]));
+    backlog[port_of(c)] &= ~(1u << ring_of(c));
     memset(&w->dma_faults[ring_of(c)], 0, sizeof(w->dma_faults[0]));
     channels[c].served = READ_ONCE(w->rings[ring_of(c)].submit);
     WRITE_ONCE(w->rings[ring_of(c)].served, channels[c].served);
@@ -704,49 +709,84 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
 /* The words of a request the host writes: op through expect. */
 #define REQUEST_WORDS (__builtin_offsetof(struct proxy_request, expect) / 8 + 1)
 
-/* Execute everything the host has published on channel c. Returns whether there was any. */
+static void set_backlog(int c, int left)
+{
+    u32 bit = 1u << ring_of(c);
+    backlog[port_of(c)] = left ? backlog[port_of(c)] | bit : backlog[port_of(c)] & ~bit;
+}
+
+/*
+ * Execute what the host has published on channel c: a batch, or what a turn of
+ * PROXY_TURN_US left of one. A batch that outlasts its turn is kept (the ring's bit
+ * in `backlog`) and resumed next round, after every other ring has had its turn, so
+ * one driver's long batch delays the others by a turn, not by all of it; a single
+ * request still runs to its end (a poll for up to PROXY_POLL_MAX_US). Once a request
+ * of the batch fails, the rest of it is skipped, across turns too. Returns whether
+ * there was anything to do.
+ */
 static int serve(int c)
 {
     struct proxy_shared *w = window_of(c);
     struct proxy_ring *r = &w->rings[ring_of(c)];
     struct channel *ch = &channels[c];
-    u32 submit = READ_ONCE(r->submit);
-    if (submit == ch->served)
-        return 0;
+    int resuming = backlog[port_of(c)] >> ring_of(c) & 1;
     if (c != 0 && !ch->open) {
+        set_backlog(c, 0);
+        u32 submit = READ_ONCE(r->submit);
+        if (submit == ch->served)
+            return 0;
         ch->served = submit;            /* nobody may use a closed channel: drop it */
-    } else if (submit - ch->served > PROXY_RING_ENTRIES) {
-        ch->served = submit;            /* the host broke the protocol; resynchronise */
-    } else {
-        u16 failed = 0;
-        u32 served = ch->served;
+        goto publish;
+    }
+    if (!resuming) {
+        u32 submit = READ_ONCE(r->submit);
+        if (submit == ch->served)
+            return 0;
+        if (submit - ch->served > PROXY_RING_ENTRIES) {
+            ch->served = submit;        /* the host broke the protocol; resynchronise */
+            goto publish;
+        }
         u32 faults = READ_ONCE(w->dma_faults[ring_of(c)].count);
-        u16 first = PROXY_STATUS_OK;
+        ch->batch_end = submit;
+        ch->failed = 0;
+        ch->first = PROXY_STATUS_OK;
         if (c != 0 && faults != ch->faults_reported) {
             ch->faults_reported = faults;   /* told once, on the batch after the fault */
-            first = PROXY_STATUS_DMA_FAULT;
+            ch->first = PROXY_STATUS_DMA_FAULT;
         }
-        shared->served_total += submit - served;
-        for (; served != submit; served++) {
-            struct proxy_request *slot = &r->entries[served % PROXY_RING_ENTRIES];
-            /* Take the request once (the host could rewrite it under us), by words:
-             * under an emulating hypervisor every instruction here costs microseconds. */
-            struct proxy_request rq;
-            const volatile u64 *from = (const volatile u64 *)slot;
-            u64 *to = (u64 *)&rq;
-            for (unsigned w = 0; w < REQUEST_WORDS; w++)
-                to[w] = from[w];
-            u64 value = 0;
-            slot->start_tsc = rdtsc();
-            u16 status = failed ? PROXY_STATUS_SKIPPED : first != PROXY_STATUS_OK ? first : execute(c, &rq, &value);
-            if (status != PROXY_STATUS_OK)
-                failed = 1;
-            slot->value = value;
-            barrier();
-            WRITE_ONCE(slot->status, status);
-        }
-        ch->served = served;
+        shared->served_total += submit - ch->served;
     }
+    u32 served = ch->served, end = ch->batch_end;
+    u64 turn_end = rdtsc() + turn_ticks;
+    for (; served != end; served++) {
+        struct proxy_request *slot = &r->entries[served % PROXY_RING_ENTRIES];
+        u64 now = rdtsc();
+        if (served != ch->served && now > turn_end)
+            break;                      /* at least one request a turn, then the others' turn */
+        /* Take the request once (the host could rewrite it under us), by words:
+         * under an emulating hypervisor every instruction here costs microseconds. */
+        struct proxy_request rq;
+        const volatile u64 *from = (const volatile u64 *)slot;
+        u64 *to = (u64 *)&rq;
+        for (unsigned i = 0; i < REQUEST_WORDS; i++)
+            to[i] = from[i];
+        u64 value = 0;
+        slot->start_tsc = now;
+        u16 status = ch->failed ? PROXY_STATUS_SKIPPED
+                   : ch->first != PROXY_STATUS_OK ? ch->first : execute(c, &rq, &value);
+        if (status != PROXY_STATUS_OK)
+            ch->failed = 1;
+        slot->value = value;
+        barrier();
+        WRITE_ONCE(slot->status, status);
+    }
+    ch->served = served;
+    set_backlog(c, served != end);
+    if (served != end) {
+        WRITE_ONCE(r->served, served);  /* progress; the host waits for all of it */
+        return 1;
+    }
+publish:
     WRITE_ONCE(r->served, ch->served);
     wake(&ports[port_of(c)], (u32)ring_of(c));
     return 1;
@@ -779,13 +819,15 @@ static int serve_port(int p)
      * they are only garbage its driver wrote. */
     struct proxy_shared *w = ports[p].win;
     u64 posted = READ_ONCE(*(volatile u64 *)w->ring_posted);
+    u32 left = backlog[p];
     int busy = 0;
-    for (int k = 0; posted; k++, posted >>= 8) {
-        if (!(posted & 0xFF))
-            continue;
-        WRITE_ONCE(w->ring_posted[k], 0);
-        mfence();
-        if (k < nchannels(p))
+    for (int k = 0; posted || left; k++, posted >>= 8, left >>= 1) {
+        int flagged = (posted & 0xFF) != 0;
+        if (flagged) {
+            WRITE_ONCE(w->ring_posted[k], 0);
+            mfence();
+        }
+        if ((flagged || (left & 1)) && k < nchannels(p))
             busy |= serve(first_channel(p) + k);
     }
     return busy;
@@ -821,6 +863,7 @@ void proxy_init(const struct proxy_pci_device *table, int n)
         panic("proxy_init: no control window (an ivshmem-doorbell whose slot is 0)");
     shared = ports[0].win;
     channels[0].open = 1;
+    turn_ticks = tsc_hz / 1000000 * PROXY_TURN_US;
     for (int p = PROXY_MAX_SLOTS; p >= 0; p--)       /* the control window last: READY means all are */
         if (ports[p].win)
             publish(p);
