@@ -428,7 +428,7 @@ def type_and_decode(pm: ProxyMachine, keyboard, tokens: list[str], idle: float =
 
     def typist_run() -> None:
         try:
-            type_keys(pm.machine, tokens)
+            type_keys(pm.machine, tokens, released=lambda: keyboard.releases)
         except BaseException as exc:
             failed.append(exc)
     typist = threading.Thread(target=typist_run)

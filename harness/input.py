@@ -7,7 +7,7 @@ makes the keyboard and mouse produce real bytes.
 from __future__ import annotations
 
 import time
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from .machine import Machine
 
@@ -68,15 +68,25 @@ def keystrokes(tokens: Iterable[str]) -> list[list[dict[str, object]]]:
 TYPING_PACE = 0.01     # seconds between keys: a fast typist, and no faster
 
 
-def type_keys(machine: Machine, tokens: Iterable[str], pace: float = TYPING_PACE) -> None:
+def type_keys(machine: Machine, tokens: Iterable[str], pace: float = TYPING_PACE,
+              released: Callable[[], int] | None = None, patience: float = 30.0) -> None:
     """Press and release every token's keys, in order, one QMP command per token.
 
     Paced like a person: a PS/2 keyboard holds only 16 bytes (QEMU's
     PS2_QUEUE_SIZE, as the protocol requires) and drops the rest, so keys
     fired faster than the driver drains them would be lost by the keyboard.
+    A clock alone is not enough on a loaded machine (a shifted key is nine
+    bytes: two of them overflow the queue), so with ``released`` (how many key
+    releases the driver has decoded so far) each token first waits until the
+    driver has read the last one's, for up to ``patience`` seconds.
     """
+    sent = 0
     for events in keystrokes(tokens):
+        deadline = time.monotonic() + patience
+        while released is not None and released() < sent and time.monotonic() < deadline:
+            time.sleep(0.002)
         machine.qmp("input-send-event", events=events)
+        sent += sum(1 for e in events if not e["data"]["down"])   # type: ignore[index]
         time.sleep(pace)
 
 

@@ -39,7 +39,8 @@ def while_injecting(inject, read_events) -> list:  # type: ignore[no-untyped-def
 
 
 def typed(pm: ProxyMachine, keyboard: Keyboard, tokens: list[str]) -> list:
-    return while_injecting(lambda: type_keys(pm.machine, tokens), keyboard.events)
+    return while_injecting(lambda: type_keys(pm.machine, tokens, released=lambda: keyboard.releases),
+                           keyboard.events)
 
 
 def test_controller_and_devices_identify_themselves(ps2) -> None:

@@ -108,6 +108,7 @@ class Keyboard:
         self.c = controller
         self.decoder = Decoder()
         self.leds = Led(0)
+        self.releases = 0           # key releases decoded so far: how far the driver has read
 
     def reset(self, timeout: float = 2.0) -> None:
         """Reset and wait for the basic assurance test to pass (0xAA)."""
@@ -162,6 +163,7 @@ class Keyboard:
                 continue
             if event.key in LOCKS and event.pressed and self.decoder.leds != self.leds:
                 self.set_leds(self.decoder.leds)
+            self.releases += not event.pressed
             yield event
 
     def read_text(self, idle: float) -> str:
