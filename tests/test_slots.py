@@ -371,3 +371,30 @@ def test_a_long_batch_yields_its_turn_to_the_other_rings(rig) -> None:
     assert ral == int.from_bytes(bytes.fromhex(MAC.replace(":", ""))[:4], "little")
     assert still_serving, "the read waited for the whole batch"
     assert statuses == [abi.PROXY_STATUS_OK] * len(statuses)
+
+
+def test_boot_serve_lets_a_second_terminal_attach(hwharness_accel: str) -> None:
+    """`hwharness boot --serve` as the README shows it: the address it prints is attached to
+    from here, the e1000 read through the slot, and Ctrl-C (SIGINT) stops it cleanly."""
+    boot = subprocess.Popen([sys.executable, "-m", "harness.cli", "boot", "--serve", "--accel", hwharness_accel],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert boot.stdout is not None
+        address = None
+        for line in boot.stdout:
+            if "harness.attach(" in line:
+                address = line.split("harness.attach(")[1].split(")")[0].strip("'")
+                break
+        assert address, "boot --serve never printed an address"
+        bus = attach(address)
+        try:
+            with bus.open(bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE)) as nic:
+                assert nic.bar(0).read32(0x8) & 0x2, "STATUS says link up (8254x 13.4.2)"
+        finally:
+            bus.close()
+        boot.send_signal(signal.SIGINT)
+        assert boot.wait(60) == 0
+    finally:
+        if boot.poll() is None:
+            boot.kill()
+            boot.wait()
