@@ -398,3 +398,24 @@ def test_boot_serve_lets_a_second_terminal_attach(hwharness_accel: str) -> None:
         if boot.poll() is None:
             boot.kill()
             boot.wait()
+
+
+def test_a_port_channel_takes_only_the_irqs_of_its_devices(rig) -> None:
+    """The i8042's ports come with IRQs 1 and 12, and no others: a driver holding them cannot
+    watch another device's interrupt (the RTC's 8, a printer's 7), from any window."""
+    from harness.access import IrqMode
+    from harness.errors import AccessDenied
+    pm = rig[0]
+    attached = attach(pm.serve().address)
+    try:
+        for bus in (pm.bus, attached):
+            ports = bus.ports(0x60, 5)
+            try:
+                for foreign in ((8,), (7,), (1, 8)):
+                    with pytest.raises(AccessDenied):
+                        ports.channel.interrupt(IrqMode.ISA, isa_irqs=foreign)
+                ports.channel.interrupt(IrqMode.ISA, isa_irqs=(1, 12)).close()
+            finally:
+                ports.channel.close()
+    finally:
+        attached.close()

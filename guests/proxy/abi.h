@@ -117,8 +117,9 @@ enum proxy_op {
     PROXY_OP_OPEN_PCI = 32,         /* addr = bus << 8 | dev << 3 | fn, value = DMA domain base (IOVA),
                                        mask = its size (0: none), expect = the window (0: control,
                                        n: slot n); value := the channel's ring in that window */
-    PROXY_OP_OPEN_ISA = 33,         /* addr = first port, value = count, mask = bit n grants port
-                                       addr + n (0: all of them), expect = the window; value := ring */
+    PROXY_OP_OPEN_ISA = 33,         /* addr = first port, value = count | the ISA IRQs the channel may
+                                       take (bit n: IRQ n) << 16, mask = bit n grants port addr + n
+                                       (0: all of them), expect = the window; value := ring */
     PROXY_OP_CLOSE = 34,            /* addr = ring, expect = the window */
     PROXY_OP_CRASH = 35,            /* value = PROXY_CRASH_MAGIC, addr = enum proxy_crash_kind */
     PROXY_OP_SLOT_REVOKE = 36,      /* addr = slot: close every channel it holds */

@@ -37,6 +37,7 @@ struct channel {
     int nmmio, npio, nmmio_readonly, ncfg_readonly;
     struct window dma;                          /* the device's DMA domain (IOVA = guest-physical) */
     u64 isa_base, isa_ports;                    /* ISA: bit n of isa_ports grants port isa_base + n */
+    u64 isa_irqs;                               /* ISA: the IRQs of the devices whose ports it holds */
     u32 faults_reported;                        /* dma_faults[c].count the host has been told of */
     u32 served;                                 /* private copy; the ring's is only a report */
     u32 batch_end;                              /* the batch being served: its submit */
@@ -257,7 +258,7 @@ static u16 open_pci(int p, u64 bdf, u64 dma_base, u64 dma_size, u64 *out)
     return PROXY_STATUS_OK;
 }
 
-static u16 open_isa(int p, u64 base, u64 count, u64 grant, u64 *out)
+static u16 open_isa(int p, u64 base, u64 count, u64 grant, u64 irqs, u64 *out)
 {
     if (count == 0 || count > PROXY_ISA_MAX_PORTS || base >= 0x10000 || base + count > 0x10000)
         return PROXY_STATUS_BAD_REQUEST;
@@ -288,6 +289,7 @@ static u16 open_isa(int p, u64 base, u64 count, u64 grant, u64 *out)
     struct channel *ch = fresh_channel(c);
     ch->isa_base = base;
     ch->isa_ports = grant;
+    ch->isa_irqs = irqs;
     ch->open = 1;
     *out = (u64)ring_of(c);
     return PROXY_STATUS_OK;
@@ -490,7 +492,7 @@ static u16 admin(int c, const struct proxy_request *rq, u64 *value)
     case PROXY_OP_OPEN_ISA:
         if (rq->expect > PROXY_MAX_SLOTS || !ports[rq->expect].win)
             return PROXY_STATUS_BAD_REQUEST;
-        return open_isa((int)rq->expect, rq->addr, rq->value, rq->mask, value);
+        return open_isa((int)rq->expect, rq->addr, rq->value & 0xffff, rq->mask, rq->value >> 16 & 0xffff, value);
     case PROXY_OP_CLOSE: {
         int target = channel_at(rq->expect, rq->addr);
         if (target < 0 || !channels[target].open)
@@ -532,8 +534,8 @@ static u16 interrupt_op(int c, const struct proxy_request *rq)
             return ch->device ? irq_enable_msi(c, ch->device, rq->value) : PROXY_STATUS_DENIED;
         if (rq->addr == PROXY_IRQ_MSIX)
             return ch->device ? irq_enable_msix(c, ch->device, rq->value) : PROXY_STATUS_DENIED;
-        if (rq->addr == PROXY_IRQ_ISA)
-            return ch->device ? PROXY_STATUS_DENIED : irq_enable_isa(c, rq->value);
+        if (rq->addr == PROXY_IRQ_ISA)          /* only the IRQs of the devices whose ports it holds */
+            return ch->device || rq->value & ~ch->isa_irqs ? PROXY_STATUS_DENIED : irq_enable_isa(c, rq->value);
         return PROXY_STATUS_BAD_REQUEST;
     case PROXY_OP_IRQ_ACK:
         return irq_ack(c);

@@ -22,6 +22,7 @@ from .spec import MachineSpec
 class LegacyDevice:
     name: str
     ports: tuple[int, ...]
+    irqs: tuple[int, ...] = ()
 
     def __str__(self) -> str:
         ps = self.ports
@@ -30,9 +31,10 @@ class LegacyDevice:
         return f"{self.name} at {span}"
 
 
-BUILT_IN = (LegacyDevice("i8042", (0x60, 0x64)), LegacyDevice("rtc", (0x70, 0x71)))
-PARALLEL_BASES = (0x378, 0x278, 0x3BC)              # by index
+BUILT_IN = (LegacyDevice("i8042", (0x60, 0x64), (1, 12)), LegacyDevice("rtc", (0x70, 0x71), (8,)))
+PARALLEL_BASES = (0x378, 0x278, 0x3BC)              # by index; every one's IRQ is 7 unless told
 SERIAL_BASES = (0x3F8, 0x2F8, 0x3E8, 0x2E8)         # by index
+SERIAL_IRQS = (4, 3, 4, 3)                          # by index
 
 
 def _int(value: object) -> int:
@@ -43,10 +45,11 @@ def _spec_device(driver: str, props: dict[str, object], index: int) -> LegacyDev
     """The ports of one ``-device`` option, if it is a legacy device; ``index`` counts its kind."""
     if driver == "isa-parallel":
         base = _int(props["iobase"]) if "iobase" in props else PARALLEL_BASES[_int(props.get("index", index))]
-        return LegacyDevice("isa-parallel", tuple(range(base, base + 3)))
+        return LegacyDevice("isa-parallel", tuple(range(base, base + 3)), (_int(props.get("irq", 7)),))
     if driver == "isa-serial":
-        base = _int(props["iobase"]) if "iobase" in props else SERIAL_BASES[_int(props.get("index", index + 1))]
-        return LegacyDevice("isa-serial", tuple(range(base, base + 8)))
+        n = _int(props.get("index", index + 1))
+        base = _int(props["iobase"]) if "iobase" in props else SERIAL_BASES[n]
+        return LegacyDevice("isa-serial", tuple(range(base, base + 8)), (_int(props.get("irq", SERIAL_IRQS[n])),))
     if driver == "isa-debugcon":
         return LegacyDevice("isa-debugcon", (_int(props.get("iobase", 0xE9)),))
     if driver == "isa-debug-exit":
@@ -67,6 +70,13 @@ def legacy_devices(spec: MachineSpec) -> list[LegacyDevice]:
         if device:
             found.append(device)
     return found
+
+
+def irqs_of(spec: MachineSpec, base: int, count: int) -> int:
+    """The ISA IRQs (bit n: IRQ n) of the legacy devices with a port in ``base .. base + count - 1``:
+    the interrupts a channel holding those ports may take."""
+    return sum({1 << irq for d in legacy_devices(spec) if any(base <= p < base + count for p in d.ports)
+                for irq in d.irqs})
 
 
 def grantable(spec: MachineSpec, base: int, count: int, reserved: Sequence[str] = ()) -> tuple[int, str]:

@@ -14,7 +14,7 @@ from ..access import Bar, Bus, PciFunction
 from ..errors import AbiError, AccessDenied, ProxyError
 from ..machine import Machine, MachineSpec
 from ..machine.booted import BootedMachine
-from ..machine.legacy import grantable
+from ..machine.legacy import grantable, irqs_of
 from .abi import Abi, load_abi
 from .channel import ProxyChannel
 from .clock import GuestClock
@@ -210,7 +210,8 @@ class ProxyBus(WindowBus):
         mask, why = grantable(self.machine.spec, base, count, self.abi.reserved_ports(base, count))
         if not mask:
             raise AccessDenied(f"{what}: {why}", self.abi.PROXY_STATUS_DENIED)
-        return self._admin(self.abi.PROXY_OP_OPEN_ISA, base, count, what, mask=mask, window=slot)
+        irqs = irqs_of(self.machine.spec, base, count)
+        return self._admin(self.abi.PROXY_OP_OPEN_ISA, base, count | irqs << 16, what, mask=mask, window=slot)
 
     def revoke(self, ring: int, domain_base: int = 0, slot: int = 0) -> None:
         """Close a ring's channel (the proxy turns bus mastering off and unmaps its domain),
