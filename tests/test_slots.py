@@ -419,3 +419,34 @@ def test_a_port_channel_takes_only_the_irqs_of_its_devices(rig) -> None:
                 ports.channel.close()
     finally:
         attached.close()
+
+
+def test_a_poll_lends_its_turn_while_it_waits(rig) -> None:
+    """One channel waits guest-side for something that never comes (a poll that will time
+    out); a read on another channel, made after the poll began, is answered before the poll
+    ends. A slot may not run the owner's timing loops at all."""
+    pm = rig[0]
+    bus, abi = pm.bus, pm.abi
+    with bus.open(bus.find(vendor=edu.VENDOR, device=edu.DEVICE)) as card, \
+            bus.open(bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE)) as nic:
+        ch = card.channel
+        ident = card.function.bars[0].base
+        slot = ch._entries + (ch._head & (ch._nentries - 1)) * ch._entry_size
+        ch._pack(ch._mem, slot, abi.PROXY_OP_MMIO_POLL, 4, 0, 1_500_000, ident, 0, 0xFFFFFFFF, 0x12345678)
+        head = ch._post(1)
+        while ch._mem[ch._posted]:                      # until the guest has taken it up
+            pass
+        ral = nic.bar(0).read32(RAL0)
+        still_polling = ch._u32[ch._served_idx] != head
+        ch._await(head, 30, "the poll")
+        status = ch._u16[(slot + ch._status_off) >> 1]
+    assert ral == int.from_bytes(bytes.fromhex(MAC.replace(":", ""))[:4], "little")
+    assert still_polling, "the read waited for the poll to time out"
+    assert status == abi.PROXY_STATUS_TIMEOUT
+    attached = attach(pm.serve().address)
+    try:
+        with attached.open(attached.find(vendor=edu.VENDOR, device=edu.DEVICE)) as card:
+            with pytest.raises(Exception, match="DENIED"):
+                card.channel.repeat_read(card.bar(0).space, card.function.bars[0].base, 4, 10)
+    finally:
+        attached.close()

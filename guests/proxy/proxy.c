@@ -42,6 +42,7 @@ struct channel {
     u32 served;                                 /* private copy; the ring's is only a report */
     u32 batch_end;                              /* the batch being served: its submit */
     u16 failed, first;                          /* a request of it failed; what its first gets */
+    u32 generation;                             /* new at every open and close */
 };
 
 /* One ivshmem window: the control window (0) or driver slot n. */
@@ -58,6 +59,8 @@ static struct port ports[1 + PROXY_MAX_SLOTS];
 static struct channel channels[PROXY_TOTAL_CHANNELS];
 static u32 backlog[1 + PROXY_MAX_SLOTS];        /* per window: rings whose batch outlasted its turn */
 static u64 turn_ticks;                          /* PROXY_TURN_US in TSC ticks */
+static u32 generations;                         /* for channel.generation */
+static int polling = -1;                        /* the channel whose poll lends its turn, or -1 */
 
 static int port_of(int c) { return c < PROXY_MAX_CHANNELS ? 0 : 1 + (c - PROXY_MAX_CHANNELS) / PROXY_SLOT_CHANNELS; }
 static int ring_of(int c) { return c < PROXY_MAX_CHANNELS ? c : (c - PROXY_MAX_CHANNELS) % PROXY_SLOT_CHANNELS; }
@@ -152,6 +155,7 @@ static struct channel *fresh_channel(int c)
 {
     struct proxy_shared *w = window_of(c);
     memset(&channels[c], 0, sizeof(channels[c]));
+    channels[c].generation = ++generations;
     backlog[port_of(c)] &= ~(1u << ring_of(c));
     memset(&w->dma_faults[ring_of(c)], 0, sizeof(w->dma_faults[0]));
     channels[c].served = READ_ONCE(w->rings[ring_of(c)].submit);
@@ -391,18 +395,34 @@ static u16 check_access(const struct channel *ch, u8 kind, u64 addr, u8 width)
     return PROXY_STATUS_OK;
 }
 
-static u16 poll(const struct proxy_request *rq, u8 kind, u64 *value)
+static void others_turn(int c);
+
+/*
+ * Read until (value & mask) == expect (or != for a CHANGE poll), or the timeout. Every
+ * turn of waiting, the other rings are served (others_turn): one driver's long wait
+ * does not stall the rest. If its channel is closed meanwhile (the owner revoked it),
+ * the poll ends at once.
+ */
+static u16 poll(int c, const struct proxy_request *rq, u8 kind, u64 *value)
 {
     if (rq->timeout_us > PROXY_POLL_MAX_US)
         return PROXY_STATUS_BAD_REQUEST;
-    u64 deadline = rdtsc() + rq->timeout_us * tsc_hz / 1000000;
+    u64 now = rdtsc(), deadline = now + rq->timeout_us * tsc_hz / 1000000, turn = now + turn_ticks;
+    u32 generation = channels[c].generation;
     int until_change = (kind & ACCESS_CHANGE) != 0;
     for (;;) {
         *value = space_read(kind, rq->addr, rq->width);
         if (((*value & rq->mask) == rq->expect) != until_change)
             return PROXY_STATUS_OK;
-        if (rdtsc() >= deadline)
+        now = rdtsc();
+        if (now >= deadline)
             return PROXY_STATUS_TIMEOUT;
+        if (now >= turn) {
+            others_turn(c);
+            if (channels[c].generation != generation)
+                return PROXY_STATUS_FAULT;
+            turn = rdtsc() + turn_ticks;
+        }
     }
 }
 
@@ -429,6 +449,7 @@ static void close_channel(struct channel *ch, int c)
     }
     ch->dma = (struct window){ 0, 0 };
     ch->open = 0;
+    ch->generation = ++generations;
 }
 
 /* The IOMMU refused a DMA of device `source_id`: tell its channel (interrupts are off here). */
@@ -556,7 +577,8 @@ static u16 interrupt_op(int c, const struct proxy_request *rq)
 static void *loop_block(int c, const struct proxy_request *rq, void *copy, u32 size)
 {
     const struct channel *ch = &channels[c];
-    if (c == 0 || !ch->device || !ch->nmmio || !in_window(&ch->dma, rq->addr, size) || rq->addr & 7)
+    if (c == 0 || c >= PROXY_MAX_CHANNELS       /* the baselines hold the proxy: the owner's benches only */
+        || !ch->device || !ch->nmmio || !in_window(&ch->dma, rq->addr, size) || rq->addr & 7)
         return NULL;
     memcpy(copy, (const void *)(unsigned long)rq->addr, size);
     return (void *)(unsigned long)rq->addr;
@@ -688,9 +710,9 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
     if (st != PROXY_STATUS_OK)
         return st;
     if (kind & ACCESS_POLL)
-        return poll(rq, kind, value);
-    if (kind & ACCESS_REPEAT)
-        return repeat(rq, kind, value);
+        return poll(c, rq, kind, value);
+    if (kind & ACCESS_REPEAT)           /* a timing loop that holds the proxy: the owner's benches only */
+        return c < PROXY_MAX_CHANNELS ? repeat(rq, kind, value) : PROXY_STATUS_DENIED;
     if (kind & ACCESS_CFG) {
         const struct proxy_pci_device *d = ch->device;
         if (kind & ACCESS_WRITE)
@@ -758,7 +780,7 @@ static int serve(int c)
         }
         shared->served_total += submit - ch->served;
     }
-    u32 served = ch->served, end = ch->batch_end;
+    u32 served = ch->served, end = ch->batch_end, generation = ch->generation;
     u64 turn_end = rdtsc() + turn_ticks;
     for (; served != end; served++) {
         struct proxy_request *slot = &r->entries[served % PROXY_RING_ENTRIES];
@@ -776,6 +798,10 @@ static int serve(int c)
         slot->start_tsc = now;
         u16 status = ch->failed ? PROXY_STATUS_SKIPPED
                    : ch->first != PROXY_STATUS_OK ? ch->first : execute(c, &rq, &value);
+        if (ch->generation != generation) {
+            set_backlog(c, 0);          /* closed while it ran: the ring is no longer its to write */
+            return 1;
+        }
         if (status != PROXY_STATUS_OK)
             ch->failed = 1;
         slot->value = value;
@@ -823,8 +849,10 @@ static int serve_port(int p)
     u64 posted = READ_ONCE(*(volatile u64 *)w->ring_posted);
     u32 left = backlog[p];
     int busy = 0;
-    for (int k = 0; posted || left; k++, posted >>= 8, left >>= 1) {
+    for (int k = 0; k < PROXY_MAX_CHANNELS && (posted || left); k++, posted >>= 8, left >>= 1) {
         int flagged = (posted & 0xFF) != 0;
+        if (k < nchannels(p) && first_channel(p) + k == polling)
+            continue;                   /* it is in the middle of a request: its ring waits */
         if (flagged) {
             WRITE_ONCE(w->ring_posted[k], 0);
             mfence();
@@ -833,6 +861,18 @@ static int serve_port(int p)
             busy |= serve(first_channel(p) + k);
     }
     return busy;
+}
+
+/* A turn for every other ring, lent by channel c's poll; a poll inside it lends none. */
+static void others_turn(int c)
+{
+    if (polling >= 0)
+        return;
+    polling = c;
+    for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
+        if (ports[p].win)
+            serve_port(p);
+    polling = -1;
 }
 
 /*
