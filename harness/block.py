@@ -64,15 +64,24 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 from .access import Deadline
 from .errors import HarnessError
 
-if TYPE_CHECKING:       # the protocol lives with the block file; a type-only import keeps harness free of drivers
-    from drivers.ahci.blockfile import BlockDevice
-
 log = logging.getLogger(__name__)
+
+
+class BlockDevice(Protocol):
+    """A disk as every block-level user here takes it: an AHCI port, an NVMe namespace, a
+    BlockClient (drivers.ahci.blockfile.BlockFile makes any of them a file)."""
+
+    sector_size: int
+    size: int
+
+    def read(self, lba: int, count: int) -> bytes: ...
+    def write(self, lba: int, data: bytes) -> None: ...
+    def flush(self) -> None: ...
 
 REQUEST = struct.Struct("<IIQQI")       # magic, op, id, lba, count
 REPLY = struct.Struct("<IIQI")          # magic, status, id, length
@@ -213,7 +222,7 @@ class BlockServer:
     ``accepted`` and ``flushes`` count connections and flushes.
     """
 
-    def __init__(self, device: "BlockDevice", listener: socket.socket,
+    def __init__(self, device: BlockDevice, listener: socket.socket,
                  beat: Callable[[], None] | None = None,
                  request_errors: tuple[type[BaseException], ...] = (OSError,)) -> None:
         self.device = device

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import io
-from typing import Protocol
 
+from harness.block import BlockDevice
 
-class BlockDevice(Protocol):
-    sector_size: int
-    size: int
-
-    def read(self, lba: int, count: int) -> bytes: ...
-    def write(self, lba: int, data: bytes) -> None: ...
-    def flush(self) -> None: ...
+__all__ = ["BlockDevice", "BlockFile"]
 
 
 class BlockFile(io.RawIOBase):
