@@ -194,7 +194,7 @@ class ControlServer:
             except OSError:
                 return
             t = threading.Thread(target=self._serve, args=(conn,), name="hwharness-control-peer", daemon=True)
-            self._threads.append(t)
+            self._threads = [self._threads[0], *(p for p in self._threads[1:] if p.is_alive()), t]
             t.start()
 
     def _serve(self, conn: socket.socket) -> None:
