@@ -532,6 +532,12 @@ class Device:
         """The device's interrupt: INTx (level, shareable) or MSI."""
         return self.channel.interrupt(mode)
 
+    def enable_decoding(self) -> None:
+        """Turn on memory decoding (PCI command register), not DMA: the device answers at its
+        memory BARs. Reset it before ``enable_dma()``: a device a killed driver left running
+        would otherwise go on with its old rings the moment it may DMA again."""
+        self.config.write16(PCI_COMMAND, self.config.read16(PCI_COMMAND) | PCI_COMMAND_MEMORY)
+
     def enable_dma(self) -> None:
         """Turn on memory decoding and bus mastering (PCI command register): the device may
         then answer at its memory BARs and DMA into its domain."""

@@ -450,3 +450,4 @@ def test_a_poll_lends_its_turn_while_it_waits(rig) -> None:
                 card.channel.repeat_read(card.bar(0).space, card.function.bars[0].base, 4, 10)
     finally:
         attached.close()
+

@@ -96,11 +96,12 @@ class Ahci:
         self.regs.name_registers(Hba)
         self.timeout = timeout
         self.irq = device.irq(IrqMode.MSI) if interrupts else None
-        device.enable_dma()
+        device.enable_decoding()        # no DMA until the reset: commands a killed driver left in flight
         self.regs.write32(Hba.GHC, self.regs.read32(Hba.GHC) | Ghc.AE)
         self.regs.write32(Hba.GHC, Ghc.HR | Ghc.AE)              # HBA reset (AHCI 10.4.3)
         self.regs.wait32(Hba.GHC, Ghc.HR, 0, timeout,
                          lambda detail, last: DiskError(f"the HBA did not come out of reset: {detail}", last, 0))
+        device.enable_dma()
         self.regs.write32(Hba.GHC, Ghc.AE | (Ghc.IE if interrupts else 0))
         self.cap = Cap(self.regs.read32(Hba.CAP))
         self.slots = ((self.cap >> CAP_NCS_SHIFT) & CAP_NCS_MASK) + 1

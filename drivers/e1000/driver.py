@@ -89,10 +89,11 @@ class E1000:
 
     def reset_and_init(self, itr: int = 0) -> None:
         r = self.regs
-        self.dev.enable_dma()
-        r.write32(Reg.IMC, 0xFFFFFFFF)                      # 14.4: no interrupts during set-up
+        self.dev.enable_decoding()                          # no DMA until the reset: a NIC a killed
+        r.write32(Reg.IMC, 0xFFFFFFFF)                      # driver left running still has its rings
         r.write32(Reg.CTRL, r.read32(Reg.CTRL) | Ctrl.RST)  # 14.3: global reset
         self._wait(Reg.CTRL, Ctrl.RST, 0, "the reset to finish")
+        self.dev.enable_dma()
         r.write32(Reg.IMC, 0xFFFFFFFF)
         r.read32(Reg.ICR)
         self.mac = self.read_mac()                          # 5.6: EEPROM words 0-2

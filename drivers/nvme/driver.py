@@ -34,7 +34,6 @@ from .regs import (CQ_IEN, CQ_PC, CQE, CQE_STATUS_WORD, CQE_WORDS, CC_IOCQES_SHI
 log = logging.getLogger(__name__)
 
 CLASS_STORAGE, SUBCLASS_NVM, PROG_IF_NVME = 0x01, 0x08, 0x02
-PCI_COMMAND, PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x04, 0x2, 0x4
 ADMIN_ENTRIES = 32
 IO_ENTRIES = 64                     # per I/O queue: 63 commands in flight
 PRP_LIST_ENTRIES = PAGE // 8        # one list page per command: 2 MiB at most
@@ -396,8 +395,7 @@ class Nvme:
         most = 3 if interrupts else 16      # with interrupts: the admin queue's vector and one each
         if not 1 <= queues <= most or not 2 <= entries <= cap_mqes(self.cap):
             raise ValueError(f"1 to {most} I/O queues of 2 to {cap_mqes(self.cap)} entries, not {queues} of {entries}")
-        cmd = device.config.read16(PCI_COMMAND)                 # it DMAs: bus mastering on
-        device.config.write16(PCI_COMMAND, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
+        device.enable_decoding()
         try:
             if interrupts:
                 self.irqs = device.irqs(IrqMode.MSIX, 1 + queues)
@@ -441,7 +439,8 @@ class Nvme:
         self._until(Csts.RDY, 0, "CSTS.RDY to clear")
 
     def _enable(self) -> None:
-        self._disable()
+        self._disable()                 # reset first: queues a killed driver left running stop
+        self.dev.enable_dma()
         self.admin = QueuePair(self, 0, ADMIN_ENTRIES, self.irqs[0] if self.irqs else None)
         self.regs.write32(Reg.AQA, (ADMIN_ENTRIES - 1) << 16 | (ADMIN_ENTRIES - 1))
         self.regs.write64(Reg.ASQ, self.admin.sq.phys)
