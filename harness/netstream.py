@@ -35,6 +35,18 @@ RECEIVE_BUFFER = 8 << 20        # room for the burst of echoes a service sends w
 SO_RCVBUFFORCE = 33             # Linux: SO_RCVBUF past net.core.rmem_max, for a privileged process
 
 
+def udp_socket(host: str = "127.0.0.1", buffer: int = RECEIVE_BUFFER) -> socket.socket:
+    """A UDP socket bound on ``host`` whose receive buffer holds ``buffer`` bytes (past the
+    system's cap where the process may: a burst of frames must not be dropped here)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer)
+    except PermissionError:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+    s.bind((host, 0))
+    return s
+
+
 def free_udp_port(host: str = "127.0.0.1") -> int:
     """A UDP port on ``host`` that was free when asked (whoever binds it next gets it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -103,12 +115,7 @@ class UdpEchoStream:
         self.interval, self.count, self.sizes, self.window = interval, count, sizes, window
         self.seed = random.randrange(2**32) if seed is None else seed
         self._rng = random.Random(self.seed)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
-        except PermissionError:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-        self._sock.bind((host, 0))
+        self._sock = udp_socket(host)
         self._sock.settimeout(0.05)             # how often the receiver looks at the stop flag
         self._lock = threading.Condition()
         self._payloads: list[bytes] = []

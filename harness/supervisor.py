@@ -129,8 +129,7 @@ class Zygote:
 
     def spawn(self, spec: dict[str, Any], fds: list[int]) -> int:
         with self._lock:
-            socket.send_fds(self.sock, [pickle.dumps(("spawn", spec))], fds) if fds else \
-                self.sock.send(pickle.dumps(("spawn", spec)))
+            socket.send_fds(self.sock, [pickle.dumps(("spawn", spec))], fds)
             return int(self._recv()[1])
 
     def reap(self, pid: int) -> int:

@@ -17,7 +17,6 @@ zygote, so killing the supervisor, even with SIGKILL, leaves no process behind.
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import os
 import pickle
@@ -25,15 +24,11 @@ import signal
 import socket
 import sys
 
-PR_SET_PDEATHSIG = 1
 MAX_MESSAGE = 1 << 16
 
 
-def die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def main(parent: int, fd: int, guest_elf: str, preload: list[str]) -> None:
+    from harness.machine.machine import die_with_parent
     die_with_parent()                       # here, not between fork and exec in a threaded parent
     if os.getppid() != parent:              # it died before the line above
         return

@@ -36,6 +36,7 @@ pytestmark = pytest.mark.qemu
 
 MAC = "52:54:00:5a:07:01"
 RAL0 = 0x5400               # the e1000's first receive address, low half (8254x 13.4.62)
+MAC_LOW = int.from_bytes(bytes.fromhex(MAC.replace(":", ""))[:4], "little")   # what RAL0 holds
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,13 @@ def wait_for(path: Path, timeout: float = 60.0) -> dict:
         assert time.monotonic() < deadline, f"nothing in {path} within {timeout:g} s"
         time.sleep(0.01)
     return json.loads(path.read_text())
+
+
+def until(done, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    """Spin on ``done()`` (no sleeping: the moment matters), for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
 
 
 def holder(address: str, vendor: int, device: int, register: int = 0) -> tuple[subprocess.Popen, dict]:
@@ -83,7 +91,7 @@ def test_two_processes_attach_at_once_and_a_held_device_is_refused(rig) -> None:
     try:
         assert {nic["slot"], card["slot"]} <= {1, 2, 3, 4} and nic["slot"] != card["slot"]
         assert card["register"] == 0x010000ED                   # edu's identification register
-        assert nic["register"] == int.from_bytes(bytes.fromhex(MAC.replace(":", ""))[:4], "little")  # RAL0: the MAC
+        assert nic["register"] == MAC_LOW
         assert {h.pid for h in control.holders.values()} == {nic["pid"], card["pid"]}
         third, refused = holder(control.address, E1000_VENDOR, E1000_DEVICE)
         assert third.wait(30) == 0
@@ -289,7 +297,7 @@ def test_the_control_socket_answers_nonsense_and_serves_on(rig) -> None:
             assert ask(s, {"op": "close", "ring": -1})["error"] == "invalid"
             assert ask(s, {"op": "reboot"})["error"] == "invalid"
             assert ask(s, {"op": "open_pci", "devfn": 0x9999})["error"] == "invalid"
-            assert ask(s, {"op": "open_pci", "devfn": E1000_DEVFN(rig[0]), "dma_size": 1.5})["error"] == "invalid"
+            assert ask(s, {"op": "open_pci", "devfn": e1000_devfn(rig[0]), "dma_size": 1.5})["error"] == "invalid"
             assert ask(s, {"op": "open_pci", "devfn": 0})["error"] == "denied"      # 00:00.0, the host bridge
             s.sendall(struct.pack("<I", 5) + b"{nope")                         # not JSON: this connection ends
             assert s.recv(1) == b""
@@ -300,13 +308,13 @@ def test_the_control_socket_answers_nonsense_and_serves_on(rig) -> None:
     assert all(control.wait_free(n, 10.0) for n in range(1, 5))
 
 
-def E1000_DEVFN(pm: ProxyMachine) -> int:  # noqa: N802
+def e1000_devfn(pm: ProxyMachine) -> int:
     return pm.bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE).devfn
 
 
 def test_a_reserved_device_is_its_drivers_alone(rig) -> None:
     control = rig[0].serve()
-    token = control.reserve([E1000_DEVFN(rig[0])])
+    token = control.reserve([e1000_devfn(rig[0])])
     stranger, owner = attach(control.address), attach(control.address, token=token)
     try:
         with pytest.raises(AttachRefused, match="reserved for another driver"):
@@ -314,7 +322,7 @@ def test_a_reserved_device_is_its_drivers_alone(rig) -> None:
         with pytest.raises(AttachRefused, match="not among the devices reserved"):
             owner.open(owner.find(vendor=edu.VENDOR, device=edu.DEVICE))
         with owner.open(owner.find(vendor=E1000_VENDOR, device=E1000_DEVICE)) as nic:
-            assert nic.bar(0).read32(RAL0) == int.from_bytes(bytes.fromhex(MAC.replace(":", ""))[:4], "little")
+            assert nic.bar(0).read32(RAL0) == MAC_LOW
     finally:
         stranger.close()
         owner.close()
@@ -362,13 +370,12 @@ def test_a_long_batch_yields_its_turn_to_the_other_rings(rig) -> None:
             ch._pack(ch._mem, ch._entries + ((ch._head + i) & mask) * size,
                      abi.PROXY_OP_MMIO_REPEAT, 4, 0, 0, ident, reads, 0, 0)
         head = ch._post(ch._nentries)
-        while ch._u32[ch._served_idx] == (head - ch._nentries) & 0xFFFFFFFF:
-            pass                                        # the guest has begun it
+        until(lambda: ch._u32[ch._served_idx] != (head - ch._nentries) & 0xFFFFFFFF, "the guest begins the batch")
         ral = nic.bar(0).read32(RAL0)
         still_serving = ch._u32[ch._served_idx] != head
         ch._await(head, 600, "the long batch")
         statuses = [ch._u16[(ch._entries + i * size + ch._status_off) >> 1] for i in range(ch._nentries)]
-    assert ral == int.from_bytes(bytes.fromhex(MAC.replace(":", ""))[:4], "little")
+    assert ral == MAC_LOW
     assert still_serving, "the read waited for the whole batch"
     assert statuses == [abi.PROXY_STATUS_OK] * len(statuses)
 
@@ -434,13 +441,12 @@ def test_a_poll_lends_its_turn_while_it_waits(rig) -> None:
         slot = ch._entries + (ch._head & (ch._nentries - 1)) * ch._entry_size
         ch._pack(ch._mem, slot, abi.PROXY_OP_MMIO_POLL, 4, 0, 1_500_000, ident, 0, 0xFFFFFFFF, 0x12345678)
         head = ch._post(1)
-        while ch._mem[ch._posted]:                      # until the guest has taken it up
-            pass
+        until(lambda: not ch._mem[ch._posted], "the guest takes the poll up")
         ral = nic.bar(0).read32(RAL0)
         still_polling = ch._u32[ch._served_idx] != head
         ch._await(head, 30, "the poll")
         status = ch._u16[(slot + ch._status_off) >> 1]
-    assert ral == int.from_bytes(bytes.fromhex(MAC.replace(":", ""))[:4], "little")
+    assert ral == MAC_LOW
     assert still_polling, "the read waited for the poll to time out"
     assert status == abi.PROXY_STATUS_TIMEOUT
     attached = attach(pm.serve().address)

@@ -163,11 +163,15 @@ static struct channel *fresh_channel(int c)
     return &channels[c];
 }
 
-/* A free channel in window p (the control window's channel 0 is the admin's). */
+/* Window p as the host named it, if the machine has it (-1: not). */
+static int window_at(u64 p)
+{
+    return p <= PROXY_MAX_SLOTS && ports[p].win ? (int)p : -1;
+}
+
+/* A free channel in window p, one the machine has (the control window's channel 0 is the admin's). */
 static int free_channel(int p)
 {
-    if (p < 0 || p > PROXY_MAX_SLOTS || !ports[p].win)
-        return -1;
     for (int c = first_channel(p) + (p == 0); c < first_channel(p) + nchannels(p); c++)
         if (!channels[c].open)
             return c;
@@ -475,7 +479,7 @@ void proxy_dma_fault(u32 source_id, u64 addr, int write, u8 reason, u64 tsc)
 /* The channel of window p's ring k, if that is one a host may name (-1: not). */
 static int channel_at(u64 p, u64 k)
 {
-    if (p > PROXY_MAX_SLOTS || !ports[p].win || k >= (u64)nchannels((int)p) || (p == 0 && k == 0))
+    if (window_at(p) < 0 || k >= (u64)nchannels((int)p) || (p == 0 && k == 0))
         return -1;
     return first_channel((int)p) + (int)k;
 }
@@ -504,16 +508,16 @@ static u16 admin(int c, const struct proxy_request *rq, u64 *value)
 {
     if (c != 0)
         return PROXY_STATUS_DENIED;
-    int slot = rq->addr >= 1 && rq->addr <= PROXY_MAX_SLOTS && ports[rq->addr].win ? (int)rq->addr : 0;
+    int into = window_at(rq->expect), slot = rq->addr ? window_at(rq->addr) : -1;
     switch (rq->op) {
     case PROXY_OP_OPEN_PCI:
-        if (rq->expect > PROXY_MAX_SLOTS || !ports[rq->expect].win)
+        if (into < 0)
             return PROXY_STATUS_BAD_REQUEST;
-        return open_pci((int)rq->expect, rq->addr, rq->value, rq->mask, value);
+        return open_pci(into, rq->addr, rq->value, rq->mask, value);
     case PROXY_OP_OPEN_ISA:
-        if (rq->expect > PROXY_MAX_SLOTS || !ports[rq->expect].win)
+        if (into < 0)
             return PROXY_STATUS_BAD_REQUEST;
-        return open_isa((int)rq->expect, rq->addr, rq->value & 0xffff, rq->mask, rq->value >> 16 & 0xffff, value);
+        return open_isa(into, rq->addr, rq->value & 0xffff, rq->mask, rq->value >> 16 & 0xffff, value);
     case PROXY_OP_CLOSE: {
         int target = channel_at(rq->expect, rq->addr);
         if (target < 0 || !channels[target].open)
@@ -522,14 +526,14 @@ static u16 admin(int c, const struct proxy_request *rq, u64 *value)
         return PROXY_STATUS_OK;
     }
     case PROXY_OP_SLOT_REVOKE:
-        if (!slot)
+        if (slot <= 0)                  /* a slot: never the control window */
             return PROXY_STATUS_BAD_REQUEST;
         for (int t = first_channel(slot); t < first_channel(slot) + nchannels(slot); t++)
             if (channels[t].open)
                 close_channel(&channels[t], t);
         return PROXY_STATUS_OK;
     case PROXY_OP_SLOT_READY:
-        if (!slot)
+        if (slot <= 0)                  /* a slot: never the control window */
             return PROXY_STATUS_BAD_REQUEST;
         publish(slot);
         return PROXY_STATUS_OK;

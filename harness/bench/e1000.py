@@ -31,12 +31,12 @@ from drivers.e1000 import E1000
 from drivers.e1000.regs import Reg
 
 from ..machine import MachineSpec
+from ..netstream import free_udp_port, udp_socket
 from ..proxy import ProxyBus, ProxyMachine, proxy_spec
 from .paired import Run, Workload, add_peer, clock_figures, run_rounds
 
 log = logging.getLogger(__name__)
 
-SO_RCVBUFFORCE = 33
 GUEST_LOOP_TIMEOUT = 8.0    # seconds; under the host's 10 s request deadline
 RCTL_QUIET = 1.1            # QEMU's e1000 refuses to receive for 1 s (virtual) after an RCTL write
 WINDOW = 64                 # receive: frames in flight; QEMU's own UDP socket holds ~212 KB of skbs
@@ -48,13 +48,7 @@ QUICK = dict(count_64=2000, count_1514=500, rounds=1)
 
 def host_socket() -> socket.socket:
     """A UDP socket on loopback with a buffer big enough for a burst of full frames."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
-    except PermissionError:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
-    s.bind(("127.0.0.1", 0))
-    return s
+    return udp_socket("127.0.0.1", 32 << 20)
 
 
 def _drain(host: socket.socket, stop: threading.Event) -> None:
@@ -71,9 +65,7 @@ def wire() -> tuple[socket.socket, int, dict[str, object]]:
     """The host's end of a wire to a NIC: a UDP socket on loopback, the port QEMU's end
     will bind (free when probed; QEMU takes it next), and the socket netdev's properties."""
     host = host_socket()
-    probe = host_socket()
-    qemu_port = probe.getsockname()[1]
-    probe.close()
+    qemu_port = free_udp_port()
     return host, qemu_port, {"udp": f"127.0.0.1:{host.getsockname()[1]}", "localaddr": f"127.0.0.1:{qemu_port}"}
 
 

@@ -31,7 +31,7 @@ PR_SET_PDEATHSIG = 1
 WORKDIR_PREFIX = "hwharness-"
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: QEMU gets SIGKILL when its parent dies, even by SIGKILL.
 
     Linux delivers it when the *thread* that forked exits, so start machines
@@ -160,7 +160,7 @@ class Machine:
         self.exec_at = time.monotonic()       # for boot timings (bench boot)
         with open(self.workdir / "qemu.out", "wb") as out:
             self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
-                                            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                            stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
                                             start_new_session=True)
         deadline = time.monotonic() + self.launch_timeout
         if self.ivshmem:

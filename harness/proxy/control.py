@@ -35,9 +35,8 @@ import select
 import socket
 import struct
 import threading
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import AccessDenied, AttachRefused, HarnessError
 
@@ -104,7 +103,6 @@ class Holder:
     pidfd: int                                      # opened at connect: the PID cannot be reused under us
     token: str | None = None
     rings: dict[int, tuple[int | None, int]] = field(default_factory=dict)
-    attached_at: float = field(default_factory=time.monotonic)
 
 
 class ControlServer:
@@ -123,7 +121,6 @@ class ControlServer:
         self._draining: set[int] = set()               # revoked, waiting for the holder's exit
         self._closed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
-        self.on_release: list[Callable[[int, int], None]] = []    # (slot, pid), once a slot is free again
         self._connections: set[socket.socket] = set()
         self._reserved: dict[str, frozenset[int]] = {}  # token -> the devfns only its holder may open
         self._threads = [threading.Thread(target=self._accept_loop, name="hwharness-control", daemon=True)]
@@ -344,8 +341,6 @@ class ControlServer:
                     self._draining.discard(n)
                 self._lock.notify_all()
             if taken_back:
-                for callback in self.on_release:
-                    callback(n, holder.pid)
                 log.info("slot %d back from process %d", n, holder.pid)
 
     def _wait_exit(self, pidfd: int) -> None:
