@@ -43,18 +43,18 @@ test: deps guest images
 	$(PYTHON) -m pytest -n 2 --hwharness-accel $(ACCEL) $(PYTEST_ARGS)
 
 demo: deps guest images
-	$(PYTHON) -m harness.cli demo --accel $(ACCEL)
+	$(PYTHON) -m harness demo --accel $(ACCEL)
 
 bench: deps guest images
-	$(PYTHON) -m harness.cli bench roundtrip --accel $(ACCEL) --json bench-results/roundtrip-$(ACCEL).json
-	$(PYTHON) -m harness.cli bench e1000 --accel $(ACCEL) --json bench-results/e1000-$(ACCEL).json
-	$(PYTHON) -m harness.cli bench e1000-itr --accel $(ACCEL) --json bench-results/e1000-itr-$(ACCEL).json
-	$(PYTHON) -m harness.cli bench ahci --accel $(ACCEL) --json bench-results/ahci-$(ACCEL).json
-	$(PYTHON) -m harness.cli bench nvme --accel $(ACCEL) --json bench-results/nvme-$(ACCEL).json
-	$(PYTHON) -m harness.cli bench restart --accel $(ACCEL) --json bench-results/restart-$(ACCEL).json
-	$(PYTHON) -m harness.cli latency --mode spin --accel $(ACCEL) --json bench-results/latency-spin-$(ACCEL).json \
+	$(PYTHON) -m harness bench roundtrip --accel $(ACCEL) --json bench-results/roundtrip-$(ACCEL).json
+	$(PYTHON) -m harness bench e1000 --accel $(ACCEL) --json bench-results/e1000-$(ACCEL).json
+	$(PYTHON) -m harness bench e1000-itr --accel $(ACCEL) --json bench-results/e1000-itr-$(ACCEL).json
+	$(PYTHON) -m harness bench ahci --accel $(ACCEL) --json bench-results/ahci-$(ACCEL).json
+	$(PYTHON) -m harness bench nvme --accel $(ACCEL) --json bench-results/nvme-$(ACCEL).json
+	$(PYTHON) -m harness bench restart --accel $(ACCEL) --json bench-results/restart-$(ACCEL).json
+	$(PYTHON) -m harness latency --mode spin --accel $(ACCEL) --json bench-results/latency-spin-$(ACCEL).json \
 	    --plot bench-results/latency-spin-$(ACCEL).png
-	$(PYTHON) -m harness.cli latency --mode sleep --accel $(ACCEL) --json bench-results/latency-sleep-$(ACCEL).json \
+	$(PYTHON) -m harness latency --mode sleep --accel $(ACCEL) --json bench-results/latency-sleep-$(ACCEL).json \
 	    --plot bench-results/latency-sleep-$(ACCEL).png
 
 clean:

@@ -7,7 +7,7 @@ from .errors import (AbiError, AccessDenied, BadInput, BadRequest, DeviceNotFoun
                      QemuNotFound)
 from .machine import Machine, MachineSpec
 from .tracing import Tracer, trace
-from .proxy.attached import attach  # noqa: E402  (after the rest: it builds on all of it)
+from .processes.attached import attach  # noqa: E402  (after the rest: it builds on all of it)
 
 __all__ = [
     "AbiError", "Access", "AccessDenied", "BadInput", "BadRequest", "Bar", "Batch", "Bus", "Channel", "Device",

@@ -15,7 +15,7 @@ Run by ``make images`` (``python3 linux_guest.py OUTDIR``). Steps, each cached u
    package is needed: busybox and its applet links, ``/init``, and the modules the
    project's tests use with a ``modules.dep`` for busybox ``modprobe``.
 5. ``manifest.json``: kernel release, package versions, the shell prompt; the harness
-   reads it (``harness.images``), so none of these is typed twice.
+   reads it (``harness.machine.linux``), so none of these is typed twice.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from drivers.e1000.descriptors import RX_DD, RxDesc
 from drivers.e1000.regs import Reg
 from harness.access import PciFunction
 from harness.errors import DmaFault
-from harness.proxy.attached import AttachedBus, attach
+from harness.processes.attached import AttachedBus, attach
 
 
 def report(path: str, **what: object) -> None:

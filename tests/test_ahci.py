@@ -11,7 +11,7 @@ from typing import Iterator
 import pytest
 
 from drivers.ahci import Ahci, DiskError
-from drivers.ahci.fat import DriverFatFS
+from harness.devices.fat import DriverFatFS
 from drivers.ahci.regs import Px
 from harness.machine import MachineSpec
 from harness.proxy import ProxyMachine
@@ -68,7 +68,7 @@ def test_32_queued_commands_each_complete_with_their_data(reader, rng: random.Ra
 
 
 def test_the_native_disk_loop_reads_the_lbas_it_was_given(reader, rng: random.Random) -> None:
-    from harness.bench.ahci import NativeDiskLoop
+    from harness.tools.bench.ahci import NativeDiskLoop
     from harness.errors import AccessDenied
     pm, hba, image = reader
     disk = hba.disks()[0]

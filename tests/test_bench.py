@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from harness.bench import ahci, e1000, nvme
+from harness.tools.bench import ahci, e1000, nvme
 
 pytestmark = pytest.mark.qemu
 
 
 def bench(name: str, accel: str, tmp_path: Path, *extra: str) -> dict:
     out = tmp_path / f"{name}.json"
-    run = subprocess.run([sys.executable, "-m", "harness.cli", "bench", name, "--quick", "--accel", accel,
+    run = subprocess.run([sys.executable, "-m", "harness", "bench", name, "--quick", "--accel", accel,
                           "--json", str(out), *extra], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())

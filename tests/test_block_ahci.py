@@ -1,5 +1,5 @@
 """A real AHCI disk (QEMU's ICH9, an ide-hd) served over the block protocol by the Python
-driver (drivers/ahci/service.py), written by a BlockClient in another process, and the
+driver (harness/services/disk.py), written by a BlockClient in another process, and the
 image file checked byte-exact once QEMU is gone."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.ahci.service import serve_disk
+from harness.services.disk import serve_disk
 from harness.access import Deadline
 from tests.test_ahci import attach
 
@@ -47,7 +47,7 @@ def plan(seed: int) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
 # The client process: write the plan, read it back, and say how it went on one JSON line.
 CLIENT = """
 import json, sys, time
-from harness.block import BlockClient
+from harness.services.block import BlockClient
 from tests.test_block_ahci import plan
 unique, overlapping = plan(int(sys.argv[2]))
 with BlockClient("\\0" + sys.argv[1]) as client:      # an abstract name; argv cannot carry its NUL

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import CheckFailed, report
+from harness.tools.cli import CheckFailed, report
 from harness.errors import DeviceNotFound, MachineError
 from tests.fatimages import have_tools, make_image, tree
 
@@ -31,7 +31,7 @@ def hwharness(*args: str, cwd: Path, qemu: bool = False, env: dict[str, str] | N
         empty = cwd / "no-qemu-here"
         empty.mkdir(exist_ok=True)
         environment["PATH"] = str(empty)
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=environment,
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, env=environment,
                           capture_output=True, text=True, timeout=300)
 
 

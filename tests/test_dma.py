@@ -23,10 +23,10 @@ from drivers.e1000 import E1000
 from drivers.e1000.descriptors import RX_DD, TX_DD, TX_EOP, TX_IFCS, TX_RS, RxDesc, TxDesc
 from drivers.e1000.regs import Reg
 from harness.access import Device
-from harness.bench.e1000 import wire
+from harness.tools.bench.e1000 import wire
 from harness.errors import DmaFault, DmaFaultRecord
 from harness.machine import MachineSpec
-from harness.proxy import ProxyMachine
+from harness.proxy import ProxyMachine, ProxyWindows
 
 pytestmark = pytest.mark.qemu
 
@@ -63,8 +63,7 @@ def memory(pm: ProxyMachine, addr: int, size: int, scratch: Path) -> bytes:
 
 def proxy_code(pm: ProxyMachine) -> tuple[int, int]:
     """Where the proxy's code is loaded, and its size."""
-    assert pm.machine.spec.guest_elf is not None
-    with open(pm.machine.spec.guest_elf, "rb") as f:
+    with open(pm.elf, "rb") as f:
         text = ELFFile(f).get_section_by_name(".text")
         return text["sh_addr"], text["sh_size"]
 
@@ -220,7 +219,7 @@ def test_10000_random_dma_targets_change_nothing_outside_the_domain(rig, rng: ra
 def test_without_the_iommu_nothing_is_confined(proxy_machine_factory, tmp_path: Path) -> None:
     """The off switch is honest: the same DMA outside the domain lands."""
     def configure(spec: MachineSpec) -> None:
-        spec.iommu = False                              # proxy_spec(iommu=False), as --no-iommu does
+        spec.plugin(ProxyWindows).iommu = False         # proxy_spec(iommu=False), as --no-iommu does
         spec.device("edu", addr="3", dma_mask=0xFFFFFFFF)
     pm = proxy_machine_factory(configure, name="no-iommu")
     assert not pm.bus.iommu

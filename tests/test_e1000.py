@@ -17,9 +17,9 @@ import pytest
 
 from drivers.e1000 import E1000, TxRingFull
 from drivers.e1000.regs import Reg, Tctl
-from harness.bench.e1000 import host_socket, wire
+from harness.tools.bench.e1000 import host_socket, wire
 from harness.machine import MachineSpec, Option, RuntimeFile
-from harness.netstack import Host
+from harness.services.netstack import Host
 from harness.proxy import ProxyMachine
 
 pytestmark = pytest.mark.qemu
@@ -206,7 +206,7 @@ def test_a_full_transmit_ring_times_out_and_spares_the_frames_in_flight(socket_n
 
 
 def test_the_native_transmit_loop_sends_real_frames_and_checks_its_grant(socket_net) -> None:
-    from harness.bench.e1000 import NativeLoop, frame_of
+    from harness.tools.bench.e1000 import NativeLoop, frame_of
     from harness.errors import AccessDenied
     pm, nic, host, _ = socket_net
     native = NativeLoop(pm.bus, nic)
@@ -224,7 +224,7 @@ def test_the_native_transmit_loop_sends_real_frames_and_checks_its_grant(socket_
 
 
 def test_the_native_receive_loop_receives_exactly_the_frames_sent(socket_net, rng: random.Random) -> None:
-    from harness.bench.e1000 import NativeLoop
+    from harness.tools.bench.e1000 import NativeLoop
     from drivers.e1000.driver import BUFFER_SIZE
     pm, nic, host, qemu_port = socket_net
     native = NativeLoop(pm.bus, nic)

@@ -17,11 +17,11 @@ import pytest
 
 from drivers.e1000 import E1000, TxRingFull
 from drivers.e1000.driver import DEVICE, VENDOR
-from drivers.e1000.echo import RECV_WAIT, SEND_WAIT, EchoCounters, EchoResponder, serve_echo
+from harness.services.echo import RECV_WAIT, SEND_WAIT, EchoCounters, EchoResponder, serve_echo
 from harness.access import PciFunction
-from harness.bench.e1000 import wire
+from harness.tools.bench.e1000 import wire
 from harness.machine import MachineSpec
-from harness.netstream import UdpEchoStream, free_udp_port, udp_forward
+from harness.services.netstream import UdpEchoStream, free_udp_port, udp_forward
 from harness.proxy import ProxyMachine
 
 MAC = bytes.fromhex("525400ec0001")

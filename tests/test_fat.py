@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 
 from drivers.ahci import Ahci
-from drivers.ahci.fat import DriverFatFS, NotFatFilesystem
+from harness.devices.fat import DriverFatFS, NotFatFilesystem
 from harness.machine import MachineSpec
 from tests.fatimages import have_tools, make_image, mtools_listing, mtools_read, tree
 from tests.unit.test_fat import listing

@@ -18,7 +18,7 @@ KEYS = {"count", "p50_us", "p99_us", "p999_us", "max_us", "guest_entry_p50_us", 
 @pytest.mark.parametrize("mode", ["spin", "sleep"])
 def test_latency_cli_writes_json_a_table_and_a_plot(tmp_path: Path, hwharness_accel: str, mode: str) -> None:
     out, png = tmp_path / "latency.json", tmp_path / "latency.png"
-    run = subprocess.run([sys.executable, "-m", "harness.cli", "latency", "--accel", hwharness_accel,
+    run = subprocess.run([sys.executable, "-m", "harness", "latency", "--accel", hwharness_accel,
                           "--mode", mode, "--quick", "--json", str(out), "--plot", str(png)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr

@@ -14,7 +14,7 @@ import pytest
 
 from harness.errors import GuestCrash, MachineError
 from harness.machine import Machine, MachineSpec
-from harness.proxy.bus import boot_image
+from harness.proxy.machine import boot_image
 from harness.proxy.guest import guest_elf
 
 pytestmark = pytest.mark.qemu

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from harness.errors import GuestHang, GuestPanic, GuestReset, QemuExited, SnapshotError
-from harness.images import IMAGES
-from harness.pytest_plugin import READY_SNAPSHOT
+from harness.machine.linux import IMAGES
+from harness.tools.pytest_plugin import READY_SNAPSHOT
 
 pytestmark = pytest.mark.qemu
 
@@ -127,7 +127,7 @@ def devices_machine(linux_machine_factory_module):
 
 def test_linux_e1000_and_udhcpc_get_the_lease_our_driver_gets(devices_machine, proxy_machine_factory) -> None:
     from drivers.e1000 import E1000
-    from harness.netstack import Host
+    from harness.services.netstack import Host
     out, status = devices_machine.console.run(
         "ip link set eth0 up && udhcpc -i eth0 -n -q -f -s /bin/true 2>&1", timeout=60)
     assert status == 0, out

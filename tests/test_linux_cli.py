@@ -8,14 +8,14 @@ import sys
 import pexpect
 import pytest
 
-from harness.bench import boot
+from harness.tools.bench import boot
 
 pytestmark = pytest.mark.qemu
 pytest_plugins = ["pytester"]
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "harness.cli", *args]
+    return [sys.executable, "-m", "harness", *args]
 
 
 def test_run_prints_the_output_and_exits_with_the_status(linux_accel, linux_image) -> None:
@@ -26,7 +26,7 @@ def test_run_prints_the_output_and_exits_with_the_status(linux_accel, linux_imag
 
 
 def test_boot_attaches_the_terminal_until_ctrl_close_bracket(linux_accel, linux_image) -> None:
-    session = pexpect.spawn(sys.executable, ["-m", "harness.cli", "boot", "--accel", linux_accel],
+    session = pexpect.spawn(sys.executable, ["-m", "harness", "boot", "--accel", linux_accel],
                             encoding="utf-8", timeout=120)
     try:
         session.expect("Ctrl-] leaves")

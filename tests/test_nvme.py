@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from drivers.ahci.fat import DriverFatFS
+from harness.devices.fat import DriverFatFS
 from drivers.nvme import Command, Nvme, NvmeError
 from drivers.nvme.regs import LBA_OUT_OF_RANGE, UNRECOVERED_READ_ERROR, Nvm
 from harness.access import DmaBuffer
@@ -314,7 +314,7 @@ def test_an_error_injected_block_fails_its_own_read_and_no_other(
 
 
 def test_the_native_loop_reads_what_it_was_given_and_stays_in_its_grants(machine, nvme, rng: random.Random) -> None:
-    from harness.bench.nvme import NativeNvmeLoop
+    from harness.tools.bench.nvme import NativeNvmeLoop
     from harness.errors import AccessDenied
     pm, fat, noise = machine
     data = noise.read_bytes()
@@ -360,7 +360,7 @@ def test_the_disk_commands_take_bus_nvme(hwharness_accel: str) -> None:
         pytest.fail(f"{IMAGE} is missing: run `make images`", pytrace=False)
 
     def cli(*args: str) -> bytes:
-        run = subprocess.run([sys.executable, "-m", "harness.cli", "disk", *args, "--bus", "nvme", "--accel",
+        run = subprocess.run([sys.executable, "-m", "harness", "disk", *args, "--bus", "nvme", "--accel",
                               hwharness_accel], capture_output=True, timeout=300)
         assert run.returncode == 0, run.stderr.decode()[-2000:]
         return run.stdout

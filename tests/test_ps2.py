@@ -9,7 +9,7 @@ import pytest
 
 from drivers.ps2 import CommandRefused, Controller, Keyboard, Mouse, Port, open_i8042
 from drivers.ps2.regs import Led
-from harness.input import move_mouse, type_keys
+from harness.machine.input import move_mouse, type_keys
 from harness.proxy import ProxyMachine
 
 pytestmark = pytest.mark.qemu

@@ -24,12 +24,12 @@ import pytest
 
 import drivers.edu as edu
 from drivers.e1000.driver import DEVICE as E1000_DEVICE, VENDOR as E1000_VENDOR
-from harness.bench.e1000 import wire
+from harness.tools.bench.e1000 import wire
 from harness.errors import AttachRefused
 from harness.machine import MachineSpec
 from harness.proxy import ProxyMachine
-from harness.proxy.attached import attach
-from harness.supervisor import Supervisor
+from harness.processes import attach, serve
+from harness.processes.supervisor import Supervisor
 from tests.test_dma import memory, proxy_code
 
 pytestmark = pytest.mark.qemu
@@ -85,7 +85,7 @@ def release(p: subprocess.Popen) -> None:
 
 def test_two_processes_attach_at_once_and_a_held_device_is_refused(rig) -> None:
     pm = rig[0]
-    control = pm.serve()
+    control = serve(pm)
     nic_holder, nic = holder(control.address, E1000_VENDOR, E1000_DEVICE, RAL0)
     edu_holder, card = holder(control.address, edu.VENDOR, edu.DEVICE)
     try:
@@ -119,7 +119,7 @@ def test_two_processes_attach_at_once_and_a_held_device_is_refused(rig) -> None:
 
 def test_a_full_machine_refuses_another_attach(rig) -> None:
     pm = rig[0]
-    control = pm.serve()
+    control = serve(pm)
     held = [attach(control.address) for _ in range(4)]
     try:
         assert sorted(b.slot for b in held) == [1, 2, 3, 4]
@@ -133,8 +133,8 @@ def test_a_full_machine_refuses_another_attach(rig) -> None:
 
 def test_a_slot_is_lent_again_only_once_its_last_holder_has_exited(rig) -> None:
     """A process that hangs up still maps the window: the slot waits for it to exit."""
-    control = rig[0].serve()
-    code = ("import sys; from harness.proxy.attached import attach; "
+    control = serve(rig[0])
+    code = ("import sys; from harness.processes.attached import attach; "
             f"b = attach({control.address!r}); print(b.slot, flush=True); b.close(); sys.stdin.readline()")
     p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdin is not None and p.stdout is not None
@@ -233,7 +233,7 @@ def test_the_supervisor_restarts_a_killed_or_hung_driver(rig, rng: random.Random
 ORPHAN_SCRIPT = """
 import os, sys, time
 from harness.proxy import ProxyMachine, proxy_spec
-from harness.supervisor import Supervisor
+from harness.processes.supervisor import Supervisor
 spec = proxy_spec(accel=sys.argv[1])
 spec.device("edu")
 pm = ProxyMachine(spec).__enter__()
@@ -265,8 +265,8 @@ def test_killing_the_supervisor_leaves_no_process_and_no_socket(hwharness_accel:
 def test_the_control_socket_answers_nonsense_and_serves_on(rig) -> None:
     """Requests before hello, unknown ones, rings not held, bad sizes, a message that is not
     JSON: each gets an error reply or ends only its own connection."""
-    from harness.proxy.control import recv_message, send_message, unix_address
-    control = rig[0].serve()
+    from harness.processes.control import recv_message, send_message, unix_address
+    control = serve(rig[0])
 
     def ask(sock: socket.socket, message: dict) -> dict:
         send_message(sock, message)
@@ -313,7 +313,7 @@ def e1000_devfn(pm: ProxyMachine) -> int:
 
 
 def test_a_reserved_device_is_its_drivers_alone(rig) -> None:
-    control = rig[0].serve()
+    control = serve(rig[0])
     token = control.reserve([e1000_devfn(rig[0])])
     stranger, owner = attach(control.address), attach(control.address, token=token)
     try:
@@ -342,7 +342,7 @@ def test_the_proxy_checks_the_window_of_every_admin_request(rig) -> None:
                              (abi.PROXY_OP_SLOT_READY, 0, 0), (abi.PROXY_OP_SLOT_READY, 7, 0)):
         with pytest.raises(Exception, match="BAD_REQUEST"):
             bus._admin(op, addr, 1, f"op {op} on window {window}", window=window)
-    attached = attach(pm.serve().address)
+    attached = attach(serve(pm).address)
     try:
         with attached.open(edu_fn) as card:
             with pytest.raises(Exception, match="DENIED"):
@@ -383,7 +383,7 @@ def test_a_long_batch_yields_its_turn_to_the_other_rings(rig) -> None:
 def test_boot_serve_lets_a_second_terminal_attach(hwharness_accel: str) -> None:
     """`hwharness boot --serve` as the README shows it: the address it prints is attached to
     from here, the e1000 read through the slot, and Ctrl-C (SIGINT) stops it cleanly."""
-    boot = subprocess.Popen([sys.executable, "-m", "harness.cli", "boot", "--serve", "--accel", hwharness_accel],
+    boot = subprocess.Popen([sys.executable, "-m", "harness", "boot", "--serve", "--accel", hwharness_accel],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert boot.stdout is not None
@@ -413,7 +413,7 @@ def test_a_port_channel_takes_only_the_irqs_of_its_devices(rig) -> None:
     from harness.access import IrqMode
     from harness.errors import AccessDenied
     pm = rig[0]
-    attached = attach(pm.serve().address)
+    attached = attach(serve(pm).address)
     try:
         for bus in (pm.bus, attached):
             ports = bus.ports(0x60, 5)
@@ -449,7 +449,7 @@ def test_a_poll_lends_its_turn_while_it_waits(rig) -> None:
     assert ral == MAC_LOW
     assert still_polling, "the read waited for the poll to time out"
     assert status == abi.PROXY_STATUS_TIMEOUT
-    attached = attach(pm.serve().address)
+    attached = attach(serve(pm).address)
     try:
         with attached.open(attached.find(vendor=edu.VENDOR, device=edu.DEVICE)) as card:
             with pytest.raises(Exception, match="DENIED"):

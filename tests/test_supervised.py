@@ -17,15 +17,15 @@ from typing import Iterator
 import pytest
 
 from drivers.ahci.driver import DEVICE as AHCI_DEVICE, VENDOR as AHCI_VENDOR
-from drivers.ahci.fat import DriverFatFS
+from harness.devices.fat import DriverFatFS
 from drivers.e1000.driver import DEVICE as E1000_DEVICE, VENDOR as E1000_VENDOR
-from harness.bench import restart
-from harness.bench.ahci import machine as ahci_machine
-from harness.block import BlockClient
+from harness.tools.bench import restart
+from harness.tools.bench.ahci import machine as ahci_machine
+from harness.services.block import BlockClient
 from harness.machine import MachineSpec, resolve_accel
-from harness.netstream import UdpEchoStream, free_udp_port, udp_forward
+from harness.services.netstream import UdpEchoStream, free_udp_port, udp_forward
 from harness.proxy import ProxyMachine
-from harness.supervisor import Supervisor
+from harness.processes.supervisor import Supervisor
 from tests.fatimages import SBIN, have_tools, make_image, mtools_listing, mtools_read
 
 pytestmark = pytest.mark.qemu
@@ -51,7 +51,7 @@ def test_an_e1000_driver_killed_ten_times_and_the_stream_resumes_each_time(echo_
     interval = 0.002 if tcg else 0.02                       # and a tenth of the stream keeps it busy
     windows: list[tuple[int, int]] = []                     # (newest echo before the kill, first sent after)
     with Supervisor(pm) as sup, UdpEchoStream(port, interval=interval) as stream:
-        driver = sup.run("drivers.e1000.echo:echo_driver", pm.bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE))
+        driver = sup.run("harness.services.echo:echo_driver", pm.bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE))
         driver.wait_serving(60)
         stream.wait_until(lambda s: s.echoed >= 100, 120, "100 echoes before the first kill")
         for n in range(1, kills + 1):
@@ -109,7 +109,7 @@ def test_files_written_through_pyfatfs_while_the_driver_is_killed_are_clean_for_
     with contextlib.ExitStack() as stack:
         pm, _ = ahci_machine(stack, hwharness_accel, image, name="fat-kill")
         sup = stack.enter_context(Supervisor(pm))
-        driver = sup.run("drivers.ahci.service:disk_driver", pm.bus.find(vendor=AHCI_VENDOR, device=AHCI_DEVICE),
+        driver = sup.run("harness.services.disk:disk_driver", pm.bus.find(vendor=AHCI_VENDOR, device=AHCI_DEVICE),
                          sockets={"listener": listener})
         driver.wait_serving(120)
 

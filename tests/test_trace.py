@@ -135,7 +135,7 @@ def test_a_driver_traced_with_register_names_tsc_interrupts_and_dma(proxy_machin
 def test_the_cli_traces_any_command(tmp_path: Path, hwharness_accel: str) -> None:
     from tests.fatimages import make_image
     make_image(tmp_path / "disk.img", 16, {"a.txt": b"traced\n"}, tmp_path)
-    done = subprocess.run([sys.executable, "-m", "harness.cli", "disk", "cat", "disk.img", "/a.txt",
+    done = subprocess.run([sys.executable, "-m", "harness", "disk", "cat", "disk.img", "/a.txt",
                            "--trace", "out/disk.json", "--accel", hwharness_accel], cwd=tmp_path, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
     assert done.returncode == 0, done.stderr

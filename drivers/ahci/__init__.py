@@ -1,6 +1,6 @@
 """AHCI SATA disks."""
 
-from .blockfile import BlockFile
+from harness.devices.block import BlockFile
 from .driver import Ahci, DiskError, Identity, Port
 
 __all__ = ["Ahci", "BlockFile", "DiskError", "Identity", "Port"]

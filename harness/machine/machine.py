@@ -8,22 +8,24 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..errors import MachineError, QemuNotFound
-from ..ivshmem import IvshmemServer
 from .accel import resolve_accel
 from .console import LINUX_RULES, Console, ConsoleRules
 from .snapshots import Snapshots
+from .plugin import MachinePlugin
 from .spec import Endpoints, MachineSpec, RuntimeFile, build_argv
+
+P = TypeVar("P", bound=MachinePlugin)
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +64,31 @@ def sweep_stale_workdirs(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def accept_once(listener: socket.socket, timeout: float) -> socket.socket:
+    """The one connection a listener exists for; the listener is closed once it came."""
+    listener.settimeout(timeout)
+    sock, _ = listener.accept()
+    listener.close()
+    sock.settimeout(None)
+    return sock
+
+
+def listen(address: str) -> socket.socket:
+    """A listening Unix socket at ``address`` for the one connection QEMU will make."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    listener.bind(address)
+    listener.listen(1)
+    return listener
+
+
 class Machine:
     """A QEMU machine, used as a context manager.
 
     ``with Machine(spec) as m: m.qmp("query-pci"); m.console.wait_for("login:", 30)``
 
     Every machine has its own directory (serial log, QEMU's output, the
-    command line), abstract Unix sockets (no files to leave behind) and, if
-    the spec asks for it, its own ivshmem server. The directory is removed on
+    command line), abstract Unix sockets (no files to leave behind) and its
+    own copy of the spec's plugins (a transport's servers). The directory is removed on
     a clean exit and kept, with its path logged, when the block raised or
     ``keep_artifacts`` is set.
     """
@@ -88,13 +107,10 @@ class Machine:
         self._artifacts_root = Path(artifacts_root or tempfile.gettempdir())
         self.workdir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
-        self.ivshmem: IvshmemServer | None = None
-        self.slots: list[IvshmemServer] = []      # driver slots' windows: slot n is slots[n - 1]
+        self.plugins = spec.copy_plugins()
         self.console: Console | None = None
         self._qmp: QEMUMonitorProtocol | None = None
-        self._qtest_listener: socket.socket | None = None
         self._serial_listener: socket.socket | None = None
-        self.qtest_socket: socket.socket | None = None
         self.argv: list[str] = []
         self.endpoints: Endpoints | None = None
         self.failed = False
@@ -121,11 +137,8 @@ class Machine:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-{self.name}-",
                                              dir=self._artifacts_root))
         tag = f"\0{WORKDIR_PREFIX}{self.workdir.name}"
-        self.endpoints = Endpoints(
-            workdir=self.workdir, qmp=tag + "-qmp", serial=tag + "-serial", serial_log=self.workdir / "serial.log",
-            ivshmem=tag + "-ivshmem" if self.spec.ivshmem_size else None,
-            qtest=tag + "-qtest" if self.spec.qtest else None,
-            slots=tuple(f"{tag}-slot{n}" for n in range(1, self.spec.slots + 1)))
+        self.endpoints = Endpoints(workdir=self.workdir, qmp=tag + "-qmp", serial=tag + "-serial",
+                                   serial_log=self.workdir / "serial.log", tag=tag)
         self.console = Console(self.endpoints.serial_log, self, self.console_rules, self.quiet)
         try:
             self._start(self.endpoints)
@@ -134,28 +147,14 @@ class Machine:
             self.shutdown()
             raise
 
-    def _start(self, ends: Endpoints, incoming: Path | None = None) -> None:
-        """Start a QEMU process for the spec (from a saved state when ``incoming``) and connect to it."""
+    def _start(self, ends: Endpoints) -> None:
+        """Start a QEMU process for the spec and connect to it."""
         assert self.workdir is not None and self.console is not None
-        self.argv = build_argv(self.spec, self.accel, ends, incoming)
+        self.argv = build_argv(self.spec, self.accel, ends, self.plugins)
         (self.workdir / "cmdline.txt").write_text(" ".join(self.argv) + "\n")
-        if ends.ivshmem:
-            assert self.spec.ivshmem_size
-            self.ivshmem = IvshmemServer(self.spec.ivshmem_size, vectors=self.spec.ivshmem_vectors)
-            self.ivshmem.listen(ends.ivshmem)
-        for n, address in enumerate(ends.slots, 1):
-            assert self.spec.slot_number_at is not None, "a slot's number goes where the guest looks for it"
-            slot = IvshmemServer(self.spec.slot_size, vectors=self.spec.ivshmem_vectors, name=f"hwharness-slot{n}")
-            struct.pack_into("<I", slot.memory, self.spec.slot_number_at, n)
-            slot.listen(address)
-            self.slots.append(slot)
-        if ends.qtest:
-            self._qtest_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            self._qtest_listener.bind(ends.qtest)
-            self._qtest_listener.listen(1)
-        self._serial_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._serial_listener.bind(ends.serial)
-        self._serial_listener.listen(1)
+        for plugin in self.plugins:
+            plugin.pre_launch(self, ends)
+        self._serial_listener = listen(ends.serial)
         self.log.info("launching %s (%s): %s", self.name, self.accel, " ".join(self.argv))
         self.exec_at = time.monotonic()       # for boot timings (bench boot)
         with open(self.workdir / "qemu.out", "wb") as out:
@@ -163,37 +162,27 @@ class Machine:
                                             stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
                                             start_new_session=True)
         deadline = time.monotonic() + self.launch_timeout
-        if self.ivshmem:
-            self._accept(lambda t: self.ivshmem.accept(t), deadline, "the ivshmem connection")  # type: ignore[union-attr]
-        for n, slot in enumerate(self.slots, 1):
-            self._accept(slot.accept, deadline, f"slot {n}'s ivshmem connection")
-        if self._qtest_listener:
-            self.qtest_socket = self._accept(self._accept_qtest, deadline, "the qtest connection")
-        self.console.attach(self._accept(self._accept_serial, deadline, "the serial connection"))
+        for plugin in self.plugins:
+            plugin.post_launch(self, deadline)
+        self.console.attach(self.accept(self._accept_serial, deadline, "the serial connection"))
         self._connect_qmp(ends.qmp, deadline)
 
-    def _accept_qtest(self, timeout: float) -> socket.socket:
-        assert self._qtest_listener is not None
-        sock = self._accept_once(self._qtest_listener, timeout)
-        self._qtest_listener = None
-        return sock
+    def plugin(self, kind: type[P]) -> P:
+        """This machine's plugin of that kind (its own copy of the spec's)."""
+        for p in self.plugins:
+            if isinstance(p, kind):
+                return p
+        raise LookupError(f"{self.name} has no {kind.__name__}")
 
     def _accept_serial(self, timeout: float) -> socket.socket:
         assert self._serial_listener is not None
-        sock = self._accept_once(self._serial_listener, timeout)
+        sock = accept_once(self._serial_listener, timeout)
         self._serial_listener = None
         return sock
 
-    @staticmethod
-    def _accept_once(listener: socket.socket, timeout: float) -> socket.socket:
-        """The one connection a listener exists for; the listener is closed once it came."""
-        listener.settimeout(timeout)
-        sock, _ = listener.accept()
-        listener.close()
-        sock.settimeout(None)
-        return sock
-
-    def _accept(self, accept: Any, deadline: float, what: str) -> Any:
+    def accept(self, accept: Callable[[float], T], deadline: float, what: str) -> T:
+        """``accept(timeout)`` retried until it returns, failing fast with QEMU's output when
+        QEMU exits or ``deadline`` passes first (``what``: the connection, for the error)."""
         while True:
             try:
                 return accept(0.1)
@@ -249,18 +238,13 @@ class Machine:
             except Exception as exc:
                 self.log.debug("closing QMP: %s", exc)
             self._qmp = None
-        for s in (self._qtest_listener, self.qtest_socket, self._serial_listener):
-            if s is not None:
-                s.close()
-        self._qtest_listener = self.qtest_socket = self._serial_listener = None
+        if self._serial_listener is not None:
+            self._serial_listener.close()
+            self._serial_listener = None
         if self.console is not None:
             self.console.close()
-        if self.ivshmem is not None:
-            self.ivshmem.close()
-            self.ivshmem = None
-        for slot in self.slots:
-            slot.close()
-        self.slots = []
+        for plugin in self.plugins:
+            plugin.shutdown(self)
         if self.workdir and self.workdir.exists():
             if self.failed or self.keep_artifacts:
                 self.log.warning("%s: artifacts kept in %s", self.name, self.workdir)

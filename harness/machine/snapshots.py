@@ -65,9 +65,10 @@ class Snapshots:
         if self._node_ready:
             return
         m = self.machine
-        if m.ivshmem is not None:
-            raise SnapshotError("a machine with an ivshmem window cannot be snapshotted: the window's memory "
-                                "and the harness's side of it are outside QEMU's state")
+        unfit = [type(p).__name__ for p in m.plugins if not p.snapshottable]
+        if unfit:
+            raise SnapshotError(f"a machine with a {', '.join(unfit)} cannot be snapshotted: part of its state "
+                                "(shared memory the harness serves) is outside QEMU's")
         assert m.workdir is not None
         path = m.workdir / STATE_FILE
         path.write_bytes(b"")

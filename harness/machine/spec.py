@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import random
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+from .plugin import MachinePlugin
+
+P = TypeVar("P", bound=MachinePlugin)
 
 
 @dataclass
@@ -54,15 +59,18 @@ class MachineSpec:
     qemu: str = "qemu-system-x86_64"
     options: list[Option] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
-    ivshmem_size: int | None = None  # a power of two: the machine runs an ivshmem server
-    ivshmem_vectors: int = 1         # doorbell vectors (eventfds) each side of it
-    slots: int = 0                   # driver slots: more ivshmem windows, one per driver process
-    slot_size: int = 32 << 20        # each slot's window, a power of two
-    slot_number_at: int | None = None    # where in a slot's window its number goes before boot
-    start_stopped: bool = False      # -S: the CPU waits (qtest)
-    qtest: bool = False              # a qtest server on a private socket
-    guest_elf: Path | None = None    # the kernel's ELF with symbols, when `kernel` is a stripped copy
-    iommu: bool = False              # an Intel VT-d (intel-iommu) that translates every device's DMA
+    plugins: list[MachinePlugin] = field(default_factory=list)   # transports: proxy, qtest
+
+    def plugin(self, kind: type[P]) -> P:
+        """The spec's plugin of that kind (``spec.plugin(ProxyPlugin).iommu = False``)."""
+        for p in self.plugins:
+            if isinstance(p, kind):
+                return p
+        raise LookupError(f"this machine has no {kind.__name__}")
+
+    def copy_plugins(self) -> list[MachinePlugin]:
+        """Fresh copies for one machine, which keeps its servers and sockets in them."""
+        return [copy.copy(p) for p in self.plugins]
 
     def device(self, driver: str, **props: object) -> "MachineSpec":
         self.options.append(Option("device", driver, props))
@@ -110,54 +118,33 @@ class Endpoints:
     qmp: str
     serial: str                      # the harness listens; QEMU's serial port connects to it
     serial_log: Path                 # where the harness logs what the guest printed
-    ivshmem: str | None = None
-    qtest: str | None = None
-    slots: tuple[str, ...] = ()      # each driver slot's ivshmem server
+    tag: str = "\0hwharness"         # what the machine's private socket names start with
+
+    def address(self, name: str) -> str:
+        """A private abstract socket of this machine, for a plugin's ``name``."""
+        return f"{self.tag}-{name}"
 
 
-SLOT_PCI_BASE = 0x18        # driver slot n's ivshmem sits at 00:(0x18 + n - 1).0
-
-
-def _abstract(name: str) -> dict[str, object]:
+def abstract(name: str) -> dict[str, object]:
+    """A socket chardev's properties for an abstract socket name (one that starts with NUL)."""
     return {"path": name.lstrip("\0"), "abstract": True}
 
 
-def build_argv(spec: MachineSpec, accel: str, ends: Endpoints, incoming: Path | None = None) -> list[str]:
-    """The QEMU command line for ``spec``: the only place one is built.
-
-    ``incoming``: start from a state saved by migration to that file instead of booting.
-    """
-    if spec.qtest and accel == "kvm":
-        raise ValueError("qtest machines run with the CPU stopped under tcg; kvm makes no sense there")
+def build_argv(spec: MachineSpec, accel: str, ends: Endpoints, plugins: list[MachinePlugin] | None = None) -> list[str]:
+    """The QEMU command line for ``spec``: the only place one is built. ``plugins``: the
+    machine's own copies of the spec's (the spec's when not given)."""
+    plugins = spec.plugins if plugins is None else plugins
     argv = [spec.qemu, "-machine", spec.machine, "-accel", accel, "-m", f"{spec.memory_mb}M",
             "-smp", str(spec.cpus), "-nodefaults", "-display", "none", "-vga", "none", "-no-reboot",
             "-no-user-config"]
     runtime = [
-        Option("chardev", "socket", {"id": "hwh-qmp", **_abstract(ends.qmp), "server": True, "wait": False}),
+        Option("chardev", "socket", {"id": "hwh-qmp", **abstract(ends.qmp), "server": True, "wait": False}),
         Option("mon", "", {"chardev": "hwh-qmp", "mode": "control"}),
-        Option("chardev", "socket", {"id": "hwh-serial", **_abstract(ends.serial)}),
+        Option("chardev", "socket", {"id": "hwh-serial", **abstract(ends.serial)}),
         Option("serial", "chardev:hwh-serial"),
     ]
-    if ends.ivshmem is not None:
-        assert spec.ivshmem_size
-        runtime += [
-            Option("chardev", "socket", {"id": "hwh-ivshmem", **_abstract(ends.ivshmem)}),
-            Option("device", "ivshmem-doorbell", {"chardev": "hwh-ivshmem", "vectors": spec.ivshmem_vectors}),
-        ]
-    for n, address in enumerate(ends.slots, 1):     # after the control window: QEMU connects in this order
-        runtime += [        # at PCI slots of their own, out of the way of devices the spec places
-            Option("chardev", "socket", {"id": f"hwh-slot{n}", **_abstract(address)}),
-            Option("device", "ivshmem-doorbell", {"chardev": f"hwh-slot{n}", "vectors": spec.ivshmem_vectors,
-                                                  "addr": f"{SLOT_PCI_BASE + n - 1:#x}"}),
-        ]
-    if ends.qtest is not None:
-        # QEMU 7.2 looks the qtest chardev up by the fixed id "qtest" (qtest_server_init).
-        runtime += [
-            Option("chardev", "socket", {"id": "qtest", **_abstract(ends.qtest)}),
-            Option("qtest", "chardev:qtest"),
-        ]
-    if spec.iommu:
-        runtime.append(Option("device", "intel-iommu", {}))
+    for plugin in plugins:
+        runtime += plugin.options(ends, accel)
     for opt in runtime + spec.options:
         argv += opt.render(ends.workdir)
     if spec.bios:
@@ -168,10 +155,6 @@ def build_argv(spec: MachineSpec, accel: str, ends: Endpoints, incoming: Path | 
         argv += ["-initrd", str(spec.initrd)]
     if spec.append:
         argv += ["-append", spec.append]
-    if spec.start_stopped or spec.qtest:
-        argv.append("-S")
-    if incoming is not None:
-        # QEMU reads the state, then waits stopped for `cont`. exec:cat keeps the path out of
-        # QEMU's own file: URI parsing (7.2 has none) and streams it as migration expects.
-        argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
+    for plugin in plugins:
+        argv += plugin.args()
     return argv + spec.extra_args

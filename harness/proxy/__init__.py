@@ -1,7 +1,8 @@
-"""The proxy transport: rings in the ivshmem window, served by the guest in guests/proxy."""
+"""The proxy transport: rings in ivshmem windows, served by the guest in guests/proxy."""
 
 from .abi import Abi, load_abi
-from .bus import ProxyBus, ProxyMachine, proxy_spec
+from .bus import ProxyBus
 from .channel import ProxyChannel
+from .machine import ProxyMachine, ProxyWindows, proxy_spec
 
-__all__ = ["Abi", "ProxyBus", "ProxyChannel", "ProxyMachine", "load_abi", "proxy_spec"]
+__all__ = ["Abi", "ProxyBus", "ProxyChannel", "ProxyMachine", "ProxyWindows", "load_abi", "proxy_spec"]

@@ -4,80 +4,34 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import tracing
 from ..access import Bar, Bus, PciFunction
-from ..errors import AbiError, AccessDenied, ProxyError
-from ..machine import Machine, MachineSpec
-from ..machine.booted import BootedMachine
+from ..errors import AccessDenied, ProxyError
+from ..machine import Machine
 from ..machine.legacy import grantable, irqs_of
-from .abi import Abi, load_abi
+from .abi import Abi
 from .channel import ProxyChannel
 from .clock import GuestClock
 from .dma import DmaPool
-from .guest import guest_elf
 from .slots import Slot
 from .window import SharedWindow
 
 if TYPE_CHECKING:
-    from .control import ControlServer
+    from .machine import ProxyWindows
 
 log = logging.getLogger(__name__)
 
-IOMMU_ENV = "HWHARNESS_IOMMU"      # "0": machines without the IOMMU, by default (the CLI's --no-iommu)
-WINDOW_SIZE = 64 << 20
 DOMAIN_SIZE = 4 << 20       # each opened device's DMA memory unless it asks for another size
 DOMAIN_ALIGN = 64 << 10
-DRIVER_SLOTS = 4            # driver slots a proxy machine has unless asked otherwise
-SLOT_SIZE = 32 << 20        # each slot's window: room for a 16 MiB domain and more
-
-
-def __getattr__(name: str) -> Any:
-    # DEFAULT_ELF, for callers from before the guest was built on first use: built when asked for
-    if name == "DEFAULT_ELF":
-        return guest_elf()
-    raise AttributeError(name)
-
-
-def boot_image(elf: Path) -> Path:
-    """The copy of ``elf`` that QEMU's multiboot loader accepts (see guests/proxy/Makefile)."""
-    return elf.with_name(elf.stem + "-boot.elf")
-
-
-def proxy_spec(elf: Path | None = None, accel: str = "auto", memory_mb: int = 128,
-               window_size: int = WINDOW_SIZE, iommu: bool | None = None, slots: int = DRIVER_SLOTS) -> MachineSpec:
-    """A machine that boots the proxy guest with its shared window; add devices to taste.
-    ``elf`` defaults to the guest built from the current sources (see :mod:`.guest`).
-
-    With ``iommu`` (the default, unless the environment has HWHARNESS_IOMMU=0) the machine
-    has an Intel VT-d, and the proxy confines every device's DMA to that device's own
-    domain; without, DMA is not confined.
-
-    ``slots``: driver slots, each a window of its own (``SLOT_SIZE``) that one driver
-    process may attach to (:mod:`harness.proxy.control`)."""
-    elf = elf or guest_elf()
-    if iommu is None:
-        iommu = os.environ.get(IOMMU_ENV, "1") != "0"
-    abi = load_abi(elf)   # fail before booting if the ELF is missing or of another ABI
-    if not boot_image(elf).exists():
-        raise AbiError(f"{boot_image(elf)} is missing beside {elf}: its build did not finish")
-    spec = MachineSpec(kernel=boot_image(elf), accel=accel, memory_mb=memory_mb, ivshmem_size=window_size,
-                       ivshmem_vectors=abi.PROXY_DOORBELL_VECTORS, iommu=iommu, slots=slots,
-                       slot_size=SLOT_SIZE, slot_number_at=abi.offsetof("proxy_shared", "slot"))
-    if not 0 <= slots <= abi.PROXY_MAX_SLOTS:
-        raise ValueError(f"a machine has 0 to {abi.PROXY_MAX_SLOTS} driver slots, not {slots}")
-    spec.guest_elf = elf
-    return spec
 
 
 class WindowBus(Bus):
     """What every holder of a window has: the device table the proxy published in it,
     channels on its rings, and DMA domains in its pool. The owner's control window
-    (:class:`ProxyBus`) and a driver process's slot (:class:`harness.proxy.attached.AttachedBus`)."""
+    (:class:`ProxyBus`) and a driver process's slot (:class:`harness.processes.attached.AttachedBus`)."""
 
     def __init__(self, window: SharedWindow, ready_timeout: float = 60.0) -> None:
         self.window = window
@@ -152,17 +106,17 @@ class ProxyBus(WindowBus):
     """The machine owner's bus: the control window, its admin channel, and the grants of
     every window (its own channels, and those of the driver slots it lends out)."""
 
-    def __init__(self, machine: Machine, abi: Abi, ready_timeout: float = 60.0) -> None:
-        assert machine.ivshmem is not None, "the machine has no ivshmem server"
+    def __init__(self, machine: Machine, windows: ProxyWindows, abi: Abi, ready_timeout: float = 60.0) -> None:
+        assert windows.control is not None, "the machine has not started"
         self.machine = machine
-        super().__init__(SharedWindow(machine.ivshmem, abi, machine), ready_timeout)
+        super().__init__(SharedWindow(windows.control, abi, machine), ready_timeout)
         self.admin = self._new_channel(0, "admin")
         self._admin_lock = threading.Lock()     # the admin ring serves the owner and its slot server
         # The pool, carved into one domain per opened device.
         self.dma = DmaPool(self._dma_view, self._window_phys, self.window.field("dma_offset"),
                            self.window.field("window_size"))
         self.slots = [Slot(n, handles, SharedWindow(handles, abi, machine))
-                      for n, handles in enumerate(machine.slots, 1)]
+                      for n, handles in enumerate(windows.slots, 1)]
         self.owned: dict[int, int] = {}         # our own channels' rings -> the devfn each holds
 
     @functools.cached_property
@@ -274,34 +228,3 @@ class _Locked:
     def guest_time(self) -> int:
         with self.lock:
             return self.channel.guest_time()
-
-
-class ProxyMachine(BootedMachine[ProxyBus]):
-    """A booted proxy guest: ``with ProxyMachine(spec) as pm: pm.bus.find(...)``."""
-
-    def __init__(self, spec: MachineSpec, **machine_args: Any) -> None:
-        assert spec.guest_elf is not None and spec.ivshmem_size, "use proxy_spec() to build the spec"
-        self.abi = load_abi(spec.guest_elf)
-        self.control: ControlServer | None = None
-        super().__init__(spec, **machine_args)
-
-    def attach(self, machine: Machine) -> ProxyBus:
-        return ProxyBus(machine, self.abi)
-
-    def __enter__(self) -> "ProxyMachine":
-        super().__enter__()
-        return self
-
-    def serve(self, address: str | None = None) -> "ControlServer":
-        """Let other processes attach to this machine's driver slots (``harness.attach``);
-        the server stops when the machine does."""
-        from .control import ControlServer
-        if self.control is None:
-            self.control = ControlServer(self.bus, address)
-        return self.control
-
-    def close(self) -> None:
-        if self.control is not None:
-            self.control.close()
-            self.control = None
-        super().close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mmap
 
-from ..ivshmem import IvshmemServer
+from .ivshmem import IvshmemServer
 from .dma import DmaPool
 from .window import SharedWindow
 

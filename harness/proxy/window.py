@@ -31,7 +31,7 @@ import time
 from typing import Any, Callable, Protocol, Sequence
 
 from ..errors import GuestCrash, HarnessError, MachineError, ProxyUnresponsive
-from ..guestelf import load_elf, render_crash
+from .guestelf import load_elf, render_crash
 from .abi import Abi
 
 

@@ -1,4 +1,4 @@
-"""The block protocol (harness/block.py) without QEMU: a file served by BlockServer children
+"""The block protocol (harness/services/block.py) without QEMU: a file served by BlockServer children
 on one listener that the test keeps, as the supervisor will, and clients that outlive them.
 
 What is checked: bytes round trip exactly; requests that are out of range or malformed are
@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from harness.block import (INFO, MAX_REQUEST_BYTES, REPLY, REPLY_MAGIC, REQUEST, REQUEST_MAGIC, BlockClient,
+from harness.services.block import (INFO, MAX_REQUEST_BYTES, REPLY, REPLY_MAGIC, REQUEST, REQUEST_MAGIC, BlockClient,
                            BlockError, BlockServer, BlockTimeout, BlockUnreachable, Op, Status)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +62,7 @@ class FileDevice:
 # test process that started it is gone (so that nothing outlives an interrupted run).
 SERVER = """
 import os, socket, sys
-from harness.block import BlockServer
+from harness.services.block import BlockServer
 from tests.unit.test_block import FileDevice
 listener = socket.socket(fileno=int(sys.argv[1]))
 parent = int(sys.argv[3])
@@ -523,7 +523,7 @@ def test_acknowledged_writes_survive_the_server_being_killed_at_random_moments(s
 
 def test_pyfatfs_through_a_client_across_a_server_restart_is_clean_for_fsck_and_mtools(
         serve, tmp_path: Path, rng: random.Random) -> None:
-    from drivers.ahci.fat import DriverFatFS
+    from harness.devices.fat import DriverFatFS
     from tests.fatimages import SBIN, have_tools, make_image, mtools_listing, mtools_read
 
     missing = have_tools()

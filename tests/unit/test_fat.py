@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-from drivers.ahci.fat import DriverFatFS, NotFatFilesystem
+from harness.devices.fat import DriverFatFS, NotFatFilesystem
 from tests.fatimages import have_tools, make_image, mtools_listing, mtools_read, tree
 
 

@@ -13,7 +13,7 @@ from drivers.nvme.driver import parse_controller, parse_namespace
 from drivers.nvme.regs import CQE, DOORBELL_BASE, SQE, Nvm
 from harness.access import Kind, Region, Space
 
-from .fakes import FakeDma, FakeMmio
+from tests.unit.fakes import FakeDma, FakeMmio
 
 BAR = 0xFEB0_0000
 STRIDE = 4

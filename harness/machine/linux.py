@@ -1,0 +1,89 @@
+"""Guest images that ``make images`` builds under ``images/``, found and described for the harness.
+
+``linux()`` is the Linux guest (``images/linux_guest.py`` builds it from Debian's
+kernel and busybox-static packages)::
+
+    image = linux()
+    with Machine(image.spec(accel="auto")) as m:
+        image.wait_ready(m)
+        print(m.console.run("uname -r"))
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import ImageMissing
+from .machine import Machine
+from .spec import MachineSpec
+
+IMAGES = Path(__file__).resolve().parents[1] / "images"
+LINUX_DIR = IMAGES / "linux"
+# qboot (shipped with Debian's QEMU, found by name in QEMU's data directory) starts a PVH
+# kernel a few hundred milliseconds sooner than SeaBIOS under TCG.
+QBOOT = Path("qboot.rom")
+# The command line is part of the boot time: `quiet` (a serial console is slow under TCG);
+# no crypto self-tests and no speculative-execution mitigations, which cost hundreds of
+# milliseconds under TCG and protect nothing in a throwaway test VM. (acpi=off hangs.)
+# no_timer_check: the kernel's check that the PIT ticks through the IO-APIC counts ticks
+# in a busy loop; a vCPU starved by a loaded host misses them and the kernel panics
+# ("IO-APIC + timer doesn't work!"), seen with eight machines booting on two busy cores.
+LINUX_APPEND = "console=ttyS0 quiet cryptomgr.notests mitigations=off no_timer_check"
+
+
+@dataclass(frozen=True)
+class LinuxImage:
+    """A built Linux guest: kernel, initramfs and what its manifest says about them."""
+
+    kernel: Path
+    initrd: Path
+    release: str                      # uname -r
+    prompt: str                       # the shell's prompt on the console
+    modules: tuple[str, ...]          # modules in the initramfs (busybox modprobe loads their deps)
+    packages: dict[str, str] = field(default_factory=dict)   # Debian package -> version
+
+    def spec(self, accel: str = "auto", memory_mb: int = 256, modules: Sequence[str] = (),
+             append: str = "") -> MachineSpec:
+        """A machine that boots this guest to a shell on its serial console.
+
+        ``modules`` are loaded by init before the shell starts (e.g. ``("e1000", "ahci")``);
+        ``append`` adds to the kernel command line.
+        """
+        unknown = set(modules) - set(self.modules)
+        if unknown:
+            raise ValueError(f"modules {sorted(unknown)} are not in the initramfs (it has {', '.join(self.modules)})")
+        line = LINUX_APPEND
+        if modules:
+            line += " hwh_modules=" + ",".join(modules)   # init reads it from its environment
+        if append:
+            line += " " + append
+        return MachineSpec(kernel=self.kernel, initrd=self.initrd, append=line, bios=QBOOT,
+                           memory_mb=memory_mb, accel=accel)
+
+    def wait_ready(self, machine: Machine, timeout: float = 120.0) -> float:
+        """Wait for the shell's prompt and for it to answer a command; the seconds that took."""
+        assert machine.console is not None
+        t0 = time.monotonic()
+        machine.console.expect([re.escape(self.prompt)], timeout)
+        machine.console.run("true", timeout=max(1.0, timeout - (time.monotonic() - t0)))
+        return time.monotonic() - t0
+
+
+def linux(directory: Path = LINUX_DIR) -> LinuxImage:
+    """The Linux guest that ``make images`` built; :class:`ImageMissing` says how to build it."""
+    manifest = directory / "manifest.json"
+    if not manifest.exists():
+        raise ImageMissing(f"no Linux guest in {directory}: build it with `make images` "
+                           "(it downloads Debian's linux-image-amd64 and busybox-static with apt-get)")
+    m = json.loads(manifest.read_text())
+    image = LinuxImage(kernel=directory / m["kernel"], initrd=directory / m["initrd"], release=m["release"],
+                       prompt=m["prompt"], modules=tuple(m["modules"]), packages=m["packages"])
+    for f in (image.kernel, image.initrd):
+        if not f.exists():
+            raise ImageMissing(f"{f} is missing: rebuild the Linux guest with `make images`")
+    return image

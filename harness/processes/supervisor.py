@@ -1,0 +1,303 @@
+"""Drivers in processes of their own, restarted when they die or hang: MINIX 3's
+reincarnation server, for the harness.
+
+``Supervisor(pm).run("harness.services.disk:serve", function, sockets={"clients": listener})``
+starts the driver in a child process that attaches to one of the machine's
+driver slots (:mod:`harness.processes.control`) and calls the entry with its bus
+and its device. The supervisor watches every driver: its process (a pidfd)
+and its heartbeat in the slot window (``bus.beat()``). When one dies or
+stops beating for ``hang_timeout`` seconds (it is killed then), the owner
+takes its slot back (interrupts detached, bus mastering off, DMA domains
+unmapped, the window cleared), and the driver starts again and initialises
+its device afresh. Each restart is recorded with its cause and its time from
+death to serving again. A driver counts as serving from its first heartbeat.
+
+Sockets handed to a driver (``sockets=``) are the supervisor's: they outlive
+each driver process, so a client's reconnect waits in a listener's backlog
+while the driver restarts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..access import PciFunction
+from ..errors import HarnessError
+from .control import serve
+from .zygote import MAX_MESSAGE
+
+if TYPE_CHECKING:
+    from ..proxy.machine import ProxyMachine
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.01          # how often the watcher looks at processes and heartbeats
+BACKOFF_FIRST, BACKOFF_MAX = 0.05, 5.0   # seconds before restarting a driver that died before serving
+PRELOAD = ["harness.services.disk", "harness.services.echo"]
+
+
+class SupervisorError(HarnessError):
+    """A driver could not be started, or the supervisor itself failed."""
+
+
+@dataclass
+class Restart:
+    cause: str                  # "killed by SIGKILL", "exited with status 1", "hung: no heartbeat for 1.0 s"
+    died_at: float              # time.monotonic() when the death (or the hang) was seen
+    serving_at: float = 0.0     # when the new process first beat
+
+    @property
+    def ms(self) -> float:
+        """From death to serving again."""
+        return (self.serving_at - self.died_at) * 1e3
+
+
+@dataclass
+class Driver:
+    """One supervised driver: whichever process runs it now, and its history."""
+    name: str
+    spec: dict[str, Any]
+    sockets: dict[str, socket.socket]
+    restart: bool
+    pid: int = 0
+    slot: int | None = None
+    state: str = "starting"             # starting, serving, dead (not to be restarted), stopped
+    started_at: float = 0.0
+    last_beat: int = 0
+    last_beat_at: float = 0.0
+    restarts: list[Restart] = field(default_factory=list)
+    deaths: list[str] = field(default_factory=list)
+    pidfd: int | None = None
+    pending: Restart | None = None      # a restart under way: its death, waiting for the first beat
+    early_deaths: int = 0               # deaths in a row before serving: a crash loop backs off
+    restart_at: float = 0.0             # when a backed-off restart is due
+    _serving: threading.Condition = field(default_factory=threading.Condition)
+
+    def wait_serving(self, timeout: float = 30.0, after: int = 0) -> None:
+        """Until the driver serves with at least ``after`` restarts behind it."""
+        with self._serving:
+            if not self._serving.wait_for(lambda: (self.state == "serving" and len(self.restarts) >= after)
+                                          or self.state in ("dead", "stopped"), timeout):
+                raise SupervisorError(f"driver {self.name} did not serve within {timeout:g} s "
+                                      f"({self.state}; deaths: {self.deaths[-3:]})")
+            if self.state != "serving":
+                raise SupervisorError(f"driver {self.name} is {self.state}: {self.deaths[-3:]}")
+
+
+def _describe(status: int) -> str:
+    if status < 0:
+        return "ended (status unknown)"
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+class Zygote:
+    """The supervisor's end of :mod:`harness.processes.zygote`."""
+
+    def __init__(self, guest_elf: str, preload: list[str]) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock = ours
+        self._lock = threading.Lock()
+        self.process = subprocess.Popen([sys.executable, "-m", "harness.processes.zygote", str(os.getpid()),
+                                         str(theirs.fileno()), guest_elf, *preload], pass_fds=[theirs.fileno()])
+        theirs.close()
+        self.sock.settimeout(60.0)
+        reply = self._recv()
+        if reply[0] != "ready":
+            raise SupervisorError(f"the zygote said {reply!r}")
+
+    def _recv(self) -> tuple:
+        try:
+            data = self.sock.recv(MAX_MESSAGE)
+        except OSError as exc:
+            raise SupervisorError(f"the zygote is gone: {exc}") from None
+        if not data:
+            raise SupervisorError(f"the zygote exited ({self.process.poll()})")
+        return pickle.loads(data)
+
+    def spawn(self, spec: dict[str, Any], fds: list[int]) -> int:
+        with self._lock:
+            socket.send_fds(self.sock, [pickle.dumps(("spawn", spec))], fds)
+            return int(self._recv()[1])
+
+    def reap(self, pid: int) -> int:
+        with self._lock:
+            self.sock.send(pickle.dumps(("reap", pid)))
+            return int(self._recv()[1])
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.process.wait(5.0)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def driver_main(spec: dict[str, Any], fds: list[int]) -> int:
+    """A driver process's life, in the zygote's child: attach, find the device, run the entry."""
+    from .attached import attach
+    logging.basicConfig(level=logging.WARNING, format=f"driver {spec['name']} %(levelname)s %(message)s")
+    sockets = {name: socket.socket(fileno=fd) for name, fd in zip(spec["sockets"], fds)}
+    bus = attach(spec["address"], wait=spec["attach_wait"], token=spec["token"])
+    try:
+        function = next((f for f in bus.functions if f.devfn == spec["devfn"]), None)
+        if function is None:
+            raise SupervisorError(f"no PCI function {spec['devfn']:#x} on the machine")
+        module, _, name = spec["entry"].partition(":")
+        entry: Callable[..., Any] = getattr(importlib.import_module(module), name)
+        entry(bus, function, **sockets, **spec["kwargs"])
+        return 0
+    except BaseException:
+        logging.getLogger(spec["name"]).exception("driver %s failed", spec["name"])
+        return 1
+    finally:
+        bus.close()
+
+
+class Supervisor:
+    """Runs drivers in processes of their own and restarts them; see the module's docstring."""
+
+    def __init__(self, pm: "ProxyMachine", hang_timeout: float = 1.0, start_timeout: float = 30.0,
+                 preload: list[str] | None = None) -> None:
+        self.pm = pm
+        self.control = serve(pm)
+        self.hang_timeout = hang_timeout
+        self.start_timeout = start_timeout
+        self.zygote = Zygote(str(pm.elf), PRELOAD + (preload or []))
+        self.drivers: list[Driver] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="hwharness-supervisor", daemon=True)
+        self._watcher.start()
+
+    def run(self, entry: str, device: PciFunction, restart: bool = True, name: str | None = None,
+            sockets: dict[str, socket.socket] | None = None, **kwargs: Any) -> Driver:
+        """Start ``entry`` ("module:function", called as ``entry(bus, function, **sockets,
+        **kwargs)``) in a driver process for ``device``; returns at once (``wait_serving()``)."""
+        name = name or f"{entry.rpartition(':')[2]}@{device}"
+        spec = {"name": name, "entry": entry, "devfn": device.devfn, "address": self.control.address,
+                "sockets": list((sockets or {}).keys()), "kwargs": kwargs, "attach_wait": self.start_timeout,
+                "token": self.control.reserve([device.devfn])}     # its device, and only its device
+        driver = Driver(name, spec, dict(sockets or {}), restart)
+        with self._lock:
+            self.drivers.append(driver)
+            self._start(driver)
+        return driver
+
+    def _start(self, driver: Driver) -> None:
+        driver.pid = self.zygote.spawn(driver.spec, [s.fileno() for s in driver.sockets.values()])
+        driver.pidfd = os.pidfd_open(driver.pid)
+        driver.state, driver.slot, driver.last_beat = "starting", None, 0
+        driver.started_at = driver.last_beat_at = time.monotonic()
+        log.info("driver %s: process %d started", driver.name, driver.pid)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(POLL_SECONDS):
+            with self._lock:
+                for driver in self.drivers:
+                    try:
+                        self._look_at(driver)
+                    except Exception:
+                        log.exception("supervisor: watching %s", driver.name)
+
+    def _look_at(self, driver: Driver) -> None:
+        now = time.monotonic()
+        if driver.pidfd is None:
+            if driver.restart_at and now >= driver.restart_at and not self._stop.is_set():
+                driver.restart_at = 0.0
+                self._start(driver)
+            return
+        if select.select([driver.pidfd], [], [], 0)[0]:
+            self._died(driver, _describe(self.zygote.reap(driver.pid)), now)
+            return
+        if driver.slot is None:
+            driver.slot = self.control.slot_of(driver.pid)
+        beat = self.pm.bus.slots[driver.slot - 1].heartbeat if driver.slot else 0
+        if beat != driver.last_beat:
+            driver.last_beat, driver.last_beat_at = beat, now
+            if driver.state == "starting" and beat:
+                driver.early_deaths = 0
+                with driver._serving:
+                    if driver.pending is not None:
+                        driver.pending.serving_at = now
+                        driver.restarts.append(driver.pending)
+                        log.warning("driver %s: serving again %.0f ms after it was %s", driver.name,
+                                    driver.pending.ms, driver.pending.cause)
+                        driver.pending = None
+                    driver.state = "serving"
+                    driver._serving.notify_all()
+        elif driver.state == "serving" and now - driver.last_beat_at > self.hang_timeout:
+            self._kill(driver, f"hung: no heartbeat for {now - driver.last_beat_at:.1f} s", now)
+        elif driver.state == "starting" and now - driver.started_at > self.start_timeout:
+            self._kill(driver, f"did not start within {self.start_timeout:g} s", now)
+
+    def _kill(self, driver: Driver, cause: str, now: float) -> None:
+        """A hung driver: SIGKILL it (even a stopped process dies of that), and restart it."""
+        os.kill(driver.pid, signal.SIGKILL)          # our own child's child, by its PID
+        self.zygote.reap(driver.pid)
+        self._died(driver, cause, now)
+
+    def _died(self, driver: Driver, cause: str, now: float) -> None:
+        assert driver.pidfd is not None
+        os.close(driver.pidfd)
+        driver.pidfd = None
+        driver.deaths.append(cause)
+        log.info("driver %s: process %d %s", driver.name, driver.pid, cause)
+        if driver.state == "stopped":
+            return
+        if not driver.restart or self._stop.is_set():
+            if driver.restart:
+                log.warning("driver %s: %s, and is not restarted (the supervisor is stopping)", driver.name, cause)
+            with driver._serving:
+                driver.state = "dead"
+                driver._serving.notify_all()
+            return
+        if driver.pending is None:              # died again before serving: the first death counts
+            driver.pending = Restart(cause, now)
+        if driver.state == "starting":          # it never served: do not spin on a driver that cannot start
+            driver.early_deaths += 1
+            driver.restart_at = now + min(BACKOFF_FIRST * 2 ** (driver.early_deaths - 1), BACKOFF_MAX)
+            log.warning("driver %s: died %d times before serving; next try in %.2f s", driver.name,
+                        driver.early_deaths, driver.restart_at - now)
+            return
+        self._start(driver)
+
+    def stop(self) -> None:
+        """Stop every driver (SIGKILL: a driver must survive that anyway), then the zygote."""
+        self._stop.set()
+        self._watcher.join()
+        for driver in self.drivers:
+            with driver._serving:
+                if driver.pidfd is None and driver.state != "dead":
+                    driver.state = "stopped"        # one waiting to be restarted: it will not be
+                driver._serving.notify_all()
+            if driver.pidfd is not None:
+                driver.state = "stopped"
+                os.kill(driver.pid, signal.SIGKILL)
+                self.zygote.reap(driver.pid)
+                os.close(driver.pidfd)
+                driver.pidfd = None
+                if driver.slot:
+                    self.control.wait_free(driver.slot, 10.0)
+            self.control.unreserve(driver.spec["token"])
+        self.zygote.close()
+
+    def __enter__(self) -> "Supervisor":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

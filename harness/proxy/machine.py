@@ -1,0 +1,140 @@
+"""A machine that boots the proxy guest: its shared windows as a machine plugin.
+
+The control window and each driver slot's window are ivshmem-doorbell devices
+whose server the harness plays (:mod:`.ivshmem`); :class:`ProxyWindows` puts
+them on the command line, serves them while QEMU runs and closes them after.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import AbiError
+from ..machine import Machine, MachineSpec
+from ..machine.booted import BootedMachine
+from ..machine.plugin import MachinePlugin
+from ..machine.spec import Endpoints, Option, abstract
+from .abi import Abi, load_abi
+from .bus import ProxyBus
+from .guest import guest_elf
+from .ivshmem import IvshmemServer
+
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class Closeable(Protocol):
+        def close(self) -> None: ...
+
+IOMMU_ENV = "HWHARNESS_IOMMU"      # "0": machines without the IOMMU, by default
+WINDOW_SIZE = 64 << 20
+DRIVER_SLOTS = 4            # driver slots a proxy machine has unless asked otherwise
+SLOT_SIZE = 32 << 20        # each slot's window: room for a 16 MiB domain and more
+SLOT_PCI_BASE = 0x18        # driver slot n's window sits at 00:(0x18 + n - 1).0
+
+
+def boot_image(elf: Path) -> Path:
+    """The copy of ``elf`` that QEMU's multiboot loader accepts (see guests/proxy/Makefile)."""
+    return elf.with_name(elf.stem + "-boot.elf")
+
+
+class ProxyWindows(MachinePlugin):
+    """The proxy's shared windows: the control window and ``slots`` driver slots, each an
+    ivshmem-doorbell with ``vectors`` doorbells each way; and the VT-d when ``iommu``."""
+
+    snapshottable = False       # the windows' memory and the harness's side of them are outside QEMU
+
+    def __init__(self, abi: Abi, window_size: int, slots: int, iommu: bool) -> None:
+        if not 0 <= slots <= abi.PROXY_MAX_SLOTS:
+            raise ValueError(f"a machine has 0 to {abi.PROXY_MAX_SLOTS} driver slots, not {slots}")
+        self.abi = abi
+        self.window_size = window_size
+        self.vectors = abi.PROXY_DOORBELL_VECTORS
+        self.slot_count = slots
+        self.iommu = iommu
+        self.control: IvshmemServer | None = None
+        self.slots: list[IvshmemServer] = []       # slot n is slots[n - 1]
+
+    def options(self, ends: Endpoints, accel: str) -> list[Option]:
+        opts = [Option("chardev", "socket", {"id": "hwh-ivshmem", **abstract(ends.address("ivshmem"))}),
+                Option("device", "ivshmem-doorbell", {"chardev": "hwh-ivshmem", "vectors": self.vectors})]
+        for n in range(1, self.slot_count + 1):     # after the control window: QEMU connects in this order
+            opts += [       # at PCI slots of their own, out of the way of devices the spec places
+                Option("chardev", "socket", {"id": f"hwh-slot{n}", **abstract(ends.address(f"slot{n}"))}),
+                Option("device", "ivshmem-doorbell", {"chardev": f"hwh-slot{n}", "vectors": self.vectors,
+                                                      "addr": f"{SLOT_PCI_BASE + n - 1:#x}"}),
+            ]
+        if self.iommu:
+            opts.append(Option("device", "intel-iommu", {}))
+        return opts
+
+    def pre_launch(self, machine: Machine, ends: Endpoints) -> None:
+        self.control = IvshmemServer(self.window_size, vectors=self.vectors)
+        self.control.listen(ends.address("ivshmem"))
+        number_at = self.abi.offsetof("proxy_shared", "slot")
+        for n in range(1, self.slot_count + 1):
+            slot = IvshmemServer(SLOT_SIZE, vectors=self.vectors, name=f"hwharness-slot{n}")
+            struct.pack_into("<I", slot.memory, number_at, n)   # how the proxy tells the windows apart
+            slot.listen(ends.address(f"slot{n}"))
+            self.slots.append(slot)
+
+    def post_launch(self, machine: Machine, deadline: float) -> None:
+        assert self.control is not None
+        machine.accept(self.control.accept, deadline, "the ivshmem connection")
+        for n, slot in enumerate(self.slots, 1):
+            machine.accept(slot.accept, deadline, f"slot {n}'s ivshmem connection")
+
+    def shutdown(self, machine: Machine) -> None:
+        for server in ([self.control] if self.control else []) + self.slots:
+            server.close()
+        self.control, self.slots = None, []
+
+
+def proxy_spec(elf: Path | None = None, accel: str = "auto", memory_mb: int = 128,
+               window_size: int = WINDOW_SIZE, iommu: bool | None = None, slots: int = DRIVER_SLOTS) -> MachineSpec:
+    """A machine that boots the proxy guest with its shared window; add devices to taste.
+    ``elf`` defaults to the guest built from the current sources (see :mod:`.guest`).
+
+    With ``iommu`` (the default, unless the environment has HWHARNESS_IOMMU=0) the machine
+    has an Intel VT-d, and the proxy confines every device's DMA to that device's own
+    domain; without, DMA is not confined.
+
+    ``slots``: driver slots, each a window of its own (``SLOT_SIZE``) that one driver
+    process may attach to (:mod:`harness.processes.control`)."""
+    elf = elf or guest_elf()
+    if iommu is None:
+        iommu = os.environ.get(IOMMU_ENV, "1") != "0"
+    abi = load_abi(elf)   # fail before booting if the ELF is missing or of another ABI
+    if not boot_image(elf).exists():
+        raise AbiError(f"{boot_image(elf)} is missing beside {elf}: its build did not finish")
+    spec = MachineSpec(kernel=boot_image(elf), accel=accel, memory_mb=memory_mb)
+    spec.plugins.append(ProxyWindows(abi, window_size, slots, iommu))
+    return spec
+
+
+class ProxyMachine(BootedMachine[ProxyBus]):
+    """A booted proxy guest: ``with ProxyMachine(spec) as pm: pm.bus.find(...)``."""
+
+    def __init__(self, spec: MachineSpec, **machine_args: Any) -> None:
+        try:
+            windows = spec.plugin(ProxyWindows)
+        except LookupError:
+            raise ValueError("a proxy machine needs the proxy's windows: use proxy_spec() to build the spec") from None
+        self.abi = windows.abi
+        self.elf = windows.abi.path         # the guest's ELF, with its symbols
+        self.services: list[Closeable] = []     # stopped before the machine (a control server)
+        super().__init__(spec, **machine_args)
+
+    def attach(self, machine: Machine) -> ProxyBus:
+        return ProxyBus(machine, machine.plugin(ProxyWindows), self.abi)
+
+    def __enter__(self) -> "ProxyMachine":
+        super().__enter__()
+        return self
+
+    def close(self) -> None:
+        while self.services:
+            self.services.pop().close()
+        super().close()

@@ -1,0 +1,165 @@
+"""``hwharness bench boot``: how fast the Linux guest boots, by phase; restores; eight at once.
+
+Every figure runs from a moment the host sees to another, on the host's monotonic
+clock, except the kernel's own start, which is derived: init prints the kernel's
+uptime (``/proc/uptime``) as its first line, and under TCG the guest's clock runs
+with the host's, so "host time of that line minus the uptime in it" is when the
+kernel started. Phases of one boot:
+
+- ``qemu_start``: exec of QEMU to its QMP monitor answering (the machine is built, the CPU runs);
+- ``firmware``: from there to the kernel's clock starting (qboot, copying the kernel and
+  initramfs in, and the kernel's earliest setup, which runs before its clock does);
+- ``kernel_to_first_line``: the kernel's start to the first byte on the console;
+- ``first_line_to_init``: to init's first line (zero when ``quiet`` keeps the kernel silent);
+- ``init_to_prompt``: init's work (mounts, modules) and the shell's first prompt;
+- ``prompt_to_answer``: a command typed at that prompt until its answer came back.
+
+``boot_s`` is exec to answer: the sum. ``qemu_cpu_s`` is the CPU time QEMU had used by
+then: on a host shared with other jobs the wall-clock figures stretch with the load
+(``host_load_before``), the work done much less.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ...machine.linux import LinuxImage, linux
+from ...machine import Machine
+from ...proxy import ProxyMachine, proxy_spec
+from .roundtrip import cpu_seconds
+from .stats import pct
+
+log = logging.getLogger(__name__)
+
+INIT_LINE = re.compile(r"hwh-linux: init at ([\d.]+) s")
+PHASES = ("qemu_start", "firmware", "kernel_to_first_line", "first_line_to_init", "init_to_prompt",
+          "prompt_to_answer")
+SNAPSHOT = "bench-ready"
+
+
+def one_boot(image: LinuxImage, accel: str, workdir: Path, timeout: float = 120.0) -> tuple[Machine, dict[str, float]]:
+    """Boot once and time each phase; the machine is returned running (the caller shuts it down)."""
+    m = Machine(image.spec(accel=accel), name="bench-boot", artifacts_root=workdir)
+    m.launch()
+    try:
+        qmp_at = time.monotonic()
+        assert m.console is not None
+        found = m.console.expect([INIT_LINE], timeout)
+        init_at = time.monotonic()
+        kernel_at = init_at - float(found.match.group(1))
+        first_at = m.console.first_output_at or init_at
+        m.console.expect([re.escape(image.prompt)], timeout)
+        prompt_at = time.monotonic()
+        m.console.run("true", timeout)
+        answer_at = time.monotonic()
+        assert m.process is not None
+        cpu = cpu_seconds(m.process.pid)
+    except BaseException:
+        m.failed = True
+        m.shutdown()
+        raise
+    phases = {"qemu_start": qmp_at - m.exec_at, "firmware": kernel_at - qmp_at,
+              "kernel_to_first_line": first_at - kernel_at, "first_line_to_init": init_at - first_at,
+              "init_to_prompt": prompt_at - init_at, "prompt_to_answer": answer_at - prompt_at,
+              "boot": answer_at - m.exec_at, "qemu_cpu": cpu}
+    return m, phases
+
+
+def restores(m: Machine, count: int) -> list[float]:
+    """Seconds from each restore request to an answered command, sorted."""
+    assert m.console is not None
+    m.snapshot(SNAPSHOT)
+    out = []
+    for i in range(count):
+        m.console.run(f"echo {i} > /tmp/state")          # something the restore has to undo
+        t0 = time.monotonic()
+        m.restore(SNAPSHOT)
+        m.console.run("true")
+        out.append(time.monotonic() - t0)
+    return sorted(out)
+
+
+def parallel(image: LinuxImage, accel: str, workdir: Path, count: int, timeout: float = 300.0) -> float:
+    """Seconds from the first QEMU's exec until ``count`` machines booted together all answered.
+
+    Launched one after another from this thread (QEMU dies with the thread that started it),
+    then waited for together: they boot side by side on however many cores there are.
+    """
+    machines: list[Machine] = []
+    try:
+        t0 = time.monotonic()
+        for i in range(count):
+            m = Machine(image.spec(accel=accel), name=f"bench-par{i}", artifacts_root=workdir)
+            machines.append(m)
+            m.launch()
+        for m in machines:
+            image.wait_ready(m, timeout)
+        return time.monotonic() - t0
+    finally:
+        for m in machines:
+            m.shutdown()
+
+
+def proxy_boots(accel: str, count: int) -> list[float]:
+    """Seconds from creating a proxy machine to its bus being ready, sorted."""
+    out = []
+    for _ in range(count):
+        t0 = time.monotonic()
+        with ProxyMachine(proxy_spec(accel=accel), name="bench-proxy"):
+            out.append(time.monotonic() - t0)
+    return sorted(out)
+
+
+def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_count: int = 8) -> dict[str, Any]:
+    """Boot the Linux guest ``count`` times and measure the rest; the figures as a dict for JSON."""
+    image = linux()
+    boots: list[dict[str, float]] = []
+    load_before = os.getloadavg()
+    # Each machine removes its own directory unless it failed; a failed one's stays for reading.
+    workdir = Path(tempfile.gettempdir())
+    resolved = accel
+    restore_s: list[float] = []
+    for i in range(count):
+        m, phases = one_boot(image, accel, workdir)
+        resolved = m.accel
+        try:
+            if i == count - 1:
+                restore_s = restores(m, restore_count)
+        except BaseException:
+            m.failed = True
+            raise
+        finally:
+            m.shutdown()
+        boots.append(phases)
+        log.info("boot %d: %.2f s", i, phases["boot"])
+    parallel_s = parallel(image, accel, workdir, parallel_count)
+    proxy_s = proxy_boots(accel, count)
+    total = sorted(b["boot"] for b in boots)
+    return {
+        "bench": "boot",
+        "accel": resolved,
+        "kernel": image.release,
+        "packages": image.packages,
+        "memory_mb": 256,
+        "count": count,
+        "boot_p50_s": pct(total, 0.5),
+        "boot_p99_s": pct(total, 0.99),
+        "phases_p50_s": {p: statistics.median(b[p] for b in boots) for p in PHASES},
+        "qemu_cpu_p50_s": statistics.median(b["qemu_cpu"] for b in boots),
+        "boots_s": boots,
+        "restore_count": restore_count,
+        "restore_p50_ms": pct(restore_s, 0.5) * 1e3,
+        "restore_p99_ms": pct(restore_s, 0.99) * 1e3,
+        "parallel_count": parallel_count,
+        f"parallel{parallel_count}_s": parallel_s,
+        "proxy_boot_p50_ms": pct(proxy_s, 0.5) * 1e3,
+        "host_load_before": load_before,
+        "host_cpus": os.cpu_count(),
+    }
