@@ -22,8 +22,7 @@ Every error the harness raises derives from :class:`HarnessError`::
     ├── ImageMissing        a guest image is not built (with the command that builds it)
     ├── AttachRefused       the machine's owner will not lend a driver slot or a device:
     │                       every slot is taken, another process holds the device
-    ├── SupervisorError     a supervised driver did not start or serve in time
-    │                       (harness.processes.supervisor)
+    ├── SupervisorError     a supervised driver did not start or serve in time (harness.processes)
     ├── BlockError ...      the block protocol's errors (harness.services.block): an error reply,
     │                       no server to reconnect to, a silent server, nonsense replies
     ├── AbiError            the guest ELF is missing or speaks another ABI version
@@ -145,6 +144,10 @@ class ImageMissing(HarnessError):
 class AttachRefused(HarnessError):
     """The machine's owner would not lend it: the device is held by another process,
     every driver slot is taken, or the asking process is not the owner's user."""
+
+
+class SupervisorError(HarnessError):
+    """A driver could not be started, or the supervisor itself failed."""
 
 
 class AbiError(HarnessError):

@@ -19,7 +19,6 @@ while the driver restarts.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import pickle
@@ -31,10 +30,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..access import PciFunction
-from ..errors import HarnessError
+from ..errors import SupervisorError
 from .control import serve
 from .zygote import MAX_MESSAGE
 
@@ -45,11 +44,6 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.01          # how often the watcher looks at processes and heartbeats
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 5.0   # seconds before restarting a driver that died before serving
-PRELOAD = ["harness.services.disk", "harness.services.echo"]
-
-
-class SupervisorError(HarnessError):
-    """A driver could not be started, or the supervisor itself failed."""
 
 
 @dataclass
@@ -107,12 +101,13 @@ def _describe(status: int) -> str:
 class Zygote:
     """The supervisor's end of :mod:`harness.processes.zygote`."""
 
-    def __init__(self, guest_elf: str, preload: list[str]) -> None:
+    def __init__(self, guest_elf: str) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = ours
         self._lock = threading.Lock()
+        self.loaded: set[str] = set()
         self.process = subprocess.Popen([sys.executable, "-m", "harness.processes.zygote", str(os.getpid()),
-                                         str(theirs.fileno()), guest_elf, *preload], pass_fds=[theirs.fileno()])
+                                         str(theirs.fileno()), guest_elf], pass_fds=[theirs.fileno()])
         theirs.close()
         self.sock.settimeout(60.0)
         reply = self._recv()
@@ -127,6 +122,16 @@ class Zygote:
         if not data:
             raise SupervisorError(f"the zygote exited ({self.process.poll()})")
         return pickle.loads(data)
+
+    def preload(self, module: str) -> None:
+        """Have the zygote import ``module``, so that its drivers' forks start with it imported."""
+        with self._lock:
+            if module not in self.loaded:
+                self.sock.send(pickle.dumps(("preload", module)))
+                reply = self._recv()
+                if reply[0] != "loaded":
+                    raise SupervisorError(f"the zygote could not import {module}: {reply[1]}")
+                self.loaded.add(module)
 
     def spawn(self, spec: dict[str, Any], fds: list[int]) -> int:
         with self._lock:
@@ -147,27 +152,6 @@ class Zygote:
             self.process.wait()
 
 
-def driver_main(spec: dict[str, Any], fds: list[int]) -> int:
-    """A driver process's life, in the zygote's child: attach, find the device, run the entry."""
-    from .attached import attach
-    logging.basicConfig(level=logging.WARNING, format=f"driver {spec['name']} %(levelname)s %(message)s")
-    sockets = {name: socket.socket(fileno=fd) for name, fd in zip(spec["sockets"], fds)}
-    bus = attach(spec["address"], wait=spec["attach_wait"], token=spec["token"])
-    try:
-        function = next((f for f in bus.functions if f.devfn == spec["devfn"]), None)
-        if function is None:
-            raise SupervisorError(f"no PCI function {spec['devfn']:#x} on the machine")
-        module, _, name = spec["entry"].partition(":")
-        entry: Callable[..., Any] = getattr(importlib.import_module(module), name)
-        entry(bus, function, **sockets, **spec["kwargs"])
-        return 0
-    except BaseException:
-        logging.getLogger(spec["name"]).exception("driver %s failed", spec["name"])
-        return 1
-    finally:
-        bus.close()
-
-
 class Supervisor:
     """Runs drivers in processes of their own and restarts them; see the module's docstring."""
 
@@ -177,7 +161,9 @@ class Supervisor:
         self.control = serve(pm)
         self.hang_timeout = hang_timeout
         self.start_timeout = start_timeout
-        self.zygote = Zygote(str(pm.elf), PRELOAD + (preload or []))
+        self.zygote = Zygote(str(pm.elf))
+        for module in preload or []:
+            self.zygote.preload(module)
         self.drivers: list[Driver] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -189,6 +175,7 @@ class Supervisor:
         """Start ``entry`` ("module:function", called as ``entry(bus, function, **sockets,
         **kwargs)``) in a driver process for ``device``; returns at once (``wait_serving()``)."""
         name = name or f"{entry.rpartition(':')[2]}@{device}"
+        self.zygote.preload(entry.partition(":")[0])    # imported once: every restart forks with it
         spec = {"name": name, "entry": entry, "devfn": device.devfn, "address": self.control.address,
                 "sockets": list((sockets or {}).keys()), "kwargs": kwargs, "attach_wait": self.start_timeout,
                 "token": self.control.reserve([device.devfn])}     # its device, and only its device

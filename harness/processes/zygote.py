@@ -1,13 +1,15 @@
-"""The zygote: a small process that has already imported the harness and the drivers,
-and forks driver processes on request, so that a restart costs a fork, not a Python
+"""The zygote: a small process that has already imported the harness and the drivers it
+was asked to run, and forks driver processes on request, so that a restart costs a fork, not a Python
 start-up (about 0.3 s of imports and 0.3 s of reading the guest's ABI here).
 
 It is started by :class:`harness.processes.supervisor.Supervisor` and talks to it over a
 SOCK_SEQPACKET pair (a message each, descriptors alongside). Requests are
 pickled tuples:
 
+- ``("preload", module)``: the module is imported here, once, before the first
+  driver that runs it; the reply is ``("loaded", module)`` or ``("failed", why)``.
 - ``("spawn", spec)`` with the descriptors the driver gets: the reply is
-  ``("pid", pid)``. The child runs :func:`harness.processes.supervisor.driver_main`.
+  ``("pid", pid)``. The child runs :func:`driver_main`.
 - ``("reap", pid)``: the reply is ``("status", wait status)``. Children are
   reaped only when asked, so the supervisor learns how each one ended.
 
@@ -18,16 +20,41 @@ zygote, so killing the supervisor, even with SIGKILL, leaves no process behind.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import pickle
 import signal
 import socket
 import sys
+from typing import Any, Callable
+
+from ..errors import SupervisorError
 
 MAX_MESSAGE = 1 << 16
 
 
-def main(parent: int, fd: int, guest_elf: str, preload: list[str]) -> None:
+def driver_main(spec: dict[str, Any], fds: list[int]) -> int:
+    """A driver process's life, in the zygote's child: attach, find the device, run the entry."""
+    from .attached import attach
+    logging.basicConfig(level=logging.WARNING, format=f"driver {spec['name']} %(levelname)s %(message)s")
+    sockets = {name: socket.socket(fileno=fd) for name, fd in zip(spec["sockets"], fds)}
+    bus = attach(spec["address"], wait=spec["attach_wait"], token=spec["token"])
+    try:
+        function = next((f for f in bus.functions if f.devfn == spec["devfn"]), None)
+        if function is None:
+            raise SupervisorError(f"no PCI function {spec['devfn']:#x} on the machine")
+        module, _, name = spec["entry"].partition(":")
+        entry: Callable[..., Any] = getattr(importlib.import_module(module), name)
+        entry(bus, function, **sockets, **spec["kwargs"])
+        return 0
+    except BaseException:
+        logging.getLogger(spec["name"]).exception("driver %s failed", spec["name"])
+        return 1
+    finally:
+        bus.close()
+
+
+def main(parent: int, fd: int, guest_elf: str) -> None:
     from ..machine.machine import die_with_parent
     die_with_parent()                       # here, not between fork and exec in a threaded parent
     if os.getppid() != parent:              # it died before the line above
@@ -35,10 +62,7 @@ def main(parent: int, fd: int, guest_elf: str, preload: list[str]) -> None:
     from pathlib import Path
 
     from ..proxy.abi import load_abi
-    from .supervisor import driver_main
     load_abi(Path(guest_elf))               # cached: every child starts with it read
-    for module in preload:
-        importlib.import_module(module)
     sock = socket.socket(fileno=fd)
     sock.send(pickle.dumps(("ready", os.getpid())))
     while True:
@@ -49,7 +73,14 @@ def main(parent: int, fd: int, guest_elf: str, preload: list[str]) -> None:
         if not data:
             return                          # the supervisor is gone
         request = pickle.loads(data)
-        if request[0] == "spawn":
+        if request[0] == "preload":
+            try:
+                importlib.import_module(request[1])
+                reply: tuple[str, str] = ("loaded", request[1])
+            except Exception as exc:        # the supervisor raises it, naming the module
+                reply = ("failed", f"{type(exc).__name__}: {exc}")
+            sock.send(pickle.dumps(reply))
+        elif request[0] == "spawn":
             pid = os.fork()
             if pid == 0:
                 code = 70
@@ -77,4 +108,4 @@ def main(parent: int, fd: int, guest_elf: str, preload: list[str]) -> None:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C is the supervisor's to handle
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

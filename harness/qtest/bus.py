@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from ..access import Access, Bar, Bus, Channel, Kind, PciFunction, Space
 from ..errors import (AccessDenied, BadRequest, DeviceTimeout, HarnessError, MachineError, ProxyFault,

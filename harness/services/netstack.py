@@ -13,7 +13,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import dpkt
 

@@ -24,7 +24,7 @@ from drivers.ahci.regs import Ata
 from ...access import DmaBuffer
 from ...errors import MachineError
 from ...machine import MachineSpec
-from ...proxy import ProxyBus, ProxyMachine, proxy_spec
+from ...proxy import ProxyBus, ProxyMachine, ProxyWindows, proxy_spec
 from .paired import Run, Workload, add_peer, clock_figures, run_rounds
 from .requests import RequestList
 
@@ -206,7 +206,7 @@ def run(accel: str, count: int = 2000, rounds: int = 15, quick: bool = False, io
     two machines, the same way; then (``peer="linux"``) Linux's own driver on the same disk."""
     if quick:
         count, rounds = QUICK["count"], QUICK["rounds"]
-    iommu = proxy_spec(accel=accel, iommu=iommu).iommu      # the caller's choice, or the default
+    iommu = proxy_spec(accel=accel, iommu=iommu).plugin(ProxyWindows).iommu      # the caller's choice, or the default
     with tempfile.TemporaryDirectory(prefix="hwharness-bench-") as tmp:
         image = Path(tmp) / "disk.img"
         _disk_image(image)

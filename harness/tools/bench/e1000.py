@@ -32,7 +32,7 @@ from drivers.e1000.regs import Reg
 
 from ...machine import MachineSpec
 from ...services.netstream import free_udp_port, udp_socket
-from ...proxy import ProxyBus, ProxyMachine, proxy_spec
+from ...proxy import ProxyBus, ProxyMachine, ProxyWindows, proxy_spec
 from .paired import Run, Workload, add_peer, clock_figures, run_rounds
 
 log = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int =
     two machines, the same way."""
     if quick:
         count_64, count_1514, rounds = QUICK["count_64"], QUICK["count_1514"], QUICK["rounds"]
-    iommu = proxy_spec(accel=accel, iommu=iommu).iommu      # the caller's choice, or the default
+    iommu = proxy_spec(accel=accel, iommu=iommu).plugin(ProxyWindows).iommu      # the caller's choice, or the default
     with contextlib.ExitStack() as stack:
         rig = machine(stack, accel, iommu, "bench-e1000")
         pm = rig.pm
