@@ -1,0 +1,265 @@
+"""``hwharness bench compare REV``: the working tree against an earlier revision, on this machine.
+
+Every other bench compares Python with a baseline inside one revision (the C
+loop, qtest); none of them sees a change make the common path slower for
+both. This one checks REV out into a temporary git worktree (its own code,
+its own guest), then runs the chosen benches in REV and in the working tree,
+each side its own process with its own code, alternating which side goes
+first, for several rounds. A key both sides report gets its per-round
+values, their medians, ``new_over_base`` (median over median) and the
+spread of the per-round ratios (max/min), and says which way is better
+where its name tells (``*_iops``, ``*_per_s``... higher; ``*_us``, ``p50``... lower).
+
+An older revision may lack a bench (it is skipped, and the JSON says so) or
+``--quick`` (it then runs the full bench; the JSON records ``quick`` per
+side), and runs its CLI as ``python -m harness.cli`` if it has no
+``harness/__main__.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ...errors import BadInput, HarnessError
+
+log = logging.getLogger(__name__)
+
+# what each bench name runs: the CLI's words after the program name
+BENCHES: dict[str, list[str]] = {
+    "roundtrip": ["bench", "roundtrip"],
+    "latency-spin": ["latency", "--mode", "spin"],
+    "latency-sleep": ["latency", "--mode", "sleep"],
+    "ahci": ["bench", "ahci"],
+    "nvme": ["bench", "nvme"],
+    "e1000": ["bench", "e1000"],
+}
+GROUPS = {"latency": ["latency-spin", "latency-sleep"]}
+DEFAULT_ONLY = "roundtrip,latency,ahci,nvme,e1000"
+SIDE_TIMEOUT = 1800.0           # one bench on one side; a full (not --quick) bench of an old revision is long
+
+HIGHER = ("iops", "per_s", "mbps", "mb_s", "pps", "ops_s", "throughput", "frames_s", "bytes_s")
+LOWER = ("_us", "_ms", "_ns", "_s", "p50", "p90", "p99", "latency")
+NEITHER = ("ratio", "_over_", "cost", "spread", "foreign", "count", "load")  # ratios and context, not figures
+
+
+class CompareError(HarnessError):
+    """A revision could not be checked out or built, or a bench failed on one side."""
+
+
+def better(key: str) -> str | None:
+    """"higher" or "lower" where the key's name says which is better, else None."""
+    leaf = key.rsplit(".", 1)[-1].lower()
+    if any(word in leaf for word in NEITHER):
+        return None
+    if any(word in leaf for word in HIGHER):
+        return "higher"
+    if any(leaf.endswith(word) or word in leaf for word in LOWER):
+        return "lower"
+    return None
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, float]:
+    """Every number in a bench's JSON by its dotted path; lists (per-round detail) are left out."""
+    out: dict[str, float] = {}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out[prefix.rstrip(".")] = float(value)
+    return out
+
+
+@dataclass
+class Tree:
+    """A checkout whose own code runs the benches."""
+
+    label: str
+    path: Path
+    commit: str
+
+    @property
+    def cli(self) -> list[str]:
+        module = "harness" if (self.path / "harness" / "__main__.py").exists() else "harness.cli"
+        return [sys.executable, "-m", module]
+
+    def run(self, words: list[str], accel: str, quick: bool, out: Path) -> tuple[dict[str, Any], bool]:
+        """One bench on this tree: its JSON, and whether it ran with --quick."""
+        argv = self.cli + words + ["--accel", accel, "--json", str(out)]
+        for use_quick in ([True, False] if quick else [False]):
+            done = subprocess.run(argv + (["--quick"] if use_quick else []), cwd=self.path, env=_own_code(self.path),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=SIDE_TIMEOUT)
+            if done.returncode == 0:
+                return json.loads(out.read_text()), use_quick
+            if use_quick and "--quick" in done.stderr and "unrecognized" in done.stderr:
+                log.info("%s has no --quick for %s: running it in full", self.label, " ".join(words))
+                continue
+            tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+            raise CompareError(f"{self.label}: `{' '.join(words)}` failed ({done.returncode}):\n{tail}")
+        raise AssertionError("not reached")
+
+    def has(self, words: list[str]) -> bool:
+        """Whether this tree's CLI knows the bench (an old revision may not)."""
+        probe = subprocess.run(self.cli + words + ["--help"], cwd=self.path, env=_own_code(self.path),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+        return probe.returncode == 0
+
+
+def _own_code(path: Path) -> dict[str, str]:
+    """The environment for a tree's process: its own packages first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(path) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("HWHARNESS_IOMMU", None)        # both sides as users get them
+    return env
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-C", str(repo), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+    if done.returncode:
+        raise CompareError(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def repository() -> Path:
+    """The git checkout this harness runs from; bench compare needs one."""
+    root = Path(__file__).resolve().parents[3]
+    if not (root / ".git").exists():
+        raise BadInput(f"bench compare runs from a git checkout of hwharness; {root} is not one")
+    return root
+
+
+class Worktree:
+    """REV checked out beside the repository for the length of a ``with``, its guest built."""
+
+    def __init__(self, repo: Path, rev: str) -> None:
+        self.repo, self.rev = repo, rev
+        try:
+            self.commit = _git(repo, "rev-parse", "--verify", f"{rev}^{{commit}}")
+        except CompareError:
+            raise BadInput(f"bench compare: {rev!r} is not a revision of {repo}") from None
+        self.dir = Path(tempfile.mkdtemp(prefix=f"hwharness-compare-{self.commit[:8]}-"))
+
+    def __enter__(self) -> Tree:
+        _git(self.repo, "worktree", "add", "--detach", str(self.dir), self.commit)
+        built = subprocess.run(["make", "-C", str(self.dir), "guest", f"PYTHON={sys.executable}"],
+                               env=_own_code(self.dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if built.returncode:
+            self.__exit__()
+            raise CompareError(f"{self.rev}: its guest did not build:\n{built.stdout[-2000:]}")
+        return Tree(self.rev, self.dir, self.commit)
+
+    def __exit__(self, *_: object) -> None:
+        _git(self.repo, "worktree", "remove", "--force", str(self.dir))
+
+
+def summarise(per_round: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """Every key both sides reported in every round: values, medians, new over base, spread."""
+    if not per_round:
+        return {}
+    keys = set.intersection(*(set(base) & set(new) for base, new in per_round))
+    out: dict[str, dict[str, Any]] = {}
+    for key in sorted(keys):
+        base = [b[key] for b, _ in per_round]
+        new = [n[key] for _, n in per_round]
+        mb, mn = statistics.median(base), statistics.median(new)
+        ratios = [n / b for b, n in zip(base, new) if b]
+        entry: dict[str, Any] = {"base": base, "new": new, "base_median": mb, "new_median": mn,
+                                 "new_over_base": mn / mb if mb else None,
+                                 "ratio_spread": max(ratios) / min(ratios) if ratios and min(ratios) > 0 else None,
+                                 "better": better(key)}
+        if entry["new_over_base"] is not None and entry["better"]:
+            ratio = entry["new_over_base"]
+            entry["worse"] = ratio < 1.0 if entry["better"] == "higher" else ratio > 1.0
+        out[key] = entry
+    return out
+
+
+def expand(only: str) -> list[str]:
+    names: list[str] = []
+    for name in (n.strip() for n in only.split(",") if n.strip()):
+        for part in GROUPS.get(name, [name]):
+            if part not in BENCHES:
+                raise BadInput(f"bench compare --only: no bench {name!r} (choose from "
+                               f"{', '.join(sorted(set(BENCHES) | set(GROUPS)))})")
+            if part not in names:
+                names.append(part)
+    return names
+
+
+def rounds_of(rounds: int) -> Iterator[bool]:
+    """For each round, whether the base goes first: alternating, the base first in round 0."""
+    for r in range(rounds):
+        yield r % 2 == 0
+
+
+def run(rev: str, accel: str = "auto", only: str = DEFAULT_ONLY, quick: bool = False, rounds: int = 3,
+        say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Compare the working tree with ``rev``; see the module's docstring. ``say`` gets progress lines."""
+    names = expand(only)
+    if rounds < 1:
+        raise BadInput("bench compare --rounds: at least 1")
+    repo = repository()
+    head = _git(repo, "rev-parse", "HEAD")
+    dirty = bool(_git(repo, "status", "--porcelain", "--untracked-files=no"))
+    new = Tree("working tree", repo, head)
+    result: dict[str, Any] = {"bench": "compare", "base": rev, "accel": accel, "rounds": rounds, "quick": quick,
+                              "new": {"commit": head, "dirty": dirty}, "benches": {}, "skipped": {}}
+    with Worktree(repo, rev) as base:
+        result["base_commit"] = base.commit
+        with tempfile.TemporaryDirectory(prefix="hwharness-compare-") as scratch:
+            for name in names:
+                words = BENCHES[name]
+                missing = [t.label for t in (base, new) if not t.has(words)]
+                if missing:
+                    result["skipped"][name] = f"not in {', '.join(missing)}"
+                    say(f"{name}: skipped ({result['skipped'][name]})")
+                    continue
+                per_round: list[tuple[dict[str, float], dict[str, float]]] = []
+                order_log, quick_log = [], {"base": set(), "new": set()}
+                for r, base_first in enumerate(rounds_of(rounds)):
+                    sides = [("base", base), ("new", new)]
+                    figures: dict[str, dict[str, float]] = {}
+                    for side, tree in (sides if base_first else sides[::-1]):
+                        started = time.monotonic()
+                        data, ran_quick = tree.run(words, accel, quick, Path(scratch) / f"{name}-{side}-{r}.json")
+                        figures[side] = flatten(data)
+                        quick_log[side].add(ran_quick)
+                        say(f"{name} round {r + 1}/{rounds}: {side} ({tree.label}) "
+                            f"{time.monotonic() - started:.0f} s")
+                    per_round.append((figures["base"], figures["new"]))
+                    order_log.append("base first" if base_first else "new first")
+                keys = summarise(per_round)
+                result["benches"][name] = {
+                    "order": order_log, "quick": {s: sorted(q) for s, q in quick_log.items()}, "keys": keys,
+                    "worse": sorted(k for k, e in keys.items() if e.get("worse")),
+                }
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    """The keys whose better direction is known, one line each: medians and new over base."""
+    lines = [f"new ({result['new']['commit'][:10]}{'+dirty' if result['new']['dirty'] else ''}) over "
+             f"base ({result['base']} = {result.get('base_commit', '?')[:10]}), {result['rounds']} rounds, "
+             f"{result['accel']}"]
+    for name, bench in result["benches"].items():
+        lines.append(f"{name}:")
+        for key, e in bench["keys"].items():
+            if e["better"] is None or e["new_over_base"] is None:
+                continue
+            mark = "  worse" if e.get("worse") else ""
+            spread = f"{e['ratio_spread']:.2f}" if e["ratio_spread"] else "-"
+            lines.append(f"  {key:<48} {e['base_median']:>12.4g} -> {e['new_median']:>12.4g}  "
+                         f"x{e['new_over_base']:.3f} (spread {spread}, {e['better']} is better){mark}")
+    for name, why in result["skipped"].items():
+        lines.append(f"{name}: skipped, {why}")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""bench compare's arithmetic, without QEMU: which keys it compares and how."""
+
+import pytest
+
+from harness.errors import BadInput
+from harness.tools.bench.compare import better, expand, flatten, rounds_of, summarise
+
+
+def test_flatten_keeps_numbers_by_path_and_drops_lists_and_flags() -> None:
+    data = {"accel": "tcg", "iommu": True, "results": {"qd1": {"python_iops": 100, "p50_us": 2.5}},
+            "per_round": [{"python_iops": 1}]}
+    assert flatten(data) == {"results.qd1.python_iops": 100.0, "results.qd1.p50_us": 2.5}
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("results.qd1.python_iops", "higher"), ("results.seq.python_mb_s", "higher"),
+    ("results.pio.proxy_p50_us", "lower"), ("latency.end_to_end.p99", "lower"),
+    ("results.qd1.ratio_python_over_native", None), ("iommu_cost", None), ("foreign_cores", None),
+])
+def test_which_way_is_better_comes_from_the_name(key: str, expected: str | None) -> None:
+    assert better(key) == expected
+
+
+def test_summarise_compares_medians_and_flags_the_worse_direction() -> None:
+    rounds = [({"a_iops": 100.0, "b_us": 10.0, "only_base": 1.0}, {"a_iops": 90.0, "b_us": 8.0}),
+              ({"a_iops": 110.0, "b_us": 12.0, "only_base": 1.0}, {"a_iops": 99.0, "b_us": 9.0}),
+              ({"a_iops": 105.0, "b_us": 11.0, "only_base": 1.0}, {"a_iops": 94.5, "b_us": 8.8})]
+    keys = summarise(rounds)
+    assert set(keys) == {"a_iops", "b_us"}, "only keys both sides report in every round"
+    a = keys["a_iops"]
+    assert a["base"] == [100.0, 110.0, 105.0] and a["new_median"] == 94.5
+    assert a["new_over_base"] == pytest.approx(94.5 / 105.0) and a["worse"] is True
+    assert a["ratio_spread"] == pytest.approx(1.0)        # every round 0.9
+    assert keys["b_us"]["worse"] is False                  # lower latency is better
+
+
+def test_rounds_alternate_which_side_goes_first() -> None:
+    assert list(rounds_of(4)) == [True, False, True, False]
+
+
+def test_only_expands_groups_and_refuses_unknown_benches() -> None:
+    assert expand("roundtrip,latency") == ["roundtrip", "latency-spin", "latency-sleep"]
+    with pytest.raises(BadInput, match="no bench 'disk'"):
+        expand("roundtrip,disk")
