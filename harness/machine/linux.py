@@ -22,7 +22,7 @@ from ..errors import ImageMissing
 from .machine import Machine
 from .spec import MachineSpec
 
-IMAGES = Path(__file__).resolve().parents[1] / "images"
+IMAGES = Path(__file__).resolve().parents[2] / "images"
 LINUX_DIR = IMAGES / "linux"
 # qboot (shipped with Debian's QEMU, found by name in QEMU's data directory) starts a PVH
 # kernel a few hundred milliseconds sooner than SeaBIOS under TCG.
