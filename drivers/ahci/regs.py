@@ -138,6 +138,13 @@ class H2DFis(ctypes.LittleEndianStructure):
 assert ctypes.sizeof(CommandHeader) == 32 and ctypes.sizeof(Prd) == 16 and ctypes.sizeof(H2DFis) == 20
 
 FIS_DWORDS = ctypes.sizeof(H2DFis) // 4     # a command header's CFL
+H2D_COMMAND = 0x80          # flags: this FIS updates the command register
+HEADER_WRITE = 1 << 6
+HEADER_ATAPI = 1 << 5
+PACKET_DMA = 0x01           # PACKET's features: the data move by DMA
+CMD_TABLE_PRDT = 0x80       # PRDT offset in a command table
+CMD_TABLE_ACMD = 0x40       # ATAPI command offset
+
 
 _UNSIGNED = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
@@ -158,7 +165,6 @@ def packer(declaration: type[ctypes.Structure], last: str | None = None) -> stru
     return layout
 
 
-H2D_COMMAND = 0x80          # flags: this FIS updates the command register
 _H2D = packer(H2DFis)
 
 
@@ -171,13 +177,7 @@ def pack_h2d_fis(view: memoryview, offset: int, command: int, lba: int = 0, coun
         features_exp = 0
     else:
         features, features_exp, count = count & 0xFF, count >> 8, tag << 3
+    # in H2DFis's field order, which _H2D's format follows
     _H2D.pack_into(view, offset, FIS_TYPE_H2D, H2D_COMMAND, command, features,
                    lba & 0xFF, lba >> 8 & 0xFF, lba >> 16 & 0xFF, device,
                    lba >> 24 & 0xFF, lba >> 32 & 0xFF, lba >> 40 & 0xFF, features_exp, count, 0, 0, 0)
-
-
-HEADER_WRITE = 1 << 6
-HEADER_ATAPI = 1 << 5
-PACKET_DMA = 0x01           # PACKET's features: the data move by DMA
-CMD_TABLE_PRDT = 0x80       # PRDT offset in a command table
-CMD_TABLE_ACMD = 0x40       # ATAPI command offset
