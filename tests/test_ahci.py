@@ -11,6 +11,7 @@ from typing import Iterator
 import pytest
 
 from drivers.ahci import Ahci, DiskError
+from drivers.ahci.driver import QueuedRun
 from harness.devices.fat import DriverFatFS
 from drivers.ahci.regs import Px
 from harness.machine import MachineSpec
@@ -109,18 +110,18 @@ def test_a_queue_interrupted_midway_leaves_the_port_and_channel_usable(
         raw = image.read_bytes()
         requests = [(lba, 8) for lba in random.sample(range(0, 8000, 8), 48)]
         calls = [0]
-        build = type(disk)._build_queued
+        build = QueuedRun.build
 
         def build_then_break(self, *args):  # type: ignore[no-untyped-def]
             calls[0] += 1
             if calls[0] == 40:                              # while a round is in flight
                 raise KeyboardInterrupt
             return build(self, *args)
-        monkeypatch.setattr(type(disk), "_build_queued", build_then_break)
+        monkeypatch.setattr(QueuedRun, "build", build_then_break)
         with pytest.raises(KeyboardInterrupt):
             disk.read_queued(requests)
         monkeypatch.undo()
-        assert disk._r(Px.SACT), "commands of the broken call are still in flight"
+        assert hba.regs.read32(disk.base + Px.SACT), "commands of the broken call are still in flight"
         again = requests[::-1]                              # other requests on the same tags
         for (lba, count), got in zip(again, disk.read_queued(again)):
             assert got == raw[lba * 512:(lba + count) * 512], f"sector {lba}"

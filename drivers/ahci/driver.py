@@ -19,9 +19,10 @@ from typing import Callable, Sequence
 from harness.access import Bus, Deadline, Device, DmaBuffer, IrqMode, Kind, Prepared
 from harness.errors import DeviceTimeout, HarnessError, InterruptTimeout
 
-from .regs import (CAP_NCS_MASK, CAP_NCS_SHIFT, CMD_TABLE_PRDT, DEVICE_LBA, FIS_TYPE_H2D, H2D_COMMAND,
-                   HEADER_ATAPI, HEADER_WRITE, PACKET_DMA, PORT_BASE, CMD_TABLE_ACMD, SIG_ATAPI, PORT_STRIDE, PXIS_ERRORS, SECTOR, SIG_ATA, SSTS_DET_PRESENT, Ata, Cap,
-                   CommandHeader, Ghc, H2DFis, Hba, Prd, Px, PxCmd, PxIs, Tfd)
+from .regs import (CAP_NCS_MASK, CAP_NCS_SHIFT, CMD_TABLE_ACMD, CMD_TABLE_PRDT, DEVICE_LBA, FIS_DWORDS,
+                   HEADER_ATAPI, HEADER_WRITE, PACKET_DMA, PORT_BASE, PORT_STRIDE, PXIS_ERRORS, SECTOR, SIG_ATA,
+                   SIG_ATAPI, SSTS_DET_PRESENT, Ata, Cap, CommandHeader, Ghc, Hba, Prd, Px, PxCmd, PxIs, Tfd,
+                   pack_h2d_fis, packer)
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +31,19 @@ ABAR = 5
 SLOT_SECTORS = 128                      # 64 KiB of DMA buffer per command slot
 DMA_SIZE = 16 << 20                     # the HBA's DMA domain: 2.1 MiB per disk, the rest for callers' buffers
 MAX_PRDS = 24                           # scatter-gather entries a command may carry
-TABLE_SIZE = CMD_TABLE_PRDT + 16 * MAX_PRDS     # FIS, ATAPI command, PRD table: 512 bytes (aligned 128)
-TABLE_WORDS = TABLE_SIZE // 4
+TABLE_SIZE = CMD_TABLE_PRDT + ctypes.sizeof(Prd) * MAX_PRDS     # FIS, ATAPI command, PRD table: 512 bytes (aligned 128)
 MAX_PRD_BYTES = 4 << 20                 # a PRD moves at most 4 MiB (22-bit byte count)
 PORT_INTERRUPTS = PxIs.DHRS | PxIs.PSS | PxIs.DSS | PxIs.SDBS | PXIS_ERRORS     # what raises the MSI
 # The hot path tests plain ints: arithmetic on an IntFlag costs about a microsecond.
 TFD_ERR, QUEUE_EVENTS = int(Tfd.ERR), int(PxIs.SDBS | PXIS_ERRORS)
 
-# The hot path packs with struct; the layouts are the ctypes declarations in regs.py.
-FIS = struct.Struct("<BBBBBBBBBBBBHBBI")
-PRD = struct.Struct("<QII")
-HEADER = struct.Struct("<HHIQ")
-assert FIS.size == ctypes.sizeof(H2DFis) and PRD.size == ctypes.sizeof(Prd)
-assert HEADER.size == CommandHeader.ctba.offset + CommandHeader.ctba.size
+# The hot paths pack with struct, in the layouts the ctypes declarations in regs.py give.
+PRD = packer(Prd)
+HEADER = packer(CommandHeader, last="ctba")         # the HBA writes the rest
+HEADER_SIZE = ctypes.sizeof(CommandHeader)
+# The queue writes command headers by words, at the declaration's offsets.
+HEADER_WORDS = HEADER_SIZE // 4
+PRDBC_WORD, CTBA_WORD = CommandHeader.prdbc.offset // 4, CommandHeader.ctba.offset // 4
 
 
 QueuedRequest = tuple[int, "int | None", int]   # (lba, buffer address or None for the slot's own, bytes)
@@ -137,7 +138,7 @@ class Port:
         self.r.name_registers(Px, self.base, f"P{index}.")
         dev = hba.dev
         self.slots = hba.slots
-        self.command_list = dev.dma_alloc(32 * 32, 1024)
+        self.command_list = dev.dma_alloc(32 * HEADER_SIZE, 1024)
         self.received_fis = dev.dma_alloc(256, 256)
         # Two command tables per slot: a queued command is built in one while the slot's
         # previous command still runs from the other. Table k is slot k % slots.
@@ -150,8 +151,7 @@ class Port:
         self.buffers = dev.dma_alloc(self.slots * SLOT_SECTORS * SECTOR) if self.present else None
         self.identity: Identity | None = None
         self._batches: dict[tuple, Prepared] = {}
-        # The queue's hot path writes words, and a PRD only when it changed (per table).
-        self._table_words = self.tables.view.cast("I")
+        # The queue's hot path writes headers by words, and a PRD only when it changed (per table).
         self._list_words = self.command_list.view.cast("I")
         self._table_prd: list[tuple[int, int] | None] = [None] * (2 * self.slots)
         self.stop()
@@ -269,18 +269,12 @@ class Port:
 
     def _prepare(self, slot: int, command: int, lba: int = 0, count: int = 0, write: bool = False,
                  nbytes: int = 0, tag: int | None = None, device: int = DEVICE_LBA,
-                 regions: Sequence[tuple[int, int]] = ()) -> None:
+                 regions: Sequence[tuple[int, int]] = (), features: int = 0, atapi: bool = False) -> None:
         """Fill slot ``slot``: the FIS, then a PRD per region (phys, bytes), by default the
         slot's own buffer for ``nbytes``."""
         table_off = slot * TABLE_SIZE
         self._table_prd[slot] = None
-        if tag is None:
-            features, features_exp, fis_count = 0, 0, count
-        else:                                   # NCQ: the count moves to the features fields
-            features, features_exp, fis_count = count & 0xFF, count >> 8, tag << 3
-        FIS.pack_into(self.tables.view, table_off, FIS_TYPE_H2D, H2D_COMMAND, command, features,
-                      lba & 0xFF, lba >> 8 & 0xFF, lba >> 16 & 0xFF, device, lba >> 24 & 0xFF,
-                      lba >> 32 & 0xFF, lba >> 40 & 0xFF, features_exp, fis_count, 0, 0, 0)
+        pack_h2d_fis(self.tables.view, table_off, command, lba, count, device, features, tag)
         if not regions and nbytes:
             regions = [(self._slot_buffer(slot)[0], nbytes)]
         if len(regions) > MAX_PRDS:
@@ -288,9 +282,21 @@ class Port:
         for i, (phys, size) in enumerate(regions):
             if not 0 < size <= MAX_PRD_BYTES or size & 1:
                 raise ValueError(f"a PRD moves an even 2 to {MAX_PRD_BYTES} bytes, not {size}")
-            PRD.pack_into(self.tables.view, table_off + CMD_TABLE_PRDT + 16 * i, phys, 0, size - 1)
-        HEADER.pack_into(self.command_list.view, slot * 32, 5 | (HEADER_WRITE if write else 0), len(regions), 0,
+            PRD.pack_into(self.tables.view, table_off + CMD_TABLE_PRDT + PRD.size * i, phys, 0, size - 1)
+        flags = FIS_DWORDS | (HEADER_WRITE if write else 0) | (HEADER_ATAPI if atapi else 0)
+        HEADER.pack_into(self.command_list.view, slot * HEADER_SIZE, flags, len(regions), 0,
                          self.tables.phys + table_off)
+
+    def lay_out_read(self, slot: int, sectors: int, phys: int, queued: bool) -> None:
+        """Lay out a read of ``sectors`` sectors from LBA 0 into ``phys`` in command slot
+        ``slot`` and its command table (``TABLE_SIZE`` bytes each, from ``tables``), without
+        issuing it: READ FPDMA QUEUED on tag ``slot`` (``queued``), else READ DMA EXT.
+
+        For code that runs the port's command list itself, such as the in-guest loop
+        ``hwharness bench ahci`` measures this driver against: it changes only the FIS's
+        LBA and the PRD's address, then issues the slot."""
+        command = Ata.READ_FPDMA_QUEUED if queued else Ata.READ_DMA_EXT
+        self._prepare(slot, command, 0, sectors, tag=slot if queued else None, regions=[(phys, sectors * SECTOR)])
 
     def _run(self, slot: int, what: str | Callable[[], str]) -> None:
         """Issue ``slot`` and wait for it; raise DiskError on a task-file error or a timeout.
@@ -413,11 +419,8 @@ class Port:
         """PACKET with ``cdb`` in the command table's ATAPI area, data in by DMA to slot 0."""
         if nbytes > SLOT_SECTORS * SECTOR:
             raise ValueError(f"one ATAPI transfer moves at most {SLOT_SECTORS * SECTOR} bytes")
-        self._prepare(0, Ata.PACKET, 0, 0, nbytes=nbytes, device=0)
-        self.tables.view[3] = PACKET_DMA                        # the FIS's features byte
+        self._prepare(0, Ata.PACKET, 0, 0, nbytes=nbytes, device=0, features=PACKET_DMA, atapi=True)
         self.tables.view[CMD_TABLE_ACMD:CMD_TABLE_ACMD + 16] = cdb.ljust(16, b"\0")
-        flags = self.command_list.view[0] | HEADER_ATAPI
-        self.command_list.view[0] = flags & 0xFF
         self._run(0, what)
         return self._slot_buffer(0)[1][:nbytes]
 
@@ -494,144 +497,15 @@ class Port:
 
     def _queued(self, requests: Sequence[QueuedRequest], write: bool,
                 collect: Callable[[int, int], None] | None = None) -> None:
-        """Keep up to ``queue_depth`` commands in flight, the way a kernel's block layer does.
-
-        Each round is one round trip: issue every free tag, wait guest-side until PxIS
-        shows a completion (SDBS) or an error, then see in PxSACT which tags are done.
-        While the proxy works on a round, Python builds each busy tag's next command in
-        its spare table, so a tag that completes goes again at once, and Python's share
-        of the work overlaps the device's. (Issuing by halves, to fill one while the
-        other is in flight, measured slower: QEMU's cost per PxCI write is large enough
-        that fewer, fuller issues win.) A failed command stops the port: it is reset
-        (COMRESET), and every request that had not completed is retried on its own (not
-        queued), so one bad sector fails one request, which DiskError names, and no other.
-        Tags are bits of masks here, as they are in PxSACT."""
-        depth = self.queue_depth
-        if not depth:
+        """Run ``requests`` with NCQ (see ``QueuedRun``); ``collect(tag, index)`` sees each
+        request done, while its data are still in the tag's slot buffer."""
+        if not self.queue_depth:
             raise DiskError(f"port {self.index}: the device does not queue", 0, 0)
         with self.hba.dev.batch() as b:
             i_tfd, i_act, i_ci = (b.read32(self.r, self.base + reg) for reg in (Px.TFD, Px.SACT, Px.CI))
         if b.results[i_tfd] & TFD_ERR or b.results[i_act] or b.results[i_ci]:
             self.reset()        # an earlier failure, or commands an interrupted call left running
-        command = int(Ata.WRITE_FPDMA_QUEUED if write else Ata.READ_FPDMA_QUEUED)
-        header0 = 5 | (HEADER_WRITE if write else 0) | 1 << 16     # a 5-dword FIS, one PRD
-        total, slots = len(requests), self.slots
-        request_of = [0] * depth                    # tag -> the request it runs
-        built = [-1] * depth                        # tag -> the request built in its spare table
-        spare = list(range(slots, slots + depth))   # tag -> the table its next command goes in
-        free, in_flight, following = (1 << depth) - 1, 0, 0
-        failures: list[tuple[int, DiskError]] = []
-
-        def build(tag: int) -> None:                # the next request, into the tag's spare table
-            nonlocal following
-            self._build_queued(spare[tag], tag, command, requests[following])
-            built[tag] = following
-            following += 1
-
-        headers, tables_phys = self._list_words, self.tables.phys
-        address = [(tables_phys + k * TABLE_SIZE) & 0xFFFFFFFF for k in range(2 * slots)]
-        other = [k + slots if k < slots else k - slots for k in range(2 * slots)]
-
-        def claim_headers() -> None:                # what stays: flags, PRD count, address above 4 GiB
-            for tag in range(depth):
-                headers[tag * 8], headers[tag * 8 + 3] = header0, tables_phys >> 32
-        claim_headers()
-
-        def issue(tag: int) -> int:                 # point the slot at what was built; its bit
-            table = spare[tag]
-            headers[tag * 8 + 1] = 0                # PRD byte count
-            headers[tag * 8 + 2] = address[table]
-            request_of[tag], built[tag] = built[tag], -1
-            spare[tag] = other[table]
-            return 1 << tag
-
-        def build_ahead() -> None:                  # while a round runs: tags in flight get their next
-            for tag in range(depth):
-                if following >= total:
-                    return
-                if in_flight >> tag & 1 and built[tag] < 0:
-                    build(tag)
-
-        fresh = 0                                   # issued in the command list, not yet to the HBA
-        while True:
-            for tag in range(depth):                # free tags take requests at once
-                if not free or following >= total:
-                    break
-                if free >> tag & 1:
-                    build(tag)
-                    fresh |= issue(tag)
-                    free ^= 1 << tag
-            if not fresh and not in_flight:
-                break
-            in_flight |= fresh
-            try:
-                status, active, tfd = self._queue_round(fresh, build_ahead)
-            except DeviceTimeout as exc:
-                self.reset()
-                unfinished = sorted([request_of[t] for t in range(depth) if in_flight >> t & 1]
-                                    + [b for b in built if b >= 0] + list(range(following, total)))
-                raise DiskError(f"port {self.index}: queued commands did not complete", exc.last_value, 0,
-                                failed=[i for i, _ in failures] + unfinished) from exc
-            fresh = 0
-            done, in_flight = in_flight & ~active, in_flight & active
-            while done:
-                bit = done & -done
-                done ^= bit
-                tag = bit.bit_length() - 1
-                if collect:
-                    collect(tag, request_of[tag])
-                if built[tag] >= 0:
-                    fresh |= issue(tag)             # its next command is ready: it goes next round
-                else:
-                    free |= bit
-            if status & PXIS_ERRORS or tfd & TFD_ERR:
-                self.reset()
-                waiting = [request_of[t] for t in range(depth) if (in_flight | fresh) >> t & 1]
-                failures += self._retry_alone(requests, sorted(waiting + [b for b in built if b >= 0]),
-                                              write, collect)
-                fresh, free, in_flight, built = 0, (1 << depth) - 1, 0, [-1] * depth
-                claim_headers()                     # the retries used slot 0's header
-        if failures:
-            last = failures[-1][1]
-            raise DiskError(f"port {self.index}: queued request(s) {[i for i, _ in failures]} failed",
-                            last.status, last.error, failed=[i for i, _ in failures])
-
-    def _build_queued(self, table: int, tag: int, command: int, request: QueuedRequest) -> None:
-        """One NCQ command of one PRD (checked by the caller) into command table ``table``, by
-        words (SATA 10.5.5: NCQ moves the count to the features bytes, the tag to the count's)."""
-        lba, phys, size = request
-        if phys is None:
-            phys = self._slot_buffer(tag)[0]
-        count, words, t = size // SECTOR, self._table_words, table * TABLE_WORDS
-        words[t] = FIS_TYPE_H2D | H2D_COMMAND << 8 | command << 16 | (count & 0xFF) << 24
-        words[t + 1] = lba & 0xFFFFFF | DEVICE_LBA << 24
-        words[t + 2] = lba >> 24 & 0xFFFFFF | count >> 8 << 24
-        words[t + 3], words[t + 4] = tag << 3, 0
-        if self._table_prd[table] != (phys, size):
-            PRD.pack_into(self.tables.view, table * TABLE_SIZE + CMD_TABLE_PRDT, phys, 0, size - 1)
-            self._table_prd[table] = (phys, size)
-
-    def _retry_alone(self, requests: Sequence[QueuedRequest], indices: list[int],
-                     write: bool, collect: Callable[[int, int], None] | None) -> list[tuple[int, DiskError]]:
-        """After a queued command failed: each unfinished request once more, on its own in
-        slot 0. Returns those that fail again, with their errors."""
-        command = Ata.WRITE_DMA_EXT if write else Ata.READ_DMA_EXT
-        failed: list[tuple[int, DiskError]] = []
-        for index in indices:
-            lba, phys, size = requests[index]
-            region = (self._slot_buffer(0)[0] if phys is None else phys, size)
-            self._prepare(0, command, lba, size // SECTOR, write=write, regions=[region])
-            try:
-                self._run(0, f"{command.name} {lba}+{size // SECTOR} (retried alone)")
-            except DiskError as exc:
-                failed.append((index, exc))
-                self.reset()                    # queued commands after this start from a clean status
-                continue
-            if collect:
-                collect(0, index)
-        log.info("port %d: a queued command failed; %d retried alone, %d failed again",
-                 self.index, len(indices), len(failed))
-        return failed
+        QueuedRun(self, requests, write, collect).run()
 
     def _queue_round(self, fresh: int, meanwhile: Callable[[], None]) -> tuple[int, int, int]:
         """Issue ``fresh`` and wait for a completion or an error: (PxIS, PxSACT, PxTFD).
@@ -663,3 +537,171 @@ class Port:
             for buf in (self.command_list, self.received_fis, self.tables, self.buffers):
                 if buf is not None:
                     self.hba.dev.dma_free(buf)
+
+
+class QueuedRun:
+    """One call's NCQ requests on a port, up to ``queue_depth`` in flight, the way a
+    kernel's block layer keeps a queue full.
+
+    Each round is one round trip (``Port._queue_round``): issue the fresh tags, wait
+    guest-side until PxIS shows a completion (SDBS) or an error, then see in PxSACT
+    which tags are done (``reap``). While the proxy works on a round, Python builds each
+    busy tag's next command in its spare table (``build_ahead``), so a tag that completes
+    goes again at once, and Python's share of the work overlaps the device's. (Issuing
+    by halves, to fill one while the other is in flight, measured slower: QEMU's cost per
+    PxCI write is large enough that fewer, fuller issues win.) A failed command stops the
+    port: it is reset (COMRESET), and every request that had not completed is retried on
+    its own, not queued (``recover``), so one bad sector fails one request, which
+    DiskError names, and no other. Tags are bits of masks here, as they are in PxSACT.
+    Each tag has two command tables: table k is slot k % slots; one runs, the other is
+    the spare its next command is built in."""
+
+    def __init__(self, port: Port, requests: Sequence[QueuedRequest], write: bool,
+                 collect: Callable[[int, int], None] | None) -> None:
+        self.port, self.requests, self.write, self.collect = port, requests, write, collect
+        self.depth = depth = port.queue_depth
+        self.command = int(Ata.WRITE_FPDMA_QUEUED if write else Ata.READ_FPDMA_QUEUED)
+        slots, tables_phys = port.slots, port.tables.phys
+        self.view, self.table_prd, self.headers = port.tables.view, port._table_prd, port._list_words
+        # what stays in a tag's header: a FIS, one PRD, the write bit; the tables' address above 4 GiB
+        header = bytes(CommandHeader(flags=FIS_DWORDS | (HEADER_WRITE if write else 0), prdtl=1))
+        self.header_flags, self.tables_high = int.from_bytes(header[:4], "little"), tables_phys >> 32
+        self.address = [(tables_phys + k * TABLE_SIZE) & 0xFFFFFFFF for k in range(2 * slots)]
+        self.other = [k + slots if k < slots else k - slots for k in range(2 * slots)]     # a table's twin
+        self.request_of = [0] * depth               # tag -> the request it runs
+        self.built = [-1] * depth                   # tag -> the request built in its spare table
+        self.spare = list(range(slots, slots + depth))  # tag -> the table its next command goes in
+        self.following = 0                          # the next request to build
+        self.free = (1 << depth) - 1                # tags with nothing to run
+        self.in_flight = 0                          # tags the HBA has
+        self.fresh = 0                              # tags issued in the command list, not yet to the HBA
+        self.failures: list[tuple[int, DiskError]] = []
+
+    def run(self) -> None:
+        """Every request, round by round; raise DiskError naming those that failed."""
+        port = self.port
+        self.claim_headers()
+        while True:
+            self.fill()
+            if not self.fresh and not self.in_flight:
+                break
+            self.in_flight |= self.fresh
+            try:
+                status, active, tfd = port._queue_round(self.fresh, self.build_ahead)
+            except DeviceTimeout as exc:
+                port.reset()
+                raise DiskError(f"port {port.index}: queued commands did not complete", exc.last_value, 0,
+                                failed=[i for i, _ in self.failures] + self.unfinished()) from exc
+            self.fresh = 0
+            self.reap(active)
+            if status & PXIS_ERRORS or tfd & TFD_ERR:
+                self.recover()
+        if self.failures:
+            failed = [i for i, _ in self.failures]
+            last = self.failures[-1][1]
+            raise DiskError(f"port {port.index}: queued request(s) {failed} failed", last.status, last.error,
+                            failed=failed)
+
+    def claim_headers(self) -> None:
+        """The header words that stay the same all run long."""
+        headers, flags, high = self.headers, self.header_flags, self.tables_high
+        for tag in range(self.depth):
+            headers[tag * HEADER_WORDS], headers[tag * HEADER_WORDS + CTBA_WORD + 1] = flags, high
+
+    def build(self, tag: int) -> None:
+        """The next request into ``tag``'s spare table: the FIS, and the one PRD (checked by
+        the caller) only if that table's differs."""
+        index = self.following
+        lba, phys, size = self.requests[index]
+        if phys is None:
+            phys = self.port._slot_buffer(tag)[0]
+        table = self.spare[tag]
+        offset = table * TABLE_SIZE
+        pack_h2d_fis(self.view, offset, self.command, lba, size // SECTOR, DEVICE_LBA, 0, tag)
+        if self.table_prd[table] != (phys, size):
+            PRD.pack_into(self.view, offset + CMD_TABLE_PRDT, phys, 0, size - 1)
+            self.table_prd[table] = (phys, size)
+        self.built[tag] = index
+        self.following = index + 1
+
+    def issue(self, tag: int) -> None:
+        """Point ``tag``'s header at what was built; the tag goes to the HBA next round."""
+        table, h = self.spare[tag], tag * HEADER_WORDS
+        self.headers[h + PRDBC_WORD] = 0
+        self.headers[h + CTBA_WORD] = self.address[table]
+        self.request_of[tag], self.built[tag] = self.built[tag], -1
+        self.spare[tag] = self.other[table]
+        self.fresh |= 1 << tag
+
+    def fill(self) -> None:
+        """Free tags take the next requests at once, lowest tag first."""
+        free, total = self.free, len(self.requests)
+        while free and self.following < total:
+            bit = free & -free
+            free ^= bit
+            tag = bit.bit_length() - 1
+            self.build(tag)
+            self.issue(tag)
+        self.free = free
+
+    def build_ahead(self) -> None:
+        """While a round runs: each tag in flight gets its next command, lowest tag first."""
+        waiting, built, total = self.in_flight, self.built, len(self.requests)
+        while waiting and self.following < total:
+            bit = waiting & -waiting
+            waiting ^= bit
+            tag = bit.bit_length() - 1
+            if built[tag] < 0:
+                self.build(tag)
+
+    def reap(self, active: int) -> None:
+        """Tags PxSACT no longer shows are done: collected, then issued again if their next
+        command is built, or free."""
+        done, self.in_flight = self.in_flight & ~active, self.in_flight & active
+        collect, request_of, built = self.collect, self.request_of, self.built
+        while done:
+            bit = done & -done
+            done ^= bit
+            tag = bit.bit_length() - 1
+            if collect:
+                collect(tag, request_of[tag])
+            if built[tag] >= 0:
+                self.issue(tag)
+            else:
+                self.free |= bit
+
+    def unfinished(self) -> list[int]:
+        """The requests not done: in flight, built ahead, not yet built."""
+        return sorted([self.request_of[t] for t in range(self.depth) if self.in_flight >> t & 1]
+                      + [b for b in self.built if b >= 0] + list(range(self.following, len(self.requests))))
+
+    def recover(self) -> None:
+        """After a failed command: COMRESET, each request that was in flight or built retried
+        alone, and the queue starts again empty."""
+        self.port.reset()
+        waiting = [self.request_of[t] for t in range(self.depth) if (self.in_flight | self.fresh) >> t & 1]
+        self.failures += self.retry_alone(sorted(waiting + [b for b in self.built if b >= 0]))
+        self.fresh, self.free, self.in_flight, self.built = 0, (1 << self.depth) - 1, 0, [-1] * self.depth
+        self.claim_headers()                        # the retries used slot 0's header
+
+    def retry_alone(self, indices: list[int]) -> list[tuple[int, DiskError]]:
+        """Each of ``indices`` once more, on its own in slot 0 (not queued). Returns those
+        that fail again, with their errors."""
+        port = self.port
+        command = Ata.WRITE_DMA_EXT if self.write else Ata.READ_DMA_EXT
+        failed: list[tuple[int, DiskError]] = []
+        for index in indices:
+            lba, phys, size = self.requests[index]
+            region = (port._slot_buffer(0)[0] if phys is None else phys, size)
+            port._prepare(0, command, lba, size // SECTOR, write=self.write, regions=[region])
+            try:
+                port._run(0, f"{command.name} {lba}+{size // SECTOR} (retried alone)")
+            except DiskError as exc:
+                failed.append((index, exc))
+                port.reset()                    # queued commands after this start from a clean status
+                continue
+            if self.collect:
+                self.collect(0, index)
+        log.info("port %d: a queued command failed; %d retried alone, %d failed again",
+                 port.index, len(indices), len(failed))
+        return failed

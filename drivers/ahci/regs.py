@@ -6,6 +6,7 @@ ATA8-ACS for the commands.
 
 import ctypes
 import enum
+import struct
 
 
 class Hba(enum.IntEnum):
@@ -119,7 +120,8 @@ class Prd(ctypes.LittleEndianStructure):
 
 
 class H2DFis(ctypes.LittleEndianStructure):
-    """Register host-to-device FIS (SATA 3.0, 10.3.4)."""
+    """Register host-to-device FIS (SATA 3.3, 10.5.5). NCQ commands (13.6.4) carry the
+    sector count in the features bytes and the tag in bits 7:3 of the count."""
     _pack_ = 1
     _fields_ = [
         ("type", ctypes.c_uint8), ("flags", ctypes.c_uint8), ("command", ctypes.c_uint8),
@@ -135,9 +137,47 @@ class H2DFis(ctypes.LittleEndianStructure):
 
 assert ctypes.sizeof(CommandHeader) == 32 and ctypes.sizeof(Prd) == 16 and ctypes.sizeof(H2DFis) == 20
 
+FIS_DWORDS = ctypes.sizeof(H2DFis) // 4     # a command header's CFL
 H2D_COMMAND = 0x80          # flags: this FIS updates the command register
 HEADER_WRITE = 1 << 6
 HEADER_ATAPI = 1 << 5
 PACKET_DMA = 0x01           # PACKET's features: the data move by DMA
 CMD_TABLE_PRDT = 0x80       # PRDT offset in a command table
 CMD_TABLE_ACMD = 0x40       # ATAPI command offset
+
+
+_UNSIGNED = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def packer(declaration: type[ctypes.Structure], last: str | None = None) -> struct.Struct:
+    """The ``struct`` format of a packed little-endian declaration, its fields in order up
+    to ``last`` (an array field takes one argument per element): hot paths pack a whole
+    structure in one call, and its layout stays the one declared here."""
+    codes = []
+    for name, ctype in declaration._fields_:
+        element, length = (ctype._type_, ctype._length_) if issubclass(ctype, ctypes.Array) else (ctype, 1)
+        codes.append(f"{length if length > 1 else ''}{_UNSIGNED[ctypes.sizeof(element)]}")
+        if name == last:
+            break
+    layout = struct.Struct("<" + "".join(codes))
+    end = getattr(declaration, last).offset + getattr(declaration, last).size if last else ctypes.sizeof(declaration)
+    assert layout.size == end, f"{declaration.__name__} is not packed"
+    return layout
+
+
+_H2D = packer(H2DFis)
+
+
+def pack_h2d_fis(view: memoryview, offset: int, command: int, lba: int = 0, count: int = 0,
+                 device: int = DEVICE_LBA, features: int = 0, tag: int | None = None) -> None:
+    """Write a register H2D FIS of ``command`` at ``offset``: a 48-bit ``lba`` and a sector
+    ``count``, which an NCQ command (``tag``) carries in the features bytes instead.
+    The driver's hot paths call this once per command: one pack, no field by field."""
+    if tag is None:
+        features_exp = 0
+    else:
+        features, features_exp, count = count & 0xFF, count >> 8, tag << 3
+    # in H2DFis's field order, which _H2D's format follows
+    _H2D.pack_into(view, offset, FIS_TYPE_H2D, H2D_COMMAND, command, features,
+                   lba & 0xFF, lba >> 8 & 0xFF, lba >> 16 & 0xFF, device,
+                   lba >> 24 & 0xFF, lba >> 32 & 0xFF, lba >> 40 & 0xFF, features_exp, count, 0, 0, 0)

@@ -136,40 +136,37 @@ u16 native_rx(struct proxy_nic_loop *p, const struct window *dma, u64 bar0, vola
 #define PXIS_SDBS 0x00000008u           /* Set Device Bits FIS: NCQ completions */
 #define PXIS_ERRORS 0x7dc00000u
 #define TFD_ERR 0x01
-#define ATA_READ_DMA_EXT 0x25
-#define ATA_READ_FPDMA_QUEUED 0x60
 #define CMD_TABLE_PRDT 0x80
 
-/* The H2D register FIS as five words (SATA 3.3 10.5.5), as the Python driver writes it:
- * word 0 type, C bit, command, features; 1 LBA 0-23 and device; 2 LBA 24-47 and
- * features (exp); 3 count, or the tag for NCQ (whose count moves to the features). */
-struct fis_words {
-    u32 w0, w2_features, w3;
-};
+/* The register H2D FIS (SATA 3.3 10.5.5), as H2DFis in drivers/ahci/regs.py declares it.
+ * The loop does not build it: the host lays out each slot's command with the driver's
+ * own code (Port.lay_out_read: command, sector count, NCQ tag), so both sides send the
+ * same FIS, and the loop changes only its LBA. */
+struct h2d_fis {
+    u8 type, flags, command, features;
+    u8 lba0, lba1, lba2, device;
+    u8 lba3, lba4, lba5, features_exp;
+    u16 count;
+    u8 icc, control;
+    u32 reserved;
+} __attribute__((packed));
+_Static_assert(sizeof(struct h2d_fis) == 20, "the H2D FIS is five dwords");
 
-static struct fis_words fis_template(const struct proxy_disk_loop *p, int queued)
-{
-    struct fis_words f;
-    u32 command = queued ? ATA_READ_FPDMA_QUEUED : ATA_READ_DMA_EXT;
-    f.w0 = 0x27 | 0x80 << 8 | command << 16 | (queued ? (p->sectors & 0xff) << 24 : 0);
-    f.w2_features = queued ? (p->sectors >> 8) << 24 : 0;
-    f.w3 = queued ? 0 : p->sectors;
-    return f;
-}
-
-/* Slot `slot` reads request `rq`: the FIS's LBA words, the PRD's address, PRDBC cleared. */
-static int build(const struct proxy_disk_loop *p, const struct window *dma, const struct fis_words *f, u32 slot,
-                 const struct proxy_disk_request *rq, int queued)
+/* Slot `slot` reads request `rq`: the FIS's LBA, the PRD's address, PRDBC cleared. */
+static int build(const struct proxy_disk_loop *p, const struct window *dma, u32 slot,
+                 const struct proxy_disk_request *rq)
 {
     volatile u32 *t = (volatile u32 *)(unsigned long)(p->tables + (u64)slot * p->table_size);
+    volatile struct h2d_fis *fis = (volatile struct h2d_fis *)t;
     u64 lba = rq->lba, phys = rq->phys;
     if (!in_window(dma, phys, (u64)p->sectors * 512))
         return 0;
-    t[0] = f->w0;
-    t[1] = (u32)(lba & 0xffffff) | 0x40u << 24;
-    t[2] = (u32)(lba >> 24 & 0xffffff) | f->w2_features;
-    t[3] = queued ? slot << 3 : f->w3;
-    t[4] = 0;
+    fis->lba0 = (u8)lba;
+    fis->lba1 = (u8)(lba >> 8);
+    fis->lba2 = (u8)(lba >> 16);
+    fis->lba3 = (u8)(lba >> 24);
+    fis->lba4 = (u8)(lba >> 32);
+    fis->lba5 = (u8)(lba >> 40);
     t[CMD_TABLE_PRDT / 4] = (u32)phys;
     t[CMD_TABLE_PRDT / 4 + 1] = (u32)(phys >> 32);
     *(volatile u32 *)(unsigned long)(p->command_list + slot * 32 + 4) = 0;     /* PRDBC */
@@ -181,9 +178,8 @@ static u16 disk_one_by_one(struct proxy_disk_loop *p, const struct window *dma, 
                            volatile u32 *progress)
 {
     const struct proxy_disk_request *rq = (const struct proxy_disk_request *)(unsigned long)p->requests;
-    struct fis_words f = fis_template(p, 0);
     for (u32 i = 0; i < p->count; i++) {
-        if (!build(p, dma, &f, 0, &rq[i], 0))
+        if (!build(p, dma, 0, &rq[i]))
             return PROXY_STATUS_DENIED;
         mmio_write32(port + PX_CI, 1);
         while (mmio_read32(port + PX_CI) & 1)
@@ -205,13 +201,12 @@ static u16 disk_queued(struct proxy_disk_loop *p, const struct window *dma, u64 
                        volatile u32 *progress)
 {
     const struct proxy_disk_request *rq = (const struct proxy_disk_request *)(unsigned long)p->requests;
-    struct fis_words f = fis_template(p, 1);
     u32 free = p->depth == 32 ? ~0u : (1u << p->depth) - 1, in_flight = 0, issued = 0, done = 0;
     while (done < p->count) {
         u32 fresh = 0;
         while (free && issued < p->count) {
             u32 slot = (u32)__builtin_ctz(free);
-            if (!build(p, dma, &f, slot, &rq[issued++], 1))
+            if (!build(p, dma, slot, &rq[issued++]))
                 return PROXY_STATUS_DENIED;
             free &= free - 1;
             fresh |= 1u << slot;

@@ -19,7 +19,6 @@ from typing import Callable, Sequence
 
 from drivers.ahci import Ahci
 from drivers.ahci.driver import TABLE_SIZE, Port
-from drivers.ahci.regs import Ata
 
 from ...access import DmaBuffer
 from ...errors import MachineError
@@ -55,9 +54,8 @@ class NativeDiskLoop:
         """Lay out ``requests`` (lba, buffer) and the slots' headers; the returned run
         reads them all and returns how many completed."""
         self.requests.fill(requests)
-        command = Ata.READ_FPDMA_QUEUED if depth > 1 else Ata.READ_DMA_EXT
-        for slot in range(depth):               # headers and PRD sizes, as the Python path sets them
-            self.port._prepare(slot, command, 0, sectors, regions=[(requests[0][1].phys, sectors * 512)])
+        for slot in range(depth):               # the driver's own commands; the loop sets LBAs and addresses
+            self.port.lay_out_read(slot, sectors, requests[0][1].phys, queued=depth > 1)
         self._pack.pack_into(self.block.view, 0, self.port.command_list.phys, self.port.tables.phys,
                              self.requests.phys, 8_000_000, TABLE_SIZE, self.port.base, sectors, len(requests),
                              depth, 0, 0)

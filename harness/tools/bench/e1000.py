@@ -22,12 +22,13 @@ import contextlib
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 from typing import Callable
 
 from drivers.e1000 import E1000
+from drivers.e1000.descriptors import TxDesc
+from drivers.e1000.driver import BUFFER_SIZE
 from drivers.e1000.regs import Reg
 
 from ...machine import MachineSpec
@@ -106,8 +107,10 @@ class NativeLoop:
         nic = self.nic
         nic.flush_tx(30)
         self.frame.view[:len(frame)] = frame
+        ring = (TxDesc * nic.tx_n).from_buffer(nic.tx_ring.view)
         for i in range(nic.tx_n):
-            struct.pack_into("<Q", nic.tx_ring.view, i * 16, nic.tx_bufs.phys + i * 2048)
+            ring[i].addr = nic.tx_bufs.phys + i * BUFFER_SIZE
+        del ring                                # its hold on the ring's memory goes with it
         # TDT is not a coalesced register in QEMU's e1000: no flush read, as in E1000.send.
         go = self._prepare(self.abi.PROXY_OP_NIC_TX_LOOP, nic.tx_ring.phys, nic.tx_n, len(frame), count,
                            nic.tx_tail, nic.tx_clean, Reg.TDT, 0, zero_copy)
