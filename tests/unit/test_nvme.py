@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from drivers.nvme import Command, NvmeError, QueuePair
-from drivers.nvme.driver import parse_controller, parse_namespace
+from drivers.nvme.core import parse_controller, parse_namespace
+from drivers.nvme.pci import MAX_TRANSFER
 from drivers.nvme.regs import CQE, DOORBELL_BASE, SQE, Nvm
 from harness.access import Kind, Region, Space
 
@@ -114,7 +115,7 @@ def test_identify_structures_are_parsed() -> None:
     ctrl[77] = 5                                                   # MDTS: 2^5 pages
     struct.pack_into("<I", ctrl, 516, 4)
     struct.pack_into("<H", ctrl, 520, 1 << 2)                      # ONCS: Dataset Management
-    identity = parse_controller(bytes(ctrl), 4096)
+    identity = parse_controller(bytes(ctrl), 4096, MAX_TRANSFER)
     assert (identity.serial, identity.model, identity.firmware) == ("SERIAL-1", "Model X", "1.0")
     assert identity.max_transfer == 128 << 10 and identity.namespaces == 4 and identity.dsm
     ns = bytearray(4096)
