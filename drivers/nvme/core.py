@@ -137,30 +137,30 @@ class Command:
 
 # ---- the commands the core builds (5 admin, 6 NVM) ----
 
-def identify(cns: int, nsid: int, page: int) -> Command:
+def identify_command(cns: int, nsid: int, page: int) -> Command:
     """Identify (5.15): the structure ``cns`` of namespace ``nsid`` into the page at ``page``."""
     return Command(Admin.IDENTIFY, nsid, [page], cdw10=cns, name=f"IDENTIFY CNS {cns}")
 
 
-def set_queue_count(count: int) -> Command:
+def queue_count_command(count: int) -> Command:
     """Set Features, Number of Queues (5.21.1.7): ``count`` submission and completion queues."""
     return Command(Admin.SET_FEATURES, cdw10=FEATURE_NUMBER_OF_QUEUES, cdw11=(count - 1) << 16 | (count - 1),
                    name="SET FEATURES queues")
 
 
-def read_write(opcode: int, nsid: int, lba: int, blocks: int, pages: Sequence[int]) -> Command:
+def read_write_command(opcode: int, nsid: int, lba: int, blocks: int, pages: Sequence[int]) -> Command:
     """Read or Write (6.9, 6.15) of ``blocks`` blocks at ``lba``, through ``pages``."""
     name = "READ" if opcode == Nvm.READ else "WRITE"
     return Command(opcode, nsid, pages, cdw10=lba & 0xFFFFFFFF, cdw11=lba >> 32, cdw12=blocks - 1,
                    name=f"{name} ns {nsid} {lba}+{blocks}", lba=lba)
 
 
-def flush(nsid: int) -> Command:
+def flush_command(nsid: int) -> Command:
     """Flush (6.8)."""
     return Command(Nvm.FLUSH, nsid, name=f"FLUSH ns {nsid}")
 
 
-def deallocate(nsid: int, ranges_page: int, ranges: Sequence[tuple[int, int]]) -> Command:
+def deallocate_command(nsid: int, ranges_page: int, ranges: Sequence[tuple[int, int]]) -> Command:
     """Dataset Management, deallocate (6.7) of ``ranges``, laid out at ``ranges_page`` (see :func:`pack_ranges`)."""
     return Command(Nvm.DATASET_MANAGEMENT, nsid, [ranges_page], cdw10=len(ranges) - 1, cdw11=DSM_DEALLOCATE,
                    name=f"DEALLOCATE ns {nsid}", lba=ranges[0][0])
@@ -203,7 +203,7 @@ class Controller:
         assert self.admin is not None
         buf = self.dev.dma_alloc(PAGE)
         try:
-            self.admin.execute(identify(cns, nsid, buf.phys))
+            self.admin.execute(identify_command(cns, nsid, buf.phys))
             return bytes(buf.view)
         finally:
             self.dev.dma_free(buf)
@@ -214,7 +214,7 @@ class Controller:
     def negotiate_queues(self, count: int) -> None:
         """Ask for ``count`` I/O queue pairs; fewer granted is an NvmeError."""
         assert self.admin is not None
-        granted = self.admin.execute(set_queue_count(count))
+        granted = self.admin.execute(queue_count_command(count))
         if min(granted & 0xFFFF, granted >> 16) + 1 < count:
             raise NvmeError("SET FEATURES queues", None, None, detail=f"the controller granted {granted:#x}")
 
@@ -289,7 +289,7 @@ class Namespace:
         return pages, total
 
     def _io(self, opcode: int, lba: int, pages: Sequence[int], nbytes: int) -> Command:
-        return read_write(opcode, self.nsid, lba, nbytes // self.sector_size, pages)
+        return read_write_command(opcode, self.nsid, lba, nbytes // self.sector_size, pages)
 
     def _copied(self, opcode: int, lba: int, count: int, data: bytes = b"") -> bytes:
         """``count`` blocks at ``lba`` through the queue's bounce buffer, in transfers of at most
@@ -335,7 +335,7 @@ class Namespace:
 
     def flush(self) -> None:
         """Flush (6.8): what was written is on the medium."""
-        self.queue.run([flush(self.nsid)])
+        self.queue.run([flush_command(self.nsid)])
 
     def deallocate(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Dataset Management, deallocate (6.7): (lba, blocks) ranges the host no longer needs."""
@@ -351,7 +351,7 @@ class Namespace:
         buf = dev.dma_alloc(PAGE)
         try:
             pack_ranges(buf.view, ranges)
-            self.queue.run([deallocate(self.nsid, buf.phys, ranges)])
+            self.queue.run([deallocate_command(self.nsid, buf.phys, ranges)])
         finally:
             dev.dma_free(buf)
 
