@@ -52,12 +52,6 @@ class NvmeError(HarnessError):
         return self.sct, self.sc
 
 
-def status_failed(status: int) -> bool:
-    """Whether a completion entry's status word (4.6.1) says the command failed: any code
-    besides the phase bit."""
-    return status >> 1 != 0
-
-
 def failure(command: "Command", status: int, failed: Sequence[int] = (), of: int = 1) -> NvmeError:
     """The error for ``command``'s failed completion status word: SCT bits 9-11, SC bits 1-8."""
     return NvmeError(command.name, status >> 9 & 7, status >> 1 & 0xFF, command.lba, failed=failed, of=of)

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 from harness.access import Access, Bus, Deadline, Device, DmaBuffer, Irq, IrqMode, Kind, Space
 from harness.errors import DeviceTimeout, InterruptTimeout
 
-from .core import Command, Controller, NvmeError, failure, status_failed
+from .core import Command, Controller, NvmeError, failure
 from .regs import (CQ_IEN, CQ_PC, CQE, CQE_STATUS_WORD, CQE_WORDS, CC_IOCQES_SHIFT, CC_IOSQES_SHIFT, CQE_SIZE_LOG2,
                    PAGE, SQ_PC, SQE, SQE_SIZE_LOG2, Admin, Cc, Csts, Reg, cap_dstrd, cap_mpsmin, cap_mqes,
                    cap_timeout, cq_head_doorbell, sq_tail_doorbell)
@@ -107,19 +107,23 @@ class QueuePair:
 
     # ---- the submission queue: entries and their PRPs (4.2, 4.3) ----
 
-    def _prps(self, cid: int, pages: Sequence[int]) -> tuple[int, int]:
-        """PRP1 the first page; PRP2 the second, or the address of this identifier's list page
-        holding the rest (so no two commands in flight share a list)."""
-        if len(pages) <= 2:
-            return (pages[0] if pages else 0), (pages[1] if len(pages) == 2 else 0)
+    def _prp_list(self, cid: int, pages: Sequence[int]) -> int:
+        """The pages after the first into this identifier's own list page (so no two commands
+        in flight share a list); its address, for PRP2."""
         base = cid * PRP_LIST_ENTRIES
         self._prp_words[base:base + len(pages) - 1] = memoryview(
             struct.pack(f"<{len(pages) - 1}Q", *pages[1:])).cast("Q")
-        return pages[0], self.prp_lists.phys + cid * PAGE
+        return self.prp_lists.phys + cid * PAGE
 
     def _sq_copy_cmd(self, cid: int, command: Command) -> None:
-        """The submission entry at the tail, and the tail past it (not yet rung)."""
-        prp1, prp2 = self._prps(cid, command.pages)
+        """The submission entry at the tail, and the tail past it (not yet rung). PRP1 is the
+        first page; PRP2 the second, or a list of the rest."""
+        pages = command.pages
+        prp1 = pages[0] if pages else 0
+        if len(pages) <= 2:
+            prp2 = pages[1] if len(pages) == 2 else 0
+        else:
+            prp2 = self._prp_list(cid, pages)
         SQE.pack_into(self.sq.view, self.tail << SQE_SIZE_LOG2, command.opcode, 0, cid, command.nsid, 0, 0, 0,
                       prp1, prp2, command.cdw10, command.cdw11, command.cdw12, 0, 0, 0)
         self.tail = self.tail + 1 if self.tail + 1 < self.entries else 0
@@ -135,12 +139,6 @@ class QueuePair:
         self.head = self.head + 1 if self.head + 1 < self.entries else 0
         if self.head == 0:
             self.phase ^= 1
-
-    def _take_cqe(self) -> tuple[int, int, int]:
-        """The entry at the head (its result dword, command identifier and status word), and the head past it."""
-        result, _, _, _, cid, status = CQE.unpack_from(self.cq.view, self.head << CQE_SIZE_LOG2)
-        self._update_cq_head()
-        return result, cid, status
 
     def _cq_needs_head(self, in_flight: int) -> bool:
         """Whether the controller must be told the head before it can post ``in_flight`` more:
@@ -210,15 +208,16 @@ class QueuePair:
             raise ValueError(f"a queue depth is at least 1, not {depth}")
         flight = InFlight(self, commands, min(depth or self.depth, self.depth), on_done)
         try:
-            while flight.unfinished():          # one round: fill, one doorbell batch, wait, reap
-                self._tell(flight.submit(), flight.count)
+            while flight.left:                  # one round: fill, one doorbell batch, wait, reap
+                self._tell(flight.submit(), flight.in_flight)
                 try:
                     self._wait(Deadline(timeout))
                 except DeviceTimeout:
                     self.broken = True
                     raise flight.timed_out(timeout) from None
                 flight.reap()
-            flight.raise_failures()
+            if flight.failures:
+                raise flight.first_failure()
         except BaseException:
             if not self.broken and flight.pending():     # interrupted with commands in flight
                 flight.drain(timeout)
@@ -266,6 +265,8 @@ class InFlight:
     """The commands of one :meth:`QueuePair.run` on their way through the queue: which
     command identifier carries which command, and what has come back."""
 
+    __slots__ = ("queue", "commands", "on_done", "results", "failures", "owner", "free", "following", "in_flight", "left")
+
     def __init__(self, queue: QueuePair, commands: Sequence[Command], depth: int,
                  on_done: Callable[[int, int], None] | None) -> None:
         self.queue, self.commands, self.on_done = queue, commands, on_done
@@ -274,10 +275,8 @@ class InFlight:
         self.owner = [-1] * queue.depth                 # command identifier -> index of its command, or -1
         self.free = list(range(depth - 1, -1, -1))      # identifiers a command may take, lowest last
         self.following = 0                              # the next command to submit
-        self.count = 0                                  # commands in flight
-
-    def unfinished(self) -> bool:
-        return self.following < len(self.commands) or self.count > 0
+        self.in_flight = 0                              # commands given to the controller, not yet ended
+        self.left = len(commands)                       # commands not yet ended
 
     def pending(self) -> list[int]:
         """The indices of the commands in flight."""
@@ -293,35 +292,36 @@ class InFlight:
             owner[cid] = following
             following += 1
         placed, self.following = following - self.following, following
-        self.count += placed
+        self.in_flight += placed
         queue.submitted += placed
-        queue.most_in_flight = max(queue.most_in_flight, self.count)
+        queue.most_in_flight = max(queue.most_in_flight, self.in_flight)
         return placed > 0
 
     def reap(self) -> None:
         """Every completion the controller has posted: its identifier freed, its result or failure kept."""
         queue, owner = self.queue, self.owner
         while queue._cqe_pending():
-            result, cid, status = queue._take_cqe()
+            result, _, _, _, cid, status = CQE.unpack_from(queue.cq.view, queue.head << CQE_SIZE_LOG2)
+            queue._update_cq_head()
             index = owner[cid] if cid < len(owner) else -1
             if index < 0:
                 queue.broken = True
                 raise NvmeError(f"queue {queue.qid}", None, None, detail=f"a completion for unknown command {cid}")
             owner[cid] = -1
             self.free.append(cid)
-            self.count -= 1
-            if status_failed(status):
+            self.in_flight -= 1
+            self.left -= 1
+            if status >> 1:                         # a status code besides the phase bit
                 self.failures.append((index, status))
             else:
                 self.results[index] = result
                 if self.on_done is not None:
                     self.on_done(index, result)
 
-    def raise_failures(self) -> None:
+    def first_failure(self) -> NvmeError:
         """Once every command has ended: the first failure, naming every failed index."""
-        if self.failures:
-            index, status = self.failures[0]
-            raise failure(self.commands[index], status, [i for i, _ in self.failures], of=len(self.commands))
+        index, status = self.failures[0]
+        return failure(self.commands[index], status, [i for i, _ in self.failures], of=len(self.commands))
 
     def timed_out(self, timeout: float) -> NvmeError:
         pending = self.pending()
@@ -339,7 +339,8 @@ class InFlight:
                 queue._ring()
                 queue._wait(deadline)
                 while queue._cqe_pending():
-                    _, cid, _ = queue._take_cqe()
+                    cid = CQE.unpack_from(queue.cq.view, queue.head << CQE_SIZE_LOG2)[4]
+                    queue._update_cq_head()
                     if cid < len(owner):
                         owner[cid] = -1
             queue._ring()
