@@ -1,5 +1,8 @@
-"""NVMe controllers and their namespaces."""
+"""NVMe controllers and their namespaces: the protocol core (``core``: identify, namespaces,
+commands, status names) and the PCI transport (``pci``: registers, queues, PRPs, doorbells)."""
 
-from .driver import Command, ControllerIdentity, NamespaceIdentity, Namespace, Nvme, NvmeError, QueuePair
+from .core import Command, ControllerIdentity, Namespace, NamespaceIdentity, NvmeError
+from .pci import Nvme, QueuePair, QueueState
 
-__all__ = ["Command", "ControllerIdentity", "Namespace", "NamespaceIdentity", "Nvme", "NvmeError", "QueuePair"]
+__all__ = ["Command", "ControllerIdentity", "Namespace", "NamespaceIdentity", "Nvme", "NvmeError", "QueuePair",
+           "QueueState"]

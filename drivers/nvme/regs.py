@@ -27,6 +27,10 @@ class Reg(enum.IntEnum):
 DOORBELL_BASE = 0x1000  # SQ y tail at BASE + 2y * stride, CQ y head at BASE + (2y + 1) * stride (3.1.24)
 
 
+def sq_tail_doorbell(y: int, stride: int) -> int: return DOORBELL_BASE + 2 * y * stride        # SQyTDBL
+def cq_head_doorbell(y: int, stride: int) -> int: return DOORBELL_BASE + (2 * y + 1) * stride  # CQyHDBL
+
+
 def cap_mqes(cap: int) -> int: return (cap & 0xFFFF) + 1          # largest queue, entries (3.1.1)
 def cap_timeout(cap: int) -> float: return ((cap >> 24) & 0xFF) * 0.5  # worst time to (un)ready, seconds
 def cap_dstrd(cap: int) -> int: return 4 << ((cap >> 32) & 0xF)      # doorbell stride, bytes

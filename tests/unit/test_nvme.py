@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 import threading
 from types import SimpleNamespace
 
 import pytest
 
 from drivers.nvme import Command, NvmeError, QueuePair
-from drivers.nvme.driver import parse_controller, parse_namespace
+from drivers.nvme.core import parse_controller, parse_namespace
+from drivers.nvme.pci import MAX_TRANSFER
 from drivers.nvme.regs import CQE, DOORBELL_BASE, SQE, Nvm
 from harness.access import Kind, Region, Space
 
@@ -114,7 +116,7 @@ def test_identify_structures_are_parsed() -> None:
     ctrl[77] = 5                                                   # MDTS: 2^5 pages
     struct.pack_into("<I", ctrl, 516, 4)
     struct.pack_into("<H", ctrl, 520, 1 << 2)                      # ONCS: Dataset Management
-    identity = parse_controller(bytes(ctrl), 4096)
+    identity = parse_controller(bytes(ctrl), 4096, MAX_TRANSFER)
     assert (identity.serial, identity.model, identity.firmware) == ("SERIAL-1", "Model X", "1.0")
     assert identity.max_transfer == 128 << 10 and identity.namespaces == 4 and identity.dsm
     ns = bytearray(4096)
@@ -139,3 +141,25 @@ def test_an_interrupted_call_lets_its_commands_end_and_the_queue_goes_on() -> No
         [0x1000 + entry[2] for entry in fake.fetched[fetched:]]
     with pytest.raises(ValueError):
         fake.qp.run([Command(Nvm.FLUSH, 1)], depth=0)
+
+
+def test_a_lent_queue_is_described_and_taken_back_where_the_borrower_left_it() -> None:
+    fake = FakeController(8)
+    fake.qp.run([Command(Nvm.FLUSH, 1) for _ in range(3)])
+    lent = fake.qp.state()
+    assert (lent.qid, lent.sq, lent.cq, lent.prp_lists, lent.entries) == \
+        (1, fake.qp.sq.phys, fake.qp.cq.phys, fake.qp.prp_lists.phys, 8)
+    assert (lent.sq_doorbell, lent.cq_doorbell) == (DOORBELL_BASE + 2 * STRIDE, DOORBELL_BASE + 3 * STRIDE)
+    assert (lent.tail, lent.head, lent.phase, lent.acked) == (3, 3, 1, 0)      # the head is rung lazily
+    # A borrower runs six commands past the wrap, rings every tail it wrote, reaps and rings the head
+    for k in range(6):
+        slot = (lent.tail + k) % 8
+        fake.qp.sq.view[slot * 64:slot * 64 + 64] = SQE.pack(Nvm.FLUSH, 0, k, 1, *[0] * 11)
+    fake._doorbell(BAR + lent.sq_doorbell, 1)
+    fake._doorbell(BAR + lent.cq_doorbell, 1)
+    fake.qp.resume(replace(lent, tail=1, head=1, phase=0, acked=1))
+    assert fake.qp.run([Command(Nvm.FLUSH, 1)]) == [0x1000]   # its completion, in the new phase
+    with pytest.raises(ValueError):
+        fake.qp.resume(replace(lent, qid=2))                   # another queue's state
+    with pytest.raises(ValueError):
+        fake.qp.resume(replace(lent, phase=2))

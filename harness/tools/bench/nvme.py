@@ -13,6 +13,7 @@ describes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import tempfile
@@ -20,8 +21,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from drivers.nvme import Namespace, Nvme, QueuePair
-from drivers.nvme.regs import DOORBELL_BASE, Nvm
+from drivers.nvme import Namespace, Nvme, QueuePair, QueueState
+from drivers.nvme.regs import Nvm
 
 from ...access import DmaBuffer
 from ...errors import MachineError
@@ -38,6 +39,7 @@ QUEUE_FIELDS = ["sq", "cq", "prp_lists", "entries", "depth", "sq_doorbell", "cq_
 LOOP_FIELDS = ["requests", "timeout_us", "nqueues", "nsid", "opcode", "blocks", "block_size", "count", "done",
                "errors"]
 QUICK = dict(count=256, rounds=1)
+BY_READS, BY_WRITES = "QEMU's query-blockstats rd_operations", "QEMU's query-blockstats wr_operations"
 
 
 class NativeNvmeLoop:
@@ -53,6 +55,7 @@ class NativeNvmeLoop:
         self._queue = self.abi.packer("proxy_nvme_queue", QUEUE_FIELDS)
         self._queues_at = self.abi.offsetof("proxy_nvme_loop", "queues")
         self._queue_size = self.abi.sizeof("proxy_nvme_queue")
+        self._loop_at = self.abi.offsetof("proxy_nvme_loop", LOOP_FIELDS[0])
 
     def close(self) -> None:
         self.dev.dma_free(self.block)
@@ -63,32 +66,38 @@ class NativeNvmeLoop:
         """Lay out ``requests`` (lba, buffer), request i for queue i % len(queues); the
         returned run completes them all and returns how many completed without error."""
         self.requests.fill(requests)
-        self._loop.pack_into(self.block.view, self.abi.offsetof("proxy_nvme_loop", LOOP_FIELDS[0]),
-                             self.requests.phys, 8_000_000, len(queues), ns.nsid, opcode, blocks, ns.sector_size,
-                             len(requests), 0, 0)
-        channel, stride = self.nvme.dev.channel, self.nvme.doorbell_stride
-
-        def place(k: int) -> int:
-            """Where queue k's fields start in the block."""
-            return self._queues_at + k * self._queue_size + self.abi.offsetof("proxy_nvme_queue", QUEUE_FIELDS[0])
+        self._loop.pack_into(self.block.view, self._loop_at, self.requests.phys, 8_000_000, len(queues), ns.nsid,
+                             opcode, blocks, ns.sector_size, len(requests), 0, 0)
 
         def run() -> int:
-            for k, q in enumerate(queues):          # the queues as the Python driver left them
-                self._queue.pack_into(self.block.view, place(k), q.sq.phys, q.cq.phys, q.prp_lists.phys,
-                                      q.entries, min(depth, q.depth), DOORBELL_BASE + 2 * q.qid * stride,
-                                      DOORBELL_BASE + (2 * q.qid + 1) * stride, q.tail, q.head, q.phase, q.acked)
+            lent = [q.state() for q in queues]      # the queues as the Python driver left them
+            for k, state in enumerate(lent):
+                self._lend(k, state, min(depth, queues[k].depth))
             try:
-                channel.control(self.abi.PROXY_OP_NVME_LOOP, self.block.phys, 0, "native nvme loop")
+                self.nvme.dev.channel.control(self.abi.PROXY_OP_NVME_LOOP, self.block.phys, 0, "native nvme loop")
             finally:
-                for k, q in enumerate(queues):      # and back, whatever happened
-                    fields = dict(zip(QUEUE_FIELDS, self._queue.unpack_from(self.block.view, place(k))))
-                    q.resume(fields["tail"], fields["head"], fields["phase"], fields["acked"])
-            fields = dict(zip(LOOP_FIELDS, self._loop.unpack_from(
-                self.block.view, self.abi.offsetof("proxy_nvme_loop", LOOP_FIELDS[0]))))
+                for k, state in enumerate(lent):    # and back, whatever happened
+                    queues[k].resume(self._taken_back(k, state))
+            fields = dict(zip(LOOP_FIELDS, self._loop.unpack_from(self.block.view, self._loop_at)))
             if fields["errors"]:
                 raise RuntimeError(f"the native nvme loop saw {fields['errors']} errors in {fields['done']} commands")
             return int(fields["done"])
         return run
+
+    def _queue_at(self, k: int) -> int:
+        """Where queue k's fields start in the block."""
+        return self._queues_at + k * self._queue_size + self.abi.offsetof("proxy_nvme_queue", QUEUE_FIELDS[0])
+
+    def _lend(self, k: int, state: QueueState, depth: int) -> None:
+        """Queue k's place and state into the loop's block, ``depth`` commands in flight at most."""
+        values = [depth if name == "depth" else getattr(state, name) for name in QUEUE_FIELDS]
+        self._queue.pack_into(self.block.view, self._queue_at(k), *values)
+
+    def _taken_back(self, k: int, lent: QueueState) -> QueueState:
+        """Queue k as the loop left it: ``lent`` with the indices it moved."""
+        fields = dict(zip(QUEUE_FIELDS, self._queue.unpack_from(self.block.view, self._queue_at(k))))
+        return dataclasses.replace(lent, tail=fields["tail"], head=fields["head"], phase=fields["phase"],
+                                   acked=fields["acked"])
 
 
 def machine(stack: contextlib.ExitStack, accel: str, image: Path) -> tuple[ProxyMachine, str]:
@@ -105,114 +114,140 @@ def counted(pm: ProxyMachine, key: str) -> int:
     raise MachineError(f"query-blockstats has no drive {DRIVE!r}")
 
 
+class NvmeBench:
+    """The bench's controller, namespace, buffers and native loop on ``pm``, and its workloads:
+    each side's setup draws the round's requests, or takes those the other side drew."""
+
+    def __init__(self, stack: contextlib.ExitStack, pm: ProxyMachine, count: int) -> None:
+        self.pm, self.count = pm, count
+        self.nvme = nvme = Nvme.open(pm.bus, queues=2)
+        stack.callback(nvme.close)
+        self.ns = nvme.namespaces()[0]
+        dev = nvme.dev
+        self.small = [dev.dma_alloc(4096) for _ in range(128)]       # the data are moved, not looked at
+        self.big = dev.dma_alloc(128 << 10)
+        stack.callback(lambda: [dev.dma_free(b) for b in self.small + [self.big]])
+        self.loop = NativeNvmeLoop(pm.bus, nvme, count)
+        stack.callback(self.loop.close)
+        self.rng = random.Random(1)
+        self.blocks = (DISK_BYTES >> 12) - 1      # 4 KiB blocks, LBAs 8-aligned
+        self.queued = count // 64 * 64
+        self.seq = min(count, (DISK_BYTES >> 17) - 1)
+        self.drawn: dict[str, list[tuple[int, DmaBuffer]]] = {}
+
+    def workloads(self) -> list[Workload]:
+        count, queued, seq = self.count, self.queued, self.seq
+        first, second = self.nvme.queues
+        return [
+            Workload("randread_4k_qd1_iops", self.python_qd1, self.native("qd1", count, 8, 1, [first]), count,
+                     counter=self.reads, counted_by=BY_READS),
+            Workload("randread_4k_qd32_iops", self.python_queued("qd32"), self.native("qd32", queued, 8, 32, [first]),
+                     queued, counter=self.reads, counted_by=BY_READS),
+            Workload("randread_4k_qd32x2_iops", self.python_two_queues,
+                     self.native("qd32x2", queued, 8, 32, [first, second]), queued,
+                     counter=self.reads, counted_by=BY_READS),
+            Workload("seqread_128k_mbps", self.python_seq, self.native("seq", seq, 256, 1, [first]), seq,
+                     scale=128 / 1024, counter=self.reads, counted_by=BY_READS),
+            Workload("randwrite_4k_qd32_iops", self.python_queued("w32", write=True),
+                     self.native("w32", queued, 8, 32, [first], Nvm.WRITE), queued,
+                     counter=self.writes, counted_by=BY_WRITES),
+        ]
+
+    def reads(self) -> int:
+        return counted(self.pm, "rd_operations")
+
+    def writes(self) -> int:
+        return counted(self.pm, "wr_operations")
+
+    # ---- the requests ----
+
+    def random_requests(self, n: int) -> list[tuple[int, DmaBuffer]]:
+        """Distinct blocks: queued writes to one block would have no order (the driver refuses them)."""
+        return [(block * 8, self.small[i % len(self.small)])
+                for i, block in enumerate(self.rng.sample(range(self.blocks), n))]
+
+    def same(self, key: str, n: int) -> list[tuple[int, DmaBuffer]]:
+        """The round's requests: drawn by whichever side goes first, handed to the other."""
+        drawn = self.drawn
+        return drawn.pop(key) if key in drawn else drawn.setdefault(key, self.random_requests(n))
+
+    def sequential(self) -> list[tuple[int, DmaBuffer]]:
+        return [(i * 256, self.big) for i in range(self.seq)]
+
+    # ---- the Python side: each returns the timed run ----
+
+    def python_qd1(self) -> Run:
+        requests, ns = self.same("qd1", self.count), self.ns
+
+        def go() -> int:
+            for lba, buffer in requests:
+                ns.read_into(lba, [buffer])
+            return len(requests)
+        return go
+
+    def python_queued(self, key: str, write: bool = False) -> Callable[[], Run]:
+        def setup() -> Run:
+            requests, ns = self.same(key, self.queued), self.ns
+
+            def go() -> int:
+                (ns.write_queued_from if write else ns.read_queued_into)(requests, depth=32)
+                return len(requests)
+            return go
+        return setup
+
+    def python_two_queues(self) -> Run:
+        requests = self.same("qd32x2", self.queued)
+        halves = [requests[0::2], requests[1::2]]   # as the native loop splits them
+        ns, queues = self.ns, self.nvme.queues
+
+        def go() -> int:
+            errors: list[BaseException] = []
+
+            def worker(k: int) -> None:
+                try:
+                    ns.on(queues[k]).read_queued_into(halves[k], depth=32)
+                except BaseException as exc:      # noqa: BLE001 - raised below
+                    errors.append(exc)
+            threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+            return len(requests)
+        return go
+
+    def python_seq(self) -> Run:
+        ns, big, seq = self.ns, self.big, self.seq
+
+        def go() -> int:
+            for i in range(seq):
+                ns.read_into(i * 256, [big])
+            return seq
+        return go
+
+    # ---- the native side ----
+
+    def native(self, key: str, n: int, blocks: int, depth: int, queues: Sequence[QueuePair],
+               opcode: int = Nvm.READ) -> Callable[[], Run]:
+        return lambda: self.loop.prepare(self.ns, self.sequential() if key == "seq" else self.same(key, n),
+                                         blocks, depth, queues, opcode)
+
+
 def run(accel: str, count: int = 2000, rounds: int = 9, quick: bool = False) -> dict[str, object]:
     """Python and native take turns, workload by workload, as ``paired.run_rounds`` does."""
     if quick:
         count, rounds = QUICK["count"], QUICK["rounds"]
-    with tempfile.TemporaryDirectory(prefix="hwharness-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="hwharness-bench-") as tmp, contextlib.ExitStack() as stack:
         image = Path(tmp) / "disk.img"
         _disk_image(image)
-        with contextlib.ExitStack() as stack:
-            pm, aio = machine(stack, accel, image)
-            accel = pm.machine.accel
-            if accel == "kvm" and not quick:     # the guest is emulated here: keep the run short
-                count = min(count, 500)
-            nvme = Nvme.open(pm.bus, queues=2)
-            stack.callback(nvme.close)
-            ns = nvme.namespaces()[0]
-            first, second = nvme.queues
-            bus = pm.bus
-            dev = nvme.dev
-            small = [dev.dma_alloc(4096) for _ in range(128)]       # the data are moved, not looked at
-            big = dev.dma_alloc(128 << 10)
-            stack.callback(lambda: [dev.dma_free(b) for b in small + [big]])
-            loop = NativeNvmeLoop(bus, nvme, count)
-            stack.callback(loop.close)
-            rng = random.Random(1)
-            blocks = (DISK_BYTES >> 12) - 1      # 4 KiB blocks, LBAs 8-aligned
-            queued = count // 64 * 64
-            seq = min(count, (DISK_BYTES >> 17) - 1)
-            figures = clock_figures(pm, nvme.dev.channel.guest_time)
-
-            def random_requests(n: int) -> list[tuple[int, DmaBuffer]]:
-                """Distinct blocks: queued writes to one block would have no order (the driver refuses them)."""
-                return [(block * 8, small[i % len(small)]) for i, block in enumerate(rng.sample(range(blocks), n))]
-
-            drawn: dict[str, list[tuple[int, DmaBuffer]]] = {}
-
-            def same(key: str, n: int) -> list[tuple[int, DmaBuffer]]:
-                """The round's requests: drawn by whichever side goes first, handed to the other."""
-                return drawn.pop(key) if key in drawn else drawn.setdefault(key, random_requests(n))
-
-            def python_qd1() -> Run:
-                requests = same("qd1", count)
-                def go() -> int:
-                    for lba, buffer in requests:
-                        ns.read_into(lba, [buffer])
-                    return len(requests)
-                return go
-
-            def python_queued(key: str, write: bool = False) -> Callable[[], Run]:
-                def setup() -> Run:
-                    requests = same(key, queued)
-                    def go() -> int:
-                        (ns.write_queued_from if write else ns.read_queued_into)(requests, depth=32)
-                        return len(requests)
-                    return go
-                return setup
-
-            def python_two_queues() -> Run:
-                requests = same("qd32x2", queued)
-                halves = [requests[0::2], requests[1::2]]   # as the native loop splits them
-                def go() -> int:
-                    errors: list[BaseException] = []
-                    def worker(k: int) -> None:
-                        try:
-                            ns.on(nvme.queues[k]).read_queued_into(halves[k], depth=32)
-                        except BaseException as exc:      # noqa: BLE001 - raised below
-                            errors.append(exc)
-                    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
-                    for t in threads:
-                        t.start()
-                    for t in threads:
-                        t.join()
-                    if errors:
-                        raise errors[0]
-                    return len(requests)
-                return go
-
-            def python_seq() -> Run:
-                def go() -> int:
-                    for i in range(seq):
-                        ns.read_into(i * 256, [big])
-                    return seq
-                return go
-
-            def native(key: str, n: int, blocks_: int, depth: int, queues: Sequence[QueuePair],
-                       opcode: int = Nvm.READ) -> Callable[[], Run]:
-                return lambda: loop.prepare(ns, same(key, n) if key != "seq" else [(i * 256, big) for i in range(seq)],
-                                            blocks_, depth, queues, opcode)
-
-            def reads() -> int:
-                return counted(pm, "rd_operations")
-
-            def writes() -> int:
-                return counted(pm, "wr_operations")
-
-            by_reads, by_writes = "QEMU's query-blockstats rd_operations", "QEMU's query-blockstats wr_operations"
-            workloads = [
-                Workload("randread_4k_qd1_iops", python_qd1, native("qd1", count, 8, 1, [first]), count,
-                         counter=reads, counted_by=by_reads),
-                Workload("randread_4k_qd32_iops", python_queued("qd32"), native("qd32", queued, 8, 32, [first]),
-                         queued, counter=reads, counted_by=by_reads),
-                Workload("randread_4k_qd32x2_iops", python_two_queues,
-                         native("qd32x2", queued, 8, 32, [first, second]), queued, counter=reads, counted_by=by_reads),
-                Workload("seqread_128k_mbps", python_seq, native("seq", seq, 256, 1, [first]), seq, scale=128 / 1024,
-                         counter=reads, counted_by=by_reads),
-                Workload("randwrite_4k_qd32_iops", python_queued("w32", write=True),
-                         native("w32", queued, 8, 32, [first], Nvm.WRITE), queued, counter=writes,
-                         counted_by=by_writes),
-            ]
-            result = run_rounds([workloads], rounds, [pm])
+        pm, aio = machine(stack, accel, image)
+        accel = pm.machine.accel
+        if accel == "kvm" and not quick:     # the guest is emulated here: keep the run short
+            count = min(count, 500)
+        bench = NvmeBench(stack, pm, count)
+        figures = clock_figures(pm, bench.nvme.dev.channel.guest_time)
+        result = run_rounds([bench.workloads()], rounds, [pm])
     return {"benchmark": "nvme", "accel": {"python": accel, "native": accel}, "aio": aio, "quick": quick,
             **figures, **result}

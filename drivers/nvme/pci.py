@@ -1,0 +1,473 @@
+"""The NVMe PCI transport (Linux's drivers/nvme/host/pci.c): controller registers, reset and
+enable, the admin and I/O queue pairs in DMA memory, PRPs, doorbells, interrupts.
+
+Queues live in DMA memory the host has mapped, so Python writes submission
+entries and reads completion entries itself, at host speed; the guest only
+carries the doorbell writes, one batch per round: the completion queue's head
+and the submission queue's tail, then a guest-side poll of the phase bit of the
+next completion entry, in the same round trip (so the guest stays busy, as an
+in-kernel driver's would, instead of dozing off between doorbells). With
+interrupts, each queue waits for its own MSI-X vector instead.
+
+Threads: one queue pair serves one thread at a time; several threads may each
+drive their own queue pair (the doorbell writes share the device's channel
+and take turns under a lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from harness.access import Access, Bus, Deadline, Device, DmaBuffer, Irq, IrqMode, Kind, Space
+from harness.errors import DeviceTimeout, InterruptTimeout
+
+from .core import Command, Controller, NvmeError, failure
+from .regs import (CQ_IEN, CQ_PC, CQE, CQE_STATUS_WORD, CQE_WORDS, CC_IOCQES_SHIFT, CC_IOSQES_SHIFT, CQE_SIZE_LOG2,
+                   PAGE, SQ_PC, SQE, SQE_SIZE_LOG2, Admin, Cc, Csts, Reg, cap_dstrd, cap_mpsmin, cap_mqes,
+                   cap_timeout, cq_head_doorbell, sq_tail_doorbell)
+
+log = logging.getLogger(__name__)
+
+CLASS_STORAGE, SUBCLASS_NVM, PROG_IF_NVME = 0x01, 0x08, 0x02
+DMA_SIZE = 16 << 20                 # the controller's DMA domain: its queues, PRP lists, callers' buffers
+ADMIN_ENTRIES = 32
+IO_ENTRIES = 64                     # per I/O queue: 63 commands in flight
+PRP_LIST_ENTRIES = PAGE // 8        # one list page per command identifier
+MAX_TRANSFER = PRP_LIST_ENTRIES * PAGE      # so one command moves 2 MiB at most
+COMMAND_TIMEOUT = 5.0               # seconds a command may take
+GUEST_WAIT = 100e-6                 # one guest-side wait for a completion: short, so queues sharing
+                                    # the device's channel take turns
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """A queue pair as another driver needs it to carry on where this one stopped (the
+    bench's in-guest loop): where its queues and PRP list pages are (command identifier k's
+    list at page k), its doorbells' offsets in BAR0, and where the queue stands: the
+    submission tail, the completion head and the phase expected there, and the head the
+    controller was last told (``acked``). That driver rings every tail it writes and hands
+    the queue back with :meth:`QueuePair.resume`."""
+
+    qid: int
+    sq: int
+    cq: int
+    prp_lists: int
+    entries: int
+    sq_doorbell: int
+    cq_doorbell: int
+    tail: int
+    head: int
+    phase: int
+    acked: int
+
+
+class QueuePair:
+    """A submission queue and its completion queue, with their doorbells and (optionally) a vector.
+
+    Commands go in with :meth:`run`: up to ``depth`` in flight, each round one
+    doorbell batch. A full submission queue waits for completions: a command
+    goes in only when one of the queue's command identifiers is free, and there
+    are fewer of those than entries."""
+
+    def __init__(self, controller: "Nvme", qid: int, entries: int, irq: Irq | None) -> None:
+        self.controller, self.qid, self.entries, self.irq = controller, qid, entries, irq
+        dev = controller.dev
+        self.sq = dev.dma_alloc(entries << SQE_SIZE_LOG2)
+        self.cq = dev.dma_alloc(entries << CQE_SIZE_LOG2)
+        self.prp_lists = dev.dma_alloc((entries - 1) * PAGE)     # command identifier k's list at page k
+        self._cq_words = self.cq.view.cast("H")
+        self._prp_words = self.prp_lists.view.cast("Q")
+        self.tail = self.head = 0
+        self.acked = 0                  # the head the controller was last told: entries it may reuse
+        self.phase = 1                  # the controller writes entries with this phase until it wraps
+        self.broken = False
+        regs, stride = controller.regs, controller.doorbell_stride
+        cq_doorbell = regs.access(Kind.WRITE, cq_head_doorbell(qid, stride), 4, 0)
+        sq_doorbell = regs.access(Kind.WRITE, sq_tail_doorbell(qid, stride), 4, 0)
+        self._doorbells = controller.dev.channel.prepare([cq_doorbell, sq_doorbell])
+        # Every access a round may need, built once: the hot path only picks them.
+        self._head_writes = [Access(Kind.WRITE, Space.MMIO, cq_doorbell.addr, 4, v) for v in range(entries)]
+        self._tail_writes = [Access(Kind.WRITE, Space.MMIO, sq_doorbell.addr, 4, v) for v in range(entries)]
+        status = self.cq.phys + CQE_STATUS_WORD * 2
+        self._phase_polls = [[Access(Kind.POLL, Space.DMA, status + (i << CQE_SIZE_LOG2), 2, 0, 1, phase, GUEST_WAIT)
+                              for i in range(entries)] for phase in (0, 1)]
+        self.rung_tail = 0              # the tail the controller was last told
+        self.submitted = 0              # commands given to the controller (diagnostics and tests)
+        self.most_in_flight = 0
+        self._bounce: DmaBuffer | None = None
+
+    @property
+    def depth(self) -> int:
+        """Commands this queue keeps in flight at most: one entry always stays empty."""
+        return self.entries - 1
+
+    # ---- the submission queue: entries and their PRPs (4.2, 4.3) ----
+
+    def _prp_list(self, cid: int, pages: Sequence[int]) -> int:
+        """The pages after the first into this identifier's own list page (so no two commands
+        in flight share a list); its address, for PRP2."""
+        base = cid * PRP_LIST_ENTRIES
+        self._prp_words[base:base + len(pages) - 1] = memoryview(
+            struct.pack(f"<{len(pages) - 1}Q", *pages[1:])).cast("Q")
+        return self.prp_lists.phys + cid * PAGE
+
+    def _sq_copy_cmd(self, cid: int, command: Command) -> None:
+        """The submission entry at the tail, and the tail past it (not yet rung). PRP1 is the
+        first page; PRP2 the second, or a list of the rest."""
+        pages = command.pages
+        prp1 = pages[0] if pages else 0
+        if len(pages) <= 2:
+            prp2 = pages[1] if len(pages) == 2 else 0
+        else:
+            prp2 = self._prp_list(cid, pages)
+        SQE.pack_into(self.sq.view, self.tail << SQE_SIZE_LOG2, command.opcode, 0, cid, command.nsid, 0, 0, 0,
+                      prp1, prp2, command.cdw10, command.cdw11, command.cdw12, 0, 0, 0)
+        self.tail = self.tail + 1 if self.tail + 1 < self.entries else 0
+
+    # ---- the completion queue (4.6) ----
+
+    def _cqe_pending(self) -> bool:
+        """Whether the entry at the head is the controller's: it carries the phase it writes now."""
+        return (self._cq_words[self.head * CQE_WORDS + CQE_STATUS_WORD] & 1) == self.phase
+
+    def _update_cq_head(self) -> None:
+        """Past the entry at the head; at the end of the queue the phase the controller writes flips."""
+        self.head = self.head + 1 if self.head + 1 < self.entries else 0
+        if self.head == 0:
+            self.phase ^= 1
+
+    def _cq_needs_head(self, in_flight: int) -> bool:
+        """Whether the controller must be told the head before it can post ``in_flight`` more:
+        the completion queue holds those and the entries reaped but not given back."""
+        return (self.head - self.acked) % self.entries + in_flight > self.depth
+
+    # ---- doorbells, and waiting for the controller ----
+
+    def _ring(self) -> None:
+        """Both doorbells in one batch: the entries reaped so far, and the new tail."""
+        with self.controller.doorbell_lock:
+            self._doorbells.run({0: self.head, 1: self.tail})
+        self.acked, self.rung_tail = self.head, self.tail
+
+    def _ring_and_wait(self) -> None:
+        """The doorbells that moved, then a guest-side wait (at most GUEST_WAIT) until the next
+        completion entry carries the controller's phase: one round trip."""
+        head, tail = self.head, self.tail
+        accesses = []
+        if head != self.acked:
+            accesses.append(self._head_writes[head])
+        if tail != self.rung_tail:
+            accesses.append(self._tail_writes[tail])
+        accesses.append(self._phase_polls[self.phase][head])
+        try:
+            with self.controller.doorbell_lock:
+                self.controller.dev.channel.execute(accesses)
+        except DeviceTimeout:
+            pass                        # not yet: the caller's deadline decides
+        self.acked, self.rung_tail = head, tail
+
+    def _tell(self, submitted: bool, in_flight: int) -> None:
+        """Ring when the controller needs it: new entries to fetch, or completion entries to
+        reuse. Polling, the ring carries a wait for the next completion in the same round trip."""
+        if submitted or self._cq_needs_head(in_flight):
+            if self.irq is None and not self._cqe_pending():
+                self._ring_and_wait()
+            else:
+                self._ring()
+
+    def _wait(self, deadline: Deadline) -> None:
+        """Until the next completion entry is the controller's: guest-side waits, or the vector."""
+        while not self._cqe_pending():
+            if self.irq is None:
+                self._ring_and_wait()
+            else:
+                try:
+                    self.irq.wait(deadline.remaining)
+                except InterruptTimeout:
+                    pass
+            if deadline.expired and not self._cqe_pending():
+                raise DeviceTimeout(f"a completion on queue {self.qid}", 0, 0)
+
+    # ---- what the controller and namespaces use ----
+
+    def run(self, commands: Sequence[Command], depth: int | None = None,
+            on_done: Callable[[int, int], None] | None = None, timeout: float = COMMAND_TIMEOUT) -> list[int]:
+        """Run every command, keeping up to ``depth`` in flight; returns each one's result dword.
+
+        ``on_done(index, result)`` runs as each completes. Failed commands do not stop the
+        others: once all have ended, the first failure raises NvmeError with ``failed``
+        listing every failed index. A command that does not complete within ``timeout``
+        of the last progress raises NvmeError and leaves the queue unusable."""
+        if self.broken:
+            raise NvmeError(f"queue {self.qid}", None, None, detail="an earlier command never completed")
+        if depth is not None and depth < 1:
+            raise ValueError(f"a queue depth is at least 1, not {depth}")
+        flight = InFlight(self, commands, min(depth or self.depth, self.depth), on_done)
+        try:
+            while flight.left:                  # one round: fill, one doorbell batch, wait, reap
+                self._tell(flight.submit(), flight.in_flight)
+                try:
+                    self._wait(Deadline(timeout))
+                except DeviceTimeout:
+                    self.broken = True
+                    raise flight.timed_out(timeout) from None
+                flight.reap()
+            if flight.failures:
+                raise flight.first_failure()
+        except BaseException:
+            if not self.broken and flight.pending():     # interrupted with commands in flight
+                flight.drain(timeout)
+            raise
+        return flight.results
+
+    def execute(self, command: Command, timeout: float = COMMAND_TIMEOUT) -> int:
+        """One command exactly as given, unchecked (the device judges it); its result dword."""
+        return self.run([command], timeout=timeout)[0]
+
+    def bounce(self, size: int) -> DmaBuffer:
+        """The queue's own buffer for copying reads and writes, at least ``size`` bytes."""
+        if self._bounce is None or self._bounce.size < size:
+            if self._bounce is not None:
+                self.controller.dev.dma_free(self._bounce)
+                self._bounce = None
+            self._bounce = self.controller.dev.dma_alloc(size)
+        return self._bounce
+
+    # ---- lending the queue to another driver ----
+
+    def state(self) -> QueueState:
+        """Where the queue is and where it stands, for another driver to carry on from."""
+        stride = self.controller.doorbell_stride
+        return QueueState(self.qid, self.sq.phys, self.cq.phys, self.prp_lists.phys, self.entries,
+                          sq_tail_doorbell(self.qid, stride), cq_head_doorbell(self.qid, stride),
+                          self.tail, self.head, self.phase, self.acked)
+
+    def resume(self, state: QueueState) -> None:
+        """Take the queue back after another driver used it, in the state it left: it rang
+        every tail it wrote, and the head ``acked``."""
+        tail, head, phase, acked = state.tail, state.head, state.phase, state.acked
+        if not (state.qid == self.qid and 0 <= tail < self.entries and 0 <= head < self.entries
+                and 0 <= acked < self.entries and phase in (0, 1)):
+            raise ValueError(f"queue {self.qid}: no such state: {state}")
+        self.tail, self.head, self.phase, self.acked = tail, head, phase, acked
+        self.rung_tail = tail
+
+    def free(self) -> None:
+        for buf in (self.sq, self.cq, self.prp_lists) + ((self._bounce,) if self._bounce else ()):
+            self.controller.dev.dma_free(buf)
+
+
+class InFlight:
+    """The commands of one :meth:`QueuePair.run` on their way through the queue: which
+    command identifier carries which command, and what has come back."""
+
+    __slots__ = ("queue", "commands", "on_done", "results", "failures", "owner", "free", "following", "in_flight", "left")
+
+    def __init__(self, queue: QueuePair, commands: Sequence[Command], depth: int,
+                 on_done: Callable[[int, int], None] | None) -> None:
+        self.queue, self.commands, self.on_done = queue, commands, on_done
+        self.results = [0] * len(commands)
+        self.failures: list[tuple[int, int]] = []       # (index, status word) of each failed command
+        self.owner = [-1] * queue.depth                 # command identifier -> index of its command, or -1
+        self.free = list(range(depth - 1, -1, -1))      # identifiers a command may take, lowest last
+        self.following = 0                              # the next command to submit
+        self.in_flight = 0                              # commands given to the controller, not yet ended
+        self.left = len(commands)                       # commands not yet ended
+
+    def pending(self) -> list[int]:
+        """The indices of the commands in flight."""
+        return sorted(i for i in self.owner if i >= 0)
+
+    def submit(self) -> bool:
+        """Every free identifier takes the next command; whether any went in."""
+        queue, commands, owner, free = self.queue, self.commands, self.owner, self.free
+        following = self.following
+        while free and following < len(commands):
+            cid = free.pop()
+            queue._sq_copy_cmd(cid, commands[following])
+            owner[cid] = following
+            following += 1
+        placed, self.following = following - self.following, following
+        self.in_flight += placed
+        queue.submitted += placed
+        queue.most_in_flight = max(queue.most_in_flight, self.in_flight)
+        return placed > 0
+
+    def reap(self) -> None:
+        """Every completion the controller has posted: its identifier freed, its result or failure kept."""
+        queue, owner = self.queue, self.owner
+        while queue._cqe_pending():
+            result, _, _, _, cid, status = CQE.unpack_from(queue.cq.view, queue.head << CQE_SIZE_LOG2)
+            queue._update_cq_head()
+            index = owner[cid] if cid < len(owner) else -1
+            if index < 0:
+                queue.broken = True
+                raise NvmeError(f"queue {queue.qid}", None, None, detail=f"a completion for unknown command {cid}")
+            owner[cid] = -1
+            self.free.append(cid)
+            self.in_flight -= 1
+            self.left -= 1
+            if status >> 1:                         # a status code besides the phase bit
+                self.failures.append((index, status))
+            else:
+                self.results[index] = result
+                if self.on_done is not None:
+                    self.on_done(index, result)
+
+    def first_failure(self) -> NvmeError:
+        """Once every command has ended: the first failure, naming every failed index."""
+        index, status = self.failures[0]
+        return failure(self.commands[index], status, [i for i, _ in self.failures], of=len(self.commands))
+
+    def timed_out(self, timeout: float) -> NvmeError:
+        pending = self.pending()
+        first = self.commands[pending[0]] if pending else None
+        return NvmeError(first.name if first else f"queue {self.queue.qid}", None, None,
+                         first.lba if first else None, failed=pending, detail=f"no completion within {timeout:g} s")
+
+    def drain(self, timeout: float) -> None:
+        """Reap the completions of the commands still in flight, whatever they say, so that the
+        next call starts from a quiet queue; or mark the queue unusable."""
+        queue, owner = self.queue, self.owner
+        deadline = Deadline(timeout)
+        try:
+            while any(i >= 0 for i in owner):
+                queue._ring()
+                queue._wait(deadline)
+                while queue._cqe_pending():
+                    cid = CQE.unpack_from(queue.cq.view, queue.head << CQE_SIZE_LOG2)[4]
+                    queue._update_cq_head()
+                    if cid < len(owner):
+                        owner[cid] = -1
+            queue._ring()
+        except BaseException as exc:
+            queue.broken = True
+            log.warning("queue %d: commands of an interrupted call did not end (%s); the queue is unusable",
+                        queue.qid, exc)
+
+
+class Nvme(Controller):
+    """The controller on PCI: reset, enable, the admin queue, I/O queue pairs; identify and
+    the namespaces come from the protocol core (:class:`~drivers.nvme.core.Controller`).
+
+    ``queues`` I/O queue pairs are created (one per worker thread); with
+    ``interrupts`` each completion queue gets its own MSI-X vector (the admin
+    queue vector 0, I/O queue n vector n)."""
+
+    transfer_limit = MAX_TRANSFER
+
+    def __init__(self, bus: Bus, device: Device, queues: int = 1, interrupts: bool = False,
+                 entries: int = IO_ENTRIES) -> None:
+        self.bus, self.dev, self.regs = bus, device, device.bar(0)
+        self.doorbell_lock = threading.Lock()
+        self.queues: list[QueuePair] = []
+        self.irqs: list[Irq] = []
+        self.admin: QueuePair | None = None
+        self.cap = self.regs.read64(Reg.CAP)
+        self.timeout = max(cap_timeout(self.cap), 0.5)
+        self.doorbell_stride = cap_dstrd(self.cap)
+        self.page = cap_mpsmin(self.cap)
+        if self.page != PAGE:
+            raise NvmeError("controller setup", None, None, detail=f"needs {PAGE}-byte pages, not {self.page}")
+        most = 3 if interrupts else 16      # with interrupts: the admin queue's vector and one each
+        if not 1 <= queues <= most or not 2 <= entries <= cap_mqes(self.cap):
+            raise ValueError(f"1 to {most} I/O queues of 2 to {cap_mqes(self.cap)} entries, not {queues} of {entries}")
+        device.enable_decoding()
+        try:
+            if interrupts:
+                self.irqs = device.irqs(IrqMode.MSIX, 1 + queues)
+            self._enable()
+            self.identity = self.identify_controller()
+            self._create_io_queues(queues, entries, interrupts)
+            self._namespaces = self.scan_namespaces()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def open(cls, bus: Bus, **kwargs: object) -> "Nvme":
+        """The first NVMe controller on the bus."""
+        function = next((f for f in bus.find_all(class_code=CLASS_STORAGE, subclass=SUBCLASS_NVM)
+                         if f.prog_if == PROG_IF_NVME), None)
+        if function is None:
+            raise LookupError("no NVMe controller (class 01 08 02) on the bus")
+        return cls(bus, bus.open(function, dma_size=DMA_SIZE), **kwargs)  # type: ignore[arg-type]
+
+    # ---- bring-up (7.6.1) ----
+
+    def _until(self, mask: int, value: int, what: str) -> None:
+        """Poll CSTS guest-side until ``(CSTS & mask) == value`` within CAP.TO; a fatal status ends it."""
+        deadline = Deadline(self.timeout)
+        while True:
+            try:        # the proxy's polls are short (a second here): CAP.TO may be 127 s
+                self.regs.poll32(Reg.CSTS, mask | Csts.CFS, value, min(1.0, deadline.remaining))
+                return
+            except DeviceTimeout as exc:
+                if exc.last_value & Csts.CFS or deadline.expired:
+                    detail = "controller fatal status" if exc.last_value & Csts.CFS else f"timed out waiting for {what}"
+                    raise NvmeError("controller setup", None, None,
+                                    detail=f"{detail} (CSTS {exc.last_value:#x})") from exc
+
+    def _disable(self) -> None:
+        """CC.EN to 0 and wait for CSTS.RDY to follow, within CAP.TO: the controller resets (7.3.2)."""
+        cc = self.regs.read32(Reg.CC)
+        if cc & Cc.EN:
+            self.regs.write32(Reg.CC, cc & ~Cc.EN)
+        self._until(Csts.RDY, 0, "CSTS.RDY to clear")
+
+    def _enable(self) -> None:
+        self._disable()                 # reset first: queues a killed driver left running stop
+        self.dev.enable_dma()
+        self.admin = QueuePair(self, 0, ADMIN_ENTRIES, self.irqs[0] if self.irqs else None)
+        self.regs.write32(Reg.AQA, (ADMIN_ENTRIES - 1) << 16 | (ADMIN_ENTRIES - 1))
+        self.regs.write64(Reg.ASQ, self.admin.sq.phys)
+        self.regs.write64(Reg.ACQ, self.admin.cq.phys)
+        # NVM command set, 4 KiB pages, round robin, 64-byte and 16-byte entries
+        self.regs.write32(Reg.CC, SQE_SIZE_LOG2 << CC_IOSQES_SHIFT | CQE_SIZE_LOG2 << CC_IOCQES_SHIFT | Cc.EN)
+        self._until(Csts.RDY, Csts.RDY, "CSTS.RDY")
+
+    def _create_io_queues(self, count: int, entries: int, interrupts: bool) -> None:
+        """Create I/O Completion Queue, then Submission Queue (5.3, 5.4), for each pair."""
+        assert self.admin is not None
+        self.negotiate_queues(count)
+        for qid in range(1, count + 1):
+            qp = QueuePair(self, qid, entries, self.irqs[qid] if interrupts else None)
+            size = (entries - 1) << 16 | qid
+            # Without MSI-X the controller takes vector 0 only (QEMU refuses others), and polls
+            vector = qid << 16 | CQ_IEN if interrupts else 0
+            try:
+                self.admin.execute(Command(Admin.CREATE_IO_CQ, pages=[qp.cq.phys], cdw10=size, cdw11=vector | CQ_PC,
+                                           name=f"CREATE I/O CQ {qid}"))
+            except BaseException:
+                qp.free()
+                raise
+            self.queues.append(qp)          # from here on close() deletes it
+            self.admin.execute(Command(Admin.CREATE_IO_SQ, pages=[qp.sq.phys], cdw10=size, cdw11=qid << 16 | SQ_PC,
+                                       name=f"CREATE I/O SQ {qid}"))
+
+    def close(self) -> None:
+        """Delete the I/O queues, shut the controller down (7.6.2), give everything back."""
+        try:
+            if self.admin is not None and not self.admin.broken:
+                for qp in self.queues:
+                    try:
+                        self.admin.execute(Command(Admin.DELETE_IO_SQ, cdw10=qp.qid, name=f"DELETE I/O SQ {qp.qid}"))
+                        self.admin.execute(Command(Admin.DELETE_IO_CQ, cdw10=qp.qid, name=f"DELETE I/O CQ {qp.qid}"))
+                    except NvmeError as exc:
+                        log.warning("closing queue %d: %s", qp.qid, exc)
+                cc = self.regs.read32(Reg.CC)
+                self.regs.write32(Reg.CC, cc | Cc.SHN_NORMAL)
+                self._until(Csts.SHST_MASK, Csts.SHST_COMPLETE, "shutdown to complete")
+            if self.admin is not None:
+                self._disable()
+        finally:
+            for qp in self.queues + ([self.admin] if self.admin else []):
+                qp.free()
+            self.queues, self.admin = [], None
+            for irq in self.irqs:
+                irq.close()
+            self.dev.close()
