@@ -607,7 +607,7 @@ class NbdServer:
         if cmd not in COMMANDS:
             return request.fail(Errno.EINVAL, f"unknown command {cmd}")
         cmd = request.cmd = Cmd(cmd)
-        if flags & ~VALID_FLAGS.get(cmd, CmdFlag.FUA):
+        if flags & ~int(VALID_FLAGS.get(cmd, CmdFlag.FUA)):
             return request.fail(Errno.EINVAL, f"flags {flags:#x} on {cmd.name}")
         if cmd in WRITING and self.read_only:
             return request.fail(Errno.EPERM, "a read-only export")

@@ -1,11 +1,13 @@
-"""The block protocol (harness/services/block.py) without QEMU: a file served by BlockServer children
-on one listener that the test keeps, as the supervisor will, and clients that outlive them.
+"""The block protocol, NBD (harness/services/nbd.py), without QEMU: a file served by NbdServer
+children on one listener that the test keeps, as the supervisor will, and clients that outlive them.
 
 What is checked: bytes round trip exactly; requests that are out of range or malformed are
-refused with typed errors and change nothing; a connection that sends garbage, or half a
-request, disturbs no one else; a turn's writes are flushed before any of them is
-acknowledged; every write acknowledged survives the server being SIGKILLed at random
-moments; pyfatfs works through a client, and fsck.fat and mtools agree with what it wrote.
+refused with the protocol's error codes and change nothing; a connection that sends garbage,
+or half a request, disturbs no one else; a turn's FUA writes are flushed before any of them is
+acknowledged, and plain writes are not flushed; every write acknowledged survives the server
+being SIGKILLed at random moments; pyfatfs works through a client, and fsck.fat and mtools
+agree with what it wrote; third-party clients (nbdinfo, qemu-img, qemu-io, nbdcopy) see the
+export as advertised and move bytes exactly.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from typing import Callable, Iterator
 
 import pytest
 
-from harness.services.block import (INFO, MAX_REQUEST_BYTES, REPLY, REPLY_MAGIC, REQUEST, REQUEST_MAGIC, BlockClient,
-                           BlockError, BlockServer, BlockTimeout, BlockUnreachable, Op, Status)
+from harness.access import Deadline
+from harness.services.nbd import (CLIENT_FLAGS, EXPORT_NAME_REPLY, GREETING, IHAVEOPT, MAX_PAYLOAD, OPTION,
+                                  REQUEST, REQUEST_MAGIC, SIMPLE_REPLY, SIMPLE_REPLY_MAGIC, ClientFlag, Cmd, CmdFlag,
+                                  Errno, NbdClient, NbdError, NbdServer, NbdTimeout, NbdUnreachable, Opt)
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTOR = 512
-MAX_COUNT = MAX_REQUEST_BYTES // SECTOR
+MAX_COUNT = MAX_PAYLOAD // SECTOR
 GUARD = 120.0           # the longest any wait here may take before the test calls it a hang
 
 
@@ -62,16 +66,16 @@ class FileDevice:
 # test process that started it is gone (so that nothing outlives an interrupted run).
 SERVER = """
 import os, socket, sys
-from harness.services.block import BlockServer
-from tests.unit.test_block import FileDevice
+from harness.services.nbd import NbdServer
+from tests.unit.test_nbd import FileDevice
 listener = socket.socket(fileno=int(sys.argv[1]))
 parent = int(sys.argv[3])
-BlockServer(FileDevice(sys.argv[2]), listener).serve(until=lambda: os.getppid() != parent)
+NbdServer(FileDevice(sys.argv[2]), listener).serve(until=lambda: os.getppid() != parent)
 """
 
 
 class Served:
-    """An image served by one BlockServer child at a time, all on one listener the test keeps:
+    """An image served by one NbdServer child at a time, all on one listener the test keeps:
     ``kill()`` SIGKILLs the child, ``start()`` starts the next; clients' connections wait in
     the listener's backlog meanwhile."""
 
@@ -152,7 +156,7 @@ def test_reads_and_writes_round_trip_byte_exact(serve, tmp_path: Path, rng: rand
     image = random_image(tmp_path / "disk.img", 8 << 20, rng)
     served = serve(image, abstract)
     sectors = image.stat().st_size // SECTOR
-    with BlockClient(served.address) as client:
+    with NbdClient(served.address) as client:
         assert (client.size, client.sector_size) == (image.stat().st_size, SECTOR)
         raw = image.read_bytes()
         for lba, count in [(0, 1), (sectors - 1, 1), (rng.randrange(sectors - 3000), 3000)]:   # 3000: two requests
@@ -183,51 +187,56 @@ def raw_at(image: Path, lba: int, size: int) -> bytes:
 # ---- refusals ----
 
 
-def test_out_of_range_and_zero_counts_raise_typed_errors_and_change_nothing(serve, tmp_path: Path,
-                                                                            rng: random.Random) -> None:
+def test_out_of_range_and_zero_lengths_raise_typed_errors_and_change_nothing(serve, tmp_path: Path,
+                                                                             rng: random.Random) -> None:
     image = random_image(tmp_path / "disk.img", 1 << 20, rng)
     before = image.read_bytes()
     served = serve(image)
     sectors = image.stat().st_size // SECTOR
-    with BlockClient(served.address) as client:
-        refused: list[tuple[Callable[[], object], Op, int, int, Status]] = [
-            (lambda: client.read(sectors - 1, 2), Op.READ, sectors - 1, 2, Status.OUT_OF_RANGE),
-            (lambda: client.write(sectors, bytes(SECTOR)), Op.WRITE, sectors, 1, Status.OUT_OF_RANGE),
-            (lambda: client.write(sectors - 1, bytes(2 * SECTOR)), Op.WRITE, sectors - 1, 2, Status.OUT_OF_RANGE),
-            (lambda: client.write(2**63, bytes(SECTOR)), Op.WRITE, 2**63, 1, Status.OUT_OF_RANGE),
-            (lambda: client.read(0, 0), Op.READ, 0, 0, Status.BAD_COUNT),
+    with NbdClient(served.address) as client:
+        # the spec: ENOSPC for a write past the end, EINVAL for a read past it or of nothing
+        refused: list[tuple[Callable[[], object], Cmd, int, int, Errno]] = [
+            (lambda: client.read(sectors - 1, 2), Cmd.READ, sectors - 1, 2, Errno.EINVAL),
+            (lambda: client.write(sectors, bytes(SECTOR)), Cmd.WRITE, sectors, 1, Errno.ENOSPC),
+            (lambda: client.write(sectors - 1, bytes(2 * SECTOR)), Cmd.WRITE, sectors - 1, 2, Errno.ENOSPC),
+            (lambda: client.write(2**54, bytes(SECTOR)), Cmd.WRITE, 2**54, 1, Errno.ENOSPC),
+            (lambda: client.read(0, 0), Cmd.READ, 0, 0, Errno.EINVAL),
         ]
-        for call, op, lba, count, status in refused:
-            with pytest.raises(BlockError) as error:
+        for call, cmd, lba, count, code in refused:
+            with pytest.raises(NbdError) as error:
                 call()
-            assert (error.value.op, error.value.lba, error.value.count, error.value.status) == (op, lba, count, status)
-            assert f"{op.name} lba {lba} count {count}" in str(error.value)
+            offset, length = lba * SECTOR, count * SECTOR
+            assert (error.value.cmd, error.value.offset, error.value.length, error.value.error) == \
+                (cmd, offset, length, code)
+            assert f"{cmd.name} offset {offset} length {length}: {code.name}" in str(error.value)
         with pytest.raises(ValueError):
             client.write(0, bytes(SECTOR - 1))                  # not whole sectors: never sent
         # a batch stops at its first refusal; what was acknowledged before it stays
         first = rng.randbytes(SECTOR)
-        with pytest.raises(BlockError) as error:
+        with pytest.raises(NbdError) as error:
             client.write_many([(0, first), (sectors, bytes(SECTOR)), (1, bytes(SECTOR))], window=1)
-        assert error.value.lba == sectors
+        assert error.value.offset == sectors * SECTOR
     after = image.read_bytes()
     assert after[:SECTOR] == first, "acknowledged before the refusal"
     assert after[SECTOR:] == before[SECTOR:], "nothing else changed"
 
 
-def request(op: int, id_: int, lba: int = 0, count: int = 0, data: bytes = b"", magic: int = REQUEST_MAGIC) -> bytes:
-    return REQUEST.pack(magic, op, id_, lba, count) + data
+def request(cmd: int, handle: int, offset: int = 0, length: int = 0, data: bytes = b"", flags: int = 0,
+            magic: int = REQUEST_MAGIC) -> bytes:
+    return REQUEST.pack(magic, flags, cmd, handle, offset, length) + data
 
 
-def read_reply(sock: socket.socket) -> tuple[int, int, bytes] | None:
-    """(status, id, payload), or None at EOF."""
-    header = recv_exactly(sock, REPLY.size)
+def read_reply(sock: socket.socket, payload: int = 0) -> tuple[int, int, bytes] | None:
+    """(error, handle, data): a simple reply, with ``payload`` bytes of data if it is a
+    successful READ's; None at EOF."""
+    header = recv_exactly(sock, SIMPLE_REPLY.size)
     if header is None:
         return None
-    magic, status, id_, length = REPLY.unpack(header)
-    assert magic == REPLY_MAGIC
-    payload = recv_exactly(sock, length)
-    assert payload is not None
-    return status, id_, payload
+    magic, error, handle = SIMPLE_REPLY.unpack(header)
+    assert magic == SIMPLE_REPLY_MAGIC
+    data = recv_exactly(sock, payload) if payload and not error else b""
+    assert data is not None
+    return error, handle, data
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes | None:
@@ -248,41 +257,91 @@ def raw_connection(address: str) -> socket.socket:
     return sock
 
 
-def test_malformed_requests_get_an_error_reply_and_change_nothing(serve, tmp_path: Path, rng: random.Random) -> None:
+def negotiated(address: str) -> socket.socket:
+    """A raw connection in the transmission phase (fixed newstyle, NO_ZEROES, NBD_OPT_EXPORT_NAME "")."""
+    sock = raw_connection(address)
+    greeting = recv_exactly(sock, GREETING.size)
+    assert greeting is not None
+    sock.sendall(CLIENT_FLAGS.pack(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
+                 + OPTION.pack(IHAVEOPT, Opt.EXPORT_NAME, 0))
+    assert recv_exactly(sock, EXPORT_NAME_REPLY.size) is not None
+    return sock
+
+
+def test_malformed_requests_get_the_protocols_errors_and_change_nothing(tmp_path: Path, socket_dir: Path,
+                                                                        rng: random.Random) -> None:
     image = random_image(tmp_path / "disk.img", 1 << 20, rng)
     before = digest(image)
-    served = serve(image)
     sectors = image.stat().st_size // SECTOR
-    # headers that leave the framing in doubt: a reply, then the connection is closed
-    for frame, status in [
-            (request(Op.WRITE, 7, 0, 1, rng.randbytes(SECTOR), magic=0xDEADBEEF), Status.BAD_MAGIC),
-            (request(99, 7, 0, 1), Status.BAD_OP),
-            (request(Op.WRITE, 7, 0, MAX_COUNT + 1, rng.randbytes(SECTOR)), Status.BAD_COUNT),
-            (request(Op.READ, 7, 0, 2**32 - 1), Status.BAD_COUNT)]:
-        with raw_connection(served.address) as sock:
-            sock.sendall(frame)
-            reply = read_reply(sock)
-            assert reply is not None and reply[:2] == (status, 7), reply
-            assert read_reply(sock) is None, "closed after the reply"
-    # well-framed but impossible: a reply, and the connection goes on
-    with raw_connection(served.address) as sock:
-        for frame, status in [
-                (request(Op.WRITE, 1, 0, 0), Status.BAD_COUNT),
-                (request(Op.WRITE, 2, sectors - 1, 2, rng.randbytes(2 * SECTOR)), Status.OUT_OF_RANGE),
-                (request(Op.FLUSH, 3, 5, 0), Status.BAD_ARGUMENT),
-                (request(Op.INFO, 4, 0, 1), Status.BAD_ARGUMENT),
-                (request(Op.INFO, 5), Status.OK)]:
-            sock.sendall(frame)
-            reply = read_reply(sock)
-            assert reply is not None and reply[:2] == (status, REQUEST.unpack_from(frame)[2])
-        assert INFO.unpack(reply[2]) == (SECTOR, sectors * SECTOR, MAX_REQUEST_BYTES)
-    # a WRITE cut short, then the client leaves: nothing of it is written
-    with raw_connection(served.address) as sock:
-        sock.sendall(request(Op.WRITE, 1, 0, 8, rng.randbytes(4096))[:-100])
-    with BlockClient(served.address) as client:
-        client.flush()                                  # the server has taken everything before this
-        assert client.read(0, 8) == raw_at(image, 0, 4096)
+    with served_here(FileDevice(str(image)), socket_dir / "rw") as address:
+        # a wrong magic leaves the framing in doubt: no reply, the connection is closed
+        with negotiated(address) as sock:
+            sock.sendall(request(Cmd.WRITE, 7, 0, SECTOR, rng.randbytes(SECTOR), magic=0xDEADBEEF))
+            assert read_reply(sock) is None, "closed, without a reply"
+        # well-framed but refused: the error, and the connection goes on (each is checked by
+        # the READ after it, answered on the same connection)
+        with negotiated(address) as sock:
+            for frame, code in [
+                    (request(99, 1, 0, SECTOR), Errno.EINVAL),                                  # unknown command
+                    (request(Cmd.WRITE, 2, 0, 0), Errno.EINVAL),                                # nothing to write
+                    (request(Cmd.WRITE, 3, 100, SECTOR, rng.randbytes(SECTOR)), Errno.EINVAL),  # misaligned
+                    (request(Cmd.READ, 4, 0, SECTOR - 1), Errno.EINVAL),                        # not whole sectors
+                    (request(Cmd.READ, 5, 0, SECTOR, flags=CmdFlag.NO_HOLE), Errno.EINVAL),     # a flag READ lacks
+                    (request(Cmd.READ, 6, 0, SECTOR, flags=1 << 9), Errno.EINVAL),              # an unknown flag
+                    (request(Cmd.WRITE, 7, (sectors - 1) * SECTOR, 2 * SECTOR, rng.randbytes(2 * SECTOR)),
+                     Errno.ENOSPC),                                                             # past the end
+                    (request(Cmd.WRITE_ZEROES, 8, sectors * SECTOR, SECTOR), Errno.ENOSPC),
+                    (request(Cmd.READ, 9, sectors * SECTOR, SECTOR), Errno.EINVAL),
+                    (request(Cmd.TRIM, 10, 0, SECTOR), Errno.EINVAL),      # not advertised: a file has no trim
+                    (request(Cmd.FLUSH, 11, 5, 0), Errno.EINVAL),
+                    (request(Cmd.READ, 12, 0, 2**32 - SECTOR), Errno.EOVERFLOW),               # over the maximum
+                    (request(Cmd.WRITE, 13, 0, MAX_PAYLOAD + SECTOR, rng.randbytes(MAX_PAYLOAD + SECTOR)),
+                     Errno.EOVERFLOW)]:                                                 # its payload dropped
+                handle = REQUEST.unpack_from(frame)[3]
+                sock.sendall(frame + request(Cmd.READ, 100 + handle, 0, SECTOR))
+                assert read_reply(sock) == (code, handle, b"")
+                assert read_reply(sock, SECTOR) == (0, 100 + handle, raw_at(image, 0, SECTOR)), "it goes on"
+        # a WRITE cut short, then the client leaves: nothing of it is written
+        with negotiated(address) as sock:
+            sock.sendall(request(Cmd.WRITE, 1, 0, 4096, rng.randbytes(4096))[:-100])
+        with NbdClient(address) as client:
+            client.flush()                                  # the server has taken everything before this
+            assert client.read(0, 8) == raw_at(image, 0, 4096)
     assert digest(image) == before
+    # a read-only export: every writing command is EPERM, reads go on
+    with served_here(FileDevice(str(image)), socket_dir / "ro", read_only=True) as address:
+        with negotiated(address) as sock:
+            for frame in [request(Cmd.WRITE, 1, 0, SECTOR, rng.randbytes(SECTOR)),
+                          request(Cmd.WRITE_ZEROES, 2, 0, SECTOR), request(Cmd.TRIM, 3, 0, SECTOR)]:
+                handle = REQUEST.unpack_from(frame)[3]
+                sock.sendall(frame + request(Cmd.READ, 100 + handle, 0, SECTOR))
+                assert read_reply(sock) == (Errno.EPERM, handle, b"")
+                assert read_reply(sock, SECTOR) == (0, 100 + handle, raw_at(image, 0, SECTOR))
+    assert digest(image) == before
+
+
+class served_here:
+    """``device`` served by an NbdServer thread of this process at ``path``, until the block ends."""
+
+    def __init__(self, device: object, path: Path, **kwargs: object) -> None:
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(8)
+        self.server = NbdServer(device, self.listener, **kwargs)  # type: ignore[arg-type]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.server.serve, args=(self.stop.is_set,))
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        return str(self.path)
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(GUARD)
+        self.listener.close()
+        os.unlink(self.path)
+        assert not self.thread.is_alive()
 
 
 def test_a_connection_spewing_garbage_or_half_a_request_disturbs_no_one_else(serve, tmp_path: Path,
@@ -292,27 +351,28 @@ def test_a_connection_spewing_garbage_or_half_a_request_disturbs_no_one_else(ser
     stop = threading.Event()
     outcomes: list[str] = []
 
-    def spew(seed: int) -> None:
+    def spew(seed: int, negotiate: bool) -> None:
         noise = random.Random(seed)
-        with raw_connection(served.address) as sock:
+        with (negotiated if negotiate else raw_connection)(served.address) as sock:
             try:
                 while not stop.is_set():
                     junk = noise.randbytes(noise.randint(1, 64 << 10))
-                    if junk[:4] == REQUEST_MAGIC.to_bytes(4, "little"):
+                    if junk[:4] == REQUEST_MAGIC.to_bytes(4, "big"):
                         junk = b"\0" + junk
                     sock.sendall(junk)
                 outcomes.append("never closed")
             except (BrokenPipeError, ConnectionResetError):
                 outcomes.append("closed")
 
-    stalled = raw_connection(served.address)            # half a request, held open throughout
-    stalled.sendall(request(Op.WRITE, 1, 0, MAX_COUNT, bytes(1000)))
-    spewers = [threading.Thread(target=spew, args=(rng.getrandbits(32),)) for _ in range(3)]
+    stalled = negotiated(served.address)                # half a request, held open throughout
+    stalled.sendall(request(Cmd.WRITE, 1, 0, MAX_PAYLOAD, bytes(1000)))
+    # garbage in the transmission phase, and (the last) in the negotiation
+    spewers = [threading.Thread(target=spew, args=(rng.getrandbits(32), n < 2)) for n in range(3)]
     for t in spewers:
         t.start()
     try:
         blocks = {8 * i: rng.randbytes(4096) for i in rng.sample(range(1, 1024), 300)}
-        with BlockClient(served.address) as client:
+        with NbdClient(served.address) as client:
             client.write_many(blocks.items(), window=16)
             for lba, data in blocks.items():
                 assert client.read(lba, 8) == data
@@ -361,9 +421,14 @@ class BatchingDevice(RecordingDevice):
             self.memory[lba * SECTOR:lba * SECTOR + len(data)] = data
 
 
+NEGOTIATION = GREETING.size + EXPORT_NAME_REPLY.size     # what the server says before any reply
+
+
+@pytest.mark.parametrize("durable", (True, False), ids=("fua-and-flush", "plain"))
 @pytest.mark.parametrize("device_type", (BatchingDevice, RecordingDevice), ids=("write_many", "write"))
-def test_a_turns_writes_are_flushed_once_before_any_is_acknowledged(socket_dir: Path, rng: random.Random,
-                                                                    device_type: type[RecordingDevice]) -> None:
+def test_a_turns_fua_writes_are_flushed_once_before_any_is_acknowledged(socket_dir: Path, rng: random.Random,
+                                                                        device_type: type[RecordingDevice],
+                                                                        durable: bool) -> None:
     address = str(socket_dir / "group")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(address)
@@ -375,17 +440,30 @@ def test_a_turns_writes_are_flushed_once_before_any_is_acknowledged(socket_dir: 
 
     device = device_type(64, waiting_reply_bytes)
     a, b, c, d = (rng.randbytes(8 * SECTOR) for _ in range(4))
+    fua = CmdFlag.FUA if durable else 0
     # All of it is in the socket before the server starts, so one turn takes it all: writes to
     # 0 and 8; a read of 0 (it must see a); a write of 0 again (after the read); FLUSH; 16.
-    client.sendall(request(Op.WRITE, 1, 0, 8, a) + request(Op.WRITE, 2, 8, 8, b) + request(Op.READ, 3, 0, 8)
-                   + request(Op.WRITE, 4, 0, 8, c) + request(Op.FLUSH, 5) + request(Op.WRITE, 6, 16, 8, d))
+    # Plain (no FUA, no FLUSH), NBD lets the writes be answered before they are durable.
+    client.sendall(CLIENT_FLAGS.pack(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
+                   + OPTION.pack(IHAVEOPT, Opt.EXPORT_NAME, 0)
+                   + request(Cmd.WRITE, 1, 0, 4096, a, fua) + request(Cmd.WRITE, 2, 4096, 4096, b, fua)
+                   + request(Cmd.READ, 3, 0, 4096) + request(Cmd.WRITE, 4, 0, 4096, c, fua)
+                   + (request(Cmd.FLUSH, 5) if durable else b"") + request(Cmd.WRITE, 6, 8192, 4096, d, fua))
+    handles = [1, 2, 3, 4, 5, 6] if durable else [1, 2, 3, 4, 6]
     replies: dict[int, tuple[int, bytes]] = {}
-    server = BlockServer(device, listener)
-    thread = threading.Thread(target=server.serve, args=(lambda: len(replies) == 6,))
+    server = NbdServer(device, listener)
+    thread = threading.Thread(target=server.serve, args=(lambda: len(replies) == len(handles),))
     thread.start()
     try:
-        while len(replies) < 6:
-            reply = read_reply(client)
+        # nothing is read until every reply is in (so the flush's peek saw only what the server
+        # had sent by then)
+        everything = NEGOTIATION + SIMPLE_REPLY.size * len(handles) + 4096
+        deadline = Deadline(GUARD)
+        while waiting_reply_bytes() < everything and not deadline.expired:
+            threading.Event().wait(0.01)
+        assert recv_exactly(client, NEGOTIATION) is not None
+        while len(replies) < len(handles):
+            reply = read_reply(client, 4096 if len(replies) == 2 else 0)
             assert reply is not None
             replies[reply[1]] = (reply[0], reply[2])
     finally:
@@ -399,8 +477,13 @@ def test_a_turns_writes_are_flushed_once_before_any_is_acknowledged(socket_dir: 
         writes = [("write_many", [0, 8]), ("read", 0), ("write_many", [0, 16])]
     else:
         writes = [("write", 0), ("write", 8), ("read", 0), ("write", 0), ("write", 16)]
-    assert device.calls == writes + [("flush", 0)], "one flush after every write, with nothing answered yet"
-    assert {id_: status for id_, (status, _) in replies.items()} == dict.fromkeys(range(1, 7), Status.OK)
+    if durable:
+        # the negotiation's bytes may have gone out before the turn (all or part), no reply's
+        assert device.calls[:-1] == writes and device.calls[-1][0] == "flush", "one flush after every write"
+        assert device.calls[-1][1] <= NEGOTIATION, "nothing answered before the flush"
+    else:
+        assert device.calls == writes, "plain writes: no flush"
+    assert {handle: error for handle, (error, _) in replies.items()} == dict.fromkeys(handles, 0)
     assert replies[3][1] == a, "the read saw the write that came before it, not the one after"
     assert bytes(device.memory[:24 * SECTOR]) == c + b + d
 
@@ -411,7 +494,7 @@ def test_the_loop_beats_while_idle(socket_dir: Path) -> None:
     listener.bind(address)
     listener.listen(8)
     beats = [0]
-    server = BlockServer(RecordingDevice(8, lambda: 0), listener, beat=lambda: beats.__setitem__(0, beats[0] + 1))
+    server = NbdServer(RecordingDevice(8, lambda: 0), listener, beat=lambda: beats.__setitem__(0, beats[0] + 1))
     thread = threading.Thread(target=server.serve, args=(lambda: beats[0] >= 5,))
     thread.start()
     thread.join(GUARD)
@@ -423,18 +506,37 @@ def test_the_loop_beats_while_idle(socket_dir: Path) -> None:
 # ---- clients that outlive their server ----
 
 
-def test_nobody_listening_raises_unreachable_and_a_silent_server_raises_timeout(socket_dir: Path) -> None:
-    with pytest.raises(BlockUnreachable):
-        BlockClient(str(socket_dir / "nobody"), reconnect_timeout=0.2)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)     # listens, never accepts
-    listener.bind(str(socket_dir / "silent"))
+class StuckDevice(RecordingDevice):
+    """A device whose reads never complete until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(8, lambda: 0)
+        self.release = threading.Event()
+
+    def read(self, lba: int, count: int) -> bytes:
+        self.release.wait(GUARD)
+        return super().read(lba, count)
+
+
+def test_nobody_serving_raises_unreachable_and_a_silent_server_raises_timeout(socket_dir: Path) -> None:
+    with pytest.raises(NbdUnreachable):
+        NbdClient(str(socket_dir / "nobody"), reconnect_timeout=0.2)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)     # listens, never accepts: no greeting
+    listener.bind(str(socket_dir / "mute"))
     listener.listen(8)
     try:
-        with pytest.raises(BlockTimeout):
-            BlockClient(str(socket_dir / "silent"), timeout=0.2)
+        with pytest.raises(NbdUnreachable):
+            NbdClient(str(socket_dir / "mute"), reconnect_timeout=0.2)
     finally:
         listener.close()
-        os.unlink(socket_dir / "silent")
+        os.unlink(socket_dir / "mute")
+    device = StuckDevice()                                            # negotiates, never answers
+    with served_here(device, socket_dir / "silent") as address:
+        try:
+            with NbdClient(address, timeout=0.2) as client, pytest.raises(NbdTimeout):
+                client.read(0, 1)
+        finally:
+            device.release.set()
 
 
 BLOCKS = 3000
@@ -457,7 +559,7 @@ def test_acknowledged_writes_survive_the_server_being_killed_at_random_moments(s
 
     def writer() -> None:
         try:
-            with BlockClient(served.address) as client:
+            with NbdClient(served.address) as client:
                 in_flight: deque[tuple[int, int]] = deque()
 
                 def settle() -> None:
@@ -533,7 +635,7 @@ def test_pyfatfs_through_a_client_across_a_server_restart_is_clean_for_fsck_and_
     served = serve(image)
     written = {"/NEW.BIN": rng.randbytes(200_000), "/OUT/NOTE.TXT": b"through the block protocol\n",
                "/keep/Long file name.data": rng.randbytes(5000)}
-    with BlockClient(served.address) as client:
+    with NbdClient(served.address) as client:
         fat = DriverFatFS(client)
         try:
             fat.writebytes("/NEW.BIN", written["/NEW.BIN"])
