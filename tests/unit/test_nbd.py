@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -656,3 +657,90 @@ def test_pyfatfs_through_a_client_across_a_server_restart_is_clean_for_fsck_and_
         assert mtools_read(image, path) == data, path
     assert {"/NEW.BIN", "/OUT/", "/OUT/NOTE.TXT", "/keep/Long file name.data", "/OLD.TXT"} <= mtools_listing(image)
 
+
+
+# ---- third-party clients: libnbd's nbdinfo and nbdcopy, QEMU's qemu-img and qemu-io ----
+
+
+TOOLS = ("nbdinfo", "nbdcopy", "qemu-img", "qemu-io")
+
+
+class TrimmingDevice(FileDevice):
+    """A file that can be trimmed (punching holes), so the server advertises TRIM."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.trimmed: list[tuple[int, int]] = []
+
+    def trim(self, lba: int, count: int) -> None:
+        self.trimmed.append((lba, count))
+        os.pwrite(self.fd, bytes(count * SECTOR), lba * SECTOR)     # what a deallocated range reads as here
+
+
+def run_tool(*argv: str) -> str:
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"{missing} not installed: run `make deps` (libnbd-bin, qemu-utils)", pytrace=False)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=GUARD)
+    assert done.returncode == 0, f"{argv}: {done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def uri(address: str) -> str:
+    return f"nbd+unix:///?socket={address}"
+
+
+@pytest.mark.parametrize("read_only", (False, True), ids=("read-write", "read-only"))
+@pytest.mark.parametrize("device_type", (FileDevice, TrimmingDevice), ids=("file", "trimming"))
+def test_nbdinfo_sees_the_size_the_block_sizes_and_the_flags_as_they_are(
+        tmp_path: Path, socket_dir: Path, rng: random.Random, device_type: type[FileDevice], read_only: bool) -> None:
+    image = random_image(tmp_path / "disk.img", 3 << 20, rng)
+    with served_here(device_type(str(image)), socket_dir / "info", read_only=read_only) as address:
+        (export,) = json.loads(run_tool("nbdinfo", "--json", uri(address)))["exports"]
+        (listed,) = json.loads(run_tool("nbdinfo", "--json", "--list", uri(address)))["exports"]
+    assert export["export-size"] == listed["export-size"] == 3 << 20
+    assert (export["block_size_minimum"], export["block_size_preferred"], export["block_size_maximum"]) == \
+        (SECTOR, 4096, MAX_PAYLOAD)
+    flags = {name: export[name] for name in ("is_read_only", "can_flush", "can_fua", "can_trim", "can_zero",
+                                              "can_multi_conn", "can_df", "can_cache", "can_fast_zero")}
+    assert flags == {"is_read_only": read_only, "can_flush": True, "can_fua": not read_only,
+                     "can_trim": device_type is TrimmingDevice and not read_only, "can_zero": not read_only,
+                     "can_multi_conn": True, "can_df": False, "can_cache": False, "can_fast_zero": False}
+
+
+def test_qemu_img_and_nbdcopy_move_whole_images_byte_exact(tmp_path: Path, socket_dir: Path,
+                                                            rng: random.Random) -> None:
+    image = random_image(tmp_path / "disk.img", 16 << 20, rng)
+    source = random_image(tmp_path / "source.img", 16 << 20, rng)
+    with served_here(FileDevice(str(image)), socket_dir / "copy") as address:
+        run_tool("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(source), uri(address))
+        run_tool("qemu-img", "compare", "-f", "raw", "-F", "raw", str(source), uri(address))
+        assert digest(image) == digest(source)
+        other = random_image(tmp_path / "other.img", 16 << 20, rng)
+        run_tool("nbdcopy", str(other), uri(address))
+        assert digest(image) == digest(other)
+        run_tool("nbdcopy", uri(address), str(tmp_path / "back.img"))
+        assert digest(tmp_path / "back.img") == digest(other)
+
+
+def test_qemu_io_reads_writes_zeroes_discards_and_flushes(tmp_path: Path, socket_dir: Path,
+                                                          rng: random.Random) -> None:
+    image = random_image(tmp_path / "disk.img", 8 << 20, rng)
+    before = image.read_bytes()
+    device = TrimmingDevice(str(image))
+    with served_here(device, socket_dir / "io") as address:
+        run_tool("qemu-io", "-f", "raw",
+                 "-c", "write -P 0xab 1M 64k", "-c", "write -f -P 0xcd 3M 4k",     # -f: FUA
+                 "-c", "write -z 2M 1M", "-c", "write -z 5M 3M",                   # 3M: over the maximum
+                 "-c", "discard 4M 64k", "-c", "flush",
+                 "-c", "read -P 0xab 1M 64k", "-c", "read -P 0xcd 3M 4k", "-c", "read -P 0 2M 1M",
+                 "-c", "read -P 0 5M 3M", "-c", "read -v 0 512", uri(address))
+    after = image.read_bytes()
+    expected = bytearray(before)
+    expected[1 << 20:(1 << 20) + (64 << 10)] = b"\xab" * (64 << 10)
+    expected[3 << 20:(3 << 20) + 4096] = b"\xcd" * 4096
+    expected[2 << 20:3 << 20] = bytes(1 << 20)
+    expected[5 << 20:8 << 20] = bytes(3 << 20)
+    expected[4 << 20:(4 << 20) + (64 << 10)] = bytes(64 << 10)           # TrimmingDevice zeroes a trim
+    assert device.trimmed == [((4 << 20) // SECTOR, (64 << 10) // SECTOR)]
+    assert after == bytes(expected)
