@@ -175,6 +175,7 @@ WRITING = frozenset((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
 TURN_REQUESTS = 512
 TURN_BYTES = 8 << 20
 TICK = 0.05                             # the longest the loop waits without calling beat()
+BEAT_BYTES = 1 << 20                    # the most device work between two beats in a turn
 # A connection whose unread input or unsent replies pass this is not read until they drain,
 # so a client that never reads cannot make the server's memory grow.
 CONNECTION_BUFFER = 4 << 20
@@ -348,8 +349,7 @@ class NbdServer:
         self._selector.register(self.listener, selectors.EVENT_READ)
         try:
             while not until():
-                if self.beat is not None:
-                    self.beat()
+                self._beat()
                 self._turn()
         finally:
             for connection in list(self.connections):
@@ -665,15 +665,21 @@ class NbdServer:
         return [(lba + i, self.zeroes[:min(per, sectors - i) * self.sector_size]) for i in range(0, sectors, per)]
 
     def _run_segment(self, segment: list[_Request]) -> None:
-        """Requests none of which overlaps a write among them."""
+        """Requests none of which overlaps a write among them; the loop beats between every
+        BEAT_BYTES of device work, so a long turn on a slow device is not taken for a hang."""
         if not segment:
             return
-        if self.beat is not None:           # a long turn still beats, between its segments
-            self.beat()
         writes = [r for r in segment if r.cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES)]
         if writes and self.write_many is not None:
+            pieces = [piece for r in writes for piece in self._pieces(r)]
             try:
-                self.write_many([piece for r in writes for piece in self._pieces(r)])
+                while pieces:
+                    group, size = [], 0
+                    while pieces and (not group or size + len(pieces[0][1]) <= BEAT_BYTES):
+                        group.append(pieces.pop(0))
+                        size += len(group[-1][1])
+                    self._beat()
+                    self.write_many(group)
                 writes = []
             except self.request_errors as exc:      # which failed? each alone again (a rewrite is harmless)
                 log.info("a batch of %d writes failed (%s); writing each alone", len(writes), exc)
@@ -681,15 +687,22 @@ class NbdServer:
             try:
                 if request in writes:
                     for lba, data in self._pieces(request):
+                        self._beat()
                         self.device.write(lba, data)
                 elif request.cmd == Cmd.TRIM:
                     assert self.trim is not None
+                    self._beat()
                     self.trim(request.offset // self.sector_size, request.length // self.sector_size)
                 elif request.cmd == Cmd.READ:
+                    self._beat()
                     request.reply = self.device.read(request.offset // self.sector_size,
                                                      request.length // self.sector_size)
             except self.request_errors as exc:
                 request.fail(Errno.EIO, str(exc))
+
+    def _beat(self) -> None:
+        if self.beat is not None:
+            self.beat()
 
 
 # ---- the client ----
