@@ -21,7 +21,7 @@ import pytest
 
 from harness.machine.spec import MachineSpec
 from harness.services.disk import DiskService
-from harness.services.nbd import REQUEST, Cmd, Errno
+from harness.services.nbd import REQUEST, Cmd, Errno, NbdClient, NbdError
 from tests.test_ahci import attach
 from tests.test_nvme import namespaces, raw
 from tests.unit.test_nbd import negotiated, read_reply, request, run_tool
@@ -119,3 +119,26 @@ def test_qemu_io_writes_through_driver_kills_without_an_error_and_every_byte_lan
                 assert read_reply(sock, 512) == (0, 100 + handle, bytes(expected[:512]))
     pm.close()                                          # QEMU is gone; only the file is left
     assert image.read_bytes() == bytes(expected), "every byte qemu-io wrote, and nothing else"
+
+
+def test_a_read_only_nvme_export_over_tcp_reads_whole_and_refuses_writes(
+        proxy_machine_factory, tmp_path: Path, rng: random.Random) -> None:
+    image = tmp_path / "disk.img"
+    original = rng.randbytes(8 << 20)
+    image.write_bytes(original)
+    pm = proxy_machine_factory(machine_with("nvme", image), name="nbd-ro")
+    with DiskService(pm, "nvme", nbd="tcp:127.0.0.1:0", read_only=True) as service:
+        host, port = service.address
+        assert service.uri == f"nbd://127.0.0.1:{port}/"
+        assert next(service.starts(timeout=120)).endswith(f"serving nvme disk (read-only) at {service.uri}")
+        (export,) = json.loads(run_tool("nbdinfo", "--json", service.uri))["exports"]
+        assert (export["is_read_only"], export["can_trim"], export["can_zero"]) == (True, False, False)
+        run_tool("nbdcopy", service.uri, str(tmp_path / "copy.img"))
+        assert (tmp_path / "copy.img").read_bytes() == original
+        with NbdClient((host, port)) as client:
+            assert client.read(8, 8) == original[4096:8192]
+            with pytest.raises(NbdError) as refused:
+                client.write(8, bytes(4096))
+            assert refused.value.error == Errno.EPERM
+    pm.close()
+    assert image.read_bytes() == original

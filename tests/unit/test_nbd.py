@@ -744,3 +744,17 @@ def test_qemu_io_reads_writes_zeroes_discards_and_flushes(tmp_path: Path, socket
     expected[4 << 20:(4 << 20) + (64 << 10)] = bytes(64 << 10)           # TrimmingDevice zeroes a trim
     assert device.trimmed == [((4 << 20) // SECTOR, (64 << 10) // SECTOR)]
     assert after == bytes(expected)
+
+
+def test_listen_takes_unix_and_tcp_specs_and_names_their_uris(socket_dir: Path) -> None:
+    from harness.services.disk import listen
+    listener, address, unix_uri = listen(f"unix:{socket_dir / 'l.sock'}")
+    with listener:
+        assert (address, unix_uri) == (str(socket_dir / "l.sock"), f"nbd+unix:///?socket={socket_dir / 'l.sock'}")
+    os.unlink(socket_dir / "l.sock")
+    listener, address, tcp_uri = listen("tcp:127.0.0.1:0")
+    with listener:
+        assert address == ("127.0.0.1", listener.getsockname()[1]) and tcp_uri == f"nbd://127.0.0.1:{address[1]}/"
+    for bad in ("unix:", "tcp:127.0.0.1", "tcp:host:port", "nbd:x"):
+        with pytest.raises(ValueError):
+            listen(bad)
