@@ -4,7 +4,7 @@
 PYTHON ?= python3
 ACCEL ?= auto
 PYTEST_ARGS ?=
-APT_PACKAGES := qemu-system-x86 gcc binutils make mtools dosfstools libc6-dev
+APT_PACKAGES := qemu-system-x86 gcc binutils make mtools dosfstools libc6-dev qemu-utils libnbd-bin
 STAMP := .deps.stamp
 # apt's progress goes here, not to the terminal; if it fails, its tail is shown
 APT_LOG := .deps-apt.log

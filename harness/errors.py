@@ -23,8 +23,8 @@ Every error the harness raises derives from :class:`HarnessError`::
     ├── AttachRefused       the machine's owner will not lend a driver slot or a device:
     │                       every slot is taken, another process holds the device
     ├── SupervisorError     a supervised driver did not start or serve in time (harness.processes)
-    ├── BlockError ...      the block protocol's errors (harness.services.block): an error reply,
-    │                       no server to reconnect to, a silent server, nonsense replies
+    ├── NbdError ...        the block protocol's errors (NBD, harness.services.nbd): an error reply,
+    │                       a refused export, no server to reconnect to, a silent server, nonsense replies
     ├── AbiError            the guest ELF is missing or speaks another ABI version
     ├── ProxyUnresponsive   the proxy did not complete a request in time
     ├── InterruptTimeout    no interrupt arrived within the wait's timeout

@@ -1,5 +1,5 @@
-"""A real AHCI disk (QEMU's ICH9, an ide-hd) served over the block protocol by the Python
-driver (harness/services/disk.py), written by a BlockClient in another process, and the
+"""A real AHCI disk (QEMU's ICH9, an ide-hd) served over NBD by the Python
+driver (harness/services/disk.py), written by an NbdClient in another process, and the
 image file checked byte-exact once QEMU is gone."""
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ def plan(seed: int) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
 # The client process: write the plan, read it back, and say how it went on one JSON line.
 CLIENT = """
 import json, sys, time
-from harness.services.block import BlockClient
+from harness.services.nbd import NbdClient
 from tests.test_block_ahci import plan
 unique, overlapping = plan(int(sys.argv[2]))
-with BlockClient("\\0" + sys.argv[1]) as client:      # an abstract name; argv cannot carry its NUL
+with NbdClient("\\0" + sys.argv[1]) as client:      # an abstract name; argv cannot carry its NUL
     start = time.perf_counter()
     client.write_many(unique, window=32)
     seconds = time.perf_counter() - start

@@ -21,7 +21,7 @@ from harness.devices.fat import DriverFatFS
 from drivers.e1000.driver import DEVICE as E1000_DEVICE, VENDOR as E1000_VENDOR
 from harness.tools.bench import restart
 from harness.tools.bench.ahci import machine as ahci_machine
-from harness.services.block import BlockClient
+from harness.services.nbd import NbdClient
 from harness.machine import MachineSpec, resolve_accel
 from harness.services.netstream import UdpEchoStream, free_udp_port, udp_forward
 from harness.proxy import ProxyMachine
@@ -115,7 +115,7 @@ def test_files_written_through_pyfatfs_while_the_driver_is_killed_are_clean_for_
 
         def write_files() -> None:
             try:
-                with BlockClient(address) as client:
+                with NbdClient(address) as client:
                     fat = DriverFatFS(client)
                     try:
                         fat.makedir("/NEW")

@@ -10,7 +10,7 @@ __all__ = ["BlockDevice", "BlockFile"]
 
 class BlockDevice(Protocol):
     """A disk as every block-level user here takes it: an AHCI port, an NVMe namespace, a
-    BlockClient (BlockFile makes any of them a file)."""
+    NbdClient (BlockFile makes any of them a file)."""
 
     sector_size: int
     size: int

@@ -391,7 +391,7 @@ def supervised_disk(pm: ProxyMachine) -> list[str]:
     between two reads; the client's second read waits for the restarted one. Failed checks."""
     from drivers.ahci.driver import DEVICE, VENDOR
     from .bench.restart import disk_listener
-    from ..services.block import BlockClient
+    from ..services.nbd import NbdClient
     from ..processes.supervisor import Supervisor
     listener, address = disk_listener()
     with listener, Supervisor(pm) as sup:
@@ -399,7 +399,7 @@ def supervised_disk(pm: ProxyMachine) -> list[str]:
                          sockets={"listener": listener})
         driver.wait_serving(60)
         say(f"driver process {driver.pid} serves the disk from driver slot {driver.slot}")
-        with BlockClient(address) as client:
+        with NbdClient(address) as client:
             before = client.read(0, 1)
             victim = driver.pid
             os.kill(victim, signal.SIGKILL)

@@ -2,7 +2,7 @@
 write load, and what the clients lose (nothing, or the bench fails its own check).
 
 A client (a thread of this process, through the block protocol of
-:mod:`harness.services.block`) writes distinct 4 KiB blocks, each with content of its
+:mod:`harness.services.nbd`, NBD) writes distinct 4 KiB blocks, each with content of its
 own, keeping 32 writes in flight, and counts a block once its write is
 acknowledged (durable: written and flushed). Meanwhile the driver process is
 killed at random moments (SIGKILL, or SIGSTOP for a hang the heartbeat must
@@ -34,7 +34,7 @@ from typing import Any
 
 from drivers.ahci.driver import DEVICE as AHCI_DEVICE, VENDOR as AHCI_VENDOR
 
-from ...services.block import BlockClient
+from ...services.nbd import NbdClient
 from ...processes.supervisor import Supervisor
 from .ahci import machine
 from .stats import pct
@@ -73,14 +73,14 @@ class Writer(threading.Thread):
         self.error: BaseException | None = None
         self.stop = threading.Event()
         self.first_pass_done = threading.Event()
-        self.client: BlockClient | None = None
+        self.client: NbdClient | None = None
 
     def run(self) -> None:
         try:
             rng = random.Random(self.seed)
             order = list(range(self.count))
             rng.shuffle(order)
-            with BlockClient(self.address, reconnect_timeout=60.0) as client:
+            with NbdClient(self.address, reconnect_timeout=60.0) as client:
                 self.client = client
                 per = BLOCK // client.sector_size
                 start = 0
