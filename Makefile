@@ -16,6 +16,7 @@ deps: $(STAMP)
 $(STAMP): pyproject.toml
 	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v mformat >/dev/null \
 	        || ! command -v gcc >/dev/null || ! command -v objcopy >/dev/null \
+	        || ! command -v qemu-img >/dev/null || ! command -v nbdinfo >/dev/null \
 	        || [ ! -e /usr/lib/x86_64-linux-gnu/libc.a ] \
 	        || ! PATH="$$PATH:/sbin:/usr/sbin" command -v mkfs.fat >/dev/null; then \
 	    if [ "$$(id -u)" = 0 ]; then \
