@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import struct
@@ -184,12 +185,41 @@ def cmd_boot(args: argparse.Namespace) -> int:
             control = serve(pm)
             say(f"{len(pm.bus.slots)} driver slots; from another process: "
                 f"bus = harness.attach({control.address!r})")
-        say("Ctrl-C to stop.")
-        try:
-            signal.pause()
-        except KeyboardInterrupt:
-            say("stopping")
+        with CaughtSigint() as sigint:
+            say("Ctrl-C to stop.")
+            sigint.wait()
+        say("stopping")
     return 0
+
+
+class CaughtSigint:
+    """``with CaughtSigint() as sigint:`` SIGINT (Ctrl-C, ``kill -INT``) is caught, whatever
+    this process inherited, and ``sigint.wait()`` returns once one has come, before or during it.
+
+    A shell without job control starts a background job with SIGINT ignored, and Python
+    keeps an ignored SIGINT ignored: under ``make test &`` ``boot --serve`` never saw the
+    test's Ctrl-C. So the handler is set here; it does nothing itself, because the wakeup
+    fd is what ends the wait: the C handler writes the signal's number to it in whichever
+    thread the kernel picked, so none is lost (``signal.pause()`` misses a signal that comes
+    just before it, and only the main thread raises KeyboardInterrupt)."""
+
+    def __enter__(self) -> "CaughtSigint":
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._previous_fd = signal.set_wakeup_fd(self._wake_w)
+        self._previous = signal.signal(signal.SIGINT, lambda *_: None)
+        return self
+
+    def wait(self) -> None:
+        while True:
+            select.select([self._wake_r], [], [])
+            if signal.SIGINT in os.read(self._wake_r, 256):     # a byte per signal: its number
+                return
+
+    def __exit__(self, *_: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
 
 def _bcd(v: int) -> int:
