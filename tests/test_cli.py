@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.tools.cli import CheckFailed, report
+from harness.tools.cli import report
+from harness.tools.cli.common import CheckFailed
 from harness.errors import DeviceNotFound, MachineError
 from tests.fatimages import have_tools, make_image, tree
 
