@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from harness.tools.cli import CheckFailed, report
+from harness.tools.cli import report
+from harness.tools.cli.common import CheckFailed
 from harness.errors import DeviceNotFound, MachineError
 from tests.fatimages import have_tools, make_image, tree
 
@@ -192,3 +194,22 @@ def test_lowercase_names_on_fat32_listed_and_read_through_the_cli(images: Path, 
 def test_a_device_the_machine_does_not_have_is_named(proxy_machine) -> None:
     with pytest.raises(DeviceNotFound, match=r"no PCI device with vendor 0x1234, device 0x5678 \(it has: .*8086:100e"):
         proxy_machine.bus.find(vendor=0x1234, device=0x5678)
+
+
+@pytest.mark.qemu
+def test_boot_serve_stops_on_sigint_though_started_with_it_ignored(hwharness_accel: str) -> None:
+    """A shell without job control starts a background job (`make test &`) with SIGINT
+    ignored, and Python keeps it so: Ctrl-C must still stop `boot --serve`."""
+    boot = subprocess.Popen([sys.executable, "-m", "harness", "boot", "--serve", "--accel", hwharness_accel],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert boot.stdout is not None
+        assert any(line.startswith("Ctrl-C to stop.") for line in boot.stdout), boot.stderr.read()
+        boot.send_signal(signal.SIGINT)
+        assert boot.wait(60) == 0
+        assert boot.stdout.read() == "stopping\n"
+    finally:
+        if boot.poll() is None:
+            boot.kill()
+            boot.wait()

@@ -84,6 +84,11 @@ class WindowBus(Bus):
     def functions(self) -> Sequence[PciFunction]:
         return self._functions
 
+    @property
+    def window_phys(self) -> int:
+        """The guest-physical address of the window's first byte (its ivshmem BAR2)."""
+        return self._window_phys
+
     def check_domain_size(self, function: object, dma_size: int | None) -> int:
         dma_size = DOMAIN_SIZE if dma_size is None else dma_size
         limit = self.abi.PROXY_DOMAIN_MAX

@@ -98,7 +98,7 @@ def on_fastest_aio(stack: contextlib.ExitStack, name: str,
     raise AssertionError("unreachable")
 
 
-def machine(stack: contextlib.ExitStack, accel: str, image: Path, iommu: bool = True,
+def machine(stack: contextlib.ExitStack, accel: str, image: Path, iommu: bool | None = True,
             name: str = "bench-ahci") -> tuple[ProxyMachine, str]:
     """A machine with the disk on the AHCI controller's first port. The image is not
     locked: a second machine (the other IOMMU setting) reads it too."""

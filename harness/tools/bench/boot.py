@@ -107,17 +107,18 @@ def parallel(image: LinuxImage, accel: str, workdir: Path, count: int, timeout: 
             m.shutdown()
 
 
-def proxy_boots(accel: str, count: int) -> list[float]:
+def proxy_boots(accel: str, count: int, iommu: bool | None = None) -> list[float]:
     """Seconds from creating a proxy machine to its bus being ready, sorted."""
     out = []
     for _ in range(count):
         t0 = time.monotonic()
-        with ProxyMachine(proxy_spec(accel=accel), name="bench-proxy"):
+        with ProxyMachine(proxy_spec(accel=accel, iommu=iommu), name="bench-proxy"):
             out.append(time.monotonic() - t0)
     return sorted(out)
 
 
-def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_count: int = 8) -> dict[str, Any]:
+def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_count: int = 8,
+        iommu: bool | None = None) -> dict[str, Any]:
     """Boot the Linux guest ``count`` times and measure the rest; the figures as a dict for JSON."""
     image = linux()
     boots: list[dict[str, float]] = []
@@ -140,7 +141,7 @@ def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_
         boots.append(phases)
         log.info("boot %d: %.2f s", i, phases["boot"])
     parallel_s = parallel(image, accel, workdir, parallel_count)
-    proxy_s = proxy_boots(accel, count)
+    proxy_s = proxy_boots(accel, count, iommu)
     total = sorted(b["boot"] for b in boots)
     return {
         "bench": "boot",

@@ -361,7 +361,8 @@ def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int =
 ITR_SETTINGS = (0, 196, 488, 1953)      # in 256 ns units: off, ~50 us, ~125 us, ~500 us
 
 
-def itr_sweep(accel: str, frames: int = 3000, triggers: int = 200, quick: bool = False) -> dict[str, object]:
+def itr_sweep(accel: str, frames: int = 3000, triggers: int = 200, quick: bool = False,
+              iommu: bool | None = None) -> dict[str, object]:
     """For each ITR setting: interrupt latency of back-to-back device interrupts (ICS writes),
     and interrupt-driven receive throughput with the interrupts it took.
 
@@ -371,7 +372,7 @@ def itr_sweep(accel: str, frames: int = 3000, triggers: int = 200, quick: bool =
     if quick:
         frames, triggers = 300, 20
     host, qemu_port, netdev = wire()
-    spec = proxy_spec(accel=accel)
+    spec = proxy_spec(accel=accel, iommu=iommu)
     spec.netdev("socket", "net0", **netdev)
     spec.device("e1000", netdev="net0", mac="52:54:00:be:ec:02")
     out: dict[str, object] = {}

@@ -175,8 +175,9 @@ def plot(samples: Samples, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def run(accel: str, mode: str, count: int, plot_path: str | None = None, progress: bool = True) -> tuple[dict, Samples]:
-    spec = proxy_spec(accel=accel)
+def run(accel: str, mode: str, count: int, plot_path: str | None = None, progress: bool = True,
+        iommu: bool | None = None) -> tuple[dict, Samples]:
+    spec = proxy_spec(accel=accel, iommu=iommu)
     spec.device("e1000", mitigation=False)
     with ProxyMachine(spec, name="latency") as pm:
         samples = measure(pm, count, mode, progress=progress)

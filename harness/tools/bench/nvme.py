@@ -100,10 +100,11 @@ class NativeNvmeLoop:
                                    acked=fields["acked"])
 
 
-def machine(stack: contextlib.ExitStack, accel: str, image: Path) -> tuple[ProxyMachine, str]:
+def machine(stack: contextlib.ExitStack, accel: str, image: Path, iommu: bool | None = None
+            ) -> tuple[ProxyMachine, str]:
     """A machine whose NVMe namespace is on the fastest disk backend QEMU has (see bench ahci)."""
     return on_fastest_aio(stack, "bench-nvme",
-                          lambda aio: proxy_spec(accel=accel).nvme([{"file": str(image), "format": "raw", "aio": aio}]))
+                          lambda aio: proxy_spec(accel=accel, iommu=iommu).nvme([{"file": str(image), "format": "raw", "aio": aio}]))
 
 
 def counted(pm: ProxyMachine, key: str) -> int:
@@ -235,14 +236,15 @@ class NvmeBench:
                                          blocks, depth, queues, opcode)
 
 
-def run(accel: str, count: int = 2000, rounds: int = 9, quick: bool = False) -> dict[str, object]:
+def run(accel: str, count: int = 2000, rounds: int = 9, quick: bool = False,
+        iommu: bool | None = None) -> dict[str, object]:
     """Python and native take turns, workload by workload, as ``paired.run_rounds`` does."""
     if quick:
         count, rounds = QUICK["count"], QUICK["rounds"]
     with tempfile.TemporaryDirectory(prefix="hwharness-bench-") as tmp, contextlib.ExitStack() as stack:
         image = Path(tmp) / "disk.img"
         _disk_image(image)
-        pm, aio = machine(stack, accel, image)
+        pm, aio = machine(stack, accel, image, iommu)
         accel = pm.machine.accel
         if accel == "kvm" and not quick:     # the guest is emulated here: keep the run short
             count = min(count, 500)

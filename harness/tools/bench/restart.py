@@ -101,7 +101,7 @@ class Writer(threading.Thread):
 
 
 def run(accel: str, quick: bool = False, kills: int | None = None, blocks: int | None = None,
-        hang: bool = False, seed: int | None = None) -> dict[str, object]:
+        hang: bool = False, seed: int | None = None, iommu: bool | None = None) -> dict[str, object]:
     seed = random.randrange(2**32) if seed is None else seed
     rng = random.Random(seed)
     with contextlib.ExitStack() as stack:
@@ -112,7 +112,7 @@ def run(accel: str, quick: bool = False, kills: int | None = None, blocks: int |
         listener, address = disk_listener()
         stack.callback(listener.close)
         with contextlib.ExitStack() as running:
-            pm, aio = machine(running, accel, image, name="bench-restart")
+            pm, aio = machine(running, accel, image, iommu, name="bench-restart")
             slow = pm.machine.accel != "tcg"
             kills = kills or (3 if quick else 20) // (10 if slow and not quick else 1) or 2
             blocks = blocks or (2000 if quick else 20000) // (10 if slow else 1)

@@ -112,11 +112,12 @@ def process_boundary(pm: ProxyMachine, count: int, rounds: int) -> dict[str, flo
             "attached_over_owner_pio_spread": max(ratios) / min(ratios)}
 
 
-def run(accel: str, count: int = 20000, idle_seconds: float = 10.0, quick: bool = False) -> dict[str, object]:
+def run(accel: str, count: int = 20000, idle_seconds: float = 10.0, quick: bool = False,
+        iommu: bool | None = None) -> dict[str, object]:
     if quick:
         count, idle_seconds = 2000, 1.0
     results: dict[str, float] = {}
-    spec = proxy_spec(accel=accel)
+    spec = proxy_spec(accel=accel, iommu=iommu)
     add_devices(spec)
     with ProxyMachine(spec, name="bench-proxy") as pm:
         accel = pm.machine.accel

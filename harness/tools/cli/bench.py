@@ -1,0 +1,34 @@
+"""``hwharness bench NAME``: run one of the benchmarks (harness/tools/bench) and write its JSON."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ...errors import BadInput
+from ..bench import ahci, boot, e1000, nvme, restart, roundtrip
+from .common import iommu_of, print_json
+
+BENCHES = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep, "ahci": ahci.run,
+           "nvme": nvme.run, "restart": restart.run}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.name == "boot":
+        return cmd_bench_boot(args)
+    extra: dict[str, Any] = {"peer": args.peer} if args.peer else {}
+    if args.hang:
+        if args.name != "restart":
+            raise BadInput(f"--hang is for bench restart, not {args.name}")
+        extra["hang"] = True
+    if args.peer and args.name not in ("ahci", "e1000"):
+        raise BadInput(f"--peer {args.peer} is for bench ahci and bench e1000, not {args.name}")
+    result = BENCHES[args.name](args.accel, quick=args.quick, iommu=iommu_of(args), **extra)
+    print_json(result, args.json, left_out="per_round")
+    return 0
+
+
+def cmd_bench_boot(args: argparse.Namespace) -> int:
+    result = boot.run(args.accel, count=args.count or 10, iommu=iommu_of(args))
+    print_json(result, args.json, left_out="boots_s")
+    return 0

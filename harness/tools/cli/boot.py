@@ -1,0 +1,107 @@
+"""``hwharness boot`` and ``hwharness run``: a kernel on the terminal's serial console, one
+command at its shell, or the proxy guest serving its driver slots until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import select
+import signal
+import sys
+from pathlib import Path
+
+from ...errors import BadInput
+from ...machine import Machine, MachineSpec, random_mac
+from ...machine.linux import linux
+from ...processes import serve
+from ...proxy import ProxyMachine, proxy_spec
+from .common import device_table, iommu_of, readable_file, say
+
+
+def console_machine(args: argparse.Namespace, name: str) -> tuple[Machine, str]:
+    """A machine for ``boot``/``run``: ``--kernel``/``--initrd``/``--append``, or the Linux guest
+    ``make images`` built; with the regex its shell prompt matches."""
+    if args.kernel:
+        readable_file(args.kernel, "--kernel")
+        if args.initrd:
+            readable_file(args.initrd, "--initrd")
+        spec = MachineSpec(kernel=Path(args.kernel), initrd=Path(args.initrd) if args.initrd else None,
+                           append=args.append or "console=ttyS0", memory_mb=args.memory, accel=args.accel)
+        return Machine(spec, name=name), args.prompt
+    image = linux()
+    spec = image.spec(accel=args.accel, memory_mb=args.memory, append=args.append or "")
+    return Machine(spec, name=name), re.escape(image.prompt)
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    machine, _ = console_machine(args, "boot")
+    with machine as m:
+        say(f"serial console of {m.spec.kernel} under {m.accel}; Ctrl-] leaves (files in {m.workdir})")
+        m.console.interact()
+    say("")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    words = args.guest_command[1:] if args.guest_command[:1] == ["--"] else args.guest_command
+    command = " ".join(words)
+    if not command:
+        raise BadInput("nothing to run: hwharness run [--kernel K ...] -- COMMAND")
+    machine, prompt = console_machine(args, "run")
+    with machine as m:
+        m.console.expect([prompt], args.timeout)
+        output, status = m.console.run(command, timeout=args.timeout)
+    sys.stdout.write(output + ("\n" if output else ""))
+    return status
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    if not (args.proxy or args.serve):
+        return cmd_console(args)
+    spec = proxy_spec(accel=args.accel, iommu=iommu_of(args))
+    spec.netdev("user", "net0", restrict=True)
+    spec.device("e1000", netdev="net0", mac=random_mac())
+    with ProxyMachine(spec, name="boot", keep_artifacts=True) as pm:
+        say(f"proxy guest up under {pm.machine.accel}; QMP on the abstract socket "
+            f"@{pm.machine.endpoints.qmp.lstrip(chr(0))}; files in {pm.machine.workdir}")
+        device_table(pm)
+        if args.serve:
+            control = serve(pm)
+            say(f"{len(pm.bus.slots)} driver slots; from another process: "
+                f"bus = harness.attach({control.address!r})")
+        with CaughtSigint() as sigint:
+            say("Ctrl-C to stop.")
+            sigint.wait()
+        say("stopping")
+    return 0
+
+
+class CaughtSigint:
+    """``with CaughtSigint() as sigint:`` SIGINT (Ctrl-C, ``kill -INT``) is caught, whatever
+    this process inherited, and ``sigint.wait()`` returns once one has come, before or during it.
+
+    A shell without job control starts a background job with SIGINT ignored, and Python
+    keeps an ignored SIGINT ignored: under ``make test &`` ``boot --serve`` never saw the
+    test's Ctrl-C. So the handler is set here; it does nothing itself, because the wakeup
+    fd is what ends the wait: the C handler writes the signal's number to it in whichever
+    thread the kernel picked, so none is lost (``signal.pause()`` misses a signal that comes
+    just before it, and only the main thread raises KeyboardInterrupt)."""
+
+    def __enter__(self) -> "CaughtSigint":
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._previous_fd = signal.set_wakeup_fd(self._wake_w)
+        self._previous = signal.signal(signal.SIGINT, lambda *_: None)
+        return self
+
+    def wait(self) -> None:
+        while True:
+            select.select([self._wake_r], [], [])
+            if signal.SIGINT in os.read(self._wake_r, 256):     # a byte per signal: its number
+                return
+
+    def __exit__(self, *_: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._wake_r)
+        os.close(self._wake_w)

@@ -1,0 +1,79 @@
+"""What several commands use: printing for a person, the checks of input files, JSON output.
+
+Light on purpose: ``hwharness --help`` imports it, and nothing that boots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ...errors import BadInput, HarnessError
+
+if TYPE_CHECKING:
+    import argparse
+
+    from ...proxy import ProxyMachine
+
+log = logging.getLogger("hwharness")
+
+
+def say(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+class CheckFailed(HarnessError):
+    """A command's own check failed (the bytes received differ from those sent, say): exit 1."""
+
+
+def iommu_of(args: "argparse.Namespace") -> bool | None:
+    """What every proxy_spec of the command is given: False for ``--no-iommu``, else None
+    (proxy_spec's default, which HWHARNESS_IOMMU=0 turns off)."""
+    return False if getattr(args, "no_iommu", False) else None
+
+
+def readable_file(path: str, what: str) -> Path:
+    """``path`` if it names a regular file this process can read; BadInput naming it otherwise."""
+    file = Path(path)
+    if not file.exists():
+        raise BadInput(f"{what} {path}: no such file")
+    if file.is_dir():
+        raise BadInput(f"{what} {path}: is a directory, not a file")
+    try:
+        with open(file, "rb"):
+            pass
+    except OSError as exc:
+        raise BadInput(f"{what} {path}: cannot be read ({exc.strerror})") from exc
+    return file
+
+
+def disk_image(path: str) -> Path:
+    """A readable, non-empty image file (QEMU would attach an empty one as a disk of no sectors)."""
+    image = readable_file(path, "image")
+    if image.stat().st_size == 0:
+        raise BadInput(f"image {path}: is empty (0 bytes); a disk image holds at least one 512-byte sector")
+    return image
+
+
+def device_table(pm: "ProxyMachine") -> None:
+    say(f"{'BDF':8} {'ID':10} {'class':7} BARs")
+    for f in pm.bus.functions:
+        bars = ", ".join(f"{b.index}:{'io' if b.is_io else 'mem'} {b.base:#x}+{b.size:#x}" for b in f.bars)
+        say(f"{f.bdf:8} {f.vendor:04x}:{f.device:04x}  {f.class_code:02x}{f.subclass:02x}{f.prog_if:02x}  {bars}")
+
+
+def write_json(result: dict, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        log.info("wrote %s", path)
+
+
+def print_json(result: dict, path: str | None, left_out: str) -> None:
+    """A bench's result on stdout without its bulky ``left_out`` list, and whole at ``path``."""
+    say(json.dumps({k: v for k, v in result.items() if k != left_out}, indent=2))
+    write_json(result, path)
