@@ -105,7 +105,14 @@ def command_line() -> argparse.ArgumentParser:
     run_p.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
     with_accel(sub.add_parser("demo", help="boot, drive the devices, print what happened"))
     bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
-    bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "nvme", "boot", "restart"))
+    bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "nvme", "boot", "restart",
+                                        "compare"))
+    bench.add_argument("rev", nargs="?", metavar="REV",
+                       help="compare: the git revision to measure the working tree against")
+    bench.add_argument("--only", default=None, metavar="NAMES",
+                       help="compare: which benches (default roundtrip,latency,ahci,nvme,e1000)")
+    bench.add_argument("--rounds", type=positive_int, default=3,
+                       help="compare: rounds, alternating which side goes first (default 3)")
     bench.add_argument("--hang", action="store_true",
                        help="restart: stop the driver (SIGSTOP, a hang) instead of killing it")
     bench.add_argument("--count", type=positive_int, help="boot: how many boots (default 10)")

@@ -6,14 +6,18 @@ import argparse
 from typing import Any
 
 from ...errors import BadInput
-from ..bench import ahci, boot, e1000, nvme, restart, roundtrip
-from .common import iommu_of, print_json
+from ..bench import ahci, boot, compare, e1000, nvme, restart, roundtrip
+from .common import iommu_of, print_json, say, write_json
 
 BENCHES = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep, "ahci": ahci.run,
            "nvme": nvme.run, "restart": restart.run}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.name == "compare":
+        return cmd_bench_compare(args)
+    if args.rev or args.only:
+        raise BadInput(f"REV and --only are for bench compare, not bench {args.name}")
     if args.name == "boot":
         return cmd_bench_boot(args)
     extra: dict[str, Any] = {"peer": args.peer} if args.peer else {}
@@ -31,4 +35,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_bench_boot(args: argparse.Namespace) -> int:
     result = boot.run(args.accel, count=args.count or 10, iommu=iommu_of(args))
     print_json(result, args.json, left_out="boots_s")
+    return 0
+
+
+def cmd_bench_compare(args: argparse.Namespace) -> int:
+    if not args.rev:
+        raise BadInput("bench compare REV: name the revision to compare the working tree with (e.g. HEAD~1)")
+    if getattr(args, "no_iommu", False):
+        raise BadInput("bench compare runs both sides as users get them: --no-iommu does not apply")
+    result = compare.run(args.rev, args.accel, args.only or compare.DEFAULT_ONLY, quick=args.quick,
+                         rounds=args.rounds, say=lambda line: say(f"  {line}"))
+    say(compare.table(result))
+    write_json(result, args.json)
     return 0
