@@ -25,7 +25,7 @@ import pytest
 import drivers.edu as edu
 from drivers.e1000.driver import DEVICE as E1000_DEVICE, VENDOR as E1000_VENDOR
 from harness.tools.bench.e1000 import wire
-from harness.errors import AttachRefused
+from harness.errors import AccessDenied, AttachRefused, BadRequest
 from harness.machine import MachineSpec
 from harness.proxy import ProxyMachine
 from harness.processes import attach, serve
@@ -102,7 +102,7 @@ def test_two_processes_attach_at_once_and_a_held_device_is_refused(rig) -> None:
             p.stdin.flush()
             assert json.loads(p.stdout.readline())["register"] in (nic["register"], card["register"])
         # the machine's owner may not take a device a driver process holds either
-        with pytest.raises(Exception, match="DENIED"):
+        with pytest.raises(AccessDenied):
             pm.bus.open(pm.bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE))
         # let the NIC go: it can be attached again, and comes back with bus mastering off
         release(nic_holder)
@@ -340,14 +340,14 @@ def test_the_proxy_checks_the_window_of_every_admin_request(rig) -> None:
                              (abi.PROXY_OP_CLOSE, 1, 5), (abi.PROXY_OP_CLOSE, 0, 0),
                              (abi.PROXY_OP_SLOT_REVOKE, 0, 0), (abi.PROXY_OP_SLOT_REVOKE, 5, 0),
                              (abi.PROXY_OP_SLOT_READY, 0, 0), (abi.PROXY_OP_SLOT_READY, 7, 0)):
-        with pytest.raises(Exception, match="BAD_REQUEST"):
+        with pytest.raises(BadRequest):
             bus._admin(op, addr, 1, f"op {op} on window {window}", window=window)
     attached = attach(serve(pm).address)
     try:
         with attached.open(edu_fn) as card:
-            with pytest.raises(Exception, match="DENIED"):
+            with pytest.raises(AccessDenied):
                 card.channel.control(abi.PROXY_OP_SLOT_REVOKE, 1, 0, "a slot's ring asks for an admin op")
-            with pytest.raises(Exception, match="DENIED"):
+            with pytest.raises(AccessDenied):
                 card.channel.control(abi.PROXY_OP_OPEN_PCI, edu_fn.devfn, 0, "and another", expect=attached.slot)
             assert card.bar(0).read32(0) == 0x010000ED
     finally:
@@ -411,7 +411,6 @@ def test_a_port_channel_takes_only_the_irqs_of_its_devices(rig) -> None:
     """The i8042's ports come with IRQs 1 and 12, and no others: a driver holding them cannot
     watch another device's interrupt (the RTC's 8, a printer's 7), from any window."""
     from harness.access import IrqMode
-    from harness.errors import AccessDenied
     pm = rig[0]
     attached = attach(serve(pm).address)
     try:
@@ -452,7 +451,7 @@ def test_a_poll_lends_its_turn_while_it_waits(rig) -> None:
     attached = attach(serve(pm).address)
     try:
         with attached.open(attached.find(vendor=edu.VENDOR, device=edu.DEVICE)) as card:
-            with pytest.raises(Exception, match="DENIED"):
+            with pytest.raises(AccessDenied):
                 card.channel.repeat_read(card.bar(0).space, card.function.bars[0].base, 4, 10)
     finally:
         attached.close()
