@@ -69,7 +69,10 @@ class Kind(enum.Enum):
         return self is Kind.POLL or self is Kind.POLL_CHANGE
 
 
-PCI_COMMAND = 0x04                                  # PCI 3.0 6.2.2: the command register
+# PCI 3.0 6.2.2: the command register and the two bits Device turns on. The contract reads no
+# guest ELF, so these three are typed here as well as in guests/proxy/abi.h; tests/unit/test_abi.py
+# checks that the two agree.
+PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x2, 0x4   # memory space decode, bus master
 
 WIDTHS = {Space.PIO: (1, 2, 4), Space.MMIO: (1, 2, 4, 8), Space.CONFIG: (1, 2, 4), Space.DMA: (1, 2, 4, 8)}

@@ -10,21 +10,17 @@
  * PROXY_MAX_CHANNELS + (s - 1) * PROXY_SLOT_CHANNELS + k. A driver process
  * sees only its slot's window, so it can reach only what its channels hold.
  */
+#define PROXY_ABI_TABLES                /* abi.h's tables are defined here */
 #include "kernel.h"
 #include "vectors.h"
 
 #define READ_ONCE(x) (*(volatile __typeof__(x) *)&(x))
 #define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *)&(x) = (v))
 
-#define PCI_CLASS_BRIDGE 0x06           /* host, ISA and PCI bridges: their registers route the machine */
 #define IVSHMEM_VENDOR 0x1af4
 #define IVSHMEM_DEVICE 0x1110
 #define IVSHMEM_DOORBELL 12
-#define PCI_CAP_ID_MSI 0x05
-#define PCI_CAP_ID_MSIX 0x11
 #define MAX_WINDOWS 8
-#define PCI_COMMAND 0x04
-#define PCI_COMMAND_MASTER 0x4
 #define RTC_INDEX 0x70
 #define RTC_NMI_DISABLE 0x80
 
@@ -33,7 +29,7 @@ struct channel {
     const struct proxy_pci_device *device;     /* NULL for an ISA channel */
     struct window mmio[MAX_WINDOWS], pio[MAX_WINDOWS];
     struct window mmio_readonly[2];             /* MSI-X table: an MSI is a DMA write */
-    struct window cfg_readonly[4];              /* BARs, ROM, MSI address and data */
+    struct window cfg_readonly[4];              /* abi.h's proxy_readonly_config: BARs, ROM, MSI address and data */
     int nmmio, npio, nmmio_readonly, ncfg_readonly;
     struct window dma;                          /* the device's DMA domain (IOVA = guest-physical) */
     u64 isa_base, isa_ports;                    /* ISA: bit n of isa_ports grants port isa_base + n */
@@ -188,21 +184,21 @@ static int is_window_device(const struct proxy_pci_device *d)
 
 static void grant_config_fields(struct channel *ch, const struct proxy_pci_device *d)
 {
-    int bridge = (d->header_type & 0x7f) == 1;
-    ch->cfg_readonly[ch->ncfg_readonly++] = (struct window){ 0x10, bridge ? 8 : 24 };
-    ch->cfg_readonly[ch->ncfg_readonly++] = (struct window){ bridge ? 0x38 : 0x30, 4 };
-    for (int i = 0; i < d->ncaps; i++) {
-        u8 cap = d->caps[i].offset;
-        if (d->caps[i].id == PCI_CAP_ID_MSI && ch->ncfg_readonly < 4)
-            ch->cfg_readonly[ch->ncfg_readonly++] = (struct window){ cap + 4u, 10 };
-        if (d->caps[i].id == PCI_CAP_ID_MSIX && ch->nmmio_readonly < 2) {
-            u32 table = pci_cfg_read(d->bus, d->dev, d->fn, cap + 4, 4);
-            u32 entries = (pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2) & 0x7ff) + 1;
-            const struct proxy_bar *b = &d->bars[table & 7];
-            ch->mmio_readonly[ch->nmmio_readonly++] =
-                (struct window){ b->base + (table & ~7u), 16ull * entries };
+    u8 header = (d->header_type & PROXY_PCI_HEADER_LAYOUT) == PROXY_PCI_HEADER_BRIDGE
+        ? PROXY_PCI_HEADER_BRIDGE : PROXY_PCI_HEADER_NORMAL;
+    for (unsigned f = 0; f < ARRAY_SIZE(proxy_readonly_config); f++) {
+        const struct proxy_config_field *field = &proxy_readonly_config[f];
+        for (int i = 0; field->cap ? i < d->ncaps : i == 0; i++) {
+            u32 base = field->cap ? d->caps[i].offset : 0;
+            if ((field->cap ? d->caps[i].id == field->cap : field->header == header)
+                && ch->ncfg_readonly < (int)ARRAY_SIZE(ch->cfg_readonly))
+                ch->cfg_readonly[ch->ncfg_readonly++] = (struct window){ base + field->offset, field->size };
         }
     }
+    u64 msix_table = pci_msix_table(d);
+    if (msix_table)
+        ch->mmio_readonly[ch->nmmio_readonly++] =
+            (struct window){ msix_table, PROXY_PCI_MSIX_ENTRY_SIZE * (u64)pci_msix_entries(d) };
 }
 
 /* Does [addr, addr + len) lie inside window p's DMA pool? Its domains are carved from it. */
@@ -235,7 +231,7 @@ static u16 open_pci(int p, u64 bdf, u64 dma_base, u64 dma_size, u64 *out)
             d = &devices[i];
     if (!d)
         return PROXY_STATUS_BAD_REQUEST;
-    if (is_window_device(d) || (p != 0 && d->class_code == PCI_CLASS_BRIDGE))
+    if (is_window_device(d) || (p != 0 && d->class_code == PROXY_PCI_CLASS_BRIDGE))
         return PROXY_STATUS_DENIED;     /* a slot's driver gets a device, not the chipset */
     for (int c = 1; c < PROXY_TOTAL_CHANNELS; c++)
         if (channels[c].open && channels[c].device == d)
@@ -447,8 +443,8 @@ static void close_channel(struct channel *ch, int c)
     const struct proxy_pci_device *d = ch->device;
     irq_disable(c, d);
     if (d) {
-        u32 cmd = pci_cfg_read(d->bus, d->dev, d->fn, PCI_COMMAND, 2);
-        pci_cfg_write(d->bus, d->dev, d->fn, PCI_COMMAND, 2, cmd & ~PCI_COMMAND_MASTER);
+        u32 cmd = pci_cfg_read(d->bus, d->dev, d->fn, PROXY_PCI_COMMAND, 2);
+        pci_cfg_write(d->bus, d->dev, d->fn, PROXY_PCI_COMMAND, 2, cmd & ~PROXY_PCI_COMMAND_MASTER);
         iommu_unmap(d->bus, (u8)(d->dev << 3 | d->fn));
     }
     ch->dma = (struct window){ 0, 0 };
