@@ -48,7 +48,7 @@ def rig(proxy_machine_factory_module, tmp_path_factory) -> Iterator[tuple[ProxyM
         spec.netdev("socket", "net0", **netdev)
         spec.device("e1000", netdev="net0", mac=MAC)
     pm = proxy_machine_factory_module(configure, name="slots")
-    assert len(pm.bus.slots) == 4, "a proxy machine has four driver slots unless asked otherwise"
+    assert len(pm.admin.slots) == 4, "a proxy machine has four driver slots unless asked otherwise"
     yield pm, host, qemu_port, tmp_path_factory.mktemp("slots")
     host.close()
 
@@ -144,7 +144,7 @@ def test_a_slot_is_lent_again_only_once_its_last_holder_has_exited(rig) -> None:
     p.stdin.flush()
     assert p.wait(30) == 0
     assert control.wait_free(slot, 10.0)
-    assert rig[0].bus.slots[slot - 1].heartbeat == 0 and rig[0].bus.slots[slot - 1].window.field("slot") == slot
+    assert rig[0].admin.slots[slot - 1].heartbeat == 0 and rig[0].admin.slots[slot - 1].window.field("slot") == slot
 
 
 def test_a_vandal_driver_reaches_nothing_outside_its_slot(rig, rng: random.Random) -> None:
@@ -167,7 +167,7 @@ def test_a_vandal_driver_reaches_nothing_outside_its_slot(rig, rng: random.Rando
                          marker=secret, out=str(keeper_report))
         keeper.wait_serving(60)
         kept = wait_for(keeper_report)
-        others = [s for s in bus.slots if s.n != kept["slot"]]    # the vandal's is one of them: not yet known
+        others = [s for s in pm.admin.slots if s.n != kept["slot"]]    # the vandal's is one of them: not yet known
         idle_before = {s.n: window_hash(pm, s) for s in others}
         witness_before = memory(pm, kept["witness"], kept["size"], scratch)
         count = 400 if pm.machine.accel == "tcg" else 40      # the emulating KVM: 100x slower
@@ -175,7 +175,7 @@ def test_a_vandal_driver_reaches_nothing_outside_its_slot(rig, rng: random.Rando
                    kept["witness"], code, *(s.phys + abi.PROXY_DMA_OFFSET for s in others)]
         targets += [rng.randrange(0, 1 << 32) & ~63 for _ in range(count)]
         targets = [t for t in targets if not 0xFEE00000 <= t < 0xFEF00000]   # MSIs: see the README
-        beats = bus.slots[kept["slot"] - 1].heartbeat
+        beats = pm.admin.slots[kept["slot"] - 1].heartbeat
         vandal = sup.run("tests.slot_drivers:vandal", bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE),
                          restart=False, qemu_port=qemu_port, targets=targets, markers=[secret, secret[::-1]],
                          out=str(vandal_report))
@@ -190,14 +190,14 @@ def test_a_vandal_driver_reaches_nothing_outside_its_slot(rig, rng: random.Rando
         assert done["landed"] == [] and done["faults"] > count * 0.9, done
         # the keeper kept working throughout, and still does
         assert keeper.deaths == [] and keeper.state == "serving"
-        assert bus.slots[kept["slot"] - 1].heartbeat > beats
+        assert pm.admin.slots[kept["slot"] - 1].heartbeat > beats
         time.sleep(0.5)
         assert keeper.deaths == []
         # nothing outside the vandal's slot changed, and its slot is clean for the next driver
         assert memory(pm, kept["witness"], kept["size"], scratch) == witness_before
         idle = [s for s in others if s.n != vandal.slot]
         assert len(idle) == 2 and {s.n: window_hash(pm, s) for s in idle} == {s.n: idle_before[s.n] for s in idle}
-        left = bus.slots[vandal.slot - 1]
+        left = pm.admin.slots[vandal.slot - 1]
         assert left.heartbeat == 0 and left.window.field("slot") == vandal.slot
         assert left.window.mem[abi.PROXY_DMA_OFFSET:].count(0) == left.size - abi.PROXY_DMA_OFFSET
     assert bytes(own.view) == own_before
@@ -341,7 +341,7 @@ def test_the_proxy_checks_the_window_of_every_admin_request(rig) -> None:
                              (abi.PROXY_OP_SLOT_REVOKE, 0, 0), (abi.PROXY_OP_SLOT_REVOKE, 5, 0),
                              (abi.PROXY_OP_SLOT_READY, 0, 0), (abi.PROXY_OP_SLOT_READY, 7, 0)):
         with pytest.raises(BadRequest):
-            bus._admin(op, addr, 1, f"op {op} on window {window}", window=window)
+            pm.admin.request(op, addr, 1, f"op {op} on window {window}", window=window)
     attached = attach(serve(pm).address)
     try:
         with attached.open(edu_fn) as card:

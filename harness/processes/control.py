@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from ..errors import AccessDenied, AttachRefused, HarnessError
 
 if TYPE_CHECKING:
-    from ..proxy.bus import ProxyBus
+    from ..proxy.admin import ProxyAdmin
     from ..proxy.machine import ProxyMachine
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def serve(pm: "ProxyMachine", address: str | None = None) -> "ControlServer":
     for service in pm.services:
         if isinstance(service, ControlServer):
             return service
-    control = ControlServer(pm.bus, address)
+    control = ControlServer(pm.admin, address)
     pm.services.append(control)
     return control
 
@@ -120,10 +120,10 @@ def serve(pm: "ProxyMachine", address: str | None = None) -> "ControlServer":
 class ControlServer:
     """Lends the machine's driver slots to other processes; see the module's docstring."""
 
-    def __init__(self, bus: "ProxyBus", address: str | None = None) -> None:
-        if not bus.slots:
+    def __init__(self, admin: "ProxyAdmin", address: str | None = None) -> None:
+        if not admin.slots:
             raise AttachRefused("this machine has no driver slots (proxy_spec(slots=...))")
-        self.bus = bus
+        self.admin = admin
         self.address = address or f"@hwharness-control-{os.getpid()}-{next(_serial)}"   # printable
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._listener.bind(unix_address(self.address))
@@ -253,10 +253,10 @@ class ControlServer:
         op = message.get("op")
         if holder is None:
             raise ValueError(f"{op!r} before hello")
-        bus, n = self.bus, holder.slot
+        admin, n = self.admin, holder.slot
         if op == "open_pci":
             devfn = int(message["devfn"])
-            function = next((f for f in bus.functions if f.devfn == devfn), None)
+            function = next((f for f in admin.bus.functions if f.devfn == devfn), None)
             if function is None:
                 raise ValueError(f"no PCI function {devfn:#x} on this machine")
             dma_size = message.get("dma_size")
@@ -266,7 +266,7 @@ class ControlServer:
                 self._may_open(holder, devfn, function)
                 holder.rings[-devfn - 1] = (devfn, 0)
             try:
-                ring, base, size = bus.grant_pci(function, dma_size, slot=n)
+                ring, base, size = admin.grant_pci(function, dma_size, slot=n)
             finally:
                 with self._lock:
                     holder.rings.pop(-devfn - 1)
@@ -276,7 +276,7 @@ class ControlServer:
         if op == "open_ports":
             if holder.token is not None:
                 raise AttachRefused("a driver with reserved devices opens those only")
-            ring = bus.grant_ports(int(message["base"]), int(message["count"]), slot=n)
+            ring = admin.grant_ports(int(message["base"]), int(message["count"]), slot=n)
             with self._lock:
                 holder.rings[ring] = (None, 0)
             return {"ok": True, "ring": ring}, []
@@ -286,7 +286,7 @@ class ControlServer:
                 if ring < 0 or ring not in holder.rings:
                     raise ValueError(f"slot {n} has no open ring {ring}")
                 _, base = holder.rings.pop(ring)
-            bus.revoke(ring, base, slot=n)
+            admin.revoke(ring, base, slot=n)
             return {"ok": True}, []
         raise ValueError(f"no such control operation: {op!r}")
 
@@ -296,7 +296,7 @@ class ControlServer:
         other = self.holder_of(devfn)
         if other is not None:
             raise AttachRefused(f"{function} is held by process {other.pid} (slot {other.slot})")
-        if devfn in self.bus.owned.values():
+        if devfn in self.admin.bus.owned.values():
             raise AttachRefused(f"{function} is held by the machine's owner (process {os.getpid()})")
         mine = self._reserved.get(holder.token or "", frozenset())
         if holder.token is not None and devfn not in mine:
@@ -311,18 +311,18 @@ class ControlServer:
         with self._lock:
             if token is not None and token not in self._reserved:
                 raise AttachRefused("no devices are reserved under that token")
-            free = lambda: [s.n for s in self.bus.slots if s.n not in self.holders and s.n not in self._draining]  # noqa: E731
+            free = lambda: [s.n for s in self.admin.slots if s.n not in self.holders and s.n not in self._draining]  # noqa: E731
             if not self._lock.wait_for(lambda: bool(free()) or self._closed, wait):
                 raise AttachRefused(f"every driver slot of this machine is taken "
-                                    f"({len(self.bus.slots)}, held by processes "
+                                    f"({len(self.admin.slots)}, held by processes "
                                     f"{sorted(h.pid for h in self.holders.values())})")
             if self._closed:
                 raise AttachRefused("the machine's owner is shutting down")
             n = free()[0]
             holder = self.holders[n] = Holder(pid, n, pidfd, token)
-        slot, m = self.bus.slots[n - 1], self.bus.machine
+        slot, m = self.admin.slots[n - 1], self.admin.machine
         log.info("slot %d lent to process %d", n, pid)
-        reply = {"ok": True, "slot": n, "guest_elf": str(self.bus.abi.path),
+        reply = {"ok": True, "slot": n, "guest_elf": str(self.admin.abi.path),
                  "qemu_pid": m.process.pid if m.process else 0,
                  "vectors": len(slot.handles.host_fds), "size": slot.handles.size}
         return holder, reply, slot.handles.lendable_fds()
@@ -337,12 +337,12 @@ class ControlServer:
             self._draining.add(n)
         taken_back = False
         try:
-            if self.bus.machine.alive():
-                self.bus.revoke_slot(n)
+            if self.admin.machine.alive():
+                self.admin.revoke_slot(n)
             if holder.pid != os.getpid():       # the owner itself maps every window anyway
                 self._wait_exit(holder.pidfd)
-            if self.bus.machine.alive() and not self._closed:
-                self.bus.renew_slot(n)
+            if self.admin.machine.alive() and not self._closed:
+                self.admin.renew_slot(n)
                 taken_back = True
         except HarnessError as exc:
             log.error("slot %d: could not take it back from process %d, and it stays out of use: %s",

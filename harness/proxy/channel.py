@@ -12,7 +12,7 @@ from ..errors import (AbiError, AccessDenied, BadRequest, DeviceTimeout, DmaFaul
 from .window import SPIN_SECONDS
 
 if TYPE_CHECKING:
-    from .bus import ProxyBus
+    from .bus import WindowBus
     from .irq import ProxyIrq
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class ProxyChannel(Channel):
     no lock (a lock costs as much as a fifth of a round trip here).
     """
 
-    def __init__(self, bus: "ProxyBus", index: int, name: str, domain: DmaDomain | None = None) -> None:
+    def __init__(self, bus: "WindowBus", index: int, name: str, domain: DmaDomain | None = None) -> None:
         self.bus = bus
         self.index = index
         self.name = name
@@ -319,8 +319,7 @@ class ProxyChannel(Channel):
             except Exception as exc:
                 log.debug("closing %r: its started batch ended with %s", self, exc)
         self.closed = True
-        if self is not getattr(self.bus, "admin", None):     # a slot's ring 0 is an ordinary channel
-            self.bus.close_channel(self)
+        self.bus.close_channel(self)
 
 
 class PreparedBatch(Prepared):

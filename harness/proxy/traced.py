@@ -12,13 +12,26 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ..access import Access, IrqEvent
 from ..errors import ProxyError
+from .. import tracing
 from ..tracing import Tracer
 from .channel import PreparedBatch, ProxyChannel
 from .irq import ProxyIrq
 
 if TYPE_CHECKING:
     from ..access import DmaDomain
-    from .bus import ProxyBus
+    from .bus import WindowBus
+    from .dma import DmaPool
+
+
+def channel_for(bus: "WindowBus", index: int, name: str, domain: "DmaPool | None" = None) -> ProxyChannel:
+    """A channel on ring ``index`` of ``bus``'s window: one that records, if a trace is on."""
+    tracer = tracing.active()
+    if tracer is None:
+        return ProxyChannel(bus, index, name, domain)
+    ch = TracedChannel(bus, index, name, tracer, domain)
+    if domain is not None:
+        domain.observer = lambda phys, size, freed: tracer.dma(ch, phys, size, freed=freed)
+    return ch
 
 
 def status_of(exc: BaseException) -> str:
@@ -28,7 +41,7 @@ def status_of(exc: BaseException) -> str:
 class TracedChannel(ProxyChannel):
     """A ProxyChannel that records every request into ``tracer``."""
 
-    def __init__(self, bus: "ProxyBus", index: int, name: str, tracer: Tracer,
+    def __init__(self, bus: "WindowBus", index: int, name: str, tracer: Tracer,
                  domain: "DmaDomain | None" = None) -> None:
         super().__init__(bus, index, name, domain)
         self.tracer = tracer

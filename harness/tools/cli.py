@@ -182,7 +182,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         device_table(pm)
         if args.serve:
             control = serve(pm)
-            say(f"{len(pm.bus.slots)} driver slots; from another process: "
+            say(f"{len(pm.admin.slots)} driver slots; from another process: "
                 f"bus = harness.attach({control.address!r})")
         say("Ctrl-C to stop.")
         try:
@@ -378,7 +378,7 @@ def demo(accel: str, image: Path) -> int:
 
         say("\n== a guest CPU exception becomes a readable crash report")
         try:
-            pm.bus.crash("INVALID_OPCODE")
+            pm.admin.crash("INVALID_OPCODE")
         except HarnessError as crash:
             say(str(crash))
     if failed:
