@@ -27,7 +27,7 @@ from drivers.e1000.driver import DEVICE as E1000_DEVICE, VENDOR as E1000_VENDOR
 from harness.tools.bench.e1000 import wire
 from harness.errors import AccessDenied, AttachRefused, BadRequest
 from harness.machine import MachineSpec
-from harness.proxy import ProxyMachine
+from harness.proxy import ProxyMachine, raw
 from harness.processes import attach, serve
 from harness.processes.supervisor import Supervisor
 from tests.test_dma import memory, proxy_code
@@ -346,9 +346,10 @@ def test_the_proxy_checks_the_window_of_every_admin_request(rig) -> None:
     try:
         with attached.open(edu_fn) as card:
             with pytest.raises(AccessDenied):
-                card.channel.control(abi.PROXY_OP_SLOT_REVOKE, 1, 0, "a slot's ring asks for an admin op")
+                raw.request(card.channel, abi.PROXY_OP_SLOT_REVOKE, 1, 0, "a slot's ring asks for an admin op")
             with pytest.raises(AccessDenied):
-                card.channel.control(abi.PROXY_OP_OPEN_PCI, edu_fn.devfn, 0, "and another", expect=attached.slot)
+                raw.request(card.channel, abi.PROXY_OP_OPEN_PCI, edu_fn.devfn, 0, "and another",
+                            expect=attached.slot)
             assert card.bar(0).read32(0) == 0x010000ED
     finally:
         attached.close()
@@ -452,7 +453,7 @@ def test_a_poll_lends_its_turn_while_it_waits(rig) -> None:
     try:
         with attached.open(attached.find(vendor=edu.VENDOR, device=edu.DEVICE)) as card:
             with pytest.raises(AccessDenied):
-                card.channel.repeat_read(card.bar(0).space, card.function.bars[0].base, 4, 10)
+                raw.repeat_read(card.channel, card.bar(0).space, card.function.bars[0].base, 4, 10)
     finally:
         attached.close()
 

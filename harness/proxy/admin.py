@@ -47,7 +47,7 @@ class ProxyAdmin:
     def request(self, op: int, addr: int, value: int, what: str, mask: int = 0, window: int = 0) -> int:
         """One admin request (``enum proxy_op``) about window ``window``; raises its typed error."""
         with self._lock:
-            return self.channel.control(op, addr, value, what, mask, expect=window)
+            return self.channel._control(op, addr, value, what, mask, expect=window)
 
     def guest_time(self) -> int:
         """The guest's TSC, read by a NOP on the admin ring."""

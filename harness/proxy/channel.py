@@ -87,11 +87,12 @@ class ProxyChannel(Channel):
         return (op, a.width, 0, int(a.timeout * 1e6), a.addr & (2**64 - 1), a.value & (2**64 - 1),
                 a.mask & (2**64 - 1), a.expect & (2**64 - 1))
 
-    def submit(self, requests: Sequence[tuple[int, ...]], timeout: float = DEFAULT_TIMEOUT,
-               what: object = None) -> list[tuple[int, int]]:
+    def _submit(self, requests: Sequence[tuple[int, ...]], timeout: float = DEFAULT_TIMEOUT,
+                what: object = None) -> list[tuple[int, int]]:
         """Publish raw requests (tuples of REQUEST_FIELDS) and return (status, value) for each.
 
-        No status is interpreted here; :meth:`execute` does that. Batches
+        No status is interpreted here; :meth:`execute` does that. The owner's benches and
+        tests reach this and the other requests beyond accesses through :mod:`.raw`. Batches
         larger than the ring go in ring-sized pieces.
         """
         if self.closed or self._started is not None:
@@ -122,7 +123,7 @@ class ProxyChannel(Channel):
         if u32[served] != head:
             self._w.wait(lambda: u32[served] == head, timeout, what, self.index, spin=self.spin)
 
-    def submit_raw(self, entries: Sequence[bytes], timeout: float = DEFAULT_TIMEOUT) -> list[tuple[int, int]]:
+    def _submit_raw(self, entries: Sequence[bytes], timeout: float = DEFAULT_TIMEOUT) -> list[tuple[int, int]]:
         """Publish whole ring entries exactly as given, garbage included (for testing the
         proxy's validation), one batch each; return (status, value) for each."""
         if self.closed or self._started is not None:
@@ -257,7 +258,7 @@ class ProxyChannel(Channel):
             a = accesses[0]
             return [self._one(self._encode(a)[0], a.width, a.addr, a.value)]
         encoded = [self._encode(a) for a in accesses]
-        results = self.submit(encoded, DEFAULT_TIMEOUT + sum(a.timeout for a in accesses),
+        results = self._submit(encoded, DEFAULT_TIMEOUT + sum(a.timeout for a in accesses),
                               accesses[0] if len(accesses) == 1 else None)
         for a, (status, value) in zip(accesses, results):
             if status != self._ok:
@@ -276,9 +277,9 @@ class ProxyChannel(Channel):
     def write(self, space: Space, addr: int, width: int, value: int) -> None:
         self._one(self._write_ops[space], width, addr, value)
 
-    def control(self, op: int, addr: int, value: int, what: str, mask: int = 0, expect: int = 0) -> int:
+    def _control(self, op: int, addr: int, value: int, what: str, mask: int = 0, expect: int = 0) -> int:
         """One request that is not an access (open, close, interrupt control); raises on failure."""
-        (status, result), = self.submit([(op, 0, 0, 0, addr, value, mask, expect)], what=what)
+        (status, result), = self._submit([(op, 0, 0, 0, addr, value, mask, expect)], what=what)
         if status != self._ok:
             self._raise(what, status, result)
         return result
@@ -301,14 +302,6 @@ class ProxyChannel(Channel):
         """The guest's TSC, read by serving a NOP."""
         self._one(self.bus.abi.PROXY_OP_NOP, 0, 0)
         return self.last_start_tsc
-
-    def repeat_read(self, space: Space, addr: int, width: int, count: int) -> int:
-        """Have the guest read ``addr`` ``count`` times; returns the guest TSC cycles it took."""
-        op = self.bus.abi.PROXY_OP_PIO_REPEAT if space is Space.PIO else self.bus.abi.PROXY_OP_MMIO_REPEAT
-        (status, value), = self.submit([(op, width, 0, 0, addr, count, 0, 0)])
-        if status != self._ok:
-            self._raise(f"repeat read {space.value} {addr:#x} x{count}", status, value)
-        return value
 
     def close(self) -> None:
         if self.closed:

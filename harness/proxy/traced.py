@@ -107,12 +107,12 @@ class TracedChannel(ProxyChannel):
             self.tracer.batch(self, batch.with_values(patch or {}), values, status, self._first_tsc(first),
                               self._prepared_start, time.perf_counter_ns())
 
-    def control(self, op: int, addr: int, value: int, what: str, mask: int = 0, expect: int = 0) -> int:
+    def _control(self, op: int, addr: int, value: int, what: str, mask: int = 0, expect: int = 0) -> int:
         if not self.tracer.recording:
-            return super().control(op, addr, value, what, mask, expect)
+            return super()._control(op, addr, value, what, mask, expect)
         start, result, status = time.perf_counter_ns(), 0, "OK"
         try:
-            result = super().control(op, addr, value, what, mask, expect)
+            result = super()._control(op, addr, value, what, mask, expect)
             return result
         except BaseException as exc:
             status = status_of(exc)

@@ -37,6 +37,7 @@ from drivers.ps2 import open_i8042
 from ..machine import Option, RuntimeFile, random_mac
 from ..proxy import ProxyMachine, proxy_spec
 from ..proxy.machine import IOMMU_ENV
+from ..proxy import raw
 from ..processes import serve
 
 log = logging.getLogger("hwharness")
@@ -302,7 +303,7 @@ def demo(accel: str, image: Path) -> int:
         lat = latencies_us(lambda: port.read8(0), 5000, budget_s=3)
         repeats = 100_000 if pm.machine.accel == "tcg" else 1000
         t0_ns = time.perf_counter_ns()
-        port.channel.repeat_read(port.space, DEBUGCON_PORT, 1, repeats)
+        raw.repeat_read(port.channel, port.space, DEBUGCON_PORT, 1, repeats)
         native_us = (time.perf_counter_ns() - t0_ns) / repeats / 1000
         port.channel.close()
         say(f"{len(lat)} reads: p50 {pct(lat, .5):.2f} us, p99 {pct(lat, .99):.2f} us; the guest's own inb "

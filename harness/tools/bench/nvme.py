@@ -25,7 +25,7 @@ from drivers.nvme.regs import DOORBELL_BASE, Nvm
 
 from ...access import DmaBuffer
 from ...errors import MachineError
-from ...proxy import ProxyBus, ProxyMachine, proxy_spec
+from ...proxy import ProxyBus, ProxyMachine, proxy_spec, raw
 from .ahci import DISK_BYTES, _disk_image, on_fastest_aio
 from .paired import Run, Workload, clock_figures, run_rounds
 from .requests import RequestList
@@ -78,7 +78,7 @@ class NativeNvmeLoop:
                                       q.entries, min(depth, q.depth), DOORBELL_BASE + 2 * q.qid * stride,
                                       DOORBELL_BASE + (2 * q.qid + 1) * stride, q.tail, q.head, q.phase, q.acked)
             try:
-                channel.control(self.abi.PROXY_OP_NVME_LOOP, self.block.phys, 0, "native nvme loop")
+                raw.native_loop(channel, self.abi.PROXY_OP_NVME_LOOP, self.block.phys, "native nvme loop")
             finally:
                 for k, q in enumerate(queues):      # and back, whatever happened
                     fields = dict(zip(QUEUE_FIELDS, self._queue.unpack_from(self.block.view, place(k))))
