@@ -364,18 +364,16 @@ def test_a_long_batch_yields_its_turn_to_the_other_rings(rig) -> None:
     reads = 10_000 if pm.machine.accel == "tcg" else 100        # the emulating KVM: 100x slower
     with bus.open(bus.find(vendor=edu.VENDOR, device=edu.DEVICE)) as card, \
             bus.open(bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE)) as nic:
-        ch = card.channel
+        ring = card.channel.ring
         ident = card.function.bars[0].base
-        size, mask = ch._entry_size, ch._nentries - 1
-        for i in range(ch._nentries):                   # published, not waited for
-            ch._pack(ch._mem, ch._entries + ((ch._head + i) & mask) * size,
-                     abi.PROXY_OP_MMIO_REPEAT, 4, 0, 0, ident, reads, 0, 0)
-        head = ch._post(ch._nentries)
-        until(lambda: ch._u32[ch._served_idx] != (head - ch._nentries) & 0xFFFFFFFF, "the guest begins the batch")
+        for i in range(ring.size):                      # published, not waited for
+            ring.write(ring.head + i, abi.PROXY_OP_MMIO_REPEAT, 4, 0, 0, ident, reads, 0, 0)
+        head = ring.publish(ring.size)
+        until(lambda: ring.served != (head - ring.size) & 0xFFFFFFFF, "the guest begins the batch")
         ral = nic.bar(0).read32(RAL0)
-        still_serving = ch._u32[ch._served_idx] != head
-        ch._await(head, 600, "the long batch")
-        statuses = [ch._u16[(ch._entries + i * size + ch._status_off) >> 1] for i in range(ch._nentries)]
+        still_serving = ring.served != head
+        ring.wait(head, 600, "the long batch")
+        statuses = [ring.status(i) for i in range(ring.size)]
     assert ral == MAC_LOW
     assert still_serving, "the read waited for the whole batch"
     assert statuses == [abi.PROXY_STATUS_OK] * len(statuses)
@@ -436,16 +434,16 @@ def test_a_poll_lends_its_turn_while_it_waits(rig) -> None:
     bus, abi = pm.bus, pm.abi
     with bus.open(bus.find(vendor=edu.VENDOR, device=edu.DEVICE)) as card, \
             bus.open(bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE)) as nic:
-        ch = card.channel
+        ring = card.channel.ring
         ident = card.function.bars[0].base
-        slot = ch._entries + (ch._head & (ch._nentries - 1)) * ch._entry_size
-        ch._pack(ch._mem, slot, abi.PROXY_OP_MMIO_POLL, 4, 0, 1_500_000, ident, 0, 0xFFFFFFFF, 0x12345678)
-        head = ch._post(1)
-        until(lambda: not ch._mem[ch._posted], "the guest takes the poll up")
+        seq = ring.head
+        ring.write(seq, abi.PROXY_OP_MMIO_POLL, 4, 0, 1_500_000, ident, 0, 0xFFFFFFFF, 0x12345678)
+        head = ring.publish(1)
+        until(lambda: not ring.posted, "the guest takes the poll up")
         ral = nic.bar(0).read32(RAL0)
-        still_polling = ch._u32[ch._served_idx] != head
-        ch._await(head, 30, "the poll")
-        status = ch._u16[(slot + ch._status_off) >> 1]
+        still_polling = ring.served != head
+        ring.wait(head, 30, "the poll")
+        status = ring.status(seq)
     assert ral == MAC_LOW
     assert still_polling, "the read waited for the poll to time out"
     assert status == abi.PROXY_STATUS_TIMEOUT

@@ -70,14 +70,10 @@ class TracedChannel(ProxyChannel):
             tracer.access(self, kind, space, addr, width, value if kind == "write" else result, status,
                           self.last_start_tsc, start, time.perf_counter_ns())
 
-    def _first_tsc(self, head: int) -> int:
-        slot = self._entries + (head & (self._nentries - 1)) * self._entry_size
-        return int(self._u64[(slot + self._start_tsc_off) >> 3])
-
     def execute(self, accesses: Sequence[Access]) -> list[int]:
         if not self.tracer.recording or (len(accesses) == 1 and not accesses[0].kind.polls):
             return super().execute(accesses)          # a single access: _one records it
-        head, start, values, status = self._head, time.perf_counter_ns(), None, "OK"
+        head, start, values, status = self.ring.head, time.perf_counter_ns(), None, "OK"
         try:
             values = super().execute(accesses)
             return values
@@ -85,7 +81,7 @@ class TracedChannel(ProxyChannel):
             status = status_of(exc)
             raise
         finally:
-            self.tracer.batch(self, accesses, values, status, self._first_tsc(head), start, time.perf_counter_ns())
+            self.tracer.batch(self, accesses, values, status, self.ring.start_tsc(head), start, time.perf_counter_ns())
 
     def _start_prepared(self, batch: PreparedBatch, patch: Mapping[int, int] | None) -> None:
         self._prepared_start = time.perf_counter_ns()
@@ -104,7 +100,7 @@ class TracedChannel(ProxyChannel):
             status = status_of(exc)
             raise
         finally:
-            self.tracer.batch(self, batch.with_values(patch or {}), values, status, self._first_tsc(first),
+            self.tracer.batch(self, batch.with_values(patch or {}), values, status, self.ring.start_tsc(first),
                               self._prepared_start, time.perf_counter_ns())
 
     def _control(self, op: int, addr: int, value: int, what: str, mask: int = 0, expect: int = 0) -> int:
