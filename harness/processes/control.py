@@ -98,12 +98,17 @@ def recv_message(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]
 
 @dataclass
 class Holder:
-    """A process that holds a slot, and what it opened there: ring -> (devfn or None, domain base)."""
+    """A process that holds a slot, and what it opened there: ring -> (devfn or None, domain base),
+    and the devices it is opening (claimed before the proxy grants them, so no one else can)."""
     pid: int
     slot: int
     pidfd: int                                      # opened at connect: the PID cannot be reused under us
     token: str | None = None
     rings: dict[int, tuple[int | None, int]] = field(default_factory=dict)
+    opening: set[int] = field(default_factory=set)  # devfns
+
+    def holds(self, devfn: int) -> bool:
+        return devfn in self.opening or any(d == devfn for d, _ in self.rings.values())
 
 
 def serve(pm: "ProxyMachine", address: str | None = None) -> "ControlServer":
@@ -154,7 +159,7 @@ class ControlServer:
     def holder_of(self, devfn: int) -> Holder | None:
         with self._lock:
             for h in self.holders.values():
-                if any(d == devfn for d, _ in h.rings.values()):
+                if h.holds(devfn):
                     return h
         return None
 
@@ -264,12 +269,12 @@ class ControlServer:
                 raise ValueError(f"dma_size {dma_size!r} is not a whole number of bytes")
             with self._lock:                    # claimed here, granted outside the lock
                 self._may_open(holder, devfn, function)
-                holder.rings[-devfn - 1] = (devfn, 0)
+                holder.opening.add(devfn)
             try:
                 ring, base, size = admin.grant_pci(function, dma_size, slot=n)
             finally:
                 with self._lock:
-                    holder.rings.pop(-devfn - 1)
+                    holder.opening.discard(devfn)
             with self._lock:
                 holder.rings[ring] = (devfn, base)
             return {"ok": True, "ring": ring, "domain_base": base, "domain_size": size}, []
@@ -283,7 +288,7 @@ class ControlServer:
         if op == "close":
             ring = int(message["ring"])
             with self._lock:
-                if ring < 0 or ring not in holder.rings:
+                if ring not in holder.rings:
                     raise ValueError(f"slot {n} has no open ring {ring}")
                 _, base = holder.rings.pop(ring)
             admin.revoke(ring, base, slot=n)
