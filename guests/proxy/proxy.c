@@ -42,7 +42,7 @@ struct channel {
 };
 
 /* One ivshmem window: the control window (0) or driver slot n. */
-struct port {
+struct shared_window {
     struct proxy_shared *win;                   /* NULL: the machine has no such slot */
     const struct proxy_pci_device *dev;         /* its ivshmem device: never granted */
     u64 doorbell;
@@ -51,18 +51,18 @@ struct port {
 struct proxy_shared *shared;                    /* the control window */
 static const struct proxy_pci_device *devices;
 static int ndevices;
-static struct port ports[1 + PROXY_MAX_SLOTS];
+static struct shared_window windows[1 + PROXY_MAX_SLOTS];
 static struct channel channels[PROXY_TOTAL_CHANNELS];
 static u32 backlog[1 + PROXY_MAX_SLOTS];        /* per window: rings whose batch outlasted its turn */
 static u64 turn_ticks;                          /* PROXY_TURN_US in TSC ticks */
 static u32 generations;                         /* for channel.generation */
 static int polling = -1;                        /* the channel whose poll lends its turn, or -1 */
 
-static int port_of(int c) { return c < PROXY_MAX_CHANNELS ? 0 : 1 + (c - PROXY_MAX_CHANNELS) / PROXY_SLOT_CHANNELS; }
+static int window_number(int c) { return c < PROXY_MAX_CHANNELS ? 0 : 1 + (c - PROXY_MAX_CHANNELS) / PROXY_SLOT_CHANNELS; }
 static int ring_of(int c) { return c < PROXY_MAX_CHANNELS ? c : (c - PROXY_MAX_CHANNELS) % PROXY_SLOT_CHANNELS; }
 static int first_channel(int p) { return p ? PROXY_MAX_CHANNELS + (p - 1) * PROXY_SLOT_CHANNELS : 0; }
 static int nchannels(int p) { return p ? PROXY_SLOT_CHANNELS : PROXY_MAX_CHANNELS; }
-static struct proxy_shared *window_of(int c) { return ports[port_of(c)].win; }
+static struct proxy_shared *window_of(int c) { return windows[window_number(c)].win; }
 
 /* Ports no ISA channel may hold: abi.h says which and why. */
 static const u32 reserved_ports[] = {
@@ -109,7 +109,7 @@ static int any_overlap(const struct window *w, int n, u64 addr, u64 width)
  * channel's interrupts have their own vector (eventfd on the host), so one
  * waiter never swallows another's wake-up.
  */
-static void wake(const struct port *p, u32 vector)
+static void wake(const struct shared_window *p, u32 vector)
 {
     mfence();                           /* our results before we read its flag */
     if (p->win && vector < PROXY_DOORBELL_VECTORS && READ_ONCE(p->win->host_sleeping[vector]))
@@ -124,7 +124,7 @@ struct proxy_irq *proxy_irq_slot(int c, u32 v)
 
 void proxy_wake_irq(int c, u32 v)
 {
-    wake(&ports[port_of(c)], PROXY_DOORBELL_IRQ_BASE + (u32)ring_of(c) * PROXY_IRQ_VECTORS + v);
+    wake(&windows[window_number(c)], PROXY_DOORBELL_IRQ_BASE + (u32)ring_of(c) * PROXY_IRQ_VECTORS + v);
 }
 
 /* The proxy crashed (trap.c wrote the record into the control window): every window says
@@ -133,13 +133,13 @@ void proxy_wake_irq(int c, u32 v)
 void proxy_crashed(void)
 {
     for (int p = 0; p <= PROXY_MAX_SLOTS; p++) {
-        struct proxy_shared *w = ports[p].win;
+        struct proxy_shared *w = windows[p].win;
         if (!w)
             continue;
         mfence();
         w->state = PROXY_STATE_CRASHED;
         for (u32 v = 0; v < PROXY_DOORBELL_VECTORS; v++)
-            wake(&ports[p], v);         /* whoever waits, on whatever */
+            wake(&windows[p], v);         /* whoever waits, on whatever */
     }
 }
 
@@ -152,7 +152,7 @@ static struct channel *fresh_channel(int c)
     struct proxy_shared *w = window_of(c);
     memset(&channels[c], 0, sizeof(channels[c]));
     channels[c].generation = ++generations;
-    backlog[port_of(c)] &= ~(1u << ring_of(c));
+    backlog[window_number(c)] &= ~(1u << ring_of(c));
     memset(&w->dma_faults[ring_of(c)], 0, sizeof(w->dma_faults[0]));
     channels[c].served = READ_ONCE(w->rings[ring_of(c)].submit);
     WRITE_ONCE(w->rings[ring_of(c)].served, channels[c].served);
@@ -162,7 +162,7 @@ static struct channel *fresh_channel(int c)
 /* Window p as the host named it, if the machine has it (-1: not). */
 static int window_at(u64 p)
 {
-    return p <= PROXY_MAX_SLOTS && ports[p].win ? (int)p : -1;
+    return p <= PROXY_MAX_SLOTS && windows[p].win ? (int)p : -1;
 }
 
 /* A free channel in window p, one the machine has (the control window's channel 0 is the admin's). */
@@ -177,7 +177,7 @@ static int free_channel(int p)
 static int is_window_device(const struct proxy_pci_device *d)
 {
     for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
-        if (ports[p].dev == d)
+        if (windows[p].dev == d)
             return 1;
     return 0;
 }
@@ -204,7 +204,7 @@ static void grant_config_fields(struct channel *ch, const struct proxy_pci_devic
 /* Does [addr, addr + len) lie inside window p's DMA pool? Its domains are carved from it. */
 static int in_pool(int p, u64 addr, u64 len)
 {
-    const struct proxy_bar *bar2 = &ports[p].dev->bars[2];
+    const struct proxy_bar *bar2 = &windows[p].dev->bars[2];
     u64 pool = bar2->base + PROXY_DMA_OFFSET, end = bar2->base + bar2->size;
     return addr >= pool && addr <= end && len <= end - addr;
 }
@@ -483,8 +483,8 @@ static int channel_at(u64 p, u64 k)
 /* Publish window p's control page: what its holder reads before anything else. */
 static void publish(int p)
 {
-    struct proxy_shared *w = ports[p].win;
-    const struct proxy_bar *bar2 = &ports[p].dev->bars[2];
+    struct proxy_shared *w = windows[p].win;
+    const struct proxy_bar *bar2 = &windows[p].dev->bars[2];
     memcpy(w->devices, devices, sizeof(w->devices));
     w->ndevices = (u32)ndevices;
     w->slot = (u32)p;
@@ -736,7 +736,7 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
 static void set_backlog(int c, int left)
 {
     u32 bit = 1u << ring_of(c);
-    backlog[port_of(c)] = left ? backlog[port_of(c)] | bit : backlog[port_of(c)] & ~bit;
+    backlog[window_number(c)] = left ? backlog[window_number(c)] | bit : backlog[window_number(c)] & ~bit;
 }
 
 /*
@@ -753,7 +753,7 @@ static int serve(int c)
     struct proxy_shared *w = window_of(c);
     struct proxy_ring *r = &w->rings[ring_of(c)];
     struct channel *ch = &channels[c];
-    int resuming = backlog[port_of(c)] >> ring_of(c) & 1;
+    int resuming = backlog[window_number(c)] >> ring_of(c) & 1;
     if (c != 0 && !ch->open) {
         set_backlog(c, 0);
         u32 submit = READ_ONCE(r->submit);
@@ -816,14 +816,14 @@ static int serve(int c)
     }
 publish:
     WRITE_ONCE(r->served, ch->served);
-    wake(&ports[port_of(c)], (u32)ring_of(c));
+    wake(&windows[window_number(c)], (u32)ring_of(c));
     return 1;
 }
 
 static int pending(void)
 {
     for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
-        if (ports[p].win && READ_ONCE(*(volatile u64 *)ports[p].win->ring_posted))
+        if (windows[p].win && READ_ONCE(*(volatile u64 *)windows[p].win->ring_posted))
             return 1;
     return 0;
 }
@@ -831,12 +831,12 @@ static int pending(void)
 static void set_sleeping(u32 asleep)
 {
     for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
-        if (ports[p].win)
-            WRITE_ONCE(ports[p].win->guest_sleeping, asleep);
+        if (windows[p].win)
+            WRITE_ONCE(windows[p].win->guest_sleeping, asleep);
 }
 
 /* Serve every ring of window p that the host has posted to. */
-static int serve_port(int p)
+static int serve_window(int p)
 {
     /* One word says which rings moved: under an emulating hypervisor each
      * instruction costs microseconds, and looking at eight rings costs fifty.
@@ -845,7 +845,7 @@ static int serve_port(int p)
      * TCG carries it out as a load and a store, which can swallow a post the
      * host makes in between.) A slot's flags past its rings are cleared too:
      * they are only garbage its driver wrote. */
-    struct proxy_shared *w = ports[p].win;
+    struct proxy_shared *w = windows[p].win;
     u64 posted = READ_ONCE(*(volatile u64 *)w->ring_posted);
     u32 left = backlog[p];
     int busy = 0;
@@ -870,8 +870,8 @@ static void others_turn(int c)
         return;
     polling = c;
     for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
-        if (ports[p].win)
-            serve_port(p);
+        if (windows[p].win)
+            serve_window(p);
     polling = -1;
 }
 
@@ -895,21 +895,21 @@ void proxy_init(const struct proxy_pci_device *table, int n)
             panic("proxy_init: an ivshmem window smaller than the control area");
         struct proxy_shared *w = (struct proxy_shared *)(unsigned long)bar2->base;
         u32 p = READ_ONCE(w->slot);
-        if (p > PROXY_MAX_SLOTS || ports[p].win)
+        if (p > PROXY_MAX_SLOTS || windows[p].win)
             panic("proxy_init: an ivshmem window with a bad or repeated slot number");
         if (pci_enable_msix(d, 0, VEC_KICK))
             panic("proxy_init: an ivshmem device without MSI-X");
-        ports[p] = (struct port){ w, d, d->bars[0].base + IVSHMEM_DOORBELL };
+        windows[p] = (struct shared_window){ w, d, d->bars[0].base + IVSHMEM_DOORBELL };
     }
-    if (!ports[0].win)
+    if (!windows[0].win)
         panic("proxy_init: no control window (an ivshmem-doorbell whose slot is 0)");
-    shared = ports[0].win;
+    shared = windows[0].win;
     channels[0].open = 1;
     turn_ticks = tsc_hz / 1000000 * PROXY_TURN_US;
     for (int p = PROXY_MAX_SLOTS; p >= 0; p--)       /* the control window last: READY means all are */
-        if (ports[p].win)
+        if (windows[p].win)
             publish(p);
-    kprintf("proxy: ready, control window %lx size %lx\n", ports[0].dev->bars[2].base, ports[0].dev->bars[2].size);
+    kprintf("proxy: ready, control window %lx size %lx\n", windows[0].dev->bars[2].base, windows[0].dev->bars[2].size);
 }
 
 /* Spin while there is work, then announce sleep, look once more, and halt until kicked. */
@@ -921,8 +921,8 @@ void proxy_loop(void)
     for (u32 round = 1;; round++) {
         int busy = 0;
         for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
-            if (ports[p].win)
-                busy |= serve_port(p);
+            if (windows[p].win)
+                busy |= serve_window(p);
         if (busy) {
             idle_since = rdtsc();
             continue;
