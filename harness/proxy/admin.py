@@ -20,6 +20,7 @@ from ..errors import AccessDenied, ProxyError
 from ..machine import Machine
 from ..machine.legacy import grantable, irqs_of
 from .clock import GuestClock
+from .dma import DmaPool
 from .slots import Slot
 from .traced import channel_for
 from .window import SharedWindow
@@ -59,7 +60,8 @@ class ProxyAdmin:
         """Guest TSC → host perf_counter_ns, from the admin ring; call ``clock.calibrate()`` to refine."""
         return GuestClock(self, self.bus.tsc_hz)
 
-    def _pool(self, slot: int):  # type: ignore[no-untyped-def]
+    def _pool(self, slot: int) -> DmaPool:
+        """Window ``slot``'s pool, where its devices' domains are carved from."""
         return self.slots[slot - 1].pool if slot else self.bus.dma
 
     # ---- grants, in any window ----
