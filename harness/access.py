@@ -69,7 +69,10 @@ class Kind(enum.Enum):
         return self is Kind.POLL or self is Kind.POLL_CHANGE
 
 
-PCI_COMMAND = 0x04                                  # PCI 3.0 6.2.2: the command register
+# PCI 3.0 6.2.2: the command register and the two bits Device turns on. The contract reads no
+# guest ELF, so these three are typed here as well as in guests/proxy/abi.h; tests/unit/test_abi.py
+# checks that the two agree.
+PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x2, 0x4   # memory space decode, bus master
 
 WIDTHS = {Space.PIO: (1, 2, 4), Space.MMIO: (1, 2, 4, 8), Space.CONFIG: (1, 2, 4), Space.DMA: (1, 2, 4, 8)}
@@ -228,15 +231,20 @@ class Channel(abc.ABC):
     def close(self) -> None:
         """Give the grants back. Idempotent."""
 
+    # The names drivers gave registers, by (space, address); a channel's own dict from the first
+    # name on (a transport's channel need not call any __init__ of this class).
+    register_names: "dict[tuple[Space, int], str] | None" = None
+
     def name_registers(self, space: Space, names: Mapping[int, str]) -> None:
         """Remember register names by address (``Region.name_registers`` calls this once per region);
         a trace of this channel's accesses shows them."""
-        self.__dict__.setdefault("_register_names", {}).update(
-            {(space, addr): name for addr, name in names.items()})
+        if self.register_names is None:
+            self.register_names = {}
+        self.register_names.update({(space, addr): name for addr, name in names.items()})
 
     def register_name(self, space: Space, addr: int) -> str:
         """The name a driver gave the register at ``addr``, or ""."""
-        return str(self.__dict__.get("_register_names", {}).get((space, addr), ""))
+        return self.register_names.get((space, addr), "") if self.register_names else ""
 
 
 class Prepared:

@@ -20,7 +20,7 @@ from drivers.e1000.regs import Reg, Tctl
 from harness.tools.bench.e1000 import host_socket, wire
 from harness.machine import MachineSpec, Option, RuntimeFile
 from harness.services.netstack import Host
-from harness.proxy import ProxyMachine
+from harness.proxy import ProxyMachine, raw
 
 pytestmark = pytest.mark.qemu
 
@@ -218,7 +218,7 @@ def test_the_native_transmit_loop_sends_real_frames_and_checks_its_grant(socket_
         assert [host.recv(2048) for _ in range(150)] == [frame] * 150
         assert nic.stats().tx_packets == 150
         with pytest.raises(AccessDenied):       # a parameter block outside the DMA pool
-            nic.dev.channel.control(pm.bus.abi.PROXY_OP_NIC_TX_LOOP, 0x1000, 0, "native loop")
+            raw.native_loop(nic.dev.channel, pm.bus.abi.PROXY_OP_NIC_TX_LOOP, 0x1000, "native loop")
     finally:
         native.close()
 

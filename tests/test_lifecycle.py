@@ -28,7 +28,7 @@ def test_guest_exception_becomes_guest_crash(proxy_machine_factory, kind: str, m
                                              what: str) -> None:
     pm = proxy_machine_factory(name=f"crash-{kind.lower()}")
     with pytest.raises(GuestCrash) as crash:
-        pm.bus.crash(kind)
+        pm.admin.crash(kind)
     report = crash.value.report
     assert what in report
     assert "crash_on_purpose" in report          # the symbol, from the guest ELF
@@ -41,7 +41,7 @@ def test_guest_exception_becomes_guest_crash(proxy_machine_factory, kind: str, m
         assert "the host asked for a panic" in report
     # the machine is still there to inspect, and every later request says why it cannot run
     with pytest.raises(GuestCrash):
-        pm.bus.admin.submit([(0, 0, 0, 0, 0, 0, 0, 0)])
+        pm.admin.request(pm.abi.PROXY_OP_NOP, 0, 0, "a NOP")
 
 
 def test_qemu_that_dies_is_a_machine_error(proxy_machine_factory) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from harness.access import Batch, Kind, Space
 from harness.errors import AccessDenied, BadRequest, DeviceTimeout
-from harness.proxy import ProxyMachine
+from harness.proxy import ProxyMachine, raw
 
 pytestmark = pytest.mark.qemu
 
@@ -164,7 +164,7 @@ def test_failed_step_skips_the_rest_of_its_batch(proxy_machine: ProxyMachine) ->
         abar = next(b for b in ahci.bars if b.index == 5)
         ch = nic.channel
         abi = proxy_machine.abi
-        results = ch.submit([
+        results = raw.submit(ch, [
             (abi.PROXY_OP_MMIO_READ, 4, 0, 0, nic.function.bars[0].base + STATUS, 0, 0, 0),
             (abi.PROXY_OP_MMIO_READ, 4, 0, 0, abar.base, 0, 0, 0),        # not ours
             (abi.PROXY_OP_MMIO_READ, 4, 0, 0, nic.function.bars[0].base + STATUS, 0, 0, 0),
@@ -286,7 +286,7 @@ def test_100k_malformed_ring_entries_are_refused_and_the_proxy_survives(proxy_ma
                 "io": (nic.function.bars[1].base, nic.function.bars[1].base + nic.function.bars[1].size)}
         ral = nic.bar(0).read32(RAL0)
         entries = [_malformed(rng, abi, bars) for _ in range(100_000)]
-        results = nic.channel.submit_raw(entries)
+        results = raw.submit_entries(nic.channel, entries)
         refused = {abi.PROXY_STATUS_DENIED, abi.PROXY_STATUS_BAD_REQUEST}
         wrong = [(i, s, entries[i].hex()) for i, (s, _) in enumerate(results) if s not in refused]
         assert not wrong, f"seed {seed}: {len(wrong)} entries not refused, first {wrong[:3]}"

@@ -25,9 +25,9 @@ import pytest
 import drivers.edu as edu
 from drivers.e1000.driver import DEVICE as E1000_DEVICE, VENDOR as E1000_VENDOR
 from harness.tools.bench.e1000 import wire
-from harness.errors import AttachRefused
+from harness.errors import AccessDenied, AttachRefused, BadRequest
 from harness.machine import MachineSpec
-from harness.proxy import ProxyMachine
+from harness.proxy import ProxyMachine, raw
 from harness.processes import attach, serve
 from harness.processes.supervisor import Supervisor
 from tests.test_dma import memory, proxy_code
@@ -48,7 +48,7 @@ def rig(proxy_machine_factory_module, tmp_path_factory) -> Iterator[tuple[ProxyM
         spec.netdev("socket", "net0", **netdev)
         spec.device("e1000", netdev="net0", mac=MAC)
     pm = proxy_machine_factory_module(configure, name="slots")
-    assert len(pm.bus.slots) == 4, "a proxy machine has four driver slots unless asked otherwise"
+    assert len(pm.admin.slots) == 4, "a proxy machine has four driver slots unless asked otherwise"
     yield pm, host, qemu_port, tmp_path_factory.mktemp("slots")
     host.close()
 
@@ -102,7 +102,7 @@ def test_two_processes_attach_at_once_and_a_held_device_is_refused(rig) -> None:
             p.stdin.flush()
             assert json.loads(p.stdout.readline())["register"] in (nic["register"], card["register"])
         # the machine's owner may not take a device a driver process holds either
-        with pytest.raises(Exception, match="DENIED"):
+        with pytest.raises(AccessDenied):
             pm.bus.open(pm.bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE))
         # let the NIC go: it can be attached again, and comes back with bus mastering off
         release(nic_holder)
@@ -144,7 +144,7 @@ def test_a_slot_is_lent_again_only_once_its_last_holder_has_exited(rig) -> None:
     p.stdin.flush()
     assert p.wait(30) == 0
     assert control.wait_free(slot, 10.0)
-    assert rig[0].bus.slots[slot - 1].heartbeat == 0 and rig[0].bus.slots[slot - 1].window.field("slot") == slot
+    assert rig[0].admin.slots[slot - 1].heartbeat == 0 and rig[0].admin.slots[slot - 1].window.field("slot") == slot
 
 
 def test_a_vandal_driver_reaches_nothing_outside_its_slot(rig, rng: random.Random) -> None:
@@ -167,7 +167,7 @@ def test_a_vandal_driver_reaches_nothing_outside_its_slot(rig, rng: random.Rando
                          marker=secret, out=str(keeper_report))
         keeper.wait_serving(60)
         kept = wait_for(keeper_report)
-        others = [s for s in bus.slots if s.n != kept["slot"]]    # the vandal's is one of them: not yet known
+        others = [s for s in pm.admin.slots if s.n != kept["slot"]]    # the vandal's is one of them: not yet known
         idle_before = {s.n: window_hash(pm, s) for s in others}
         witness_before = memory(pm, kept["witness"], kept["size"], scratch)
         count = 400 if pm.machine.accel == "tcg" else 40      # the emulating KVM: 100x slower
@@ -175,7 +175,7 @@ def test_a_vandal_driver_reaches_nothing_outside_its_slot(rig, rng: random.Rando
                    kept["witness"], code, *(s.phys + abi.PROXY_DMA_OFFSET for s in others)]
         targets += [rng.randrange(0, 1 << 32) & ~63 for _ in range(count)]
         targets = [t for t in targets if not 0xFEE00000 <= t < 0xFEF00000]   # MSIs: see the README
-        beats = bus.slots[kept["slot"] - 1].heartbeat
+        beats = pm.admin.slots[kept["slot"] - 1].heartbeat
         vandal = sup.run("tests.slot_drivers:vandal", bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE),
                          restart=False, qemu_port=qemu_port, targets=targets, markers=[secret, secret[::-1]],
                          out=str(vandal_report))
@@ -190,14 +190,14 @@ def test_a_vandal_driver_reaches_nothing_outside_its_slot(rig, rng: random.Rando
         assert done["landed"] == [] and done["faults"] > count * 0.9, done
         # the keeper kept working throughout, and still does
         assert keeper.deaths == [] and keeper.state == "serving"
-        assert bus.slots[kept["slot"] - 1].heartbeat > beats
+        assert pm.admin.slots[kept["slot"] - 1].heartbeat > beats
         time.sleep(0.5)
         assert keeper.deaths == []
         # nothing outside the vandal's slot changed, and its slot is clean for the next driver
         assert memory(pm, kept["witness"], kept["size"], scratch) == witness_before
         idle = [s for s in others if s.n != vandal.slot]
         assert len(idle) == 2 and {s.n: window_hash(pm, s) for s in idle} == {s.n: idle_before[s.n] for s in idle}
-        left = bus.slots[vandal.slot - 1]
+        left = pm.admin.slots[vandal.slot - 1]
         assert left.heartbeat == 0 and left.window.field("slot") == vandal.slot
         assert left.window.mem[abi.PROXY_DMA_OFFSET:].count(0) == left.size - abi.PROXY_DMA_OFFSET
     assert bytes(own.view) == own_before
@@ -340,15 +340,16 @@ def test_the_proxy_checks_the_window_of_every_admin_request(rig) -> None:
                              (abi.PROXY_OP_CLOSE, 1, 5), (abi.PROXY_OP_CLOSE, 0, 0),
                              (abi.PROXY_OP_SLOT_REVOKE, 0, 0), (abi.PROXY_OP_SLOT_REVOKE, 5, 0),
                              (abi.PROXY_OP_SLOT_READY, 0, 0), (abi.PROXY_OP_SLOT_READY, 7, 0)):
-        with pytest.raises(Exception, match="BAD_REQUEST"):
-            bus._admin(op, addr, 1, f"op {op} on window {window}", window=window)
+        with pytest.raises(BadRequest):
+            pm.admin.request(op, addr, 1, f"op {op} on window {window}", window=window)
     attached = attach(serve(pm).address)
     try:
         with attached.open(edu_fn) as card:
-            with pytest.raises(Exception, match="DENIED"):
-                card.channel.control(abi.PROXY_OP_SLOT_REVOKE, 1, 0, "a slot's ring asks for an admin op")
-            with pytest.raises(Exception, match="DENIED"):
-                card.channel.control(abi.PROXY_OP_OPEN_PCI, edu_fn.devfn, 0, "and another", expect=attached.slot)
+            with pytest.raises(AccessDenied):
+                raw.request(card.channel, abi.PROXY_OP_SLOT_REVOKE, 1, 0, "a slot's ring asks for an admin op")
+            with pytest.raises(AccessDenied):
+                raw.request(card.channel, abi.PROXY_OP_OPEN_PCI, edu_fn.devfn, 0, "and another",
+                            expect=attached.slot)
             assert card.bar(0).read32(0) == 0x010000ED
     finally:
         attached.close()
@@ -363,18 +364,16 @@ def test_a_long_batch_yields_its_turn_to_the_other_rings(rig) -> None:
     reads = 10_000 if pm.machine.accel == "tcg" else 100        # the emulating KVM: 100x slower
     with bus.open(bus.find(vendor=edu.VENDOR, device=edu.DEVICE)) as card, \
             bus.open(bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE)) as nic:
-        ch = card.channel
+        ring = card.channel.ring
         ident = card.function.bars[0].base
-        size, mask = ch._entry_size, ch._nentries - 1
-        for i in range(ch._nentries):                   # published, not waited for
-            ch._pack(ch._mem, ch._entries + ((ch._head + i) & mask) * size,
-                     abi.PROXY_OP_MMIO_REPEAT, 4, 0, 0, ident, reads, 0, 0)
-        head = ch._post(ch._nentries)
-        until(lambda: ch._u32[ch._served_idx] != (head - ch._nentries) & 0xFFFFFFFF, "the guest begins the batch")
+        for i in range(ring.size):                      # published, not waited for
+            ring.write(ring.head + i, abi.PROXY_OP_MMIO_REPEAT, 4, 0, 0, ident, reads, 0, 0)
+        head = ring.publish(ring.size)
+        until(lambda: ring.served != (head - ring.size) & 0xFFFFFFFF, "the guest begins the batch")
         ral = nic.bar(0).read32(RAL0)
-        still_serving = ch._u32[ch._served_idx] != head
-        ch._await(head, 600, "the long batch")
-        statuses = [ch._u16[(ch._entries + i * size + ch._status_off) >> 1] for i in range(ch._nentries)]
+        still_serving = ring.served != head
+        ring.wait(head, 600, "the long batch")
+        statuses = [ring.status(i) for i in range(ring.size)]
     assert ral == MAC_LOW
     assert still_serving, "the read waited for the whole batch"
     assert statuses == [abi.PROXY_STATUS_OK] * len(statuses)
@@ -411,7 +410,6 @@ def test_a_port_channel_takes_only_the_irqs_of_its_devices(rig) -> None:
     """The i8042's ports come with IRQs 1 and 12, and no others: a driver holding them cannot
     watch another device's interrupt (the RTC's 8, a printer's 7), from any window."""
     from harness.access import IrqMode
-    from harness.errors import AccessDenied
     pm = rig[0]
     attached = attach(serve(pm).address)
     try:
@@ -436,24 +434,24 @@ def test_a_poll_lends_its_turn_while_it_waits(rig) -> None:
     bus, abi = pm.bus, pm.abi
     with bus.open(bus.find(vendor=edu.VENDOR, device=edu.DEVICE)) as card, \
             bus.open(bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE)) as nic:
-        ch = card.channel
+        ring = card.channel.ring
         ident = card.function.bars[0].base
-        slot = ch._entries + (ch._head & (ch._nentries - 1)) * ch._entry_size
-        ch._pack(ch._mem, slot, abi.PROXY_OP_MMIO_POLL, 4, 0, 1_500_000, ident, 0, 0xFFFFFFFF, 0x12345678)
-        head = ch._post(1)
-        until(lambda: not ch._mem[ch._posted], "the guest takes the poll up")
+        seq = ring.head
+        ring.write(seq, abi.PROXY_OP_MMIO_POLL, 4, 0, 1_500_000, ident, 0, 0xFFFFFFFF, 0x12345678)
+        head = ring.publish(1)
+        until(lambda: not ring.posted, "the guest takes the poll up")
         ral = nic.bar(0).read32(RAL0)
-        still_polling = ch._u32[ch._served_idx] != head
-        ch._await(head, 30, "the poll")
-        status = ch._u16[(slot + ch._status_off) >> 1]
+        still_polling = ring.served != head
+        ring.wait(head, 30, "the poll")
+        status = ring.status(seq)
     assert ral == MAC_LOW
     assert still_polling, "the read waited for the poll to time out"
     assert status == abi.PROXY_STATUS_TIMEOUT
     attached = attach(serve(pm).address)
     try:
         with attached.open(attached.find(vendor=edu.VENDOR, device=edu.DEVICE)) as card:
-            with pytest.raises(Exception, match="DENIED"):
-                card.channel.repeat_read(card.bar(0).space, card.function.bars[0].base, 4, 10)
+            with pytest.raises(AccessDenied):
+                raw.repeat_read(card.channel, card.bar(0).space, card.function.bars[0].base, 4, 10)
     finally:
         attached.close()
 

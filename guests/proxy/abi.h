@@ -66,7 +66,71 @@ enum proxy_limits {
     PROXY_DOMAIN_ALIGN = 0x1000,    /* a DMA domain is whole pages of the pool */
     PROXY_DOMAIN_MAX = 0x1000000,   /* and at most 16 MiB */
     PROXY_NIC_SINK_BYTES = 16384,   /* the native receive loop's copy target (struct proxy_nic_loop) */
+    PROXY_READONLY_CONFIG_FIELDS = 5,   /* entries of proxy_readonly_config[] */
 };
+
+/*
+ * PCI configuration space (PCI Local Bus 3.0, 6.2 and 6.7-6.8): the registers and
+ * bits that both the proxy and the host's qtest transport use, written down once.
+ */
+enum proxy_pci {
+    PROXY_PCI_COMMAND = 0x04,
+    PROXY_PCI_COMMAND_IO = 0x1,             /* I/O space decode */
+    PROXY_PCI_COMMAND_MEMORY = 0x2,         /* memory space decode */
+    PROXY_PCI_COMMAND_MASTER = 0x4,         /* bus mastering: the device may DMA */
+    PROXY_PCI_COMMAND_INTX_DISABLE = 0x400,
+    PROXY_PCI_STATUS = 0x06,
+    PROXY_PCI_STATUS_CAP_LIST = 0x10,       /* the capability list at PROXY_PCI_CAP_PTR is valid */
+    PROXY_PCI_CLASS_REVISION = 0x08,        /* class, subclass, prog-if, revision: one dword */
+    PROXY_PCI_CLASS_BRIDGE = 0x06,          /* host, ISA and PCI bridges: their registers route the machine */
+    PROXY_PCI_HEADER_TYPE = 0x0e,
+    PROXY_PCI_HEADER_LAYOUT = 0x7f,         /* of the header type: which layout follows */
+    PROXY_PCI_HEADER_MULTI_FUNCTION = 0x80, /* of function 0's header type: functions 1-7 may exist */
+    PROXY_PCI_HEADER_NORMAL = 0,
+    PROXY_PCI_HEADER_BRIDGE = 1,
+    PROXY_PCI_BAR0 = 0x10,                  /* six BARs in a normal header, two in a bridge's */
+    PROXY_PCI_SECONDARY_BUS = 0x19,         /* a bridge's */
+    PROXY_PCI_CAP_PTR = 0x34,
+    PROXY_PCI_INTERRUPT_LINE = 0x3c,
+    PROXY_PCI_INTERRUPT_PIN = 0x3d,
+    PROXY_PCI_CAP_ID_MSI = 0x05,
+    PROXY_PCI_CAP_ID_MSIX = 0x11,
+    PROXY_PCI_MSIX_FLAGS = 2,               /* offset in the MSI-X capability */
+    PROXY_PCI_MSIX_FLAGS_QSIZE = 0x7ff,     /* table entries - 1 */
+    PROXY_PCI_MSIX_TABLE = 4,               /* offset in the MSI-X capability: BIR | offset in that BAR */
+    PROXY_PCI_MSIX_TABLE_BIR = 0x7,
+    PROXY_PCI_MSIX_ENTRY_SIZE = 16,
+};
+
+/*
+ * Config-space fields a channel may read but never write, whatever its grants:
+ * they say where the device decodes (BARs, expansion ROM) and where its MSI
+ * goes (an MSI is a DMA write). With `cap` 0 a field is `offset` bytes into
+ * a header of layout `header` (a bridge's, or any other); otherwise it is
+ * `offset` bytes into every capability `cap`. The proxy enforces this table
+ * and the host's qtest transport reads it from the ELF (.rodata), so both
+ * refuse the same writes. The MSI-X table (in a BAR) is read-only too: both
+ * derive it from the capability.
+ */
+struct proxy_config_field {
+    u8 header;                      /* PROXY_PCI_HEADER_BRIDGE or _NORMAL (any other layout); unused with cap */
+    u8 cap;                         /* 0, or the capability ID the offset is in */
+    u8 offset;
+    u8 size;
+};
+
+/* Defined once, in the file that defines PROXY_ABI_TABLES (proxy.c); declared everywhere else. */
+#ifdef PROXY_ABI_TABLES
+const struct proxy_config_field proxy_readonly_config[PROXY_READONLY_CONFIG_FIELDS] = {
+    { PROXY_PCI_HEADER_NORMAL, 0, PROXY_PCI_BAR0, 24 },    /* BAR0-5 */
+    { PROXY_PCI_HEADER_NORMAL, 0, 0x30, 4 },               /* expansion ROM */
+    { PROXY_PCI_HEADER_BRIDGE, 0, PROXY_PCI_BAR0, 8 },     /* BAR0-1 */
+    { PROXY_PCI_HEADER_BRIDGE, 0, 0x38, 4 },               /* expansion ROM */
+    { 0, PROXY_PCI_CAP_ID_MSI, 4, 10 },                    /* message address (64-bit) and data */
+};
+#else
+extern const struct proxy_config_field proxy_readonly_config[PROXY_READONLY_CONFIG_FIELDS];
+#endif
 
 /*
  * Ports no ISA channel may hold, whatever the host asks: their effects reach

@@ -20,8 +20,6 @@
 #define IOAPIC_PINS 24
 #define IOREDTBL_LEVEL (1u << 15)
 #define IOREDTBL_MASKED (1u << 16)
-#define PCI_CAP_ID_MSI 0x05
-#define PCI_COMMAND_INTX_DISABLE (1u << 10)
 
 struct line {
     u32 owners;                 /* channels attached to this IOAPIC input */
@@ -177,9 +175,9 @@ static u16 attach_lines(int c, u32 pins, int level, int mode, u32 line)
 /* The command register's INTx Disable bit: set while MSI is in use, clear for INTx. */
 static void set_intx_disable(const struct proxy_pci_device *d, int disable)
 {
-    u16 cmd = pci_cfg_read(d->bus, d->dev, d->fn, 0x04, 2);
-    cmd = disable ? cmd | PCI_COMMAND_INTX_DISABLE : cmd & ~PCI_COMMAND_INTX_DISABLE;
-    pci_cfg_write(d->bus, d->dev, d->fn, 0x04, 2, cmd);
+    u16 cmd = pci_cfg_read(d->bus, d->dev, d->fn, PROXY_PCI_COMMAND, 2);
+    cmd = disable ? cmd | PROXY_PCI_COMMAND_INTX_DISABLE : cmd & ~PROXY_PCI_COMMAND_INTX_DISABLE;
+    pci_cfg_write(d->bus, d->dev, d->fn, PROXY_PCI_COMMAND, 2, cmd);
 }
 
 u16 irq_enable_intx(int c, const struct proxy_pci_device *d)
@@ -232,7 +230,7 @@ u16 irq_enable_msi(int c, const struct proxy_pci_device *d, u64 vectors)
         return PROXY_STATUS_BAD_REQUEST;
     while ((1u << log2n) < n)
         log2n++;
-    int cap = d ? find_cap(d, PCI_CAP_ID_MSI) : 0;
+    int cap = d ? find_cap(d, PROXY_PCI_CAP_ID_MSI) : 0;
     if (!cap)
         return PROXY_STATUS_FAULT;
     u16 ctrl = pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2);
@@ -247,8 +245,8 @@ u16 irq_enable_msi(int c, const struct proxy_pci_device *d, u64 vectors)
     pci_cfg_write(d->bus, d->dev, d->fn, cap + (is64 ? 12 : 8), 2, idt_vector(c, 0));
     pci_cfg_write(d->bus, d->dev, d->fn, cap + 2, 2, (ctrl & ~0x70) | log2n << 4 | 1);   /* MME, on */
     set_intx_disable(d, 1);
-    u16 cmd = pci_cfg_read(d->bus, d->dev, d->fn, 0x04, 2);
-    pci_cfg_write(d->bus, d->dev, d->fn, 0x04, 2, cmd | 0x4);              /* an MSI is a DMA write */
+    u16 cmd = pci_cfg_read(d->bus, d->dev, d->fn, PROXY_PCI_COMMAND, 2);
+    pci_cfg_write(d->bus, d->dev, d->fn, PROXY_PCI_COMMAND, 2, cmd | PROXY_PCI_COMMAND_MASTER);   /* an MSI is a DMA write */
     irq_on();
     return PROXY_STATUS_OK;
 }
@@ -317,7 +315,7 @@ void irq_disable(int c, const struct proxy_pci_device *d)
     }
     channel_pins[c] = 0;
     if (mode == PROXY_IRQ_MSI && d) {
-        int cap = find_cap(d, PCI_CAP_ID_MSI);
+        int cap = find_cap(d, PROXY_PCI_CAP_ID_MSI);
         u16 ctrl = pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2);
         pci_cfg_write(d->bus, d->dev, d->fn, cap + 2, 2, ctrl & ~1);
         set_intx_disable(d, 0);

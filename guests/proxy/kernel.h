@@ -55,6 +55,7 @@ int pci_enumerate(struct proxy_pci_device *table, int max);
 int pci_enable_msix(const struct proxy_pci_device *d, u32 entry, u32 vector);
 void pci_disable_msix(const struct proxy_pci_device *d);
 u32 pci_msix_entries(const struct proxy_pci_device *d);
+u64 pci_msix_table(const struct proxy_pci_device *d);
 
 /* iommu.c */
 void iommu_init(void);

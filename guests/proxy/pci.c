@@ -1,16 +1,6 @@
 /* pci.c - configuration space through ports 0xcf8/0xcfc, enumeration, BAR sizing, MSI-X. */
 #include "kernel.h"
 
-#define PCI_COMMAND 0x04
-#define PCI_COMMAND_IO 0x1
-#define PCI_COMMAND_MEMORY 0x2
-#define PCI_COMMAND_MASTER 0x4
-#define PCI_STATUS_CAP_LIST 0x10
-#define PCI_BAR0 0x10
-#define PCI_SECONDARY_BUS 0x19
-#define PCI_CAP_PTR 0x34
-#define PCI_CAP_ID_MSIX 0x11
-
 static void cfg_select(u8 bus, u8 dev, u8 fn, u8 off)
 {
     outl(0xcf8, 0x80000000u | (u32)bus << 16 | (u32)dev << 11 | (u32)fn << 8 | (off & 0xfc));
@@ -39,7 +29,7 @@ void pci_cfg_write(u8 bus, u8 dev, u8 fn, u8 off, u8 width, u32 v)
 /* Size one BAR the classic way: write all ones with decoding off, read the mask back. */
 static int size_bar(struct proxy_pci_device *d, int i)
 {
-    u8 off = PCI_BAR0 + 4 * i;
+    u8 off = PROXY_PCI_BAR0 + 4 * i;
     u32 orig = pci_cfg_read(d->bus, d->dev, d->fn, off, 4);
     struct proxy_bar *b = &d->bars[i];
     pci_cfg_write(d->bus, d->dev, d->fn, off, 4, 0xffffffff);
@@ -71,9 +61,9 @@ static int size_bar(struct proxy_pci_device *d, int i)
 
 static void read_caps(struct proxy_pci_device *d)
 {
-    if (!(pci_cfg_read(d->bus, d->dev, d->fn, 0x06, 2) & PCI_STATUS_CAP_LIST))
+    if (!(pci_cfg_read(d->bus, d->dev, d->fn, PROXY_PCI_STATUS, 2) & PROXY_PCI_STATUS_CAP_LIST))
         return;
-    u8 ptr = pci_cfg_read(d->bus, d->dev, d->fn, PCI_CAP_PTR, 1) & 0xfc;
+    u8 ptr = pci_cfg_read(d->bus, d->dev, d->fn, PROXY_PCI_CAP_PTR, 1) & 0xfc;
     for (int guard = 0; ptr && guard < 48 && d->ncaps < PROXY_MAX_CAPS; guard++) {
         d->caps[d->ncaps].id = pci_cfg_read(d->bus, d->dev, d->fn, ptr, 1);
         d->caps[d->ncaps].offset = ptr;
@@ -112,28 +102,29 @@ static int scan_bus(u8 bus, struct proxy_pci_device *table, int n, int max)
             d->bus = bus; d->dev = dev; d->fn = fn;
             d->vendor = id & 0xffff;
             d->device = id >> 16;
-            u32 class = pci_cfg_read(bus, dev, fn, 0x08, 4);
+            u32 class = pci_cfg_read(bus, dev, fn, PROXY_PCI_CLASS_REVISION, 4);
             d->revision = class & 0xff;
             d->prog_if = (class >> 8) & 0xff;
             d->subclass = (class >> 16) & 0xff;
             d->class_code = class >> 24;
-            d->header_type = pci_cfg_read(bus, dev, fn, 0x0e, 1);
-            d->irq_line = pci_cfg_read(bus, dev, fn, 0x3c, 1);
-            d->irq_pin = pci_cfg_read(bus, dev, fn, 0x3d, 1);
+            d->header_type = pci_cfg_read(bus, dev, fn, PROXY_PCI_HEADER_TYPE, 1);
+            d->irq_line = pci_cfg_read(bus, dev, fn, PROXY_PCI_INTERRUPT_LINE, 1);
+            d->irq_pin = pci_cfg_read(bus, dev, fn, PROXY_PCI_INTERRUPT_PIN, 1);
             d->gsi = q35_gsi(bus, dev, d->irq_pin);
-            int nbars = (d->header_type & 0x7f) == 0 ? 6 : (d->header_type & 0x7f) == 1 ? 2 : 0;
-            u16 cmd = pci_cfg_read(bus, dev, fn, PCI_COMMAND, 2);
-            pci_cfg_write(bus, dev, fn, PCI_COMMAND, 2, cmd & ~(PCI_COMMAND_IO | PCI_COMMAND_MEMORY));
+            u8 layout = d->header_type & PROXY_PCI_HEADER_LAYOUT;
+            int nbars = layout == PROXY_PCI_HEADER_NORMAL ? 6 : layout == PROXY_PCI_HEADER_BRIDGE ? 2 : 0;
+            u16 cmd = pci_cfg_read(bus, dev, fn, PROXY_PCI_COMMAND, 2);
+            pci_cfg_write(bus, dev, fn, PROXY_PCI_COMMAND, 2, cmd & ~(PROXY_PCI_COMMAND_IO | PROXY_PCI_COMMAND_MEMORY));
             for (int i = 0; i < nbars;)
                 i += size_bar(d, i);
-            pci_cfg_write(bus, dev, fn, PCI_COMMAND, 2, cmd);
+            pci_cfg_write(bus, dev, fn, PROXY_PCI_COMMAND, 2, cmd);
             read_caps(d);
-            if ((d->header_type & 0x7f) == 1) {
-                u8 secondary = pci_cfg_read(bus, dev, fn, PCI_SECONDARY_BUS, 1);
+            if (layout == PROXY_PCI_HEADER_BRIDGE) {
+                u8 secondary = pci_cfg_read(bus, dev, fn, PROXY_PCI_SECONDARY_BUS, 1);
                 if (secondary > bus)
                     n = scan_bus(secondary, table, n, max);
             }
-            if (fn == 0 && !(d->header_type & 0x80))
+            if (fn == 0 && !(d->header_type & PROXY_PCI_HEADER_MULTI_FUNCTION))
                 break;
         }
     }
@@ -149,8 +140,22 @@ int pci_enumerate(struct proxy_pci_device *table, int max)
 u32 pci_msix_entries(const struct proxy_pci_device *d)
 {
     for (int i = 0; i < d->ncaps; i++)
-        if (d->caps[i].id == PCI_CAP_ID_MSIX)
-            return (pci_cfg_read(d->bus, d->dev, d->fn, d->caps[i].offset + 2, 2) & 0x7ff) + 1;
+        if (d->caps[i].id == PROXY_PCI_CAP_ID_MSIX)
+            return (pci_cfg_read(d->bus, d->dev, d->fn, d->caps[i].offset + PROXY_PCI_MSIX_FLAGS, 2)
+                    & PROXY_PCI_MSIX_FLAGS_QSIZE) + 1;
+    return 0;
+}
+
+/* The guest-physical address of the device's MSI-X table (in one of its BARs); 0 without MSI-X. */
+u64 pci_msix_table(const struct proxy_pci_device *d)
+{
+    for (int i = 0; i < d->ncaps; i++) {
+        if (d->caps[i].id != PROXY_PCI_CAP_ID_MSIX)
+            continue;
+        u32 table = pci_cfg_read(d->bus, d->dev, d->fn, d->caps[i].offset + PROXY_PCI_MSIX_TABLE, 4);
+        u32 bir = table & PROXY_PCI_MSIX_TABLE_BIR;
+        return bir < PROXY_MAX_BARS ? d->bars[bir].base + (table & ~(u32)PROXY_PCI_MSIX_TABLE_BIR) : 0;
+    }
     return 0;
 }
 
@@ -158,20 +163,22 @@ u32 pci_msix_entries(const struct proxy_pci_device *d)
 int pci_enable_msix(const struct proxy_pci_device *d, u32 entry, u32 vector)
 {
     for (int i = 0; i < d->ncaps; i++) {
-        if (d->caps[i].id != PCI_CAP_ID_MSIX)
+        if (d->caps[i].id != PROXY_PCI_CAP_ID_MSIX)
             continue;
         u8 cap = d->caps[i].offset;
-        u32 table = pci_cfg_read(d->bus, d->dev, d->fn, cap + 4, 4);
-        const struct proxy_bar *bar = &d->bars[table & 7];
-        u64 slot = bar->base + (table & ~7u) + 16 * entry;
-        u16 cmd = pci_cfg_read(d->bus, d->dev, d->fn, PCI_COMMAND, 2);
-        pci_cfg_write(d->bus, d->dev, d->fn, PCI_COMMAND, 2, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
+        u64 table = pci_msix_table(d);
+        if (!table)
+            return -1;
+        u64 slot = table + PROXY_PCI_MSIX_ENTRY_SIZE * entry;
+        u16 cmd = pci_cfg_read(d->bus, d->dev, d->fn, PROXY_PCI_COMMAND, 2);
+        pci_cfg_write(d->bus, d->dev, d->fn, PROXY_PCI_COMMAND, 2,
+                      cmd | PROXY_PCI_COMMAND_MEMORY | PROXY_PCI_COMMAND_MASTER);
         mmio_write32(slot + 0, 0xfee00000u);    /* destination: APIC id 0, physical mode */
         mmio_write32(slot + 4, 0);
         mmio_write32(slot + 8, vector);         /* fixed delivery, edge */
         mmio_write32(slot + 12, 0);             /* unmasked */
-        u16 ctrl = pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2);
-        pci_cfg_write(d->bus, d->dev, d->fn, cap + 2, 2, (ctrl | 0x8000) & ~0x4000);
+        u16 ctrl = pci_cfg_read(d->bus, d->dev, d->fn, cap + PROXY_PCI_MSIX_FLAGS, 2);
+        pci_cfg_write(d->bus, d->dev, d->fn, cap + PROXY_PCI_MSIX_FLAGS, 2, (ctrl | 0x8000) & ~0x4000);
         return 0;
     }
     return -1;
@@ -180,10 +187,10 @@ int pci_enable_msix(const struct proxy_pci_device *d, u32 entry, u32 vector)
 void pci_disable_msix(const struct proxy_pci_device *d)
 {
     for (int i = 0; i < d->ncaps; i++) {
-        if (d->caps[i].id == PCI_CAP_ID_MSIX) {
+        if (d->caps[i].id == PROXY_PCI_CAP_ID_MSIX) {
             u8 cap = d->caps[i].offset;
-            u16 ctrl = pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2);
-            pci_cfg_write(d->bus, d->dev, d->fn, cap + 2, 2, ctrl & ~0x8000);
+            u16 ctrl = pci_cfg_read(d->bus, d->dev, d->fn, cap + PROXY_PCI_MSIX_FLAGS, 2);
+            pci_cfg_write(d->bus, d->dev, d->fn, cap + PROXY_PCI_MSIX_FLAGS, 2, ctrl & ~0x8000);
         }
     }
 }

@@ -10,21 +10,17 @@
  * PROXY_MAX_CHANNELS + (s - 1) * PROXY_SLOT_CHANNELS + k. A driver process
  * sees only its slot's window, so it can reach only what its channels hold.
  */
+#define PROXY_ABI_TABLES                /* abi.h's tables are defined here */
 #include "kernel.h"
 #include "vectors.h"
 
 #define READ_ONCE(x) (*(volatile __typeof__(x) *)&(x))
 #define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *)&(x) = (v))
 
-#define PCI_CLASS_BRIDGE 0x06           /* host, ISA and PCI bridges: their registers route the machine */
 #define IVSHMEM_VENDOR 0x1af4
 #define IVSHMEM_DEVICE 0x1110
 #define IVSHMEM_DOORBELL 12
-#define PCI_CAP_ID_MSI 0x05
-#define PCI_CAP_ID_MSIX 0x11
 #define MAX_WINDOWS 8
-#define PCI_COMMAND 0x04
-#define PCI_COMMAND_MASTER 0x4
 #define RTC_INDEX 0x70
 #define RTC_NMI_DISABLE 0x80
 
@@ -33,7 +29,7 @@ struct channel {
     const struct proxy_pci_device *device;     /* NULL for an ISA channel */
     struct window mmio[MAX_WINDOWS], pio[MAX_WINDOWS];
     struct window mmio_readonly[2];             /* MSI-X table: an MSI is a DMA write */
-    struct window cfg_readonly[4];              /* BARs, ROM, MSI address and data */
+    struct window cfg_readonly[4];              /* abi.h's proxy_readonly_config: BARs, ROM, MSI address and data */
     int nmmio, npio, nmmio_readonly, ncfg_readonly;
     struct window dma;                          /* the device's DMA domain (IOVA = guest-physical) */
     u64 isa_base, isa_ports;                    /* ISA: bit n of isa_ports grants port isa_base + n */
@@ -46,7 +42,7 @@ struct channel {
 };
 
 /* One ivshmem window: the control window (0) or driver slot n. */
-struct port {
+struct shared_window {
     struct proxy_shared *win;                   /* NULL: the machine has no such slot */
     const struct proxy_pci_device *dev;         /* its ivshmem device: never granted */
     u64 doorbell;
@@ -55,18 +51,18 @@ struct port {
 struct proxy_shared *shared;                    /* the control window */
 static const struct proxy_pci_device *devices;
 static int ndevices;
-static struct port ports[1 + PROXY_MAX_SLOTS];
+static struct shared_window windows[1 + PROXY_MAX_SLOTS];
 static struct channel channels[PROXY_TOTAL_CHANNELS];
 static u32 backlog[1 + PROXY_MAX_SLOTS];        /* per window: rings whose batch outlasted its turn */
 static u64 turn_ticks;                          /* PROXY_TURN_US in TSC ticks */
 static u32 generations;                         /* for channel.generation */
 static int polling = -1;                        /* the channel whose poll lends its turn, or -1 */
 
-static int port_of(int c) { return c < PROXY_MAX_CHANNELS ? 0 : 1 + (c - PROXY_MAX_CHANNELS) / PROXY_SLOT_CHANNELS; }
+static int window_number(int c) { return c < PROXY_MAX_CHANNELS ? 0 : 1 + (c - PROXY_MAX_CHANNELS) / PROXY_SLOT_CHANNELS; }
 static int ring_of(int c) { return c < PROXY_MAX_CHANNELS ? c : (c - PROXY_MAX_CHANNELS) % PROXY_SLOT_CHANNELS; }
 static int first_channel(int p) { return p ? PROXY_MAX_CHANNELS + (p - 1) * PROXY_SLOT_CHANNELS : 0; }
 static int nchannels(int p) { return p ? PROXY_SLOT_CHANNELS : PROXY_MAX_CHANNELS; }
-static struct proxy_shared *window_of(int c) { return ports[port_of(c)].win; }
+static struct proxy_shared *window_of(int c) { return windows[window_number(c)].win; }
 
 /* Ports no ISA channel may hold: abi.h says which and why. */
 static const u32 reserved_ports[] = {
@@ -113,7 +109,7 @@ static int any_overlap(const struct window *w, int n, u64 addr, u64 width)
  * channel's interrupts have their own vector (eventfd on the host), so one
  * waiter never swallows another's wake-up.
  */
-static void wake(const struct port *p, u32 vector)
+static void wake(const struct shared_window *p, u32 vector)
 {
     mfence();                           /* our results before we read its flag */
     if (p->win && vector < PROXY_DOORBELL_VECTORS && READ_ONCE(p->win->host_sleeping[vector]))
@@ -128,7 +124,7 @@ struct proxy_irq *proxy_irq_slot(int c, u32 v)
 
 void proxy_wake_irq(int c, u32 v)
 {
-    wake(&ports[port_of(c)], PROXY_DOORBELL_IRQ_BASE + (u32)ring_of(c) * PROXY_IRQ_VECTORS + v);
+    wake(&windows[window_number(c)], PROXY_DOORBELL_IRQ_BASE + (u32)ring_of(c) * PROXY_IRQ_VECTORS + v);
 }
 
 /* The proxy crashed (trap.c wrote the record into the control window): every window says
@@ -137,13 +133,13 @@ void proxy_wake_irq(int c, u32 v)
 void proxy_crashed(void)
 {
     for (int p = 0; p <= PROXY_MAX_SLOTS; p++) {
-        struct proxy_shared *w = ports[p].win;
+        struct proxy_shared *w = windows[p].win;
         if (!w)
             continue;
         mfence();
         w->state = PROXY_STATE_CRASHED;
         for (u32 v = 0; v < PROXY_DOORBELL_VECTORS; v++)
-            wake(&ports[p], v);         /* whoever waits, on whatever */
+            wake(&windows[p], v);         /* whoever waits, on whatever */
     }
 }
 
@@ -156,7 +152,7 @@ static struct channel *fresh_channel(int c)
     struct proxy_shared *w = window_of(c);
     memset(&channels[c], 0, sizeof(channels[c]));
     channels[c].generation = ++generations;
-    backlog[port_of(c)] &= ~(1u << ring_of(c));
+    backlog[window_number(c)] &= ~(1u << ring_of(c));
     memset(&w->dma_faults[ring_of(c)], 0, sizeof(w->dma_faults[0]));
     channels[c].served = READ_ONCE(w->rings[ring_of(c)].submit);
     WRITE_ONCE(w->rings[ring_of(c)].served, channels[c].served);
@@ -166,7 +162,7 @@ static struct channel *fresh_channel(int c)
 /* Window p as the host named it, if the machine has it (-1: not). */
 static int window_at(u64 p)
 {
-    return p <= PROXY_MAX_SLOTS && ports[p].win ? (int)p : -1;
+    return p <= PROXY_MAX_SLOTS && windows[p].win ? (int)p : -1;
 }
 
 /* A free channel in window p, one the machine has (the control window's channel 0 is the admin's). */
@@ -181,34 +177,34 @@ static int free_channel(int p)
 static int is_window_device(const struct proxy_pci_device *d)
 {
     for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
-        if (ports[p].dev == d)
+        if (windows[p].dev == d)
             return 1;
     return 0;
 }
 
 static void grant_config_fields(struct channel *ch, const struct proxy_pci_device *d)
 {
-    int bridge = (d->header_type & 0x7f) == 1;
-    ch->cfg_readonly[ch->ncfg_readonly++] = (struct window){ 0x10, bridge ? 8 : 24 };
-    ch->cfg_readonly[ch->ncfg_readonly++] = (struct window){ bridge ? 0x38 : 0x30, 4 };
-    for (int i = 0; i < d->ncaps; i++) {
-        u8 cap = d->caps[i].offset;
-        if (d->caps[i].id == PCI_CAP_ID_MSI && ch->ncfg_readonly < 4)
-            ch->cfg_readonly[ch->ncfg_readonly++] = (struct window){ cap + 4u, 10 };
-        if (d->caps[i].id == PCI_CAP_ID_MSIX && ch->nmmio_readonly < 2) {
-            u32 table = pci_cfg_read(d->bus, d->dev, d->fn, cap + 4, 4);
-            u32 entries = (pci_cfg_read(d->bus, d->dev, d->fn, cap + 2, 2) & 0x7ff) + 1;
-            const struct proxy_bar *b = &d->bars[table & 7];
-            ch->mmio_readonly[ch->nmmio_readonly++] =
-                (struct window){ b->base + (table & ~7u), 16ull * entries };
+    u8 header = (d->header_type & PROXY_PCI_HEADER_LAYOUT) == PROXY_PCI_HEADER_BRIDGE
+        ? PROXY_PCI_HEADER_BRIDGE : PROXY_PCI_HEADER_NORMAL;
+    for (unsigned f = 0; f < ARRAY_SIZE(proxy_readonly_config); f++) {
+        const struct proxy_config_field *field = &proxy_readonly_config[f];
+        for (int i = 0; field->cap ? i < d->ncaps : i == 0; i++) {
+            u32 base = field->cap ? d->caps[i].offset : 0;
+            if ((field->cap ? d->caps[i].id == field->cap : field->header == header)
+                && ch->ncfg_readonly < (int)ARRAY_SIZE(ch->cfg_readonly))
+                ch->cfg_readonly[ch->ncfg_readonly++] = (struct window){ base + field->offset, field->size };
         }
     }
+    u64 msix_table = pci_msix_table(d);
+    if (msix_table)
+        ch->mmio_readonly[ch->nmmio_readonly++] =
+            (struct window){ msix_table, PROXY_PCI_MSIX_ENTRY_SIZE * (u64)pci_msix_entries(d) };
 }
 
 /* Does [addr, addr + len) lie inside window p's DMA pool? Its domains are carved from it. */
 static int in_pool(int p, u64 addr, u64 len)
 {
-    const struct proxy_bar *bar2 = &ports[p].dev->bars[2];
+    const struct proxy_bar *bar2 = &windows[p].dev->bars[2];
     u64 pool = bar2->base + PROXY_DMA_OFFSET, end = bar2->base + bar2->size;
     return addr >= pool && addr <= end && len <= end - addr;
 }
@@ -235,7 +231,7 @@ static u16 open_pci(int p, u64 bdf, u64 dma_base, u64 dma_size, u64 *out)
             d = &devices[i];
     if (!d)
         return PROXY_STATUS_BAD_REQUEST;
-    if (is_window_device(d) || (p != 0 && d->class_code == PCI_CLASS_BRIDGE))
+    if (is_window_device(d) || (p != 0 && d->class_code == PROXY_PCI_CLASS_BRIDGE))
         return PROXY_STATUS_DENIED;     /* a slot's driver gets a device, not the chipset */
     for (int c = 1; c < PROXY_TOTAL_CHANNELS; c++)
         if (channels[c].open && channels[c].device == d)
@@ -447,8 +443,8 @@ static void close_channel(struct channel *ch, int c)
     const struct proxy_pci_device *d = ch->device;
     irq_disable(c, d);
     if (d) {
-        u32 cmd = pci_cfg_read(d->bus, d->dev, d->fn, PCI_COMMAND, 2);
-        pci_cfg_write(d->bus, d->dev, d->fn, PCI_COMMAND, 2, cmd & ~PCI_COMMAND_MASTER);
+        u32 cmd = pci_cfg_read(d->bus, d->dev, d->fn, PROXY_PCI_COMMAND, 2);
+        pci_cfg_write(d->bus, d->dev, d->fn, PROXY_PCI_COMMAND, 2, cmd & ~PROXY_PCI_COMMAND_MASTER);
         iommu_unmap(d->bus, (u8)(d->dev << 3 | d->fn));
     }
     ch->dma = (struct window){ 0, 0 };
@@ -487,8 +483,8 @@ static int channel_at(u64 p, u64 k)
 /* Publish window p's control page: what its holder reads before anything else. */
 static void publish(int p)
 {
-    struct proxy_shared *w = ports[p].win;
-    const struct proxy_bar *bar2 = &ports[p].dev->bars[2];
+    struct proxy_shared *w = windows[p].win;
+    const struct proxy_bar *bar2 = &windows[p].dev->bars[2];
     memcpy(w->devices, devices, sizeof(w->devices));
     w->ndevices = (u32)ndevices;
     w->slot = (u32)p;
@@ -740,7 +736,7 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
 static void set_backlog(int c, int left)
 {
     u32 bit = 1u << ring_of(c);
-    backlog[port_of(c)] = left ? backlog[port_of(c)] | bit : backlog[port_of(c)] & ~bit;
+    backlog[window_number(c)] = left ? backlog[window_number(c)] | bit : backlog[window_number(c)] & ~bit;
 }
 
 /*
@@ -757,7 +753,7 @@ static int serve(int c)
     struct proxy_shared *w = window_of(c);
     struct proxy_ring *r = &w->rings[ring_of(c)];
     struct channel *ch = &channels[c];
-    int resuming = backlog[port_of(c)] >> ring_of(c) & 1;
+    int resuming = backlog[window_number(c)] >> ring_of(c) & 1;
     if (c != 0 && !ch->open) {
         set_backlog(c, 0);
         u32 submit = READ_ONCE(r->submit);
@@ -820,14 +816,14 @@ static int serve(int c)
     }
 publish:
     WRITE_ONCE(r->served, ch->served);
-    wake(&ports[port_of(c)], (u32)ring_of(c));
+    wake(&windows[window_number(c)], (u32)ring_of(c));
     return 1;
 }
 
 static int pending(void)
 {
     for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
-        if (ports[p].win && READ_ONCE(*(volatile u64 *)ports[p].win->ring_posted))
+        if (windows[p].win && READ_ONCE(*(volatile u64 *)windows[p].win->ring_posted))
             return 1;
     return 0;
 }
@@ -835,12 +831,12 @@ static int pending(void)
 static void set_sleeping(u32 asleep)
 {
     for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
-        if (ports[p].win)
-            WRITE_ONCE(ports[p].win->guest_sleeping, asleep);
+        if (windows[p].win)
+            WRITE_ONCE(windows[p].win->guest_sleeping, asleep);
 }
 
 /* Serve every ring of window p that the host has posted to. */
-static int serve_port(int p)
+static int serve_window(int p)
 {
     /* One word says which rings moved: under an emulating hypervisor each
      * instruction costs microseconds, and looking at eight rings costs fifty.
@@ -849,7 +845,7 @@ static int serve_port(int p)
      * TCG carries it out as a load and a store, which can swallow a post the
      * host makes in between.) A slot's flags past its rings are cleared too:
      * they are only garbage its driver wrote. */
-    struct proxy_shared *w = ports[p].win;
+    struct proxy_shared *w = windows[p].win;
     u64 posted = READ_ONCE(*(volatile u64 *)w->ring_posted);
     u32 left = backlog[p];
     int busy = 0;
@@ -874,8 +870,8 @@ static void others_turn(int c)
         return;
     polling = c;
     for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
-        if (ports[p].win)
-            serve_port(p);
+        if (windows[p].win)
+            serve_window(p);
     polling = -1;
 }
 
@@ -899,21 +895,21 @@ void proxy_init(const struct proxy_pci_device *table, int n)
             panic("proxy_init: an ivshmem window smaller than the control area");
         struct proxy_shared *w = (struct proxy_shared *)(unsigned long)bar2->base;
         u32 p = READ_ONCE(w->slot);
-        if (p > PROXY_MAX_SLOTS || ports[p].win)
+        if (p > PROXY_MAX_SLOTS || windows[p].win)
             panic("proxy_init: an ivshmem window with a bad or repeated slot number");
         if (pci_enable_msix(d, 0, VEC_KICK))
             panic("proxy_init: an ivshmem device without MSI-X");
-        ports[p] = (struct port){ w, d, d->bars[0].base + IVSHMEM_DOORBELL };
+        windows[p] = (struct shared_window){ w, d, d->bars[0].base + IVSHMEM_DOORBELL };
     }
-    if (!ports[0].win)
+    if (!windows[0].win)
         panic("proxy_init: no control window (an ivshmem-doorbell whose slot is 0)");
-    shared = ports[0].win;
+    shared = windows[0].win;
     channels[0].open = 1;
     turn_ticks = tsc_hz / 1000000 * PROXY_TURN_US;
     for (int p = PROXY_MAX_SLOTS; p >= 0; p--)       /* the control window last: READY means all are */
-        if (ports[p].win)
+        if (windows[p].win)
             publish(p);
-    kprintf("proxy: ready, control window %lx size %lx\n", ports[0].dev->bars[2].base, ports[0].dev->bars[2].size);
+    kprintf("proxy: ready, control window %lx size %lx\n", windows[0].dev->bars[2].base, windows[0].dev->bars[2].size);
 }
 
 /* Spin while there is work, then announce sleep, look once more, and halt until kicked. */
@@ -925,8 +921,8 @@ void proxy_loop(void)
     for (u32 round = 1;; round++) {
         int busy = 0;
         for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
-            if (ports[p].win)
-                busy |= serve_port(p);
+            if (windows[p].win)
+                busy |= serve_window(p);
         if (busy) {
             idle_since = rdtsc();
             continue;

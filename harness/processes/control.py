@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from ..errors import AccessDenied, AttachRefused, HarnessError
 
 if TYPE_CHECKING:
-    from ..proxy.bus import ProxyBus
+    from ..proxy.admin import ProxyAdmin
     from ..proxy.machine import ProxyMachine
 
 log = logging.getLogger(__name__)
@@ -98,12 +98,17 @@ def recv_message(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]
 
 @dataclass
 class Holder:
-    """A process that holds a slot, and what it opened there: ring -> (devfn or None, domain base)."""
+    """A process that holds a slot, and what it opened there: ring -> (devfn or None, domain base),
+    and the devices it is opening (claimed before the proxy grants them, so no one else can)."""
     pid: int
     slot: int
     pidfd: int                                      # opened at connect: the PID cannot be reused under us
     token: str | None = None
     rings: dict[int, tuple[int | None, int]] = field(default_factory=dict)
+    opening: set[int] = field(default_factory=set)  # devfns
+
+    def holds(self, devfn: int) -> bool:
+        return devfn in self.opening or any(d == devfn for d, _ in self.rings.values())
 
 
 def serve(pm: "ProxyMachine", address: str | None = None) -> "ControlServer":
@@ -112,7 +117,7 @@ def serve(pm: "ProxyMachine", address: str | None = None) -> "ControlServer":
     for service in pm.services:
         if isinstance(service, ControlServer):
             return service
-    control = ControlServer(pm.bus, address)
+    control = ControlServer(pm.admin, address)
     pm.services.append(control)
     return control
 
@@ -120,10 +125,10 @@ def serve(pm: "ProxyMachine", address: str | None = None) -> "ControlServer":
 class ControlServer:
     """Lends the machine's driver slots to other processes; see the module's docstring."""
 
-    def __init__(self, bus: "ProxyBus", address: str | None = None) -> None:
-        if not bus.slots:
+    def __init__(self, admin: "ProxyAdmin", address: str | None = None) -> None:
+        if not admin.slots:
             raise AttachRefused("this machine has no driver slots (proxy_spec(slots=...))")
-        self.bus = bus
+        self.admin = admin
         self.address = address or f"@hwharness-control-{os.getpid()}-{next(_serial)}"   # printable
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._listener.bind(unix_address(self.address))
@@ -154,7 +159,7 @@ class ControlServer:
     def holder_of(self, devfn: int) -> Holder | None:
         with self._lock:
             for h in self.holders.values():
-                if any(d == devfn for d, _ in h.rings.values()):
+                if h.holds(devfn):
                     return h
         return None
 
@@ -253,10 +258,10 @@ class ControlServer:
         op = message.get("op")
         if holder is None:
             raise ValueError(f"{op!r} before hello")
-        bus, n = self.bus, holder.slot
+        admin, n = self.admin, holder.slot
         if op == "open_pci":
             devfn = int(message["devfn"])
-            function = next((f for f in bus.functions if f.devfn == devfn), None)
+            function = next((f for f in admin.bus.functions if f.devfn == devfn), None)
             if function is None:
                 raise ValueError(f"no PCI function {devfn:#x} on this machine")
             dma_size = message.get("dma_size")
@@ -264,29 +269,29 @@ class ControlServer:
                 raise ValueError(f"dma_size {dma_size!r} is not a whole number of bytes")
             with self._lock:                    # claimed here, granted outside the lock
                 self._may_open(holder, devfn, function)
-                holder.rings[-devfn - 1] = (devfn, 0)
+                holder.opening.add(devfn)
             try:
-                ring, base, size = bus.grant_pci(function, dma_size, slot=n)
+                ring, base, size = admin.grant_pci(function, dma_size, slot=n)
             finally:
                 with self._lock:
-                    holder.rings.pop(-devfn - 1)
+                    holder.opening.discard(devfn)
             with self._lock:
                 holder.rings[ring] = (devfn, base)
             return {"ok": True, "ring": ring, "domain_base": base, "domain_size": size}, []
         if op == "open_ports":
             if holder.token is not None:
                 raise AttachRefused("a driver with reserved devices opens those only")
-            ring = bus.grant_ports(int(message["base"]), int(message["count"]), slot=n)
+            ring = admin.grant_ports(int(message["base"]), int(message["count"]), slot=n)
             with self._lock:
                 holder.rings[ring] = (None, 0)
             return {"ok": True, "ring": ring}, []
         if op == "close":
             ring = int(message["ring"])
             with self._lock:
-                if ring < 0 or ring not in holder.rings:
+                if ring not in holder.rings:
                     raise ValueError(f"slot {n} has no open ring {ring}")
                 _, base = holder.rings.pop(ring)
-            bus.revoke(ring, base, slot=n)
+            admin.revoke(ring, base, slot=n)
             return {"ok": True}, []
         raise ValueError(f"no such control operation: {op!r}")
 
@@ -296,7 +301,7 @@ class ControlServer:
         other = self.holder_of(devfn)
         if other is not None:
             raise AttachRefused(f"{function} is held by process {other.pid} (slot {other.slot})")
-        if devfn in self.bus.owned.values():
+        if devfn in self.admin.bus.owned.values():
             raise AttachRefused(f"{function} is held by the machine's owner (process {os.getpid()})")
         mine = self._reserved.get(holder.token or "", frozenset())
         if holder.token is not None and devfn not in mine:
@@ -311,18 +316,18 @@ class ControlServer:
         with self._lock:
             if token is not None and token not in self._reserved:
                 raise AttachRefused("no devices are reserved under that token")
-            free = lambda: [s.n for s in self.bus.slots if s.n not in self.holders and s.n not in self._draining]  # noqa: E731
+            free = lambda: [s.n for s in self.admin.slots if s.n not in self.holders and s.n not in self._draining]  # noqa: E731
             if not self._lock.wait_for(lambda: bool(free()) or self._closed, wait):
                 raise AttachRefused(f"every driver slot of this machine is taken "
-                                    f"({len(self.bus.slots)}, held by processes "
+                                    f"({len(self.admin.slots)}, held by processes "
                                     f"{sorted(h.pid for h in self.holders.values())})")
             if self._closed:
                 raise AttachRefused("the machine's owner is shutting down")
             n = free()[0]
             holder = self.holders[n] = Holder(pid, n, pidfd, token)
-        slot, m = self.bus.slots[n - 1], self.bus.machine
+        slot, m = self.admin.slots[n - 1], self.admin.machine
         log.info("slot %d lent to process %d", n, pid)
-        reply = {"ok": True, "slot": n, "guest_elf": str(self.bus.abi.path),
+        reply = {"ok": True, "slot": n, "guest_elf": str(self.admin.abi.path),
                  "qemu_pid": m.process.pid if m.process else 0,
                  "vectors": len(slot.handles.host_fds), "size": slot.handles.size}
         return holder, reply, slot.handles.lendable_fds()
@@ -337,12 +342,12 @@ class ControlServer:
             self._draining.add(n)
         taken_back = False
         try:
-            if self.bus.machine.alive():
-                self.bus.revoke_slot(n)
+            if self.admin.machine.alive():
+                self.admin.revoke_slot(n)
             if holder.pid != os.getpid():       # the owner itself maps every window anyway
                 self._wait_exit(holder.pidfd)
-            if self.bus.machine.alive() and not self._closed:
-                self.bus.renew_slot(n)
+            if self.admin.machine.alive() and not self._closed:
+                self.admin.renew_slot(n)
                 taken_back = True
         except HarnessError as exc:
             log.error("slot %d: could not take it back from process %d, and it stays out of use: %s",

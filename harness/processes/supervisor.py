@@ -213,7 +213,7 @@ class Supervisor:
             return
         if driver.slot is None:
             driver.slot = self.control.slot_of(driver.pid)
-        beat = self.pm.bus.slots[driver.slot - 1].heartbeat if driver.slot else 0
+        beat = self.pm.admin.slots[driver.slot - 1].heartbeat if driver.slot else 0
         if beat != driver.last_beat:
             driver.last_beat, driver.last_beat_at = beat, now
             if driver.state == "starting" and beat:

@@ -2,8 +2,10 @@
 
 guests/proxy/abi.h is the only place the layout is written down. This module
 reads its structures and enumerators back out of the ELF's debug info, so no
-offset, size or constant is typed twice. The one number the host states is
-the ABI version it was written against, and it refuses any other.
+offset, size or constant is typed twice; the few tables the header defines
+(``const`` arrays named ``proxy_*``) are read from the ELF's read-only data at
+their symbol, typed by their DWARF. The one number the host states is the ABI
+version it was written against, and it refuses any other.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import functools
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from types import SimpleNamespace
+from typing import Any, Sequence, Union
 
 from elftools.elf.elffile import ELFFile
 
@@ -64,10 +67,12 @@ Type = Union[Scalar, Array, Struct]
 class Abi:
     """Constants and struct layouts of one guest ELF."""
 
-    def __init__(self, consts: dict[str, int], structs: dict[str, Struct], path: Path) -> None:
+    def __init__(self, consts: dict[str, int], structs: dict[str, Struct], path: Path,
+                 tables: dict[str, tuple[Type, bytes]] | None = None) -> None:
         self.consts = consts
         self.structs = structs
         self.path = path
+        self._tables = tables or {}
         version = consts.get("PROXY_ABI_VERSION")
         if version != HOST_ABI_VERSION:
             raise AbiError(f"{path}: guest ABI version {version}, this harness speaks {HOST_ABI_VERSION}")
@@ -90,6 +95,37 @@ class Abi:
                     what = name.removeprefix("PROXY_RESERVED_").lower().replace("_", " ")
                     reasons.append(f"{start:#x}-{start + n - 1:#x} ({what})")
         return reasons
+
+    def names(self, prefix: str) -> SimpleNamespace:
+        """The constants that start with ``prefix``, without it: ``abi.names("PROXY_PCI_").COMMAND``."""
+        return SimpleNamespace(**{name.removeprefix(prefix): value for name, value in self.consts.items()
+                                  if name.startswith(prefix)})
+
+    def table(self, name: str) -> Any:
+        """A table abi.h defines (a ``const`` array), decoded: a list of ints or dicts."""
+        try:
+            t, raw = self._tables[name]
+        except KeyError:
+            raise AbiError(f"{self.path}: no table {name} in the debug info and symbols") from None
+        return self.decode(t, raw)
+
+    @functools.cached_property
+    def _readonly_config(self) -> list[dict[str, int]]:
+        return list(self.table("proxy_readonly_config"))
+
+    def readonly_config(self, header_type: int, caps: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The (offset, size) of every config-space field a channel to this function may not
+        write (``proxy_readonly_config``): its BARs and ROM, and each MSI capability's message."""
+        bridge = header_type & self.PROXY_PCI_HEADER_LAYOUT == self.PROXY_PCI_HEADER_BRIDGE
+        header = self.PROXY_PCI_HEADER_BRIDGE if bridge else self.PROXY_PCI_HEADER_NORMAL
+        fields = []
+        for field in self._readonly_config:
+            if not field["cap"]:
+                if field["header"] == header:
+                    fields.append((field["offset"], field["size"]))
+                continue
+            fields += [(at + field["offset"], field["size"]) for cap, at in caps if cap == field["cap"]]
+        return fields
 
     def struct(self, name: str) -> Struct:
         try:
@@ -193,10 +229,25 @@ def _resolve(die: Any, structs: dict[str, Struct]) -> Type:
     raise AbiError(f"unsupported DWARF type {tag} in the ABI")
 
 
+def _initial_bytes(elf: ELFFile, path: Path, name: str, size: int) -> bytes:
+    """The ``size`` bytes a variable starts with, from the section its symbol points into."""
+    symtab = elf.get_section_by_name(".symtab")
+    symbols = symtab.get_symbol_by_name(name) if symtab is not None else None
+    if not symbols:
+        raise AbiError(f"{path}: no symbol {name}; abi.h's tables are defined where PROXY_ABI_TABLES is")
+    address = symbols[0]["st_value"]
+    for section in elf.iter_sections():
+        start = section["sh_addr"]
+        if section["sh_type"] == "SHT_PROGBITS" and start <= address and address + size <= start + section["sh_size"]:
+            return section.data()[address - start:address - start + size]
+    raise AbiError(f"{path}: {name} at {address:#x} is in no section with contents")
+
+
 @functools.lru_cache(maxsize=8)
 def _load(path: Path, mtime_ns: int) -> Abi:
     consts: dict[str, int] = {}
     structs: dict[str, Struct] = {}
+    tables: dict[str, tuple[Type, bytes]] = {}
     with open(path, "rb") as f:
         elf = ELFFile(f)
         if not elf.has_dwarf_info():
@@ -209,7 +260,11 @@ def _load(path: Path, mtime_ns: int) -> Abi:
                 elif (die.tag == "DW_TAG_structure_type" and name and name.startswith("proxy_")
                       and name not in structs and not _attr(die, "DW_AT_declaration")):
                     _resolve(die, structs)
-    return Abi(consts, structs, path)
+                elif (die.tag == "DW_TAG_variable" and name and name.startswith("proxy_")
+                      and name not in tables and "DW_AT_location" in die.attributes):
+                    t = _resolve(die.get_DIE_from_attribute("DW_AT_type"), structs)
+                    tables[name] = (t, _initial_bytes(elf, path, name, t.size))
+    return Abi(consts, structs, path, tables)
 
 
 def load_abi(path: Path) -> Abi:

@@ -7,28 +7,27 @@ import logging
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from ..access import Access, Channel, DmaDomain, IrqMode, Kind, Prepared, Space
-from ..errors import (AbiError, AccessDenied, BadRequest, DeviceTimeout, DmaFault, DmaFaultRecord, ProxyError,
-                      ProxyFault)
+from ..errors import AccessDenied, BadRequest, DeviceTimeout, DmaFault, DmaFaultRecord, ProxyError, ProxyFault
+from .ring import Ring
 from .window import SPIN_SECONDS
 
 if TYPE_CHECKING:
-    from .bus import ProxyBus
+    from .bus import WindowBus
     from .irq import ProxyIrq
 
 log = logging.getLogger(__name__)
 
-REQUEST_FIELDS = ["op", "width", "status", "timeout_us", "addr", "value", "mask", "expect"]
 DEFAULT_TIMEOUT = 10.0   # seconds a request may take beyond its own poll timeout
 
 
 class ProxyChannel(Channel):
-    """Executes accesses through ring ``index`` of the shared window.
+    """Executes accesses through ring ``index`` of the shared window (``ring``).
 
     Like a socket, a channel serves one thread at a time: the hot path takes
     no lock (a lock costs as much as a fifth of a round trip here).
     """
 
-    def __init__(self, bus: "ProxyBus", index: int, name: str, domain: DmaDomain | None = None) -> None:
+    def __init__(self, bus: "WindowBus", index: int, name: str, domain: DmaDomain | None = None) -> None:
         self.bus = bus
         self.index = index
         self.name = name
@@ -37,26 +36,10 @@ class ProxyChannel(Channel):
         self.spin = SPIN_SECONDS
         w = bus.window
         abi = bus.abi
+        self.ring = Ring(w, index)
         self._w = w
         self._mem = w.mem
         self._u16, self._u32, self._u64 = w.u16, w.u32, w.u64
-        ring = w.rings_off + index * w.ring_size
-        self._submit_idx = (ring + abi.offsetof("proxy_ring", "submit")) // 4
-        self._served_idx = (ring + abi.offsetof("proxy_ring", "served")) // 4
-        self._posted = abi.offsetof("proxy_shared", "ring_posted") + index   # set after each move of submit
-        self._entries = ring + abi.offsetof("proxy_ring", "entries")
-        self._entry_size = abi.sizeof("proxy_request")
-        self._nentries = abi.PROXY_RING_ENTRIES
-        self._pack = abi.packer("proxy_request", REQUEST_FIELDS).pack_into
-        self._first_off = abi.offsetof("proxy_request", REQUEST_FIELDS[0])
-        # The hot path leaves mask and expect alone: only polls read them.
-        self._pack_short = abi.packer("proxy_request", REQUEST_FIELDS[:6]).pack_into
-        self._status_off = abi.offsetof("proxy_request", "status")
-        self._value_off = abi.offsetof("proxy_request", "value")
-        self._start_tsc_off = abi.offsetof("proxy_request", "start_tsc")
-        if self._entries % 8 or self._entry_size % 8 or self._status_off % 2 or self._value_off % 8:
-            raise AbiError("ring entries are not naturally aligned; the host reads them as words")
-        self._head = self._u32[self._submit_idx]
         self._started: tuple | None = None          # a prepared batch published, not yet awaited
         self._ok = abi.PROXY_STATUS_OK
         self._errors = {abi.PROXY_STATUS_DENIED: AccessDenied, abi.PROXY_STATUS_BAD_REQUEST: BadRequest,
@@ -87,54 +70,46 @@ class ProxyChannel(Channel):
         return (op, a.width, 0, int(a.timeout * 1e6), a.addr & (2**64 - 1), a.value & (2**64 - 1),
                 a.mask & (2**64 - 1), a.expect & (2**64 - 1))
 
-    def submit(self, requests: Sequence[tuple[int, ...]], timeout: float = DEFAULT_TIMEOUT,
-               what: object = None) -> list[tuple[int, int]]:
+    def _submit(self, requests: Sequence[tuple[int, ...]], timeout: float = DEFAULT_TIMEOUT,
+                what: object = None) -> list[tuple[int, int]]:
         """Publish raw requests (tuples of REQUEST_FIELDS) and return (status, value) for each.
 
-        No status is interpreted here; :meth:`execute` does that. Batches
+        No status is interpreted here; :meth:`execute` does that. The owner's benches and
+        tests reach this and the other requests beyond accesses through :mod:`.raw`. Batches
         larger than the ring go in ring-sized pieces.
         """
         if self.closed or self._started is not None:
             self._refuse()
         out: list[tuple[int, int]] = []
-        for start in range(0, len(requests), self._nentries):
-            out += self._submit_chunk(requests[start:start + self._nentries], timeout, what)
+        size = self.ring.size
+        for start in range(0, len(requests), size):
+            out += self._submit_chunk(requests[start:start + size], timeout, what)
         return out
 
     def _publish(self, count: int, timeout: float, what: object) -> None:
         """Hand the next ``count`` entries to the guest and wait until it has served them."""
-        self._await(self._post(count), timeout, what)
+        self.ring.wait(self.ring.publish(count), timeout, what, self.spin)
 
     def _refuse(self) -> None:
         if self.closed:
             raise ValueError(f"{self!r} is closed")
         raise RuntimeError(f"{self!r}: a started batch must finish before anything else runs")
 
-    def _post(self, count: int) -> int:
-        head = self._head = (self._head + count) & 0xFFFFFFFF
-        self._u32[self._submit_idx] = head
-        self._mem[self._posted] = 1
-        self._w.kick_if_sleeping()
-        return head
-
-    def _await(self, head: int, timeout: float, what: object) -> None:
-        u32, served = self._u32, self._served_idx
-        if u32[served] != head:
-            self._w.wait(lambda: u32[served] == head, timeout, what, self.index, spin=self.spin)
-
-    def submit_raw(self, entries: Sequence[bytes], timeout: float = DEFAULT_TIMEOUT) -> list[tuple[int, int]]:
+    def _submit_raw(self, entries: Sequence[bytes], timeout: float = DEFAULT_TIMEOUT) -> list[tuple[int, int]]:
         """Publish whole ring entries exactly as given, garbage included (for testing the
         proxy's validation), one batch each; return (status, value) for each."""
         if self.closed or self._started is not None:
             self._refuse()
+        ring = self.ring
         out = []
         for raw in entries:
-            if len(raw) != self._entry_size:
-                raise ValueError(f"a ring entry is {self._entry_size} bytes, not {len(raw)}")
-            slot = self._entries + (self._head & (self._nentries - 1)) * self._entry_size
-            self._mem[slot:slot + self._entry_size] = raw
+            if len(raw) != ring.entry_size:
+                raise ValueError(f"a ring entry is {ring.entry_size} bytes, not {len(raw)}")
+            seq = ring.head
+            slot = ring.offset(seq)
+            self._mem[slot:slot + ring.entry_size] = raw
             self._publish(1, timeout, "a raw ring entry")
-            out.append((self._u16[(slot + self._status_off) >> 1], self._u64[(slot + self._value_off) >> 3]))
+            out.append((ring.status(seq), ring.value(seq)))
         return out
 
     def prepare(self, accesses: Sequence[Access]) -> "PreparedBatch":
@@ -146,28 +121,29 @@ class ProxyChannel(Channel):
         guest works while the caller may compute, but may not use the channel."""
         if self.closed or self._started is not None:
             self._refuse()
-        n, size, ring = batch.count, self._entry_size, self._nentries
+        ring = self.ring
+        n, size, entries = batch.count, ring.entry_size, ring.entries_off
         for i, value in (patch or {}).items():    # checked before anything is written
             if not 0 <= i < n or not 0 <= value < batch.limits[i]:
                 raise ValueError(f"no access {i} of {n} takes the value {value:#x}")
-        start = self._head & (ring - 1)
-        first = min(n, ring - start)              # entries before the ring wraps
-        base = self._entries + start * size
+        start = ring.head
+        first = min(n, ring.size - (start & ring.mask))     # entries before the ring wraps
+        base = ring.offset(start)
         self._mem[base:base + first * size] = batch.blob[:first * size]
         if first < n:
-            self._mem[self._entries:self._entries + (n - first) * size] = batch.blob[first * size:]
+            self._mem[entries:entries + (n - first) * size] = batch.blob[first * size:]
         for i, value in (patch or {}).items():
-            slot = self._entries + ((start + i) & (ring - 1)) * size
-            self._u64[(slot + self._value_off) >> 3] = value
-        self._started = (batch, patch, self._post(n), base, first)
+            self._u64[(ring.offset(start + i) + ring.value_off) >> 3] = value
+        self._started = (batch, patch, ring.publish(n), base, first)
 
     def _finish_prepared(self) -> list[int]:
         if self._started is None:
             raise RuntimeError(f"{self!r}: no batch was started")
         batch, patch, head, base, first = self._started
-        n, size = batch.count, self._entry_size
+        ring = self.ring
+        n, size = batch.count, ring.entry_size
         self._started = None
-        self._await(head, batch.timeout, f"a batch of {n} on {self!r}")
+        ring.wait(head, batch.timeout, f"a batch of {n} on {self!r}", self.spin)
 
         def column(view: memoryview, offset: int) -> list[int]:
             """One field out of every entry, through a strided view: no Python loop."""
@@ -176,11 +152,11 @@ class ProxyChannel(Channel):
             lo = (base + offset) // item
             col = view[lo:lo + first * stride:stride].tolist()
             if first < n:
-                lo = (self._entries + offset) // item
+                lo = (ring.entries_off + offset) // item
                 col += view[lo:lo + (n - first) * stride:stride].tolist()
             return col
-        statuses = column(self._u16, self._status_off)
-        values = column(self._u64, self._value_off)
+        statuses = column(self._u16, ring.status_off)
+        values = column(self._u64, ring.value_off)
         if statuses.count(self._ok) != n:
             i = next(i for i, st in enumerate(statuses) if st != self._ok)
             self._raise(batch.with_values(patch or {})[i], statuses[i], values[i])
@@ -188,31 +164,33 @@ class ProxyChannel(Channel):
 
     def _submit_chunk(self, requests: Sequence[tuple[int, ...]], timeout: float,
                       what: object) -> list[tuple[int, int]]:
-        mem, pack, size, mask = self._mem, self._pack, self._entry_size, self._nentries - 1
-        head = self._head
+        ring = self.ring                # Ring.write, .status and .value, inlined: batches of any size
+        mem, pack, size, mask, entries = self._mem, ring.pack, ring.entry_size, ring.mask, ring.entries_off
+        head = ring.head
         slots = []
         for i, r in enumerate(requests):
-            slot = self._entries + ((head + i) & mask) * size
+            slot = entries + ((head + i) & mask) * size
             pack(mem, slot, *r)
             slots.append(slot)
         self._publish(len(requests), timeout, what or f"{len(requests)} requests on {self!r}")
-        u16, u64 = self._u16, self._u64
-        return [(u16[(s + self._status_off) >> 1], u64[(s + self._value_off) >> 3]) for s in slots]
+        u16, u64, status, value = self._u16, self._u64, ring.status_off, ring.value_off
+        return [(u16[(s + status) >> 1], u64[(s + value) >> 3]) for s in slots]
 
     def _one(self, op: int, width: int, addr: int, value: int = 0) -> int:
         """The hot path: one request, no objects built unless it fails."""
         if self.closed or self._started is not None:
             self._refuse()
-        head = self._head
-        slot = self._entries + (head & (self._nentries - 1)) * self._entry_size
-        self._pack_short(self._mem, slot, op, width, 0, 0, addr, value)
+        ring = self.ring                # Ring.write and .publish, inlined: this is every register access
+        head = ring.head
+        slot = ring.entries_off + (head & ring.mask) * ring.entry_size
+        ring.pack_short(self._mem, slot, op, width, 0, 0, addr, value)
         head = (head + 1) & 0xFFFFFFFF
-        self._head = head
-        self._u32[self._submit_idx] = head
-        self._mem[self._posted] = 1
+        ring.head = head
+        self._u32[ring.submit_idx] = head
+        self._mem[ring.posted_off] = 1
         if self._u32[self._w.guest_sleeping_idx]:
             self._w.ivshmem.kick_guest()
-        u16, st = self._u16, (slot + self._status_off) >> 1
+        u16, st = self._u16, (slot + ring.status_off) >> 1
         spins = 0
         while not u16[st]:
             spins += 1
@@ -221,7 +199,7 @@ class ProxyChannel(Channel):
                              self.index, spin=self.spin)
                 break
         status = u16[st]
-        result = self._u64[(slot + self._value_off) >> 3]
+        result = self._u64[(slot + ring.value_off) >> 3]
         if status != self._ok:
             self._raise(self._describe(op, width, addr, value), status, result)
         return result
@@ -257,7 +235,7 @@ class ProxyChannel(Channel):
             a = accesses[0]
             return [self._one(self._encode(a)[0], a.width, a.addr, a.value)]
         encoded = [self._encode(a) for a in accesses]
-        results = self.submit(encoded, DEFAULT_TIMEOUT + sum(a.timeout for a in accesses),
+        results = self._submit(encoded, DEFAULT_TIMEOUT + sum(a.timeout for a in accesses),
                               accesses[0] if len(accesses) == 1 else None)
         for a, (status, value) in zip(accesses, results):
             if status != self._ok:
@@ -276,9 +254,9 @@ class ProxyChannel(Channel):
     def write(self, space: Space, addr: int, width: int, value: int) -> None:
         self._one(self._write_ops[space], width, addr, value)
 
-    def control(self, op: int, addr: int, value: int, what: str, mask: int = 0, expect: int = 0) -> int:
+    def _control(self, op: int, addr: int, value: int, what: str, mask: int = 0, expect: int = 0) -> int:
         """One request that is not an access (open, close, interrupt control); raises on failure."""
-        (status, result), = self.submit([(op, 0, 0, 0, addr, value, mask, expect)], what=what)
+        (status, result), = self._submit([(op, 0, 0, 0, addr, value, mask, expect)], what=what)
         if status != self._ok:
             self._raise(what, status, result)
         return result
@@ -294,21 +272,12 @@ class ProxyChannel(Channel):
     @property
     def last_start_tsc(self) -> int:
         """Guest TSC just before the most recent request on this channel was carried out."""
-        slot = self._entries + ((self._head - 1) & (self._nentries - 1)) * self._entry_size
-        return self._u64[(slot + self._start_tsc_off) >> 3]
+        return self.ring.start_tsc(self.ring.head - 1)
 
     def guest_time(self) -> int:
         """The guest's TSC, read by serving a NOP."""
         self._one(self.bus.abi.PROXY_OP_NOP, 0, 0)
         return self.last_start_tsc
-
-    def repeat_read(self, space: Space, addr: int, width: int, count: int) -> int:
-        """Have the guest read ``addr`` ``count`` times; returns the guest TSC cycles it took."""
-        op = self.bus.abi.PROXY_OP_PIO_REPEAT if space is Space.PIO else self.bus.abi.PROXY_OP_MMIO_REPEAT
-        (status, value), = self.submit([(op, width, 0, 0, addr, count, 0, 0)])
-        if status != self._ok:
-            self._raise(f"repeat read {space.value} {addr:#x} x{count}", status, value)
-        return value
 
     def close(self) -> None:
         if self.closed:
@@ -319,23 +288,23 @@ class ProxyChannel(Channel):
             except Exception as exc:
                 log.debug("closing %r: its started batch ended with %s", self, exc)
         self.closed = True
-        if self is not getattr(self.bus, "admin", None):     # a slot's ring 0 is an ordinary channel
-            self.bus.close_channel(self)
+        self.bus.close_channel(self)
 
 
 class PreparedBatch(Prepared):
     """A batch encoded once into ring-entry bytes; ``run()`` copies it in and returns the values."""
 
     def __init__(self, channel: ProxyChannel, accesses: Sequence[Access]) -> None:
-        if not 0 < len(accesses) <= channel._nentries:
-            raise ValueError(f"a prepared batch holds 1 to {channel._nentries} accesses, not {len(accesses)}")
+        ring = channel.ring
+        if not 0 < len(accesses) <= ring.size:
+            raise ValueError(f"a prepared batch holds 1 to {ring.size} accesses, not {len(accesses)}")
         self.channel = channel
         self.accesses = list(accesses)
         self.count = len(accesses)
         blob = bytearray()
         for a in accesses:
-            packed = bytearray(channel._entry_size)
-            channel._pack(packed, channel._first_off, *channel._encode(a))
+            packed = bytearray(ring.entry_size)
+            ring.pack(packed, ring.first_off, *channel._encode(a))
             blob += packed
         self.blob = bytes(blob)
         self.limits = [1 << (8 * a.width) for a in accesses]

@@ -9,14 +9,16 @@ burst anchors it. So one latency splits into stages on one time line.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .channel import ProxyChannel
+
+class GuestTime(Protocol):
+    def guest_time(self) -> int:
+        """The guest's TSC, stamped on a NOP round trip."""
 
 
 class GuestClock:
-    def __init__(self, channel: "ProxyChannel", tsc_hz: int) -> None:
+    def __init__(self, channel: GuestTime, tsc_hz: int) -> None:
         self.channel = channel
         self.ns_per_tick = 1e9 / tsc_hz         # the guest's PIT calibration until calibrate()
         self.anchor_ns, self.anchor_tsc = self._best_sample()

@@ -31,7 +31,7 @@ def enable(channel: "ProxyChannel", mode: IrqMode, isa_irqs: Sequence[int] = (),
         raise ValueError(f"a channel takes 1 to {abi.PROXY_IRQ_VECTORS} vectors, several only with MSI-X or "
                          f"(a power of two) MSI, not {count} of {mode.value}")
     value = sum(1 << n for n in set(isa_irqs)) if mode is IrqMode.ISA else count
-    channel.control(abi.PROXY_OP_IRQ_ENABLE, abi.consts[MODES[mode]], value, f"enable {count} {mode.value} irq")
+    channel._control(abi.PROXY_OP_IRQ_ENABLE, abi.consts[MODES[mode]], value, f"enable {count} {mode.value} irq")
     group: list[ProxyIrq] = []
     make = getattr(channel, "irq_class", ProxyIrq)      # a traced channel's record their waits
     group += [make(channel, mode, vector, group, spin) for vector in range(count)]
@@ -90,7 +90,7 @@ class ProxyIrq(Irq):
 
     def ack(self) -> None:
         abi = self.channel.bus.abi
-        self.channel.control(abi.PROXY_OP_IRQ_ACK, 0, 0, "ack irq")
+        self.channel._control(abi.PROXY_OP_IRQ_ACK, 0, 0, "ack irq")
 
     def close(self) -> None:
         if self.closed:
@@ -98,4 +98,4 @@ class ProxyIrq(Irq):
         self.closed = True
         if all(irq.closed for irq in self._group) and not self.channel.closed:
             abi = self.channel.bus.abi
-            self.channel.control(abi.PROXY_OP_IRQ_DISABLE, 0, 0, "disable irq")
+            self.channel._control(abi.PROXY_OP_IRQ_DISABLE, 0, 0, "disable irq")

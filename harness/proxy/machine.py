@@ -18,6 +18,7 @@ from ..machine.booted import BootedMachine
 from ..machine.plugin import MachinePlugin
 from ..machine.spec import Endpoints, Option, abstract
 from .abi import Abi, load_abi
+from .admin import ProxyAdmin
 from .bus import ProxyBus
 from .guest import guest_elf
 from .ivshmem import IvshmemServer
@@ -115,7 +116,8 @@ def proxy_spec(elf: Path | None = None, accel: str = "auto", memory_mb: int = 12
 
 
 class ProxyMachine(BootedMachine[ProxyBus]):
-    """A booted proxy guest: ``with ProxyMachine(spec) as pm: pm.bus.find(...)``."""
+    """A booted proxy guest: ``with ProxyMachine(spec) as pm: pm.bus.find(...)``. ``pm.bus`` is
+    what drivers get; ``pm.admin`` (:class:`~harness.proxy.admin.ProxyAdmin`) what only the owner does."""
 
     def __init__(self, spec: MachineSpec, **machine_args: Any) -> None:
         try:
@@ -128,7 +130,9 @@ class ProxyMachine(BootedMachine[ProxyBus]):
         super().__init__(spec, **machine_args)
 
     def attach(self, machine: Machine) -> ProxyBus:
-        return ProxyBus(machine, machine.plugin(ProxyWindows), self.abi)
+        bus = ProxyBus(machine, machine.plugin(ProxyWindows), self.abi)
+        self.admin: ProxyAdmin = bus._admin     # the owner's alone: drivers get the bus
+        return bus
 
     def __enter__(self) -> "ProxyMachine":
         super().__enter__()

@@ -12,13 +12,26 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ..access import Access, IrqEvent
 from ..errors import ProxyError
+from .. import tracing
 from ..tracing import Tracer
 from .channel import PreparedBatch, ProxyChannel
 from .irq import ProxyIrq
 
 if TYPE_CHECKING:
     from ..access import DmaDomain
-    from .bus import ProxyBus
+    from .bus import WindowBus
+    from .dma import DmaPool
+
+
+def channel_for(bus: "WindowBus", index: int, name: str, domain: "DmaPool | None" = None) -> ProxyChannel:
+    """A channel on ring ``index`` of ``bus``'s window: one that records, if a trace is on."""
+    tracer = tracing.active()
+    if tracer is None:
+        return ProxyChannel(bus, index, name, domain)
+    ch = TracedChannel(bus, index, name, tracer, domain)
+    if domain is not None:
+        domain.observer = lambda phys, size, freed: tracer.dma(ch, phys, size, freed=freed)
+    return ch
 
 
 def status_of(exc: BaseException) -> str:
@@ -28,7 +41,7 @@ def status_of(exc: BaseException) -> str:
 class TracedChannel(ProxyChannel):
     """A ProxyChannel that records every request into ``tracer``."""
 
-    def __init__(self, bus: "ProxyBus", index: int, name: str, tracer: Tracer,
+    def __init__(self, bus: "WindowBus", index: int, name: str, tracer: Tracer,
                  domain: "DmaDomain | None" = None) -> None:
         super().__init__(bus, index, name, domain)
         self.tracer = tracer
@@ -57,14 +70,10 @@ class TracedChannel(ProxyChannel):
             tracer.access(self, kind, space, addr, width, value if kind == "write" else result, status,
                           self.last_start_tsc, start, time.perf_counter_ns())
 
-    def _first_tsc(self, head: int) -> int:
-        slot = self._entries + (head & (self._nentries - 1)) * self._entry_size
-        return int(self._u64[(slot + self._start_tsc_off) >> 3])
-
     def execute(self, accesses: Sequence[Access]) -> list[int]:
         if not self.tracer.recording or (len(accesses) == 1 and not accesses[0].kind.polls):
             return super().execute(accesses)          # a single access: _one records it
-        head, start, values, status = self._head, time.perf_counter_ns(), None, "OK"
+        head, start, values, status = self.ring.head, time.perf_counter_ns(), None, "OK"
         try:
             values = super().execute(accesses)
             return values
@@ -72,7 +81,7 @@ class TracedChannel(ProxyChannel):
             status = status_of(exc)
             raise
         finally:
-            self.tracer.batch(self, accesses, values, status, self._first_tsc(head), start, time.perf_counter_ns())
+            self.tracer.batch(self, accesses, values, status, self.ring.start_tsc(head), start, time.perf_counter_ns())
 
     def _start_prepared(self, batch: PreparedBatch, patch: Mapping[int, int] | None) -> None:
         self._prepared_start = time.perf_counter_ns()
@@ -91,15 +100,15 @@ class TracedChannel(ProxyChannel):
             status = status_of(exc)
             raise
         finally:
-            self.tracer.batch(self, batch.with_values(patch or {}), values, status, self._first_tsc(first),
+            self.tracer.batch(self, batch.with_values(patch or {}), values, status, self.ring.start_tsc(first),
                               self._prepared_start, time.perf_counter_ns())
 
-    def control(self, op: int, addr: int, value: int, what: str, mask: int = 0, expect: int = 0) -> int:
+    def _control(self, op: int, addr: int, value: int, what: str, mask: int = 0, expect: int = 0) -> int:
         if not self.tracer.recording:
-            return super().control(op, addr, value, what, mask, expect)
+            return super()._control(op, addr, value, what, mask, expect)
         start, result, status = time.perf_counter_ns(), 0, "OK"
         try:
-            result = super().control(op, addr, value, what, mask, expect)
+            result = super()._control(op, addr, value, what, mask, expect)
             return result
         except BaseException as exc:
             status = status_of(exc)

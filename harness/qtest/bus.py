@@ -49,22 +49,18 @@ BRIDGE_MEM_ALIGN, BRIDGE_IO_ALIGN = 1 << 20, 1 << 12
 
 @functools.cache
 def _proxy_rules() -> Abi:
-    """The proxy's limits and reserved ports, which this transport applies too: read from
-    the proxy guest's ABI (guests/proxy/abi.h), never retyped."""
+    """The proxy's limits, reserved ports, read-only config fields and PCI registers, which
+    this transport applies and uses too: read from the proxy guest's ABI (guests/proxy/abi.h),
+    never retyped."""
     return load_abi(guest_elf())
 
-PCI_COMMAND = 0x04
-PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x1, 0x2, 0x4
-PCI_STATUS = 0x06
-PCI_STATUS_CAP_LIST = 0x10
-PCI_HEADER_TYPE = 0x0E
-PCI_BAR0 = 0x10
+
+# A bridge's routing registers (PCI-to-PCI Bridge 1.2, 3.2): only this transport programs
+# them (the proxy runs after the firmware has); the registers both use come from the ABI.
 PCI_PRIMARY_BUS = 0x18
 PCI_IO_BASE, PCI_IO_LIMIT, PCI_IO_BASE_UPPER = 0x1C, 0x1D, 0x30
 PCI_MEMORY_BASE, PCI_MEMORY_LIMIT = 0x20, 0x22
 PCI_PREF_BASE, PCI_PREF_LIMIT, PCI_PREF_BASE_UPPER, PCI_PREF_LIMIT_UPPER = 0x24, 0x26, 0x28, 0x2C
-PCI_CAP_PTR = 0x34
-PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX = 0x05, 0x11
 
 _MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
 _MAX_WIDTH = {Space.PIO: 4, Space.MMIO: 8, Space.CONFIG: 4, Space.DMA: 8}
@@ -123,6 +119,8 @@ class QtestBus(Bus):
         self._open: dict[int, QtestChannel] = {}        # devfn -> channel
         self._isa: list[QtestChannel] = []
         self._info: dict[int, _Info] = {}
+        self._rules = _proxy_rules()
+        self._pci = self._rules.names("PROXY_PCI_")
         self._functions = tuple(self._enumerate())
         for f in self._functions:
             log.info("%s bars %s caps %s", f,
@@ -241,7 +239,7 @@ class QtestBus(Bus):
 
     def _size_bar(self, b: int, d: int, f: int, i: int, nbars: int) -> tuple[int, int, bool, bool, bool]:
         """Size BAR ``i`` of ``nbars`` (decoding already off): (size, registers used, is_io, is_64, prefetchable)."""
-        off = PCI_BAR0 + 4 * i
+        off = self._pci.BAR0 + 4 * i
         orig = self.cfg_read(b, d, f, off, 4)
         self.cfg_write(b, d, f, off, 4, 0xFFFF_FFFF)
         mask = self.cfg_read(b, d, f, off, 4)
@@ -271,9 +269,9 @@ class QtestBus(Bus):
             if size:
                 base = self._alloc(is_io, size)
                 if base:
-                    self.cfg_write(b, d, f, PCI_BAR0 + 4 * i, 4, base & 0xFFFF_FFFF)
+                    self.cfg_write(b, d, f, self._pci.BAR0 + 4 * i, 4, base & 0xFFFF_FFFF)
                     if is_64:
-                        self.cfg_write(b, d, f, PCI_BAR0 + 4 * i + 4, 4, base >> 32)
+                        self.cfg_write(b, d, f, self._pci.BAR0 + 4 * i + 4, 4, base >> 32)
                 else:
                     # Left where it was (0): decoding it would map it over RAM or the legacy ports.
                     log.warning("%02x:%02x.%x BAR%d (%s, %#x bytes) does not fit; left unassigned",
@@ -287,10 +285,11 @@ class QtestBus(Bus):
         return bars, io_ok, mem_ok
 
     def _read_caps(self, b: int, d: int, f: int) -> tuple[tuple[int, int], ...]:
-        if not self.cfg_read(b, d, f, PCI_STATUS, 2) & PCI_STATUS_CAP_LIST:
+        pci = self._pci
+        if not self.cfg_read(b, d, f, pci.STATUS, 2) & pci.STATUS_CAP_LIST:
             return ()
         caps = []
-        ptr = self.cfg_read(b, d, f, PCI_CAP_PTR, 1) & 0xFC
+        ptr = self.cfg_read(b, d, f, pci.CAP_PTR, 1) & 0xFC
         for _ in range(48):     # a looping list must not hang enumeration
             if not ptr:
                 break
@@ -306,20 +305,21 @@ class QtestBus(Bus):
                     if fn == 0:
                         break
                     continue
-                header = self.cfg_read(bus, dev, fn, PCI_HEADER_TYPE, 1)
+                header = self.cfg_read(bus, dev, fn, self._pci.HEADER_TYPE, 1)
                 self._add_function(bus, dev, fn, ident, header, out)
-                if fn == 0 and not header & 0x80:
+                if fn == 0 and not header & self._pci.HEADER_MULTI_FUNCTION:
                     break
 
     def _add_function(self, b: int, d: int, f: int, ident: int, header: int, out: list[PciFunction]) -> None:
-        kind = header & 0x7F
-        bridge = kind == 1
-        nbars = 6 if kind == 0 else 2 if bridge else 0
-        klass = self.cfg_read(b, d, f, 0x08, 4)
-        irq = self.cfg_read(b, d, f, 0x3C, 2)
-        cmd = self.cfg_read(b, d, f, PCI_COMMAND, 2)
+        pci = self._pci
+        layout = header & pci.HEADER_LAYOUT
+        bridge = layout == pci.HEADER_BRIDGE
+        nbars = 6 if layout == pci.HEADER_NORMAL else 2 if bridge else 0
+        klass = self.cfg_read(b, d, f, pci.CLASS_REVISION, 4)
+        irq = self.cfg_read(b, d, f, pci.INTERRUPT_LINE, 2)       # and the pin above it
+        cmd = self.cfg_read(b, d, f, pci.COMMAND, 2)
         # BARs are sized with decoding off, or the all-ones probe would be decoded.
-        self.cfg_write(b, d, f, PCI_COMMAND, 2, cmd & ~(PCI_COMMAND_IO | PCI_COMMAND_MEMORY))
+        self.cfg_write(b, d, f, pci.COMMAND, 2, cmd & ~(pci.COMMAND_IO | pci.COMMAND_MEMORY))
         bars, io_ok, mem_ok = self._assign_bars(b, d, f, nbars)
         caps = self._read_caps(b, d, f)
         function = PciFunction(b, d, f, ident & 0xFFFF, ident >> 16, klass >> 24, klass >> 16 & 0xFF,
@@ -330,11 +330,11 @@ class QtestBus(Bus):
             self._bridge(b, d, f, out)
         if bridge or any(bar.base for bar in bars):
             if io_ok and (bridge or any(bar.is_io and bar.base for bar in bars)):
-                cmd |= PCI_COMMAND_IO
+                cmd |= pci.COMMAND_IO
             if mem_ok and (bridge or any(not bar.is_io and bar.base for bar in bars)):
-                cmd |= PCI_COMMAND_MEMORY
-            cmd |= PCI_COMMAND_MASTER
-        self.cfg_write(b, d, f, PCI_COMMAND, 2, cmd)
+                cmd |= pci.COMMAND_MEMORY
+            cmd |= pci.COMMAND_MASTER
+        self.cfg_write(b, d, f, pci.COMMAND, 2, cmd)
 
     def _bridge(self, b: int, d: int, f: int, out: list[PciFunction]) -> None:
         """Number the bridge's secondary bus, scan it, and open windows around what it got."""
@@ -395,19 +395,17 @@ class QtestBus(Bus):
         pio = [(b.base, b.base + b.size) for b in f.bars if b.base and b.is_io and b.base + b.size <= 0x1_0000]
         mmio = [(b.base, b.base + b.size) for b in f.bars
                 if b.base and not b.is_io and b.base + b.size <= 0x1_0000_0000]
-        bridge = info.header_type & 0x7F == 1
-        cfg_readonly = [(0x10, 8 if bridge else 24), (0x38 if bridge else 0x30, 4)]
+        cfg_readonly = self._rules.readonly_config(info.header_type, f.caps)
         mmio_readonly = []
+        pci = self._pci
         for cap_id, off in f.caps:
-            if cap_id == PCI_CAP_ID_MSI:
-                cfg_readonly.append((off + 4, 10))          # MSI address and data: an MSI is a DMA write
-            elif cap_id == PCI_CAP_ID_MSIX:
-                table = self.cfg_read(f.bus, f.dev, f.fn, off + 4, 4)
-                entries = (self.cfg_read(f.bus, f.dev, f.fn, off + 2, 2) & 0x7FF) + 1
+            if cap_id == pci.CAP_ID_MSIX:               # its table: an MSI is a DMA write
+                table = self.cfg_read(f.bus, f.dev, f.fn, off + pci.MSIX_TABLE, 4)
+                entries = (self.cfg_read(f.bus, f.dev, f.fn, off + pci.MSIX_FLAGS, 2) & pci.MSIX_FLAGS_QSIZE) + 1
                 bars = {b.index: b for b in f.bars}
-                if table & 7 in bars:
-                    start = bars[table & 7].base + (table & ~7)
-                    mmio_readonly.append((start, start + 16 * entries))
+                if table & pci.MSIX_TABLE_BIR in bars:
+                    start = bars[table & pci.MSIX_TABLE_BIR].base + (table & ~pci.MSIX_TABLE_BIR)
+                    mmio_readonly.append((start, start + pci.MSIX_ENTRY_SIZE * entries))
         ch = QtestChannel(self, str(f), f, pio, mmio, mmio_readonly, cfg_readonly)
         self._open[f.devfn] = ch
         return ch
@@ -417,7 +415,7 @@ class QtestBus(Bus):
         what = f"open ports {base:#x}+{count}"
         if self._closed:
             raise ValueError(f"{self!r} is closed")
-        rules = _proxy_rules()
+        rules = self._rules
         if not 0 < count <= rules.PROXY_ISA_MAX_PORTS or not 0 <= base < 0x1_0000 or base + count > 0x1_0000:
             raise BadRequest(what, 0)
         mask, why = grantable(self.machine.spec, base, count, rules.reserved_ports(base, count))

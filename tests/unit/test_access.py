@@ -58,6 +58,22 @@ def test_access_names_itself() -> None:
     assert a.satisfied_by(0x2) and not a.satisfied_by(0x1)
 
 
+def test_register_names_are_the_channels_own() -> None:
+    import enum
+
+    class Reg(enum.IntEnum):
+        CTRL = 0x0
+        STATUS = 0x8
+        STATUS_ALIAS = 0x8
+
+    ch, other = FakeChannel(), FakeChannel()
+    assert ch.register_name(Space.MMIO, 0x1008) == ""
+    Region(ch, Space.MMIO, 0x1000, 0x20, "bar0").name_registers(Reg, prefix="P0.")
+    assert ch.register_names == {(Space.MMIO, 0x1000): "P0.CTRL", (Space.MMIO, 0x1008): "P0.STATUS/STATUS_ALIAS"}
+    assert ch.register_name(Space.MMIO, 0x1008) == "P0.STATUS/STATUS_ALIAS"
+    assert ch.register_name(Space.PIO, 0x1008) == "" and other.register_name(Space.MMIO, 0x1008) == ""
+
+
 def test_prepared_batch_takes_new_values_and_runs_in_two_halves() -> None:
     ch = FakeChannel()
     r = Region(ch, Space.MMIO, 0x1000, 0x20)

@@ -23,7 +23,7 @@ from drivers.ahci.driver import TABLE_SIZE, Port
 from ...access import DmaBuffer
 from ...errors import MachineError
 from ...machine import MachineSpec
-from ...proxy import ProxyBus, ProxyMachine, ProxyWindows, proxy_spec
+from ...proxy import ProxyBus, ProxyMachine, ProxyWindows, proxy_spec, raw
 from .paired import Run, Workload, add_peer, clock_figures, run_rounds
 from .requests import RequestList
 
@@ -62,7 +62,7 @@ class NativeDiskLoop:
         channel = self.port.hba.dev.channel
 
         def run() -> int:
-            channel.control(self.abi.PROXY_OP_DISK_READ_LOOP, self.block.phys, 0, "native disk loop")
+            raw.native_loop(channel, self.abi.PROXY_OP_DISK_READ_LOOP, self.block.phys, "native disk loop")
             fields = dict(zip(LOOP_FIELDS, self._pack.unpack_from(self.block.view, 0)))
             if fields["errors"]:
                 self.port.recover()

@@ -33,7 +33,7 @@ from drivers.e1000.regs import Reg
 
 from ...machine import MachineSpec
 from ...services.netstream import free_udp_port, udp_socket
-from ...proxy import ProxyBus, ProxyMachine, ProxyWindows, proxy_spec
+from ...proxy import ProxyBus, ProxyMachine, ProxyWindows, proxy_spec, raw
 from .paired import Run, Workload, add_peer, clock_figures, run_rounds
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class NativeLoop:
         channel = self.nic.dev.channel
 
         def run() -> tuple[int, int, int]:
-            channel.control(op, self.block.phys, 0, "native loop")
+            raw.native_loop(channel, op, self.block.phys, "native loop")
             fields = dict(zip(LOOP_FIELDS, self._pack.unpack_from(self.block.view, 0)))
             return fields["next"], fields["clean"], fields["done"]
         return run

@@ -26,7 +26,7 @@ from drivers.nvme.regs import Nvm
 
 from ...access import DmaBuffer
 from ...errors import MachineError
-from ...proxy import ProxyBus, ProxyMachine, proxy_spec
+from ...proxy import ProxyBus, ProxyMachine, proxy_spec, raw
 from .ahci import DISK_BYTES, _disk_image, on_fastest_aio
 from .paired import Run, Workload, clock_figures, run_rounds
 from .requests import RequestList
@@ -74,7 +74,7 @@ class NativeNvmeLoop:
             for k, state in enumerate(lent):
                 self._lend(k, state, min(depth, queues[k].depth))
             try:
-                self.nvme.dev.channel.control(self.abi.PROXY_OP_NVME_LOOP, self.block.phys, 0, "native nvme loop")
+                raw.native_loop(self.nvme.dev.channel, self.abi.PROXY_OP_NVME_LOOP, self.block.phys, "native nvme loop")
             finally:
                 for k, state in enumerate(lent):    # and back, whatever happened
                     queues[k].resume(self._taken_back(k, state))

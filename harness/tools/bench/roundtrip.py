@@ -26,7 +26,7 @@ import sys
 import time
 from ...access import Bus, Kind, Region
 from ...machine import MachineSpec
-from ...proxy import ProxyMachine, proxy_spec
+from ...proxy import ProxyMachine, proxy_spec, raw
 from ...qtest import QtestMachine, qtest_spec
 from . import tracecost
 from ...processes import serve
@@ -140,7 +140,7 @@ def run(accel: str, count: int = 20000, idle_seconds: float = 10.0, quick: bool 
 
         repeats = (100_000 if accel == "tcg" else 2_000) // (10 if quick else 1)
         t0 = time.perf_counter_ns()
-        port.channel.repeat_read(port.space, DEBUGCON_PORT, 1, repeats)
+        raw.repeat_read(port.channel, port.space, DEBUGCON_PORT, 1, repeats)
         results["native_pio_us"] = (time.perf_counter_ns() - t0) / repeats / 1000
         results["native_call_us"] = pct(latencies_us(port.channel.guest_time, 200, 5), 0.5)
         port.channel.close()

@@ -68,7 +68,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         device_table(pm)
         if args.serve:
             control = serve(pm)
-            say(f"{len(pm.bus.slots)} driver slots; from another process: "
+            say(f"{len(pm.admin.slots)} driver slots; from another process: "
                 f"bus = harness.attach({control.address!r})")
         with CaughtSigint() as sigint:
             say("Ctrl-C to stop.")

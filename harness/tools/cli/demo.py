@@ -33,7 +33,7 @@ from ...errors import DmaFault, HarnessError
 from ...machine import RuntimeFile, random_mac
 from ...machine.input import move_mouse
 from ...processes.supervisor import Supervisor
-from ...proxy import ProxyMachine, proxy_spec
+from ...proxy import ProxyMachine, proxy_spec, raw
 from ...services.nbd import NbdClient
 from ..bench import latency
 from ..bench.restart import disk_listener
@@ -202,7 +202,7 @@ def round_trip(dm: DemoMachine) -> Check:
     lat = latencies_us(lambda: port.read8(0), 5000, budget_s=3)
     repeats = 100_000 if dm.pm.machine.accel == "tcg" else 1000
     t0_ns = time.perf_counter_ns()
-    port.channel.repeat_read(port.space, DEBUGCON_PORT, 1, repeats)
+    raw.repeat_read(port.channel, port.space, DEBUGCON_PORT, 1, repeats)
     native_us = (time.perf_counter_ns() - t0_ns) / repeats / 1000
     port.channel.close()
     return Check([f"{len(lat)} reads: p50 {pct(lat, .5):.2f} us, p99 {pct(lat, .99):.2f} us; the guest's own inb "
@@ -307,7 +307,7 @@ def supervised_disk(dm: DemoMachine) -> Check:
 def crash_report(dm: DemoMachine) -> Check:
     saw = []
     try:
-        dm.pm.bus.crash("INVALID_OPCODE")
+        dm.pm.admin.crash("INVALID_OPCODE")
     except HarnessError as crash:           # GuestCrash, with what the guest's CPU saw
         saw.append(str(crash))
     return Check(saw)
