@@ -525,18 +525,21 @@ class QtestChannel(Channel):
         windows = self.pio if space is Space.PIO else self.mmio
         fail = self._fail
 
+        def granted(cmds: dict[int, bytes], width: int, addr: int, value: int) -> bytes:
+            """The qtest command for an aligned access inside a granted window; else fail()."""
+            cmd = cmds.get(width)
+            if cmd is None or addr & (width - 1):
+                fail(kind, space, width, addr, value)
+            for start, end in windows:
+                if start <= addr and addr + width <= end:
+                    return cmd
+            fail(kind, space, width, addr, value)    # NoReturn
+
         if kind is Kind.READ:
             rcmds = _READ_CMDS[space]
 
             def read(width: int, addr: int, value: int = 0) -> int:
-                cmd = rcmds.get(width)
-                if cmd is None or addr & (width - 1):
-                    fail(kind, space, width, addr, value)
-                for start, end in windows:
-                    if start <= addr and addr + width <= end:
-                        break
-                else:
-                    fail(kind, space, width, addr, value)
+                cmd = granted(rcmds, width, addr, value)
                 with lock:
                     try:
                         send(cmd % addr)
@@ -552,14 +555,7 @@ class QtestChannel(Channel):
         readonly = self.mmio_readonly if space is Space.MMIO else []
 
         def write(width: int, addr: int, value: int) -> int:
-            cmd = wcmds.get(width)
-            if cmd is None or addr & (width - 1):
-                fail(kind, space, width, addr, value)
-            for start, end in windows:
-                if start <= addr and addr + width <= end:
-                    break
-            else:
-                fail(kind, space, width, addr, value)
+            cmd = granted(wcmds, width, addr, value)
             for start, end in readonly:
                 if addr < end and start < addr + width:
                     fail(kind, space, width, addr, value)
