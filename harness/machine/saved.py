@@ -94,9 +94,8 @@ class Incoming(MachinePlugin):
     """QEMU starts waiting for a migration; once QMP answers, the saved device state comes in
     (RAM excepted) and the machine runs."""
 
-    def __init__(self, state: Path, timeout: float = 30.0) -> None:
+    def __init__(self, state: Path) -> None:
         self.state = state
-        self.timeout = timeout
 
     def args(self) -> list[str]:
         return ["-incoming", "defer"]
@@ -157,7 +156,7 @@ class SavedMachine:
         return spec
 
     def restore(self, name: str = "restored", **machine_args: Any) -> Machine:
-        """A new machine in the saved state, running; the caller shuts it down (or uses ``with``)."""
+        """A new machine in the saved state, running; the caller shuts it down."""
         m = Machine(self.restore_spec(), name=name, **machine_args)
         m.launch()
         return m
@@ -179,6 +178,9 @@ def save_booted(spec: MachineSpec, ready: Callable[[Machine], object], *, name: 
 
     ``machine_args`` go to the booted Machine (artifacts, console rules, launch timeout).
     """
+    unfit = [type(p).__name__ for p in spec.plugins if not p.snapshottable]
+    if unfit:
+        raise SnapshotError(f"a machine with a {', '.join(unfit)} cannot be saved: part of its state is outside QEMU's")
     root = root or (SHM if SHM.is_dir() else Path(tempfile.gettempdir()))
     sweep_stale_workdirs(root)
     directory = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-{name}-", dir=root))
@@ -194,10 +196,6 @@ def save_booted(spec: MachineSpec, ready: Callable[[Machine], object], *, name: 
         with Machine(saved.spec, name=name, **machine_args) as m:
             ready(m)
             t0 = time.monotonic()
-            unfit = [type(p).__name__ for p in m.plugins if not p.snapshottable]
-            if unfit:
-                raise SnapshotError(f"a machine with a {', '.join(unfit)} cannot be saved: part of its state "
-                                    "is outside QEMU's")
             set_ignore_shared(m, True)
             m.qmp("stop")
             m.qmp("migrate", uri=f"exec:cat > {directory / STATE_FILE}")
