@@ -12,7 +12,7 @@ import pytest
 
 from harness.errors import GuestHang, GuestPanic, GuestReset, QemuExited, SnapshotError
 from harness.machine.linux import IMAGES
-from harness.tools.pytest_plugin import READY_SNAPSHOT
+from harness.machine.saved import save_booted
 
 pytestmark = pytest.mark.qemu
 
@@ -70,10 +70,60 @@ def test_a_file_written_after_a_snapshot_is_gone_after_restore(linux_machine) ->
 
 
 def test_fifty_restores_in_a_row_all_answer(linux_machine) -> None:
+    linux_machine.snapshot("ready")
     for i in range(50):
-        linux_machine.restore(READY_SNAPSHOT)
+        linux_machine.restore("ready")
         token = os.urandom(4).hex()
         assert linux_machine.console.run(f"echo {token}-{i}") == (f"{token}-{i}", 0)
+
+
+def test_machines_restored_at_once_never_see_each_others_writes(linux_saved, linux_machine, tmp_path) -> None:
+    other = linux_saved.restore(name="other", artifacts_root=tmp_path)
+    try:
+        assert linux_machine.process.pid != other.process.pid
+        linux_machine.console.run("echo first > /tmp/who")
+        other.console.run("echo second > /tmp/who")
+        assert linux_machine.console.run("cat /tmp/who") == ("first", 0)
+        assert other.console.run("cat /tmp/who") == ("second", 0)
+    finally:
+        other.shutdown()
+    again = linux_saved.restore(name="again", artifacts_root=tmp_path)
+    try:
+        out, status = again.console.run("cat /tmp/who")
+        assert status == 1 and "No such file" in out, "the saved machine is as it was"
+    finally:
+        again.shutdown()
+
+
+def test_restores_of_a_machine_with_a_disk_each_write_their_own(linux_accel, linux_image, tmp_path) -> None:
+    spec = linux_image.spec(accel=linux_accel, modules=("ahci", "sd_mod", "vfat"))
+    spec.drive(file=str(IMAGES / "fat16.img"), format="raw", id="disk0", **{"if": "none"})
+    spec.device("ide-hd", drive="disk0", bus="ide.0")
+    image_before = hashlib.sha256((IMAGES / "fat16.img").read_bytes()).hexdigest()
+    remount = "echo 3 > /proc/sys/vm/drop_caches; umount /mnt; mount -t vfat /dev/sda /mnt && cat /mnt/who"
+
+    def ready(m):
+        linux_image.wait_ready(m)
+        assert m.console.run("for i in $(seq 100); do [ -e /sys/block/sda ] && break; sleep 0.1; done; "
+                             "mkdir /mnt && mount -t vfat /dev/sda /mnt && echo saved > /mnt/who && sync",
+                             timeout=60)[1] == 0
+    with save_booted(spec, ready, root=tmp_path, artifacts_root=tmp_path) as saved:
+        machines = [saved.restore(name=f"disk{i}", artifacts_root=tmp_path) for i in range(2)]
+        try:
+            for i, m in enumerate(machines):
+                assert m.console.run("cat /mnt/who") == ("saved", 0)
+                assert m.console.run(f"echo mine{i} > /mnt/who && sync")[1] == 0
+            for i, m in enumerate(machines):
+                assert m.console.run(remount) == (f"mine{i}", 0), "read back from its own disk"
+        finally:
+            for m in machines:
+                m.shutdown()
+        m = saved.restore(name="disk-again", artifacts_root=tmp_path)
+        try:
+            assert m.console.run(remount) == ("saved", 0), "the saved disk is as it was"
+        finally:
+            m.shutdown()
+    assert hashlib.sha256((IMAGES / "fat16.img").read_bytes()).hexdigest() == image_before
 
 
 def test_a_panic_raises_guest_panic_long_before_the_timeout(linux_machine) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pexpect
 import pytest
@@ -58,3 +59,25 @@ def test_a_users_three_line_test_passes_with_the_plugin(pytester, linux_accel, l
     """)
     result = pytester.runpytest("-p", "no:xdist", f"--hwharness-accel={linux_accel}")
     result.assert_outcomes(passed=1)
+
+
+def test_a_pytest_split_group_shares_one_saved_boot_and_removes_it(pytester, linux_accel) -> None:
+    record = """
+        def record(saved, machine):
+            with open("seen.txt", "a") as f:
+                f.write(f"{saved.directory} {machine.process.pid}\\n")
+    """
+    for module in ("a", "b"):
+        pytester.makepyfile(**{f"test_{module}": record + "".join(f"""
+        def test_{module}{i}(linux_saved, linux_machine):
+            record(linux_saved, linux_machine)
+        """ for i in (1, 2))})
+    # The plugin by its module name, whatever entry point the installed package has.
+    result = pytester.runpytest("-p", "no:xdist", "-p", "no:hwharness", "-p", "harness.tools.pytest_plugin",
+                                f"--hwharness-accel={linux_accel}", "--splits=2", "--group=1")
+    result.assert_outcomes(passed=2, deselected=2)
+    seen = [line.split() for line in (pytester.path / "seen.txt").read_text().splitlines()]
+    assert len(seen) == 2
+    assert len({directory for directory, _ in seen}) == 1, "the group's tests restore from one saved boot"
+    assert len({pid for _, pid in seen}) == 2, "each test has a machine of its own"
+    assert not Path(seen[0][0]).exists(), "the saved boot is removed when the group ends"

@@ -166,6 +166,8 @@ class Machine:
             plugin.post_launch(self, deadline)
         self.console.attach(self.accept(self._accept_serial, deadline, "the serial connection"))
         self._connect_qmp(ends.qmp, deadline)
+        for plugin in self.plugins:
+            plugin.connected(self, deadline)
 
     def plugin(self, kind: type[P]) -> P:
         """This machine's plugin of that kind (its own copy of the spec's)."""

@@ -2,7 +2,7 @@
 
 The machine knows no transport. A plugin in the spec (``spec.plugins``)
 contributes its QEMU options, its steps before QEMU starts (servers to
-listen on) and after (connections to accept), its shutdown, and whether
+listen on), after (connections to accept) and once QMP answers, its shutdown, and whether
 the machine can still be snapshotted; the proxy's ivshmem windows
 (:mod:`harness.proxy.machine`) and the qtest socket (:mod:`harness.qtest.machine`)
 are plugins. Each Machine works on its own copy of the spec's plugins, so one
@@ -40,6 +40,9 @@ class MachinePlugin:
 
     def post_launch(self, machine: Machine, deadline: float) -> None:
         """QEMU has started: accept its connections by ``deadline`` (``machine.accept``)."""
+
+    def connected(self, machine: Machine, deadline: float) -> None:
+        """QMP answers: finish starting by ``deadline`` (a saved state to load, then run)."""
 
     def shutdown(self, machine: Machine) -> None:
         """QEMU is gone (or never started): release what pre_launch made. Must not raise."""

@@ -8,7 +8,8 @@ an answered command: median ~180 ms (the load ~75-130 ms, then a first command
 slowed by retranslating the code it runs, ~60-100 ms), against ~240 ms for the
 alternative, migrating to a file and starting a fresh QEMU with ``-incoming``
 (a new process and new QMP and console connections, the same state to read).
-Loading in place also keeps the process, its PID and its sockets.
+Loading in place also keeps the process, its PID and its sockets. Restoring without
+reading the RAM at all, into a new process, is :mod:`harness.machine.saved`.
 
 What is restored: CPU, RAM and device state. Disks are not rolled back (only the
 state node is part of the snapshot): keep guest writes that must vanish in RAM

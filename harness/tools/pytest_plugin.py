@@ -10,9 +10,11 @@ Fixtures:
 - ``linux_image``: the Linux guest ``make images`` built (:func:`harness.machine.linux.linux`).
 - ``linux_accel``: the accelerator Linux machines use; skips with the reason where
   that is an emulating KVM (kvm_pvm), under which the guest takes minutes to boot.
-- ``linux_machine``: a Linux machine at its shell prompt, booted once per test
-  module and restored from a snapshot before every test after the first, so each
-  test starts from the same freshly booted state (a new boot if QEMU has gone).
+- ``linux_saved``: the Linux guest booted once per session and saved at its prompt
+  (:mod:`harness.machine.saved`).
+- ``linux_machine``: a Linux machine at its shell prompt, a new one for every test,
+  restored from ``linux_saved`` in tens of milliseconds, so each test starts from the
+  same freshly booted state and no test sees another's writes.
 - ``linux_machine_factory``: boots Linux machines, ``factory(configure=None,
   modules=(), name="linux")``, each at its prompt; shut down after the test
   (``linux_machine_factory_module``: after the module).
@@ -31,7 +33,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -40,6 +42,7 @@ from ..errors import HarnessError
 from ..machine.linux import LinuxImage, linux
 from ..machine import Machine, MachineSpec, random_mac, resolve_accel
 from ..machine.accel import choose_auto
+from ..machine.saved import SavedMachine, save_booted
 from ..proxy import ProxyMachine, proxy_spec
 
 DEBUGCON_PORT = 0xE9
@@ -175,8 +178,11 @@ def proxy_machine(pytestconfig: pytest.Config, hwharness_accel: str,
 
 # ---- the Linux guest ----
 
-READY_SNAPSHOT = "hwh-ready"
 LinuxFactory = Callable[..., Machine]
+
+
+def _linux_machine_args(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return {"quiet": config.getoption("--hwharness-quiet"), **_machine_args(config, tmp_path_factory.getbasetemp())}
 
 
 @pytest.fixture(scope="session")
@@ -208,8 +214,7 @@ def _linux_factory(config: pytest.Config, accel: str, image: LinuxImage,
         spec.qemu = str(config.getoption("--hwharness-qemu"))
         if configure:
             configure(spec)
-        m = Machine(spec, name=name, quiet=config.getoption("--hwharness-quiet"),
-                    **_machine_args(config, tmp_path_factory.getbasetemp()))  # type: ignore[arg-type]
+        m = Machine(spec, name=name, **_linux_machine_args(config, tmp_path_factory))
         made.append(m)
         m.launch()
         image.wait_ready(m)
@@ -235,38 +240,27 @@ def linux_machine_factory_module(pytestconfig: pytest.Config, linux_accel: str, 
     yield from _linux_factory(pytestconfig, linux_accel, linux_image, tmp_path_factory)
 
 
-class _SharedLinux:
-    """One Linux machine per module, and whether a test has used it since its snapshot."""
-
-    def __init__(self, factory: LinuxFactory) -> None:
-        self.factory = factory
-        self.machine: Machine | None = None
-        self.dirty = False
-
-    def fresh(self) -> Machine:
-        m = self.machine
-        if m is not None and m.alive() and self.dirty:
-            m.restore(READY_SNAPSHOT)
-        elif m is None or not m.alive():
-            if m is not None:
-                m.shutdown()
-            m = self.machine = self.factory(name="linux-shared")
-            m.snapshot(READY_SNAPSHOT)
-        assert m.console is not None
-        m.console.quiet = m.quiet         # a test may have changed it for itself
-        self.dirty = True
-        return m
-
-
-@pytest.fixture(scope="module")
-def _linux_shared(linux_machine_factory_module: LinuxFactory) -> _SharedLinux:
-    return _SharedLinux(linux_machine_factory_module)
+@pytest.fixture(scope="session")
+def linux_saved(pytestconfig: pytest.Config, linux_accel: str, linux_image: LinuxImage,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[SavedMachine]:
+    """The Linux guest booted once per session (per xdist worker, per pytest-split group) and
+    saved at its prompt; ``linux_saved.restore()`` starts a machine in that state."""
+    spec = linux_image.spec(accel=linux_accel)
+    spec.qemu = str(pytestconfig.getoption("--hwharness-qemu"))
+    saved = save_booted(spec, linux_image.wait_ready, name="linux-saved",
+                        **_linux_machine_args(pytestconfig, tmp_path_factory))
+    yield saved
+    saved.remove()
 
 
 @pytest.fixture
-def linux_machine(_linux_shared: _SharedLinux) -> Machine:
-    """A Linux machine at its prompt, in the state it was in right after booting.
+def linux_machine(linux_saved: SavedMachine, pytestconfig: pytest.Config,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
+    """A Linux machine at its prompt, in the state it was in right after booting: a machine of
+    its own, restored from ``linux_saved``, shut down after the test.
 
     ``linux_machine.console.run("uname -r")`` -> ``("6.1.0-...", 0)``.
     """
-    return _linux_shared.fresh()
+    m = linux_saved.restore(name="linux", **_linux_machine_args(pytestconfig, tmp_path_factory))
+    yield m
+    m.shutdown()

@@ -17,6 +17,12 @@ kernel started. Phases of one boot:
 ``boot_s`` is exec to answer: the sum. ``qemu_cpu_s`` is the CPU time QEMU had used by
 then: on a host shared with other jobs the wall-clock figures stretch with the load
 (``host_load_before``), the work done much less.
+
+Restores (what the ``linux_machine`` fixture does before every test): ``restore_*`` are a
+new QEMU restored from a saved boot (:mod:`harness.machine.saved`), from the request to an
+answered command, ``restore_running_*`` the part until the machine ran; ``restore_parallelN``
+is N restored from one saved boot at once; ``restore_in_place_*`` are ``snapshot-load`` into
+a running machine (``Machine.restore``), the way the fixture restored before.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 
 from ...machine.linux import LinuxImage, linux
 from ...machine import Machine
+from ...machine.saved import SavedMachine, save_booted
 from ...proxy import ProxyMachine, proxy_spec
 from .roundtrip import cpu_seconds
 from .stats import pct
@@ -72,8 +79,8 @@ def one_boot(image: LinuxImage, accel: str, workdir: Path, timeout: float = 120.
     return m, phases
 
 
-def restores(m: Machine, count: int) -> list[float]:
-    """Seconds from each restore request to an answered command, sorted."""
+def restores_in_place(m: Machine, count: int) -> list[float]:
+    """Seconds from each in-place restore (``snapshot-load``) to an answered command, sorted."""
     assert m.console is not None
     m.snapshot(SNAPSHOT)
     out = []
@@ -84,6 +91,44 @@ def restores(m: Machine, count: int) -> list[float]:
         m.console.run("true")
         out.append(time.monotonic() - t0)
     return sorted(out)
+
+
+def saved_restores(saved: SavedMachine, workdir: Path, count: int) -> tuple[list[float], list[float]]:
+    """Each restore from the saved machine (a new QEMU) to an answered command, and the part
+    of it until the machine ran (QEMU's start, the device state loaded): seconds, sorted."""
+    total, running = [], []
+    for i in range(count):
+        t0 = time.monotonic()
+        m = saved.restore(name=f"bench-restore{i}", artifacts_root=workdir)
+        try:
+            running.append(time.monotonic() - t0)
+            assert m.console is not None
+            m.console.run("true")
+            total.append(time.monotonic() - t0)
+            m.console.run(f"echo {i} > /tmp/state")      # what the next restore must not see
+        except BaseException:
+            m.failed = True
+            raise
+        finally:
+            m.shutdown()
+    return sorted(total), sorted(running)
+
+
+def parallel_restores(saved: SavedMachine, workdir: Path, count: int, timeout: float = 120.0) -> float:
+    """Seconds from the first restore request until ``count`` machines restored from one saved
+    machine at once have all answered a command."""
+    machines: list[Machine] = []
+    try:
+        t0 = time.monotonic()
+        for i in range(count):
+            machines.append(saved.restore(name=f"bench-rpar{i}", artifacts_root=workdir))
+        for m in machines:
+            assert m.console is not None
+            m.console.run("true", timeout)
+        return time.monotonic() - t0
+    finally:
+        for m in machines:
+            m.shutdown()
 
 
 def parallel(image: LinuxImage, accel: str, workdir: Path, count: int, timeout: float = 300.0) -> float:
@@ -126,13 +171,13 @@ def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_
     # Each machine removes its own directory unless it failed; a failed one's stays for reading.
     workdir = Path(tempfile.gettempdir())
     resolved = accel
-    restore_s: list[float] = []
+    in_place_s: list[float] = []
     for i in range(count):
         m, phases = one_boot(image, accel, workdir)
         resolved = m.accel
         try:
             if i == count - 1:
-                restore_s = restores(m, restore_count)
+                in_place_s = restores_in_place(m, restore_count)
         except BaseException:
             m.failed = True
             raise
@@ -140,6 +185,10 @@ def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_
             m.shutdown()
         boots.append(phases)
         log.info("boot %d: %.2f s", i, phases["boot"])
+    with save_booted(image.spec(accel=accel), image.wait_ready, name="bench-saved",
+                     artifacts_root=workdir) as saved:
+        restore_s, running_s = saved_restores(saved, workdir, restore_count)
+        parallel_restore_s = parallel_restores(saved, workdir, parallel_count)
     parallel_s = parallel(image, accel, workdir, parallel_count)
     proxy_s = proxy_boots(accel, count, iommu)
     total = sorted(b["boot"] for b in boots)
@@ -158,8 +207,12 @@ def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_
         "restore_count": restore_count,
         "restore_p50_ms": pct(restore_s, 0.5) * 1e3,
         "restore_p99_ms": pct(restore_s, 0.99) * 1e3,
+        "restore_running_p50_ms": pct(running_s, 0.5) * 1e3,
+        "restore_in_place_p50_ms": pct(in_place_s, 0.5) * 1e3,
+        "restore_in_place_p99_ms": pct(in_place_s, 0.99) * 1e3,
         "parallel_count": parallel_count,
         f"parallel{parallel_count}_s": parallel_s,
+        f"restore_parallel{parallel_count}_s": parallel_restore_s,
         "proxy_boot_p50_ms": pct(proxy_s, 0.5) * 1e3,
         "host_load_before": load_before,
         "host_cpus": os.cpu_count(),

@@ -1,0 +1,207 @@
+"""A booted machine saved to files once, and fresh machines restored from them in tens of milliseconds.
+
+How Firecracker restores, with QEMU's parts:
+
+- The booted machine's RAM is a file (``-object memory-backend-file,share=on`` and
+  ``-machine memory-backend=``: :class:`FileRam`), so saving it copies nothing: the file
+  already holds it.
+- Saving migrates the device state alone into a file (the ``x-ignore-shared``
+  capability skips shared RAM; a busybox guest's state is ~120 KB, saved in ~15 ms), and
+  the machine is shut down: from then on the RAM file is the saved machine's.
+- A restore is a new QEMU (``-incoming defer``, :class:`Incoming`) whose RAM maps that file
+  privately (``share=off``: copy-on-write, as Firecracker maps its memory file), so no
+  page is copied until the guest writes it, and machines restored from one file at once
+  never see each other's writes. Measured on a 2-core TCG host, a 256 MiB guest with
+  ~94 MiB touched: copying the RAM file per restore instead costs 90-110 ms on tmpfs
+  (sparse ``cp``) and ~250 ms with ``cp --reflink=auto`` on ext4, which cannot reflink.
+  With the capability set on the incoming side too, QEMU expects no page for the block
+  and keeps what the mapping shows.
+- Disks: the booted machine writes into qcow2 overlays of its drives, saved with it; each
+  restore gets an overlay of its own over those (:class:`DiskOverlays`), discarded with
+  the machine's directory.
+
+A restored machine is a new process (new PID, sockets, console log) in the saved state,
+running. Its RAM is private, so ``Machine.snapshot``/``restore`` work on it as on a
+booted one. Machines with state outside QEMU (a plugin that is not ``snapshottable``,
+such as the proxy's shared windows) cannot be saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import SnapshotError
+from .machine import WORKDIR_PREFIX, Machine, sweep_stale_workdirs
+from .plugin import MachinePlugin
+from .spec import Option, RuntimeFile
+
+if TYPE_CHECKING:
+    from .spec import Endpoints, MachineSpec
+
+log = logging.getLogger(__name__)
+
+RAM_ID = "hwh-ram"
+RAM_FILE = "ram"
+STATE_FILE = "devices.state"
+# tmpfs: the RAM file's pages stay in memory and are never written back to a disk.
+SHM = Path("/dev/shm")
+IGNORE_SHARED = "x-ignore-shared"
+
+
+class FileRam(MachinePlugin):
+    """The machine's RAM is ``path``: shared (written through, to be saved) or a private
+    copy-on-write mapping of it (a restore)."""
+
+    def __init__(self, path: Path, memory_mb: int, private: bool) -> None:
+        self.path = path
+        self.memory_mb = memory_mb
+        self.private = private
+
+    def options(self, ends: Endpoints, accel: str) -> list[Option]:
+        return [Option("object", "memory-backend-file", {"id": RAM_ID, "size": f"{self.memory_mb}M",
+                                                         "mem-path": str(self.path), "share": not self.private}),
+                Option("machine", "", {"memory-backend": RAM_ID})]
+
+
+def set_ignore_shared(machine: Machine, on: bool) -> None:
+    machine.qmp("migrate-set-capabilities", capabilities=[{"capability": IGNORE_SHARED, "state": on}])
+
+
+def wait_migration(machine: Machine, what: str, timeout: float) -> None:
+    """Until the machine's migration (``query-migrate``) has completed; SnapshotError if it failed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = machine.qmp("query-migrate").get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise SnapshotError(f"{what} {status}: {machine.qmp('query-migrate').get('error-desc', '')}")
+        if time.monotonic() > deadline:
+            raise SnapshotError(f"{what} did not finish within {timeout:g} s (status {status})")
+        time.sleep(0.001)
+
+
+class Incoming(MachinePlugin):
+    """QEMU starts waiting for a migration; once QMP answers, the saved device state comes in
+    (RAM excepted) and the machine runs."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+
+    def args(self) -> list[str]:
+        return ["-incoming", "defer"]
+
+    def connected(self, machine: Machine, deadline: float) -> None:
+        set_ignore_shared(machine, True)       # both sides must agree, or QEMU refuses the stream
+        machine.qmp("migrate-incoming", uri=f"exec:cat {self.state}")
+        # query-migrate on the incoming side answers "active" until the load is over
+        while machine.qmp("query-status")["status"] == "inmigrate":
+            if time.monotonic() > deadline:
+                raise SnapshotError(f"the saved state {self.state} did not load within the launch timeout")
+            time.sleep(0.001)
+        set_ignore_shared(machine, False)      # later snapshots of this machine hold all of its RAM
+        machine.qmp("cont")
+
+
+class DiskOverlays(MachinePlugin):
+    """A qcow2 overlay per drive in the machine's own directory, over the saved machine's."""
+
+    def __init__(self, backing: dict[str, Path]) -> None:
+        self.backing = backing                 # overlay file name -> the saved overlay under it
+
+    def pre_launch(self, machine: Machine, ends: Endpoints) -> None:
+        for name, below in self.backing.items():
+            qcow2_overlay(below, "qcow2", ends.workdir / name)
+
+
+def qcow2_overlay(backing: Path, backing_format: str, path: Path) -> None:
+    """A qcow2 at ``path`` that reads through to ``backing`` and takes every write."""
+    done = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing.resolve()),
+                           "-F", backing_format, str(path)], capture_output=True, text=True)
+    if done.returncode:
+        raise SnapshotError(f"qemu-img could not make an overlay of {backing}: {done.stderr.strip()}")
+
+
+def writable_drives(spec: MachineSpec) -> list[Option]:
+    return [o for o in spec.options if o.name == "drive" and "file" in o.props and not o.props.get("readonly")]
+
+
+@dataclass
+class SavedMachine:
+    """A booted machine in files (``directory``): RAM, device state, disk overlays.
+    ``restore()`` starts a machine in that state; ``remove()`` deletes the files."""
+
+    spec: MachineSpec                          # the booted machine's spec, its drives on the overlays
+    directory: Path
+    disks: dict[str, Path] = field(default_factory=dict)   # a restore's overlay name -> saved overlay
+
+    def restore_spec(self) -> MachineSpec:
+        """The spec of a machine restored from these files (what ``restore`` launches)."""
+        spec = copy.deepcopy(self.spec)
+        spec.plugins = [p for p in spec.plugins if not isinstance(p, FileRam)]
+        spec.plugins += [FileRam(self.directory / RAM_FILE, spec.memory_mb, private=True),
+                         Incoming(self.directory / STATE_FILE), DiskOverlays(self.disks)]
+        saved_to_own = {str(saved): name for name, saved in self.disks.items()}
+        for drive in writable_drives(spec):
+            drive.props["file"] = RuntimeFile(saved_to_own[str(drive.props["file"])])
+        return spec
+
+    def restore(self, name: str = "restored", **machine_args: Any) -> Machine:
+        """A new machine in the saved state, running; the caller shuts it down."""
+        m = Machine(self.restore_spec(), name=name, **machine_args)
+        m.launch()
+        return m
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> "SavedMachine":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.remove()
+
+
+def save_booted(spec: MachineSpec, ready: Callable[[Machine], object], *, name: str = "saved",
+                root: Path | None = None, timeout: float = 60.0, **machine_args: Any) -> SavedMachine:
+    """Boot ``spec``, call ``ready(machine)`` (wait for the prompt, prepare the guest), save the
+    machine into a new directory under ``root`` (default: /dev/shm) and shut it down.
+
+    ``machine_args`` go to the booted Machine (artifacts, console rules, launch timeout).
+    """
+    unfit = [type(p).__name__ for p in spec.plugins if not p.snapshottable]
+    if unfit:
+        raise SnapshotError(f"a machine with a {', '.join(unfit)} cannot be saved: part of its state is outside QEMU's")
+    root = root or (SHM if SHM.is_dir() else Path(tempfile.gettempdir()))
+    sweep_stale_workdirs(root)
+    directory = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-{name}-", dir=root))
+    saved = SavedMachine(copy.deepcopy(spec), directory)
+    try:
+        saved.spec.plugins.append(FileRam(directory / RAM_FILE, spec.memory_mb, private=False))
+        for n, drive in enumerate(writable_drives(saved.spec)):
+            overlay = directory / f"disk{n}.qcow2"
+            qcow2_overlay(Path(str(drive.props["file"])), str(drive.props.get("format", "raw")), overlay)
+            drive.props.update(file=str(overlay), format="qcow2")
+            drive.props.pop("snapshot", None)  # the overlays are what keeps the original unwritten
+            saved.disks[overlay.name] = overlay
+        with Machine(saved.spec, name=name, **machine_args) as m:
+            ready(m)
+            t0 = time.monotonic()
+            set_ignore_shared(m, True)
+            m.qmp("stop")
+            m.qmp("migrate", uri=f"exec:cat > {directory / STATE_FILE}")
+            wait_migration(m, "saving the device state", timeout)
+            log.info("%s: saved in %.0f ms to %s", name, (time.monotonic() - t0) * 1e3, directory)
+    except BaseException:
+        saved.remove()
+        raise
+    return saved
