@@ -622,10 +622,22 @@ class Bus(abc.ABC):
     def close(self) -> None:
         """Close every channel this bus opened. Idempotent."""
 
-    def open(self, function: PciFunction, dma_size: int | None = None) -> Device:
+    def open_channel_sharing(self, function: PciFunction, channel: Channel) -> Channel:
+        """A channel to ``function`` whose device DMAs in ``channel``'s domain (a channel this
+        bus opened): both devices reach the same buffers, and nothing else."""
+        raise NotImplementedError(f"{function}: this transport cannot share a DMA domain")
+
+    def open(self, function: PciFunction, dma_size: int | None = None,
+             share_domain_with: Device | None = None) -> Device:
         """Open ``function``; ``dma_size`` is how much DMA memory its domain holds (None: the
-        transport's default)."""
-        return Device(function, self.open_channel(function, dma_size))
+        transport's default). ``share_domain_with``: an open device of this bus whose domain
+        this one shares instead (as a VFIO container), so a buffer one device received the
+        other can send as it is; a device opened apart still reaches nothing of it."""
+        if share_domain_with is None:
+            return Device(function, self.open_channel(function, dma_size))
+        if dma_size is not None:
+            raise ValueError(f"{function}: a shared domain has the size it was opened with")
+        return Device(function, self.open_channel_sharing(function, share_domain_with.channel))
 
     def ports(self, base: int, count: int) -> Region:
         """An ISA port range as a region; close it with ``region.channel.close()``."""

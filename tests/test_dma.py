@@ -13,7 +13,7 @@ import socket
 import struct
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from elftools.elf.elffile import ELFFile
@@ -22,10 +22,11 @@ import drivers.edu as edu
 from drivers.e1000 import E1000
 from drivers.e1000.descriptors import RX_DD, TX_DD, TX_EOP, TX_IFCS, TX_RS, RxDesc, TxDesc
 from drivers.e1000.regs import Reg
-from harness.access import Device
+from harness.access import Bus, Device
 from harness.tools.bench.e1000 import wire
-from harness.errors import DmaFault, DmaFaultRecord
+from harness.errors import BadRequest, DmaFault, DmaFaultRecord
 from harness.machine import MachineSpec
+from harness.processes import attach, serve
 from harness.proxy import ProxyMachine, ProxyWindows
 
 pytestmark = pytest.mark.qemu
@@ -38,7 +39,7 @@ def rig(proxy_machine_factory_module, tmp_path_factory) -> Iterator[tuple[ProxyM
     host, qemu_port, netdev = wire()
 
     def configure(spec: MachineSpec) -> None:
-        for slot in (3, 4):
+        for slot in (3, 4, 5):
             spec.device("edu", addr=str(slot), dma_mask=0xFFFFFFFF)
         spec.netdev("socket", "net0", **netdev)
         spec.device("e1000", netdev="net0", mac="52:54:00:d0:0d:01")
@@ -48,8 +49,9 @@ def rig(proxy_machine_factory_module, tmp_path_factory) -> Iterator[tuple[ProxyM
     host.close()
 
 
-def open_edu(pm: ProxyMachine, slot: int, **open_args: int) -> Device:
-    dev = pm.bus.open(next(f for f in pm.bus.find_all(vendor=edu.VENDOR, device=edu.DEVICE) if f.dev == slot), **open_args)
+def open_edu(pm: ProxyMachine, slot: int, bus: Bus | None = None, **open_args: Any) -> Device:
+    bus = bus or pm.bus
+    dev = bus.open(next(f for f in bus.find_all(vendor=edu.VENDOR, device=edu.DEVICE) if f.dev == slot), **open_args)
     dev.enable_dma()
     return dev
 
@@ -135,6 +137,72 @@ def test_closing_a_device_revokes_its_domain(rig) -> None:
     with pytest.raises(NotImplementedError):
         again.dma_alloc(4096)
     again.close()
+
+
+def check_a_shared_domain(pm: ProxyMachine, bus: Bus, scratch: Path, rng: random.Random) -> None:
+    """Edu 3 and edu 4 share a domain, edu 5 is opened apart: the two reach each other's
+    buffers both ways, the third reaches neither, and closing edu 3 leaves edu 4's mapping."""
+    first = open_edu(pm, 3, bus)
+    second = open_edu(pm, 4, bus, share_domain_with=first)
+    with open_edu(pm, 5, bus) as apart:
+        received, sent = first.dma_alloc(4096), second.dma_alloc(4096)
+        data = rng.randbytes(1024)
+        sent.view[:1024] = data
+        edu.dma(first, sent.phys, edu.BUFFER, 1024, to_ram=False)          # one device reads the other's buffer
+        edu.dma(first, edu.BUFFER, received.phys, 1024, to_ram=True)
+        edu.dma(second, received.phys, edu.BUFFER + 2048, 1024, to_ram=False)
+        edu.dma(second, edu.BUFFER + 2048, sent.phys + 2048, 1024, to_ram=True)
+        assert bytes(received.view[:1024]) == data and bytes(sent.view[2048:3072]) == data
+        assert first.dma_faults() is None and second.dma_faults() is None
+
+        before = memory(pm, received.phys, 1024, scratch)
+        edu.dma(apart, edu.BUFFER, received.phys, 1024, to_ram=True)      # outside its own domain
+        with pytest.raises(DmaFault) as fault:
+            apart.bar(0).read32(0)
+        assert fault.value.fault.write and fault.value.fault.addr == received.phys & ~0xFFF
+        assert memory(pm, received.phys, 1024, scratch) == before
+
+        first.close()                                   # the domain stays mapped for the other
+        again = rng.randbytes(512)
+        received.view[:512] = again
+        edu.dma(second, received.phys, edu.BUFFER, 512, to_ram=False)
+        edu.dma(second, edu.BUFFER, sent.phys, 512, to_ram=True)
+        assert bytes(sent.view[:512]) == again and second.dma_faults() is None
+        second.close()
+
+
+def test_devices_of_one_driver_share_a_domain_and_a_third_reaches_none_of_it(rig, rng: random.Random) -> None:
+    pm, _, _, scratch = rig
+    free = pm.bus.dma.free_bytes
+    check_a_shared_domain(pm, pm.bus, scratch, rng)
+    assert pm.bus.dma.free_bytes == free, "the domain's memory is back once its last device closed"
+
+
+def test_a_driver_process_shares_a_domain_between_its_devices(rig, rng: random.Random) -> None:
+    pm, _, _, scratch = rig
+    attached = attach(serve(pm).address)
+    try:
+        pool = pm.admin.slots[attached.slot - 1].pool
+        free = pool.free_bytes
+        check_a_shared_domain(pm, attached, scratch, rng)
+        assert pool.free_bytes == free, "the domain's memory is back once its last device closed"
+    finally:
+        attached.close()
+
+
+def test_a_domain_is_shared_only_within_a_window(rig) -> None:
+    """The proxy refuses to share a ring's domain with a device opened into another window."""
+    pm = rig[0]
+    attached = attach(serve(pm).address)
+    try:
+        with open_edu(pm, 3) as mine:
+            fn = next(f for f in pm.bus.find_all(vendor=edu.VENDOR, device=edu.DEVICE) if f.dev == 4)
+            with pytest.raises(BadRequest):     # the owner's ring number, named in the slot's window
+                pm.admin.grant_pci_sharing(fn, mine.channel.index, slot=attached.slot)
+            with pytest.raises(ValueError):     # a channel of another bus
+                attached.open(fn, share_domain_with=mine)
+    finally:
+        attached.close()
 
 
 def test_10000_random_dma_targets_change_nothing_outside_the_domain(rig, rng: random.Random) -> None:

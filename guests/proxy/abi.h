@@ -38,7 +38,7 @@ typedef unsigned long long u64 __attribute__((aligned(8)));
 
 enum proxy_abi {
     PROXY_ABI_MAGIC = 0x48574858,   /* "XHWH" little-endian */
-    PROXY_ABI_VERSION = 9,
+    PROXY_ABI_VERSION = 10,
 };
 
 enum proxy_limits {
@@ -188,6 +188,9 @@ enum proxy_op {
     PROXY_OP_CRASH = 35,            /* value = PROXY_CRASH_MAGIC, addr = enum proxy_crash_kind */
     PROXY_OP_SLOT_REVOKE = 36,      /* addr = slot: close every channel it holds */
     PROXY_OP_SLOT_READY = 37,       /* addr = slot: publish its control page again (after the host cleared it) */
+    PROXY_OP_OPEN_PCI_SHARED = 38,  /* as OPEN_PCI, but the device DMAs in the domain of ring value of
+                                       the same window (one driver's devices only, as a VFIO container):
+                                       addr = bdf, expect = the window; value := the channel's ring */
     /* interrupts, on the channel's own device */
     PROXY_OP_IRQ_ENABLE = 40,       /* addr = enum proxy_irq_mode; value = ISA IRQ bitmask for PROXY_IRQ_ISA,
                                        vectors (1..PROXY_IRQ_VECTORS; 0 means 1) for MSI-X, and

@@ -9,6 +9,12 @@
  * tables, not the control page, not the rings. A device with no open channel
  * has no context entry, so all of its DMA faults.
  *
+ * Devices of one driver may share a domain (PROXY_OP_OPEN_PCI_SHARED, as a VFIO
+ * container does), so a bridge sends a received buffer without a copy. Each
+ * sharer still gets tables and a domain id of its own channel, mapping the same
+ * pages: closing one tears down nothing the others use, and no table outlives
+ * its channel.
+ *
  * Faults: the IOMMU records each failed translation in a fault recording
  * register and raises the fault event interrupt; the handler reads and clears
  * the records and posts each to the channel that owns the device.
@@ -145,7 +151,7 @@ static u64 *context_table(u8 bus)
     return NULL;
 }
 
-/* Map channel c's domain [base, base + size) for device bus:devfn, and nothing else. */
+/* Map channel c's domain [base, base + size) for device bus:devfn, and nothing else (tables[c]). */
 u16 iommu_map(int c, u8 bus, u8 devfn, u64 base, u64 size)
 {
     if (!on)

@@ -223,7 +223,12 @@ static int valid_domain(int p, u64 base, u64 size)
     return 1;
 }
 
-static u16 open_pci(int p, u64 bdf, u64 dma_base, u64 dma_size, u64 *out)
+/*
+ * Open device bdf on a channel of window p, mapping DMA domain `dma` for it. A fresh
+ * domain must overlap nobody's; a `shared` one is an open channel's of the same
+ * window (checked when that channel opened), so only one driver's devices share.
+ */
+static u16 open_pci(int p, u64 bdf, struct window dma, int shared, u64 *out)
 {
     const struct proxy_pci_device *d = NULL;
     for (int i = 0; i < ndevices; i++)
@@ -236,17 +241,17 @@ static u16 open_pci(int p, u64 bdf, u64 dma_base, u64 dma_size, u64 *out)
     for (int c = 1; c < PROXY_TOTAL_CHANNELS; c++)
         if (channels[c].open && channels[c].device == d)
             return PROXY_STATUS_DENIED;
-    if (!valid_domain(p, dma_base, dma_size))
+    if (!shared && !valid_domain(p, dma.base, dma.size))
         return PROXY_STATUS_BAD_REQUEST;
     int c = free_channel(p);
     if (c < 0)
         return PROXY_STATUS_FAULT;
-    u16 st = iommu_map(c, d->bus, (u8)(d->dev << 3 | d->fn), dma_base, dma_size);
+    u16 st = iommu_map(c, d->bus, (u8)(d->dev << 3 | d->fn), dma.base, dma.size);
     if (st != PROXY_STATUS_OK)
         return st;
     struct channel *ch = fresh_channel(c);
     ch->device = d;
-    ch->dma = (struct window){ dma_base, dma_size };
+    ch->dma = dma;
     for (int i = 0; i < PROXY_MAX_BARS; i++) {
         const struct proxy_bar *b = &d->bars[i];
         if (!b->size || !b->base)
@@ -509,7 +514,13 @@ static u16 admin(int c, const struct proxy_request *rq, u64 *value)
     case PROXY_OP_OPEN_PCI:
         if (into < 0)
             return PROXY_STATUS_BAD_REQUEST;
-        return open_pci(into, rq->addr, rq->value, rq->mask, value);
+        return open_pci(into, rq->addr, (struct window){ rq->value, rq->mask }, 0, value);
+    case PROXY_OP_OPEN_PCI_SHARED: {
+        int with = into < 0 ? -1 : channel_at((u64)into, rq->value);
+        if (with < 0 || !channels[with].open || !channels[with].device || !channels[with].dma.size)
+            return PROXY_STATUS_BAD_REQUEST;
+        return open_pci(into, rq->addr, channels[with].dma, 1, value);
+    }
     case PROXY_OP_OPEN_ISA:
         if (into < 0)
             return PROXY_STATUS_BAD_REQUEST;
@@ -694,7 +705,7 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
     if (!kind) {                                /* not an access: control and the baselines */
         if (op == PROXY_OP_NOP)
             return PROXY_STATUS_OK;
-        if (op >= PROXY_OP_OPEN_PCI && op <= PROXY_OP_SLOT_READY)
+        if (op >= PROXY_OP_OPEN_PCI && op <= PROXY_OP_OPEN_PCI_SHARED)
             return admin(c, rq, value);
         if (op >= PROXY_OP_IRQ_ENABLE && op <= PROXY_OP_IRQ_DISABLE)
             return interrupt_op(c, rq);

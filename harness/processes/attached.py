@@ -161,6 +161,10 @@ class AttachedBus(WindowBus):
         reply, _ = self.link.call({"op": "open_pci", "devfn": function.devfn, "dma_size": dma_size})
         return self._opened(reply["ring"], str(function), reply["domain_base"], reply["domain_size"])
 
+    def _grant_sharing(self, function: PciFunction, ring: int) -> int:
+        reply, _ = self.link.call({"op": "open_pci_sharing", "devfn": function.devfn, "ring": ring})
+        return int(reply["ring"])
+
     def open_ports(self, base: int, count: int) -> ProxyChannel:
         reply, _ = self.link.call({"op": "open_ports", "base": base, "count": count})
         return self._opened(reply["ring"], f"ports {base:#x}+{count}")

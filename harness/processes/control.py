@@ -98,7 +98,8 @@ def recv_message(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]
 
 @dataclass
 class Holder:
-    """A process that holds a slot, and what it opened there: ring -> (devfn or None, domain base),
+    """A process that holds a slot, and what it opened there: ring -> (devfn or None, domain base;
+    rings sharing a domain have the same),
     and the devices it is opening (claimed before the proxy grants them, so no one else can)."""
     pid: int
     slot: int
@@ -259,7 +260,7 @@ class ControlServer:
         if holder is None:
             raise ValueError(f"{op!r} before hello")
         admin, n = self.admin, holder.slot
-        if op == "open_pci":
+        if op in ("open_pci", "open_pci_sharing"):
             devfn = int(message["devfn"])
             function = next((f for f in admin.bus.functions if f.devfn == devfn), None)
             if function is None:
@@ -268,10 +269,18 @@ class ControlServer:
             if dma_size is not None and not isinstance(dma_size, int):
                 raise ValueError(f"dma_size {dma_size!r} is not a whole number of bytes")
             with self._lock:                    # claimed here, granted outside the lock
+                if op == "open_pci_sharing":    # a domain this holder has: its own devices share
+                    sharing = int(message["ring"])
+                    base = holder.rings.get(sharing, (None, 0))[1]
+                    if not base:
+                        raise ValueError(f"slot {n} has no open ring {sharing} with a DMA domain")
                 self._may_open(holder, devfn, function)
                 holder.opening.add(devfn)
             try:
-                ring, base, size = admin.grant_pci(function, dma_size, slot=n)
+                if op == "open_pci_sharing":
+                    ring, size = admin.grant_pci_sharing(function, sharing, slot=n), 0
+                else:
+                    ring, base, size = admin.grant_pci(function, dma_size, slot=n)
             finally:
                 with self._lock:
                     holder.opening.discard(devfn)
@@ -291,6 +300,8 @@ class ControlServer:
                 if ring not in holder.rings:
                     raise ValueError(f"slot {n} has no open ring {ring}")
                 _, base = holder.rings.pop(ring)
+                if any(b == base for _, b in holder.rings.values()):
+                    base = 0                    # another of its devices still DMAs there
             admin.revoke(ring, base, slot=n)
             return {"ok": True}, []
         raise ValueError(f"no such control operation: {op!r}")

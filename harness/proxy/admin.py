@@ -88,6 +88,13 @@ class ProxyAdmin:
             raise
         return ring, base, dma_size
 
+    def grant_pci_sharing(self, function: PciFunction, ring: int, slot: int = 0) -> int:
+        """Open ``function`` on a ring of window ``slot`` in the DMA domain of that window's
+        ring ``ring`` (the proxy refuses a ring with none): only one holder's devices share.
+        Returns its ring; the domain's memory is freed with the last of them (``revoke``)."""
+        return self.request(self.abi.PROXY_OP_OPEN_PCI_SHARED, function.devfn, ring,
+                            f"open {function} in ring {ring}'s domain", window=slot)
+
     def grant_ports(self, base: int, count: int, slot: int = 0) -> int:
         """Open those of the ports that belong to the machine's legacy devices on a ring of
         window ``slot`` (the rest of the range stays refused); AccessDenied, saying why, when none does."""
@@ -100,7 +107,8 @@ class ProxyAdmin:
 
     def revoke(self, ring: int, domain_base: int = 0, slot: int = 0) -> None:
         """Close a ring's channel (the proxy turns bus mastering off and unmaps its domain),
-        then take the domain's memory back."""
+        then take the domain's memory back: give ``domain_base`` only when no other ring
+        shares the domain."""
         if self.window.state == self.abi.PROXY_STATE_READY and self.machine.alive():
             self.request(self.abi.PROXY_OP_CLOSE, ring, 0, f"close ring {ring} of window {slot}", window=slot)
         if domain_base:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import abc
 import logging
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..access import Bar, Bus, PciFunction
+from ..access import Bar, Bus, Channel, PciFunction
 from ..machine import Machine
 from .abi import Abi
 from .admin import ProxyAdmin
@@ -45,9 +46,27 @@ class WindowBus(Bus):
         if domain_size:
             start = domain_base - self._window_phys
             domain = DmaPool(self._dma_view, self._window_phys, start, start + domain_size)
+        return self._opened_in(index, name, domain)
+
+    def _opened_in(self, index: int, name: str, domain: DmaPool | None) -> ProxyChannel:
         ch = channel_for(self, index, name, domain)
         self._open[index] = ch
         return ch
+
+    def open_channel_sharing(self, function: PciFunction, channel: Channel) -> ProxyChannel:
+        if (not isinstance(channel, ProxyChannel) or self._open.get(channel.index) is not channel
+                or not isinstance(channel.domain, DmaPool)):
+            raise ValueError(f"{function}: {channel} is not an open device of this bus with a DMA domain")
+        ring = self._grant_sharing(function, channel.index)
+        return self._opened_in(ring, str(function), channel.domain)
+
+    @abc.abstractmethod
+    def _grant_sharing(self, function: PciFunction, ring: int) -> int:
+        """Have ``function`` opened on a ring of this window, in ring ``ring``'s domain; its ring."""
+
+    def _last_in_domain(self, ch: ProxyChannel) -> bool:
+        """Is ``ch`` (already forgotten by ``_open``) the last open channel in its domain?"""
+        return not any(other.domain is ch.domain for other in self._open.values())
 
     def _read_device_table(self) -> list[PciFunction]:
         n = self.window.field("ndevices")
@@ -123,6 +142,11 @@ class ProxyBus(WindowBus):
         self.owned[ring] = function.devfn
         return self._opened(ring, str(function), base, size)
 
+    def _grant_sharing(self, function: PciFunction, ring: int) -> int:
+        shared = self._admin.grant_pci_sharing(function, ring)
+        self.owned[shared] = function.devfn
+        return shared
+
     def open_ports(self, base: int, count: int) -> ProxyChannel:
         return self._opened(self._admin.grant_ports(base, count), f"ports {base:#x}+{count}")
 
@@ -131,7 +155,8 @@ class ProxyBus(WindowBus):
             return
         self._open.pop(ch.index, None)
         self.owned.pop(ch.index, None)
-        self._admin.revoke(ch.index, ch.domain.base if isinstance(ch.domain, DmaPool) else 0)
+        last = isinstance(ch.domain, DmaPool) and self._last_in_domain(ch)
+        self._admin.revoke(ch.index, ch.domain.base if last else 0)
 
     def close(self) -> None:
         super().close()
