@@ -13,7 +13,7 @@ import logging
 import struct
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from harness.access import Bus, Deadline, Device, DmaBuffer, IrqMode
 from harness.errors import HarnessError, InterruptTimeout
@@ -21,6 +21,9 @@ from harness.errors import HarnessError, InterruptTimeout
 from .descriptors import RX_DD, RX_EOP, TX_DD, TX_EOP, TX_IFCS, TX_RS, RxDesc, TxDesc
 from .regs import (EERD_ADDR_SHIFT, EERD_DATA_SHIFT, MTA_ENTRIES, TCTL_COLD_FD, TCTL_CT, TIPG_82540, Ctrl,
                    Eerd, Icr, Rctl, Reg, Stat, StatusBits, Tctl)
+
+if TYPE_CHECKING:
+    from .pool import PacketPool
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,8 @@ _TX_LEN, _TX_CMD, _TX_STA = TxDesc.length.offset, TxDesc.cmd.offset, TxDesc.stat
 _TX_ADDR_LEN = struct.Struct("<QH")     # a transmit descriptor's buffer address and length, together
 assert TxDesc.addr.offset == 0 and TxDesc.length.offset == 8
 _RX_LEN, _RX_STA = RxDesc.length.offset, RxDesc.status.offset
+_RX_ADDR = struct.Struct("<Q")          # a receive descriptor's buffer address
+assert RxDesc.addr.offset == 0
 
 
 class E1000Error(HarnessError):
@@ -63,7 +68,10 @@ class E1000:
     """One 82540EM. ``E1000.open(bus)`` finds and initialises the first one."""
 
     def __init__(self, bus: Bus, device: Device, rx_entries: int = 256, tx_entries: int = 256,
-                 interrupts: bool = True, itr: int = 0) -> None:
+                 interrupts: bool = True, itr: int = 0, pool: "PacketPool | None" = None) -> None:
+        """``pool``: receive into buffers of a :class:`~drivers.e1000.pool.PacketPool` (the
+        forwarding mode: :meth:`recv_buffers` and :meth:`send_buffers` pass buffers along
+        without a copy) instead of buffers of the NIC's own."""
         for n in (rx_entries, tx_entries):
             if n % 8 or not 8 <= n <= 4096:
                 raise ValueError("ring sizes are multiples of 8 from 8 to 4096 (the length is in 128-byte units)")
@@ -72,7 +80,10 @@ class E1000:
         self.rx_n, self.tx_n = rx_entries, tx_entries
         self.rx_ring = device.dma_alloc(rx_entries * DESC_SIZE, 128)
         self.tx_ring = device.dma_alloc(tx_entries * DESC_SIZE, 128)
-        self.rx_bufs = device.dma_alloc(rx_entries * BUFFER_SIZE)
+        self.pool = pool
+        self.rx_bufs = device.dma_alloc(rx_entries * BUFFER_SIZE) if pool is None else None
+        self.rx_held: list[int] = []            # forwarding: the pool buffer each receive descriptor has
+        self.tx_held = [0] * tx_entries         # forwarding: the pool buffer a transmit descriptor sends
         self.tx_bufs = device.dma_alloc(tx_entries * BUFFER_SIZE)
         self.rx_next = 0            # next descriptor the hardware will fill
         self.tx_tail = 0            # next descriptor we fill
@@ -124,8 +135,18 @@ class E1000:
 
     def _init_rx(self) -> None:
         ring = self.rx_ring.view
-        for i in range(self.rx_n):                          # every descriptor gets its buffer
-            struct.pack_into("<Q", ring, i * DESC_SIZE, self.rx_bufs.phys + i * BUFFER_SIZE)
+        if self.rx_bufs is not None:
+            addresses = [self.rx_bufs.phys + i * BUFFER_SIZE for i in range(self.rx_n)]
+        else:
+            assert self.pool is not None
+            while len(self.rx_held) < self.rx_n:
+                phys = self.pool.get()
+                if phys is None:
+                    raise ValueError(f"the packet pool has too few buffers for {self.rx_n} receive descriptors")
+                self.rx_held.append(phys)
+            addresses = self.rx_held
+        for i, phys in enumerate(addresses):                # every descriptor gets its buffer
+            struct.pack_into("<Q", ring, i * DESC_SIZE, phys)
         with self.dev.batch() as b:
             b.write32(self.regs, Reg.RDBAL, self.rx_ring.phys & 0xFFFFFFFF)
             b.write32(self.regs, Reg.RDBAH, self.rx_ring.phys >> 32)
@@ -184,8 +205,11 @@ class E1000:
 
     def _reclaim(self) -> int:
         """Free every descriptor the hardware has written back (DD); how many are free."""
-        ring, n = self.tx_ring.view, self.tx_n
+        ring, n, held = self.tx_ring.view, self.tx_n, self.tx_held
         while self.tx_clean != self.tx_tail and ring[self.tx_clean * DESC_SIZE + _TX_STA] & TX_DD:
+            if held[self.tx_clean]:                         # a forwarded buffer: back to its pool
+                self.pool.put(held[self.tx_clean])          # type: ignore[union-attr]
+                held[self.tx_clean] = 0
             self.tx_clean = (self.tx_clean + 1) % n
         return (self.tx_clean - self.tx_tail - 1) % n
 
@@ -217,10 +241,7 @@ class E1000:
         """Queue ``frames``: bytes to copy into the slots' own buffers, or (``zero_copy``)
         (address, length) pairs the descriptors point at. Every descriptor gets its address
         anew, so the two forms mix freely."""
-        ring, bufs, n = self.tx_ring.view, self.tx_bufs.view, self.tx_n
-        own, pack = self.tx_bufs.phys, _TX_ADDR_LEN.pack_into
         sent, deadline = 0, Deadline(timeout)
-        cmd = TX_EOP | TX_IFCS | TX_RS
         while sent < len(frames):
             free = self._reclaim()
             if not free:
@@ -229,23 +250,41 @@ class E1000:
                 self._wait_tx(deadline)
                 continue
             batch = frames[sent:sent + free]
-            tail = self.tx_tail
-            for frame in batch:
-                d = tail * DESC_SIZE
-                if not zero_copy:
-                    size = len(frame)
-                    bufs[tail * BUFFER_SIZE:tail * BUFFER_SIZE + size] = frame
-                    pack(ring, d, own + tail * BUFFER_SIZE, size)
-                else:
-                    pack(ring, d, *frame)
-                ring[d + _TX_CMD] = cmd
-                ring[d + _TX_STA] = 0                       # the hardware's now
-                tail = (tail + 1) % n
-            self.tx_tail = tail
-            self.regs.write32(Reg.TDT, tail)                # one register write for the batch
+            self._queue(batch, zero_copy)
             sent += len(batch)
         return sent
 
+    def _queue(self, batch: Sequence, zero_copy: bool, held: bool = False) -> None:
+        """Fill descriptors for ``batch`` (it fits) and write the tail once. ``held``: the
+        (address, length) frames are the pool's buffers, given back when sent (``_reclaim``)."""
+        ring, bufs, n = self.tx_ring.view, self.tx_bufs.view, self.tx_n
+        own, pack, owners = self.tx_bufs.phys, _TX_ADDR_LEN.pack_into, self.tx_held
+        cmd = TX_EOP | TX_IFCS | TX_RS
+        tail = self.tx_tail
+        for frame in batch:
+            d = tail * DESC_SIZE
+            if not zero_copy:
+                size = len(frame)
+                bufs[tail * BUFFER_SIZE:tail * BUFFER_SIZE + size] = frame
+                pack(ring, d, own + tail * BUFFER_SIZE, size)
+            else:
+                pack(ring, d, *frame)
+                if held:
+                    owners[tail] = frame[0]
+            ring[d + _TX_CMD] = cmd
+            ring[d + _TX_STA] = 0                           # the hardware's now
+            tail = (tail + 1) % n
+        self.tx_tail = tail
+        self.regs.write32(Reg.TDT, tail)                    # one register write for the batch
+
+    def send_buffers(self, frames: Sequence[tuple[int, int]]) -> int:
+        """Forwarding: queue the pool's buffers ``(address, length)`` as they are, as many as
+        the ring has room for now, without waiting; each goes back to the pool once sent.
+        Returns how many were queued: the rest are still the caller's."""
+        batch = frames[:self._reclaim()]
+        if batch:
+            self._queue(batch, True, held=True)
+        return len(batch)
     def _wait_tx(self, deadline: Deadline) -> None:
         if self.irq is None:
             time.sleep(min(0.0005, deadline.remaining))
@@ -282,11 +321,12 @@ class E1000:
             if not out and quiet.expired:
                 # Restate the tail: QEMU may hold frames it queued while it thought the
                 # ring full until the tail is written again.
-                self._write_flush(Reg.RDT, (self.rx_next - 1) % self.rx_n)
+                self.restate_rx_tail()
                 quiet = Deadline(0.001)
         return out
 
     def _harvest(self, max_frames: int) -> list[bytes]:
+        assert self.rx_bufs is not None, "a NIC with a packet pool receives with recv_buffers"
         ring, bufs, n = self.rx_ring.view, self.rx_bufs.view, self.rx_n
         out: list[bytes] = []
         i = self.rx_next
@@ -304,6 +344,41 @@ class E1000:
             self.rx_next = i
             self._write_flush(Reg.RDT, (i - 1) % n)          # hand the buffers back
         return out
+
+    def recv_buffers(self, max_frames: int = 256) -> list[tuple[int, int]]:
+        """Forwarding: frames that have arrived as the pool's buffers ``(address, length)``,
+        now the caller's (to :meth:`send_buffers` elsewhere, or ``pool.put``); each
+        descriptor gets a fresh buffer from the pool. When the pool is empty the rest stay
+        in the ring until buffers come back (the NIC counts what it then misses)."""
+        ring, n, held, pool = self.rx_ring.view, self.rx_n, self.rx_held, self.pool
+        assert pool is not None, "recv_buffers is for a NIC opened with a packet pool"
+        out: list[tuple[int, int]] = []
+        i = self.rx_next
+        while len(out) < max_frames:
+            d = i * DESC_SIZE
+            status = ring[d + _RX_STA]
+            if not status & RX_DD:
+                break
+            fresh = pool.get()
+            if fresh is None:
+                break
+            if status & RX_EOP:                             # 2048-byte buffers: a frame fits one
+                out.append((held[i], ring[d + _RX_LEN] | ring[d + _RX_LEN + 1] << 8))
+            else:
+                pool.put(held[i])
+            held[i] = fresh
+            _RX_ADDR.pack_into(ring, d, fresh)
+            ring[d + _RX_STA] = 0
+            i = (i + 1) % n
+        if i != self.rx_next:
+            self.rx_next = i
+            self._write_flush(Reg.RDT, (i - 1) % n)          # hand the descriptors back
+        return out
+
+    def restate_rx_tail(self) -> None:
+        """Write the receive tail again: QEMU may hold frames it queued while it thought the
+        ring full until the tail is written again."""
+        self._write_flush(Reg.RDT, (self.rx_next - 1) % self.rx_n)
 
     def _write_flush(self, reg: int, value: int) -> None:
         """A register write followed by a read of STATUS in the same batch: the e1000
@@ -334,5 +409,9 @@ class E1000:
             if self.irq is not None:
                 self.irq.close()
             for buf in (self.rx_ring, self.tx_ring, self.rx_bufs, self.tx_bufs):
-                self.dev.dma_free(buf)
+                if buf is not None:
+                    self.dev.dma_free(buf)
+            if self.pool is not None:               # the buffers its descriptors held
+                for phys in (*self.rx_held, *(p for p in self.tx_held if p)):
+                    self.pool.put(phys)
             self.dev.close()

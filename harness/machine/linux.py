@@ -11,6 +11,7 @@ kernel and busybox-static packages)::
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -18,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import ImageMissing
+from ..errors import BadInput, ImageMissing, MachineError
 from .machine import Machine
-from .spec import MachineSpec
+from .spec import MachineSpec, random_mac
 
 IMAGES = Path(__file__).resolve().parents[2] / "images"
 LINUX_DIR = IMAGES / "linux"
@@ -38,6 +39,40 @@ QBOOT = Path("qboot.rom")
 # setup, of a 2.35 s boot on a loaded 2-core host).
 LINUX_APPEND = ("console=ttyS0 quiet cryptomgr.notests mitigations=off no_timer_check "
                 "initcall_blacklist=crypto_kdf108_init,init_kprobe_trace")
+# busybox udhcpc's script: it configures nothing itself. Applies the lease to the interface, the
+# first router as the default route, the DNS servers to resolv.conf.
+UDHCPC_SCRIPT = """#!/bin/sh
+case "$1" in
+deconfig) ifconfig "$interface" 0.0.0.0 up ;;
+bound|renew)
+    ifconfig "$interface" "$ip" netmask "${subnet:-255.255.255.0}" up
+    set -- $router; [ -n "$1" ] && route add default gw "$1" dev "$interface"
+    : > /etc/resolv.conf; for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+    echo "hwh-lease $ip" ;;
+esac
+"""
+
+
+def wire_path(wire: str) -> str:
+    """``unix:PATH`` -> PATH; ValueError for anything else."""
+    kind, _, path = wire.partition(":")
+    if kind != "unix" or not path:
+        raise BadInput(f"{wire!r} is not unix:PATH")
+    return path
+
+
+def wire_netdev(spec: MachineSpec, id: str, wire: str, server: bool) -> None:
+    """A ``-netdev stream`` on ``wire`` (``unix:PATH``): one end listens (``server``), the other
+    connects (QEMU 7.2's stream netdev, ``addr.type=unix``: qapi/net.json). The connecting
+    end fails at start if nobody listens yet."""
+    spec.netdev("stream", id, server=server, **{"addr.type": "unix", "addr.path": wire_path(wire)})
+
+
+def wire_nic(spec: MachineSpec, wire: str) -> MachineSpec:
+    """An e1000 on ``wire`` that connects to whoever listens there (the Linux guest's eth0)."""
+    wire_netdev(spec, "net0", wire, server=False)
+    spec.device("e1000", netdev="net0", mac=random_mac())
+    return spec
 
 
 @dataclass(frozen=True)
@@ -52,12 +87,16 @@ class LinuxImage:
     packages: dict[str, str] = field(default_factory=dict)   # Debian package -> version
 
     def spec(self, accel: str = "auto", memory_mb: int = 256, modules: Sequence[str] = (),
-             append: str = "") -> MachineSpec:
+             append: str = "", net: str | None = None) -> MachineSpec:
         """A machine that boots this guest to a shell on its serial console.
 
         ``modules`` are loaded by init before the shell starts (e.g. ``("e1000", "ahci")``);
-        ``append`` adds to the kernel command line.
+        ``append`` adds to the kernel command line; ``net`` (``unix:PATH``): an e1000, Linux's
+        eth0, on that wire (``hwharness serve net`` listens there; :meth:`dhcp` takes a lease).
         """
+        if net is not None:
+            wire_path(net)
+            modules = (*modules, "e1000") if "e1000" not in modules else modules
         unknown = set(modules) - set(self.modules)
         if unknown:
             raise ValueError(f"modules {sorted(unknown)} are not in the initramfs (it has {', '.join(self.modules)})")
@@ -66,8 +105,23 @@ class LinuxImage:
             line += " hwh_modules=" + ",".join(modules)   # init reads it from its environment
         if append:
             line += " " + append
-        return MachineSpec(kernel=self.kernel, initrd=self.initrd, append=line, bios=QBOOT,
+        spec = MachineSpec(kernel=self.kernel, initrd=self.initrd, append=line, bios=QBOOT,
                            memory_mb=memory_mb, accel=accel)
+        return spec if net is None else wire_nic(spec, net)
+
+    def dhcp(self, machine: Machine, interface: str = "eth0", timeout: float = 60.0) -> str:
+        """Bring ``interface`` up with busybox's ``udhcpc``; the address leased (the default
+        route and resolv.conf are set too). MachineError-family errors from the console."""
+        assert machine.console is not None
+        script = base64.b64encode(UDHCPC_SCRIPT.encode()).decode()
+        machine.console.run(f"echo {script} | base64 -d > /tmp/udhcpc.sh && chmod +x /tmp/udhcpc.sh")
+        tries = max(3, int(timeout / 3))
+        out, status = machine.console.run(f"udhcpc -i {interface} -n -q -t {tries} -T 3 -s /tmp/udhcpc.sh",
+                                          timeout=timeout + 10)
+        lease = re.search(r"hwh-lease (\S+)", out)
+        if status or not lease:
+            raise MachineError(f"udhcpc on {interface} got no lease (status {status}): {out[-300:]}")
+        return lease.group(1)
 
     def wait_ready(self, machine: Machine, timeout: float = 120.0) -> float:
         """Wait for the shell's prompt and for it to answer a command; the seconds that took."""

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ..access import PciFunction
 from ..errors import SupervisorError
@@ -88,6 +88,23 @@ class Driver:
                                       f"({self.state}; deaths: {self.deaths[-3:]})")
             if self.state != "serving":
                 raise SupervisorError(f"driver {self.name} is {self.state}: {self.deaths[-3:]}")
+
+    def starts(self, doing: str, timeout: float = 60.0, stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+        """One line per start, as it serves (``driver pid N <doing>``): the first, then each
+        restart with its cause and time from death to serving again, until ``stop()`` is true
+        (looked at every 0.1 s). A driver that does not serve within ``timeout`` raises
+        SupervisorError. What ``hwharness serve ...`` prints until Ctrl-C."""
+        self.wait_serving(timeout)
+        yield f"driver pid {self.pid} {doing}"
+        seen = 0
+        while not stop():
+            if len(self.restarts) > seen:
+                self.wait_serving(timeout, after=seen + 1)
+                restart = self.restarts[seen]
+                seen += 1
+                yield f"driver pid {self.pid} {doing} again, {restart.ms:.0f} ms after the last was {restart.cause}"
+            else:
+                time.sleep(0.1)
 
 
 def _describe(status: int) -> str:
@@ -171,14 +188,16 @@ class Supervisor:
         self._watcher.start()
 
     def run(self, entry: str, device: PciFunction, restart: bool = True, name: str | None = None,
-            sockets: dict[str, socket.socket] | None = None, **kwargs: Any) -> Driver:
+            sockets: dict[str, socket.socket] | None = None, also: Sequence[PciFunction] = (),
+            **kwargs: Any) -> Driver:
         """Start ``entry`` ("module:function", called as ``entry(bus, function, **sockets,
-        **kwargs)``) in a driver process for ``device``; returns at once (``wait_serving()``)."""
+        **kwargs)``) in a driver process for ``device`` (and the devices ``also``, which it may
+        open too: a bridge's second NIC); returns at once (``wait_serving()``)."""
         name = name or f"{entry.rpartition(':')[2]}@{device}"
         self.zygote.preload(entry.partition(":")[0])    # imported once: every restart forks with it
         spec = {"name": name, "entry": entry, "devfn": device.devfn, "address": self.control.address,
                 "sockets": list((sockets or {}).keys()), "kwargs": kwargs, "attach_wait": self.start_timeout,
-                "token": self.control.reserve([device.devfn])}     # its device, and only its device
+                "token": self.control.reserve([device.devfn, *(f.devfn for f in also)])}     # its devices only
         driver = Driver(name, spec, dict(sockets or {}), restart)
         with self._lock:
             self.drivers.append(driver)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from typing import Callable, Iterator, Literal, Sequence
 
 from ..access import Bus, DmaBuffer, PciFunction
@@ -214,20 +213,8 @@ class DiskService:
         """One line per driver start, as it serves: the first, then each restart with its cause
         and time from death to serving again, until ``stop()`` is true (looked at every 0.1 s).
         A driver that does not serve within ``timeout`` raises SupervisorError."""
-        driver = self.driver
-        driver.wait_serving(timeout)
         what = f"{self.controller} disk{' (read-only)' if self.read_only else ''} at {self.uri}"
-        yield f"driver pid {driver.pid} serving {what}"
-        seen = 0
-        while not stop():
-            if len(driver.restarts) > seen:
-                driver.wait_serving(timeout, after=seen + 1)
-                restart = driver.restarts[seen]
-                seen += 1
-                yield (f"driver pid {driver.pid} serving {what} again, {restart.ms:.0f} ms after the last "
-                       f"was {restart.cause}")
-            else:
-                time.sleep(0.1)
+        yield from self.driver.starts(f"serving {what}", timeout, stop)
 
     def close(self) -> None:
         if self.supervisor is not None:

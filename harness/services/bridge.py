@@ -1,0 +1,197 @@
+"""Two e1000s bridged by a Python driver process: a machine online only through it.
+
+The proxy machine has two NICs: ``wan`` on QEMU's user network (its DHCP, DNS and
+10.0.2.2, the host's loopback) and ``lan`` on a ``-netdev stream`` Unix socket, the
+*wire*, that another machine's NIC connects to (:func:`wire_netdev`). A supervised
+driver process (:func:`bridge_driver`) opens both into one DMA domain
+(``share_domain_with``, docs/dma.md) and forwards every frame received on one to
+the other, in batches, without a copy: the buffer a NIC received into goes out on
+the other NIC's transmit ring as it is (:class:`drivers.e1000.PacketPool`). Both NICs
+are promiscuous: an L2 bridge, so the machine on the wire gets its lease and routes
+from the user network itself.
+
+The driver polls: the receive rings are in memory it maps, so a look costs no
+request to the proxy; idle, it sleeps a little longer each round (up to
+``IDLE_MAX``), so an idle bridge costs little CPU. Its counters (frames and bytes
+each way, drops by cause) live in a file the service owns and every driver
+process maps, so they add up across restarts and show up to a kill.
+
+:class:`BridgeService` runs it supervised and tells who forwards (what
+``hwharness serve net`` prints). The driver's death is a stall for the machine on
+the wire: the supervisor starts another, which resets both NICs and forwards again;
+TCP retransmits what was lost in the rings.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..access import Bus, PciFunction
+from ..machine import MachineSpec
+from ..machine.linux import wire_netdev
+
+log = logging.getLogger(__name__)
+
+WAN_SLOT, LAN_SLOT = 0x6, 0x7                       # the two NICs' PCI slots: which is which
+WAN_MAC, LAN_MAC = "52:54:00:b1:00:01", "52:54:00:b1:00:02"
+DOMAIN_SIZE = 8 << 20                               # rings, copy buffers and the pool, for both NICs
+POOL_BUFFERS = 1536                                 # 2 x 256 receive + 2 x 255 in flight + slack
+BATCH = 64                                          # frames taken from a ring at a time
+IDLE_MIN, IDLE_MAX = 50e-6, 1e-3                    # seconds an idle round sleeps, growing
+RESTATE_ROUNDS = 64                                 # idle rounds between restating the receive tails
+STATS_SECONDS = 0.25                                # how often the NICs' miss counters are read
+
+COUNTERS = ("wan_to_lan_frames", "wan_to_lan_bytes", "lan_to_wan_frames", "lan_to_wan_bytes",
+            "dropped_lan_tx_full", "dropped_wan_tx_full", "dropped_wan_missed", "dropped_lan_missed")
+
+
+def bridge_spec(spec: MachineSpec, wire: str) -> MachineSpec:
+    """Add the bridge's two NICs to a proxy machine's spec: ``wan`` on the user network,
+    ``lan`` listening on ``wire``."""
+    spec.netdev("user", "wan")
+    spec.device("e1000", netdev="wan", addr=f"{WAN_SLOT:#x}", mac=WAN_MAC)
+    wire_netdev(spec, "lan", wire, server=True)
+    spec.device("e1000", netdev="lan", addr=f"{LAN_SLOT:#x}", mac=LAN_MAC)
+    return spec
+
+
+def bridge_nics(bus: Bus) -> tuple[PciFunction, PciFunction]:
+    """The ``wan`` and ``lan`` e1000s :func:`bridge_spec` placed."""
+    from drivers.e1000.driver import DEVICE, VENDOR
+    nics = {f.dev: f for f in bus.find_all(vendor=VENDOR, device=DEVICE)}
+    if WAN_SLOT not in nics or LAN_SLOT not in nics:
+        raise ValueError(f"the machine has no e1000s at slots {WAN_SLOT} and {LAN_SLOT} (bridge_spec adds them)")
+    return nics[WAN_SLOT], nics[LAN_SLOT]
+
+
+class Counters:
+    """The bridge's counters: u64s in a file, one writer (the driver), any readers."""
+
+    def __init__(self, path: Path | str) -> None:
+        with open(path, "r+b") as f:
+            self._map = mmap.mmap(f.fileno(), 8 * len(COUNTERS))
+        self.values = memoryview(self._map).cast("Q")
+        self.index = {name: i for i, name in enumerate(COUNTERS)}
+
+    @staticmethod
+    def create(path: Path) -> "Counters":
+        path.write_bytes(bytes(8 * len(COUNTERS)))
+        return Counters(path)
+
+    def snapshot(self) -> dict[str, int]:
+        return {name: self.values[i] for i, name in enumerate(COUNTERS)}
+
+    def close(self) -> None:
+        self.values.release()
+        self._map.close()
+
+
+def forward(bus: Bus, wan_function: PciFunction, lan_function: PciFunction, counters: Counters,
+            beat: Callable[[], None] | None = None, until: Callable[[], bool] = lambda: False) -> None:
+    """Open both NICs into one domain and forward until ``until()`` is true (or the process
+    is killed), counting into ``counters``."""
+    from drivers.e1000 import E1000, PacketPool
+    wan_dev = bus.open(wan_function, dma_size=DOMAIN_SIZE)
+    lan_dev = bus.open(lan_function, share_domain_with=wan_dev)
+    pool = PacketPool(wan_dev, POOL_BUFFERS)
+    wan = E1000(bus, wan_dev, interrupts=False, pool=pool)
+    lan = E1000(bus, lan_dev, interrupts=False, pool=pool)
+    for nic in (wan, lan):
+        nic.set_promiscuous(True)
+    v, at = counters.values, counters.index
+    ways = ((wan, lan, at["wan_to_lan_frames"], at["wan_to_lan_bytes"], at["dropped_lan_tx_full"]),
+            (lan, wan, at["lan_to_wan_frames"], at["lan_to_wan_bytes"], at["dropped_wan_tx_full"]))
+    log.info("forwarding between %s (wan) and %s (lan)", wan_function.bdf, lan_function.bdf)
+    idle, next_stats = 0, time.monotonic() + STATS_SECONDS
+    try:
+        while not until():
+            moved = 0
+            for src, dst, frames_at, bytes_at, full_at in ways:
+                frames = src.recv_buffers(BATCH)
+                if not frames:
+                    continue
+                sent = dst.send_buffers(frames)
+                for phys, _ in frames[sent:]:           # the other ring is full: dropped here
+                    pool.put(phys)
+                v[frames_at] += sent
+                v[bytes_at] += sum(length for _, length in frames[:sent])
+                v[full_at] += len(frames) - sent
+                moved += len(frames)
+            if beat is not None:
+                beat()
+            if moved:
+                idle = 0
+                continue
+            idle += 1
+            if idle % RESTATE_ROUNDS == 0:
+                wan.restate_rx_tail()
+                lan.restate_rx_tail()
+            if time.monotonic() >= next_stats:          # what the NICs missed for want of descriptors
+                v[at["dropped_wan_missed"]] += wan.stats().missed
+                v[at["dropped_lan_missed"]] += lan.stats().missed
+                next_stats = time.monotonic() + STATS_SECONDS
+            time.sleep(min(IDLE_MAX, IDLE_MIN * idle))
+    finally:
+        lan.close()
+        wan.close()
+
+
+def bridge_driver(bus: Bus, function: PciFunction, lan: int, counters: str) -> None:
+    """The bridge as a supervised driver process (``function`` is the wan NIC, ``lan`` the
+    other's devfn, ``counters`` the counters' file): forward until killed, beating as it goes."""
+    lan_function = next(f for f in bus.functions if f.devfn == lan)
+    forward(bus, function, lan_function, Counters(counters), beat=getattr(bus, "beat", None))
+
+
+class BridgeService:
+    """The proxy machine's two NICs (:func:`bridge_spec`) bridged by a supervised driver.
+
+    ``BridgeService(pm, wire)`` starts the driver; ``counters()`` reads the counters;
+    ``starts()`` yields one line per driver start, restarts with their cause and time
+    (``hwharness serve net`` prints them until Ctrl-C); ``close()`` stops the driver and
+    the supervisor.
+    """
+
+    def __init__(self, pm, wire: str, hang_timeout: float = 1.0) -> None:  # type: ignore[no-untyped-def]
+        from ..processes.supervisor import Supervisor
+        self.wire = wire
+        wan, lan = bridge_nics(pm.bus)
+        self._counters = Counters.create(Path(pm.machine.workdir) / "bridge-counters")
+        self.supervisor = None
+        try:
+            self.supervisor = Supervisor(pm, hang_timeout=hang_timeout)
+            self.driver = self.supervisor.run("harness.services.bridge:bridge_driver", wan, also=[lan],
+                                              name="bridge", lan=lan.devfn,
+                                              counters=str(Path(pm.machine.workdir) / "bridge-counters"))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pid(self) -> int:
+        """The driver process forwarding now."""
+        return self.driver.pid
+
+    def counters(self) -> dict[str, int]:
+        """Frames and bytes each way and drops by cause, since the service started."""
+        return self._counters.snapshot()
+
+    def starts(self, timeout: float = 60.0, stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+        """One line per driver start, as it forwards; see :meth:`Driver.starts`."""
+        yield from self.driver.starts(f"forwarding between the user network and {self.wire}", timeout, stop)
+
+    def close(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
+        self._counters.close()
+
+    def __enter__(self) -> "BridgeService":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

@@ -1,0 +1,101 @@
+"""The e1000 bridge: a Linux machine online only through a Python driver process that
+forwards between two NICs of a proxy machine, and that may be killed under its TCP."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import os
+import random
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from harness.machine import Machine
+from harness.machine.linux import wire_nic
+from harness.services.bridge import BridgeService, bridge_spec
+
+pytestmark = pytest.mark.qemu
+
+SMALL, LARGE = 300 << 10, 4 << 20           # bytes of the files the guest fetches
+
+
+@pytest.fixture(scope="module")
+def files() -> Iterator[tuple[int, dict[str, str]]]:
+    """A host HTTP server on loopback (the guest reaches it as 10.0.2.2): its port, and
+    each file's sha256."""
+    root = Path(tempfile.mkdtemp(prefix="hwh-http-"))
+    rng = random.Random(21)
+    sums = {}
+    for name, size in (("small", SMALL), ("large", LARGE)):
+        data = rng.randbytes(size)
+        (root / name).write_bytes(data)
+        sums[name] = hashlib.sha256(data).hexdigest()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *_: None       # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], sums
+    server.shutdown()
+    server.server_close()
+    shutil.rmtree(root)
+
+
+@pytest.fixture
+def bridged(proxy_machine_factory, linux_machine_factory) -> Iterator[tuple[BridgeService, Machine]]:
+    """The bridge serving, and a Linux machine on its wire with a lease."""
+    workdir = Path(tempfile.mkdtemp(prefix="hwh-wire-"))      # a Unix socket path is short
+    wire = f"unix:{workdir}/wire"
+    pm = proxy_machine_factory(lambda spec: bridge_spec(spec, wire), name="bridge")
+    with BridgeService(pm, wire) as service:
+        service.driver.wait_serving(60)
+        linux = linux_machine_factory(lambda spec: wire_nic(spec, wire), modules=("e1000",), name="online")
+        yield service, linux
+    shutil.rmtree(workdir)
+
+
+def fetch(linux: Machine, port: int, name: str, timeout: float = 300.0) -> str:
+    """wget a file from the host's HTTP server through 10.0.2.2; its sha256 as the guest computes it."""
+    out, status = linux.console.run(f"wget -q -O /tmp/{name} http://10.0.2.2:{port}/{name} && "
+                                    f"sha256sum /tmp/{name}", timeout=timeout)
+    assert status == 0, out
+    return out.split()[0]
+
+
+def test_a_linux_machine_gets_a_lease_and_a_file_through_the_bridge(bridged, linux_image, files) -> None:
+    service, linux = bridged
+    port, sums = files
+    address = linux_image.dhcp(linux)
+    assert address.startswith("10.0.2."), address
+    assert fetch(linux, port, "small") == sums["small"]
+    c = service.counters()
+    assert c["wan_to_lan_bytes"] >= SMALL and c["lan_to_wan_frames"] > 0
+    assert service.driver.restarts == []
+
+
+def test_a_download_survives_two_kills_and_a_stop_of_the_bridge(bridged, linux_image, files) -> None:
+    """The bridge is SIGKILLed at a quarter and at half of the download (by bytes it forwarded
+    to the guest) and SIGSTOPped at three quarters (the supervisor finds it hung and kills
+    it): the download completes and its sha256 is right."""
+    service, linux = bridged
+    port, sums = files
+    linux_image.dhcp(linux)
+    linux.console.run(f"wget -q -O /tmp/large http://10.0.2.2:{port}/large & echo started")
+    driver = service.driver
+    for n, (fraction, sig) in enumerate(((0.25, signal.SIGKILL), (0.5, signal.SIGKILL), (0.75, signal.SIGSTOP)), 1):
+        while service.counters()["wan_to_lan_bytes"] < fraction * LARGE:
+            time.sleep(0.01)
+        os.kill(driver.pid, sig)
+        driver.wait_serving(60, after=n)
+    causes = [r.cause for r in driver.restarts]
+    assert causes[:2] == ["killed by SIGKILL"] * 2 and causes[2].startswith("hung"), causes
+    out, status = linux.console.run("wait; sha256sum /tmp/large", timeout=600)
+    assert status == 0 and out.split()[0] == sums["large"], out
