@@ -8,8 +8,11 @@ import hashlib
 import http.server
 import os
 import random
+import select
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -18,6 +21,7 @@ from typing import Iterator
 
 import pytest
 
+from harness.access import Deadline
 from harness.machine import Machine
 from harness.machine.linux import wire_nic
 from harness.services.bridge import BridgeService, bridge_spec
@@ -99,3 +103,31 @@ def test_a_download_survives_two_kills_and_a_stop_of_the_bridge(bridged, linux_i
     assert causes[:2] == ["killed by SIGKILL"] * 2 and causes[2].startswith("hung"), causes
     out, status = linux.console.run("wait; sha256sum /tmp/large", timeout=600)
     assert status == 0 and out.split()[0] == sums["large"], out
+
+
+def test_serve_net_and_run_net_from_the_command_line(linux_accel: str, linux_image) -> None:
+    """``hwharness serve net --wire unix:PATH`` prints the wire and its driver; ``hwharness
+    run --net unix:PATH -- CMD`` boots Linux on that wire, where udhcpc gets a lease;
+    Ctrl-C stops the bridge cleanly."""
+    workdir = Path(tempfile.mkdtemp(prefix="hwh-wire-"))
+    wire = f"unix:{workdir}/wire"
+    serve = subprocess.Popen([sys.executable, "-m", "harness", "serve", "net", "--accel", linux_accel, "--wire", wire],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen, deadline = [], Deadline(120)
+        while not any(line.startswith("driver pid") for line in seen) and not deadline.expired:
+            if select.select([serve.stdout], [], [], deadline.remaining)[0]:
+                seen.append(serve.stdout.readline())
+        assert any(wire in line and "forwarding" in line for line in seen), seen
+        run = subprocess.run([sys.executable, "-m", "harness", "run", "--accel", linux_accel, "--net", wire, "--",
+                              "ifconfig eth0 up && udhcpc -i eth0 -n -q -s /bin/true"],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and "lease of 10.0.2." in run.stdout, run.stdout + run.stderr
+        serve.send_signal(signal.SIGINT)
+        rest, _ = serve.communicate(timeout=60)
+        assert serve.returncode == 0 and "stopping; wan_to_lan_frames" in rest, rest
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+        shutil.rmtree(workdir)

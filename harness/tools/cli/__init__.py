@@ -29,7 +29,7 @@ from .common import log
 # command -> the module of this package and the function that runs it
 COMMANDS = {"boot": "boot:cmd_boot", "run": "boot:cmd_run", "demo": "demo:cmd_demo", "bench": "bench:cmd_bench",
             "latency": "latency:cmd_latency", "keyboard": "keyboard:cmd_keyboard", "parport": "parport:cmd_parport",
-            "net": "net:cmd_net", "disk": "disk:cmd_disk"}
+            "net": "net:cmd_net", "disk": "disk:cmd_disk", "serve": "serve_net:cmd_serve"}
 
 
 def command(name: str):  # type: ignore[no-untyped-def]
@@ -77,6 +77,8 @@ def add_kernel_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--memory", type=int, default=256, metavar="MB", help="guest memory (default 256)")
     p.add_argument("--prompt", default=r"[#$] ", metavar="REGEX",
                    help="what --kernel's shell prompt matches (default '[#$] ')")
+    p.add_argument("--net", metavar="unix:PATH",
+                   help="an e1000 (the Linux guest's eth0) on that wire: `hwharness serve net` listens there")
     return p
 
 
@@ -126,6 +128,11 @@ def command_line() -> argparse.ArgumentParser:
     ping = with_accel(net_sub.add_parser("ping", help="DHCP lease, ARP for the gateway, ICMP echo"))
     ping.add_argument("--count", type=positive_int, default=4)
     ping.add_argument("--pcap", metavar="PATH", help="keep QEMU's filter-dump of the traffic here")
+    serve = sub.add_parser("serve", help="a service of the Python drivers, supervised, until Ctrl-C")
+    serve_sub = serve.add_subparsers(dest="serve_command", required=True)
+    serve_net = with_accel(serve_sub.add_parser(
+        "net", help="bridge QEMU's user network to a wire another machine's NIC connects to"))
+    serve_net.add_argument("--wire", metavar="unix:PATH", help="where the wire listens (default: in the machine's files)")
     disk = sub.add_parser("disk", help="a FAT image on the AHCI or NVMe controller, through the Python driver")
     disk_sub = disk.add_subparsers(dest="disk_command", required=True)
     ls = with_accel(disk_sub.add_parser("ls", help="list a directory"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ...errors import BadInput
 from ...machine import Machine, MachineSpec, random_mac
-from ...machine.linux import linux
+from ...machine.linux import linux, wire_nic
 from ...processes import serve
 from ...proxy import ProxyMachine, proxy_spec
 from .common import device_table, iommu_of, readable_file, say
@@ -28,9 +28,9 @@ def console_machine(args: argparse.Namespace, name: str) -> tuple[Machine, str]:
             readable_file(args.initrd, "--initrd")
         spec = MachineSpec(kernel=Path(args.kernel), initrd=Path(args.initrd) if args.initrd else None,
                            append=args.append or "console=ttyS0", memory_mb=args.memory, accel=args.accel)
-        return Machine(spec, name=name), args.prompt
+        return Machine(spec if args.net is None else wire_nic(spec, args.net), name=name), args.prompt
     image = linux()
-    spec = image.spec(accel=args.accel, memory_mb=args.memory, append=args.append or "")
+    spec = image.spec(accel=args.accel, memory_mb=args.memory, append=args.append or "", net=args.net)
     return Machine(spec, name=name), re.escape(image.prompt)
 
 
@@ -59,6 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_boot(args: argparse.Namespace) -> int:
     if not (args.proxy or args.serve):
         return cmd_console(args)
+    if args.net:
+        raise BadInput("--net is for a kernel's machine, not the proxy guest's (see `hwharness serve net`)")
     spec = proxy_spec(accel=args.accel, iommu=iommu_of(args))
     spec.netdev("user", "net0", restrict=True)
     spec.device("e1000", netdev="net0", mac=random_mac())
