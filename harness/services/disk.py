@@ -47,7 +47,7 @@ DSM_MAX_BLOCKS = 0xFFFFFFFF             # one NVMe Dataset Management range
 
 class DiskBackend:
     """A disk (an AHCI :class:`~drivers.ahci.driver.Port` or an NVMe
-    :class:`~drivers.nvme.driver.Namespace`) as an :class:`~harness.services.nbd.NbdServer`
+    :class:`~drivers.nvme.core.Namespace`) as an :class:`~harness.services.nbd.NbdServer`
     device; ``dev`` is its controller's opened PCI device (whose DMA memory it borrows)."""
 
     def __init__(self, dev, disk) -> None:  # type: ignore[no-untyped-def]
@@ -109,7 +109,7 @@ def find_controller(bus: Bus, controller: Controller) -> PciFunction:
         from drivers.ahci.driver import DEVICE, VENDOR
         return bus.find(vendor=VENDOR, device=DEVICE)
     if controller == "nvme":
-        from drivers.nvme.driver import CLASS_STORAGE, SUBCLASS_NVM
+        from drivers.nvme.pci import CLASS_STORAGE, SUBCLASS_NVM
         return bus.find(class_code=CLASS_STORAGE, subclass=SUBCLASS_NVM)
     raise ValueError(f"controller {controller!r} is not one of {CONTROLLERS}")
 
@@ -120,7 +120,7 @@ def open_controller(bus: Bus, controller: Controller, function: PciFunction):  #
     if controller == "ahci":
         from drivers.ahci.driver import DMA_SIZE, Ahci, DiskError
         return Ahci(bus, bus.open(function, dma_size=DMA_SIZE)), (DiskError,)
-    from drivers.nvme.driver import DMA_SIZE as NVME_DMA_SIZE, Nvme, NvmeError
+    from drivers.nvme.pci import DMA_SIZE as NVME_DMA_SIZE, Nvme, NvmeError
     return Nvme(bus, bus.open(function, dma_size=NVME_DMA_SIZE)), (NvmeError,)
 
 

@@ -89,16 +89,25 @@ class CaughtSigint:
     just before it, and only the main thread raises KeyboardInterrupt)."""
 
     def __enter__(self) -> "CaughtSigint":
+        self._caught = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._previous_fd = signal.set_wakeup_fd(self._wake_w)
         self._previous = signal.signal(signal.SIGINT, lambda *_: None)
         return self
 
     def wait(self) -> None:
-        while True:
-            select.select([self._wake_r], [], [])
-            if signal.SIGINT in os.read(self._wake_r, 256):     # a byte per signal: its number
-                return
+        while not self._take(None):
+            pass
+
+    def caught(self) -> bool:
+        """Whether one has come (once true, true from then on); does not wait."""
+        return self._take(0)
+
+    def _take(self, timeout: float | None) -> bool:
+        """Read the wakeup fd, waiting up to ``timeout`` (None: until a signal): a SIGINT among them?"""
+        if not self._caught and select.select([self._wake_r], [], [], timeout)[0]:
+            self._caught = signal.SIGINT in os.read(self._wake_r, 256)     # a byte per signal: its number
+        return self._caught
 
     def __exit__(self, *_: object) -> None:
         signal.signal(signal.SIGINT, self._previous)
