@@ -1,5 +1,7 @@
 """``hwharness serve disk`` as a person runs it: the export's URI, a line per driver start (a
-restart with its cause), third-party clients on it, and Ctrl-C that leaves nothing behind."""
+restart with its cause), third-party clients on it, and Ctrl-C that leaves nothing behind;
+and a Linux machine whose root filesystem is that export (``hwharness run --disk URI --root``,
+``LinuxImage.spec(disk=URI, root=True)``)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ from typing import Iterator
 
 import pytest
 
+from harness.machine.linux import nbd_server
+from harness.services.disk import DiskService
+from tests.test_nbd import machine_with
 from tests.unit.test_nbd import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +31,29 @@ def hwharness(*args: str) -> list[str]:
     return [sys.executable, "-m", "harness", *args]
 
 
+def e2fs_tool(name: str) -> str:
+    found = shutil.which(name, path=os.environ.get("PATH", "") + ":/sbin:/usr/sbin")
+    if found is None:
+        pytest.fail(f"{name} is not installed: run `make deps` (e2fsprogs)", pytrace=False)
+    return found
+
+
+def assert_fsck_clean(image: Path) -> None:
+    """``fsck.ext4 -fn``: no error and nothing it would fix (a journal left to replay counts)."""
+    done = subprocess.run([e2fs_tool("fsck.ext4"), "-fn", str(image)], capture_output=True, text=True, timeout=120)
+    report = done.stdout + done.stderr
+    assert done.returncode == 0 and "Fix?" not in report and "journal recovery" not in report, report
+
+
+def copy_root(linux_image, directory: Path) -> Path:  # type: ignore[no-untyped-def]
+    """A copy of the root image `make images` built, for a test to write on."""
+    if linux_image.root is None:
+        pytest.fail("the Linux guest has no root image: rebuild it with `make images`", pytrace=False)
+    image = directory / "root.img"
+    shutil.copyfile(linux_image.root, image)
+    return image
+
+
 @pytest.fixture
 def socket_dir() -> Iterator[Path]:
     directory = Path(tempfile.mkdtemp(prefix="hwh-serve-"))     # short: a socket path has at most 107 bytes
@@ -33,14 +61,28 @@ def socket_dir() -> Iterator[Path]:
     shutil.rmtree(directory)
 
 
+def test_nbd_uris_become_qemu_blockdev_properties() -> None:
+    assert nbd_server("nbd+unix:///?socket=/tmp/a,b.sock") == {"server.type": "unix", "server.path": "/tmp/a,,b.sock"}
+    assert nbd_server("nbd://127.0.0.1:10810/disk") == {"server.type": "inet", "server.host": "127.0.0.1",
+                                                         "server.port": 10810, "export": "disk"}
+    assert nbd_server("nbd://[::1]/")["server.port"] == 10809
+    for wrong in ("nbds://host/", "nbd+unix:///", "nbd:///x", "/tmp/disk.sock", "nbd+unix://host/?socket=/s"):
+        with pytest.raises(ValueError):
+            nbd_server(wrong)
+
+
 def test_unusable_input_is_one_line_and_status_2(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
-    for args, says in [((str(tmp_path / "missing.img"),), "no such file"),
-                       ((str(image), "--nbd", "udp:1"), "not unix:PATH or tcp:HOST:PORT"),
-                       ((str(image), "--nbd", f"unix:{tmp_path}/no/such/dir.sock"), "cannot listen there")]:
-        done = subprocess.run(hwharness("serve", "disk", *args), cwd=REPO, capture_output=True, text=True,
-                              timeout=60)
+    for args, says in [(("serve", "disk", str(tmp_path / "missing.img")), "no such file"),
+                       (("serve", "disk", str(image), "--nbd", "udp:1"), "not unix:PATH or tcp:HOST:PORT"),
+                       (("serve", "disk", str(image), "--nbd", f"unix:{tmp_path}/no/such/dir.sock"),
+                        "cannot listen there"),
+                       (("run", "--root", "--", "true"), "--root needs --disk"),
+                       (("run", "--disk", "/tmp/disk.sock", "--", "true"), "is not an NBD URI"),
+                       (("run", "--kernel", str(image), "--disk", "nbd://localhost/", "--root", "--", "true"),
+                        "--root is the Linux guest's")]:
+        done = subprocess.run(hwharness(*args), cwd=REPO, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and done.stdout == "", done.stderr
         assert done.stderr.startswith("hwharness: error: ") and says in done.stderr, done.stderr
         assert done.stderr.count("\n") == 1, done.stderr
@@ -83,3 +125,23 @@ def test_serve_prints_the_uri_and_every_start_and_stops_on_ctrl_c(
     assert not path.exists(), "the socket is removed"
     for pid in (first.group(1), again.group(1)):
         assert not Path(f"/proc/{pid}").exists(), f"driver {pid} is left behind"
+
+
+@pytest.mark.qemu
+def test_run_boots_linux_from_the_nvme_export_and_writes_on_it(
+        proxy_machine_factory, linux_accel: str, linux_image, tmp_path: Path, socket_dir: Path) -> None:
+    image = copy_root(linux_image, tmp_path)
+    pm = proxy_machine_factory(machine_with("nvme", image), name="serve-root")
+    with DiskService(pm, "nvme", nbd=f"unix:{socket_dir}/root.sock") as service:
+        next(service.starts(timeout=120))
+        done = subprocess.run(hwharness("run", "--accel", linux_accel, "--disk", service.uri, "--root", "--",
+                                        "grep ' / ' /proc/mounts; echo written > /root/note; sync; "
+                                        "mount -o remount,ro /"),
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.startswith("/dev/vda / ext4 rw"), done.stdout
+    pm.close()                                          # QEMU is gone; only the file is left
+    assert_fsck_clean(image)
+    note = subprocess.run([e2fs_tool("debugfs"), "-R", "cat /root/note", str(image)], capture_output=True,
+                          text=True, timeout=60)
+    assert note.stdout == "written\n", note.stdout + note.stderr

@@ -77,6 +77,10 @@ def add_kernel_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--memory", type=int, default=256, metavar="MB", help="guest memory (default 256)")
     p.add_argument("--prompt", default=r"[#$] ", metavar="REGEX",
                    help="what --kernel's shell prompt matches (default '[#$] ')")
+    p.add_argument("--disk", metavar="URI",
+                   help="an NBD export (`hwharness serve disk` prints its URI) as a virtio-blk disk, /dev/vda")
+    p.add_argument("--root", action="store_true",
+                   help="the Linux guest's root filesystem is --disk (ext4, such as images/linux/root.ext4)")
     return p
 
 
