@@ -110,7 +110,7 @@ def command_line() -> argparse.ArgumentParser:
     with_accel(sub.add_parser("demo", help="boot, drive the devices, print what happened"))
     bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
     bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "nvme", "boot", "restart",
-                                        "compare"))
+                                        "serve", "compare"))
     bench.add_argument("rev", nargs="?", metavar="REV",
                        help="compare: the git revision to measure the working tree against")
     bench.add_argument("--only", default=None, metavar="NAMES",
