@@ -29,7 +29,7 @@ from .common import log
 # command -> the module of this package and the function that runs it
 COMMANDS = {"boot": "boot:cmd_boot", "run": "boot:cmd_run", "demo": "demo:cmd_demo", "bench": "bench:cmd_bench",
             "latency": "latency:cmd_latency", "keyboard": "keyboard:cmd_keyboard", "parport": "parport:cmd_parport",
-            "net": "net:cmd_net", "disk": "disk:cmd_disk"}
+            "net": "net:cmd_net", "disk": "disk:cmd_disk", "serve": "serve:cmd_serve"}
 
 
 def command(name: str):  # type: ignore[no-untyped-def]
@@ -77,6 +77,10 @@ def add_kernel_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--memory", type=int, default=256, metavar="MB", help="guest memory (default 256)")
     p.add_argument("--prompt", default=r"[#$] ", metavar="REGEX",
                    help="what --kernel's shell prompt matches (default '[#$] ')")
+    p.add_argument("--disk", metavar="URI",
+                   help="an NBD export (`hwharness serve disk` prints its URI) as a virtio-blk disk, /dev/vda")
+    p.add_argument("--root", action="store_true",
+                   help="the Linux guest's root filesystem is --disk (ext4, such as images/linux/root.ext4)")
     return p
 
 
@@ -106,7 +110,7 @@ def command_line() -> argparse.ArgumentParser:
     with_accel(sub.add_parser("demo", help="boot, drive the devices, print what happened"))
     bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
     bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "nvme", "boot", "restart",
-                                        "compare"))
+                                        "serve", "compare"))
     bench.add_argument("rev", nargs="?", metavar="REV",
                        help="compare: the git revision to measure the working tree against")
     bench.add_argument("--only", default=None, metavar="NAMES",
@@ -139,6 +143,19 @@ def command_line() -> argparse.ArgumentParser:
     for p in (ls, cat, ident):
         p.add_argument("--bus", choices=("ahci", "nvme"), default="ahci",
                        help="the image on the AHCI controller (default) or as an NVMe namespace")
+    serve_p = sub.add_parser("serve", help="serve a disk image over NBD through the Python driver, until Ctrl-C")
+    serve_sub = serve_p.add_subparsers(dest="serve_command", required=True)
+    serve_disk = with_accel(serve_sub.add_parser(
+        "disk", help="the image on the AHCI or NVMe controller, served by the supervised driver process"))
+    serve_disk.add_argument("image")
+    serve_disk.add_argument("--bus", choices=("ahci", "nvme"), default="ahci",
+                            help="the image on the AHCI controller (default) or as an NVMe namespace")
+    serve_disk.add_argument("--nbd", metavar="unix:PATH|tcp:HOST:PORT",
+                            help="where clients connect (default: a Unix socket in the machine's directory; "
+                                 "tcp port 0: any free one)")
+    serve_disk.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
+    serve_disk.add_argument("--timeout", type=float, default=120.0,
+                            help="seconds a driver (the first, or a restarted one) has to start serving")
     kbd = with_accel(sub.add_parser("keyboard", help="type TEXT through QMP; print what the Python driver decoded"))
     kbd.add_argument("--type", required=True, metavar="TEXT")
     par = with_accel(sub.add_parser("parport", help="send FILE through the Python parallel port driver"))
