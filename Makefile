@@ -4,7 +4,7 @@
 PYTHON ?= python3
 ACCEL ?= auto
 PYTEST_ARGS ?=
-APT_PACKAGES := qemu-system-x86 gcc binutils make mtools dosfstools libc6-dev qemu-utils libnbd-bin
+APT_PACKAGES := qemu-system-x86 gcc binutils make mtools dosfstools e2fsprogs libc6-dev qemu-utils libnbd-bin
 STAMP := .deps.stamp
 # apt's progress goes here, not to the terminal; if it fails, its tail is shown
 APT_LOG := .deps-apt.log
@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	        || ! command -v gcc >/dev/null || ! command -v objcopy >/dev/null \
 	        || ! command -v qemu-img >/dev/null || ! command -v nbdinfo >/dev/null \
 	        || [ ! -e /usr/lib/x86_64-linux-gnu/libc.a ] \
-	        || ! PATH="$$PATH:/sbin:/usr/sbin" command -v mkfs.fat >/dev/null; then \
+	        || ! PATH="$$PATH:/sbin:/usr/sbin" command -v mkfs.fat >/dev/null \
+	        || ! PATH="$$PATH:/sbin:/usr/sbin" command -v mkfs.ext4 >/dev/null; then \
 	    if [ "$$(id -u)" = 0 ]; then \
 	        echo "installing $(APT_PACKAGES) with apt-get (its output: $(APT_LOG))"; \
 	        if ! { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(APT_PACKAGES); } \

@@ -14,12 +14,16 @@ Run by ``make images`` (``python3 linux_guest.py OUTDIR``). Steps, each cached u
    rather than by cpio(1) so that owners, times and order are fixed and no extra
    package is needed: busybox and its applet links, ``/init``, and the modules the
    project's tests use with a ``modules.dep`` for busybox ``modprobe``.
-5. ``manifest.json``: kernel release, package versions, the shell prompt; the harness
-   reads it (``harness.machine.linux``), so none of these is typed twice.
+5. ``root.ext4``: a root filesystem for a virtio-blk disk (``LinuxImage.spec(disk=URI,
+   root=True)``): busybox, the same programs and the same ``init``, made by ``mkfs.ext4 -d``
+   (e2fsprogs); rebuilt only when what goes in changes.
+6. ``manifest.json``: kernel release, package versions, the shell prompt, the modules a
+   disk needs; the harness reads it (``harness.machine.linux``), so none of these is typed twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import lzma
@@ -35,8 +39,13 @@ from elftools.elf.elffile import ELFFile
 KERNEL_META = "linux-image-amd64"
 BUSYBOX = "busybox-static"
 # Modules for the project's tests, with everything they depend on (from each module's .modinfo).
+# A disk served over NBD is a virtio-blk disk; its root filesystem is ext4, whose checksums
+# need crc32c (a soft dependency, which .modinfo's depends= does not list).
+DISK_MODULES = ("virtio_pci", "virtio_blk", "ext4", "crc32c_generic")
 MODULES = ("e1000", "ahci", "sd_mod", "vfat", "nls_cp437", "nls_ascii", "nls_utf8",
-           "pktgen")   # the kernel's packet generator: the peer baseline of `bench e1000 --peer linux`
+           "pktgen") + DISK_MODULES   # pktgen, the kernel's packet generator: the peer baseline of `bench e1000 --peer linux`
+ROOT_IMAGE = "root.ext4"
+ROOT_MB = 64                           # room for the tests' files
 # Programs of the project's own, built static with the system's gcc: name in /bin -> source
 PROGRAMS = {"blockread": Path(__file__).resolve().parent / "peer" / "blockread.c"}
 PROMPT = "hwh-linux# "
@@ -45,15 +54,29 @@ XZ_MAGIC = b"\xfd7zXZ\x00"
 XEN_ELFNOTE_PHYS32_ENTRY = 18          # the PVH entry point note QEMU looks for
 
 INIT = """#!/bin/sh
-# hwharness Linux guest: mount what busybox needs, load requested modules, a shell on the console.
+# hwharness Linux guest: mount what busybox needs, load requested modules, switch to the root
+# disk hwh_root names if any, a shell on the console. The initramfs's /init and the root
+# image's /sbin/init (run by switch_root, with /dev already mounted and hwh_root unset).
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
-mount -t devtmpfs dev /dev
+mountpoint -q /dev || mount -t devtmpfs dev /dev
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t tmpfs tmp /tmp
 read up idle < /proc/uptime
 echo "hwh-linux: init at $up s"
 for m in $(echo "$hwh_modules" | tr , ' '); do modprobe "$m" || echo "hwh-linux: modprobe $m failed"; done
+if [ -n "$hwh_root" ]; then
+    # the disk appears once virtio_blk has probed it (and QEMU's NBD client has its size)
+    n=0; while [ ! -b "$hwh_root" ] && [ $n -lt 600 ]; do usleep 50000; n=$((n+1)); done
+    if mount -t ext4 "$hwh_root" /newroot; then
+        echo "hwh-linux: root is $hwh_root"
+        umount /tmp /sys /proc
+        mount --move /dev /newroot/dev
+        unset hwh_root hwh_modules
+        exec switch_root /newroot /sbin/init
+    fi
+    echo "hwh-linux: cannot mount $hwh_root as the root; staying in the initramfs"
+fi
 export PS1='%(prompt)s'
 # The console as controlling terminal (job control, Ctrl-C); a shell that exits gets a new one.
 while true; do setsid cttyhack sh; done
@@ -200,22 +223,68 @@ def build_program(source: Path, cache: Path) -> bytes:
     return out.read_bytes()
 
 
-def initramfs(busybox_root: Path, kernel_root: Path, release: str, programs: dict[str, bytes]) -> bytes:
-    archive = Newc()
-    for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "etc", "root",
-              "lib", "lib/modules", f"lib/modules/{release}"):
+class Tree:
+    """A directory filled through :class:`Newc`'s interface, for ``mkfs.ext4 -d``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def dir(self, name: str) -> None:
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+
+    def file(self, name: str, body: bytes, mode: int = 0o644) -> None:
+        (self.root / name).write_bytes(body)
+        (self.root / name).chmod(mode)
+
+    def symlink(self, name: str, target: str) -> None:
+        os.symlink(target, self.root / name)
+
+
+def userland(archive: "Newc | Tree", busybox_root: Path, programs: dict[str, bytes], init: str) -> None:
+    """What the initramfs and the root image both hold: the directories, busybox and its
+    applet links, the project's programs, and the init script at ``init``."""
+    for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "etc", "root", "lib"):
         archive.dir(d)
-    archive.chardev("dev/console", 5, 1)
     busybox = busybox_root / "bin" / "busybox"
     archive.file("bin/busybox", busybox.read_bytes(), 0o755)
     applets = subprocess.run([str(busybox), "--list-full"], check=True, capture_output=True,
                              text=True).stdout.split()
     for applet in applets:
-        if applet != "bin/busybox":
+        if applet != "bin/busybox" and applet != init:
             archive.symlink(applet, "/bin/busybox")
-    archive.file("init", (INIT % {"prompt": PROMPT}).encode(), 0o755)
+    archive.file(init, (INIT % {"prompt": PROMPT}).encode(), 0o755)
     for name, binary in programs.items():
         archive.file(f"usr/bin/{name}", binary, 0o755)
+
+
+def root_image(busybox_root: Path, programs: dict[str, bytes], out: Path, cache: Path) -> None:
+    """``out``, an ext4 filesystem of ``ROOT_MB`` MiB with the guest's userland and ``/sbin/init``,
+    made by ``mkfs.ext4 -d``; remade only when what goes in changes (a hash beside it says)."""
+    inputs = hashlib.sha256(INIT.encode() + (busybox_root / "bin" / "busybox").read_bytes()
+                            + b"".join(programs[n] for n in sorted(programs)) + b"%d" % ROOT_MB).hexdigest()
+    stamp = out.with_name(out.name + ".inputs")
+    if out.exists() and stamp.exists() and stamp.read_text() == inputs:
+        return
+    tree = cache / "root-tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir()
+    userland(Tree(tree), busybox_root, programs, init="sbin/init")
+    tmp = out.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    log(f"mkfs.ext4 -d {tree} {tmp.name} ({ROOT_MB} MiB)")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "hwh-root", "-E", "root_owner=0:0", "-d", str(tree),
+                    str(tmp), f"{ROOT_MB}M"], check=True)
+    os.replace(tmp, out)
+    stamp.write_text(inputs)
+    shutil.rmtree(tree)
+
+
+def initramfs(busybox_root: Path, kernel_root: Path, release: str, programs: dict[str, bytes]) -> bytes:
+    archive = Newc()
+    userland(archive, busybox_root, programs, init="init")
+    for d in ("newroot", "lib/modules", f"lib/modules/{release}"):
+        archive.dir(d)
+    archive.chardev("dev/console", 5, 1)
     moddir = kernel_root / "lib" / "modules" / release
     closure = module_closure(moddir, MODULES)
     made = {f"lib/modules/{release}"}
@@ -251,10 +320,13 @@ def main(outdir: Path) -> None:
     write_if_changed(outdir / "vmlinux", vmlinux_from_bzimage((kernel_root / "boot" / f"vmlinuz-{release}").read_bytes()))
     programs = {name: build_program(source, cache) for name, source in PROGRAMS.items()}
     write_if_changed(outdir / "initramfs.cpio", initramfs(busybox_root, kernel_root, release, programs))
+    root_image(busybox_root, programs, outdir / ROOT_IMAGE, cache)
     manifest = {
         "release": release,
         "packages": {deb_field(d, "Package"): deb_field(d, "Version") for d in (kernel_deb, busybox_deb)},
         "modules": sorted(module_closure(kernel_root / "lib" / "modules" / release, MODULES)),
+        "disk_modules": list(DISK_MODULES),
+        "root": ROOT_IMAGE,
         "prompt": PROMPT,
         "programs": sorted(PROGRAMS),
         "kernel": "vmlinux",

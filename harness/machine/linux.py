@@ -7,6 +7,13 @@ kernel and busybox-static packages)::
     with Machine(image.spec(accel="auto")) as m:
         image.wait_ready(m)
         print(m.console.run("uname -r"))
+
+A disk served over NBD (``hwharness serve disk``, or any NBD server) is QEMU's own NBD
+client under a virtio-blk disk, the guest's ``/dev/vda``; with ``root=True`` the initramfs
+mounts it (ext4, such as ``image.root``, the root image ``make images`` built) and
+switches root to it::
+
+    image.spec(disk="nbd+unix:///?socket=/tmp/disk.sock", root=True)
 """
 
 from __future__ import annotations
@@ -18,10 +25,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import parse_qs, urlsplit
 
 from ..errors import BadInput, ImageMissing, MachineError
 from .machine import Machine
-from .spec import MachineSpec, random_mac
+from .spec import MachineSpec, Option, random_mac
 
 IMAGES = Path(__file__).resolve().parents[2] / "images"
 LINUX_DIR = IMAGES / "linux"
@@ -39,6 +47,48 @@ QBOOT = Path("qboot.rom")
 # setup, of a 2.35 s boot on a loaded 2-core host).
 LINUX_APPEND = ("console=ttyS0 quiet cryptomgr.notests mitigations=off no_timer_check "
                 "initcall_blacklist=crypto_kdf108_init,init_kprobe_trace")
+# How long QEMU's NBD client holds the guest's requests while it reconnects (a driver
+# process restarting behind the export) before it fails them: far longer than a restart.
+NBD_RECONNECT_DELAY_S = 60
+NBD_PORT = 10809                       # the protocol's registered port, an nbd:// URI's default
+DISK_NODE = "hwh-disk0"
+ROOT_DEVICE = "/dev/vda"               # the first virtio-blk disk
+
+
+def nbd_server(uri: str) -> dict[str, object]:
+    """QEMU's ``-blockdev driver=nbd`` properties for an NBD URI (the NBD project's URI
+    specification): ``nbd+unix:///[EXPORT]?socket=PATH`` or ``nbd://HOST[:PORT]/[EXPORT]``.
+    ValueError for anything else (TLS, ``nbds``, is not supported)."""
+    parts = urlsplit(uri)
+    export = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if parts.scheme == "nbd+unix":
+        socket = parse_qs(parts.query).get("socket", [""])[0]
+        if parts.netloc or not socket:
+            raise ValueError(f"{uri!r}: an nbd+unix URI is nbd+unix:///[EXPORT]?socket=PATH")
+        props: dict[str, object] = {"server.type": "unix", "server.path": socket}
+    elif parts.scheme == "nbd":
+        if not parts.hostname:
+            raise ValueError(f"{uri!r}: an nbd URI is nbd://HOST[:PORT]/[EXPORT]")
+        props = {"server.type": "inet", "server.host": parts.hostname, "server.port": parts.port or NBD_PORT}
+    else:
+        raise ValueError(f"{uri!r} is not an NBD URI (nbd+unix:///?socket=PATH or nbd://HOST:PORT/)")
+    if export:
+        props["export"] = export
+    # QEMU's option syntax doubles a comma inside a value
+    return {key: value.replace(",", ",,") if isinstance(value, str) else value for key, value in props.items()}
+
+
+def nbd_disk(spec: MachineSpec, uri: str, node: str = DISK_NODE) -> MachineSpec:
+    """Attach the NBD export at ``uri`` to ``spec`` as a virtio-blk disk, through QEMU's NBD
+    client: it reconnects when the server's connection drops and sends again what was not
+    answered, so the guest sees a restarting server as a pause. A read-only export is a
+    read-only disk."""
+    spec.options.append(Option("blockdev", "", {"driver": "nbd", **nbd_server(uri), "node-name": node,
+                                                "reconnect-delay": NBD_RECONNECT_DELAY_S,
+                                                "auto-read-only": True}))
+    return spec.device("virtio-blk-pci", drive=node)
+
+
 # busybox udhcpc's script: it configures nothing itself. Applies the lease to the interface, the
 # first router as the default route, the DNS servers to resolv.conf.
 UDHCPC_SCRIPT = """#!/bin/sh
@@ -85,15 +135,27 @@ class LinuxImage:
     prompt: str                       # the shell's prompt on the console
     modules: tuple[str, ...]          # modules in the initramfs (busybox modprobe loads their deps)
     packages: dict[str, str] = field(default_factory=dict)   # Debian package -> version
+    disk_modules: tuple[str, ...] = ()  # what a virtio-blk disk with an ext4 root needs
+    root: Path | None = None            # the ext4 root image `make images` built (copy it before writing)
 
     def spec(self, accel: str = "auto", memory_mb: int = 256, modules: Sequence[str] = (),
-             append: str = "", net: str | None = None) -> MachineSpec:
+             append: str = "", disk: str | None = None, root: bool = False,
+             net: str | None = None) -> MachineSpec:
         """A machine that boots this guest to a shell on its serial console.
 
         ``modules`` are loaded by init before the shell starts (e.g. ``("e1000", "ahci")``);
-        ``append`` adds to the kernel command line; ``net`` (``unix:PATH``): an e1000, Linux's
-        eth0, on that wire (``hwharness serve net`` listens there; :meth:`dhcp` takes a lease).
+        ``append`` adds to the kernel command line. ``disk``: an NBD URI, attached as
+        ``/dev/vda`` (see :func:`nbd_disk`); ``root``: the initramfs mounts it (ext4) and
+        switches root to it before the shell starts. ``net`` (``unix:PATH``): an e1000,
+        Linux's eth0, on that wire (``hwharness serve net`` listens there; :meth:`dhcp`
+        takes a lease).
         """
+        if root and not disk:
+            raise ValueError("root=True needs the disk to switch to: give disk=URI")
+        if disk and not self.disk_modules:
+            raise ImageMissing("this Linux guest was built before disks were: rebuild it with `make images`")
+        if disk:
+            modules = tuple(modules) + tuple(m for m in self.disk_modules if m not in modules)
         if net is not None:
             wire_path(net)
             modules = (*modules, "e1000") if "e1000" not in modules else modules
@@ -103,10 +165,14 @@ class LinuxImage:
         line = LINUX_APPEND
         if modules:
             line += " hwh_modules=" + ",".join(modules)   # init reads it from its environment
+        if root:
+            line += f" hwh_root={ROOT_DEVICE}"
         if append:
             line += " " + append
         spec = MachineSpec(kernel=self.kernel, initrd=self.initrd, append=line, bios=QBOOT,
                            memory_mb=memory_mb, accel=accel)
+        if disk:
+            nbd_disk(spec, disk)
         return spec if net is None else wire_nic(spec, net)
 
     def dhcp(self, machine: Machine, interface: str = "eth0", timeout: float = 60.0) -> str:
@@ -140,7 +206,9 @@ def linux(directory: Path = LINUX_DIR) -> LinuxImage:
                            "(it downloads Debian's linux-image-amd64 and busybox-static with apt-get)")
     m = json.loads(manifest.read_text())
     image = LinuxImage(kernel=directory / m["kernel"], initrd=directory / m["initrd"], release=m["release"],
-                       prompt=m["prompt"], modules=tuple(m["modules"]), packages=m["packages"])
+                       prompt=m["prompt"], modules=tuple(m["modules"]), packages=m["packages"],
+                       disk_modules=tuple(m.get("disk_modules", ())),
+                       root=directory / m["root"] if "root" in m else None)
     for f in (image.kernel, image.initrd):
         if not f.exists():
             raise ImageMissing(f"{f} is missing: rebuild the Linux guest with `make images`")

@@ -29,13 +29,19 @@ from .common import log
 # command -> the module of this package and the function that runs it
 COMMANDS = {"boot": "boot:cmd_boot", "run": "boot:cmd_run", "demo": "demo:cmd_demo", "bench": "bench:cmd_bench",
             "latency": "latency:cmd_latency", "keyboard": "keyboard:cmd_keyboard", "parport": "parport:cmd_parport",
-            "net": "net:cmd_net", "disk": "disk:cmd_disk", "serve": "serve_net:cmd_serve"}
+            "net": "net:cmd_net", "disk": "disk:cmd_disk", "serve": "serve:cmd_serve",
+            "serve net": "serve_net:cmd_serve"}
 
 
 def command(name: str):  # type: ignore[no-untyped-def]
     """The function that runs command ``name``, its module imported now."""
     module, _, function = COMMANDS[name].partition(":")
     return getattr(importlib.import_module(f".{module}", __name__), function)
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """The COMMANDS key of what ``args`` asks for: a command, or a service of ``serve``."""
+    return "serve net" if args.command == "serve" and args.serve_command == "net" else args.command
 
 
 def writable_output(path: str, option: str) -> None:
@@ -77,6 +83,10 @@ def add_kernel_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--memory", type=int, default=256, metavar="MB", help="guest memory (default 256)")
     p.add_argument("--prompt", default=r"[#$] ", metavar="REGEX",
                    help="what --kernel's shell prompt matches (default '[#$] ')")
+    p.add_argument("--disk", metavar="URI",
+                   help="an NBD export (`hwharness serve disk` prints its URI) as a virtio-blk disk, /dev/vda")
+    p.add_argument("--root", action="store_true",
+                   help="the Linux guest's root filesystem is --disk (ext4, such as images/linux/root.ext4)")
     p.add_argument("--net", metavar="unix:PATH",
                    help="an e1000 (the Linux guest's eth0) on that wire: `hwharness serve net` listens there")
     return p
@@ -108,7 +118,7 @@ def command_line() -> argparse.ArgumentParser:
     with_accel(sub.add_parser("demo", help="boot, drive the devices, print what happened"))
     bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
     bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "nvme", "boot", "restart",
-                                        "compare"))
+                                        "serve", "compare"))
     bench.add_argument("rev", nargs="?", metavar="REV",
                        help="compare: the git revision to measure the working tree against")
     bench.add_argument("--only", default=None, metavar="NAMES",
@@ -128,11 +138,6 @@ def command_line() -> argparse.ArgumentParser:
     ping = with_accel(net_sub.add_parser("ping", help="DHCP lease, ARP for the gateway, ICMP echo"))
     ping.add_argument("--count", type=positive_int, default=4)
     ping.add_argument("--pcap", metavar="PATH", help="keep QEMU's filter-dump of the traffic here")
-    serve = sub.add_parser("serve", help="a service of the Python drivers, supervised, until Ctrl-C")
-    serve_sub = serve.add_subparsers(dest="serve_command", required=True)
-    serve_net = with_accel(serve_sub.add_parser(
-        "net", help="bridge QEMU's user network to a wire another machine's NIC connects to"))
-    serve_net.add_argument("--wire", metavar="unix:PATH", help="where the wire listens (default: in the machine's files)")
     disk = sub.add_parser("disk", help="a FAT image on the AHCI or NVMe controller, through the Python driver")
     disk_sub = disk.add_subparsers(dest="disk_command", required=True)
     ls = with_accel(disk_sub.add_parser("ls", help="list a directory"))
@@ -146,6 +151,22 @@ def command_line() -> argparse.ArgumentParser:
     for p in (ls, cat, ident):
         p.add_argument("--bus", choices=("ahci", "nvme"), default="ahci",
                        help="the image on the AHCI controller (default) or as an NVMe namespace")
+    serve_p = sub.add_parser("serve", help="a supervised Python driver serving a disk (NBD) or a network bridge, until Ctrl-C")
+    serve_sub = serve_p.add_subparsers(dest="serve_command", required=True)
+    serve_net = with_accel(serve_sub.add_parser(
+        "net", help="bridge QEMU's user network to a wire another machine's NIC connects to"))
+    serve_net.add_argument("--wire", metavar="unix:PATH", help="where the wire listens (default: a new temporary directory)")
+    serve_disk = with_accel(serve_sub.add_parser(
+        "disk", help="the image on the AHCI or NVMe controller, served by the supervised driver process"))
+    serve_disk.add_argument("image")
+    serve_disk.add_argument("--bus", choices=("ahci", "nvme"), default="ahci",
+                            help="the image on the AHCI controller (default) or as an NVMe namespace")
+    serve_disk.add_argument("--nbd", metavar="unix:PATH|tcp:HOST:PORT",
+                            help="where clients connect (default: a Unix socket in the machine's directory; "
+                                 "tcp port 0: any free one)")
+    serve_disk.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
+    serve_disk.add_argument("--timeout", type=float, default=120.0,
+                            help="seconds a driver (the first, or a restarted one) has to start serving")
     kbd = with_accel(sub.add_parser("keyboard", help="type TEXT through QMP; print what the Python driver decoded"))
     kbd.add_argument("--type", required=True, metavar="TEXT")
     par = with_accel(sub.add_parser("parport", help="send FILE through the Python parallel port driver"))
@@ -170,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_outputs(args)
         if not args.trace:
-            return command(args.command)(args)
+            return command(command_name(args))(args)
         with tracing.trace(args.trace) as tracer:
-            status = command(args.command)(args)
+            status = command(command_name(args))(args)
         sys.stderr.write(f"hwharness: trace of {tracer.written} records in {tracer.path} "
                          f"and {tracing.text_path(tracer.path)} (ui.perfetto.dev opens the JSON)\n")
         return status

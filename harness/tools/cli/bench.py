@@ -6,11 +6,11 @@ import argparse
 from typing import Any
 
 from ...errors import BadInput
-from ..bench import ahci, boot, compare, e1000, nvme, restart, roundtrip
+from ..bench import ahci, boot, compare, e1000, nvme, restart, roundtrip, serve
 from .common import iommu_of, print_json, say, write_json
 
 BENCHES = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep, "ahci": ahci.run,
-           "nvme": nvme.run, "restart": restart.run}
+           "nvme": nvme.run, "restart": restart.run, "serve": serve.run}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ...errors import BadInput
 from ...machine import Machine, MachineSpec, random_mac
-from ...machine.linux import linux, wire_nic
+from ...machine.linux import linux, nbd_disk, nbd_server, wire_nic
 from ...processes import serve
 from ...proxy import ProxyMachine, proxy_spec
 from .common import device_table, iommu_of, readable_file, say
@@ -21,16 +21,29 @@ from .common import device_table, iommu_of, readable_file, say
 
 def console_machine(args: argparse.Namespace, name: str) -> tuple[Machine, str]:
     """A machine for ``boot``/``run``: ``--kernel``/``--initrd``/``--append``, or the Linux guest
-    ``make images`` built; with the regex its shell prompt matches."""
+    ``make images`` built; with the regex its shell prompt matches. ``--disk`` attaches an NBD
+    export, ``--root`` makes it the Linux guest's root."""
+    if args.root and not args.disk:
+        raise BadInput("--root needs --disk URI, the export to boot from")
+    if args.disk:
+        try:
+            nbd_server(args.disk)
+        except ValueError as exc:
+            raise BadInput(f"--disk {exc}") from exc
     if args.kernel:
+        if args.root:
+            raise BadInput("--root is the Linux guest's; for --kernel, say root=/dev/vda in --append")
         readable_file(args.kernel, "--kernel")
         if args.initrd:
             readable_file(args.initrd, "--initrd")
         spec = MachineSpec(kernel=Path(args.kernel), initrd=Path(args.initrd) if args.initrd else None,
                            append=args.append or "console=ttyS0", memory_mb=args.memory, accel=args.accel)
+        if args.disk:
+            nbd_disk(spec, args.disk)
         return Machine(spec if args.net is None else wire_nic(spec, args.net), name=name), args.prompt
     image = linux()
-    spec = image.spec(accel=args.accel, memory_mb=args.memory, append=args.append or "", net=args.net)
+    spec = image.spec(accel=args.accel, memory_mb=args.memory, append=args.append or "", disk=args.disk,
+                      root=args.root, net=args.net)
     return Machine(spec, name=name), re.escape(image.prompt)
 
 
@@ -91,16 +104,25 @@ class CaughtSigint:
     just before it, and only the main thread raises KeyboardInterrupt)."""
 
     def __enter__(self) -> "CaughtSigint":
+        self._caught = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._previous_fd = signal.set_wakeup_fd(self._wake_w)
         self._previous = signal.signal(signal.SIGINT, lambda *_: None)
         return self
 
     def wait(self) -> None:
-        while True:
-            select.select([self._wake_r], [], [])
-            if signal.SIGINT in os.read(self._wake_r, 256):     # a byte per signal: its number
-                return
+        while not self._take(None):
+            pass
+
+    def caught(self) -> bool:
+        """Whether one has come (once true, true from then on); does not wait."""
+        return self._take(0)
+
+    def _take(self, timeout: float | None) -> bool:
+        """Read the wakeup fd, waiting up to ``timeout`` (None: until a signal): a SIGINT among them?"""
+        if not self._caught and select.select([self._wake_r], [], [], timeout)[0]:
+            self._caught = signal.SIGINT in os.read(self._wake_r, 256)     # a byte per signal: its number
+        return self._caught
 
     def __exit__(self, *_: object) -> None:
         signal.signal(signal.SIGINT, self._previous)

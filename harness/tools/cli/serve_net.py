@@ -18,8 +18,6 @@ from .common import iommu_of, say
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.serve_command != "net":
-        raise BadInput(f"no such service: {args.serve_command}")
     scratch = None
     if args.wire is None:                       # a Unix socket's path is short: not the machine's files
         scratch = tempfile.mkdtemp(prefix="hwh-wire-")
