@@ -13,6 +13,17 @@ file descriptors ride along with SCM_RIGHTS:
 5. one message per vector with the client's own id and its own eventfds,
    which the server signals to raise that MSI-X vector in the guest.
 
+The client's own eventfds are handed over only for the vectors the host
+really raises (``kick_vectors``, 1 by default: the proxy takes one kick
+vector per window). Without KVM's irqfd, QEMU watches each of them in its
+main loop (``qemu_set_fd_handler``), and every iteration of that loop polls
+every one of them: 40 per window made each main-loop wake-up (a disk
+completion, a host kick) cost tens of microseconds, and four idle driver
+slots made an AHCI command three times slower. QEMU accepts fewer of a
+peer's eventfds than the device has vectors; a vector without one is never
+raised. The other peer's eventfds (the ones the guest rings) are
+ioeventfds, which QEMU never polls: all of them are sent.
+
 The harness is peer ``host_peer`` (0): the guest rings it by writing
 ``(host_peer << 16) | vector`` to the Doorbell register. The shared memory
 is a memfd, so nothing is ever left in /dev/shm.
@@ -35,9 +46,12 @@ GUEST_PEER = 1
 class IvshmemServer:
     """Owns the shared memory and the eventfds of one machine's ivshmem-doorbell."""
 
-    def __init__(self, size: int, host_peer: int = 0, vectors: int = 1, name: str = "hwharness-ivshmem") -> None:
+    def __init__(self, size: int, host_peer: int = 0, vectors: int = 1, name: str = "hwharness-ivshmem",
+                 kick_vectors: int = 1) -> None:
         if size <= 0 or size & (size - 1):
             raise ValueError(f"ivshmem size must be a power of two, not {size}")
+        if not 1 <= kick_vectors <= vectors:
+            raise ValueError(f"an ivshmem window's guest has 1 to {vectors} kick vectors, not {kick_vectors}")
         self.size = size
         self.host_peer = host_peer
         self.vectors = vectors
@@ -47,9 +61,10 @@ class IvshmemServer:
         # shrink it under QEMU's and the owner's mappings (SIGBUS) or grow it to eat memory.
         fcntl.fcntl(self._memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         self.memory = mmap.mmap(self._memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        # host_fds: the guest rings these (we read them); guest_fds: we write these to kick it.
+        # host_fds: the guest rings these (we read them); guest_fds: we write these to kick it,
+        # only as many as we use (see the module's docstring: QEMU's main loop polls each).
         self.host_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(vectors)]
-        self.guest_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(vectors)]
+        self.guest_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(kick_vectors)]
         self._listener: socket.socket | None = None
         self._client: socket.socket | None = None
 
