@@ -7,7 +7,7 @@ import os
 import socket
 import struct
 
-from harness.ivshmem import GUEST_PEER, IvshmemServer
+from harness.proxy.ivshmem import GUEST_PEER, IvshmemServer
 
 
 def handshake(server: IvshmemServer) -> list[tuple[int, int | None]]:
