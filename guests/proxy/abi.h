@@ -16,8 +16,10 @@
  * own with the same layout, each handed to one driver process. A slot's
  * channels use its rings 0..PROXY_SLOT_CHANNELS-1 and its devices' DMA
  * domains lie in its own pool; only the control window's channel 0 may open
- * and close channels (in any window). Before boot the host writes each
- * slot's number into its `slot` field; the control window's is 0.
+ * and close channels (in any window). The proxy looks at a slot window only
+ * while one of its channels is open: until then its rings go unserved and its
+ * guest_sleeping stays 0. Before boot the host writes each slot's number into
+ * its `slot` field; the control window's is 0.
  *
  * A ring is single-producer (host) single-consumer (guest): the host fills
  * entries[submit % PROXY_RING_ENTRIES ...], then advances `submit`; the

@@ -57,12 +57,40 @@ static u32 backlog[1 + PROXY_MAX_SLOTS];        /* per window: rings whose batch
 static u64 turn_ticks;                          /* PROXY_TURN_US in TSC ticks */
 static u32 generations;                         /* for channel.generation */
 static int polling = -1;                        /* the channel whose poll lends its turn, or -1 */
+/*
+ * The windows the loop looks at: bit p while window p holds an open channel (the
+ * control window's admin channel never closes). Only the owner opens and closes
+ * channels, so a slot nobody was lent a device in is never scanned, served, flagged
+ * asleep or lent a turn: what its holder writes there costs the proxy nothing, and
+ * requests on its rings go unanswered until a channel opens there.
+ */
+static u32 serving;
+static u8 open_in[1 + PROXY_MAX_SLOTS];         /* open channels per window */
 
 static int window_number(int c) { return c < PROXY_MAX_CHANNELS ? 0 : 1 + (c - PROXY_MAX_CHANNELS) / PROXY_SLOT_CHANNELS; }
 static int ring_of(int c) { return c < PROXY_MAX_CHANNELS ? c : (c - PROXY_MAX_CHANNELS) % PROXY_SLOT_CHANNELS; }
 static int first_channel(int p) { return p ? PROXY_MAX_CHANNELS + (p - 1) * PROXY_SLOT_CHANNELS : 0; }
 static int nchannels(int p) { return p ? PROXY_SLOT_CHANNELS : PROXY_MAX_CHANNELS; }
 static struct proxy_shared *window_of(int c) { return windows[window_number(c)].win; }
+
+static void set_open(int c)
+{
+    int p = window_number(c);
+    channels[c].open = 1;
+    if (!open_in[p]++)
+        serving |= 1u << p;
+}
+
+static void set_closed(int c)
+{
+    int p = window_number(c);
+    if (!channels[c].open)
+        return;
+    channels[c].open = 0;
+    backlog[p] &= ~(1u << ring_of(c));
+    if (!--open_in[p])
+        serving &= ~(1u << p);
+}
 
 /* Ports no ISA channel may hold: abi.h says which and why. */
 static const u32 reserved_ports[] = {
@@ -262,7 +290,7 @@ static u16 open_pci(int p, u64 bdf, struct window dma, int shared, u64 *out)
             ch->mmio[ch->nmmio++] = (struct window){ b->base, b->size };
     }
     grant_config_fields(ch, d);
-    ch->open = 1;
+    set_open(c);
     *out = (u64)ring_of(c);
     return PROXY_STATUS_OK;
 }
@@ -299,7 +327,7 @@ static u16 open_isa(int p, u64 base, u64 count, u64 grant, u64 irqs, u64 *out)
     ch->isa_base = base;
     ch->isa_ports = grant;
     ch->isa_irqs = irqs;
-    ch->open = 1;
+    set_open(c);
     *out = (u64)ring_of(c);
     return PROXY_STATUS_OK;
 }
@@ -453,7 +481,7 @@ static void close_channel(struct channel *ch, int c)
         iommu_unmap(d->bus, (u8)(d->dev << 3 | d->fn));
     }
     ch->dma = (struct window){ 0, 0 };
-    ch->open = 0;
+    set_closed(c);
     ch->generation = ++generations;
 }
 
@@ -792,12 +820,10 @@ static int serve(int c)
         shared->served_total += submit - ch->served;
     }
     u32 served = ch->served, end = ch->batch_end, generation = ch->generation;
-    u64 turn_end = rdtsc() + turn_ticks;
-    for (; served != end; served++) {
+    /* One TSC read per request, as its start_tsc; the turn ends PROXY_TURN_US after the first. */
+    u64 now = rdtsc(), turn_end = now + turn_ticks;
+    do {
         struct proxy_request *slot = &r->entries[served % PROXY_RING_ENTRIES];
-        u64 now = rdtsc();
-        if (served != ch->served && now > turn_end)
-            break;                      /* at least one request a turn, then the others' turn */
         /* Take the request once (the host could rewrite it under us), by words:
          * under an emulating hypervisor every instruction here costs microseconds. */
         struct proxy_request rq;
@@ -818,7 +844,7 @@ static int serve(int c)
         slot->value = value;
         barrier();
         WRITE_ONCE(slot->status, status);
-    }
+    } while (++served != end && (now = rdtsc()) <= turn_end);  /* at least one, then the others' turn */
     ch->served = served;
     set_backlog(c, served != end);
     if (served != end) {
@@ -831,19 +857,20 @@ publish:
     return 1;
 }
 
-static int pending(void)
+/* Has the host posted to any of `which` (bit p: window p)? */
+static int pending(u32 which)
 {
-    for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
-        if (windows[p].win && READ_ONCE(*(volatile u64 *)windows[p].win->ring_posted))
+    for (; which; which &= which - 1)
+        if (READ_ONCE(*(volatile u64 *)windows[__builtin_ctz(which)].win->ring_posted))
             return 1;
     return 0;
 }
 
-static void set_sleeping(u32 asleep)
+/* Tell the holders of `which` windows that the guest sleeps (kick it) or is awake. */
+static void set_sleeping(u32 which, u32 asleep)
 {
-    for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
-        if (windows[p].win)
-            WRITE_ONCE(windows[p].win->guest_sleeping, asleep);
+    for (; which; which &= which - 1)
+        WRITE_ONCE(windows[__builtin_ctz(which)].win->guest_sleeping, asleep);
 }
 
 /* Serve every ring of window p that the host has posted to. */
@@ -880,9 +907,8 @@ static void others_turn(int c)
     if (polling >= 0)
         return;
     polling = c;
-    for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
-        if (windows[p].win)
-            serve_window(p);
+    for (u32 w = serving; w; w &= w - 1)
+        serve_window(__builtin_ctz(w));
     polling = -1;
 }
 
@@ -915,7 +941,7 @@ void proxy_init(const struct proxy_pci_device *table, int n)
     if (!windows[0].win)
         panic("proxy_init: no control window (an ivshmem-doorbell whose slot is 0)");
     shared = windows[0].win;
-    channels[0].open = 1;
+    set_open(0);                                    /* the admin channel, for good */
     turn_ticks = tsc_hz / 1000000 * PROXY_TURN_US;
     for (int p = PROXY_MAX_SLOTS; p >= 0; p--)       /* the control window last: READY means all are */
         if (windows[p].win)
@@ -931,9 +957,8 @@ void proxy_loop(void)
     sti();                                  /* the loop runs with interrupts on: they are forwarded */
     for (u32 round = 1;; round++) {
         int busy = 0;
-        for (int p = 0; p <= PROXY_MAX_SLOTS; p++)
-            if (windows[p].win)
-                busy |= serve_window(p);
+        for (u32 w = serving; w; w &= w - 1)    /* the windows with an open channel */
+            busy |= serve_window(__builtin_ctz(w));
         if (busy) {
             idle_since = rdtsc();
             continue;
@@ -947,13 +972,14 @@ void proxy_loop(void)
             continue;
         /* Interrupts off between the last look and hlt: sti's shadow then covers hlt. */
         cli();
-        set_sleeping(1);
+        u32 flagged = serving;              /* only windows the loop serves: nobody else gets a reply */
+        set_sleeping(flagged, 1);
         mfence();
-        if (!pending())
+        if (!pending(flagged))
             sti_hlt();
         else
             sti();
-        set_sleeping(0);
+        set_sleeping(flagged, 0);
         shared->kicks = kicks;
         idle_since = rdtsc();
     }
