@@ -11,8 +11,8 @@ spread of the per-round ratios (max/min), and says which way is better
 where its name tells (``*_iops``, ``*_per_s``... higher; ``*_us``, ``p50``... lower).
 
 An older revision may lack a bench (it is skipped, and the JSON says so) or
-``--quick`` (it then runs the full bench; the JSON records ``quick`` per
-side), and runs its CLI as ``python -m harness.cli`` if it has no
+``--quick`` (then both sides run the full bench, so that they do the same
+work; the JSON records ``quick`` per bench), and runs its CLI as ``python -m harness.cli`` if it has no
 ``harness/__main__.py``.
 """
 
@@ -92,26 +92,21 @@ class Tree:
         module = "harness" if (self.path / "harness" / "__main__.py").exists() else "harness.cli"
         return [sys.executable, "-m", module]
 
-    def run(self, words: list[str], accel: str, quick: bool, out: Path) -> tuple[dict[str, Any], bool]:
-        """One bench on this tree: its JSON, and whether it ran with --quick."""
-        argv = self.cli + words + ["--accel", accel, "--json", str(out)]
-        for use_quick in ([True, False] if quick else [False]):
-            done = subprocess.run(argv + (["--quick"] if use_quick else []), cwd=self.path, env=_own_code(self.path),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=SIDE_TIMEOUT)
-            if done.returncode == 0:
-                return json.loads(out.read_text()), use_quick
-            if use_quick and "--quick" in done.stderr and "unrecognized" in done.stderr:
-                log.info("%s has no --quick for %s: running it in full", self.label, " ".join(words))
-                continue
+    def run(self, words: list[str], accel: str, quick: bool, out: Path) -> dict[str, Any]:
+        """One bench on this tree: its JSON."""
+        argv = self.cli + words + ["--accel", accel, "--json", str(out)] + (["--quick"] if quick else [])
+        done = subprocess.run(argv, cwd=self.path, env=_own_code(self.path), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, timeout=SIDE_TIMEOUT)
+        if done.returncode:
             tail = "\n".join(done.stderr.strip().splitlines()[-5:])
             raise CompareError(f"{self.label}: `{' '.join(words)}` failed ({done.returncode}):\n{tail}")
-        raise AssertionError("not reached")
+        return json.loads(out.read_text())
 
-    def has(self, words: list[str]) -> bool:
-        """Whether this tree's CLI knows the bench (an old revision may not)."""
+    def help(self, words: list[str]) -> str | None:
+        """The bench's --help, or None where this tree's CLI does not know it (an old revision)."""
         probe = subprocess.run(self.cli + words + ["--help"], cwd=self.path, env=_own_code(self.path),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
-        return probe.returncode == 0
+        return probe.stdout if probe.returncode == 0 else None
 
 
 def _own_code(path: Path) -> dict[str, str]:
@@ -219,28 +214,30 @@ def run(rev: str, accel: str = "auto", only: str = DEFAULT_ONLY, quick: bool = F
         with tempfile.TemporaryDirectory(prefix="hwharness-compare-") as scratch:
             for name in names:
                 words = BENCHES[name]
-                missing = [t.label for t in (base, new) if not t.has(words)]
+                helps = {t.label: t.help(words) for t in (base, new)}
+                missing = [label for label, text in helps.items() if text is None]
                 if missing:
                     result["skipped"][name] = f"not in {', '.join(missing)}"
                     say(f"{name}: skipped ({result['skipped'][name]})")
                     continue
+                # the same work on both sides: --quick only where both have it
+                both_quick = quick and all("--quick" in (text or "") for text in helps.values())
                 per_round: list[tuple[dict[str, float], dict[str, float]]] = []
-                order_log, quick_log = [], {"base": set(), "new": set()}
+                order_log = []
                 for r, base_first in enumerate(rounds_of(rounds)):
                     sides = [("base", base), ("new", new)]
                     figures: dict[str, dict[str, float]] = {}
                     for side, tree in (sides if base_first else sides[::-1]):
                         started = time.monotonic()
-                        data, ran_quick = tree.run(words, accel, quick, Path(scratch) / f"{name}-{side}-{r}.json")
+                        data = tree.run(words, accel, both_quick, Path(scratch) / f"{name}-{side}-{r}.json")
                         figures[side] = flatten(data)
-                        quick_log[side].add(ran_quick)
                         say(f"{name} round {r + 1}/{rounds}: {side} ({tree.label}) "
                             f"{time.monotonic() - started:.0f} s")
                     per_round.append((figures["base"], figures["new"]))
                     order_log.append("base first" if base_first else "new first")
                 keys = summarise(per_round)
                 result["benches"][name] = {
-                    "order": order_log, "quick": {s: sorted(q) for s, q in quick_log.items()}, "keys": keys,
+                    "order": order_log, "quick": both_quick, "keys": keys,
                     "worse": sorted(k for k, e in keys.items() if e.get("worse")),
                 }
     return result
