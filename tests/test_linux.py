@@ -139,7 +139,7 @@ def test_a_panic_raises_guest_panic_long_before_the_timeout(linux_machine) -> No
 
 def test_a_stopped_cpu_raises_guest_hang_saying_paused(linux_machine) -> None:
     console = linux_machine.console
-    console.sendline("sleep 1; echo woke")
+    console.sendline('sleep 1; echo wo""ke')     # the echo of the typed line does not say "woke"
     linux_machine.qmp("stop")
     with pytest.raises(GuestHang, match="query-status: paused") as failure:
         console.expect("woke", timeout=60, quiet=2)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from ..access import PciFunction
 from ..errors import SupervisorError
 from .control import serve
-from .zygote import MAX_MESSAGE
+from .zygote import MAX_MESSAGE, START as ZYGOTE_START
 
 if TYPE_CHECKING:
     from ..proxy.machine import ProxyMachine
@@ -123,7 +123,7 @@ class Zygote:
         self.sock = ours
         self._lock = threading.Lock()
         self.loaded: set[str] = set()
-        self.process = subprocess.Popen([sys.executable, "-m", "harness.processes.zygote", str(os.getpid()),
+        self.process = subprocess.Popen([sys.executable, "-c", ZYGOTE_START, str(os.getpid()),
                                          str(theirs.fileno()), guest_elf], pass_fds=[theirs.fileno()])
         theirs.close()
         self.sock.settimeout(60.0)

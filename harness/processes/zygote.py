@@ -106,6 +106,10 @@ def main(parent: int, fd: int, guest_elf: str) -> None:
             sock.send(pickle.dumps(("status", status)))
 
 
-if __name__ == "__main__":
+def start(argv: list[str]) -> None:
+    """The zygote process's entry: ``python -c`` runs this, not ``-m``, which would import
+    this module a second time as __main__ beside the copy harness.processes already holds."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C is the supervisor's to handle
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    main(int(argv[0]), int(argv[1]), argv[2])
+
+START = "import sys; from harness.processes.zygote import start; start(sys.argv[1:])"
