@@ -28,6 +28,7 @@ from harness.tools.bench.e1000 import wire
 from harness.errors import AccessDenied, AttachRefused, BadRequest
 from harness.machine import MachineSpec
 from harness.proxy import ProxyMachine, raw
+from harness.proxy.ring import Ring
 from harness.processes import attach, serve
 from harness.processes.supervisor import Supervisor
 from tests.test_dma import memory, proxy_code
@@ -455,3 +456,29 @@ def test_a_poll_lends_its_turn_while_it_waits(rig) -> None:
     finally:
         attached.close()
 
+
+
+def test_an_idle_slot_is_not_looked_at_until_a_device_opens_in_it(rig) -> None:
+    """While nothing is open in a slot, the proxy never looks at its window (issue 19: idle slots
+    must cost nothing): a request its holder posts stays unserved, and the window is not told
+    when the guest sleeps. Once the owner opens a device into the slot, its rings are served
+    again, and the request on the ring nobody opened is dropped."""
+    pm = rig[0]
+    bus, abi = pm.bus, pm.abi
+    attached = attach(serve(pm).address)
+    try:
+        window = attached.window
+        idle = Ring(window, 1)                          # a ring of the slot that nobody opened
+        seq = idle.head
+        idle.write(seq, abi.PROXY_OP_NOP, 0, 0, 0, 0, 0, 0, 0)
+        head = idle.publish(1)
+        until(lambda: bus.window.u32[bus.window.guest_sleeping_idx] == 1, "the guest falls asleep")
+        assert window.u32[window.guest_sleeping_idx] == 0, "an idle slot was told the guest sleeps"
+        assert idle.served == (head - 1) & 0xFFFFFFFF, "an idle slot's ring was looked at"
+        assert idle.posted
+        with attached.open(bus.find(vendor=edu.VENDOR, device=edu.DEVICE)) as card:
+            assert card.channel.index != idle.index
+            assert card.bar(0).read32(0) == 0x010000ED
+            until(lambda: idle.served == head, "the unopened ring's request is dropped")
+    finally:
+        attached.close()
