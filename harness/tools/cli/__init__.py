@@ -29,19 +29,13 @@ from .common import log
 # command -> the module of this package and the function that runs it
 COMMANDS = {"boot": "boot:cmd_boot", "run": "boot:cmd_run", "demo": "demo:cmd_demo", "bench": "bench:cmd_bench",
             "latency": "latency:cmd_latency", "keyboard": "keyboard:cmd_keyboard", "parport": "parport:cmd_parport",
-            "net": "net:cmd_net", "disk": "disk:cmd_disk", "serve": "serve:cmd_serve",
-            "serve net": "serve_net:cmd_serve"}
+            "net": "net:cmd_net", "disk": "disk:cmd_disk", "serve": "serve:cmd_serve"}
 
 
 def command(name: str):  # type: ignore[no-untyped-def]
     """The function that runs command ``name``, its module imported now."""
     module, _, function = COMMANDS[name].partition(":")
     return getattr(importlib.import_module(f".{module}", __name__), function)
-
-
-def command_name(args: argparse.Namespace) -> str:
-    """The COMMANDS key of what ``args`` asks for: a command, or a service of ``serve``."""
-    return "serve net" if args.command == "serve" and args.serve_command == "net" else args.command
 
 
 def writable_output(path: str, option: str) -> None:
@@ -191,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_outputs(args)
         if not args.trace:
-            return command(command_name(args))(args)
+            return command(args.command)(args)
         with tracing.trace(args.trace) as tracer:
-            status = command(command_name(args))(args)
+            status = command(args.command)(args)
         sys.stderr.write(f"hwharness: trace of {tracer.written} records in {tracer.path} "
                          f"and {tracing.text_path(tracer.path)} (ui.perfetto.dev opens the JSON)\n")
         return status

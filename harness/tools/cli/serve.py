@@ -1,17 +1,37 @@
-"""``hwharness serve disk``: an image on the proxy machine's AHCI or NVMe controller, served over
-NBD by its supervised Python driver until Ctrl-C, for any NBD client (``hwharness boot --disk``,
-qemu-img, nbdinfo, the kernel's nbd-client)."""
+"""``hwharness serve disk|net``: a supervised Python driver serving a real operating system until
+Ctrl-C, a line per driver start (restarts with their cause).
+
+``serve disk``: an image on the proxy machine's AHCI or NVMe controller, over NBD, for any NBD
+client (``hwharness boot --disk``, qemu-img, nbdinfo, the kernel's nbd-client). ``serve net``:
+the machine's two e1000s bridged, QEMU's user network on one and a wire another machine's NIC
+joins (``hwharness boot --net``) on the other."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import tempfile
+from typing import Callable, Iterator
 
 from ...errors import BadInput
+from ...machine.linux import wire_path
+from ...proxy import ProxyMachine, proxy_spec
+from ...services.bridge import BridgeService, bridge_spec
 from ...services.disk import DiskService, listen
 from .boot import CaughtSigint
 from .common import disk_image, iommu_of, say
 from .disk import disk_machine
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return serve_net(args) if args.serve_command == "net" else serve_disk(args)
+
+
+def report(starts: Callable[..., Iterator[str]], sigint: CaughtSigint, **kwargs: object) -> None:
+    """Print each driver start until Ctrl-C."""
+    for line in starts(stop=sigint.caught, **kwargs):
+        say(line)
 
 
 def check_nbd(spec: str) -> None:
@@ -28,7 +48,7 @@ def check_nbd(spec: str) -> None:
         os.unlink(address)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def serve_disk(args: argparse.Namespace) -> int:
     image = disk_image(args.image)
     if args.nbd:
         check_nbd(args.nbd)
@@ -39,7 +59,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           bus=args.bus) as pm:
             with DiskService(pm, args.bus, nbd=args.nbd, read_only=args.read_only) as service:
                 say(service.uri)
-                for line in service.starts(timeout=args.timeout, stop=sigint.caught):
-                    say(line)
+                report(service.starts, sigint, timeout=args.timeout)
                 say("stopping")
+    return 0
+
+
+def serve_net(args: argparse.Namespace) -> int:
+    scratch = None
+    if args.wire is None:                       # a Unix socket's path is short: not the machine's files
+        scratch = tempfile.mkdtemp(prefix="hwh-wire-")
+        wire = f"unix:{scratch}/wire"
+    else:
+        wire, path = args.wire, wire_path(args.wire)
+        if os.path.exists(path):
+            raise BadInput(f"--wire {wire}: {path} exists; remove it or give another path")
+    try:
+        with CaughtSigint() as sigint:
+            spec = bridge_spec(proxy_spec(accel=args.accel, iommu=iommu_of(args)), wire)
+            with ProxyMachine(spec, name="serve-net", keep_artifacts=True) as pm, \
+                    BridgeService(pm, wire) as service:
+                say(f"bridge up under {pm.machine.accel}: the wire is {wire} (hwharness boot --net {wire}); "
+                    f"files in {pm.machine.workdir}")
+                say("Ctrl-C to stop.")
+                report(service.starts, sigint)
+                say("stopping; " + ", ".join(f"{name} {value}" for name, value in service.counters().items()))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return 0
