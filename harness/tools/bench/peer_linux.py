@@ -35,7 +35,8 @@ RUNS = 3
 PKTGEN = "/proc/net/pktgen"
 
 
-def _timed(m: Machine, command: str, timeout: float = 300.0) -> tuple[float, str]:
+def timed(m: Machine, command: str, timeout: float = 300.0) -> tuple[float, str]:
+    """Seconds a shell command took in the guest, timed on the host, and its output; it must succeed."""
     assert m.console is not None
     t0 = time.perf_counter_ns()
     output, status = m.console.run(command, timeout=timeout)
@@ -45,8 +46,20 @@ def _timed(m: Machine, command: str, timeout: float = 300.0) -> tuple[float, str
     return elapsed, output
 
 
-def _call_ms(m: Machine) -> float:
-    return round(statistics.median(_timed(m, "true")[0] for _ in range(5)) * 1000, 2)
+def call_ms(m: Machine) -> float:
+    """The console's own round trip (a command that does nothing), in ms: part of every figure."""
+    return round(statistics.median(timed(m, "true")[0] for _ in range(5)) * 1000, 2)
+
+
+def blockread(m: Machine, device: str, count: int, seq: int, seed: int) -> tuple[float, float]:
+    """Random 4 KiB reads at QD1 (IOPS) and sequential 128 KiB reads (MB/s) of ``device`` by
+    ``blockread`` (images/peer/blockread.c), each checked for whole reads."""
+    elapsed, out = timed(m, f"blockread {device} rand4k {count} {seed}")
+    assert f"read {count} bytes" in out, out
+    iops = count / elapsed
+    elapsed, out = timed(m, f"blockread {device} seq128k {seq}")
+    assert f"read {seq} bytes" in out, out
+    return iops, seq * 128 / 1024 / elapsed
 
 
 def disk(accel: str, image: Path, drive: dict[str, object], count: int, seq: int) -> dict[str, object]:
@@ -59,15 +72,12 @@ def disk(accel: str, image: Path, drive: dict[str, object], count: int, seq: int
         guest.wait_ready(m)
         runs: dict[str, list[float]] = {"randread_4k_qd1_iops": [], "seqread_128k_mbps": []}
         for run in range(RUNS):
-            elapsed, out = _timed(m, f"blockread /dev/sda rand4k {count} {run + 1}")
-            assert f"read {count} bytes" in out, out
-            runs["randread_4k_qd1_iops"].append(count / elapsed)
-            elapsed, out = _timed(m, f"blockread /dev/sda seq128k {seq}")
-            assert f"read {seq} bytes" in out, out
-            runs["seqread_128k_mbps"].append(seq * 128 / 1024 / elapsed)
+            iops, mbps = blockread(m, "/dev/sda", count, seq, seed=run + 1)
+            runs["randread_4k_qd1_iops"].append(iops)
+            runs["seqread_128k_mbps"].append(mbps)
         return {"results": {f"peer_linux_{k}": round(statistics.median(v), 3) for k, v in runs.items()},
                 "runs": {f"peer_linux_{k}": [round(x, 1) for x in v] for k, v in runs.items()},
-                "call_ms": _call_ms(m), "release": guest.release, "tool": "blockread (O_DIRECT pread, QD1)"}
+                "call_ms": call_ms(m), "release": guest.release, "tool": "blockread (O_DIRECT pread, QD1)"}
 
 
 def transmit(accel: str, netdev: dict[str, object], counts: dict[str, int]) -> dict[str, object]:
@@ -78,9 +88,9 @@ def transmit(accel: str, netdev: dict[str, object], counts: dict[str, int]) -> d
     spec.device("e1000", netdev="net0", mac="52:54:00:be:ec:0a")
     with Machine(spec, name="peer-linux-tx") as m:
         guest.wait_ready(m)
-        _timed(m, f"ip link set eth0 up && echo rem_device_all > {PKTGEN}/kpktgend_0 "
+        timed(m, f"ip link set eth0 up && echo rem_device_all > {PKTGEN}/kpktgend_0 "
                   f"&& echo 'add_device eth0' > {PKTGEN}/kpktgend_0")
-        carrier = _timed(m, "i=0; until [ \"$(cat /sys/class/net/eth0/carrier)\" = 1 ] || [ $i -ge 100 ]; "
+        carrier = timed(m, "i=0; until [ \"$(cat /sys/class/net/eth0/carrier)\" = 1 ] || [ $i -ge 100 ]; "
                             "do sleep 0.1; i=$((i + 1)); done; cat /sys/class/net/eth0/carrier")[1]
         if carrier.strip() != "1":
             raise RuntimeError("the Linux peer's e1000 link did not come up within 10 s")
@@ -88,13 +98,13 @@ def transmit(accel: str, netdev: dict[str, object], counts: dict[str, int]) -> d
         for _ in range(RUNS):
             for wire, count in counts.items():
                 length = 60 if wire == "64" else 1514
-                _timed(m, f"cd {PKTGEN} && echo 'count {count}' > eth0 && echo 'pkt_size {length}' > eth0 "
+                timed(m, f"cd {PKTGEN} && echo 'count {count}' > eth0 && echo 'pkt_size {length}' > eth0 "
                           f"&& echo 'delay 0' > eth0 && echo 'dst 10.0.0.2' > eth0 "
                           f"&& echo 'dst_mac 02:00:00:00:00:02' > eth0 && cd /")
-                before = int(_timed(m, "cat /sys/class/net/eth0/statistics/tx_packets")[1])
-                elapsed, _ = _timed(m, f"echo start > {PKTGEN}/pgctrl")
-                sent = int(_timed(m, "cat /sys/class/net/eth0/statistics/tx_packets")[1]) - before
-                result = _timed(m, f"cat {PKTGEN}/eth0")[1]
+                before = int(timed(m, "cat /sys/class/net/eth0/statistics/tx_packets")[1])
+                elapsed, _ = timed(m, f"echo start > {PKTGEN}/pgctrl")
+                sent = int(timed(m, "cat /sys/class/net/eth0/statistics/tx_packets")[1]) - before
+                result = timed(m, f"cat {PKTGEN}/eth0")[1]
                 done = re.search(r"Result: OK: \d+\(c\d+\+d\d+\) usec, (\d+) ", result)
                 if not done or int(done.group(1)) != count or sent < count:
                     raise RuntimeError(f"pktgen did not send {count} frames (the interface counted {sent}): "
@@ -102,4 +112,4 @@ def transmit(accel: str, netdev: dict[str, object], counts: dict[str, int]) -> d
                 runs[f"tx_pps_{wire}"].append(count / elapsed)
         return {"results": {f"peer_linux_{k}": round(statistics.median(v), 3) for k, v in runs.items()},
                 "runs": {f"peer_linux_{k}": [round(x, 1) for x in v] for k, v in runs.items()},
-                "call_ms": _call_ms(m), "release": guest.release, "tool": "pktgen"}
+                "call_ms": call_ms(m), "release": guest.release, "tool": "pktgen"}

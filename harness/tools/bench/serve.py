@@ -39,7 +39,7 @@ from ...machine import Machine
 from ...machine.linux import linux
 from ...services.disk import DiskService
 from . import ahci, nvme
-from .peer_linux import _call_ms, _timed
+from .peer_linux import blockread, call_ms, timed
 
 SERVERS = ("ahci", "nvme", "qemu-nbd")
 PYTHON_SERVERS = ("ahci", "nvme")
@@ -120,25 +120,21 @@ def measure(uri: str, image_sha: str, image_bytes: int, accel: str, sizes: dict[
     with Machine(guest.spec(accel=accel, disk=uri), name="bench-serve-client") as m:
         guest.wait_ready(m)
         count, seq = sizes["rand_count"], sizes["seq_count"]
-        elapsed, out = _timed(m, f"blockread /dev/vda rand4k {count} {round_no + 1}")
-        assert f"read {count} bytes" in out, out
-        figures["linux_randread_4k_qd1_iops"] = count / elapsed
-        elapsed, out = _timed(m, f"blockread /dev/vda seq128k {seq}")
-        assert f"read {seq} bytes" in out, out
-        figures["linux_seqread_128k_mbps"] = seq * 128 / 1024 / elapsed
+        figures["linux_randread_4k_qd1_iops"], figures["linux_seqread_128k_mbps"] = \
+            blockread(m, "/dev/vda", count, seq, seed=round_no + 1)
         mb = sizes["write_mb"]
-        _, written = _timed(m, f"dd if=/dev/urandom of=/tmp/src bs=1M count={mb} 2>/dev/null; "
+        _, written = timed(m, f"dd if=/dev/urandom of=/tmp/src bs=1M count={mb} 2>/dev/null; "
                                f"sha256sum < /tmp/src")
-        elapsed, _ = _timed(m, f"dd if=/tmp/src of=/dev/vda bs=1M count={mb} conv=fsync 2>/dev/null")
+        elapsed, _ = timed(m, f"dd if=/tmp/src of=/dev/vda bs=1M count={mb} conv=fsync 2>/dev/null")
         figures["linux_seqwrite_1m_fsync_mbps"] = mb / elapsed
-        call_ms = _call_ms(m)
-    return figures, written.split()[0], call_ms
+        client_call_ms = call_ms(m)
+    return figures, written.split()[0], client_call_ms
 
 
 def run(accel: str, quick: bool = False, iommu: bool | None = None) -> dict[str, object]:
     sizes = QUICK if quick else FULL
     per_round: list[dict[str, object]] = []
-    call_ms: list[float] = []
+    call_ms_per_round: list[float] = []
     with tempfile.TemporaryDirectory(prefix="hwh-bench-serve-") as tmp:   # short: socket paths
         directory = Path(tmp)
         image = directory / "disk.img"
@@ -153,7 +149,7 @@ def run(accel: str, quick: bool = False, iommu: bool | None = None) -> dict[str,
                 if _sha256(image, sizes["write_mb"] << 20) != written:
                     raise RuntimeError(f"{server}: the image does not hold what Linux wrote with fsync")
                 per_round.append({"round": round_no, "server": server, **figures})
-                call_ms.append(ms)
+                call_ms_per_round.append(ms)
     medians = {server: {key: round(statistics.median(r[key] for r in per_round if r["server"] == server), 2)
                         for key in per_round[0] if key not in ("round", "server")}
                for server in SERVERS}
@@ -161,6 +157,6 @@ def run(accel: str, quick: bool = False, iommu: bool | None = None) -> dict[str,
               for server in PYTHON_SERVERS for key, value in medians[server].items()}
     return {"bench": "serve", "accel": accel, "quick": quick, "rounds": sizes["rounds"],
             "image_mb": sizes["image_mb"], "sizes": sizes, "results": medians, **ratios,
-            "call_ms": round(statistics.median(call_ms), 2), "checked": "nbdcopy's bytes against the image's "
+            "call_ms": round(statistics.median(call_ms_per_round), 2), "checked": "nbdcopy's bytes against the image's "
             "sha256; blockread's reads whole; the image's first write_mb MiB against the sha256 Linux wrote",
             "per_round": per_round}
