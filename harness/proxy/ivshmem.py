@@ -38,6 +38,8 @@ import socket
 import struct
 import logging
 
+from ..machine.machine import accept_once, listen
+
 log = logging.getLogger(__name__)
 
 GUEST_PEER = 1
@@ -70,18 +72,13 @@ class IvshmemServer:
 
     def listen(self, address: str) -> None:
         """Listen on `address` (a Unix path; a leading NUL makes it abstract)."""
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._listener.bind(address)
-        self._listener.listen(1)
+        self._listener = listen(address)
 
     def accept(self, timeout: float) -> None:
         """Accept QEMU's connection and run the whole handshake."""
         assert self._listener is not None, "listen() first"
-        self._listener.settimeout(timeout)
-        client, _ = self._listener.accept()
-        self._listener.close()
+        self._client = accept_once(self._listener, timeout)
         self._listener = None
-        self._client = client
         self._send(0)
         self._send(GUEST_PEER)
         self._send(-1, self._memfd)
