@@ -342,7 +342,7 @@ class E1000:
             i = (i + 1) % n
         if i != self.rx_next:
             self.rx_next = i
-            self._write_flush(Reg.RDT, (i - 1) % n)          # hand the buffers back
+            self.restate_rx_tail()                          # the descriptors back to the NIC
         return out
 
     def recv_buffers(self, max_frames: int = 256) -> list[tuple[int, int]]:
@@ -372,12 +372,13 @@ class E1000:
             i = (i + 1) % n
         if i != self.rx_next:
             self.rx_next = i
-            self._write_flush(Reg.RDT, (i - 1) % n)          # hand the descriptors back
+            self.restate_rx_tail()                          # the descriptors back to the NIC
         return out
 
     def restate_rx_tail(self) -> None:
-        """Write the receive tail again: QEMU may hold frames it queued while it thought the
-        ring full until the tail is written again."""
+        """Tell the NIC every descriptor up to the one before ``rx_next`` is its to fill; written
+        again when idle, because QEMU may hold frames it queued while it thought the ring full
+        until the tail is written again."""
         self._write_flush(Reg.RDT, (self.rx_next - 1) % self.rx_n)
 
     def _write_flush(self, reg: int, value: int) -> None:
