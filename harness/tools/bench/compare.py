@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ...errors import BadInput, HarnessError
+from ...proxy.machine import IOMMU_ENV
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def _own_code(path: Path) -> dict[str, str]:
     """The environment for a tree's process: its own packages first on the path."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(path) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.pop("HWHARNESS_IOMMU", None)        # both sides as users get them
+    env.pop(IOMMU_ENV, None)                # both sides as users get them
     return env
 
 
