@@ -235,8 +235,9 @@ class Feeder:
     shared mapping, so it reads the receiver's progress as the receiver writes it."""
 
     def __init__(self, sock: socket.socket, to: tuple[str, int], frame: bytes, count: int,
-                 progress: memoryview) -> None:
+                 progress: memoryview, window: int = WINDOW) -> None:
         self.sock, self.to, self.frame, self.count, self.progress = sock, to, frame, count, progress
+        self.window = window
         self.pid = 0
 
     def start(self) -> None:
@@ -246,7 +247,7 @@ class Feeder:
             try:
                 sent, deadline = 0, time.monotonic() + 30
                 while sent < self.count and time.monotonic() < deadline:
-                    if sent - self.progress[0] < WINDOW:
+                    if sent - self.progress[0] < self.window:
                         self.sock.sendto(self.frame, self.to)
                         sent += 1
                     else:                           # a window is a millisecond of frames: doze, free the core
