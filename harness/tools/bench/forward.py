@@ -3,8 +3,9 @@
 A host generator offers frames on one wire and a host sink counts them on the
 other. The wires are UDP sockets on loopback (QEMU's ``-netdev socket``, as
 ``bench e1000``); the generator is ``bench e1000``'s :class:`Feeder`, a forked
-process that keeps at most ``WINDOW`` frames ahead of what the sink has counted
-(so no socket buffer on the way overflows), and the sink (:class:`Sink`) is
+process that keeps at most its ``WINDOW`` (64) frames ahead of what the sink has
+counted, so no socket buffer on the way overflows (192 full frames overflowed
+QEMU's UDP socket: frames lost before any NIC saw them), and the sink (:class:`Sink`) is
 another forked process that counts the frames of the bench's EtherType into a
 word of shared memory. A run is timed on the host from the generator's start
 to the sink's last frame, for every side alike.
@@ -60,7 +61,7 @@ from drivers.e1000.regs import Reg
 
 from ...errors import HarnessError
 from ...machine import Machine
-from ...machine.linux import linux, wire_nic
+from ...machine.linux import linux
 from ...proxy import ProxyMachine, proxy_spec, raw
 from ...services.bridge import BATCH, Bridge, BridgeService, Counters, bridge_devices, bridge_nics, bridge_spec
 from .e1000 import GUEST_LOOP_TIMEOUT, RCTL_QUIET, Feeder, frame_of, wire
@@ -71,9 +72,6 @@ log = logging.getLogger(__name__)
 ETHERTYPE = b"\x88\xb5"                      # frame_of's: the sink counts these and nothing else
 SINK_MAC, SOURCE_MAC = b"\x02\x00\x00\x00\x00\x02", b"\x02\x00\x00\x00\x00\x01"
 SIZES = (("64", 60), ("1514", 1514))         # on the wire, and what the generator hands over (no FCS)
-# Frames the generator keeps ahead of the sink: under the receive ring's 255 descriptors, so
-# no frame waits for a descriptor, and well over a batch, so a bridge can take whole batches.
-WINDOW = 192
 QUICK = dict(count_64=2000, count_1514=500, rounds=1)
 RUN_TIMEOUT = 30.0                           # seconds a run may take before it is a stall
 PEER_RUNS = 3
@@ -146,7 +144,7 @@ class Wires:
 
     def feeder(self, length: int, count: int) -> Feeder:
         return Feeder(self.source, ("127.0.0.1", self.source_port), frame_of(length, SINK_MAC), count,
-                      self.sink.count, WINDOW)
+                      self.sink.count)
 
     def timed(self, length: int, count: int, forward: Callable[[], int]) -> int:
         """One run (the sink zeroed before, untimed): the generator started, ``forward()``
@@ -419,7 +417,7 @@ def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int =
         add_peer(result, peer_result)
     else:
         result["peer"] = {"skipped": why_not}
-    return {"benchmark": "forward", "accel": accel, "quick": quick, **result}
+    return {"benchmark": "forward", "accel": {"python": accel, "native": accel}, "quick": quick, **result}
 
 
 # ---- the bridge killed under a Linux machine's download ----
@@ -519,9 +517,8 @@ def kill_run(accel: str, kills: int, iommu: bool | None = None, quick: bool = Fa
     why_not = linux_boots(accel)
     if why_not:
         raise ForwardStalled(f"bench forward --kill needs the Linux guest: {why_not}")
-    from ...machine.linux import linux as linux_image
     size = KILL_FILE if not quick else 8 << 20
-    guest = linux_image()
+    guest = linux()
     workdir = Path(tempfile.mkdtemp(prefix="hwh-wire-"))    # a Unix socket's path is short
     wire_ = f"unix:{workdir}/wire"
     try:
@@ -531,8 +528,7 @@ def kill_run(accel: str, kills: int, iommu: bool | None = None, quick: bool = Fa
                                                   name="bench-forward-kill"))
             service = stack.enter_context(BridgeService(pm, wire_))
             service.driver.wait_serving(60)
-            m = stack.enter_context(Machine(wire_nic(guest.spec(accel=accel, modules=("e1000",)), wire_),
-                                            name="bench-forward-linux"))
+            m = stack.enter_context(Machine(guest.spec(accel=accel, net=wire_), name="bench-forward-linux"))
             guest.wait_ready(m)
             guest.dhcp(m)
             t0 = time.monotonic()
