@@ -422,6 +422,13 @@ def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int =
 
 # ---- the bridge killed under a Linux machine's download ----
 
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    """Files from a directory, without a log line per request on stderr."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def http_files(sizes: dict[str, int], seed: int = 21) -> Iterator[tuple[int, dict[str, str]]]:
     """A host HTTP server on loopback serving files of random bytes (a Linux guest behind the
@@ -433,9 +440,7 @@ def http_files(sizes: dict[str, int], seed: int = 21) -> Iterator[tuple[int, dic
         data = rng.randbytes(size)
         (root / name).write_bytes(data)
         sums[name] = hashlib.sha256(data).hexdigest()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *_: None       # type: ignore[attr-defined]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietFiles, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
