@@ -235,9 +235,8 @@ class Feeder:
     shared mapping, so it reads the receiver's progress as the receiver writes it."""
 
     def __init__(self, sock: socket.socket, to: tuple[str, int], frame: bytes, count: int,
-                 progress: memoryview, window: int = WINDOW) -> None:
+                 progress: memoryview) -> None:
         self.sock, self.to, self.frame, self.count, self.progress = sock, to, frame, count, progress
-        self.window = window
         self.pid = 0
 
     def start(self) -> None:
@@ -247,7 +246,7 @@ class Feeder:
             try:
                 sent, deadline = 0, time.monotonic() + 30
                 while sent < self.count and time.monotonic() < deadline:
-                    if sent - self.progress[0] < self.window:
+                    if sent - self.progress[0] < WINDOW:
                         self.sock.sendto(self.frame, self.to)
                         sent += 1
                     else:                           # a window is a millisecond of frames: doze, free the core
