@@ -42,8 +42,10 @@ BUSYBOX = "busybox-static"
 # A disk served over NBD is a virtio-blk disk; its root filesystem is ext4, whose checksums
 # need crc32c (a soft dependency, which .modinfo's depends= does not list).
 DISK_MODULES = ("virtio_pci", "virtio_blk", "ext4", "crc32c_generic")
+# pktgen, the kernel's packet generator: the peer baseline of `bench e1000 --peer linux`;
+# bridge: Linux's own bridge, the peer of `bench forward`.
 MODULES = ("e1000", "ahci", "sd_mod", "vfat", "nls_cp437", "nls_ascii", "nls_utf8",
-           "pktgen") + DISK_MODULES   # pktgen, the kernel's packet generator: the peer baseline of `bench e1000 --peer linux`
+           "pktgen", "bridge") + DISK_MODULES
 ROOT_IMAGE = "root.ext4"
 ROOT_MB = 64                           # room for the tests' files
 # Programs of the project's own, built static with the system's gcc: name in /bin -> source

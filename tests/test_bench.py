@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.tools.bench import ahci, e1000, nvme
+from harness.tools.bench import ahci, e1000, forward, nvme
 
 pytestmark = pytest.mark.qemu
 
@@ -111,6 +111,33 @@ def test_bench_ahci_and_e1000_quick_with_linux_as_the_peer(tmp_path: Path, linux
             assert result["results"][f"peer_linux_{key}"] > 0
             assert result["results"][f"ratio_python_over_peer_linux_{key}"] > 0
             assert len(result["peer"]["runs"][f"peer_linux_{key}"]) == 3
+
+
+def test_bench_forward_quick(tmp_path: Path, hwharness_accel: str) -> None:
+    """The Python bridge against the C one, then Linux's bridge where Linux boots: every frame
+    the generator offered is accounted for on every side, and the sink got each run's all."""
+    result = bench("forward", hwharness_accel, tmp_path)
+    assert result["benchmark"] == "forward"
+    q = forward.QUICK
+    units = {"fwd_pps_64": q["count_64"], "fwd_pps_1514": q["count_1514"]}
+    check_paired(result, units, "the host sink (frames delivered)")
+    offered = (result["rounds"] + result["warmup_rounds"]) * sum(units.values())
+    sides = ["python", "native"] + ([] if "skipped" in result["peer"] else ["peer_linux"])
+    assert set(result["accounting"]) == set(sides)
+    for side in sides:
+        a = result["accounting"][side]
+        assert a["offered"] == a["delivered"] == offered, (side, a)
+        assert a["dropped_by_bridge"] == a["dropped_by_nic"] == a["unaccounted"] == 0, (side, a)
+        assert a["forwarded"] >= offered, (side, a)        # Linux's bridge sends a few frames of its own
+    for side in ("python", "native"):
+        assert result["accounting"][side]["forwarded"] == offered
+    if "peer_linux" in sides:
+        assert result["peer"]["tool"].startswith("brctl")
+        for key in units:
+            assert result["results"][f"peer_linux_{key}"] > 0
+            assert result["results"][f"ratio_python_over_peer_linux_{key}"] > 0
+    else:
+        assert "Linux does not boot" in result["peer"]["skipped"]
 
 
 def test_bench_restart_quick_with_a_hang(tmp_path: Path, hwharness_accel: str) -> None:

@@ -3,19 +3,12 @@ forwards between two NICs of a proxy machine, and that may be killed under its T
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import http.server
-import os
-import random
 import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +18,7 @@ from harness.access import Deadline
 from harness.machine import Machine
 from harness.machine.linux import wire_nic
 from harness.services.bridge import BridgeService, bridge_spec
+from harness.tools.bench.forward import download_through_kills, http_files
 
 pytestmark = pytest.mark.qemu
 
@@ -35,22 +29,8 @@ SMALL, LARGE = 300 << 10, 4 << 20           # bytes of the files the guest fetch
 def files() -> Iterator[tuple[int, dict[str, str]]]:
     """A host HTTP server on loopback (the guest reaches it as 10.0.2.2): its port, and
     each file's sha256."""
-    root = Path(tempfile.mkdtemp(prefix="hwh-http-"))
-    rng = random.Random(21)
-    sums = {}
-    for name, size in (("small", SMALL), ("large", LARGE)):
-        data = rng.randbytes(size)
-        (root / name).write_bytes(data)
-        sums[name] = hashlib.sha256(data).hexdigest()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *_: None       # type: ignore[attr-defined]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1], sums
-    server.shutdown()
-    server.server_close()
-    shutil.rmtree(root)
+    with http_files({"small": SMALL, "large": LARGE}) as served:
+        yield served
 
 
 @pytest.fixture
@@ -92,17 +72,12 @@ def test_a_download_survives_two_kills_and_a_stop_of_the_bridge(bridged, linux_i
     service, linux = bridged
     port, sums = files
     linux_image.dhcp(linux)
-    linux.console.run(f"wget -q -O /tmp/large http://10.0.2.2:{port}/large & echo started")
-    driver = service.driver
-    for n, (fraction, sig) in enumerate(((0.25, signal.SIGKILL), (0.5, signal.SIGKILL), (0.75, signal.SIGSTOP)), 1):
-        while service.counters()["wan_to_lan_bytes"] < fraction * LARGE:
-            time.sleep(0.01)
-        os.kill(driver.pid, sig)
-        driver.wait_serving(60, after=n)
-    causes = [r.cause for r in driver.restarts]
+    got = download_through_kills(service, linux, port, "large", LARGE,
+                                 [signal.SIGKILL, signal.SIGKILL, signal.SIGSTOP])
+    causes = [r["cause"] for r in got.restarts]
     assert causes[:2] == ["killed by SIGKILL"] * 2 and causes[2].startswith("hung"), causes
-    out, status = linux.console.run("wait; sha256sum /tmp/large", timeout=600)
-    assert status == 0 and out.split()[0] == sums["large"], out
+    assert [r.cause for r in service.driver.restarts] == causes
+    assert got.sha256 == sums["large"]
 
 
 def test_serve_net_and_run_net_from_the_command_line(linux_accel: str, linux_image) -> None:

@@ -34,6 +34,12 @@ class PacketPool:
     def put(self, phys: int) -> None:
         self._free.append(phys)
 
+    def take_all(self) -> list[int]:
+        """Every free buffer's address, now the caller's (a loop of another kind lends them;
+        ``put`` gives them back)."""
+        free, self._free = self._free, []
+        return free
+
     def view(self, phys: int, length: int) -> memoryview:
         """The buffer at ``phys``'s first ``length`` bytes, as Python sees them."""
         offset = phys - self.memory.phys

@@ -68,6 +68,7 @@ enum proxy_limits {
     PROXY_DOMAIN_ALIGN = 0x1000,    /* a DMA domain is whole pages of the pool */
     PROXY_DOMAIN_MAX = 0x1000000,   /* and at most 16 MiB */
     PROXY_NIC_SINK_BYTES = 16384,   /* the native receive loop's copy target (struct proxy_nic_loop) */
+    PROXY_NIC_FORWARD_BATCH = 256,  /* most frames a native forwarding loop takes from a ring at a time */
     PROXY_READONLY_CONFIG_FIELDS = 5,   /* entries of proxy_readonly_config[] */
 };
 
@@ -204,6 +205,7 @@ enum proxy_op {
     PROXY_OP_NIC_RX_LOOP = 49,
     PROXY_OP_DISK_READ_LOOP = 50,   /* addr = a struct proxy_disk_loop in the DMA pool */
     PROXY_OP_NVME_LOOP = 51,        /* addr = a struct proxy_nvme_loop in the DMA pool */
+    PROXY_OP_NIC_FORWARD_LOOP = 52, /* addr = a struct proxy_nic_forward in the DMA pool */
 };
 
 enum proxy_irq_mode {
@@ -378,6 +380,39 @@ struct proxy_nvme_loop {
     u32 count;
     u32 done;                       /* out: commands completed */
     u32 errors;                     /* out: of those, with an error status */
+};
+
+/* One NIC of a native forwarding loop: its rings, as the Python driver left them. */
+struct proxy_nic_port {
+    u64 rx_ring, tx_ring;           /* legacy descriptor rings, in the shared DMA domain */
+    u32 rx_entries, tx_entries;
+    u32 rx_next;                    /* in and out: next receive descriptor the NIC fills */
+    u32 tx_tail, tx_clean;          /* in and out: next transmit descriptor; oldest in flight */
+    u32 forwarded;                  /* out: frames received here and sent on the other NIC */
+    u32 dropped;                    /* out: received here, dropped because the other's ring was full */
+    u32 reserved;
+};
+
+/*
+ * A native e1000 bridge (the in-guest baseline of the Python bridge, harness/services/bridge.py):
+ * the channel's NIC (port 0) and the NIC of ring `peer` of the same window, opened into the
+ * same DMA domain, forward to each other: a received buffer goes out on the other NIC as it
+ * is, and its descriptor gets a fresh buffer from the pool (a stack of buffer addresses); a
+ * sent buffer goes back to the pool. Batches of `batch` frames, one tail write each.
+ */
+struct proxy_nic_forward {
+    struct proxy_nic_port ports[2];
+    u64 pool;                       /* pool_size u64 buffer addresses, the free ones first */
+    u64 timeout_us;
+    u32 pool_size;
+    u32 pool_free;                  /* in and out: free buffers at the bottom of the stack */
+    u32 peer;                       /* the other NIC's ring in this window */
+    u32 batch;                      /* frames taken from a ring at a time */
+    u32 count;                      /* frames to forward, both ways together */
+    u32 done;                       /* out, updated as it goes: frames forwarded */
+    u32 rx_tail_reg, tx_tail_reg;   /* BAR0 offsets of RDT and TDT */
+    u32 flush_reg;                  /* BAR0 offset read after a receive tail write (posted writes) */
+    u32 reserved;
 };
 
 /*

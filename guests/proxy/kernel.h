@@ -68,6 +68,8 @@ void iommu_fault(u64 tsc);
 u16 native_tx(struct proxy_nic_loop *p, const struct window *dma, u64 bar0, volatile u32 *progress);
 u16 native_rx(struct proxy_nic_loop *p, const struct window *dma, u64 bar0, volatile u32 *progress);
 u16 native_disk_read(struct proxy_disk_loop *p, const struct window *dma, u64 bar, volatile u32 *progress);
+u16 native_forward(struct proxy_nic_forward *p, const struct window *dma, const u64 bar0[2],
+                   volatile u32 *progress);
 u16 native_nvme(struct proxy_nvme_loop *p, const struct window *dma, u64 bar, volatile u32 *progress);
 
 /* proxy.c */

@@ -127,6 +127,145 @@ u16 native_rx(struct proxy_nic_loop *p, const struct window *dma, u64 bar0, vola
     return got == p->count ? PROXY_STATUS_OK : PROXY_STATUS_TIMEOUT;
 }
 
+/* ---- the e1000 bridge: two NICs in one DMA domain, as harness/services/bridge.py ---- */
+
+#define RX_EOP 0x02
+#define BUFFER 2048                     /* RCTL.BSIZE = 00, as the Python driver sets it */
+
+struct fwd_frame { u64 buffer; u32 len; };
+
+static int pool_pop(struct proxy_nic_forward *p, const struct window *dma, u64 *buffer)
+{
+    if (!p->pool_free)
+        return 0;
+    *buffer = ((volatile u64 *)(unsigned long)p->pool)[--p->pool_free];
+    return in_window(dma, *buffer, BUFFER) ? 1 : -1;
+}
+
+/* A full stack means the host handed out more buffers than the pool holds: the extra is lost. */
+static void pool_push(struct proxy_nic_forward *p, u64 buffer)
+{
+    if (p->pool_free < p->pool_size)
+        ((volatile u64 *)(unsigned long)p->pool)[p->pool_free++] = buffer;
+}
+
+/* As E1000.recv_buffers: up to `batch` received frames, each descriptor refilled from the
+ * pool, one tail write (and flush read) for the lot. Returns how many, or -1 if an
+ * address is outside the domain. */
+static int fwd_receive(struct proxy_nic_forward *p, struct proxy_nic_port *port, const struct window *dma,
+                       u64 bar0, struct fwd_frame *out)
+{
+    u32 n = port->rx_entries, i = port->rx_next;
+    int got = 0;
+    while ((u32)got < p->batch) {
+        u8 *d = (u8 *)(unsigned long)(port->rx_ring + (u64)i * DESC);
+        u8 status = *(volatile u8 *)(d + DESC_STATUS);
+        if (!(status & STATUS_DD))
+            break;
+        u64 fresh;
+        int popped = pool_pop(p, dma, &fresh);
+        if (popped <= 0) {
+            if (popped < 0)
+                return -1;
+            break;
+        }
+        u64 held = *(volatile u64 *)(d + DESC_ADDR);
+        if (!in_window(dma, held, BUFFER))
+            return -1;
+        if (status & RX_EOP) {
+            out[got].buffer = held;
+            out[got++].len = *(volatile u16 *)(d + DESC_LEN);
+        } else {
+            pool_push(p, held);
+        }
+        *(volatile u64 *)(d + DESC_ADDR) = fresh;
+        *(volatile u8 *)(d + DESC_STATUS) = 0;
+        i = i + 1 == n ? 0 : i + 1;
+    }
+    if (i != port->rx_next) {
+        port->rx_next = i;
+        mmio_write32(bar0 + p->rx_tail_reg, i == 0 ? n - 1 : i - 1);
+        mmio_read32(bar0 + p->flush_reg);
+    }
+    return got;
+}
+
+/* As E1000.send_buffers: reclaim what was sent (back to the pool), queue as many of
+ * `frames` as fit with one tail write; the rest go back to the pool, counted as drops. */
+static u32 fwd_send(struct proxy_nic_forward *p, struct proxy_nic_port *port, u64 bar0,
+                    const struct fwd_frame *frames, u32 count)
+{
+    u32 n = port->tx_entries, tail = port->tx_tail, clean = port->tx_clean;
+    while (clean != tail) {
+        u8 *d = (u8 *)(unsigned long)(port->tx_ring + (u64)clean * DESC);
+        if (!(*(volatile u8 *)(d + DESC_STATUS) & STATUS_DD))
+            break;
+        pool_push(p, *(volatile u64 *)(d + DESC_ADDR));
+        clean = clean + 1 == n ? 0 : clean + 1;
+    }
+    u32 free = clean > tail ? clean - tail - 1 : clean + n - tail - 1;
+    u32 sent = count < free ? count : free;
+    for (u32 k = 0; k < sent; k++) {
+        u8 *d = (u8 *)(unsigned long)(port->tx_ring + (u64)tail * DESC);
+        *(volatile u64 *)(d + DESC_ADDR) = frames[k].buffer;
+        *(volatile u16 *)(d + DESC_LEN) = (u16)frames[k].len;
+        *(volatile u8 *)(d + DESC_CMD) = TX_CMD;
+        *(volatile u8 *)(d + DESC_STATUS) = 0;
+        tail = tail + 1 == n ? 0 : tail + 1;
+    }
+    for (u32 k = sent; k < count; k++)
+        pool_push(p, frames[k].buffer);
+    if (sent)
+        mmio_write32(bar0 + p->tx_tail_reg, tail);  /* TDT is not coalesced: no flush read */
+    port->tx_tail = tail;
+    port->tx_clean = clean;
+    return sent;
+}
+
+/* Forward both ways until `count` frames have gone through: each round takes a batch
+ * from each NIC's receive ring and queues it on the other's transmit ring. Quiet for a
+ * millisecond, it restates the receive tails, as the Python bridge does when idle. */
+u16 native_forward(struct proxy_nic_forward *p, const struct window *dma, const u64 bar0[2],
+                   volatile u32 *progress)
+{
+    static struct fwd_frame frames[PROXY_NIC_FORWARD_BATCH];     /* 4 KiB: off the 16 KiB stack */
+    u64 start = rdtsc(), deadline = start + p->timeout_us * tsc_hz / 1000000;
+    u64 idle = tsc_hz / 1000, last = start;
+    while (p->done < p->count) {
+        u32 moved = 0;
+        for (int w = 0; w < 2; w++) {
+            struct proxy_nic_port *src = &p->ports[w], *dst = &p->ports[1 - w];
+            int got = fwd_receive(p, src, dma, bar0[w], frames);
+            if (got < 0)
+                return PROXY_STATUS_DENIED;
+            if (!got)
+                continue;
+            u32 sent = fwd_send(p, dst, bar0[1 - w], frames, (u32)got);
+            src->forwarded += sent;
+            src->dropped += (u32)got - sent;
+            p->done += sent;
+            moved += (u32)got;
+        }
+        *progress = p->done;
+        u64 now = rdtsc();
+        if (moved) {
+            last = now;
+            continue;
+        }
+        if (now > deadline)
+            break;
+        if (now - last > idle) {
+            for (int w = 0; w < 2; w++) {
+                u32 i = p->ports[w].rx_next, n = p->ports[w].rx_entries;
+                mmio_write32(bar0[w] + p->rx_tail_reg, i == 0 ? n - 1 : i - 1);
+                mmio_read32(bar0[w] + p->flush_reg);
+            }
+            last = rdtsc();
+        }
+    }
+    return p->done >= p->count ? PROXY_STATUS_OK : PROXY_STATUS_TIMEOUT;
+}
+
 /* ---- AHCI (Serial ATA AHCI 1.3.1): the port's command list, driven from C ---- */
 
 #define PX_IS 0x10

@@ -651,6 +651,51 @@ static u16 nic_loop(int c, const struct proxy_request *rq, u64 *value)
     return st;
 }
 
+/*
+ * The native bridge: the channel's NIC and the NIC of ring `peer` of the same window,
+ * opened into one DMA domain (OPEN_PCI_SHARED); rings and pool in that domain, the
+ * tail and flush registers in each NIC's first memory BAR.
+ */
+static u16 forward_loop(int c, const struct proxy_request *rq, u64 *value)
+{
+    const struct channel *ch = &channels[c];
+    struct proxy_nic_forward p, *live = loop_block(c, rq, &p, sizeof(p));
+    if (!live)
+        return PROXY_STATUS_DENIED;
+    int other = channel_at((u64)window_number(c), p.peer);
+    if (other < 0 || other == c || !channels[other].open || !channels[other].nmmio
+        || channels[other].dma.base != ch->dma.base || channels[other].dma.size != ch->dma.size)
+        return PROXY_STATUS_DENIED;
+    const struct window *bars[2] = { &ch->mmio[0], &channels[other].mmio[0] };
+    u64 bar0[2] = { bars[0]->base, bars[1]->base };
+    for (int w = 0; w < 2; w++) {
+        const struct proxy_nic_port *port = &p.ports[w];
+        if (port->rx_entries < 8 || port->rx_entries > 4096 || port->tx_entries < 8 || port->tx_entries > 4096
+            || !in_window(&ch->dma, port->rx_ring, 16ull * port->rx_entries)
+            || !in_window(&ch->dma, port->tx_ring, 16ull * port->tx_entries)
+            || port->rx_next >= port->rx_entries || port->tx_tail >= port->tx_entries
+            || port->tx_clean >= port->tx_entries)
+            return PROXY_STATUS_BAD_REQUEST;
+        u32 regs[3] = { p.rx_tail_reg, p.tx_tail_reg, p.flush_reg };
+        for (int r = 0; r < 3; r++)
+            if (regs[r] & 3 || regs[r] + 4ull > bars[w]->size)
+                return PROXY_STATUS_BAD_REQUEST;
+    }
+    if (p.batch < 1 || p.batch > PROXY_NIC_FORWARD_BATCH || p.pool_free > p.pool_size
+        || !in_window(&ch->dma, p.pool, 8ull * p.pool_size) || p.timeout_us > PROXY_POLL_MAX_US * 10ull)
+        return PROXY_STATUS_BAD_REQUEST;
+    live->done = 0;
+    p.done = 0;
+    u64 start = rdtsc();
+    u16 st = native_forward(&p, &ch->dma, bar0, &live->done);
+    *value = rdtsc() - start;
+    live->ports[0] = p.ports[0];        /* the rings' state and the pool go back to the Python driver */
+    live->ports[1] = p.ports[1];
+    live->pool_free = p.pool_free;
+    live->done = p.done;
+    return st;
+}
+
 /* The native disk loop: block, command list and tables in the DMA domain, the port in the HBA's BAR. */
 static u16 disk_loop(int c, const struct proxy_request *rq, u64 *value)
 {
@@ -743,6 +788,8 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
             return disk_loop(c, rq, value);
         if (op == PROXY_OP_NVME_LOOP)
             return nvme_loop(c, rq, value);
+        if (op == PROXY_OP_NIC_FORWARD_LOOP)
+            return forward_loop(c, rq, value);
         return PROXY_STATUS_BAD_REQUEST;
     }
     u16 st = check_access(ch, kind, addr, width);

@@ -53,9 +53,14 @@ def bridge_spec(spec: MachineSpec, wire: str) -> MachineSpec:
     """Add the bridge's two NICs to a proxy machine's spec: ``wan`` on the user network,
     ``lan`` listening on ``wire``."""
     spec.netdev("user", "wan")
-    spec.device("e1000", netdev="wan", addr=f"{WAN_SLOT:#x}", mac=WAN_MAC)
     wire_netdev(spec, "lan", wire, server=True)
-    spec.device("e1000", netdev="lan", addr=f"{LAN_SLOT:#x}", mac=LAN_MAC)
+    return bridge_devices(spec, "wan", "lan")
+
+
+def bridge_devices(spec: MachineSpec, wan_netdev: str, lan_netdev: str) -> MachineSpec:
+    """The bridge's two e1000s, where :func:`bridge_nics` finds them, on netdevs ``spec`` has."""
+    spec.device("e1000", netdev=wan_netdev, addr=f"{WAN_SLOT:#x}", mac=WAN_MAC)
+    spec.device("e1000", netdev=lan_netdev, addr=f"{LAN_SLOT:#x}", mac=LAN_MAC)
     return spec
 
 
@@ -90,24 +95,32 @@ class Counters:
         self._map.close()
 
 
-def forward(bus: Bus, wan_function: PciFunction, lan_function: PciFunction, counters: Counters,
-            beat: Callable[[], None] | None = None, until: Callable[[], bool] = lambda: False) -> None:
-    """Open both NICs into one domain and forward until ``until()`` is true (or the process
-    is killed), counting into ``counters``."""
-    from drivers.e1000 import E1000, PacketPool
-    wan_dev = bus.open(wan_function, dma_size=DOMAIN_SIZE)
-    lan_dev = bus.open(lan_function, share_domain_with=wan_dev)
-    pool = PacketPool(wan_dev, POOL_BUFFERS)
-    wan = E1000(bus, wan_dev, interrupts=False, pool=pool)
-    lan = E1000(bus, lan_dev, interrupts=False, pool=pool)
-    for nic in (wan, lan):
-        nic.set_promiscuous(True)
-    v, at = counters.values, counters.index
-    ways = ((wan, lan, at["wan_to_lan_frames"], at["wan_to_lan_bytes"], at["dropped_lan_tx_full"]),
-            (lan, wan, at["lan_to_wan_frames"], at["lan_to_wan_bytes"], at["dropped_wan_tx_full"]))
-    log.info("forwarding between %s (wan) and %s (lan)", wan_function.bdf, lan_function.bdf)
-    idle, next_stats = 0, time.monotonic() + STATS_SECONDS
-    try:
+class Bridge:
+    """The two NICs opened into one DMA domain, sharing one packet pool; :meth:`run` forwards."""
+
+    def __init__(self, bus: Bus, wan_function: PciFunction, lan_function: PciFunction) -> None:
+        from drivers.e1000 import E1000, PacketPool
+        self.wan_function, self.lan_function = wan_function, lan_function
+        wan_dev = bus.open(wan_function, dma_size=DOMAIN_SIZE)
+        try:
+            lan_dev = bus.open(lan_function, share_domain_with=wan_dev)
+        except BaseException:
+            wan_dev.close()
+            raise
+        self.pool = PacketPool(wan_dev, POOL_BUFFERS)
+        self.wan = E1000(bus, wan_dev, interrupts=False, pool=self.pool)
+        self.lan = E1000(bus, lan_dev, interrupts=False, pool=self.pool)
+        for nic in (self.wan, self.lan):
+            nic.set_promiscuous(True)
+
+    def run(self, counters: Counters, beat: Callable[[], None] | None = None,
+            until: Callable[[], bool] = lambda: False) -> None:
+        """Forward until ``until()`` is true (asked once a round), counting into ``counters``."""
+        wan, lan, pool = self.wan, self.lan, self.pool
+        v, at = counters.values, counters.index
+        ways = ((wan, lan, at["wan_to_lan_frames"], at["wan_to_lan_bytes"], at["dropped_lan_tx_full"]),
+                (lan, wan, at["lan_to_wan_frames"], at["lan_to_wan_bytes"], at["dropped_wan_tx_full"]))
+        idle, next_stats = 0, time.monotonic() + STATS_SECONDS
         while not until():
             moved = 0
             for src, dst, frames_at, bytes_at, full_at in ways:
@@ -131,13 +144,33 @@ def forward(bus: Bus, wan_function: PciFunction, lan_function: PciFunction, coun
                 wan.restate_rx_tail()
                 lan.restate_rx_tail()
             if time.monotonic() >= next_stats:          # what the NICs missed for want of descriptors
-                v[at["dropped_wan_missed"]] += wan.stats().missed
-                v[at["dropped_lan_missed"]] += lan.stats().missed
+                self.count_missed(counters)
                 next_stats = time.monotonic() + STATS_SECONDS
             time.sleep(min(IDLE_MAX, IDLE_MIN * idle))
+
+    def count_missed(self, counters: Counters) -> None:
+        """Add what each NIC dropped for want of a receive descriptor (its MPC register)."""
+        v, at = counters.values, counters.index
+        v[at["dropped_wan_missed"]] += self.wan.stats().missed
+        v[at["dropped_lan_missed"]] += self.lan.stats().missed
+
+    def close(self) -> None:
+        try:
+            self.lan.close()
+        finally:
+            self.wan.close()
+
+
+def forward(bus: Bus, wan_function: PciFunction, lan_function: PciFunction, counters: Counters,
+            beat: Callable[[], None] | None = None, until: Callable[[], bool] = lambda: False) -> None:
+    """Open both NICs into one domain and forward until ``until()`` is true (or the process
+    is killed), counting into ``counters``."""
+    bridge = Bridge(bus, wan_function, lan_function)
+    log.info("forwarding between %s (wan) and %s (lan)", wan_function.bdf, lan_function.bdf)
+    try:
+        bridge.run(counters, beat, until)
     finally:
-        lan.close()
-        wan.close()
+        bridge.close()
 
 
 def bridge_driver(bus: Bus, function: PciFunction, lan: int, counters: str) -> None:

@@ -112,7 +112,7 @@ def command_line() -> argparse.ArgumentParser:
     with_accel(sub.add_parser("demo", help="boot, drive the devices, print what happened"))
     bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
     bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "nvme", "boot", "restart",
-                                        "serve", "compare"))
+                                        "serve", "forward", "compare"))
     bench.add_argument("rev", nargs="?", metavar="REV",
                        help="compare: the git revision to measure the working tree against")
     bench.add_argument("--only", default=None, metavar="NAMES",
@@ -122,6 +122,8 @@ def command_line() -> argparse.ArgumentParser:
     bench.add_argument("--hang", action="store_true",
                        help="restart: stop the driver (SIGSTOP, a hang) instead of killing it")
     bench.add_argument("--count", type=positive_int, help="boot: how many boots (default 10)")
+    bench.add_argument("--kill", type=positive_int, metavar="N",
+                       help="forward: SIGKILL the bridge N times (and SIGSTOP it once) under a Linux download")
     bench.add_argument("--json", metavar="PATH", help="write the result here too")
     bench.add_argument("--peer", choices=("linux",),
                        help="also measure Linux's own driver in the same machine (the Linux guest of `make images`)")

@@ -6,11 +6,11 @@ import argparse
 from typing import Any
 
 from ...errors import BadInput
-from ..bench import ahci, boot, compare, e1000, nvme, restart, roundtrip, serve
+from ..bench import ahci, boot, compare, e1000, forward, nvme, restart, roundtrip, serve
 from .common import iommu_of, print_json, say, write_json
 
 BENCHES = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep, "ahci": ahci.run,
-           "nvme": nvme.run, "restart": restart.run, "serve": serve.run}
+           "nvme": nvme.run, "restart": restart.run, "serve": serve.run, "forward": forward.run}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -25,6 +25,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.name != "restart":
             raise BadInput(f"--hang is for bench restart, not {args.name}")
         extra["hang"] = True
+    if args.kill:
+        if args.name != "forward":
+            raise BadInput(f"--kill is for bench forward, not {args.name}")
+        extra["kill"] = args.kill
     if args.peer and args.name not in ("ahci", "e1000"):
         raise BadInput(f"--peer {args.peer} is for bench ahci and bench e1000, not {args.name}")
     result = BENCHES[args.name](args.accel, quick=args.quick, iommu=iommu_of(args), **extra)

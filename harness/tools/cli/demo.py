@@ -9,6 +9,7 @@ check that did not hold.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import shutil
@@ -30,12 +31,14 @@ from drivers.ps2 import open_i8042
 from ...access import Batch
 from ...devices.fat import DriverFatFS
 from ...errors import DmaFault, HarnessError
-from ...machine import RuntimeFile, random_mac
+from ...machine import Machine, RuntimeFile, random_mac
 from ...machine.input import move_mouse
+from ...machine.linux import linux
 from ...processes.supervisor import Supervisor
 from ...proxy import ProxyMachine, proxy_spec, raw
+from ...services.bridge import BridgeService, bridge_spec
 from ...services.nbd import NbdClient
-from ..bench import latency
+from ..bench import forward, latency
 from ..bench.restart import disk_listener
 from ..bench.stats import latencies_us, pct
 from .common import CheckFailed, device_table, iommu_of, say
@@ -304,6 +307,38 @@ def supervised_disk(dm: DemoMachine) -> Check:
     return Check(saw, unless(after == before and after[510:512] == b"\x55\xaa", "the supervised disk"))
 
 
+def linux_online(dm: DemoMachine) -> Check:
+    """A Linux machine whose only network is the Python bridge (``hwharness serve net``'s):
+    a lease, a file from a host HTTP server on loopback through 10.0.2.2, and the bridge
+    SIGKILLed once during the download."""
+    accel = dm.pm.machine.accel
+    why_not = forward.linux_boots(accel)
+    if why_not:
+        return Check([f"skipped: {why_not}; the Linux guest takes minutes to boot here (see the README)"])
+    guest, size = linux(), 16 << 20
+    with tempfile.TemporaryDirectory(prefix="hwh-wire-") as workdir, \
+            forward.http_files({"demo.bin": size}) as (port, sums), contextlib.ExitStack() as stack:
+        wire = f"unix:{workdir}/wire"       # a Unix socket's path is short: not under the machine's workdir
+        pm = stack.enter_context(ProxyMachine(bridge_spec(proxy_spec(accel=accel, iommu=dm.pm.bus.iommu), wire),
+                                              name="demo-bridge"))
+        service = stack.enter_context(BridgeService(pm, wire))
+        service.driver.wait_serving(60)
+        first = service.pid
+        m = stack.enter_context(Machine(guest.spec(accel=accel, net=wire), name="demo-online"))
+        guest.wait_ready(m)
+        address = guest.dhcp(m)
+        got = forward.download_through_kills(service, m, port, "demo.bin", size, [signal.SIGKILL])
+        restart = got.restarts[0]
+        saw = [f"bridge driver pid {first} forwards between the user network and {wire}",
+               f"Linux on the wire: udhcpc leased {address} through it",
+               f"wget http://10.0.2.2:{port}/demo.bin ({size >> 20} MiB); the bridge killed half way: "
+               f"{restart['cause']}, pid {service.pid} forwarding {restart['ms']:.0f} ms after the kill",
+               f"the download completed, sha256 {'right' if got.sha256 == sums['demo.bin'] else 'WRONG'}; "
+               f"the longest stall it saw: {got.longest_stall_ms:.0f} ms",
+               "counters: " + ", ".join(f"{k} {v}" for k, v in service.counters().items() if v)]
+    return Check(saw, unless(got.sha256 == sums["demo.bin"], "the download through the killed bridge"))
+
+
 def crash_report(dm: DemoMachine) -> Check:
     saw = []
     try:
@@ -326,5 +361,6 @@ STEPS = [
     Step("AHCI: the disk identified and its FAT filesystem listed through the Python driver", ahci_disk),
     Step("NVMe: the namespace identified and its FAT filesystem listed through the Python driver", nvme_disk),
     Step("the AHCI driver in a process of its own: killed with SIGKILL, and back", supervised_disk),
+    Step("a Linux machine online through the Python bridge, the bridge killed during a download", linux_online),
     Step("a guest CPU exception becomes a readable crash report", crash_report),
 ]
