@@ -200,12 +200,19 @@ class LinuxImage:
             raise MachineError(f"udhcpc on {interface} got no lease (status {status}): {out[-300:]}")
         return lease.group(1)
 
-    def wait_ready(self, machine: Machine, timeout: float = 120.0) -> float:
-        """Wait for the shell's prompt and for it to answer a command; the seconds that took."""
+    def wait_ready(self, machine: Machine, timeout: float = 120.0, echo: bool = False) -> float:
+        """Wait for the shell's prompt and for it to answer a command; the seconds that took.
+
+        Unless ``echo``, that command turns the terminal's echo off: busybox's shell then reads
+        each line whole from the kernel's line discipline instead of editing it a key at a time
+        (a read, an echo and a redraw per character), and a command's round trip under TCG
+        falls from ~42 to ~13-21 ms (measured here, 20 runs each). ``Console.run`` never
+        needs the echo; a person at the terminal (``Console.interact``) does.
+        """
         assert machine.console is not None
         t0 = time.monotonic()
         machine.console.expect([re.escape(self.prompt)], timeout)
-        machine.console.run("true", timeout=max(1.0, timeout - (time.monotonic() - t0)))
+        machine.console.run("true" if echo else "stty -echo", timeout=max(1.0, timeout - (time.monotonic() - t0)))
         return time.monotonic() - t0
 
 
