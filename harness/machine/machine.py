@@ -316,6 +316,18 @@ class Machine:
             raise MachineError(f"QMP {command} failed: {exc}", self.argv, "",
                                self.process.poll() if self.process else None) from exc
 
+    def send_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU a copy of the open file descriptor ``fd`` as ``name`` (QMP ``getfd``), for
+        a later command that names it (``fd:NAME``)."""
+        if self._qmp is None:
+            raise MachineError(f"{self.name}: QMP is not connected")
+        try:
+            self._qmp.send_fd_scm(fd)
+        except OSError as exc:
+            raise MachineError(f"passing a file descriptor to QEMU failed: {exc}", self.argv, "",
+                               self.process.poll() if self.process else None) from exc
+        self.qmp("getfd", fdname=name)
+
     def events(self, wait: float = 0.0) -> list[dict[str, Any]]:
         """QMP events received so far (waiting up to ``wait`` seconds for one)."""
         if self._qmp is None:

@@ -55,6 +55,7 @@ STATE_FILE = "devices.state"
 # tmpfs: the RAM file's pages stay in memory and are never written back to a disk.
 SHM = Path("/dev/shm")
 IGNORE_SHARED = "x-ignore-shared"
+STATE_FD = "hwh-state"                 # the saved state's file descriptor, as QEMU names it
 
 
 class FileRam(MachinePlugin):
@@ -108,7 +109,14 @@ class Incoming(MachinePlugin):
 
     def connected(self, machine: Machine, deadline: float) -> None:
         set_ignore_shared(machine, True)       # both sides must agree, or QEMU refuses the stream
-        machine.qmp("migrate-incoming", uri=f"exec:cat {self.state}")
+        # QEMU reads the file itself: `exec:cat FILE` would fork QEMU, a shell and cat first
+        # (~20 ms of a restore measured here on a loaded 2-core host, against ~10 ms in all)
+        state = os.open(self.state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            machine.send_fd(state, STATE_FD)
+        finally:
+            os.close(state)
+        machine.qmp("migrate-incoming", uri=f"fd:{STATE_FD}")
         # "inmigrate" until the state is in; QEMU exits if it cannot load it
         while True:
             try:
