@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 WORKDIR_PREFIX = "hwharness-"
+# util-linux's setpriv sets the parent-death signal and execs QEMU, which keeps it. Python
+# starts a child with vfork only without a preexec_fn; forking the harness's process for
+# die_with_parent copies its page tables: 5-11 ms per launch measured here (setpriv: ~0.5-3 ms).
+SETPRIV_PDEATHSIG = ["setpriv", "--pdeathsig", "KILL", "--"]
 
 
 def die_with_parent() -> None:
@@ -41,6 +45,16 @@ def die_with_parent() -> None:
     """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def popen_dying_with_parent(argv: list[str], out: Any) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a session of its own, killed when this thread exits (die_with_parent),
+    through setpriv where there is one."""
+    if shutil.which(SETPRIV_PDEATHSIG[0]):
+        return subprocess.Popen(SETPRIV_PDEATHSIG + argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                            preexec_fn=die_with_parent, start_new_session=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -115,7 +129,9 @@ class Machine:
         self.endpoints: Endpoints | None = None
         self.failed = False
         self.snapshots = Snapshots(self)
-        self.exec_at = 0.0
+        # monotonic times of the launch's steps, for bench boot: "exec" (QEMU started), "serial"
+        # (its console connected), "qmp" (QMP answered), "ready" (the plugins' steps done)
+        self.launch_at: dict[str, float] = {}
 
     # ---- lifecycle ----
 
@@ -156,18 +172,19 @@ class Machine:
             plugin.pre_launch(self, ends)
         self._serial_listener = listen(ends.serial)
         self.log.info("launching %s (%s): %s", self.name, self.accel, " ".join(self.argv))
-        self.exec_at = time.monotonic()       # for boot timings (bench boot)
+        self.launch_at = {"exec": time.monotonic()}
         with open(self.workdir / "qemu.out", "wb") as out:
-            self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
-                                            stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-                                            start_new_session=True)
+            self.process = popen_dying_with_parent(self.argv, out)
         deadline = time.monotonic() + self.launch_timeout
         for plugin in self.plugins:
             plugin.post_launch(self, deadline)
         self.console.attach(self.accept(self._accept_serial, deadline, "the serial connection"))
+        self.launch_at["serial"] = time.monotonic()
         self._connect_qmp(ends.qmp, deadline)
+        self.launch_at["qmp"] = time.monotonic()
         for plugin in self.plugins:
             plugin.connected(self, deadline)
+        self.launch_at["ready"] = time.monotonic()
 
     def plugin(self, kind: type[P]) -> P:
         """This machine's plugin of that kind (its own copy of the spec's)."""
@@ -298,6 +315,18 @@ class Machine:
         except Exception as exc:
             raise MachineError(f"QMP {command} failed: {exc}", self.argv, "",
                                self.process.poll() if self.process else None) from exc
+
+    def send_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU a copy of the open file descriptor ``fd`` as ``name`` (QMP ``getfd``), for
+        a later command that names it (``fd:NAME``)."""
+        if self._qmp is None:
+            raise MachineError(f"{self.name}: QMP is not connected")
+        try:
+            self._qmp.send_fd_scm(fd)
+        except OSError as exc:
+            raise MachineError(f"passing a file descriptor to QEMU failed: {exc}", self.argv, "",
+                               self.process.poll() if self.process else None) from exc
+        self.qmp("getfd", fdname=name)
 
     def events(self, wait: float = 0.0) -> list[dict[str, Any]]:
         """QMP events received so far (waiting up to ``wait`` seconds for one)."""

@@ -22,7 +22,22 @@ Restores (what the ``linux_machine`` fixture does before every test): ``restore_
 new QEMU restored from a saved boot (:mod:`harness.machine.saved`), from the request to an
 answered command, ``restore_running_*`` the part until the machine ran; ``restore_parallelN``
 is N restored from one saved boot at once; ``restore_in_place_*`` are ``snapshot-load`` into
-a running machine (``Machine.restore``), the way the fixture restored before.
+a running machine (``Machine.restore``), the way the fixture restored before. Phases of a
+restore (``restore_phases_p50_ms``):
+
+- ``before_exec``: the request to QEMU's exec (the machine's directory, disk overlays);
+- ``qemu_start``: exec to QMP answering (QEMU builds the machine, its console connects);
+- ``state_load``: the saved device state read in, to the machine running;
+- ``first_answer``: a command typed until its answer came back; under TCG mostly the
+  translation of every guest instruction the command runs, which a new QEMU has not seen.
+
+The proxy machine (``proxy_phases_p50_ms``): ``before_exec``; ``windows_and_serial``: exec
+until QEMU has taken its ivshmem windows (it waits for each handshake while it builds the
+machine) and its console; ``qmp``; ``guest``: QMP answering until the proxy guest says it is
+ready (firmware, its PCI scan, the IOMMU) and the bus is attached.
+
+``foreign_cores`` is the CPU other processes used during each part, in cores: on a 2-core
+host anything near 1 means every wall-clock figure of that part is stretched.
 """
 
 from __future__ import annotations
@@ -40,6 +55,7 @@ from ...machine.linux import LinuxImage, linux
 from ...machine import Machine
 from ...machine.saved import SavedMachine, save_booted
 from ...proxy import ProxyMachine, proxy_spec
+from .paired import ForeignLoad
 from .roundtrip import cpu_seconds
 from .stats import pct
 
@@ -48,6 +64,8 @@ log = logging.getLogger(__name__)
 INIT_LINE = re.compile(r"hwh-linux: init at ([\d.]+) s")
 PHASES = ("qemu_start", "firmware", "kernel_to_first_line", "first_line_to_init", "init_to_prompt",
           "prompt_to_answer")
+RESTORE_PHASES = ("before_exec", "qemu_start", "state_load", "first_answer")
+PROXY_PHASES = ("before_exec", "windows_and_serial", "qmp", "guest")
 SNAPSHOT = "bench-ready"
 
 
@@ -56,7 +74,7 @@ def one_boot(image: LinuxImage, accel: str, workdir: Path, timeout: float = 120.
     m = Machine(image.spec(accel=accel), name="bench-boot", artifacts_root=workdir)
     m.launch()
     try:
-        qmp_at = time.monotonic()
+        qmp_at = m.launch_at["ready"]
         assert m.console is not None
         found = m.console.expect([INIT_LINE], timeout)
         init_at = time.monotonic()
@@ -72,10 +90,11 @@ def one_boot(image: LinuxImage, accel: str, workdir: Path, timeout: float = 120.
         m.failed = True
         m.shutdown()
         raise
-    phases = {"qemu_start": qmp_at - m.exec_at, "firmware": kernel_at - qmp_at,
+    exec_at = m.launch_at["exec"]
+    phases = {"qemu_start": qmp_at - exec_at, "firmware": kernel_at - qmp_at,
               "kernel_to_first_line": first_at - kernel_at, "first_line_to_init": init_at - first_at,
               "init_to_prompt": prompt_at - init_at, "prompt_to_answer": answer_at - prompt_at,
-              "boot": answer_at - m.exec_at, "qemu_cpu": cpu}
+              "boot": answer_at - exec_at, "qemu_cpu": cpu}
     return m, phases
 
 
@@ -93,25 +112,28 @@ def restores_in_place(m: Machine, count: int) -> list[float]:
     return sorted(out)
 
 
-def saved_restores(saved: SavedMachine, workdir: Path, count: int) -> tuple[list[float], list[float]]:
-    """Each restore from the saved machine (a new QEMU) to an answered command, and the part
-    of it until the machine ran (QEMU's start, the device state loaded): seconds, sorted."""
-    total, running = [], []
+def saved_restores(saved: SavedMachine, workdir: Path, count: int) -> list[dict[str, float]]:
+    """Each restore from the saved machine (a new QEMU) to an answered command, by phase
+    (``RESTORE_PHASES``, seconds) and ``total``."""
+    out = []
     for i in range(count):
         t0 = time.monotonic()
         m = saved.restore(name=f"bench-restore{i}", artifacts_root=workdir)
         try:
-            running.append(time.monotonic() - t0)
             assert m.console is not None
             m.console.run("true")
-            total.append(time.monotonic() - t0)
+            answer_at = time.monotonic()
+            at = m.launch_at
+            out.append({"before_exec": at["exec"] - t0, "qemu_start": at["qmp"] - at["exec"],
+                        "state_load": at["ready"] - at["qmp"], "first_answer": answer_at - at["ready"],
+                        "running": at["ready"] - t0, "total": answer_at - t0})
             m.console.run(f"echo {i} > /tmp/state")      # what the next restore must not see
         except BaseException:
             m.failed = True
             raise
         finally:
             m.shutdown()
-    return sorted(total), sorted(running)
+    return out
 
 
 def parallel_restores(saved: SavedMachine, workdir: Path, count: int, timeout: float = 120.0) -> float:
@@ -152,14 +174,22 @@ def parallel(image: LinuxImage, accel: str, workdir: Path, count: int, timeout: 
             m.shutdown()
 
 
-def proxy_boots(accel: str, count: int, iommu: bool | None = None) -> list[float]:
-    """Seconds from creating a proxy machine to its bus being ready, sorted."""
+def proxy_boots(accel: str, count: int, iommu: bool | None = None) -> list[dict[str, float]]:
+    """Each proxy machine from its creation to its bus being ready, by phase (``PROXY_PHASES``,
+    seconds) and ``total``."""
     out = []
     for _ in range(count):
         t0 = time.monotonic()
-        with ProxyMachine(proxy_spec(accel=accel, iommu=iommu), name="bench-proxy"):
-            out.append(time.monotonic() - t0)
-    return sorted(out)
+        with ProxyMachine(proxy_spec(accel=accel, iommu=iommu), name="bench-proxy") as pm:
+            ready_at = time.monotonic()
+            at = pm.machine.launch_at
+            out.append({"before_exec": at["exec"] - t0, "windows_and_serial": at["serial"] - at["exec"],
+                        "qmp": at["qmp"] - at["serial"], "guest": ready_at - at["qmp"], "total": ready_at - t0})
+    return out
+
+
+def p50_ms(rows: list[dict[str, float]], phases: tuple[str, ...]) -> dict[str, float]:
+    return {p: round(statistics.median(r[p] for r in rows) * 1e3, 1) for p in phases}
 
 
 def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_count: int = 8,
@@ -168,6 +198,8 @@ def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_
     image = linux()
     boots: list[dict[str, float]] = []
     load_before = os.getloadavg()
+    foreign = ForeignLoad([os.getpid()])       # the QEMUs are this process's reaped children
+    foreign_cores: dict[str, float] = {}
     # Each machine removes its own directory unless it failed; a failed one's stays for reading.
     workdir = Path(tempfile.gettempdir())
     resolved = accel
@@ -185,13 +217,21 @@ def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_
             m.shutdown()
         boots.append(phases)
         log.info("boot %d: %.2f s", i, phases["boot"])
+    foreign_cores["boots"] = foreign.since_last()
     with save_booted(image.spec(accel=accel), image.wait_ready, name="bench-saved",
                      artifacts_root=workdir) as saved:
-        restore_s, running_s = saved_restores(saved, workdir, restore_count)
+        foreign.since_last()
+        restores = saved_restores(saved, workdir, restore_count)
+        foreign_cores["restores"] = foreign.since_last()
         parallel_restore_s = parallel_restores(saved, workdir, parallel_count)
+        foreign_cores["restores_parallel"] = foreign.since_last()
+    foreign.since_last()
     parallel_s = parallel(image, accel, workdir, parallel_count)
-    proxy_s = proxy_boots(accel, count, iommu)
+    foreign_cores["boots_parallel"] = foreign.since_last()
+    proxies = proxy_boots(accel, count, iommu)
+    foreign_cores["proxy"] = foreign.since_last()
     total = sorted(b["boot"] for b in boots)
+    restore_s = sorted(r["total"] for r in restores)
     return {
         "bench": "boot",
         "accel": resolved,
@@ -207,13 +247,16 @@ def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_
         "restore_count": restore_count,
         "restore_p50_ms": pct(restore_s, 0.5) * 1e3,
         "restore_p99_ms": pct(restore_s, 0.99) * 1e3,
-        "restore_running_p50_ms": pct(running_s, 0.5) * 1e3,
+        "restore_running_p50_ms": pct(sorted(r["running"] for r in restores), 0.5) * 1e3,
+        "restore_phases_p50_ms": p50_ms(restores, RESTORE_PHASES),
         "restore_in_place_p50_ms": pct(in_place_s, 0.5) * 1e3,
         "restore_in_place_p99_ms": pct(in_place_s, 0.99) * 1e3,
         "parallel_count": parallel_count,
         f"parallel{parallel_count}_s": parallel_s,
         f"restore_parallel{parallel_count}_s": parallel_restore_s,
-        "proxy_boot_p50_ms": pct(proxy_s, 0.5) * 1e3,
+        "proxy_boot_p50_ms": pct(sorted(p["total"] for p in proxies), 0.5) * 1e3,
+        "proxy_phases_p50_ms": p50_ms(proxies, PROXY_PHASES),
+        "foreign_cores": {k: round(v, 2) for k, v in foreign_cores.items()},
         "host_load_before": load_before,
         "host_cpus": os.cpu_count(),
     }
