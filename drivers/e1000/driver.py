@@ -100,8 +100,18 @@ class E1000:
 
     def reset_and_init(self, itr: int = 0) -> None:
         r = self.regs
-        self.dev.enable_decoding()                          # no DMA until the reset: a NIC a killed
-        r.write32(Reg.IMC, 0xFFFFFFFF)                      # driver left running still has its rings
+        # No DMA until both units are stopped: a NIC a killed driver left running still has
+        # its rings and receives, and QEMU's e1000 takes CTRL.RST as a no-op (set_ctrl only
+        # clears the bit). Left on, the moment bus mastering is back QEMU pours the frames it
+        # queued meanwhile through the old head into this driver's fresh ring (the same
+        # addresses, still zero: one frame over null descriptors marks every one done), and
+        # the driver, trusting those DD bits, can fall behind the head for good. Linux's
+        # e1000_reset_hw stops them before the reset too.
+        self.dev.enable_decoding()
+        with self.dev.batch() as b:
+            b.write32(r, Reg.IMC, 0xFFFFFFFF)
+            b.write32(r, Reg.RCTL, 0)
+            b.write32(r, Reg.TCTL, 0)
         r.write32(Reg.CTRL, r.read32(Reg.CTRL) | Ctrl.RST)  # 14.3: global reset
         self._wait(Reg.CTRL, Ctrl.RST, 0, "the reset to finish")
         self.dev.enable_dma()
