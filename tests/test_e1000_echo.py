@@ -514,6 +514,34 @@ def test_a_frame_that_waited_for_a_killed_driver_leaves_the_fresh_ring_alone(ech
 
 
 @pytest.mark.qemu
+def test_frames_left_in_the_ring_are_not_received_after_a_reset(echo_net: EchoNet) -> None:
+    """A bring-up on a NIC already in use gives every descriptor back as not done: the
+    frames the NIC had written but nobody had taken are gone, not received again."""
+    host, to_nic = echo_net.wire_host, ("127.0.0.1", echo_net.wire_port)
+    nic = echo_net.open(WIRE_SLOT)
+    try:
+        frames = [udp_frame(bytes([n]) * 64, src="192.168.77.1", dst=WIRE_ADDRESS, dst_mac=nic.mac) for n in range(6)]
+        for frame in frames[:3]:
+            host.sendto(frame, to_nic)
+        for _ in range(300):                            # in the ring (after the NIC's hold), left there
+            if nic.regs.read32(Reg.RDH) == 3:
+                break
+            time.sleep(0.1)
+        assert nic.regs.read32(Reg.RDH) == 3
+        nic.reset_and_init()
+        for frame in frames[3:]:
+            host.sendto(frame, to_nic)
+        got: list[bytes] = []
+        for _ in range(50):
+            if frames[-1] in got:
+                break
+            got += nic.recv(timeout=1.0)
+    finally:
+        nic.close()
+    assert got == frames[3:]
+
+
+@pytest.mark.qemu
 def test_arp_icmp_udp_and_bad_frames_on_a_wire(echo_net: EchoNet, rng: random.Random) -> None:
     """Frames the test makes, through a real NIC: QEMU's user-mode network does not pass a
     ping from the host to the guest, so ICMP is checked here, on a wire to a host socket."""

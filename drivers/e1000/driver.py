@@ -161,6 +161,8 @@ class E1000:
             addresses = self.rx_held
         for i, phys in enumerate(addresses):                # every descriptor gets its buffer
             struct.pack_into("<Q", ring, i * DESC_SIZE, phys)
+            ring[i * DESC_SIZE + _RX_STA] = 0               # and is not done: a DD bit left from
+                                                            # before (a re-init) is no frame
         with self.dev.batch() as b:
             b.write32(self.regs, Reg.RDBAL, self.rx_ring.phys & 0xFFFFFFFF)
             b.write32(self.regs, Reg.RDBAH, self.rx_ring.phys >> 32)
