@@ -480,6 +480,21 @@ def test_the_stream_resumes_after_the_driver_dies_and_a_fresh_one_takes_over(ech
     assert before.malformed == after.malformed == 0 and before.unsent == after.unsent == 0
 
 
+def wire_frames(mac: bytes, count: int) -> list[bytes]:
+    """``count`` distinct UDP frames from a peer on the wire to the NIC with ``mac``."""
+    return [udp_frame(bytes([n]) * 64, src="192.168.77.1", dst=WIRE_ADDRESS, dst_mac=mac) for n in range(count)]
+
+
+def receive_until(nic: E1000, last: bytes, passes: int = 50) -> list[bytes]:
+    """What ``nic`` receives until ``last`` is among it (at most ``passes`` waits of a second)."""
+    got: list[bytes] = []
+    for _ in range(passes):
+        if last in got:
+            break
+        got += nic.recv(timeout=1.0)
+    return got
+
+
 @pytest.mark.qemu
 def test_a_frame_that_waited_for_a_killed_driver_leaves_the_fresh_ring_alone(echo_net: EchoNet) -> None:
     """QEMU's e1000 takes CTRL.RST as a no-op: a NIC whose driver was killed still receives
@@ -490,7 +505,7 @@ def test_a_frame_that_waited_for_a_killed_driver_leaves_the_fresh_ring_alone(ech
     afterwards arrive in order."""
     host, to_nic = echo_net.wire_host, ("127.0.0.1", echo_net.wire_port)
     old = echo_net.open(WIRE_SLOT)
-    frames = [udp_frame(bytes([n]) * 64, src="192.168.77.1", dst=WIRE_ADDRESS, dst_mac=old.mac) for n in range(5)]
+    frames = wire_frames(old.mac, 5)
     host.sendto(frames[0], to_nic)
     assert old.recv(1, timeout=30) == [frames[0]]      # past the hold after its RCTL write: it receives
     abandon(old)
@@ -503,11 +518,7 @@ def test_a_frame_that_waited_for_a_killed_driver_leaves_the_fresh_ring_alone(ech
         assert all(i < head for i in done), f"{len(done)} descriptors done, head at {head}"
         for frame in frames[2:]:
             host.sendto(frame, to_nic)
-        got: list[bytes] = []
-        for _ in range(50):
-            if frames[-1] in got:
-                break
-            got += nic.recv(timeout=1.0)
+        got = receive_until(nic, frames[-1])
     finally:
         nic.close()
     assert [f for f in got if f != frames[1]] == frames[2:]
@@ -520,7 +531,7 @@ def test_frames_left_in_the_ring_are_not_received_after_a_reset(echo_net: EchoNe
     host, to_nic = echo_net.wire_host, ("127.0.0.1", echo_net.wire_port)
     nic = echo_net.open(WIRE_SLOT)
     try:
-        frames = [udp_frame(bytes([n]) * 64, src="192.168.77.1", dst=WIRE_ADDRESS, dst_mac=nic.mac) for n in range(6)]
+        frames = wire_frames(nic.mac, 6)
         for frame in frames[:3]:
             host.sendto(frame, to_nic)
         for _ in range(300):                            # in the ring (after the NIC's hold), left there
@@ -531,11 +542,7 @@ def test_frames_left_in_the_ring_are_not_received_after_a_reset(echo_net: EchoNe
         nic.reset_and_init()
         for frame in frames[3:]:
             host.sendto(frame, to_nic)
-        got: list[bytes] = []
-        for _ in range(50):
-            if frames[-1] in got:
-                break
-            got += nic.recv(timeout=1.0)
+        got = receive_until(nic, frames[-1])
     finally:
         nic.close()
     assert got == frames[3:]
