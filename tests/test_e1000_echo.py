@@ -16,7 +16,9 @@ import dpkt
 import pytest
 
 from drivers.e1000 import E1000, TxRingFull
-from drivers.e1000.driver import DEVICE, VENDOR
+from drivers.e1000.descriptors import RX_DD, RxDesc
+from drivers.e1000.driver import DESC_SIZE, DEVICE, VENDOR
+from drivers.e1000.regs import Reg
 from harness.services.echo import RECV_WAIT, SEND_WAIT, EchoCounters, EchoResponder, serve_echo
 from harness.access import PciFunction
 from harness.tools.bench.e1000 import wire
@@ -476,6 +478,74 @@ def test_the_stream_resumes_after_the_driver_dies_and_a_fresh_one_takes_over(ech
     assert all(newest_before < n < first_echo_at for n in lost), "losses outside the down window"
     assert before.echoed + after.echoed >= report.echoed, "every echo the host saw, one of the two services sent"
     assert before.malformed == after.malformed == 0 and before.unsent == after.unsent == 0
+
+
+def wire_frames(mac: bytes, count: int) -> list[bytes]:
+    """``count`` distinct UDP frames from a peer on the wire to the NIC with ``mac``."""
+    return [udp_frame(bytes([n]) * 64, src="192.168.77.1", dst=WIRE_ADDRESS, dst_mac=mac) for n in range(count)]
+
+
+def receive_until(nic: E1000, last: bytes, passes: int = 50) -> list[bytes]:
+    """What ``nic`` receives until ``last`` is among it (at most ``passes`` waits of a second)."""
+    got: list[bytes] = []
+    for _ in range(passes):
+        if last in got:
+            break
+        got += nic.recv(timeout=1.0)
+    return got
+
+
+@pytest.mark.qemu
+def test_a_frame_that_waited_for_a_killed_driver_leaves_the_fresh_ring_alone(echo_net: EchoNet) -> None:
+    """QEMU's e1000 takes CTRL.RST as a no-op: a NIC whose driver was killed still receives
+    through the old head and tail. A frame that waited in QEMU while the NIC could not DMA
+    must not land in the fresh driver's ring when bus mastering comes back (over the ring's
+    null descriptors it marked every one done, and the driver could then wait for good on
+    one the head never reached): every descriptor done lies behind the head, and frames sent
+    afterwards arrive in order."""
+    host, to_nic = echo_net.wire_host, ("127.0.0.1", echo_net.wire_port)
+    old = echo_net.open(WIRE_SLOT)
+    frames = wire_frames(old.mac, 5)
+    host.sendto(frames[0], to_nic)
+    assert old.recv(1, timeout=30) == [frames[0]]      # past the hold after its RCTL write: it receives
+    abandon(old)
+    host.sendto(frames[1], to_nic)                      # waits in QEMU: the NIC may not DMA
+    nic = echo_net.open(WIRE_SLOT)
+    try:
+        ring = nic.rx_ring.view
+        done = [i for i in range(nic.rx_n) if ring[i * DESC_SIZE + RxDesc.status.offset] & RX_DD]
+        head = nic.regs.read32(Reg.RDH)                 # after the ring: a descriptor is done before the head moves
+        assert all(i < head for i in done), f"{len(done)} descriptors done, head at {head}"
+        for frame in frames[2:]:
+            host.sendto(frame, to_nic)
+        got = receive_until(nic, frames[-1])
+    finally:
+        nic.close()
+    assert [f for f in got if f != frames[1]] == frames[2:]
+
+
+@pytest.mark.qemu
+def test_frames_left_in_the_ring_are_not_received_after_a_reset(echo_net: EchoNet) -> None:
+    """A bring-up on a NIC already in use gives every descriptor back as not done: the
+    frames the NIC had written but nobody had taken are gone, not received again."""
+    host, to_nic = echo_net.wire_host, ("127.0.0.1", echo_net.wire_port)
+    nic = echo_net.open(WIRE_SLOT)
+    try:
+        frames = wire_frames(nic.mac, 6)
+        for frame in frames[:3]:
+            host.sendto(frame, to_nic)
+        for _ in range(300):                            # in the ring (after the NIC's hold), left there
+            if nic.regs.read32(Reg.RDH) == 3:
+                break
+            time.sleep(0.1)
+        assert nic.regs.read32(Reg.RDH) == 3
+        nic.reset_and_init()
+        for frame in frames[3:]:
+            host.sendto(frame, to_nic)
+        got = receive_until(nic, frames[-1])
+    finally:
+        nic.close()
+    assert got == frames[3:]
 
 
 @pytest.mark.qemu

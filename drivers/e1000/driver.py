@@ -100,8 +100,15 @@ class E1000:
 
     def reset_and_init(self, itr: int = 0) -> None:
         r = self.regs
-        self.dev.enable_decoding()                          # no DMA until the reset: a NIC a killed
-        r.write32(Reg.IMC, 0xFFFFFFFF)                      # driver left running still has its rings
+        # No DMA until both units are stopped: a NIC a killed driver left running still has
+        # its rings and receives, and QEMU's e1000 takes CTRL.RST as a no-op (set_ctrl only
+        # clears the bit). Left on, the moment bus mastering is back QEMU pours the frames it
+        # queued meanwhile through the old head into this driver's fresh ring (the same
+        # addresses, still zero: one frame over null descriptors marks every one done), and
+        # the driver, trusting those DD bits, can run past the head and wait for good on a
+        # descriptor the NIC never fills. Linux's e1000_reset_hw stops them before its reset too.
+        self.dev.enable_decoding()
+        self._stop()
         r.write32(Reg.CTRL, r.read32(Reg.CTRL) | Ctrl.RST)  # 14.3: global reset
         self._wait(Reg.CTRL, Ctrl.RST, 0, "the reset to finish")
         self.dev.enable_dma()
@@ -120,6 +127,13 @@ class E1000:
         if self.irq is not None:
             r.write32(Reg.IMS, INTERRUPTS)
         log.info("e1000 %s up, mac %s", self.dev.function.bdf, self.mac.hex(":"))
+
+    def _stop(self) -> None:
+        """No interrupts, no receiving, no sending: where a bring-up starts and a close ends."""
+        with self.dev.batch() as b:
+            b.write32(self.regs, Reg.IMC, 0xFFFFFFFF)
+            b.write32(self.regs, Reg.RCTL, 0)
+            b.write32(self.regs, Reg.TCTL, 0)
 
     def _wait(self, reg: int, mask: int, value: int, what: str, timeout: float = 2.0) -> int:
         return self.regs.wait32(reg, mask, value, timeout,
@@ -147,6 +161,8 @@ class E1000:
             addresses = self.rx_held
         for i, phys in enumerate(addresses):                # every descriptor gets its buffer
             struct.pack_into("<Q", ring, i * DESC_SIZE, phys)
+            ring[i * DESC_SIZE + _RX_STA] = 0               # and is not done: a DD bit left from
+                                                            # before (a re-init) is no frame
         with self.dev.batch() as b:
             b.write32(self.regs, Reg.RDBAL, self.rx_ring.phys & 0xFFFFFFFF)
             b.write32(self.regs, Reg.RDBAH, self.rx_ring.phys >> 32)
@@ -402,10 +418,7 @@ class E1000:
     def close(self) -> None:
         """Stop the NIC and give back its memory."""
         try:
-            with self.dev.batch() as b:
-                b.write32(self.regs, Reg.IMC, 0xFFFFFFFF)
-                b.write32(self.regs, Reg.RCTL, 0)
-                b.write32(self.regs, Reg.TCTL, 0)
+            self._stop()
         finally:
             if self.irq is not None:
                 self.irq.close()
