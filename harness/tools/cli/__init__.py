@@ -122,6 +122,9 @@ def command_line() -> argparse.ArgumentParser:
     bench.add_argument("--hang", action="store_true",
                        help="restart: stop the driver (SIGSTOP, a hang) instead of killing it")
     bench.add_argument("--count", type=positive_int, help="boot: how many boots (default 10)")
+    bench.add_argument("--kill", type=positive_int, metavar="N",
+                       help="serve: Linux writes on its root on the AHCI export while the driver is "
+                            "SIGKILLed N times (and SIGSTOPped once); restart times, stalls, checks")
     bench.add_argument("--json", metavar="PATH", help="write the result here too")
     bench.add_argument("--peer", choices=("linux",),
                        help="also measure Linux's own driver in the same machine (the Linux guest of `make images`)")

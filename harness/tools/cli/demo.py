@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import random
 import shutil
 import signal
 import struct
@@ -31,12 +32,14 @@ from ...access import Batch
 from ...devices.fat import DriverFatFS
 from ...errors import DmaFault, HarnessError
 from ...machine import RuntimeFile, random_mac
+from ...machine.accel import choose_auto
 from ...machine.input import move_mouse
 from ...processes.supervisor import Supervisor
 from ...proxy import ProxyMachine, proxy_spec, raw
 from ...services.nbd import NbdClient
 from ..bench import latency
 from ..bench.restart import disk_listener
+from ..bench.serve import KillPlan, linux_through_kills
 from ..bench.stats import latencies_us, pct
 from .common import CheckFailed, device_table, iommu_of, say
 from .keyboard import escape_controls, type_and_decode
@@ -304,6 +307,30 @@ def supervised_disk(dm: DemoMachine) -> Check:
     return Check(saw, unless(after == before and after[510:512] == b"\x55\xaa", "the supervised disk"))
 
 
+def linux_on_served_root(dm: DemoMachine) -> Check:
+    """``serve disk`` then ``boot --root``: Linux whose root filesystem is the AHCI driver's NBD
+    export (another proxy machine, the root image of `make images`); the driver SIGKILLed once
+    while Linux writes; the file's sha256 after a power-off and a reboot, and fsck."""
+    accel = dm.pm.machine.accel
+    if accel == "kvm" and choose_auto().accel != "kvm":
+        return Check([f"skipped: the Linux guest is not booted under this host's KVM ({choose_auto().reason}); "
+                      "the README lists this case as unsupported"])
+    plan = KillPlan(files=2, file_kib=4096, batch=1, kill_after=(1,))
+    report, fsck, elapsed = linux_through_kills(accel, plan, random.Random(), name="demo-root")
+    restart = report.restarts[0]
+    saw = [report.lines[0], f"Linux booted with root=/dev/vda on that export, wrote /data/f1 and /data/f2 "
+           f"({plan.file_kib // 1024} MiB each, sync after each)",
+           report.lines[1] if len(report.lines) > 1 else "the driver was not restarted",
+           f"  Linux's requests stalled {restart['stall_ms']:.0f} ms; its kernel log has "
+           f"{len(report.io_errors)} I/O errors",
+           *(f"after a power-off and reboot: {name} sha256 {report.read_back.get(name, 'missing')[:16]}... "
+             f"{'as written' if report.read_back.get(name) == digest else 'NOT AS WRITTEN'}"
+             for name, digest in sorted(report.written.items())),
+           f"fsck.ext4 -fn on the image: {'clean' if fsck is None else fsck.strip().splitlines()[-1]} "
+           f"({elapsed:.1f} s in all)"]
+    return Check(saw, unless(not report.problems() and fsck is None, "Linux on a served root"))
+
+
 def crash_report(dm: DemoMachine) -> Check:
     saw = []
     try:
@@ -327,4 +354,6 @@ STEPS = [
     Step("NVMe: the namespace identified and its FAT filesystem listed through the Python driver", nvme_disk),
     Step("the AHCI driver in a process of its own: killed with SIGKILL, and back", supervised_disk),
     Step("a guest CPU exception becomes a readable crash report", crash_report),
+    Step("Linux with its root on the AHCI driver's NBD export; the driver killed while Linux writes",
+         linux_on_served_root),
 ]
