@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Literal, Sequence
 
 from ..access import Bus, DmaBuffer, PciFunction
 from ..errors import DeviceNotFound
-from .nbd import BEAT_BYTES, MAX_PAYLOAD, Address, NbdServer
+from .nbd import BEAT_BYTES, MAX_PAYLOAD, TURN_REQUESTS, Address, NbdServer
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,11 @@ CONTROLLERS: tuple[Controller, ...] = ("ahci", "nvme")
 # DMA memory a batch of writes is copied into: four full-size requests at a time; a turn with
 # more is written in several queued calls, all before the turn's one flush.
 STAGING_BYTES = 4 * MAX_PAYLOAD
+# Every command's buffer starts on a page: NVMe's PRPs must (an offset into a page is allowed
+# in the first entry only, and then the data may not run into a second page unaligned).
+PAGE = 4096
+# DMA memory a batch of reads lands in: all of one read_many call, each read page-aligned.
+READ_STAGING_BYTES = BEAT_BYTES + TURN_REQUESTS * PAGE
 DSM_MAX_BLOCKS = 0xFFFFFFFF             # one NVMe Dataset Management range
 
 
@@ -58,7 +63,7 @@ class DiskBackend:
         # One queued command moves at most this (NVMe: MDTS; AHCI: a request, any size).
         self.per_command = getattr(disk, "max_transfer", MAX_PAYLOAD)
         self.staging = dev.dma_alloc(STAGING_BYTES) if disk.queue_depth else None
-        self.read_staging: DmaBuffer | None = dev.dma_alloc(BEAT_BYTES)     # the most one read_many is given
+        self.read_staging: DmaBuffer | None = dev.dma_alloc(READ_STAGING_BYTES)
         controller = getattr(disk, "controller", None)
         self.trim: Callable[[int, int], None] | None = (
             self._deallocate if controller is not None and controller.identity.dsm else None)
@@ -87,12 +92,12 @@ class DiskBackend:
                 buffer = _slice(self.staging, used, len(piece))
                 buffer.view[:] = piece
                 queue.append((lba + start // self.sector_size, buffer))
-                used += len(piece)
+                used = _page_up(used + len(piece))
         if queue:
             self.disk.write_queued_from(queue)
 
     def read_many(self, items: Sequence[tuple[int, int]]) -> list[memoryview]:
-        """Reads of (lba, count), at most ``BEAT_BYTES`` in all, issued together (queued where
+        """Reads of (lba, count), at most ``BEAT_BYTES`` and ``TURN_REQUESTS`` in all, issued together (queued where
         the disk queues, one command alone as a plain DMA read: no queue bookkeeping for QD1);
         their data as views of DMA memory, valid until the next call."""
         assert self.read_staging is not None, "read_many after close()"
@@ -107,7 +112,7 @@ class DiskBackend:
                 queue.append((lba + start // self.sector_size,
                               _slice(self.read_staging, used + start, min(self.per_command, nbytes - start))))
             views.append(self.read_staging.view[used:used + nbytes])
-            used += nbytes
+            used = _page_up(used + nbytes)
         if len(queue) > 1 and self.disk.queue_depth:
             self.disk.read_queued_into(queue)
         else:
@@ -128,6 +133,10 @@ class DiskBackend:
             if buffer is not None:
                 self.dev.dma_free(buffer)
         self.staging = self.read_staging = None
+
+
+def _page_up(offset: int) -> int:
+    return -(-offset // PAGE) * PAGE
 
 
 def _slice(buffer: DmaBuffer, offset: int, nbytes: int) -> DmaBuffer:
