@@ -285,8 +285,8 @@ def write_through_kills(service: DiskService, boot: Callable[[str], Machine], pl
     down without unmounting (a power cut), boot again and read every file back.
 
     A restart's ``stall_ms`` is what the client saw: from the signal to the first request
-    QEMU's block layer completed for the guest once the next driver served (an upper
-    bound: the guest may have had nothing to ask for a moment)."""
+    QEMU's block layer completed for the guest once the next driver served (the guest's
+    probe keeps one on its way, a few ms apart)."""
     report = KillReport(plan)
     starts = service.starts(timeout=120)
     report.lines.append(next(starts))
@@ -296,14 +296,17 @@ def write_through_kills(service: DiskService, boot: Callable[[str], Machine], pl
     mounted, _ = console.run("grep ' / ' /proc/mounts")
     if not mounted.startswith(f"{ROOT_DEVICE} / ext4 rw"):
         raise KillCheckFailed(f"the writer's root is not the export, mounted read-write: {mounted!r}")
-    # one random source in tmpfs, so that once the files start the guest only writes; the
-    # markers are quoted apart so that the shell's echo of the line does not match them
+    # One random source in tmpfs, so that once the files start the guest only writes. A probe
+    # reads a random 4 KiB of the disk (O_DIRECT) again and again meanwhile, so that a request
+    # is always on its way when the driver dies and the stall is the client's, not an idle
+    # moment's. The markers are quoted apart so that the shell's echo of the line does not match.
     console.sendline(
         f"set -o pipefail; mkdir -p /data; dd if=/dev/urandom of=/tmp/src bs=64k count={plan.file_kib // 64} "
-        f"2>/dev/null; for i in $(seq 1 {plan.files}); do "
+        f"2>/dev/null; ( while :; do dd if={ROOT_DEVICE} of=/dev/null bs=4k count=1 skip=$((RANDOM % 4096)) "
+        f"iflag=direct 2>/dev/null; done ) & probe=$!; for i in $(seq 1 {plan.files}); do "
         f"s=$( {{ printf 'hwh file %08d\\n' $i; cat /tmp/src; }} | tee /data/f$i | sha256sum ) "
         f"|| echo hwh-'failed' $i; echo hwh-'wrote' $i $s; [ $((i % {plan.batch})) = 0 ] && sync; done; "
-        f"sync; echo hwh-'writer' done")
+        f"sync; kill $probe; echo hwh-'writer' done")
     last: float | None = None               # when the guest said the last file was written
     for i in range(1, plan.files + 1):
         found = console.expect([r"hwh-wrote (\d+) ([0-9a-f]{64})", r"hwh-failed (\d+)\r?\n"], timeout=timeout)
