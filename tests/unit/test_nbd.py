@@ -7,7 +7,8 @@ or half a request, disturbs no one else; a turn's FUA writes are flushed before 
 acknowledged, and plain writes are not flushed; every write acknowledged survives the server
 being SIGKILLed at random moments; pyfatfs works through a client, and fsck.fat and mtools
 agree with what it wrote; third-party clients (nbdinfo, qemu-img, qemu-io, nbdcopy) see the
-export as advertised and move bytes exactly.
+export as advertised and move bytes exactly; the disk backend stages every command where a
+disk as strict as NVMe's PRPs takes it.
 """
 
 from __future__ import annotations
