@@ -6,10 +6,10 @@ other processes and other machines: an AHCI port or an NVMe namespace.
 then one device flush (FLUSH CACHE EXT, NVMe Flush) covers every FUA write and FLUSH
 of the turn; a turn's reads go queued too (READ FPDMA QUEUED, NVMe Reads) into DMA
 memory, each read one command (or a few: NVMe's MDTS) however long, and the server
-copies their data once, from there into the reply; TRIM is the NVMe namespace's Dataset Management deallocate, where the
-controller has it. :func:`serve_disk` is what the driver's process runs: open the
-controller, take its first disk, serve it until killed; :func:`disk_driver` is that
-as a supervised driver entry; :class:`DiskService` runs it supervised on a listener it
+copies their data once, from there into the reply; TRIM is the NVMe namespace's
+Dataset Management deallocate, where the controller has it. :func:`serve_disk` is
+what the driver's process runs: open the controller, take its first disk, serve it
+until killed; :func:`disk_driver` is that as a supervised driver entry; :class:`DiskService` runs it supervised on a listener it
 owns and tells who serves (what ``hwharness serve disk`` prints).
 
 nbdkit was weighed against this small server and not taken: the listening socket must
@@ -97,9 +97,9 @@ class DiskBackend:
             self.disk.write_queued_from(queue)
 
     def read_many(self, items: Sequence[tuple[int, int]]) -> list[memoryview]:
-        """Reads of (lba, count), at most ``BEAT_BYTES`` and ``TURN_REQUESTS`` in all, issued together (queued where
-        the disk queues, one command alone as a plain DMA read: no queue bookkeeping for QD1);
-        their data as views of DMA memory, valid until the next call."""
+        """Reads of (lba, count), at most ``BEAT_BYTES`` and ``TURN_REQUESTS`` in all, issued
+        together (queued where the disk queues; one command alone as a plain DMA read, without
+        the queue's bookkeeping); their data as views of DMA memory, valid until the next call."""
         assert self.read_staging is not None, "read_many after close()"
         queue: list[tuple[int, DmaBuffer]] = []
         views: list[memoryview] = []

@@ -310,7 +310,8 @@ class NbdServer:
     a turn's writes where they do), to issue together; ``read_many([(lba, count), ...])``,
     a batch of reads (at most ``BEAT_BYTES`` in all) to issue together, whose data it
     returns as buffers valid until its next call (views of its DMA memory: the server
-    copies each once, into the reply); and ``trim(lba, count)`` (then TRIM is advertised). ``beat()``, if given, is called on every turn of the loop, at
+    copies each once, into the reply); and ``trim(lba, count)`` (then TRIM is
+    advertised). ``beat()``, if given, is called on every turn of the loop, at
     least every ``TICK`` seconds while the device is idle: a liveness heartbeat for a
     supervisor. The device's exceptions of ``request_errors`` fail the request they came
     from (EIO); any other escapes and ends the server (its clients will send again to the
