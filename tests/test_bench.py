@@ -148,3 +148,29 @@ def test_bench_restart_quick_with_a_hang(tmp_path: Path, hwharness_accel: str) -
     assert result["signal"] == "SIGSTOP" and result["causes"] == ["hung: no heartbeat"]
     assert r["acked_lost"] == 0 and r["blocks_acked"] == r["blocks"] and r["restarts"] >= 2
     assert 0 < r["restart_p50_ms"] <= r["restart_p99_ms"] <= r["restart_max_ms"]
+
+
+def test_bench_serve_quick_and_with_kills(tmp_path: Path, linux_accel: str) -> None:
+    """A Linux machine through the Python AHCI and NVMe exports and qemu-nbd: every figure of
+    every server, the ratios, the work the bench checked; then --kill: Linux writes on its
+    root through SIGKILLs and a SIGSTOP, and the bench itself checks the files, the log and
+    fsck once QEMU is gone (it fails otherwise)."""
+    result = bench("serve", linux_accel, tmp_path)
+    keys = ("host_nbdcopy_read_mbps", "linux_randread_4k_qd1_iops", "linux_seqread_128k_mbps",
+            "linux_seqread_1m_mbps", "linux_seqwrite_1m_fsync_mbps")
+    assert set(result["results"]) == {"ahci", "nvme", "qemu-nbd"}
+    for server, figures in result["results"].items():
+        assert all(figures[key] > 0 for key in keys), (server, figures)
+        assert figures["foreign_cores"] >= 0
+    for server in ("ahci", "nvme"):
+        assert all(result[f"ratio_python_over_qemu_nbd_{server}_{key}"] > 0 for key in keys)
+    assert len(result["per_round"]) == 3 * result["rounds"] == len(result["foreign_cores"])
+    assert "sha256" in result["checked"] and result["call_ms"] > 0
+
+    killed = bench("serve", linux_accel, tmp_path, "--kill", "2")
+    r = killed["results"]
+    assert (r["io_errors"], r["checksum_mismatches"], r["fsck"]) == (0, 0, "clean")
+    assert sorted(x["signal"] for x in killed["restarts"]) == ["SIGKILL", "SIGKILL", "SIGSTOP"]
+    assert [x["cause"] for x in killed["restarts"] if x["signal"] == "SIGSTOP"][0].startswith("hung")
+    assert 0 < r["restart_p50_ms"] <= r["restart_max_ms"] and 0 < r["stall_p50_ms"] <= r["stall_max_ms"]
+    assert len(killed["lines"]) == 4 and killed["written_mb"] == killed["plan"]["files"] * 2

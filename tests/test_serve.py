@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -18,42 +19,29 @@ from typing import Iterator
 
 import pytest
 
-from harness.machine.linux import ROOT_DEVICE, nbd_server
+from harness.machine.linux import nbd_server
 from harness.services.disk import DiskService
+from harness.tools.bench.serve import KillPlan, e2fs_tool, fsck_problems, write_through_kills
 from tests.test_nbd import machine_with
 from tests.unit.test_nbd import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
 STARTED = re.compile(r"driver pid (\d+) serving (ahci|nvme) disk at (\S+)")
 
-# The kill test: Linux writes FILES files of FILE_KIB each (24 MiB: CI has two cores), each
-# with fsync, a sync after every BATCH; the driver is SIGKILLed once the guest says these
-# files are written (so while it writes the next), and SIGSTOPped once (a hang the
-# supervisor's heartbeat finds).
-FILES, FILE_KIB, BATCH = 12, 2048, 3
-KILL_AFTER = (2, 5, 9)
-STOP_AFTER = 7
-# what Linux's log says when a disk or its filesystem failed a request
-IO_ERROR = re.compile(r"I/O error|blk_update_request|critical \w+ error|EXT4-fs (error|warning)|"
-                      r"Remounting filesystem read-only|virtio_blk.*(error|fail)", re.IGNORECASE)
+# The kill test: Linux writes 12 files of 2 MiB (24 MiB: CI has two cores), a sync after
+# every 3; the driver is SIGKILLed once the guest says files 2, 5 and 9 are written (so
+# while it writes the next), and SIGSTOPped after 7 (a hang the supervisor's heartbeat finds).
+PLAN = KillPlan(files=12, file_kib=2048, batch=3, kill_after=(2, 5, 9), stop_after=7)
 
 
 def hwharness(*args: str) -> list[str]:
     return [sys.executable, "-m", "harness", *args]
 
 
-def e2fs_tool(name: str) -> str:
-    found = shutil.which(name, path=os.environ.get("PATH", "") + ":/sbin:/usr/sbin")
-    if found is None:
-        pytest.fail(f"{name} is not installed: run `make deps` (e2fsprogs)", pytrace=False)
-    return found
-
-
 def assert_fsck_clean(image: Path) -> None:
     """``fsck.ext4 -fn``: no error and nothing it would fix (a journal left to replay counts)."""
-    done = subprocess.run([e2fs_tool("fsck.ext4"), "-fn", str(image)], capture_output=True, text=True, timeout=120)
-    report = done.stdout + done.stderr
-    assert done.returncode == 0 and "Fix?" not in report and "journal recovery" not in report, report
+    report = fsck_problems(image)
+    assert report is None, report
 
 
 def copy_root(linux_image, directory: Path) -> Path:  # type: ignore[no-untyped-def]
@@ -160,49 +148,17 @@ def test_run_boots_linux_from_the_nvme_export_and_writes_on_it(
 
 @pytest.mark.qemu
 def test_linux_writing_on_its_root_never_notices_the_driver_killed_and_stopped(
-        proxy_machine_factory, linux_machine_factory, linux_image, tmp_path: Path, socket_dir: Path) -> None:
+        proxy_machine_factory, linux_machine_factory, linux_image, tmp_path: Path, socket_dir: Path,
+        rng: random.Random) -> None:
     image = copy_root(linux_image, tmp_path)
     pm = proxy_machine_factory(machine_with("ahci", image), name="serve-kill")
     with DiskService(pm, "ahci", nbd=f"unix:{socket_dir}/root.sock") as service:
-        starts = service.starts(timeout=120)
-        next(starts)
-        writer = linux_machine_factory(disk=service.uri, root=True, name="writer")
-        console = writer.console
-        assert console.run("grep ' / ' /proc/mounts")[0].startswith(f"{ROOT_DEVICE} / ext4 rw")
-        # the sources in tmpfs first, so that once the copies start the guest only writes;
-        # the markers are quoted apart so that the shell's echo of the line does not match
-        console.sendline(
-            f"mkdir -p /data; for i in $(seq 1 {FILES}); do "
-            f"dd if=/dev/urandom of=/tmp/src$i bs=64k count={FILE_KIB // 64} 2>/dev/null; "
-            f"echo hwh-'sum' $i $(sha256sum < /tmp/src$i); done; "
-            f"for i in $(seq 1 {FILES}); do "
-            f"dd if=/tmp/src$i of=/data/f$i bs=64k conv=fsync 2>/dev/null || echo hwh-'failed' $i; "
-            f"echo hwh-'wrote' $i; [ $((i % {BATCH})) = 0 ] && sync; done; sync; echo hwh-'writer' done")
-        sums = {}
-        for i in range(1, FILES + 1):
-            found = console.wait_for(r"hwh-sum (\d+) ([0-9a-f]{64})", timeout=300)
-            sums[f"/data/f{found.group(1)}"] = found.group(2)
-        assert len(sums) == FILES
-        for i in range(1, FILES + 1):
-            found = console.expect([r"hwh-wrote (\d+)\r?\n", r"hwh-failed (\d+)\r?\n"], timeout=300)
-            assert (found.index, found.match.group(1)) == (0, str(i)), found.before
-            if i in KILL_AFTER or i == STOP_AFTER:
-                victim = service.driver.pid
-                os.kill(victim, signal.SIGKILL if i in KILL_AFTER else signal.SIGSTOP)   # ours, by its PID
-                line = next(starts)
-                cause = "killed by SIGKILL" if i in KILL_AFTER else "hung: no heartbeat"
-                assert "again, " in line and cause in line, line
-        console.wait_for("hwh-writer done", timeout=300)
-        assert len(service.driver.restarts) == len(KILL_AFTER) + 1
-        dmesg, _ = console.run("dmesg")
-        assert not IO_ERROR.search(dmesg), dmesg
-        writer.shutdown()                      # power off: a reboot without unmounting
-
-        reader = linux_machine_factory(disk=service.uri, root=True, name="reader")
-        listed, status = reader.console.run("sha256sum /data/f*", timeout=120)
-        assert status == 0, listed
-        assert dict(reversed(line.split()) for line in listed.splitlines()) == sums
-        assert reader.console.run("mount -o remount,ro /") == ("", 0)
-        reader.shutdown()
+        report = write_through_kills(service, lambda name: linux_machine_factory(disk=service.uri, root=True,
+                                                                                 name=name), PLAN, rng)
     pm.close()                                          # QEMU is gone; only the file is left
+    assert report.problems() == []
+    assert [r["signal"] for r in report.restarts] == ["SIGKILL", "SIGKILL", "SIGSTOP", "SIGKILL"]
+    for line, restart in zip(report.lines[1:], report.restarts):
+        cause = "killed by SIGKILL" if restart["signal"] == "SIGKILL" else "hung: no heartbeat"
+        assert "again, " in line and cause in line, line
     assert_fsck_clean(image)

@@ -4,10 +4,12 @@ other processes and other machines: an AHCI port or an NVMe namespace.
 :class:`DiskBackend` makes either the server's device: a turn's writes go queued
 (AHCI NCQ WRITE FPDMA QUEUED, or NVMe Writes, 32 in flight) straight from DMA memory,
 then one device flush (FLUSH CACHE EXT, NVMe Flush) covers every FUA write and FLUSH
-of the turn; TRIM is the NVMe namespace's Dataset Management deallocate, where the
-controller has it. :func:`serve_disk` is what the driver's process runs: open the
-controller, take its first disk, serve it until killed; :func:`disk_driver` is that
-as a supervised driver entry; :class:`DiskService` runs it supervised on a listener it
+of the turn; a turn's reads go queued too (READ FPDMA QUEUED, NVMe Reads) into DMA
+memory, each read one command (or a few: NVMe's MDTS) however long, and the server
+copies their data once, from there into the reply; TRIM is the NVMe namespace's
+Dataset Management deallocate, where the controller has it. :func:`serve_disk` is
+what the driver's process runs: open the controller, take its first disk, serve it
+until killed; :func:`disk_driver` is that as a supervised driver entry; :class:`DiskService` runs it supervised on a listener it
 owns and tells who serves (what ``hwharness serve disk`` prints).
 
 nbdkit was weighed against this small server and not taken: the listening socket must
@@ -31,7 +33,7 @@ from typing import Callable, Iterator, Literal, Sequence
 
 from ..access import Bus, DmaBuffer, PciFunction
 from ..errors import DeviceNotFound
-from .nbd import MAX_PAYLOAD, Address, NbdServer
+from .nbd import BEAT_BYTES, MAX_PAYLOAD, TURN_REQUESTS, Address, NbdServer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,11 @@ CONTROLLERS: tuple[Controller, ...] = ("ahci", "nvme")
 # DMA memory a batch of writes is copied into: four full-size requests at a time; a turn with
 # more is written in several queued calls, all before the turn's one flush.
 STAGING_BYTES = 4 * MAX_PAYLOAD
+# Every command's buffer starts on a page: NVMe's PRPs must (an offset into a page is allowed
+# in the first entry only, and then the data may not run into a second page unaligned).
+PAGE = 4096
+# DMA memory a batch of reads lands in: all of one read_many call, each read page-aligned.
+READ_STAGING_BYTES = BEAT_BYTES + TURN_REQUESTS * PAGE
 DSM_MAX_BLOCKS = 0xFFFFFFFF             # one NVMe Dataset Management range
 
 
@@ -56,6 +63,7 @@ class DiskBackend:
         # One queued command moves at most this (NVMe: MDTS; AHCI: a request, any size).
         self.per_command = getattr(disk, "max_transfer", MAX_PAYLOAD)
         self.staging = dev.dma_alloc(STAGING_BYTES) if disk.queue_depth else None
+        self.read_staging: DmaBuffer | None = dev.dma_alloc(READ_STAGING_BYTES)
         controller = getattr(disk, "controller", None)
         self.trim: Callable[[int, int], None] | None = (
             self._deallocate if controller is not None and controller.identity.dsm else None)
@@ -81,12 +89,36 @@ class DiskBackend:
                 if used + len(piece) > self.staging.size:
                     self.disk.write_queued_from(queue)
                     queue, used = [], 0
-                view = self.staging.view[used:used + len(piece)]
-                view[:] = piece
-                queue.append((lba + start // self.sector_size, DmaBuffer(self.staging.phys + used, view)))
-                used += len(piece)
+                buffer = _slice(self.staging, used, len(piece))
+                buffer.view[:] = piece
+                queue.append((lba + start // self.sector_size, buffer))
+                used = _page_up(used + len(piece))
         if queue:
             self.disk.write_queued_from(queue)
+
+    def read_many(self, items: Sequence[tuple[int, int]]) -> list[memoryview]:
+        """Reads of (lba, count), at most ``BEAT_BYTES`` and ``TURN_REQUESTS`` in all, issued
+        together (queued where the disk queues; one command alone as a plain DMA read, without
+        the queue's bookkeeping); their data as views of DMA memory, valid until the next call."""
+        assert self.read_staging is not None, "read_many after close()"
+        queue: list[tuple[int, DmaBuffer]] = []
+        views: list[memoryview] = []
+        used = 0
+        for lba, count in items:
+            nbytes = count * self.sector_size
+            if used + nbytes > self.read_staging.size:
+                raise ValueError(f"reads of more than {self.read_staging.size} bytes in one batch")
+            for start in range(0, nbytes, self.per_command):
+                queue.append((lba + start // self.sector_size,
+                              _slice(self.read_staging, used + start, min(self.per_command, nbytes - start))))
+            views.append(self.read_staging.view[used:used + nbytes])
+            used = _page_up(used + nbytes)
+        if len(queue) > 1 and self.disk.queue_depth:
+            self.disk.read_queued_into(queue)
+        else:
+            for lba, buffer in queue:
+                self.disk.read_into(lba, [buffer])
+        return views
 
     def flush(self) -> None:
         self.disk.flush()
@@ -97,9 +129,19 @@ class DiskBackend:
             self.disk.deallocate(ranges[i:i + 256])
 
     def close(self) -> None:
-        if self.staging is not None:
-            self.dev.dma_free(self.staging)
-            self.staging = None
+        for buffer in (self.staging, self.read_staging):
+            if buffer is not None:
+                self.dev.dma_free(buffer)
+        self.staging = self.read_staging = None
+
+
+def _page_up(offset: int) -> int:
+    return -(-offset // PAGE) * PAGE
+
+
+def _slice(buffer: DmaBuffer, offset: int, nbytes: int) -> DmaBuffer:
+    """``nbytes`` of ``buffer`` from ``offset``: one command's DMA memory."""
+    return DmaBuffer(buffer.phys + offset, buffer.view[offset:offset + nbytes])
 
 
 def find_controller(bus: Bus, controller: Controller) -> PciFunction:

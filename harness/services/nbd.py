@@ -30,8 +30,10 @@ for READ and TRIM; the device failing it -> EIO. A request header with a wrong
 magic leaves the framing in doubt: that connection is closed, no other notices.
 
 Group commit: each turn of the server's loop gathers the complete requests of
-every connection, runs them (writes as one ``write_many`` batch where the device
-has it, split where two overlap so that they land in the order they arrived),
+every connection, runs them (writes as one ``write_many`` batch and reads as one
+``read_many`` batch where the device has them, so a device with a command queue
+works on them all at once; split where a write overlaps another request so that
+they land in the order they arrived),
 then, if the turn holds a FLUSH or a request with FUA, flushes the device once,
 then answers them all. So a plain WRITE is acknowledged once the device has
 completed it (it may still sit in the device's volatile cache, which NBD allows),
@@ -66,7 +68,7 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence, Union
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar, Union
 
 from ..access import Deadline
 from ..devices.block import BlockDevice
@@ -175,11 +177,15 @@ WRITING = frozenset((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
 TURN_REQUESTS = 512
 TURN_BYTES = 8 << 20
 TICK = 0.05                             # the longest the loop waits without calling beat()
-BEAT_BYTES = 1 << 20                    # the most device work between two beats in a turn
+# The most device work between two beats in a turn: also the most one read_many or write_many
+# call is given, so it bounds the DMA memory a device stages a batch in.
+BEAT_BYTES = 4 << 20
 # A connection whose unread input or unsent replies pass this is not read until they drain,
 # so a client that never reads cannot make the server's memory grow.
 CONNECTION_BUFFER = 4 << 20
 RECV_SIZE = 256 << 10
+
+_Item = TypeVar("_Item")
 
 
 class NbdError(HarnessError):
@@ -301,8 +307,11 @@ class NbdServer:
 
     ``device`` is a :class:`~harness.devices.block.BlockDevice` and may have
     ``write_many([(lba, data), ...])``, a batch whose items never overlap (the server splits
-    a turn's writes where they do), to issue together, and ``trim(lba, count)`` (then
-    TRIM is advertised). ``beat()``, if given, is called on every turn of the loop, at
+    a turn's writes where they do), to issue together; ``read_many([(lba, count), ...])``,
+    a batch of reads (at most ``BEAT_BYTES`` in all) to issue together, whose data it
+    returns as buffers valid until its next call (views of its DMA memory: the server
+    copies each once, into the reply); and ``trim(lba, count)`` (then TRIM is
+    advertised). ``beat()``, if given, is called on every turn of the loop, at
     least every ``TICK`` seconds while the device is idle: a liveness heartbeat for a
     supervisor. The device's exceptions of ``request_errors`` fail the request they came
     from (EIO); any other escapes and ends the server (its clients will send again to the
@@ -322,6 +331,8 @@ class NbdServer:
         self.sector_size = device.sector_size
         self.size = device.size
         self.write_many: Callable[[list[tuple[int, bytes]]], None] | None = getattr(device, "write_many", None)
+        self.read_many: Callable[[list[tuple[int, int]]], Sequence[bytes | memoryview]] | None = getattr(
+            device, "read_many", None)
         self.trim: Callable[[int, int], None] | None = getattr(device, "trim", None)
         flags = Flag.HAS_FLAGS | Flag.SEND_FLUSH | Flag.CAN_MULTI_CONN
         if read_only:
@@ -374,8 +385,9 @@ class NbdServer:
             self._run(batch)
             for request in batch:
                 if request.connection.open:
-                    request.connection.outbox += SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, request.error,
-                                                                   request.handle) + request.reply
+                    outbox = request.connection.outbox
+                    outbox += SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, request.error, request.handle)
+                    outbox += request.reply
         for connection in list(self.connections):
             if connection.outbox:
                 self._send(connection)
@@ -671,19 +683,27 @@ class NbdServer:
             return
         writes = [r for r in segment if r.cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES)]
         if writes and self.write_many is not None:
-            pieces = [piece for r in writes for piece in self._pieces(r)]
             try:
-                while pieces:
-                    group, size = [], 0
-                    while pieces and (not group or size + len(pieces[0][1]) <= BEAT_BYTES):
-                        group.append(pieces.pop(0))
-                        size += len(group[-1][1])
+                for group in _groups([piece for r in writes for piece in self._pieces(r)], lambda p: len(p[1])):
                     self._beat()
                     self.write_many(group)
                 writes = []
             except self.request_errors as exc:      # which failed? each alone again (a rewrite is harmless)
                 log.info("a batch of %d writes failed (%s); writing each alone", len(writes), exc)
+        reads = [r for r in segment if r.cmd == Cmd.READ]
+        if reads and self.read_many is not None:
+            try:
+                for group in _groups(reads, lambda r: r.length):
+                    self._beat()
+                    data = self.read_many([(r.offset // self.sector_size, r.length // self.sector_size)
+                                           for r in group])
+                    for request, view in zip(group, data):
+                        request.reply = bytes(view)
+            except self.request_errors as exc:      # which failed? the unread each alone again
+                log.info("a batch of %d reads failed (%s); reading each alone", len(reads), exc)
         for request in segment:
+            if request.cmd == Cmd.READ and request.reply:
+                continue
             try:
                 if request in writes:
                     for lba, data in self._pieces(request):
@@ -703,6 +723,20 @@ class NbdServer:
     def _beat(self) -> None:
         if self.beat is not None:
             self.beat()
+
+
+def _groups(items: list[_Item], size: Callable[[_Item], int]) -> Iterator[list[_Item]]:
+    """``items`` in order, in groups of at most ``BEAT_BYTES`` (an item larger goes alone)."""
+    group: list[_Item] = []
+    total = 0
+    for item in items:
+        if group and total + size(item) > BEAT_BYTES:
+            yield group
+            group, total = [], 0
+        group.append(item)
+        total += size(item)
+    if group:
+        yield group
 
 
 # ---- the client ----

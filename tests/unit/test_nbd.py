@@ -7,7 +7,8 @@ or half a request, disturbs no one else; a turn's FUA writes are flushed before 
 acknowledged, and plain writes are not flushed; every write acknowledged survives the server
 being SIGKILLed at random moments; pyfatfs works through a client, and fsck.fat and mtools
 agree with what it wrote; third-party clients (nbdinfo, qemu-img, qemu-io, nbdcopy) see the
-export as advertised and move bytes exactly.
+export as advertised and move bytes exactly; the disk backend stages every command where a
+disk as strict as NVMe's PRPs takes it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from harness.access import Deadline
+from harness.access import Deadline, DmaBuffer
+from harness.services.disk import DiskBackend
 from harness.services.nbd import (CLIENT_FLAGS, EXPORT_NAME_REPLY, GREETING, IHAVEOPT, MAX_PAYLOAD, OPTION,
                                   REQUEST, REQUEST_MAGIC, SIMPLE_REPLY, SIMPLE_REPLY_MAGIC, ClientFlag, Cmd, CmdFlag,
                                   Errno, NbdClient, NbdError, NbdServer, NbdTimeout, NbdUnreachable, Opt)
@@ -758,3 +760,74 @@ def test_listen_takes_unix_and_tcp_specs_and_names_their_uris(socket_dir: Path) 
     for bad in ("unix:", "tcp:127.0.0.1", "tcp:host:port", "nbd:x"):
         with pytest.raises(ValueError):
             listen(bad)
+
+
+# ---- the disk backend's DMA staging, against a disk as strict as NVMe's PRPs ----
+
+
+class PageStrictDisk:
+    """Memory as a queueing disk that, like NVMe's PRPs, refuses a command whose buffer does not
+    start on a page; it logs each call as (how, [(lba, bytes)])."""
+
+    sector_size = SECTOR
+    queue_depth = 32
+    max_transfer = 128 << 10
+
+    def __init__(self, sectors: int) -> None:
+        self.memory = bytearray(os.urandom(sectors * SECTOR))
+        self.size = len(self.memory)
+        self.calls: list[tuple[str, list[tuple[int, int]]]] = []
+
+    def _check(self, how: str, requests) -> None:  # type: ignore[no-untyped-def]
+        for _, buffer in requests:
+            assert buffer.phys % 4096 == 0 and 0 < buffer.size <= self.max_transfer, (buffer.phys, buffer.size)
+        self.calls.append((how, [(lba, buffer.size) for lba, buffer in requests]))
+
+    def read_queued_into(self, requests) -> None:  # type: ignore[no-untyped-def]
+        self._check("read_queued", requests)
+        for lba, buffer in requests:
+            buffer.view[:] = self.memory[lba * SECTOR:lba * SECTOR + buffer.size]
+
+    def read_into(self, lba: int, buffers) -> None:  # type: ignore[no-untyped-def]
+        self._check("read", [(lba, b) for b in buffers])
+        self.read_queued_into([(lba, b) for b in buffers])
+        self.calls.pop()
+
+    def write_queued_from(self, requests) -> None:  # type: ignore[no-untyped-def]
+        self._check("write_queued", requests)
+        for lba, buffer in requests:
+            self.memory[lba * SECTOR:lba * SECTOR + buffer.size] = buffer.view
+
+
+class HostDma:
+    """DMA memory as bytearrays at page-aligned made-up addresses."""
+
+    def __init__(self) -> None:
+        self.next = 1 << 20
+
+    def dma_alloc(self, size: int) -> DmaBuffer:
+        buffer = DmaBuffer(self.next, memoryview(bytearray(size)))
+        self.next += -(-size // 4096) * 4096
+        return buffer
+
+    def dma_free(self, buffer: DmaBuffer) -> None:
+        pass
+
+
+def test_the_disk_backend_stages_every_command_on_a_page_and_splits_at_the_largest_transfer() -> None:
+    disk = PageStrictDisk(4096)
+    backend = DiskBackend(HostDma(), disk)
+    # reads of 1 KiB, 3.5 KiB and 300 KiB: each starts on a page, the long one in 128 KiB pieces
+    items = [(1, 2), (100, 7), (1000, 600)]
+    data = backend.read_many(items)
+    assert [bytes(d) for d in data] == [bytes(disk.memory[lba * SECTOR:(lba + n) * SECTOR]) for lba, n in items]
+    assert disk.calls == [("read_queued", [(1, 1024), (100, 3584), (1000, 128 << 10), (1256, 128 << 10),
+                                           (1512, 44 << 10)])]
+    assert backend.read_many([(7, 1)])[0] == disk.memory[7 * SECTOR:8 * SECTOR] and disk.calls[-1] == \
+        ("read", [(7, 512)]), "one command alone is a plain read"
+    # writes of 512 bytes then 4 KiB: the second is not staged right behind the first
+    writes = [(2000, os.urandom(512)), (2100, os.urandom(4096))]
+    backend.write_many(writes)
+    assert disk.calls[-1] == ("write_queued", [(2000, 512), (2100, 4096)])
+    assert all(disk.memory[lba * SECTOR:lba * SECTOR + len(d)] == d for lba, d in writes)
+    backend.close()

@@ -123,7 +123,8 @@ def command_line() -> argparse.ArgumentParser:
                        help="restart: stop the driver (SIGSTOP, a hang) instead of killing it")
     bench.add_argument("--count", type=positive_int, help="boot: how many boots (default 10)")
     bench.add_argument("--kill", type=positive_int, metavar="N",
-                       help="forward: SIGKILL the bridge N times (and SIGSTOP it once) under a Linux download")
+                       help="serve: Linux writes on its root on the AHCI export while the driver is SIGKILLed "
+                            "N times (and SIGSTOPped once); forward: the bridge so, under a Linux download")
     bench.add_argument("--json", metavar="PATH", help="write the result here too")
     bench.add_argument("--peer", choices=("linux",),
                        help="also measure Linux's own driver in the same machine (the Linux guest of `make images`)")

@@ -31,6 +31,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         extra["kill"] = args.kill
     if args.peer and args.name not in ("ahci", "e1000"):
         raise BadInput(f"--peer {args.peer} is for bench ahci and bench e1000, not {args.name}")
+    if args.kill:
+        if args.name != "serve":
+            raise BadInput(f"--kill is for bench serve, not {args.name}")
+        print_json(serve.kill_run(args.accel, args.kill, quick=args.quick, iommu=iommu_of(args)), args.json,
+                   left_out="lines")
+        return 0
     result = BENCHES[args.name](args.accel, quick=args.quick, iommu=iommu_of(args), **extra)
     print_json(result, args.json, left_out="per_round")
     return 0

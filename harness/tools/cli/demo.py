@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import datetime
 import os
+import random
 import shutil
 import signal
 import struct
@@ -32,6 +33,7 @@ from ...access import Batch
 from ...devices.fat import DriverFatFS
 from ...errors import DmaFault, HarnessError
 from ...machine import Machine, RuntimeFile, random_mac
+from ...machine.accel import choose_auto
 from ...machine.input import move_mouse
 from ...machine.linux import linux
 from ...processes.supervisor import Supervisor
@@ -40,6 +42,7 @@ from ...services.bridge import BridgeService, bridge_spec
 from ...services.nbd import NbdClient
 from ..bench import forward, latency
 from ..bench.restart import disk_listener
+from ..bench.serve import KillPlan, linux_through_kills
 from ..bench.stats import latencies_us, pct
 from .common import CheckFailed, device_table, iommu_of, say
 from .keyboard import escape_controls, type_and_decode
@@ -339,6 +342,30 @@ def linux_online(dm: DemoMachine) -> Check:
     return Check(saw, unless(got.sha256 == sums["demo.bin"], "the download through the killed bridge"))
 
 
+def linux_on_served_root(dm: DemoMachine) -> Check:
+    """``serve disk`` then ``boot --root``: Linux whose root filesystem is the AHCI driver's NBD
+    export (another proxy machine, the root image of `make images`); the driver SIGKILLed once
+    while Linux writes; the file's sha256 after a power-off and a reboot, and fsck."""
+    accel = dm.pm.machine.accel
+    if accel == "kvm" and choose_auto().accel != "kvm":
+        return Check([f"skipped: the Linux guest is not booted under this host's KVM ({choose_auto().reason}); "
+                      "the README lists this case as unsupported"])
+    plan = KillPlan(files=2, file_kib=4096, batch=1, kill_after=(1,))
+    report, fsck, elapsed = linux_through_kills(accel, plan, random.Random(), name="demo-root")
+    restart = report.restarts[0]
+    saw = [report.lines[0], f"Linux booted with root=/dev/vda on that export, wrote /data/f1 and /data/f2 "
+           f"({plan.file_kib // 1024} MiB each, sync after each)",
+           report.lines[1] if len(report.lines) > 1 else "the driver was not restarted",
+           f"  Linux's requests stalled {restart['stall_ms']:.0f} ms; its kernel log has "
+           f"{len(report.io_errors)} I/O errors",
+           *(f"after a power-off and reboot: {name} sha256 {report.read_back.get(name, 'missing')[:16]}... "
+             f"{'as written' if report.read_back.get(name) == digest else 'NOT AS WRITTEN'}"
+             for name, digest in sorted(report.written.items())),
+           f"fsck.ext4 -fn on the image: {'clean' if fsck is None else fsck.strip().splitlines()[-1]} "
+           f"({elapsed:.1f} s in all)"]
+    return Check(saw, unless(not report.problems() and fsck is None, "Linux on a served root"))
+
+
 def crash_report(dm: DemoMachine) -> Check:
     saw = []
     try:
@@ -363,4 +390,6 @@ STEPS = [
     Step("the AHCI driver in a process of its own: killed with SIGKILL, and back", supervised_disk),
     Step("a Linux machine online through the Python bridge, the bridge killed during a download", linux_online),
     Step("a guest CPU exception becomes a readable crash report", crash_report),
+    Step("Linux with its root on the AHCI driver's NBD export; the driver killed while Linux writes",
+         linux_on_served_root),
 ]
