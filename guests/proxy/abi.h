@@ -28,6 +28,17 @@
  * batch outlasts its turn: PROXY_TURN_US). A batch is just
  * several entries published by one `submit` store; once one of them fails,
  * the rest of that batch is SKIPPED, so a driver never acts on a failed step.
+ *
+ * Several batches may be in flight on one ring (ABI 11): the host publishes
+ * batch after batch without waiting, and the guest may find several of them
+ * behind one `submit`. So the host marks the first entry of every batch with
+ * PROXY_OP_FIRST in its op: a failure skips the rest of its own batch, never
+ * the next one. (Entries without the mark continue the batch before them; what
+ * the guest finds behind one `submit` always starts a batch, marked or not.)
+ * A host may post a batch (a doorbell, a tail pointer) and never wait for it:
+ * it learns of the batch's failure from the batch's own entries, which stay in
+ * the ring until it publishes PROXY_RING_ENTRIES further on, and reports it on
+ * its next waited request (harness/proxy/channel.py).
  */
 #ifndef PROXY_ABI_H
 #define PROXY_ABI_H
@@ -40,7 +51,7 @@ typedef unsigned long long u64 __attribute__((aligned(8)));
 
 enum proxy_abi {
     PROXY_ABI_MAGIC = 0x48574858,   /* "XHWH" little-endian */
-    PROXY_ABI_VERSION = 10,
+    PROXY_ABI_VERSION = 11,         /* 11: PROXY_OP_FIRST, several batches in flight per ring */
 };
 
 enum proxy_limits {
@@ -204,6 +215,11 @@ enum proxy_op {
     PROXY_OP_NIC_RX_LOOP = 49,
     PROXY_OP_DISK_READ_LOOP = 50,   /* addr = a struct proxy_disk_loop in the DMA pool */
     PROXY_OP_NVME_LOOP = 51,        /* addr = a struct proxy_nvme_loop in the DMA pool */
+};
+
+/* Bits of a request's op beside the operation itself. */
+enum proxy_op_flags {
+    PROXY_OP_FIRST = 0x80,          /* the first request of a batch: a failure before it does not skip it */
 };
 
 enum proxy_irq_mode {
