@@ -833,10 +833,8 @@ static int serve(int c)
             to[i] = from[i];
         u64 value = 0;
         slot->start_tsc = now;
-        if (rq.op & PROXY_OP_FIRST) {   /* a batch of its own: an earlier batch's failure ends there */
-            rq.op &= (u8)~PROXY_OP_FIRST;
-            ch->failed = 0;
-        }
+        if (rq.status != PROXY_STATUS_CONTINUES)
+            ch->failed = 0;             /* a batch of its own: an earlier batch's failure ends there */
         u16 status = PROXY_STATUS_SKIPPED;
         if (ch->failed)
             ;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import struct
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from ..access import Access, Channel, DmaDomain, IrqMode, Kind, Pending, Prepared, Space
@@ -75,7 +76,7 @@ class ProxyChannel(Channel):
         self._mem = w.mem
         self._u16, self._u32, self._u64 = w.u16, w.u32, w.u64
         self._started_batch: tuple | None = None    # a prepared batch published, not yet awaited
-        self._first = abi.PROXY_OP_FIRST            # marks the first request of each batch
+        self._continues = abi.PROXY_STATUS_CONTINUES    # marks each entry of a batch after its first
         self._ok = abi.PROXY_STATUS_OK
         self._errors = {abi.PROXY_STATUS_DENIED: AccessDenied, abi.PROXY_STATUS_BAD_REQUEST: BadRequest,
                         abi.PROXY_STATUS_TIMEOUT: DeviceTimeout, abi.PROXY_STATUS_FAULT: ProxyFault}
@@ -336,7 +337,9 @@ class ProxyChannel(Channel):
             slot = entries + ((head + i) & mask) * size
             pack(mem, slot, *r)
             slots.append(slot)
-        mem[slots[0] + ring.first_off] |= self._first
+        u16, status, mark = self._u16, ring.status_off, self._continues
+        for slot in slots[1:]:
+            u16[(slot + status) >> 1] = mark
         return slots
 
     def _one(self, op: int, width: int, addr: int, value: int = 0) -> int:
@@ -347,7 +350,7 @@ class ProxyChannel(Channel):
         ring = self.ring                # Ring.write and .publish, inlined: this is every register access
         head = ring.head
         slot = ring.entries_off + (head & ring.mask) * ring.entry_size
-        ring.pack_short(self._mem, slot, op | self._first, width, 0, 0, addr, value)
+        ring.pack_short(self._mem, slot, op, width, 0, 0, addr, value)
         head = (head + 1) & 0xFFFFFFFF
         ring.head = head
         self._u32[ring.submit_idx] = head
@@ -480,7 +483,8 @@ class PreparedBatch(Prepared):
             packed = bytearray(ring.entry_size)
             ring.pack(packed, ring.first_off, *channel._encode(a))
             blob += packed
-        blob[ring.first_off] |= channel._first
+        for i in range(1, len(accesses)):          # one batch: every entry after the first continues it
+            struct.pack_into("<H", blob, i * ring.entry_size + ring.status_off, channel._continues)
         self.blob = bytes(blob)
         self.limits = [1 << (8 * a.width) for a in accesses]
         self.timeout = DEFAULT_TIMEOUT + sum(a.timeout for a in accesses)   # as execute() allows
