@@ -311,9 +311,13 @@ class ProxyChannel(Channel):
         self._started = None
         flight = Flight((head - batch.count) & 0xFFFFFFFF, batch.count, False, batch.timeout,
                         lambda i: batch.with_values(patch or {})[i])
-        self._flights.append(flight)        # after any flights before it: collected in order
-        self._settle()
-        self._raise_deferred()
+        if self._flights:                   # after the flights before it: collected in order
+            self._flights.append(flight)
+            self._settle()
+        else:
+            self._collect(flight)
+        if self._deferred is not None:
+            self._raise_deferred()
         if flight.error is not None:
             raise flight.error
         assert flight.values is not None
