@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import functools
 import logging
 import struct
@@ -77,6 +78,7 @@ class ProxyChannel(Channel):
         self._u16, self._u32, self._u64 = w.u16, w.u32, w.u64
         self._started_batch: tuple | None = None    # a prepared batch published, not yet awaited
         self._continues = abi.PROXY_STATUS_CONTINUES    # marks each entry of a batch after its first
+        self._marks = memoryview(array.array("H", [self._continues] * self.ring.size))
         self._ok = abi.PROXY_STATUS_OK
         self._errors = {abi.PROXY_STATUS_DENIED: AccessDenied, abi.PROXY_STATUS_BAD_REQUEST: BadRequest,
                         abi.PROXY_STATUS_TIMEOUT: DeviceTimeout, abi.PROXY_STATUS_FAULT: ProxyFault}
@@ -341,10 +343,20 @@ class ProxyChannel(Channel):
             slot = entries + ((head + i) & mask) * size
             pack(mem, slot, *r)
             slots.append(slot)
-        u16, status, mark = self._u16, ring.status_off, self._continues
-        for slot in slots[1:]:
-            u16[(slot + status) >> 1] = mark
+        self._mark_continuing(head, len(requests))
         return slots
+
+    def _mark_continuing(self, start: int, count: int) -> None:
+        """Mark entries ``start + 1`` .. ``start + count - 1`` as continuing the batch of entry
+        ``start``: strided stores, no Python loop, across the ring's wrap."""
+        ring, u16 = self.ring, self._u16
+        first, left = start + 1, count - 1
+        stride = ring.entry_size // 2
+        while left > 0:
+            k = min(left, ring.size - (first & ring.mask))
+            lo = (ring.offset(first) + ring.status_off) >> 1
+            u16[lo:lo + k * stride:stride] = self._marks[:k]
+            first, left = first + k, left - k
 
     def _one(self, op: int, width: int, addr: int, value: int = 0) -> int:
         """The hot path: one request, no objects built unless it fails."""
