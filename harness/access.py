@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
@@ -47,6 +48,21 @@ class Deadline:
     @property
     def expired(self) -> bool:
         return time.monotonic() >= self.end
+
+
+def spin_until(done: Callable[[], bool], seconds: float) -> bool:
+    """Poll memory the host has mapped (a completion entry a device wrote by DMA) for up to
+    ``seconds``, giving the core away each time round (the vCPU and QEMU's main loop want
+    the machine's cores too); whether ``done()`` came true. No round trip: the caller
+    falls back to a guest-side wait, which also reports posted batches' failures."""
+    if done():
+        return True
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        os.sched_yield()
+        if done():
+            return True
+    return False
 
 
 class Space(enum.Enum):
@@ -200,6 +216,24 @@ class Channel(abc.ABC):
         """A batch to run many times; a transport may encode it once (the proxy does)."""
         return Prepared(self, accesses)
 
+    # Asynchronous use. A transport that can (the proxy) lets these batches run while the
+    # caller goes on; here each runs at once, which keeps every promise below.
+
+    def post(self, accesses: Sequence[Access]) -> None:
+        """Run a batch nobody waits for (a doorbell, a tail pointer). Its failure is raised,
+        typed and naming the access, by the channel's next waited request (any read, write,
+        poll, batch, ``Pending.wait`` or ``flush``), or here."""
+        self.execute(accesses)
+
+    def start(self, accesses: Sequence[Access]) -> "Pending":
+        """Begin a batch and return at once; ``wait()`` on the result returns its values.
+        Several may be in flight on a channel; they complete in the order they started,
+        before any request started after them."""
+        return Pending(self.execute(accesses))
+
+    def flush(self) -> None:
+        """Wait until every posted and started batch is done; raise a posted batch's failure."""
+
     def accessor(self, kind: Kind, space: Space) -> Callable[[int, int, int], int]:
         """A callable ``(width, addr, value) -> int`` doing one read or write.
 
@@ -284,6 +318,17 @@ class Prepared:
         if results is None:
             raise RuntimeError("no batch was started")
         return results
+
+
+class Pending:
+    """A batch in flight (``Channel.start``): ``wait()`` returns one value per access, or
+    raises the batch's typed error (or an earlier posted batch's)."""
+
+    def __init__(self, values: list[int]) -> None:
+        self._values = values
+
+    def wait(self) -> list[int]:
+        return self._values
 
 
 class DmaDomain(abc.ABC):

@@ -2,9 +2,17 @@
 
 Every command is one slot of the port's command list: an H2D register FIS
 and a PRD table in the slot's command table, then a bit in PxCI (and PxSACT
-for NCQ). Completion is awaited guest-side (a proxy poll on PxCI or PxSACT),
-with PxIS and PxTFD read in the same batch, so a command costs one round trip
-to issue and one to complete. Data land in DMA buffers the host has mapped.
+for NCQ). Data land in DMA buffers the host has mapped.
+
+A command (not queued, polling) is a posted PxCI write, and its completion is
+what the HBA writes into the received-FIS area, which the host has mapped too:
+the D2H Register FIS, with the status and error the HBA also copies into
+PxTFD. QEMU clears PxCI before it writes that FIS (hw/ide/ahci.c,
+ahci_cmd_done), so once Python sees it the slot is free; nothing waits for a
+round trip. If the FIS is slow to come, a guest-side poll on PxCI with PxIS
+and PxTFD read in the same batch takes over (and reports a posted write's
+failure). Queued (NCQ) commands complete by Set Device Bits FISes, which QEMU
+overwrites one per command: those are awaited guest-side, a round at a time.
 """
 
 from __future__ import annotations
@@ -16,11 +24,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from harness.access import Bus, Deadline, Device, DmaBuffer, IrqMode, Kind, Prepared
+from harness.access import Bus, Deadline, Device, DmaBuffer, IrqMode, Kind, Prepared, spin_until
 from harness.errors import DeviceTimeout, HarnessError, InterruptTimeout
 
 from .regs import (CAP_NCS_MASK, CAP_NCS_SHIFT, CMD_TABLE_ACMD, CMD_TABLE_PRDT, DEVICE_LBA, FIS_DWORDS,
-                   HEADER_ATAPI, HEADER_WRITE, PACKET_DMA, PORT_BASE, PORT_STRIDE, PXIS_ERRORS, SECTOR, SIG_ATA,
+                   FIS_TYPE_D2H, RFIS_D2H, HEADER_ATAPI, HEADER_WRITE, PACKET_DMA, PORT_BASE, PORT_STRIDE, PXIS_ERRORS, SECTOR, SIG_ATA,
                    SIG_ATAPI, SSTS_DET_PRESENT, Ata, Cap, CommandHeader, Ghc, Hba, Prd, Px, PxCmd, PxIs, Tfd,
                    pack_h2d_fis, packer)
 
@@ -151,6 +159,7 @@ class Port:
         self.buffers = dev.dma_alloc(self.slots * SLOT_SECTORS * SECTOR) if self.present else None
         self.identity: Identity | None = None
         self._batches: dict[tuple, Prepared] = {}
+        self._issues = [self.r.access(Kind.WRITE, self.base + Px.CI, 4, 1 << k) for k in range(self.slots)]
         # The queue's hot path writes headers by words, and a PRD only when it changed (per table).
         self._list_words = self.command_list.view.cast("I")
         self._table_prd: list[tuple[int, int] | None] = [None] * (2 * self.slots)
@@ -237,18 +246,30 @@ class Port:
         size = SLOT_SECTORS * SECTOR
         return self.buffers.phys + slot * size, self.buffers.view[slot * size:(slot + 1) * size]
 
-    def _command_batch(self, slot: int) -> Prepared:
-        """Issue ``slot``, poll guest-side until PxCI clears, read PxIS and PxTFD: a command
-        in one round trip, encoded once per slot."""
+    def _completion_batch(self, slot: int) -> Prepared:
+        """Poll guest-side until PxCI clears ``slot``, read PxIS and PxTFD: one round trip,
+        encoded once per slot."""
         key = ("command", slot)
         batch = self._batches.get(key)
         if batch is None:
             r, base = self.r, self.base
             batch = self._batches[key] = self.hba.dev.channel.prepare([
-                r.access(Kind.WRITE, base + Px.CI, 4, 1 << slot),
                 r.access(Kind.POLL, base + Px.CI, 4, 0, 1 << slot, 0, self.hba.timeout),
                 r.access(Kind.READ, base + Px.IS, 4), r.access(Kind.READ, base + Px.TFD, 4)])
         return batch
+
+    def _run_posted(self, slot: int) -> tuple[int, int]:
+        """Issue ``slot`` by a posted write and see it end in the D2H Register FIS the HBA
+        writes (the received-FIS area: no round trip); (PxIS, PxTFD) as far as they matter:
+        the FIS's status and error are what PxTFD holds. If the FIS is slow, a guest-side
+        wait on PxCI takes over."""
+        fis, channel = self.received_fis.view, self.hba.dev.channel
+        fis[RFIS_D2H] = 0                       # the HBA writes its type when the command ends
+        channel.post([self._issues[slot]])
+        if spin_until(lambda: fis[RFIS_D2H] == FIS_TYPE_D2H, channel.spin):
+            return 0, fis[RFIS_D2H + 3] << 8 | fis[RFIS_D2H + 2]
+        _, status, tfd = self._completion_batch(slot).run()
+        return status, tfd
 
     def _queue_batch(self) -> Prepared:
         """Issue the fresh tags (PxSACT, then PxCI: swapped in at run time), poll guest-side
@@ -302,11 +323,12 @@ class Port:
         """Issue ``slot`` and wait for it; raise DiskError on a task-file error or a timeout.
         ``what`` names the command in errors (a callable, to be formatted only then).
 
-        Polling: one round trip (``_command_batch``). Interrupts: issue, wait for the
-        HBA's MSI, look at PxCI, PxIS and PxTFD, and acknowledge."""
+        Polling: a posted issue and the host's own look at the received FIS
+        (``_run_posted``). Interrupts: issue, wait for the HBA's MSI, look at PxCI, PxIS
+        and PxTFD, and acknowledge."""
         try:
             if self.hba.irq is None:
-                _, _, status, tfd = self._command_batch(slot).run()
+                status, tfd = self._run_posted(slot)
             else:
                 status, tfd = self._run_by_interrupt(slot)
         except DeviceTimeout as exc:

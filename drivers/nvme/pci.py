@@ -3,11 +3,13 @@ enable, the admin and I/O queue pairs in DMA memory, PRPs, doorbells, interrupts
 
 Queues live in DMA memory the host has mapped, so Python writes submission
 entries and reads completion entries itself, at host speed; the guest only
-carries the doorbell writes, one batch per round: the completion queue's head
-and the submission queue's tail, then a guest-side poll of the phase bit of the
-next completion entry, in the same round trip (so the guest stays busy, as an
-in-kernel driver's would, instead of dozing off between doorbells). With
-interrupts, each queue waits for its own MSI-X vector instead.
+carries the doorbell writes, one posted batch per round (the completion
+queue's head and the submission queue's tail), which nobody waits for: while
+the controller works, Python polls the phase bit of the next completion entry
+itself, with no round trip, and reaps and prepares the next round. If none
+comes for a while, a guest-side poll of that phase bit takes over (a round
+trip, which also reports a posted doorbell's failure). With interrupts, each
+queue waits for its own MSI-X vector instead.
 
 Threads: one queue pair serves one thread at a time; several threads may each
 drive their own queue pair (the doorbell writes share the device's channel
@@ -22,7 +24,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from harness.access import Access, Bus, Deadline, Device, DmaBuffer, Irq, IrqMode, Kind, Space
+from harness.access import Access, Bus, Deadline, Device, DmaBuffer, Irq, IrqMode, Kind, Space, spin_until
 from harness.errors import DeviceTimeout, InterruptTimeout
 
 from .core import Command, Controller, NvmeError, failure
@@ -153,37 +155,50 @@ class QueuePair:
             self._doorbells.run({0: self.head, 1: self.tail})
         self.acked, self.rung_tail = self.head, self.tail
 
-    def _ring_and_wait(self) -> None:
-        """The doorbells that moved, then a guest-side wait (at most GUEST_WAIT) until the next
-        completion entry carries the controller's phase: one round trip."""
+    def _doorbells_moved(self) -> list[Access]:
+        """The doorbell writes that tell the controller what moved since it was last told."""
         head, tail = self.head, self.tail
         accesses = []
         if head != self.acked:
             accesses.append(self._head_writes[head])
         if tail != self.rung_tail:
             accesses.append(self._tail_writes[tail])
-        accesses.append(self._phase_polls[self.phase][head])
+        self.acked, self.rung_tail = head, tail
+        return accesses
+
+    def _post_doorbells(self) -> None:
+        """The doorbells that moved, posted: the controller goes to work, Python goes on."""
+        accesses = self._doorbells_moved()
+        if accesses:
+            with self.controller.doorbell_lock:
+                self.controller.dev.channel.post(accesses)
+
+    def _guest_wait(self) -> None:
+        """A guest-side wait (at most GUEST_WAIT) until the next completion entry carries the
+        controller's phase: one round trip, with any doorbells that moved in front of it."""
+        accesses = self._doorbells_moved() + [self._phase_polls[self.phase][self.head]]
         try:
             with self.controller.doorbell_lock:
                 self.controller.dev.channel.execute(accesses)
         except DeviceTimeout:
             pass                        # not yet: the caller's deadline decides
-        self.acked, self.rung_tail = head, tail
 
     def _tell(self, submitted: bool, in_flight: int) -> None:
         """Ring when the controller needs it: new entries to fetch, or completion entries to
-        reuse. Polling, the ring carries a wait for the next completion in the same round trip."""
+        reuse. Polling, the doorbells are posted and the host watches the completion queue."""
         if submitted or self._cq_needs_head(in_flight):
-            if self.irq is None and not self._cqe_pending():
-                self._ring_and_wait()
+            if self.irq is None:
+                self._post_doorbells()
             else:
                 self._ring()
 
     def _wait(self, deadline: Deadline) -> None:
-        """Until the next completion entry is the controller's: guest-side waits, or the vector."""
+        """Until the next completion entry is the controller's: the host's own look at the
+        completion queue, then guest-side waits; or the vector."""
         while not self._cqe_pending():
             if self.irq is None:
-                self._ring_and_wait()
+                if not spin_until(self._cqe_pending, self.controller.dev.channel.spin):
+                    self._guest_wait()
             else:
                 try:
                     self.irq.wait(deadline.remaining)

@@ -28,6 +28,17 @@
  * batch outlasts its turn: PROXY_TURN_US). A batch is just
  * several entries published by one `submit` store; once one of them fails,
  * the rest of that batch is SKIPPED, so a driver never acts on a failed step.
+ *
+ * Several batches may be in flight on one ring (ABI 11): the host publishes
+ * batch after batch without waiting, and the guest may find several of them
+ * behind one `submit`. So the host writes PROXY_STATUS_CONTINUES into the
+ * status of every entry of a batch but its first: an entry without it starts
+ * a batch, and a failure skips the rest of its own batch, never the next one.
+ * (A single request, the hot path, writes status 0 as it always did.) A host
+ * may post a batch (a doorbell, a tail pointer) and never wait for it: it
+ * learns of the batch's failure from the batch's own entries, which stay in
+ * the ring until it publishes PROXY_RING_ENTRIES further on, and reports it on
+ * its next waited request (harness/proxy/channel.py).
  */
 #ifndef PROXY_ABI_H
 #define PROXY_ABI_H
@@ -40,7 +51,7 @@ typedef unsigned long long u64 __attribute__((aligned(8)));
 
 enum proxy_abi {
     PROXY_ABI_MAGIC = 0x48574858,   /* "XHWH" little-endian */
-    PROXY_ABI_VERSION = 10,
+    PROXY_ABI_VERSION = 11,         /* 11: PROXY_STATUS_CONTINUES, several batches in flight per ring */
 };
 
 enum proxy_limits {
@@ -208,6 +219,8 @@ enum proxy_op {
     PROXY_OP_NIC_FORWARD_LOOP = 52, /* addr = a struct proxy_nic_forward in the DMA pool */
 };
 
+
+
 enum proxy_irq_mode {
     PROXY_IRQ_NONE = 0,
     PROXY_IRQ_INTX = 1,             /* the PCI device's INTx line, level-triggered, shareable */
@@ -226,6 +239,8 @@ enum proxy_status {
     PROXY_STATUS_SKIPPED = 6,       /* not run: an earlier request of its batch failed */
     PROXY_STATUS_DMA_FAULT = 7,     /* not run: the channel's device made a DMA outside its domain
                                        since the channel's last request; see dma_faults[channel] */
+    PROXY_STATUS_CONTINUES = 0x8000,    /* written by the host, in the entries of a batch after its
+                                           first: they belong to the batch before them */
 };
 
 enum proxy_crash_kind {

@@ -880,8 +880,16 @@ static int serve(int c)
             to[i] = from[i];
         u64 value = 0;
         slot->start_tsc = now;
-        u16 status = ch->failed ? PROXY_STATUS_SKIPPED
-                   : ch->first != PROXY_STATUS_OK ? ch->first : execute(c, &rq, &value);
+        if (rq.status != PROXY_STATUS_CONTINUES)
+            ch->failed = 0;             /* a batch of its own: an earlier batch's failure ends there */
+        u16 status = PROXY_STATUS_SKIPPED;
+        if (ch->failed)
+            ;
+        else if (ch->first != PROXY_STATUS_OK) {
+            status = ch->first;         /* told once: the batches after it run */
+            ch->first = PROXY_STATUS_OK;
+        } else
+            status = execute(c, &rq, &value);
         if (ch->generation != generation) {
             set_backlog(c, 0);          /* closed while it ran: the ring is no longer its to write */
             return 1;

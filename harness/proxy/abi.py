@@ -21,7 +21,7 @@ from elftools.elf.elffile import ELFFile
 
 from ..errors import AbiError
 
-HOST_ABI_VERSION = 10
+HOST_ABI_VERSION = 11
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import array
 import functools
 import logging
+import struct
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from ..access import Access, Channel, DmaDomain, IrqMode, Kind, Prepared, Space
+from ..access import Access, Channel, DmaDomain, IrqMode, Kind, Pending, Prepared, Space
 from ..errors import AccessDenied, BadRequest, DeviceTimeout, DmaFault, DmaFaultRecord, ProxyError, ProxyFault
 from .ring import Ring
 from .window import SPIN_SECONDS
@@ -20,11 +22,42 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0   # seconds a request may take beyond its own poll timeout
 
 
+class Flight:
+    """A batch published on the ring and not yet collected: entries ``start`` .. ``start +
+    count - 1``. ``posted``: nobody waits for it; its failure goes to the channel's next
+    waited request. Collected, it holds its ``values`` or its ``error``."""
+
+    __slots__ = ("start", "count", "end", "posted", "timeout", "describe", "values", "error")
+
+    def __init__(self, start: int, count: int, posted: bool, timeout: float,
+                 describe: Callable[[int], object]) -> None:
+        self.start, self.count, self.end = start, count, (start + count) & 0xFFFFFFFF
+        self.posted, self.timeout, self.describe = posted, timeout, describe
+        self.values: list[int] | None = None
+        self.error: BaseException | None = None
+
+
+class ProxyPending(Pending):
+    """A batch in flight on a proxy channel (``ProxyChannel.start``)."""
+
+    def __init__(self, channel: "ProxyChannel", flight: Flight) -> None:
+        self.channel, self.flight = channel, flight
+
+    def wait(self) -> list[int]:
+        return self.channel._wait_flight(self.flight)
+
+
 class ProxyChannel(Channel):
     """Executes accesses through ring ``index`` of the shared window (``ring``).
 
     Like a socket, a channel serves one thread at a time: the hot path takes
     no lock (a lock costs as much as a fifth of a round trip here).
+
+    Besides the round trips, batches may be in flight (``post``, ``start``): each is a
+    Flight, in ring order, collected (statuses read) once the guest has served it, at
+    the latest before the ring wraps onto its entries. ``_quiet`` says there are none,
+    no failure of a posted batch is waiting to be told, nothing is started and the
+    channel is open: then the hot path (``_one``) looks at nothing else.
     """
 
     def __init__(self, bus: "WindowBus", index: int, name: str, domain: DmaDomain | None = None) -> None:
@@ -32,7 +65,10 @@ class ProxyChannel(Channel):
         self.index = index
         self.name = name
         self.domain = domain
-        self.closed = False
+        self._closed = False
+        self._flights: list[Flight] = []             # in ring order
+        self._deferred: BaseException | None = None   # a posted batch's failure, for the next waited request
+        self._quiet = True
         self.spin = SPIN_SECONDS
         w = bus.window
         abi = bus.abi
@@ -40,7 +76,9 @@ class ProxyChannel(Channel):
         self._w = w
         self._mem = w.mem
         self._u16, self._u32, self._u64 = w.u16, w.u32, w.u64
-        self._started: tuple | None = None          # a prepared batch published, not yet awaited
+        self._started_batch: tuple | None = None    # a prepared batch published, not yet awaited
+        self._continues = abi.PROXY_STATUS_CONTINUES    # marks each entry of a batch after its first
+        self._marks = memoryview(array.array("H", [self._continues] * self.ring.size))
         self._ok = abi.PROXY_STATUS_OK
         self._errors = {abi.PROXY_STATUS_DENIED: AccessDenied, abi.PROXY_STATUS_BAD_REQUEST: BadRequest,
                         abi.PROXY_STATUS_TIMEOUT: DeviceTimeout, abi.PROXY_STATUS_FAULT: ProxyFault}
@@ -60,6 +98,135 @@ class ProxyChannel(Channel):
     def __repr__(self) -> str:
         return f"<ProxyChannel {self.index} {self.name}>"
 
+    # ---- state the hot path looks at once (_quiet) ----
+
+    def _requiet(self) -> None:
+        self._quiet = not (self._closed or self._started_batch is not None or self._flights or self._deferred)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        self._closed = value
+        self._requiet()
+
+    @property
+    def _started(self) -> tuple | None:
+        return self._started_batch
+
+    @_started.setter
+    def _started(self, value: tuple | None) -> None:
+        self._started_batch = value
+        self._requiet()
+
+    # ---- batches in flight ----
+
+    def _column(self, view: memoryview, start: int, count: int, offset: int) -> list[int]:
+        """One field out of entries ``start`` .. ``start + count - 1``, through strided views
+        (no Python loop), across the ring's wrap."""
+        ring = self.ring
+        size, item = ring.entry_size, view.itemsize
+        stride = size // item
+        first = min(count, ring.size - (start & ring.mask))     # entries before the ring wraps
+        lo = (ring.offset(start) + offset) // item
+        col = view[lo:lo + first * stride:stride].tolist()
+        if first < count:
+            lo = (ring.entries_off + offset) // item
+            col += view[lo:lo + (count - first) * stride:stride].tolist()
+        return col
+
+    def _collect(self, flight: Flight) -> None:
+        """Wait until the guest has served ``flight`` and keep what it says."""
+        self.ring.wait_past(flight.end, flight.timeout, f"a batch of {flight.count} on {self!r}", self.spin)
+        statuses = self._column(self._u16, flight.start, flight.count, self.ring.status_off)
+        values = self._column(self._u64, flight.start, flight.count, self.ring.value_off)
+        flight.values = values
+        if statuses.count(self._ok) != flight.count:
+            i = next(i for i, st in enumerate(statuses) if st != self._ok)
+            flight.error = self._error(flight.describe(i), statuses[i], values[i])
+
+    def _settle(self, through: Flight | None = None) -> None:
+        """Collect the flights up to ``through`` (None: all), oldest first; a posted one's
+        failure is kept for the next waited request (the first, if several)."""
+        flights = self._flights
+        while flights:
+            flight = flights.pop(0)
+            try:
+                self._collect(flight)
+            except BaseException:
+                flights.insert(0, flight)
+                raise
+            if flight.posted and flight.error is not None and self._deferred is None:
+                self._deferred = flight.error
+            if flight is through:
+                break
+        self._requiet()
+
+    def _raise_deferred(self) -> None:
+        error, self._deferred = self._deferred, None
+        self._requiet()
+        if error is not None:
+            raise error
+
+    def _room(self, count: int) -> None:
+        """Refuse if closed or a prepared batch is started; else make room in the ring for
+        ``count`` more entries, collecting the oldest flights whose entries they would reuse."""
+        if self._closed or self._started_batch is not None:
+            self._refuse()
+        flights, ring = self._flights, self.ring
+        while flights and (ring.head + count - flights[0].start) & 0xFFFFFFFF > ring.size:
+            self._settle(flights[0])
+
+    def _after_waited(self) -> None:
+        """A waited request is done, so everything before it is served: collect it all, and
+        raise the failure of a posted batch, if any (an earlier one than the request's own)."""
+        if self._flights:
+            self._settle()
+        self._raise_deferred()
+
+    def _fly(self, accesses: Sequence[Access], posted: bool) -> Flight:
+        if not 0 < len(accesses) <= self.ring.size:
+            raise ValueError(f"a batch in flight holds 1 to {self.ring.size} accesses, not {len(accesses)}")
+        encoded = [self._encode(a) for a in accesses]
+        self._room(len(encoded))
+        start = self.ring.head
+        self._write_entries(start, encoded)
+        flight = Flight(start, len(encoded), posted, DEFAULT_TIMEOUT + sum(a.timeout for a in accesses),
+                        list(accesses).__getitem__)
+        self.ring.publish(len(encoded))
+        self._flights.append(flight)
+        self._quiet = False
+        return flight
+
+    def post(self, accesses: Sequence[Access]) -> None:
+        """Publish a batch nobody waits for (a doorbell, a tail pointer); its failure is raised,
+        typed, by the channel's next waited request (or ``flush``)."""
+        self._fly(accesses, True)
+
+    def start(self, accesses: Sequence[Access]) -> ProxyPending:
+        """Publish a batch and return at once; ``wait()`` on the result returns its values.
+        Several may be in flight; they complete in order."""
+        return ProxyPending(self, self._fly(accesses, False))
+
+    def _wait_flight(self, flight: Flight) -> list[int]:
+        if flight.values is None:
+            if flight not in self._flights:
+                raise RuntimeError(f"{self!r}: that batch is not in flight here")
+            self._settle(flight)
+        self._raise_deferred()
+        if flight.error is not None:
+            raise flight.error
+        assert flight.values is not None
+        return flight.values
+
+    def flush(self) -> None:
+        """Wait until every batch in flight is served; raise the failure of a posted one."""
+        if self._closed:
+            self._refuse()
+        self._after_waited()
+
     # ---- the ring ----
 
     def _encode(self, a: Access) -> tuple[int, ...]:
@@ -78,12 +245,14 @@ class ProxyChannel(Channel):
         tests reach this and the other requests beyond accesses through :mod:`.raw`. Batches
         larger than the ring go in ring-sized pieces.
         """
-        if self.closed or self._started is not None:
-            self._refuse()
+        if not self._quiet:
+            self._room(self.ring.size)
         out: list[tuple[int, int]] = []
         size = self.ring.size
         for start in range(0, len(requests), size):
             out += self._submit_chunk(requests[start:start + size], timeout, what)
+        if not self._quiet:
+            self._after_waited()
         return out
 
     def _publish(self, count: int, timeout: float, what: object) -> None:
@@ -98,8 +267,9 @@ class ProxyChannel(Channel):
     def _submit_raw(self, entries: Sequence[bytes], timeout: float = DEFAULT_TIMEOUT) -> list[tuple[int, int]]:
         """Publish whole ring entries exactly as given, garbage included (for testing the
         proxy's validation), one batch each; return (status, value) for each."""
-        if self.closed or self._started is not None:
-            self._refuse()
+        if not self._quiet:
+            self._room(self.ring.size)
+            self._after_waited()
         ring = self.ring
         out = []
         for raw in entries:
@@ -119,8 +289,8 @@ class ProxyChannel(Channel):
     def _start_prepared(self, batch: "PreparedBatch", patch: Mapping[int, int] | None) -> None:
         """Copy the batch in and publish it; ``_finish_prepared`` waits for it. In between the
         guest works while the caller may compute, but may not use the channel."""
-        if self.closed or self._started is not None:
-            self._refuse()
+        if not self._quiet:
+            self._room(batch.count)
         ring = self.ring
         n, size, entries = batch.count, ring.entry_size, ring.entries_off
         for i, value in (patch or {}).items():    # checked before anything is written
@@ -139,47 +309,60 @@ class ProxyChannel(Channel):
     def _finish_prepared(self) -> list[int]:
         if self._started is None:
             raise RuntimeError(f"{self!r}: no batch was started")
-        batch, patch, head, base, first = self._started
-        ring = self.ring
-        n, size = batch.count, ring.entry_size
+        batch, patch, head, _, _ = self._started
         self._started = None
-        ring.wait(head, batch.timeout, f"a batch of {n} on {self!r}", self.spin)
-
-        def column(view: memoryview, offset: int) -> list[int]:
-            """One field out of every entry, through a strided view: no Python loop."""
-            item = view.itemsize
-            stride = size // item
-            lo = (base + offset) // item
-            col = view[lo:lo + first * stride:stride].tolist()
-            if first < n:
-                lo = (ring.entries_off + offset) // item
-                col += view[lo:lo + (n - first) * stride:stride].tolist()
-            return col
-        statuses = column(self._u16, ring.status_off)
-        values = column(self._u64, ring.value_off)
-        if statuses.count(self._ok) != n:
-            i = next(i for i, st in enumerate(statuses) if st != self._ok)
-            self._raise(batch.with_values(patch or {})[i], statuses[i], values[i])
-        return values
+        flight = Flight((head - batch.count) & 0xFFFFFFFF, batch.count, False, batch.timeout,
+                        lambda i: batch.with_values(patch or {})[i])
+        if self._flights:                   # after the flights before it: collected in order
+            self._flights.append(flight)
+            self._settle()
+        else:
+            self._collect(flight)
+        if self._deferred is not None:
+            self._raise_deferred()
+        if flight.error is not None:
+            raise flight.error
+        assert flight.values is not None
+        return flight.values
 
     def _submit_chunk(self, requests: Sequence[tuple[int, ...]], timeout: float,
                       what: object) -> list[tuple[int, int]]:
-        ring = self.ring                # Ring.write, .status and .value, inlined: batches of any size
+        slots = self._write_entries(self.ring.head, requests)
+        self._publish(len(requests), timeout, what or f"{len(requests)} requests on {self!r}")
+        ring, u16, u64 = self.ring, self._u16, self._u64
+        status, value = ring.status_off, ring.value_off
+        return [(u16[(s + status) >> 1], u64[(s + value) >> 3]) for s in slots]
+
+    def _write_entries(self, head: int, requests: Sequence[tuple[int, ...]]) -> list[int]:
+        """Fill the entries from ``head`` on with one batch (its first marked); nothing is
+        published. Returns where each entry is."""
+        ring = self.ring                # Ring.write, inlined: batches of any size
         mem, pack, size, mask, entries = self._mem, ring.pack, ring.entry_size, ring.mask, ring.entries_off
-        head = ring.head
         slots = []
         for i, r in enumerate(requests):
             slot = entries + ((head + i) & mask) * size
             pack(mem, slot, *r)
             slots.append(slot)
-        self._publish(len(requests), timeout, what or f"{len(requests)} requests on {self!r}")
-        u16, u64, status, value = self._u16, self._u64, ring.status_off, ring.value_off
-        return [(u16[(s + status) >> 1], u64[(s + value) >> 3]) for s in slots]
+        self._mark_continuing(head, len(requests))
+        return slots
+
+    def _mark_continuing(self, start: int, count: int) -> None:
+        """Mark entries ``start + 1`` .. ``start + count - 1`` as continuing the batch of entry
+        ``start``: strided stores, no Python loop, across the ring's wrap."""
+        ring, u16 = self.ring, self._u16
+        first, left = start + 1, count - 1
+        stride = ring.entry_size // 2
+        while left > 0:
+            k = min(left, ring.size - (first & ring.mask))
+            lo = (ring.offset(first) + ring.status_off) >> 1
+            u16[lo:lo + k * stride:stride] = self._marks[:k]
+            first, left = first + k, left - k
 
     def _one(self, op: int, width: int, addr: int, value: int = 0) -> int:
         """The hot path: one request, no objects built unless it fails."""
-        if self.closed or self._started is not None:
-            self._refuse()
+        quiet = self._quiet
+        if not quiet:
+            self._room(1)
         ring = self.ring                # Ring.write and .publish, inlined: this is every register access
         head = ring.head
         slot = ring.entries_off + (head & ring.mask) * ring.entry_size
@@ -200,6 +383,8 @@ class ProxyChannel(Channel):
                 break
         status = u16[st]
         result = self._u64[(slot + ring.value_off) >> 3]
+        if not quiet:
+            self._after_waited()
         if status != self._ok:
             self._raise(self._describe(op, width, addr, value), status, result)
         return result
@@ -221,12 +406,16 @@ class ProxyChannel(Channel):
                               bool(f["write"]), f["reason"])
 
     def _raise(self, what: object, status: int, value: int) -> None:
+        raise self._error(what, status, value)
+
+    def _error(self, what: object, status: int, value: int) -> ProxyError:
+        """The typed error for ``what`` ending in ``status``."""
         if status == self.bus.abi.PROXY_STATUS_DMA_FAULT:
             fault = self.dma_faults()
             assert fault is not None, "a DMA fault status with no fault recorded"
-            raise DmaFault(what, status, fault)
+            return DmaFault(what, status, fault)
         register = self.register_name(what.space, what.addr) if isinstance(what, Access) else ""
-        raise self._errors.get(status, ProxyError)(what, status, value, register)
+        return self._errors.get(status, ProxyError)(what, status, value, register)
 
     # ---- the access interface ----
 
@@ -287,6 +476,10 @@ class ProxyChannel(Channel):
                 self._finish_prepared()
             except Exception as exc:
                 log.debug("closing %r: its started batch ended with %s", self, exc)
+        try:                                      # and batches in flight
+            self._after_waited()
+        except Exception as exc:
+            log.debug("closing %r: a batch in flight ended with %s", self, exc)
         self.closed = True
         self.bus.close_channel(self)
 
@@ -306,6 +499,8 @@ class PreparedBatch(Prepared):
             packed = bytearray(ring.entry_size)
             ring.pack(packed, ring.first_off, *channel._encode(a))
             blob += packed
+        for i in range(1, len(accesses)):          # one batch: every entry after the first continues it
+            struct.pack_into("<H", blob, i * ring.entry_size + ring.status_off, channel._continues)
         self.blob = bytes(blob)
         self.limits = [1 << (8 * a.width) for a in accesses]
         self.timeout = DEFAULT_TIMEOUT + sum(a.timeout for a in accesses)   # as execute() allows

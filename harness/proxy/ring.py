@@ -72,6 +72,14 @@ class Ring:
         if u32[served] != head:
             self.window.wait(lambda: u32[served] == head, timeout, what, self.index, spin=spin)
 
+    def wait_past(self, end: int, timeout: float, what: object, spin: float = SPIN_SECONDS) -> None:
+        """Wait until the guest has served every entry before ``end``, which later batches may
+        follow (so ``served`` may be past it: counted modulo 2**32)."""
+        u32, served = self.window.u32, self.served_idx
+        if (u32[served] - end) & 0xFFFFFFFF >= 0x80000000:
+            self.window.wait(lambda: (u32[served] - end) & 0xFFFFFFFF < 0x80000000, timeout, what,
+                             self.index, spin=spin)
+
     @property
     def served(self) -> int:
         """The guest's count of entries served."""

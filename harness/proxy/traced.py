@@ -14,7 +14,7 @@ from ..access import Access, IrqEvent
 from ..errors import ProxyError
 from .. import tracing
 from ..tracing import Tracer
-from .channel import PreparedBatch, ProxyChannel
+from .channel import Flight, PreparedBatch, ProxyChannel
 from .irq import ProxyIrq
 
 if TYPE_CHECKING:
@@ -82,6 +82,15 @@ class TracedChannel(ProxyChannel):
             raise
         finally:
             self.tracer.batch(self, accesses, values, status, self.ring.start_tsc(head), start, time.perf_counter_ns())
+
+    def _fly(self, accesses: Sequence[Access], posted: bool) -> Flight:
+        """A posted or started batch is recorded as it is published: nobody waits for it here."""
+        if not self.tracer.recording:
+            return super()._fly(accesses, posted)
+        start = time.perf_counter_ns()
+        flight = super()._fly(accesses, posted)
+        self.tracer.batch(self, accesses, None, "POSTED" if posted else "STARTED", 0, start, time.perf_counter_ns())
+        return flight
 
     def _start_prepared(self, batch: PreparedBatch, patch: Mapping[int, int] | None) -> None:
         self._prepared_start = time.perf_counter_ns()

@@ -91,6 +91,27 @@ def test_prepared_batch_takes_new_values_and_runs_in_two_halves() -> None:
         batch.finish()
 
 
+def test_a_transport_without_asynchrony_keeps_every_promise_of_post_and_start() -> None:
+    """The contract's defaults run each batch at once: posted writes land in order, started
+    batches return their own values whenever they are waited for, flush has nothing to wait for."""
+    ch = FakeChannel()
+    r = Region(ch, Space.MMIO, 0x1000, 0x20)
+    ch.post([r.access(Kind.WRITE, 0x8, 4, 1)])
+    ch.post([r.access(Kind.WRITE, 0x8, 4, 2), r.access(Kind.WRITE, 0xC, 4, 3)])
+    pendings = [ch.start([r.access(Kind.WRITE, 0x8, 4, v), r.access(Kind.READ, 0x8, 4)]) for v in (4, 5, 6)]
+    ch.flush()
+    assert [p.wait() for p in reversed(pendings)] == [[0, 6], [0, 5], [0, 4]]
+    assert r.read32(0x8) == 6 and r.read32(0xC) == 3
+    assert [a.value for a in ch.log if a.kind is Kind.WRITE] == [1, 2, 3, 4, 5, 6]
+
+
+def test_spin_until_stops_when_done_and_gives_up_after_its_time() -> None:
+    from harness.access import spin_until
+    calls = []
+    assert spin_until(lambda: calls.append(1) or len(calls) >= 3, 5.0) and len(calls) == 3
+    assert not spin_until(lambda: False, 0.001)
+
+
 def test_dma_pool_aligns_zeroes_and_coalesces() -> None:
     from harness.proxy.dma import DmaPool
     memory = memoryview(bytearray(1 << 16))
