@@ -46,6 +46,7 @@ class Samples:
     guest_entry_us: list[float] = field(default_factory=list)
     host_wake_us: list[float] = field(default_factory=list)
     end_to_end_us: list[float] = field(default_factory=list)
+    clock_uncertainty_us: float = 0.0       # the widest anchor the stages crossing clocks were placed by
 
 
 def measure(pm: ProxyMachine, count: int, mode: str, progress: bool = False, timeout: float = 10.0) -> Samples:
@@ -85,6 +86,7 @@ def measure(pm: ProxyMachine, count: int, mode: str, progress: bool = False, tim
             for i in range(count):
                 if i % REANCHOR_EVERY == 0:
                     clock.reanchor(8)
+                    out.clock_uncertainty_us = max(out.clock_uncertainty_us, clock.uncertainty_ns / 1000)
                 if thread:
                     armed.set()
                     event = irq.wait(timeout)
@@ -127,6 +129,7 @@ def summary(samples: Samples) -> dict[str, float]:
         "guest_entry_p50_us": pct(entry, 0.5), "guest_entry_p99_us": pct(entry, 0.99),
         "host_wake_p50_us": pct(wake, 0.5), "host_wake_p99_us": pct(wake, 0.99),
         "end_to_end_over_guest_entry": pct(e2e, 0.5) / pct(entry, 0.5),
+        "clock_uncertainty_us": samples.clock_uncertainty_us,
     }
 
 
