@@ -26,7 +26,6 @@ from typing import NamedTuple, Protocol
 TIGHT_FACTOR = 2.0          # an anchor within this many times the tightest round trip seen
 TIGHT_SLACK_NS = 1000       # (plus this) is tight
 BURST_DEADLINE_S = 0.5      # a burst stops waiting for a tight sample after this long
-RATE_BASELINE_NS = 50e6     # the rate is measured only between tight anchors at least this far apart
 
 
 class GuestTime(Protocol):
@@ -45,6 +44,7 @@ class GuestClock:
         self.channel = channel
         self.ns_per_tick = 1e9 / tsc_hz         # the guest's PIT calibration until two tight anchors
         self.tightest_ns = float("inf")         # the narrowest round trip seen: what "tight" means here
+        self.rate_error = float("inf")          # bound on ns_per_tick's relative error (the PIT's: unknown)
         self._anchors: list[Anchor] = []
         self.reanchor(16)
 
@@ -52,6 +52,10 @@ class GuestClock:
     def uncertainty_ns(self) -> float:
         """How far the current anchor may be off: half its round trip."""
         return self._anchor.round_trip_ns / 2
+
+    def uncertainty_at(self, tsc: int) -> float:
+        """How far ``to_host_ns(tsc)`` may be off: the anchor's own, plus the rate's over the distance."""
+        return self.uncertainty_ns + self.rate_error * abs(tsc - self._anchor.tsc) * self.ns_per_tick
 
     def _sample(self) -> Anchor:
         t0 = time.perf_counter_ns()
@@ -78,8 +82,11 @@ class GuestClock:
         self._anchors.append(self._burst(samples))
         tight = [a for a in self._anchors if self._tight(a)]
         first, self._anchor = tight[0], tight[-1]
-        if self._anchor.host_ns - first.host_ns >= RATE_BASELINE_NS:
-            self.ns_per_tick = (self._anchor.host_ns - first.host_ns) / (self._anchor.tsc - first.tsc)
+        span = self._anchor.host_ns - first.host_ns
+        error = (first.round_trip_ns + self._anchor.round_trip_ns) / 2 / span if span > 0 else float("inf")
+        if error < self.rate_error:         # a longer or tighter baseline than the last rate's
+            self.ns_per_tick = span / (self._anchor.tsc - first.tsc)
+            self.rate_error = error
 
     def calibrate(self, span: float = 0.2) -> None:
         """Measure the rate over at least ``span`` seconds (longer is more precise)."""

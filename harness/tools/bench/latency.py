@@ -46,7 +46,7 @@ class Samples:
     guest_entry_us: list[float] = field(default_factory=list)
     host_wake_us: list[float] = field(default_factory=list)
     end_to_end_us: list[float] = field(default_factory=list)
-    clock_uncertainty_us: float = 0.0       # the widest anchor the stages crossing clocks were placed by
+    clock_uncertainty_us: float = 0.0       # how far the stages crossing clocks may be off, at worst
 
 
 def measure(pm: ProxyMachine, count: int, mode: str, progress: bool = False, timeout: float = 10.0) -> Samples:
@@ -86,7 +86,6 @@ def measure(pm: ProxyMachine, count: int, mode: str, progress: bool = False, tim
             for i in range(count):
                 if i % REANCHOR_EVERY == 0:
                     clock.reanchor(8)
-                    out.clock_uncertainty_us = max(out.clock_uncertainty_us, clock.uncertainty_ns / 1000)
                 if thread:
                     armed.set()
                     event = irq.wait(timeout)
@@ -102,6 +101,8 @@ def measure(pm: ProxyMachine, count: int, mode: str, progress: bool = False, tim
                 out.guest_entry_us.append(clock.ticks_to_us(event.guest_tsc - start))
                 out.host_wake_us.append((event.host_ns - clock.to_host_ns(event.guest_tsc)) / 1000)
                 out.end_to_end_us.append((handled - clock.to_host_ns(start)) / 1000)
+                out.clock_uncertainty_us = max(out.clock_uncertainty_us, clock.uncertainty_at(start) / 1000,
+                                               clock.uncertainty_at(event.guest_tsc) / 1000)
                 bar0.read32(ICR)                  # deasserts the line
                 irq.ack()
                 bar.update(1)
