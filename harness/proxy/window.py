@@ -5,7 +5,8 @@ for a while, yielding its core to anyone runnable each time round (a
 machine here has two cores, and the vCPU and QEMU's I/O threads want them
 both); then it sets that doorbell vector's byte of ``host_sleeping`` and
 blocks on the vector's eventfd, which the guest rings only while the byte is
-set. Every ring and every channel vector has a doorbell vector of its own,
+set, taking it down as it rings (one ring per sleep, however many interrupts
+a burst brings). Every ring and every channel vector has a doorbell vector of its own,
 and each has one waiter at a time (a channel serves one thread), so one
 waiting thread never swallows another's wake-up and the flags need no lock:
 a second process could own a channel. In the other
