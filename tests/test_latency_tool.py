@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ def test_latency_cli_writes_json_a_table_and_a_plot(tmp_path: Path, hwharness_ac
     result = json.loads(out.read_text())
     assert result["benchmark"] == "latency" and result["mode"] == mode
     assert result["accel"] in ("kvm", "tcg")
+    assert 0 <= result["foreign_cores"] <= os.cpu_count()
     r = result["results"]
     assert KEYS <= r.keys()
     assert r["count"] == 200

@@ -27,6 +27,7 @@ to measure the path, not the throttle.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -35,6 +36,7 @@ from typing import Iterable
 
 from ...access import Kind
 from ...proxy import ProxyMachine, proxy_spec
+from .paired import ForeignLoad
 from .stats import pct
 
 log = logging.getLogger(__name__)
@@ -194,10 +196,13 @@ def run(accel: str, mode: str, count: int, plot_path: str | None = None, progres
     spec = proxy_spec(accel=accel, iommu=iommu)
     spec.device("e1000", mitigation=False)
     with ProxyMachine(spec, name="latency") as pm:
+        qemu = pm.machine.process
+        load = ForeignLoad([os.getpid()] + ([qemu.pid] if qemu is not None else []))
         samples = measure(pm, count, mode, progress=progress)
+        foreign = load.since_last()
         accel = pm.machine.accel
     result = {"benchmark": "latency", "accel": accel, "mode": mode,
-              "results": {k: round(v, 3) for k, v in summary(samples).items()}}
+              "results": {k: round(v, 3) for k, v in summary(samples).items()}, "foreign_cores": round(foreign, 2)}
     if plot_path:
         plot(samples, plot_path, f"interrupt latency, {accel}, {mode} mode, {count} interrupts")
     return result, samples
