@@ -29,7 +29,7 @@ import enum
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 from .errors import DeviceNotFound, DeviceTimeout, DmaFaultRecord
 
@@ -130,9 +130,9 @@ class IrqMode(enum.Enum):
     ISA = "isa"        # an ISA IRQ, for a port-range channel: edge
 
 
-@dataclass(frozen=True)
-class IrqEvent:
-    """What ``Irq.wait`` returns.
+class IrqEvent(NamedTuple):
+    """What ``Irq.wait`` returns (a named tuple: a frozen dataclass cost 1-2 µs to build,
+    a third of an interrupt's whole path from the device to Python).
 
     ``count`` is the running count of interrupts delivered to the channel (as
     UIO's read returns); ``new`` how many arrived since the previous wait

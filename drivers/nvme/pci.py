@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 from harness.access import Access, Bus, Deadline, Device, DmaBuffer, Irq, IrqMode, Kind, Space, spin_until
 from harness.errors import DeviceTimeout, InterruptTimeout
 
-from .core import Command, Controller, NvmeError, failure
+from .core import Coalescing, Command, Controller, NvmeError, failure
 from .regs import (CQ_IEN, CQ_PC, CQE, CQE_STATUS_WORD, CQE_WORDS, CC_IOCQES_SHIFT, CC_IOSQES_SHIFT, CQE_SIZE_LOG2,
                    PAGE, SQ_PC, SQE, SQE_SIZE_LOG2, Admin, Cc, Csts, Reg, cap_dstrd, cap_mpsmin, cap_mqes,
                    cap_timeout, cq_head_doorbell, sq_tail_doorbell)
@@ -376,7 +376,7 @@ class Nvme(Controller):
     transfer_limit = MAX_TRANSFER
 
     def __init__(self, bus: Bus, device: Device, queues: int = 1, interrupts: bool = False,
-                 entries: int = IO_ENTRIES) -> None:
+                 entries: int = IO_ENTRIES, coalesce: Coalescing | None = None) -> None:
         self.bus, self.dev, self.regs = bus, device, device.bar(0)
         self.doorbell_lock = threading.Lock()
         self.queues: list[QueuePair] = []
@@ -398,6 +398,8 @@ class Nvme(Controller):
             self._enable()
             self.identity = self.identify_controller()
             self._create_io_queues(queues, entries, interrupts)
+            if coalesce is not None:
+                self.coalesce_interrupts(coalesce)
             self._namespaces = self.scan_namespaces()
         except BaseException:
             self.close()

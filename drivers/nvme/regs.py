@@ -81,6 +81,7 @@ class Cns(enum.IntEnum):
 
 
 FEATURE_NUMBER_OF_QUEUES = 0x07     # Set Features (5.21.1.7)
+FEATURE_INTERRUPT_COALESCING = 0x08     # Set/Get Features (5.21.1.8): TIME 15:8 (100 us), THR 7:0 (0's based)
 ONCS_DSM = 1 << 2                   # Identify Controller ONCS: Dataset Management supported
 DSM_DEALLOCATE = 1 << 2             # Dataset Management cdw11 (6.7)
 CQ_PC, CQ_IEN = 1 << 0, 1 << 1      # Create I/O CQ cdw11: physically contiguous, interrupts on (5.3)
@@ -94,7 +95,7 @@ STATUS_NAMES = {
     (0, 0x0B): "Invalid Namespace or Format", (0, 0x80): "LBA Out of Range",
     (0, 0x81): "Capacity Exceeded", (0, 0x82): "Namespace Not Ready",
     (1, 0x01): "Invalid Queue Identifier", (1, 0x02): "Invalid Queue Size",
-    (1, 0x08): "Invalid Interrupt Vector",
+    (1, 0x08): "Invalid Interrupt Vector", (1, 0x0E): "Feature Not Changeable",
     (2, 0x80): "Write Fault", (2, 0x81): "Unrecovered Read Error", (2, 0x86): "Access Denied",
 }
 LBA_OUT_OF_RANGE = (SCT_GENERIC, 0x80)

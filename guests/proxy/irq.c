@@ -36,16 +36,27 @@ volatile u32 kicks;
 static inline void irq_off(void) { asm volatile("cli" : : : "memory"); }
 static inline void irq_on(void) { asm volatile("sti" : : : "memory"); }
 
+/* The register IOREGSEL selects. Every writer other than the handler holds interrupts off,
+ * so it is never stale: the ack's unmask and the next interrupt's mask skip the select. */
+static u32 ioapic_selected = ~0u;
+
 static void ioapic_write(u32 reg, u32 v)
 {
-    mmio_write32(IOAPIC_BASE, reg);
+    if (reg != ioapic_selected) {
+        mmio_write32(IOAPIC_BASE, reg);
+        ioapic_selected = reg;
+    }
     mmio_write32(IOAPIC_BASE + 0x10, v);
 }
 
-/* Program input `pin`: its own vector, active high (QEMU's PCI links are), to APIC 0. */
+/*
+ * Program input `pin`: its own vector, active high (QEMU's PCI links are), to
+ * APIC 0. The destination (the entry's high half) is written once, at boot;
+ * masking and unmasking, on every level interrupt and every ack, rewrite only
+ * the low half: two emulated MMIO writes instead of four.
+ */
 static void ioapic_route(u32 pin, int level, int masked)
 {
-    ioapic_write(0x11 + 2 * pin, 0);
     ioapic_write(0x10 + 2 * pin, (VEC_GSI_BASE + pin) | (level ? IOREDTBL_LEVEL : 0)
                  | (masked ? IOREDTBL_MASKED : 0));
 }
@@ -54,8 +65,10 @@ void irq_init(void)
 {
     mmio_write32(LAPIC_BASE + LAPIC_TPR, 0);
     mmio_write32(LAPIC_BASE + LAPIC_SVR, 0x100 | VEC_SPURIOUS);
-    for (u32 pin = 0; pin < IOAPIC_PINS; pin++)
+    for (u32 pin = 0; pin < IOAPIC_PINS; pin++) {
+        ioapic_write(0x11 + 2 * pin, 0);
         ioapic_route(pin, 0, 1);
+    }
 }
 
 void lapic_eoi(void)

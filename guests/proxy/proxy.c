@@ -133,15 +133,21 @@ static int any_overlap(const struct window *w, int n, u64 addr, u64 width)
 }
 
 /*
- * Wake the host if it sleeps on doorbell `vector`. Each ring and each
+ * Wake the host if it sleeps on doorbell `vector`, once per sleep: the ring
+ * takes the host's flag down, so the rest of a burst (interrupts, a long
+ * batch's steps) only counts until the host has looked and, still waiting,
+ * raises the flag again. Down before the ring: a ring always follows, so a
+ * host that raised it again in between still wakes. Each ring and each
  * channel's interrupts have their own vector (eventfd on the host), so one
  * waiter never swallows another's wake-up.
  */
 static void wake(const struct shared_window *p, u32 vector)
 {
     mfence();                           /* our results before we read its flag */
-    if (p->win && vector < PROXY_DOORBELL_VECTORS && READ_ONCE(p->win->host_sleeping[vector]))
+    if (p->win && vector < PROXY_DOORBELL_VECTORS && READ_ONCE(p->win->host_sleeping[vector])) {
+        WRITE_ONCE(p->win->host_sleeping[vector], 0);
         mmio_write32(p->doorbell, PROXY_HOST_PEER << 16 | vector);
+    }
 }
 
 /* Channel c's interrupt vector v: its counter, and the doorbell of whoever waits on it. */

@@ -5,7 +5,8 @@ for a while, yielding its core to anyone runnable each time round (a
 machine here has two cores, and the vCPU and QEMU's I/O threads want them
 both); then it sets that doorbell vector's byte of ``host_sleeping`` and
 blocks on the vector's eventfd, which the guest rings only while the byte is
-set. Every ring and every channel vector has a doorbell vector of its own,
+set, taking it down as it rings (one ring per sleep, however many interrupts
+a burst brings). Every ring and every channel vector has a doorbell vector of its own,
 and each has one waiter at a time (a channel serves one thread), so one
 waiting thread never swallows another's wake-up and the flags need no lock:
 a second process could own a channel. In the other
@@ -80,6 +81,7 @@ class SharedWindow:
         self.rings_off = off("rings")
         self.ring_size = abi.sizeof("proxy_ring")
         self._fence = threading.Lock()   # a locked instruction: the full fence Python lacks
+        self._pollers: dict[int, select.poll] = {}    # one per doorbell vector, made at its first sleep
 
     def field(self, path: str) -> Any:
         """Decode one member of the control page, e.g. ``field("tsc_hz")``."""
@@ -147,8 +149,18 @@ class SharedWindow:
                 raise on_timeout(f"nothing within {timeout:g} s for {what}")
             self._sleep(done, vector)
 
+    def _poller(self, vector: int) -> select.poll:
+        """The vector's eventfd, registered once: select() builds its fd sets on every call,
+        a microsecond of each wake-up."""
+        poller = self._pollers.get(vector)
+        if poller is None:
+            poller = self._pollers[vector] = select.poll()
+            poller.register(self.ivshmem.host_fds[vector], select.POLLIN)
+        return poller
+
     def _sleep(self, done: Callable[[], bool], vector: int) -> None:
         flag, fd = self.host_sleeping_off + vector, self.ivshmem.host_fds[vector]
+        poller = self._poller(vector)
         self.mem[flag] = 1
         try:
             with self._fence:       # orders the flag store before the re-check below
@@ -156,8 +168,7 @@ class SharedWindow:
             if done():
                 return
             self.kick_if_sleeping()  # rescues a kick lost to the guest's own race
-            readable, _, _ = select.select([fd], [], [], SLEEP_SLICE)
-            if readable:
+            if poller.poll(SLEEP_SLICE * 1000):
                 try:
                     os.eventfd_read(fd)
                 except BlockingIOError:

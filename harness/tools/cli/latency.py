@@ -14,7 +14,8 @@ def cmd_latency(args: argparse.Namespace) -> int:
     result, samples = latency.run(args.accel, args.mode, count, args.plot, progress=sys.stderr.isatty(),
                                   iommu=iommu_of(args))
     r = result["results"]
-    say(f"interrupt latency: {r['count']} e1000 interrupts, {result['accel']}, {args.mode} mode")
+    say(f"interrupt latency: {r['count']} e1000 interrupts, {result['accel']}, {args.mode} mode, "
+        f"other processes used {result['foreign_cores']:.2f} cores")
     say(latency.table(samples))
     say(f"\nend to end / guest entry (the user-level overhead): {r['end_to_end_over_guest_entry']:.1f}x")
     write_json(result, args.json)
