@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import dpkt
@@ -443,9 +444,22 @@ def test_500_datagrams_through_the_user_network_come_back_byte_exact(echo_net: E
 
 
 @pytest.mark.qemu
+def socket_drops(port: int) -> int:
+    """Datagrams the host's kernel dropped at the UDP socket bound to ``port`` on loopback
+    (QEMU's user network forwarding it), its count in /proc/net/udp: on a loaded host QEMU
+    may not read its socket for longer than the socket's buffer lasts."""
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port:
+            return int(fields[-1])
+    raise AssertionError(f"no UDP socket bound to port {port}")
+
+
 def test_the_stream_resumes_after_the_driver_dies_and_a_fresh_one_takes_over(echo_net: EchoNet) -> None:
     """The stream keeps its pace throughout. Whatever it loses must lie between the newest
-    echo before the driver died and the first echo from the new one."""
+    echo before the driver died and the first echo from the new one, apart from datagrams
+    the host's kernel dropped before QEMU read them (counted by the kernel)."""
+    dropped_before = socket_drops(echo_net.host_port)
     nic: E1000 | None = echo_net.open(STREAM_SLOT)
     service = Service(nic)
     try:
@@ -471,11 +485,14 @@ def test_the_stream_resumes_after_the_driver_dies_and_a_fresh_one_takes_over(ech
         if nic is not None:
             nic.close()
     lost = report.lost_numbers()
+    dropped_by_host = socket_drops(echo_net.host_port) - dropped_before
     print(f"\ndown from datagram {died_at} (newest echo {newest_before}), first echo of the new driver by "
-          f"{first_echo_at} (seed {stream.seed}):\n{report}\nbefore: {before}\nafter: {after}")
+          f"{first_echo_at} (seed {stream.seed}; the host's kernel dropped {dropped_by_host} at QEMU's socket):"
+          f"\n{report}\nbefore: {before}\nafter: {after}")
     assert report.corrupted == report.duplicates == 0
     assert report.sent == report.echoed + report.lost and report.echoed > 600
-    assert all(newest_before < n < first_echo_at for n in lost), "losses outside the down window"
+    outside = [n for n in lost if not newest_before < n < first_echo_at]
+    assert len(outside) <= dropped_by_host, f"losses outside the down window: {outside[:20]}"
     assert before.echoed + after.echoed >= report.echoed, "every echo the host saw, one of the two services sent"
     assert before.malformed == after.malformed == 0 and before.unsent == after.unsent == 0
 
