@@ -133,11 +133,9 @@ class Bridge:
             raise
         mark("nics_open")
         self.pool = PacketPool(wan_dev, POOL_BUFFERS)
-        self.wan = E1000(bus, wan_dev, interrupts=False, pool=self.pool)
-        self.wan.set_promiscuous(True)
+        self.wan = E1000(bus, wan_dev, interrupts=False, pool=self.pool, promiscuous=True)
         mark("wan_up")
-        self.lan = E1000(bus, lan_dev, interrupts=False, pool=self.pool)
-        self.lan.set_promiscuous(True)
+        self.lan = E1000(bus, lan_dev, interrupts=False, pool=self.pool, promiscuous=True)
         mark("lan_up")
 
     def run(self, counters: Counters, beat: Callable[[], None] | None = None,

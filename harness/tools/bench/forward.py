@@ -504,7 +504,7 @@ def restart_steps(service: BridgeService, killed_at: float, died_at: float, star
     deadline = Deadline(timeout)
     while True:
         steps = service.start_steps()
-        if steps["entered"] >= started_at and steps["first_frame"]:
+        if steps["entered"] >= died_at and steps["first_frame"]:
             break
         if deadline.expired:
             raise ForwardStalled(f"the restarted bridge forwarded no frame within {timeout:g} s: {steps}")
