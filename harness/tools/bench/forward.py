@@ -62,6 +62,7 @@ from drivers.e1000.regs import Reg
 from ...access import Deadline
 from ...errors import HarnessError
 from ...machine import Machine
+from ...machine.accel import why_linux_does_not_boot
 from ...machine.linux import linux
 from ...proxy import ProxyMachine, proxy_spec, raw
 from ...services.bridge import BATCH, Bridge, BridgeService, Counters, bridge_devices, bridge_nics, bridge_spec
@@ -392,14 +393,6 @@ def linux_bridge(accel: str, counts: dict[str, int], runs: int = PEER_RUNS) -> d
                 "call_ms": call_ms(m), "release": guest.release, "tool": "brctl (the kernel's bridge module)"}
 
 
-def linux_boots(accel: str) -> str:
-    """Why the Linux guest is not booted under ``accel`` here, or '' where it is."""
-    from ...machine.accel import choose_auto, resolve_accel
-    if resolve_accel(accel) == "kvm" and choose_auto().accel != "kvm":
-        return f"Linux does not boot under this host's KVM ({choose_auto().reason})"
-    return ""
-
-
 def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int = 9, quick: bool = False,
         iommu: bool | None = None, peer: bool = True, kill: int = 0) -> dict[str, object]:
     """The Python bridge against the C one (paired rounds), then Linux's bridge; or
@@ -411,7 +404,7 @@ def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int =
     counts = {"64": count_64, "1514": count_1514}
     result = proxy_side(accel, iommu, counts, rounds)
     accel = str(result.pop("accel"))
-    why_not = linux_boots(accel) if peer else "not asked for"
+    why_not = why_linux_does_not_boot(accel) if peer else "not asked for"
     if not why_not:
         peer_result = linux_bridge(accel, counts, PEER_RUNS if not quick else 1)
         result["accounting"]["peer_linux"] = peer_result.pop("accounting")     # type: ignore[index]
@@ -545,7 +538,7 @@ KILL_FILE = 32 << 20                    # bytes: "tens of MiB"
 def kill_run(accel: str, kills: int, iommu: bool | None = None, quick: bool = False) -> dict[str, object]:
     """A Linux machine on the bridge's wire downloads a file while the bridge is SIGKILLed
     ``kills`` times and SIGSTOPped once; restart times and the longest stall."""
-    why_not = linux_boots(accel)
+    why_not = why_linux_does_not_boot(accel)
     if why_not:
         raise ForwardStalled(f"bench forward --kill needs the Linux guest: {why_not}")
     size = KILL_FILE if not quick else 8 << 20
