@@ -38,8 +38,10 @@ log = logging.getLogger(__name__)
 
 WAN_SLOT, LAN_SLOT = 0x6, 0x7                       # the two NICs' PCI slots: which is which
 WAN_MAC, LAN_MAC = "52:54:00:b1:00:01", "52:54:00:b1:00:02"
-DOMAIN_SIZE = 8 << 20                               # rings, copy buffers and the pool, for both NICs
-POOL_BUFFERS = 1536                                 # 2 x 256 receive + 2 x 255 in flight + slack
+# Rings, copy buffers (2 x 512 KiB) and the pool (2.5 MiB), for both NICs; no larger: the
+# proxy maps (and on a restart unmaps) the domain page by page, the largest step of a restart.
+DOMAIN_SIZE = 4 << 20
+POOL_BUFFERS = 1280                                 # 2 x 256 receive + 2 x 255 in flight + slack
 BATCH = 64                                          # frames taken from a ring at a time
 IDLE_MIN, IDLE_MAX = 50e-6, 1e-3                    # seconds an idle round sleeps, growing
 RESTATE_ROUNDS = 64                                 # idle rounds between restating the receive tails
