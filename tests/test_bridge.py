@@ -15,10 +15,12 @@ from typing import Iterator
 import pytest
 
 from harness.access import Deadline
+from harness.errors import AccessDenied, BadRequest
 from harness.machine import Machine
 from harness.machine.linux import wire_nic
-from harness.services.bridge import BridgeService, bridge_spec
-from harness.tools.bench.forward import download_through_kills, http_files
+from harness.proxy import raw
+from harness.services.bridge import BridgeService, bridge_devices, bridge_nics, bridge_spec
+from harness.tools.bench.forward import BLOCK_FIELDS, download_through_kills, http_files
 
 pytestmark = pytest.mark.qemu
 
@@ -52,6 +54,37 @@ def fetch(linux: Machine, port: int, name: str, timeout: float = 300.0) -> str:
                                     f"sha256sum /tmp/{name}", timeout=timeout)
     assert status == 0, out
     return out.split()[0]
+
+
+def test_the_proxy_forwards_natively_only_to_a_nic_in_the_same_dma_domain(proxy_machine_factory) -> None:
+    """``PROXY_OP_NIC_FORWARD_LOOP`` names its peer NIC by ring: one opened into a DMA domain
+    of its own is refused (AccessDenied) before anything else about the request is looked
+    at; the same peer opened into the caller's domain gets past that check, to the next
+    (BadRequest: the block's rings are all zero)."""
+    def two_nics(spec):  # type: ignore[no-untyped-def]
+        spec.netdev("user", "wan", restrict=True)
+        spec.netdev("user", "lan", restrict=True)
+        return bridge_devices(spec, "wan", "lan")
+    pm = proxy_machine_factory(two_nics, name="forward-domain")
+    abi = pm.bus.abi
+    wan_function, lan_function = bridge_nics(pm.bus)
+    wan = pm.bus.open(wan_function, dma_size=1 << 20)
+    block = wan.dma_alloc(abi.sizeof("proxy_nic_forward"), 64)
+    packer = abi.packer("proxy_nic_forward", BLOCK_FIELDS)
+    op = abi.PROXY_OP_NIC_FORWARD_LOOP
+
+    def forward_to(peer) -> None:  # type: ignore[no-untyped-def]
+        fields = dict.fromkeys(BLOCK_FIELDS, 0) | {"peer": peer.channel.index, "batch": 1}
+        packer.pack_into(block.view, abi.offsetof("proxy_nic_forward", BLOCK_FIELDS[0]), *fields.values())
+        raw.native_loop(wan.channel, op, block.phys, "native forward loop")
+
+    lan = pm.bus.open(lan_function, dma_size=1 << 20)
+    with pytest.raises(AccessDenied):
+        forward_to(lan)
+    lan.close()
+    lan = pm.bus.open(lan_function, share_domain_with=wan)
+    with pytest.raises(BadRequest):
+        forward_to(lan)
 
 
 def test_a_linux_machine_gets_a_lease_and_a_file_through_the_bridge(bridged, linux_image, files) -> None:

@@ -68,10 +68,12 @@ class E1000:
     """One 82540EM. ``E1000.open(bus)`` finds and initialises the first one."""
 
     def __init__(self, bus: Bus, device: Device, rx_entries: int = 256, tx_entries: int = 256,
-                 interrupts: bool = True, itr: int = 0, pool: "PacketPool | None" = None) -> None:
+                 interrupts: bool = True, itr: int = 0, pool: "PacketPool | None" = None,
+                 promiscuous: bool = False) -> None:
         """``pool``: receive into buffers of a :class:`~drivers.e1000.pool.PacketPool` (the
         forwarding mode: :meth:`recv_buffers` and :meth:`send_buffers` pass buffers along
-        without a copy) instead of buffers of the NIC's own."""
+        without a copy) instead of buffers of the NIC's own. ``promiscuous``: receive every
+        frame from the start (a bridge), as :meth:`set_promiscuous` does later."""
         for n in (rx_entries, tx_entries):
             if n % 8 or not 8 <= n <= 4096:
                 raise ValueError("ring sizes are multiples of 8 from 8 to 4096 (the length is in 128-byte units)")
@@ -90,6 +92,7 @@ class E1000:
         self.tx_clean = 0           # oldest descriptor the hardware may still own
         self.irq = device.irq(IrqMode.INTX) if interrupts else None
         self.mac = b""
+        self.promiscuous = promiscuous
         self.reset_and_init(itr)
 
     @classmethod
@@ -129,10 +132,14 @@ class E1000:
         log.info("e1000 %s up, mac %s", self.dev.function.bdf, self.mac.hex(":"))
 
     def _stop(self) -> None:
-        """No interrupts, no receiving, no sending: where a bring-up starts and a close ends."""
+        """No interrupts, no receiving, no sending: where a bring-up starts and a close ends.
+        Receiving stops by an empty ring (head == tail: no descriptor to fill, so frames wait
+        in QEMU's queue), not by clearing RCTL: QEMU's e1000 takes no frame for 1 s after
+        any RCTL write, and the next bring-up would have to write it again."""
         with self.dev.batch() as b:
             b.write32(self.regs, Reg.IMC, 0xFFFFFFFF)
-            b.write32(self.regs, Reg.RCTL, 0)
+            b.write32(self.regs, Reg.RDH, 0)
+            b.write32(self.regs, Reg.RDT, 0)
             b.write32(self.regs, Reg.TCTL, 0)
 
     def _wait(self, reg: int, mask: int, value: int, what: str, timeout: float = 2.0) -> int:
@@ -163,14 +170,21 @@ class E1000:
             struct.pack_into("<Q", ring, i * DESC_SIZE, phys)
             ring[i * DESC_SIZE + _RX_STA] = 0               # and is not done: a DD bit left from
                                                             # before (a re-init) is no frame
+        rctl = Rctl.EN | Rctl.BAM | Rctl.SECRC | (Rctl.UPE | Rctl.MPE if self.promiscuous else 0)
+        # QEMU's e1000 refuses to receive for 1 s (virtual) after any RCTL write: a NIC a
+        # killed driver left with this very RCTL is not written again, so a restarted driver
+        # forwards at once. RDT goes last: with receiving on, that write is what has QEMU
+        # deliver the frames it queued meanwhile.
+        write_rctl = self.regs.read32(Reg.RCTL) != rctl
         with self.dev.batch() as b:
             b.write32(self.regs, Reg.RDBAL, self.rx_ring.phys & 0xFFFFFFFF)
             b.write32(self.regs, Reg.RDBAH, self.rx_ring.phys >> 32)
             b.write32(self.regs, Reg.RDLEN, self.rx_n * DESC_SIZE)
             b.write32(self.regs, Reg.RDH, 0)
-            b.write32(self.regs, Reg.RDT, self.rx_n - 1)    # all but one: head == tail means empty
             b.write32(self.regs, Reg.RDTR, 0)
-            b.write32(self.regs, Reg.RCTL, Rctl.EN | Rctl.BAM | Rctl.SECRC)
+            if write_rctl:
+                b.write32(self.regs, Reg.RCTL, rctl)
+            b.write32(self.regs, Reg.RDT, self.rx_n - 1)    # all but one: head == tail means empty
         self.rx_next = 0
 
     def _init_tx(self) -> None:
@@ -195,9 +209,14 @@ class E1000:
         self.regs.write32(Reg.ITR, interval_256ns & 0xFFFF)
 
     def set_promiscuous(self, on: bool) -> None:
+        """Receive every frame (``on``) or only the NIC's own, broadcasts and its multicasts;
+        RCTL is written only for a change (each write stops receiving for 1 s in QEMU)."""
         rctl = self.regs.read32(Reg.RCTL)
         bits = Rctl.UPE | Rctl.MPE
-        self.regs.write32(Reg.RCTL, rctl | bits if on else rctl & ~bits)
+        self.promiscuous = on
+        wanted = rctl | bits if on else rctl & ~bits
+        if wanted != rctl:
+            self.regs.write32(Reg.RCTL, wanted)
 
     def add_multicast(self, mac: bytes) -> None:
         """Accept a multicast address: the MTA hash is bits 47:36 of it (RCTL.MO = 0)."""

@@ -86,3 +86,12 @@ def resolve_accel(accel: str) -> str:
     if accel == "auto":
         return _auto_for_this_host().accel
     return accel
+
+
+def why_linux_does_not_boot(accel: str) -> str:
+    """Why the Linux guest is not booted under ``accel`` on this host ('' where it is): a
+    forced KVM that ``auto`` would not pick emulates a stock kernel for minutes. The one
+    check the pytest fixtures, the benches and the demo make."""
+    if resolve_accel(accel) == "kvm" and _auto_for_this_host().accel != "kvm":
+        return f"the Linux guest is not booted under this host's KVM ({_auto_for_this_host().reason})"
+    return ""

@@ -38,8 +38,10 @@ log = logging.getLogger(__name__)
 
 WAN_SLOT, LAN_SLOT = 0x6, 0x7                       # the two NICs' PCI slots: which is which
 WAN_MAC, LAN_MAC = "52:54:00:b1:00:01", "52:54:00:b1:00:02"
-DOMAIN_SIZE = 8 << 20                               # rings, copy buffers and the pool, for both NICs
-POOL_BUFFERS = 1536                                 # 2 x 256 receive + 2 x 255 in flight + slack
+# Rings, copy buffers (2 x 512 KiB) and the pool (2.5 MiB), for both NICs; no larger: the
+# proxy maps (and on a restart unmaps) the domain page by page, the largest step of a restart.
+DOMAIN_SIZE = 4 << 20
+POOL_BUFFERS = 1280                                 # 2 x 256 receive + 2 x 255 in flight + slack
 BATCH = 64                                          # frames taken from a ring at a time
 IDLE_MIN, IDLE_MAX = 50e-6, 1e-3                    # seconds an idle round sleeps, growing
 RESTATE_ROUNDS = 64                                 # idle rounds between restating the receive tails
@@ -47,6 +49,10 @@ STATS_SECONDS = 0.25                                # how often the NICs' miss c
 
 COUNTERS = ("wan_to_lan_frames", "wan_to_lan_bytes", "lan_to_wan_frames", "lan_to_wan_bytes",
             "dropped_lan_tx_full", "dropped_wan_tx_full", "dropped_wan_missed", "dropped_lan_missed")
+# The latest driver start, step by step (time.monotonic(), one clock for every process):
+# in the driver's entry (forked and attached), both NICs opened into their domain, each
+# NIC brought up, the forwarding loop entered, the first frame forwarded.
+START_STEPS = ("entered", "nics_open", "wan_up", "lan_up", "running", "first_frame")
 
 
 def bridge_spec(spec: MachineSpec, wire: str) -> MachineSpec:
@@ -74,31 +80,51 @@ def bridge_nics(bus: Bus) -> tuple[PciFunction, PciFunction]:
 
 
 class Counters:
-    """The bridge's counters: u64s in a file, one writer (the driver), any readers."""
+    """The bridge's counters (u64s) and its latest start's steps (:data:`START_STEPS`,
+    doubles) in a file: one writer (the driver), any readers."""
+
+    SIZE = 8 * (len(COUNTERS) + len(START_STEPS))
 
     def __init__(self, path: Path | str) -> None:
         with open(path, "r+b") as f:
-            self._map = mmap.mmap(f.fileno(), 8 * len(COUNTERS))
-        self.values = memoryview(self._map).cast("Q")
+            self._map = mmap.mmap(f.fileno(), self.SIZE)
+        whole = memoryview(self._map)
+        self.values = whole[:8 * len(COUNTERS)].cast("Q")
+        self.steps = whole[8 * len(COUNTERS):].cast("d")
+        whole.release()
         self.index = {name: i for i, name in enumerate(COUNTERS)}
 
     @staticmethod
     def create(path: Path) -> "Counters":
-        path.write_bytes(bytes(8 * len(COUNTERS)))
+        path.write_bytes(bytes(Counters.SIZE))
         return Counters(path)
 
     def snapshot(self) -> dict[str, int]:
         return {name: self.values[i] for i, name in enumerate(COUNTERS)}
 
+    def mark(self, step: str) -> None:
+        """The driver reached ``step`` of its start now; ``entered`` forgets the last start's."""
+        if step == START_STEPS[0]:
+            for i in range(len(START_STEPS)):
+                self.steps[i] = 0.0
+        self.steps[START_STEPS.index(step)] = time.monotonic()
+
+    def start_steps(self) -> dict[str, float]:
+        """When the latest start reached each step (0.0: not yet)."""
+        return {name: self.steps[i] for i, name in enumerate(START_STEPS)}
+
     def close(self) -> None:
         self.values.release()
+        self.steps.release()
         self._map.close()
 
 
 class Bridge:
     """The two NICs opened into one DMA domain, sharing one packet pool; :meth:`run` forwards."""
 
-    def __init__(self, bus: Bus, wan_function: PciFunction, lan_function: PciFunction) -> None:
+    def __init__(self, bus: Bus, wan_function: PciFunction, lan_function: PciFunction,
+                 mark: Callable[[str], None] = lambda step: None) -> None:
+        """``mark``: told each of :data:`START_STEPS` the bring-up reaches."""
         from drivers.e1000 import E1000, PacketPool
         self.wan_function, self.lan_function = wan_function, lan_function
         wan_dev = bus.open(wan_function, dma_size=DOMAIN_SIZE)
@@ -107,11 +133,12 @@ class Bridge:
         except BaseException:
             wan_dev.close()
             raise
+        mark("nics_open")
         self.pool = PacketPool(wan_dev, POOL_BUFFERS)
-        self.wan = E1000(bus, wan_dev, interrupts=False, pool=self.pool)
-        self.lan = E1000(bus, lan_dev, interrupts=False, pool=self.pool)
-        for nic in (self.wan, self.lan):
-            nic.set_promiscuous(True)
+        self.wan = E1000(bus, wan_dev, interrupts=False, pool=self.pool, promiscuous=True)
+        mark("wan_up")
+        self.lan = E1000(bus, lan_dev, interrupts=False, pool=self.pool, promiscuous=True)
+        mark("lan_up")
 
     def run(self, counters: Counters, beat: Callable[[], None] | None = None,
             until: Callable[[], bool] = lambda: False) -> None:
@@ -121,6 +148,8 @@ class Bridge:
         ways = ((wan, lan, at["wan_to_lan_frames"], at["wan_to_lan_bytes"], at["dropped_lan_tx_full"]),
                 (lan, wan, at["lan_to_wan_frames"], at["lan_to_wan_bytes"], at["dropped_wan_tx_full"]))
         idle, next_stats = 0, time.monotonic() + STATS_SECONDS
+        counters.mark("running")
+        first_frame = True
         while not until():
             moved = 0
             for src, dst, frames_at, bytes_at, full_at in ways:
@@ -138,6 +167,9 @@ class Bridge:
                 beat()
             if moved:
                 idle = 0
+                if first_frame:
+                    counters.mark("first_frame")
+                    first_frame = False
                 continue
             idle += 1
             if idle % RESTATE_ROUNDS == 0:
@@ -165,7 +197,8 @@ def forward(bus: Bus, wan_function: PciFunction, lan_function: PciFunction, coun
             beat: Callable[[], None] | None = None, until: Callable[[], bool] = lambda: False) -> None:
     """Open both NICs into one domain and forward until ``until()`` is true (or the process
     is killed), counting into ``counters``."""
-    bridge = Bridge(bus, wan_function, lan_function)
+    counters.mark("entered")
+    bridge = Bridge(bus, wan_function, lan_function, counters.mark)
     log.info("forwarding between %s (wan) and %s (lan)", wan_function.bdf, lan_function.bdf)
     try:
         bridge.run(counters, beat, until)
@@ -212,6 +245,10 @@ class BridgeService:
     def counters(self) -> dict[str, int]:
         """Frames and bytes each way and drops by cause, since the service started."""
         return self._counters.snapshot()
+
+    def start_steps(self) -> dict[str, float]:
+        """When the driver's latest start reached each of :data:`START_STEPS` (0.0: not yet)."""
+        return self._counters.start_steps()
 
     def starts(self, timeout: float = 60.0, stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
         """One line per driver start, as it forwards; see :meth:`Driver.starts`."""

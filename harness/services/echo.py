@@ -13,13 +13,14 @@ A frame that cannot be parsed, or whose IP, UDP or ICMP checksum is wrong, is co
 as malformed and dropped; a well-formed frame that is not for this service (another
 address, port or protocol, a fragment) is counted as ignored. Neither stops the loop.
 
-What a restarted service loses depends on the NIC's receive ring, because of how QEMU's
-e1000 behaves after a write to RCTL (which every bring-up makes): for one second of the
-guest's clock it takes no frame, holding what arrives in QEMU's queue, then delivers the
-queue at once, and drops what the ring cannot hold at that moment (a receiver overrun).
-A ring of 256 loses all but 255 of that second's frames; a service that should lose only
-what arrived while it was down wants a ring that holds a second of its traffic
-(``E1000(..., rx_entries=1024)`` for 500 datagrams a second).
+What a service loses depends on the NIC's receive ring, because of how QEMU's e1000
+behaves after a write to RCTL (which a NIC's first bring-up makes; a restarted driver
+finds RCTL as it wants it and leaves it alone): for one second of the guest's clock it
+takes no frame, holding what arrives in QEMU's queue, then delivers the queue at once,
+and drops what the ring cannot hold at that moment (a receiver overrun). A ring of 256
+loses all but 255 of that second's frames; a ring that holds a second of the traffic
+(``E1000(..., rx_entries=1024)`` for 500 datagrams a second) loses none. A restart loses
+what arrived while the driver was down (QEMU drops its queue when bus mastering returns).
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ def _send(nic: Nic, frames: list[bytes], counts: EchoCounters) -> None:
 def echo_driver(bus: Bus, function: PciFunction, rx_entries: int = 1024, **serve: object) -> None:
     """The service as a driver process (``Supervisor.run("harness.services.echo:echo_driver", nic)``):
     bring the NIC up, by interrupt, and serve until the process is killed. A ring of 1024
-    holds the second of traffic QEMU's e1000 holds back after each bring-up (see above)."""
+    holds the second of traffic QEMU's e1000 holds back after a first bring-up (see above)."""
     from drivers.e1000.driver import E1000
     nic = E1000(bus, bus.open(function), rx_entries=rx_entries)
     serve_echo(nic, beat=getattr(bus, "beat", None), **serve)  # type: ignore[arg-type]

@@ -40,8 +40,8 @@ import pytest
 from .. import tracing
 from ..errors import HarnessError
 from ..machine.linux import LinuxImage, linux
-from ..machine import Machine, MachineSpec, random_mac, resolve_accel
-from ..machine.accel import choose_auto
+from ..machine import Machine, MachineSpec, random_mac
+from ..machine.accel import why_linux_does_not_boot
 from ..machine.saved import SavedMachine, save_booted
 from ..proxy import ProxyMachine, proxy_spec
 
@@ -197,9 +197,9 @@ def linux_image() -> LinuxImage:
 @pytest.fixture(scope="session")
 def linux_accel(hwharness_accel: str) -> str:
     """The accelerator for Linux machines; skips, saying why, where it is an emulating KVM."""
-    if resolve_accel(hwharness_accel) == "kvm" and choose_auto().accel != "kvm":
-        pytest.skip(f"the Linux guest is not booted under this host's KVM ({choose_auto().reason}); "
-                    "it would take minutes to boot. The README lists this case as unsupported; "
+    why_not = why_linux_does_not_boot(hwharness_accel)
+    if why_not:
+        pytest.skip(f"{why_not}; it would take minutes to boot. The README lists this case as unsupported; "
                     "the proxy guest's tests cover forced KVM here")
     return hwharness_accel
 

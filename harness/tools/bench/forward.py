@@ -59,13 +59,15 @@ from typing import Callable, Iterator
 
 from drivers.e1000.regs import Reg
 
+from ...access import Deadline
 from ...errors import HarnessError
 from ...machine import Machine
+from ...machine.accel import why_linux_does_not_boot
 from ...machine.linux import linux
 from ...proxy import ProxyMachine, proxy_spec, raw
 from ...services.bridge import BATCH, Bridge, BridgeService, Counters, bridge_devices, bridge_nics, bridge_spec
 from .e1000 import GUEST_LOOP_TIMEOUT, RCTL_QUIET, Feeder, frame_of, wire
-from .paired import Run, Workload, add_peer, clock_figures, run_rounds
+from .paired import ForeignLoad, Run, Workload, add_peer, clock_figures, run_rounds
 
 log = logging.getLogger(__name__)
 
@@ -391,14 +393,6 @@ def linux_bridge(accel: str, counts: dict[str, int], runs: int = PEER_RUNS) -> d
                 "call_ms": call_ms(m), "release": guest.release, "tool": "brctl (the kernel's bridge module)"}
 
 
-def linux_boots(accel: str) -> str:
-    """Why the Linux guest is not booted under ``accel`` here, or '' where it is."""
-    from ...machine.accel import choose_auto, resolve_accel
-    if resolve_accel(accel) == "kvm" and choose_auto().accel != "kvm":
-        return f"Linux does not boot under this host's KVM ({choose_auto().reason})"
-    return ""
-
-
 def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int = 9, quick: bool = False,
         iommu: bool | None = None, peer: bool = True, kill: int = 0) -> dict[str, object]:
     """The Python bridge against the C one (paired rounds), then Linux's bridge; or
@@ -410,7 +404,7 @@ def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int =
     counts = {"64": count_64, "1514": count_1514}
     result = proxy_side(accel, iommu, counts, rounds)
     accel = str(result.pop("accel"))
-    why_not = linux_boots(accel) if peer else "not asked for"
+    why_not = why_linux_does_not_boot(accel) if peer else "not asked for"
     if not why_not:
         peer_result = linux_bridge(accel, counts, PEER_RUNS if not quick else 1)
         result["accounting"]["peer_linux"] = peer_result.pop("accounting")     # type: ignore[index]
@@ -454,8 +448,9 @@ def http_files(sizes: dict[str, int], seed: int = 21) -> Iterator[tuple[int, dic
 @dataclass
 class Download:
     """What a download through the bridge saw: the guest's sha256, each restart (the signal,
-    its cause as the supervisor saw it, ms from the signal to forwarding again), and the
-    longest time no byte reached the guest."""
+    its cause as the supervisor saw it, ms from the signal to the new process serving and to
+    its first forwarded frame, and each step's ms, :func:`restart_steps`), and the longest
+    time no byte reached the guest."""
     sha256: str
     restarts: list[dict[str, object]]
     longest_stall_ms: float
@@ -481,14 +476,38 @@ def download_through_kills(service: BridgeService, linux_machine: Machine, port:
             os.kill(driver.pid, sig)
             driver.wait_serving(60, after=len(driver.restarts) + 1)
             restart = driver.restarts[-1]
+            steps = restart_steps(service, killed_at, restart.died_at, driver.started_at)
             restarts.append({"signal": sig.name, "cause": restart.cause,
-                             "ms": round((restart.serving_at - killed_at) * 1e3, 1)})
+                             "ms": round((restart.serving_at - killed_at) * 1e3, 1),
+                             "first_frame_ms": round(sum(steps.values()), 1), "steps_ms": steps})
         out, status = linux_machine.console.run(f"wait; sha256sum /tmp/{name}", timeout=timeout)
     finally:
         stalls.stop()
     if status:
         raise ForwardStalled(f"the download of {name} failed ({status}): {out[-300:]}")
     return Download(out.split()[0], restarts, round(stalls.longest * 1e3, 1))
+
+
+def restart_steps(service: BridgeService, killed_at: float, died_at: float, started_at: float,
+                  timeout: float = 30.0) -> dict[str, float]:
+    """Where a restart's time went, once the new driver has forwarded its first frame: ms
+    from the signal to the supervisor seeing the death (``noticed``), to the zygote's fork
+    (``forked``), then to each of the driver's :data:`~harness.services.bridge.START_STEPS`,
+    each from the step before."""
+    deadline = Deadline(timeout)
+    while True:
+        steps = service.start_steps()
+        if steps["entered"] >= died_at and steps["first_frame"]:
+            break
+        if deadline.expired:
+            raise ForwardStalled(f"the restarted bridge forwarded no frame within {timeout:g} s: {steps}")
+        time.sleep(0.005)
+    times = [("noticed", died_at), ("forked", started_at), *steps.items()]
+    before, out = killed_at, {}
+    for name, at in times:
+        out[name] = round((at - before) * 1e3, 1)
+        before = at
+    return out
 
 
 class StallWatch:
@@ -519,7 +538,7 @@ KILL_FILE = 32 << 20                    # bytes: "tens of MiB"
 def kill_run(accel: str, kills: int, iommu: bool | None = None, quick: bool = False) -> dict[str, object]:
     """A Linux machine on the bridge's wire downloads a file while the bridge is SIGKILLed
     ``kills`` times and SIGSTOPped once; restart times and the longest stall."""
-    why_not = linux_boots(accel)
+    why_not = why_linux_does_not_boot(accel)
     if why_not:
         raise ForwardStalled(f"bench forward --kill needs the Linux guest: {why_not}")
     size = KILL_FILE if not quick else 8 << 20
@@ -536,18 +555,29 @@ def kill_run(accel: str, kills: int, iommu: bool | None = None, quick: bool = Fa
             m = stack.enter_context(Machine(guest.spec(accel=accel, net=wire_), name="bench-forward-linux"))
             guest.wait_ready(m)
             guest.dhcp(m)
+            own = [os.getpid(), service.supervisor.zygote.process.pid, service.pid,
+                   *(machine.process.pid for machine in (pm.machine, m) if machine.process is not None)]
+            load = ForeignLoad(own)             # the driver processes count as the bench's own
             t0 = time.monotonic()
             got = download_through_kills(service, m, port, "file", size,
                                          [signal.SIGKILL] * kills + [signal.SIGSTOP])
             elapsed = time.monotonic() - t0
-            killed = [r["ms"] for r in got.restarts if r["signal"] == "SIGKILL"]
+            load.own.append(service.pid)
+            foreign = round(load.since_last(), 2)
+            killed = [r for r in got.restarts if r["signal"] == "SIGKILL"]
+
+            def p50(values: list[float]) -> float | None:
+                return round(statistics.median(values), 1) if values else None
             return {"benchmark": "forward_kill", "accel": pm.machine.accel, "quick": quick,
                     "file_bytes": size, "sha256_right": got.sha256 == sums["file"],
-                    "results": {"restart_p50_ms": round(statistics.median(killed), 1) if killed else None,
-                                "restart_max_ms": max(killed) if killed else None,
+                    "results": {"restart_p50_ms": p50([r["ms"] for r in killed]),
+                                "restart_max_ms": max((r["ms"] for r in killed), default=None),
+                                "first_frame_p50_ms": p50([r["first_frame_ms"] for r in killed]),
                                 "longest_stall_ms": got.longest_stall_ms,
                                 "download_s": round(elapsed, 2),
                                 "download_mbps": round(size / elapsed / 1e6, 2)},
-                    "restarts": got.restarts, "counters": service.counters()}
+                    "restart_steps_p50_ms": {step: p50([r["steps_ms"][step] for r in killed])
+                                             for step in (killed[0]["steps_ms"] if killed else ())},
+                    "foreign_cores": foreign, "restarts": got.restarts, "counters": service.counters()}
     finally:
         shutil.rmtree(workdir)

@@ -26,14 +26,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise BadInput(f"--hang is for bench restart, not {args.name}")
         extra["hang"] = True
     if args.kill:
-        if args.name != "forward":
-            raise BadInput(f"--kill is for bench forward, not {args.name}")
+        if args.name not in ("forward", "serve"):
+            raise BadInput(f"--kill is for bench forward and bench serve, not {args.name}")
         extra["kill"] = args.kill
     if args.peer and args.name not in ("ahci", "e1000"):
         raise BadInput(f"--peer {args.peer} is for bench ahci and bench e1000, not {args.name}")
-    if args.kill:
-        if args.name != "serve":
-            raise BadInput(f"--kill is for bench serve, not {args.name}")
+    if args.kill and args.name == "serve":
         print_json(serve.kill_run(args.accel, args.kill, quick=args.quick, iommu=iommu_of(args)), args.json,
                    left_out="lines")
         return 0

@@ -33,7 +33,7 @@ from ...access import Batch
 from ...devices.fat import DriverFatFS
 from ...errors import DmaFault, HarnessError
 from ...machine import Machine, RuntimeFile, random_mac
-from ...machine.accel import choose_auto
+from ...machine.accel import why_linux_does_not_boot
 from ...machine.input import move_mouse
 from ...machine.linux import linux
 from ...processes.supervisor import Supervisor
@@ -315,7 +315,7 @@ def linux_online(dm: DemoMachine) -> Check:
     a lease, a file from a host HTTP server on loopback through 10.0.2.2, and the bridge
     SIGKILLed once during the download."""
     accel = dm.pm.machine.accel
-    why_not = forward.linux_boots(accel)
+    why_not = why_linux_does_not_boot(accel)
     if why_not:
         return Check([f"skipped: {why_not}; the Linux guest takes minutes to boot here (see the README)"])
     guest, size = linux(), 16 << 20
@@ -347,9 +347,9 @@ def linux_on_served_root(dm: DemoMachine) -> Check:
     export (another proxy machine, the root image of `make images`); the driver SIGKILLed once
     while Linux writes; the file's sha256 after a power-off and a reboot, and fsck."""
     accel = dm.pm.machine.accel
-    if accel == "kvm" and choose_auto().accel != "kvm":
-        return Check([f"skipped: the Linux guest is not booted under this host's KVM ({choose_auto().reason}); "
-                      "the README lists this case as unsupported"])
+    why_not = why_linux_does_not_boot(accel)
+    if why_not:
+        return Check([f"skipped: {why_not}; the README lists this case as unsupported"])
     plan = KillPlan(files=2, file_kib=4096, batch=1, kill_after=(1,))
     report, fsck, elapsed = linux_through_kills(accel, plan, random.Random(), name="demo-root")
     restart = report.restarts[0]
