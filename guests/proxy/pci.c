@@ -1,4 +1,4 @@
-/* pci.c - configuration space through ports 0xcf8/0xcfc, enumeration, BAR sizing, MSI-X. */
+/* pci.c - configuration space through ports 0xcf8/0xcfc, enumeration, BAR sizing and assignment, MSI-X. */
 #include "kernel.h"
 
 static void cfg_select(u8 bus, u8 dev, u8 fn, u8 off)
@@ -131,9 +131,81 @@ static int scan_bus(u8 bus, struct proxy_pci_device *table, int n, int max)
     return n;
 }
 
+/*
+ * Where BARs the firmware left unassigned go. SeaBIOS assigns every BAR; qboot, the
+ * faster firmware, assigns none on q35 (each reads 0, decoding off), so the proxy does
+ * it the way SeaBIOS would: memory BARs in q35's 32-bit hole, above MMCONFIG (QEMU puts
+ * the PCIe ECAM at 0xb0000000, 256 MiB, above the low RAM of any guest under 2.75 GiB)
+ * and below the IOAPIC, 64-bit ones too, as the proxy maps only the low 4 GiB; I/O BARs
+ * from 0xc000. Each space starts above the BARs the firmware did assign.
+ */
+#define BAR_MEM_START 0xc0000000ull
+#define BAR_MEM_END   0xfec00000ull
+#define BAR_IO_START  0xc000ull
+#define BAR_IO_END    0x10000ull
+
+struct bar_space {
+    u64 next, end;
+};
+
+/* The largest BAR with a size and no address; NULL when every BAR has one. */
+static struct proxy_bar *largest_unassigned(struct proxy_pci_device *table, int n, int *dev, int *bar)
+{
+    struct proxy_bar *found = NULL;
+    for (int i = 0; i < n; i++)
+        for (int b = 0; b < PROXY_MAX_BARS; b++) {
+            struct proxy_bar *x = &table[i].bars[b];
+            if (x->size && !x->base && (!found || x->size > found->size)) {
+                found = x;
+                *dev = i;
+                *bar = b;
+            }
+        }
+    return found;
+}
+
+/* Give every unassigned BAR an address, largest first, each aligned to its size (BAR sizes
+ * are powers of two), and turn on the decoding of each space a device was given. */
+static void assign_bars(struct proxy_pci_device *table, int n)
+{
+    struct bar_space space[2] = { { BAR_MEM_START, BAR_MEM_END }, { BAR_IO_START, BAR_IO_END } };  /* [is_io] */
+    u16 decode[PROXY_MAX_DEVICES] = { 0 };
+    for (int i = 0; i < n; i++)
+        for (int b = 0; b < PROXY_MAX_BARS; b++) {
+            const struct proxy_bar *x = &table[i].bars[b];
+            struct bar_space *s = &space[x->is_io];
+            if (x->size && x->base && x->base < s->end && x->base + x->size > s->next)
+                s->next = x->base + x->size;
+        }
+    int i, b;
+    struct proxy_bar *x;
+    while ((x = largest_unassigned(table, n, &i, &b))) {
+        struct bar_space *s = &space[x->is_io];
+        u64 at = (s->next + x->size - 1) & ~(x->size - 1);
+        if (at + x->size > s->end)
+            panic("assign_bars: no room left for a BAR below 4 GiB");
+        x->base = at;
+        s->next = at + x->size;
+        struct proxy_pci_device *d = &table[i];
+        u8 off = PROXY_PCI_BAR0 + 4 * b;
+        pci_cfg_write(d->bus, d->dev, d->fn, off, 4, (u32)at);     /* the type bits are read-only */
+        if (x->is_64)
+            pci_cfg_write(d->bus, d->dev, d->fn, off + 4, 4, (u32)(at >> 32));
+        decode[i] |= x->is_io ? PROXY_PCI_COMMAND_IO : PROXY_PCI_COMMAND_MEMORY;
+    }
+    for (i = 0; i < n; i++)
+        if (decode[i]) {
+            struct proxy_pci_device *d = &table[i];
+            u16 cmd = pci_cfg_read(d->bus, d->dev, d->fn, PROXY_PCI_COMMAND, 2);
+            pci_cfg_write(d->bus, d->dev, d->fn, PROXY_PCI_COMMAND, 2, cmd | decode[i]);
+        }
+}
+
 int pci_enumerate(struct proxy_pci_device *table, int max)
 {
-    return scan_bus(0, table, 0, max);
+    int n = scan_bus(0, table, 0, max);
+    assign_bars(table, n);
+    return n;
 }
 
 /* How many MSI-X table entries the device has; 0 without MSI-X. */

@@ -34,12 +34,15 @@ such as the proxy's shared windows) cannot be saved.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import os
+import queue
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,9 +188,13 @@ class SavedMachine:
             drive.props["file"] = RuntimeFile(saved_to_own[str(drive.props["file"])])
         return spec
 
-    def restore(self, name: str = "restored", **machine_args: Any) -> Machine:
-        """A new machine in the saved state, running; the caller shuts it down."""
-        m = Machine(self.restore_spec(), name=name, **machine_args)
+    def restore(self, name: str = "restored", plugins: tuple[MachinePlugin, ...] = (),
+                **machine_args: Any) -> Machine:
+        """A new machine in the saved state, running, with ``plugins`` added to the saved
+        machine's; the caller shuts it down."""
+        spec = self.restore_spec()
+        spec.plugins += plugins
+        m = Machine(spec, name=name, **machine_args)
         m.launch()
         return m
 
@@ -199,6 +206,112 @@ class SavedMachine:
 
     def __exit__(self, *_: object) -> None:
         self.remove()
+
+
+class OwnEventLoop(MachinePlugin):
+    """The machine's QMP client runs on an event loop of its own, closed with the machine.
+
+    QEMU's synchronous QMP client runs on its thread's current event loop, made when the
+    client is: machines restored by one thread and used by others (:class:`RestoredAhead`)
+    would otherwise share that thread's loop, and two threads running it at once fail
+    ("This event loop is already running").
+    """
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def pre_launch(self, machine: Machine, ends: Endpoints) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)      # what the client, made after this, runs on
+
+    def shutdown(self, machine: Machine) -> None:
+        if self.loop is not None:              # the client has been closed before this
+            self.loop.close()
+            self.loop = None
+
+
+class RestoredAhead:
+    """Machines restored from ``saved`` before anyone asks for one, so that a caller waits
+    only for what is left of its restore: ``with RestoredAhead(saved, prepare) as ahead:
+    m = ahead.take()``.
+
+    A thread of the pool's own keeps ``size`` machines ready: restored, then ``prepare(m)``
+    (for the Linux guest, a command answered at the prompt). ``take()`` hands out the oldest
+    and the thread starts the next at once, while the taker uses its machine. Each machine
+    is restored for one taker and handed out once; it is the taker's to shut down. The
+    thread stops at ``close()``, which shuts down the machines nobody took: QEMU dies with
+    the thread that started it (:func:`~.machine.die_with_parent`), so a machine taken must
+    be shut down before the pool closes.
+
+    A restore or ``prepare`` that fails is raised by the ``take()`` that would have had its
+    machine (whose directory is kept); the next ``take()`` tries again.
+    """
+
+    def __init__(self, saved: SavedMachine, prepare: Callable[[Machine], object], *, size: int = 1,
+                 name: str = "restored", **machine_args: Any) -> None:
+        if size < 1:
+            raise ValueError(f"a pool keeps at least one machine ready, not {size}")
+        self.saved = saved
+        self.prepare = prepare
+        self.name = name
+        self.machine_args = machine_args
+        self._ready: queue.Queue[Machine | BaseException] = queue.Queue()
+        self._room = threading.Semaphore(size)      # released by each take(): restore another
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._keep_ready, name=f"restore-ahead-{name}", daemon=True)
+        self._thread.start()
+
+    def _keep_ready(self) -> None:
+        n = 0
+        while True:
+            self._room.acquire()
+            if self._closed.is_set():
+                break
+            n += 1
+            try:
+                m = self.saved.restore(name=f"{self.name}{n}", plugins=(OwnEventLoop(),), **self.machine_args)
+            except BaseException as exc:
+                self._ready.put(exc)
+                continue
+            try:
+                self.prepare(m)
+            except BaseException as exc:
+                m.failed = True
+                m.shutdown()
+                self._ready.put(exc)
+                continue
+            self._ready.put(m)
+        while not self._ready.empty():          # nobody takes them now
+            left = self._ready.get_nowait()
+            if isinstance(left, Machine):
+                left.shutdown()
+
+    def take(self) -> Machine:
+        """The next machine ready (waiting for it if need be), the caller's from now on."""
+        while True:
+            if self._closed.is_set() or not self._thread.is_alive():
+                raise MachineError(f"the pool of machines restored from {self.saved.directory} is closed")
+            try:
+                got = self._ready.get(timeout=0.5)
+                break
+            except queue.Empty:
+                continue
+        self._room.release()
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    def close(self) -> None:
+        """Stop restoring and shut down every machine not taken."""
+        self._closed.set()
+        self._room.release()                    # wakes the thread if it waits for room
+        self._thread.join()
+
+    def __enter__(self) -> "RestoredAhead":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def save_booted(spec: MachineSpec, ready: Callable[[Machine], object], *, name: str = "saved",

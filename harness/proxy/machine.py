@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import AbiError
 from ..machine import Machine, MachineSpec
 from ..machine.booted import BootedMachine
+from ..machine.linux import QBOOT
 from ..machine.plugin import MachinePlugin
 from ..machine.spec import Endpoints, Option, abstract
 from .abi import Abi, load_abi
@@ -94,7 +95,8 @@ class ProxyWindows(MachinePlugin):
 
 
 def proxy_spec(elf: Path | None = None, accel: str = "auto", memory_mb: int = 128,
-               window_size: int = WINDOW_SIZE, iommu: bool | None = None, slots: int = DRIVER_SLOTS) -> MachineSpec:
+               window_size: int = WINDOW_SIZE, iommu: bool | None = None, slots: int = DRIVER_SLOTS,
+               bios: Path | None = QBOOT) -> MachineSpec:
     """A machine that boots the proxy guest with its shared window; add devices to taste.
     ``elf`` defaults to the guest built from the current sources (see :mod:`.guest`).
 
@@ -103,14 +105,18 @@ def proxy_spec(elf: Path | None = None, accel: str = "auto", memory_mb: int = 12
     domain; without, DMA is not confined.
 
     ``slots``: driver slots, each a window of its own (``SLOT_SIZE``) that one driver
-    process may attach to (:mod:`harness.processes.control`)."""
+    process may attach to (:mod:`harness.processes.control`).
+
+    ``bios``: the firmware, qboot by default: it starts the guest sooner than QEMU's default
+    SeaBIOS (``bios=None``) and assigns no PCI BARs, which the proxy then assigns itself
+    (guests/proxy/pci.c)."""
     elf = elf or guest_elf()
     if iommu is None:
         iommu = os.environ.get(IOMMU_ENV, "1") != "0"
     abi = load_abi(elf)   # fail before booting if the ELF is missing or of another ABI
     if not boot_image(elf).exists():
         raise AbiError(f"{boot_image(elf)} is missing beside {elf}: its build did not finish")
-    spec = MachineSpec(kernel=boot_image(elf), accel=accel, memory_mb=memory_mb)
+    spec = MachineSpec(kernel=boot_image(elf), accel=accel, memory_mb=memory_mb, bios=bios)
     spec.plugins.append(ProxyWindows(abi, window_size, slots, iommu))
     return spec
 

@@ -12,9 +12,13 @@ Fixtures:
   that is an emulating KVM (kvm_pvm), under which the guest takes minutes to boot.
 - ``linux_saved``: the Linux guest booted once per session and saved at its prompt
   (:mod:`harness.machine.saved`).
+- ``linux_restored_ahead``: machines restored from ``linux_saved`` while earlier tests
+  run (:class:`~harness.machine.saved.RestoredAhead`, ``--hwharness-restore-ahead``
+  of them kept ready, 1 by default), each at its prompt, a command answered.
 - ``linux_machine``: a Linux machine at its shell prompt, a new one for every test,
-  restored from ``linux_saved`` in tens of milliseconds, so each test starts from the
-  same freshly booted state and no test sees another's writes.
+  restored from ``linux_saved`` (taken from ``linux_restored_ahead``, so a test waits
+  only for what is left of its restore), so each test starts from the same freshly
+  booted state and no test sees another's writes.
 - ``linux_machine_factory``: boots Linux machines, ``factory(configure=None,
   modules=(), name="linux")``, each at its prompt; shut down after the test
   (``linux_machine_factory_module``: after the module).
@@ -42,7 +46,7 @@ from ..errors import HarnessError
 from ..machine.linux import LinuxImage, linux
 from ..machine import Machine, MachineSpec, random_mac
 from ..machine.accel import why_linux_does_not_boot
-from ..machine.saved import SavedMachine, save_booted
+from ..machine.saved import RestoredAhead, SavedMachine, save_booted
 from ..proxy import ProxyMachine, proxy_spec
 
 DEBUGCON_PORT = 0xE9
@@ -64,6 +68,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--hwharness-quiet", type=float, default=None, metavar="SECONDS",
                     help="Linux machines: a console wait with no output for this long raises GuestHang "
                          "(default: never; a test can pass quiet= to a wait)")
+    group.addoption("--hwharness-restore-ahead", type=int, default=1, metavar="N",
+                    help="Linux machines restored for linux_machine while earlier tests run (default 1; "
+                         "0: each test's restore starts when the test does)")
 
 
 def trace_path(config: pytest.Config) -> Path | None:
@@ -254,14 +261,40 @@ def linux_saved(pytestconfig: pytest.Config, linux_accel: str, linux_image: Linu
     saved.remove()
 
 
+def _answered(m: Machine) -> None:
+    assert m.console is not None
+    m.console.run("true")
+
+
+@pytest.fixture(scope="session")
+def linux_restored_ahead(linux_saved: SavedMachine, pytestconfig: pytest.Config,
+                         tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestoredAhead | None]:
+    """Machines restored from ``linux_saved`` ahead of the tests that take them, each at its
+    prompt with a command answered; None with ``--hwharness-restore-ahead 0``. Those never
+    taken are shut down at the end of the session."""
+    size = int(pytestconfig.getoption("--hwharness-restore-ahead"))
+    if size < 0:
+        raise pytest.UsageError(f"--hwharness-restore-ahead takes 0 or more machines, not {size}")
+    if size == 0:
+        yield None
+        return
+    with RestoredAhead(linux_saved, _answered, size=size, name="linux",
+                       **_linux_machine_args(pytestconfig, tmp_path_factory)) as ahead:
+        yield ahead
+
+
 @pytest.fixture
-def linux_machine(linux_saved: SavedMachine, pytestconfig: pytest.Config,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
+def linux_machine(linux_saved: SavedMachine, linux_restored_ahead: RestoredAhead | None,
+                  pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     """A Linux machine at its prompt, in the state it was in right after booting: a machine of
-    its own, restored from ``linux_saved``, shut down after the test.
+    its own, restored from ``linux_saved`` (ahead of the test, unless
+    ``--hwharness-restore-ahead 0``), shut down after the test.
 
     ``linux_machine.console.run("uname -r")`` -> ``("6.1.0-...", 0)``.
     """
-    m = linux_saved.restore(name="linux", **_linux_machine_args(pytestconfig, tmp_path_factory))
+    if linux_restored_ahead is not None:
+        m = linux_restored_ahead.take()
+    else:
+        m = linux_saved.restore(name="linux", **_linux_machine_args(pytestconfig, tmp_path_factory))
     yield m
     m.shutdown()

@@ -22,8 +22,12 @@ Restores (what the ``linux_machine`` fixture does before every test): ``restore_
 new QEMU restored from a saved boot (:mod:`harness.machine.saved`), from the request to an
 answered command, ``restore_running_*`` the part until the machine ran; ``restore_parallelN``
 is N restored from one saved boot at once; ``restore_in_place_*`` are ``snapshot-load`` into
-a running machine (``Machine.restore``), the way the fixture restored before. Phases of a
-restore (``restore_phases_p50_ms``):
+a running machine (``Machine.restore``), the way the fixture restored before.
+``restore_ahead_wait_*`` is not a restore's cost but what a test waits for when the
+machine is restored ahead (:class:`~harness.machine.saved.RestoredAhead`, what the fixture
+does): from asking for the machine to having it, its prompt already answered, while each
+"test" before it kept its own machine busy with commands for ``restore_ahead_test_ms``.
+Phases of a restore (``restore_phases_p50_ms``):
 
 - ``before_exec``: the request to QEMU's exec (the machine's directory, disk overlays);
 - ``qemu_start``: exec to QMP answering (QEMU builds the machine, its console connects);
@@ -53,7 +57,7 @@ from typing import Any
 
 from ...machine.linux import LinuxImage, linux
 from ...machine import Machine
-from ...machine.saved import SavedMachine, save_booted
+from ...machine.saved import RestoredAhead, SavedMachine, save_booted
 from ...proxy import ProxyMachine, proxy_spec
 from .paired import ForeignLoad
 from .roundtrip import cpu_seconds
@@ -136,6 +140,33 @@ def saved_restores(saved: SavedMachine, workdir: Path, count: int) -> list[dict[
     return out
 
 
+def restores_ahead(saved: SavedMachine, workdir: Path, count: int, test_s: float) -> list[float]:
+    """Seconds each of ``count`` "tests" in a row waited for a machine restored ahead (a pool
+    of one, prompt answered), each test then running commands on its machine for ``test_s``."""
+    waits = []
+
+    def answered(m: Machine) -> None:
+        assert m.console is not None
+        m.console.run("true")
+
+    with RestoredAhead(saved, answered, name="bench-ahead", artifacts_root=workdir) as ahead:
+        for i in range(count):
+            t0 = time.monotonic()
+            m = ahead.take()
+            took = time.monotonic()
+            waits.append(took - t0)
+            try:
+                assert m.console is not None
+                while time.monotonic() - took < test_s:
+                    m.console.run(f"echo {i} > /tmp/state")
+            except BaseException:
+                m.failed = True
+                raise
+            finally:
+                m.shutdown()
+    return sorted(waits)
+
+
 def parallel_restores(saved: SavedMachine, workdir: Path, count: int, timeout: float = 120.0) -> float:
     """Seconds from the first restore request until ``count`` machines restored from one saved
     machine at once have all answered a command."""
@@ -193,7 +224,7 @@ def p50_ms(rows: list[dict[str, float]], phases: tuple[str, ...]) -> dict[str, f
 
 
 def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_count: int = 8,
-        iommu: bool | None = None) -> dict[str, Any]:
+        iommu: bool | None = None, ahead_test_s: float = 0.2) -> dict[str, Any]:
     """Boot the Linux guest ``count`` times and measure the rest; the figures as a dict for JSON."""
     image = linux()
     boots: list[dict[str, float]] = []
@@ -223,6 +254,8 @@ def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_
         foreign.since_last()
         restores = saved_restores(saved, workdir, restore_count)
         foreign_cores["restores"] = foreign.since_last()
+        ahead_waits = restores_ahead(saved, workdir, restore_count, ahead_test_s)
+        foreign_cores["restores_ahead"] = foreign.since_last()
         parallel_restore_s = parallel_restores(saved, workdir, parallel_count)
         foreign_cores["restores_parallel"] = foreign.since_last()
     foreign.since_last()
@@ -249,6 +282,9 @@ def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_
         "restore_p99_ms": pct(restore_s, 0.99) * 1e3,
         "restore_running_p50_ms": pct(sorted(r["running"] for r in restores), 0.5) * 1e3,
         "restore_phases_p50_ms": p50_ms(restores, RESTORE_PHASES),
+        "restore_ahead_wait_p50_ms": pct(ahead_waits, 0.5) * 1e3,
+        "restore_ahead_wait_p99_ms": pct(ahead_waits, 0.99) * 1e3,
+        "restore_ahead_test_ms": ahead_test_s * 1e3,
         "restore_in_place_p50_ms": pct(in_place_s, 0.5) * 1e3,
         "restore_in_place_p99_ms": pct(in_place_s, 0.99) * 1e3,
         "parallel_count": parallel_count,
