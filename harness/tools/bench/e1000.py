@@ -42,6 +42,8 @@ GUEST_LOOP_TIMEOUT = 8.0    # seconds; under the host's 10 s request deadline
 RCTL_QUIET = 1.1            # QEMU's e1000 refuses to receive for 1 s (virtual) after an RCTL write
 WINDOW = 64                 # receive: frames in flight; QEMU's own UDP socket holds ~212 KB of skbs
 FEEDER_DOZE = 100e-6        # seconds the feeder sleeps while the window is full
+FEEDER_STALL = 30.0         # seconds without progress after which the feeder gives up
+FEEDER_FAILED, FEEDER_STALLED = 1, 2    # the feeder process's exit codes
 LOOP_FIELDS = ["ring_phys", "frame_phys", "timeout_us", "entries", "frame_len", "count", "tail_reg", "flush_reg",
                "next", "clean", "done", "zero_copy"]
 QUICK = dict(count_64=2000, count_1514=500, rounds=1)
@@ -242,16 +244,23 @@ class Feeder:
     def start(self) -> None:
         self.pid = os.fork()
         if self.pid == 0:                           # the child: send, pace, and leave at once
-            code = 1
+            code = FEEDER_FAILED
             try:
-                sent, deadline = 0, time.monotonic() + 30
-                while sent < self.count and time.monotonic() < deadline:
-                    if sent - self.progress[0] < WINDOW:
+                # Gives up only when the receiver makes no progress for FEEDER_STALL seconds: on
+                # a loaded host a whole run may take longer than that and still be moving.
+                sent, seen, deadline = 0, -1, 0.0
+                while sent < self.count:
+                    done = self.progress[0]
+                    if done != seen:
+                        seen, deadline = done, time.monotonic() + FEEDER_STALL
+                    if sent - done < WINDOW:
                         self.sock.sendto(self.frame, self.to)
                         sent += 1
+                    elif time.monotonic() > deadline:
+                        break
                     else:                           # a window is a millisecond of frames: doze, free the core
                         time.sleep(FEEDER_DOZE)
-                code = 0 if sent == self.count else 1
+                code = 0 if sent == self.count else FEEDER_STALLED
             finally:
                 os._exit(code)
 
@@ -260,8 +269,12 @@ class Feeder:
         while True:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
-                if os.waitstatus_to_exitcode(status):
-                    raise RuntimeError("the feeder did not send all its frames")
+                code = os.waitstatus_to_exitcode(status)
+                if code == FEEDER_STALLED:
+                    raise RuntimeError(f"the feeder stopped: its receiver got no frame for {FEEDER_STALL:g} s "
+                                       f"with {WINDOW} in flight (at {self.progress[0]} of {self.count})")
+                if code:
+                    raise RuntimeError(f"the feeder failed (exit code {code})")
                 return
             if time.monotonic() > deadline:
                 os.kill(self.pid, 9)
