@@ -33,6 +33,7 @@ from typing import Callable, Iterator, Literal, Sequence
 
 from ..access import Bus, DmaBuffer, PciFunction
 from ..errors import DeviceNotFound
+from ..processes.zygote import mark
 from .nbd import BEAT_BYTES, MAX_PAYLOAD, TURN_REQUESTS, Address, NbdServer
 
 log = logging.getLogger(__name__)
@@ -175,15 +176,17 @@ def serve_disk(bus: Bus, listener: socket.socket, beat: Callable[[], None] | Non
     until ``until()`` is true. A device error fails the request it came from (EIO);
     anything else (the proxy gone, a crash) ends the server, for its supervisor to start another."""
     hba, device_errors = open_controller(bus, controller, function or find_controller(bus, controller))
+    mark("controller")
     try:
         disks = hba.disks()
         if not disks:
             raise DeviceNotFound(f"the {controller} controller has no disk")
         backend = DiskBackend(hba.dev, disks[0])
+        mark("disk")
         try:
             log.info("serving %s disk %r (%d bytes%s) on %s", controller, disks[0], backend.size,
                      ", read-only" if read_only else "", listener.getsockname())
-            server = NbdServer(backend, listener, beat, request_errors=device_errors, read_only=read_only)
+            server = NbdServer(backend, listener, beat, request_errors=device_errors, read_only=read_only, mark=mark)
             server.serve(until or (lambda: False))
         finally:
             backend.close()

@@ -28,8 +28,13 @@ on the AHCI export writes files (320 MiB; 16 with ``--quick``), ``sync`` between
 while the driver process is SIGKILLed N times at random moments and SIGSTOPped once; it
 fails unless Linux's log has no I/O error, every file reads back after a power-off and a
 reboot with the sha256 it was written with, and ``fsck.ext4 -fn`` is clean. Per restart:
-the supervisor's time from death to serving, and the client's stall (see
-:func:`write_through_kills`). The kill test (tests/test_serve.py) runs the same code.
+the supervisor's time from death to serving, the client's stall (see
+:func:`write_through_kills`), and ``phases_ms``, each phase's moment in ms from the signal:
+the supervisor ``noticed`` the death, the zygote ``spawned`` the next process, which
+``forked`` (ran), ``attached`` to a slot, opened the ``controller``, identified the
+``disk``, was ``serving`` (its first heartbeat), ``accepted`` QEMU's reconnect, reached
+``transmission`` (negotiated), and the client completed its first request since
+(``client_done``, which ends the stall). The kill test (tests/test_serve.py) runs the same code.
 """
 
 from __future__ import annotations
@@ -351,8 +356,14 @@ def _kill_once(service: DiskService, client: Machine, kill: bool) -> dict[str, o
         if time.monotonic() - signalled > STALL_LIMIT_S:
             raise KillCheckFailed(f"the client completed no request for {STALL_LIMIT_S} s after a driver restart")
         time.sleep(STALL_POLL_S)
+    done = time.monotonic()
+    assert service.supervisor is not None
+    service.supervisor.collect_phases()
+    moments = {"noticed": restart.died_at, **restart.phases, "serving": restart.serving_at, "client_done": done}
     return {"signal": "SIGKILL" if kill else "SIGSTOP", "cause": restart.cause, "restart_ms": round(restart.ms, 1),
-            "stall_ms": round((time.monotonic() - signalled) * 1e3, 1)}
+            "stall_ms": round((done - signalled) * 1e3, 1),
+            "phases_ms": {phase: round((at - signalled) * 1e3, 1) for phase, at in sorted(moments.items(),
+                                                                                      key=lambda item: item[1])}}
 
 
 def e2fs_tool(name: str) -> str:
@@ -425,12 +436,18 @@ def kill_run(accel: str, kills: int | None, quick: bool = False, iommu: bool | N
     killed = [r for r in report.restarts if r["signal"] == "SIGKILL"]
     stalls = sorted(float(r["stall_ms"]) for r in killed)       # type: ignore[arg-type]
     restarts = sorted(float(r["restart_ms"]) for r in killed)   # type: ignore[arg-type]
+    phases: dict[str, list[float]] = {}
+    for r in killed:
+        for phase, ms in r["phases_ms"].items():                # type: ignore[attr-defined]
+            phases.setdefault(phase, []).append(ms)
     return {"bench": "serve", "kill": len(plan.kill_after), "accel": accel, "clock": "host", "quick": quick,
             "seed": seed,
             "plan": asdict(plan), "written_mb": plan.files * plan.file_kib / 1024, "elapsed_s": round(elapsed, 1),
             "results": {"restart_p50_ms": statistics.median(restarts), "restart_max_ms": max(restarts),
                         "stall_p50_ms": statistics.median(stalls), "stall_max_ms": max(stalls),
-                        "io_errors": 0, "checksum_mismatches": 0, "fsck": "clean"},
+                        "io_errors": 0, "checksum_mismatches": 0, "fsck": "clean",
+                        "phases_p50_ms": {phase: statistics.median(ms) for phase, ms in
+                                          sorted(phases.items(), key=lambda item: statistics.median(item[1]))}},
             "restarts": report.restarts, "lines": report.lines,
             "checked": "no I/O error in Linux's log; every file's sha256 as written equals its sha256 read back "
                        "after a power-off and reboot; fsck.ext4 -fn clean once QEMU is gone"}
