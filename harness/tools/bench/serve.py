@@ -31,7 +31,8 @@ reboot with the sha256 it was written with, and ``fsck.ext4 -fn`` is clean. Per 
 the supervisor's time from death to serving, the client's stall (see
 :func:`write_through_kills`), and ``phases_ms``, each phase's moment in ms from the signal:
 the supervisor ``noticed`` the death, the zygote ``spawned`` the next process, which
-``forked`` (ran), ``attached`` to a slot, opened the ``controller``, identified the
+``forked`` (ran), ``attached`` to a slot, ``opened`` the controller's PCI function (its DMA
+domain), brought the ``controller`` up (reset, ports started), identified the
 ``disk``, was ``serving`` (its first heartbeat), ``accepted`` QEMU's reconnect, reached
 ``transmission`` (negotiated), and the client completed its first request since
 (``client_done``, which ends the stall). The kill test (tests/test_serve.py) runs the same code.
