@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.01          # how often the watcher looks at processes and heartbeats
+POLL_SECONDS = 0.01          # how often the watcher looks at heartbeats (a death wakes it at once)
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 5.0   # seconds before restarting a driver that died before serving
 
 
@@ -238,7 +238,10 @@ class Supervisor:
                             restart.phases.setdefault(phase, float(at))
 
     def _watch(self) -> None:
-        while not self._stop.wait(POLL_SECONDS):
+        while not self._stop.is_set():
+            self._until_a_death(POLL_SECONDS)
+            if self._stop.is_set():
+                return
             self.collect_phases()
             with self._lock:
                 for driver in self.drivers:
@@ -246,6 +249,15 @@ class Supervisor:
                         self._look_at(driver)
                     except Exception:
                         log.exception("supervisor: watching %s", driver.name)
+
+    def _until_a_death(self, timeout: float) -> None:
+        """Wait ``timeout`` seconds, or less if a driver process ends: its pidfd becomes
+        readable, so the restart starts at once, not at the next look."""
+        pidfds = [driver.pidfd for driver in self.drivers if driver.pidfd is not None]
+        try:
+            select.select(pidfds, [], [], timeout)
+        except (OSError, ValueError):       # one was closed meanwhile: look now
+            pass
 
     def _look_at(self, driver: Driver) -> None:
         now = time.monotonic()
