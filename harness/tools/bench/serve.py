@@ -262,6 +262,7 @@ class KillReport:
     lines: list[str] = field(default_factory=list)              # the service's line per driver start
     restarts: list[dict[str, object]] = field(default_factory=list)
     io_errors: list[str] = field(default_factory=list)          # lines of the writer's kernel log
+    foreign_cores: float = 0.0      # CPU that processes not of this run used while Linux wrote
 
     def problems(self) -> list[str]:
         found = [f"the guest failed to write files {self.failed}"] if self.failed else []
@@ -314,6 +315,7 @@ def write_through_kills(service: DiskService, boot: Callable[[str], Machine], pl
         f"|| echo hwh-'failed' $i; echo hwh-'wrote' $i $s; [ $((i % {plan.batch})) = 0 ] && sync; done; "
         f"sync; kill $probe; echo hwh-'writer' done")
     last: float | None = None               # when the guest said the last file was written
+    load = ForeignLoad([os.getpid(), *_descendants(os.getpid())])
     for i in range(1, plan.files + 1):
         found = console.expect([r"hwh-wrote (\d+) ([0-9a-f]{64})", r"hwh-failed (\d+)\r?\n"], timeout=timeout)
         if found.index == 1:
@@ -328,6 +330,8 @@ def write_through_kills(service: DiskService, boot: Callable[[str], Machine], pl
             report.lines.append(next(starts))
             last = time.monotonic()
     console.wait_for("hwh-writer done", timeout=timeout)
+    load.own = [os.getpid(), *_descendants(os.getpid())]       # the drivers started since are ours too
+    report.foreign_cores = round(load.since_last(), 2)
     dmesg, _ = console.run("dmesg")
     report.io_errors = [line for line in dmesg.splitlines() if IO_ERROR.search(line)]
     writer.shutdown()                      # power off: a reboot without unmounting
@@ -449,6 +453,6 @@ def kill_run(accel: str, kills: int | None, quick: bool = False, iommu: bool | N
                         "io_errors": 0, "checksum_mismatches": 0, "fsck": "clean",
                         "phases_p50_ms": {phase: statistics.median(ms) for phase, ms in
                                           sorted(phases.items(), key=lambda item: statistics.median(item[1]))}},
-            "restarts": report.restarts, "lines": report.lines,
+            "foreign_cores": report.foreign_cores, "restarts": report.restarts, "lines": report.lines,
             "checked": "no I/O error in Linux's log; every file's sha256 as written equals its sha256 read back "
                        "after a power-off and reboot; fsck.ext4 -fn clean once QEMU is gone"}
