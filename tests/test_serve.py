@@ -146,6 +146,10 @@ def test_run_boots_linux_from_the_nvme_export_and_writes_on_it(
     assert note.stdout == "written\n", note.stdout + note.stderr
 
 
+# What a restarted disk driver tells the supervisor (zygote.mark), in the order it gets there.
+DRIVER_PHASES = ("forked", "attached", "opened", "controller", "disk", "accepted", "transmission")
+
+
 @pytest.mark.qemu
 def test_linux_writing_on_its_root_never_notices_the_driver_killed_and_stopped(
         proxy_machine_factory, linux_machine_factory, linux_image, tmp_path: Path, socket_dir: Path,
@@ -161,4 +165,7 @@ def test_linux_writing_on_its_root_never_notices_the_driver_killed_and_stopped(
     for line, restart in zip(report.lines[1:], report.restarts):
         cause = "killed by SIGKILL" if restart["signal"] == "SIGKILL" else "hung: no heartbeat"
         assert "again, " in line and cause in line, line
+        # each restart's phases, as the new driver process told them, came in the order it runs them
+        told = [phase for phase in restart["phases_ms"] if phase in DRIVER_PHASES]
+        assert told == list(DRIVER_PHASES), restart["phases_ms"]
     assert_fsck_clean(image)

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from harness.access import Bus, Deadline, Device, DmaBuffer, IrqMode, Kind, Prepared, spin_until
+from harness.access import Batch, Bus, Deadline, Device, DmaBuffer, IrqMode, Kind, Prepared, spin_until
 from harness.errors import DeviceTimeout, HarnessError, InterruptTimeout
 
 from .regs import (CAP_NCS_MASK, CAP_NCS_SHIFT, CMD_TABLE_ACMD, CMD_TABLE_PRDT, DEVICE_LBA, FIS_DWORDS,
@@ -97,8 +97,21 @@ def _name(what: str | Callable[[], str]) -> str:
     return what if isinstance(what, str) else what()
 
 
+def _attached(ssts: int) -> bool:
+    """PxSSTS says a device is there and the link is up."""
+    return ssts & 0xF == SSTS_DET_PRESENT
+
+
 class Ahci:
-    """The HBA: reset, AHCI mode, and its ports."""
+    """The HBA: reset, AHCI mode, and its ports.
+
+    The bring-up is four round trips to the proxy whatever the ports, because it is what a
+    restarted driver waits on: the HBA reset with what the HBA is, the ports' status, then
+    every port pointed at its memory and started where a device is. Each wait is a
+    guest-side poll of the bit the specification names, in the same round trip, never a
+    fixed sleep: QEMU's HBA reset and its PxCMD engines are done when the write is
+    (hw/ide/ahci.c: ahci_reset, ahci_cond_start_engines), a real HBA's take up to the
+    specification's limits, and the polls wait that long."""
 
     def __init__(self, bus: Bus, device: Device, timeout: float = 2.0, interrupts: bool = False) -> None:
         self.bus, self.dev, self.regs = bus, device, device.bar(ABAR)
@@ -106,16 +119,31 @@ class Ahci:
         self.timeout = timeout
         self.irq = device.irq(IrqMode.MSI) if interrupts else None
         device.enable_decoding()        # no DMA until the reset: commands a killed driver left in flight
-        self.regs.write32(Hba.GHC, self.regs.read32(Hba.GHC) | Ghc.AE)
-        self.regs.write32(Hba.GHC, Ghc.HR | Ghc.AE)              # HBA reset (AHCI 10.4.3)
-        self.regs.wait32(Hba.GHC, Ghc.HR, 0, timeout,
-                         lambda detail, last: DiskError(f"the HBA did not come out of reset: {detail}", last, 0))
+        r = self.regs
+        # HBA reset (AHCI 10.4.3): every port stops and drops what it had in flight (QEMU cancels
+        # it before the write returns) and GHC.HR reads 0 once done.
+        try:
+            with device.batch() as b:
+                b.write32(r, Hba.GHC, Ghc.AE)
+                b.write32(r, Hba.GHC, Ghc.HR | Ghc.AE)
+                b.poll(r, Hba.GHC, 4, Ghc.HR, 0, timeout)
+                b.write32(r, Hba.GHC, Ghc.AE | (Ghc.IE if interrupts else 0))
+                i_cap, i_pi = b.read32(r, Hba.CAP), b.read32(r, Hba.PI)
+        except DeviceTimeout as exc:
+            raise DiskError(f"the HBA did not come out of reset within {timeout:g} s", exc.last_value, 0) from exc
         device.enable_dma()
-        self.regs.write32(Hba.GHC, Ghc.AE | (Ghc.IE if interrupts else 0))
-        self.cap = Cap(self.regs.read32(Hba.CAP))
+        self.cap = Cap(b.results[i_cap])
         self.slots = ((self.cap >> CAP_NCS_SHIFT) & CAP_NCS_MASK) + 1
-        implemented = self.regs.read32(Hba.PI)
-        self.ports = [Port(self, i) for i in range(32) if implemented & 1 << i]
+        indices = [i for i in range(32) if b.results[i_pi] & 1 << i]
+        with device.batch() as b:
+            status = [b.read32(r, PORT_BASE + i * PORT_STRIDE + Px.SSTS) for i in indices]
+        self.ports = [Port(self, i, _attached(b.results[s])) for i, s in zip(indices, status)]
+        try:
+            with device.batch() as b:
+                for port in self.ports:
+                    port.bring_up(b)
+        except DeviceTimeout as exc:
+            raise DiskError(f"a port did not come up after the HBA reset: {exc}", exc.last_value, 0) from exc
 
     @classmethod
     def open(cls, bus: Bus, **kwargs: object) -> "Ahci":
@@ -123,10 +151,17 @@ class Ahci:
                    **kwargs)  # type: ignore[arg-type]
 
     def disks(self) -> list["Port"]:
-        return [p for p in self.ports if p.present and p.signature == SIG_ATA]
+        return self._ports_with(SIG_ATA)
 
     def cdroms(self) -> list["Port"]:
-        return [p for p in self.ports if p.present and p.signature == SIG_ATAPI]
+        return self._ports_with(SIG_ATAPI)
+
+    def _ports_with(self, signature: int) -> list["Port"]:
+        """The ports with a device of ``signature`` attached now: one round trip."""
+        with self.dev.batch() as b:
+            looks = [(p, b.read32(self.regs, p.base + Px.SSTS), b.read32(self.regs, p.base + Px.SIG))
+                     for p in self.ports]
+        return [p for p, ssts, sig in looks if _attached(b.results[ssts]) and b.results[sig] == signature]
 
     def close(self) -> None:
         for p in self.ports:
@@ -139,7 +174,9 @@ class Ahci:
 class Port:
     """One AHCI port and the ATA disk behind it: a block device."""
 
-    def __init__(self, hba: Ahci, index: int) -> None:
+    def __init__(self, hba: Ahci, index: int, attached: bool) -> None:
+        """Memory for port ``index`` (slot buffers only where a device is ``attached``); the
+        HBA's bring-up then programs it (``bring_up``)."""
         self.hba, self.index = hba, index
         self.base = PORT_BASE + index * PORT_STRIDE
         self.r = hba.regs
@@ -156,24 +193,30 @@ class Port:
                 dev.dma_free(buf)
             raise DiskError(f"port {index}: the command tables straddle 4 GiB", 0, 0)
         # Slot buffers (2 MiB with 32 slots) only where a device is attached.
-        self.buffers = dev.dma_alloc(self.slots * SLOT_SECTORS * SECTOR) if self.present else None
+        self.buffers = dev.dma_alloc(self.slots * SLOT_SECTORS * SECTOR) if attached else None
         self.identity: Identity | None = None
         self._batches: dict[tuple, Prepared] = {}
         self._issues = [self.r.access(Kind.WRITE, self.base + Px.CI, 4, 1 << k) for k in range(self.slots)]
         # The queue's hot path writes headers by words, and a PRD only when it changed (per table).
         self._list_words = self.command_list.view.cast("I")
         self._table_prd: list[tuple[int, int] | None] = [None] * (2 * self.slots)
-        self.stop()
-        self._w(Px.CLB, self.command_list.phys & 0xFFFFFFFF)
-        self._w(Px.CLBU, self.command_list.phys >> 32)
-        self._w(Px.FB, self.received_fis.phys & 0xFFFFFFFF)
-        self._w(Px.FBU, self.received_fis.phys >> 32)
-        self._w(Px.SERR, 0xFFFFFFFF)
-        self._w(Px.IS, 0xFFFFFFFF)
-        if hba.irq is not None:
-            self._w(Px.IE, PORT_INTERRUPTS)
-        if self.present:
-            self.start()
+
+    def bring_up(self, b: Batch) -> None:
+        """Into ``b``, after the HBA reset: wait for the reset's stop of both engines (AHCI
+        10.4.3 clears PxCMD.ST and FRE; CR and FR follow), point the port at its command
+        list and FIS area, clear its errors, and start it where a device is attached. PxCMD
+        is written whole, not read first: after the reset its writable bits are all 0 but
+        SUD and POD, which this sets."""
+        r, base, timeout = self.r, self.base, self.hba.timeout
+        b.poll(r, base + Px.CMD, 4, PxCmd.ST | PxCmd.CR | PxCmd.FRE | PxCmd.FR, 0, timeout)
+        for reg, value in ((Px.CLB, self.command_list.phys & 0xFFFFFFFF), (Px.CLBU, self.command_list.phys >> 32),
+                           (Px.FB, self.received_fis.phys & 0xFFFFFFFF), (Px.FBU, self.received_fis.phys >> 32),
+                           (Px.SERR, 0xFFFFFFFF), (Px.IS, 0xFFFFFFFF)):
+            b.write32(r, base + reg, value)
+        if self.hba.irq is not None:
+            b.write32(r, base + Px.IE, PORT_INTERRUPTS)
+        if self.buffers is not None:
+            self._start_into(b, int(PxCmd.POD | PxCmd.SUD))
 
     # ---- registers ----
 
@@ -185,7 +228,7 @@ class Port:
 
     @property
     def present(self) -> bool:
-        return self._r(Px.SSTS) & 0xF == SSTS_DET_PRESENT
+        return _attached(self._r(Px.SSTS))
 
     @property
     def signature(self) -> int:
@@ -196,19 +239,42 @@ class Port:
             f"port {self.index}: timed out waiting for {what}: {detail}", last, 0))
 
     def stop(self) -> None:
-        """Stop the command list and FIS receive (AHCI 10.1.2)."""
-        self._stop_commands()
-        self._w(Px.CMD, self._r(Px.CMD) & ~PxCmd.FRE)
-        self._wait(Px.CMD, PxCmd.FR, 0, "FIS receive to stop")
+        """Stop the command list, then FIS receive (AHCI 10.1.2): two round trips."""
+        command = self._r(Px.CMD)
+        self._in_one_trip("stopping", lambda b: self._stop_into(b, command))
+
+    def _stop_into(self, b: Batch, command: int) -> None:
+        """Stop the port whose PxCMD reads ``command``, into ``b``."""
+        command &= ~PxCmd.ST
+        b.write32(self.r, self.base + Px.CMD, command)
+        b.poll(self.r, self.base + Px.CMD, 4, PxCmd.CR, 0, self.hba.timeout)
+        b.write32(self.r, self.base + Px.CMD, command & ~PxCmd.FRE)
+        b.poll(self.r, self.base + Px.CMD, 4, PxCmd.FR, 0, self.hba.timeout)
+
+    def _in_one_trip(self, doing: str, build: Callable[[Batch], object]) -> None:
+        """``build(batch)``'s accesses in one round trip; a poll's timeout a DiskError naming the register."""
+        try:
+            with self.hba.dev.batch() as b:
+                build(b)
+        except DeviceTimeout as exc:
+            raise DiskError(f"port {self.index}: timed out {doing}: {exc}", exc.last_value, 0) from exc
 
     def _stop_commands(self) -> None:
         self._w(Px.CMD, self._r(Px.CMD) & ~PxCmd.ST)
         self._wait(Px.CMD, PxCmd.CR, 0, "the command list to stop")
 
     def start(self) -> None:
-        self._w(Px.CMD, self._r(Px.CMD) | PxCmd.FRE | PxCmd.POD | PxCmd.SUD)
-        self._wait(Px.TFD, Tfd.BSY | Tfd.DRQ, 0, "the device to be idle")
-        self._w(Px.CMD, self._r(Px.CMD) | PxCmd.ST)
+        """FIS receive on, then, once the device is idle, the command list: two round trips."""
+        command = self._r(Px.CMD)
+        self._in_one_trip("starting", lambda b: self._start_into(b, command))
+
+    def _start_into(self, b: Batch, command: int) -> None:
+        """Start the port whose PxCMD reads ``command``, into ``b``. QEMU posts the device's
+        first D2H FIS when FIS receive comes on; until then PxTFD reads 0x7F (DRQ set)."""
+        command |= PxCmd.FRE | PxCmd.POD | PxCmd.SUD
+        b.write32(self.r, self.base + Px.CMD, command)
+        b.poll(self.r, self.base + Px.TFD, 4, Tfd.BSY | Tfd.DRQ, 0, self.hba.timeout)
+        b.write32(self.r, self.base + Px.CMD, command | PxCmd.ST)
 
     def recover(self) -> None:
         """After a task-file error: restart the port, clearing its error state (AHCI 6.2.2)."""

@@ -10,7 +10,9 @@ stops beating for ``hang_timeout`` seconds (it is killed then), the owner
 takes its slot back (interrupts detached, bus mastering off, DMA domains
 unmapped, the window cleared), and the driver starts again and initialises
 its device afresh. Each restart is recorded with its cause and its time from
-death to serving again. A driver counts as serving from its first heartbeat.
+death to serving again, and the moments its phases were reached (``Restart.phases``:
+the supervisor's ``spawned``, then whatever the new process told
+:func:`~harness.processes.zygote.mark`). A driver counts as serving from its first heartbeat.
 
 Sockets handed to a driver (``sockets=``) are the supervisor's: they outlive
 each driver process, so a client's reconnect waits in a listener's backlog
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.01          # how often the watcher looks at processes and heartbeats
+POLL_SECONDS = 0.01          # how often the watcher looks at heartbeats (a death wakes it at once)
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 5.0   # seconds before restarting a driver that died before serving
 
 
@@ -51,6 +53,8 @@ class Restart:
     cause: str                  # "killed by SIGKILL", "exited with status 1", "hung: no heartbeat for 1.0 s"
     died_at: float              # time.monotonic() when the death (or the hang) was seen
     serving_at: float = 0.0     # when the new process first beat
+    pid: int = 0                # the process started in the dead one's place
+    phases: dict[str, float] = field(default_factory=dict)     # phase -> time.monotonic() it was reached
 
     @property
     def ms(self) -> float:
@@ -179,6 +183,10 @@ class Supervisor:
         self.hang_timeout = hang_timeout
         self.start_timeout = start_timeout
         self.zygote = Zygote(str(pm.elf))
+        # The drivers' phases (zygote.mark): datagrams, each "pid phase time", read by the watcher.
+        self._phases, self._phases_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._phases.setblocking(False)
+        self._phases_lock = threading.Lock()
         for module in preload or []:
             self.zygote.preload(module)
         self.drivers: list[Driver] = []
@@ -205,20 +213,51 @@ class Supervisor:
         return driver
 
     def _start(self, driver: Driver) -> None:
-        driver.pid = self.zygote.spawn(driver.spec, [s.fileno() for s in driver.sockets.values()])
+        driver.pid = self.zygote.spawn(driver.spec, [self._phases_theirs.fileno(),
+                                                     *(s.fileno() for s in driver.sockets.values())])
         driver.pidfd = os.pidfd_open(driver.pid)
+        if driver.pending is not None:
+            driver.pending.pid = driver.pid
+            driver.pending.phases = {"spawned": time.monotonic()}
         driver.state, driver.slot, driver.last_beat = "starting", None, 0
         driver.started_at = driver.last_beat_at = time.monotonic()
         log.info("driver %s: process %d started", driver.name, driver.pid)
 
+    def collect_phases(self) -> None:
+        """Read the phases the drivers told so far into their restarts (the watcher does, every
+        ``POLL_SECONDS``; call this to have the last ones now)."""
+        with self._phases_lock:
+            while True:
+                try:
+                    pid, phase, at = self._phases.recv(256).decode().split()
+                except BlockingIOError:
+                    return
+                for driver in self.drivers:
+                    for restart in driver.restarts[-1:] + ([driver.pending] if driver.pending else []):
+                        if restart.pid == int(pid):
+                            restart.phases.setdefault(phase, float(at))
+
     def _watch(self) -> None:
-        while not self._stop.wait(POLL_SECONDS):
+        while not self._stop.is_set():
+            self._until_a_death(POLL_SECONDS)
+            if self._stop.is_set():
+                return
+            self.collect_phases()
             with self._lock:
                 for driver in self.drivers:
                     try:
                         self._look_at(driver)
                     except Exception:
                         log.exception("supervisor: watching %s", driver.name)
+
+    def _until_a_death(self, timeout: float) -> None:
+        """Wait ``timeout`` seconds, or less if a driver process ends: its pidfd becomes
+        readable, so the restart starts at once, not at the next look."""
+        pidfds = [driver.pidfd for driver in self.drivers if driver.pidfd is not None]
+        try:
+            select.select(pidfds, [], [], timeout)
+        except (OSError, ValueError):       # one was closed meanwhile: look now
+            pass
 
     def _look_at(self, driver: Driver) -> None:
         now = time.monotonic()
@@ -301,6 +340,8 @@ class Supervisor:
                     self.control.wait_free(driver.slot, 10.0)
             self.control.unreserve(driver.spec["token"])
         self.zygote.close()
+        self._phases.close()
+        self._phases_theirs.close()
 
     def __enter__(self) -> "Supervisor":
         return self

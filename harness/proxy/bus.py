@@ -45,7 +45,8 @@ class WindowBus(Bus):
         domain = None
         if domain_size:
             start = domain_base - self._window_phys
-            domain = DmaPool(self._dma_view, self._window_phys, start, start + domain_size)
+            domain = DmaPool(self._dma_view, self._window_phys, start, start + domain_size,
+                             zeroed=True)     # a domain is zeroed when it is lent
         return self._opened_in(index, name, domain)
 
     def _opened_in(self, index: int, name: str, domain: DmaPool | None) -> ProxyChannel:

@@ -28,8 +28,8 @@ class Slot:
         self.phys, self.dma_offset, self.size = (window.field(f) for f in ("window_phys", "dma_offset", "window_size"))
         self.pool = self._fresh_pool()
 
-    def _fresh_pool(self) -> DmaPool:
-        return DmaPool(memoryview(self.window.mem), self.phys, self.dma_offset, self.size)
+    def _fresh_pool(self, zeroed: bool = False) -> DmaPool:
+        return DmaPool(memoryview(self.window.mem), self.phys, self.dma_offset, self.size, zeroed)
 
     @property
     def heartbeat(self) -> int:
@@ -45,6 +45,7 @@ class Slot:
         memfd) is instant and gives their memory back; QEMU's and any other mapping see
         zeroes from then on."""
         self.handles.memory.madvise(mmap.MADV_REMOVE)
+        self.pool = self._fresh_pool(zeroed=True)     # nothing is lent from a window being cleared
 
     def __repr__(self) -> str:
         return f"<Slot {self.n}>"

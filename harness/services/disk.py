@@ -33,12 +33,17 @@ from typing import Callable, Iterator, Literal, Sequence
 
 from ..access import Bus, DmaBuffer, PciFunction
 from ..errors import DeviceNotFound
+from ..processes.zygote import mark
 from .nbd import BEAT_BYTES, MAX_PAYLOAD, TURN_REQUESTS, Address, NbdServer
 
 log = logging.getLogger(__name__)
 
 Controller = Literal["ahci", "nvme"]
 CONTROLLERS: tuple[Controller, ...] = ("ahci", "nvme")
+# Each controller's driver package, imported by open_controller and find_controller when first
+# asked for; the service has its supervisor's zygote import it once, so that a restarted driver
+# does not spend its first ~10-30 ms importing it again.
+DRIVER_MODULES: dict[Controller, str] = {"ahci": "drivers.ahci.driver", "nvme": "drivers.nvme"}
 
 # DMA memory a batch of writes is copied into: four full-size requests at a time; a turn with
 # more is written in several queued calls, all before the turn's one flush.
@@ -160,10 +165,14 @@ def open_controller(bus: Bus, controller: Controller, function: PciFunction):  #
     device failures raise."""
     if controller == "ahci":
         from drivers.ahci.driver import DMA_SIZE, Ahci, DiskError
-        return Ahci(bus, bus.open(function, dma_size=DMA_SIZE)), (DiskError,)
+        device = bus.open(function, dma_size=DMA_SIZE)
+        mark("opened")
+        return Ahci(bus, device), (DiskError,)
     from drivers.nvme import Nvme, NvmeError
     from drivers.nvme.pci import DMA_SIZE as NVME_DMA_SIZE
-    return Nvme(bus, bus.open(function, dma_size=NVME_DMA_SIZE)), (NvmeError,)
+    device = bus.open(function, dma_size=NVME_DMA_SIZE)
+    mark("opened")
+    return Nvme(bus, device), (NvmeError,)
 
 
 def serve_disk(bus: Bus, listener: socket.socket, beat: Callable[[], None] | None = None,
@@ -175,15 +184,17 @@ def serve_disk(bus: Bus, listener: socket.socket, beat: Callable[[], None] | Non
     until ``until()`` is true. A device error fails the request it came from (EIO);
     anything else (the proxy gone, a crash) ends the server, for its supervisor to start another."""
     hba, device_errors = open_controller(bus, controller, function or find_controller(bus, controller))
+    mark("controller")
     try:
         disks = hba.disks()
         if not disks:
             raise DeviceNotFound(f"the {controller} controller has no disk")
         backend = DiskBackend(hba.dev, disks[0])
+        mark("disk")
         try:
             log.info("serving %s disk %r (%d bytes%s) on %s", controller, disks[0], backend.size,
                      ", read-only" if read_only else "", listener.getsockname())
-            server = NbdServer(backend, listener, beat, request_errors=device_errors, read_only=read_only)
+            server = NbdServer(backend, listener, beat, request_errors=device_errors, read_only=read_only, mark=mark)
             server.serve(until or (lambda: False))
         finally:
             backend.close()
@@ -243,7 +254,7 @@ class DiskService:
         self.listener, self.address, self.uri = listen(self.nbd)
         self.supervisor = None
         try:
-            self.supervisor = Supervisor(pm, hang_timeout=hang_timeout)
+            self.supervisor = Supervisor(pm, hang_timeout=hang_timeout, preload=[DRIVER_MODULES[controller]])
             self.driver = self.supervisor.run("harness.services.disk:disk_driver", find_controller(pm.bus, controller),
                                               sockets={"listener": self.listener}, controller=controller,
                                               read_only=read_only)

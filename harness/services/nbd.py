@@ -316,13 +316,16 @@ class NbdServer:
     supervisor. The device's exceptions of ``request_errors`` fail the request they came
     from (EIO); any other escapes and ends the server (its clients will send again to the
     next one). ``accepted`` and ``flushes`` count connections and device flushes.
+    ``mark(phase)``, if given, is told "accepted" and "transmission" when the first
+    connection gets there: where a restarted server's first milliseconds go.
     """
 
     def __init__(self, device: BlockDevice, listener: socket.socket,
                  beat: Callable[[], None] | None = None,
                  request_errors: tuple[type[BaseException], ...] = (OSError,),
-                 read_only: bool = False, name: str = "") -> None:
+                 read_only: bool = False, name: str = "", mark: Callable[[str], None] | None = None) -> None:
         self.device = device
+        self.mark = mark
         self.listener = listener
         self.beat = beat
         self.request_errors = request_errors
@@ -416,6 +419,8 @@ class NbdServer:
             return
         sock.setblocking(False)
         self.accepted += 1
+        if self.accepted == 1 and self.mark is not None:
+            self.mark("accepted")
         connection = _Connection(sock, self.accepted)
         connection.outbox += GREETING.pack(NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
         self.connections.append(connection)
@@ -558,6 +563,9 @@ class NbdServer:
 
     def _transmit(self, connection: _Connection) -> None:
         connection.phase = _Phase.TRANSMISSION
+        if self.mark is not None and not any(c.phase == _Phase.TRANSMISSION for c in self.connections
+                                             if c is not connection):
+            self.mark("transmission")
         log.debug("%s: transmission", connection.name)
 
     # -- transmission --

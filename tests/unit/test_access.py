@@ -132,3 +132,17 @@ def test_dma_pool_aligns_zeroes_and_coalesces() -> None:
         pool.alloc(1)
     with pytest.raises(ValueError):
         pool.free(DmaBuffer(0xDEAD000, memoryview(b"")))    # not one of the pool's
+
+
+def test_dma_pool_over_zeroed_memory_writes_only_what_it_lent_before() -> None:
+    from harness.proxy.dma import DmaPool
+    memory = memoryview(bytearray(1 << 16))
+    pool = DmaPool(memory, phys_base=0, start=0, end=1 << 16, zeroed=True)
+    a = pool.alloc(8192)
+    a.view[:] = b"\xaa" * 8192
+    pool.free(a)
+    memory[0x8000] = 0x55                   # never lent: the pool trusts it still holds zero
+    again = pool.alloc(8192)
+    assert again.phys == a.phys and bytes(again.view) == bytes(8192), "what was lent is zeroed when lent again"
+    beyond = pool.alloc(0x8000, align=0x8000)
+    assert beyond.phys == 0x8000 and beyond.view[0] == 0x55, "what was never lent is not written"

@@ -28,8 +28,14 @@ on the AHCI export writes files (320 MiB; 16 with ``--quick``), ``sync`` between
 while the driver process is SIGKILLed N times at random moments and SIGSTOPped once; it
 fails unless Linux's log has no I/O error, every file reads back after a power-off and a
 reboot with the sha256 it was written with, and ``fsck.ext4 -fn`` is clean. Per restart:
-the supervisor's time from death to serving, and the client's stall (see
-:func:`write_through_kills`). The kill test (tests/test_serve.py) runs the same code.
+the supervisor's time from death to serving, the client's stall (see
+:func:`write_through_kills`), and ``phases_ms``, each phase's moment in ms from the signal:
+the supervisor ``noticed`` the death, the zygote ``spawned`` the next process, which
+``forked`` (ran), ``attached`` to a slot, ``opened`` the controller's PCI function (its DMA
+domain), brought the ``controller`` up (reset, ports started), identified the
+``disk``, was ``serving`` (its first heartbeat), ``accepted`` QEMU's reconnect, reached
+``transmission`` (negotiated), and the client completed its first request since
+(``client_done``, which ends the stall). The kill test (tests/test_serve.py) runs the same code.
 """
 
 from __future__ import annotations
@@ -256,6 +262,7 @@ class KillReport:
     lines: list[str] = field(default_factory=list)              # the service's line per driver start
     restarts: list[dict[str, object]] = field(default_factory=list)
     io_errors: list[str] = field(default_factory=list)          # lines of the writer's kernel log
+    foreign_cores: float = 0.0      # CPU that processes not of this run used while Linux wrote
 
     def problems(self) -> list[str]:
         found = [f"the guest failed to write files {self.failed}"] if self.failed else []
@@ -308,6 +315,7 @@ def write_through_kills(service: DiskService, boot: Callable[[str], Machine], pl
         f"|| echo hwh-'failed' $i; echo hwh-'wrote' $i $s; [ $((i % {plan.batch})) = 0 ] && sync; done; "
         f"sync; kill $probe; echo hwh-'writer' done")
     last: float | None = None               # when the guest said the last file was written
+    load = ForeignLoad([os.getpid(), *_descendants(os.getpid())])
     for i in range(1, plan.files + 1):
         found = console.expect([r"hwh-wrote (\d+) ([0-9a-f]{64})", r"hwh-failed (\d+)\r?\n"], timeout=timeout)
         if found.index == 1:
@@ -322,6 +330,8 @@ def write_through_kills(service: DiskService, boot: Callable[[str], Machine], pl
             report.lines.append(next(starts))
             last = time.monotonic()
     console.wait_for("hwh-writer done", timeout=timeout)
+    load.own = [os.getpid(), *_descendants(os.getpid())]       # the drivers started since are ours too
+    report.foreign_cores = round(load.since_last(), 2)
     dmesg, _ = console.run("dmesg")
     report.io_errors = [line for line in dmesg.splitlines() if IO_ERROR.search(line)]
     writer.shutdown()                      # power off: a reboot without unmounting
@@ -351,8 +361,14 @@ def _kill_once(service: DiskService, client: Machine, kill: bool) -> dict[str, o
         if time.monotonic() - signalled > STALL_LIMIT_S:
             raise KillCheckFailed(f"the client completed no request for {STALL_LIMIT_S} s after a driver restart")
         time.sleep(STALL_POLL_S)
+    done = time.monotonic()
+    assert service.supervisor is not None
+    service.supervisor.collect_phases()
+    moments = {"noticed": restart.died_at, **restart.phases, "serving": restart.serving_at, "client_done": done}
     return {"signal": "SIGKILL" if kill else "SIGSTOP", "cause": restart.cause, "restart_ms": round(restart.ms, 1),
-            "stall_ms": round((time.monotonic() - signalled) * 1e3, 1)}
+            "stall_ms": round((done - signalled) * 1e3, 1),
+            "phases_ms": {phase: round((at - signalled) * 1e3, 1) for phase, at in sorted(moments.items(),
+                                                                                      key=lambda item: item[1])}}
 
 
 def e2fs_tool(name: str) -> str:
@@ -425,12 +441,18 @@ def kill_run(accel: str, kills: int | None, quick: bool = False, iommu: bool | N
     killed = [r for r in report.restarts if r["signal"] == "SIGKILL"]
     stalls = sorted(float(r["stall_ms"]) for r in killed)       # type: ignore[arg-type]
     restarts = sorted(float(r["restart_ms"]) for r in killed)   # type: ignore[arg-type]
+    phases: dict[str, list[float]] = {}
+    for r in killed:
+        for phase, ms in r["phases_ms"].items():                # type: ignore[attr-defined]
+            phases.setdefault(phase, []).append(ms)
     return {"bench": "serve", "kill": len(plan.kill_after), "accel": accel, "clock": "host", "quick": quick,
             "seed": seed,
             "plan": asdict(plan), "written_mb": plan.files * plan.file_kib / 1024, "elapsed_s": round(elapsed, 1),
             "results": {"restart_p50_ms": statistics.median(restarts), "restart_max_ms": max(restarts),
                         "stall_p50_ms": statistics.median(stalls), "stall_max_ms": max(stalls),
-                        "io_errors": 0, "checksum_mismatches": 0, "fsck": "clean"},
-            "restarts": report.restarts, "lines": report.lines,
+                        "io_errors": 0, "checksum_mismatches": 0, "fsck": "clean",
+                        "phases_p50_ms": {phase: statistics.median(ms) for phase, ms in
+                                          sorted(phases.items(), key=lambda item: statistics.median(item[1]))}},
+            "foreign_cores": report.foreign_cores, "restarts": report.restarts, "lines": report.lines,
             "checked": "no I/O error in Linux's log; every file's sha256 as written equals its sha256 read back "
                        "after a power-off and reboot; fsck.ext4 -fn clean once QEMU is gone"}
