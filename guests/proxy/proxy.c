@@ -912,6 +912,13 @@ static int serve(int c)
         WRITE_ONCE(r->served, served);  /* progress; the host waits for all of it */
         return 1;
     }
+    /*
+     * A resumed batch was served without reading submit, but its ring's flag was
+     * cleared to resume it: what the host posted meanwhile (batches in flight) would
+     * wait for a flag nobody sets. Flag it again.
+     */
+    if (resuming && READ_ONCE(r->submit) != served)
+        WRITE_ONCE(w->ring_posted[ring_of(c)], 1);
 publish:
     WRITE_ONCE(r->served, ch->served);
     wake(&windows[window_number(c)], (u32)ring_of(c));
