@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from harness.access import Bus, Deadline, Device, DmaBuffer, IrqMode
+from harness.access import Access, Bus, Deadline, Device, DmaBuffer, IrqMode, Kind, Space
 from harness.errors import HarnessError, InterruptTimeout
 
 from .descriptors import RX_DD, RX_EOP, TX_DD, TX_EOP, TX_IFCS, TX_RS, RxDesc, TxDesc
@@ -79,6 +79,8 @@ class E1000:
                 raise ValueError("ring sizes are multiples of 8 from 8 to 4096 (the length is in 128-byte units)")
         self.bus, self.dev, self.regs = bus, device, device.bar(0)
         self.regs.name_registers(Reg)
+        bar = self.regs.base                    # the tails are posted (_post_tx_tail, _post_rx_tail)
+        self._tdt_at, self._rdt_at, self._status_at = bar + Reg.TDT, bar + Reg.RDT, bar + Reg.STATUS
         self.rx_n, self.tx_n = rx_entries, tx_entries
         self.rx_ring = device.dma_alloc(rx_entries * DESC_SIZE, 128)
         self.tx_ring = device.dma_alloc(tx_entries * DESC_SIZE, 128)
@@ -310,7 +312,12 @@ class E1000:
             ring[d + _TX_STA] = 0                           # the hardware's now
             tail = (tail + 1) % n
         self.tx_tail = tail
-        self.regs.write32(Reg.TDT, tail)                    # one register write for the batch
+        self._post_tx_tail(tail)                            # one register write for the batch
+
+    def _post_tx_tail(self, tail: int) -> None:
+        """TDT, posted: the NIC sends while Python goes on; a failure is raised by the
+        channel's next waited request."""
+        self.dev.channel.post([Access(Kind.WRITE, Space.MMIO, self._tdt_at, 4, tail)])
 
     def send_buffers(self, frames: Sequence[tuple[int, int]]) -> int:
         """Forwarding: queue the pool's buffers ``(address, length)`` as they are, as many as
@@ -377,7 +384,7 @@ class E1000:
             i = (i + 1) % n
         if i != self.rx_next:
             self.rx_next = i
-            self.restate_rx_tail()                          # the descriptors back to the NIC
+            self._post_rx_tail()                            # the descriptors back to the NIC
         return out
 
     def recv_buffers(self, max_frames: int = 256) -> list[tuple[int, int]]:
@@ -407,7 +414,7 @@ class E1000:
             i = (i + 1) % n
         if i != self.rx_next:
             self.rx_next = i
-            self.restate_rx_tail()                          # the descriptors back to the NIC
+            self._post_rx_tail()                            # the descriptors back to the NIC
         return out
 
     def restate_rx_tail(self) -> None:
@@ -415,6 +422,12 @@ class E1000:
         again when idle, because QEMU may hold frames it queued while it thought the ring full
         until the tail is written again."""
         self._write_flush(Reg.RDT, (self.rx_next - 1) % self.rx_n)
+
+    def _post_rx_tail(self) -> None:
+        """:meth:`restate_rx_tail`, posted (the hot path): the write flushed as there, nobody
+        waiting for it; a failure is raised by the channel's next waited request."""
+        self.dev.channel.post([Access(Kind.WRITE, Space.MMIO, self._rdt_at, 4, (self.rx_next - 1) % self.rx_n),
+                               Access(Kind.READ, Space.MMIO, self._status_at, 4)])
 
     def _write_flush(self, reg: int, value: int) -> None:
         """A register write followed by a read of STATUS in the same batch: the e1000
