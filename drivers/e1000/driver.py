@@ -421,22 +421,20 @@ class E1000:
         """Tell the NIC every descriptor up to the one before ``rx_next`` is its to fill; written
         again when idle, because QEMU may hold frames it queued while it thought the ring full
         until the tail is written again."""
-        self._write_flush(Reg.RDT, (self.rx_next - 1) % self.rx_n)
+        self.dev.channel.execute(self._rx_tail_flushed())
 
     def _post_rx_tail(self) -> None:
-        """:meth:`restate_rx_tail`, posted (the hot path): the write flushed as there, nobody
-        waiting for it; a failure is raised by the channel's next waited request."""
-        self.dev.channel.post([Access(Kind.WRITE, Space.MMIO, self._rdt_at, 4, (self.rx_next - 1) % self.rx_n),
-                               Access(Kind.READ, Space.MMIO, self._status_at, 4)])
+        """:meth:`restate_rx_tail`, posted (the hot path): nobody waits for it; a failure is
+        raised by the channel's next waited request."""
+        self.dev.channel.post(self._rx_tail_flushed())
 
-    def _write_flush(self, reg: int, value: int) -> None:
-        """A register write followed by a read of STATUS in the same batch: the e1000
-        "write flush". PCI writes are posted, and QEMU under KVM batches writes to most
-        e1000 registers (coalesced MMIO; RDT among them) until the next access that
-        exits, so without the read the NIC may not see the new tail at all."""
-        with self.dev.batch() as b:
-            b.write32(self.regs, reg, value)
-            b.read32(self.regs, Reg.STATUS)
+    def _rx_tail_flushed(self) -> list[Access]:
+        """RDT, then a read of STATUS in the same batch: the e1000 "write flush". PCI writes
+        are posted, and QEMU under KVM batches writes to most e1000 registers (coalesced
+        MMIO; RDT among them) until the next access that exits, so without the read the
+        NIC may not see the new tail at all."""
+        return [Access(Kind.WRITE, Space.MMIO, self._rdt_at, 4, (self.rx_next - 1) % self.rx_n),
+                Access(Kind.READ, Space.MMIO, self._status_at, 4)]
 
     def _wait_irq(self, timeout: float) -> None:
         assert self.irq is not None
