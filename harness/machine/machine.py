@@ -145,6 +145,14 @@ class Machine:
         self.shutdown()
 
     def launch(self) -> None:
+        """Start QEMU and wait until it is connected and its plugins' steps are done."""
+        self.start()
+        self.wait_launched()
+
+    def start(self) -> None:
+        """Start QEMU without waiting for it to connect; :meth:`wait_launched` completes the
+        launch. Machines started one after another this way build themselves side by side
+        while the caller connects to the first."""
         if shutil.which(self.spec.qemu) is None:
             raise QemuNotFound(f"{self.spec.qemu} is not installed: run `make deps` "
                                "(Debian's qemu-system-x86) or put it on PATH")
@@ -157,15 +165,25 @@ class Machine:
                                    serial_log=self.workdir / "serial.log", tag=tag)
         self.console = Console(self.endpoints.serial_log, self, self.console_rules, self.quiet)
         try:
-            self._start(self.endpoints)
+            self._exec(self.endpoints)
         except BaseException:
             self.failed = True
             self.shutdown()
             raise
 
-    def _start(self, ends: Endpoints) -> None:
-        """Start a QEMU process for the spec and connect to it."""
-        assert self.workdir is not None and self.console is not None
+    def wait_launched(self) -> None:
+        """Until the started QEMU is connected (console, QMP) and its plugins' steps are done."""
+        assert self.endpoints is not None, "start() the machine first"
+        try:
+            self._connect(self.endpoints, self.launch_at["exec"] + self.launch_timeout)
+        except BaseException:
+            self.failed = True
+            self.shutdown()
+            raise
+
+    def _exec(self, ends: Endpoints) -> None:
+        """Start a QEMU process for the spec."""
+        assert self.workdir is not None
         self.argv = build_argv(self.spec, self.accel, ends, self.plugins)
         (self.workdir / "cmdline.txt").write_text(" ".join(self.argv) + "\n")
         for plugin in self.plugins:
@@ -175,7 +193,10 @@ class Machine:
         self.launch_at = {"exec": time.monotonic()}
         with open(self.workdir / "qemu.out", "wb") as out:
             self.process = popen_dying_with_parent(self.argv, out)
-        deadline = time.monotonic() + self.launch_timeout
+
+    def _connect(self, ends: Endpoints, deadline: float) -> None:
+        """Connect to the started QEMU, and the plugins' steps."""
+        assert self.console is not None
         for plugin in self.plugins:
             plugin.post_launch(self, deadline)
         self.console.attach(self.accept(self._accept_serial, deadline, "the serial connection"))
