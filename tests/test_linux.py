@@ -95,6 +95,23 @@ def test_machines_restored_at_once_never_see_each_others_writes(linux_saved, lin
         again.shutdown()
 
 
+def test_machines_restored_side_by_side_each_run_their_own_guest(linux_saved, tmp_path) -> None:
+    """restore_many starts every QEMU before it waits for the first: each is a process of its
+    own, running (QMP says so), with its own RAM."""
+    machines = linux_saved.restore_many(3, name="many", artifacts_root=tmp_path)
+    try:
+        assert len({m.process.pid for m in machines}) == 3
+        for i, m in enumerate(machines):
+            assert m.qmp("query-status")["status"] == "running"
+            m.console.run(f"echo {i} > /tmp/who")
+        for i, m in enumerate(machines):
+            assert m.console.run("cat /tmp/who") == (str(i), 0)
+    finally:
+        for m in machines:
+            m.shutdown()
+    assert not any(m.alive() for m in machines)
+
+
 def test_restores_of_a_machine_with_a_disk_each_write_their_own(linux_accel, linux_image, tmp_path) -> None:
     spec = linux_image.spec(accel=linux_accel, modules=("ahci", "sd_mod", "vfat"))
     spec.drive(file=str(IMAGES / "fat16.img"), format="raw", id="disk0", **{"if": "none"})
