@@ -341,7 +341,7 @@ class InFlight:
     def timed_out(self, timeout: float) -> NvmeError:
         pending = self.pending()
         first = self.commands[pending[0]] if pending else None
-        return NvmeError(first.name if first else f"queue {self.queue.qid}", None, None,
+        return NvmeError(first.label if first else f"queue {self.queue.qid}", None, None,
                          first.lba if first else None, failed=pending, detail=f"no completion within {timeout:g} s")
 
     def drain(self, timeout: float) -> None:
