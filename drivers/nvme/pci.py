@@ -5,8 +5,10 @@ Queues live in DMA memory the host has mapped, so Python writes submission
 entries and reads completion entries itself, at host speed; the guest only
 carries the doorbell writes, one posted batch per round (the completion
 queue's head and the submission queue's tail), which nobody waits for: while
-the controller works, Python polls the phase bit of the next completion entry
-itself, with no round trip, and reaps and prepares the next round. If none
+the controller works, Python naps through the time it usually takes (the
+cores are the vCPU's and QEMU's meanwhile), then polls the phase bit of the
+next completion entry itself, with no round trip, and reaps and prepares the
+next round. If none
 comes for a while, a guest-side poll of that phase bit takes over (a round
 trip, which also reports a posted doorbell's failure). With interrupts, each
 queue waits for its own MSI-X vector instead.
