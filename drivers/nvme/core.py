@@ -54,7 +54,7 @@ class NvmeError(HarnessError):
 
 def failure(command: "Command", status: int, failed: Sequence[int] = (), of: int = 1) -> NvmeError:
     """The error for ``command``'s failed completion status word: SCT bits 9-11, SC bits 1-8."""
-    return NvmeError(command.name, status >> 9 & 7, status >> 1 & 0xFF, command.lba, failed=failed, of=of)
+    return NvmeError(command.label, status >> 9 & 7, status >> 1 & 0xFF, command.lba, failed=failed, of=of)
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,8 @@ def parse_namespace(nsid: int, data: bytes, controller: ControllerIdentity) -> N
 
 
 # A command before it is queued: what the submission entry needs, and what names it in errors.
-@dataclass
+# Slots: queued I/O builds one per request, on the hot path.
+@dataclass(slots=True)
 class Command:
     opcode: int
     nsid: int = 0
@@ -150,8 +151,15 @@ class Command:
     cdw10: int = 0
     cdw11: int = 0
     cdw12: int = 0
-    name: str = ""
+    name: str = ""                  # empty for a Read or Write: ``label`` names it only when asked
     lba: int | None = None
+
+    @property
+    def label(self) -> str:
+        """What names the command in errors."""
+        if self.name or self.opcode not in (Nvm.READ, Nvm.WRITE) or self.lba is None:
+            return self.name
+        return f"{'READ' if self.opcode == Nvm.READ else 'WRITE'} ns {self.nsid} {self.lba}+{self.cdw12 + 1}"
 
 
 # ---- the commands the core builds (5 admin, 6 NVM) ----
@@ -168,10 +176,9 @@ def queue_count_command(count: int) -> Command:
 
 
 def read_write_command(opcode: int, nsid: int, lba: int, blocks: int, pages: Sequence[int]) -> Command:
-    """Read or Write (6.9, 6.15) of ``blocks`` blocks at ``lba``, through ``pages``."""
-    name = "READ" if opcode == Nvm.READ else "WRITE"
-    return Command(opcode, nsid, pages, cdw10=lba & 0xFFFFFFFF, cdw11=lba >> 32, cdw12=blocks - 1,
-                   name=f"{name} ns {nsid} {lba}+{blocks}", lba=lba)
+    """Read or Write (6.9, 6.15) of ``blocks`` blocks at ``lba``, through ``pages``; named
+    "READ ns 1 8+8" (``Command.label``) when an error needs it, not for every command."""
+    return Command(opcode, nsid, pages, lba & 0xFFFFFFFF, lba >> 32, blocks - 1, "", lba)
 
 
 def flush_command(nsid: int) -> Command:
@@ -303,9 +310,14 @@ class Namespace:
         if count <= 0 or lba < 0 or lba + count > sectors:
             raise ValueError(f"blocks {lba}..{lba + count - 1} are not on namespace {self.nsid} of {sectors}")
 
-    def _pages(self, buffers: Sequence[DmaBuffer]) -> tuple[list[int], int]:
+    def _pages(self, buffers: Sequence[DmaBuffer]) -> tuple[Sequence[int], int]:
         """The PRP pages of ``buffers`` in order, and their bytes. Each buffer starts on a page;
         all but the last are whole pages (so the pages chain with no gaps); whole blocks in all."""
+        if len(buffers) == 1:           # the common case, without a list
+            b = buffers[0]
+            phys, total = b.phys, len(b.view)
+            if not (phys % PAGE or not total or total % self.sector_size or total > self.max_transfer):
+                return range(phys, phys + total, PAGE), total
         pages: list[int] = []
         total = 0
         for i, b in enumerate(buffers):
@@ -441,9 +453,13 @@ class Namespace:
                 dev.dma_free(b)
 
     def _queue_of(self, opcode: int, requests: Sequence[tuple[int, DmaBuffer]]) -> list[Command]:
+        """One command per (lba, buffer), every one checked before any is queued."""
+        nsid, block, sectors, pages_of = self.nsid, self.sector_size, self.identity.sectors, self._pages
         commands = []
         for lba, buffer in requests:
-            pages, nbytes = self._pages([buffer])
-            self._check(lba, nbytes // self.sector_size)
-            commands.append(self._io(opcode, lba, pages, nbytes))
+            pages, nbytes = pages_of((buffer,))
+            blocks = nbytes // block
+            if lba < 0 or lba + blocks > sectors:
+                self._check(lba, blocks)
+            commands.append(read_write_command(opcode, nsid, lba, blocks, pages))
         return commands

@@ -5,8 +5,10 @@ Queues live in DMA memory the host has mapped, so Python writes submission
 entries and reads completion entries itself, at host speed; the guest only
 carries the doorbell writes, one posted batch per round (the completion
 queue's head and the submission queue's tail), which nobody waits for: while
-the controller works, Python polls the phase bit of the next completion entry
-itself, with no round trip, and reaps and prepares the next round. If none
+the controller works, Python naps through the time it usually takes (the
+cores are the vCPU's and QEMU's meanwhile), then polls the phase bit of the
+next completion entry itself, with no round trip, and reaps and prepares the
+next round. If none
 comes for a while, a guest-side poll of that phase bit takes over (a round
 trip, which also reports a posted doorbell's failure). With interrupts, each
 queue waits for its own MSI-X vector instead.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -41,6 +44,11 @@ IO_ENTRIES = 64                     # per I/O queue: 63 commands in flight
 PRP_LIST_ENTRIES = PAGE // 8        # one list page per command identifier
 MAX_TRANSFER = PRP_LIST_ENTRIES * PAGE      # so one command moves 2 MiB at most
 COMMAND_TIMEOUT = 5.0               # seconds a command may take
+# Napping through the controller's expected time (see QueuePair._nap)
+NAP_OVERSHOOT = 80e-6               # a nap ends this much late (the kernel's 50 us timer slack, the wake-up)
+NAP_MOST = 1e-3                     # the longest nap: a slow spell must not put Python to sleep for long
+NAP_LEARN = 1 / 16                  # how far a longer doorbell-to-completion time moves the expectation up
+NAP_SHRINK = 0.5                    # the expectation after a nap that ended past the completion
 GUEST_WAIT = 100e-6                 # one guest-side wait for a completion: short, so queues sharing
                                     # the device's channel take turns
 
@@ -101,6 +109,8 @@ class QueuePair:
         self.submitted = 0              # commands given to the controller (diagnostics and tests)
         self.most_in_flight = 0
         self._bounce: DmaBuffer | None = None
+        self.expected = 0.0             # seconds from a doorbell batch to the next completion, as learned
+        self._rung_at: float | None = None     # when the doorbells were posted, if not yet waited on
 
     @property
     def depth(self) -> int:
@@ -189,12 +199,43 @@ class QueuePair:
         if submitted or self._cq_needs_head(in_flight):
             if self.irq is None:
                 self._post_doorbells()
+                self._rung_at = time.perf_counter()
             else:
                 self._ring()
 
+    def _nap(self) -> bool:
+        """Sleep through most of the time the controller is expected to take after its
+        doorbells; whether the completion came meanwhile. Python's spin holds one of the two
+        cores that the vCPU and QEMU's main loop, which emulate the controller, both want
+        (a spin that never yields ran QD1 at a third of the yielding one's rate); a nap
+        gives it back. Short expectations (QD1 on a quiet machine) get none: a nap ends
+        NAP_OVERSHOOT late."""
+        nap = min(self.expected - NAP_OVERSHOOT, NAP_MOST)
+        if nap <= 0:
+            return False
+        time.sleep(nap)
+        return self._cqe_pending()
+
     def _wait(self, deadline: Deadline) -> None:
-        """Until the next completion entry is the controller's: the host's own look at the
-        completion queue, then guest-side waits; or the vector."""
+        """Until the next completion entry is the controller's: right after doorbells a nap,
+        then the host's own look at the completion queue, then guest-side waits; or the
+        vector. ``expected`` follows the quick doorbell-to-completion times: a shorter one
+        replaces it, a longer one moves it up a little (on a busy host most commands
+        take the usual time and a few take milliseconds: those must not make every nap
+        oversleep), and a nap that ends past the completion halves it."""
+        rung_at, self._rung_at = self._rung_at, None
+        if rung_at is not None and not self._cqe_pending():
+            if self._nap():
+                self.expected *= NAP_SHRINK
+                return
+            self._spin_wait(deadline)
+        if rung_at is not None:
+            took = time.perf_counter() - rung_at
+            self.expected = took if took < self.expected else self.expected + (took - self.expected) * NAP_LEARN
+        self._spin_wait(deadline)
+
+    def _spin_wait(self, deadline: Deadline) -> None:
+        """Until the next completion entry is the controller's: spin, then guest-side waits; or the vector."""
         while not self._cqe_pending():
             if self.irq is None:
                 if not spin_until(self._cqe_pending, self.controller.dev.channel.spin):
@@ -341,7 +382,7 @@ class InFlight:
     def timed_out(self, timeout: float) -> NvmeError:
         pending = self.pending()
         first = self.commands[pending[0]] if pending else None
-        return NvmeError(first.name if first else f"queue {self.queue.qid}", None, None,
+        return NvmeError(first.label if first else f"queue {self.queue.qid}", None, None,
                          first.lba if first else None, failed=pending, detail=f"no completion within {timeout:g} s")
 
     def drain(self, timeout: float) -> None:

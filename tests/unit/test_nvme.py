@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from drivers.nvme import Command, NvmeError, QueuePair
-from drivers.nvme.core import parse_controller, parse_namespace
+from drivers.nvme.core import parse_controller, parse_namespace, read_write_command
 from drivers.nvme.pci import MAX_TRANSFER
 from drivers.nvme.regs import CQE, DOORBELL_BASE, SQE, Nvm
 from harness.access import Kind, Region, Space
@@ -105,6 +105,18 @@ def test_an_error_status_is_decoded_and_the_other_commands_complete() -> None:
     assert (error.command, error.sct, error.sc, error.lba, error.failed) == ("READ 77", 2, 0x81, 77, [1])
     assert "Unrecovered Read Error" in str(error) and "LBA 77" in str(error)
     assert sorted(done) == [0, 2]
+
+
+def test_a_read_or_write_is_named_in_its_error_though_built_without_a_name() -> None:
+    """Reads and Writes are built nameless (the hot path); the error still names the one that failed."""
+    far = (1 << 32) + 8                                             # an LBA whose high half is in CDW11
+    fake = FakeController(8, status_of=lambda sqe: 0x80 if (sqe[9], sqe[10]) == (8, 1) else 0)
+    commands = [read_write_command(Nvm.WRITE, 1, lba, 8, range(0x4000_0000, 0x4000_1000, 4096)) for lba in (8, far)]
+    assert [c.name for c in commands] == ["", ""]
+    with pytest.raises(NvmeError) as failed:
+        fake.qp.run(commands)
+    assert (failed.value.command, failed.value.failed) == (f"WRITE ns 1 {far}+8", [1])
+    assert "LBA Out of Range" in str(failed.value)
 
 
 def test_identify_structures_are_parsed() -> None:
