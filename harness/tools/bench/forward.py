@@ -70,7 +70,8 @@ from ...machine.accel import why_linux_does_not_boot
 from ...machine.linux import linux, wire_netdev, wire_path
 from ...proxy import ProxyMachine, proxy_spec, raw
 from ...services.bridge import BATCH, Bridge, BridgeService, Counters, bridge_devices, bridge_nics, bridge_spec
-from .e1000 import FEEDER_DOZE, FEEDER_FAILED, FEEDER_STALL, FEEDER_STALLED, GUEST_LOOP_TIMEOUT, RCTL_QUIET, frame_of
+from .e1000 import (FEEDER_DOZE, FEEDER_FAILED, FEEDER_STALL, FEEDER_STALLED, GUEST_LOOP_TIMEOUT, RCTL_QUIET, Feeder,
+                    frame_of)
 from .paired import ForeignLoad, Run, Workload, add_peer, clock_figures, run_rounds
 
 log = logging.getLogger(__name__)
@@ -151,10 +152,10 @@ class Sink:
         self._memory.close()
 
 
-class Generator:
+class Generator(Feeder):
     """A forked process writing ``count`` copies of a frame into a stream wire, many frames
     per ``send`` from one prebuilt buffer, at most ``window`` ahead of what the sink has
-    counted (``progress``, a word of shared memory).
+    counted (``progress``, a word of shared memory); ``join`` as :class:`Feeder`'s.
 
     Why a window although a stream wire pushes back: QEMU 7.2's e1000 drops a frame its
     receive ring has no room for (``e1000_receive_iov`` answers an overrun with -1, and
@@ -165,8 +166,7 @@ class Generator:
 
     def __init__(self, sock: socket.socket, frame: bytes, count: int, progress: memoryview,
                  window: int = WINDOW) -> None:
-        self.sock, self.frame, self.count, self.progress, self.window = sock, frame, count, progress, window
-        self.pid = 0
+        super().__init__(sock, None, frame, count, progress, window)
 
     def start(self) -> None:
         self.pid = os.fork()
@@ -196,23 +196,6 @@ class Generator:
                 code = FEEDER_STALLED
             finally:
                 os._exit(code)
-
-    def join(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                code = os.waitstatus_to_exitcode(status)
-                if code == FEEDER_STALLED:
-                    raise ForwardStalled(f"the generator stopped: the wire took nothing for {FEEDER_STALL:g} s")
-                if code:
-                    raise ForwardStalled(f"the generator failed (exit code {code})")
-                return
-            if time.monotonic() > deadline:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-                raise ForwardStalled("the generator did not finish")
-            time.sleep(0.001)
 
 
 class Wires:
