@@ -26,6 +26,11 @@ generator's start to the sink's last frame, for every side alike.
 - ``peer_linux``: the Linux guest with two e1000s on the same kind of wires, bridged by
   the kernel's ``bridge`` module (busybox ``brctl``), measured after, in the same run.
 
+Each side's host CPU per frame (``cpu_us_per_frame``: its QEMU's, and for the proxy
+sides this process's, where the Python bridge runs or the host waits for the C one) is
+what a bridge costs whatever else the host runs; frames per second say how much of the
+host it got.
+
 Every frame is accounted for (``accounting``): offered by the generator, forwarded by
 the bridge, delivered to the sink, and dropped by whom (the bridge, for a full transmit
 ring; a NIC, for want of a receive descriptor; anything else is ``unaccounted``).
@@ -89,6 +94,7 @@ BLOCK_FIELDS = ["pool", "timeout_us", "pool_size", "pool_free", "peer", "batch",
 LENGTH = struct.Struct(">I")                 # QEMU's stream netdev: each frame follows its length
 WINDOW = 128                                 # frames in flight: under the 255 a receive ring takes
 GENERATOR_BATCH = 16                         # frames the generator waits to have room for, then sends at once
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")       # /proc's unit of CPU time
 ACCOUNTED = ("offered", "forwarded", "delivered", "dropped_by_bridge", "dropped_by_nic", "unaccounted")
 
 
@@ -317,10 +323,40 @@ def accounting(offered: int, delivered: int, counters: dict[str, int]) -> dict[s
             "dropped_by_nic": by_nic, "unaccounted": offered - delivered - by_bridge - by_nic}
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system, all its threads) a process has used so far, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class CpuMeter:
+    """Host CPU time that processes (``who`` -> pid: the machine's QEMU, the driver's
+    process) spend per frame over the runs measured. Unlike frames per second it does not
+    shrink when other processes take the cores: the cost of a bridge on a busy host."""
+
+    def __init__(self, who: dict[str, int]) -> None:
+        self.who, self.spent, self.frames = who, dict.fromkeys(who, 0.0), 0
+
+    @contextlib.contextmanager
+    def measuring(self, frames: int) -> Iterator[None]:
+        before = {name: cpu_seconds(pid) for name, pid in self.who.items()}
+        yield
+        for name, pid in self.who.items():
+            self.spent[name] += cpu_seconds(pid) - before[name]
+        self.frames += frames
+
+    def per_frame_us(self) -> dict[str, float]:
+        per = {name: round(spent / max(1, self.frames) * 1e6, 2) for name, spent in self.spent.items()}
+        return {**per, "total": round(sum(per.values()), 2)}
+
+
 @dataclass
 class Side:
-    """One side's totals over the bench: frames offered and delivered, and its counters."""
+    """One side's totals over the bench: frames offered and delivered, its counters, and
+    the host CPU its QEMU and its driver's process spent on them."""
     counters: Counters
+    cpu: CpuMeter
     offered: int = 0
     delivered: int = 0
 
@@ -358,7 +394,8 @@ def workloads(wires: Wires, bridge: Bridge, native: NativeBridge, sides: dict[st
             return side.counters.values[forwarded_at] - before
 
         def run() -> int:
-            done = wires.timed(length, count, forward)
+            with side.cpu.measuring(count):
+                done = wires.timed(length, count, forward)
             side.add(count, sink.count[0])
             return done
         return run
@@ -374,7 +411,8 @@ def workloads(wires: Wires, bridge: Bridge, native: NativeBridge, sides: dict[st
             return done
 
         def run() -> int:
-            done = wires.timed(length, count, forward)
+            with side.cpu.measuring(count):
+                done = wires.timed(length, count, forward)
             side.add(count, sink.count[0])
             return done
         return run
@@ -402,14 +440,18 @@ def proxy_side(accel: str, iommu: bool | None, counts: dict[str, int], rounds: i
         native = NativeBridge(bridge)
         stack.callback(native.close)
         workdir = Path(pm.machine.workdir)
-        sides = {name: Side(Counters.create(workdir / f"{name}-counters")) for name in ("python", "native")}
+        assert pm.machine.process is not None
+        who = {"qemu": pm.machine.process.pid, "driver": os.getpid()}
+        sides = {name: Side(Counters.create(workdir / f"{name}-counters"), CpuMeter(who))
+                 for name in ("python", "native")}
         for side in sides.values():
             stack.callback(side.counters.close)
         time.sleep(RCTL_QUIET)                  # or the first run measures QEMU's receive timer
         figures = clock_figures(pm, bridge.wan.dev.channel.guest_time)
         result = run_rounds(workloads(wires, bridge, native, sides, counts), rounds, [pm])
         return {"accel": pm.machine.accel, "iommu": pm.bus.iommu, **figures, **result,
-                "accounting": {name: side.accounting() for name, side in sides.items()}}
+                "accounting": {name: side.accounting() for name, side in sides.items()},
+                "cpu_us_per_frame": {name: side.cpu.per_frame_us() for name, side in sides.items()}}
 
 
 def wait_until_forwarding(wires: Wires, timeout: float = RUN_TIMEOUT) -> None:
@@ -462,6 +504,8 @@ def linux_bridge(accel: str, counts: dict[str, int], runs: int = PEER_RUNS) -> d
             return {f"{i}_{s}": int(v) for (i, s), v in zip(((i, s) for i in ("eth0", "eth1")
                                                               for s in stats.split()), out)}
         before = read()
+        assert m.process is not None
+        cpu = CpuMeter({"qemu": m.process.pid})
         runs_pps: dict[str, list[float]] = {f"fwd_pps_{name}": [] for name, _ in SIZES}
         offered = delivered = 0
         for run in range(runs + 1):             # run 0 warms up
@@ -469,7 +513,8 @@ def linux_bridge(accel: str, counts: dict[str, int], runs: int = PEER_RUNS) -> d
                 count = counts[name]
                 wires.sink.reset()
                 t0 = time.perf_counter_ns()
-                wires.timed(length, count, lambda: count)
+                with cpu.measuring(count) if run else contextlib.nullcontext():
+                    wires.timed(length, count, lambda: count)
                 elapsed = (time.perf_counter_ns() - t0) / 1e9
                 offered += count
                 delivered += wires.sink.count[0]
@@ -486,7 +531,7 @@ def linux_bridge(accel: str, counts: dict[str, int], runs: int = PEER_RUNS) -> d
                                "dropped_by_bridge": dropped_bridge, "dropped_by_nic": dropped_nic,
                                "unaccounted": offered - delivered - dropped_bridge - dropped_nic,
                                "interface_counters": moved},
-                "call_ms": call_ms(m), "release": guest.release, "tool": "brctl (the kernel's bridge module)"}
+                "cpu_us_per_frame": cpu.per_frame_us(), "call_ms": call_ms(m), "release": guest.release, "tool": "brctl (the kernel's bridge module)"}
 
 
 def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int = 9, quick: bool = False,
@@ -504,6 +549,7 @@ def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int =
     if not why_not:
         peer_result = linux_bridge(accel, counts, PEER_RUNS if not quick else 1)
         result["accounting"]["peer_linux"] = peer_result.pop("accounting")     # type: ignore[index]
+        result["cpu_us_per_frame"]["peer_linux"] = peer_result.pop("cpu_us_per_frame")  # type: ignore[index]
         add_peer(result, peer_result)
     else:
         result["peer"] = {"skipped": why_not}
