@@ -236,9 +236,10 @@ class Feeder:
     the C loop): a process paces both sides alike. The child inherits the window's
     shared mapping, so it reads the receiver's progress as the receiver writes it."""
 
-    def __init__(self, sock: socket.socket, to: tuple[str, int], frame: bytes, count: int,
-                 progress: memoryview) -> None:
+    def __init__(self, sock: socket.socket, to: tuple[str, int] | None, frame: bytes, count: int,
+                 progress: memoryview, window: int = WINDOW) -> None:
         self.sock, self.to, self.frame, self.count, self.progress = sock, to, frame, count, progress
+        self.window = window
         self.pid = 0
 
     def start(self) -> None:
@@ -253,7 +254,7 @@ class Feeder:
                     done = self.progress[0]
                     if done != seen:
                         seen, deadline = done, time.monotonic() + FEEDER_STALL
-                    if sent - done < WINDOW:
+                    if sent - done < self.window:
                         self.sock.sendto(self.frame, self.to)
                         sent += 1
                     elif time.monotonic() > deadline:
@@ -272,7 +273,7 @@ class Feeder:
                 code = os.waitstatus_to_exitcode(status)
                 if code == FEEDER_STALLED:
                     raise RuntimeError(f"the feeder stopped: its receiver got no frame for {FEEDER_STALL:g} s "
-                                       f"with {WINDOW} in flight (at {self.progress[0]} of {self.count})")
+                                       f"with {self.window} in flight (at {self.progress[0]} of {self.count})")
                 if code:
                     raise RuntimeError(f"the feeder failed (exit code {code})")
                 return
