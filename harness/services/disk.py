@@ -240,12 +240,13 @@ class DiskService:
     listener (the supervisor's: it outlives every driver process) and starts the driver;
     ``uri`` is the export's NBD URI and ``address`` what :class:`~harness.services.nbd.NbdClient`
     takes. ``starts()`` yields one line per driver start, restarts with their cause and time
-    (``hwharness serve disk`` prints them until Ctrl-C). ``close()`` stops the driver and the
-    supervisor and removes a Unix socket file.
+    (``hwharness serve disk`` prints them until Ctrl-C). ``standby``: the supervisor keeps a
+    second driver process ready, so that a restart pays no fork nor attach (a driver slot
+    more). ``close()`` stops the driver and the supervisor and removes a Unix socket file.
     """
 
     def __init__(self, pm, controller: Controller = "ahci", nbd: str | None = None,  # type: ignore[no-untyped-def]
-                 read_only: bool = False, hang_timeout: float = 1.0) -> None:
+                 read_only: bool = False, hang_timeout: float = 1.0, standby: bool = True) -> None:
         from ..processes.supervisor import Supervisor
         if controller not in CONTROLLERS:
             raise ValueError(f"controller {controller!r} is not one of {CONTROLLERS}")
@@ -257,7 +258,7 @@ class DiskService:
             self.supervisor = Supervisor(pm, hang_timeout=hang_timeout, preload=[DRIVER_MODULES[controller]])
             self.driver = self.supervisor.run("harness.services.disk:disk_driver", find_controller(pm.bus, controller),
                                               sockets={"listener": self.listener}, controller=controller,
-                                              read_only=read_only)
+                                              read_only=read_only, standby=standby)
         except BaseException:
             self.close()
             raise
