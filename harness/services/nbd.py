@@ -172,6 +172,7 @@ COMMANDS = frozenset(c.value for c in Cmd)
 # Which command flags each command takes; FUA is valid on every command once SEND_FUA is advertised.
 VALID_FLAGS = {Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE}
 WRITING = frozenset((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
+FUA = int(CmdFlag.FUA)                  # a plain int: an IntFlag's & runs in Python, on every request
 
 # The server's turn: at most this much work before it answers, beats and looks again.
 TURN_REQUESTS = 512
@@ -268,7 +269,7 @@ class _Request:
     @property
     def final(self) -> bool:
         """Its reply is known before the turn ends: it is done or failed, and waits for no flush."""
-        return (self.done or self.error != Errno.OK) and self.cmd != Cmd.FLUSH and not self.flags & CmdFlag.FUA
+        return (self.done or self.error != Errno.OK) and self.cmd != Cmd.FLUSH and not self.flags & FUA
 
     def fail(self, error: Errno, why: str) -> None:
         self.error = error
@@ -434,6 +435,10 @@ class NbdServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         except OSError:                 # capped (net.core.wmem_max) or refused: replies queue in the outbox
             pass
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Each reply is one sendmsg: Nagle would hold a short one (a WRITE's) back until the
+            # client ACKs the last, which its delayed ACK may put off for tens of ms.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.accepted += 1
         if self.accepted == 1 and self.mark is not None:
             self.mark("accepted")
@@ -728,7 +733,7 @@ class NbdServer:
         for request in batch:
             if request.error:
                 continue
-            durable |= bool(request.cmd == Cmd.FLUSH or request.flags & CmdFlag.FUA)
+            durable |= bool(request.cmd == Cmd.FLUSH or request.flags & FUA)
             if request.cmd == Cmd.FLUSH:
                 continue
             start, end = request.offset // self.sector_size, (request.offset + request.length) // self.sector_size
@@ -745,7 +750,7 @@ class NbdServer:
                 self.flushes += 1
             except self.request_errors as exc:
                 for request in batch:
-                    if not request.error and (request.cmd == Cmd.FLUSH or request.flags & CmdFlag.FUA):
+                    if not request.error and (request.cmd == Cmd.FLUSH or request.flags & FUA):
                         request.fail(Errno.EIO, f"the flush after it failed: {exc}")
 
     def _pieces(self, request: _Request) -> list[tuple[int, bytes]]:
