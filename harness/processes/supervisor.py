@@ -20,8 +20,8 @@ while the driver restarts.
 
 A driver run with ``standby=True`` has a second process kept ready once it serves: forked
 and attached to a slot of its own, waiting for a go before it touches the device. When the
-serving one dies, the standby is told to go as soon as the dead one's slot is taken back (its
-device revoked: until then the device is the dead one's), so a restart pays neither the fork
+serving one dies, the standby is told to go as soon as the dead one's slot is revoked (until
+then the device is the dead one's: the revoke turns its bus mastering off), so a restart pays neither the fork
 nor the attach; a new standby is prepared once the new driver serves. It costs a driver slot
 and an idle process; a standby that died meanwhile is replaced by a fresh start.
 """
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.01          # how often the watcher looks at heartbeats (a death wakes it at once)
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 5.0   # seconds before restarting a driver that died before serving
-SLOT_BACK_S = 5.0            # the longest a standby waits for its dead predecessor's slot to be taken back
+SLOT_BACK_S = 5.0            # the longest a standby waits for its dead predecessor's slot to be revoked
 
 
 @dataclass
@@ -269,15 +269,15 @@ class Supervisor:
         standby.go.close()
 
     def _wake_standby(self, driver: Driver) -> dict[str, float] | None:
-        """Make the standby the driver, once the dead one's slot is taken back; the phases it
+        """Make the standby the driver, once the dead one's slot is revoked; the phases it
         went through (None if there is none alive: then a fresh process starts)."""
         self.collect_phases()
         standby = driver.standby
         if standby is None or not standby.alive():
             self._drop_standby(driver)
             return None
-        if driver.slot is not None and not self.control.wait_free(driver.slot, SLOT_BACK_S):
-            log.warning("driver %s: slot %d not taken back within %g s; the standby goes anyway",
+        if driver.slot is not None and not self.control.wait_revoked(driver.slot, SLOT_BACK_S):
+            log.warning("driver %s: slot %d not revoked within %g s; the standby goes anyway",
                         driver.name, driver.slot, SLOT_BACK_S)
         try:
             standby.go.send(b"g")
