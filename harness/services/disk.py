@@ -6,7 +6,7 @@ other processes and other machines: an AHCI port or an NVMe namespace.
 then one device flush (FLUSH CACHE EXT, NVMe Flush) covers every FUA write and FLUSH
 of the turn; a turn's reads go queued too (READ FPDMA QUEUED, NVMe Reads) into DMA
 memory, each read one command (or a few: NVMe's MDTS) however long, and the server
-copies their data once, from there into the reply; TRIM is the NVMe namespace's
+sends their data from there (sendmsg, no copy in Python); TRIM is the NVMe namespace's
 Dataset Management deallocate, where the controller has it. :func:`serve_disk` is
 what the driver's process runs: open the controller, take its first disk, serve it
 until killed; :func:`disk_driver` is that as a supervised driver entry; :class:`DiskService` runs it supervised on a listener it

@@ -34,10 +34,14 @@ every connection, runs them (writes as one ``write_many`` batch and reads as one
 ``read_many`` batch where the device has them, so a device with a command queue
 works on them all at once; split where a write overlaps another request so that
 they land in the order they arrived),
-then, if the turn holds a FLUSH or a request with FUA, flushes the device once,
-then answers them all. So a plain WRITE is acknowledged once the device has
-completed it (it may still sit in the device's volatile cache, which NBD allows),
-a FUA write or a FLUSH only once a device flush after it has completed.
+then, if the turn holds a FLUSH or a request with FUA, flushes the device once.
+Replies go in the order the requests came, each as soon as it and every one before
+it is final: a READ straight from the DMA memory its batch was read into (one
+sendmsg per connection, before the next batch reuses that memory), a FLUSH or a FUA
+request only after the turn's flush, the rest at the end of the turn. So a plain
+WRITE is acknowledged once the device has completed it (it may still sit in the
+device's volatile cache, which NBD allows), a FUA write or a FLUSH only once a
+device flush after it has completed.
 
 ``NBD_FLAG_CAN_MULTI_CONN`` is advertised because it is true of this design: the
 server keeps no cache and answers a write only after the device completed it, so
@@ -321,8 +325,9 @@ class NbdServer:
     ``write_many([(lba, data), ...])``, a batch whose items never overlap (the server splits
     a turn's writes where they do), to issue together; ``read_many([(lba, count), ...])``,
     a batch of reads (at most ``BEAT_BYTES`` in all) to issue together, whose data it
-    returns as buffers valid until its next call (views of its DMA memory: the server
-    copies each once, into the reply); and ``trim(lba, count)`` (then TRIM is
+    returns as buffers valid until its next call (views of its DMA memory: the server sends
+    each reply from there, copying only what a socket does not take at once); and
+    ``trim(lba, count)`` (then TRIM is
     advertised). ``beat()``, if given, is called on every turn of the loop, at
     least every ``TICK`` seconds while the device is idle: a liveness heartbeat for a
     supervisor. The device's exceptions of ``request_errors`` fail the request they came
