@@ -137,6 +137,7 @@ class ControlServer:
         self._lock = threading.Condition()
         self.holders: dict[int, Holder] = {}           # slot -> its holder
         self._draining: set[int] = set()               # revoked, waiting for the holder's exit
+        self._revoking: set[int] = set()               # let go of, its channels not revoked yet
         self._closed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self._connections: set[socket.socket] = set()
@@ -172,6 +173,13 @@ class ControlServer:
         """Wait until ``slot`` may be lent again (its last holder gone and its window cleared)."""
         with self._lock:
             return self._lock.wait_for(lambda: slot not in self.holders and slot not in self._draining, timeout)
+
+    def wait_revoked(self, slot: int, timeout: float) -> bool:
+        """Wait until ``slot``'s last holder is gone and its channels are revoked: its devices
+        may be opened in another slot (before, the revoke could turn their bus mastering off
+        under the next holder). Sooner than wait_free, which also waits for the window's clearing."""
+        with self._lock:
+            return self._lock.wait_for(lambda: slot not in self.holders and slot not in self._revoking, timeout)
 
     def close(self) -> None:
         with self._lock:
@@ -351,10 +359,16 @@ class ControlServer:
         with self._lock:
             self.holders.pop(n, None)
             self._draining.add(n)
+            self._revoking.add(n)
         taken_back = False
         try:
-            if self.admin.machine.alive():
-                self.admin.revoke_slot(n)
+            try:
+                if self.admin.machine.alive():
+                    self.admin.revoke_slot(n)
+            finally:
+                with self._lock:
+                    self._revoking.discard(n)
+                    self._lock.notify_all()
             if holder.pid != os.getpid():       # the owner itself maps every window anyway
                 self._wait_exit(holder.pidfd)
             if self.admin.machine.alive() and not self._closed:

@@ -17,6 +17,13 @@ the supervisor's ``spawned``, then whatever the new process told
 Sockets handed to a driver (``sockets=``) are the supervisor's: they outlive
 each driver process, so a client's reconnect waits in a listener's backlog
 while the driver restarts.
+
+A driver run with ``standby=True`` has a second process kept ready once it serves: forked
+and attached to a slot of its own, waiting for a go before it touches the device. When the
+serving one dies, the standby is told to go as soon as the dead one's slot is revoked (until
+then the device is the dead one's: the revoke turns its bus mastering off), so a restart pays neither the fork
+nor the attach; a new standby is prepared once the new driver serves. It costs a driver slot
+and an idle process; a standby that died meanwhile is replaced by a fresh start.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.01          # how often the watcher looks at heartbeats (a death wakes it at once)
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 5.0   # seconds before restarting a driver that died before serving
+SLOT_BACK_S = 5.0            # the longest a standby waits for its dead predecessor's slot to be revoked
 
 
 @dataclass
@@ -81,6 +89,8 @@ class Driver:
     pending: Restart | None = None      # a restart under way: its death, waiting for the first beat
     early_deaths: int = 0               # deaths in a row before serving: a crash loop backs off
     restart_at: float = 0.0             # when a backed-off restart is due
+    keep_standby: bool = False          # keep a standby process ready (see the module's docstring)
+    standby: "Standby | None" = None
     _serving: threading.Condition = field(default_factory=threading.Condition)
 
     def wait_serving(self, timeout: float = 30.0, after: int = 0) -> None:
@@ -109,6 +119,19 @@ class Driver:
                 yield f"driver pid {self.pid} {doing} again, {restart.ms:.0f} ms after the last was {restart.cause}"
             else:
                 time.sleep(0.1)
+
+
+@dataclass
+class Standby:
+    """A driver process forked and attached ahead, waiting for a byte on ``go``; ``phases``: what
+    it told so far (a restart it takes over starts with them: forked and attached before the death)."""
+    pid: int
+    pidfd: int
+    go: socket.socket
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def alive(self) -> bool:
+        return not select.select([self.pidfd], [], [], 0)[0]
 
 
 def _describe(status: int) -> str:
@@ -197,31 +220,86 @@ class Supervisor:
 
     def run(self, entry: str, device: PciFunction, restart: bool = True, name: str | None = None,
             sockets: dict[str, socket.socket] | None = None, also: Sequence[PciFunction] = (),
-            **kwargs: Any) -> Driver:
+            standby: bool = False, **kwargs: Any) -> Driver:
         """Start ``entry`` ("module:function", called as ``entry(bus, function, **sockets,
         **kwargs)``) in a driver process for ``device`` (and the devices ``also``, which it may
-        open too: a bridge's second NIC); returns at once (``wait_serving()``)."""
+        open too: a bridge's second NIC); returns at once (``wait_serving()``). ``standby``:
+        keep a second process ready to take over (see the module's docstring)."""
         name = name or f"{entry.rpartition(':')[2]}@{device}"
         self.zygote.preload(entry.partition(":")[0])    # imported once: every restart forks with it
         spec = {"name": name, "entry": entry, "devfn": device.devfn, "address": self.control.address,
                 "sockets": list((sockets or {}).keys()), "kwargs": kwargs, "attach_wait": self.start_timeout,
                 "token": self.control.reserve([device.devfn, *(f.devfn for f in also)])}     # its devices only
-        driver = Driver(name, spec, dict(sockets or {}), restart)
+        driver = Driver(name, spec, dict(sockets or {}), restart, keep_standby=standby and restart)
         with self._lock:
             self.drivers.append(driver)
             self._start(driver)
         return driver
 
+    def _spawn(self, driver: Driver, standby: bool = False) -> tuple[int, socket.socket | None]:
+        """Fork a process for ``driver`` (a standby: with the socket its go is sent on)."""
+        fds = [self._phases_theirs.fileno()]
+        go = theirs = None
+        if standby:
+            go, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            fds.append(theirs.fileno())
+        try:
+            pid = self.zygote.spawn({**driver.spec, "standby": standby},
+                                    fds + [s.fileno() for s in driver.sockets.values()])
+        finally:
+            if theirs is not None:
+                theirs.close()
+        return pid, go
+
+    def _prepare_standby(self, driver: Driver) -> None:
+        pid, go = self._spawn(driver, standby=True)
+        assert go is not None
+        driver.standby = Standby(pid, os.pidfd_open(pid), go)
+        log.info("driver %s: standby process %d started", driver.name, pid)
+
+    def _drop_standby(self, driver: Driver) -> None:
+        """End the standby (SIGKILL, our own child's child, by its PID) and reap it."""
+        standby, driver.standby = driver.standby, None
+        if standby is None:
+            return
+        if standby.alive():
+            os.kill(standby.pid, signal.SIGKILL)
+        self.zygote.reap(standby.pid)
+        os.close(standby.pidfd)
+        standby.go.close()
+
+    def _wake_standby(self, driver: Driver) -> dict[str, float] | None:
+        """Make the standby the driver, once the dead one's slot is revoked; the phases it
+        went through (None if there is none alive: then a fresh process starts)."""
+        self.collect_phases()
+        standby = driver.standby
+        if standby is None or not standby.alive():
+            self._drop_standby(driver)
+            return None
+        if driver.slot is not None and not self.control.wait_revoked(driver.slot, SLOT_BACK_S):
+            log.warning("driver %s: slot %d not revoked within %g s; the standby goes anyway",
+                        driver.name, driver.slot, SLOT_BACK_S)
+        try:
+            standby.go.send(b"g")
+        except OSError:                         # it died just now
+            self._drop_standby(driver)
+            return None
+        standby.go.close()
+        driver.standby = None
+        driver.pid, driver.pidfd = standby.pid, standby.pidfd
+        return {**standby.phases, "woken": time.monotonic()}
+
     def _start(self, driver: Driver) -> None:
-        driver.pid = self.zygote.spawn(driver.spec, [self._phases_theirs.fileno(),
-                                                     *(s.fileno() for s in driver.sockets.values())])
-        driver.pidfd = os.pidfd_open(driver.pid)
+        woken = self._wake_standby(driver)
+        if woken is None:
+            driver.pid, _ = self._spawn(driver)
+            driver.pidfd = os.pidfd_open(driver.pid)
         if driver.pending is not None:
             driver.pending.pid = driver.pid
-            driver.pending.phases = {"spawned": time.monotonic()}
+            driver.pending.phases = woken if woken is not None else {"spawned": time.monotonic()}
         driver.state, driver.slot, driver.last_beat = "starting", None, 0
         driver.started_at = driver.last_beat_at = time.monotonic()
-        log.info("driver %s: process %d started", driver.name, driver.pid)
+        log.info("driver %s: process %d %s", driver.name, driver.pid, "started" if woken is None else "woken")
 
     def collect_phases(self) -> None:
         """Read the phases the drivers told so far into their restarts (the watcher does, every
@@ -236,6 +314,8 @@ class Supervisor:
                     for restart in driver.restarts[-1:] + ([driver.pending] if driver.pending else []):
                         if restart.pid == int(pid):
                             restart.phases.setdefault(phase, float(at))
+                    if driver.standby is not None and driver.standby.pid == int(pid):
+                        driver.standby.phases.setdefault(phase, float(at))
 
     def _watch(self) -> None:
         while not self._stop.is_set():
@@ -285,6 +365,8 @@ class Supervisor:
                         driver.pending = None
                     driver.state = "serving"
                     driver._serving.notify_all()
+                if driver.keep_standby and driver.standby is None and not self._stop.is_set():
+                    self._prepare_standby(driver)   # now, not while the new driver was starting
         elif driver.state == "serving" and now - driver.last_beat_at > self.hang_timeout:
             self._kill(driver, f"hung: no heartbeat for {now - driver.last_beat_at:.1f} s", now)
         elif driver.state == "starting" and now - driver.started_at > self.start_timeout:
@@ -326,6 +408,7 @@ class Supervisor:
         self._stop.set()
         self._watcher.join()
         for driver in self.drivers:
+            self._drop_standby(driver)
             with driver._serving:
                 if driver.pidfd is None and driver.state != "dead":
                     driver.state = "stopped"        # one waiting to be restarted: it will not be

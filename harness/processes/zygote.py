@@ -9,7 +9,8 @@ pickled tuples:
 - ``("preload", module)``: the module is imported here, once, before the first
   driver that runs it; the reply is ``("loaded", module)`` or ``("failed", why)``.
 - ``("spawn", spec)`` with the descriptors the driver gets (the first: a datagram
-  socket for :func:`mark`): the reply is ``("pid", pid)``. The child runs :func:`driver_main`.
+  socket for :func:`mark`; for a standby, ``spec["standby"]``, the second: the socket its
+  go comes on): the reply is ``("pid", pid)``. The child runs :func:`driver_main`.
 - ``("reap", pid)``: the reply is ``("status", wait status)``. Children are
   reaped only when asked, so the supervisor learns how each one ended.
 
@@ -49,15 +50,23 @@ def mark(phase: str) -> None:
 
 def driver_main(spec: dict[str, Any], fds: list[int]) -> int:
     """A driver process's life, in the zygote's child: attach, find the device, run the entry.
-    ``fds``: the phases socket (:func:`mark`), then the entry's sockets."""
+    ``fds``: the phases socket (:func:`mark`), for a standby its go socket, then the entry's
+    sockets. A standby attaches, then waits for a byte on its go socket before it touches the
+    device (its predecessor holds it until then); the socket closed instead: it exits."""
     global _phases
     _phases = socket.socket(fileno=fds[0])
     mark("forked")
     from .attached import attach
     logging.basicConfig(level=logging.WARNING, format=f"driver {spec['name']} %(levelname)s %(message)s")
-    sockets = {name: socket.socket(fileno=fd) for name, fd in zip(spec["sockets"], fds[1:])}
+    go = socket.socket(fileno=fds[1]) if spec.get("standby") else None
+    entry_fds = fds[2:] if go is not None else fds[1:]
+    sockets = {name: socket.socket(fileno=fd) for name, fd in zip(spec["sockets"], entry_fds)}
     bus = attach(spec["address"], wait=spec["attach_wait"], token=spec["token"])
     mark("attached")
+    if go is not None:
+        if not go.recv(1):
+            bus.close()
+            return 0
     try:
         function = next((f for f in bus.functions if f.devfn == spec["devfn"]), None)
         if function is None:

@@ -6,7 +6,7 @@ other processes and other machines: an AHCI port or an NVMe namespace.
 then one device flush (FLUSH CACHE EXT, NVMe Flush) covers every FUA write and FLUSH
 of the turn; a turn's reads go queued too (READ FPDMA QUEUED, NVMe Reads) into DMA
 memory, each read one command (or a few: NVMe's MDTS) however long, and the server
-copies their data once, from there into the reply; TRIM is the NVMe namespace's
+sends their data from there (sendmsg, no copy in Python); TRIM is the NVMe namespace's
 Dataset Management deallocate, where the controller has it. :func:`serve_disk` is
 what the driver's process runs: open the controller, take its first disk, serve it
 until killed; :func:`disk_driver` is that as a supervised driver entry; :class:`DiskService` runs it supervised on a listener it
@@ -240,12 +240,13 @@ class DiskService:
     listener (the supervisor's: it outlives every driver process) and starts the driver;
     ``uri`` is the export's NBD URI and ``address`` what :class:`~harness.services.nbd.NbdClient`
     takes. ``starts()`` yields one line per driver start, restarts with their cause and time
-    (``hwharness serve disk`` prints them until Ctrl-C). ``close()`` stops the driver and the
-    supervisor and removes a Unix socket file.
+    (``hwharness serve disk`` prints them until Ctrl-C). ``standby``: the supervisor keeps a
+    second driver process ready, so that a restart pays no fork nor attach (a driver slot
+    more). ``close()`` stops the driver and the supervisor and removes a Unix socket file.
     """
 
     def __init__(self, pm, controller: Controller = "ahci", nbd: str | None = None,  # type: ignore[no-untyped-def]
-                 read_only: bool = False, hang_timeout: float = 1.0) -> None:
+                 read_only: bool = False, hang_timeout: float = 1.0, standby: bool = True) -> None:
         from ..processes.supervisor import Supervisor
         if controller not in CONTROLLERS:
             raise ValueError(f"controller {controller!r} is not one of {CONTROLLERS}")
@@ -257,7 +258,7 @@ class DiskService:
             self.supervisor = Supervisor(pm, hang_timeout=hang_timeout, preload=[DRIVER_MODULES[controller]])
             self.driver = self.supervisor.run("harness.services.disk:disk_driver", find_controller(pm.bus, controller),
                                               sockets={"listener": self.listener}, controller=controller,
-                                              read_only=read_only)
+                                              read_only=read_only, standby=standby)
         except BaseException:
             self.close()
             raise

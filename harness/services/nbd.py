@@ -34,10 +34,14 @@ every connection, runs them (writes as one ``write_many`` batch and reads as one
 ``read_many`` batch where the device has them, so a device with a command queue
 works on them all at once; split where a write overlaps another request so that
 they land in the order they arrived),
-then, if the turn holds a FLUSH or a request with FUA, flushes the device once,
-then answers them all. So a plain WRITE is acknowledged once the device has
-completed it (it may still sit in the device's volatile cache, which NBD allows),
-a FUA write or a FLUSH only once a device flush after it has completed.
+then, if the turn holds a FLUSH or a request with FUA, flushes the device once.
+Replies go in the order the requests came, each as soon as it and every one before
+it is final: a READ straight from the DMA memory its batch was read into (one
+sendmsg per connection, before the next batch reuses that memory), a FLUSH or a FUA
+request only after the turn's flush, the rest at the end of the turn. So a plain
+WRITE is acknowledged once the device has completed it (it may still sit in the
+device's volatile cache, which NBD allows), a FUA write or a FLUSH only once a
+device flush after it has completed.
 
 ``NBD_FLAG_CAN_MULTI_CONN`` is advertised because it is true of this design: the
 server keeps no cache and answers a write only after the device completed it, so
@@ -172,6 +176,7 @@ COMMANDS = frozenset(c.value for c in Cmd)
 # Which command flags each command takes; FUA is valid on every command once SEND_FUA is advertised.
 VALID_FLAGS = {Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE}
 WRITING = frozenset((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
+FUA = int(CmdFlag.FUA)                  # a plain int: an IntFlag's & runs in Python, on every request
 
 # The server's turn: at most this much work before it answers, beats and looks again.
 TURN_REQUESTS = 512
@@ -184,6 +189,10 @@ BEAT_BYTES = 4 << 20
 # so a client that never reads cannot make the server's memory grow.
 CONNECTION_BUFFER = 4 << 20
 RECV_SIZE = 256 << 10
+# A connection's kernel send buffer: a whole MAX_PAYLOAD reply (and more) goes in one sendmsg
+# straight from the device's DMA memory, instead of the rest being copied to the outbox.
+SEND_BUFFER = 4 << 20
+IOV_MAX = 1024                          # buffers one sendmsg takes (Linux's UIO_MAXIOV)
 
 _Item = TypeVar("_Item")
 
@@ -257,7 +266,14 @@ class _Request:
     length: int
     data: bytes = b""
     error: int = Errno.OK
-    reply: bytes = b""          # READ's data
+    reply: bytes = b""          # READ's data, when not answered straight from the device's memory
+    done: bool = False          # carried out (the turn's flush apart)
+    answered: bool = False      # its reply is sent (or queued in the outbox)
+
+    @property
+    def final(self) -> bool:
+        """Its reply is known before the turn ends: it is done or failed, and waits for no flush."""
+        return (self.done or self.error != Errno.OK) and self.cmd != Cmd.FLUSH and not self.flags & FUA
 
     def fail(self, error: Errno, why: str) -> None:
         self.error = error
@@ -309,8 +325,9 @@ class NbdServer:
     ``write_many([(lba, data), ...])``, a batch whose items never overlap (the server splits
     a turn's writes where they do), to issue together; ``read_many([(lba, count), ...])``,
     a batch of reads (at most ``BEAT_BYTES`` in all) to issue together, whose data it
-    returns as buffers valid until its next call (views of its DMA memory: the server
-    copies each once, into the reply); and ``trim(lba, count)`` (then TRIM is
+    returns as buffers valid until its next call (views of its DMA memory: the server sends
+    each reply from there, copying only what a socket does not take at once); and
+    ``trim(lba, count)`` (then TRIM is
     advertised). ``beat()``, if given, is called on every turn of the loop, at
     least every ``TICK`` seconds while the device is idle: a liveness heartbeat for a
     supervisor. The device's exceptions of ``request_errors`` fail the request they came
@@ -349,6 +366,8 @@ class NbdServer:
         self.accepted = 0
         self.flushes = 0
         self._next_first = 0            # whose requests come first in a turn: turns rotate
+        self._batch: list[_Request] = []    # the turn's requests, answered in this order
+        self._unanswered = 0                # the first of them not answered yet
         self._selector: selectors.BaseSelector | None = None
 
     def serve_forever(self) -> None:
@@ -385,12 +404,11 @@ class NbdServer:
                 self._send(connection)
         batch = self._gather()
         if batch:
+            self._batch, self._unanswered = batch, 0
             self._run(batch)
-            for request in batch:
-                if request.connection.open:
-                    outbox = request.connection.outbox
-                    outbox += SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, request.error, request.handle)
-                    outbox += request.reply
+            left = batch[self._unanswered:]
+            self._answer(left, [request.reply for request in left])
+            self._batch = []
         for connection in list(self.connections):
             if connection.outbox:
                 self._send(connection)
@@ -418,6 +436,14 @@ class NbdServer:
         except (BlockingIOError, InterruptedError):
             return
         sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        except OSError:                 # capped (net.core.wmem_max) or refused: replies queue in the outbox
+            pass
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Each reply is one sendmsg: Nagle would hold a short one (a WRITE's) back until the
+            # client ACKs the last, which its delayed ACK may put off for tens of ms.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.accepted += 1
         if self.accepted == 1 and self.mark is not None:
             self.mark("accepted")
@@ -458,6 +484,62 @@ class NbdServer:
             self._close(connection)
             return
         del connection.outbox[:sent]
+
+    def _answer(self, requests: Sequence[_Request], payloads: Sequence[bytes | memoryview]) -> None:
+        """Send each request's simple reply, its header and then its payload (a READ's data; empty
+        else): straight from the payload's memory (a read's DMA memory: no copy in Python), one
+        sendmsg per connection; what a socket does not take at once, and every reply behind bytes
+        already waiting in a connection's outbox, is copied there, to go as the socket drains.
+        A payload may be reused once this returns."""
+        pending: dict[_Connection, list[bytes | memoryview]] = {}
+        for request, payload in zip(requests, payloads):
+            request.answered = True
+            connection = request.connection
+            if not connection.open:
+                continue
+            header = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, request.error, request.handle)
+            if connection.outbox:
+                connection.outbox += header
+                connection.outbox += payload
+            else:
+                pending.setdefault(connection, []).extend((header, payload) if len(payload) else (header,))
+        for connection, buffers in pending.items():
+            self._send_buffers(connection, buffers)
+
+    def _answer_ready(self, views: dict[int, memoryview]) -> None:
+        """Answer the turn's requests, in the order they came, as far as each is final: a READ
+        of ``views`` (by id) from its data there, before the device's next batch reuses it."""
+        ready = []
+        for request in self._batch[self._unanswered:]:
+            if not request.final:
+                break
+            ready.append(request)
+        self._unanswered += len(ready)
+        self._answer(ready, [views.get(id(r), r.reply) for r in ready])
+
+    def _send_buffers(self, connection: _Connection, buffers: list[bytes | memoryview]) -> None:
+        """``buffers`` on ``connection``, whose outbox is empty: as much as the socket takes now,
+        the rest copied into the outbox."""
+        sent = 0
+        try:
+            for start in range(0, len(buffers), IOV_MAX):
+                chunk = buffers[start:start + IOV_MAX]
+                took = connection.sock.sendmsg(chunk, (), socket.MSG_NOSIGNAL)
+                sent += took
+                if took < sum(len(b) for b in chunk):
+                    break
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            log.info("%s: %s", connection.name, exc)
+            self._close(connection)
+            return
+        for buffer in buffers:
+            if sent >= len(buffer):
+                sent -= len(buffer)
+                continue
+            connection.outbox += buffer[sent:] if sent else buffer
+            sent = 0
 
     def _close(self, connection: _Connection) -> None:
         if not connection.open:
@@ -607,7 +689,8 @@ class NbdServer:
         taken = REQUEST.size
         if cmd == Cmd.WRITE:
             if length <= MAX_PAYLOAD:
-                request.data = bytes(inbox[REQUEST.size:REQUEST.size + length])
+                with memoryview(inbox) as view:     # one copy (a bytearray's slice would be a second)
+                    request.data = bytes(view[REQUEST.size:REQUEST.size + length])
                 taken += length
             else:                               # refused below; its payload is dropped as it comes
                 dropped = min(length, len(inbox) - REQUEST.size)
@@ -655,7 +738,7 @@ class NbdServer:
         for request in batch:
             if request.error:
                 continue
-            durable |= bool(request.cmd == Cmd.FLUSH or request.flags & CmdFlag.FUA)
+            durable |= bool(request.cmd == Cmd.FLUSH or request.flags & FUA)
             if request.cmd == Cmd.FLUSH:
                 continue
             start, end = request.offset // self.sector_size, (request.offset + request.length) // self.sector_size
@@ -672,7 +755,7 @@ class NbdServer:
                 self.flushes += 1
             except self.request_errors as exc:
                 for request in batch:
-                    if not request.error and (request.cmd == Cmd.FLUSH or request.flags & CmdFlag.FUA):
+                    if not request.error and (request.cmd == Cmd.FLUSH or request.flags & FUA):
                         request.fail(Errno.EIO, f"the flush after it failed: {exc}")
 
     def _pieces(self, request: _Request) -> list[tuple[int, bytes]]:
@@ -695,6 +778,8 @@ class NbdServer:
                 for group in _groups([piece for r in writes for piece in self._pieces(r)], lambda p: len(p[1])):
                     self._beat()
                     self.write_many(group)
+                for request in writes:
+                    request.done = True
                 writes = []
             except self.request_errors as exc:      # which failed? each alone again (a rewrite is harmless)
                 log.info("a batch of %d writes failed (%s); writing each alone", len(writes), exc)
@@ -705,12 +790,16 @@ class NbdServer:
                     self._beat()
                     data = self.read_many([(r.offset // self.sector_size, r.length // self.sector_size)
                                            for r in group])
+                    for request in group:
+                        request.done = True
+                    self._answer_ready(dict(zip(map(id, group), data)))
                     for request, view in zip(group, data):
-                        request.reply = bytes(view)
+                        if not request.answered:        # behind one not final yet: its data kept
+                            request.reply = bytes(view)
             except self.request_errors as exc:      # which failed? the unread each alone again
                 log.info("a batch of %d reads failed (%s); reading each alone", len(reads), exc)
         for request in segment:
-            if request.cmd == Cmd.READ and request.reply:
+            if request.cmd == Cmd.READ and (request.answered or request.reply):
                 continue
             try:
                 if request in writes:
@@ -725,6 +814,7 @@ class NbdServer:
                     self._beat()
                     request.reply = self.device.read(request.offset // self.sector_size,
                                                      request.length // self.sector_size)
+                request.done = True
             except self.request_errors as exc:
                 request.fail(Errno.EIO, str(exc))
 

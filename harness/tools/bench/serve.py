@@ -35,7 +35,9 @@ the supervisor ``noticed`` the death, the zygote ``spawned`` the next process, w
 domain), brought the ``controller`` up (reset, ports started), identified the
 ``disk``, was ``serving`` (its first heartbeat), ``accepted`` QEMU's reconnect, reached
 ``transmission`` (negotiated), and the client completed its first request since
-(``client_done``, which ends the stall). The kill test (tests/test_serve.py) runs the same code.
+(``client_done``, which ends the stall). The service keeps a standby driver process: a
+restart it takes over was ``forked`` and ``attached`` before the signal (negative ms), and
+is ``woken`` (instead of ``spawned``) once the dead driver's slot is taken back. The kill test (tests/test_serve.py) runs the same code.
 """
 
 from __future__ import annotations
