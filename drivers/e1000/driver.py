@@ -35,9 +35,10 @@ IDLE_DOZE = 0.0002              # seconds a polling driver sleeps between looks 
 INTERRUPTS = Icr.RXT0 | Icr.TXDW | Icr.LSC | Icr.RXO
 
 # Field offsets come from the ctypes declarations, not from here.
-_TX_LEN, _TX_CMD, _TX_STA = TxDesc.length.offset, TxDesc.cmd.offset, TxDesc.status.offset
-_TX_ADDR_LEN = struct.Struct("<QH")     # a transmit descriptor's buffer address and length, together
-assert TxDesc.addr.offset == 0 and TxDesc.length.offset == 8
+_TX_CMD, _TX_STA = TxDesc.cmd.offset, TxDesc.status.offset
+# A transmit descriptor handed to the NIC, in one pack: address, length, CSO, command, status (0: the NIC's).
+_TX_HANDED = struct.Struct("<QHBBB")
+assert (TxDesc.addr.offset, TxDesc.length.offset, TxDesc.cso.offset, _TX_CMD, _TX_STA) == (0, 8, 10, 11, 12)
 _RX_LEN, _RX_STA = RxDesc.length.offset, RxDesc.status.offset
 _RX_ADDR = struct.Struct("<Q")          # a receive descriptor's buffer address
 assert RxDesc.addr.offset == 0
@@ -299,21 +300,18 @@ class E1000:
         """Fill descriptors for ``batch`` (it fits) and write the tail once. ``held``: the
         (address, length) frames are the pool's buffers, given back when sent (``_reclaim``)."""
         ring, bufs, n = self.tx_ring.view, self.tx_bufs.view, self.tx_n
-        own, pack, owners = self.tx_bufs.phys, _TX_ADDR_LEN.pack_into, self.tx_held
+        own, pack, owners = self.tx_bufs.phys, _TX_HANDED.pack_into, self.tx_held
         cmd = TX_EOP | TX_IFCS | TX_RS
         tail = self.tx_tail
         for frame in batch:
-            d = tail * DESC_SIZE
             if not zero_copy:
                 size = len(frame)
                 bufs[tail * BUFFER_SIZE:tail * BUFFER_SIZE + size] = frame
-                pack(ring, d, own + tail * BUFFER_SIZE, size)
+                pack(ring, tail * DESC_SIZE, own + tail * BUFFER_SIZE, size, 0, cmd, 0)
             else:
-                pack(ring, d, *frame)
+                pack(ring, tail * DESC_SIZE, frame[0], frame[1], 0, cmd, 0)
                 if held:
                     owners[tail] = frame[0]
-            ring[d + _TX_CMD] = cmd
-            ring[d + _TX_STA] = 0                           # the hardware's now
             tail = (tail + 1) % n
         self.tx_tail = tail
         self._post_tx_tail(tail)                            # one register write for the batch
