@@ -31,6 +31,7 @@ VENDOR, DEVICE = 0x8086, 0x100E
 BUFFER_SIZE = 2048              # RCTL.BSIZE = 00: 2048-byte receive buffers
 MIN_FRAME, MAX_FRAME = 14, 1514  # an Ethernet header at least; no FCS (the hardware adds it)
 DESC_SIZE = 16
+TX_BATCHES = 8                  # transmit batches a ring holds at least (see _transmit)
 IDLE_DOZE = 0.0002              # seconds a polling driver sleeps between looks at its rings
 INTERRUPTS = Icr.RXT0 | Icr.TXDW | Icr.LSC | Icr.RXO
 
@@ -283,10 +284,11 @@ class E1000:
         sent, deadline = 0, Deadline(timeout)
         while sent < len(frames):
             free = self._reclaim()
-            # Batches of half a ring (or the rest): QEMU sends a whole batch within its TDT
-            # write, so one batch waits behind the one the NIC sends, which never idles, and
-            # the tail is written twice a ring, not for every few descriptors that came back.
-            if free < min(len(frames) - sent, self.tx_n // 2) and not deadline.expired:
+            # Batches of an eighth of a ring at least (or the rest): QEMU sends a whole batch
+            # within its TDT write, so the NIC keeps up to seven eighths queued behind it and
+            # never idles while Python dozes, and the tail is written eight times a ring, not
+            # for every few descriptors that came back.
+            if free < min(len(frames) - sent, self.tx_n // TX_BATCHES) and not deadline.expired:
                 self._wait_tx(deadline)
                 continue
             if not free:
