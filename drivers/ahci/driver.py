@@ -11,8 +11,10 @@ PxTFD. QEMU clears PxCI before it writes that FIS (hw/ide/ahci.c,
 ahci_cmd_done), so once Python sees it the slot is free; nothing waits for a
 round trip. If the FIS is slow to come, a guest-side poll on PxCI with PxIS
 and PxTFD read in the same batch takes over (and reports a posted write's
-failure). Queued (NCQ) commands complete by Set Device Bits FISes, which QEMU
-overwrites one per command: those are awaited guest-side, a round at a time.
+failure). Queued (NCQ) commands are issued by posted writes too, and complete
+by Set Device Bits FISes, which QEMU overwrites one per command: the host sees
+in that FIS that some command ended, and reads PxSACT, a round at a time, to
+learn which (``Port._queue_round_posted``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from harness.access import Batch, Bus, Deadline, Device, DmaBuffer, IrqMode, Kin
 from harness.errors import DeviceTimeout, HarnessError, InterruptTimeout
 
 from .regs import (CAP_NCS_MASK, CAP_NCS_SHIFT, CMD_TABLE_ACMD, CMD_TABLE_PRDT, DEVICE_LBA, FIS_DWORDS,
-                   FIS_TYPE_D2H, RFIS_D2H, HEADER_ATAPI, HEADER_WRITE, PACKET_DMA, PORT_BASE, PORT_STRIDE, PXIS_ERRORS, SECTOR, SIG_ATA,
+                   FIS_TYPE_D2H, FIS_TYPE_SDB, RFIS_D2H, RFIS_SDB, HEADER_ATAPI, HEADER_WRITE, PACKET_DMA, PORT_BASE, PORT_STRIDE, PXIS_ERRORS, SECTOR, SIG_ATA,
                    SIG_ATAPI, SSTS_DET_PRESENT, Ata, Cap, CommandHeader, Ghc, Hba, Prd, Px, PxCmd, PxIs, Tfd,
                    pack_h2d_fis, packer)
 
@@ -337,22 +339,42 @@ class Port:
         _, status, tfd = self._completion_batch(slot).run()
         return status, tfd
 
-    def _queue_batch(self) -> Prepared:
-        """Issue the fresh tags (PxSACT, then PxCI: swapped in at run time), poll guest-side
-        until PxIS shows a completion (SDBS) or an error, clear the completion
-        bits; read PxSACT and PxTFD. Clearing PxIS before reading PxSACT loses no
-        completion: a later one sets PxIS again. Error bits stay set until recovery, so
-        one that lands between the poll and the clear is seen next round."""
-        key = ("queue",)
+    def _queue_look(self, wait: bool) -> Prepared:
+        """Read PxIS (``wait``: poll it guest-side until it shows a completion, SDBS, or an
+        error), clear its completion bits, read PxSACT and PxTFD: one round trip, encoded
+        once. Clearing PxIS before reading PxSACT loses no completion: a later one sets
+        PxIS again. Error bits stay set until recovery, so one that lands between the look
+        and the clear is seen next round."""
+        key = ("queue", wait)
         batch = self._batches.get(key)
         if batch is None:
             r, base = self.r, self.base
+            look = (r.access(Kind.POLL_CHANGE, base + Px.IS, 4, 0, QUEUE_EVENTS, 0, self.hba.timeout) if wait
+                    else r.access(Kind.READ, base + Px.IS, 4))
             batch = self._batches[key] = self.hba.dev.channel.prepare([
-                r.access(Kind.WRITE, base + Px.SACT, 4, 0), r.access(Kind.WRITE, base + Px.CI, 4, 0),
-                r.access(Kind.POLL_CHANGE, base + Px.IS, 4, 0, QUEUE_EVENTS, 0, self.hba.timeout),
-                r.access(Kind.WRITE, base + Px.IS, 4, ~PXIS_ERRORS & 0xFFFFFFFF),
+                look, r.access(Kind.WRITE, base + Px.IS, 4, ~PXIS_ERRORS & 0xFFFFFFFF),
                 r.access(Kind.READ, base + Px.SACT, 4), r.access(Kind.READ, base + Px.TFD, 4)])
         return batch
+
+    def _queue_round_posted(self, fresh: int, meanwhile: Callable[[], None]) -> tuple[int, int, int]:
+        """Issue ``fresh`` by a posted write (PxSACT, then PxCI), and see that a command ended
+        in the Set Device Bits FIS the HBA writes into the received-FIS area, which the host
+        has mapped (no round trip, and no guest-side poll taking the device's lock); then one
+        round trip reads what ended (``_queue_look``). QEMU overwrites that FIS at every
+        completion (hw/ide/ahci.c: ahci_write_fis_sdb), so it says that a command ended, not
+        which: its type byte is cleared before PxSACT is read, so a command that ends after
+        the read writes it again and one that ends before is in PxSACT; none is missed, and
+        at worst a round finds nothing. If no FIS comes within the channel's spin, the
+        guest-side poll on PxIS takes over (and reports a posted write's failure)."""
+        fis, channel = self.received_fis.view, self.hba.dev.channel
+        if fresh:
+            r, base = self.r, self.base
+            channel.post([r.access(Kind.WRITE, base + Px.SACT, 4, fresh), r.access(Kind.WRITE, base + Px.CI, 4, fresh)])
+        meanwhile()
+        ended = spin_until(lambda: fis[RFIS_SDB] == FIS_TYPE_SDB, channel.spin)
+        fis[RFIS_SDB] = 0
+        status, _, active, tfd = self._queue_look(not ended).run()
+        return status, active, tfd
 
     def _prepare(self, slot: int, command: int, lba: int = 0, count: int = 0, write: bool = False,
                  nbytes: int = 0, tag: int | None = None, device: int = DEVICE_LBA,
@@ -599,13 +621,7 @@ class Port:
         """Issue ``fresh`` and wait for a completion or an error: (PxIS, PxSACT, PxTFD).
         ``meanwhile`` runs while the proxy works on the round."""
         if self.hba.irq is None:
-            batch = self._queue_batch()
-            batch.start({0: fresh, 1: fresh})
-            try:
-                meanwhile()
-            finally:                                # the channel is not left waiting, whatever happens
-                _, _, status, _, active, tfd = batch.finish()
-            return status, active, tfd
+            return self._queue_round_posted(fresh, meanwhile)
         meanwhile()
         self._until_interrupted({Px.SACT: fresh, Px.CI: fresh}, (Px.IS,), "queued commands",
                                 lambda status: status & QUEUE_EVENTS)
@@ -631,11 +647,12 @@ class QueuedRun:
     """One call's NCQ requests on a port, up to ``queue_depth`` in flight, the way a
     kernel's block layer keeps a queue full.
 
-    Each round is one round trip (``Port._queue_round``): issue the fresh tags, wait
-    guest-side until PxIS shows a completion (SDBS) or an error, then see in PxSACT
-    which tags are done (``reap``). While the proxy works on a round, Python builds each
-    busy tag's next command in its spare table (``build_ahead``), so a tag that completes
-    goes again at once, and Python's share of the work overlaps the device's. (Issuing
+    Each round (``Port._queue_round``) issues the fresh tags, waits until a completion
+    (SDBS) or an error shows (polling: in the received Set Device Bits FIS, then one round
+    trip; interrupts: the HBA's MSI), then sees in PxSACT which tags are done (``reap``).
+    While the device works on a round, Python builds each busy tag's next command in its
+    spare table (``build_ahead``), so a tag that completes goes again at once, and
+    Python's share of the work overlaps the device's. (Issuing
     by halves, to fill one while the other is in flight, measured slower: QEMU's cost per
     PxCI write is large enough that fewer, fuller issues win.) A failed command stops the
     port: it is reset (COMRESET), and every request that had not completed is retried on

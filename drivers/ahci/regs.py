@@ -95,6 +95,8 @@ class Ata(enum.IntEnum):
 FIS_TYPE_H2D = 0x27
 FIS_TYPE_D2H = 0x34         # Register FIS, device to host: the HBA writes it when a command ends
 RFIS_D2H = 0x40             # where the received-FIS area holds it (AHCI 4.2.1): type, flags, status, error
+FIS_TYPE_SDB = 0xA1         # Set Device Bits FIS: the HBA writes one as queued (NCQ) commands end
+RFIS_SDB = 0x58             # where the received-FIS area holds it (AHCI 4.2.1)
 DEVICE_LBA = 0x40
 SECTOR = 512
 

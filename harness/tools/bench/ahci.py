@@ -3,9 +3,11 @@
 Random 4 KiB reads one at a time (queue depth 1), random 4 KiB reads with NCQ
 keeping 32 in flight, and sequential 128 KiB reads. Both sides read the same
 4 KiB-aligned LBAs (drawn once per round on the host) into the same DMA
-buffers, make the same register accesses per command and round, and check no
+buffers, make the same register writes per command and round, and check no
 data; QEMU's ``query-blockstats`` must count exactly the reads each run was
-given. Measured as ``paired.py`` describes.
+given. Where they wait differs: the loop polls PxCI or PxIS guest-side, the
+driver watches the FIS the HBA writes into host-mapped memory
+(docs/benchmarks.md has the table). Measured as ``paired.py`` describes.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -54,14 +55,34 @@ def host_socket() -> socket.socket:
     return udp_socket("127.0.0.1", 32 << 20)
 
 
-def _drain(host: socket.socket, stop: threading.Event) -> None:
-    """Read and drop what reaches ``host`` until ``stop``."""
-    host.settimeout(0.1)
-    while not stop.is_set():
-        try:
-            host.recv(2048)
-        except TimeoutError:
-            pass
+class Drainer:
+    """A forked process that reads and drops what reaches ``sock`` until ``close``.
+
+    A drainer thread would share the GIL with the Python driver that transmits (and not
+    with the C loop, whose host thread sleeps meanwhile): at every frame the two would
+    trade the GIL, a cost of the bench's alone, on the Python side alone. A process
+    costs both sides alike, as the receive bench's ``Feeder`` does."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.pid = os.fork()
+        if self.pid == 0:                           # the child: drain until the parent goes, then leave
+            code = 1
+            try:
+                parent = os.getppid()
+                sock.settimeout(0.1)
+                while True:
+                    try:
+                        sock.recv(2048)
+                    except TimeoutError:
+                        if os.getppid() != parent:
+                            break
+                code = 0
+            finally:
+                os._exit(code)
+
+    def close(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
 
 
 def wire() -> tuple[socket.socket, int, dict[str, object]]:
@@ -155,16 +176,10 @@ class Rig:
         self.zero_copy_frame = self.nic.dev.dma_alloc(2048)     # the frame E1000.send_from sends, in place
         self.counted = {"tx": 0, "rx": 0}
         time.sleep(RCTL_QUIET)                      # or the first receive measures QEMU's timer
-        self._stop = threading.Event()
-        self._drainer = threading.Thread(target=self._drain, daemon=True)
-        self._drainer.start()
-
-    def _drain(self) -> None:
-        _drain(self.host, self._stop)
+        self._drainer = Drainer(host)
 
     def close(self) -> None:
-        self._stop.set()
-        self._drainer.join(2)
+        self._drainer.close()
         self.native.close()
         self.nic.dev.dma_free(self.zero_copy_frame)
         self.nic.close()
@@ -360,11 +375,7 @@ def run(accel: str, count_64: int = 20000, count_1514: int = 5000, rounds: int =
         with contextlib.ExitStack() as stack:       # the far end drains, as the bench's does
             host, _, netdev = wire()
             stack.callback(host.close)
-            stop = threading.Event()
-            drainer = threading.Thread(target=_drain, args=(host, stop), daemon=True)
-            drainer.start()
-            stack.callback(drainer.join, 2)
-            stack.callback(stop.set)
+            stack.callback(Drainer(host).close)
             add_peer(result, peer_linux.transmit(accel, netdev, {"64": count_64, "1514": count_1514}))
     return {"benchmark": "e1000", "accel": {"python": accel, "native": accel}, "quick": quick, "iommu": iommu,
             **figures, **result}
