@@ -260,10 +260,15 @@ void kmain(void)
     trap_init();
     struct pit_span boot;
     span_start(&boot);                          /* measured across the work up to proxy_init */
+    /*
+     * The IOMMU before the BARs: turning translation on switches every device's DMA
+     * address space, and QEMU rebuilds its memory maps for each; with no BAR mapped yet
+     * they are smaller (under TCG, 8 boots each way: 20 ms instead of 30).
+     */
+    iommu_init();
     int n = pci_enumerate(devices, PROXY_MAX_DEVICES);
     kprintf("proxy: %d pci functions\n", n);
     irq_init();
-    iommu_init();
     tsc_hz = calibrate_tsc(&boot);              /* proxy_init publishes it; nothing before uses it */
     kprintf("proxy: tsc %lu kHz\n", tsc_hz / 1000);
     proxy_init(devices, n);
