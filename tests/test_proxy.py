@@ -11,6 +11,7 @@ import pytest
 from harness.access import Batch, Kind, Space
 from harness.errors import AccessDenied, BadRequest, DeviceTimeout
 from harness.proxy import ProxyMachine, raw
+from harness.tools.bench.paired import TSC_AGREEMENT
 
 pytestmark = pytest.mark.qemu
 
@@ -275,6 +276,16 @@ def _malformed(rng: random.Random, abi, nic_bars, cfg_size: int = 256) -> bytes:
             value = rng.choice((0, rng.randrange(abi.PROXY_REPEAT_MAX + 1, 2**64)))
     head = struct.pack("<BBHIQQ", op, width & 0xFF, garbage(16), timeout, addr & (2**64 - 1), value)
     return head + rng.getrandbits(8 * (64 - len(head))).to_bytes(64 - len(head), "little")
+
+
+def test_the_tsc_rate_calibrated_at_boot_agrees_with_the_hosts_clock(proxy_machine: ProxyMachine) -> None:
+    """The proxy times its TSC against the PIT across its boot's own work (guests/proxy/kernel.c,
+    a span that may go round the PIT's 16-bit count); the host times the same TSC against its
+    own clock through the admin ring's NOPs."""
+    clock = proxy_machine.bus.clock
+    clock.calibrate(span=0.3)
+    host_hz = 1e9 / clock.ns_per_tick
+    assert abs(proxy_machine.bus.tsc_hz / host_hz - 1) < TSC_AGREEMENT, (proxy_machine.bus.tsc_hz, host_hz)
 
 
 def test_100k_malformed_ring_entries_are_refused_and_the_proxy_survives(proxy_machine: ProxyMachine) -> None:
