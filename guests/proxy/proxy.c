@@ -884,10 +884,17 @@ static int serve(int c)
      */
     u32 served = ch->served, end = ch->batch_end, generation = ch->generation;
     u16 failed = ch->failed, first = ch->first;
-    /* One TSC read per request, as its start_tsc; the turn ends PROXY_TURN_US after the first. */
-    u64 now = rdtsc(), turn_end = now + turn_ticks;
+    /*
+     * One TSC read per request, after its copy, as its start_tsc (the ABI's "just before
+     * the access"). A batch's turn ends PROXY_TURN_US after it began (a single request
+     * has no turn to end, and reads no clock for one); a request that finds it over
+     * waits, copied again, for the next turn, but the first always runs.
+     */
+    u32 start = served;
+    u64 turn_end = end - served > 1 ? rdtsc() + turn_ticks : ~0ull;
+    struct proxy_request *entries = r->entries;
     do {
-        struct proxy_request *slot = &r->entries[served % PROXY_RING_ENTRIES];
+        struct proxy_request *slot = &entries[served % PROXY_RING_ENTRIES];
         /* Take the request once (the host could rewrite it under us), by words:
          * under an emulating hypervisor every instruction here costs microseconds. */
         struct proxy_request rq;
@@ -896,7 +903,9 @@ static int serve(int c)
 #pragma GCC unroll 8                    /* five loads and stores, not a loop's five branches */
         for (unsigned i = 0; i < REQUEST_WORDS; i++)
             to[i] = from[i];
-        u64 value = 0;
+        u64 value = 0, now = rdtsc();
+        if (now > turn_end && served != start)
+            break;                      /* at least one, then the others' turn */
         slot->start_tsc = now;
         if (rq.status != PROXY_STATUS_CONTINUES)
             failed = 0;                 /* a batch of its own: an earlier batch's failure ends there */
@@ -917,7 +926,7 @@ static int serve(int c)
         slot->value = value;
         barrier();
         WRITE_ONCE(slot->status, status);
-    } while (++served != end && (now = rdtsc()) <= turn_end);  /* at least one, then the others' turn */
+    } while (++served != end);
     ch->served = served;
     ch->failed = failed;
     ch->first = first;
