@@ -15,11 +15,11 @@
 #include "vectors.h"
 
 #define READ_ONCE(x) (*(volatile __typeof__(x) *)&(x))
+#define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *)&(x) = (v))
 /* Off the request loop's path: admin, interrupt setup, polls, the native loops. Inlined,
  * their frames and registers made every request's serve() save and restore more, and
  * under an emulating hypervisor each of those instructions costs. */
 #define OFF_HOT_PATH __attribute__((noinline))
-#define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *)&(x) = (v))
 
 #define IVSHMEM_VENDOR 0x1af4
 #define IVSHMEM_DEVICE 0x1110
@@ -880,7 +880,7 @@ static int serve(int c)
      * The batch's state lives in registers while it runs, stored back once: execute()
      * is a call, so state kept in *ch would be reloaded and stored around every request.
      * Only a poll can change the channel under us (others_turn, in which the owner may
-     * close it): the generation is looked at after a poll only.
+     * close it): the generation is looked at after a request that is not a plain access.
      */
     u32 served = ch->served, end = ch->batch_end, generation = ch->generation;
     u16 failed = ch->failed, first = ch->first;
