@@ -86,9 +86,8 @@ int lapic_in_service(u32 vector)
 static struct proxy_irq *slot(int c, u32 v) { return proxy_irq_slot(c, v); }
 static u32 idt_vector(int c, u32 v) { return VEC_MSI_BASE + (u32)c * PROXY_IRQ_VECTORS + v; }
 
-static void record(int c, u32 v, u64 tsc)
+static void record(struct proxy_irq *r, u64 tsc)
 {
-    struct proxy_irq *r = slot(c, v);
     r->tsc = tsc;
     barrier();
     r->count++;
@@ -120,8 +119,9 @@ void irq(struct trapframe *tf)
             l->waiting = l->level ? l->owners : 0;
             for (u32 owners = l->owners; owners; owners &= owners - 1) {  /* by bit: a line has one or two */
                 int c = __builtin_ctz(owners);
-                slot(c, 0)->masked = (u32)l->level;
-                record(c, 0, tsc);
+                struct proxy_irq *r = slot(c, 0);      /* one call: slot() is proxy.c's */
+                r->masked = (u32)l->level;
+                record(r, tsc);
                 woken[c * PROXY_IRQ_VECTORS / 64] |= 1ull << (c * PROXY_IRQ_VECTORS % 64);
             }
         }
@@ -130,7 +130,7 @@ void irq(struct trapframe *tf)
                    || channel_mode[(v - VEC_MSI_BASE) / PROXY_IRQ_VECTORS] == PROXY_IRQ_MSIX)
                && (v - VEC_MSI_BASE) % PROXY_IRQ_VECTORS < channel_vectors[(v - VEC_MSI_BASE) / PROXY_IRQ_VECTORS]) {
         u32 n = v - VEC_MSI_BASE;
-        record((int)(n / PROXY_IRQ_VECTORS), n % PROXY_IRQ_VECTORS, tsc);
+        record(slot((int)(n / PROXY_IRQ_VECTORS), n % PROXY_IRQ_VECTORS), tsc);
         woken[n / 64] |= 1ull << (n % 64);
     } else if (v == VEC_SPURIOUS || v == VEC_PIC_BASE + 7) {
         shared->spurious_irqs++;        /* LAPIC or 8259 spurious: no EOI */
