@@ -86,9 +86,8 @@ int lapic_in_service(u32 vector)
 static struct proxy_irq *slot(int c, u32 v) { return proxy_irq_slot(c, v); }
 static u32 idt_vector(int c, u32 v) { return VEC_MSI_BASE + (u32)c * PROXY_IRQ_VECTORS + v; }
 
-static void record(int c, u32 v, u64 tsc)
+static void record(struct proxy_irq *r, u64 tsc)
 {
-    struct proxy_irq *r = slot(c, v);
     r->tsc = tsc;
     barrier();
     r->count++;
@@ -100,12 +99,11 @@ void irq(struct trapframe *tf)
     u64 tsc = rdtsc();                  /* first: this is "handler entry" */
     u32 v = (u32)tf->vector;
     u64 woken[2] = { 0, 0 };            /* channel vectors (c * PROXY_IRQ_VECTORS + v) whose waiter to wake */
+    int eoi = 1;                        /* every vector but the spurious ones: after the wake-ups */
     if (v == VEC_KICK) {
         kicks++;
-        lapic_eoi();
     } else if (v == VEC_DMAR) {
         iommu_fault(tsc);
-        lapic_eoi();
     } else if (v >= VEC_GSI_BASE && v < VEC_GSI_BASE + IOAPIC_PINS) {
         struct line *l = &lines[v - VEC_GSI_BASE];
         if (l->level)
@@ -119,35 +117,42 @@ void irq(struct trapframe *tf)
             shared->spurious_irqs++;
         } else {
             l->waiting = l->level ? l->owners : 0;
-            for (int c = 0; c < PROXY_TOTAL_CHANNELS; c++) {
-                if (l->owners & (1u << c)) {
-                    slot(c, 0)->masked = (u32)l->level;
-                    record(c, 0, tsc);
-                    woken[c * PROXY_IRQ_VECTORS / 64] |= 1ull << (c * PROXY_IRQ_VECTORS % 64);
-                }
+            for (u32 owners = l->owners; owners; owners &= owners - 1) {  /* by bit: a line has one or two */
+                int c = __builtin_ctz(owners);
+                struct proxy_irq *r = slot(c, 0);      /* one call: slot() is proxy.c's */
+                r->masked = (u32)l->level;
+                record(r, tsc);
+                woken[c * PROXY_IRQ_VECTORS / 64] |= 1ull << (c * PROXY_IRQ_VECTORS % 64);
             }
         }
-        lapic_eoi();
     } else if (v >= VEC_MSI_BASE && v < VEC_MSI_BASE + PROXY_TOTAL_CHANNELS * PROXY_IRQ_VECTORS
                && (channel_mode[(v - VEC_MSI_BASE) / PROXY_IRQ_VECTORS] == PROXY_IRQ_MSI
                    || channel_mode[(v - VEC_MSI_BASE) / PROXY_IRQ_VECTORS] == PROXY_IRQ_MSIX)
                && (v - VEC_MSI_BASE) % PROXY_IRQ_VECTORS < channel_vectors[(v - VEC_MSI_BASE) / PROXY_IRQ_VECTORS]) {
         u32 n = v - VEC_MSI_BASE;
-        record((int)(n / PROXY_IRQ_VECTORS), n % PROXY_IRQ_VECTORS, tsc);
+        record(slot((int)(n / PROXY_IRQ_VECTORS), n % PROXY_IRQ_VECTORS), tsc);
         woken[n / 64] |= 1ull << (n % 64);
-        lapic_eoi();
     } else if (v == VEC_SPURIOUS || v == VEC_PIC_BASE + 7) {
         shared->spurious_irqs++;        /* LAPIC or 8259 spurious: no EOI */
+        eoi = 0;
     } else if (v == VEC_PIC_BASE + 15) {
         shared->spurious_irqs++;
         outb(0x20, 0x20);               /* the slave's spurious IRQ still needs the master's EOI */
+        eoi = 0;
     } else {
         shared->spurious_irqs++;        /* nobody asked for this vector */
-        lapic_eoi();
     }
-    for (u32 n = 0; n < PROXY_TOTAL_CHANNELS * PROXY_IRQ_VECTORS; n++)
-        if (woken[n / 64] >> (n % 64) & 1)
+    /* By set bit, not by vector: a test of all 96 channel vectors on every interrupt
+     * stood between the handler's entry and the host's wake-up. */
+    for (u32 i = 0; i < ARRAY_SIZE(woken); i++)
+        for (u64 bits = woken[i]; bits; bits &= bits - 1) {
+            u32 n = 64 * i + (u32)__builtin_ctzll(bits);
             proxy_wake_irq((int)(n / PROXY_IRQ_VECTORS), n % PROXY_IRQ_VECTORS);
+        }
+    /* The EOI after the wake-ups: the host is woken one emulated LAPIC write sooner, and
+     * interrupts stay off in the handler, so nothing nests in between. */
+    if (eoi)
+        lapic_eoi();
 }
 
 /* Channel c takes `n` vectors of `mode`: each reports its mode and IDT vector (or `line`). */

@@ -16,6 +16,10 @@
 
 #define READ_ONCE(x) (*(volatile __typeof__(x) *)&(x))
 #define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *)&(x) = (v))
+/* Off the request loop's path: admin, interrupt setup, polls, the native loops. Inlined,
+ * their frames and registers made every request's serve() save and restore more, and
+ * under an emulating hypervisor each of those instructions costs. */
+#define OFF_HOT_PATH __attribute__((noinline))
 
 #define IVSHMEM_VENDOR 0x1af4
 #define IVSHMEM_DEVICE 0x1110
@@ -442,7 +446,7 @@ static void others_turn(int c);
  * does not stall the rest. If its channel is closed meanwhile (the owner revoked it),
  * the poll ends at once.
  */
-static u16 poll(int c, const struct proxy_request *rq, u8 kind, u64 *value)
+OFF_HOT_PATH static u16 poll(int c, const struct proxy_request *rq, u8 kind, u64 *value)
 {
     if (rq->timeout_us > PROXY_POLL_MAX_US)
         return PROXY_STATUS_BAD_REQUEST;
@@ -465,7 +469,7 @@ static u16 poll(int c, const struct proxy_request *rq, u8 kind, u64 *value)
     }
 }
 
-static u16 repeat(const struct proxy_request *rq, u8 kind, u64 *value)
+OFF_HOT_PATH static u16 repeat(const struct proxy_request *rq, u8 kind, u64 *value)
 {
     if (rq->value == 0 || rq->value > PROXY_REPEAT_MAX)
         return PROXY_STATUS_BAD_REQUEST;
@@ -539,7 +543,7 @@ static void publish(int p)
     mfence();
 }
 
-static u16 admin(int c, const struct proxy_request *rq, u64 *value)
+OFF_HOT_PATH static u16 admin(int c, const struct proxy_request *rq, u64 *value)
 {
     if (c != 0)
         return PROXY_STATUS_DENIED;
@@ -587,7 +591,7 @@ static u16 admin(int c, const struct proxy_request *rq, u64 *value)
     return PROXY_STATUS_BAD_REQUEST;
 }
 
-static u16 interrupt_op(int c, const struct proxy_request *rq)
+OFF_HOT_PATH static u16 interrupt_op(int c, const struct proxy_request *rq)
 {
     const struct channel *ch = &channels[c];
     if (c == 0)
@@ -630,7 +634,7 @@ static void *loop_block(int c, const struct proxy_request *rq, void *copy, u32 s
 }
 
 /* The native e1000 loops: the ring in the DMA domain too, tail and flush registers in the first memory BAR. */
-static u16 nic_loop(int c, const struct proxy_request *rq, u64 *value)
+OFF_HOT_PATH static u16 nic_loop(int c, const struct proxy_request *rq, u64 *value)
 {
     const struct channel *ch = &channels[c];
     struct proxy_nic_loop p, *live = loop_block(c, rq, &p, sizeof(p));
@@ -662,7 +666,7 @@ static u16 nic_loop(int c, const struct proxy_request *rq, u64 *value)
  * opened into one DMA domain (OPEN_PCI_SHARED); rings and pool in that domain, the
  * tail and flush registers in each NIC's first memory BAR.
  */
-static u16 forward_loop(int c, const struct proxy_request *rq, u64 *value)
+OFF_HOT_PATH static u16 forward_loop(int c, const struct proxy_request *rq, u64 *value)
 {
     const struct channel *ch = &channels[c];
     struct proxy_nic_forward p, *live = loop_block(c, rq, &p, sizeof(p));
@@ -703,7 +707,7 @@ static u16 forward_loop(int c, const struct proxy_request *rq, u64 *value)
 }
 
 /* The native disk loop: block, command list and tables in the DMA domain, the port in the HBA's BAR. */
-static u16 disk_loop(int c, const struct proxy_request *rq, u64 *value)
+OFF_HOT_PATH static u16 disk_loop(int c, const struct proxy_request *rq, u64 *value)
 {
     const struct channel *ch = &channels[c];
     struct proxy_disk_loop p, *live = loop_block(c, rq, &p, sizeof(p));
@@ -729,7 +733,7 @@ static u16 disk_loop(int c, const struct proxy_request *rq, u64 *value)
  * The native NVMe loop: the block, every queue, PRP list page and request list in the
  * channel's DMA domain; the doorbells inside the channel's BAR0 and outside its MSI-X table.
  */
-static u16 nvme_loop(int c, const struct proxy_request *rq, u64 *value)
+OFF_HOT_PATH static u16 nvme_loop(int c, const struct proxy_request *rq, u64 *value)
 {
     const struct channel *ch = &channels[c];
     struct proxy_nvme_loop p, *live = loop_block(c, rq, &p, sizeof(p));
@@ -872,43 +876,62 @@ static int serve(int c)
         }
         shared->served_total += submit - ch->served;
     }
+    /*
+     * The batch's state lives in registers while it runs, stored back once: execute()
+     * is a call, so state kept in *ch would be reloaded and stored around every request.
+     * Only a poll can change the channel under us (others_turn, in which the owner may
+     * close it): the generation is looked at after a request that is not a plain access.
+     */
     u32 served = ch->served, end = ch->batch_end, generation = ch->generation;
-    /* One TSC read per request, as its start_tsc; the turn ends PROXY_TURN_US after the first. */
-    u64 now = rdtsc(), turn_end = now + turn_ticks;
+    u16 failed = ch->failed, first = ch->first;
+    /*
+     * One TSC read per request, after its copy, as its start_tsc (the ABI's "just before
+     * the access"). A batch's turn ends PROXY_TURN_US after it began (a single request
+     * has no turn to end, and reads no clock for one); a request that finds it over
+     * waits, copied again, for the next turn, but the first always runs.
+     */
+    u32 start = served;
+    u64 turn_end = end - served > 1 ? rdtsc() + turn_ticks : ~0ull;
+    struct proxy_request *entries = r->entries;
     do {
-        struct proxy_request *slot = &r->entries[served % PROXY_RING_ENTRIES];
+        struct proxy_request *slot = &entries[served % PROXY_RING_ENTRIES];
         /* Take the request once (the host could rewrite it under us), by words:
          * under an emulating hypervisor every instruction here costs microseconds. */
         struct proxy_request rq;
         const volatile u64 *from = (const volatile u64 *)slot;
         u64 *to = (u64 *)&rq;
+#pragma GCC unroll 8                    /* five loads and stores, not a loop's five branches */
         for (unsigned i = 0; i < REQUEST_WORDS; i++)
             to[i] = from[i];
-        u64 value = 0;
+        u64 value = 0, now = rdtsc();
+        if (now > turn_end && served != start)
+            break;                      /* at least one, then the others' turn */
         slot->start_tsc = now;
         if (rq.status != PROXY_STATUS_CONTINUES)
-            ch->failed = 0;             /* a batch of its own: an earlier batch's failure ends there */
+            failed = 0;                 /* a batch of its own: an earlier batch's failure ends there */
         u16 status = PROXY_STATUS_SKIPPED;
-        if (ch->failed)
+        if (failed)
             ;
-        else if (ch->first != PROXY_STATUS_OK) {
-            status = ch->first;         /* told once: the batches after it run */
-            ch->first = PROXY_STATUS_OK;
-        } else
+        else if (first != PROXY_STATUS_OK) {
+            status = first;             /* told once: the batches after it run */
+            first = PROXY_STATUS_OK;
+        } else {
             status = execute(c, &rq, &value);
-        if (ch->generation != generation) {
-            set_backlog(c, 0);          /* closed while it ran: the ring is no longer its to write */
-            return 1;
+            if (rq.op >= PROXY_OP_PIO_POLL && ch->generation != generation) {
+                set_backlog(c, 0);      /* closed while it polled: the ring is no longer its to write */
+                return 1;
+            }
         }
-        if (status != PROXY_STATUS_OK)
-            ch->failed = 1;
+        failed = status != PROXY_STATUS_OK;
         slot->value = value;
         barrier();
         WRITE_ONCE(slot->status, status);
-    } while (++served != end && (now = rdtsc()) <= turn_end);  /* at least one, then the others' turn */
+    } while (++served != end);
     ch->served = served;
-    set_backlog(c, served != end);
+    ch->failed = failed;
+    ch->first = first;
     if (served != end) {
+        set_backlog(c, 1);
         WRITE_ONCE(r->served, served);  /* progress; the host waits for all of it */
         return 1;
     }
@@ -917,8 +940,11 @@ static int serve(int c)
      * cleared to resume it: what the host posted meanwhile (batches in flight) would
      * wait for a flag nobody sets. Flag it again.
      */
-    if (resuming && READ_ONCE(r->submit) != served)
-        WRITE_ONCE(w->ring_posted[ring_of(c)], 1);
+    if (resuming) {
+        set_backlog(c, 0);
+        if (READ_ONCE(r->submit) != served)
+            WRITE_ONCE(w->ring_posted[ring_of(c)], 1);
+    }
 publish:
     WRITE_ONCE(r->served, ch->served);
     wake(&windows[window_number(c)], (u32)ring_of(c));
@@ -939,6 +965,16 @@ static void set_sleeping(u32 which, u32 asleep)
 {
     for (; which; which &= which - 1)
         WRITE_ONCE(windows[__builtin_ctz(which)].win->guest_sleeping, asleep);
+}
+
+/*
+ * Has the host posted to window p, or does a batch there wait for its next turn?
+ * The idle loop's whole look at a window, inline: serve_window() is a call, and
+ * under TCG a call and its return (an indirect jump) cost more than these loads.
+ */
+static inline int has_work(int p)
+{
+    return READ_ONCE(*(volatile u64 *)windows[p].win->ring_posted) || backlog[p];
 }
 
 /* Serve every ring of window p that the host has posted to. */
@@ -1025,8 +1061,11 @@ void proxy_loop(void)
     sti();                                  /* the loop runs with interrupts on: they are forwarded */
     for (u32 round = 1;; round++) {
         int busy = 0;
-        for (u32 w = serving; w; w &= w - 1)    /* the windows with an open channel */
-            busy |= serve_window(__builtin_ctz(w));
+        for (u32 w = serving; w; w &= w - 1) {  /* the windows with an open channel */
+            int p = __builtin_ctz(w);
+            if (has_work(p))
+                busy |= serve_window(p);
+        }
         if (busy) {
             idle_since = rdtsc();
             continue;
