@@ -49,7 +49,7 @@ DEFAULT_ONLY = "roundtrip,latency,ahci,nvme,e1000"
 SIDE_TIMEOUT = 1800.0           # one bench on one side; a full (not --quick) bench of an old revision is long
 
 HIGHER = ("iops", "per_s", "mbps", "mb_s", "pps", "ops_s", "throughput", "frames_s", "bytes_s")
-LOWER = ("_us", "_ms", "_ns", "_s", "p50", "p90", "p99", "latency")
+LOWER = ("_us", "_ms", "_ns", "_s", "p50", "p90", "p99", "latency", "instructions")
 NEITHER = ("ratio", "_over_", "cost", "spread", "foreign", "count", "load")  # ratios and context, not figures
 
 
