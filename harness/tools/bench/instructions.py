@@ -178,9 +178,10 @@ def run(accel: str, quick: bool = False, iommu: bool | None = None,
     repeats = QUICK_REPEATS if quick else REPEATS
     with ProxyMachine(spec, name="bench-instructions") as pm:
         counts = measure(pm, repeats)
-        elf = pm.elf
+        elf, tsc_hz = pm.elf, pm.bus.tsc_hz
+    # tsc_hz: the guest's PIT calibration, 1 GHz when the TSC counts instructions (2**0 ns each)
     # the median is the figure (bench compare compares it); [min, max] shows it repeats exactly
     return {"benchmark": "instructions", "accel": "tcg", "accel_asked": accel, "icount_shift": 0,
-            "clock": "guest instructions", "guest": str(elf), "repeats": repeats, "quick": quick,
+            "tsc_hz": tsc_hz, "clock": "guest instructions", "guest": str(elf), "repeats": repeats, "quick": quick,
             "results": {key: int(statistics.median(v)) for key, v in counts.items()},
             "range": {key: [min(v), max(v)] for key, v in counts.items()}}
