@@ -37,7 +37,6 @@ says so), ``--accel kvm`` is refused.
 
 from __future__ import annotations
 
-import logging
 import statistics
 from pathlib import Path
 from typing import Callable
@@ -49,8 +48,6 @@ from ...proxy.channel import ProxyChannel
 from ...proxy.guest import guest_elf
 from .roundtrip import DEBUGCON_PORT, E1000, STATUS
 
-log = logging.getLogger(__name__)
-
 ICR, ICS, IMS = 0x00C0, 0x00C8, 0x00D0      # 8254x interrupt cause read / set, mask set
 ICR_RXT0 = 0x80
 BATCH = 16                  # reads per batch: the per-request figure is their median difference
@@ -59,12 +56,12 @@ REPEATS, QUICK_REPEATS = 10, 3
 SHORT_LOOP = 1000           # native reads in a loop well inside a turn
 
 
-def turn_resume(port: Region, repeats: int) -> int:
-    """A batch [a native loop of ``repeats`` port reads, one port read]: the instructions
+def turn_resume(port: Region, reads: int) -> int:
+    """A batch [a native loop of ``reads`` port reads, one port read]: the instructions
     between its two starts that are not the loop's own (the loop reports those)."""
     channel = port.channel
     assert isinstance(channel, ProxyChannel)
-    loop = (channel.bus.abi.PROXY_OP_PIO_REPEAT, 1, 0, 0, port.base, repeats, 0, 0)   # as raw.repeat_read
+    loop = (channel.bus.abi.PROXY_OP_PIO_REPEAT, 1, 0, 0, port.base, reads, 0, 0)   # as raw.repeat_read
     (_, looped), _ = channel._submit([loop, channel._encode(port.access(Kind.READ, 0, 1))])
     t = _stamps(channel, 2)
     return t[1] - t[0] - looped
@@ -135,7 +132,10 @@ def measure(pm: ProxyMachine, repeats: int) -> dict[str, list[int]]:
         bar0.write32(IMS, ICR_RXT0)
         irq = nic.irq()
         irq.spin = SPIN_S
-        turn_loop = min(pm.abi.PROXY_REPEAT_MAX, 2 * turn_ticks(pm) // loop_pass(port))
+        per_read, turn = loop_pass(port), turn_ticks(pm)
+        turn_loop = min(pm.abi.PROXY_REPEAT_MAX, 2 * turn // per_read)
+        if turn_loop * per_read <= turn:
+            raise HarnessError("bench instructions: the guest's longest native loop no longer outlasts a turn")
         pio, mmio = port.access(Kind.READ, 0, 1), bar0.access(Kind.READ, STATUS, 4)
         figures: dict[str, Callable[[], int]] = {
             "pio_batch": lambda: per_request_in_batch(port.channel, pio),
@@ -146,8 +146,6 @@ def measure(pm: ProxyMachine, repeats: int) -> dict[str, list[int]]:
             "turn_resume": lambda: turn_resume(port, turn_loop) - turn_resume(port, SHORT_LOOP),
         }
         got: dict[str, list[int]] = {name: [] for name in (*figures, "irq_entry", "irq_total")}
-        if turn_loop * loop_pass(port) <= turn_ticks(pm):
-            raise HarnessError("bench instructions: the native loop no longer outlasts a turn")
         for name, take in figures.items():
             take()                          # warm up: the first run translates the guest's code
             got[name] = [take() for _ in range(repeats)]
