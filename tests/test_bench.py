@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from harness.tools.bench import ahci, e1000, forward, nvme
+from harness.tools.bench import ahci, compare, e1000, forward, nvme
 
 pytestmark = pytest.mark.qemu
 
 
-def bench(name: str, accel: str, tmp_path: Path, *extra: str) -> dict:
+def bench(name: str, accel: str, tmp_path: Path, *extra: str, clock: str = "host") -> dict:
     out = tmp_path / f"{name}.json"
     run = subprocess.run([sys.executable, "-m", "harness", "bench", name, "--quick", "--accel", accel,
                           "--json", str(out), *extra], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["quick"] is True and result["clock"] == "host"
+    assert result["quick"] is True and result["clock"] == clock
     return result
 
 
@@ -89,6 +89,27 @@ def test_bench_roundtrip_quick(tmp_path: Path, hwharness_accel: str) -> None:
     assert r["attached_over_owner_pio_spread"] >= 1
     assert r["proxy_pio_p50_us"] <= r["proxy_pio_p99_us"]
     assert r["idle_cpu_percent"] >= 0
+
+
+def test_bench_instructions_quick(tmp_path: Path, hwharness_accel: str) -> None:
+    """Counts, not speeds: each a positive whole number of guest instructions, the same (or
+    nearly) every repeat, under TCG whatever was asked, named so bench compare knows lower is better."""
+    result = bench("instructions", "auto" if hwharness_accel == "kvm" else hwharness_accel, tmp_path,
+                   clock="guest instructions")
+    assert result["accel"] == "tcg" and result["icount_shift"] == 0
+    # QEMU's PIT runs on the virtual clock, which -icount shift=0 moves 1 ns per instruction:
+    # the guest's PIT-calibrated TSC rate is 1 GHz (without icount it is the host's rate)
+    assert abs(result["tsc_hz"] - 1e9) < 1e7
+    keys = {"pio_batch_instructions", "mmio_batch_instructions", "pio_single_instructions",
+            "turn_resume_instructions", "irq_entry_instructions", "irq_total_instructions"}
+    assert set(result["results"]) == set(result["range"]) == keys
+    for key, count in result["results"].items():
+        low, high = result["range"][key]
+        assert isinstance(count, int) and count > 0 and low <= count <= high, key
+        assert high - low <= high // 50, f"{key}: {low}..{high} is not deterministic"
+        assert compare.better(f"results.{key}") == "lower"
+    r = result["results"]
+    assert r["pio_single_instructions"] > r["pio_batch_instructions"], "a batch of one costs its batch's start and end"
 
 
 def test_bench_e1000_itr_quick(tmp_path: Path, hwharness_accel: str) -> None:

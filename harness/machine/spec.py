@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from ..errors import BadInput
 from .plugin import MachinePlugin
 
 P = TypeVar("P", bound=MachinePlugin)
@@ -56,6 +57,9 @@ class MachineSpec:
     cpus: int = 1
     machine: str = "q35"
     accel: str = "auto"              # auto | kvm | tcg
+    # TCG only: QEMU's -icount shift=N. The guest's clock (and TSC) then advances 2**N ns per
+    # guest instruction, so a TSC difference counts instructions, whatever the host's load.
+    icount_shift: int | None = None
     qemu: str = "qemu-system-x86_64"
     options: list[Option] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
@@ -137,6 +141,10 @@ def build_argv(spec: MachineSpec, accel: str, ends: Endpoints, plugins: list[Mac
     argv = [spec.qemu, "-machine", spec.machine, "-accel", accel, "-m", f"{spec.memory_mb}M",
             "-smp", str(spec.cpus), "-nodefaults", "-display", "none", "-vga", "none", "-no-reboot",
             "-no-user-config"]
+    if spec.icount_shift is not None:
+        if accel != "tcg":
+            raise BadInput(f"-icount (counting guest instructions) is TCG's alone; this machine runs under {accel}")
+        argv += ["-icount", f"shift={spec.icount_shift}"]
     runtime = [
         Option("chardev", "socket", {"id": "hwh-qmp", **abstract(ends.qmp), "server": True, "wait": False}),
         Option("mon", "", {"chardev": "hwh-qmp", "mode": "control"}),

@@ -105,9 +105,10 @@ def _elf_for(sources: Path, key: str) -> Path:
     return elf
 
 
-def guest_elf() -> Path:
-    """The proxy guest's ELF (symbols and DWARF) built from the current sources, building it if needed.
-    Its bootable copy is ``harness.proxy.bus.boot_image(elf)``."""
-    sources = guest_sources()
+def guest_elf(sources: Path | None = None) -> Path:
+    """The proxy guest's ELF (symbols and DWARF) built from ``sources`` (the current ones by
+    default: another checkout's guests/proxy for a bench that compares guests), building it
+    if needed. Its bootable copy is ``harness.proxy.bus.boot_image(elf)``."""
+    sources = sources or guest_sources()
     return _elf_for(sources, sources_hash(sources))
 

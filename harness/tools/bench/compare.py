@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ...errors import BadInput, HarnessError
+from ...errors import AbiError, BadInput, HarnessError
+from ...proxy.abi import load_abi
+from ...proxy.guest import guest_elf
 from ...proxy.machine import IOMMU_ENV
 
 log = logging.getLogger(__name__)
@@ -43,13 +45,19 @@ BENCHES: dict[str, list[str]] = {
     "ahci": ["bench", "ahci"],
     "nvme": ["bench", "nvme"],
     "e1000": ["bench", "e1000"],
+    "instructions": ["bench", "instructions"],
 }
+# Benches that measure the guest alone: both sides run the working tree's code, the base
+# side with REV's guest (so a revision from before the bench is measured too, if its
+# guest speaks this harness's ABI).
+GUEST_ONLY = {"instructions"}
 GROUPS = {"latency": ["latency-spin", "latency-sleep"]}
 DEFAULT_ONLY = "roundtrip,latency,ahci,nvme,e1000"
+GUEST_SOURCES = Path("guests") / "proxy"
 SIDE_TIMEOUT = 1800.0           # one bench on one side; a full (not --quick) bench of an old revision is long
 
 HIGHER = ("iops", "per_s", "mbps", "mb_s", "pps", "ops_s", "throughput", "frames_s", "bytes_s")
-LOWER = ("_us", "_ms", "_ns", "_s", "p50", "p90", "p99", "latency")
+LOWER = ("_us", "_ms", "_ns", "_s", "p50", "p90", "p99", "latency", "instructions")
 NEITHER = ("ratio", "_over_", "cost", "spread", "foreign", "count", "load")  # ratios and context, not figures
 
 
@@ -158,6 +166,15 @@ class Worktree:
         _git(self.repo, "worktree", "remove", "--force", str(self.dir))
 
 
+def guest_unusable(tree: Tree) -> str | None:
+    """Why the working tree's code cannot drive ``tree``'s guest (another ABI), or None."""
+    try:
+        load_abi(guest_elf(tree.path / GUEST_SOURCES))
+    except AbiError as exc:
+        return f"its guest does not speak this harness's ABI: {exc}"
+    return None
+
+
 def summarise(per_round: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, dict[str, Any]]:
     """Every key both sides reported in every round: values, medians, new over base, spread."""
     if not per_round:
@@ -215,7 +232,16 @@ def run(rev: str, accel: str = "auto", only: str = DEFAULT_ONLY, quick: bool = F
         with tempfile.TemporaryDirectory(prefix="hwharness-compare-") as scratch:
             for name in names:
                 words = BENCHES[name]
-                helps = {t.label: t.help(words) for t in (base, new)}
+                runs = {"base": (base, words), "new": (new, words)}
+                if name in GUEST_ONLY:
+                    why = guest_unusable(base)
+                    if why:
+                        result["skipped"][name] = why
+                        say(f"{name}: skipped ({why})")
+                        continue
+                    runs["base"] = (new, words + ["--guest-sources", str(base.path / GUEST_SOURCES)])
+                trees = {tree.label: tree for tree, _ in runs.values()}
+                helps = {label: tree.help(words) for label, tree in trees.items()}
                 missing = [label for label, text in helps.items() if text is None]
                 if missing:
                     result["skipped"][name] = f"not in {', '.join(missing)}"
@@ -226,11 +252,12 @@ def run(rev: str, accel: str = "auto", only: str = DEFAULT_ONLY, quick: bool = F
                 per_round: list[tuple[dict[str, float], dict[str, float]]] = []
                 order_log = []
                 for r, base_first in enumerate(rounds_of(rounds)):
-                    sides = [("base", base), ("new", new)]
+                    sides = ["base", "new"]
                     figures: dict[str, dict[str, float]] = {}
-                    for side, tree in (sides if base_first else sides[::-1]):
+                    for side in (sides if base_first else sides[::-1]):
+                        tree, argv = runs[side]
                         started = time.monotonic()
-                        data = tree.run(words, accel, both_quick, Path(scratch) / f"{name}-{side}-{r}.json")
+                        data = tree.run(argv, accel, both_quick, Path(scratch) / f"{name}-{side}-{r}.json")
                         figures[side] = flatten(data)
                         say(f"{name} round {r + 1}/{rounds}: {side} ({tree.label}) "
                             f"{time.monotonic() - started:.0f} s")
@@ -239,6 +266,7 @@ def run(rev: str, accel: str = "auto", only: str = DEFAULT_ONLY, quick: bool = F
                 keys = summarise(per_round)
                 result["benches"][name] = {
                     "order": order_log, "quick": both_quick, "keys": keys,
+                    "base_code": "the working tree's, with REV's guest" if name in GUEST_ONLY else "REV's",
                     "worse": sorted(k for k, e in keys.items() if e.get("worse")),
                 }
     return result

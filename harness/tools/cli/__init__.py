@@ -112,7 +112,7 @@ def command_line() -> argparse.ArgumentParser:
     with_accel(sub.add_parser("demo", help="boot, drive the devices, print what happened"))
     bench = with_accel(sub.add_parser("bench", help="run a benchmark and write JSON"))
     bench.add_argument("name", choices=("roundtrip", "e1000", "e1000-itr", "ahci", "nvme", "boot", "restart",
-                                        "serve", "forward", "compare"))
+                                        "serve", "forward", "instructions", "compare"))
     bench.add_argument("rev", nargs="?", metavar="REV",
                        help="compare: the git revision to measure the working tree against")
     bench.add_argument("--only", default=None, metavar="NAMES",
@@ -125,6 +125,8 @@ def command_line() -> argparse.ArgumentParser:
     bench.add_argument("--kill", type=positive_int, metavar="N",
                        help="serve: Linux writes on its root on the AHCI export while the driver is SIGKILLed "
                             "N times (and SIGSTOPped once); forward: the bridge so, under a Linux download")
+    bench.add_argument("--guest-sources", metavar="DIR", type=Path,
+                       help="instructions: count the guest built from DIR (another checkout's guests/proxy)")
     bench.add_argument("--json", metavar="PATH", help="write the result here too")
     bench.add_argument("--peer", choices=("linux",),
                        help="also measure Linux's own driver in the same machine (the Linux guest of `make images`)")

@@ -6,11 +6,12 @@ import argparse
 from typing import Any
 
 from ...errors import BadInput
-from ..bench import ahci, boot, compare, e1000, forward, nvme, restart, roundtrip, serve
+from ..bench import ahci, boot, compare, e1000, forward, instructions, nvme, restart, roundtrip, serve
 from .common import iommu_of, print_json, say, write_json
 
 BENCHES = {"roundtrip": roundtrip.run, "e1000": e1000.run, "e1000-itr": e1000.itr_sweep, "ahci": ahci.run,
-           "nvme": nvme.run, "restart": restart.run, "serve": serve.run, "forward": forward.run}
+           "nvme": nvme.run, "restart": restart.run, "serve": serve.run, "forward": forward.run,
+           "instructions": instructions.run}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -29,6 +30,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.name not in ("forward", "serve"):
             raise BadInput(f"--kill is for bench forward and bench serve, not {args.name}")
         extra["kill"] = args.kill
+    if args.guest_sources:
+        if args.name != "instructions":
+            raise BadInput(f"--guest-sources is for bench instructions, not {args.name}")
+        extra["guest_sources"] = args.guest_sources
     if args.peer and args.name not in ("ahci", "e1000"):
         raise BadInput(f"--peer {args.peer} is for bench ahci and bench e1000, not {args.name}")
     if args.kill and args.name == "serve":
