@@ -94,8 +94,9 @@ def test_every_frame_offered_is_forwarded_or_counted_once_as_missed(proxy_machin
     """More frames than the wan ring holds, offered at once on a stream wire: QEMU's e1000
     takes what its ring has room for and may drop the rest (counted in MPC, which QEMU
     does not clear on read); whatever it did, the frames a host sink counts on the lan wire
-    are the bridge's forwarded count, and forwarded plus missed is what was offered, however
-    many times the bridge read the NICs' counters meanwhile."""
+    are the bridge's forwarded count, and forwarded plus missed plus dropped for a full
+    transmit ring is what was offered, however many times the bridge read the NICs' counters
+    meanwhile."""
     offered = 600
     with contextlib.ExitStack() as stack:
         wires = Wires(stack)
@@ -123,8 +124,10 @@ def test_every_frame_offered_is_forwarded_or_counted_once_as_missed(proxy_machin
         bridge.count_missed(counters)
         c = counters.snapshot()
         assert wires.sink.count[0] == c["wan_to_lan_frames"]
-        assert c["wan_to_lan_frames"] + c["dropped_wan_missed"] == offered, c
-        assert c["dropped_lan_tx_full"] == 0 and c["dropped_lan_missed"] == 0, c
+        # A slow machine (an emulating KVM) may also find the lan's transmit ring full: the
+        # bridge drops and counts those. Every frame is in exactly one of the three.
+        assert c["wan_to_lan_frames"] + c["dropped_wan_missed"] + c["dropped_lan_tx_full"] == offered, c
+        assert c["dropped_lan_missed"] == 0, c
 
 
 def test_a_linux_machine_gets_a_lease_and_a_file_through_the_bridge(bridged, linux_image, files) -> None:
