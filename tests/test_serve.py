@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -21,6 +22,7 @@ import pytest
 
 from harness.machine.linux import nbd_server
 from harness.services.disk import DiskService
+from harness.tools.bench import serve
 from harness.tools.bench.serve import KillPlan, e2fs_tool, fsck_problems, write_through_kills
 from tests.test_nbd import machine_with
 from tests.unit.test_nbd import run_tool
@@ -169,3 +171,48 @@ def test_linux_writing_on_its_root_never_notices_the_driver_killed_and_stopped(
         told = [phase for phase in restart["phases_ms"] if phase in DRIVER_PHASES]
         assert told == list(DRIVER_PHASES), restart["phases_ms"]
     assert_fsck_clean(image)
+
+
+@pytest.mark.qemu
+def test_a_restart_looked_at_late_is_measured_on_a_client_that_finished_writing(
+        proxy_machine_factory, linux_machine_factory, linux_image, tmp_path: Path, socket_dir: Path,
+        rng: random.Random, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver dies while Linux writes its last file, and the harness looks at the client
+    late (as on a loaded host): once the guest says it is done and QEMU says its disk has been
+    idle a while (past its journal commit), or 12 s. The probe must still keep a request on its way then: else the
+    guest's next write is its writeback's, ~30 s later, and the stall reads as "the client
+    completed no request" (20 s here)."""
+    monkeypatch.setattr(serve, "STALL_LIMIT_S", 20.0)
+    image = copy_root(linux_image, tmp_path)
+    pm = proxy_machine_factory(machine_with("ahci", image), name="serve-late")
+    writers = []
+
+    def boot(name: str):  # type: ignore[no-untyped-def]
+        writers.append(linux_machine_factory(disk=service.uri, root=True, name=name))
+        return writers[-1]
+
+    with DiskService(pm, "ahci", nbd=f"unix:{socket_dir}/root.sock") as service:
+        on_time = service.driver.wait_serving
+
+        def late(timeout: float = 30.0, after: int = 0) -> None:
+            on_time(timeout, after=after)
+            if after:
+                writer = writers[-1]
+                give_up = time.monotonic() + 120
+                while "hwh-writer done" not in writer.console.text() and time.monotonic() < give_up:
+                    time.sleep(0.1)
+                until_idle(writer, idle_s=6.0, at_most_s=12.0)
+        monkeypatch.setattr(service.driver, "wait_serving", late)
+        report = write_through_kills(service, boot, KillPlan(files=3, file_kib=256, batch=3, kill_after=(2,)), rng)
+    pm.close()
+    assert report.problems() == []
+
+
+def until_idle(m, idle_s: float, at_most_s: float) -> None:  # type: ignore[no-untyped-def]
+    """Until QEMU says ``m``'s disk completed no request for ``idle_s`` (query-blockstats'
+    idle_time_ns), or ``at_most_s`` passed."""
+    deadline = time.monotonic() + at_most_s
+    while time.monotonic() < deadline:
+        if min(entry["stats"].get("idle_time_ns", 0) for entry in m.qmp("query-blockstats")) >= idle_s * 1e9:
+            return
+        time.sleep(0.1)

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.01          # how often the watcher looks at heartbeats (a death wakes it at once)
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 5.0   # seconds before restarting a driver that died before serving
+UNCLAIMED_PROCESSES = 16     # processes whose phases wait to be claimed (one is claimed ms after its fork)
 SLOT_BACK_S = 5.0            # the longest a standby waits for its dead predecessor's slot to be revoked
 
 
@@ -210,6 +211,9 @@ class Supervisor:
         self._phases, self._phases_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._phases.setblocking(False)
         self._phases_lock = threading.Lock()
+        # Phases of a process not known yet: it may tell "forked" before the zygote's answer
+        # names it (a standby, a restart), so they wait here until it is registered (_claim).
+        self._unclaimed: dict[int, dict[str, float]] = {}
         for module in preload or []:
             self.zygote.preload(module)
         self.drivers: list[Driver] = []
@@ -254,7 +258,7 @@ class Supervisor:
     def _prepare_standby(self, driver: Driver) -> None:
         pid, go = self._spawn(driver, standby=True)
         assert go is not None
-        driver.standby = Standby(pid, os.pidfd_open(pid), go)
+        driver.standby = Standby(pid, os.pidfd_open(pid), go, self._claim(pid))
         log.info("driver %s: standby process %d started", driver.name, pid)
 
     def _drop_standby(self, driver: Driver) -> None:
@@ -294,9 +298,10 @@ class Supervisor:
         if woken is None:
             driver.pid, _ = self._spawn(driver)
             driver.pidfd = os.pidfd_open(driver.pid)
+            told = {"spawned": time.monotonic(), **self._claim(driver.pid)}
         if driver.pending is not None:
             driver.pending.pid = driver.pid
-            driver.pending.phases = woken if woken is not None else {"spawned": time.monotonic()}
+            driver.pending.phases = woken if woken is not None else told
         driver.state, driver.slot, driver.last_beat = "starting", None, 0
         driver.started_at = driver.last_beat_at = time.monotonic()
         log.info("driver %s: process %d %s", driver.name, driver.pid, "started" if woken is None else "woken")
@@ -310,12 +315,20 @@ class Supervisor:
                     pid, phase, at = self._phases.recv(256).decode().split()
                 except BlockingIOError:
                     return
-                for driver in self.drivers:
-                    for restart in driver.restarts[-1:] + ([driver.pending] if driver.pending else []):
-                        if restart.pid == int(pid):
-                            restart.phases.setdefault(phase, float(at))
-                    if driver.standby is not None and driver.standby.pid == int(pid):
-                        driver.standby.phases.setdefault(phase, float(at))
+                known = [restart.phases for driver in self.drivers
+                         for restart in driver.restarts[-1:] + ([driver.pending] if driver.pending else [])
+                         if restart.pid == int(pid)]
+                known += [driver.standby.phases for driver in self.drivers
+                          if driver.standby is not None and driver.standby.pid == int(pid)]
+                for phases in known or [self._unclaimed.setdefault(int(pid), {})]:
+                    phases.setdefault(phase, float(at))
+                while len(self._unclaimed) > UNCLAIMED_PROCESSES:    # the oldest: a first start's, never claimed
+                    del self._unclaimed[next(iter(self._unclaimed))]
+
+    def _claim(self, pid: int) -> dict[str, float]:
+        """The phases process ``pid`` told before it was registered (a standby, a restart's)."""
+        with self._phases_lock:
+            return self._unclaimed.pop(pid, {})
 
     def _watch(self) -> None:
         while not self._stop.is_set():

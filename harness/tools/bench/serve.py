@@ -308,14 +308,17 @@ def write_through_kills(service: DiskService, boot: Callable[[str], Machine], pl
     # One random source in tmpfs, so that once the files start the guest only writes. A probe
     # reads a random 4 KiB of the disk (O_DIRECT) again and again meanwhile, so that a request
     # is always on its way when the driver dies and the stall is the client's, not an idle
-    # moment's. The markers are quoted apart so that the shell's echo of the line does not match.
+    # moment's; it runs until the last restart is measured (below), not just until the files
+    # are written: a harness that looks late at a restart during the last file would find the
+    # guest done and its disk idle, and no request ever completing (the stall unmeasured).
+    # The markers are quoted apart so that the shell's echo of the line does not match.
     console.sendline(
         f"set -o pipefail; mkdir -p /data; dd if=/dev/urandom of=/tmp/src bs=64k count={plan.file_kib // 64} "
         f"2>/dev/null; ( while :; do dd if={ROOT_DEVICE} of=/dev/null bs=4k count=1 skip=$((RANDOM % 4096)) "
         f"iflag=direct 2>/dev/null; done ) & probe=$!; for i in $(seq 1 {plan.files}); do "
         f"s=$( {{ printf 'hwh file %08d\\n' $i; cat /tmp/src; }} | tee /data/f$i | sha256sum ) "
         f"|| echo hwh-'failed' $i; echo hwh-'wrote' $i $s; [ $((i % {plan.batch})) = 0 ] && sync; done; "
-        f"sync; kill $probe; echo hwh-'writer' done")
+        f"sync; echo hwh-'writer' done")
     last: float | None = None               # when the guest said the last file was written
     load = ForeignLoad([os.getpid(), *_descendants(os.getpid())])
     for i in range(1, plan.files + 1):
@@ -332,6 +335,7 @@ def write_through_kills(service: DiskService, boot: Callable[[str], Machine], pl
             report.lines.append(next(starts))
             last = time.monotonic()
     console.wait_for("hwh-writer done", timeout=timeout)
+    console.run("kill $probe; wait $probe")
     load.own = [os.getpid(), *_descendants(os.getpid())]       # the drivers started since are ours too
     report.foreign_cores = round(load.since_last(), 2)
     dmesg, _ = console.run("dmesg")
