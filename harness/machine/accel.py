@@ -88,10 +88,16 @@ def resolve_accel(accel: str) -> str:
     return accel
 
 
+def emulating_kvm(accel: str) -> bool:
+    """Whether ``accel`` is a forced KVM that ``auto`` would not pick on this host: one that
+    emulates every guest instruction, far slower than TCG."""
+    return resolve_accel(accel) == "kvm" and _auto_for_this_host().accel != "kvm"
+
+
 def why_linux_does_not_boot(accel: str) -> str:
     """Why the Linux guest is not booted under ``accel`` on this host ('' where it is): a
     forced KVM that ``auto`` would not pick emulates a stock kernel for minutes. The one
     check the pytest fixtures, the benches and the demo make."""
-    if resolve_accel(accel) == "kvm" and _auto_for_this_host().accel != "kvm":
+    if emulating_kvm(accel):
         return f"the Linux guest is not booted under this host's KVM ({_auto_for_this_host().reason})"
     return ""
