@@ -355,8 +355,10 @@ def test_an_ahci_prd_outside_the_domain_faults_and_the_driver_recovers(proxy_mac
             assert bytes(victim.view) == b"\x5a" * 4096
             try:                                        # the driver recovers and works again
                 disk.reset()
-            except DmaFault as again:                   # QEMU retried the DMA after the proxy told the first
-                assert again.fault.addr == victim.phys and again.fault.count > fault.value.fault.count
+            except DmaFault as again:
+                # QEMU retried the DMA after the proxy told the first (a higher count), or, seen
+                # once under the emulating KVM, the same record was told again: the same fault.
+                assert again.fault.addr == victim.phys and again.fault.count >= fault.value.fault.count
                 disk.reset()
             assert disk.read(8, 8) == image.read_bytes()[8 * 512:16 * 512]
         finally:
