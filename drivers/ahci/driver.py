@@ -232,10 +232,6 @@ class Port:
     def present(self) -> bool:
         return _attached(self._r(Px.SSTS))
 
-    @property
-    def signature(self) -> int:
-        return self._r(Px.SIG)
-
     def _wait(self, reg: int, mask: int, value: int, what: str) -> int:
         return self.r.wait32(self.base + reg, mask, value, self.hba.timeout, lambda detail, last: DiskError(
             f"port {self.index}: timed out waiting for {what}: {detail}", last, 0))

@@ -474,16 +474,22 @@ class NbdServer:
         if connection.phase != _Phase.TRANSMISSION:
             self._negotiate(connection)
 
-    def _send(self, connection: _Connection) -> None:
+    def _sent(self, connection: _Connection, send: Callable[[], int]) -> int | None:
+        """The bytes ``send()`` put on ``connection``'s socket: 0 where it would block; None
+        once an error closed the connection."""
         try:
-            sent = connection.sock.send(connection.outbox, socket.MSG_NOSIGNAL)
+            return send()
         except (BlockingIOError, InterruptedError):
-            return
+            return 0
         except OSError as exc:
             log.info("%s: %s", connection.name, exc)
             self._close(connection)
-            return
-        del connection.outbox[:sent]
+            return None
+
+    def _send(self, connection: _Connection) -> None:
+        sent = self._sent(connection, lambda: connection.sock.send(connection.outbox, socket.MSG_NOSIGNAL))
+        if sent:
+            del connection.outbox[:sent]
 
     def _answer(self, requests: Sequence[_Request], payloads: Sequence[bytes | memoryview]) -> None:
         """Send each request's simple reply, its header and then its payload (a READ's data; empty
@@ -521,19 +527,14 @@ class NbdServer:
         """``buffers`` on ``connection``, whose outbox is empty: as much as the socket takes now,
         the rest copied into the outbox."""
         sent = 0
-        try:
-            for start in range(0, len(buffers), IOV_MAX):
-                chunk = buffers[start:start + IOV_MAX]
-                took = connection.sock.sendmsg(chunk, (), socket.MSG_NOSIGNAL)
-                sent += took
-                if took < sum(len(b) for b in chunk):
-                    break
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as exc:
-            log.info("%s: %s", connection.name, exc)
-            self._close(connection)
-            return
+        for start in range(0, len(buffers), IOV_MAX):
+            chunk = buffers[start:start + IOV_MAX]
+            took = self._sent(connection, lambda: connection.sock.sendmsg(chunk, (), socket.MSG_NOSIGNAL))
+            if took is None:
+                return
+            sent += took
+            if took < sum(len(b) for b in chunk):
+                break
         for buffer in buffers:
             if sent >= len(buffer):
                 sent -= len(buffer)
