@@ -3,7 +3,7 @@
 import pytest
 
 from harness.errors import BadInput
-from harness.tools.bench.compare import better, expand, flatten, rounds_of, summarise
+from harness.tools.bench.compare import better, expand, flatten, rank_p, rounds_of, summarise, verdict
 
 
 def test_flatten_keeps_numbers_by_path_and_drops_lists_and_flags() -> None:
@@ -30,8 +30,26 @@ def test_summarise_compares_medians_and_flags_the_worse_direction() -> None:
     a = keys["a_iops"]
     assert a["base"] == [100.0, 110.0, 105.0] and a["new_median"] == 94.5
     assert a["new_over_base"] == pytest.approx(94.5 / 105.0) and a["worse"] is True
+    assert a["verdict"] == "worse"                         # every new round below every base round
     assert a["ratio_spread"] == pytest.approx(1.0)        # every round 0.9
-    assert keys["b_us"]["worse"] is False                  # lower latency is better
+    assert keys["b_us"]["worse"] is False and keys["b_us"]["verdict"] == "better"   # lower latency is better
+
+
+def test_the_rank_test_is_exact_on_few_rounds() -> None:
+    # three rounds a side: 20 ways to deal six values, one of them puts all three new on top
+    assert rank_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(1 / 20)
+    assert rank_p([4.0, 5.0, 6.0], [1.0, 2.0, 3.0]) == 1.0
+    assert rank_p([1.0, 1.0], [1.0, 1.0]) == 1.0          # ties are no evidence either way
+
+
+def test_a_median_ratio_the_rounds_do_not_separate_is_within_noise() -> None:
+    # a revision against itself, measured quietly (the round trip's p50, six rounds a side):
+    # the medians differ by 1.19x and the rounds overlap
+    base = [1.582, 1.923, 1.912, 1.102, 1.442, 1.102]
+    new = [1.423, 1.833, 2.614, 1.753, 1.792, 1.793]
+    assert verdict(base, new, "lower")[0] == "within noise"
+    assert verdict([1.1, 1.2, 1.15], [1.5, 1.6, 1.55], "lower")[0] == "worse"
+    assert verdict([1.1, 1.2, 1.15], [1.5, 1.6, 1.55], "higher")[0] == "better"
 
 
 def test_rounds_alternate_which_side_goes_first() -> None:

@@ -9,6 +9,12 @@ first, for several rounds. A key both sides report gets its per-round
 values, their medians, ``new_over_base`` (median over median) and the
 spread of the per-round ratios (max/min), and says which way is better
 where its name tells (``*_iops``, ``*_per_s``... higher; ``*_us``, ``p50``... lower).
+Such a key gets a verdict: ``worse`` or ``better`` only where the rounds
+separate the sides beyond their own noise (a one-sided exact rank test on the
+per-round values, p <= 0.05: with three rounds a side, every round of one
+side beyond every round of the other), ``within noise`` otherwise. The
+round trip's p50 swings 1.1-2.6 us between runs of one revision against
+itself, so a median ratio alone called noise a regression.
 
 An older revision may lack a bench (it is skipped, and the JSON says so) or
 ``--quick`` (then both sides run the full bench, so that they do the same
@@ -18,9 +24,12 @@ work; the JSON records ``quick`` per bench), and runs its CLI as ``python -m har
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -28,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ...errors import AbiError, BadInput, HarnessError
 from ...proxy.abi import load_abi
@@ -175,6 +184,44 @@ def guest_unusable(tree: Tree) -> str | None:
     return None
 
 
+SIGNIFICANT = 0.05              # the rank test's p at or below which a verdict is more than noise
+DEALS = 20000                   # deals the rank test enumerates at most (C(14, 7) = 3432)
+
+
+def rank_p(lower: list[float], higher: list[float]) -> float:
+    """The one-sided p of a Mann-Whitney rank test that ``higher``'s values lie above ``lower``'s.
+
+    If both sides come from one distribution, every way of dealing the pooled
+    values into groups of these sizes is equally likely; p is the share of the
+    deals whose second group's rank sum (ties get their mean rank) is at least
+    the one observed. Rounds are few, so the deals are enumerated (sampled,
+    with a fixed seed, past ``DEALS``).
+    """
+    pooled = sorted(lower + higher)
+    rank = {v: statistics.mean(i + 1 for i, w in enumerate(pooled) if w == v) for v in set(pooled)}
+    ranks = [rank[v] for v in lower + higher]
+    observed = sum(rank[v] for v in higher)
+    n, k = len(ranks), len(higher)
+    if math.comb(n, k) <= DEALS:
+        deals: Iterable[tuple[int, ...]] = itertools.combinations(range(n), k)
+    else:
+        dealer = random.Random(0)
+        deals = (tuple(dealer.sample(range(n), k)) for _ in range(DEALS))
+    sums = [sum(ranks[i] for i in deal) for deal in deals]
+    return sum(total >= observed - 1e-9 for total in sums) / len(sums)
+
+
+def verdict(base: list[float], new: list[float], way: str) -> tuple[str, float, float]:
+    """``worse``, ``better`` or ``within noise`` for a key whose ``way`` is better, and both p's."""
+    p_up, p_down = rank_p(base, new), rank_p(new, base)      # new above base; new below base
+    p_worse, p_better = (p_down, p_up) if way == "higher" else (p_up, p_down)
+    if p_worse <= SIGNIFICANT:
+        return "worse", p_worse, p_better
+    if p_better <= SIGNIFICANT:
+        return "better", p_worse, p_better
+    return "within noise", p_worse, p_better
+
+
 def summarise(per_round: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, dict[str, Any]]:
     """Every key both sides reported in every round: values, medians, new over base, spread."""
     if not per_round:
@@ -191,8 +238,8 @@ def summarise(per_round: list[tuple[dict[str, float], dict[str, float]]]) -> dic
                                  "ratio_spread": max(ratios) / min(ratios) if ratios and min(ratios) > 0 else None,
                                  "better": better(key)}
         if entry["new_over_base"] is not None and entry["better"]:
-            ratio = entry["new_over_base"]
-            entry["worse"] = ratio < 1.0 if entry["better"] == "higher" else ratio > 1.0
+            entry["verdict"], entry["p_worse"], entry["p_better"] = verdict(base, new, entry["better"])
+            entry["worse"] = entry["verdict"] == "worse"
         out[key] = entry
     return out
 
@@ -282,7 +329,7 @@ def table(result: dict[str, Any]) -> str:
         for key, e in bench["keys"].items():
             if e["better"] is None or e["new_over_base"] is None:
                 continue
-            mark = "  worse" if e.get("worse") else ""
+            mark = f"  {e['verdict']}" if e.get("verdict") != "within noise" else ""
             spread = f"{e['ratio_spread']:.2f}" if e["ratio_spread"] else "-"
             lines.append(f"  {key:<48} {e['base_median']:>12.4g} -> {e['new_median']:>12.4g}  "
                          f"x{e['new_over_base']:.3f} (spread {spread}, {e['better']} is better){mark}")
