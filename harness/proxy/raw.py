@@ -9,7 +9,8 @@ reached through these functions:
   (one register or port read ``count`` times, timed by the guest) and
   :func:`native_loop` (guests/proxy/native.c's NIC, disk and NVMe loops);
 - any request as the ring holds it, its status returned rather than raised
-  (:func:`submit`), or one raising its typed error (:func:`request`), and whole
+  (:func:`submit`, with :func:`encode` and :func:`repeat_request` to build
+  them), or one raising its typed error (:func:`request`), and whole
   ring entries, garbage included (:func:`submit_entries`): for testing the
   proxy's own checks.
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..access import Channel, Space
+from ..access import Access, Channel, Space
 from .channel import DEFAULT_TIMEOUT, ProxyChannel
 
 
@@ -37,6 +38,18 @@ def submit(channel: Channel, requests: Sequence[tuple[int, ...]],
     return _proxy(channel)._submit(requests, timeout)
 
 
+def encode(channel: Channel, access: Access) -> tuple[int, ...]:
+    """An access as :func:`submit` takes it, to mix with requests beyond the access interface."""
+    return _proxy(channel)._encode(access)
+
+
+def repeat_request(channel: Channel, space: Space, addr: int, width: int, count: int) -> tuple[int, ...]:
+    """The request of :func:`repeat_read`, for :func:`submit` to batch with others."""
+    abi = _proxy(channel).bus.abi
+    op = abi.PROXY_OP_PIO_REPEAT if space is Space.PIO else abi.PROXY_OP_MMIO_REPEAT
+    return (op, width, 0, 0, addr, count, 0, 0)
+
+
 def submit_entries(channel: Channel, entries: Sequence[bytes],
                    timeout: float = DEFAULT_TIMEOUT) -> list[tuple[int, int]]:
     """Publish whole ring entries exactly as given, one batch each; (status, value) for each."""
@@ -51,10 +64,8 @@ def request(channel: Channel, op: int, addr: int, value: int, what: str, mask: i
 def repeat_read(channel: Channel, space: Space, addr: int, width: int, count: int) -> int:
     """Have the guest read ``addr`` ``count`` times; returns the guest TSC cycles it took."""
     ch = _proxy(channel)
-    abi = ch.bus.abi
-    op = abi.PROXY_OP_PIO_REPEAT if space is Space.PIO else abi.PROXY_OP_MMIO_REPEAT
-    (status, value), = ch._submit([(op, width, 0, 0, addr, count, 0, 0)])
-    if status != abi.PROXY_STATUS_OK:
+    (status, value), = ch._submit([repeat_request(ch, space, addr, width, count)])
+    if status != ch.bus.abi.PROXY_STATUS_OK:
         ch._raise(f"repeat read {space.value} {addr:#x} x{count}", status, value)
     return value
 

@@ -61,8 +61,8 @@ def turn_resume(port: Region, reads: int) -> int:
     between its two starts that are not the loop's own (the loop reports those)."""
     channel = port.channel
     assert isinstance(channel, ProxyChannel)
-    loop = (channel.bus.abi.PROXY_OP_PIO_REPEAT, 1, 0, 0, port.base, reads, 0, 0)   # as raw.repeat_read
-    (_, looped), _ = channel._submit([loop, channel._encode(port.access(Kind.READ, 0, 1))])
+    loop = raw.repeat_request(channel, port.space, port.base, 1, reads)
+    (_, looped), _ = raw.submit(channel, [loop, raw.encode(channel, port.access(Kind.READ, 0, 1))])
     t = _stamps(channel, 2)
     return t[1] - t[0] - looped
 
