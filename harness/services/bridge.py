@@ -155,15 +155,16 @@ class Bridge:
             moved = 0
             for src, dst, frames_at, bytes_at, full_at in ways:
                 frames = src.recv_buffers(BATCH)
-                if not frames:
+                got = len(frames.addresses)
+                if not got:
                     continue
                 sent = dst.send_buffers(frames)
-                for phys, _ in frames[sent:]:           # the other ring is full: dropped here
-                    pool.put(phys)
+                if sent < got:                          # the other ring is full: dropped here
+                    pool.give(frames.addresses[sent:])
                 v[frames_at] += sent
-                v[bytes_at] += sum(length for _, length in frames[:sent])
-                v[full_at] += len(frames) - sent
-                moved += len(frames)
+                v[bytes_at] += sum(frames.lengths[:sent])
+                v[full_at] += got - sent
+                moved += got
             if beat is not None:
                 beat()
             if moved:

@@ -294,8 +294,7 @@ class NativeBridge:
         """The rings' state, the descriptors' buffers and the pool back to the Python bridge."""
         b, view = self.bridge, self.block.view
         fields = dict(zip(BLOCK_FIELDS, self._block.unpack_from(view, self.block_at)))
-        for phys in struct.unpack_from(f"<{fields['pool_free']}Q", self.stack.view, 0):
-            b.pool.put(phys)
+        b.pool.give(list(struct.unpack_from(f"<{fields['pool_free']}Q", self.stack.view, 0)))
         v, at = counters.values, counters.index
         for i, (nic, way, full) in enumerate(((b.wan, "wan_to_lan_frames", "dropped_lan_tx_full"),
                                               (b.lan, "lan_to_wan_frames", "dropped_wan_tx_full"))):
