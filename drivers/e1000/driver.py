@@ -33,6 +33,7 @@ BUFFER_SIZE = 2048              # RCTL.BSIZE = 00: 2048-byte receive buffers
 MIN_FRAME, MAX_FRAME = 14, 1514  # an Ethernet header at least; no FCS (the hardware adds it)
 DESC_SIZE = 16
 TX_BATCHES = 8                  # transmit batches a ring holds at least (see _transmit)
+RX_TAIL_LAG = 4                 # forwarding: RDT is written once a quarter ring is refilled (recv_buffers)
 IDLE_DOZE = 0.0002              # seconds a polling driver sleeps between looks at its rings
 INTERRUPTS = Icr.RXT0 | Icr.TXDW | Icr.LSC | Icr.RXO
 
@@ -131,6 +132,7 @@ class E1000:
         self._rx_q, self._rx_h = self.rx_ring.view.cast("Q"), self.rx_ring.view.cast("H")
         self._tx_q, self._tx_h = self.tx_ring.view.cast("Q"), self.tx_ring.view.cast("H")
         self.rx_next = 0            # next descriptor the hardware will fill
+        self.rx_untold = 0          # forwarding: descriptors refilled since the last RDT write
         self.tx_tail = 0            # next descriptor we fill
         self.tx_clean = 0           # oldest descriptor the hardware may still own
         self.irq = device.irq(IrqMode.INTX) if interrupts else None
@@ -227,6 +229,7 @@ class E1000:
                 b.write32(self.regs, Reg.RCTL, rctl)
             b.write32(self.regs, Reg.RDT, self.rx_n - 1)    # all but one: head == tail means empty
         self.rx_next = 0
+        self.rx_untold = 0
 
     def _init_tx(self) -> None:
         ring = self.tx_ring.view
@@ -449,7 +452,12 @@ class E1000:
         """Forwarding: frames that have arrived, in the pool's buffers, now the caller's (to
         :meth:`send_buffers` elsewhere, or ``pool.give``); each descriptor gets a fresh buffer
         from the pool. When the pool is empty the rest stay in the ring until buffers come
-        back (the NIC counts what it then misses). One RDT write for the batch."""
+        back (the NIC counts what it then misses).
+
+        The refilled descriptors go back to the NIC (RDT) once a ``1 / RX_TAIL_LAG`` of the
+        ring has gathered, not after every batch: each tail write is a request the proxy
+        serves and often a wake-up of the guest, and the NIC has the rest of the ring
+        meanwhile. A caller that finds the rings quiet calls :meth:`flush_rx_tail`."""
         pool, ring, first, n = self.pool, self.rx_ring.view, self.rx_next, self.rx_n
         assert pool is not None, "recv_buffers is for a NIC opened with a packet pool"
         if not ring[first * DESC_SIZE + _RX_STA] & RX_DD:
@@ -471,7 +479,9 @@ class E1000:
             ring[a * DESC_SIZE + _RX_STA:e * DESC_SIZE:DESC_SIZE] = bytes(e - a)    # not done
             at += e - a
         self.rx_next = (first + count) % n
-        self._post_rx_tail()                                # the descriptors back to the NIC
+        self.rx_untold += count
+        if self.rx_untold >= n // RX_TAIL_LAG:               # the descriptors back to the NIC
+            self.flush_rx_tail()
         if statuses[:count].translate(_NOT_EOP).find(1) >= 0:
             return self._whole_frames(addresses, lengths, statuses[:count])
         return Frames(addresses, lengths)
@@ -490,10 +500,18 @@ class E1000:
                 self.pool.give([phys])
         return kept
 
+    def flush_rx_tail(self) -> None:
+        """Forwarding: give the NIC the descriptors :meth:`recv_buffers` refilled and has not
+        told it of yet (posted; nothing when there are none)."""
+        if self.rx_untold:
+            self.rx_untold = 0
+            self._post_rx_tail()
+
     def restate_rx_tail(self) -> None:
         """Tell the NIC every descriptor up to the one before ``rx_next`` is its to fill; written
         again when idle, because QEMU may hold frames it queued while it thought the ring full
         until the tail is written again."""
+        self.rx_untold = 0
         self.dev.channel.execute(self._rx_tail_flushed())
 
     def _post_rx_tail(self) -> None:

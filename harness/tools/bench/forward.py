@@ -300,6 +300,7 @@ class NativeBridge:
                                               (b.lan, "lan_to_wan_frames", "dropped_wan_tx_full"))):
             port = dict(zip(PORT_FIELDS, self._port.unpack_from(view, self.ports_at + i * self.port_size)))
             nic.rx_next, nic.tx_tail, nic.tx_clean = port["rx_next"], port["tx_tail"], port["tx_clean"]
+            nic.rx_untold = 0                           # the C loop writes RDT after every batch
             ring = nic.rx_ring.view
             nic.rx_held = [int.from_bytes(ring[d * 16:d * 16 + 8], "little") for d in range(nic.rx_n)]
             ring, in_flight = nic.tx_ring.view, set(_between(nic.tx_clean, nic.tx_tail, nic.tx_n))
