@@ -84,7 +84,11 @@ def _runs(first: int, count: int, n: int) -> tuple[tuple[int, int], ...]:
 
 def _statuses(ring: memoryview, first: int, count: int, n: int, offset: int) -> bytes:
     """The status bytes of ``count`` descriptors from ``first`` on (at ``offset`` in each)."""
-    return b"".join(ring[a * DESC_SIZE + offset:e * DESC_SIZE:DESC_SIZE].tobytes() for a, e in _runs(first, count, n))
+    end = first + count
+    if end <= n:                                        # _runs, unrolled: this is every reclaim
+        return ring[first * DESC_SIZE + offset:end * DESC_SIZE:DESC_SIZE].tobytes()
+    return (ring[first * DESC_SIZE + offset::DESC_SIZE].tobytes()
+            + ring[offset:(end - n) * DESC_SIZE:DESC_SIZE].tobytes())
 
 
 def _written_back(statuses: bytes) -> int:
@@ -284,10 +288,14 @@ class E1000:
 
     def _reclaim(self) -> int:
         """Free every descriptor the hardware has written back (DD); how many are free."""
-        n, clean = self.tx_n, self.tx_clean
-        in_flight = (self.tx_tail - clean) % n
-        if in_flight and self.tx_ring.view[clean * DESC_SIZE + _TX_STA] & TX_DD:
-            done = _written_back(_statuses(self.tx_ring.view, clean, in_flight, n, _TX_STA))
+        n, clean, tail, ring = self.tx_n, self.tx_clean, self.tx_tail, self.tx_ring.view
+        if clean != tail and ring[clean * DESC_SIZE + _TX_STA] & TX_DD:
+            # The NIC writes descriptors back in ring order: the newest done means all are.
+            in_flight = (tail - clean) % n
+            if ring[(tail - 1) % n * DESC_SIZE + _TX_STA] & TX_DD:
+                done = in_flight
+            else:
+                done = _written_back(_statuses(ring, clean, in_flight, n, _TX_STA))
             if self.pool is not None:                       # forwarded buffers: back to their pool
                 held = self.tx_held
                 for a, e in _runs(clean, done, n):
@@ -457,7 +465,7 @@ class E1000:
         The refilled descriptors go back to the NIC (RDT) once a ``1 / RX_TAIL_LAG`` of the
         ring has gathered, not after every batch: each tail write is a request the proxy
         serves and often a wake-up of the guest, and the NIC has the rest of the ring
-        meanwhile. A caller that finds the rings quiet calls :meth:`flush_rx_tail`."""
+        meanwhile (a ring it finds full was harvested past the lag, so the write comes)."""
         pool, ring, first, n = self.pool, self.rx_ring.view, self.rx_next, self.rx_n
         assert pool is not None, "recv_buffers is for a NIC opened with a packet pool"
         if not ring[first * DESC_SIZE + _RX_STA] & RX_DD:
@@ -481,7 +489,8 @@ class E1000:
         self.rx_next = (first + count) % n
         self.rx_untold += count
         if self.rx_untold >= n // RX_TAIL_LAG:               # the descriptors back to the NIC
-            self.flush_rx_tail()
+            self.rx_untold = 0
+            self._post_rx_tail()
         if statuses[:count].translate(_NOT_EOP).find(1) >= 0:
             return self._whole_frames(addresses, lengths, statuses[:count])
         return Frames(addresses, lengths)
@@ -499,13 +508,6 @@ class E1000:
             else:
                 self.pool.give([phys])
         return kept
-
-    def flush_rx_tail(self) -> None:
-        """Forwarding: give the NIC the descriptors :meth:`recv_buffers` refilled and has not
-        told it of yet (posted; nothing when there are none)."""
-        if self.rx_untold:
-            self.rx_untold = 0
-            self._post_rx_tail()
 
     def restate_rx_tail(self) -> None:
         """Tell the NIC every descriptor up to the one before ``rx_next`` is its to fill; written
