@@ -124,6 +124,7 @@ def test_every_frame_offered_is_forwarded_or_counted_once_as_missed(proxy_machin
         bridge.count_missed(counters)
         c = counters.snapshot()
         assert wires.sink.count[0] == c["wan_to_lan_frames"]
+        assert c["wan_to_lan_bytes"] == 60 * c["wan_to_lan_frames"], c    # each length moved with its buffer
         # A slow machine (an emulating KVM) may also find the lan's transmit ring full: the
         # bridge drops and counts those. Every frame is in exactly one of the three.
         assert c["wan_to_lan_frames"] + c["dropped_wan_missed"] + c["dropped_lan_tx_full"] == offered, c

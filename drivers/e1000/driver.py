@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import struct
 import time
+from array import array
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 from harness.access import Access, Bus, Deadline, Device, DmaBuffer, IrqMode, Kind, Space
 from harness.errors import HarnessError, InterruptTimeout
@@ -32,6 +33,7 @@ BUFFER_SIZE = 2048              # RCTL.BSIZE = 00: 2048-byte receive buffers
 MIN_FRAME, MAX_FRAME = 14, 1514  # an Ethernet header at least; no FCS (the hardware adds it)
 DESC_SIZE = 16
 TX_BATCHES = 8                  # transmit batches a ring holds at least (see _transmit)
+RX_TAIL_LAG = 4                 # forwarding: RDT is written once a quarter ring is refilled (recv_buffers)
 IDLE_DOZE = 0.0002              # seconds a polling driver sleeps between looks at its rings
 INTERRUPTS = Icr.RXT0 | Icr.TXDW | Icr.LSC | Icr.RXO
 
@@ -41,8 +43,16 @@ _TX_CMD, _TX_STA = TxDesc.cmd.offset, TxDesc.status.offset
 _TX_HANDED = struct.Struct("<QHBBB")
 assert (TxDesc.addr.offset, TxDesc.length.offset, TxDesc.cso.offset, _TX_CMD, _TX_STA) == (0, 8, 10, 11, 12)
 _RX_LEN, _RX_STA = RxDesc.length.offset, RxDesc.status.offset
-_RX_ADDR = struct.Struct("<Q")          # a receive descriptor's buffer address
 assert RxDesc.addr.offset == 0
+# Forwarding moves whole batches of descriptors with one strided slice per field (a field of
+# descriptor d is item d * stride + offset of the ring's view cast to the field's width), not
+# a Python loop per frame: the pool's buffers pass from ring to ring at memcpy speed.
+_Q_STRIDE, _H_STRIDE = DESC_SIZE // 8, DESC_SIZE // 2
+_RX_LEN_H = _RX_LEN // 2
+_TX_LEN_H, _TX_CMD_H = TxDesc.length.offset // 2, TxDesc.cso.offset // 2   # cso and cmd: one u16
+assert _RX_LEN % 2 == 0 and RX_DD == TX_DD
+_DONE = bytes(1 if status & RX_DD else 0 for status in range(256))      # status -> written back?
+_NOT_EOP = bytes(0 if status & RX_EOP else 1 for status in range(256))  # status -> part of a frame?
 
 
 class E1000Error(HarnessError):
@@ -55,6 +65,36 @@ class TxRingFull(E1000Error):
     def __init__(self, message: str, sent: int) -> None:
         super().__init__(message)
         self.sent = sent
+
+
+class Frames(NamedTuple):
+    """Frames in a packet pool's buffers, oldest first: each buffer's address and the frame's
+    length (what :meth:`E1000.recv_buffers` returns and :meth:`E1000.send_buffers` takes)."""
+    addresses: list[int]
+    lengths: list[int]
+
+
+def _runs(first: int, count: int, n: int) -> tuple[tuple[int, int], ...]:
+    """Descriptors ``first`` .. ``first + count - 1`` of an ``n``-entry ring as (start, end)
+    index runs: one, or two where they wrap."""
+    if first + count <= n:
+        return ((first, first + count),)
+    return ((first, n), (0, first + count - n))
+
+
+def _statuses(ring: memoryview, first: int, count: int, n: int, offset: int) -> bytes:
+    """The status bytes of ``count`` descriptors from ``first`` on (at ``offset`` in each)."""
+    end = first + count
+    if end <= n:                                        # _runs, unrolled: this is every reclaim
+        return ring[first * DESC_SIZE + offset:end * DESC_SIZE:DESC_SIZE].tobytes()
+    return (ring[first * DESC_SIZE + offset::DESC_SIZE].tobytes()
+            + ring[offset:(end - n) * DESC_SIZE:DESC_SIZE].tobytes())
+
+
+def _written_back(statuses: bytes) -> int:
+    """How many of these descriptors, from the first, the NIC has written back (DD)."""
+    done = statuses.translate(_DONE).find(0)
+    return len(statuses) if done < 0 else done
 
 
 @dataclass(frozen=True)
@@ -92,7 +132,11 @@ class E1000:
         self.rx_held: list[int] = []            # forwarding: the pool buffer each receive descriptor has
         self.tx_held = [0] * tx_entries         # forwarding: the pool buffer a transmit descriptor sends
         self.tx_bufs = device.dma_alloc(tx_entries * BUFFER_SIZE)
+        # the rings' fields by width (_Q_STRIDE, _H_STRIDE): forwarding's batch-wide slices
+        self._rx_q, self._rx_h = self.rx_ring.view.cast("Q"), self.rx_ring.view.cast("H")
+        self._tx_q, self._tx_h = self.tx_ring.view.cast("Q"), self.tx_ring.view.cast("H")
         self.rx_next = 0            # next descriptor the hardware will fill
+        self.rx_untold = 0          # forwarding: descriptors refilled since the last RDT write
         self.tx_tail = 0            # next descriptor we fill
         self.tx_clean = 0           # oldest descriptor the hardware may still own
         self.irq = device.irq(IrqMode.INTX) if interrupts else None
@@ -165,11 +209,9 @@ class E1000:
             addresses = [self.rx_bufs.phys + i * BUFFER_SIZE for i in range(self.rx_n)]
         else:
             assert self.pool is not None
-            while len(self.rx_held) < self.rx_n:
-                phys = self.pool.get()
-                if phys is None:
-                    raise ValueError(f"the packet pool has too few buffers for {self.rx_n} receive descriptors")
-                self.rx_held.append(phys)
+            self.rx_held += self.pool.take(self.rx_n - len(self.rx_held))
+            if len(self.rx_held) < self.rx_n:
+                raise ValueError(f"the packet pool has too few buffers for {self.rx_n} receive descriptors")
             addresses = self.rx_held
         for i, phys in enumerate(addresses):                # every descriptor gets its buffer
             struct.pack_into("<Q", ring, i * DESC_SIZE, phys)
@@ -191,6 +233,7 @@ class E1000:
                 b.write32(self.regs, Reg.RCTL, rctl)
             b.write32(self.regs, Reg.RDT, self.rx_n - 1)    # all but one: head == tail means empty
         self.rx_next = 0
+        self.rx_untold = 0
 
     def _init_tx(self) -> None:
         ring = self.tx_ring.view
@@ -245,12 +288,20 @@ class E1000:
 
     def _reclaim(self) -> int:
         """Free every descriptor the hardware has written back (DD); how many are free."""
-        ring, n, held = self.tx_ring.view, self.tx_n, self.tx_held
-        while self.tx_clean != self.tx_tail and ring[self.tx_clean * DESC_SIZE + _TX_STA] & TX_DD:
-            if held[self.tx_clean]:                         # a forwarded buffer: back to its pool
-                self.pool.put(held[self.tx_clean])          # type: ignore[union-attr]
-                held[self.tx_clean] = 0
-            self.tx_clean = (self.tx_clean + 1) % n
+        n, clean, tail, ring = self.tx_n, self.tx_clean, self.tx_tail, self.tx_ring.view
+        if clean != tail and ring[clean * DESC_SIZE + _TX_STA] & TX_DD:
+            # The NIC writes descriptors back in ring order: the newest done means all are.
+            in_flight = (tail - clean) % n
+            if ring[(tail - 1) % n * DESC_SIZE + _TX_STA] & TX_DD:
+                done = in_flight
+            else:
+                done = _written_back(_statuses(ring, clean, in_flight, n, _TX_STA))
+            if self.pool is not None:                       # forwarded buffers: back to their pool
+                held = self.tx_held
+                for a, e in _runs(clean, done, n):
+                    self.pool.give([phys for phys in held[a:e] if phys])
+                    held[a:e] = [0] * (e - a)
+            self.tx_clean = (clean + done) % n
         return (self.tx_clean - self.tx_tail - 1) % n
 
     def send(self, frames: Sequence[bytes], timeout: float = 1.0) -> int:
@@ -298,11 +349,10 @@ class E1000:
             sent += len(batch)
         return sent
 
-    def _queue(self, batch: Sequence, zero_copy: bool, held: bool = False) -> None:
-        """Fill descriptors for ``batch`` (it fits) and write the tail once. ``held``: the
-        (address, length) frames are the pool's buffers, given back when sent (``_reclaim``)."""
+    def _queue(self, batch: Sequence, zero_copy: bool) -> None:
+        """Fill descriptors for ``batch`` (it fits) and write the tail once."""
         ring, bufs, n = self.tx_ring.view, self.tx_bufs.view, self.tx_n
-        own, pack, owners = self.tx_bufs.phys, _TX_HANDED.pack_into, self.tx_held
+        own, pack = self.tx_bufs.phys, _TX_HANDED.pack_into
         cmd = TX_EOP | TX_IFCS | TX_RS
         tail = self.tx_tail
         for frame in batch:
@@ -312,8 +362,6 @@ class E1000:
                 pack(ring, tail * DESC_SIZE, own + tail * BUFFER_SIZE, size, 0, cmd, 0)
             else:
                 pack(ring, tail * DESC_SIZE, frame[0], frame[1], 0, cmd, 0)
-                if held:
-                    owners[tail] = frame[0]
             tail = (tail + 1) % n
         self.tx_tail = tail
         self._post_tx_tail(tail)                            # one register write for the batch
@@ -323,14 +371,28 @@ class E1000:
         channel's next waited request."""
         self.dev.channel.post([Access(Kind.WRITE, Space.MMIO, self._tdt_at, 4, tail)])
 
-    def send_buffers(self, frames: Sequence[tuple[int, int]]) -> int:
-        """Forwarding: queue the pool's buffers ``(address, length)`` as they are, as many as
-        the ring has room for now, without waiting; each goes back to the pool once sent.
+    def send_buffers(self, frames: Frames) -> int:
+        """Forwarding: queue the pool's buffers as they are, as many as the ring has room for
+        now, without waiting, with one tail write; each goes back to the pool once sent.
         Returns how many were queued: the rest are still the caller's."""
-        batch = frames[:self._reclaim()]
-        if batch:
-            self._queue(batch, True, held=True)
-        return len(batch)
+        count = min(len(frames.addresses), self._reclaim())
+        if not count:
+            return 0
+        tail, q, h, status, held = self.tx_tail, self._tx_q, self._tx_h, self.tx_ring.view, self.tx_held
+        command = (TX_EOP | TX_IFCS | TX_RS) << 8               # cso 0 in the low byte
+        at = 0
+        for a, e in _runs(tail, count, self.tx_n):
+            addresses = frames.addresses[at:at + e - a]
+            q[a * _Q_STRIDE:e * _Q_STRIDE:_Q_STRIDE] = array("Q", addresses)
+            h[a * _H_STRIDE + _TX_LEN_H:e * _H_STRIDE:_H_STRIDE] = array("H", frames.lengths[at:at + e - a])
+            h[a * _H_STRIDE + _TX_CMD_H:e * _H_STRIDE:_H_STRIDE] = array("H", [command]) * (e - a)
+            status[a * DESC_SIZE + _TX_STA:e * DESC_SIZE:DESC_SIZE] = bytes(e - a)    # the NIC's
+            held[a:e] = addresses
+            at += e - a
+        self.tx_tail = (tail + count) % self.tx_n
+        self._post_tx_tail(self.tx_tail)
+        return count
+
     def _wait_tx(self, deadline: Deadline) -> None:
         """Wait a while for the NIC to give descriptors back: its interrupt, or (polling) a
         doze, which leaves the core to the vCPU that sends (a spin here took it, and
@@ -394,40 +456,64 @@ class E1000:
             self._post_rx_tail()                            # the descriptors back to the NIC
         return out
 
-    def recv_buffers(self, max_frames: int = 256) -> list[tuple[int, int]]:
-        """Forwarding: frames that have arrived as the pool's buffers ``(address, length)``,
-        now the caller's (to :meth:`send_buffers` elsewhere, or ``pool.put``); each
-        descriptor gets a fresh buffer from the pool. When the pool is empty the rest stay
-        in the ring until buffers come back (the NIC counts what it then misses)."""
-        ring, n, held, pool = self.rx_ring.view, self.rx_n, self.rx_held, self.pool
+    def recv_buffers(self, max_frames: int = 256) -> Frames:
+        """Forwarding: frames that have arrived, in the pool's buffers, now the caller's (to
+        :meth:`send_buffers` elsewhere, or ``pool.give``); each descriptor gets a fresh buffer
+        from the pool. When the pool is empty the rest stay in the ring until buffers come
+        back (the NIC counts what it then misses).
+
+        The refilled descriptors go back to the NIC (RDT) once a ``1 / RX_TAIL_LAG`` of the
+        ring has gathered, not after every batch: each tail write is a request the proxy
+        serves and often a wake-up of the guest, and the NIC has the rest of the ring
+        meanwhile (a ring it finds full was harvested past the lag, so the write comes)."""
+        pool, ring, first, n = self.pool, self.rx_ring.view, self.rx_next, self.rx_n
         assert pool is not None, "recv_buffers is for a NIC opened with a packet pool"
-        out: list[tuple[int, int]] = []
-        i = self.rx_next
-        while len(out) < max_frames:
-            d = i * DESC_SIZE
-            status = ring[d + _RX_STA]
-            if not status & RX_DD:
-                break
-            fresh = pool.get()
-            if fresh is None:
-                break
-            if status & RX_EOP:                             # 2048-byte buffers: a frame fits one
-                out.append((held[i], ring[d + _RX_LEN] | ring[d + _RX_LEN + 1] << 8))
+        if not ring[first * DESC_SIZE + _RX_STA] & RX_DD:
+            return Frames([], [])
+        statuses = _statuses(ring, first, min(max_frames, n - 1), n, _RX_STA)
+        fresh = pool.take(_written_back(statuses))
+        count = len(fresh)
+        if not count:
+            return Frames([], [])
+        q, h, held = self._rx_q, self._rx_h, self.rx_held
+        addresses: list[int] = []
+        lengths: list[int] = []
+        at = 0
+        for a, e in _runs(first, count, n):
+            addresses += held[a:e]
+            lengths += h[a * _H_STRIDE + _RX_LEN_H:e * _H_STRIDE:_H_STRIDE].tolist()
+            held[a:e] = fresh[at:at + e - a]
+            q[a * _Q_STRIDE:e * _Q_STRIDE:_Q_STRIDE] = array("Q", fresh[at:at + e - a])
+            ring[a * DESC_SIZE + _RX_STA:e * DESC_SIZE:DESC_SIZE] = bytes(e - a)    # not done
+            at += e - a
+        self.rx_next = (first + count) % n
+        self.rx_untold += count
+        if self.rx_untold >= n // RX_TAIL_LAG:               # the descriptors back to the NIC
+            self.rx_untold = 0
+            self._post_rx_tail()
+        if statuses[:count].translate(_NOT_EOP).find(1) >= 0:
+            return self._whole_frames(addresses, lengths, statuses[:count])
+        return Frames(addresses, lengths)
+
+    def _whole_frames(self, addresses: list[int], lengths: list[int], statuses: bytes) -> Frames:
+        """Only the buffers that end a frame (EOP); the others back to the pool. With
+        2048-byte buffers and long frames off, QEMU never splits a frame: this is for a NIC
+        that does."""
+        assert self.pool is not None
+        kept = Frames([], [])
+        for phys, length, status in zip(addresses, lengths, statuses):
+            if status & RX_EOP:
+                kept.addresses.append(phys)
+                kept.lengths.append(length)
             else:
-                pool.put(held[i])
-            held[i] = fresh
-            _RX_ADDR.pack_into(ring, d, fresh)
-            ring[d + _RX_STA] = 0
-            i = (i + 1) % n
-        if i != self.rx_next:
-            self.rx_next = i
-            self._post_rx_tail()                            # the descriptors back to the NIC
-        return out
+                self.pool.give([phys])
+        return kept
 
     def restate_rx_tail(self) -> None:
         """Tell the NIC every descriptor up to the one before ``rx_next`` is its to fill; written
         again when idle, because QEMU may hold frames it queued while it thought the ring full
         until the tail is written again."""
+        self.rx_untold = 0
         self.dev.channel.execute(self._rx_tail_flushed())
 
     def _post_rx_tail(self) -> None:
@@ -463,6 +549,5 @@ class E1000:
                 if buf is not None:
                     self.dev.dma_free(buf)
             if self.pool is not None:               # the buffers its descriptors held
-                for phys in (*self.rx_held, *(p for p in self.tx_held if p)):
-                    self.pool.put(phys)
+                self.pool.give([*self.rx_held, *(p for p in self.tx_held if p)])
             self.dev.close()

@@ -1,7 +1,7 @@
 """Packet buffers for forwarding without a copy: ixy's mempool, in Python.
 
 One DMA allocation cut into ``BUFFER_SIZE`` buffers, lent and taken back in
-O(1) (a stack of addresses). Two NICs opened into one DMA domain
+O(1) per batch (a stack of addresses, taken and given back by the slice). Two NICs opened into one DMA domain
 (``bus.open(lan, share_domain_with=wan)``) draw their receive buffers from
 one pool: a buffer one NIC received into goes out on the other's transmit
 ring as it is, and comes back to the pool when that transmit is done.
@@ -27,18 +27,25 @@ class PacketPool:
     def available(self) -> int:
         return len(self._free)
 
-    def get(self) -> int | None:
-        """A free buffer's address, or None when every buffer is lent."""
-        return self._free.pop() if self._free else None
+    def take(self, count: int) -> list[int]:
+        """Up to ``count`` free buffers' addresses (fewer when fewer are free), now the
+        caller's: one slice, whatever the count."""
+        free = self._free
+        if count >= len(free):
+            taken, self._free = free, []
+            return taken
+        taken = free[len(free) - count:]
+        del free[len(free) - count:]
+        return taken
 
-    def put(self, phys: int) -> None:
-        self._free.append(phys)
+    def give(self, addresses: list[int]) -> None:
+        """Buffers back, as :meth:`take` lent them."""
+        self._free += addresses
 
     def take_all(self) -> list[int]:
         """Every free buffer's address, now the caller's (a loop of another kind lends them;
-        ``put`` gives them back)."""
-        free, self._free = self._free, []
-        return free
+        ``give`` gives them back)."""
+        return self.take(len(self._free))
 
     def view(self, phys: int, length: int) -> memoryview:
         """The buffer at ``phys``'s first ``length`` bytes, as Python sees them."""

@@ -3,7 +3,8 @@
 import pytest
 
 from harness.errors import BadInput
-from harness.tools.bench.compare import better, expand, flatten, rank_p, rounds_of, summarise, verdict
+from harness.tools.bench.compare import (Tree, better, borrow_images, expand, flatten, rank_p, rounds_of,
+                                         summarise, verdict)
 
 
 def test_flatten_keeps_numbers_by_path_and_drops_lists_and_flags() -> None:
@@ -60,3 +61,17 @@ def test_only_expands_groups_and_refuses_unknown_benches() -> None:
     assert expand("roundtrip,latency") == ["roundtrip", "latency-spin", "latency-sleep"]
     with pytest.raises(BadInput, match="no bench 'disk'"):
         expand("roundtrip,disk")
+
+
+def test_the_base_checkout_borrows_the_working_trees_linux_image_for_forward(tmp_path) -> None:
+    new, base = Tree("working tree", tmp_path / "new", "n"), Tree("main", tmp_path / "base", "b")
+    (new.path / "images" / "linux").mkdir(parents=True)
+    (new.path / "images" / "linux" / "manifest.json").write_text("{}")
+    (base.path / "images").mkdir(parents=True)
+    borrow_images("e1000", base, new)
+    assert not (base.path / "images" / "linux").exists(), "only the benches that boot it borrow it"
+    borrow_images("forward", base, new)
+    assert (base.path / "images" / "linux" / "manifest.json").read_text() == "{}"
+    borrow_images("forward", base, new)                    # a second bench or round: already there
+    assert (base.path / "images" / "linux").resolve() == (new.path / "images" / "linux").resolve()
+    assert expand("forward") == ["forward"]

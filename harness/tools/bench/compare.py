@@ -19,7 +19,8 @@ itself, so a median ratio alone called noise a regression.
 An older revision may lack a bench (it is skipped, and the JSON says so) or
 ``--quick`` (then both sides run the full bench, so that they do the same
 work; the JSON records ``quick`` per bench), and runs its CLI as ``python -m harness.cli`` if it has no
-``harness/__main__.py``.
+``harness/__main__.py``. ``forward`` (not among the defaults: it boots a Linux peer too) runs in
+REV's checkout with the working tree's Linux image, which ``make images`` built and git does not keep.
 """
 
 from __future__ import annotations
@@ -55,7 +56,11 @@ BENCHES: dict[str, list[str]] = {
     "nvme": ["bench", "nvme"],
     "e1000": ["bench", "e1000"],
     "instructions": ["bench", "instructions"],
+    "forward": ["bench", "forward"],
 }
+# Benches that boot an image `make images` built (outputs git ignores, so REV's checkout has
+# none): REV's side borrows the working tree's, a link, so both measure against the same peer.
+BORROWED_IMAGES = {"forward": [Path("images") / "linux"]}
 # Benches that measure the guest alone: both sides run the working tree's code, the base
 # side with REV's guest (so a revision from before the bench is measured too, if its
 # guest speaks this harness's ABI).
@@ -175,6 +180,16 @@ class Worktree:
         _git(self.repo, "worktree", "remove", "--force", str(self.dir))
 
 
+def borrow_images(name: str, base: Tree, new: Tree) -> None:
+    """Link the working tree's images that bench ``name`` boots into REV's checkout (where it
+    has none of its own); the working tree's own absence is the bench's to report."""
+    for image in BORROWED_IMAGES.get(name, []):
+        own, borrowed = new.path / image, base.path / image
+        if own.exists() and not borrowed.exists():
+            borrowed.parent.mkdir(parents=True, exist_ok=True)
+            borrowed.symlink_to(own.resolve(), target_is_directory=True)
+
+
 def guest_unusable(tree: Tree) -> str | None:
     """Why the working tree's code cannot drive ``tree``'s guest (another ABI), or None."""
     try:
@@ -287,6 +302,7 @@ def run(rev: str, accel: str = "auto", only: str = DEFAULT_ONLY, quick: bool = F
                         say(f"{name}: skipped ({why})")
                         continue
                     runs["base"] = (new, words + ["--guest-sources", str(base.path / GUEST_SOURCES)])
+                borrow_images(name, base, new)
                 trees = {tree.label: tree for tree, _ in runs.values()}
                 helps = {label: tree.help(words) for label, tree in trees.items()}
                 missing = [label for label, text in helps.items() if text is None]

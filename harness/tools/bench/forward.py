@@ -294,13 +294,13 @@ class NativeBridge:
         """The rings' state, the descriptors' buffers and the pool back to the Python bridge."""
         b, view = self.bridge, self.block.view
         fields = dict(zip(BLOCK_FIELDS, self._block.unpack_from(view, self.block_at)))
-        for phys in struct.unpack_from(f"<{fields['pool_free']}Q", self.stack.view, 0):
-            b.pool.put(phys)
+        b.pool.give(list(struct.unpack_from(f"<{fields['pool_free']}Q", self.stack.view, 0)))
         v, at = counters.values, counters.index
         for i, (nic, way, full) in enumerate(((b.wan, "wan_to_lan_frames", "dropped_lan_tx_full"),
                                               (b.lan, "lan_to_wan_frames", "dropped_wan_tx_full"))):
             port = dict(zip(PORT_FIELDS, self._port.unpack_from(view, self.ports_at + i * self.port_size)))
             nic.rx_next, nic.tx_tail, nic.tx_clean = port["rx_next"], port["tx_tail"], port["tx_clean"]
+            nic.rx_untold = 0                           # the C loop writes RDT after every batch
             ring = nic.rx_ring.view
             nic.rx_held = [int.from_bytes(ring[d * 16:d * 16 + 8], "little") for d in range(nic.rx_n)]
             ring, in_flight = nic.tx_ring.view, set(_between(nic.tx_clean, nic.tx_tail, nic.tx_n))
