@@ -60,13 +60,16 @@ INIT = """#!/bin/sh
 # disk hwh_root names if any, a shell on the console. The initramfs's /init and the root
 # image's /sbin/init (run by switch_root, with /dev already mounted and hwh_root unset).
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
-mountpoint -q /dev || mount -t devtmpfs dev /dev
+# /dev/null is there once devtmpfs is (busybox-static has no mountpoint applet; a test is a builtin)
+[ -e /dev/null ] || mount -t devtmpfs dev /dev
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t tmpfs tmp /tmp
 read up idle < /proc/uptime
 echo "hwh-linux: init at $up s"
-for m in $(echo "$hwh_modules" | tr , ' '); do modprobe "$m" || echo "hwh-linux: modprobe $m failed"; done
+IFS=,    # split the list by the shell itself: no pipe, no subshell, no tr process
+for m in $hwh_modules; do modprobe "$m" || echo "hwh-linux: modprobe $m failed"; done
+unset IFS
 if [ -n "$hwh_root" ]; then
     # the disk appears once virtio_blk has probed it (and QEMU's NBD client has its size)
     n=0; while [ ! -b "$hwh_root" ] && [ $n -lt 600 ]; do usleep 50000; n=$((n+1)); done
