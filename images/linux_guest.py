@@ -60,13 +60,14 @@ INIT = """#!/bin/sh
 # disk hwh_root names if any, a shell on the console. The initramfs's /init and the root
 # image's /sbin/init (run by switch_root, with /dev already mounted and hwh_root unset).
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
-mountpoint -q /dev || mount -t devtmpfs dev /dev
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t tmpfs tmp /tmp
+# /dev/null is there once devtmpfs is (busybox-static has no mountpoint applet; a test is a builtin)
+[ -e /dev/null ] || mount -t devtmpfs dev /dev
+mount -a    # /etc/fstab: one process for proc, sysfs and /tmp
 read up idle < /proc/uptime
 echo "hwh-linux: init at $up s"
-for m in $(echo "$hwh_modules" | tr , ' '); do modprobe "$m" || echo "hwh-linux: modprobe $m failed"; done
+IFS=,    # split the list by the shell itself: no pipe, no subshell, no tr process
+for m in $hwh_modules; do modprobe "$m" || echo "hwh-linux: modprobe $m failed"; done
+unset IFS
 if [ -n "$hwh_root" ]; then
     # the disk appears once virtio_blk has probed it (and QEMU's NBD client has its size)
     n=0; while [ ! -b "$hwh_root" ] && [ $n -lt 600 ]; do usleep 50000; n=$((n+1)); done
@@ -82,6 +83,13 @@ fi
 export PS1='%(prompt)s'
 # The console as controlling terminal (job control, Ctrl-C); a shell that exits gets a new one.
 while true; do setsid cttyhack sh; done
+"""
+
+
+# What init's `mount -a` mounts (busybox's mount reads /etc/fstab).
+FSTAB = """proc /proc proc defaults 0 0
+sys /sys sysfs defaults 0 0
+tmp /tmp tmpfs defaults 0 0
 """
 
 
@@ -255,6 +263,7 @@ def userland(archive: "Newc | Tree", busybox_root: Path, programs: dict[str, byt
         if applet != "bin/busybox" and applet != init:
             archive.symlink(applet, "/bin/busybox")
     archive.file(init, (INIT % {"prompt": PROMPT}).encode(), 0o755)
+    archive.file("etc/fstab", FSTAB.encode())
     for name, binary in programs.items():
         archive.file(f"usr/bin/{name}", binary, 0o755)
 
@@ -262,7 +271,7 @@ def userland(archive: "Newc | Tree", busybox_root: Path, programs: dict[str, byt
 def root_image(busybox_root: Path, programs: dict[str, bytes], out: Path, cache: Path) -> None:
     """``out``, an ext4 filesystem of ``ROOT_MB`` MiB with the guest's userland and ``/sbin/init``,
     made by ``mkfs.ext4 -d``; remade only when what goes in changes (a hash beside it says)."""
-    inputs = hashlib.sha256(INIT.encode() + (busybox_root / "bin" / "busybox").read_bytes()
+    inputs = hashlib.sha256(INIT.encode() + FSTAB.encode() + (busybox_root / "bin" / "busybox").read_bytes()
                             + b"".join(programs[n] for n in sorted(programs)) + b"%d" % ROOT_MB).hexdigest()
     stamp = out.with_name(out.name + ".inputs")
     if out.exists() and stamp.exists() and stamp.read_text() == inputs:

@@ -262,3 +262,13 @@ def test_booted_and_restored_consoles_alike_do_not_echo_typed_lines(linux_machin
     for m in (linux_machine, devices_machine):
         out, status = m.console.run("stty -a")
         assert status == 0 and re.search(r"(^|\s)-echo(\s|$)", out) and re.search(r"(^|\s)icanon(\s|$)", out), out
+
+
+def test_init_mounts_each_filesystem_once(linux_machine) -> None:
+    """init's /dev check and its `mount -a` (the image's /etc/fstab), as the guest's own
+    /proc/mounts lists them."""
+    out, status = linux_machine.console.run("cut -d' ' -f2,3 /proc/mounts")
+    assert status == 0
+    mounts = [tuple(line.split()) for line in out.splitlines()]
+    for mount in (("/dev", "devtmpfs"), ("/proc", "proc"), ("/sys", "sysfs"), ("/tmp", "tmpfs")):
+        assert mounts.count(mount) == 1, out

@@ -16,8 +16,9 @@ output for ``quiet`` seconds (:class:`~harness.errors.GuestHang`, with what QMP'
 may print between any two bytes the shell writes; the markers are matched with its
 log lines allowed anywhere inside them and those lines are removed from the output,
 so ``printk`` noise cannot break the parse (labgrid#1749). Only log lines stamped no
-earlier than the newest the console had shown before the command count as noise, so
-the output of ``dmesg`` (old stamps) comes back whole.
+earlier than the command's start count as noise, so the output of ``dmesg`` (old
+stamps) comes back whole; that start is asked of the guest only when the output holds
+log lines at all (see :meth:`Console.run`).
 """
 
 from __future__ import annotations
@@ -367,30 +368,53 @@ class Console:
 
         The command runs through ``command eval`` in the current shell (``cd`` and
         variables stay; a syntax error is status 2), framed by markers that its own
-        echo cannot contain. The begin marker carries the guest's uptime where
-        ``/proc/uptime`` exists: log lines stamped before it are output (``dmesg``),
-        not noise.
+        echo cannot contain. Log lines the kernel printed into the output while the
+        command ran are removed; older ones (``dmesg``'s) are output. Only when the output
+        holds log lines at all does a second command ask the guest's clock
+        (:meth:`_uptime_at`) where the line between them lies: a command's first run in a
+        new QEMU is mostly TCG translating what the guest runs, and reading
+        ``/proc/uptime`` on every command made it ~15 ms longer.
         """
-        marker = "hwh" + secrets.token_hex(4)
-        split = f"'{marker[:5]}''{marker[5:]}'"      # the shell prints it whole; its echo shows it split
+        marker = self._marker()
         self._drain()
         with self._cond:
             since = self._kernel_time
-        self.sendline(f"{{ read -r _hwh_up _ < /proc/uptime; }} 2>/dev/null; echo {split}B $_hwh_up; "
-                      f"command eval {shlex.quote(command)}; echo {split}E $?")
+        sent_at = time.monotonic()
+        self.sendline(f"echo {self._split(marker)}B; command eval {shlex.quote(command)}; "
+                      f"echo {self._split(marker)}E $?")
         noise = self.rules.noise
-        begin = self._tolerant(marker + "B") + r"(?P<uptime>(?:[ \d.]|" + noise + r")*)\r?\n"
+        begin = self._tolerant(marker + "B") + r"(?:" + noise + r")*\r?\n"
         end = self._tolerant(marker + "E ") + r"(?P<status>\d(?:" + noise + r"|\d)*)(?:" + noise + r")*\r?\n"
         deadline = time.monotonic() + timeout
-        started = self.expect([begin], timeout, quiet)
-        uptime = self._noise.sub("", started.match.group("uptime")).strip()
-        if re.fullmatch(r"\d+\.\d+", uptime):
-            # the log's clock runs some 30 ms behind /proc/uptime's: leave a margin
-            since = max(since, float(uptime) - UPTIME_MARGIN_S)
+        self.expect([begin], timeout, quiet)
         found = self.expect([end], max(0.0, deadline - time.monotonic()), quiet)
+        if self._noise.search(found.before):
+            # the log's clock runs some 30 ms behind /proc/uptime's: leave a margin
+            since = max(since, self._uptime_at(sent_at, deadline, quiet) - UPTIME_MARGIN_S)
         output = self.clean(found.before, since)
         status = int(self._noise.sub("", found.match.group("status")))
         return (output[:-1] if output.endswith("\n") else output), status
+
+    @staticmethod
+    def _marker() -> str:
+        return "hwh" + secrets.token_hex(4)
+
+    @staticmethod
+    def _split(marker: str) -> str:
+        """``marker`` as the shell prints it whole and its echo shows it split."""
+        return f"'{marker[:5]}''{marker[5:]}'"
+
+    def _uptime_at(self, moment: float, deadline: float, quiet: Quiet) -> float:
+        """The guest's uptime at ``moment`` (host monotonic time, past): ``/proc/uptime`` read
+        now less the host's time since, which errs early by the answer's way back (the guest's
+        clock runs with the host's: TCG reads the host's TSC, KVM's kvmclock follows it).
+        0.0 where there is no ``/proc/uptime``."""
+        marker = self._marker()
+        self.sendline(f"{{ read -r _hwh_up _ < /proc/uptime; }} 2>/dev/null; echo {self._split(marker)}U $_hwh_up")
+        answer = self._tolerant(marker + "U") + r"(?P<uptime>(?:[ \d.]|" + self.rules.noise + r")*)\r?\n"
+        found = self.expect([answer], max(0.0, deadline - time.monotonic()), quiet)
+        uptime = self._noise.sub("", found.match.group("uptime")).strip()
+        return float(uptime) - (time.monotonic() - moment) if re.fullmatch(r"\d+\.\d+", uptime) else 0.0
 
     def interact(self, in_fd: int = 0, out_fd: int = 1, escape: bytes = b"\x1d") -> None:
         """Attach a terminal to the console until ``escape`` (Ctrl-]) is typed or QEMU exits.

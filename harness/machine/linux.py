@@ -39,7 +39,13 @@ LINUX_DIR = IMAGES / "linux"
 QBOOT = Path("qboot.rom")
 # The command line is part of the boot time: `quiet` (a serial console is slow under TCG);
 # no crypto self-tests and no speculative-execution mitigations, which cost hundreds of
-# milliseconds under TCG and protect nothing in a throwaway test VM. (acpi=off hangs.)
+# milliseconds under TCG and protect nothing in a throwaway test VM.
+# ACPI stays although acpi=off would save ~165 M guest instructions (acpi_init's AML, the
+# PM timer, PnP; 0.47 -> 0.30 s of -icount virtual time to the prompt) and booted 4 times of
+# 4 here: without it nothing routes PCI INTx under qboot (its MP table has no PCI entries
+# and there is no $PIR), so an e1000 never interrupts (udhcpc gets no lease, with noapic
+# too), and with no HPET or PM timer left the TSC calibrates against the PIT alone, which
+# fails on a loaded host (what hung microvm).
 # no_timer_check: the kernel's check that the PIT ticks through the IO-APIC counts ticks
 # in a busy loop; a vCPU starved by a loaded host misses them and the kernel panics
 # ("IO-APIC + timer doesn't work!"), seen with eight machines booting on two busy cores.
@@ -62,10 +68,27 @@ QBOOT = Path("qboot.rom")
 # initcall_debug on the loaded host (crypto allocations that wait), which nobody uses here.
 # Measured together (5 boots a side, alternated, foreign_cores 1.5): QEMU's CPU per boot
 # 1.63 -> 1.49 s (p50).
+# The BTF parse moves on to the next initcall that registers BPF kfuncs, a chain of them in
+# this kernel: bpf_key_sig_kfuncs_init, kfunc_init, bpf_prog_test_run_init,
+# bpf_tcp_ca_kfunc_init (~50 M instructions each time one is left first). Nothing here runs BPF.
+# ftrace_check_for_weak_functions: a worker looks up each of ftrace's 40,000 call sites in
+# kallsyms to mark the weak ones (~160 M instructions, the worker's and the initcalls it
+# holds up); only function tracing reads the marks. tcp_congestion_default: with cubic
+# not registered it asks for the tcp_cubic module (a modprobe process at boot, which fails)
+# and leaves reno, as without it. blake2s_mod_init: the BLAKE2s self-test alone (the RNG
+# calls BLAKE2s directly), ~5 M.
+# noreplace-smp: on one CPU the kernel rewrites every LOCK prefix of its code (`text_poke`,
+# a page-table switch per site, and under TCG each switch flushes the softmmu TLB): QEMU's
+# CPU per boot ~0.12 s; the LOCKs stay, which one CPU does not notice.
+# Counted with -icount as above: init started after 0.60 s of virtual time, 0.37 s with these
+# (2 boots each); QEMU's CPU per boot 1.48 -> 1.27 s p50 (6 boots a side, alternated, load
+# average 7-8 on 2 cores).
 LINUX_APPEND = ("console=ttyS0 quiet cryptomgr.notests mitigations=off no_timer_check ipv6.disable=1 "
-                "rodata=off init_on_alloc=0 "
+                "rodata=off init_on_alloc=0 noreplace-smp "
                 "initcall_blacklist=crypto_kdf108_init,init_kprobe_trace,init_blk_tracer,"
-                "cubictcp_register,bpf_rstat_kfunc_init,init_encrypted")
+                "cubictcp_register,bpf_rstat_kfunc_init,init_encrypted,"
+                "bpf_key_sig_kfuncs_init,kfunc_init,bpf_prog_test_run_init,bpf_tcp_ca_kfunc_init,"
+                "ftrace_check_for_weak_functions,tcp_congestion_default,blake2s_mod_init")
 # Under TCG only: no local APIC timer, so the kernel does not calibrate it against the PIT, a
 # busy loop of 100 ms (HZ/10) of wall time (QEMU's TCG has no TSC-deadline timer, which would
 # skip it, and this kernel has no parameter that gives the period); the HPET ticks instead.

@@ -51,15 +51,25 @@ def wired(tmp_path: Path) -> Iterator[tuple[Console, socket.socket, FakeMachine]
     console.close()
 
 
-def shell(guest: socket.socket, reply: Callable[[str, str], str]) -> threading.Thread:
-    """Answer one command line: ``reply(marker, command_line)`` is what the 'guest' prints."""
+def shell(guest: socket.socket, reply: Callable[[str, str], str], uptime: str | None = None) -> threading.Thread:
+    """Answer one command line: ``reply(marker, command_line)`` is what the 'guest' prints.
+    With ``uptime``, then the question the console asks when the output holds log lines:
+    what ``/proc/uptime`` says (``""``: a guest without it)."""
+    def line() -> tuple[str, str]:
+        got = b""
+        while not got.endswith(b"\n"):
+            got += guest.recv(4096)
+        text = got.decode()
+        marker = "".join(re.search(r"echo '(hwh[0-9a-f]*)''([0-9a-f]*)'[BU]", text).groups())  # type: ignore[union-attr]
+        return marker, text
+
     def serve() -> None:
-        line = b""
-        while not line.endswith(b"\n"):
-            line += guest.recv(4096)
-        text = line.decode()
-        marker = "".join(re.search(r"echo '(hwh[0-9a-f]*)''([0-9a-f]*)'B", text).groups())  # type: ignore[union-attr]
+        marker, text = line()
         guest.sendall(reply(marker, text).encode())
+        if uptime is not None:
+            marker, text = line()
+            assert "/proc/uptime" in text
+            guest.sendall(f"{marker}U {uptime}\r\nhwh-linux# ".encode())
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     return t
@@ -73,7 +83,8 @@ def with_noise_everywhere(text: str, every: int = 3) -> str:
 def test_run_parses_through_noise_inside_markers_output_and_status(wired) -> None:
     console, guest, _ = wired
     t = shell(guest, lambda m, line: "hwh-linux# " + line.replace("\n", "\r\n")
-              + with_noise_everywhere(f"{m}B\r\nforty-two\r\nsecond line\r\n{m}E 17\r\n") + "hwh-linux# \x1b[6n")
+              + with_noise_everywhere(f"{m}B\r\nforty-two\r\nsecond line\r\n{m}E 17\r\n") + "hwh-linux# \x1b[6n",
+              uptime="12.40")
     assert console.run("whatever", timeout=5) == ("forty-two\nsecond line", 17)
     t.join()
     assert NOISE.strip() in (console.path).read_text(), "the log keeps everything, noise included"
@@ -148,10 +159,20 @@ def test_dmesg_output_keeps_its_old_log_lines_while_live_noise_goes(wired) -> No
     console.expect("hwh-linux# ", timeout=5)
     replay = "[    0.000000] Linux version 6.1\r\n[    4.999999] older still\r\n"
     live = "[    6.100000] printed while dmesg ran\r\n"
-    t = shell(guest, lambda m, line: f"{m}B\r\n" + replay[:20] + live + replay[20:] + f"{m}E 0\r\n")
+    t = shell(guest, lambda m, line: f"{m}B\r\n" + replay[:20] + live + replay[20:] + f"{m}E 0\r\n",
+              uptime="6.15")
     output, status = console.run("dmesg", timeout=5)
     t.join()
     assert (output, status) == ("[    0.000000] Linux version 6.1\n[    4.999999] older still", 0)
+
+
+def test_without_proc_uptime_log_lines_newer_than_the_console_showed_are_noise(wired) -> None:
+    console, guest, _ = wired
+    guest.sendall(b"[    5.000000] the newest line before the command\r\nhwh-linux# ")
+    console.expect("hwh-linux# ", timeout=5)
+    t = shell(guest, lambda m, line: f"{m}B\r\nout[    4.000000] old\r\n{NOISE}put\r\n{m}E 0\r\n", uptime="")
+    assert console.run("dmesg", timeout=5) == ("out[    4.000000] old\nput", 0)
+    t.join()
 
 
 def test_a_panic_just_before_qemu_exits_is_still_the_panic(wired) -> None:

@@ -16,7 +16,11 @@ kernel started. Phases of one boot:
 
 ``boot_s`` is exec to answer: the sum. ``qemu_cpu_s`` is the CPU time QEMU had used by
 then: on a host shared with other jobs the wall-clock figures stretch with the load
-(``host_load_before``), the work done much less.
+(``host_load_before``), the work done much less. ``init_icount_s`` does not stretch at all
+(TCG only): one more boot under ``-icount shift=0``, where the guest's clock advances one
+nanosecond per instruction, and the kernel's uptime when init starts, so billions of guest
+instructions from the kernel's clock starting to init (to the 10 ms that ``/proc/uptime``
+resolves): what a cut to the kernel's command line saves, whatever else the host runs.
 
 Restores (what the ``linux_machine`` fixture does before every test): ``restore_*`` are a
 new QEMU restored from a saved boot (:mod:`harness.machine.saved`), from the request to an
@@ -101,6 +105,16 @@ def one_boot(image: LinuxImage, accel: str, workdir: Path, timeout: float = 120.
               "init_to_prompt": prompt_at - init_at, "prompt_to_answer": answer_at - prompt_at,
               "boot": answer_at - exec_at, "qemu_cpu": cpu}
     return m, phases
+
+
+def init_icount(image: LinuxImage, workdir: Path, timeout: float = 120.0) -> float:
+    """The kernel's uptime when init starts in a boot under ``-icount shift=0`` (TCG):
+    virtual seconds, one nanosecond per guest instruction."""
+    spec = image.spec(accel="tcg")
+    spec.icount_shift = 0
+    with Machine(spec, name="bench-icount", artifacts_root=workdir) as m:
+        assert m.console is not None
+        return float(m.console.expect([INIT_LINE], timeout).match.group(1))
 
 
 def restores_in_place(m: Machine, count: int) -> list[float]:
@@ -252,6 +266,8 @@ def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_
         boots.append(phases)
         log.info("boot %d: %.2f s", i, phases["boot"])
     foreign_cores["boots"] = foreign.since_last()
+    init_icount_s = init_icount(image, workdir) if resolved == "tcg" else None
+    foreign.since_last()
     with save_booted(image.spec(accel=accel), image.wait_ready, name="bench-saved",
                      artifacts_root=workdir) as saved:
         foreign.since_last()
@@ -279,6 +295,7 @@ def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_
         "boot_p99_s": pct(total, 0.99),
         "phases_p50_s": {p: statistics.median(b[p] for b in boots) for p in PHASES},
         "qemu_cpu_p50_s": statistics.median(b["qemu_cpu"] for b in boots),
+        "init_icount_s": init_icount_s,
         "boots_s": boots,
         "restore_count": restore_count,
         "restore_p50_ms": pct(restore_s, 0.5) * 1e3,
