@@ -615,7 +615,7 @@ class Port:
         the span of LBAs once): the check runs inside every queued call, and one by one it
         cost a tenth of a 32-deep run's time. A failed check names the first bad request."""
         queue = [(lba, buffer.phys, len(buffer.view)) for lba, buffer in requests]
-        for size in {size for _, _, size in queue}:
+        for size in dict.fromkeys(size for _, _, size in queue):     # each size once, in order
             if not size or size % SECTOR or size > MAX_PRD_BYTES:
                 raise ValueError(f"a queued command moves whole sectors, at most {MAX_PRD_BYTES} bytes, not {size}")
         sectors = (self.identity or self.identify()).sectors
