@@ -12,6 +12,7 @@ import pytest
 
 from drivers.ahci import Ahci, DiskError
 from drivers.ahci.driver import QueuedRun
+from harness.access import DmaBuffer
 from harness.devices.fat import DriverFatFS
 from drivers.ahci.regs import Px
 from harness.machine import MachineSpec
@@ -142,6 +143,16 @@ def test_bad_requests_raise_before_anything_is_written(reader) -> None:
         disk.write(0, b"\0" * 511)                      # not whole sectors
     with pytest.raises(ValueError):
         disk.read_queued([(0, 129)])
+    buffer = hba.dev.dma_alloc(4096)
+    try:                                                # a queue is checked whole, before any command
+        with pytest.raises(ValueError, match=rf"sectors {sectors - 1}\.\.{sectors + 6} are not on"):
+            disk.write_queued_from([(0, buffer), (sectors - 1, buffer), (16, buffer)])
+        with pytest.raises(ValueError, match=r"sectors -8\.\.-1 are not on"):
+            disk.write_queued_from([(0, buffer), (-8, buffer)])
+        with pytest.raises(ValueError, match="whole sectors"):
+            disk.write_queued_from([(0, buffer), (16, DmaBuffer(buffer.phys, buffer.view[:1000]))])
+    finally:
+        hba.dev.dma_free(buffer)
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before
 
 

@@ -202,6 +202,7 @@ class Port:
         # The queue's hot path writes headers by words, and a PRD only when it changed (per table).
         self._list_words = self.command_list.view.cast("I")
         self._table_prd: list[tuple[int, int] | None] = [None] * (2 * self.slots)
+        self._look_sleeps = False       # the last queued look outlasted the channel's spin (_queue_round_posted)
 
     def bring_up(self, b: Batch) -> None:
         """Into ``b``, after the HBA reset: wait for the reset's stop of both engines (AHCI
@@ -361,7 +362,16 @@ class Port:
         which: its type byte is cleared before PxSACT is read, so a command that ends after
         the read writes it again and one that ends before is in PxSACT; none is missed, and
         at worst a round finds nothing. If no FIS comes within the channel's spin, the
-        guest-side poll on PxIS takes over (and reports a posted write's failure)."""
+        guest-side poll on PxIS takes over (and reports a posted write's failure).
+
+        A look that outlasts the channel's spin makes the next one sleep at once instead of
+        spinning: the look's PxIS read waits for QEMU's lock, which the main loop holds while
+        it completes the rest of the round (QD32: about 120 us of a 170 us round on a quiet
+        machine, within the spin; a millisecond on a busy one), and a host spin then holds
+        one of the two cores the main loop and the vCPU want. A quiet machine's looks stay
+        within the spin and keep spinning. Measured on a busy machine (load 12 on 2 cores,
+        alternated in one machine): QD32 0.32 of the C loop spinning, 0.42 so, with host
+        CPU per command 10.5 -> 6.0 us."""
         fis, channel = self.received_fis.view, self.hba.dev.channel
         if fresh:
             r, base = self.r, self.base
@@ -369,7 +379,16 @@ class Port:
         meanwhile()
         ended = spin_until(lambda: fis[RFIS_SDB] == FIS_TYPE_SDB, channel.spin)
         fis[RFIS_SDB] = 0
-        status, _, active, tfd = self._queue_look(not ended).run()
+        look = self._queue_look(not ended)
+        spin = channel.spin
+        if self._look_sleeps:
+            channel.spin = 0.0
+        started = time.perf_counter()
+        try:
+            status, _, active, tfd = look.run()
+        finally:
+            channel.spin = spin
+        self._look_sleeps = time.perf_counter() - started > spin
         return status, active, tfd
 
     def _prepare(self, slot: int, command: int, lba: int = 0, count: int = 0, write: bool = False,
@@ -592,13 +611,18 @@ class Port:
         self._queued(queue, True)
 
     def _queue_of(self, requests: Sequence[tuple[int, DmaBuffer]]) -> list[QueuedRequest]:
-        queue = []
-        for lba, buffer in requests:
-            size = buffer.size
+        """``requests`` as the queue takes them, checked as a whole (each distinct size once,
+        the span of LBAs once): the check runs inside every queued call, and one by one it
+        cost a tenth of a 32-deep run's time. A failed check names the first bad request."""
+        queue = [(lba, buffer.phys, len(buffer.view)) for lba, buffer in requests]
+        for size in dict.fromkeys(size for _, _, size in queue):     # each size once, in order
             if not size or size % SECTOR or size > MAX_PRD_BYTES:
                 raise ValueError(f"a queued command moves whole sectors, at most {MAX_PRD_BYTES} bytes, not {size}")
-            self._check(lba, size // SECTOR)
-            queue.append((lba, buffer.phys, size))
+        sectors = (self.identity or self.identify()).sectors
+        if queue and (min(lba for lba, _, _ in queue) < 0
+                      or max(lba + size // SECTOR for lba, _, size in queue) > sectors):
+            for lba, _, size in queue:
+                self._check(lba, size // SECTOR)
         return queue
 
     def _queued(self, requests: Sequence[QueuedRequest], write: bool,
@@ -671,6 +695,7 @@ class QueuedRun:
         self.other = [k + slots if k < slots else k - slots for k in range(2 * slots)]     # a table's twin
         self.request_of = [0] * depth               # tag -> the request it runs
         self.built = [-1] * depth                   # tag -> the request built in its spare table
+        self.ahead = 0                              # tags whose spare table holds a built request
         self.spare = list(range(slots, slots + depth))  # tag -> the table its next command goes in
         self.following = 0                          # the next request to build
         self.free = (1 << depth) - 1                # tags with nothing to run
@@ -723,53 +748,58 @@ class QueuedRun:
             PRD.pack_into(self.view, offset + CMD_TABLE_PRDT, phys, 0, size - 1)
             self.table_prd[table] = (phys, size)
         self.built[tag] = index
+        self.ahead |= 1 << tag
         self.following = index + 1
 
-    def issue(self, tag: int) -> None:
-        """Point ``tag``'s header at what was built; the tag goes to the HBA next round."""
-        table, h = self.spare[tag], tag * HEADER_WORDS
-        self.headers[h + PRDBC_WORD] = 0
-        self.headers[h + CTBA_WORD] = self.address[table]
-        self.request_of[tag], self.built[tag] = self.built[tag], -1
-        self.spare[tag] = self.other[table]
-        self.fresh |= 1 << tag
+    def issue(self, tags: int) -> None:
+        """Point each of ``tags``' headers at what was built in its spare table; they go to
+        the HBA next round."""
+        self.fresh |= tags
+        self.ahead &= ~tags
+        spare, headers, address, other = self.spare, self.headers, self.address, self.other
+        request_of, built = self.request_of, self.built
+        while tags:
+            bit = tags & -tags
+            tags ^= bit
+            tag = bit.bit_length() - 1
+            table, h = spare[tag], tag * HEADER_WORDS
+            headers[h + PRDBC_WORD] = 0
+            headers[h + CTBA_WORD] = address[table]
+            request_of[tag], built[tag] = built[tag], -1
+            spare[tag] = other[table]
 
     def fill(self) -> None:
         """Free tags take the next requests at once, lowest tag first."""
-        free, total = self.free, len(self.requests)
+        free, total, taken = self.free, len(self.requests), 0
         while free and self.following < total:
             bit = free & -free
             free ^= bit
-            tag = bit.bit_length() - 1
-            self.build(tag)
-            self.issue(tag)
+            taken |= bit
+            self.build(bit.bit_length() - 1)
         self.free = free
+        self.issue(taken)
 
     def build_ahead(self) -> None:
         """While a round runs: each tag in flight gets its next command, lowest tag first."""
-        waiting, built, total = self.in_flight, self.built, len(self.requests)
+        waiting, total = self.in_flight & ~self.ahead, len(self.requests)
         while waiting and self.following < total:
             bit = waiting & -waiting
             waiting ^= bit
-            tag = bit.bit_length() - 1
-            if built[tag] < 0:
-                self.build(tag)
+            self.build(bit.bit_length() - 1)
 
     def reap(self, active: int) -> None:
         """Tags PxSACT no longer shows are done: collected, then issued again if their next
-        command is built, or free."""
+        command is built, or free. The HBA has nothing to do while this runs (a round's tags
+        mostly end together), so it works on masks, not tag by tag, but to collect."""
         done, self.in_flight = self.in_flight & ~active, self.in_flight & active
-        collect, request_of, built = self.collect, self.request_of, self.built
-        while done:
-            bit = done & -done
-            done ^= bit
-            tag = bit.bit_length() - 1
-            if collect:
-                collect(tag, request_of[tag])
-            if built[tag] >= 0:
-                self.issue(tag)
-            else:
-                self.free |= bit
+        if self.collect:
+            collect, request_of, left = self.collect, self.request_of, done
+            while left:
+                bit = left & -left
+                left ^= bit
+                collect(bit.bit_length() - 1, request_of[bit.bit_length() - 1])
+        self.free |= done & ~self.ahead
+        self.issue(done & self.ahead)
 
     def unfinished(self) -> list[int]:
         """The requests not done: in flight, built ahead, not yet built."""
@@ -783,6 +813,7 @@ class QueuedRun:
         waiting = [self.request_of[t] for t in range(self.depth) if (self.in_flight | self.fresh) >> t & 1]
         self.failures += self.retry_alone(sorted(waiting + [b for b in self.built if b >= 0]))
         self.fresh, self.free, self.in_flight, self.built = 0, (1 << self.depth) - 1, 0, [-1] * self.depth
+        self.ahead = 0
         self.claim_headers()                        # the retries used slot 0's header
 
     def retry_alone(self, indices: list[int]) -> list[tuple[int, DiskError]]:
