@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from harness.access import Batch, Kind, Space
+from harness.access import Batch, Kind, Space, spin_until
 from harness.errors import AccessDenied, BadRequest, DeviceTimeout
 from harness.proxy import ProxyMachine, raw
 from harness.tools.bench.paired import TSC_AGREEMENT
@@ -286,6 +286,21 @@ def test_the_tsc_rate_calibrated_at_boot_agrees_with_the_hosts_clock(proxy_machi
     clock.calibrate(span=0.3)
     host_hz = 1e9 / clock.ns_per_tick
     assert abs(proxy_machine.bus.tsc_hz / host_hz - 1) < TSC_AGREEMENT, (proxy_machine.bus.tsc_hz, host_hz)
+
+
+def test_wake_kicks_a_sleeping_guest_without_a_request(proxy_machine: ProxyMachine) -> None:
+    """``wake()`` takes the guest out of its halt with no request posted: QEMU delivers the
+    kick's MSI-X, the guest counts it and drops its sleeping flag. The next request is served."""
+    window, channel = proxy_machine.bus.window, proxy_machine.bus.ports(0xE9, 1).channel
+    try:
+        assert spin_until(lambda: window.u32[window.guest_sleeping_idx] == 1, 30), "the guest never slept"
+        kicks, served = window.field("kicks"), window.field("served_total")
+        channel.wake()
+        assert spin_until(lambda: window.field("kicks") > kicks, 30), "the kick never reached the guest"
+        assert window.field("served_total") == served
+        assert channel.guest_time() > 0
+    finally:
+        channel.close()
 
 
 def test_100k_malformed_ring_entries_are_refused_and_the_proxy_survives(proxy_machine: ProxyMachine) -> None:

@@ -458,6 +458,12 @@ class ProxyChannel(Channel):
         from .irq import enable
         return enable(self, mode, count=count)
 
+    def wake(self) -> None:
+        """Kick the guest if it sleeps, and return at once: a caller that knows a request is
+        coming (a block server that has read a command's header) overlaps the guest's wake-up,
+        tens of microseconds of QEMU's main loop and vCPU thread, with its own work before it."""
+        self._w.kick_if_sleeping()
+
     @property
     def last_start_tsc(self) -> int:
         """Guest TSC just before the most recent request on this channel was carried out."""

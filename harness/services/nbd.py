@@ -326,11 +326,13 @@ class NbdServer:
     a turn's writes where they do), to issue together; ``read_many([(lba, count), ...])``,
     a batch of reads (at most ``BEAT_BYTES`` in all) to issue together, whose data it
     returns as buffers valid until its next call (views of its DMA memory: the server sends
-    each reply from there, copying only what a socket does not take at once); and
-    ``trim(lba, count)`` (then TRIM is
-    advertised). ``beat()``, if given, is called on every turn of the loop, at
-    least every ``TICK`` seconds while the device is idle: a liveness heartbeat for a
-    supervisor. The device's exceptions of ``request_errors`` fail the request they came
+    each reply from there, copying only what a socket does not take at once);
+    ``trim(lba, count)`` (then TRIM is advertised); and ``wake()``, called as soon as a
+    connection in transmission has bytes to read, before they are read and parsed: a device
+    that sleeps when idle (the proxy guest halts) starts getting up while the server works,
+    instead of when the request is posted. ``beat()``, if given, is called on every turn of
+    the loop, at least every ``TICK`` seconds while the device is idle: a liveness heartbeat
+    for a supervisor. The device's exceptions of ``request_errors`` fail the request they came
     from (EIO); any other escapes and ends the server (its clients will send again to the
     next one). ``accepted`` and ``flushes`` count connections and device flushes.
     ``mark(phase)``, if given, is told "accepted" and "transmission" when the first
@@ -354,6 +356,7 @@ class NbdServer:
         self.read_many: Callable[[list[tuple[int, int]]], Sequence[bytes | memoryview]] | None = getattr(
             device, "read_many", None)
         self.trim: Callable[[int, int], None] | None = getattr(device, "trim", None)
+        self.wake: Callable[[], None] | None = getattr(device, "wake", None)
         flags = Flag.HAS_FLAGS | Flag.SEND_FLUSH | Flag.CAN_MULTI_CONN
         if read_only:
             flags |= Flag.READ_ONLY
@@ -454,6 +457,8 @@ class NbdServer:
         self._watch(connection)
 
     def _receive(self, connection: _Connection) -> None:
+        if self.wake is not None and connection.phase == _Phase.TRANSMISSION:
+            self.wake()                 # a request is coming: the device gets up while it is read and parsed
         try:
             data = connection.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):

@@ -506,6 +506,25 @@ def test_the_loop_beats_while_idle(socket_dir: Path) -> None:
     assert not thread.is_alive() and beats[0] == 5, "no client, yet the loop went round"
 
 
+class WakingDevice(RecordingDevice):
+    """A device that sleeps when idle (as the proxy guest does): it logs the server's wake-ups."""
+
+    def wake(self) -> None:
+        self.calls.append(("wake",))
+
+
+def test_the_server_wakes_the_device_before_each_request_it_carries_out(socket_dir: Path) -> None:
+    """One request at a time: each comes after its bytes were read, so a wake-up precedes each read."""
+    device = WakingDevice(64, lambda: 0)
+    with served_here(device, socket_dir / "wake") as address, NbdClient(address) as client:
+        for lba in range(0, 64, 8):
+            client.read(lba, 8)
+    reads = [i for i, call in enumerate(device.calls) if call[0] == "read"]
+    assert len(reads) == 8
+    for previous, read in zip([-1] + reads, reads):
+        assert ("wake",) in device.calls[previous + 1:read], device.calls
+
+
 # ---- clients that outlive their server ----
 
 
