@@ -70,7 +70,7 @@ class DiskBackend:
         self.staging = dev.dma_alloc(STAGING_BYTES) if disk.queue_depth else None
         self.read_staging: DmaBuffer | None = dev.dma_alloc(READ_STAGING_BYTES)
         # The proxy guest halts when idle: the server wakes it as soon as a request's bytes come.
-        self.wake: Callable[[], None] | None = getattr(dev.channel, "wake", None)
+        self.wake: Callable[[], None] | None = getattr(getattr(dev, "channel", None), "wake", None)
         controller = getattr(disk, "controller", None)
         self.trim: Callable[[int, int], None] | None = (
             self._deallocate if controller is not None and controller.identity.dsm else None)
