@@ -193,11 +193,13 @@ RECV_SIZE = 256 << 10
 # straight from the device's DMA memory, instead of the rest being copied to the outbox.
 SEND_BUFFER = 4 << 20
 IOV_MAX = 1024                          # buffers one sendmsg takes (Linux's UIO_MAXIOV)
-# Waking the device ahead of a client's next request (_Pace): from the last PACE_GAPS idle gaps,
-# WAKE_LEAD before the next is due; not for a client whose gaps pass PACE_LONGEST (it is idle).
+# The device is asked to stay awake for the clients' next request (_Pace) when three in four
+# of the last PACE_GAPS idle gaps were at least PACE_SHORTEST (shorter ones the proxy guest's
+# idle spin covers) and the gap they kept within is under PACE_LONGEST (the guest's linger
+# is 2 ms; a client slower than that is idle).
 PACE_GAPS = 8
-WAKE_LEAD = 150e-6
-PACE_LONGEST = 5e-3
+PACE_SHORTEST = 100e-6
+PACE_LONGEST = 1.5e-3
 
 _Item = TypeVar("_Item")
 
@@ -262,24 +264,24 @@ class _Spans:
 
 
 class _Pace:
-    """When the clients' next request is due, from the server's idle gaps (answered turn to
-    the next request's bytes): a client that sends one request at a time (a Linux machine's
-    QD1 reads) keeps a steady gap, longer than the proxy guest spins before it halts (200 us),
-    and a halted guest takes 55-300 us to get up on a kick. Woken ``WAKE_LEAD`` before the
-    gap that three in four recent ones outlasted, the guest spins again through the
-    request's arrival; woken too early, the kick finds it still spinning and is not sent."""
+    """Whether the clients keep a pace the device should stay awake for, from the server's
+    idle gaps (answered turn to the next request's bytes): a client that sends one request
+    at a time (a Linux machine's QD1 reads, 300-1000 us apart under TCG) comes back after
+    the proxy guest's idle spin (200 us) has ended in a halt, and a halted guest takes
+    55-300 us to get up on the request's kick."""
 
     def __init__(self) -> None:
         self.gaps: deque[float] = deque(maxlen=PACE_GAPS)
         self.idle_since: float | None = None
 
-    def idle(self, now: float) -> float | None:
-        """The server answered its turn at ``now`` and waits: when to wake the device (None: not)."""
+    def idle(self, now: float) -> bool:
+        """The server answered its turn at ``now`` and waits: is the next request due within
+        the device's linger and after its plain spin?"""
         self.idle_since = now
         if len(self.gaps) < PACE_GAPS:
-            return None
-        gap = sorted(self.gaps)[PACE_GAPS // 4]
-        return now + gap - WAKE_LEAD if gap < PACE_LONGEST else None
+            return False
+        gaps = sorted(self.gaps)
+        return gaps[PACE_GAPS // 4] >= PACE_SHORTEST and gaps[PACE_GAPS * 3 // 4] < PACE_LONGEST
 
     def busy(self, now: float) -> None:
         """A request's bytes came at ``now``."""
@@ -363,7 +365,9 @@ class NbdServer:
     ``trim(lba, count)`` (then TRIM is advertised); and ``wake()``, called as soon as a
     connection in transmission has bytes to read, before they are read and parsed: a device
     that sleeps when idle (the proxy guest halts) starts getting up while the server works,
-    instead of when the request is posted. ``beat()``, if given, is called on every turn of the loop, at
+    instead of when the request is posted; ``stay_awake()``, called after a turn is answered
+    when the clients keep a steady pace (:class:`_Pace`), so that such a device is up when
+    their next request comes. ``beat()``, if given, is called on every turn of the loop, at
     least every ``TICK`` seconds while the device is idle: a liveness heartbeat for a
     supervisor. The device's exceptions of ``request_errors`` fail the request they came
     from (EIO); any other escapes and ends the server (its clients will send again to the
@@ -390,6 +394,7 @@ class NbdServer:
             device, "read_many", None)
         self.trim: Callable[[int, int], None] | None = getattr(device, "trim", None)
         self.wake: Callable[[], None] | None = getattr(device, "wake", None)
+        self.stay_awake: Callable[[], None] | None = getattr(device, "stay_awake", None)
         flags = Flag.HAS_FLAGS | Flag.SEND_FLUSH | Flag.CAN_MULTI_CONN
         if read_only:
             flags |= Flag.READ_ONLY
@@ -406,7 +411,6 @@ class NbdServer:
         self._unanswered = 0                # the first of them not answered yet
         self._selector: selectors.BaseSelector | None = None
         self._pace = _Pace()
-        self._wake_at: float | None = None     # when to wake the device ahead of the next request
 
     def serve_forever(self) -> None:
         """Serve until the process is killed (or the device raises an error not in request_errors)."""
@@ -430,16 +434,8 @@ class NbdServer:
 
     def _turn(self) -> None:
         ready = any(self._has_request(c) for c in self.connections)   # then look, but do not wait
-        timeout = 0 if ready else TICK
-        if self._wake_at is not None and not ready:
-            early = self._wake_at - time.perf_counter()
-            if early > 0:
-                timeout = min(timeout, early)
-            else:
-                self._wake_at = None
-                self.wake()             # type: ignore[misc]    # set only where there is a wake
         assert self._selector is not None
-        for key, events in self._selector.select(timeout):
+        for key, events in self._selector.select(0 if ready else TICK):
             if key.fileobj is self.listener:
                 self._accept()
                 continue
@@ -455,8 +451,8 @@ class NbdServer:
             left = batch[self._unanswered:]
             self._answer(left, [request.reply for request in left])
             self._batch = []
-            if self.wake is not None:
-                self._wake_at = self._pace.idle(time.perf_counter())
+            if self.stay_awake is not None and self._pace.idle(time.perf_counter()):
+                self.stay_awake()
         for connection in list(self.connections):
             if connection.outbox:
                 self._send(connection)
@@ -505,7 +501,6 @@ class NbdServer:
         if self.wake is not None and connection.phase == _Phase.TRANSMISSION:
             self.wake()                 # a request is coming: the device gets up while it is read and parsed
             self._pace.busy(time.perf_counter())
-            self._wake_at = None
         try:
             data = connection.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
