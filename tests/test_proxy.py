@@ -288,14 +288,16 @@ def test_the_tsc_rate_calibrated_at_boot_agrees_with_the_hosts_clock(proxy_machi
     assert abs(proxy_machine.bus.tsc_hz / host_hz - 1) < TSC_AGREEMENT, (proxy_machine.bus.tsc_hz, host_hz)
 
 
-def test_wake_kicks_a_sleeping_guest_without_a_request(proxy_machine: ProxyMachine) -> None:
-    """``wake()`` takes the guest out of its halt with no request posted: QEMU delivers the
-    kick's MSI-X, the guest counts it and drops its sleeping flag. The next request is served."""
+@pytest.mark.parametrize("method", ("wake", "stay_awake"))
+def test_wake_kicks_a_sleeping_guest_without_a_request(proxy_machine: ProxyMachine, method: str) -> None:
+    """``wake()`` (and ``stay_awake()``) take the guest out of its halt with no request posted:
+    QEMU delivers the kick's MSI-X, the guest counts it and drops its sleeping flag. The next
+    request is served."""
     window, channel = proxy_machine.bus.window, proxy_machine.bus.ports(0xE9, 1).channel
     try:
         assert spin_until(lambda: window.u32[window.guest_sleeping_idx] == 1, 30), "the guest never slept"
         kicks, served = window.field("kicks"), window.field("served_total")
-        channel.wake()
+        getattr(channel, method)()
         assert spin_until(lambda: window.field("kicks") > kicks, 30), "the kick never reached the guest"
         assert window.field("served_total") == served
         assert channel.guest_time() > 0

@@ -69,8 +69,11 @@ class DiskBackend:
         self.per_command = getattr(disk, "max_transfer", MAX_PAYLOAD)
         self.staging = dev.dma_alloc(STAGING_BYTES) if disk.queue_depth else None
         self.read_staging: DmaBuffer | None = dev.dma_alloc(READ_STAGING_BYTES)
-        # The proxy guest halts when idle: the server wakes it as soon as a request's bytes come.
-        self.wake: Callable[[], None] | None = getattr(getattr(dev, "channel", None), "wake", None)
+        # The proxy guest halts when idle: the server wakes it as soon as a request's bytes come,
+        # and keeps it up for a client that keeps a pace.
+        channel = getattr(dev, "channel", None)
+        self.wake: Callable[[], None] | None = getattr(channel, "wake", None)
+        self.stay_awake: Callable[[], None] | None = getattr(channel, "stay_awake", None)
         controller = getattr(disk, "controller", None)
         self.trim: Callable[[int, int], None] | None = (
             self._deallocate if controller is not None and controller.identity.dsm else None)
