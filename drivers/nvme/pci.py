@@ -225,14 +225,15 @@ class QueuePair:
             else:
                 self._ring()
 
-    def _nap(self) -> bool:
+    def _nap(self, rung_at: float) -> bool:
         """Sleep through most of the time the controller is expected to take after its
-        doorbells; whether the completion came meanwhile. Python's spin holds one of the two
+        doorbells (rung at ``rung_at``: the entries prepared since took some of it); whether
+        the completion came meanwhile. Python's spin holds one of the two
         cores that the vCPU and QEMU's main loop, which emulate the controller, both want
         (a spin that never yields ran QD1 at a third of the yielding one's rate); a nap
         gives it back. Short expectations (QD1 on a quiet machine) get none: a nap ends
         NAP_OVERSHOOT late."""
-        nap = min(self.expected - NAP_OVERSHOOT, NAP_MOST)
+        nap = min(self.expected - NAP_OVERSHOOT - (time.perf_counter() - rung_at), NAP_MOST)
         if nap <= 0:
             return False
         time.sleep(nap)
@@ -247,7 +248,7 @@ class QueuePair:
         oversleep), and a nap that ends past the completion halves it."""
         rung_at, self._rung_at = self._rung_at, None
         if rung_at is not None and not self._cqe_pending():
-            if self._nap():
+            if self._nap(rung_at):
                 self.expected *= NAP_SHRINK
                 return
             self._spin_wait(deadline)
