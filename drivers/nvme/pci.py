@@ -357,7 +357,8 @@ class InFlight:
     free identifier), then *released* (the tail moved past it, at most ``depth`` in
     flight). Every identifier of the queue may carry one, so up to ``queue.depth -
     depth`` wait prepared while ``depth`` are in flight; the submission queue never
-    holds more than ``queue.depth`` either way."""
+    holds more than ``queue.depth`` either way (the entry at ``fill`` was fetched: the
+    controller fetches in order, and a command not yet fetched has not completed)."""
 
     __slots__ = ("queue", "commands", "on_done", "depth", "results", "failures", "owner", "free", "prepared",
                  "following", "in_flight", "left")
@@ -367,8 +368,9 @@ class InFlight:
         self.queue, self.commands, self.on_done, self.depth = queue, commands, on_done, depth
         self.results = [0] * len(commands)
         self.failures: list[tuple[int, int]] = []       # (index, status word) of each failed command
-        self.owner = [-1] * queue.depth                 # command identifier -> index of its command, or -1
-        self.free = list(range(queue.depth - 1, -1, -1))    # identifiers a command may take, lowest last
+        identifiers = min(queue.depth, len(commands))   # one command alone (QD1) builds lists of one
+        self.owner = [-1] * identifiers                 # command identifier -> index of its command, or -1
+        self.free = list(range(identifiers - 1, -1, -1))    # identifiers a command may take, lowest last
         self.prepared: deque[int] = deque()             # identifiers of prepared commands, in queue order
         self.following = 0                              # the next command to prepare
         self.in_flight = 0                              # commands released to the controller, not yet ended
