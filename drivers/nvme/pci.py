@@ -7,16 +7,17 @@ the doorbell writes (the completion queue's head and the submission queue's
 tail) and waits for completions: a guest-side poll of the phase bit of the
 next completion entry, while Python sleeps. The cores are then the vCPU's and
 QEMU's main loop's, as with the in-guest C loop: on two cores a third busy
-thread (Python spinning on completion memory) took a third of the main loop's
-time, which emulates the controller. With several commands in flight the
+thread (Python spinning on completion memory) competes with the main loop,
+which emulates the controller. With several commands in flight the
 doorbells are posted at once, so that the controller works while Python reaps
 completions and prepares the next entries; a command alone's go in front of
 its poll (one round trip). With interrupts, each queue waits for its own
 MSI-X vector instead.
 
 Threads: one queue pair serves one thread at a time; several threads may each
-drive their own queue pair (the doorbell writes share the device's channel
-and take turns under a lock).
+drive their own queue pair (the doorbell writes and waits share the device's
+channel and take turns under a lock; a thread that finds it taken looks at its
+own completion queue from the host, and its doorbells go with its next batch).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from harness.access import Access, Bus, Deadline, Device, DmaBuffer, Irq, IrqMode, Kind, Space
+from harness.access import Access, Bus, Deadline, Device, DmaBuffer, Irq, IrqMode, Kind, Space, spin_until
 from harness.errors import DeviceTimeout, InterruptTimeout
 
 from .core import Coalescing, Command, Controller, NvmeError, failure
@@ -190,34 +191,46 @@ class QueuePair:
         return accesses
 
     def _post_doorbells(self) -> None:
-        """The doorbells that moved, posted: the controller goes to work, Python goes on."""
-        accesses = self._doorbells_moved()
-        if accesses:
-            with self.controller.doorbell_lock:
+        """The doorbells that moved, posted: the controller goes to work, Python goes on. If
+        another queue's wait holds the channel, they go with this queue's next batch."""
+        lock = self.controller.doorbell_lock
+        if not lock.acquire(blocking=False):
+            return
+        try:
+            accesses = self._doorbells_moved()
+            if accesses:
                 self.controller.dev.channel.post(accesses)
+        finally:
+            lock.release()
 
     def _guest_wait(self) -> None:
         """A guest-side wait (at most GUEST_WAIT) until the next completion entry carries the
         controller's phase: one round trip, with any doorbells that moved in front of it,
         which Python sleeps through (without the channel's spin: it would hold a core the
         vCPU and QEMU's main loop need; the guest rings the host when it is done)."""
-        accesses = self._doorbells_moved() + [self._phase_polls[self.phase][self.head]]
-        channel = self.controller.dev.channel
+        lock, channel = self.controller.doorbell_lock, self.controller.dev.channel
+        if not lock.acquire(blocking=False):
+            # Another queue's wait holds the channel, asleep: look at this queue's own
+            # completions from the host meanwhile, rather than sleep behind it.
+            spin_until(lambda: self._cqe_pending() or not lock.locked(), GUEST_WAIT)
+            return
         try:
-            with self.controller.doorbell_lock:
-                spin, channel.spin = channel.spin, 0.0
-                try:
-                    channel.execute(accesses)
-                finally:
-                    channel.spin = spin
+            accesses = self._doorbells_moved() + [self._phase_polls[self.phase][self.head]]
+            spin, channel.spin = channel.spin, 0.0
+            try:
+                channel.execute(accesses)
+            finally:
+                channel.spin = spin
         except DeviceTimeout:
             pass                        # not yet: the caller's deadline decides
+        finally:
+            lock.release()
 
     def _tell(self, submitted: bool, in_flight: int) -> None:
         """Ring when the controller needs it: new entries to fetch, or completion entries to
         reuse. Polling, with several commands in flight the doorbells are posted (the
-        controller works while Python reaps and prepares); a command alone's wait for
-        the guest-side wait that follows, in one batch with it."""
+        controller works while Python reaps and prepares); a command alone's doorbells go
+        in one batch with the guest-side wait that follows."""
         if submitted or self._cq_needs_head(in_flight):
             if self.irq is not None:
                 self._ring()
