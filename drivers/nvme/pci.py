@@ -210,10 +210,12 @@ class QueuePair:
         vCPU and QEMU's main loop need; the guest rings the host when it is done)."""
         lock, channel = self.controller.doorbell_lock, self.controller.dev.channel
         if not lock.acquire(blocking=False):
-            # Another queue's wait holds the channel, asleep: look at this queue's own
-            # completions from the host meanwhile, rather than sleep behind it.
-            spin_until(lambda: self._cqe_pending() or not lock.locked(), GUEST_WAIT)
-            return
+            if self.tail == self.rung_tail and self.head == self.acked:
+                # Another queue's wait holds the channel, asleep, and the controller knows all
+                # of this queue's: look at its completions from the host meanwhile.
+                spin_until(lambda: self._cqe_pending() or not lock.locked(), GUEST_WAIT)
+                return
+            lock.acquire()              # doorbells to tell: nothing comes until they are
         try:
             accesses = self._doorbells_moved() + [self._phase_polls[self.phase][self.head]]
             spin, channel.spin = channel.spin, 0.0
