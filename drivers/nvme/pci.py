@@ -2,22 +2,20 @@
 enable, the admin and I/O queue pairs in DMA memory, PRPs, doorbells, interrupts.
 
 Queues live in DMA memory the host has mapped, so Python writes submission
-entries and reads completion entries itself, at host speed; the guest carries
-the doorbell writes (the completion queue's head and the submission queue's
-tail) and waits for completions: a guest-side poll of the phase bit of the
-next completion entry, while Python sleeps. The cores are then the vCPU's and
-QEMU's main loop's, as with the in-guest C loop: on two cores a third busy
-thread (Python spinning on completion memory) competes with the main loop,
-which emulates the controller. With several commands in flight the
-doorbells are posted at once, so that the controller works while Python reaps
-completions and prepares the next entries; a command alone's go in front of
-its poll (one round trip). With interrupts, each queue waits for its own
-MSI-X vector instead.
+entries and reads completion entries itself, at host speed; the guest only
+carries the doorbell writes, one posted batch per round (the completion
+queue's head and the submission queue's tail), which nobody waits for: while
+the controller works, Python naps through the time it usually takes (the
+cores are the vCPU's and QEMU's meanwhile), then polls the phase bit of the
+next completion entry itself, with no round trip, and reaps and prepares the
+next round. If none
+comes for a while, a guest-side poll of that phase bit takes over (a round
+trip, which also reports a posted doorbell's failure). With interrupts, each
+queue waits for its own MSI-X vector instead.
 
 Threads: one queue pair serves one thread at a time; several threads may each
-drive their own queue pair (the doorbell writes and waits share the device's
-channel and take turns under a lock; a thread that finds it taken looks at its
-own completion queue from the host, and its doorbells go with its next batch).
+drive their own queue pair (the doorbell writes share the device's channel
+and take turns under a lock).
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -46,6 +45,11 @@ IO_ENTRIES = 64                     # per I/O queue: 63 commands in flight
 PRP_LIST_ENTRIES = PAGE // 8        # one list page per command identifier
 MAX_TRANSFER = PRP_LIST_ENTRIES * PAGE      # so one command moves 2 MiB at most
 COMMAND_TIMEOUT = 5.0               # seconds a command may take
+# Napping through the controller's expected time (see QueuePair._nap)
+NAP_OVERSHOOT = 80e-6               # a nap ends this much late (the kernel's 50 us timer slack, the wake-up)
+NAP_MOST = 1e-3                     # the longest nap: a slow spell must not put Python to sleep for long
+NAP_LEARN = 1 / 16                  # how far a longer doorbell-to-completion time moves the expectation up
+NAP_SHRINK = 0.5                    # the expectation after a nap that ended past the completion
 GUEST_WAIT = 100e-6                 # one guest-side wait for a completion: short, so queues sharing
                                     # the device's channel take turns
 
@@ -108,6 +112,8 @@ class QueuePair:
         self.submitted = 0              # commands given to the controller (diagnostics and tests)
         self.most_in_flight = 0
         self._bounce: DmaBuffer | None = None
+        self.expected = 0.0             # seconds from a doorbell batch to the next completion, as learned
+        self._rung_at: float | None = None     # when the doorbells were posted, if not yet waited on
 
     @property
     def depth(self) -> int:
@@ -191,59 +197,72 @@ class QueuePair:
         return accesses
 
     def _post_doorbells(self) -> None:
-        """The doorbells that moved, posted: the controller goes to work, Python goes on. If
-        another queue's wait holds the channel, they go with this queue's next batch."""
-        lock = self.controller.doorbell_lock
-        if not lock.acquire(blocking=False):
-            return
-        try:
-            accesses = self._doorbells_moved()
-            if accesses:
+        """The doorbells that moved, posted: the controller goes to work, Python goes on."""
+        accesses = self._doorbells_moved()
+        if accesses:
+            with self.controller.doorbell_lock:
                 self.controller.dev.channel.post(accesses)
-        finally:
-            lock.release()
 
     def _guest_wait(self) -> None:
         """A guest-side wait (at most GUEST_WAIT) until the next completion entry carries the
-        controller's phase: one round trip, with any doorbells that moved in front of it,
-        which Python sleeps through (without the channel's spin: it would hold a core the
-        vCPU and QEMU's main loop need; the guest rings the host when it is done)."""
-        lock, channel = self.controller.doorbell_lock, self.controller.dev.channel
-        if not lock.acquire(blocking=False):
-            if self.tail == self.rung_tail and self.head == self.acked:
-                # Another queue's wait holds the channel, asleep, and the controller knows all
-                # of this queue's: look at its completions from the host meanwhile.
-                spin_until(lambda: self._cqe_pending() or not lock.locked(), GUEST_WAIT)
-                return
-            lock.acquire()              # doorbells to tell: nothing comes until they are
+        controller's phase: one round trip, with any doorbells that moved in front of it."""
+        accesses = self._doorbells_moved() + [self._phase_polls[self.phase][self.head]]
         try:
-            accesses = self._doorbells_moved() + [self._phase_polls[self.phase][self.head]]
-            spin, channel.spin = channel.spin, 0.0
-            try:
-                channel.execute(accesses)
-            finally:
-                channel.spin = spin
+            with self.controller.doorbell_lock:
+                self.controller.dev.channel.execute(accesses)
         except DeviceTimeout:
             pass                        # not yet: the caller's deadline decides
-        finally:
-            lock.release()
 
     def _tell(self, submitted: bool, in_flight: int) -> None:
         """Ring when the controller needs it: new entries to fetch, or completion entries to
-        reuse. Polling, with several commands in flight the doorbells are posted (the
-        controller works while Python reaps and prepares); a command alone's doorbells go
-        in one batch with the guest-side wait that follows."""
+        reuse. Polling, the doorbells are posted and the host watches the completion queue."""
         if submitted or self._cq_needs_head(in_flight):
-            if self.irq is not None:
-                self._ring()
-            elif in_flight > 1:
+            if self.irq is None:
                 self._post_doorbells()
+                # One command in flight finishes within a nap's own lateness on a quiet machine
+                # (QD1 lost 15 % to naps there): only a queue that holds several naps.
+                self._rung_at = time.perf_counter() if in_flight > 1 else None
+            else:
+                self._ring()
+
+    def _nap(self, rung_at: float) -> bool:
+        """Sleep through most of the time the controller is expected to take after its
+        doorbells (rung at ``rung_at``: the entries prepared since took some of it); whether
+        the completion came meanwhile. Python's spin holds one of the two
+        cores that the vCPU and QEMU's main loop, which emulate the controller, both want
+        (a spin that never yields ran QD1 at a third of the yielding one's rate); a nap
+        gives it back. Short expectations (QD1 on a quiet machine) get none: a nap ends
+        NAP_OVERSHOOT late."""
+        nap = min(self.expected - NAP_OVERSHOOT - (time.perf_counter() - rung_at), NAP_MOST)
+        if nap <= 0:
+            return False
+        time.sleep(nap)
+        return self._cqe_pending()
 
     def _wait(self, deadline: Deadline) -> None:
-        """Until the next completion entry is the controller's: guest-side waits; or the vector."""
+        """Until the next completion entry is the controller's: right after doorbells a nap,
+        then the host's own look at the completion queue, then guest-side waits; or the
+        vector. ``expected`` follows the quick doorbell-to-completion times: a shorter one
+        replaces it, a longer one moves it up a little (on a busy host most commands
+        take the usual time and a few take milliseconds: those must not make every nap
+        oversleep), and a nap that ends past the completion halves it."""
+        rung_at, self._rung_at = self._rung_at, None
+        if rung_at is not None and not self._cqe_pending():
+            if self._nap(rung_at):
+                self.expected *= NAP_SHRINK
+                return
+            self._spin_wait(deadline)
+        if rung_at is not None:
+            took = time.perf_counter() - rung_at
+            self.expected = took if took < self.expected else self.expected + (took - self.expected) * NAP_LEARN
+        self._spin_wait(deadline)
+
+    def _spin_wait(self, deadline: Deadline) -> None:
+        """Until the next completion entry is the controller's: spin, then guest-side waits; or the vector."""
         while not self._cqe_pending():
             if self.irq is None:
-                self._guest_wait()
+                if not spin_until(self._cqe_pending, self.controller.dev.channel.spin):
+                    self._guest_wait()
             else:
                 try:
                     self.irq.wait(deadline.remaining)
