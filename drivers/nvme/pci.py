@@ -286,6 +286,8 @@ class QueuePair:
         if depth is not None and depth < 1:
             raise ValueError(f"a queue depth is at least 1, not {depth}")
         flight = InFlight(self, commands, min(depth or self.depth, self.depth), on_done)
+        running = self.controller.running
+        running.add(self.qid)
         try:
             while flight.left:
                 # One round: what has room goes to the controller; the next commands' entries
@@ -294,7 +296,10 @@ class QueuePair:
                 # emulation works in bursts, and would otherwise idle through the bookkeeping.
                 flight.prepare(flight.depth - flight.in_flight - len(flight.prepared))
                 self._tell(flight.release(0), flight.in_flight)
-                flight.prepare(len(flight.free))
+                if len(running) == 1:
+                    # Alone: write ahead. Beside another queue's run it would hold the GIL
+                    # while that thread's doorbell waits (two queue pairs at QD32: 0.88x).
+                    flight.prepare(len(flight.free))
                 try:
                     self._wait(Deadline(timeout))
                 except DeviceTimeout:
@@ -310,6 +315,8 @@ class QueuePair:
             if not self.broken and flight.pending():     # interrupted with commands in flight
                 flight.drain(timeout)
             raise
+        finally:
+            running.discard(self.qid)
         return flight.results
 
     def execute(self, command: Command, timeout: float = COMMAND_TIMEOUT) -> int:
@@ -486,6 +493,7 @@ class Nvme(Controller):
                  entries: int = IO_ENTRIES, coalesce: Coalescing | None = None) -> None:
         self.bus, self.dev, self.regs = bus, device, device.bar(0)
         self.doorbell_lock = threading.Lock()
+        self.running: set[int] = set()      # the queues in a run() now (set.add/discard: atomic under the GIL)
         self.queues: list[QueuePair] = []
         self.irqs: list[Irq] = []
         self.admin: QueuePair | None = None
