@@ -37,6 +37,7 @@ class FakeController:
         self.phase = 1
         self.heads: list[int] = []
         controller = SimpleNamespace(regs=self.regs, doorbell_stride=STRIDE, doorbell_lock=threading.Lock(),
+                                     running=set(),
                                      dev=SimpleNamespace(channel=self.channel, dma_alloc=self.dma.dma_alloc,
                                                          dma_free=self.dma.dma_free))
         self.qp = QueuePair(controller, 1, entries, None)     # type: ignore[arg-type]
