@@ -497,9 +497,10 @@ class NbdServer:
         self._watch(connection)
 
     def _receive(self, connection: _Connection) -> None:
-        if self.wake is not None and connection.phase == _Phase.TRANSMISSION:
-            self.wake()                 # a request is coming: the device gets up while it is read and parsed
+        if connection.phase == _Phase.TRANSMISSION:
             self._pace.busy(time.perf_counter())
+            if self.wake is not None:
+                self.wake()             # a request is coming: the device gets up while it is read and parsed
         try:
             data = connection.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
