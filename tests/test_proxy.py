@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import random
 import struct
 
@@ -11,6 +12,7 @@ import pytest
 from harness.access import Batch, Kind, Space, spin_until
 from harness.errors import AccessDenied, BadRequest, DeviceTimeout
 from harness.proxy import ProxyMachine, raw
+from harness.proxy.machine import VCPU_NICE
 from harness.tools.bench.paired import TSC_AGREEMENT
 
 pytestmark = pytest.mark.qemu
@@ -286,6 +288,16 @@ def test_the_tsc_rate_calibrated_at_boot_agrees_with_the_hosts_clock(proxy_machi
     clock.calibrate(span=0.3)
     host_hz = 1e9 / clock.ns_per_tick
     assert abs(proxy_machine.bus.tsc_hz / host_hz - 1) < TSC_AGREEMENT, (proxy_machine.bus.tsc_hz, host_hz)
+
+
+def test_the_vcpu_thread_runs_below_the_main_loop(proxy_machine: ProxyMachine) -> None:
+    """The proxy's idle spin must yield its core to QEMU's main loop and to the driver: QEMU's
+    own answer names the vCPU threads, and the kernel's their priority."""
+    qemu = proxy_machine.machine.process.pid
+    vcpus = [cpu["thread-id"] for cpu in proxy_machine.machine.qmp("query-cpus-fast")]
+    assert vcpus and qemu not in vcpus
+    assert all(os.getpriority(os.PRIO_PROCESS, tid) == VCPU_NICE for tid in vcpus)
+    assert os.getpriority(os.PRIO_PROCESS, qemu) == os.getpriority(os.PRIO_PROCESS, 0)
 
 
 @pytest.mark.parametrize("method", ("wake", "stay_awake"))
