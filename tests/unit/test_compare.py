@@ -63,15 +63,16 @@ def test_only_expands_groups_and_refuses_unknown_benches() -> None:
         expand("roundtrip,disk")
 
 
-def test_the_base_checkout_borrows_the_working_trees_linux_image_for_forward(tmp_path) -> None:
+@pytest.mark.parametrize("bench", ("forward", "serve"))
+def test_the_base_checkout_borrows_the_working_trees_linux_image(tmp_path, bench: str) -> None:
     new, base = Tree("working tree", tmp_path / "new", "n"), Tree("main", tmp_path / "base", "b")
     (new.path / "images" / "linux").mkdir(parents=True)
     (new.path / "images" / "linux" / "manifest.json").write_text("{}")
     (base.path / "images").mkdir(parents=True)
     borrow_images("e1000", base, new)
     assert not (base.path / "images" / "linux").exists(), "only the benches that boot it borrow it"
-    borrow_images("forward", base, new)
+    borrow_images(bench, base, new)
     assert (base.path / "images" / "linux" / "manifest.json").read_text() == "{}"
-    borrow_images("forward", base, new)                    # a second bench or round: already there
+    borrow_images(bench, base, new)                        # a second bench or round: already there
     assert (base.path / "images" / "linux").resolve() == (new.path / "images" / "linux").resolve()
-    assert expand("forward") == ["forward"]
+    assert expand(bench) == [bench]

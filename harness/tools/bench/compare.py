@@ -19,8 +19,9 @@ itself, so a median ratio alone called noise a regression.
 An older revision may lack a bench (it is skipped, and the JSON says so) or
 ``--quick`` (then both sides run the full bench, so that they do the same
 work; the JSON records ``quick`` per bench), and runs its CLI as ``python -m harness.cli`` if it has no
-``harness/__main__.py``. ``forward`` (not among the defaults: it boots a Linux peer too) runs in
-REV's checkout with the working tree's Linux image, which ``make images`` built and git does not keep.
+``harness/__main__.py``. ``forward`` and ``serve`` (not among the defaults: they boot the Linux
+guest too) run in REV's checkout with the working tree's Linux image, which ``make images`` built
+and git does not keep.
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ BENCHES: dict[str, list[str]] = {
     "e1000": ["bench", "e1000"],
     "instructions": ["bench", "instructions"],
     "forward": ["bench", "forward"],
+    "serve": ["bench", "serve"],
 }
 # Benches that boot an image `make images` built (outputs git ignores, so REV's checkout has
 # none): REV's side borrows the working tree's, a link, so both measure against the same peer.
-BORROWED_IMAGES = {"forward": [Path("images") / "linux"]}
+BORROWED_IMAGES = {"forward": [Path("images") / "linux"], "serve": [Path("images") / "linux"]}
 # Benches that measure the guest alone: both sides run the working tree's code, the base
 # side with REV's guest (so a revision from before the bench is measured too, if its
 # guest speaks this harness's ABI).
