@@ -73,12 +73,18 @@ class Space(enum.Enum):
     CONFIG = "config"  # the channel's own PCI configuration space (offsets)
     DMA = "dma"        # memory from Bus.dma_alloc, by DmaBuffer.phys: polls only (wait for what a device wrote)
 
+    # Members are singletons compared by identity: hash them so too. Enum's own hash is a Python
+    # call on every lookup keyed by a member, and a channel looks one up for each access it encodes.
+    __hash__ = object.__hash__
+
 
 class Kind(enum.Enum):
     READ = "read"
     WRITE = "write"
     POLL = "poll"                   # read until (value & mask) == expect, guest-side, with a timeout
     POLL_CHANGE = "poll-change"     # read until (value & mask) != expect: until it leaves a known state
+
+    __hash__ = object.__hash__      # as Space's
 
     @property
     def polls(self) -> bool:

@@ -101,6 +101,23 @@ def test_a_posted_failure_is_raised_typed_on_the_next_waited_request_and_the_cha
     assert bar.read32(RAL1) == 4
 
 
+def test_a_posted_failure_among_many_reclaimed_at_once_is_still_raised(nic) -> None:
+    """Served posted batches are reclaimed together once the ring fills; one that failed among
+    them must not be dropped with them."""
+    ch, bar = nic.channel, nic.bar(0)
+    ring_size = 256
+    bad = denied_write(nic)
+    for value in range(ring_size // 2):
+        ch.post([scratch_write(nic, value)])
+    ch.post([bad])
+    for value in range(2 * ring_size):             # the ring wraps twice over the failed batch
+        ch.post([scratch_write(nic, value)])
+    with pytest.raises(AccessDenied) as exc:
+        bar.read32(RAL1)
+    assert exc.value.request == bad
+    assert bar.read32(RAL1) == 2 * ring_size - 1, "every batch after the failed one ran"
+
+
 def test_batches_in_flight_complete_in_order(nic) -> None:
     ch, bar = nic.channel, nic.bar(0)
     read = bar.access(Kind.READ, RAL1, 4)
