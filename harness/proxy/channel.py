@@ -364,19 +364,20 @@ class ProxyChannel(Channel):
             slot = entries + ((head + i) & mask) * size
             pack(mem, slot, *r)
             slots.append(slot)
-        if len(requests) <= 4:          # a doorbell's few: one store each beats the strided copy
-            u16, status, continues = self._u16, ring.status_off, self._continues
-            for slot in slots[1:]:
-                u16[(slot + status) >> 1] = continues
-        else:
-            self._mark_continuing(head, len(requests))
+        self._mark_continuing(head, slots)
         return slots
 
-    def _mark_continuing(self, start: int, count: int) -> None:
-        """Mark entries ``start + 1`` .. ``start + count - 1`` as continuing the batch of entry
-        ``start``: strided stores, no Python loop, across the ring's wrap."""
+    def _mark_continuing(self, start: int, slots: list[int]) -> None:
+        """Mark the entries after the first of the batch at ``start`` (at ``slots``) as
+        continuing it: a doorbell's few one store each, more by strided stores (no Python
+        loop) across the ring's wrap."""
         ring, u16 = self.ring, self._u16
-        first, left = start + 1, count - 1
+        if len(slots) <= 4:
+            status, continues = ring.status_off, self._continues
+            for slot in slots[1:]:
+                u16[(slot + status) >> 1] = continues
+            return
+        first, left = start + 1, len(slots) - 1
         stride = ring.entry_size // 2
         while left > 0:
             k = min(left, ring.size - (first & ring.mask))
