@@ -49,6 +49,8 @@ def test_boot_bench_reports_every_phase(linux_accel, tmp_path) -> None:
     assert sum(phases.values()) == pytest.approx(result["boot_p50_s"], abs=1e-6)
     assert phases["qemu_start"] > 0 and phases["init_to_prompt"] > 0 and phases["prompt_to_answer"] > 0
     assert result["parallel2_s"] > 0 and result["restore_p50_ms"] > 0 and result["proxy_boot_p50_ms"] > 0
+    assert set(result["restore_standby_phases_p50_ms"]) == set(boot.STANDBY_PHASES)
+    assert result["restore_standby_p50_ms"] > 0
     assert (result["init_icount_s"] > 0) if result["accel"] == "tcg" else (result["init_icount_s"] is None)
 
 

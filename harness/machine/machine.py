@@ -171,11 +171,12 @@ class Machine:
             self.shutdown()
             raise
 
-    def wait_launched(self) -> None:
-        """Until the started QEMU is connected (console, QMP) and its plugins' steps are done."""
+    def wait_launched(self, since: float | None = None) -> None:
+        """Until the started QEMU is connected (console, QMP) and its plugins' steps are done,
+        within the launch timeout from ``since`` (monotonic; default: QEMU's exec)."""
         assert self.endpoints is not None, "start() the machine first"
         try:
-            self._connect(self.endpoints, self.launch_at["exec"] + self.launch_timeout)
+            self._connect(self.endpoints, (since or self.launch_at["exec"]) + self.launch_timeout)
         except BaseException:
             self.failed = True
             self.shutdown()
@@ -253,7 +254,9 @@ class Machine:
         return MachineError(message, self.argv, self.output(), code)
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """QMP quit, then SIGKILL, each with a bounded wait; always releases everything."""
+        """QMP quit, then SIGKILL, each with a bounded wait; always releases everything. A QEMU
+        never connected to (a launch that failed, a machine standing by unused) cannot be asked
+        to quit: it is killed at once."""
         try:
             if self.process and self.process.poll() is None:
                 if self._qmp is not None:
@@ -262,10 +265,11 @@ class Machine:
                         self._qmp.cmd("quit")
                     except Exception as exc:  # QEMU may close the socket before answering
                         self.log.debug("quit: %s", exc)
-                try:
-                    self.process.wait(timeout / 2)
-                except subprocess.TimeoutExpired:
-                    self.log.warning("%s did not quit; killing pid %d", self.name, self.process.pid)
+                    try:
+                        self.process.wait(timeout / 2)
+                    except subprocess.TimeoutExpired:
+                        self.log.warning("%s did not quit; killing pid %d", self.name, self.process.pid)
+                if self.process.poll() is None:
                     self.process.kill()
                     self.process.wait(timeout)
         finally:

@@ -39,6 +39,14 @@ Phases of a restore (``restore_phases_p50_ms``):
 - ``first_answer``: a command typed until its answer came back; under TCG mostly the
   translation of every guest instruction the command runs, which a new QEMU has not seen.
 
+``restore_standby_*`` are the same restores with a QEMU standing by
+(:meth:`~harness.machine.saved.SavedMachine.stand_by`: started and built before the
+request, as Firecracker's process is before its snapshot-load request); their phases
+(``restore_standby_phases_p50_ms``): ``connect`` (the request to QMP answering: the console
+and QMP connected, and whatever of QEMU's start was still running), ``state_load``,
+``first_answer``. Each restore stands the next QEMU up, which builds itself while the
+restored guest answers its first command.
+
 The proxy machine (``proxy_phases_p50_ms``): ``before_exec``; ``windows_and_serial``: exec
 until QEMU has taken its ivshmem windows (it waits for each handshake while it builds the
 machine) and its console; ``qmp``; ``guest``: QMP answering until the proxy guest says it is
@@ -74,6 +82,7 @@ INIT_LINE = re.compile(r"hwh-linux: init at ([\d.]+) s")
 PHASES = ("qemu_start", "firmware", "kernel_to_first_line", "first_line_to_init", "init_to_prompt",
           "prompt_to_answer")
 RESTORE_PHASES = ("before_exec", "qemu_start", "state_load", "first_answer")
+STANDBY_PHASES = ("connect", "state_load", "first_answer")
 PROXY_PHASES = ("before_exec", "windows_and_serial", "qmp", "guest")
 SNAPSHOT = "bench-ready"
 
@@ -131,27 +140,34 @@ def restores_in_place(m: Machine, count: int) -> list[float]:
     return sorted(out)
 
 
-def saved_restores(saved: SavedMachine, workdir: Path, count: int) -> list[dict[str, float]]:
+def saved_restores(saved: SavedMachine, workdir: Path, count: int, standby: bool = False) -> list[dict[str, float]]:
     """Each restore from the saved machine (a new QEMU) to an answered command, by phase
-    (``RESTORE_PHASES``, seconds) and ``total``."""
+    (``RESTORE_PHASES``, or ``STANDBY_PHASES`` where a QEMU stood by: ``standby``), seconds,
+    and ``total``."""
     out = []
-    for i in range(count):
-        t0 = time.monotonic()
-        m = saved.restore(name=f"bench-restore{i}", artifacts_root=workdir)
-        try:
-            assert m.console is not None
-            m.console.run("true")
-            answer_at = time.monotonic()
-            at = m.launch_at
-            out.append({"before_exec": at["exec"] - t0, "qemu_start": at["qmp"] - at["exec"],
-                        "state_load": at["ready"] - at["qmp"], "first_answer": answer_at - at["ready"],
-                        "running": at["ready"] - t0, "total": answer_at - t0})
-            m.console.run(f"echo {i} > /tmp/state")      # what the next restore must not see
-        except BaseException:
-            m.failed = True
-            raise
-        finally:
-            m.shutdown()
+    if standby:
+        saved.stand_by(name="bench-restore", artifacts_root=workdir)
+    try:
+        for i in range(count):
+            t0 = time.monotonic()
+            m = saved.restore(name="bench-restore", artifacts_root=workdir)
+            try:
+                assert m.console is not None
+                m.console.run("true")
+                answer_at = time.monotonic()
+                at = m.launch_at
+                phases = ({"connect": at["qmp"] - t0} if standby else
+                          {"before_exec": at["exec"] - t0, "qemu_start": at["qmp"] - at["exec"]})
+                out.append({**phases, "state_load": at["ready"] - at["qmp"], "first_answer": answer_at - at["ready"],
+                            "running": at["ready"] - t0, "total": answer_at - t0})
+                m.console.run(f"echo {i} > /tmp/state")      # what the next restore must not see
+            except BaseException:
+                m.failed = True
+                raise
+            finally:
+                m.shutdown()
+    finally:
+        saved.stand_down()
     return out
 
 
@@ -273,6 +289,8 @@ def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_
         foreign.since_last()
         restores = saved_restores(saved, workdir, restore_count)
         foreign_cores["restores"] = foreign.since_last()
+        standby = saved_restores(saved, workdir, restore_count, standby=True)
+        foreign_cores["restores_standby"] = foreign.since_last()
         ahead_waits = restores_ahead(saved, workdir, restore_count, ahead_test_s)
         foreign_cores["restores_ahead"] = foreign.since_last()
         parallel_restore_s = parallel_restores(saved, workdir, parallel_count)
@@ -302,6 +320,9 @@ def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_
         "restore_p99_ms": pct(restore_s, 0.99) * 1e3,
         "restore_running_p50_ms": pct(sorted(r["running"] for r in restores), 0.5) * 1e3,
         "restore_phases_p50_ms": p50_ms(restores, RESTORE_PHASES),
+        "restore_standby_p50_ms": pct(sorted(r["total"] for r in standby), 0.5) * 1e3,
+        "restore_standby_p99_ms": pct(sorted(r["total"] for r in standby), 0.99) * 1e3,
+        "restore_standby_phases_p50_ms": p50_ms(standby, STANDBY_PHASES),
         "restore_ahead_wait_p50_ms": pct(ahead_waits, 0.5) * 1e3,
         "restore_ahead_wait_p99_ms": pct(ahead_waits, 0.99) * 1e3,
         "restore_ahead_test_ms": ahead_test_s * 1e3,
