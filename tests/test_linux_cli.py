@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pexpect
+
 import pytest
 
 from harness.tools.bench import boot
@@ -62,6 +64,24 @@ def test_a_users_three_line_test_passes_with_the_plugin(pytester, linux_accel, l
     """)
     result = pytester.runpytest("-p", "no:xdist", f"--hwharness-accel={linux_accel}")
     result.assert_outcomes(passed=1)
+
+
+def test_restoring_inside_each_test_takes_the_qemu_that_stood_by(pytester, linux_accel) -> None:
+    """--hwharness-restore-ahead 0: each test's machine is the QEMU that stood by during the
+    test before it; once the session ends, none is left."""
+    pytester.makepyfile("".join(f"""
+        def test_{i}(linux_saved, linux_machine):
+            assert linux_machine.console.run("echo {i} > /tmp/who; cat /tmp/who") == ("{i}", 0)
+            with open("seen.txt", "a") as f:
+                f.write(f"{{linux_machine.process.pid}} {{linux_saved.standing_by.process.pid}}\\n")
+        """ for i in range(3)))
+    result = pytester.runpytest("-p", "no:xdist", f"--hwharness-accel={linux_accel}", "--hwharness-restore-ahead=0")
+    result.assert_outcomes(passed=3)
+    seen = [tuple(map(int, line.split())) for line in (pytester.path / "seen.txt").read_text().splitlines()]
+    assert [machine for machine, _ in seen[1:]] == [standing for _, standing in seen[:-1]]
+    for machine, standing in seen:
+        with pytest.raises(ProcessLookupError):
+            os.kill(standing, 0)
 
 
 def test_a_pytest_split_group_shares_one_saved_boot_and_removes_it(pytester, linux_accel) -> None:

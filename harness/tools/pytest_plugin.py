@@ -270,13 +270,18 @@ def _answered(m: Machine) -> None:
 def linux_restored_ahead(linux_saved: SavedMachine, pytestconfig: pytest.Config,
                          tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestoredAhead | None]:
     """Machines restored from ``linux_saved`` ahead of the tests that take them, each at its
-    prompt with a command answered; None with ``--hwharness-restore-ahead 0``. Those never
+    prompt with a command answered; None with ``--hwharness-restore-ahead 0``, where a QEMU
+    stands by for each test's own restore instead (``SavedMachine.stand_by``). Those never
     taken are shut down at the end of the session."""
     size = int(pytestconfig.getoption("--hwharness-restore-ahead"))
     if size < 0:
         raise pytest.UsageError(f"--hwharness-restore-ahead takes 0 or more machines, not {size}")
     if size == 0:
-        yield None
+        linux_saved.stand_by(name="linux", **_linux_machine_args(pytestconfig, tmp_path_factory))
+        try:
+            yield None
+        finally:
+            linux_saved.stand_down()
         return
     with RestoredAhead(linux_saved, _answered, size=size, name="linux",
                        **_linux_machine_args(pytestconfig, tmp_path_factory)) as ahead:
