@@ -12,7 +12,7 @@ import pytest
 
 from harness.errors import GuestHang, GuestPanic, GuestReset, QemuExited, SnapshotError
 from harness.machine.linux import IMAGES
-from harness.machine.saved import save_booted
+from harness.machine.saved import SavedMachine, save_booted
 
 pytestmark = pytest.mark.qemu
 
@@ -96,21 +96,23 @@ def test_machines_restored_at_once_never_see_each_others_writes(linux_saved, lin
 
 
 def test_a_restore_takes_the_qemu_standing_by_and_another_stands_up(linux_saved, tmp_path) -> None:
-    linux_saved.stand_by(name="standing", artifacts_root=tmp_path)
+    # a handle of its own on the session's saved files, so the session's own standby is left alone
+    saved = SavedMachine(linux_saved.spec, linux_saved.directory, linux_saved.disks)
+    saved.stand_by(name="standing", artifacts_root=tmp_path)
     try:
-        first = linux_saved.standing_by
+        first = saved.standing_by
         assert first is not None and first.alive()
-        m = linux_saved.restore(name="standing", artifacts_root=tmp_path)
+        m = saved.restore(name="standing", artifacts_root=tmp_path)
         try:
             assert m.process.pid == first.process.pid, "the restore is the QEMU that stood by"
             assert m.qmp("query-status")["status"] == "running"
             m.console.run("echo taken > /tmp/who")
-            second = linux_saved.standing_by
+            second = saved.standing_by
             assert second is not None and second.alive() and second.process.pid != m.process.pid
-            other = linux_saved.restore(name="other", artifacts_root=tmp_path)
+            other = saved.restore(name="other", artifacts_root=tmp_path)
             try:
                 assert other.process.pid != second.process.pid, "another name's restore starts its own QEMU"
-                assert linux_saved.standing_by is second
+                assert saved.standing_by is second
             finally:
                 other.shutdown()
         finally:
@@ -118,18 +120,18 @@ def test_a_restore_takes_the_qemu_standing_by_and_another_stands_up(linux_saved,
         # one that died waiting is not handed out: the restore starts a QEMU of its own
         os.kill(second.process.pid, signal.SIGKILL)
         second.process.wait(10)
-        again = linux_saved.restore(name="standing", artifacts_root=tmp_path)
+        again = saved.restore(name="standing", artifacts_root=tmp_path)
         try:
             assert again.process.pid != second.process.pid
             out, status = again.console.run("cat /tmp/who")
             assert status == 1 and "No such file" in out, "each restore starts from the saved state"
         finally:
             again.shutdown()
-        third = linux_saved.standing_by
+        third = saved.standing_by
         assert third is not None and third.alive()
     finally:
-        linux_saved.stand_down()
-    assert linux_saved.standing_by is None
+        saved.stand_down()
+    assert saved.standing_by is None
     assert third.exitcode() is not None and not third.workdir.exists(), "stood down: killed, its directory gone"
 
 

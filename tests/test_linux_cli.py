@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pexpect
-
 import pytest
 
 from harness.tools.bench import boot

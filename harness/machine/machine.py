@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 WORKDIR_PREFIX = "hwharness-"
+UNCONNECTED_QUIT_S = 1.0              # how long a QEMU never connected to has to quit on SIGTERM
 # util-linux's setpriv sets the parent-death signal and execs QEMU, which keeps it. Python
 # starts a child with vfork only without a preexec_fn; forking the harness's process for
 # die_with_parent copies its page tables: 5-11 ms per launch measured here (setpriv: ~0.5-3 ms).
@@ -176,7 +177,7 @@ class Machine:
         within the launch timeout from ``since`` (monotonic; default: QEMU's exec)."""
         assert self.endpoints is not None, "start() the machine first"
         try:
-            self._connect(self.endpoints, (since or self.launch_at["exec"]) + self.launch_timeout)
+            self._connect(self.endpoints, (self.launch_at["exec"] if since is None else since) + self.launch_timeout)
         except BaseException:
             self.failed = True
             self.shutdown()
@@ -255,8 +256,8 @@ class Machine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """QMP quit, then SIGKILL, each with a bounded wait; always releases everything. A QEMU
-        never connected to (a launch that failed, a machine standing by unused) cannot be asked
-        to quit: it is killed at once."""
+        never connected to (a launch that failed, a machine standing by unused) is sent SIGTERM
+        instead of the quit, which QEMU takes the same way, and is given a second."""
         try:
             if self.process and self.process.poll() is None:
                 if self._qmp is not None:
@@ -265,11 +266,12 @@ class Machine:
                         self._qmp.cmd("quit")
                     except Exception as exc:  # QEMU may close the socket before answering
                         self.log.debug("quit: %s", exc)
-                    try:
-                        self.process.wait(timeout / 2)
-                    except subprocess.TimeoutExpired:
-                        self.log.warning("%s did not quit; killing pid %d", self.name, self.process.pid)
-                if self.process.poll() is None:
+                else:
+                    self.process.terminate()
+                try:
+                    self.process.wait(timeout / 2 if self._qmp is not None else UNCONNECTED_QUIT_S)
+                except subprocess.TimeoutExpired:
+                    self.log.warning("%s did not quit; killing pid %d", self.name, self.process.pid)
                     self.process.kill()
                     self.process.wait(timeout)
         finally:

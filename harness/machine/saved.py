@@ -177,9 +177,12 @@ class SavedMachine:
     spec: MachineSpec                          # the booted machine's spec, its drives on the overlays
     directory: Path
     disks: dict[str, Path] = field(default_factory=dict)   # a restore's overlay name -> saved overlay
-    # the QEMU standing by (started, waiting for the state) and the restore() arguments it is for
-    _standby: Machine | None = field(default=None, init=False, repr=False)
-    _standby_for: tuple[str, dict[str, Any]] | None = field(default=None, init=False, repr=False)
+    # the QEMU standing by (started, waiting for the state), the restore() arguments it is for,
+    # and the thread that started it (the QEMU dies with that thread: die_with_parent)
+    _standby: Machine | None = field(default=None, init=False, repr=False, compare=False)
+    _standby_for: tuple[str, dict[str, Any]] | None = field(default=None, init=False, repr=False, compare=False)
+    _standby_thread: int = field(default=0, init=False, repr=False, compare=False)
+    _standby_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def restore_spec(self) -> MachineSpec:
         """The spec of a machine restored from these files (what ``restore`` launches)."""
@@ -199,29 +202,37 @@ class SavedMachine:
     def restore(self, name: str = "restored", plugins: tuple[MachinePlugin, ...] = (),
                 **machine_args: Any) -> Machine:
         """A new machine in the saved state, running, with ``plugins`` added to the saved
-        machine's; the caller shuts it down. Where a QEMU stands by for this ``name`` and these
-        ``machine_args`` (:meth:`stand_by`) and no plugin is added, that QEMU takes the state
-        and another stands up behind it."""
-        m = self._take_standby(name, plugins, machine_args)
+        machine's; the caller shuts it down. Where a QEMU this thread started stands by for
+        this ``name`` and these ``machine_args`` (:meth:`stand_by`) and no plugin is added,
+        that QEMU takes the state, and another stands up behind it before this returns."""
+        served = not plugins and self._standby_for == (name, machine_args)
+        m = self._take_standby() if served else None
+        if m is not None:
+            try:
+                m.wait_launched(since=time.monotonic())
+            except MachineError as exc:         # it died between the look and the connection
+                log.warning("the QEMU standing by for %s could not take the state (%s); starting another",
+                            self.directory, exc)
+                m = None
         if m is None:
             spec = self.restore_spec()
             spec.plugins += plugins
             m = Machine(spec, name=name, **machine_args)
             m.launch()
-            return m
-        try:
-            m.wait_launched(since=time.monotonic())
-        finally:
-            self._stand_up()
+        if served:
+            self._stand_up_quietly()
         return m
 
     def stand_by(self, name: str = "restored", **machine_args: Any) -> None:
-        """Keep a QEMU started for the next ``restore(name, **machine_args)``: its machine built,
-        waiting for the saved state. It dies with the thread that calls this (as every machine
-        does: :func:`~.machine.die_with_parent`); a restore that finds it dead starts QEMU
-        itself. :meth:`stand_down` or :meth:`remove` shuts it down."""
+        """Keep a QEMU started for this thread's next ``restore(name, **machine_args)``: its
+        machine built, waiting for the saved state (within ``launch_timeout`` of the restore
+        that takes it). It dies with this thread (as every machine dies with the thread that
+        started it: :func:`~.machine.die_with_parent`), so other threads' restores leave it
+        alone, and a restore that finds it dead starts QEMU itself. :meth:`stand_down` or
+        :meth:`remove` kills it."""
         self.stand_down()
-        self._standby_for = (name, dict(machine_args))
+        with self._standby_lock:
+            self._standby_for = (name, dict(machine_args))
         self._stand_up()
 
     @property
@@ -230,31 +241,43 @@ class SavedMachine:
         return self._standby
 
     def stand_down(self) -> None:
-        """No QEMU stands by any more (the one that did is shut down)."""
-        self._standby_for = None
-        if self._standby is not None:
-            self._standby.shutdown()
-            self._standby = None
+        """No QEMU stands by any more (the one that did is killed)."""
+        with self._standby_lock:
+            m, self._standby, self._standby_for = self._standby, None, None
+        if m is not None:
+            m.shutdown()
 
     def _stand_up(self) -> None:
-        if self._standby_for is None:
-            return
-        name, machine_args = self._standby_for
-        m = Machine(self.restore_spec(), name=name, **machine_args)
-        m.start()
-        self._standby = m
+        """A QEMU for the restore ``_standby_for`` names, started by this thread."""
+        with self._standby_lock:
+            if self._standby_for is None or self._standby is not None:
+                return
+            name, machine_args = self._standby_for
+            m = Machine(self.restore_spec(), name=name, **machine_args)
+            m.start()
+            self._standby, self._standby_thread = m, threading.get_ident()
 
-    def _take_standby(self, name: str, plugins: tuple[MachinePlugin, ...], machine_args: dict[str, Any]) -> Machine | None:
-        """The QEMU standing by, if it is for this restore and alive (taken: none stands by now)."""
-        m = self._standby
-        if m is None or plugins or self._standby_for != (name, machine_args):
-            return None
-        self._standby = None
-        if not m.alive():
-            log.warning("the QEMU standing by for %s exited (status %s): %s", self.directory,
-                        m.exitcode(), m.output()[-300:])
-            m.shutdown()
+    def _stand_up_quietly(self) -> None:
+        """:meth:`_stand_up`, whose failure (a full disk, no file descriptors left) costs the
+        next restore its head start, not this one its machine."""
+        try:
             self._stand_up()
+        except Exception as exc:
+            log.warning("no QEMU stands by for the next restore from %s: %s", self.directory, exc)
+
+    def _take_standby(self) -> Machine | None:
+        """The QEMU standing by, if this thread started it and it is alive (taken: none stands
+        by now)."""
+        with self._standby_lock:
+            m = self._standby
+            if m is None or self._standby_thread != threading.get_ident():
+                return None
+            self._standby = None
+        if not m.alive():
+            log.warning("the QEMU standing by for %s exited (status %s); its output is kept",
+                        self.directory, m.exitcode())
+            m.failed = True
+            m.shutdown()
             return None
         return m
 

@@ -44,8 +44,8 @@ Phases of a restore (``restore_phases_p50_ms``):
 request, as Firecracker's process is before its snapshot-load request); their phases
 (``restore_standby_phases_p50_ms``): ``connect`` (the request to QMP answering: the console
 and QMP connected, and whatever of QEMU's start was still running), ``state_load``,
-``first_answer``. Each restore stands the next QEMU up, which builds itself while the
-restored guest answers its first command.
+``stand_up`` (the next QEMU started: its directory, its exec), ``first_answer``. The next
+QEMU builds itself while the restored guest answers its first command.
 
 The proxy machine (``proxy_phases_p50_ms``): ``before_exec``; ``windows_and_serial``: exec
 until QEMU has taken its ivshmem windows (it waits for each handshake while it builds the
@@ -82,7 +82,7 @@ INIT_LINE = re.compile(r"hwh-linux: init at ([\d.]+) s")
 PHASES = ("qemu_start", "firmware", "kernel_to_first_line", "first_line_to_init", "init_to_prompt",
           "prompt_to_answer")
 RESTORE_PHASES = ("before_exec", "qemu_start", "state_load", "first_answer")
-STANDBY_PHASES = ("connect", "state_load", "first_answer")
+STANDBY_PHASES = ("connect", "state_load", "stand_up", "first_answer")
 PROXY_PHASES = ("before_exec", "windows_and_serial", "qmp", "guest")
 SNAPSHOT = "bench-ready"
 
@@ -151,14 +151,15 @@ def saved_restores(saved: SavedMachine, workdir: Path, count: int, standby: bool
         for i in range(count):
             t0 = time.monotonic()
             m = saved.restore(name="bench-restore", artifacts_root=workdir)
+            returned_at = time.monotonic()
             try:
                 assert m.console is not None
                 m.console.run("true")
                 answer_at = time.monotonic()
                 at = m.launch_at
-                phases = ({"connect": at["qmp"] - t0} if standby else
+                phases = ({"connect": at["qmp"] - t0, "stand_up": returned_at - at["ready"]} if standby else
                           {"before_exec": at["exec"] - t0, "qemu_start": at["qmp"] - at["exec"]})
-                out.append({**phases, "state_load": at["ready"] - at["qmp"], "first_answer": answer_at - at["ready"],
+                out.append({**phases, "state_load": at["ready"] - at["qmp"], "first_answer": answer_at - returned_at,
                             "running": at["ready"] - t0, "total": answer_at - t0})
                 m.console.run(f"echo {i} > /tmp/state")      # what the next restore must not see
             except BaseException:
