@@ -19,6 +19,7 @@ switches root to it::
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 import time
@@ -95,6 +96,14 @@ LINUX_APPEND = ("console=ttyS0 quiet cryptomgr.notests mitigations=off no_timer_
 # Measured: QEMU's CPU per boot 1.86 -> 1.74 s (p50 of 5, alternated). Under KVM the APIC
 # timer stays, as KVM's guests expect.
 LINUX_APPEND_TCG = "noapictimer"
+# Under TCG the guest's TSC is the host's (QEMU's RDTSC reads the host's counter), so its rate
+# is known before the guest starts: `tsc_early_khz=` gives it to the kernel, which otherwise
+# calibrates against the PIT and, when a loaded host deschedules the vCPU during that, falls
+# back to a calibration against the HPET that is slower and sometimes far off (an uptime of
+# 12 s after 6.6 s of the host's time; firmware phase 1.28 -> 0.72 s with the rate given, 6
+# boots a side at load average 9). Not with -icount, whose TSC counts instructions.
+CPUINFO = Path("/proc/cpuinfo")
+TSC_KHZ_RANGE = (100_000, 10_000_000)          # what a rate read from the host may be
 # How long QEMU's NBD client holds the guest's requests while it reconnects (a driver
 # process restarting behind the export) before it fails them: far longer than a restart.
 NBD_RECONNECT_DELAY_S = 60
@@ -151,6 +160,27 @@ esac
 """
 
 
+@functools.cache
+def host_tsc_khz(cpuinfo: Path = CPUINFO) -> int | None:
+    """The host's TSC rate in kHz, or None where the host does not say it.
+
+    Where the TSC is constant and nonstop, Linux takes every CPU's delay loop from the TSC
+    (loops_per_jiffy = tsc_khz * 1000 / HZ), so the BogoMIPS that /proc/cpuinfo shows
+    (loops_per_jiffy * HZ / 500000) is the rate over 500, to 5 kHz: "Calibrating delay loop
+    (skipped), value calculated using timer frequency" in the host's log. Every CPU must
+    show the same figure."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    flags = re.search(r"^flags\s*:(.*)$", text, re.M)
+    mips = set(re.findall(r"^bogomips\s*:\s*([\d.]+)$", text, re.M))
+    if not flags or not {"constant_tsc", "nonstop_tsc"} <= set(flags.group(1).split()) or len(mips) != 1:
+        return None
+    khz = round(float(mips.pop()) * 500)
+    return khz if TSC_KHZ_RANGE[0] <= khz <= TSC_KHZ_RANGE[1] else None
+
+
 def wire_path(wire: str) -> str:
     """``unix:PATH`` -> PATH; ValueError for anything else."""
     kind, _, path = wire.partition(":")
@@ -188,7 +218,7 @@ class LinuxImage:
 
     def spec(self, accel: str = "auto", memory_mb: int = 256, modules: Sequence[str] = (),
              append: str = "", disk: str | None = None, root: bool = False,
-             net: str | None = None) -> MachineSpec:
+             net: str | None = None, icount_shift: int | None = None) -> MachineSpec:
         """A machine that boots this guest to a shell on its serial console.
 
         ``modules`` are loaded by init before the shell starts (e.g. ``("e1000", "ahci")``);
@@ -196,7 +226,8 @@ class LinuxImage:
         ``/dev/vda`` (see :func:`nbd_disk`); ``root``: the initramfs mounts it (ext4) and
         switches root to it before the shell starts. ``net`` (``unix:PATH``): an e1000,
         Linux's eth0, on that wire (``hwharness serve net`` listens there; :meth:`dhcp`
-        takes a lease).
+        takes a lease). ``icount_shift``: TCG counts guest instructions (``-icount``), and
+        the guest's clock with them.
         """
         if root and not disk:
             raise ValueError("root=True needs the disk to switch to: give disk=URI")
@@ -213,6 +244,9 @@ class LinuxImage:
         line = LINUX_APPEND
         if resolve_accel(accel) == "tcg":
             line += " " + LINUX_APPEND_TCG
+            tsc_khz = host_tsc_khz()
+            if tsc_khz and icount_shift is None:
+                line += f" tsc_early_khz={tsc_khz}"
         if modules:
             line += " hwh_modules=" + ",".join(modules)   # init reads it from its environment
         if root:
@@ -220,7 +254,7 @@ class LinuxImage:
         if append:
             line += " " + append
         spec = MachineSpec(kernel=self.kernel, initrd=self.initrd, append=line, bios=QBOOT,
-                           memory_mb=memory_mb, accel=accel)
+                           memory_mb=memory_mb, accel=accel, icount_shift=icount_shift)
         if disk:
             nbd_disk(spec, disk)
         return spec if net is None else wire_nic(spec, net)

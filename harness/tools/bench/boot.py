@@ -119,8 +119,7 @@ def one_boot(image: LinuxImage, accel: str, workdir: Path, timeout: float = 120.
 def init_icount(image: LinuxImage, workdir: Path, timeout: float = 120.0) -> float:
     """The kernel's uptime when init starts in a boot under ``-icount shift=0`` (TCG):
     virtual seconds, one nanosecond per guest instruction."""
-    spec = image.spec(accel="tcg")
-    spec.icount_shift = 0
+    spec = image.spec(accel="tcg", icount_shift=0)
     with Machine(spec, name="bench-icount", artifacts_root=workdir) as m:
         assert m.console is not None
         return float(m.console.expect([INIT_LINE], timeout).match.group(1))

@@ -1,0 +1,50 @@
+"""The Linux guest's kernel command line, without QEMU: the TSC rate handed over under TCG."""
+
+from pathlib import Path
+
+import pytest
+
+from harness.machine import linux as linux_module
+from harness.machine.linux import LinuxImage, host_tsc_khz
+
+CPU = """processor\t: {n}
+flags\t\t: fpu tsc msr {flags}
+bogomips\t: {mips}
+
+"""
+
+
+def cpuinfo(tmp_path: Path, *cpus: tuple[str, str]) -> Path:
+    path = tmp_path / "cpuinfo"
+    path.write_text("".join(CPU.format(n=n, flags=flags, mips=mips) for n, (flags, mips) in enumerate(cpus)))
+    return path
+
+
+def test_the_host_tsc_rate_is_read_from_the_bogomips_of_a_constant_tsc(tmp_path: Path) -> None:
+    steady = "constant_tsc nonstop_tsc"
+    assert host_tsc_khz(cpuinfo(tmp_path, (steady, "5192.27"), (steady, "5192.27"))) == 2_596_135
+
+
+@pytest.mark.parametrize("cpus", [
+    (("constant_tsc", "5192.27"),),                                        # may stop in deep sleep
+    (("nonstop_tsc", "5192.27"),),                                         # may change with the clock
+    (("constant_tsc nonstop_tsc", "5192.27"), ("constant_tsc nonstop_tsc", "4800.00")),   # CPUs disagree
+    (("constant_tsc nonstop_tsc", "12.50"),),                              # no TSC runs at 6 MHz
+], ids=["not-nonstop", "not-constant", "cpus-disagree", "implausible"])
+def test_no_rate_where_the_host_does_not_vouch_for_one(tmp_path: Path, cpus: tuple[tuple[str, str], ...]) -> None:
+    assert host_tsc_khz(cpuinfo(tmp_path, *cpus)) is None
+
+
+def test_no_rate_without_a_cpuinfo(tmp_path: Path) -> None:
+    assert host_tsc_khz(tmp_path / "missing") is None
+
+
+def test_the_rate_goes_on_the_command_line_under_tcg_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linux_module, "host_tsc_khz", lambda: 2_596_135)
+    image = LinuxImage(kernel=Path("/k"), initrd=Path("/i"), release="6.1", prompt="# ", modules=())
+    assert "tsc_early_khz=2596135" in image.spec(accel="tcg").append.split()
+    assert "tsc_early_khz" not in image.spec(accel="kvm").append, "KVM's guests have kvmclock"
+    counted = image.spec(accel="tcg", icount_shift=0)
+    assert "tsc_early_khz" not in counted.append and counted.icount_shift == 0, "-icount's TSC counts instructions"
+    monkeypatch.setattr(linux_module, "host_tsc_khz", lambda: None)
+    assert "tsc_early_khz" not in image.spec(accel="tcg").append
