@@ -3,8 +3,8 @@
 import pytest
 
 from harness.errors import BadInput
-from harness.tools.bench.compare import (Tree, better, borrow_images, expand, flatten, rank_p, rounds_of,
-                                         summarise, verdict)
+from harness.tools.bench.compare import (Tree, better, borrow_images, chance_verdicts, expand, flatten, rank_p,
+                                         rounds_of, summarise, table, verdict)
 
 
 def test_flatten_keeps_numbers_by_path_and_drops_lists_and_flags() -> None:
@@ -76,3 +76,14 @@ def test_the_base_checkout_borrows_the_working_trees_linux_image(tmp_path, bench
     borrow_images(bench, base, new)                        # a second bench or round: already there
     assert (base.path / "images" / "linux").resolve() == (new.path / "images" / "linux").resolve()
     assert expand(bench) == [bench]
+
+
+def test_the_table_says_how_many_verdicts_chance_alone_gives() -> None:
+    keys = summarise([({"a_iops": 100.0 + i, "b_us": 10.0 + i}, {"a_iops": 100.0 - i, "b_us": 10.0 - i})
+                      for i in range(3)])
+    tested = sum("verdict" in e for e in keys.values())
+    assert tested == 2 and chance_verdicts(tested) == 0.2 and chance_verdicts(86) == 8.6
+    result = {"new": {"commit": "abc", "dirty": False}, "base": "HEAD~", "base_commit": "def", "rounds": 3,
+              "accel": "tcg", "benches": {"x": {"keys": keys, "keys_tested": tested}}, "skipped": {},
+              "keys_tested": tested, "chance_verdicts": chance_verdicts(tested)}
+    assert table(result).splitlines()[-1].startswith("2 keys tested: even where nothing changed, about 0.2")

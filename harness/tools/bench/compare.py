@@ -14,7 +14,12 @@ separate the sides beyond their own noise (a one-sided exact rank test on the
 per-round values, p <= 0.05: with three rounds a side, every round of one
 side beyond every round of the other), ``within noise`` otherwise. The
 round trip's p50 swings 1.1-2.6 us between runs of one revision against
-itself, so a median ratio alone called noise a regression.
+itself, so a median ratio alone called noise a regression. Each key is its
+own test, so where nothing changed about one in ten of them still gets a
+verdict (0.05 each way): ``keys_tested`` and ``chance_verdicts`` say how
+many, and a verdict is evidence where it repeats in another compare or the
+change explains it (86 keys, 11 verdicts, comparing two revisions whose
+measured code was the same).
 
 An older revision may lack a bench (it is skipped, and the JSON says so) or
 ``--quick`` (then both sides run the full bench, so that they do the same
@@ -329,12 +334,22 @@ def run(rev: str, accel: str = "auto", only: str = DEFAULT_ONLY, quick: bool = F
                     per_round.append((figures["base"], figures["new"]))
                     order_log.append("base first" if base_first else "new first")
                 keys = summarise(per_round)
+                tested = sum("verdict" in e for e in keys.values())
                 result["benches"][name] = {
+                    "keys_tested": tested, "chance_verdicts": chance_verdicts(tested),
                     "order": order_log, "quick": both_quick, "keys": keys,
                     "base_code": "the working tree's, with REV's guest" if name in GUEST_ONLY else "REV's",
                     "worse": sorted(k for k, e in keys.items() if e.get("worse")),
                 }
+    tested = sum(b["keys_tested"] for b in result["benches"].values())
+    result.update(keys_tested=tested, chance_verdicts=chance_verdicts(tested))
     return result
+
+
+def chance_verdicts(tested: int) -> float:
+    """How many of ``tested`` keys get a verdict, at most, where nothing changed (p <= SIGNIFICANT,
+    either way)."""
+    return round(2 * SIGNIFICANT * tested, 1)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -353,4 +368,8 @@ def table(result: dict[str, Any]) -> str:
                          f"x{e['new_over_base']:.3f} (spread {spread}, {e['better']} is better){mark}")
     for name, why in result["skipped"].items():
         lines.append(f"{name}: skipped, {why}")
+    if result.get("keys_tested"):
+        lines.append(f"{result['keys_tested']} keys tested: even where nothing changed, about "
+                     f"{result['chance_verdicts']:g} of them would get a verdict by chance; "
+                     "trust one that repeats or that the change explains")
     return "\n".join(lines)
