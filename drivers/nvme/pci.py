@@ -410,9 +410,9 @@ class InFlight:
             return False
         for _ in range(count):
             prepared.popleft()
-        self.queue._release(count)
-        self.in_flight += count
         queue = self.queue
+        queue._release(count)
+        self.in_flight += count
         queue.submitted += count
         queue.most_in_flight = max(queue.most_in_flight, self.in_flight - ending)
         return True

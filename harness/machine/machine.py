@@ -261,15 +261,17 @@ class Machine:
         try:
             if self.process and self.process.poll() is None:
                 if self._qmp is not None:
+                    grace = timeout / 2
                     try:
-                        self._qmp.settimeout(timeout / 2)
+                        self._qmp.settimeout(grace)
                         self._qmp.cmd("quit")
                     except Exception as exc:  # QEMU may close the socket before answering
                         self.log.debug("quit: %s", exc)
                 else:
+                    grace = UNCONNECTED_QUIT_S
                     self.process.terminate()
                 try:
-                    self.process.wait(timeout / 2 if self._qmp is not None else UNCONNECTED_QUIT_S)
+                    self.process.wait(grace)
                 except subprocess.TimeoutExpired:
                     self.log.warning("%s did not quit; killing pid %d", self.name, self.process.pid)
                     self.process.kill()

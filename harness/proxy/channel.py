@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from ..access import Access, Channel, DmaDomain, IrqMode, Kind, Pending, Prepared, Space
 from ..errors import AccessDenied, BadRequest, DeviceTimeout, DmaFault, DmaFaultRecord, ProxyError, ProxyFault
-from .ring import Ring
+from .ring import Ring, reached
 from .window import SPIN_SECONDS
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ class ProxyChannel(Channel):
         served = ring.served
         n = 0
         for flight in flights:
-            if not flight.posted or (served - flight.end) & 0xFFFFFFFF >= 0x80000000:
+            if not flight.posted or not reached(served, flight.end):
                 break
             n += 1
         if not n:

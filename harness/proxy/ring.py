@@ -19,6 +19,12 @@ from .window import SPIN_SECONDS, SharedWindow
 REQUEST_FIELDS = ["op", "width", "status", "timeout_us", "addr", "value", "mask", "expect"]
 
 
+def reached(served: int, end: int) -> bool:
+    """Whether the guest's count of entries served has reached ``end``: both count modulo
+    2**32, and later batches may have taken ``served`` past ``end`` (never by half of that)."""
+    return (served - end) & 0xFFFFFFFF < 0x80000000
+
+
 class Ring:
     """Ring ``index`` of ``window``: ``size`` entries, the host's ``head``, the guest's ``served``."""
 
@@ -76,9 +82,8 @@ class Ring:
         """Wait until the guest has served every entry before ``end``, which later batches may
         follow (so ``served`` may be past it: counted modulo 2**32)."""
         u32, served = self.window.u32, self.served_idx
-        if (u32[served] - end) & 0xFFFFFFFF >= 0x80000000:
-            self.window.wait(lambda: (u32[served] - end) & 0xFFFFFFFF < 0x80000000, timeout, what,
-                             self.index, spin=spin)
+        if not reached(u32[served], end):
+            self.window.wait(lambda: reached(u32[served], end), timeout, what, self.index, spin=spin)
 
     @property
     def served(self) -> int:
