@@ -197,19 +197,73 @@ def test_a_device_the_machine_does_not_have_is_named(proxy_machine) -> None:
 
 
 @pytest.mark.qemu
-def test_boot_serve_stops_on_sigint_though_started_with_it_ignored(hwharness_accel: str) -> None:
+@pytest.mark.parametrize("stop", (signal.SIGINT, signal.SIGTERM), ids=("SIGINT", "SIGTERM"))
+def test_boot_serve_stops_on_sigint_or_sigterm_though_started_with_it_ignored(
+        hwharness_accel: str, stop: signal.Signals) -> None:
     """A shell without job control starts a background job (`make test &`) with SIGINT
-    ignored, and Python keeps it so: Ctrl-C must still stop `boot --serve`."""
+    ignored, and Python keeps it so: Ctrl-C must still stop `boot --serve`; so must a
+    service manager's SIGTERM."""
     boot = subprocess.Popen([sys.executable, "-m", "harness", "boot", "--serve", "--accel", hwharness_accel],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                            preexec_fn=lambda: signal.signal(stop, signal.SIG_IGN))
     try:
         assert boot.stdout is not None
         assert any(line.startswith("Ctrl-C to stop.") for line in boot.stdout), boot.stderr.read()
-        boot.send_signal(signal.SIGINT)
+        boot.send_signal(stop)
         assert boot.wait(60) == 0
         assert boot.stdout.read() == "stopping\n"
     finally:
         if boot.poll() is None:
             boot.kill()
             boot.wait()
+
+
+def workdirs(root: Path) -> list[Path]:
+    return sorted(root.glob("hwharness-*"))
+
+
+@pytest.mark.qemu
+def test_sigterm_unwinds_a_command_and_leaves_nothing_behind(hwharness_accel: str, tmp_path: Path) -> None:
+    """`timeout` or a cancelled CI job sends SIGTERM: the command shuts its machine down and
+    removes its files, as Ctrl-C would, says so and exits 143 (128 + SIGTERM)."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "HWHARNESS_DEBUG"}
+    env.update(PYTHONPATH=str(REPO), TMPDIR=str(root))
+    latency = subprocess.Popen([sys.executable, "-m", "harness", "latency", "--count", "100000000",
+                                "--accel", hwharness_accel],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    qemu = None
+    try:
+        while qemu is None and latency.poll() is None:     # until its QEMU runs (no clock: it may be slow)
+            qemu = next((pid for pid in children(latency.pid) if "qemu" in process_name(pid)), None)
+        assert qemu is not None, latency.communicate()
+        latency.send_signal(signal.SIGTERM)
+        _, stderr = latency.communicate(timeout=120)
+        assert latency.returncode == 128 + signal.SIGTERM, stderr
+        assert stderr.strip().splitlines()[-1] == "hwharness: error: terminated", stderr
+    finally:
+        if latency.poll() is None:
+            latency.kill()
+            latency.wait()
+    assert workdirs(root) == [], "the machine's files are removed"
+    assert not Path(f"/proc/{qemu}").exists() or process_name(qemu) == "", f"QEMU {qemu} is left behind"
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid``'s threads started (Linux's /proc/PID/task/TID/children)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:           # a thread that ended meanwhile
+            pass
+    return found
+
+
+def process_name(pid: int) -> str:
+    """``pid``'s command name, or "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except FileNotFoundError:
+        return ""

@@ -30,15 +30,14 @@ class BootedMachine(abc.ABC, Generic[B]):
         self.machine.launch()
         try:
             self.bus = self.attach(self.machine)
-        except BaseException:
-            self.machine.failed = True
+        except BaseException as exc:
+            self.machine.failed_by(type(exc))
             self.machine.shutdown()
             raise
         return self
 
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is not None:
-            self.machine.failed = True
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self.machine.failed_by(exc_type)
         self.close()
 
     def close(self) -> None:

@@ -140,10 +140,16 @@ class Machine:
         self.launch()
         return self
 
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is not None:
-            self.failed = True
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self.failed_by(exc_type)
         self.shutdown()
+
+    def failed_by(self, exc_type: type[BaseException] | None) -> None:
+        """Mark the machine failed (its files kept for a look) when ``exc_type`` ended its
+        use; not for an interruption (Ctrl-C, the CLI's SIGTERM: KeyboardInterrupt), which
+        asked for everything to go."""
+        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
+            self.failed = True
 
     def launch(self) -> None:
         """Start QEMU and wait until it is connected and its plugins' steps are done."""
@@ -167,8 +173,8 @@ class Machine:
         self.console = Console(self.endpoints.serial_log, self, self.console_rules, self.quiet)
         try:
             self._exec(self.endpoints)
-        except BaseException:
-            self.failed = True
+        except BaseException as exc:
+            self.failed_by(type(exc))
             self.shutdown()
             raise
 
@@ -178,8 +184,8 @@ class Machine:
         assert self.endpoints is not None, "start() the machine first"
         try:
             self._connect(self.endpoints, (self.launch_at["exec"] if since is None else since) + self.launch_timeout)
-        except BaseException:
-            self.failed = True
+        except BaseException as exc:
+            self.failed_by(type(exc))
             self.shutdown()
             raise
 

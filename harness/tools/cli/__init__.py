@@ -17,8 +17,10 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 
@@ -181,7 +183,37 @@ def command_line() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM came (``timeout``, a cancelled CI job): the command unwinds as from Ctrl-C
+    (an interruption, not a failure), so its machines shut down and its worktrees and
+    scratch files go, instead of dying where it stood."""
+
+
+def unwinding_on_sigterm() -> bool:
+    """Make SIGTERM raise :class:`Terminated` in the main thread, once (a second one kills,
+    as the default does); left alone where SIGTERM was ignored or handled already, or
+    off the main thread. Whether it did."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return False
+
+    def terminated(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+    signal.signal(signal.SIGTERM, terminated)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
+    unwinding = unwinding_on_sigterm()
+    try:
+        return run(argv)
+    finally:
+        if unwinding:                   # main() may run inside another program (the tests)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def run(argv: list[str] | None) -> int:
     args = command_line().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:            # a failure is one line: QMP's own error repeats our MachineError, and
@@ -230,11 +262,15 @@ def complain(message: str) -> None:
 
 def report(exc: BaseException, debug: bool) -> int:
     """Say why the command failed, in one line, and return the exit status:
-    2 for input it could not use, 1 for a failed check or device, 130 for Ctrl-C."""
+    2 for input it could not use, 1 for a failed check or device, 130 for Ctrl-C,
+    143 for SIGTERM."""
     if isinstance(exc, SystemExit):
         raise exc
     if debug:
         traceback.print_exception(exc)
+    if isinstance(exc, Terminated):
+        complain("terminated")
+        return 128 + signal.SIGTERM
     if isinstance(exc, KeyboardInterrupt):
         complain("interrupted")
         return 130

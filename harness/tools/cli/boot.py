@@ -85,29 +85,32 @@ def cmd_boot(args: argparse.Namespace) -> int:
             control = serve(pm)
             say(f"{len(pm.admin.slots)} driver slots; from another process: "
                 f"bus = harness.attach({control.address!r})")
-        with CaughtSigint() as sigint:
+        with CaughtStop() as stop:
             say("Ctrl-C to stop.")
-            sigint.wait()
+            stop.wait()
         say("stopping")
     return 0
 
 
-class CaughtSigint:
-    """``with CaughtSigint() as sigint:`` SIGINT (Ctrl-C, ``kill -INT``) is caught, whatever
-    this process inherited, and ``sigint.wait()`` returns once one has come, before or during it.
+class CaughtStop:
+    """``with CaughtStop() as stop:`` SIGINT (Ctrl-C, ``kill -INT``) and SIGTERM (a service
+    manager's stop) are caught, whatever this process inherited, and ``stop.wait()``
+    returns once one has come, before or during it: for the commands that serve until told.
 
     A shell without job control starts a background job with SIGINT ignored, and Python
     keeps an ignored SIGINT ignored: under ``make test &`` ``boot --serve`` never saw the
-    test's Ctrl-C. So the handler is set here; it does nothing itself, because the wakeup
-    fd is what ends the wait: the C handler writes the signal's number to it in whichever
-    thread the kernel picked, so none is lost (``signal.pause()`` misses a signal that comes
-    just before it, and only the main thread raises KeyboardInterrupt)."""
+    test's Ctrl-C. So the handlers are set here; they do nothing themselves, because the
+    wakeup fd is what ends the wait: the C handler writes the signal's number to it in
+    whichever thread the kernel picked, so none is lost (``signal.pause()`` misses a signal
+    that comes just before it, and only the main thread raises KeyboardInterrupt)."""
 
-    def __enter__(self) -> "CaughtSigint":
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> "CaughtStop":
         self._caught = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._previous_fd = signal.set_wakeup_fd(self._wake_w)
-        self._previous = signal.signal(signal.SIGINT, lambda *_: None)
+        self._previous = [signal.signal(number, lambda *_: None) for number in self.SIGNALS]
         return self
 
     def wait(self) -> None:
@@ -119,13 +122,15 @@ class CaughtSigint:
         return self._take(0)
 
     def _take(self, timeout: float | None) -> bool:
-        """Read the wakeup fd, waiting up to ``timeout`` (None: until a signal): a SIGINT among them?"""
+        """Read the wakeup fd, waiting up to ``timeout`` (None: until a signal): a stop among them?"""
         if not self._caught and select.select([self._wake_r], [], [], timeout)[0]:
-            self._caught = signal.SIGINT in os.read(self._wake_r, 256)     # a byte per signal: its number
+            numbers = os.read(self._wake_r, 256)               # a byte per signal: its number
+            self._caught = any(number in numbers for number in self.SIGNALS)
         return self._caught
 
     def __exit__(self, *_: object) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        for number, previous in zip(self.SIGNALS, self._previous):
+            signal.signal(number, previous)
         signal.set_wakeup_fd(self._previous_fd)
         os.close(self._wake_r)
         os.close(self._wake_w)

@@ -19,7 +19,7 @@ from ...machine.linux import wire_path
 from ...proxy import ProxyMachine, proxy_spec
 from ...services.bridge import BridgeService, bridge_spec
 from ...services.disk import DiskService, listen
-from .boot import CaughtSigint
+from .boot import CaughtStop
 from .common import disk_image, iommu_of, say
 from .disk import disk_machine
 
@@ -28,9 +28,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_net(args) if args.serve_command == "net" else serve_disk(args)
 
 
-def report(starts: Callable[..., Iterator[str]], sigint: CaughtSigint, **kwargs: object) -> None:
-    """Print each driver start until Ctrl-C."""
-    for line in starts(stop=sigint.caught, **kwargs):
+def report(starts: Callable[..., Iterator[str]], stop: CaughtStop, **kwargs: object) -> None:
+    """Print each driver start until Ctrl-C or SIGTERM."""
+    for line in starts(stop=stop.caught, **kwargs):
         say(line)
 
 
@@ -52,14 +52,14 @@ def serve_disk(args: argparse.Namespace) -> int:
     image = disk_image(args.image)
     if args.nbd:
         check_nbd(args.nbd)
-    with CaughtSigint() as sigint:
+    with CaughtStop() as stop:
         # --read-only: the export refuses writes, and QEMU writes nothing either (a throwaway
         # overlay), so the image may be read by others meanwhile
         with disk_machine(args.accel, image, iommu_of(args), snapshot=args.read_only, name="serve",
                           bus=args.bus) as pm:
             with DiskService(pm, args.bus, nbd=args.nbd, read_only=args.read_only) as service:
                 say(service.uri)
-                report(service.starts, sigint, timeout=args.timeout)
+                report(service.starts, stop, timeout=args.timeout)
                 say("stopping")
     return 0
 
@@ -74,14 +74,14 @@ def serve_net(args: argparse.Namespace) -> int:
         if os.path.exists(path):
             raise BadInput(f"--wire {wire}: {path} exists; remove it or give another path")
     try:
-        with CaughtSigint() as sigint:
+        with CaughtStop() as stop:
             spec = bridge_spec(proxy_spec(accel=args.accel, iommu=iommu_of(args)), wire)
             with ProxyMachine(spec, name="serve-net", keep_artifacts=True) as pm, \
                     BridgeService(pm, wire) as service:
                 say(f"bridge up under {pm.machine.accel}: the wire is {wire} (hwharness boot --net {wire}); "
                     f"files in {pm.machine.workdir}")
                 say("Ctrl-C to stop.")
-                report(service.starts, sigint)
+                report(service.starts, stop)
                 say("stopping; " + ", ".join(f"{name} {value}" for name, value in service.counters().items()))
     finally:
         if scratch is not None:
