@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import random
 import struct
@@ -219,17 +220,28 @@ def test_region_refuses_bad_arguments_before_sending(proxy_machine: ProxyMachine
             nic.bar(4)
 
 
-def _malformed(rng: random.Random, abi, nic_bars, cfg_size: int = 256) -> bytes:
-    """One ring entry that must be refused, with garbage in every field it does not need."""
-    garbage = lambda bits=64: rng.getrandbits(bits)  # noqa: E731
-    mmio_lo, mmio_hi = nic_bars["mmio"]
-    io_lo, io_hi = nic_bars["io"]
+@functools.cache
+def _operations(abi) -> tuple[dict[int, str], tuple[int, ...], list[int]]:  # type: ignore[no-untyped-def]
+    """The ABI's access operations (op -> space), its polls, and the operations _malformed
+    draws as ones that do not exist: built once, not per entry (a hundred thousand entries)."""
     access_ops = {abi.PROXY_OP_PIO_READ: "pio", abi.PROXY_OP_PIO_WRITE: "pio", abi.PROXY_OP_PIO_POLL: "pio",
                   abi.PROXY_OP_PIO_REPEAT: "pio", abi.PROXY_OP_MMIO_READ: "mmio", abi.PROXY_OP_MMIO_WRITE: "mmio",
                   abi.PROXY_OP_MMIO_POLL: "mmio", abi.PROXY_OP_MMIO_REPEAT: "mmio",
                   abi.PROXY_OP_PIO_POLL_CHANGE: "pio", abi.PROXY_OP_MMIO_POLL_CHANGE: "mmio",
                   abi.PROXY_OP_CFG_READ: "cfg", abi.PROXY_OP_CFG_WRITE: "cfg"}
     polls = (abi.PROXY_OP_MMIO_POLL, abi.PROXY_OP_PIO_POLL, abi.PROXY_OP_MMIO_POLL_CHANGE, abi.PROXY_OP_PIO_POLL_CHANGE)
+    controls = (abi.PROXY_OP_NOP, abi.PROXY_OP_OPEN_PCI, abi.PROXY_OP_OPEN_ISA, abi.PROXY_OP_CLOSE, abi.PROXY_OP_CRASH,
+                abi.PROXY_OP_IRQ_ENABLE, abi.PROXY_OP_IRQ_ACK, abi.PROXY_OP_IRQ_DISABLE, abi.PROXY_OP_NIC_TX_LOOP,
+                abi.PROXY_OP_NIC_RX_LOOP, abi.PROXY_OP_DISK_READ_LOOP)
+    return access_ops, polls, [o for o in range(256) if o not in access_ops and o not in controls]
+
+
+def _malformed(rng: random.Random, abi, nic_bars, cfg_size: int = 256) -> bytes:
+    """One ring entry that must be refused, with garbage in every field it does not need."""
+    garbage = lambda bits=64: rng.getrandbits(bits)  # noqa: E731
+    mmio_lo, mmio_hi = nic_bars["mmio"]
+    io_lo, io_hi = nic_bars["io"]
+    access_ops, polls, unknown_ops = _operations(abi)
     max_width = {"pio": 4, "mmio": 8, "cfg": 4}
     kind = rng.randrange(6)
     op = rng.choice(list(access_ops))
@@ -248,11 +260,7 @@ def _malformed(rng: random.Random, abi, nic_bars, cfg_size: int = 256) -> bytes:
                 return a
 
     if kind == 0:       # an operation that does not exist
-        op = rng.choice([o for o in range(256) if o not in access_ops and o not in
-                         (abi.PROXY_OP_NOP, abi.PROXY_OP_OPEN_PCI, abi.PROXY_OP_OPEN_ISA,
-                          abi.PROXY_OP_CLOSE, abi.PROXY_OP_CRASH, abi.PROXY_OP_IRQ_ENABLE,
-                          abi.PROXY_OP_IRQ_ACK, abi.PROXY_OP_IRQ_DISABLE, abi.PROXY_OP_NIC_TX_LOOP,
-                          abi.PROXY_OP_NIC_RX_LOOP, abi.PROXY_OP_DISK_READ_LOOP)])
+        op = rng.choice(unknown_ops)
         width, addr = garbage(8), garbage()
     elif kind == 1:     # an admin operation on a device channel
         op = rng.choice((abi.PROXY_OP_OPEN_PCI, abi.PROXY_OP_OPEN_ISA, abi.PROXY_OP_CLOSE, abi.PROXY_OP_CRASH))
