@@ -82,7 +82,13 @@ def test_unusable_input_is_one_line_and_status_2(tmp_path: Path) -> None:
                        (("run", "--root", "--", "true"), "--root needs --disk"),
                        (("run", "--disk", "/tmp/disk.sock", "--", "true"), "is not an NBD URI"),
                        (("run", "--kernel", str(image), "--disk", "nbd://localhost/", "--root", "--", "true"),
-                        "--root is the Linux guest's")]:
+                        "--root is the Linux guest's"),
+                       (("run", "--disk", f"nbd+unix:///?socket={tmp_path}/none.sock", "--", "true"),
+                        f"nothing at {tmp_path}/none.sock (start `hwharness serve disk"),
+                       (("run", "--disk", f"nbd+unix:///?socket={image}", "--", "true"), "is not a socket"),
+                       (("run", "--net", f"unix:{tmp_path}/no-wire", "--", "true"),
+                        f"nothing at {tmp_path}/no-wire (start `hwharness serve net"),
+                       (("boot", "--net", f"unix:{image}"), "is not a socket")]:
         done = subprocess.run(hwharness(*args), cwd=REPO, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and done.stdout == "", done.stderr
         assert done.stderr.startswith("hwharness: error: ") and says in done.stderr, done.stderr

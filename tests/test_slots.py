@@ -25,7 +25,7 @@ import pytest
 import drivers.edu as edu
 from drivers.e1000.driver import DEVICE as E1000_DEVICE, VENDOR as E1000_VENDOR
 from harness.tools.bench.e1000 import wire
-from harness.errors import AccessDenied, AttachRefused, BadRequest
+from harness.errors import AccessDenied, AttachRefused, BadRequest, SupervisorError
 from harness.machine import MachineSpec
 from harness.proxy import ProxyMachine, raw
 from harness.proxy.ring import Ring
@@ -231,6 +231,33 @@ def test_the_supervisor_restarts_a_killed_or_hung_driver(rig, rng: random.Random
         assert causes[0] == causes[2] == "killed by SIGKILL"
         assert causes[1].startswith("hung: no heartbeat")
         assert causes[3] == "killed by SIGSEGV"
+
+
+def test_a_killed_zygote_ends_supervision_with_its_reason_and_stop_cleans_up(rig) -> None:
+    """Someone kills the zygote (the OOM killer, a stray kill by PID): its driver processes go
+    with it and none can be started again. Whoever waits is told why, the supervisor stops
+    watching instead of retrying in a loop, and stop() still leaves no process behind."""
+    pm = rig[0]
+    sup = Supervisor(pm, hang_timeout=1.0)
+    try:
+        driver = sup.run("tests.slot_drivers:reader", pm.bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE))
+        driver.wait_serving(60)
+        pids = (sup.zygote.process.pid, driver.pid)
+        os.kill(sup.zygote.process.pid, signal.SIGKILL)     # our own child, by its PID
+        with pytest.raises(SupervisorError, match="the zygote is gone"):
+            driver.wait_serving(60, after=1)
+        sup._watcher.join(60)
+        assert not sup._watcher.is_alive(), "the supervisor watches on"
+        assert driver.state == "dead"
+    finally:
+        sup.stop()
+    deadline = time.monotonic() + 20
+    for pid in pids:
+        while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+            assert time.monotonic() < deadline, f"process {pid} outlived its zygote"
+            time.sleep(0.05)
+    with Supervisor(pm) as again:                       # the slot and the device are free again
+        again.run("tests.slot_drivers:reader", pm.bus.find(vendor=E1000_VENDOR, device=E1000_DEVICE)).wait_serving(60)
 
 
 ORPHAN_SCRIPT = """

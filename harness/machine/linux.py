@@ -113,9 +113,17 @@ ROOT_DEVICE = "/dev/vda"               # the first virtio-blk disk
 
 
 def nbd_server(uri: str) -> dict[str, object]:
-    """QEMU's ``-blockdev driver=nbd`` properties for an NBD URI (the NBD project's URI
-    specification): ``nbd+unix:///[EXPORT]?socket=PATH`` or ``nbd://HOST[:PORT]/[EXPORT]``.
-    ValueError for anything else (TLS, ``nbds``, is not supported)."""
+    """QEMU's ``-blockdev driver=nbd`` properties for an NBD URI, as :func:`nbd_address`
+    reads it, written for QEMU's option syntax."""
+    # QEMU's option syntax doubles a comma inside a value
+    return {key: value.replace(",", ",,") if isinstance(value, str) else value
+            for key, value in nbd_address(uri).items()}
+
+
+def nbd_address(uri: str) -> dict[str, object]:
+    """Where an NBD URI points (the NBD project's URI specification), in the terms of QEMU's
+    ``-blockdev driver=nbd``: ``nbd+unix:///[EXPORT]?socket=PATH`` or
+    ``nbd://HOST[:PORT]/[EXPORT]``. ValueError for anything else (TLS, ``nbds``, is not supported)."""
     parts = urlsplit(uri)
     export = parts.path[1:] if parts.path.startswith("/") else parts.path
     if parts.scheme == "nbd+unix":
@@ -131,8 +139,7 @@ def nbd_server(uri: str) -> dict[str, object]:
         raise ValueError(f"{uri!r} is not an NBD URI (nbd+unix:///?socket=PATH or nbd://HOST:PORT/)")
     if export:
         props["export"] = export
-    # QEMU's option syntax doubles a comma inside a value
-    return {key: value.replace(",", ",,") if isinstance(value, str) else value for key, value in props.items()}
+    return props
 
 
 def nbd_disk(spec: MachineSpec, uri: str, node: str = DISK_NODE) -> MachineSpec:
@@ -192,7 +199,8 @@ def wire_path(wire: str) -> str:
 def wire_netdev(spec: MachineSpec, id: str, wire: str, server: bool) -> None:
     """A ``-netdev stream`` on ``wire`` (``unix:PATH``): one end listens (``server``), the other
     connects (QEMU 7.2's stream netdev, ``addr.type=unix``: qapi/net.json). The connecting
-    end fails at start if nobody listens yet."""
+    end does not fail if nobody listens: QEMU boots the machine with its NIC unplugged
+    (the CLI looks for the wire's socket before it boots)."""
     spec.netdev("stream", id, server=server, **{"addr.type": "unix", "addr.path": wire_path(wire)})
 
 

@@ -135,6 +135,15 @@ class Standby:
         return not select.select([self.pidfd], [], [], 0)[0]
 
 
+def kill(pidfd: int) -> None:
+    """SIGKILL the driver process ``pidfd`` names (our own child's child), if it has not ended:
+    through its pidfd, so that a PID that init reaped and reused (the zygote gone) is safe."""
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _describe(status: int) -> str:
     if status < 0:
         return "ended (status unknown)"
@@ -151,6 +160,7 @@ class Zygote:
         self.sock = ours
         self._lock = threading.Lock()
         self.loaded: set[str] = set()
+        self.gone: str | None = None        # why the zygote can no longer be asked, once it cannot
         self.process = subprocess.Popen([sys.executable, "-c", ZYGOTE_START, str(os.getpid()),
                                          str(theirs.fileno()), guest_elf], pass_fds=[theirs.fileno()])
         theirs.close()
@@ -159,34 +169,49 @@ class Zygote:
         if reply[0] != "ready":
             raise SupervisorError(f"the zygote said {reply!r}")
 
+    def _ask(self, request: tuple, fds: Sequence[int] = ()) -> tuple:
+        """Send ``request`` (with ``fds``) and return the reply; SupervisorError once the zygote is gone."""
+        if self.gone is not None:
+            raise SupervisorError(f"the zygote is gone: {self.gone}")
+        try:
+            socket.send_fds(self.sock, [pickle.dumps(request)], list(fds))
+        except OSError as exc:
+            self.gone = f"{exc.strerror} (status {self.process.poll()})"
+            raise SupervisorError(f"the zygote is gone: {self.gone}") from None
+        return self._recv()
+
     def _recv(self) -> tuple:
         try:
             data = self.sock.recv(MAX_MESSAGE)
         except OSError as exc:
-            raise SupervisorError(f"the zygote is gone: {exc}") from None
+            self.gone = f"{exc.strerror or exc} (status {self.process.poll()})"
+            raise SupervisorError(f"the zygote is gone: {self.gone}") from None
         if not data:
-            raise SupervisorError(f"the zygote exited ({self.process.poll()})")
+            self.gone = f"it exited (status {self.process.poll()})"
+            raise SupervisorError(f"the zygote is gone: {self.gone}")
         return pickle.loads(data)
 
     def preload(self, module: str) -> None:
         """Have the zygote import ``module``, so that its drivers' forks start with it imported."""
         with self._lock:
             if module not in self.loaded:
-                self.sock.send(pickle.dumps(("preload", module)))
-                reply = self._recv()
+                reply = self._ask(("preload", module))
                 if reply[0] != "loaded":
                     raise SupervisorError(f"the zygote could not import {module}: {reply[1]}")
                 self.loaded.add(module)
 
     def spawn(self, spec: dict[str, Any], fds: list[int]) -> int:
         with self._lock:
-            socket.send_fds(self.sock, [pickle.dumps(("spawn", spec))], fds)
-            return int(self._recv()[1])
+            return int(self._ask(("spawn", spec), fds)[1])
 
     def reap(self, pid: int) -> int:
+        """How driver process ``pid`` ended (a wait status); -1 once the zygote is gone (its
+        children were handed to init, which reaped them)."""
         with self._lock:
-            self.sock.send(pickle.dumps(("reap", pid)))
-            return int(self._recv()[1])
+            try:
+                return int(self._ask(("reap", pid))[1])
+            except SupervisorError:
+                return -1
 
     def close(self) -> None:
         self.sock.close()
@@ -266,8 +291,7 @@ class Supervisor:
         standby, driver.standby = driver.standby, None
         if standby is None:
             return
-        if standby.alive():
-            os.kill(standby.pid, signal.SIGKILL)
+        kill(standby.pidfd)
         self.zygote.reap(standby.pid)
         os.close(standby.pidfd)
         standby.go.close()
@@ -341,7 +365,24 @@ class Supervisor:
                     try:
                         self._look_at(driver)
                     except Exception:
-                        log.exception("supervisor: watching %s", driver.name)
+                        if self.zygote.gone is None:
+                            log.exception("supervisor: watching %s", driver.name)
+                if self.zygote.gone is not None:
+                    self._abandon()
+                    return
+
+    def _abandon(self) -> None:
+        """The zygote is gone (killed by someone, or out of memory), and with it every driver
+        process: none can be started again. Every driver is dead, its waiters told why, and
+        watching ends; ``stop()`` still cleans up."""
+        why = f"the zygote is gone ({self.zygote.gone}): no driver process can be started"
+        log.error("supervisor: %s", why)
+        for driver in self.drivers:
+            with driver._serving:
+                if driver.state != "stopped":
+                    driver.state = "dead"
+                driver.deaths.append(why)
+                driver._serving.notify_all()
 
     def _until_a_death(self, timeout: float) -> None:
         """Wait ``timeout`` seconds, or less if a driver process ends: its pidfd becomes
@@ -387,7 +428,8 @@ class Supervisor:
 
     def _kill(self, driver: Driver, cause: str, now: float) -> None:
         """A hung driver: SIGKILL it (even a stopped process dies of that), and restart it."""
-        os.kill(driver.pid, signal.SIGKILL)          # our own child's child, by its PID
+        assert driver.pidfd is not None
+        kill(driver.pidfd)
         self.zygote.reap(driver.pid)
         self._died(driver, cause, now)
 
@@ -428,7 +470,7 @@ class Supervisor:
                 driver._serving.notify_all()
             if driver.pidfd is not None:
                 driver.state = "stopped"
-                os.kill(driver.pid, signal.SIGKILL)
+                kill(driver.pidfd)
                 self.zygote.reap(driver.pid)
                 os.close(driver.pidfd)
                 driver.pidfd = None

@@ -117,7 +117,8 @@ def main(parent: int, fd: int, guest_elf: str) -> None:
                     if os.getppid() == 1:   # the zygote died before the line above
                         os._exit(code)
                     sock.close()
-                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    for number in (signal.SIGINT, signal.SIGTERM):
+                        signal.signal(number, signal.SIG_DFL)
                     code = driver_main(request[1], fds)
                 finally:
                     sys.stdout.flush()
@@ -137,7 +138,10 @@ def main(parent: int, fd: int, guest_elf: str) -> None:
 def start(argv: list[str]) -> None:
     """The zygote process's entry: ``python -c`` runs this, not ``-m``, which would import
     this module a second time as __main__ beside the copy harness.processes already holds."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C is the supervisor's to handle
+    # A Ctrl-C or a SIGTERM sent to the whole process group (`timeout`, a cancelled CI job)
+    # is the supervisor's to handle; the zygote ends with it (PDEATHSIG, its socket's end).
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
     main(int(argv[0]), int(argv[1]), argv[2])
 
 START = "import sys; from harness.processes.zygote import start; start(sys.argv[1:])"

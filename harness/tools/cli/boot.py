@@ -13,10 +13,10 @@ from pathlib import Path
 
 from ...errors import BadInput
 from ...machine import Machine, MachineSpec, random_mac
-from ...machine.linux import linux, nbd_disk, nbd_server, wire_nic
+from ...machine.linux import linux, nbd_address, nbd_disk, wire_nic, wire_path
 from ...processes import serve
 from ...proxy import ProxyMachine, proxy_spec
-from .common import device_table, iommu_of, readable_file, say
+from .common import device_table, iommu_of, readable_file, say, unix_socket
 
 
 def console_machine(args: argparse.Namespace, name: str) -> tuple[Machine, str]:
@@ -27,9 +27,14 @@ def console_machine(args: argparse.Namespace, name: str) -> tuple[Machine, str]:
         raise BadInput("--root needs --disk URI, the export to boot from")
     if args.disk:
         try:
-            nbd_server(args.disk)
+            server = nbd_address(args.disk)
         except ValueError as exc:
             raise BadInput(f"--disk {exc}") from exc
+        if server["server.type"] == "unix":
+            unix_socket(str(server["server.path"]), f"--disk {args.disk}",
+                        "`hwharness serve disk IMAGE --nbd unix:PATH`")
+    if args.net:
+        unix_socket(wire_path(args.net), f"--net {args.net}", "`hwharness serve net --wire unix:PATH`")
     if args.kernel:
         if args.root:
             raise BadInput("--root is the Linux guest's; for --kernel, say root=/dev/vda in --append")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,6 +51,22 @@ def readable_file(path: str, what: str) -> Path:
     except OSError as exc:
         raise BadInput(f"{what} {path}: cannot be read ({exc.strerror})") from exc
     return file
+
+
+def unix_socket(path: str, what: str, start: str) -> None:
+    """Refuse a Unix socket path where nothing can be listening (nothing there, or not a
+    socket), before a machine boots: QEMU would boot a disk-less machine and stop late, or
+    (a stream wire) boot one whose NIC stays unplugged. ``start`` says what would listen.
+    Only looked at, never connected to: a probe would be qemu-nbd's one client, or take the
+    wire's one connection."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise BadInput(f"{what}: nothing at {path} (start {start} first)") from None
+    except OSError as exc:
+        raise BadInput(f"{what}: {path}: {exc.strerror}") from exc
+    if not stat.S_ISSOCK(mode):
+        raise BadInput(f"{what}: {path} is not a socket (start {start} there)")
 
 
 def disk_image(path: str) -> Path:
