@@ -65,6 +65,18 @@ class DeviceNotFound(HarnessError, LookupError):
     """The machine has no device that matches what a driver asked for."""
 
 
+def qemu_reason(output: str) -> str:
+    """QEMU's own last error in its output, without its program name: what a person needs on
+    the one line a failure gets ("-device ide-hd,...: Failed to get "write" lock", "invalid
+    kernel header"); "" if none."""
+    for line in reversed(output.strip().splitlines()):
+        program, sep, reason = line.partition(": ")
+        name = program.rsplit("/", 1)[-1]
+        if sep and (name == "qemu" or name.startswith("qemu-system")):      # both prefix its errors
+            return reason.strip()
+    return ""
+
+
 class MachineError(HarnessError):
     """QEMU failed to launch, exited unexpectedly, or QMP failed."""
 
@@ -76,6 +88,9 @@ class MachineError(HarnessError):
         detail = message
         if exitcode is not None:
             detail += f" (exit code {exitcode})"
+        reason = qemu_reason(output)
+        if reason:
+            detail += f": {reason}"
         if output.strip():
             detail += "\n--- QEMU output (tail) ---\n" + output.strip()[-2000:]
         super().__init__(detail)

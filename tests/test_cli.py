@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.tools.cli import report
+from harness.tools.cli import Terminated, report
 from harness.tools.cli.common import CheckFailed
 from harness.errors import DeviceNotFound, MachineError
 from tests.fatimages import have_tools, make_image, tree
@@ -167,13 +167,31 @@ def test_errors_map_to_their_status(capsys: pytest.CaptureFixture[str]) -> None:
              (CheckFailed("the printer chardev received 3 bytes that differ"), 1),
              (MachineError("QEMU exited", ["qemu"], "line one\nline two", 1), 1),
              (ZeroDivisionError("division by zero"), 1),
-             (KeyboardInterrupt(), 130)]
+             (KeyboardInterrupt(), 130),
+             (Terminated(), 143)]
     for error, status in cases:
         assert report(error, debug=False) == status
         lines = capsys.readouterr().err.splitlines()
         assert len(lines) == 1 and lines[0].startswith("hwharness: error: "), lines
     assert report(ZeroDivisionError("x"), debug=False) == 1
     assert "internal error: ZeroDivisionError: x (--debug" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output, reason", [
+    ('qemu-system-x86_64: -device ide-hd,drive=disk0: Failed to get "write" lock\n'
+     "Is another process using the image [/tmp/a.img]?\n", '-device ide-hd,drive=disk0: Failed to get "write" lock'),
+    ("qemu: invalid kernel header\n", "invalid kernel header"),
+    ("/usr/bin/qemu-system-x86_64: -m lots: Parameter 'size' expects a size\n",
+     "-m lots: Parameter 'size' expects a size"),
+    ("some guest noise: not QEMU's\n", None)])
+def test_qemus_own_reason_is_on_the_one_line(capsys: pytest.CaptureFixture[str], output: str,
+                                             reason: str | None) -> None:
+    """A QEMU that will not start says why in its output: that reason ends the one line,
+    the rest of the output stays for -v."""
+    assert report(MachineError("QEMU exited before QMP answered", ["qemu"], output, 1), debug=False) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    first = "hwharness: error: QEMU exited before QMP answered (exit code 1)"
+    assert line == (f"{first}: {reason}" if reason else first) + " (-v shows the details)"
 
 
 @pytest.mark.qemu
