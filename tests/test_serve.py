@@ -24,6 +24,7 @@ from harness.machine.linux import nbd_server
 from harness.services.disk import DiskService
 from harness.tools.bench import serve
 from harness.tools.bench.serve import KillPlan, e2fs_tool, fsck_problems, write_through_kills
+from tests.test_cli import children, process_name
 from tests.test_nbd import machine_with
 from tests.unit.test_nbd import run_tool
 
@@ -132,6 +133,36 @@ def test_serve_prints_the_uri_and_every_start_and_stops_on_ctrl_c(
     assert not path.exists(), "the socket is removed"
     for pid in (first.group(1), again.group(1)):
         assert not Path(f"/proc/{pid}").exists(), f"driver {pid} is left behind"
+
+
+@pytest.mark.qemu
+def test_a_qemu_killed_under_serve_is_an_error_and_everything_goes(
+        hwharness_accel: str, tmp_path: Path, socket_dir: Path) -> None:
+    """The proxy machine's QEMU dies (killed here, by its PID): the devices are gone, so
+    `serve disk` says so in one line, exits 1 and leaves no process and no socket behind
+    (it served on, silently, before)."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    path = socket_dir / "disk.sock"
+    serve = subprocess.Popen(hwharness("serve", "disk", str(image), "--nbd", f"unix:{path}", "--accel", hwharness_accel),
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert serve.stdout is not None
+        serve.stdout.readline()
+        started = STARTED.match(serve.stdout.readline())
+        assert started is not None, serve.stderr.read()      # type: ignore[union-attr]
+        (qemu,) = [pid for pid in children(serve.pid) if process_name(pid).startswith("qemu-system")]
+        os.kill(qemu, signal.SIGKILL)                        # the QEMU it started, by its PID
+        _, stderr = serve.communicate(timeout=120)
+        assert serve.returncode == 1, stderr
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("hwharness: error: ") and "QEMU exited (killed by SIGKILL)" in last, stderr
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+    assert not path.exists(), "the socket is removed"
+    assert process_name(int(started.group(1))) == "", "the driver process is left behind"
 
 
 @pytest.mark.qemu

@@ -118,6 +118,8 @@ class Driver:
                 restart = self.restarts[seen]
                 seen += 1
                 yield f"driver pid {self.pid} {doing} again, {restart.ms:.0f} ms after the last was {restart.cause}"
+            elif self.state == "dead":          # for good: the supervisor says why
+                raise SupervisorError(f"driver {self.name} is dead: {self.deaths[-3:]}")
             else:
                 time.sleep(0.1)
 
@@ -361,6 +363,12 @@ class Supervisor:
                 return
             self.collect_phases()
             with self._lock:
+                if not self.pm.machine.alive():         # first: its drivers' deaths follow from it
+                    code = self.pm.machine.exitcode()
+                    how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else \
+                        f"exit status {code}"
+                    self._abandon(f"QEMU exited ({how}): the devices are gone")
+                    return
                 for driver in self.drivers:
                     try:
                         self._look_at(driver)
@@ -368,16 +376,21 @@ class Supervisor:
                         if self.zygote.gone is None:
                             log.exception("supervisor: watching %s", driver.name)
                 if self.zygote.gone is not None:
-                    self._abandon()
+                    self._abandon(f"the zygote is gone ({self.zygote.gone}): no driver process can be started")
                     return
 
-    def _abandon(self) -> None:
-        """The zygote is gone (killed by someone, or out of memory), and with it every driver
-        process: none can be started again. Every driver is dead, its waiters told why, and
-        watching ends; ``stop()`` still cleans up."""
-        why = f"the zygote is gone ({self.zygote.gone}): no driver process can be started"
+    def _abandon(self, why: str) -> None:
+        """Nothing can be served any more (the machine's QEMU exited, or the zygote, and with it
+        every driver process, is gone): every driver process ends, every driver is dead, its
+        waiters are told ``why``, and watching ends; ``stop()`` still cleans up."""
         log.error("supervisor: %s", why)
         for driver in self.drivers:
+            self._drop_standby(driver)
+            if driver.pidfd is not None:
+                kill(driver.pidfd)
+                self.zygote.reap(driver.pid)
+                os.close(driver.pidfd)
+                driver.pidfd = None
             with driver._serving:
                 if driver.state != "stopped":
                     driver.state = "dead"
