@@ -4,6 +4,7 @@ sides did all the work they were given (no figure is judged: machines are shared
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,12 @@ def check_paired(result: dict, units: dict[str, int], counted_by: str) -> None:
             assert len(result["per_round"][name]) == rounds
         assert result["ratio_spread"][f"ratio_{key}"] >= 1.0
         assert result["work"][key] == {"units_per_run": count, "counted_by": counted_by}
+        for name in (key, f"native_{key}"):         # where each side's time went, from the kernel's counts
+            used = result["cpu_cores"][name]
+            assert set(used) == {"main_loop", "vcpu", "qemu_other", "driver"} and min(used.values()) >= 0, (name, used)
+            assert sum(used.values()) <= (os.cpu_count() or 1) + 0.5, (name, used)
+        assert result["cpu_cores"][f"native_{key}"]["vcpu"] > 0, "the native loop runs on the vCPU"
+        assert result["cpu_cores"][key]["driver"] > 0, "the Python driver runs in the bench's process"
     assert set(result["work"]) == set(units)
 
 

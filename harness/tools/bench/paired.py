@@ -18,6 +18,9 @@
   during each round (``foreign_cores``, from /proc) is recorded: the Python
   side needs two cores at once (itself and the vCPU), the native side one, so
   another job on a two-core machine hurts Python first.
+- Where the time went. ``cpu_cores`` gives, for each figure, the cores QEMU's main
+  loop, the vCPU, QEMU's other threads and this process used during its runs
+  (medians; :class:`ThreadCpu`).
 """
 
 from __future__ import annotations
@@ -60,12 +63,59 @@ class WorkMismatch(HarnessError):
     """A side did not do the work it was given: the figure would be meaningless."""
 
 
-def _timed(workload: Workload, side: str, first_side: bool) -> float:
+class ThreadCpu:
+    """The CPU each part of a run used, from the kernel's own count of each thread's time on
+    a core (``/proc/PID/task/TID/schedstat``, nanoseconds): the machines' QEMU main loops
+    (where the device models answer DMA and doorbells under TCG), their vCPUs (the proxy,
+    or the native loop), QEMU's other threads (the disk backend's workers: io_uring's punt
+    threads, the thread pool; a thread that ended during the run goes uncounted), and this
+    process (the Python driver, or the host waiting for the native loop). A side's figure
+    says how much got done; these say what held it back: a main loop well below a core
+    while the work was unfinished waited for its doorbells."""
+
+    ROLES = ("main_loop", "vcpu", "qemu_other", "driver")
+
+    def __init__(self, pms: list[ProxyMachine]) -> None:
+        self.machines: list[tuple[int, set[int]]] = [
+            (pm.machine.process.pid, {cpu["thread-id"] for cpu in pm.machine.qmp("query-cpus-fast")})
+            for pm in pms if pm.machine.process is not None]
+
+    def sample(self) -> dict[tuple[int, int], tuple[str, float]]:
+        """Each thread's seconds on a core so far, with its role; this process as one."""
+        spent: dict[tuple[int, int], tuple[str, float]] = {(0, 0): ("driver", time.process_time())}
+        for pid, vcpus in self.machines:
+            try:
+                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except OSError:                 # a machine that is gone: nothing more to count
+                continue
+            for tid in tids:
+                role = "main_loop" if tid == pid else "vcpu" if tid in vcpus else "qemu_other"
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                        spent[pid, tid] = (role, int(f.read().split()[0]) / 1e9)
+                except OSError:             # the thread ended meanwhile
+                    pass
+        return spent
+
+    @classmethod
+    def cores(cls, before: dict[tuple[int, int], tuple[str, float]], after: dict[tuple[int, int], tuple[str, float]],
+              seconds: float) -> dict[str, float]:
+        """Cores each role used between two samples ``seconds`` apart."""
+        used = dict.fromkeys(cls.ROLES, 0.0)
+        for key, (role, spent) in after.items():
+            used[role] += (spent - before.get(key, (role, 0.0))[1]) / seconds
+        return used
+
+
+def _timed(workload: Workload, side: str, first_side: bool, cpu: ThreadCpu) -> tuple[float, dict[str, float]]:
+    """The side's figure, and the cores each role used meanwhile."""
     run = (workload.python if first_side else workload.native)()
     before = workload.counter() if workload.counter else 0
+    spent = cpu.sample()
     t0 = time.perf_counter_ns()
     units = run()
     elapsed = time.perf_counter_ns() - t0
+    after = cpu.sample()
     if units != workload.units:
         raise WorkMismatch(f"{workload.key}: the {side} side did {units} of {workload.units}")
     if workload.counter:
@@ -73,7 +123,7 @@ def _timed(workload: Workload, side: str, first_side: bool) -> float:
         if counted != workload.units:
             raise WorkMismatch(f"{workload.key}: the {side} side claims {units}, "
                                f"{workload.counted_by} counted {counted}")
-    return units * workload.scale / (elapsed / 1e9)
+    return units * workload.scale / (elapsed / 1e9), ThreadCpu.cores(spent, after, elapsed / 1e9)
 
 
 def clock_figures(pm: ProxyMachine, channel_calls: Callable[[], object], span: float = 0.5) -> dict[str, float]:
@@ -131,9 +181,11 @@ def run_rounds(groups: list[list[Workload]], rounds: int, pms: list[ProxyMachine
     ``ratio_`` and the workload, the first side over the second. ``pms`` are the machines
     whose CPU is the bench's own."""
     per_round: dict[str, list[float]] = {}
+    cores: dict[str, dict[str, list[float]]] = {}
     first = []
     pids = [os.getpid()] + [pm.machine.process.pid for pm in pms if pm.machine.process is not None]
     load = ForeignLoad(pids)
+    cpu = ThreadCpu(pms)
     foreign: list[float] = []
     label = {side: "" if side == "python" else f"{side}_" for side in sides}
     for group in groups:
@@ -143,11 +195,14 @@ def run_rounds(groups: list[list[Workload]], rounds: int, pms: list[ProxyMachine
                 first.append(order[0])
             load.since_last()
             for w in group:
-                figures = {side: _timed(w, side, side == sides[0]) for side in order}
+                measured = {side: _timed(w, side, side == sides[0], cpu) for side in order}
                 if round_:                      # round 0 warms both up
                     for side in sides:
-                        per_round.setdefault(f"{label[side]}{w.key}", []).append(figures[side])
-                    per_round.setdefault(f"ratio_{w.key}", []).append(figures[sides[0]] / figures[sides[1]])
+                        figure, used = measured[side]
+                        per_round.setdefault(f"{label[side]}{w.key}", []).append(figure)
+                        for role, used_cores in used.items():
+                            cores.setdefault(f"{label[side]}{w.key}", {}).setdefault(role, []).append(used_cores)
+                    per_round.setdefault(f"ratio_{w.key}", []).append(measured[sides[0]][0] / measured[sides[1]][0])
             if round_:
                 foreign.append(round(load.since_last(), 2))
             progress(f"{group[0].key}...: " + (f"round {round_} of {rounds} done" if round_ else "warm-up done"))
@@ -158,6 +213,8 @@ def run_rounds(groups: list[list[Workload]], rounds: int, pms: list[ProxyMachine
     spread = {k: round(max(v) / min(v), 3) for k, v in per_round.items() if k.startswith("ratio_")}
     return {"clock": "host", "rounds": rounds, "warmup_rounds": 1, "first": first, "foreign_cores": foreign,
             "results": results, "ratio_spread": spread,
+            "cpu_cores": {key: {role: round(statistics.median(v), 2) for role, v in used.items()}
+                          for key, used in cores.items()},
             "per_round": {k: [round(x, 4 if k.startswith("ratio_") else 1) for x in v] for k, v in per_round.items()},
             "work": {w.key: {"units_per_run": w.units, "counted_by": w.counted_by or "the side itself"}
                      for group in groups for w in group}}
