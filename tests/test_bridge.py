@@ -4,6 +4,7 @@ forwards between two NICs of a proxy machine, and that may be killed under its T
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import shutil
 import signal
@@ -24,6 +25,7 @@ from harness.proxy import raw
 from harness.services.bridge import STATS_SECONDS, Bridge, BridgeService, Counters, bridge_devices, bridge_nics, bridge_spec
 from harness.tools.bench.e1000 import RCTL_QUIET
 from harness.tools.bench.forward import BLOCK_FIELDS, SINK_MAC, Generator, Wires, download_through_kills, frame_of, http_files
+from tests.test_cli import children, process_name
 
 pytestmark = pytest.mark.qemu
 
@@ -178,6 +180,31 @@ def test_serve_net_and_run_net_from_the_command_line(linux_accel: str, linux_ima
         serve.send_signal(signal.SIGINT)
         rest, _ = serve.communicate(timeout=60)
         assert serve.returncode == 0 and "stopping; wan_to_lan_frames" in rest, rest
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+        shutil.rmtree(workdir)
+
+
+def test_a_qemu_killed_under_serve_net_is_an_error_and_its_wire_goes(hwharness_accel: str) -> None:
+    """The bridge machine's QEMU dies (killed here, by its PID): `serve net` says so in one
+    line and exits 1, and the wire's socket, which a killed QEMU cannot remove, goes too (a
+    second `serve net` on the same path refuses one that is there)."""
+    workdir = Path(tempfile.mkdtemp(prefix="hwh-wire-"))
+    wire = workdir / "wire"
+    serve = subprocess.Popen([sys.executable, "-m", "harness", "serve", "net", "--accel", hwharness_accel,
+                              "--wire", f"unix:{wire}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert serve.stdout is not None
+        assert any(line.startswith("driver pid") for line in serve.stdout), serve.stderr.read()   # type: ignore[union-attr]
+        (qemu,) = [pid for pid in children(serve.pid) if process_name(pid).startswith("qemu-system")]
+        os.kill(qemu, signal.SIGKILL)                       # the QEMU it started, by its PID
+        _, stderr = serve.communicate(timeout=120)
+        assert serve.returncode == 1, stderr
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("hwharness: error: ") and "QEMU exited (killed by SIGKILL)" in last, stderr
+        assert not wire.exists(), "the wire's socket is removed"
     finally:
         if serve.poll() is None:
             serve.kill()

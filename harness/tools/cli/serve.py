@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import stat
 import tempfile
 from typing import Callable, Iterator
 
@@ -86,4 +87,6 @@ def serve_net(args: argparse.Namespace) -> int:
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+        elif os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)     # QEMU's, as nothing was there before: one killed leaves it behind
     return 0
