@@ -383,7 +383,7 @@ class Supervisor:
         """Nothing can be served any more (the machine's QEMU exited, or the zygote, and with it
         every driver process, is gone): every driver process ends, every driver is dead, its
         waiters are told ``why``, and watching ends; ``stop()`` still cleans up."""
-        log.error("supervisor: %s", why)
+        log.warning("supervisor: %s", why)        # what a waiter's SupervisorError says too
         for driver in self.drivers:
             self._drop_standby(driver)
             if driver.pidfd is not None:

@@ -219,6 +219,7 @@ def run(argv: list[str] | None) -> int:
     if not args.verbose:            # a failure is one line: QMP's own error repeats our MachineError, and
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)     # where a failed machine's files
         logging.getLogger("harness.machine").setLevel(logging.ERROR)  # are kept is for -v
+        logging.getLogger("harness.processes").setLevel(logging.ERROR)  # restarts and endings: serve prints them
     try:
         check_outputs(args)
         if not args.trace:
