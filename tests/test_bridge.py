@@ -4,7 +4,6 @@ forwards between two NICs of a proxy machine, and that may be killed under its T
 from __future__ import annotations
 
 import contextlib
-import os
 import select
 import shutil
 import signal
@@ -25,7 +24,7 @@ from harness.proxy import raw
 from harness.services.bridge import STATS_SECONDS, Bridge, BridgeService, Counters, bridge_devices, bridge_nics, bridge_spec
 from harness.tools.bench.e1000 import RCTL_QUIET
 from harness.tools.bench.forward import BLOCK_FIELDS, SINK_MAC, Generator, Wires, download_through_kills, frame_of, http_files
-from tests.test_cli import children, process_name
+from tests.test_cli import kill_its_qemu
 
 pytestmark = pytest.mark.qemu
 
@@ -198,12 +197,7 @@ def test_a_qemu_killed_under_serve_net_is_an_error_and_its_wire_goes(hwharness_a
     try:
         assert serve.stdout is not None
         assert any(line.startswith("driver pid") for line in serve.stdout), serve.stderr.read()   # type: ignore[union-attr]
-        (qemu,) = [pid for pid in children(serve.pid) if process_name(pid).startswith("qemu-system")]
-        os.kill(qemu, signal.SIGKILL)                       # the QEMU it started, by its PID
-        _, stderr = serve.communicate(timeout=120)
-        assert serve.returncode == 1, stderr
-        (line,) = stderr.strip().splitlines()                # a failure is one line
-        assert line.startswith("hwharness: error: ") and "QEMU exited (killed by SIGKILL)" in line, stderr
+        kill_its_qemu(serve)
         assert not wire.exists(), "the wire's socket is removed"
     finally:
         if serve.poll() is None:

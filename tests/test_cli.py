@@ -255,7 +255,7 @@ def test_sigterm_unwinds_a_command_and_leaves_nothing_behind(hwharness_accel: st
     qemu = None
     try:
         while qemu is None and latency.poll() is None:     # until its QEMU runs (no clock: it may be slow)
-            qemu = next((pid for pid in children(latency.pid) if "qemu" in process_name(pid)), None)
+            qemu = qemu_of(latency.pid)
         assert qemu is not None, latency.communicate()
         latency.send_signal(signal.SIGTERM)
         _, stderr = latency.communicate(timeout=120)
@@ -280,6 +280,24 @@ def children(pid: int) -> list[int]:
         except FileNotFoundError:           # a thread that ended meanwhile
             pass
     return found
+
+
+def qemu_of(pid: int) -> int | None:
+    """The QEMU process ``pid`` started, if one runs now."""
+    return next((child for child in children(pid) if process_name(child).startswith("qemu-system")), None)
+
+
+def kill_its_qemu(command: subprocess.Popen[str]) -> str:
+    """Kill the QEMU that ``command`` runs (SIGKILL, by its PID) and return the command's
+    stderr once it has ended, which must be a failure said in one line naming the death."""
+    qemu = qemu_of(command.pid)
+    assert qemu is not None, "the command runs no QEMU"
+    os.kill(qemu, signal.SIGKILL)
+    _, stderr = command.communicate(timeout=120)
+    assert command.returncode == 1, stderr
+    (line,) = stderr.strip().splitlines()                   # a failure is one line
+    assert line.startswith("hwharness: error: ") and "QEMU exited (killed by SIGKILL)" in line, stderr
+    return stderr
 
 
 def ends(pid: int, within: float) -> bool:

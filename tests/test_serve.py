@@ -24,7 +24,7 @@ from harness.machine.linux import nbd_server
 from harness.services.disk import DiskService
 from harness.tools.bench import serve
 from harness.tools.bench.serve import KillPlan, e2fs_tool, fsck_problems, write_through_kills
-from tests.test_cli import children, ends, process_name
+from tests.test_cli import ends, kill_its_qemu
 from tests.test_nbd import machine_with
 from tests.unit.test_nbd import run_tool
 
@@ -151,12 +151,7 @@ def test_a_qemu_killed_under_serve_is_an_error_and_everything_goes(
         serve.stdout.readline()
         started = STARTED.match(serve.stdout.readline())
         assert started is not None, serve.stderr.read()      # type: ignore[union-attr]
-        (qemu,) = [pid for pid in children(serve.pid) if process_name(pid).startswith("qemu-system")]
-        os.kill(qemu, signal.SIGKILL)                        # the QEMU it started, by its PID
-        _, stderr = serve.communicate(timeout=120)
-        assert serve.returncode == 1, stderr
-        (line,) = stderr.strip().splitlines()                # a failure is one line
-        assert line.startswith("hwharness: error: ") and "QEMU exited (killed by SIGKILL)" in line, stderr
+        kill_its_qemu(serve)
     finally:
         if serve.poll() is None:
             serve.kill()

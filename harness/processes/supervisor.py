@@ -102,7 +102,11 @@ class Driver:
                 raise SupervisorError(f"driver {self.name} did not serve within {timeout:g} s "
                                       f"({self.state}; deaths: {self.deaths[-3:]})")
             if self.state != "serving":
-                raise SupervisorError(f"driver {self.name} is {self.state}: {self.deaths[-3:]}")
+                raise self._ended()
+
+    def _ended(self) -> SupervisorError:
+        """Why the driver does not serve and will not again (dead, or stopped)."""
+        return SupervisorError(f"driver {self.name} is {self.state}: {self.deaths[-3:]}")
 
     def starts(self, doing: str, timeout: float = 60.0, stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
         """One line per start, as it serves (``driver pid N <doing>``): the first, then each
@@ -119,7 +123,7 @@ class Driver:
                 seen += 1
                 yield f"driver pid {self.pid} {doing} again, {restart.ms:.0f} ms after the last was {restart.cause}"
             elif self.state == "dead":          # for good: the supervisor says why
-                raise SupervisorError(f"driver {self.name} is dead: {self.deaths[-3:]}")
+                raise self._ended()
             else:
                 time.sleep(0.1)
 
@@ -178,20 +182,22 @@ class Zygote:
         try:
             socket.send_fds(self.sock, [pickle.dumps(request)], list(fds))
         except OSError as exc:
-            self.gone = f"{exc.strerror} (status {self.process.poll()})"
-            raise SupervisorError(f"the zygote is gone: {self.gone}") from None
+            raise self._lost(exc.strerror or str(exc)) from None
         return self._recv()
 
     def _recv(self) -> tuple:
         try:
             data = self.sock.recv(MAX_MESSAGE)
         except OSError as exc:
-            self.gone = f"{exc.strerror or exc} (status {self.process.poll()})"
-            raise SupervisorError(f"the zygote is gone: {self.gone}") from None
+            raise self._lost(exc.strerror or str(exc)) from None
         if not data:
-            self.gone = f"it exited (status {self.process.poll()})"
-            raise SupervisorError(f"the zygote is gone: {self.gone}")
+            raise self._lost("it exited")
         return pickle.loads(data)
+
+    def _lost(self, how: str) -> SupervisorError:
+        """The zygote cannot be asked any more: remember why, for every later request."""
+        self.gone = f"{how} (status {self.process.poll()})"
+        return SupervisorError(f"the zygote is gone: {self.gone}")
 
     def preload(self, module: str) -> None:
         """Have the zygote import ``module``, so that its drivers' forks start with it imported."""
@@ -386,11 +392,7 @@ class Supervisor:
         log.warning("supervisor: %s", why)        # what a waiter's SupervisorError says too
         for driver in self.drivers:
             self._drop_standby(driver)
-            if driver.pidfd is not None:
-                kill(driver.pidfd)
-                self.zygote.reap(driver.pid)
-                os.close(driver.pidfd)
-                driver.pidfd = None
+            self._end(driver)
             with driver._serving:
                 if driver.state != "stopped":
                     driver.state = "dead"
@@ -446,6 +448,14 @@ class Supervisor:
         self.zygote.reap(driver.pid)
         self._died(driver, cause, now)
 
+    def _end(self, driver: Driver) -> None:
+        """SIGKILL the driver's process, if it has one, reap it and let go of its pidfd."""
+        if driver.pidfd is not None:
+            kill(driver.pidfd)
+            self.zygote.reap(driver.pid)
+            os.close(driver.pidfd)
+            driver.pidfd = None
+
     def _died(self, driver: Driver, cause: str, now: float) -> None:
         assert driver.pidfd is not None
         os.close(driver.pidfd)
@@ -483,10 +493,7 @@ class Supervisor:
                 driver._serving.notify_all()
             if driver.pidfd is not None:
                 driver.state = "stopped"
-                kill(driver.pidfd)
-                self.zygote.reap(driver.pid)
-                os.close(driver.pidfd)
-                driver.pidfd = None
+                self._end(driver)
                 if driver.slot:
                     self.control.wait_free(driver.slot, 10.0)
             self.control.unreserve(driver.spec["token"])
