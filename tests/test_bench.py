@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +203,36 @@ def test_bench_serve_quick_and_with_kills(tmp_path: Path, linux_accel: str) -> N
     assert [x["cause"] for x in killed["restarts"] if x["signal"] == "SIGSTOP"][0].startswith("hung")
     assert 0 < r["restart_p50_ms"] <= r["restart_max_ms"] and 0 < r["stall_p50_ms"] <= r["stall_max_ms"]
     assert len(killed["lines"]) == 4 and killed["written_mb"] == killed["plan"]["files"] * 2
+
+
+def test_compare_sweeps_what_a_killed_compare_left_and_nothing_else(tmp_path: Path) -> None:
+    """A compare killed outright (SIGKILL: nothing unwinds) leaves a registered git worktree
+    and a scratch directory; the next compare removes them, and leaves a live one's alone."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    (repo / "f").write_text("x")
+    subprocess.run(git + ["add", "f"], check=True)
+    subprocess.run(git + ["commit", "-qm", "one"], check=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    tmp = Path(compare.tempfile.gettempdir())
+    made = {name: tmp / f"{compare.SCRATCH_PREFIX}{pid}-{what}-test" for name, pid, what in
+            [("dead_tree", dead.pid, "abcd1234"), ("dead_scratch", dead.pid, "results"),
+             ("live_tree", live.pid, "abcd1234")]}
+    try:
+        for name in ("dead_tree", "live_tree"):
+            subprocess.run(git[:3] + ["worktree", "add", "-q", "--detach", str(made[name]), "HEAD"], check=True)
+        made["dead_scratch"].mkdir()
+        compare.sweep_killed(repo)
+        listed = subprocess.run(git[:3] + ["worktree", "list"], capture_output=True, text=True, check=True).stdout
+        assert not made["dead_tree"].exists() and str(made["dead_tree"]) not in listed
+        assert not made["dead_scratch"].exists()
+        assert (made["live_tree"] / "f").exists() and str(made["live_tree"]) in listed
+    finally:
+        live.kill()
+        live.wait()
+        for d in made.values():
+            shutil.rmtree(d, ignore_errors=True)

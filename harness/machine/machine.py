@@ -58,7 +58,7 @@ def popen_dying_with_parent(argv: list[str], out: Any) -> subprocess.Popen[bytes
                             preexec_fn=die_with_parent, start_new_session=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -75,7 +75,7 @@ def sweep_stale_workdirs(root: Path) -> None:
             pid = int(d.name[len(WORKDIR_PREFIX):].split("-")[0])
         except ValueError:
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(d, ignore_errors=True)
 
 

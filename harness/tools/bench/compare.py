@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,11 +48,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ...errors import AbiError, BadInput, HarnessError
+from ...machine.machine import pid_alive
 from ...proxy.abi import load_abi
 from ...proxy.guest import guest_elf
 from ...proxy.machine import IOMMU_ENV
 
 log = logging.getLogger(__name__)
+
+SCRATCH_PREFIX = "hwharness-compare-"
 
 # what each bench name runs: the CLI's words after the program name
 BENCHES: dict[str, list[str]] = {
@@ -163,6 +167,28 @@ def repository() -> Path:
     return root
 
 
+def scratch_prefix(what: str) -> str:
+    """The name a compare's temporary directory starts with: its process's PID in it, so that
+    the next compare can tell it from a live one's (see :func:`sweep_killed`)."""
+    return f"{SCRATCH_PREFIX}{os.getpid()}-{what}-"
+
+
+def sweep_killed(repo: Path) -> None:
+    """Remove what compares that were killed (SIGKILL, a lost machine) left behind: their
+    worktrees, which git keeps registered, and their scratch directories. Ctrl-C and SIGTERM
+    unwind and leave nothing; only a process that could not is swept."""
+    for d in Path(tempfile.gettempdir()).glob(SCRATCH_PREFIX + "*"):
+        pid = d.name[len(SCRATCH_PREFIX):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            if (d / ".git").is_file():          # a worktree: git forgets it too
+                try:
+                    _git(repo, "worktree", "remove", "--force", str(d))
+                except CompareError:            # another repository's, or half made
+                    pass
+            shutil.rmtree(d, ignore_errors=True)
+    _git(repo, "worktree", "prune")
+
+
 class Worktree:
     """REV checked out beside the repository for the length of a ``with``, its guest built."""
 
@@ -172,7 +198,7 @@ class Worktree:
             self.commit = _git(repo, "rev-parse", "--verify", f"{rev}^{{commit}}")
         except CompareError:
             raise BadInput(f"bench compare: {rev!r} is not a revision of {repo}") from None
-        self.dir = Path(tempfile.mkdtemp(prefix=f"hwharness-compare-{self.commit[:8]}-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=scratch_prefix(self.commit[:8])))
 
     def __enter__(self) -> Tree:
         _git(self.repo, "worktree", "add", "--detach", str(self.dir), self.commit)
@@ -296,9 +322,10 @@ def run(rev: str, accel: str = "auto", only: str = DEFAULT_ONLY, quick: bool = F
     new = Tree("working tree", repo, head)
     result: dict[str, Any] = {"bench": "compare", "base": rev, "accel": accel, "rounds": rounds, "quick": quick,
                               "new": {"commit": head, "dirty": dirty}, "benches": {}, "skipped": {}}
+    sweep_killed(repo)
     with Worktree(repo, rev) as base:
         result["base_commit"] = base.commit
-        with tempfile.TemporaryDirectory(prefix="hwharness-compare-") as scratch:
+        with tempfile.TemporaryDirectory(prefix=scratch_prefix("results")) as scratch:
             for name in names:
                 words = BENCHES[name]
                 runs = {"base": (base, words), "new": (new, words)}
