@@ -50,6 +50,7 @@ def check_paired(result: dict, units: dict[str, int], counted_by: str) -> None:
             used = result["cpu_cores"][name]
             assert set(used) == {"main_loop", "vcpu", "qemu_other", "driver"} and min(used.values()) >= 0, (name, used)
             assert sum(used.values()) <= (os.cpu_count() or 1) + 0.5, (name, used)
+            assert len(result["kicked_wakes"][name]) == rounds and min(result["kicked_wakes"][name]) >= 0, name
         assert result["cpu_cores"][f"native_{key}"]["vcpu"] > 0, "the native loop runs on the vCPU"
         assert result["cpu_cores"][key]["driver"] > 0, "the Python driver runs in the bench's process"
     assert set(result["work"]) == set(units)

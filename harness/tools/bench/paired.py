@@ -20,7 +20,11 @@
   another job on a two-core machine hurts Python first.
 - Where the time went. ``cpu_cores`` gives, for each figure, the cores QEMU's main
   loop, the vCPU, QEMU's other threads and this process used during its runs
-  (medians; :class:`ThreadCpu`).
+  (medians; :class:`ThreadCpu`). ``kicked_wakes`` counts, per round, the times the proxy
+  guest had halted and a kick woke it (its ``kicks``): each a doorbell or tail write that
+  found the guest asleep and paid QEMU's main loop and vCPU thread waking, 55-300 us,
+  before the device saw it. A figure far below its usual one with many of them came from
+  a run whose requests kept finding the guest halted.
 """
 
 from __future__ import annotations
@@ -79,6 +83,11 @@ class ThreadCpu:
         self.machines: list[tuple[int, set[int]]] = [
             (pm.machine.process.pid, {cpu["thread-id"] for cpu in pm.machine.qmp("query-cpus-fast")})
             for pm in pms if pm.machine.process is not None]
+        self.windows = [pm.bus.window for pm in pms]
+
+    def kicked_wakes(self) -> int:
+        """How often the machines' proxy guests have woken from a halt by the host's kick."""
+        return sum(w.field("kicks") for w in self.windows)
 
     def sample(self) -> dict[tuple[int, int], tuple[str, float]]:
         """Each thread's seconds on a core so far, with its role; this process as one."""
@@ -107,15 +116,15 @@ class ThreadCpu:
         return used
 
 
-def _timed(workload: Workload, side: str, first_side: bool, cpu: ThreadCpu) -> tuple[float, dict[str, float]]:
-    """The side's figure, and the cores each role used meanwhile."""
+def _timed(workload: Workload, side: str, first_side: bool, cpu: ThreadCpu) -> tuple[float, dict[str, float], int]:
+    """The side's figure, the cores each role used meanwhile, and the guest's kicked wakes."""
     run = (workload.python if first_side else workload.native)()
     before = workload.counter() if workload.counter else 0
-    spent = cpu.sample()
+    spent, kicked = cpu.sample(), cpu.kicked_wakes()
     t0 = time.perf_counter_ns()
     units = run()
     elapsed = time.perf_counter_ns() - t0
-    after = cpu.sample()
+    after, kicked = cpu.sample(), cpu.kicked_wakes() - kicked
     if units != workload.units:
         raise WorkMismatch(f"{workload.key}: the {side} side did {units} of {workload.units}")
     if workload.counter:
@@ -123,7 +132,7 @@ def _timed(workload: Workload, side: str, first_side: bool, cpu: ThreadCpu) -> t
         if counted != workload.units:
             raise WorkMismatch(f"{workload.key}: the {side} side claims {units}, "
                                f"{workload.counted_by} counted {counted}")
-    return units * workload.scale / (elapsed / 1e9), ThreadCpu.cores(spent, after, elapsed / 1e9)
+    return units * workload.scale / (elapsed / 1e9), ThreadCpu.cores(spent, after, elapsed / 1e9), kicked
 
 
 def clock_figures(pm: ProxyMachine, channel_calls: Callable[[], object], span: float = 0.5) -> dict[str, float]:
@@ -182,6 +191,7 @@ def run_rounds(groups: list[list[Workload]], rounds: int, pms: list[ProxyMachine
     whose CPU is the bench's own."""
     per_round: dict[str, list[float]] = {}
     cores: dict[str, dict[str, list[float]]] = {}
+    kicked: dict[str, list[int]] = {}
     first = []
     pids = [os.getpid()] + [pm.machine.process.pid for pm in pms if pm.machine.process is not None]
     load = ForeignLoad(pids)
@@ -198,8 +208,9 @@ def run_rounds(groups: list[list[Workload]], rounds: int, pms: list[ProxyMachine
                 measured = {side: _timed(w, side, side == sides[0], cpu) for side in order}
                 if round_:                      # round 0 warms both up
                     for side in sides:
-                        figure, used = measured[side]
+                        figure, used, wakes = measured[side]
                         per_round.setdefault(f"{label[side]}{w.key}", []).append(figure)
+                        kicked.setdefault(f"{label[side]}{w.key}", []).append(wakes)
                         for role, used_cores in used.items():
                             cores.setdefault(f"{label[side]}{w.key}", {}).setdefault(role, []).append(used_cores)
                     per_round.setdefault(f"ratio_{w.key}", []).append(measured[sides[0]][0] / measured[sides[1]][0])
@@ -215,6 +226,7 @@ def run_rounds(groups: list[list[Workload]], rounds: int, pms: list[ProxyMachine
             "results": results, "ratio_spread": spread,
             "cpu_cores": {key: {role: round(statistics.median(v), 2) for role, v in used.items()}
                           for key, used in cores.items()},
+            "kicked_wakes": kicked,
             "per_round": {k: [round(x, 4 if k.startswith("ratio_") else 1) for x in v] for k, v in per_round.items()},
             "work": {w.key: {"units_per_run": w.units, "counted_by": w.counted_by or "the side itself"}
                      for group in groups for w in group}}
