@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -58,7 +58,7 @@ def popen_dying_with_parent(argv: list[str], out: Any) -> subprocess.Popen[bytes
                             preexec_fn=die_with_parent, start_new_session=True)
 
 
-def pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -68,15 +68,25 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def owned_prefix(name: str, prefix: str = WORKDIR_PREFIX) -> str:
+    """A temporary directory's name prefix, ``<prefix><PID>-<name>-``: whose it is, so that a
+    later process can remove it once its owner is gone (:func:`left_by_the_dead`)."""
+    return f"{prefix}{os.getpid()}-{name}-"
+
+
+def left_by_the_dead(root: Path, prefix: str = WORKDIR_PREFIX) -> Iterator[Path]:
+    """The directories under ``root`` that :func:`owned_prefix` named for processes that are
+    gone (killed before they could remove them); never this process's."""
+    for d in root.glob(prefix + "*"):
+        pid = d.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            yield d
+
+
 def sweep_stale_workdirs(root: Path) -> None:
     """Remove private directories left by harness processes that were killed."""
-    for d in root.glob(WORKDIR_PREFIX + "*"):
-        try:
-            pid = int(d.name[len(WORKDIR_PREFIX):].split("-")[0])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not pid_alive(pid):
-            shutil.rmtree(d, ignore_errors=True)
+    for d in left_by_the_dead(root):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def accept_once(listener: socket.socket, timeout: float) -> socket.socket:
@@ -165,7 +175,7 @@ class Machine:
                                "(Debian's qemu-system-x86) or put it on PATH")
         self._artifacts_root.mkdir(parents=True, exist_ok=True)
         sweep_stale_workdirs(self._artifacts_root)
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-{self.name}-",
+        self.workdir = Path(tempfile.mkdtemp(prefix=owned_prefix(self.name),
                                              dir=self._artifacts_root))
         tag = f"\0{WORKDIR_PREFIX}{self.workdir.name}"
         self.endpoints = Endpoints(workdir=self.workdir, qmp=tag + "-qmp", serial=tag + "-serial",

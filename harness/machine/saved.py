@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import MachineError, SnapshotError
-from .machine import WORKDIR_PREFIX, Machine, sweep_stale_workdirs
+from .machine import Machine, owned_prefix, sweep_stale_workdirs
 from .plugin import MachinePlugin
 from .spec import Option, RuntimeFile
 
@@ -426,7 +426,7 @@ def save_booted(spec: MachineSpec, ready: Callable[[Machine], object], *, name: 
         raise SnapshotError(f"a machine with a {', '.join(unfit)} cannot be saved: part of its state is outside QEMU's")
     root = root or (SHM if SHM.is_dir() else Path(tempfile.gettempdir()))
     sweep_stale_workdirs(root)
-    directory = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-{name}-", dir=root))
+    directory = Path(tempfile.mkdtemp(prefix=owned_prefix(name), dir=root))
     saved = SavedMachine(copy.deepcopy(spec), directory)
     try:
         saved.spec.plugins.append(FileRam(directory / RAM_FILE, spec.memory_mb, private=False))

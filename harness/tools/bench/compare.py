@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ...errors import AbiError, BadInput, HarnessError
-from ...machine.machine import pid_alive
+from ...machine.machine import left_by_the_dead, owned_prefix
 from ...proxy.abi import load_abi
 from ...proxy.guest import guest_elf
 from ...proxy.machine import IOMMU_ENV
@@ -167,25 +167,17 @@ def repository() -> Path:
     return root
 
 
-def scratch_prefix(what: str) -> str:
-    """The name a compare's temporary directory starts with: its process's PID in it, so that
-    the next compare can tell it from a live one's (see :func:`sweep_killed`)."""
-    return f"{SCRATCH_PREFIX}{os.getpid()}-{what}-"
-
-
 def sweep_killed(repo: Path) -> None:
     """Remove what compares that were killed (SIGKILL, a lost machine) left behind: their
     worktrees, which git keeps registered, and their scratch directories. Ctrl-C and SIGTERM
     unwind and leave nothing; only a process that could not is swept."""
-    for d in Path(tempfile.gettempdir()).glob(SCRATCH_PREFIX + "*"):
-        pid = d.name[len(SCRATCH_PREFIX):].split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            if (d / ".git").is_file():          # a worktree: git forgets it too
-                try:
-                    _git(repo, "worktree", "remove", "--force", str(d))
-                except CompareError:            # another repository's, or half made
-                    pass
-            shutil.rmtree(d, ignore_errors=True)
+    for d in left_by_the_dead(Path(tempfile.gettempdir()), SCRATCH_PREFIX):
+        if (d / ".git").is_file():              # a worktree: git forgets it too
+            try:
+                _git(repo, "worktree", "remove", "--force", str(d))
+            except CompareError:                # another repository's, or half made
+                pass
+        shutil.rmtree(d, ignore_errors=True)
     _git(repo, "worktree", "prune")
 
 
@@ -198,7 +190,7 @@ class Worktree:
             self.commit = _git(repo, "rev-parse", "--verify", f"{rev}^{{commit}}")
         except CompareError:
             raise BadInput(f"bench compare: {rev!r} is not a revision of {repo}") from None
-        self.dir = Path(tempfile.mkdtemp(prefix=scratch_prefix(self.commit[:8])))
+        self.dir = Path(tempfile.mkdtemp(prefix=owned_prefix(self.commit[:8], SCRATCH_PREFIX)))
 
     def __enter__(self) -> Tree:
         _git(self.repo, "worktree", "add", "--detach", str(self.dir), self.commit)
@@ -325,7 +317,7 @@ def run(rev: str, accel: str = "auto", only: str = DEFAULT_ONLY, quick: bool = F
     sweep_killed(repo)
     with Worktree(repo, rev) as base:
         result["base_commit"] = base.commit
-        with tempfile.TemporaryDirectory(prefix=scratch_prefix("results")) as scratch:
+        with tempfile.TemporaryDirectory(prefix=owned_prefix("results", SCRATCH_PREFIX)) as scratch:
             for name in names:
                 words = BENCHES[name]
                 runs = {"base": (base, words), "new": (new, words)}
