@@ -41,12 +41,16 @@ QBOOT = Path("qboot.rom")
 # The command line is part of the boot time: `quiet` (a serial console is slow under TCG);
 # no crypto self-tests and no speculative-execution mitigations, which cost hundreds of
 # milliseconds under TCG and protect nothing in a throwaway test VM.
-# ACPI stays although acpi=off would save ~165 M guest instructions (acpi_init's AML, the
-# PM timer, PnP; 0.47 -> 0.30 s of -icount virtual time to the prompt) and booted 4 times of
-# 4 here: without it nothing routes PCI INTx under qboot (its MP table has no PCI entries
-# and there is no $PIR), so an e1000 never interrupts (udhcpc gets no lease, with noapic
-# too), and with no HPET or PM timer left the TSC calibrates against the PIT alone, which
-# fails on a loaded host (what hung microvm).
+# ACPI: under TCG a machine goes without it (`acpi=off`) unless it drives a device that
+# interrupts through PCI INTx alone (INTX_ONLY_MODULES). acpi_init's AML, the PM timer's check
+# and PnP cost ~110 M guest instructions (init at 0.37 -> 0.26 s of -icount virtual time) and
+# about a tenth of the boot's wall time. Under qboot only ACPI's _PRT routes INTx (its MP table
+# has no PCI entries, there is no $PIR), and the e1000 has no MSI; AHCI and virtio use MSI(-X),
+# the console and the keyboard ISA IRQs that the MP table routes. Without ACPI there is no HPET
+# or PM timer: the PIT is the clock event (with noapictimer), and nothing calibrates the TSC
+# against them, because tsc_early_khz gives its rate (under -icount the PIT calibration is
+# exact: virtual time is instructions; a host whose TSC rate is unknown keeps ACPI). The machine
+# resets through the keyboard controller. Under KVM ACPI stays.
 # no_timer_check: the kernel's check that the PIT ticks through the IO-APIC counts ticks
 # in a busy loop; a vCPU starved by a loaded host misses them and the kernel panics
 # ("IO-APIC + timer doesn't work!"), seen with eight machines booting on two busy cores.
@@ -96,6 +100,8 @@ LINUX_APPEND = ("console=ttyS0 quiet cryptomgr.notests mitigations=off no_timer_
 # Measured: QEMU's CPU per boot 1.86 -> 1.74 s (p50 of 5, alternated). Under KVM the APIC
 # timer stays, as KVM's guests expect.
 LINUX_APPEND_TCG = "noapictimer"
+# Drivers of devices that interrupt only through PCI INTx, which only ACPI routes here (above).
+INTX_ONLY_MODULES = frozenset({"e1000"})
 # Under TCG the guest's TSC is the host's (QEMU's RDTSC reads the host's counter), so its rate
 # is known before the guest starts: `tsc_early_khz=` gives it to the kernel, which otherwise
 # calibrates against the PIT and, when a loaded host deschedules the vCPU during that, falls
@@ -255,6 +261,10 @@ class LinuxImage:
             tsc_khz = host_tsc_khz()
             if tsc_khz and icount_shift is None:
                 line += f" tsc_early_khz={tsc_khz}"
+            # ACPI's timers are what the TSC calibration falls back on: without it only where
+            # the kernel calibrates nothing (the rate given) or exactly (-icount)
+            if (tsc_khz or icount_shift is not None) and not INTX_ONLY_MODULES & set(modules):
+                line += " acpi=off"
         if modules:
             line += " hwh_modules=" + ",".join(modules)   # init reads it from its environment
         if root:

@@ -48,3 +48,17 @@ def test_the_rate_goes_on_the_command_line_under_tcg_alone(monkeypatch: pytest.M
     assert "tsc_early_khz" not in counted.append and counted.icount_shift == 0, "-icount's TSC counts instructions"
     monkeypatch.setattr(linux_module, "host_tsc_khz", lambda: None)
     assert "tsc_early_khz" not in image.spec(accel="tcg").append
+
+
+def test_acpi_is_off_under_tcg_unless_an_intx_only_device_is_driven(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linux_module, "host_tsc_khz", lambda: 2_596_135)
+    image = LinuxImage(kernel=Path("/k"), initrd=Path("/i"), release="6.1", prompt="# ",
+                       modules=("e1000", "ahci", "virtio_blk"))
+    assert "acpi=off" in image.spec(accel="tcg").append.split()
+    assert "acpi=off" in image.spec(accel="tcg", modules=("ahci", "virtio_blk")).append.split(), "both have MSI"
+    assert "acpi=off" not in image.spec(accel="tcg", modules=("e1000",)).append, "only ACPI routes its INTx"
+    assert "acpi=off" not in image.spec(accel="tcg", net="unix:/w").append, "a wire is an e1000"
+    assert "acpi=off" not in image.spec(accel="kvm").append
+    monkeypatch.setattr(linux_module, "host_tsc_khz", lambda: None)
+    assert "acpi=off" in image.spec(accel="tcg", icount_shift=0).append.split(), "-icount's PIT calibration is exact"
+    assert "acpi=off" not in image.spec(accel="tcg").append, "the TSC's calibration may need ACPI's timers"
