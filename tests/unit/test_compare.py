@@ -3,8 +3,8 @@
 import pytest
 
 from harness.errors import BadInput
-from harness.tools.bench.compare import (Tree, better, borrow_images, chance_verdicts, expand, flatten, rank_p,
-                                         rounds_of, summarise, table, verdict)
+from harness.tools.bench.compare import (PAIRED_ROUNDS, Tree, better, borrow_images, chance_verdicts, expand, flatten,
+                                         rank_p, rounds_of, signed_rank_p, summarise, table, verdict)
 
 
 def test_flatten_keeps_numbers_by_path_and_drops_lists_and_flags() -> None:
@@ -17,6 +17,8 @@ def test_flatten_keeps_numbers_by_path_and_drops_lists_and_flags() -> None:
     ("results.qd1.python_iops", "higher"), ("results.seq.python_mb_s", "higher"),
     ("results.pio.proxy_p50_us", "lower"), ("latency.end_to_end.p99", "lower"),
     ("results.qd1.ratio_python_over_native", None), ("iommu_cost", None), ("foreign_cores", None),
+    ("phases_p50_s.firmware", "lower"), ("init_icount_s", "lower"), ("restore_count", None),
+    ("foreign_cores.boots", None), ("host_load_before", None),
 ])
 def test_which_way_is_better_comes_from_the_name(key: str, expected: str | None) -> None:
     assert better(key) == expected
@@ -43,6 +45,24 @@ def test_the_rank_test_is_exact_on_few_rounds() -> None:
     assert rank_p([1.0, 1.0], [1.0, 1.0]) == 1.0          # ties are no evidence either way
 
 
+def test_the_paired_test_is_exact_and_needs_five_rounds() -> None:
+    assert PAIRED_ROUNDS == 5                              # 1/2^5 = 0.031, the first flip count under 0.05
+    up = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert signed_rank_p(up, [v * 1.1 for v in up]) == pytest.approx(1 / 32)
+    assert signed_rank_p([v * 1.1 for v in up], up) == 1.0
+    assert signed_rank_p(up, up) == 1.0                   # equal rounds are no evidence either way
+
+
+def test_rounds_paired_in_time_see_through_the_hosts_drift() -> None:
+    # the host's speed drifts between rounds (boot p50 of the same code 1.1-1.6 s within the
+    # hour); each round's new side is 0.9 of its base, which the pooled values hide
+    base = [1.27, 1.12, 1.38, 1.56, 1.20]
+    new = [v * 0.9 for v in base]
+    assert rank_p(new, base) > 0.05, "the pooled values overlap"
+    assert verdict(base, new, "lower")[0::3] == ("better", "signed-rank")
+    assert verdict(base[:4], new[:4], "lower")[0::3] == ("within noise", "rank")
+
+
 def test_a_median_ratio_the_rounds_do_not_separate_is_within_noise() -> None:
     # a revision against itself, measured quietly (the round trip's p50, six rounds a side):
     # the medians differ by 1.19x and the rounds overlap
@@ -63,7 +83,7 @@ def test_only_expands_groups_and_refuses_unknown_benches() -> None:
         expand("roundtrip,disk")
 
 
-@pytest.mark.parametrize("bench", ("forward", "serve"))
+@pytest.mark.parametrize("bench", ("forward", "serve", "boot"))
 def test_the_base_checkout_borrows_the_working_trees_linux_image(tmp_path, bench: str) -> None:
     new, base = Tree("working tree", tmp_path / "new", "n"), Tree("main", tmp_path / "base", "b")
     (new.path / "images" / "linux").mkdir(parents=True)

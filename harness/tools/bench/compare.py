@@ -10,9 +10,12 @@ values, their medians, ``new_over_base`` (median over median) and the
 spread of the per-round ratios (max/min), and says which way is better
 where its name tells (``*_iops``, ``*_per_s``... higher; ``*_us``, ``p50``... lower).
 Such a key gets a verdict: ``worse`` or ``better`` only where the rounds
-separate the sides beyond their own noise (a one-sided exact rank test on the
-per-round values, p <= 0.05: with three rounds a side, every round of one
-side beyond every round of the other), ``within noise`` otherwise. The
+separate the sides beyond their own noise, ``within noise`` otherwise. From
+five rounds on the test is paired, round by round (a one-sided exact
+Wilcoxon signed-rank test on the rounds' log ratios, p <= 0.05: with five
+rounds, every round's new side beyond its base), so the host's drift between
+rounds cancels; on fewer it is a rank test of the pooled values (with three
+rounds a side, every round of one side beyond every round of the other). The
 round trip's p50 swings 1.1-2.6 us between runs of one revision against
 itself, so a median ratio alone called noise a regression. Each key is its
 own test, so where nothing changed about one in ten of them still gets a
@@ -24,9 +27,10 @@ measured code was the same).
 An older revision may lack a bench (it is skipped, and the JSON says so) or
 ``--quick`` (then both sides run the full bench, so that they do the same
 work; the JSON records ``quick`` per bench), and runs its CLI as ``python -m harness.cli`` if it has no
-``harness/__main__.py``. ``forward`` and ``serve`` (not among the defaults: they boot the Linux
-guest too) run in REV's checkout with the working tree's Linux image, which ``make images`` built
-and git does not keep.
+``harness/__main__.py``. ``forward``, ``serve`` and ``boot`` (not among the defaults: they boot
+the Linux guest too) run in REV's checkout with the working tree's Linux image, which ``make
+images`` built and git does not keep: ``boot`` compares how each side's code boots the same
+kernel and initramfs (the machine, the command line, the restores), not two images.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -68,10 +73,11 @@ BENCHES: dict[str, list[str]] = {
     "instructions": ["bench", "instructions"],
     "forward": ["bench", "forward"],
     "serve": ["bench", "serve"],
+    "boot": ["bench", "boot"],
 }
 # Benches that boot an image `make images` built (outputs git ignores, so REV's checkout has
 # none): REV's side borrows the working tree's, a link, so both measure against the same peer.
-BORROWED_IMAGES = {"forward": [Path("images") / "linux"], "serve": [Path("images") / "linux"]}
+BORROWED_IMAGES = {name: [Path("images") / "linux"] for name in ("forward", "serve", "boot")}
 # Benches that measure the guest alone: both sides run the working tree's code, the base
 # side with REV's guest (so a revision from before the bench is measured too, if its
 # guest speaks this harness's ABI).
@@ -83,7 +89,8 @@ SIDE_TIMEOUT = 1800.0           # one bench on one side; a full (not --quick) be
 
 HIGHER = ("iops", "per_s", "mbps", "mb_s", "pps", "ops_s", "throughput", "frames_s", "bytes_s")
 LOWER = ("_us", "_ms", "_ns", "_s", "p50", "p90", "p99", "latency", "instructions")
-NEITHER = ("ratio", "_over_", "cost", "spread", "foreign", "count", "load")  # ratios and context, not figures
+# ratios and context, not figures ("count" as a word: `init_icount_s` is a figure)
+NEITHER = re.compile(r"ratio|_over_|cost|spread|foreign|(?<![a-z])count|load")
 
 
 class CompareError(HarnessError):
@@ -91,14 +98,15 @@ class CompareError(HarnessError):
 
 
 def better(key: str) -> str | None:
-    """"higher" or "lower" where the key's name says which is better, else None."""
-    leaf = key.rsplit(".", 1)[-1].lower()
-    if any(word in leaf for word in NEITHER):
-        return None
-    if any(word in leaf for word in HIGHER):
-        return "higher"
-    if any(leaf.endswith(word) or word in leaf for word in LOWER):
-        return "lower"
+    """"higher" or "lower" where the key's name says which is better, else None. A leaf that
+    names no unit takes its parent's (``phases_p50_s.firmware`` is seconds)."""
+    for part in reversed(key.lower().split(".")):
+        if NEITHER.search(part):
+            return None
+        if any(word in part for word in HIGHER):
+            return "higher"
+        if any(part.endswith(word) or word in part for word in LOWER):
+            return "lower"
     return None
 
 
@@ -224,8 +232,10 @@ def guest_unusable(tree: Tree) -> str | None:
     return None
 
 
-SIGNIFICANT = 0.05              # the rank test's p at or below which a verdict is more than noise
-DEALS = 20000                   # deals the rank test enumerates at most (C(14, 7) = 3432)
+SIGNIFICANT = 0.05              # the tests' p at or below which a verdict is more than noise
+DEALS = 20000                   # deals (or sign flips) a test enumerates at most (C(14, 7) = 3432)
+# The fewest rounds whose paired test can reach SIGNIFICANT (every round one way: p = 1/2^n).
+PAIRED_ROUNDS = math.ceil(math.log2(1 / SIGNIFICANT))
 
 
 def rank_p(lower: list[float], higher: list[float]) -> float:
@@ -251,15 +261,47 @@ def rank_p(lower: list[float], higher: list[float]) -> float:
     return sum(total >= observed - 1e-9 for total in sums) / len(sums)
 
 
-def verdict(base: list[float], new: list[float], way: str) -> tuple[str, float, float]:
-    """``worse``, ``better`` or ``within noise`` for a key whose ``way`` is better, and both p's."""
-    p_up, p_down = rank_p(base, new), rank_p(new, base)      # new above base; new below base
+def signed_rank_p(base: list[float], new: list[float]) -> float:
+    """The one-sided p of a Wilcoxon signed-rank test that ``new`` lies above ``base``, round by round.
+
+    A round's two sides run one after the other, so the host's drift between rounds (its
+    speed swings by half within the hour here) cancels in the round's ratio, where a test
+    of the pooled values counts it as noise. If nothing changed, each round's log ratio is
+    as likely below zero as above, so every flip of their signs is equally likely; p is the
+    share of the flips whose sum of the positive ratios' ranks (by size, ties at their mean
+    rank) is at least the one observed. A round whose sides are equal is no evidence.
+    """
+    logs = [math.log(n / b) for b, n in zip(base, new) if b > 0 and n > 0 and n != b]
+    if not logs:
+        return 1.0
+    sizes = sorted(abs(x) for x in logs)
+    rank = {v: statistics.mean(i + 1 for i, w in enumerate(sizes) if w == v) for v in set(sizes)}
+    ranks = [rank[abs(x)] for x in logs]
+    observed = sum(r for r, x in zip(ranks, logs) if x > 0)
+    if 2 ** len(ranks) <= DEALS:
+        flips: Iterable[tuple[bool, ...]] = itertools.product((False, True), repeat=len(ranks))
+    else:
+        flipper = random.Random(0)
+        flips = (tuple(flipper.random() < 0.5 for _ in ranks) for _ in range(DEALS))
+    sums = [sum(r for r, up in zip(ranks, flip) if up) for flip in flips]
+    return sum(total >= observed - 1e-9 for total in sums) / len(sums)
+
+
+def verdict(base: list[float], new: list[float], way: str) -> tuple[str, float, float, str]:
+    """``worse``, ``better`` or ``within noise`` for a key whose ``way`` is better, both p's,
+    and the test: the paired one (:func:`signed_rank_p`) from PAIRED_ROUNDS rounds on, the
+    rank test of the pooled values (:func:`rank_p`) on fewer, where no paired test can
+    reach SIGNIFICANT."""
+    if len(base) >= PAIRED_ROUNDS:
+        test, p_up, p_down = "signed-rank", signed_rank_p(base, new), signed_rank_p(new, base)
+    else:
+        test, p_up, p_down = "rank", rank_p(base, new), rank_p(new, base)   # new above; new below
     p_worse, p_better = (p_down, p_up) if way == "higher" else (p_up, p_down)
     if p_worse <= SIGNIFICANT:
-        return "worse", p_worse, p_better
+        return "worse", p_worse, p_better, test
     if p_better <= SIGNIFICANT:
-        return "better", p_worse, p_better
-    return "within noise", p_worse, p_better
+        return "better", p_worse, p_better, test
+    return "within noise", p_worse, p_better, test
 
 
 def summarise(per_round: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, dict[str, Any]]:
@@ -278,7 +320,7 @@ def summarise(per_round: list[tuple[dict[str, float], dict[str, float]]]) -> dic
                                  "ratio_spread": max(ratios) / min(ratios) if ratios and min(ratios) > 0 else None,
                                  "better": better(key)}
         if entry["new_over_base"] is not None and entry["better"]:
-            entry["verdict"], entry["p_worse"], entry["p_better"] = verdict(base, new, entry["better"])
+            entry["verdict"], entry["p_worse"], entry["p_better"], entry["test"] = verdict(base, new, entry["better"])
             entry["worse"] = entry["verdict"] == "worse"
         out[key] = entry
     return out
