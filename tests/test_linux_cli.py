@@ -43,7 +43,7 @@ def test_boot_attaches_the_terminal_until_ctrl_close_bracket(linux_accel, linux_
 
 
 def test_boot_bench_reports_every_phase(linux_accel, tmp_path) -> None:
-    result = boot.run(linux_accel, count=1, restore_count=2, parallel_count=2)
+    result = boot.run(linux_accel, count=1, restore_count=2, parallel_count=2, idle_count=1, idle_s=0.1)
     phases = result["phases_p50_s"]
     assert set(phases) == set(boot.PHASES)
     # one boot: its phases telescope from QEMU's exec to the answered command
@@ -52,6 +52,7 @@ def test_boot_bench_reports_every_phase(linux_accel, tmp_path) -> None:
     assert result["parallel2_s"] > 0 and result["restore_p50_ms"] > 0 and result["proxy_boot_p50_ms"] > 0
     assert set(result["restore_standby_phases_p50_ms"]) == set(boot.STANDBY_PHASES)
     assert result["restore_standby_p50_ms"] > 0
+    assert result["after_idle"]["count"] == 1 and result["after_idle"]["boot_p50_s"] > 0
     assert (result["init_icount_s"] > 0) if result["accel"] == "tcg" else (result["init_icount_s"] is None)
 
 

@@ -22,6 +22,12 @@ nanosecond per instruction, and the kernel's uptime when init starts, so billion
 instructions from the kernel's clock starting to init (to the 10 ms that ``/proc/uptime``
 resolves): what a cut to the kernel's command line saves, whatever else the host runs.
 
+``after_idle`` are boots that each start after ``idle_s`` without a QEMU running, as a
+person's ``hwharness boot`` or a CI job's first machine does: on a VM whose balloon takes
+back free memory (free page reporting), memory faulted in after a few idle seconds costs far
+more than memory just freed, which back-to-back boots reuse (see ``no_huge_pages_for_children``
+in :mod:`harness.machine.machine`).
+
 Restores (what the ``linux_machine`` fixture does before every test): ``restore_*`` are a
 new QEMU restored from a saved boot (:mod:`harness.machine.saved`), from the request to an
 answered command, ``restore_running_*`` the part until the machine ran; ``restore_parallelN``
@@ -256,8 +262,20 @@ def p50_ms(rows: list[dict[str, float]], phases: tuple[str, ...]) -> dict[str, f
     return {p: round(statistics.median(r[p] for r in rows) * 1e3, 1) for p in phases}
 
 
+def boots_after_idle(image: LinuxImage, accel: str, workdir: Path, count: int, idle_s: float) -> list[dict[str, float]]:
+    """``count`` boots, each after ``idle_s`` with no QEMU of ours running; their phases."""
+    out = []
+    for _ in range(count):
+        time.sleep(idle_s)
+        m, phases = one_boot(image, accel, workdir)
+        m.shutdown()
+        out.append(phases)
+    return out
+
+
 def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_count: int = 8,
-        iommu: bool | None = None, ahead_test_s: float = 0.2) -> dict[str, Any]:
+        iommu: bool | None = None, ahead_test_s: float = 0.2, idle_count: int = 3,
+        idle_s: float = 5.0) -> dict[str, Any]:
     """Boot the Linux guest ``count`` times and measure the rest; the figures as a dict for JSON."""
     image = linux()
     boots: list[dict[str, float]] = []
@@ -282,6 +300,8 @@ def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_
         boots.append(phases)
         log.info("boot %d: %.2f s", i, phases["boot"])
     foreign_cores["boots"] = foreign.since_last()
+    idle_boots = boots_after_idle(image, accel, workdir, idle_count, idle_s)
+    foreign_cores["boots_after_idle"] = foreign.since_last()
     init_icount_s = init_icount(image, workdir) if resolved == "tcg" else None
     foreign.since_last()
     with save_booted(image.spec(accel=accel), image.wait_ready, name="bench-saved",
@@ -315,6 +335,10 @@ def run(accel: str = "auto", count: int = 10, restore_count: int = 20, parallel_
         "phases_p50_s": {p: statistics.median(b[p] for b in boots) for p in PHASES},
         "qemu_cpu_p50_s": statistics.median(b["qemu_cpu"] for b in boots),
         "init_icount_s": init_icount_s,
+        "after_idle": {"idle_s": idle_s, "count": idle_count,
+                       "boot_p50_s": statistics.median(b["boot"] for b in idle_boots),
+                       "qemu_start_p50_s": statistics.median(b["qemu_start"] for b in idle_boots),
+                       "qemu_cpu_p50_s": statistics.median(b["qemu_cpu"] for b in idle_boots)},
         "boots_s": boots,
         "restore_count": restore_count,
         "restore_p50_ms": pct(restore_s, 0.5) * 1e3,
