@@ -108,6 +108,14 @@ INTX_ONLY_MODULES = frozenset({"e1000"})
 # back to a calibration against the HPET that is slower and sometimes far off (an uptime of
 # 12 s after 6.6 s of the host's time; firmware phase 1.28 -> 0.72 s with the rate given, 6
 # boots a side at load average 9). Not with -icount, whose TSC counts instructions.
+# No transparent huge pages for a booting Linux guest's QEMU (MachineSpec.huge_pages): a boot
+# faults in ~160 MiB of fresh RAM (the kernel copied in, its BSS, the initramfs unpacked), and on
+# a VM whose balloon takes back free memory (free page reporting, as on this project's
+# machines) a huge page faulted in after the host sat idle a few seconds costs ~20x one just
+# freed (256 MiB touched: 520-580 ms against 27 ms; 4 KiB pages 140-190 ms either way). `bench
+# compare 60b1a6d --only boot --rounds 5`: a boot 5 s after the last QEMU ended 1.46 -> 1.10 s,
+# eight boots at once 6.5 -> 5.3 s; back to back the same (1.13 -> 1.09 s, within noise), QEMU's
+# start 48 -> 69 ms (4 KiB faults for the kernel copied in). Restores keep them (saved.py).
 CPUINFO = Path("/proc/cpuinfo")
 TSC_KHZ_RANGE = (100_000, 10_000_000)          # what a rate read from the host may be
 # How long QEMU's NBD client holds the guest's requests while it reconnects (a driver
@@ -272,7 +280,8 @@ class LinuxImage:
         if append:
             line += " " + append
         spec = MachineSpec(kernel=self.kernel, initrd=self.initrd, append=line, bios=QBOOT,
-                           memory_mb=memory_mb, accel=accel, icount_shift=icount_shift)
+                           memory_mb=memory_mb, accel=accel, icount_shift=icount_shift,
+                           huge_pages=False)
         if disk:
             nbd_disk(spec, disk)
         return spec if net is None else wire_nic(spec, net)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -30,6 +32,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
 WORKDIR_PREFIX = "hwharness-"
 UNCONNECTED_QUIT_S = 1.0              # how long a QEMU never connected to has to quit on SIGTERM
 # util-linux's setpriv sets the parent-death signal and execs QEMU, which keeps it. Python
@@ -48,14 +51,38 @@ def die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def popen_dying_with_parent(argv: list[str], out: Any) -> subprocess.Popen[bytes]:
+# A machine whose spec says huge_pages=False (a Linux boot: see linux.py) gets none: QEMU
+# madvises its RAM and TCG's code buffer for them whatever the host's default, and
+# PR_SET_THP_DISABLE, which a child inherits across fork and exec, is the one switch that
+# overrides that. setpriv (below) has no option for it, so this process holds it only while it
+# spawns such a child; the lock keeps a concurrent spawn from restoring it early.
+_SPAWN_LOCK = threading.Lock()
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def no_huge_pages_for_children() -> Iterator[None]:
+    """Processes spawned meanwhile get no transparent huge pages; this one's setting is restored."""
+    with _SPAWN_LOCK:
+        before = _libc.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0)      # -1 where the kernel lacks it
+        if before == 0:
+            _libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        try:
+            yield
+        finally:
+            if before == 0:
+                _libc.prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0)
+
+
+def popen_dying_with_parent(argv: list[str], out: Any, huge_pages: bool = True) -> subprocess.Popen[bytes]:
     """Start ``argv`` in a session of its own, killed when this thread exits (die_with_parent),
-    through setpriv where there is one."""
-    if shutil.which(SETPRIV_PDEATHSIG[0]):
-        return subprocess.Popen(SETPRIV_PDEATHSIG + argv, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                            preexec_fn=die_with_parent, start_new_session=True)
+    through setpriv where there is one; without transparent huge pages unless ``huge_pages``."""
+    with contextlib.nullcontext() if huge_pages else no_huge_pages_for_children():
+        if shutil.which(SETPRIV_PDEATHSIG[0]):
+            return subprocess.Popen(SETPRIV_PDEATHSIG + argv, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=die_with_parent, start_new_session=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -210,7 +237,7 @@ class Machine:
         self.log.info("launching %s (%s): %s", self.name, self.accel, " ".join(self.argv))
         self.launch_at = {"exec": time.monotonic()}
         with open(self.workdir / "qemu.out", "wb") as out:
-            self.process = popen_dying_with_parent(self.argv, out)
+            self.process = popen_dying_with_parent(self.argv, out, self.spec.huge_pages)
 
     def _connect(self, ends: Endpoints, deadline: float) -> None:
         """Connect to the started QEMU, and the plugins' steps."""

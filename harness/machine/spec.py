@@ -61,6 +61,9 @@ class MachineSpec:
     # guest instruction, so a TSC difference counts instructions, whatever the host's load.
     icount_shift: int | None = None
     qemu: str = "qemu-system-x86_64"
+    # QEMU's guest RAM and TCG's code buffer in transparent huge pages (QEMU's own choice); off
+    # for a boot that faults in much fresh memory on a host whose balloon takes it back (linux.py)
+    huge_pages: bool = True
     options: list[Option] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
     plugins: list[MachinePlugin] = field(default_factory=list)   # transports: proxy, qtest

@@ -62,3 +62,11 @@ def test_acpi_is_off_under_tcg_unless_an_intx_only_device_is_driven(monkeypatch:
     monkeypatch.setattr(linux_module, "host_tsc_khz", lambda: None)
     assert "acpi=off" in image.spec(accel="tcg", icount_shift=0).append.split(), "-icount's PIT calibration is exact"
     assert "acpi=off" not in image.spec(accel="tcg").append, "the TSC's calibration may need ACPI's timers"
+
+
+def test_a_linux_boot_has_no_huge_pages_and_its_restores_have_them(tmp_path: Path) -> None:
+    from harness.machine.saved import SavedMachine
+    image = LinuxImage(kernel=Path("/k"), initrd=Path("/i"), release="6.1", prompt="# ", modules=())
+    booted = image.spec(accel="tcg")
+    assert booted.huge_pages is False
+    assert SavedMachine(booted, tmp_path).restore_spec().huge_pages is True
