@@ -218,12 +218,14 @@ def test_a_device_the_machine_does_not_have_is_named(proxy_machine) -> None:
 @pytest.mark.qemu
 @pytest.mark.parametrize("stop", (signal.SIGINT, signal.SIGTERM), ids=("SIGINT", "SIGTERM"))
 def test_boot_serve_stops_on_sigint_or_sigterm_though_started_with_it_ignored(
-        hwharness_accel: str, stop: signal.Signals) -> None:
+        hwharness_accel: str, stop: signal.Signals, tmp_path: Path) -> None:
     """A shell without job control starts a background job (`make test &`) with SIGINT
     ignored, and Python keeps it so: Ctrl-C must still stop `boot --serve`; so must a
-    service manager's SIGTERM."""
+    service manager's SIGTERM. `boot` keeps its machine's files for a look afterwards, so
+    they go to this test's own directory, not the host's /tmp."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
     boot = subprocess.Popen([sys.executable, "-m", "harness", "boot", "--serve", "--accel", hwharness_accel],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(stop, signal.SIG_IGN))
     try:
         assert boot.stdout is not None
@@ -231,6 +233,7 @@ def test_boot_serve_stops_on_sigint_or_sigterm_though_started_with_it_ignored(
         boot.send_signal(stop)
         assert boot.wait(60) == 0
         assert boot.stdout.read() == "stopping\n"
+        assert [d.name.split("-")[-2] for d in workdirs(tmp_path)] == ["boot"], "its files, kept where it said"
     finally:
         if boot.poll() is None:
             boot.kill()
