@@ -89,8 +89,9 @@ SIDE_TIMEOUT = 1800.0           # one bench on one side; a full (not --quick) be
 
 HIGHER = ("iops", "per_s", "mbps", "mb_s", "pps", "ops_s", "throughput", "frames_s", "bytes_s")
 LOWER = ("_us", "_ms", "_ns", "_s", "p50", "p90", "p99", "latency", "instructions")
-# ratios and context, not figures ("count" as a word: `init_icount_s` is a figure)
-NEITHER = re.compile(r"ratio|_over_|cost|spread|foreign|(?<![a-z])count|load")
+# ratios, settings and context, not figures, wherever in a key's path (a thread's share of the
+# cores, an -icount shift); "count" as a word, so that `init_icount_s` is a figure
+NEITHER = re.compile(r"ratio|_over_|cost|spread|foreign|cores|(?<![a-z])count|load|shift")
 
 
 class CompareError(HarnessError):
@@ -99,12 +100,15 @@ class CompareError(HarnessError):
 
 def better(key: str) -> str | None:
     """"higher" or "lower" where the key's name says which is better, else None. A leaf that
-    names no unit takes its parent's (``phases_p50_s.firmware`` is seconds)."""
-    for part in reversed(key.lower().split(".")):
-        if NEITHER.search(part):
-            return None
+    names no unit takes a time unit from its parents (``phases_p50_s.firmware`` is seconds); a
+    parent named after a throughput holds facts about that figure (``work.rx_pps_64.units_per_run``),
+    not the figure."""
+    parts = key.lower().split(".")
+    if any(NEITHER.search(part) for part in parts):
+        return None
+    for depth, part in enumerate(reversed(parts)):
         if any(word in part for word in HIGHER):
-            return "higher"
+            return "higher" if depth == 0 else None
         if any(part.endswith(word) or word in part for word in LOWER):
             return "lower"
     return None
