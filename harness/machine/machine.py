@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
+_libc = ctypes.CDLL(None, use_errno=True)
 WORKDIR_PREFIX = "hwharness-"
 UNCONNECTED_QUIT_S = 1.0              # how long a QEMU never connected to has to quit on SIGTERM
 # util-linux's setpriv sets the parent-death signal and execs QEMU, which keeps it. Python
@@ -47,8 +48,7 @@ def die_with_parent() -> None:
     Linux delivers it when the *thread* that forked exits, so start machines
     from a thread that outlives them (the main thread, normally).
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 # A machine whose spec says huge_pages=False (a Linux boot: see linux.py) gets none: QEMU
@@ -57,7 +57,6 @@ def die_with_parent() -> None:
 # overrides that. setpriv (below) has no option for it, so this process holds it only while it
 # spawns such a child; the lock keeps a concurrent spawn from restoring it early.
 _SPAWN_LOCK = threading.Lock()
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @contextlib.contextmanager
