@@ -240,7 +240,8 @@ class LinuxImage:
 
     def spec(self, accel: str = "auto", memory_mb: int = 256, modules: Sequence[str] = (),
              append: str = "", disk: str | None = None, root: bool = False,
-             net: str | None = None, icount_shift: int | None = None) -> MachineSpec:
+             net: str | None = None, icount_shift: int | None = None,
+             acpi: bool | None = None) -> MachineSpec:
         """A machine that boots this guest to a shell on its serial console.
 
         ``modules`` are loaded by init before the shell starts (e.g. ``("e1000", "ahci")``);
@@ -249,7 +250,9 @@ class LinuxImage:
         switches root to it before the shell starts. ``net`` (``unix:PATH``): an e1000,
         Linux's eth0, on that wire (``hwharness serve net`` listens there; :meth:`dhcp`
         takes a lease). ``icount_shift``: TCG counts guest instructions (``-icount``), and
-        the guest's clock with them.
+        the guest's clock with them. ``acpi``: None boots without ACPI under TCG where nothing
+        needs it (see ACPI above; a device you add whose driver has no MSI and is not in
+        INTX_ONLY_MODULES needs ``acpi=True``), True and False decide.
         """
         if root and not disk:
             raise ValueError("root=True needs the disk to switch to: give disk=URI")
@@ -271,8 +274,10 @@ class LinuxImage:
                 line += f" tsc_early_khz={tsc_khz}"
             # ACPI's timers are what the TSC calibration falls back on: without it only where
             # the kernel calibrates nothing (the rate given) or exactly (-icount)
-            if (tsc_khz or icount_shift is not None) and not INTX_ONLY_MODULES & set(modules):
-                line += " acpi=off"
+            if acpi is None:
+                acpi = not (tsc_khz or icount_shift is not None) or bool(INTX_ONLY_MODULES & set(modules))
+        if acpi is False:
+            line += " acpi=off"
         if modules:
             line += " hwh_modules=" + ",".join(modules)   # init reads it from its environment
         if root:

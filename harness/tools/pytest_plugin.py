@@ -216,8 +216,9 @@ def _linux_factory(config: pytest.Config, accel: str, image: LinuxImage,
     made: list[Machine] = []
 
     def factory(configure: Callable[[MachineSpec], None] | None = None, modules: tuple[str, ...] = (),
-                name: str = "linux", disk: str | None = None, root: bool = False) -> Machine:
-        spec = image.spec(accel=accel, modules=modules, disk=disk, root=root)
+                name: str = "linux", disk: str | None = None, root: bool = False,
+                acpi: bool | None = None) -> Machine:
+        spec = image.spec(accel=accel, modules=modules, disk=disk, root=root, acpi=acpi)
         spec.qemu = str(config.getoption("--hwharness-qemu"))
         if configure:
             configure(spec)
@@ -235,9 +236,10 @@ def _linux_factory(config: pytest.Config, accel: str, image: LinuxImage,
 @pytest.fixture
 def linux_machine_factory(pytestconfig: pytest.Config, linux_accel: str, linux_image: LinuxImage,
                           tmp_path_factory: pytest.TempPathFactory) -> Iterator[LinuxFactory]:
-    """``factory(configure=None, modules=(), name="linux", disk=None, root=False)``: a Linux
-    machine at its prompt; ``configure(spec)`` adds devices, ``modules`` are loaded at boot,
-    ``disk`` is an NBD URI attached as /dev/vda, ``root`` boots from it. Shut down after the test."""
+    """``factory(configure=None, modules=(), name="linux", disk=None, root=False, acpi=None)``:
+    a Linux machine at its prompt; ``configure(spec)`` adds devices, ``modules`` are loaded at
+    boot, ``disk`` is an NBD URI attached as /dev/vda, ``root`` boots from it, ``acpi=True``
+    keeps ACPI for a device whose driver has no MSI (``LinuxImage.spec``). Shut down after the test."""
     yield from _linux_factory(pytestconfig, linux_accel, linux_image, tmp_path_factory)
 
 

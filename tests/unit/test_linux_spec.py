@@ -62,6 +62,10 @@ def test_acpi_is_off_under_tcg_unless_an_intx_only_device_is_driven(monkeypatch:
     monkeypatch.setattr(linux_module, "host_tsc_khz", lambda: None)
     assert "acpi=off" in image.spec(accel="tcg", icount_shift=0).append.split(), "-icount's PIT calibration is exact"
     assert "acpi=off" not in image.spec(accel="tcg").append, "the TSC's calibration may need ACPI's timers"
+    monkeypatch.setattr(linux_module, "host_tsc_khz", lambda: 2_596_135)
+    assert "acpi=off" not in image.spec(accel="tcg", acpi=True).append, "a device of the user's that needs INTx"
+    assert "acpi=off" in image.spec(accel="tcg", modules=("e1000",), acpi=False).append.split()
+    assert "acpi=off" in image.spec(accel="kvm", acpi=False).append.split()
 
 
 def test_a_linux_boot_has_no_huge_pages_and_its_restores_have_them(tmp_path: Path) -> None:
