@@ -4,6 +4,7 @@ forwards between two NICs of a proxy machine, and that may be killed under its T
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import shutil
 import signal
@@ -192,8 +193,10 @@ def test_a_qemu_killed_under_serve_net_is_an_error_and_its_wire_goes(hwharness_a
     second `serve net` on the same path refuses one that is there)."""
     workdir = Path(tempfile.mkdtemp(prefix="hwh-wire-"))
     wire = workdir / "wire"
+    # a machine whose QEMU died keeps its files for a look: here, removed with the rest
     serve = subprocess.Popen([sys.executable, "-m", "harness", "serve", "net", "--accel", hwharness_accel,
-                              "--wire", f"unix:{wire}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              "--wire", f"unix:{wire}"], env={**os.environ, "TMPDIR": str(workdir)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert serve.stdout is not None
         assert any(line.startswith("driver pid") for line in serve.stdout), serve.stderr.read()   # type: ignore[union-attr]

@@ -144,8 +144,10 @@ def test_a_qemu_killed_under_serve_is_an_error_and_everything_goes(
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
     path = socket_dir / "disk.sock"
+    # a machine whose QEMU died keeps its files for a look: in this test's directory
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
     serve = subprocess.Popen(hwharness("serve", "disk", str(image), "--nbd", f"unix:{path}", "--accel", hwharness_accel),
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert serve.stdout is not None
         serve.stdout.readline()
@@ -158,6 +160,7 @@ def test_a_qemu_killed_under_serve_is_an_error_and_everything_goes(
             serve.wait()
     assert not path.exists(), "the socket is removed"
     assert ends(int(started.group(1)), within=20), "the driver process is left behind"
+    assert [d.name.split("-")[-2] for d in tmp_path.glob("hwharness-*")] == ["serve"], "the dead machine's files"
 
 
 @pytest.mark.qemu
