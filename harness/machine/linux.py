@@ -96,18 +96,11 @@ LINUX_APPEND = ("console=ttyS0 quiet cryptomgr.notests mitigations=off no_timer_
                 "ftrace_check_for_weak_functions,tcp_congestion_default,blake2s_mod_init")
 # Under TCG only: no local APIC timer, so the kernel does not calibrate it against the PIT, a
 # busy loop of 100 ms (HZ/10) of wall time (QEMU's TCG has no TSC-deadline timer, which would
-# skip it, and this kernel has no parameter that gives the period); the HPET ticks instead.
+# skip it, and this kernel has no parameter that gives the period); the HPET ticks instead
+# (the PIT, where ACPI is off).
 # Measured: QEMU's CPU per boot 1.86 -> 1.74 s (p50 of 5, alternated). Under KVM the APIC
 # timer stays, as KVM's guests expect.
 LINUX_APPEND_TCG = "noapictimer"
-# Drivers of devices that interrupt only through PCI INTx, which only ACPI routes here (above).
-INTX_ONLY_MODULES = frozenset({"e1000"})
-# Under TCG the guest's TSC is the host's (QEMU's RDTSC reads the host's counter), so its rate
-# is known before the guest starts: `tsc_early_khz=` gives it to the kernel, which otherwise
-# calibrates against the PIT and, when a loaded host deschedules the vCPU during that, falls
-# back to a calibration against the HPET that is slower and sometimes far off (an uptime of
-# 12 s after 6.6 s of the host's time; firmware phase 1.28 -> 0.72 s with the rate given, 6
-# boots a side at load average 9). Not with -icount, whose TSC counts instructions.
 # No transparent huge pages for a booting Linux guest's QEMU (MachineSpec.huge_pages): a boot
 # faults in ~160 MiB of fresh RAM (the kernel copied in, its BSS, the initramfs unpacked), and on
 # a VM whose balloon takes back free memory (free page reporting, as on this project's
@@ -116,6 +109,15 @@ INTX_ONLY_MODULES = frozenset({"e1000"})
 # compare 60b1a6d --only boot --rounds 5`: a boot 5 s after the last QEMU ended 1.46 -> 1.10 s,
 # eight boots at once 6.5 -> 5.3 s; back to back the same (1.13 -> 1.09 s, within noise), QEMU's
 # start 48 -> 69 ms (4 KiB faults for the kernel copied in). Restores keep them (saved.py).
+BOOT_HUGE_PAGES = False
+# Drivers of devices that interrupt only through PCI INTx, which only ACPI routes here (above).
+INTX_ONLY_MODULES = frozenset({"e1000"})
+# Under TCG the guest's TSC is the host's (QEMU's RDTSC reads the host's counter), so its rate
+# is known before the guest starts: `tsc_early_khz=` gives it to the kernel, which otherwise
+# calibrates against the PIT and, when a loaded host deschedules the vCPU during that, falls
+# back to a calibration against the HPET that is slower and sometimes far off (an uptime of
+# 12 s after 6.6 s of the host's time; firmware phase 1.28 -> 0.72 s with the rate given, 6
+# boots a side at load average 9). Not with -icount, whose TSC counts instructions.
 CPUINFO = Path("/proc/cpuinfo")
 TSC_KHZ_RANGE = (100_000, 10_000_000)          # what a rate read from the host may be
 # How long QEMU's NBD client holds the guest's requests while it reconnects (a driver
@@ -286,7 +288,7 @@ class LinuxImage:
             line += " " + append
         spec = MachineSpec(kernel=self.kernel, initrd=self.initrd, append=line, bios=QBOOT,
                            memory_mb=memory_mb, accel=accel, icount_shift=icount_shift,
-                           huge_pages=False)
+                           huge_pages=BOOT_HUGE_PAGES)
         if disk:
             nbd_disk(spec, disk)
         return spec if net is None else wire_nic(spec, net)

@@ -242,6 +242,17 @@ DEALS = 20000                   # deals (or sign flips) a test enumerates at mos
 PAIRED_ROUNDS = math.ceil(math.log2(1 / SIGNIFICANT))
 
 
+def mean_ranks(values: Iterable[float]) -> dict[float, float]:
+    """Each value's rank among ``values`` (1 the smallest), ties at their mean rank."""
+    ordered = sorted(values)
+    return {v: statistics.mean(i + 1 for i, w in enumerate(ordered) if w == v) for v in set(ordered)}
+
+
+def share_at_least(totals: list[float], observed: float) -> float:
+    """The share of ``totals`` at least ``observed``: a permutation test's one-sided p."""
+    return sum(total >= observed - 1e-9 for total in totals) / len(totals)
+
+
 def rank_p(lower: list[float], higher: list[float]) -> float:
     """The one-sided p of a Mann-Whitney rank test that ``higher``'s values lie above ``lower``'s.
 
@@ -251,8 +262,7 @@ def rank_p(lower: list[float], higher: list[float]) -> float:
     the one observed. Rounds are few, so the deals are enumerated (sampled,
     with a fixed seed, past ``DEALS``).
     """
-    pooled = sorted(lower + higher)
-    rank = {v: statistics.mean(i + 1 for i, w in enumerate(pooled) if w == v) for v in set(pooled)}
+    rank = mean_ranks(lower + higher)
     ranks = [rank[v] for v in lower + higher]
     observed = sum(rank[v] for v in higher)
     n, k = len(ranks), len(higher)
@@ -261,8 +271,7 @@ def rank_p(lower: list[float], higher: list[float]) -> float:
     else:
         dealer = random.Random(0)
         deals = (tuple(dealer.sample(range(n), k)) for _ in range(DEALS))
-    sums = [sum(ranks[i] for i in deal) for deal in deals]
-    return sum(total >= observed - 1e-9 for total in sums) / len(sums)
+    return share_at_least([sum(ranks[i] for i in deal) for deal in deals], observed)
 
 
 def signed_rank_p(base: list[float], new: list[float]) -> float:
@@ -278,8 +287,7 @@ def signed_rank_p(base: list[float], new: list[float]) -> float:
     logs = [math.log(n / b) for b, n in zip(base, new) if b > 0 and n > 0 and n != b]
     if not logs:
         return 1.0
-    sizes = sorted(abs(x) for x in logs)
-    rank = {v: statistics.mean(i + 1 for i, w in enumerate(sizes) if w == v) for v in set(sizes)}
+    rank = mean_ranks(abs(x) for x in logs)
     ranks = [rank[abs(x)] for x in logs]
     observed = sum(r for r, x in zip(ranks, logs) if x > 0)
     if 2 ** len(ranks) <= DEALS:
@@ -287,8 +295,7 @@ def signed_rank_p(base: list[float], new: list[float]) -> float:
     else:
         flipper = random.Random(0)
         flips = (tuple(flipper.random() < 0.5 for _ in ranks) for _ in range(DEALS))
-    sums = [sum(r for r, up in zip(ranks, flip) if up) for flip in flips]
-    return sum(total >= observed - 1e-9 for total in sums) / len(sums)
+    return share_at_least([sum(r for r, up in zip(ranks, flip) if up) for flip in flips], observed)
 
 
 def verdict(base: list[float], new: list[float], way: str) -> tuple[str, float, float, str]:
