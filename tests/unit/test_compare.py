@@ -1,9 +1,12 @@
 """bench compare's arithmetic, without QEMU: which keys it compares and how."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from harness.errors import BadInput
-from harness.tools.bench.compare import (PAIRED_ROUNDS, Tree, better, borrow_images, chance_verdicts, expand, flatten,
+from harness.tools.bench.compare import (PAIRED_ROUNDS, CompareError, Tree, base_images, better, chance_verdicts, expand, flatten,
                                          rank_p, rounds_of, signed_rank_p, summarise, table, verdict)
 
 
@@ -86,19 +89,49 @@ def test_only_expands_groups_and_refuses_unknown_benches() -> None:
         expand("roundtrip,disk")
 
 
-@pytest.mark.parametrize("bench", ("forward", "serve", "boot"))
-def test_the_base_checkout_borrows_the_working_trees_linux_image(tmp_path, bench: str) -> None:
+def checkouts(tmp_path: Path) -> tuple[Tree, Tree]:
+    """A working tree with a built Linux image and its download cache, and a bare REV checkout."""
     new, base = Tree("working tree", tmp_path / "new", "n"), Tree("main", tmp_path / "base", "b")
-    (new.path / "images" / "linux").mkdir(parents=True)
-    (new.path / "images" / "linux" / "manifest.json").write_text("{}")
+    image = new.path / "images" / "linux"
+    (image / "cache" / "linux-image_1_amd64").mkdir(parents=True)
+    (image / "cache" / "linux-image_1_amd64" / ".extracted").touch()
+    (image / "cache" / "linux-image_1_amd64.deb").write_text("deb")
+    (image / "cache" / "blockread").write_text("the working tree's build")
+    (image / "manifest.json").write_text('{"side": "new"}')
     (base.path / "images").mkdir(parents=True)
-    borrow_images("e1000", base, new)
-    assert not (base.path / "images" / "linux").exists(), "only the benches that boot it borrow it"
-    borrow_images(bench, base, new)
-    assert (base.path / "images" / "linux" / "manifest.json").read_text() == "{}"
-    borrow_images(bench, base, new)                        # a second bench or round: already there
-    assert (base.path / "images" / "linux").resolve() == (new.path / "images" / "linux").resolve()
+    return new, base
+
+
+@pytest.mark.parametrize("bench", ("forward", "serve", "boot"))
+def test_a_base_without_the_image_script_borrows_the_working_trees_image(tmp_path, bench: str) -> None:
+    new, base = checkouts(tmp_path)
+    assert base_images("e1000", base, new) is None
+    assert not (base.path / "images" / "linux").exists(), "only the benches that boot it get one"
+    assert "borrowed" in base_images(bench, base, new)
+    assert (base.path / "images" / "linux" / "manifest.json").read_text() == '{"side": "new"}'
+    assert base_images(bench, base, new) == "already there"   # a second bench or round
     assert expand(bench) == [bench]
+
+
+def test_a_base_with_the_image_script_builds_its_own_from_the_downloads_alone(tmp_path) -> None:
+    new, base = checkouts(tmp_path)
+    # REV's script: records what its cache holds, writes its own program build and manifest
+    (base.path / "images" / "linux_guest.py").write_text(
+        "import sys, pathlib\n"
+        "out = pathlib.Path(sys.argv[1])\n"
+        "(out / 'seen').write_text(' '.join(sorted(p.name for p in (out / 'cache').iterdir())))\n"
+        "(out / 'cache' / 'blockread').write_text('the base build')\n"
+        "(out / 'manifest.json').write_text('{\"side\": \"base\"}')\n")
+    assert "built" in base_images("boot", base, new)
+    image = base.path / "images" / "linux"
+    assert (image / "seen").read_text() == "linux-image_1_amd64 linux-image_1_amd64.deb"
+    assert (image / "manifest.json").read_text() == '{"side": "base"}'
+    assert not image.is_symlink()
+    assert (new.path / "images" / "linux" / "cache" / "blockread").read_text() == "the working tree's build"
+    (base.path / "images" / "linux_guest.py").write_text("raise SystemExit('no kernel package')\n")
+    shutil.rmtree(image)
+    with pytest.raises(CompareError, match="no kernel package"):
+        base_images("serve", base, new)
 
 
 def test_the_table_says_how_many_verdicts_chance_alone_gives() -> None:

@@ -28,9 +28,11 @@ An older revision may lack a bench (it is skipped, and the JSON says so) or
 ``--quick`` (then both sides run the full bench, so that they do the same
 work; the JSON records ``quick`` per bench), and runs its CLI as ``python -m harness.cli`` if it has no
 ``harness/__main__.py``. ``forward``, ``serve`` and ``boot`` (not among the defaults: they boot
-the Linux guest too) run in REV's checkout with the working tree's Linux image, which ``make
-images`` built and git does not keep: ``boot`` compares how each side's code boots the same
-kernel and initramfs (the machine, the command line, the restores), not two images.
+the Linux guest too) need the image ``make images`` builds, which git does not keep: REV's
+checkout builds its own with REV's ``images/linux_guest.py`` (its init, its modules) from the
+packages the working tree's build downloaded, so both sides boot the same kernel and a change
+to the image is measured like a change to the code. A revision without that script borrows the
+working tree's image; the JSON's ``images`` says which.
 """
 
 from __future__ import annotations
@@ -75,9 +77,12 @@ BENCHES: dict[str, list[str]] = {
     "serve": ["bench", "serve"],
     "boot": ["bench", "boot"],
 }
-# Benches that boot an image `make images` built (outputs git ignores, so REV's checkout has
-# none): REV's side borrows the working tree's, a link, so both measure against the same peer.
-BORROWED_IMAGES = {name: [Path("images") / "linux"] for name in ("forward", "serve", "boot")}
+# Benches that boot the Linux image `make images` builds (outputs git ignores, so REV's
+# checkout has none until it builds its own: base_images)
+LINUX_IMAGE = Path("images") / "linux"
+IMAGE_SCRIPT = Path("images") / "linux_guest.py"
+BOOTS_LINUX = {"forward", "serve", "boot"}
+IMAGE_TIMEOUT = 600.0
 # Benches that measure the guest alone: both sides run the working tree's code, the base
 # side with REV's guest (so a revision from before the bench is measured too, if its
 # guest speaks this harness's ABI).
@@ -217,14 +222,32 @@ class Worktree:
         _git(self.repo, "worktree", "remove", "--force", str(self.dir))
 
 
-def borrow_images(name: str, base: Tree, new: Tree) -> None:
-    """Link the working tree's images that bench ``name`` boots into REV's checkout (where it
-    has none of its own); the working tree's own absence is the bench's to report."""
-    for image in BORROWED_IMAGES.get(name, []):
-        own, borrowed = new.path / image, base.path / image
-        if own.exists() and not borrowed.exists():
-            borrowed.parent.mkdir(parents=True, exist_ok=True)
-            borrowed.symlink_to(own.resolve(), target_is_directory=True)
+def base_images(name: str, base: Tree, new: Tree) -> str | None:
+    """REV's Linux image for bench ``name`` if it boots one: built in REV's checkout by REV's
+    own script, its downloads (the .deb files and their unpacked trees, read only) linked from
+    the working tree's cache, everything it writes its own; or, where REV has no such script,
+    the working tree's image linked. How REV got it, or None (the bench boots none, or the
+    working tree has no image: the bench reports that)."""
+    own, theirs = new.path / LINUX_IMAGE, base.path / LINUX_IMAGE
+    if name not in BOOTS_LINUX or not own.exists():
+        return None
+    if theirs.exists():
+        return "already there"
+    theirs.parent.mkdir(parents=True, exist_ok=True)
+    if not (base.path / IMAGE_SCRIPT).exists():
+        theirs.symlink_to(own.resolve(), target_is_directory=True)
+        return f"borrowed the working tree's (no {IMAGE_SCRIPT})"
+    cache = theirs / "cache"
+    cache.mkdir(parents=True)
+    for entry in (own / "cache").iterdir():
+        if entry.suffix == ".deb" or (entry / ".extracted").exists():
+            (cache / entry.name).symlink_to(entry.resolve())
+    done = subprocess.run([sys.executable, str(base.path / IMAGE_SCRIPT), str(theirs)], cwd=base.path / "images",
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=IMAGE_TIMEOUT)
+    if done.returncode:
+        tail = "\n".join(done.stdout.strip().splitlines()[-5:])
+        raise CompareError(f"{base.label}: {IMAGE_SCRIPT} failed ({done.returncode}):\n{tail}")
+    return f"built by its own {IMAGE_SCRIPT}"
 
 
 def guest_unusable(tree: Tree) -> str | None:
@@ -366,7 +389,7 @@ def run(rev: str, accel: str = "auto", only: str = DEFAULT_ONLY, quick: bool = F
     dirty = bool(_git(repo, "status", "--porcelain", "--untracked-files=no"))
     new = Tree("working tree", repo, head)
     result: dict[str, Any] = {"bench": "compare", "base": rev, "accel": accel, "rounds": rounds, "quick": quick,
-                              "new": {"commit": head, "dirty": dirty}, "benches": {}, "skipped": {}}
+                              "new": {"commit": head, "dirty": dirty}, "benches": {}, "skipped": {}, "images": {}}
     sweep_killed(repo)
     with Worktree(repo, rev) as base:
         result["base_commit"] = base.commit
@@ -381,7 +404,10 @@ def run(rev: str, accel: str = "auto", only: str = DEFAULT_ONLY, quick: bool = F
                         say(f"{name}: skipped ({why})")
                         continue
                     runs["base"] = (new, words + ["--guest-sources", str(base.path / GUEST_SOURCES)])
-                borrow_images(name, base, new)
+                image = base_images(name, base, new)
+                if image and image != "already there":
+                    result["images"][name] = image
+                    say(f"{name}: {base.label}'s Linux image {image}")
                 trees = {tree.label: tree for tree, _ in runs.values()}
                 helps = {label: tree.help(words) for label, tree in trees.items()}
                 missing = [label for label, text in helps.items() if text is None]
