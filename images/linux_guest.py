@@ -80,6 +80,11 @@ if [ -n "$hwh_root" ]; then
     fi
     echo "hwh-linux: cannot mount $hwh_root as the root; staying in the initramfs"
 fi
+# The console answers programs (Console.run), not a person: without its echo busybox's shell
+# reads each line whole instead of editing it a key at a time (a read, an echo and a redraw
+# per key), and a boot's first command under TCG answers in ~9 ms instead of ~29.
+# hwh_echo=1 (`hwharness boot`) keeps it for a person at the terminal.
+[ -n "$hwh_echo" ] || stty -echo
 export PS1='%(prompt)s'
 # The console as controlling terminal (job control, Ctrl-C); a shell that exits gets a new one.
 while true; do setsid cttyhack sh; done

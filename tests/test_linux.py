@@ -297,8 +297,9 @@ def test_dmesg_through_run_keeps_the_boot_log(linux_machine, linux_image) -> Non
 
 
 def test_booted_and_restored_consoles_alike_do_not_echo_typed_lines(linux_machine, devices_machine) -> None:
-    """wait_ready turns the echo off on a booted machine, so the saved one and every restore
-    of it have it off too: the same terminal whichever way the test got its machine."""
+    """init turns the echo off before the shell starts, so a booted machine, the saved one
+    and every restore of it have it off: the same terminal whichever way the test got its
+    machine (`hwharness boot` keeps it for a person: test_linux_cli.py)."""
     for m in (linux_machine, devices_machine):
         out, status = m.console.run("stty -a")
         assert status == 0 and re.search(r"(^|\s)-echo(\s|$)", out) and re.search(r"(^|\s)icanon(\s|$)", out), out

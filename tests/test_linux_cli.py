@@ -34,6 +34,7 @@ def test_boot_attaches_the_terminal_until_ctrl_close_bracket(linux_accel, linux_
         session.expect("Ctrl-] leaves")
         session.expect_exact(linux_image.prompt)
         session.send("echo $((20+22))\r")          # raw mode: the Enter key sends CR
+        session.expect_exact("echo $((20+22))")     # a person sees what they type
         session.expect("42")
         session.send("\x1d")
         session.expect(pexpect.EOF)

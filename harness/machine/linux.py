@@ -250,7 +250,7 @@ class LinuxImage:
     def spec(self, accel: str = "auto", memory_mb: int = 256, modules: Sequence[str] = (),
              append: str = "", disk: str | None = None, root: bool = False,
              net: str | None = None, icount_shift: int | None = None,
-             acpi: bool | None = None) -> MachineSpec:
+             acpi: bool | None = None, echo: bool = False) -> MachineSpec:
         """A machine that boots this guest to a shell on its serial console.
 
         ``modules`` are loaded by init before the shell starts (e.g. ``("e1000", "ahci")``);
@@ -261,7 +261,9 @@ class LinuxImage:
         takes a lease). ``icount_shift``: TCG counts guest instructions (``-icount``), and
         the guest's clock with them. ``acpi``: None boots without ACPI under TCG where nothing
         needs it (see ACPI above; a device you add whose driver has no MSI and is not in
-        INTX_ONLY_MODULES needs ``acpi=True``), True and False decide.
+        INTX_ONLY_MODULES needs ``acpi=True``), True and False decide. ``echo``: the console
+        echoes what is typed, for a person at it; without, init turns the echo off before the
+        shell starts (what programs at the console want: see INIT in images/linux_guest.py).
         """
         if root and not disk:
             raise ValueError("root=True needs the disk to switch to: give disk=URI")
@@ -291,6 +293,8 @@ class LinuxImage:
             line += " hwh_modules=" + ",".join(modules)   # init reads it from its environment
         if root:
             line += f" hwh_root={ROOT_DEVICE}"
+        if echo:
+            line += " hwh_echo=1"
         if append:
             line += " " + append
         spec = MachineSpec(kernel=self.kernel, initrd=self.initrd, append=line, bios=QBOOT,
@@ -314,19 +318,12 @@ class LinuxImage:
             raise MachineError(f"udhcpc on {interface} got no lease (status {status}): {out[-300:]}")
         return lease.group(1)
 
-    def wait_ready(self, machine: Machine, timeout: float = 120.0, echo: bool = False) -> float:
-        """Wait for the shell's prompt and for it to answer a command; the seconds that took.
-
-        Unless ``echo``, that command turns the terminal's echo off: busybox's shell then reads
-        each line whole from the kernel's line discipline instead of editing it a key at a time
-        (a read, an echo and a redraw per character), and a command's round trip under TCG
-        falls from ~42 to ~13-21 ms (measured here, 20 runs each). ``Console.run`` never
-        needs the echo; a person at the terminal (``Console.interact``) does.
-        """
+    def wait_ready(self, machine: Machine, timeout: float = 120.0) -> float:
+        """Wait for the shell's prompt and for it to answer a command; the seconds that took."""
         assert machine.console is not None
         t0 = time.monotonic()
         machine.console.expect([re.escape(self.prompt)], timeout)
-        machine.console.run("true" if echo else "stty -echo", timeout=max(1.0, timeout - (time.monotonic() - t0)))
+        machine.console.run("true", timeout=max(1.0, timeout - (time.monotonic() - t0)))
         return time.monotonic() - t0
 
 

@@ -19,10 +19,11 @@ from ...proxy import ProxyMachine, proxy_spec
 from .common import device_table, iommu_of, readable_file, say, unix_socket
 
 
-def console_machine(args: argparse.Namespace, name: str) -> tuple[Machine, str]:
+def console_machine(args: argparse.Namespace, name: str, person: bool = False) -> tuple[Machine, str]:
     """A machine for ``boot``/``run``: ``--kernel``/``--initrd``/``--append``, or the Linux guest
     ``make images`` built; with the regex its shell prompt matches. ``--disk`` attaches an NBD
-    export, ``--root`` makes it the Linux guest's root."""
+    export, ``--root`` makes it the Linux guest's root. ``person``: someone types at the
+    console, so the Linux guest's keeps its echo."""
     if args.root and not args.disk:
         raise BadInput("--root needs --disk URI, the export to boot from")
     if args.disk:
@@ -48,12 +49,12 @@ def console_machine(args: argparse.Namespace, name: str) -> tuple[Machine, str]:
         return Machine(spec if args.net is None else wire_nic(spec, args.net), name=name), args.prompt
     image = linux()
     spec = image.spec(accel=args.accel, memory_mb=args.memory, append=args.append or "", disk=args.disk,
-                      root=args.root, net=args.net)
+                      root=args.root, net=args.net, echo=person)
     return Machine(spec, name=name), re.escape(image.prompt)
 
 
 def cmd_console(args: argparse.Namespace) -> int:
-    machine, _ = console_machine(args, "boot")
+    machine, _ = console_machine(args, "boot", person=True)
     with machine as m:
         say(f"serial console of {m.spec.kernel} under {m.accel}; Ctrl-] leaves (files in {m.workdir})")
         m.console.interact()
