@@ -373,22 +373,27 @@ class Console:
         holds log lines at all does a second command ask the guest's clock
         (:meth:`_uptime_at`) where the line between them lies: a command's first run in a
         new QEMU is mostly TCG translating what the guest runs, and reading
-        ``/proc/uptime`` on every command made it ~15 ms longer.
+        ``/proc/uptime`` on every command made it ~15 ms longer. Under ``-icount`` the guest's
+        clock counts instructions, not the host's time, so the uptime is read before the
+        command instead, and is the line exactly.
         """
         marker = self._marker()
         self._drain()
+        deadline = time.monotonic() + timeout
         with self._cond:
             since = self._kernel_time
+        counted = self._machine.spec.icount_shift is not None
+        if counted:
+            since = max(since, self._uptime(deadline, quiet))
         sent_at = time.monotonic()
         self.sendline(f"echo {self._split(marker)}B; command eval {shlex.quote(command)}; "
                       f"echo {self._split(marker)}E $?")
         noise = self.rules.noise
         begin = self._tolerant(marker + "B") + r"(?:" + noise + r")*\r?\n"
         end = self._tolerant(marker + "E ") + r"(?P<status>\d(?:" + noise + r"|\d)*)(?:" + noise + r")*\r?\n"
-        deadline = time.monotonic() + timeout
-        self.expect([begin], timeout, quiet)
+        self.expect([begin], max(0.0, deadline - time.monotonic()), quiet)
         found = self.expect([end], max(0.0, deadline - time.monotonic()), quiet)
-        if self._noise.search(found.before):
+        if self._noise.search(found.before) and not counted:
             # the log's clock runs some 30 ms behind /proc/uptime's: leave a margin
             since = max(since, self._uptime_at(sent_at, deadline, quiet) - UPTIME_MARGIN_S)
         output = self.clean(found.before, since)
@@ -409,12 +414,17 @@ class Console:
         now less the host's time since, which errs early by the answer's way back (the guest's
         clock runs with the host's: TCG reads the host's TSC, KVM's kvmclock follows it).
         0.0 where there is no ``/proc/uptime``."""
+        uptime = self._uptime(deadline, quiet)
+        return uptime - (time.monotonic() - moment) if uptime else 0.0
+
+    def _uptime(self, deadline: float, quiet: Quiet) -> float:
+        """What the guest's ``/proc/uptime`` says; 0.0 where there is none."""
         marker = self._marker()
         self.sendline(f"{{ read -r _hwh_up _ < /proc/uptime; }} 2>/dev/null; echo {self._split(marker)}U $_hwh_up")
         answer = self._tolerant(marker + "U") + r"(?P<uptime>(?:[ \d.]|" + self.rules.noise + r")*)\r?\n"
         found = self.expect([answer], max(0.0, deadline - time.monotonic()), quiet)
         uptime = self._noise.sub("", found.match.group("uptime")).strip()
-        return float(uptime) - (time.monotonic() - moment) if re.fullmatch(r"\d+\.\d+", uptime) else 0.0
+        return float(uptime) if re.fullmatch(r"\d+\.\d+", uptime) else 0.0
 
     def interact(self, in_fd: int = 0, out_fd: int = 1, escape: bytes = b"\x1d") -> None:
         """Attach a terminal to the console until ``escape`` (Ctrl-]) is typed or QEMU exits.

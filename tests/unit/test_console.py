@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from harness.errors import ConsoleTimeout, GuestHang, GuestOops, GuestPanic, QemuExited
+from harness.machine import MachineSpec
 from harness.machine.console import Console
 
 NOISE = "[   12.345678] e1000: eth0 NIC Link is Up\r\n"
@@ -25,6 +26,7 @@ class FakeMachine:
         self.status = status
         self.failed = False
         self.argv = ["qemu-system-x86_64"]
+        self.spec = MachineSpec()
 
     def qmp(self, command: str, timeout: float = 10.0, **_: Any) -> dict[str, Any]:
         assert command == "query-status"
@@ -51,10 +53,12 @@ def wired(tmp_path: Path) -> Iterator[tuple[Console, socket.socket, FakeMachine]
     console.close()
 
 
-def shell(guest: socket.socket, reply: Callable[[str, str], str], uptime: str | None = None) -> threading.Thread:
+def shell(guest: socket.socket, reply: Callable[[str, str], str], uptime: str | None = None,
+          uptime_first: str | None = None) -> threading.Thread:
     """Answer one command line: ``reply(marker, command_line)`` is what the 'guest' prints.
     With ``uptime``, then the question the console asks when the output holds log lines:
-    what ``/proc/uptime`` says (``""``: a guest without it)."""
+    what ``/proc/uptime`` says (``""``: a guest without it); with ``uptime_first``, the
+    same question before the command (a machine under -icount)."""
     def line() -> tuple[str, str]:
         got = b""
         while not got.endswith(b"\n"):
@@ -64,6 +68,10 @@ def shell(guest: socket.socket, reply: Callable[[str, str], str], uptime: str | 
         return marker, text
 
     def serve() -> None:
+        if uptime_first is not None:
+            marker, text = line()
+            assert "/proc/uptime" in text
+            guest.sendall(f"{marker}U {uptime_first}\r\nhwh-linux# ".encode())
         marker, text = line()
         guest.sendall(reply(marker, text).encode())
         if uptime is not None:
@@ -164,6 +172,19 @@ def test_dmesg_output_keeps_its_old_log_lines_while_live_noise_goes(wired) -> No
     output, status = console.run("dmesg", timeout=5)
     t.join()
     assert (output, status) == ("[    0.000000] Linux version 6.1\n[    4.999999] older still", 0)
+
+
+def test_under_icount_the_uptime_before_the_command_parts_old_log_lines_from_live_ones(wired) -> None:
+    """The guest's clock counts instructions: asked after the command, less the host's time
+    since, it would put the line before the boot and call dmesg's whole output live."""
+    console, guest, machine = wired
+    machine.spec.icount_shift = 0
+    replay = "[    0.000000] Linux version 6.1\r\n[    0.214400] Run /init as init process\r\n"
+    live = "[    0.260000] printed while dmesg ran\r\n"
+    t = shell(guest, lambda m, line: f"{m}B\r\n" + replay + live + f"{m}E 0\r\n", uptime_first="0.25")
+    output, status = console.run("dmesg", timeout=5)
+    t.join()
+    assert (output, status) == ("[    0.000000] Linux version 6.1\n[    0.214400] Run /init as init process", 0)
 
 
 def test_without_proc_uptime_log_lines_newer_than_the_console_showed_are_noise(wired) -> None:
