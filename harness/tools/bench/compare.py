@@ -226,13 +226,11 @@ def base_images(name: str, base: Tree, new: Tree) -> str | None:
     """REV's Linux image for bench ``name`` if it boots one: built in REV's checkout by REV's
     own script, its downloads (the .deb files and their unpacked trees, read only) linked from
     the working tree's cache, everything it writes its own; or, where REV has no such script,
-    the working tree's image linked. How REV got it, or None (the bench boots none, or the
-    working tree has no image: the bench reports that)."""
+    the working tree's image linked. How REV got it, or None where there is nothing to do (the
+    bench boots none, an earlier bench got it, or the working tree has none: the bench says so)."""
     own, theirs = new.path / LINUX_IMAGE, base.path / LINUX_IMAGE
-    if name not in BOOTS_LINUX or not own.exists():
+    if name not in BOOTS_LINUX or not own.exists() or theirs.exists():
         return None
-    if theirs.exists():
-        return "already there"
     theirs.parent.mkdir(parents=True, exist_ok=True)
     if not (base.path / IMAGE_SCRIPT).exists():
         theirs.symlink_to(own.resolve(), target_is_directory=True)
@@ -405,7 +403,7 @@ def run(rev: str, accel: str = "auto", only: str = DEFAULT_ONLY, quick: bool = F
                         continue
                     runs["base"] = (new, words + ["--guest-sources", str(base.path / GUEST_SOURCES)])
                 image = base_images(name, base, new)
-                if image and image != "already there":
+                if image:
                     result["images"][name] = image
                     say(f"{name}: {base.label}'s Linux image {image}")
                 trees = {tree.label: tree for tree, _ in runs.values()}
