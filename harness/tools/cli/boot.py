@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ...errors import BadInput
 from ...machine import Machine, MachineSpec, random_mac
-from ...machine.linux import linux, nbd_address, nbd_disk, wire_nic, wire_path
+from ...machine.linux import SERIAL_CONSOLE, linux, nbd_address, nbd_disk, wire_nic, wire_path
 from ...processes import serve
 from ...proxy import ProxyMachine, proxy_spec
 from .common import device_table, iommu_of, readable_file, say, unix_socket
@@ -43,7 +43,7 @@ def console_machine(args: argparse.Namespace, name: str, person: bool = False) -
         if args.initrd:
             readable_file(args.initrd, "--initrd")
         spec = MachineSpec(kernel=Path(args.kernel), initrd=Path(args.initrd) if args.initrd else None,
-                           append=args.append or "console=ttyS0", memory_mb=args.memory, accel=args.accel)
+                           append=args.append or SERIAL_CONSOLE, memory_mb=args.memory, accel=args.accel)
         if args.disk:
             nbd_disk(spec, args.disk)
         return Machine(spec if args.net is None else wire_nic(spec, args.net), name=name), args.prompt
