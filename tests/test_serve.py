@@ -24,7 +24,7 @@ from harness.machine.linux import nbd_server
 from harness.services.disk import DiskService
 from harness.tools.bench import serve
 from harness.tools.bench.serve import KillPlan, e2fs_tool, fsck_problems, write_through_kills
-from tests.test_cli import ends, kill_its_qemu
+from tests.test_cli import ends, kill_its_qemu, workdirs
 from tests.test_nbd import machine_with
 from tests.unit.test_nbd import run_tool
 
@@ -160,7 +160,7 @@ def test_a_qemu_killed_under_serve_is_an_error_and_everything_goes(
             serve.wait()
     assert not path.exists(), "the socket is removed"
     assert ends(int(started.group(1)), within=20), "the driver process is left behind"
-    assert [d.name.split("-")[-2] for d in tmp_path.glob("hwharness-*")] == ["serve"], "the dead machine's files"
+    assert [d.name.split("-")[-2] for d in workdirs(tmp_path)] == ["serve"], "the dead machine's files"
 
 
 @pytest.mark.qemu

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ...errors import AbiError, BadInput, HarnessError
+from ...machine.linux import IMAGES, LINUX_DIR
 from ...machine.machine import left_by_the_dead, owned_prefix
 from ...proxy.abi import load_abi
 from ...proxy.guest import guest_elf
@@ -78,9 +79,9 @@ BENCHES: dict[str, list[str]] = {
     "boot": ["bench", "boot"],
 }
 # Benches that boot the Linux image `make images` builds (outputs git ignores, so REV's
-# checkout has none until it builds its own: base_images)
-LINUX_IMAGE = Path("images") / "linux"
-IMAGE_SCRIPT = Path("images") / "linux_guest.py"
+# checkout has none until it builds its own: base_images); where it and its script lie in a tree
+LINUX_IMAGE = LINUX_DIR.relative_to(IMAGES.parent)
+IMAGE_SCRIPT = (IMAGES / "linux_guest.py").relative_to(IMAGES.parent)
 BOOTS_LINUX = {"forward", "serve", "boot"}
 IMAGE_TIMEOUT = 600.0
 # Benches that measure the guest alone: both sides run the working tree's code, the base
