@@ -49,9 +49,15 @@ def check_paired(result: dict, units: dict[str, int], counted_by: str) -> None:
         for name in (key, f"native_{key}"):         # where each side's time went, from the kernel's counts
             used = result["cpu_cores"][name]
             assert set(used) == {"main_loop", "vcpu", "qemu_other", "driver"} and min(used.values()) >= 0, (name, used)
-            assert sum(used.values()) <= (os.cpu_count() or 1) + 0.5, (name, used)
             assert len(result["kicked_wakes"][name]) == rounds and min(result["kicked_wakes"][name]) >= 0, name
-        assert result["cpu_cores"][f"native_{key}"]["vcpu"] > 0, "the native loop runs on the vCPU"
+            assert result["timed_s"][name] > 0
+            # The kernel counts a running thread's time at its ticks (4 ms at HZ=250): over a
+            # few milliseconds of runs the figures are a tick's worth or nothing.
+            if result["timed_s"][name] >= 0.1:
+                assert sum(used.values()) <= (os.cpu_count() or 1) + 0.5, (name, used)
+        if result["timed_s"][f"native_{key}"] >= 0.1:
+            assert result["cpu_cores"][f"native_{key}"]["vcpu"] > 0, "the native loop runs on the vCPU"
+        # this process's own time is exact (its CPU clock)
         assert result["cpu_cores"][key]["driver"] > 0, "the Python driver runs in the bench's process"
     assert set(result["work"]) == set(units)
 

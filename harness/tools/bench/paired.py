@@ -19,8 +19,10 @@
   side needs two cores at once (itself and the vCPU), the native side one, so
   another job on a two-core machine hurts Python first.
 - Where the time went. ``cpu_cores`` gives, for each figure, the cores QEMU's main
-  loop, the vCPU, QEMU's other threads and this process used during its runs
-  (medians; :class:`ThreadCpu`). ``kicked_wakes`` counts, per round, the times the proxy
+  loop, the vCPU, QEMU's other threads and this process used during its runs (their
+  CPU time over all rounds by the runs' time, ``timed_s``; :class:`ThreadCpu`). The
+  kernel adds a thread's time when it stops or at a tick (4 ms at HZ=250), so a figure
+  from a few milliseconds of runs is a tick's worth or nothing. ``kicked_wakes`` counts, per round, the times the proxy
   guest had halted and a kick woke it (its ``kicks``): each a doorbell or tail write that
   found the guest asleep and paid QEMU's main loop and vCPU thread waking, 55-300 us,
   before the device saw it. A figure far below its usual one with many of them came from
@@ -107,17 +109,19 @@ class ThreadCpu:
         return spent
 
     @classmethod
-    def cores(cls, before: dict[tuple[int, int], tuple[str, float]], after: dict[tuple[int, int], tuple[str, float]],
-              seconds: float) -> dict[str, float]:
-        """Cores each role used between two samples ``seconds`` apart."""
+    def seconds(cls, before: dict[tuple[int, int], tuple[str, float]],
+                after: dict[tuple[int, int], tuple[str, float]]) -> dict[str, float]:
+        """CPU seconds each role used between two samples."""
         used = dict.fromkeys(cls.ROLES, 0.0)
         for key, (role, spent) in after.items():
-            used[role] += (spent - before.get(key, (role, 0.0))[1]) / seconds
+            used[role] += spent - before.get(key, (role, 0.0))[1]
         return used
 
 
-def _timed(workload: Workload, side: str, first_side: bool, cpu: ThreadCpu) -> tuple[float, dict[str, float], int]:
-    """The side's figure, the cores each role used meanwhile, and the guest's kicked wakes."""
+def _timed(workload: Workload, side: str, first_side: bool, cpu: ThreadCpu
+           ) -> tuple[float, dict[str, float], int, float]:
+    """The side's figure, the CPU seconds each role used meanwhile, the guest's kicked wakes,
+    and the run's seconds."""
     run = (workload.python if first_side else workload.native)()
     before = workload.counter() if workload.counter else 0
     spent, kicked = cpu.sample(), cpu.kicked_wakes()
@@ -132,7 +136,7 @@ def _timed(workload: Workload, side: str, first_side: bool, cpu: ThreadCpu) -> t
         if counted != workload.units:
             raise WorkMismatch(f"{workload.key}: the {side} side claims {units}, "
                                f"{workload.counted_by} counted {counted}")
-    return units * workload.scale / (elapsed / 1e9), ThreadCpu.cores(spent, after, elapsed / 1e9), kicked
+    return units * workload.scale / (elapsed / 1e9), ThreadCpu.seconds(spent, after), kicked, elapsed / 1e9
 
 
 def clock_figures(pm: ProxyMachine, channel_calls: Callable[[], object], span: float = 0.5) -> dict[str, float]:
@@ -190,7 +194,8 @@ def run_rounds(groups: list[list[Workload]], rounds: int, pms: list[ProxyMachine
     ``ratio_`` and the workload, the first side over the second. ``pms`` are the machines
     whose CPU is the bench's own."""
     per_round: dict[str, list[float]] = {}
-    cores: dict[str, dict[str, list[float]]] = {}
+    cpu_seconds: dict[str, dict[str, float]] = {}
+    timed: dict[str, float] = {}
     kicked: dict[str, list[int]] = {}
     first = []
     pids = [os.getpid()] + [pm.machine.process.pid for pm in pms if pm.machine.process is not None]
@@ -208,11 +213,14 @@ def run_rounds(groups: list[list[Workload]], rounds: int, pms: list[ProxyMachine
                 measured = {side: _timed(w, side, side == sides[0], cpu) for side in order}
                 if round_:                      # round 0 warms both up
                     for side in sides:
-                        figure, used, wakes = measured[side]
-                        per_round.setdefault(f"{label[side]}{w.key}", []).append(figure)
-                        kicked.setdefault(f"{label[side]}{w.key}", []).append(wakes)
-                        for role, used_cores in used.items():
-                            cores.setdefault(f"{label[side]}{w.key}", {}).setdefault(role, []).append(used_cores)
+                        figure, used, wakes, seconds = measured[side]
+                        key = f"{label[side]}{w.key}"
+                        per_round.setdefault(key, []).append(figure)
+                        kicked.setdefault(key, []).append(wakes)
+                        timed[key] = timed.get(key, 0.0) + seconds
+                        for role, spent in used.items():
+                            by_role = cpu_seconds.setdefault(key, {})
+                            by_role[role] = by_role.get(role, 0.0) + spent
                     per_round.setdefault(f"ratio_{w.key}", []).append(measured[sides[0]][0] / measured[sides[1]][0])
             if round_:
                 foreign.append(round(load.since_last(), 2))
@@ -224,8 +232,9 @@ def run_rounds(groups: list[list[Workload]], rounds: int, pms: list[ProxyMachine
     spread = {k: round(max(v) / min(v), 3) for k, v in per_round.items() if k.startswith("ratio_")}
     return {"clock": "host", "rounds": rounds, "warmup_rounds": 1, "first": first, "foreign_cores": foreign,
             "results": results, "ratio_spread": spread,
-            "cpu_cores": {key: {role: round(statistics.median(v), 2) for role, v in used.items()}
-                          for key, used in cores.items()},
+            "cpu_cores": {key: {role: round(spent / timed[key], 2) for role, spent in used.items()}
+                          for key, used in cpu_seconds.items()},
+            "timed_s": {key: round(seconds, 4) for key, seconds in timed.items()},
             "kicked_wakes": kicked,
             "per_round": {k: [round(x, 4 if k.startswith("ratio_") else 1) for x in v] for k, v in per_round.items()},
             "work": {w.key: {"units_per_run": w.units, "counted_by": w.counted_by or "the side itself"}
