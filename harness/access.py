@@ -24,12 +24,13 @@ The pieces:
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import enum
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Callable, ContextManager, Iterator, Mapping, NamedTuple, Sequence
 
 from .errors import DeviceNotFound, DeviceTimeout, DmaFaultRecord
 
@@ -260,6 +261,17 @@ class Channel(abc.ABC):
     def dma_faults(self) -> "DmaFaultRecord | None":
         """The latest DMA the device tried outside its domain (and how many so far), or None."""
         return None
+
+    def check_alive(self) -> None:
+        """Raise MachineError if the machine behind the channel is gone (for a driver that
+        waits on the device without a request through the channel)."""
+
+    def new_eventfds(self, expected: int) -> ContextManager[list[int]]:
+        """The eventfds the machine's emulator attaches to the device's registers while the
+        block runs (QEMU's ioeventfds: see :mod:`harness.machine.ioeventfd`), taken into this
+        process: exactly ``expected`` of them or none. None where the transport has no QEMU
+        process to take them from."""
+        return contextlib.nullcontext([])
 
     def interrupts(self, mode: IrqMode, count: int) -> list[Irq]:
         """Enable the device's interrupt with ``count`` vectors (several: MSI-X entries 0..count-1),
@@ -619,6 +631,12 @@ class Device:
         """The latest DMA the device tried outside its domain (with the running count), or None.
         The channel's next request after a fault raises :class:`~harness.errors.DmaFault`."""
         return self.channel.dma_faults()
+
+    def new_eventfds(self, expected: int) -> ContextManager[list[int]]:
+        """``with device.new_eventfds(1) as fds: ...``: the eventfds QEMU attaches to this
+        device's registers while the block runs (an NVMe queue created), ``expected`` of them
+        or none, taken into this process for the driver to signal and close."""
+        return self.channel.new_eventfds(expected)
 
     def irqs(self, mode: IrqMode, count: int) -> list[Irq]:
         """``count`` vectors of the device's interrupt (MSI-X entries 0..count-1, or MSI

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import random
 import subprocess
 import sys
@@ -367,6 +368,44 @@ def test_the_native_loop_reads_what_it_was_given_and_stays_in_its_grants(machine
         loop.close()
         for b in buffers:
             nvme.dev.dma_free(b)
+
+
+def test_the_io_queues_doorbells_are_qemus_own_eventfds(machine, nvme, rng: random.Random) -> None:
+    """MachineSpec.nvme turns QEMU's ioeventfds on: each I/O queue rings its doorbells itself."""
+    pm, fat, noise = machine
+    assert nvme.shadow is not None
+    for queue in nvme.queues:
+        assert queue.eventfds is not None
+        assert all(os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]" for fd in queue.eventfds)
+    data, ns = noise.read_bytes(), nvme.namespaces()[1]
+    before = blockstats(pm)
+    requests = [(rng.randrange(SMALL // 512 - 8), rng.randint(1, 8)) for _ in range(scaled(pm, 300))]
+    got = ns.on(nvme.queues[1]).read_queued(requests, depth=32)
+    assert got == [data[lba * 512:(lba + n) * 512] for lba, n in requests]
+    assert blockstats(pm) - before == len(requests)      # QEMU's own count: each read once
+
+
+def test_without_ioeventfds_the_guest_rings_and_the_shadows_carry_the_values(
+        proxy_machine_factory, tmp_path: Path, rng: random.Random) -> None:
+    noise = tmp_path / "random.img"
+    noise.write_bytes(random.Random(11).randbytes(SMALL))
+    pm = proxy_machine_factory(lambda spec: spec.nvme([raw(noise)], ioeventfd="off"), name="nvme-plain")
+    controller = Nvme.open(pm.bus)
+    try:
+        assert controller.shadow is not None and controller.queues[0].eventfds is None
+        data, ns = noise.read_bytes(), controller.namespaces()[0]
+        requests = [(rng.randrange(SMALL // 512 - 8), rng.randint(1, 8)) for _ in range(scaled(pm, 300))]
+        assert ns.read_queued(requests, depth=32) == [data[lba * 512:(lba + n) * 512] for lba, n in requests]
+        ns.write(8, bytes(range(256)) * 2)
+        assert ns.read(8, 1) == bytes(range(256)) * 2
+    finally:
+        controller.close()
+
+
+def blockstats(pm: ProxyMachine, drive: str = "nvme0-ns2") -> int:
+    """Reads QEMU's block layer has completed on ``drive``."""
+    return next(int(entry["stats"]["rd_operations"]) for entry in pm.machine.qmp("query-blockstats")
+                if entry.get("qdev", "").endswith(drive) or entry.get("device") == drive)
 
 
 def test_the_disk_commands_take_bus_nvme(hwharness_accel: str) -> None:

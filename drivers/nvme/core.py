@@ -19,7 +19,7 @@ from harness.access import Device, DmaBuffer
 from harness.errors import HarnessError
 
 from .regs import (DSM_DEALLOCATE, DSM_RANGE, FEATURE_INTERRUPT_COALESCING, FEATURE_NUMBER_OF_QUEUES, ID_CTRL_FR, ID_CTRL_MDTS, ID_CTRL_MN,
-                   ID_CTRL_NN, ID_CTRL_ONCS, ID_CTRL_SN, ID_CTRL_VWC, ID_NS, ID_NS_LBAF, ONCS_DSM, PAGE,
+                   ID_CTRL_NN, ID_CTRL_OACS, ID_CTRL_ONCS, ID_CTRL_SN, ID_CTRL_VWC, ID_NS, ID_NS_LBAF, OACS_DBBUF, ONCS_DSM, PAGE,
                    STATUS_NAMES, Admin, Cns, Nvm)
 
 COPY_BUDGET = 4 << 20               # bytes of DMA buffers read_queued holds at once
@@ -90,6 +90,7 @@ class ControllerIdentity:
     namespaces: int             # NN: the highest namespace ID
     max_transfer: int           # bytes one command may move (MDTS), capped by the transport's own limit
     dsm: bool                   # Dataset Management (deallocate) supported
+    shadow_doorbells: bool      # Doorbell Buffer Config supported
     volatile_write_cache: bool
     raw: bytes = field(repr=False)
 
@@ -128,6 +129,7 @@ def parse_controller(data: bytes, page: int, transfer_limit: int) -> ControllerI
                               namespaces=struct.unpack_from("<I", data, ID_CTRL_NN)[0],
                               max_transfer=min(transfer_limit, page << mdts) if mdts else transfer_limit,
                               dsm=bool(struct.unpack_from("<H", data, ID_CTRL_ONCS)[0] & ONCS_DSM),
+                              shadow_doorbells=bool(struct.unpack_from("<H", data, ID_CTRL_OACS)[0] & OACS_DBBUF),
                               volatile_write_cache=bool(data[ID_CTRL_VWC] & 1), raw=data)
 
 

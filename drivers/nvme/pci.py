@@ -2,25 +2,37 @@
 enable, the admin and I/O queue pairs in DMA memory, PRPs, doorbells, interrupts.
 
 Queues live in DMA memory the host has mapped, so Python writes submission
-entries and reads completion entries itself, at host speed; the guest only
-carries the doorbell writes, one posted batch per round (the completion
-queue's head and the submission queue's tail), which nobody waits for: while
-the controller works, Python naps through the time it usually takes (the
-cores are the vCPU's and QEMU's meanwhile), then polls the phase bit of the
-next completion entry itself, with no round trip, and reaps and prepares the
-next round. If none
-comes for a while, a guest-side poll of that phase bit takes over (a round
-trip, which also reports a posted doorbell's failure). With interrupts, each
-queue waits for its own MSI-X vector instead.
+entries and reads completion entries itself, at host speed. The doorbells
+(the completion queue's head and the submission queue's tail, one batch per
+round) go one of two ways:
+
+- Through QEMU's ioeventfds, where the controller has shadow doorbells and
+  QEMU's ``nvme`` has ``ioeventfd=on`` (MachineSpec.nvme's default): the value
+  goes into the shadow doorbell page, and a write(2) on the doorbell's eventfd,
+  taken from QEMU when the queue was created (harness.machine.ioeventfd), wakes
+  QEMU's main loop to read it. The guest carries nothing and its vCPU may stay
+  halted, so the machine's two cores are QEMU's main loop's and Python's: a
+  queue alone spins (yielding) for its completions, then naps.
+- Otherwise through the proxy guest, posted (nobody waits for them): while the
+  controller works, Python naps through the time it usually takes (the cores
+  are the vCPU's and QEMU's meanwhile), then polls the phase bit of the next
+  completion entry itself, with no round trip. If none comes for a while, a
+  guest-side poll of that phase bit takes over (a round trip, which also
+  reports a posted doorbell's failure).
+
+With interrupts, each queue waits for its own MSI-X vector instead.
 
 Threads: one queue pair serves one thread at a time; several threads may each
-drive their own queue pair (the doorbell writes share the device's channel
-and take turns under a lock).
+drive their own queue pair (the proxied doorbell writes share the device's
+channel and take turns under a lock). A spinning thread would keep the GIL from
+the others for the interpreter's switch interval, so beside another queue's run
+a queue only naps, with a fine timer slack.
 """
-
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import struct
 import threading
 import time
@@ -33,8 +45,8 @@ from harness.errors import DeviceTimeout, InterruptTimeout
 
 from .core import Coalescing, Command, Controller, NvmeError, failure
 from .regs import (CQ_IEN, CQ_PC, CQE, CQE_STATUS_WORD, CQE_WORDS, CC_IOCQES_SHIFT, CC_IOSQES_SHIFT, CQE_SIZE_LOG2,
-                   PAGE, SQ_PC, SQE, SQE_SIZE_LOG2, Admin, Cc, Csts, Reg, cap_dstrd, cap_mpsmin, cap_mqes,
-                   cap_timeout, cq_head_doorbell, sq_tail_doorbell)
+                   DOORBELL_BASE, PAGE, SQ_PC, SQE, SQE_SIZE_LOG2, Admin, Cc, Csts, Reg, cap_dstrd, cap_mpsmin,
+                   cap_mqes, cap_timeout, cq_head_doorbell, sq_tail_doorbell)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +64,14 @@ NAP_LEARN = 1 / 16                  # how far a longer doorbell-to-completion ti
 NAP_SHRINK = 0.5                    # the expectation after a nap that ended past the completion
 GUEST_WAIT = 100e-6                 # one guest-side wait for a completion: short, so queues sharing
                                     # the device's channel take turns
+# With QEMU's ioeventfds the guest carries nothing: Python waits for completions on the host alone
+HOST_SPIN = 1e-3                    # a queue alone spins this long (yielding) before it naps
+HOST_NAP = 20e-6                    # a nap: short, and beside another queue's thread the only wait
+NAP_SLACK_NS = 1000                 # a thread that naps beside another's keeps this timer slack (the
+                                    # kernel's 50 us default would make each 20 us nap 70)
+PR_SET_TIMERSLACK = 29
+_libc = ctypes.CDLL(None, use_errno=True)
+_slack_set = threading.local()
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,8 @@ class QueueState:
     head: int
     phase: int
     acked: int
+    sq_shadow: int = 0              # where the shadow doorbells are (DMA addresses), 0 without them:
+    cq_shadow: int = 0              # a value goes there before its doorbell is rung
 
 
 class QueuePair:
@@ -82,7 +104,13 @@ class QueuePair:
     Commands go in with :meth:`run`: up to ``depth`` in flight, each round one
     doorbell batch. A full submission queue waits for completions: a command
     goes in only when one of the queue's command identifiers is free, and there
-    are fewer of those than entries."""
+    are fewer of those than entries.
+
+    With shadow doorbells (the controller's ``shadow``) each doorbell's value is
+    written there first; where QEMU's ioeventfds for the queue's two doorbells were
+    taken (``eventfds``: completion head, submission tail), a doorbell is a signal on
+    its eventfd, from this process: the guest carries none, and Python waits for
+    completions on the host alone."""
 
     def __init__(self, controller: "Nvme", qid: int, entries: int, irq: Irq | None) -> None:
         self.controller, self.qid, self.entries, self.irq = controller, qid, entries, irq
@@ -114,6 +142,10 @@ class QueuePair:
         self._bounce: DmaBuffer | None = None
         self.expected = 0.0             # seconds from a doorbell batch to the next completion, as learned
         self._rung_at: float | None = None     # when the doorbells were posted, if not yet waited on
+        self._shadow = controller.shadow_words     # u32s, the doorbells' layout; None without shadows
+        self._shadow_head = (cq_head_doorbell(qid, stride) - DOORBELL_BASE) // 4
+        self._shadow_tail = (sq_tail_doorbell(qid, stride) - DOORBELL_BASE) // 4
+        self.eventfds: tuple[int, int] | None = None   # QEMU's (completion head, submission tail) ioeventfds
 
     @property
     def depth(self) -> int:
@@ -181,23 +213,48 @@ class QueuePair:
 
     def _ring(self) -> None:
         """Both doorbells in one batch: the entries reaped so far, and the new tail."""
+        if self.eventfds is not None:
+            self._signal()
+            return
+        if self._shadow is not None:
+            self._shadow[self._shadow_head], self._shadow[self._shadow_tail] = self.head, self.tail
         with self.controller.doorbell_lock:
             self._doorbells.run({0: self.head, 1: self.tail})
         self.acked, self.rung_tail = self.head, self.tail
 
+    def _signal(self) -> None:
+        """The doorbells that moved, through QEMU's ioeventfds: each value into its shadow
+        doorbell, then its eventfd signalled (the system call orders the two); QEMU's main
+        loop reads the shadow when the eventfd wakes it."""
+        head, tail, shadow, (head_fd, tail_fd) = self.head, self.tail, self._shadow, self.eventfds
+        if head != self.acked:
+            shadow[self._shadow_head] = head
+            os.eventfd_write(head_fd, 1)
+        if tail != self.rung_tail:
+            shadow[self._shadow_tail] = tail
+            os.eventfd_write(tail_fd, 1)
+        self.acked, self.rung_tail = head, tail
+
     def _doorbells_moved(self) -> list[Access]:
         """The doorbell writes that tell the controller what moved since it was last told."""
-        head, tail = self.head, self.tail
+        head, tail, shadow = self.head, self.tail, self._shadow
         accesses = []
         if head != self.acked:
+            if shadow is not None:
+                shadow[self._shadow_head] = head
             accesses.append(self._head_writes[head])
         if tail != self.rung_tail:
+            if shadow is not None:
+                shadow[self._shadow_tail] = tail
             accesses.append(self._tail_writes[tail])
         self.acked, self.rung_tail = head, tail
         return accesses
 
     def _post_doorbells(self) -> None:
         """The doorbells that moved, posted: the controller goes to work, Python goes on."""
+        if self.eventfds is not None:
+            self._signal()
+            return
         accesses = self._doorbells_moved()
         if accesses:
             with self.controller.doorbell_lock:
@@ -220,8 +277,10 @@ class QueuePair:
             if self.irq is None:
                 self._post_doorbells()
                 # One command in flight finishes within a nap's own lateness on a quiet machine
-                # (QD1 lost 15 % to naps there): only a queue that holds several naps.
-                self._rung_at = time.perf_counter() if in_flight > 1 else None
+                # (QD1 lost 15 % to naps there): only a queue that holds several naps. With
+                # ioeventfds no vCPU needs the core, so a queue alone spins instead.
+                nap = in_flight > 1 and (self.eventfds is None or not self._alone())
+                self._rung_at = time.perf_counter() if nap else None
             else:
                 self._ring()
 
@@ -258,11 +317,26 @@ class QueuePair:
         self._spin_wait(deadline)
 
     def _spin_wait(self, deadline: Deadline) -> None:
-        """Until the next completion entry is the controller's: spin, then guest-side waits; or the vector."""
+        """Until the next completion entry is the controller's: spin, then guest-side waits (with
+        QEMU's ioeventfds, short naps: the guest has nothing to do with it); or the vector."""
+        channel = self.controller.dev.channel
         while not self._cqe_pending():
             if self.irq is None:
-                if not spin_until(self._cqe_pending, self.controller.dev.channel.spin):
-                    self._guest_wait()
+                if self.eventfds is None:
+                    if not spin_until(self._cqe_pending, channel.spin):
+                        self._guest_wait()
+                # A spinning thread keeps the GIL from another queue's thread for the interpreter's
+                # switch interval (5 ms): beside one, naps only
+                elif self._alone():
+                    if not spin_until(self._cqe_pending, HOST_SPIN):
+                        time.sleep(HOST_NAP)
+                        channel.check_alive()
+                else:
+                    if not getattr(_slack_set, "done", False):
+                        _libc.prctl(PR_SET_TIMERSLACK, NAP_SLACK_NS, 0, 0, 0)
+                        _slack_set.done = True
+                    time.sleep(HOST_NAP)
+                    channel.check_alive()
             else:
                 try:
                     self.irq.wait(deadline.remaining)
@@ -270,6 +344,10 @@ class QueuePair:
                     pass
             if deadline.expired and not self._cqe_pending():
                 raise DeviceTimeout(f"a completion on queue {self.qid}", 0, 0)
+
+    def _alone(self) -> bool:
+        """Whether this queue is the only one in a run (no other thread wants the GIL for one)."""
+        return len(self.controller.running) == 1
 
     # ---- what the controller and namespaces use ----
 
@@ -336,10 +414,12 @@ class QueuePair:
 
     def state(self) -> QueueState:
         """Where the queue is and where it stands, for another driver to carry on from."""
-        stride = self.controller.doorbell_stride
+        stride, shadow = self.controller.doorbell_stride, self.controller.shadow
+        sq_shadow = shadow.phys + self._shadow_tail * 4 if shadow is not None else 0
+        cq_shadow = shadow.phys + self._shadow_head * 4 if shadow is not None else 0
         return QueueState(self.qid, self.sq.phys, self.cq.phys, self.prp_lists.phys, self.entries,
                           sq_tail_doorbell(self.qid, stride), cq_head_doorbell(self.qid, stride),
-                          self.tail, self.head, self.phase, self.acked)
+                          self.tail, self.head, self.phase, self.acked, sq_shadow, cq_shadow)
 
     def resume(self, state: QueueState) -> None:
         """Take the queue back after another driver used it, in the state it left: it rang
@@ -354,6 +434,9 @@ class QueuePair:
     def free(self) -> None:
         for buf in (self.sq, self.cq, self.prp_lists) + ((self._bounce,) if self._bounce else ()):
             self.controller.dev.dma_free(buf)
+        for fd in self.eventfds or ():
+            os.close(fd)
+        self.eventfds = None
 
 
 class InFlight:
@@ -497,6 +580,9 @@ class Nvme(Controller):
         self.queues: list[QueuePair] = []
         self.irqs: list[Irq] = []
         self.admin: QueuePair | None = None
+        self.shadow: DmaBuffer | None = None        # the shadow doorbells, once configured
+        self.shadow_words: memoryview | None = None
+        self._event_indices: DmaBuffer | None = None
         self.cap = self.regs.read64(Reg.CAP)
         self.timeout = max(cap_timeout(self.cap), 0.5)
         self.doorbell_stride = cap_dstrd(self.cap)
@@ -512,6 +598,8 @@ class Nvme(Controller):
                 self.irqs = device.irqs(IrqMode.MSIX, 1 + queues)
             self._enable()
             self.identity = self.identify_controller()
+            if self.identity.shadow_doorbells:
+                self._configure_shadow_doorbells()
             self._create_io_queues(queues, entries, interrupts)
             if coalesce is not None:
                 self.coalesce_interrupts(coalesce)
@@ -562,8 +650,29 @@ class Nvme(Controller):
         self.regs.write32(Reg.CC, SQE_SIZE_LOG2 << CC_IOSQES_SHIFT | CQE_SIZE_LOG2 << CC_IOCQES_SHIFT | Cc.EN)
         self._until(Csts.RDY, Csts.RDY, "CSTS.RDY")
 
+    def _configure_shadow_doorbells(self) -> None:
+        """Doorbell Buffer Config (5.8, NVMe 1.3): the I/O queues' doorbell values go to a
+        page of ours first (and the controller writes its event indices to another), so
+        a doorbell rung without its value is enough. Rung that way on QEMU's nvme with
+        ``ioeventfd=on``: there each I/O queue's doorbells get an eventfd as the queue
+        is created, which the driver takes (``_create_io_queues``). A controller that
+        refuses the command keeps plain doorbells."""
+        assert self.admin is not None
+        shadow, indices = self.dev.dma_alloc(PAGE), self.dev.dma_alloc(PAGE)
+        try:
+            self.admin.execute(Command(Admin.DOORBELL_BUFFER_CONFIG, pages=[shadow.phys, indices.phys],
+                                       name="DOORBELL BUFFER CONFIG"))
+        except NvmeError as exc:
+            log.info("no shadow doorbells: %s", exc)
+            self.dev.dma_free(shadow)
+            self.dev.dma_free(indices)
+            return
+        self.shadow, self._event_indices = shadow, indices
+        self.shadow_words = shadow.view.cast("I")
+
     def _create_io_queues(self, count: int, entries: int, interrupts: bool) -> None:
-        """Create I/O Completion Queue, then Submission Queue (5.3, 5.4), for each pair."""
+        """Create I/O Completion Queue, then Submission Queue (5.3, 5.4), for each pair; with
+        shadow doorbells, QEMU's ioeventfd each one makes is taken into the queue pair."""
         assert self.admin is not None
         self.negotiate_queues(count)
         for qid in range(1, count + 1):
@@ -571,15 +680,23 @@ class Nvme(Controller):
             size = (entries - 1) << 16 | qid
             # Without MSI-X the controller takes vector 0 only (QEMU refuses others), and polls
             vector = qid << 16 | CQ_IEN if interrupts else 0
+            watch = self.shadow is not None
             try:
-                self.admin.execute(Command(Admin.CREATE_IO_CQ, pages=[qp.cq.phys], cdw10=size, cdw11=vector | CQ_PC,
-                                           name=f"CREATE I/O CQ {qid}"))
+                with self.dev.new_eventfds(1 if watch else 0) as head_fds:
+                    self.admin.execute(Command(Admin.CREATE_IO_CQ, pages=[qp.cq.phys], cdw10=size,
+                                               cdw11=vector | CQ_PC, name=f"CREATE I/O CQ {qid}"))
             except BaseException:
                 qp.free()
                 raise
             self.queues.append(qp)          # from here on close() deletes it
-            self.admin.execute(Command(Admin.CREATE_IO_SQ, pages=[qp.sq.phys], cdw10=size, cdw11=qid << 16 | SQ_PC,
-                                       name=f"CREATE I/O SQ {qid}"))
+            with self.dev.new_eventfds(1 if watch else 0) as tail_fds:
+                self.admin.execute(Command(Admin.CREATE_IO_SQ, pages=[qp.sq.phys], cdw10=size,
+                                           cdw11=qid << 16 | SQ_PC, name=f"CREATE I/O SQ {qid}"))
+            if head_fds and tail_fds:
+                qp.eventfds = (head_fds[0], tail_fds[0])
+            else:
+                for fd in head_fds + tail_fds:
+                    os.close(fd)
 
     def close(self) -> None:
         """Delete the I/O queues, shut the controller down (7.6.2), give everything back."""
@@ -600,6 +717,10 @@ class Nvme(Controller):
             for qp in self.queues + ([self.admin] if self.admin else []):
                 qp.free()
             self.queues, self.admin = [], None
+            for buf in (self.shadow, self._event_indices):
+                if buf is not None:
+                    self.dev.dma_free(buf)
+            self.shadow = self.shadow_words = self._event_indices = None
             for irq in self.irqs:
                 irq.close()
             self.dev.close()

@@ -63,6 +63,7 @@ class Admin(enum.IntEnum):
     IDENTIFY = 0x06
     SET_FEATURES = 0x09
     GET_FEATURES = 0x0A
+    DOORBELL_BUFFER_CONFIG = 0x7C
 
 
 class Nvm(enum.IntEnum):
@@ -83,6 +84,7 @@ class Cns(enum.IntEnum):
 FEATURE_NUMBER_OF_QUEUES = 0x07     # Set Features (5.21.1.7)
 FEATURE_INTERRUPT_COALESCING = 0x08     # Set/Get Features (5.21.1.8): TIME 15:8 (100 us), THR 7:0 (0's based)
 ONCS_DSM = 1 << 2                   # Identify Controller ONCS: Dataset Management supported
+OACS_DBBUF = 1 << 8                 # Identify Controller OACS: Doorbell Buffer Config supported (5.8, NVMe 1.3)
 DSM_DEALLOCATE = 1 << 2             # Dataset Management cdw11 (6.7)
 CQ_PC, CQ_IEN = 1 << 0, 1 << 1      # Create I/O CQ cdw11: physically contiguous, interrupts on (5.3)
 SQ_PC = 1 << 0                      # Create I/O SQ cdw11 (5.4)
@@ -153,7 +155,7 @@ SQE_SIZE_LOG2, CQE_SIZE_LOG2 = 6, 4
 
 # Identify Controller (5.15.2.1, figure 251) and Namespace (figure 249): byte offsets used
 ID_CTRL_SN, ID_CTRL_MN, ID_CTRL_FR = slice(4, 24), slice(24, 64), slice(64, 72)
-ID_CTRL_MDTS, ID_CTRL_NN, ID_CTRL_ONCS, ID_CTRL_VWC = 77, 516, 520, 525
+ID_CTRL_MDTS, ID_CTRL_OACS, ID_CTRL_NN, ID_CTRL_ONCS, ID_CTRL_VWC = 77, 256, 516, 520, 525
 ID_NS = struct.Struct("<QQQBBBB")       # NSZE, NCAP, NUSE, NSFEAT, NLBAF, FLBAS, MC
 ID_NS_LBAF = 128                        # LBA formats, 4 bytes each: MS 0-15, LBADS 16-23, RP 24-25
 PAGE = 4096

@@ -375,6 +375,8 @@ struct proxy_nvme_queue {
     u32 sq_doorbell;                /* BAR offset of the SQ tail doorbell */
     u32 cq_doorbell;                /* BAR offset of the CQ head doorbell */
     u32 tail, head, phase, acked;   /* in and out: SQ tail, CQ head, expected phase, head last rung */
+    u64 sq_shadow, cq_shadow;       /* the doorbells' shadows (Doorbell Buffer Config), 0 for none:
+                                       each value goes there before its doorbell is rung */
 };
 
 /*

@@ -469,6 +469,10 @@ u16 native_nvme(struct proxy_nvme_loop *p, const struct window *dma, u64 bar, vo
             in_flight[k] += fresh;
             u32 unacked = (q->head + q->entries - q->acked) % q->entries;
             if (fresh || unacked + in_flight[k] > q->entries - 1) {
+                if (q->cq_shadow) {             /* the controller reads the values here */
+                    *(volatile u32 *)(unsigned long)q->cq_shadow = q->head;
+                    *(volatile u32 *)(unsigned long)q->sq_shadow = q->tail;
+                }
                 mmio_write32(bar + q->cq_doorbell, q->head);
                 mmio_write32(bar + q->sq_doorbell, q->tail);
                 q->acked = q->head;

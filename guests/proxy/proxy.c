@@ -752,7 +752,9 @@ OFF_HOT_PATH static u16 nvme_loop(int c, const struct proxy_request *rq, u64 *va
             || q->depth > PROXY_NVME_MAX_DEPTH || q->tail >= q->entries || q->head >= q->entries
             || q->acked >= q->entries || q->phase > 1
             || !in_window(&ch->dma, q->sq, 64ull * q->entries) || !in_window(&ch->dma, q->cq, 16ull * q->entries)
-            || (bytes > 2 * 4096 && !in_window(&ch->dma, q->prp_lists, 4096ull * q->depth)))
+            || (bytes > 2 * 4096 && !in_window(&ch->dma, q->prp_lists, 4096ull * q->depth))
+            || ((q->sq_shadow || q->cq_shadow)
+                && !(in_window(&ch->dma, q->sq_shadow, 4) && in_window(&ch->dma, q->cq_shadow, 4))))
             return PROXY_STATUS_BAD_REQUEST;
         u32 doorbells[2] = { q->sq_doorbell, q->cq_doorbell };
         for (int i = 0; i < 2; i++)

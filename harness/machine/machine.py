@@ -346,6 +346,11 @@ class Machine:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    @property
+    def qemu_pid(self) -> int | None:
+        """QEMU's process ID once it has started."""
+        return self.process.pid if self.process is not None else None
+
     def exitcode(self) -> int | None:
         """QEMU's exit status once it has exited, else None."""
         return self.process.poll() if self.process else None

@@ -98,8 +98,11 @@ class MachineSpec:
     def nvme(self, namespaces: list[dict[str, object]], serial: str = "HWH-NVME-1", id: str = "nvme0",
              **props: object) -> "MachineSpec":
         """An NVMe controller with one ``nvme-ns`` per entry of ``namespaces`` (each the
-        ``-drive`` properties of its image, e.g. ``{"file": path, "format": "raw"}``), NSIDs 1, 2, ..."""
-        self.device("nvme", id=id, serial=serial, **props)
+        ``-drive`` properties of its image, e.g. ``{"file": path, "format": "raw"}``), NSIDs 1, 2, ...
+        Its I/O queues' doorbells are ioeventfds (``ioeventfd=on`` unless ``props`` say
+        otherwise) once the driver configures shadow doorbells: a driver process can then
+        ring them itself (harness.machine.ioeventfd)."""
+        self.device("nvme", id=id, serial=serial, **{"ioeventfd": "on", **props})
         for nsid, drive in enumerate(namespaces, 1):
             self.drive(id=f"{id}-ns{nsid}", **{"if": "none", **drive})
             self.device("nvme-ns", drive=f"{id}-ns{nsid}", bus=id, nsid=nsid)

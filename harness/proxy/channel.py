@@ -6,10 +6,11 @@ import array
 import functools
 import logging
 import struct
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Mapping, Sequence
 
 from ..access import Access, Channel, DmaDomain, IrqMode, Kind, Pending, Prepared, Space
 from ..errors import AccessDenied, BadRequest, DeviceTimeout, DmaFault, DmaFaultRecord, ProxyError, ProxyFault
+from ..machine.ioeventfd import new_eventfds
 from .ring import Ring, reached
 from .window import SPIN_SECONDS
 
@@ -421,6 +422,12 @@ class ProxyChannel(Channel):
             if code == op:
                 return Access(kind, space, addr, width, value)
         return f"op {op} width {width} addr {addr:#x} value {value:#x}"
+
+    def new_eventfds(self, expected: int) -> ContextManager[list[int]]:
+        return new_eventfds(self._w.machine.qemu_pid, expected)
+
+    def check_alive(self) -> None:
+        self._w.machine.check_alive()
 
     def dma_faults(self) -> DmaFaultRecord | None:
         abi = self.bus.abi

@@ -51,6 +51,7 @@ class Liveness(Protocol):
 
     argv: list[str]
     console: Any
+    qemu_pid: int | None
 
     def check_alive(self) -> None: ...
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import struct
 from dataclasses import replace
 import threading
@@ -26,8 +28,12 @@ class FakeController:
     fetches the new submission entries and posts a completion for each, at once, with
     the status ``status_of(entry)`` gives and the phase it should carry."""
 
-    def __init__(self, entries: int, status_of=lambda sqe: 0) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, entries: int, status_of=lambda sqe: 0, shadow: bool = False) -> None:  # type: ignore[no-untyped-def]
         self.dma = FakeDma()
+        # with shadow doorbells (as QEMU after Doorbell Buffer Config) an I/O queue's doorbell
+        # value is read from the shadow page, whatever was written to the register
+        shadow_page = self.dma.dma_alloc(4096) if shadow else None
+        self.shadow_words = shadow_page.view.cast("I") if shadow_page else None
         self.channel = FakeMmio(self._doorbell, self.dma)
         self.regs = Region(self.channel, Space.MMIO, BAR, 0x4000)
         self.status_of = status_of
@@ -37,13 +43,15 @@ class FakeController:
         self.phase = 1
         self.heads: list[int] = []
         controller = SimpleNamespace(regs=self.regs, doorbell_stride=STRIDE, doorbell_lock=threading.Lock(),
-                                     running=set(),
+                                     running=set(), shadow=shadow_page, shadow_words=self.shadow_words,
                                      dev=SimpleNamespace(channel=self.channel, dma_alloc=self.dma.dma_alloc,
                                                          dma_free=self.dma.dma_free))
         self.qp = QueuePair(controller, 1, entries, None)     # type: ignore[arg-type]
 
     def _doorbell(self, addr: int, value: int) -> None:
         offset = addr - BAR
+        if self.shadow_words is not None:
+            value = self.shadow_words[(offset - DOORBELL_BASE) // 4]
         if offset == DOORBELL_BASE + 3 * STRIDE:          # CQ 1 head
             self.heads.append(value)
             return
@@ -175,3 +183,41 @@ def test_a_lent_queue_is_described_and_taken_back_where_the_borrower_left_it() -
         fake.qp.resume(replace(lent, qid=2))                   # another queue's state
     with pytest.raises(ValueError):
         fake.qp.resume(replace(lent, phase=2))
+
+
+def test_with_shadow_doorbells_each_value_is_in_the_shadow_before_its_doorbell_rings() -> None:
+    fake = FakeController(4, shadow=True)       # the fake takes the values from the shadows only
+    results = fake.qp.run([Command(Nvm.FLUSH, 1, name=f"FLUSH {i}") for i in range(10)])
+    assert len(results) == 10 and len(fake.fetched) == 10 and fake.qp.head == 10 % 4
+    written = [a.value for batch in fake.channel.batches for a in batch]
+    assert written and fake.heads        # the head went back (4 entries, 10 commands), through the shadow too
+    assert fake.qp.state().sq_shadow == fake.qp.controller.shadow.phys + 2 * STRIDE
+    assert fake.qp.state().cq_shadow == fake.qp.controller.shadow.phys + 3 * STRIDE
+
+
+def test_with_ioeventfds_a_doorbell_is_a_signal_and_the_guest_carries_nothing() -> None:
+    fake = FakeController(4, shadow=True)
+    head_fd, tail_fd = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    fake.qp.eventfds = (head_fd, tail_fd)
+    signals = {head_fd: 0, tail_fd: 0}
+    stop = threading.Event()
+
+    def qemu_main_loop() -> None:           # an eventfd fires: the register's value is in the shadow
+        while not stop.is_set():
+            for fd in select.select([head_fd, tail_fd], [], [], 0.02)[0]:
+                signals[fd] += os.eventfd_read(fd)
+                fake._doorbell(BAR + DOORBELL_BASE + (3 if fd == head_fd else 2) * STRIDE, -1)
+    loop = threading.Thread(target=qemu_main_loop)
+    loop.start()
+    try:
+        results = fake.qp.run([Command(Nvm.FLUSH, 1, name=f"FLUSH {i}") for i in range(10)])
+    finally:
+        stop.set()
+        loop.join()
+    assert len(results) == 10 and [e[0] for e in fake.fetched] == [Nvm.FLUSH] * 10
+    assert fake.channel.batches == []       # no doorbell, no wait went through the proxy
+    assert signals[tail_fd] >= 3 and signals[head_fd] >= 1 and fake.heads
+    fake.qp.free()
+    assert fake.qp.eventfds is None
+    with pytest.raises(OSError):
+        os.fstat(tail_fd)                   # the queue closed its descriptors

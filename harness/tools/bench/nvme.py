@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 DRIVE = "nvme0-ns1"
 QUEUE_FIELDS = ["sq", "cq", "prp_lists", "entries", "depth", "sq_doorbell", "cq_doorbell", "tail", "head",
-                "phase", "acked"]
+                "phase", "acked", "sq_shadow", "cq_shadow"]
 LOOP_FIELDS = ["requests", "timeout_us", "nqueues", "nsid", "opcode", "blocks", "block_size", "count", "done",
                "errors"]
 QUICK = dict(count=256, rounds=1)
