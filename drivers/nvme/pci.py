@@ -568,12 +568,15 @@ class Nvme(Controller):
 
     ``queues`` I/O queue pairs are created (one per worker thread); with
     ``interrupts`` each completion queue gets its own MSI-X vector (the admin
-    queue vector 0, I/O queue n vector n)."""
+    queue vector 0, I/O queue n vector n). ``shadow_doorbells``: use the
+    controller's where it has them, and QEMU's ioeventfds where they come with
+    them (False: doorbells are register writes through the guest only)."""
 
     transfer_limit = MAX_TRANSFER
 
     def __init__(self, bus: Bus, device: Device, queues: int = 1, interrupts: bool = False,
-                 entries: int = IO_ENTRIES, coalesce: Coalescing | None = None) -> None:
+                 entries: int = IO_ENTRIES, coalesce: Coalescing | None = None,
+                 shadow_doorbells: bool = True) -> None:
         self.bus, self.dev, self.regs = bus, device, device.bar(0)
         self.doorbell_lock = threading.Lock()
         self.running: set[int] = set()      # the queues in a run() now (set.add/discard: atomic under the GIL)
@@ -598,7 +601,7 @@ class Nvme(Controller):
                 self.irqs = device.irqs(IrqMode.MSIX, 1 + queues)
             self._enable()
             self.identity = self.identify_controller()
-            if self.identity.shadow_doorbells:
+            if shadow_doorbells and self.identity.shadow_doorbells:
                 self._configure_shadow_doorbells()
             self._create_io_queues(queues, entries, interrupts)
             if coalesce is not None:
@@ -609,13 +612,14 @@ class Nvme(Controller):
             raise
 
     @classmethod
-    def open(cls, bus: Bus, **kwargs: object) -> "Nvme":
-        """The first NVMe controller on the bus."""
-        function = next((f for f in bus.find_all(class_code=CLASS_STORAGE, subclass=SUBCLASS_NVM)
-                         if f.prog_if == PROG_IF_NVME), None)
-        if function is None:
-            raise LookupError("no NVMe controller (class 01 08 02) on the bus")
-        return cls(bus, bus.open(function, dma_size=DMA_SIZE), **kwargs)  # type: ignore[arg-type]
+    def open(cls, bus: Bus, index: int = 0, **kwargs: object) -> "Nvme":
+        """The bus's NVMe controller ``index`` (0: the first)."""
+        functions = [f for f in bus.find_all(class_code=CLASS_STORAGE, subclass=SUBCLASS_NVM)
+                     if f.prog_if == PROG_IF_NVME]
+        if len(functions) <= index:
+            raise LookupError(f"no NVMe controller (class 01 08 02) number {index} on the bus "
+                              f"({len(functions)} there)")
+        return cls(bus, bus.open(functions[index], dma_size=DMA_SIZE), **kwargs)  # type: ignore[arg-type]
 
     # ---- bring-up (7.6.1) ----
 
