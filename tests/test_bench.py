@@ -74,12 +74,15 @@ def test_bench_nvme_quick(tmp_path: Path, hwharness_accel: str) -> None:
     result = bench("nvme", hwharness_accel, tmp_path)
     assert result["benchmark"] == "nvme" and result["aio"] in ("io_uring", "threads")
     n = nvme.QUICK["count"]
-    reads = {"randread_4k_qd1_iops": n, "randread_4k_qd32_iops": n // 64 * 64,
-             "randread_4k_qd32x2_iops": n // 64 * 64, "seqread_128k_mbps": n}
-    check_paired({**result, "work": {k: v for k, v in result["work"].items() if k in reads}}, reads,
-                 "QEMU's query-blockstats rd_operations")
-    check_paired({**result, "work": {k: v for k, v in result["work"].items() if k not in reads}},
-                 {"randwrite_4k_qd32_iops": n // 64 * 64}, "QEMU's query-blockstats wr_operations")
+    for prefix in ("", "ioeventfd_"):          # the driver as machines get it, and on ioeventfds
+        reads = {f"{prefix}randread_4k_qd1_iops": n, f"{prefix}randread_4k_qd32_iops": n // 64 * 64,
+                 f"{prefix}randread_4k_qd32x2_iops": n // 64 * 64, f"{prefix}seqread_128k_mbps": n}
+        writes = {f"{prefix}randwrite_4k_qd32_iops": n // 64 * 64}
+        check_paired({**result, "work": {k: v for k, v in result["work"].items() if k in reads}}, reads,
+                     "QEMU's query-blockstats rd_operations")
+        check_paired({**result, "work": {k: v for k, v in result["work"].items() if k in writes}}, writes,
+                     "QEMU's query-blockstats wr_operations")
+    assert len(result["work"]) == 10
 
 
 def test_bench_e1000_quick(tmp_path: Path, hwharness_accel: str) -> None:
