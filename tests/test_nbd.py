@@ -23,7 +23,7 @@ from harness.machine.spec import MachineSpec
 from harness.services.disk import DiskService
 from harness.services.nbd import REQUEST, Cmd, Errno, NbdClient, NbdError
 from tests.test_ahci import attach
-from tests.test_nvme import namespaces, raw
+from tests.test_nvme import raw
 from tests.unit.test_nbd import negotiated, read_reply, request, run_tool
 
 pytestmark = pytest.mark.qemu
@@ -36,7 +36,11 @@ GUARD = 600.0
 
 
 def machine_with(controller: str, image: Path) -> Callable[[MachineSpec], None]:
-    return attach(image) if controller == "ahci" else namespaces(raw(image))
+    """The disk as ``hwharness serve disk`` has it: NVMe with QEMU's ioeventfds, which a
+    restarted driver takes anew."""
+    if controller == "ahci":
+        return attach(image)
+    return lambda spec: spec.nvme([raw(image)], ioeventfd="on")
 
 
 @pytest.fixture

@@ -99,7 +99,7 @@ def exported(server: str, image: Path, accel: str, iommu: bool | None, directory
         return
     with contextlib.ExitStack() as stack:
         pm, _ = (ahci.machine(stack, accel, image, iommu, name="bench-serve-ahci") if server == "ahci"
-                 else nvme.machine(stack, accel, [image], iommu))
+                 else nvme.machine(stack, accel, [image], iommu, ioeventfd=[True]))   # as serve disk has it
         service = stack.enter_context(DiskService(pm, server, nbd=f"unix:{path}"))
         next(service.starts(timeout=SERVE_TIMEOUT_S))
         yield service.uri

