@@ -66,6 +66,7 @@ import bisect
 import enum
 import errno
 import logging
+import os
 import selectors
 import socket
 import struct
@@ -182,6 +183,13 @@ FUA = int(CmdFlag.FUA)                  # a plain int: an IntFlag's & runs in Py
 TURN_REQUESTS = 512
 TURN_BYTES = 8 << 20
 TICK = 0.05                             # the longest the loop waits without calling beat()
+# After it answers, the server looks for its clients' next request this long (yielding the
+# core each time) before it sleeps in the kernel: a client that sends one request at a time
+# (a Linux machine's QD1 reads) finds it up instead of paying its wake-up. A Linux client's
+# 4 KiB QD1 reads through the NVMe export, three alternated rounds: 2,374 IOPS without,
+# 2,812 with 0.2 ms, 2,943 with 0.5 ms, 2,751 with 2 ms (the spin then takes the core the
+# client's side wants).
+ANSWERED_SPIN = 0.5e-3
 # The most device work between two beats in a turn: also the most one read_many or write_many
 # call is given, so it bounds the DMA memory a device stages a batch in.
 BEAT_BYTES = 4 << 20
@@ -410,6 +418,7 @@ class NbdServer:
         self._unanswered = 0                # the first of them not answered yet
         self._selector: selectors.BaseSelector | None = None
         self._pace = _Pace()
+        self._answered_at = 0.0             # when the last turn's answers went out
 
     def serve_forever(self) -> None:
         """Serve until the process is killed (or the device raises an error not in request_errors)."""
@@ -433,8 +442,7 @@ class NbdServer:
 
     def _turn(self) -> None:
         ready = any(self._has_request(c) for c in self.connections)   # then look, but do not wait
-        assert self._selector is not None
-        for key, events in self._selector.select(0 if ready else TICK):
+        for key, events in self._events(ready):
             if key.fileobj is self.listener:
                 self._accept()
                 continue
@@ -450,7 +458,8 @@ class NbdServer:
             left = batch[self._unanswered:]
             self._answer(left, [request.reply for request in left])
             self._batch = []
-            if self.stay_awake is not None and self._pace.idle(time.perf_counter()):
+            self._answered_at = time.perf_counter()
+            if self.stay_awake is not None and self._pace.idle(self._answered_at):
                 self.stay_awake()
         for connection in list(self.connections):
             if connection.outbox:
@@ -460,6 +469,22 @@ class NbdServer:
                     self._close(connection)
                 else:
                     self._watch(connection)
+
+    def _events(self, ready: bool) -> list[tuple[selectors.SelectorKey, int]]:
+        """What the sockets have: a look if requests are already waiting, else a wait of up to
+        TICK, spun (ANSWERED_SPIN) rather than slept right after an answer."""
+        selector = self._selector
+        assert selector is not None
+        found = selector.select(0)
+        if found or ready:
+            return found
+        spin_until = self._answered_at + ANSWERED_SPIN
+        while time.perf_counter() < spin_until:
+            os.sched_yield()
+            found = selector.select(0)
+            if found:
+                return found
+        return selector.select(TICK)
 
     def _watch(self, connection: _Connection) -> None:
         assert self._selector is not None
