@@ -7,7 +7,7 @@ entries and reads completion entries itself, at host speed. The doorbells
 round) go one of two ways:
 
 - Through QEMU's ioeventfds, where the controller has shadow doorbells and
-  QEMU's ``nvme`` has ``ioeventfd=on`` (MachineSpec.nvme's default): the value
+  QEMU's ``nvme`` has ``ioeventfd=on`` (``spec.nvme(..., ioeventfd="on")``): the value
   goes into the shadow doorbell page, and a write(2) on the doorbell's eventfd,
   taken from QEMU when the queue was created (harness.machine.ioeventfd), wakes
   QEMU's main loop to read it. The guest carries nothing and its vCPU may stay
@@ -54,6 +54,7 @@ CLASS_STORAGE, SUBCLASS_NVM, PROG_IF_NVME = 0x01, 0x08, 0x02
 DMA_SIZE = 16 << 20                 # the controller's DMA domain: its queues, PRP lists, callers' buffers
 ADMIN_ENTRIES = 32
 IO_ENTRIES = 64                     # per I/O queue: 63 commands in flight
+MAX_QUEUES = 16                     # I/O queue pairs a controller here gets at most
 PRP_LIST_ENTRIES = PAGE // 8        # one list page per command identifier
 MAX_TRANSFER = PRP_LIST_ENTRIES * PAGE      # so one command moves 2 MiB at most
 COMMAND_TIMEOUT = 5.0               # seconds a command may take
@@ -71,7 +72,13 @@ NAP_SLACK_NS = 1000                 # a thread that naps beside another's keeps 
                                     # kernel's 50 us default would make each 20 us nap 70)
 PR_SET_TIMERSLACK = 29
 _libc = ctypes.CDLL(None, use_errno=True)
-_slack_set = threading.local()
+_slack_set = threading.local()          # per thread, as the slack is; kept once set
+_in_runs: set[int] = set()              # the threads in a QueuePair.run, every controller's: one GIL
+
+
+def _alone() -> bool:
+    """Whether this thread is the only one in a queue's run (no other wants the GIL for one)."""
+    return len(_in_runs) <= 1
 
 
 @dataclass(frozen=True)
@@ -279,7 +286,7 @@ class QueuePair:
                 # One command in flight finishes within a nap's own lateness on a quiet machine
                 # (QD1 lost 15 % to naps there): only a queue that holds several naps. With
                 # ioeventfds no vCPU needs the core, so a queue alone spins instead.
-                nap = in_flight > 1 and (self.eventfds is None or not self._alone())
+                nap = in_flight > 1 and (self.eventfds is None or not _alone())
                 self._rung_at = time.perf_counter() if nap else None
             else:
                 self._ring()
@@ -320,6 +327,7 @@ class QueuePair:
         """Until the next completion entry is the controller's: spin, then guest-side waits (with
         QEMU's ioeventfds, short naps: the guest has nothing to do with it); or the vector."""
         channel = self.controller.dev.channel
+        spun = False                    # with ioeventfds: a queue spins once, then naps
         while not self._cqe_pending():
             if self.irq is None:
                 if self.eventfds is None:
@@ -327,10 +335,9 @@ class QueuePair:
                         self._guest_wait()
                 # A spinning thread keeps the GIL from another queue's thread for the interpreter's
                 # switch interval (5 ms): beside one, naps only
-                elif self._alone():
-                    if not spin_until(self._cqe_pending, HOST_SPIN):
-                        time.sleep(HOST_NAP)
-                        channel.check_alive()
+                elif not spun and _alone():
+                    spun = True
+                    spin_until(self._cqe_pending, HOST_SPIN)
                 else:
                     if not getattr(_slack_set, "done", False):
                         _libc.prctl(PR_SET_TIMERSLACK, NAP_SLACK_NS, 0, 0, 0)
@@ -344,10 +351,6 @@ class QueuePair:
                     pass
             if deadline.expired and not self._cqe_pending():
                 raise DeviceTimeout(f"a completion on queue {self.qid}", 0, 0)
-
-    def _alone(self) -> bool:
-        """Whether this queue is the only one in a run (no other thread wants the GIL for one)."""
-        return len(self.controller.running) == 1
 
     # ---- what the controller and namespaces use ----
 
@@ -366,6 +369,7 @@ class QueuePair:
         flight = InFlight(self, commands, min(depth or self.depth, self.depth), on_done)
         running = self.controller.running
         running.add(self.qid)
+        _in_runs.add(threading.get_ident())
         try:
             while flight.left:
                 # One round: what has room goes to the controller; the next commands' entries
@@ -374,7 +378,7 @@ class QueuePair:
                 # emulation works in bursts, and would otherwise idle through the bookkeeping.
                 flight.prepare(flight.depth - flight.in_flight - len(flight.prepared))
                 self._tell(flight.release(0), flight.in_flight)
-                if len(running) == 1:
+                if _alone():
                     # Alone: write ahead. Beside another queue's run it would hold the GIL
                     # while that thread's doorbell waits (two queue pairs at QD32: 0.88x).
                     flight.prepare(len(flight.free))
@@ -395,6 +399,7 @@ class QueuePair:
             raise
         finally:
             running.discard(self.qid)
+            _in_runs.discard(threading.get_ident())
         return flight.results
 
     def execute(self, command: Command, timeout: float = COMMAND_TIMEOUT) -> int:
@@ -592,7 +597,7 @@ class Nvme(Controller):
         self.page = cap_mpsmin(self.cap)
         if self.page != PAGE:
             raise NvmeError("controller setup", None, None, detail=f"needs {PAGE}-byte pages, not {self.page}")
-        most = 3 if interrupts else 16      # with interrupts: the admin queue's vector and one each
+        most = 3 if interrupts else MAX_QUEUES     # with interrupts: the admin queue's vector and one each
         if not 1 <= queues <= most or not 2 <= entries <= cap_mqes(self.cap):
             raise ValueError(f"1 to {most} I/O queues of 2 to {cap_mqes(self.cap)} entries, not {queues} of {entries}")
         device.enable_decoding()
@@ -662,14 +667,19 @@ class Nvme(Controller):
         is created, which the driver takes (``_create_io_queues``). A controller that
         refuses the command keeps plain doorbells."""
         assert self.admin is not None
+        if (2 * MAX_QUEUES + 2) * self.doorbell_stride > PAGE:
+            log.info("no shadow doorbells: a stride of %d bytes needs more than a page", self.doorbell_stride)
+            return
         shadow, indices = self.dev.dma_alloc(PAGE), self.dev.dma_alloc(PAGE)
         try:
             self.admin.execute(Command(Admin.DOORBELL_BUFFER_CONFIG, pages=[shadow.phys, indices.phys],
                                        name="DOORBELL BUFFER CONFIG"))
-        except NvmeError as exc:
-            log.info("no shadow doorbells: %s", exc)
+        except BaseException as exc:
             self.dev.dma_free(shadow)
             self.dev.dma_free(indices)
+            if not isinstance(exc, NvmeError):
+                raise
+            log.info("no shadow doorbells: %s", exc)
             return
         self.shadow, self._event_indices = shadow, indices
         self.shadow_words = shadow.view.cast("I")
@@ -693,9 +703,14 @@ class Nvme(Controller):
                 qp.free()
                 raise
             self.queues.append(qp)          # from here on close() deletes it
-            with self.dev.new_eventfds(1 if watch else 0) as tail_fds:
-                self.admin.execute(Command(Admin.CREATE_IO_SQ, pages=[qp.sq.phys], cdw10=size,
-                                           cdw11=qid << 16 | SQ_PC, name=f"CREATE I/O SQ {qid}"))
+            try:
+                with self.dev.new_eventfds(1 if watch else 0) as tail_fds:
+                    self.admin.execute(Command(Admin.CREATE_IO_SQ, pages=[qp.sq.phys], cdw10=size,
+                                               cdw11=qid << 16 | SQ_PC, name=f"CREATE I/O SQ {qid}"))
+            except BaseException:
+                for fd in head_fds:
+                    os.close(fd)
+                raise
             if head_fds and tail_fds:
                 qp.eventfds = (head_fds[0], tail_fds[0])
             else:

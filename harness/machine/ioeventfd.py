@@ -12,8 +12,9 @@ and no vCPU that must be awake to carry it.
 
 QEMU does not say which eventfd is which register. A device makes its eventfds
 when its driver asks for them (NVMe: a queue created), so the driver watches
-QEMU's descriptor table across that request (:func:`new_eventfds`); where it
-finds other than it expected it rings through the proxy as before.
+QEMU's descriptor table across that request (:func:`new_eventfds`), one watcher
+at a time per QEMU (drivers in other processes wait their turn); where it finds
+other than it expected it rings through the proxy as before.
 
 Taking a descriptor needs ptrace rights over QEMU, as any process of QEMU's
 own user has where Yama does not restrict it (or as root).
@@ -25,12 +26,15 @@ import contextlib
 import ctypes
 import logging
 import os
+import socket
+import time
 from typing import Iterator
 
 log = logging.getLogger(__name__)
 
 SYS_PIDFD_GETFD = 438           # the same number on every architecture (Linux 5.6)
 EVENTFD_LINK = "anon_inode:[eventfd]"
+WATCH_WAIT = 10.0               # seconds a watcher waits for another process's watch to end
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -69,19 +73,23 @@ def new_eventfds(pid: int | None, expected: int) -> Iterator[list[int]]:
     if not expected or not pid:
         yield found
         return
-    try:
-        before: set[int] | None = eventfds(pid)
-    except OSError as exc:
-        log.info("QEMU's descriptors cannot be read (%s): no ioeventfds", exc)
-        before = None
-    yield found
-    if before is None:
+    with _watching(pid):
+        try:
+            before = eventfds(pid)
+        except OSError as exc:
+            log.info("QEMU's descriptors cannot be read (%s): no ioeventfds", exc)
+            yield found
+            return
+        yield found
+        try:
+            new = sorted(eventfds(pid) - before)
+        except OSError as exc:
+            log.info("QEMU's descriptors cannot be read (%s): no ioeventfds", exc)
+            return
+    if len(new) != expected:
+        log.info("QEMU opened %d eventfds, not %d: no ioeventfds", len(new), expected)
         return
     try:
-        new = sorted(eventfds(pid) - before)
-        if len(new) != expected:
-            log.info("QEMU opened %d eventfds, not %d: no ioeventfds", len(new), expected)
-            return
         for fd in new:
             found.append(take(pid, fd))
     except OSError as exc:
@@ -89,3 +97,24 @@ def new_eventfds(pid: int | None, expected: int) -> Iterator[list[int]]:
         for fd in found:
             os.close(fd)
         found.clear()
+
+
+@contextlib.contextmanager
+def _watching(pid: int) -> Iterator[None]:
+    """Hold the watch over QEMU ``pid``'s descriptors: a name in the abstract Unix socket
+    namespace, which one socket at a time may bind and which goes with its process, so a
+    killed driver leaves nothing to clean up."""
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    deadline = time.monotonic() + WATCH_WAIT
+    try:
+        while True:
+            try:
+                lock.bind(f"\0hwharness-ioeventfd-watch-{pid}")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.001)
+        yield
+    finally:
+        lock.close()
