@@ -375,7 +375,7 @@ def test_with_ioeventfds_on_the_io_queues_ring_qemus_own_eventfds(
     noise = tmp_path / "random.img"
     noise.write_bytes(random.Random(11).randbytes(SMALL))
     pm = proxy_machine_factory(lambda spec: spec.nvme([raw(noise)], ioeventfd="on"), name="nvme-ioeventfd")
-    controller = Nvme.open(pm.bus, queues=2)
+    controller = Nvme.open(pm.bus, queues=2, ioeventfds=True)
     try:
         assert controller.shadow is not None
         for queue in controller.queues:
@@ -395,11 +395,23 @@ def test_with_ioeventfds_on_the_io_queues_ring_qemus_own_eventfds(
         controller.close()
 
 
-def test_by_default_the_guest_rings_and_the_shadows_carry_the_values(machine, nvme) -> None:
-    """Without ioeventfds (QEMU's default) the doorbells go through the guest, with shadow
-    doorbells configured all the same: the module's other tests run that way."""
-    assert nvme.shadow is not None and all(queue.eventfds is None for queue in nvme.queues)
-    assert nvme.namespaces()[1].read(0, 1) == machine[2].read_bytes()[:512]
+def test_by_default_the_doorbells_are_register_writes_the_guest_carries(machine, nvme) -> None:
+    assert nvme.shadow is None and all(queue.eventfds is None for queue in nvme.queues)
+
+
+def test_asked_for_ioeventfds_where_qemu_has_none_the_guest_rings_with_the_shadows_set(
+        machine, rng: random.Random) -> None:
+    pm, fat, noise = machine
+    controller = Nvme.open(pm.bus, queues=1, ioeventfds=True)
+    try:
+        assert controller.shadow is not None and controller.queues[0].eventfds is None
+        data, ns = noise.read_bytes(), controller.namespaces()[1]
+        requests = [(rng.randrange(SMALL // 512 - 8), rng.randint(1, 8)) for _ in range(scaled(pm, 300))]
+        assert ns.read_queued(requests, depth=32) == [data[lba * 512:(lba + n) * 512] for lba, n in requests]
+        assert [ns.read(lba, n) for lba, n in requests[:20]] == [data[lba * 512:(lba + n) * 512]
+                                                                  for lba, n in requests[:20]]
+    finally:
+        controller.close()
 
 
 def blockstats(pm: ProxyMachine, drive: str) -> int:

@@ -100,9 +100,9 @@ class MachineSpec:
         """An NVMe controller with one ``nvme-ns`` per entry of ``namespaces`` (each the
         ``-drive`` properties of its image, e.g. ``{"file": path, "format": "raw"}``), NSIDs 1, 2, ...
         With ``ioeventfd="on"`` the I/O queues' doorbells become QEMU ioeventfds once the
-        driver configures shadow doorbells, and the driver rings them itself, without the
-        guest (harness.machine.ioeventfd): queued I/O goes faster, one command at a time
-        slower (docs/drivers.md has the figures)."""
+        driver configures shadow doorbells, and a driver opened with ``ioeventfds=True``
+        rings them itself, without the guest (harness.machine.ioeventfd): queued I/O goes
+        faster, one command at a time slower (docs/drivers.md has the figures)."""
         self.device("nvme", id=id, serial=serial, **props)
         for nsid, drive in enumerate(namespaces, 1):
             self.drive(id=f"{id}-ns{nsid}", **{"if": "none", **drive})

@@ -180,7 +180,8 @@ def open_controller(bus: Bus, controller: Controller, function: PciFunction):  #
     from drivers.nvme.pci import DMA_SIZE as NVME_DMA_SIZE
     device = bus.open(function, dma_size=NVME_DMA_SIZE)
     mark("opened")
-    return Nvme(bus, device), (NvmeError,)
+    # where the machine gives the controller ioeventfds (serve disk's does), the driver rings them
+    return Nvme(bus, device, ioeventfds=True), (NvmeError,)
 
 
 def serve_disk(bus: Bus, listener: socket.socket, beat: Callable[[], None] | None = None,
