@@ -31,7 +31,6 @@ a queue only naps, with a fine timer slack.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import struct
@@ -41,7 +40,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from harness.access import Access, Bus, Deadline, Device, DmaBuffer, Irq, IrqMode, Kind, Space, spin_until
+from harness.access import (Access, Bus, Deadline, Device, DmaBuffer, Irq, IrqMode, Kind, Space, spin_until,
+                            timer_slack)
 from harness.errors import DeviceTimeout, InterruptTimeout
 
 from .core import Coalescing, Command, Controller, NvmeError, failure
@@ -68,12 +68,8 @@ GUEST_WAIT = 100e-6                 # one guest-side wait for a completion: shor
                                     # the device's channel take turns
 # With QEMU's ioeventfds the guest carries nothing: Python waits for completions on the host alone
 HOST_SPIN = 1e-3                    # a queue alone spins this long (yielding) before it naps
-HOST_NAP = 20e-6                    # a nap: short, and beside another queue's thread the only wait
-NAP_SLACK_NS = 1000                 # a thread that naps beside another's keeps this timer slack (the
-                                    # kernel's 50 us default would make each 20 us nap 70)
-PR_SET_TIMERSLACK = 29
-_libc = ctypes.CDLL(None, use_errno=True)
-_slack_set = threading.local()          # per thread, as the slack is; kept once set
+HOST_NAP = 20e-6                    # a nap (with a fine timer slack): short, and beside another
+                                    # queue's thread the only wait
 _in_runs: set[int] = set()              # the threads in a QueuePair.run, every controller's: one GIL
 
 
@@ -150,7 +146,8 @@ class QueuePair:
         self._bounce: DmaBuffer | None = None
         self.expected = 0.0             # seconds from a doorbell batch to the next completion, as learned
         self._rung_at: float | None = None     # when the doorbells were posted, if not yet waited on
-        self._shadow = controller.shadow_words     # u32s, the doorbells' layout; None without shadows
+        shadow = controller.shadow              # u32s in the doorbells' layout; None without shadows
+        self._shadow = shadow.view.cast("I") if shadow is not None else None
         self._shadow_head = (cq_head_doorbell(qid, stride) - DOORBELL_BASE) // 4
         self._shadow_tail = (sq_tail_doorbell(qid, stride) - DOORBELL_BASE) // 4
         self.eventfds: tuple[int, int] | None = None   # QEMU's (completion head, submission tail) ioeventfds
@@ -340,10 +337,8 @@ class QueuePair:
                     spun = True
                     spin_until(self._cqe_pending, HOST_SPIN)
                 else:
-                    if not getattr(_slack_set, "done", False):
-                        _libc.prctl(PR_SET_TIMERSLACK, NAP_SLACK_NS, 0, 0, 0)
-                        _slack_set.done = True
-                    time.sleep(HOST_NAP)
+                    with timer_slack():
+                        time.sleep(HOST_NAP)
                     channel.check_alive()
             else:
                 try:
@@ -368,8 +363,6 @@ class QueuePair:
         if depth is not None and depth < 1:
             raise ValueError(f"a queue depth is at least 1, not {depth}")
         flight = InFlight(self, commands, min(depth or self.depth, self.depth), on_done)
-        running = self.controller.running
-        running.add(self.qid)
         _in_runs.add(threading.get_ident())
         try:
             while flight.left:
@@ -399,7 +392,6 @@ class QueuePair:
                 flight.drain(timeout)
             raise
         finally:
-            running.discard(self.qid)
             _in_runs.discard(threading.get_ident())
         return flight.results
 
@@ -589,12 +581,10 @@ class Nvme(Controller):
                  ioeventfds: bool = False) -> None:
         self.bus, self.dev, self.regs = bus, device, device.bar(0)
         self.doorbell_lock = threading.Lock()
-        self.running: set[int] = set()      # the queues in a run() now (set.add/discard: atomic under the GIL)
         self.queues: list[QueuePair] = []
         self.irqs: list[Irq] = []
         self.admin: QueuePair | None = None
         self.shadow: DmaBuffer | None = None        # the shadow doorbells, once configured
-        self.shadow_words: memoryview | None = None
         self._event_indices: DmaBuffer | None = None
         self.cap = self.regs.read64(Reg.CAP)
         self.timeout = max(cap_timeout(self.cap), 0.5)
@@ -687,7 +677,6 @@ class Nvme(Controller):
             log.info("no shadow doorbells: %s", exc)
             return
         self.shadow, self._event_indices = shadow, indices
-        self.shadow_words = shadow.view.cast("I")
 
     def _create_io_queues(self, count: int, entries: int, interrupts: bool) -> None:
         """Create I/O Completion Queue, then Submission Queue (5.3, 5.4), for each pair; with
@@ -744,7 +733,7 @@ class Nvme(Controller):
             for buf in (self.shadow, self._event_indices):
                 if buf is not None:
                     self.dev.dma_free(buf)
-            self.shadow = self.shadow_words = self._event_indices = None
+            self.shadow = self._event_indices = None
             for irq in self.irqs:
                 irq.close()
             self.dev.close()

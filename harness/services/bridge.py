@@ -24,15 +24,13 @@ TCP retransmits what was lost in the rings.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import mmap
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..access import Bus, PciFunction
+from ..access import NAP_SLACK_NS, Bus, PciFunction, timer_slack
 from ..machine import MachineSpec
 from ..machine.linux import wire_netdev
 
@@ -46,8 +44,6 @@ DOMAIN_SIZE = 4 << 20
 POOL_BUFFERS = 1280                                 # 2 x 256 receive + 2 x 255 in flight + slack
 BATCH = 64                                          # frames taken from a ring at a time
 IDLE_MIN, IDLE_MAX = 50e-6, 1e-3                    # seconds an idle round sleeps, growing
-NAP_SLACK_NS = 1000                                 # the loop's timer slack while it runs (Linux's default: 50 us)
-PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30       # prctl(2)
 RESTATE_ROUNDS = 64                                 # idle rounds between restating the receive tails
 STATS_SECONDS = 0.25                                # how often the NICs' miss counters are read
 
@@ -212,19 +208,6 @@ class Bridge:
             self.lan.close()
         finally:
             self.wan.close()
-
-
-@contextlib.contextmanager
-def timer_slack(nanoseconds: int) -> Iterator[None]:
-    """This thread's timer slack (how late the kernel may end its sleeps) for a ``with``."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    before = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0)
-    if before < 0 or prctl(PR_SET_TIMERSLACK, nanoseconds, 0, 0, 0) < 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_TIMERSLACK) failed")
-    try:
-        yield
-    finally:
-        prctl(PR_SET_TIMERSLACK, before, 0, 0, 0)
 
 
 def forward(bus: Bus, wan_function: PciFunction, lan_function: PciFunction, counters: Counters,

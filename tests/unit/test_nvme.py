@@ -33,7 +33,7 @@ class FakeController:
         # with shadow doorbells (as QEMU after Doorbell Buffer Config) an I/O queue's doorbell
         # value is read from the shadow page, whatever was written to the register
         shadow_page = self.dma.dma_alloc(4096) if shadow else None
-        self.shadow_words = shadow_page.view.cast("I") if shadow_page else None
+        self.shadow_words = shadow_page.view.cast("I") if shadow_page else None    # what the fake reads
         self.channel = FakeMmio(self._doorbell, self.dma)
         self.regs = Region(self.channel, Space.MMIO, BAR, 0x4000)
         self.status_of = status_of
@@ -43,7 +43,7 @@ class FakeController:
         self.phase = 1
         self.heads: list[int] = []
         controller = SimpleNamespace(regs=self.regs, doorbell_stride=STRIDE, doorbell_lock=threading.Lock(),
-                                     running=set(), shadow=shadow_page, shadow_words=self.shadow_words,
+                                     shadow=shadow_page,
                                      dev=SimpleNamespace(channel=self.channel, dma_alloc=self.dma.dma_alloc,
                                                          dma_free=self.dma.dma_free))
         self.qp = QueuePair(controller, 1, entries, None)     # type: ignore[arg-type]
