@@ -259,6 +259,10 @@ class Controller:
         if kept != setting:
             raise NvmeError(f"SET {name}", None, None, detail=f"set {setting}, the controller reports {kept}")
 
+    def run_spread(self, queues: Sequence[Queue], commands: Sequence[Command], depth: int | None = None) -> list[int]:
+        """Command i on ``queues[i % len(queues)]``, from one thread: the transport's to say how."""
+        raise NotImplementedError(f"{type(self).__name__} cannot spread commands over queues")
+
     def scan_namespaces(self) -> list["Namespace"]:
         """Every active namespace (5.15.2.3, up to 1024), identified, on the first I/O queue."""
         ids = struct.unpack("<1024I", self.identify(Cns.ACTIVE_NAMESPACES))
@@ -401,18 +405,29 @@ class Namespace:
         finally:
             dev.dma_free(buf)
 
-    def read_queued_into(self, requests: Sequence[tuple[int, DmaBuffer]], depth: int | None = None) -> None:
+    def read_queued_into(self, requests: Sequence[tuple[int, DmaBuffer]], depth: int | None = None,
+                         queues: Sequence[Queue] = ()) -> None:
         """Reads of (lba, buffer), up to ``depth`` in flight (default: the queue's). A failed
-        read raises NvmeError after the others have completed; ``failed`` names it."""
-        self.queue.run(self._queue_of(Nvm.READ, requests), depth)
+        read raises NvmeError after the others have completed; ``failed`` names it. With
+        ``queues``, request i goes on ``queues[i % len(queues)]``, ``depth`` in flight on
+        each, all driven from this thread (the controller's ``run_spread``)."""
+        self._run_queued(self._queue_of(Nvm.READ, requests), depth, queues)
 
-    def write_queued_from(self, requests: Sequence[tuple[int, DmaBuffer]], depth: int | None = None) -> None:
-        """Writes of (lba, buffer), queued. They may reach the medium in any order: overlaps are refused."""
+    def write_queued_from(self, requests: Sequence[tuple[int, DmaBuffer]], depth: int | None = None,
+                          queues: Sequence[Queue] = ()) -> None:
+        """Writes of (lba, buffer), queued (``queues`` as for reads). They may reach the medium
+        in any order: overlaps are refused."""
         commands = self._queue_of(Nvm.WRITE, requests)
         spans = sorted((lba, lba + b.size // self.sector_size) for lba, b in requests)
         if any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])):
             raise ValueError("queued writes overlap: the device may apply them in any order")
-        self.queue.run(commands, depth)
+        self._run_queued(commands, depth, queues)
+
+    def _run_queued(self, commands: Sequence[Command], depth: int | None, queues: Sequence[Queue]) -> None:
+        if queues:
+            self.controller.run_spread(queues, commands, depth)
+        else:
+            self.queue.run(commands, depth)
 
     def read_queued(self, requests: Sequence[tuple[int, int]], depth: int | None = None) -> list[bytes]:
         """Queued reads of (lba, blocks), through buffers of the driver's; the data in request order."""

@@ -395,6 +395,31 @@ class QueuePair:
             _in_runs.discard(threading.get_ident())
         return flight.results
 
+    @staticmethod
+    def wait_any(queues: Sequence["QueuePair"], deadline: Deadline) -> None:
+        """Until one of ``queues`` (of one controller, polled, each with commands in flight)
+        has a completion: as :meth:`_spin_wait`, over them all; the guest-side wait, where
+        one is needed, watches the first queue's next entry (it returns within GUEST_WAIT)."""
+        first = queues[0]
+        for queue in queues:
+            queue._rung_at = None       # the naps' expectation is one queue's: not learned here
+        pending = lambda: any(queue._cqe_pending() for queue in queues)  # noqa: E731
+        channel = first.controller.dev.channel
+        spun = False
+        while not pending():
+            if first.eventfds is None:
+                if not spin_until(pending, channel.spin):
+                    first._guest_wait()
+            elif not spun and _alone():
+                spun = True
+                spin_until(pending, HOST_SPIN)
+            else:
+                with timer_slack():
+                    time.sleep(HOST_NAP)
+                channel.check_alive()
+            if deadline.expired and not pending():
+                raise DeviceTimeout(f"a completion on queues {[queue.qid for queue in queues]}", 0, 0)
+
     def execute(self, command: Command, timeout: float = COMMAND_TIMEOUT) -> int:
         """One command exactly as given, unchecked (the device judges it); its result dword."""
         return self.run([command], timeout=timeout)[0]
@@ -710,6 +735,66 @@ class Nvme(Controller):
             else:
                 for fd in head_fds + tail_fds:
                     os.close(fd)
+
+    def run_spread(self, queues: Sequence[QueuePair], commands: Sequence[Command], depth: int | None = None,
+                   timeout: float = COMMAND_TIMEOUT) -> list[int]:
+        """Every command, command i on ``queues[i % len(queues)]``, each queue keeping up to
+        ``depth`` in flight, all driven from this thread in turns (as one CPU drives several
+        queues; threads would hand the GIL back and forth); each command's result dword.
+        Failures and timeouts as in :meth:`QueuePair.run`, indexed over ``commands``.
+        Polled queues only: a queue with a vector waits for it in its own thread."""
+        count = len(queues)
+        if count == 1:
+            return queues[0].run(commands, depth, timeout=timeout)
+        if count == 0 or len({queue.qid for queue in queues}) < count or any(
+                queue.controller is not self or queue.irq is not None for queue in queues):
+            raise ValueError("run_spread takes distinct polled queue pairs of this controller")
+        if depth is not None and depth < 1:
+            raise ValueError(f"a queue depth is at least 1, not {depth}")
+        for queue in queues:
+            if queue.broken:
+                raise NvmeError(f"queue {queue.qid}", None, None, detail="an earlier command never completed")
+        flights = [InFlight(queue, commands[k::count], min(depth or queue.depth, queue.depth), None)
+                   for k, queue in enumerate(queues)]
+        _in_runs.add(threading.get_ident())
+        try:
+            while any(flight.left for flight in flights):
+                # Each round as QueuePair.run's, every queue in turn: its room filled and rung,
+                # the next entries written ahead, one wait for any completion, then each queue's
+                # released and reaped
+                for flight in flights:
+                    if flight.left:
+                        flight.prepare(flight.depth - flight.in_flight - len(flight.prepared))
+                        flight.queue._tell(flight.release(0), flight.in_flight)
+                if _alone():
+                    for flight in flights:
+                        flight.prepare(len(flight.free))
+                busy = [flight for flight in flights if flight.in_flight]
+                try:
+                    QueuePair.wait_any([flight.queue for flight in busy], Deadline(timeout))
+                except DeviceTimeout:
+                    for flight in busy:
+                        flight.queue.broken = True
+                    raise busy[0].timed_out(timeout) from None
+                for flight in busy:
+                    queue = flight.queue
+                    if flight.prepared:
+                        queue._tell(flight.release(queue._cqes_pending(flight.in_flight)), flight.in_flight)
+                    flight.reap()
+            failed = sorted(index * count + k for k, flight in enumerate(flights) for index, _ in flight.failures)
+            if failed:
+                k, index = failed[0] % count, failed[0] // count
+                status = next(status for i, status in flights[k].failures if i == index)
+                raise failure(commands[failed[0]], status, failed, of=len(commands))
+        except BaseException:
+            for flight in flights:
+                flight.unprepare()
+                if not flight.queue.broken and flight.pending():
+                    flight.drain(timeout)
+            raise
+        finally:
+            _in_runs.discard(threading.get_ident())
+        return [flights[i % count].results[i // count] for i in range(len(commands))]
 
     def close(self) -> None:
         """Delete the I/O queues, shut the controller down (7.6.2), give everything back."""
