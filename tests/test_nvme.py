@@ -115,6 +115,27 @@ def test_random_reads_across_two_queue_pairs_return_the_images_bytes(machine, nv
     assert nvme.queues[0].submitted and nvme.queues[1].submitted
 
 
+def test_reads_spread_over_two_queue_pairs_from_one_thread_return_the_images_bytes(
+        machine, nvme, rng: random.Random) -> None:
+    pm, _, noise = machine
+    image = noise.read_bytes()
+    ns = nvme.namespaces()[1]
+    count = scaled(pm, 300)
+    requests = [(8 * block, nvme.dev.dma_alloc(4096)) for block in rng.sample(range(SMALL // 4096), count)]
+    before = [queue.submitted for queue in nvme.queues]
+    try:
+        ns.read_queued_into(requests, depth=32, queues=nvme.queues)
+        for i, (lba, buffer) in enumerate(requests):
+            assert bytes(buffer.view) == image[lba * 512:lba * 512 + 4096], f"request {i} at {lba}"
+    finally:
+        for _, buffer in requests:
+            nvme.dev.dma_free(buffer)
+    # request i on queue i % 2
+    assert [queue.submitted - b for queue, b in zip(nvme.queues, before)] == [(count + 1) // 2, count // 2]
+    with pytest.raises(ValueError):                 # the admin queue is no I/O queue pair
+        nvme.run_spread([nvme.queues[0], nvme.admin], [Command(Nvm.FLUSH, 1)] * 2)
+
+
 def test_fat_listed_and_read_as_mtools_sees_it(machine, nvme) -> None:
     fat = DriverFatFS(nvme.namespaces()[0], read_only=True)
     try:
@@ -305,7 +326,7 @@ def test_an_error_injected_block_fails_its_own_read_and_no_other(
              "file.image.filename": str(image), "file.inject-error.0.event": "read_aio",
              "file.inject-error.0.sector": bad, "file.inject-error.0.errno": 5}
     pm = proxy_machine_factory(namespaces(drive), name="nvme-bad-block")
-    nvme = Nvme.open(pm.bus)
+    nvme = Nvme.open(pm.bus, queues=2)
     try:
         ns = nvme.namespaces()[0]
         requests = [(lba, nvme.dev.dma_alloc(4096)) for lba in rng.sample(range(0, 16_000, 8), 40)
@@ -322,6 +343,16 @@ def test_an_error_injected_block_fails_its_own_read_and_no_other(
             if i != victim:
                 assert bytes(buffer.view) == data[lba * 512:lba * 512 + 4096], f"request {i} at {lba}"
         assert ns.read(0, 8) == data[:4096], "the queue still reads"
+        for _, buffer in requests:
+            buffer.view[:] = bytes(buffer.size)
+        with pytest.raises(NvmeError) as failed:    # spread over two queue pairs: indexed the same
+            ns.read_queued_into(requests, depth=32, queues=nvme.queues)
+        assert failed.value.failed == [victim] and failed.value.lba == bad - 3
+        for i, (lba, buffer) in enumerate(requests):
+            if i != victim:
+                assert bytes(buffer.view) == data[lba * 512:lba * 512 + 4096], f"spread request {i} at {lba}"
+        assert ns.read(0, 8) == data[:4096], "both queues still read"
+        ns.read_queued_into(requests[:victim] + requests[victim + 1:], queues=nvme.queues)
         for _, buffer in requests:
             nvme.dev.dma_free(buffer)
     finally:

@@ -744,11 +744,11 @@ class Nvme(Controller):
         Failures and timeouts as in :meth:`QueuePair.run`, indexed over ``commands``.
         Polled queues only: a queue with a vector waits for it in its own thread."""
         count = len(queues)
-        if count == 1:
+        if count == 1 and queues[0] in self.queues:
             return queues[0].run(commands, depth, timeout=timeout)
-        if count == 0 or len({queue.qid for queue in queues}) < count or any(
-                queue.controller is not self or queue.irq is not None for queue in queues):
-            raise ValueError("run_spread takes distinct polled queue pairs of this controller")
+        if count == 0 or len({id(queue) for queue in queues}) < count or any(
+                queue not in self.queues or queue.irq is not None for queue in queues):
+            raise ValueError("run_spread takes distinct polled I/O queue pairs of this controller")
         if depth is not None and depth < 1:
             raise ValueError(f"a queue depth is at least 1, not {depth}")
         for queue in queues:
