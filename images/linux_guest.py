@@ -10,10 +10,12 @@ Run by ``make images`` (``python3 linux_guest.py OUTDIR``). Steps, each cached u
    stream. It has a PVH entry note, so QEMU boots it with ``-kernel`` and skips the
    real-mode setup and the self-decompression, the slowest part of a TCG boot
    (see QEMU-FACTS.md).
-4. An uncompressed newc initramfs (nothing to decompress at boot either), written here
+4. Uncompressed newc initramfs images (nothing to decompress at boot either), written here
    rather than by cpio(1) so that owners, times and order are fixed and no extra
-   package is needed: busybox and its applet links, ``/init``, and the modules the
-   project's tests use with a ``modules.dep`` for busybox ``modprobe``.
+   package is needed: ``initramfs.cpio`` with busybox and its applet links, ``/init`` and
+   the programs, and ``initramfs-modules.cpio``, the same with the modules the project's
+   tests use and a ``modules.dep`` for busybox ``modprobe`` appended (machines that load
+   modules boot it).
 5. ``root.ext4``: a root filesystem for a virtio-blk disk (``LinuxImage.spec(disk=URI,
    root=True)``): busybox, the same programs and the same ``init``, made by ``mkfs.ext4 -d``
    (e2fsprogs); rebuilt only when what goes in changes.
@@ -295,12 +297,23 @@ def root_image(busybox_root: Path, programs: dict[str, bytes], out: Path, cache:
     shutil.rmtree(tree)
 
 
-def initramfs(busybox_root: Path, kernel_root: Path, release: str, programs: dict[str, bytes]) -> bytes:
+def initramfs(busybox_root: Path, programs: dict[str, bytes]) -> bytes:
+    """The initramfs a machine without modules boots: busybox, init and the programs."""
     archive = Newc()
     userland(archive, busybox_root, programs, init="init")
-    for d in ("newroot", "lib/modules", f"lib/modules/{release}"):
-        archive.dir(d)
+    archive.dir("newroot")
     archive.chardev("dev/console", 5, 1)
+    return archive.close()
+
+
+def modules_archive(kernel_root: Path, release: str) -> bytes:
+    """MODULES and their dependencies with a ``modules.dep`` for busybox ``modprobe``: an
+    archive appended to the initramfs for machines that load modules. The kernel unpacks
+    concatenated archives in turn; a boot without modules skips unpacking their 6.8 MB
+    (~9 M guest instructions, 4 % of a boot to init)."""
+    archive = Newc()
+    for d in ("lib/modules", f"lib/modules/{release}"):
+        archive.dir(d)
     moddir = kernel_root / "lib" / "modules" / release
     closure = module_closure(moddir, MODULES)
     made = {f"lib/modules/{release}"}
@@ -335,7 +348,9 @@ def main(outdir: Path) -> None:
     release = next((kernel_root / "lib" / "modules").iterdir()).name
     write_if_changed(outdir / "vmlinux", vmlinux_from_bzimage((kernel_root / "boot" / f"vmlinuz-{release}").read_bytes()))
     programs = {name: build_program(source, cache) for name, source in PROGRAMS.items()}
-    write_if_changed(outdir / "initramfs.cpio", initramfs(busybox_root, kernel_root, release, programs))
+    base = initramfs(busybox_root, programs)
+    write_if_changed(outdir / "initramfs.cpio", base)
+    write_if_changed(outdir / "initramfs-modules.cpio", base + modules_archive(kernel_root, release))
     root_image(busybox_root, programs, outdir / ROOT_IMAGE, cache)
     manifest = {
         "release": release,
@@ -347,6 +362,7 @@ def main(outdir: Path) -> None:
         "programs": sorted(PROGRAMS),
         "kernel": "vmlinux",
         "initrd": "initramfs.cpio",
+        "initrd_modules": "initramfs-modules.cpio",
     }
     write_if_changed(outdir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     log(f"Linux {release} ready in {outdir}")

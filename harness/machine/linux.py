@@ -245,13 +245,14 @@ class LinuxImage:
     """A built Linux guest: kernel, initramfs and what its manifest says about them."""
 
     kernel: Path
-    initrd: Path
+    initrd: Path                      # without modules where initrd_modules is given
     release: str                      # uname -r
     prompt: str                       # the shell's prompt on the console
-    modules: tuple[str, ...]          # modules in the initramfs (busybox modprobe loads their deps)
+    modules: tuple[str, ...]          # modules the guest can load (busybox modprobe loads their deps)
     packages: dict[str, str] = field(default_factory=dict)   # Debian package -> version
     disk_modules: tuple[str, ...] = ()  # what a virtio-blk disk with an ext4 root needs
     root: Path | None = None            # the ext4 root image `make images` built (copy it before writing)
+    initrd_modules: Path | None = None  # the initramfs with the modules, for machines that load some
 
     def spec(self, accel: str = "auto", memory_mb: int = 256, modules: Sequence[str] = (),
              append: str = "", disk: str | None = None, root: bool = False,
@@ -303,7 +304,8 @@ class LinuxImage:
             line += " hwh_echo=1"
         if append:
             line += " " + append
-        spec = MachineSpec(kernel=self.kernel, initrd=self.initrd, append=line, bios=QBOOT,
+        initrd = self.initrd_modules if modules and self.initrd_modules else self.initrd
+        spec = MachineSpec(kernel=self.kernel, initrd=initrd, append=line, bios=QBOOT,
                            memory_mb=memory_mb, accel=accel, icount_shift=icount_shift,
                            huge_pages=BOOT_HUGE_PAGES)
         if disk:
@@ -343,8 +345,9 @@ def linux(directory: Path = LINUX_DIR) -> LinuxImage:
     image = LinuxImage(kernel=directory / m["kernel"], initrd=directory / m["initrd"], release=m["release"],
                        prompt=m["prompt"], modules=tuple(m["modules"]), packages=m["packages"],
                        disk_modules=tuple(m.get("disk_modules", ())),
-                       root=directory / m["root"] if "root" in m else None)
-    for f in (image.kernel, image.initrd):
-        if not f.exists():
+                       root=directory / m["root"] if "root" in m else None,
+                       initrd_modules=directory / m["initrd_modules"] if "initrd_modules" in m else None)
+    for f in (image.kernel, image.initrd, image.initrd_modules):
+        if f is not None and not f.exists():
             raise ImageMissing(f"{f} is missing: rebuild the Linux guest with `make images`")
     return image

@@ -74,3 +74,15 @@ def test_a_linux_boot_has_no_huge_pages_and_its_restores_have_them(tmp_path: Pat
     booted = image.spec(accel="tcg")
     assert booted.huge_pages is False
     assert SavedMachine(booted, tmp_path).restore_spec().huge_pages is True
+
+
+def test_only_a_machine_that_loads_modules_boots_the_initramfs_that_carries_them() -> None:
+    image = LinuxImage(kernel=Path("/k"), initrd=Path("/i"), release="6.1", prompt="# ",
+                       modules=("e1000", "virtio_blk", "ext4"), disk_modules=("virtio_blk", "ext4"),
+                       initrd_modules=Path("/im"))
+    assert image.spec(accel="tcg").initrd == Path("/i")
+    assert image.spec(accel="tcg", modules=("e1000",)).initrd == Path("/im")
+    assert image.spec(accel="tcg", net="unix:/w").initrd == Path("/im"), "a wire's e1000 is a module"
+    assert image.spec(accel="tcg", disk="nbd+unix:///?socket=/s").initrd == Path("/im"), "so is a disk's virtio_blk"
+    older = LinuxImage(kernel=Path("/k"), initrd=Path("/i"), release="6.1", prompt="# ", modules=("e1000",))
+    assert older.spec(accel="tcg", modules=("e1000",)).initrd == Path("/i"), "an image built before the split"
