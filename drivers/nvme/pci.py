@@ -227,24 +227,18 @@ class QueuePair:
             self._doorbells.run({0: self.head, 1: self.tail})
         self.acked, self.rung_tail = self.head, self.tail
 
-    def _signal(self, in_flight: int | None = None) -> None:
+    def _signal(self) -> None:
         """The doorbells that moved, through QEMU's ioeventfds: each value into its shadow
         doorbell, then its eventfd signalled (the system call orders the two); QEMU's main
-        loop reads the shadow when the eventfd wakes it. QEMU also reads the completion
-        head's shadow each time it posts (hw/nvme/ctrl.c, nvme_post_cqes), so with
-        ``in_flight`` given the head is signalled only where the controller might find the
-        queue full before it posts those: a signal is a system call here and a main-loop
-        wake-up in QEMU, and one command at a time would pay two."""
+        loop reads the shadow when the eventfd wakes it."""
         head, tail, shadow, (head_fd, tail_fd) = self.head, self.tail, self._shadow, self.eventfds
         if head != self.acked:
             shadow[self._shadow_head] = head
-            if in_flight is None or self._cq_needs_head(in_flight):
-                os.eventfd_write(head_fd, 1)
-                self.acked = head
+            os.eventfd_write(head_fd, 1)
         if tail != self.rung_tail:
             shadow[self._shadow_tail] = tail
             os.eventfd_write(tail_fd, 1)
-            self.rung_tail = tail
+        self.acked, self.rung_tail = head, tail
 
     def _doorbells_moved(self) -> list[Access]:
         """The doorbell writes that tell the controller what moved since it was last told."""
@@ -261,10 +255,10 @@ class QueuePair:
         self.acked, self.rung_tail = head, tail
         return accesses
 
-    def _post_doorbells(self, in_flight: int) -> None:
+    def _post_doorbells(self) -> None:
         """The doorbells that moved, posted: the controller goes to work, Python goes on."""
         if self.eventfds is not None:
-            self._signal(in_flight)
+            self._signal()
             return
         accesses = self._doorbells_moved()
         if accesses:
@@ -286,7 +280,7 @@ class QueuePair:
         reuse. Polling, the doorbells are posted and the host watches the completion queue."""
         if submitted or self._cq_needs_head(in_flight):
             if self.irq is None:
-                self._post_doorbells(in_flight)
+                self._post_doorbells()
                 # One command in flight finishes within a nap's own lateness on a quiet machine
                 # (QD1 lost 15 % to naps there): only a queue that holds several naps. With
                 # ioeventfds no vCPU needs the core, so a queue alone spins instead.
