@@ -309,7 +309,7 @@ def initramfs(busybox_root: Path, programs: dict[str, bytes]) -> bytes:
 def modules_archive(kernel_root: Path, release: str) -> bytes:
     """MODULES and their dependencies with a ``modules.dep`` for busybox ``modprobe``: an
     archive appended to the initramfs for machines that load modules. The kernel unpacks
-    concatenated archives in turn; a boot without modules skips unpacking their 6.8 MB
+    concatenated archives in turn; a boot without modules skips unpacking their 6 MB
     (~9 M guest instructions, 4 % of a boot to init)."""
     archive = Newc()
     for d in ("lib/modules", f"lib/modules/{release}"):

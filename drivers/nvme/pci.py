@@ -398,9 +398,9 @@ class QueuePair:
     @staticmethod
     def wait_any(queues: Sequence["QueuePair"], deadline: Deadline) -> None:
         """Until one of ``queues`` (of one controller, polled, each with commands in flight)
-        has a completion: as :meth:`_spin_wait`, over them all; the guest-side wait, where
-        one is needed, watches the first queue's next entry (it returns within GUEST_WAIT)."""
-        first = queues[0]
+        has a completion: as :meth:`_spin_wait`, over them all; where a queue rings through
+        the guest, the guest-side wait watches its next entry (it returns within GUEST_WAIT)."""
+        first = next((queue for queue in queues if queue.eventfds is None), queues[0])
         for queue in queues:
             queue._rung_at = None       # the naps' expectation is one queue's: not learned here
         pending = lambda: any(queue._cqe_pending() for queue in queues)  # noqa: E731
@@ -741,14 +741,17 @@ class Nvme(Controller):
         """Every command, command i on ``queues[i % len(queues)]``, each queue keeping up to
         ``depth`` in flight, all driven from this thread in turns (as one CPU drives several
         queues; threads would hand the GIL back and forth); each command's result dword.
-        Failures and timeouts as in :meth:`QueuePair.run`, indexed over ``commands``.
-        Polled queues only: a queue with a vector waits for it in its own thread."""
+        As in :meth:`QueuePair.run`, failed commands do not stop the others; then NvmeError
+        names the failed command of lowest index, and ``failed`` lists every failed index of
+        ``commands``, in order. A timeout leaves every queue that had commands in flight
+        unusable; its ``failed`` lists their commands. Polled queues only: a queue with a
+        vector waits for it in its own thread."""
         count = len(queues)
-        if count == 1 and queues[0] in self.queues:
-            return queues[0].run(commands, depth, timeout=timeout)
         if count == 0 or len({id(queue) for queue in queues}) < count or any(
                 queue not in self.queues or queue.irq is not None for queue in queues):
             raise ValueError("run_spread takes distinct polled I/O queue pairs of this controller")
+        if count == 1:
+            return queues[0].run(commands, depth, timeout=timeout)
         if depth is not None and depth < 1:
             raise ValueError(f"a queue depth is at least 1, not {depth}")
         for queue in queues:
@@ -775,7 +778,11 @@ class Nvme(Controller):
                 except DeviceTimeout:
                     for flight in busy:
                         flight.queue.broken = True
-                    raise busy[0].timed_out(timeout) from None
+                    stuck = sorted(index * count + k for k, flight in enumerate(flights) if flight in busy
+                                   for index in flight.pending())
+                    first = commands[stuck[0]]
+                    raise NvmeError(first.label, None, None, first.lba, failed=stuck,
+                                    detail=f"no completion within {timeout:g} s") from None
                 for flight in busy:
                     queue = flight.queue
                     if flight.prepared:
