@@ -322,29 +322,15 @@ class QueuePair:
         self._spin_wait(deadline)
 
     def _spin_wait(self, deadline: Deadline) -> None:
-        """Until the next completion entry is the controller's: spin, then guest-side waits (with
-        QEMU's ioeventfds, short naps: the guest has nothing to do with it); or the vector."""
-        channel = self.controller.dev.channel
-        spun = False                    # with ioeventfds: a queue spins once, then naps
+        """Until the next completion entry is the controller's: polled, :meth:`wait_any`; or the vector."""
+        if self.irq is None:
+            QueuePair.wait_any([self], deadline)
+            return
         while not self._cqe_pending():
-            if self.irq is None:
-                if self.eventfds is None:
-                    if not spin_until(self._cqe_pending, channel.spin):
-                        self._guest_wait()
-                # A spinning thread keeps the GIL from another queue's thread for the interpreter's
-                # switch interval (5 ms): beside one, naps only
-                elif not spun and _alone():
-                    spun = True
-                    spin_until(self._cqe_pending, HOST_SPIN)
-                else:
-                    with timer_slack():
-                        time.sleep(HOST_NAP)
-                    channel.check_alive()
-            else:
-                try:
-                    self.irq.wait(deadline.remaining)
-                except InterruptTimeout:
-                    pass
+            try:
+                self.irq.wait(deadline.remaining)
+            except InterruptTimeout:
+                pass
             if deadline.expired and not self._cqe_pending():
                 raise DeviceTimeout(f"a completion on queue {self.qid}", 0, 0)
 
@@ -397,13 +383,18 @@ class QueuePair:
 
     @staticmethod
     def wait_any(queues: Sequence["QueuePair"], deadline: Deadline) -> None:
-        """Until one of ``queues`` (of one controller, polled, each with commands in flight)
-        has a completion: as :meth:`_spin_wait`, over them all; where a queue rings through
-        the guest, the guest-side wait watches its next entry (it returns within GUEST_WAIT)."""
-        first = next((queue for queue in queues if queue.eventfds is None), queues[0])
-        for queue in queues:
-            queue._rung_at = None       # the naps' expectation is one queue's: not learned here
-        pending = lambda: any(queue._cqe_pending() for queue in queues)  # noqa: E731
+        """Until one of ``queues`` (of one controller, polled, each with commands in flight) has
+        a completion. Through the guest: spin, then guest-side waits on the next entry of a
+        queue that rings that way (each returns within GUEST_WAIT). With QEMU's ioeventfds,
+        short naps (the guest has nothing to do with it), after one spin if no other queue's
+        thread wants the GIL: a spinning thread keeps it from them for the interpreter's
+        switch interval (5 ms)."""
+        if len(queues) == 1:
+            first = queues[0]
+            pending = first._cqe_pending
+        else:
+            first = next((queue for queue in queues if queue.eventfds is None), queues[0])
+            pending = lambda: any(queue._cqe_pending() for queue in queues)  # noqa: E731
         channel = first.controller.dev.channel
         spun = False
         while not pending():
@@ -418,7 +409,7 @@ class QueuePair:
                     time.sleep(HOST_NAP)
                 channel.check_alive()
             if deadline.expired and not pending():
-                raise DeviceTimeout(f"a completion on queues {[queue.qid for queue in queues]}", 0, 0)
+                raise DeviceTimeout(f"a completion on queue(s) {', '.join(str(q.qid) for q in queues)}", 0, 0)
 
     def execute(self, command: Command, timeout: float = COMMAND_TIMEOUT) -> int:
         """One command exactly as given, unchecked (the device judges it); its result dword."""
@@ -773,6 +764,8 @@ class Nvme(Controller):
                     for flight in flights:
                         flight.prepare(len(flight.free))
                 busy = [flight for flight in flights if flight.in_flight]
+                for flight in busy:
+                    flight.queue._rung_at = None    # the naps' expectation is one queue's: not learned here
                 try:
                     QueuePair.wait_any([flight.queue for flight in busy], Deadline(timeout))
                 except DeviceTimeout:

@@ -66,7 +66,6 @@ import bisect
 import enum
 import errno
 import logging
-import os
 import selectors
 import socket
 import struct
@@ -75,7 +74,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar, Union
 
-from ..access import Deadline
+from ..access import Deadline, spin_until
 from ..devices.block import BlockDevice
 from ..errors import HarnessError
 
@@ -478,15 +477,16 @@ class NbdServer:
         TICK, spun rather than slept right after an answer (ANSWERED_SPIN)."""
         selector = self._selector
         assert selector is not None
-        found = selector.select(0)
-        if found or ready:
+        found: list[tuple[selectors.SelectorKey, int]] = []
+
+        def look() -> bool:
+            found[:] = selector.select(0)
+            return bool(found)
+        if look() or ready:
             return found
-        spin_until = self._answered_at + self._answered_spin
-        while time.perf_counter() < spin_until:
-            os.sched_yield()
-            found = selector.select(0)
-            if found:
-                return found
+        spin = self._answered_at + self._answered_spin - time.perf_counter()
+        if spin > 0 and spin_until(look, spin):
+            return found
         return selector.select(TICK)
 
     def _watch(self, connection: _Connection) -> None:
