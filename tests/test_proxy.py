@@ -7,6 +7,7 @@ import functools
 import os
 import random
 import struct
+import time
 
 import pytest
 
@@ -308,19 +309,26 @@ def test_the_vcpu_thread_runs_below_the_main_loop(proxy_machine: ProxyMachine) -
     assert os.getpriority(os.PRIO_PROCESS, qemu) == os.getpriority(os.PRIO_PROCESS, 0)
 
 
-@pytest.mark.parametrize("method", ("wake", "stay_awake"))
-def test_wake_kicks_a_sleeping_guest_without_a_request(proxy_machine: ProxyMachine, method: str) -> None:
-    """``wake()`` (and ``stay_awake()``) take the guest out of its halt with no request posted:
-    QEMU delivers the kick's MSI-X, the guest counts it and drops its sleeping flag. The next
-    request is served."""
+def test_the_idle_spin_shrinks_for_far_apart_requests_and_grows_for_close_ones(proxy_machine: ProxyMachine) -> None:
+    """The proxy's idle loop halves its spin for each request that comes long after the last
+    (5 ms here, past its 200 us maximum) down to its 10 us minimum, and doubles it when one
+    comes soon after a halt (a driver's commands back to back): the guest's own account of
+    its spin, and its kicks, say so."""
     window, channel = proxy_machine.bus.window, proxy_machine.bus.ports(0xE9, 1).channel
+    least = proxy_machine.abi.PROXY_IDLE_SPIN_MIN_US
     try:
-        assert spin_until(lambda: window.u32[window.guest_sleeping_idx] == 1, 30), "the guest never slept"
-        kicks, served = window.field("kicks"), window.field("served_total")
-        getattr(channel, method)()
-        assert spin_until(lambda: window.field("kicks") > kicks, 30), "the kick never reached the guest"
-        assert window.field("served_total") == served
-        assert channel.guest_time() > 0
+        for _ in range(8):
+            time.sleep(0.005)
+            channel.guest_time()
+        assert window.field("idle_spin_us") == least
+        kicks = window.field("kicks")
+        grew = False
+        for _ in range(2000):
+            channel.guest_time()
+            if window.field("idle_spin_us") > least:
+                grew = True
+                break
+        assert grew, f"the spin stayed at its minimum over 2000 requests ({window.field('kicks') - kicks} kicks)"
     finally:
         channel.close()
 

@@ -492,21 +492,6 @@ class ProxyChannel(Channel):
         from .irq import enable
         return enable(self, mode, count=count)
 
-    def wake(self) -> None:
-        """Kick the guest if it sleeps, and return at once: a caller that knows a request is
-        coming (a block server that has read a command's header) overlaps the guest's wake-up,
-        tens of microseconds of QEMU's main loop and vCPU thread, with its own work before it.
-        Woken so, with no request yet, the guest stays up for its linger (see stay_awake)."""
-        self._w.kick_if_sleeping()
-
-    def stay_awake(self) -> None:
-        """Kick the guest whether it sleeps or not: a kick that brings no request keeps it up
-        for the proxy's linger (2 ms) instead of its plain idle spin (200 us). For a caller
-        that expects its next request within that (a block server whose client sends one
-        request at a time): that request then finds the guest up, and the kick's cost is
-        paid now, not on its path."""
-        self._w.ivshmem.kick_guest()
-
     @property
     def last_start_tsc(self) -> int:
         """Guest TSC just before the most recent request on this channel was carried out."""

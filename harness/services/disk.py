@@ -69,14 +69,6 @@ class DiskBackend:
         self.per_command = getattr(disk, "max_transfer", MAX_PAYLOAD)
         self.staging = dev.dma_alloc(STAGING_BYTES) if disk.queue_depth else None
         self.read_staging: DmaBuffer | None = dev.dma_alloc(READ_STAGING_BYTES)
-        # The proxy guest halts when idle: the server wakes it as soon as a request's bytes come,
-        # and keeps it up for a client that keeps a pace. Not where the disk's doorbells are
-        # QEMU's ioeventfds (NVMe): the guest carries nothing then, and a lingering vCPU
-        # would only take a core from QEMU's main loop.
-        channel = getattr(dev, "channel", None)
-        guest_free = getattr(getattr(disk, "queue", None), "eventfds", None) is not None
-        self.wake: Callable[[], None] | None = None if guest_free else getattr(channel, "wake", None)
-        self.stay_awake: Callable[[], None] | None = None if guest_free else getattr(channel, "stay_awake", None)
         controller = getattr(disk, "controller", None)
         self.trim: Callable[[int, int], None] | None = (
             self._deallocate if controller is not None and controller.identity.dsm else None)

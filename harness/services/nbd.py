@@ -182,14 +182,13 @@ FUA = int(CmdFlag.FUA)                  # a plain int: an IntFlag's & runs in Py
 TURN_REQUESTS = 512
 TURN_BYTES = 8 << 20
 TICK = 0.05                             # the longest the loop waits without calling beat()
-# After it answers, a server whose device needs no waking looks for its clients' next request
-# this long (yielding the core each time) before it sleeps in the kernel: a client that sends
-# one request at a time (a Linux machine's QD1 reads) finds it up instead of paying its
-# wake-up. A Linux client's 4 KiB QD1 reads through the NVMe export (ioeventfds), three
-# alternated rounds: 2,374 IOPS without, 2,812 with 0.2 ms, 2,943 with 0.5 ms, 2,751 with
-# 2 ms (the spin then takes the core the client's side wants). A device with wake() (the
-# proxy guest carries its commands: AHCI) gets the guest's linger instead: beside a spinning
-# server the AHCI export's came out at 0.86 (`bench compare`, three rounds).
+# After it answers, the server looks for its clients' next request this long (yielding the
+# core each time) before it sleeps in the kernel: a client that sends one request at a time
+# (a Linux machine's QD1 reads) finds it up instead of paying its wake-up. A Linux client's
+# 4 KiB QD1 reads through the NVMe export (ioeventfds), three alternated rounds: 2,374 IOPS
+# without, 2,812 with 0.2 ms, 2,943 with 0.5 ms, 2,751 with 2 ms (the spin then takes the
+# core the client's side wants). The proxy guest halts between such requests by itself (its
+# idle spin adapts to the gaps), so this is the one spinner on the server's side.
 ANSWERED_SPIN = 0.5e-3
 # The most device work between two beats in a turn: also the most one read_many or write_many
 # call is given, so it bounds the DMA memory a device stages a batch in.
@@ -202,14 +201,6 @@ RECV_SIZE = 256 << 10
 # straight from the device's DMA memory, instead of the rest being copied to the outbox.
 SEND_BUFFER = 4 << 20
 IOV_MAX = 1024                          # buffers one sendmsg takes (Linux's UIO_MAXIOV)
-# The device is asked to stay awake for the clients' next request (_Pace) when three in four
-# of the last PACE_GAPS idle gaps were at least PACE_SHORTEST (shorter ones the proxy guest's
-# idle spin covers) and the gap they kept within is under PACE_LONGEST (the guest's linger
-# is 2 ms; a client slower than that is idle).
-PACE_GAPS = 8
-PACE_SHORTEST = 100e-6
-PACE_LONGEST = 1.5e-3
-
 _Item = TypeVar("_Item")
 
 
@@ -270,33 +261,6 @@ class _Spans:
 
 
 # ---- the server ----
-
-
-class _Pace:
-    """Whether the clients keep a pace the device should stay awake for, from the server's
-    idle gaps (answered turn to the next request's bytes): a client that sends one request
-    at a time (a Linux machine's QD1 reads, 300-1000 us apart under TCG) comes back after
-    the proxy guest's idle spin (200 us) has ended in a halt, and a halted guest takes
-    55-300 us to get up on the request's kick."""
-
-    def __init__(self) -> None:
-        self.gaps: deque[float] = deque(maxlen=PACE_GAPS)
-        self.idle_since: float | None = None
-
-    def idle(self, now: float) -> bool:
-        """The server answered its turn at ``now`` and waits: is the next request due within
-        the device's linger and after its plain spin?"""
-        self.idle_since = now
-        if len(self.gaps) < PACE_GAPS:
-            return False
-        gaps = sorted(self.gaps)
-        return gaps[PACE_GAPS // 4] >= PACE_SHORTEST and gaps[PACE_GAPS * 3 // 4] < PACE_LONGEST
-
-    def busy(self, now: float) -> None:
-        """A request's bytes came at ``now``."""
-        if self.idle_since is not None:
-            self.gaps.append(now - self.idle_since)
-            self.idle_since = None
 
 
 @dataclass
@@ -370,14 +334,9 @@ class NbdServer:
     a batch of reads (at most ``BEAT_BYTES`` in all) to issue together, whose data it
     returns as buffers valid until its next call (views of its DMA memory: the server sends
     each reply from there, copying only what a socket does not take at once);
-    ``trim(lba, count)`` (then TRIM is advertised); and ``wake()``, called as soon as a
-    connection in transmission has bytes to read, before they are read and parsed: a device
-    that sleeps when idle (the proxy guest halts) starts getting up while the server works,
-    instead of when the request is posted; ``stay_awake()``, called after a turn is answered
-    when the clients keep a steady pace (:class:`_Pace`), so that such a device is up when
-    their next request comes. ``beat()``, if given, is called on every turn of the loop, at
-    least every ``TICK`` seconds while the device is idle: a liveness heartbeat for a
-    supervisor. The device's exceptions of ``request_errors`` fail the request they came
+    and ``trim(lba, count)`` (then TRIM is advertised). ``beat()``, if given, is called
+    on every turn of the loop, at least every ``TICK`` seconds while the device is idle: a
+    liveness heartbeat for a supervisor. The device's exceptions of ``request_errors`` fail the request they came
     from (EIO); any other escapes and ends the server (its clients will send again to the
     next one). ``accepted`` and ``flushes`` count connections and device flushes.
     ``mark(phase)``, if given, is told "accepted" and "transmission" when the first
@@ -401,8 +360,6 @@ class NbdServer:
         self.read_many: Callable[[list[tuple[int, int]]], Sequence[bytes | memoryview]] | None = getattr(
             device, "read_many", None)
         self.trim: Callable[[int, int], None] | None = getattr(device, "trim", None)
-        self.wake: Callable[[], None] | None = getattr(device, "wake", None)
-        self.stay_awake: Callable[[], None] | None = getattr(device, "stay_awake", None)
         flags = Flag.HAS_FLAGS | Flag.SEND_FLUSH | Flag.CAN_MULTI_CONN
         if read_only:
             flags |= Flag.READ_ONLY
@@ -418,9 +375,7 @@ class NbdServer:
         self._batch: list[_Request] = []    # the turn's requests, answered in this order
         self._unanswered = 0                # the first of them not answered yet
         self._selector: selectors.BaseSelector | None = None
-        self._pace = _Pace()
         self._answered_at = 0.0             # when the last turn's answers went out
-        self._answered_spin = ANSWERED_SPIN if self.wake is None else 0.0
 
     def serve_forever(self) -> None:
         """Serve until the process is killed (or the device raises an error not in request_errors)."""
@@ -461,8 +416,6 @@ class NbdServer:
             self._answer(left, [request.reply for request in left])
             self._batch = []
             self._answered_at = time.perf_counter()
-            if self.stay_awake is not None and self._pace.idle(self._answered_at):
-                self.stay_awake()
         for connection in list(self.connections):
             if connection.outbox:
                 self._send(connection)
@@ -484,7 +437,7 @@ class NbdServer:
             return bool(found)
         if look() or ready:
             return found
-        spin = self._answered_at + self._answered_spin - time.perf_counter()
+        spin = self._answered_at + ANSWERED_SPIN - time.perf_counter()
         if spin > 0 and spin_until(look, spin):
             return found
         return selector.select(TICK)
@@ -525,10 +478,6 @@ class NbdServer:
         self._watch(connection)
 
     def _receive(self, connection: _Connection) -> None:
-        if connection.phase == _Phase.TRANSMISSION:
-            self._pace.busy(time.perf_counter())
-            if self.wake is not None:
-                self.wake()             # a request is coming: the device gets up while it is read and parsed
         try:
             data = connection.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):

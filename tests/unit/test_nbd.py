@@ -36,8 +36,7 @@ from harness.access import Deadline, DmaBuffer
 from harness.services.disk import DiskBackend
 from harness.services.nbd import (CLIENT_FLAGS, EXPORT_NAME_REPLY, GREETING, IHAVEOPT, MAX_PAYLOAD, OPTION,
                                   REQUEST, REQUEST_MAGIC, SIMPLE_REPLY, SIMPLE_REPLY_MAGIC, ClientFlag, Cmd, CmdFlag,
-                                  PACE_GAPS, Errno, NbdClient, NbdError, NbdServer, NbdTimeout, NbdUnreachable, Opt,
-                                  _Pace)
+                                  Errno, NbdClient, NbdError, NbdServer, NbdTimeout, NbdUnreachable, Opt)
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTOR = 512
@@ -505,44 +504,6 @@ def test_the_loop_beats_while_idle(socket_dir: Path) -> None:
     listener.close()
     os.unlink(address)
     assert not thread.is_alive() and beats[0] == 5, "no client, yet the loop went round"
-
-
-class WakingDevice(RecordingDevice):
-    """A device that sleeps when idle (as the proxy guest does): it logs the server's wake-ups."""
-
-    def wake(self) -> None:
-        self.calls.append(("wake",))
-
-    def stay_awake(self) -> None:
-        self.calls.append(("stay_awake",))
-
-
-def test_the_server_wakes_the_device_before_each_request_it_carries_out(socket_dir: Path) -> None:
-    """One request at a time: each comes after its bytes were read, so a wake-up precedes each read."""
-    device = WakingDevice(64, lambda: 0)
-    with served_here(device, socket_dir / "wake") as address, NbdClient(address) as client:
-        for lba in range(0, 64, 8):
-            client.read(lba, 8)
-    reads = [i for i, call in enumerate(device.calls) if call[0] == "read"]
-    assert len(reads) == 8
-    for previous, read in zip([-1] + reads, reads):
-        assert ("wake",) in device.calls[previous + 1:read], device.calls
-
-
-@pytest.mark.parametrize("gap_us, stays", [(50, False), (400, True), (1000, True), (10_000, False)])
-def test_the_pace_asks_the_device_to_stay_up_only_for_gaps_its_spin_misses_and_its_linger_covers(
-        gap_us: int, stays: bool) -> None:
-    """Gaps from 100 us (the proxy's idle spin covers shorter) to 1.5 ms (its linger is 2 ms),
-    once PACE_GAPS of them are known; a client that pauses once does not change that."""
-    pace, now = _Pace(), 0.0
-    answers = []
-    for i in range(2 * PACE_GAPS):
-        answers.append(pace.idle(now))
-        now += 1 if i == PACE_GAPS + 2 else gap_us * 1e-6
-        pace.busy(now)
-        now += 1e-4                     # the turn's work
-    assert answers[:PACE_GAPS] == [False] * PACE_GAPS
-    assert answers[PACE_GAPS:] == [stays] * PACE_GAPS
 
 
 # ---- clients that outlive their server ----
