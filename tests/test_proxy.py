@@ -309,26 +309,26 @@ def test_the_vcpu_thread_runs_below_the_main_loop(proxy_machine: ProxyMachine) -
     assert os.getpriority(os.PRIO_PROCESS, qemu) == os.getpriority(os.PRIO_PROCESS, 0)
 
 
-def test_the_idle_spin_shrinks_for_far_apart_requests_and_grows_for_close_ones(proxy_machine: ProxyMachine) -> None:
-    """The proxy's idle loop halves its spin for each request that comes long after the last
-    (5 ms here, past its 200 us maximum) down to its 10 us minimum, and doubles it when one
-    comes soon after a halt (a driver's commands back to back): the guest's own account of
-    its spin, and its kicks, say so."""
+def test_the_guest_spins_after_a_request_as_long_as_its_channel_asks(proxy_machine: ProxyMachine) -> None:
+    """A channel opens with the proxy's 200 us spin and may ask for 0 to 2 ms. Requests
+    0.7 ms apart find the guest up when their channel asks for 2 ms, and halted (each pays
+    a kick, which the guest counts) when it asks for none."""
     window, channel = proxy_machine.bus.window, proxy_machine.bus.ports(0xE9, 1).channel
-    least = proxy_machine.abi.PROXY_IDLE_SPIN_MIN_US
+    most = proxy_machine.abi.PROXY_IDLE_SPIN_MAX_US / 1e6
     try:
-        for _ in range(8):
-            time.sleep(0.005)
+        assert channel.guest_spin == proxy_machine.abi.PROXY_IDLE_SPIN_US / 1e6
+        with pytest.raises(ValueError, match="0 to 2000 us"):
+            channel.guest_spin = 2 * most
+        kicks = {}
+        for spin in (most, 0.0):
+            channel.guest_spin = spin
             channel.guest_time()
-        assert window.field("idle_spin_us") == least
-        kicks = window.field("kicks")
-        grew = False
-        for _ in range(2000):
-            channel.guest_time()
-            if window.field("idle_spin_us") > least:
-                grew = True
-                break
-        assert grew, f"the spin stayed at its minimum over 2000 requests ({window.field('kicks') - kicks} kicks)"
+            before = window.field("kicks")
+            for _ in range(20):
+                time.sleep(0.0007)
+                channel.guest_time()
+            kicks[spin] = window.field("kicks") - before
+        assert kicks[most] < 10 <= kicks[0.0], kicks
     finally:
         channel.close()
 

@@ -66,8 +66,8 @@ enum proxy_limits {
     PROXY_ISA_MAX_PORTS = 64,       /* largest ISA port range one channel may hold */
     PROXY_POLL_MAX_US = 2000000,    /* longest guest-side poll */
     PROXY_TURN_US = 1000,           /* a ring's turn: a longer batch yields to the other rings, then goes on */
-    PROXY_IDLE_SPIN_MIN_US = 10,    /* the idle loop's spin before it halts adapts between these (proxy_loop) */
-    PROXY_IDLE_SPIN_MAX_US = 200,
+    PROXY_IDLE_SPIN_US = 200,       /* a ring's idle_spin_us when its channel opens */
+    PROXY_IDLE_SPIN_MAX_US = 2000,  /* the most a ring may ask for */
     PROXY_REPEAT_MAX = 1000000,     /* longest native timing loop */
     PROXY_DMA_OFFSET = 0x100000,    /* DMA pool starts 1 MiB into the window */
     PROXY_HOST_PEER = 0,            /* ivshmem peer id of the host harness */
@@ -271,7 +271,9 @@ struct proxy_request {
 
 struct __attribute__((aligned(64))) proxy_ring {
     u32 submit;                     /* written by the host only */
-    u32 pad0[15];                   /* keep the two indices on separate cache lines */
+    u32 idle_spin_us;               /* host: how long the idle loop looks for more after this ring's last
+                                     * request before it halts (PROXY_IDLE_SPIN_US when the channel opens) */
+    u32 pad0[14];                   /* keep the two indices on separate cache lines */
     u32 served;                     /* written by the guest only */
     u32 pad1[15];
     struct proxy_request entries[PROXY_RING_ENTRIES];
@@ -472,8 +474,6 @@ struct proxy_shared {
     u64 window_phys;                /* guest-physical address of BAR2 */
     u64 dma_offset;                 /* where the DMA pool starts in the window */
     u64 kicks;                      /* wake-ups by the host's kick (diagnostics) */
-    u32 idle_spin_us;               /* how long the idle loop now spins before it halts (diagnostics) */
-    u32 reserved_idle;
     u64 served_total;               /* requests executed (diagnostics) */
     u64 spurious_irqs;              /* interrupts nobody owned, and LAPIC/8259 spurious ones */
     u32 iommu;                      /* 1: DMA is translated, each device confined to its domain */

@@ -69,6 +69,7 @@ static int polling = -1;                        /* the channel whose poll lends 
  * requests on its rings go unanswered until a channel opens there.
  */
 static u32 serving;
+static u32 idle_spin_us = PROXY_IDLE_SPIN_US;  /* what the last ring served asked the idle loop for */
 static u8 open_in[1 + PROXY_MAX_SLOTS];         /* open channels per window */
 
 static int window_number(int c) { return c < PROXY_MAX_CHANNELS ? 0 : 1 + (c - PROXY_MAX_CHANNELS) / PROXY_SLOT_CHANNELS; }
@@ -194,6 +195,7 @@ static struct channel *fresh_channel(int c)
     memset(&w->dma_faults[ring_of(c)], 0, sizeof(w->dma_faults[0]));
     channels[c].served = READ_ONCE(w->rings[ring_of(c)].submit);
     WRITE_ONCE(w->rings[ring_of(c)].served, channels[c].served);
+    WRITE_ONCE(w->rings[ring_of(c)].idle_spin_us, PROXY_IDLE_SPIN_US);
     return &channels[c];
 }
 
@@ -851,6 +853,7 @@ static int serve(int c)
     struct proxy_shared *w = window_of(c);
     struct proxy_ring *r = &w->rings[ring_of(c)];
     struct channel *ch = &channels[c];
+    idle_spin_us = READ_ONCE(r->idle_spin_us);     /* the idle loop spins as the last ring served asks */
     int resuming = backlog[window_number(c)] >> ring_of(c) & 1;
     if (c != 0 && !ch->open) {
         set_backlog(c, 0);
@@ -1048,6 +1051,7 @@ void proxy_init(const struct proxy_pci_device *table, int n)
         panic("proxy_init: no control window (an ivshmem-doorbell whose slot is 0)");
     shared = windows[0].win;
     set_open(0);                                    /* the admin channel, for good */
+    WRITE_ONCE(shared->rings[0].idle_spin_us, PROXY_IDLE_SPIN_US);
     turn_ticks = tsc_hz / 1000000 * PROXY_TURN_US;
     for (int p = PROXY_MAX_SLOTS; p >= 0; p--)       /* the control window last: READY means all are */
         if (windows[p].win)
@@ -1056,27 +1060,19 @@ void proxy_init(const struct proxy_pci_device *table, int n)
 }
 
 /*
- * How long the idle loop looks for the next request before it halts, adapted to
- * the gaps the host leaves, as KVM adapts its halt polling (virt/kvm/kvm_main.c):
- * a request that comes after the loop halted but within PROXY_IDLE_SPIN_MAX_US of
- * the last one doubles the spin; one that comes later halves it, down to
- * PROXY_IDLE_SPIN_MIN_US. A driver that issues commands back to back finds the
- * loop up. A client whose requests come further apart (a Linux machine's QD1 reads through
- * an NBD export, one every 250-400 us under TCG) finds it halted and pays a kick
- * (QEMU's main loop, then the vCPU thread), where a fixed 200 us spin after each
- * request took a core from the threads the next one needs: on two cores, 2,500-2,800
- * -> 4,000 of those reads a second. The gap is measured to the request's service,
- * kick included, so where kicks alone take longer than the maximum every gap after
- * a halt counts as long: the minimum still covers a driver's few microseconds
- * between commands.
+ * Spin while there is work; then spin on as the last ring served asks (its
+ * idle_spin_us), announce sleep, look once more, and halt until kicked. A driver
+ * that issues commands back to back finds the loop up. A server whose requests come
+ * when its clients send them (a Linux machine's QD1 reads through an NBD export,
+ * 250-400 us apart under TCG) asks for no spin: each request then pays a kick
+ * (QEMU's main loop, then the vCPU thread), and the 200 us spin it would not have
+ * used goes to the threads the next request needs. On two cores such reads went
+ * from 2,500-2,800 to 4,000 a second.
  */
-/* Spin while there is work, then announce sleep, look once more, and halt until kicked. */
 void proxy_loop(void)
 {
-    const u64 us = tsc_hz / 1000000, spin_min = us * PROXY_IDLE_SPIN_MIN_US, spin_max = us * PROXY_IDLE_SPIN_MAX_US;
-    u64 spin = spin_max, idle_since = rdtsc();
-    shared->idle_spin_us = PROXY_IDLE_SPIN_MAX_US;
-    int halted = 0;                         /* the loop halted since the last request */
+    const u64 us = tsc_hz / 1000000;
+    u64 idle_since = rdtsc();
     sti();                                  /* the loop runs with interrupts on: they are forwarded */
     for (u32 round = 1;; round++) {
         int busy = 0;
@@ -1086,16 +1082,7 @@ void proxy_loop(void)
                 busy |= serve_window(p);
         }
         if (busy) {
-            u64 now = rdtsc();
-            if (halted) {                   /* the spin missed this gap: was it worth covering? */
-                if (now - idle_since < spin_max)
-                    spin = spin * 2 > spin_max ? spin_max : spin * 2;
-                else
-                    spin = spin / 2 < spin_min ? spin_min : spin / 2;
-                shared->idle_spin_us = spin / us;
-                halted = 0;
-            }
-            idle_since = now;
+            idle_since = rdtsc();
             continue;
         }
         /*
@@ -1103,7 +1090,10 @@ void proxy_loop(void)
          * it may exit. And the clock is read only every 64 rounds: under TCG
          * rdtsc is a helper call.
          */
-        if (round % 64 || rdtsc() - idle_since < spin)
+        if (round % 64)
+            continue;
+        u32 spin_us = idle_spin_us < PROXY_IDLE_SPIN_MAX_US ? idle_spin_us : PROXY_IDLE_SPIN_MAX_US;
+        if (rdtsc() - idle_since < spin_us * us)
             continue;
         /* Interrupts off between the last look and hlt: sti's shadow then covers hlt. */
         cli();
@@ -1116,8 +1106,6 @@ void proxy_loop(void)
             sti();
         set_sleeping(flagged, 0);
         shared->kicks = kicks;
-        if (!pending(flagged))              /* a device's interrupt: the host's answer to it starts a new gap */
-            idle_since = rdtsc();
-        halted = 1;
+        idle_since = rdtsc();
     }
 }

@@ -493,6 +493,23 @@ class ProxyChannel(Channel):
         return enable(self, mode, count=count)
 
     @property
+    def guest_spin(self) -> float:
+        """Seconds the proxy's idle loop goes on looking for work after this channel's last
+        request before it halts (0.2 ms when the channel opens). A driver that issues its
+        commands back to back finds the guest up; one whose requests come further apart (a
+        block server's, when its clients send them) sets 0: each request then pays a kick,
+        tens of microseconds, and the vCPU's core goes meanwhile to the threads the request
+        needs. The guest spins as the last channel it served asks."""
+        return self._u32[self.ring.idle_spin_idx] / 1e6
+
+    @guest_spin.setter
+    def guest_spin(self, seconds: float) -> None:
+        most = self.bus.abi.PROXY_IDLE_SPIN_MAX_US
+        if not 0 <= seconds * 1e6 <= most:
+            raise ValueError(f"the proxy spins 0 to {most} us after a channel's request, not {seconds * 1e6:g}")
+        self._u32[self.ring.idle_spin_idx] = round(seconds * 1e6)
+
+    @property
     def last_start_tsc(self) -> int:
         """Guest TSC just before the most recent request on this channel was carried out."""
         return self.ring.start_tsc(self.ring.head - 1)

@@ -39,6 +39,7 @@ class Ring:
         self.entries_off = ring + abi.offsetof("proxy_ring", "entries")
         self.submit_idx = (ring + abi.offsetof("proxy_ring", "submit")) // 4
         self.served_idx = (ring + abi.offsetof("proxy_ring", "served")) // 4
+        self.idle_spin_idx = (ring + abi.offsetof("proxy_ring", "idle_spin_us")) // 4
         self.posted_off = abi.offsetof("proxy_shared", "ring_posted") + index   # set after each move of submit
         self.status_off = abi.offsetof("proxy_request", "status")
         self.value_off = abi.offsetof("proxy_request", "value")
