@@ -69,7 +69,7 @@ static int polling = -1;                        /* the channel whose poll lends 
  * requests on its rings go unanswered until a channel opens there.
  */
 static u32 serving;
-static u32 idle_spin_us = PROXY_IDLE_SPIN_US;  /* what the last ring served asked the idle loop for */
+static const struct proxy_ring *last_served;    /* the ring the idle loop spins for */
 static u8 open_in[1 + PROXY_MAX_SLOTS];         /* open channels per window */
 
 static int window_number(int c) { return c < PROXY_MAX_CHANNELS ? 0 : 1 + (c - PROXY_MAX_CHANNELS) / PROXY_SLOT_CHANNELS; }
@@ -853,7 +853,7 @@ static int serve(int c)
     struct proxy_shared *w = window_of(c);
     struct proxy_ring *r = &w->rings[ring_of(c)];
     struct channel *ch = &channels[c];
-    idle_spin_us = READ_ONCE(r->idle_spin_us);     /* the idle loop spins as the last ring served asks */
+    last_served = r;                    /* the idle loop spins as it asks */
     int resuming = backlog[window_number(c)] >> ring_of(c) & 1;
     if (c != 0 && !ch->open) {
         set_backlog(c, 0);
@@ -1092,7 +1092,9 @@ void proxy_loop(void)
          */
         if (round % 64)
             continue;
-        u32 spin_us = idle_spin_us < PROXY_IDLE_SPIN_MAX_US ? idle_spin_us : PROXY_IDLE_SPIN_MAX_US;
+        u32 spin_us = last_served ? READ_ONCE(last_served->idle_spin_us) : PROXY_IDLE_SPIN_US;
+        if (spin_us > PROXY_IDLE_SPIN_MAX_US)
+            spin_us = PROXY_IDLE_SPIN_MAX_US;
         if (rdtsc() - idle_since < spin_us * us)
             continue;
         /* Interrupts off between the last look and hlt: sti's shadow then covers hlt. */
