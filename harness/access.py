@@ -216,9 +216,16 @@ class Channel(abc.ABC):
     ``spin`` is how long a transport may busy-wait for a completion before it
     sleeps. On a machine with few cores a device whose operations take long
     (a disk) runs faster when the waiting host gives its core back.
+
+    ``guest_spin`` is how long a transport's guest, which carries the channel's
+    requests, goes on looking for the next one before it halts (the proxy's: 0.2 ms
+    by default, see ProxyChannel.guest_spin). A driver whose requests come when
+    others send them (frames off a wire, a block server's clients) sets 0. A
+    transport without such a guest (qtest) ignores it.
     """
 
     spin: float = 0.0
+    guest_spin: float = 0.0
 
     @abc.abstractmethod
     def execute(self, accesses: Sequence[Access]) -> list[int]:

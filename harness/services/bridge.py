@@ -134,6 +134,10 @@ class Bridge:
             wan_dev.close()
             raise
         mark("nics_open")
+        # Frames come when the wires bring them: the proxy guest halts between the tail
+        # writes instead of spinning on a core QEMU's main loop wants (Channel.guest_spin).
+        for dev in (wan_dev, lan_dev):
+            dev.channel.guest_spin = 0.0
         self.pool = PacketPool(wan_dev, POOL_BUFFERS)
         self.wan = E1000(bus, wan_dev, interrupts=False, pool=self.pool, promiscuous=True)
         mark("wan_up")

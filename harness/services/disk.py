@@ -70,10 +70,8 @@ class DiskBackend:
         self.staging = dev.dma_alloc(STAGING_BYTES) if disk.queue_depth else None
         self.read_staging: DmaBuffer | None = dev.dma_alloc(READ_STAGING_BYTES)
         # Requests come when the clients send them: the proxy guest halts after each
-        # instead of spinning on a core the next one's threads need (ProxyChannel.guest_spin).
-        channel = getattr(dev, "channel", None)
-        if hasattr(channel, "guest_spin"):
-            channel.guest_spin = 0.0
+        # instead of spinning on a core the next one's threads need (Channel.guest_spin).
+        dev.channel.guest_spin = 0.0
         controller = getattr(disk, "controller", None)
         self.trim: Callable[[int, int], None] | None = (
             self._deallocate if controller is not None and controller.identity.dsm else None)
