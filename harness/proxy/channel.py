@@ -499,7 +499,8 @@ class ProxyChannel(Channel):
         commands back to back finds the guest up; one whose requests come further apart (a
         block server's, when its clients send them) sets 0: each request then pays a kick,
         tens of microseconds, and the vCPU's core goes meanwhile to the threads the request
-        needs. The guest spins as the last channel it served asks."""
+        needs. The guest spins as long as the longest ask of the channels it served since
+        it last halted."""
         return self._u32[self.ring.idle_spin_idx] / 1e6
 
     @guest_spin.setter
