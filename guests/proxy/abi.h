@@ -271,8 +271,9 @@ struct proxy_request {
 
 struct __attribute__((aligned(64))) proxy_ring {
     u32 submit;                     /* written by the host only */
-    u32 idle_spin_us;               /* host: how long the idle loop looks for more after this ring's last
-                                     * request before it halts (PROXY_IDLE_SPIN_US when the channel opens) */
+    u32 idle_spin_us;               /* host (the guest sets PROXY_IDLE_SPIN_US when the channel opens): how
+                                     * long the idle loop looks for more before it halts; it takes the longest
+                                     * ask of the rings it served since it last halted */
     u32 pad0[14];                   /* keep the two indices on separate cache lines */
     u32 served;                     /* written by the guest only */
     u32 pad1[15];

@@ -500,15 +500,21 @@ class ProxyChannel(Channel):
         block server's, when its clients send them) sets 0: each request then pays a kick,
         tens of microseconds, and the vCPU's core goes meanwhile to the threads the request
         needs. The guest spins as long as the longest ask of the channels it served since
-        it last halted."""
+        it last halted, and the default after a wake-up that brought no request (a device's
+        interrupt), so a channel's 0 is not a promise while others keep the default."""
         return self._u32[self.ring.idle_spin_idx] / 1e6
 
     @guest_spin.setter
     def guest_spin(self, seconds: float) -> None:
-        most = self.bus.abi.PROXY_IDLE_SPIN_MAX_US
-        if not 0 <= seconds * 1e6 <= most:
-            raise ValueError(f"the proxy spins 0 to {most} us after a channel's request, not {seconds * 1e6:g}")
+        abi = self.bus.abi
+        if self._closed:
+            self._refuse()                  # the ring's ask is its next owner's
+        if not 0 <= seconds * 1e6 <= abi.PROXY_IDLE_SPIN_MAX_US:
+            raise ValueError(f"the proxy spins 0 to {abi.PROXY_IDLE_SPIN_MAX_US} us after a channel's "
+                             f"request, not {seconds * 1e6:g}")
         self._u32[self.ring.idle_spin_idx] = round(seconds * 1e6)
+        # the guest goes to halt after nearly every request: a lost kick would strand a doorbell
+        self.ring.fenced = seconds * 1e6 < abi.PROXY_IDLE_SPIN_US
 
     @property
     def last_start_tsc(self) -> int:

@@ -40,6 +40,7 @@ class Ring:
         self.submit_idx = (ring + abi.offsetof("proxy_ring", "submit")) // 4
         self.served_idx = (ring + abi.offsetof("proxy_ring", "served")) // 4
         self.idle_spin_idx = (ring + abi.offsetof("proxy_ring", "idle_spin_us")) // 4
+        self.fenced = False     # fence each post before looking whether the guest sleeps (window.py)
         self.posted_off = abi.offsetof("proxy_shared", "ring_posted") + index   # set after each move of submit
         self.status_off = abi.offsetof("proxy_request", "status")
         self.value_off = abi.offsetof("proxy_request", "value")
@@ -70,6 +71,8 @@ class Ring:
         head = self.head = (self.head + count) & 0xFFFFFFFF
         w.u32[self.submit_idx] = head
         w.mem[self.posted_off] = 1
+        if self.fenced:
+            w.fence()
         w.kick_if_sleeping()
         return head
 

@@ -19,7 +19,10 @@ One reordering is left on purpose: after posting work the host reads
 ``guest_sleeping`` with no fence after its store (a fence from Python is a
 lock round trip, a tenth of a request). If the guest went to sleep just then,
 the kick is missed; the host's own re-kick before it sleeps (``_sleep``)
-recovers it, at the price of one spin.
+recovers it, at the price of one spin. Not on a ring whose channel asks the
+guest for less than its default spin (``ProxyChannel.guest_spin``): there the
+guest goes to halt after nearly every request, and a posted batch (a doorbell)
+has no waiter to re-kick, so its post is fenced (``Ring.fenced``).
 """
 
 from __future__ import annotations
@@ -118,6 +121,11 @@ class SharedWindow:
             record = self.field("crash")
             raise GuestCrash(record, render_crash(load_elf(self.abi.path), record))
 
+    def fence(self) -> None:
+        """A full fence (a locked instruction): stores before it are seen before loads after it."""
+        with self._fence:
+            pass
+
     def kick_if_sleeping(self) -> None:
         if self.u32[self.guest_sleeping_idx]:
             self.ivshmem.kick_guest()
@@ -172,8 +180,7 @@ class SharedWindow:
             pass
         self.mem[flag] = 1
         try:
-            with self._fence:       # orders the flag store before the re-check below
-                pass
+            self.fence()            # orders the flag store before the re-check below
             if done():
                 return
             self.kick_if_sleeping()  # rescues a kick lost to the guest's own race

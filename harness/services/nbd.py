@@ -187,8 +187,8 @@ TICK = 0.05                             # the longest the loop waits without cal
 # (a Linux machine's QD1 reads) finds it up instead of paying its wake-up. A Linux client's
 # 4 KiB QD1 reads through the NVMe export (ioeventfds), three alternated rounds: 2,374 IOPS
 # without, 2,812 with 0.2 ms, 2,943 with 0.5 ms, 2,751 with 2 ms (the spin then takes the
-# core the client's side wants). The proxy guest halts between such requests by itself (its
-# idle spin adapts to the gaps), so this is the one spinner on the server's side.
+# core the client's side wants). The disk service asks the proxy guest for no spin after its
+# requests (Channel.guest_spin = 0), so this is the one spinner on the server's side.
 ANSWERED_SPIN = 0.5e-3
 # The most device work between two beats in a turn: also the most one read_many or write_many
 # call is given, so it bounds the DMA memory a device stages a batch in.
