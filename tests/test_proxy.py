@@ -8,6 +8,7 @@ import os
 import random
 import struct
 import time
+from typing import Callable
 
 import pytest
 
@@ -311,6 +312,23 @@ def test_the_vcpu_thread_runs_below_the_main_loop(proxy_machine: ProxyMachine) -
     assert os.getpriority(os.PRIO_PROCESS, qemu) == os.getpriority(os.PRIO_PROCESS, 0)
 
 
+def _requests_apart(window, channel, enough: Callable[[list[tuple[float, bool]]], bool]  # type: ignore[no-untyped-def]
+                    ) -> list[tuple[float, bool]]:
+    """Requests on ``channel``, the host sleeping 0.7 ms before each, until ``enough`` of them
+    (or 400): each one's gap from the last by the guest's own stamps, and whether it found
+    the guest halted (the guest counted a kick meanwhile)."""
+    tick = 1 / window.field("tsc_hz")
+    channel.guest_time()
+    last, seen = channel.last_start_tsc, []
+    while len(seen) < 400 and not enough(seen):
+        time.sleep(0.0007)
+        kicks = window.field("kicks")
+        channel.guest_time()
+        seen.append(((channel.last_start_tsc - last) * tick, window.field("kicks") > kicks))
+        last = channel.last_start_tsc
+    return seen
+
+
 def test_the_guest_spins_after_a_request_as_long_as_its_channel_asks(proxy_machine: ProxyMachine) -> None:
     """A channel opens with the proxy's 200 us spin and may ask for 0 to 2 ms. The guest
     halts (and counts the kick that wakes it) only once a channel's ask has passed since
@@ -320,24 +338,16 @@ def test_the_guest_spins_after_a_request_as_long_as_its_channel_asks(proxy_machi
     niced vCPU thread may not run for milliseconds."""
     window, channel = proxy_machine.bus.window, proxy_machine.bus.ports(0xE9, 1).channel
     most = proxy_machine.abi.PROXY_IDLE_SPIN_MAX_US / 1e6
-    tick = 1 / window.field("tsc_hz")
     try:
         assert channel.guest_spin == proxy_machine.abi.PROXY_IDLE_SPIN_US / 1e6
         with pytest.raises(ValueError, match="0 to 2000 us"):
             channel.guest_spin = 2 * most
-        seen: dict[float, list[tuple[float, bool]]] = {most: [], 0.0: []}     # (gap, kicked)
-        for spin, gaps in seen.items():
-            channel.guest_spin = spin
-            channel.guest_time()
-            last = channel.last_start_tsc
-            while len(gaps) < 400 and sum(gap < spin - SPIN_MARGIN for gap, _ in gaps) < 20:
-                time.sleep(0.0007)
-                kicks = window.field("kicks")
-                channel.guest_time()
-                gaps.append(((channel.last_start_tsc - last) * tick, window.field("kicks") > kicks))
-                last = channel.last_start_tsc
-                if spin == 0.0 and len(gaps) == 40:
-                    break
+        seen: dict[float, list[tuple[float, bool]]] = {}
+        channel.guest_spin = most
+        seen[most] = _requests_apart(window, channel,
+                                     lambda gaps: sum(gap < most - SPIN_MARGIN for gap, _ in gaps) >= 20)
+        channel.guest_spin = 0.0
+        seen[0.0] = _requests_apart(window, channel, lambda gaps: len(gaps) == 40)
         sooner = [kicked for gap, kicked in seen[most] if gap < most - SPIN_MARGIN]
         assert len(sooner) >= 20 and not any(sooner), f"2 ms asked: (gap, kicked) {seen[most]}"
         later = [kicked for gap, kicked in seen[0.0] if gap >= 0.0005]
@@ -375,15 +385,8 @@ def test_the_guest_spins_for_the_longest_ask_of_the_channels_it_served_since_it_
             time.sleep(2 * most)            # the guest halts before the next round
         assert len(covered) == 10 and not any(covered), covered
         time.sleep(2 * most)
-        b.guest_time()
-        last, later = b.last_start_tsc, []
-        for _ in range(40):
-            time.sleep(0.0007)
-            kicks = window.field("kicks")
-            b.guest_time()
-            if (b.last_start_tsc - last) * tick >= 0.0005:
-                later.append(window.field("kicks") > kicks)
-            last = b.last_start_tsc
+        alone = _requests_apart(window, b, lambda gaps: len(gaps) == 40)
+        later = [kicked for gap, kicked in alone if gap >= 0.0005]
         assert later and sum(later) >= len(later) / 2, later
     finally:
         a.close()

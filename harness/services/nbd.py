@@ -336,9 +336,9 @@ class NbdServer:
     each reply from there, copying only what a socket does not take at once);
     and ``trim(lba, count)`` (then TRIM is advertised). ``beat()``, if given, is called
     on every turn of the loop, at least every ``TICK`` seconds while the device is idle: a
-    liveness heartbeat for a supervisor. The device's exceptions of ``request_errors`` fail the request they came
-    from (EIO); any other escapes and ends the server (its clients will send again to the
-    next one). ``accepted`` and ``flushes`` count connections and device flushes.
+    liveness heartbeat for a supervisor. The device's exceptions of ``request_errors``
+    fail the request they came from (EIO); any other escapes and ends the server (its
+    clients will send again to the next one). ``accepted`` and ``flushes`` count connections and device flushes.
     ``mark(phase)``, if given, is told "accepted" and "transmission" when the first
     connection gets there: where a restarted server's first milliseconds go.
     """
