@@ -397,6 +397,54 @@ def test_the_guest_spins_for_the_longest_ask_of_the_channels_it_served_since_it_
         b.close()
 
 
+def test_a_publication_whose_count_is_out_of_range_publishes_its_first_entry_alone_refused(
+        proxy_machine: ProxyMachine) -> None:
+    """abi.h: a publication's count is 1 to PROXY_RING_ENTRIES. One of 0, and one past the
+    ring, each publish only their first entry, BAD_REQUEST (the port read in it does not
+    run), and nothing after it: the next request on the channel is served as usual."""
+    abi = proxy_machine.abi
+    port = proxy_machine.bus.ports(0x70, 2)
+    ring, u64 = port.channel.ring, proxy_machine.bus.window.u64
+    read = raw.encode(port.channel, port.access(Kind.READ, 1, 1))
+    try:
+        for count in (0, abi.PROXY_RING_ENTRIES + 1):
+            seq = ring.head
+            ring.write(seq, *read)
+            ring.write(seq + 1, *read)          # written, never published
+            u64[ring.published_base + (seq & ring.mask) * ring.published_stride] = ring.publication(seq, count)
+            ring.head = (seq + 1) & 0xFFFFFFFF
+            ring.wait(ring.head, 10, f"a publication of {count}")
+            assert ring.status(seq) == abi.PROXY_STATUS_BAD_REQUEST, count
+            assert not ring.taken_up(seq + 1), f"a count of {count} published more than its first entry"
+            assert 0 <= port.read8(1) < 0x100
+    finally:
+        port.channel.close()
+
+
+def test_a_reopened_ring_never_runs_what_its_last_owner_published_unserved(proxy_machine: ProxyMachine) -> None:
+    """A ring's entries published after its channel closed are never served, and the channel
+    opened next on that ring starts past them: a new owner's grants never run an old
+    owner's requests (the guest skips every publication there when the channel opens)."""
+    bus = proxy_machine.bus
+    first = bus.ports(0x70, 2)
+    ring, index = first.channel.ring, first.channel.index
+    first.channel.close()
+    seq = ring.head
+    stale = [raw.encode(first.channel, first.access(Kind.WRITE, 0, 1, 0x0A))] * 3
+    for i, request in enumerate(stale):
+        ring.write(seq + i, *request)
+    ring.publish(2)                             # two publications nobody serves: a batch of two,
+    ring.publish(1)                             # then one more
+    again = bus.ports(0x70, 2)
+    try:
+        assert again.channel.index == index, "the test needs the same ring opened again"
+        assert again.channel.ring.head == (seq + 3) & 0xFFFFFFFF
+        assert 0 <= again.read8(1) < 0x100
+        assert not any(ring.taken_up(seq + i) for i in range(3)), "a closed ring's publication ran"
+    finally:
+        again.channel.close()
+
+
 def test_100k_malformed_ring_entries_are_refused_and_the_proxy_survives(proxy_machine: ProxyMachine) -> None:
     bus, abi = proxy_machine.bus, proxy_machine.abi
     seed = random.randrange(2**32)

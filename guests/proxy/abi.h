@@ -21,17 +21,24 @@
  * guest_sleeping stays 0. Before boot the host writes each slot's number into
  * its `slot` field; the control window's is 0.
  *
- * A ring is single-producer (host) single-consumer (guest): the host fills
- * entries[submit % PROXY_RING_ENTRIES ...], then advances `submit`; the
- * guest executes every entry in [served, submit), writes status, value and
- * tsc back into the same entry, then advances `served` (in steps, when the
- * batch outlasts its turn: PROXY_TURN_US). A batch is just
- * several entries published by one `submit` store; once one of them fails,
- * the rest of that batch is SKIPPED, so a driver never acts on a failed step.
+ * A ring is single-producer (host) single-consumer (guest). Entry `seq` (a count
+ * modulo 2**32) lives in entries[seq % PROXY_RING_ENTRIES]. The host fills
+ * entries, then publishes them, `count` entries from seq on, with one 8-byte
+ * store into the first one: its `published` (~(seq / PROXY_RING_ENTRIES), the
+ * bitwise NOT of the entry's lap of the ring, so neither zeroed memory nor the
+ * slot's last lap reads as published) and `count`. The guest watches the next
+ * entry of each open channel's ring, executes what is published in order, writes
+ * status, value and tsc back into each entry, then advances the ring's `served`
+ * (in steps, when a batch outlasts its turn: PROXY_TURN_US). A request so costs
+ * the two processors one cache line each way, the entry's (ABI 12; a ring-wide
+ * `submit` index and a window-wide `ring_posted` flag word cost two more). A
+ * batch is the entries of one publication; once one of them fails, the rest of
+ * that batch is SKIPPED, so a driver never acts on a failed step. A count
+ * outside 1..PROXY_RING_ENTRIES publishes its first entry alone, BAD_REQUEST.
  *
  * Several batches may be in flight on one ring (ABI 11): the host publishes
  * batch after batch without waiting, and the guest may find several of them
- * behind one `submit`. So the host writes PROXY_STATUS_CONTINUES into the
+ * published one after another. So the host writes PROXY_STATUS_CONTINUES into the
  * status of every entry of a batch but its first: an entry without it starts
  * a batch, and a failure skips the rest of its own batch, never the next one.
  * (A single request, the hot path, writes status 0 as it always did.) A host
@@ -51,7 +58,7 @@ typedef unsigned long long u64 __attribute__((aligned(8)));
 
 enum proxy_abi {
     PROXY_ABI_MAGIC = 0x48574858,   /* "XHWH" little-endian */
-    PROXY_ABI_VERSION = 11,         /* 11: PROXY_STATUS_CONTINUES, several batches in flight per ring */
+    PROXY_ABI_VERSION = 12,         /* 12: entries published by their own `published`, no submit index */
 };
 
 enum proxy_limits {
@@ -266,15 +273,16 @@ struct proxy_request {
     u64 mask;                       /* polls */
     u64 expect;                     /* polls */
     u64 start_tsc;                  /* guest TSC just before the access was made */
-    u64 reserved[2];
+    u32 published;                  /* host, a publication's first entry: ~(seq / PROXY_RING_ENTRIES), */
+    u32 count;                      /* with the entries it publishes, in one 8-byte store after the rest */
+    u64 reserved;
 };
 
 struct __attribute__((aligned(64))) proxy_ring {
-    u32 submit;                     /* written by the host only */
     u32 idle_spin_us;               /* host (the guest sets PROXY_IDLE_SPIN_US when the channel opens): how
                                      * long the idle loop looks for more before it halts; it takes the longest
                                      * ask of the rings it served since it last halted */
-    u32 pad0[14];                   /* keep the two indices on separate cache lines */
+    u32 pad0[15];                   /* host-written above, guest-written below: separate cache lines */
     u32 served;                     /* written by the guest only */
     u32 pad1[15];
     struct proxy_request entries[PROXY_RING_ENTRIES];
@@ -479,7 +487,6 @@ struct proxy_shared {
     u64 spurious_irqs;              /* interrupts nobody owned, and LAPIC/8259 spurious ones */
     u32 iommu;                      /* 1: DMA is translated, each device confined to its domain */
     u32 unowned_dma_faults;         /* faults by devices no channel holds */
-    u8 ring_posted[PROXY_MAX_CHANNELS]; /* host: 1 after it moves ring n's submit; guest: 0 before serving it */
     u8 host_sleeping[PROXY_DOORBELL_VECTORS];   /* host: 1 while it sleeps on doorbell vector n; ring it */
     struct proxy_irq irqs[PROXY_MAX_CHANNELS * PROXY_IRQ_VECTORS];    /* channel c's vector v at c * VECTORS + v */
     struct proxy_dma_fault dma_faults[PROXY_MAX_CHANNELS];

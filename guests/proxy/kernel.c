@@ -5,8 +5,11 @@
 
 _Static_assert(sizeof(struct proxy_shared) <= PROXY_DMA_OFFSET, "control area overlaps the DMA pool");
 _Static_assert(sizeof(struct proxy_request) == 64, "a request is one cache line");
-_Static_assert(PROXY_MAX_CHANNELS == 8 && __builtin_offsetof(struct proxy_shared, ring_posted) % 8 == 0,
-               "the guest reads every ring's posted flag as one aligned word");
+_Static_assert(__builtin_offsetof(struct proxy_ring, entries) % 64 == 0,
+               "each entry is a cache line of its own: publishing one moves only that line");
+_Static_assert(__builtin_offsetof(struct proxy_request, published) % 8 == 0
+               && __builtin_offsetof(struct proxy_request, count) == __builtin_offsetof(struct proxy_request, published) + 4,
+               "a publication is one aligned 8-byte word: published, then count");
 _Static_assert(PROXY_TOTAL_CHANNELS == PROXY_MAX_CHANNELS + PROXY_MAX_SLOTS * PROXY_SLOT_CHANNELS
                && PROXY_SLOT_CHANNELS <= PROXY_MAX_CHANNELS && PROXY_TOTAL_CHANNELS <= 32,
                "channels are numbered across windows, and an IOAPIC line's owners are bits of a word");

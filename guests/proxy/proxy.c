@@ -40,8 +40,8 @@ struct channel {
     u64 isa_irqs;                               /* ISA: the IRQs of the devices whose ports it holds */
     u32 faults_reported;                        /* dma_faults[c].count the host has been told of */
     u32 served;                                 /* private copy; the ring's is only a report */
-    u32 batch_end;                              /* the batch being served: its submit */
-    u16 failed, first;                          /* a request of it failed; what its first gets */
+    u32 end;                                    /* the publication being served ends here (== served: none) */
+    u16 failed;                                 /* a request of a batch that yielded its turn failed */
     u32 generation;                             /* new at every open and close */
 };
 
@@ -57,7 +57,6 @@ static const struct proxy_pci_device *devices;
 static int ndevices;
 static struct shared_window windows[1 + PROXY_MAX_SLOTS];
 static struct channel channels[PROXY_TOTAL_CHANNELS];
-static u32 backlog[1 + PROXY_MAX_SLOTS];        /* per window: rings whose batch outlasted its turn */
 static u64 turn_ticks;                          /* PROXY_TURN_US in TSC ticks */
 static u32 generations;                         /* for channel.generation */
 static int polling = -1;                        /* the channel whose poll lends its turn, or -1 */
@@ -70,7 +69,8 @@ static int polling = -1;                        /* the channel whose poll lends 
  */
 static u32 serving;
 static u32 served_since;                        /* channels served since the idle loop last halted (bit c) */
-static u8 open_in[1 + PROXY_MAX_SLOTS];         /* open channels per window */
+static u32 open_rings[1 + PROXY_MAX_SLOTS];     /* per window: bit k while its ring k's channel is open */
+static struct proxy_ring *ring_at[PROXY_TOTAL_CHANNELS];   /* channel c's ring, in a window the machine has */
 
 static int window_number(int c) { return c < PROXY_MAX_CHANNELS ? 0 : 1 + (c - PROXY_MAX_CHANNELS) / PROXY_SLOT_CHANNELS; }
 static int ring_of(int c) { return c < PROXY_MAX_CHANNELS ? c : (c - PROXY_MAX_CHANNELS) % PROXY_SLOT_CHANNELS; }
@@ -82,8 +82,8 @@ static void set_open(int c)
 {
     int p = window_number(c);
     channels[c].open = 1;
-    if (!open_in[p]++)
-        serving |= 1u << p;
+    open_rings[p] |= 1u << ring_of(c);
+    serving |= 1u << p;
 }
 
 static void set_closed(int c)
@@ -92,8 +92,8 @@ static void set_closed(int c)
     if (!channels[c].open)
         return;
     channels[c].open = 0;
-    backlog[p] &= ~(1u << ring_of(c));
-    if (!--open_in[p])
+    open_rings[p] &= ~(1u << ring_of(c));
+    if (!open_rings[p])
         serving &= ~(1u << p);
 }
 
@@ -184,6 +184,41 @@ void proxy_crashed(void)
 
 /* ---- granting ---- */
 
+/* Has the host published entries from `seq` of ring r on (abi.h)? */
+static inline int published(const struct proxy_ring *r, u32 seq)
+{
+    return READ_ONCE(r->entries[seq % PROXY_RING_ENTRIES].published) == ~(seq / PROXY_RING_ENTRIES);
+}
+
+/* How many entries from `seq` of ring r the host has published, 0 if none: a count out
+ * of range publishes the first entry alone, and `first` becomes what it is told. */
+static inline u32 publication(const struct proxy_ring *r, u32 seq, u16 *first)
+{
+    const volatile u64 *words = (const volatile u64 *)&r->entries[seq % PROXY_RING_ENTRIES];
+    u64 word = words[__builtin_offsetof(struct proxy_request, published) / 8];   /* published, count */
+    if ((u32)word != ~(seq / PROXY_RING_ENTRIES))
+        return 0;
+    u32 count = (u32)(word >> 32);
+    if (count - 1 < PROXY_RING_ENTRIES)
+        return count;
+    *first = PROXY_STATUS_BAD_REQUEST;
+    return 1;
+}
+
+/* Channel c's ring, taken up where the guest last left it, past whatever a last owner
+ * published there and the guest never served (the channel was closed first): the new
+ * owner starts at the `served` this reports. */
+static u32 skip_published(int c)
+{
+    struct proxy_ring *r = ring_at[c];
+    u32 served = READ_ONCE(r->served), count;
+    u16 ignored;
+    for (u32 n = 0; n < PROXY_RING_ENTRIES && (count = publication(r, served, &ignored)); n += count)
+        served += count;
+    WRITE_ONCE(r->served, served);
+    return served;
+}
+
 /* Channel c, cleared for a new owner: no grants, no faults of the last one's device,
  * nothing stale in its ring. */
 static struct channel *fresh_channel(int c)
@@ -191,10 +226,8 @@ static struct channel *fresh_channel(int c)
     struct proxy_shared *w = window_of(c);
     memset(&channels[c], 0, sizeof(channels[c]));
     channels[c].generation = ++generations;
-    backlog[window_number(c)] &= ~(1u << ring_of(c));
     memset(&w->dma_faults[ring_of(c)], 0, sizeof(w->dma_faults[0]));
-    channels[c].served = READ_ONCE(w->rings[ring_of(c)].submit);
-    WRITE_ONCE(w->rings[ring_of(c)].served, channels[c].served);
+    channels[c].served = channels[c].end = skip_published(c);
     WRITE_ONCE(w->rings[ring_of(c)].idle_spin_us, PROXY_IDLE_SPIN_US);
     return &channels[c];
 }
@@ -833,72 +866,51 @@ static u16 execute(int c, const struct proxy_request *rq, u64 *value)
 /* The words of a request the host writes: op through expect. */
 #define REQUEST_WORDS (__builtin_offsetof(struct proxy_request, expect) / 8 + 1)
 
-static void set_backlog(int c, int left)
+/* Has open channel c work: a publication's rest, or a new one? The loop's whole look at a ring. */
+static inline int has_work(int c)
 {
-    u32 bit = 1u << ring_of(c);
-    backlog[window_number(c)] = left ? backlog[window_number(c)] | bit : backlog[window_number(c)] & ~bit;
+    const struct channel *ch = &channels[c];
+    return ch->served != ch->end || published(ring_at[c], ch->served);
 }
 
 /*
- * Execute what the host has published on channel c: a batch, or what a turn of
- * PROXY_TURN_US left of one. A batch that outlasts its turn is kept (the ring's bit
- * in `backlog`) and resumed next round, after every other ring has had its turn, so
- * one driver's long batch delays the others by a turn, not by all of it; a single
- * request still runs to its end (a poll for up to PROXY_POLL_MAX_US). Once a request
- * of the batch fails, the rest of it is skipped, across turns too. Returns whether
- * there was anything to do.
+ * Execute what the host has published on open channel c (has_work): its publications in
+ * order, or what a turn of PROXY_TURN_US leaves of them. A batch that outlasts its turn is
+ * resumed on the loop's next pass, after every other ring has had its turn, so one
+ * driver's long batch delays the others by a turn, not by all of it; a single request
+ * still runs to its end (a poll for up to PROXY_POLL_MAX_US). Once a request of a batch
+ * fails, the rest of it is skipped, across turns too. Returns 1.
  */
 static int serve(int c)
 {
-    struct proxy_shared *w = window_of(c);
-    struct proxy_ring *r = &w->rings[ring_of(c)];
+    struct proxy_ring *r = ring_at[c];
     struct channel *ch = &channels[c];
     served_since |= 1u << c;            /* the idle loop spins as long as it asks */
-    int resuming = backlog[window_number(c)] >> ring_of(c) & 1;
-    if (c != 0 && !ch->open) {
-        set_backlog(c, 0);
-        u32 submit = READ_ONCE(r->submit);
-        if (submit == ch->served)
-            return 0;
-        ch->served = submit;            /* nobody may use a closed channel: drop it */
-        goto publish;
-    }
-    if (!resuming) {
-        u32 submit = READ_ONCE(r->submit);
-        if (submit == ch->served)
-            return 0;
-        if (submit - ch->served > PROXY_RING_ENTRIES) {
-            ch->served = submit;        /* the host broke the protocol; resynchronise */
-            goto publish;
-        }
-        u32 faults = READ_ONCE(w->dma_faults[ring_of(c)].count);
-        ch->batch_end = submit;
-        ch->failed = 0;
-        ch->first = PROXY_STATUS_OK;
-        if (c != 0 && faults != ch->faults_reported) {
-            ch->faults_reported = faults;   /* told once, on the batch after the fault */
-            ch->first = PROXY_STATUS_DMA_FAULT;
-        }
-        shared->served_total += submit - ch->served;
-    }
     /*
      * The batch's state lives in registers while it runs, stored back once: execute()
      * is a call, so state kept in *ch would be reloaded and stored around every request.
      * Only a poll can change the channel under us (others_turn, in which the owner may
      * close it): the generation is looked at after a request that is not a plain access.
      */
-    u32 served = ch->served, end = ch->batch_end, generation = ch->generation;
-    u16 failed = ch->failed, first = ch->first;
+    u32 served = ch->served, end = ch->end, start = served, generation = ch->generation;
+    u16 failed = ch->failed, first = PROXY_STATUS_OK;   /* what the first request is told */
+    struct proxy_request *entries = r->entries;
+    if (served == end) {                /* a new publication, not a yielded batch's rest */
+        end = served + publication(r, served, &first);
+        failed = 0;
+        u32 faults = READ_ONCE(window_of(c)->dma_faults[ring_of(c)].count);
+        if (c != 0 && faults != ch->faults_reported) {
+            ch->faults_reported = faults;   /* told once, on the batch after the fault */
+            first = PROXY_STATUS_DMA_FAULT;
+        }
+    }
     /*
      * One TSC read per request, after its copy, as its start_tsc (the ABI's "just before
-     * the access"). A batch's turn ends PROXY_TURN_US after it began (a single request
-     * has no turn to end, and reads no clock for one); a request that finds it over
-     * waits, copied again, for the next turn, but the first always runs.
+     * the access"). The turn ends PROXY_TURN_US after the first request's: a request that
+     * finds it over waits, copied again, for the next turn, but the first always runs.
      */
-    u32 start = served;
-    u64 turn_end = end - served > 1 ? rdtsc() + turn_ticks : ~0ull;
-    struct proxy_request *entries = r->entries;
-    do {
+    u64 turn_end = 0;
+    for (;;) {
         struct proxy_request *slot = &entries[served % PROXY_RING_ENTRIES];
         /* Take the request once (the host could rewrite it under us), by words:
          * under an emulating hypervisor every instruction here costs microseconds. */
@@ -909,7 +921,9 @@ static int serve(int c)
         for (unsigned i = 0; i < REQUEST_WORDS; i++)
             to[i] = from[i];
         u64 value = 0, now = rdtsc();
-        if (now > turn_end && served != start)
+        if (served == start)
+            turn_end = now + turn_ticks;
+        else if (now > turn_end)
             break;                      /* at least one, then the others' turn */
         slot->start_tsc = now;
         if (rq.status != PROXY_STATUS_CONTINUES)
@@ -922,46 +936,38 @@ static int serve(int c)
             first = PROXY_STATUS_OK;
         } else {
             status = execute(c, &rq, &value);
-            if (rq.op >= PROXY_OP_PIO_POLL && ch->generation != generation) {
-                set_backlog(c, 0);      /* closed while it polled: the ring is no longer its to write */
-                return 1;
-            }
+            if (rq.op >= PROXY_OP_PIO_POLL && ch->generation != generation)
+                return 1;               /* closed while it polled: the ring is no longer its to write */
         }
         failed = status != PROXY_STATUS_OK;
         slot->value = value;
         barrier();
         WRITE_ONCE(slot->status, status);
-    } while (++served != end);
+        if (++served == end) {          /* the next publication, if it is there already */
+            u32 more = publication(r, served, &first);
+            if (!more)
+                break;
+            end = served + more;
+        }
+    }
     ch->served = served;
+    ch->end = end;
     ch->failed = failed;
-    ch->first = first;
-    if (served != end) {
-        set_backlog(c, 1);
-        WRITE_ONCE(r->served, served);  /* progress; the host waits for all of it */
-        return 1;
-    }
-    /*
-     * A resumed batch was served without reading submit, but its ring's flag was
-     * cleared to resume it: what the host posted meanwhile (batches in flight) would
-     * wait for a flag nobody sets. Flag it again.
-     */
-    if (resuming) {
-        set_backlog(c, 0);
-        if (READ_ONCE(r->submit) != served)
-            WRITE_ONCE(w->ring_posted[ring_of(c)], 1);
-    }
-publish:
-    WRITE_ONCE(r->served, ch->served);
+    shared->served_total += served - start;
+    WRITE_ONCE(r->served, served);
     wake(&windows[window_number(c)], (u32)ring_of(c));
     return 1;
 }
 
-/* Has the host posted to any of `which` (bit p: window p)? */
+/* Has the host published the next entry of an open channel in any of `which` (bit p: window p)? */
 static int pending(u32 which)
 {
-    for (; which; which &= which - 1)
-        if (READ_ONCE(*(volatile u64 *)windows[__builtin_ctz(which)].win->ring_posted))
-            return 1;
+    for (; which; which &= which - 1) {
+        int p = __builtin_ctz(which);
+        for (u32 m = open_rings[p]; m; m &= m - 1)
+            if (has_work(first_channel(p) + __builtin_ctz(m)))
+                return 1;
+    }
     return 0;
 }
 
@@ -972,40 +978,15 @@ static void set_sleeping(u32 which, u32 asleep)
         WRITE_ONCE(windows[__builtin_ctz(which)].win->guest_sleeping, asleep);
 }
 
-/*
- * Has the host posted to window p, or does a batch there wait for its next turn?
- * The idle loop's whole look at a window, inline: serve_window() is a call, and
- * under TCG a call and its return (an indirect jump) cost more than these loads.
- */
-static inline int has_work(int p)
+/* Serve every open channel of window p whose next entry is published. Inline in the loop:
+ * under TCG a call and its return (an indirect jump) cost more than the looks. */
+static inline int serve_window(int p)
 {
-    return READ_ONCE(*(volatile u64 *)windows[p].win->ring_posted) || backlog[p];
-}
-
-/* Serve every ring of window p that the host has posted to. */
-static int serve_window(int p)
-{
-    /* One word says which rings moved: under an emulating hypervisor each
-     * instruction costs microseconds, and looking at eight rings costs fifty.
-     * Each flag seen is cleared by a plain store before its ring's submit is
-     * read, so a later post sets it again. (Not one exchange of the word:
-     * TCG carries it out as a load and a store, which can swallow a post the
-     * host makes in between.) A slot's flags past its rings are cleared too:
-     * they are only garbage its driver wrote. */
-    struct proxy_shared *w = windows[p].win;
-    u64 posted = READ_ONCE(*(volatile u64 *)w->ring_posted);
-    u32 left = backlog[p];
     int busy = 0;
-    for (int k = 0; k < PROXY_MAX_CHANNELS && (posted || left); k++, posted >>= 8, left >>= 1) {
-        int flagged = (posted & 0xFF) != 0;
-        if (k < nchannels(p) && first_channel(p) + k == polling)
-            continue;                   /* it is in the middle of a request: its ring waits */
-        if (flagged) {
-            WRITE_ONCE(w->ring_posted[k], 0);
-            mfence();
-        }
-        if ((flagged || (left & 1)) && k < nchannels(p))
-            busy |= serve(first_channel(p) + k);
+    for (u32 m = open_rings[p]; m; m &= m - 1) {
+        int c = first_channel(p) + __builtin_ctz(m);
+        if (c != polling && has_work(c))    /* the polling one is mid-request: its ring waits */
+            busy |= serve(c);
     }
     return busy;
 }
@@ -1050,6 +1031,10 @@ void proxy_init(const struct proxy_pci_device *table, int n)
     if (!windows[0].win)
         panic("proxy_init: no control window (an ivshmem-doorbell whose slot is 0)");
     shared = windows[0].win;
+    for (int c = 0; c < PROXY_TOTAL_CHANNELS; c++)
+        if (window_of(c))
+            ring_at[c] = &window_of(c)->rings[ring_of(c)];
+    channels[0].served = channels[0].end = skip_published(0);
     set_open(0);                                    /* the admin channel, for good */
     WRITE_ONCE(shared->rings[0].idle_spin_us, PROXY_IDLE_SPIN_US);
     turn_ticks = tsc_hz / 1000000 * PROXY_TURN_US;
@@ -1060,9 +1045,9 @@ void proxy_init(const struct proxy_pci_device *table, int n)
 }
 
 /* The idle loop's spin in us: the longest that a channel served since it last halted asks for,
- * read only when the loop looks at the clock (a load of a line the host writes, in every
- * request, cost each 0.12-0.15 us under TCG); after a wake-up that brought no request, the
- * default. */
+ * read only when the loop looks at the clock (in every request, a load of the line the ring's
+ * submit index shared with it cost each 0.12-0.15 us under TCG); after a wake-up that
+ * brought no request, the default. */
 static u32 asked_spin(void)
 {
     _Static_assert(PROXY_TOTAL_CHANNELS <= 32, "served_since has a bit per channel");
@@ -1094,11 +1079,8 @@ void proxy_loop(void)
     sti();                                  /* the loop runs with interrupts on: they are forwarded */
     for (u32 round = 1;; round++) {
         int busy = 0;
-        for (u32 w = serving; w; w &= w - 1) {  /* the windows with an open channel */
-            int p = __builtin_ctz(w);
-            if (has_work(p))
-                busy |= serve_window(p);
-        }
+        for (u32 w = serving; w; w &= w - 1)    /* the windows with an open channel */
+            busy |= serve_window(__builtin_ctz(w));
         if (busy) {
             idle_since = rdtsc();
             continue;

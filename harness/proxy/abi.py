@@ -21,7 +21,7 @@ from elftools.elf.elffile import ELFFile
 
 from ..errors import AbiError
 
-HOST_ABI_VERSION = 11
+HOST_ABI_VERSION = 12
 
 
 @dataclass(frozen=True)

@@ -395,10 +395,8 @@ class ProxyChannel(Channel):
         head = ring.head
         slot = ring.entries_off + (head & ring.mask) * ring.entry_size
         ring.pack_short(self._mem, slot, op, width, 0, 0, addr, value)
-        head = (head + 1) & 0xFFFFFFFF
-        ring.head = head
-        self._u32[ring.submit_idx] = head
-        self._mem[ring.posted_off] = 1
+        self._u64[ring.published_base + (head & ring.mask) * ring.published_stride] = ~(head >> ring.lap_shift) & 0xFFFFFFFF | 1 << 32
+        ring.head = (head + 1) & 0xFFFFFFFF
         if self._u32[self._w.guest_sleeping_idx]:
             self._w.ivshmem.kick_guest()
         u16, st = self._u16, (slot + ring.status_off) >> 1

@@ -1,10 +1,11 @@
 """One request ring of a shared window, as the host drives it (abi.h: ``struct proxy_ring``).
 
-The host writes entries from ``head`` on and publishes them by moving the
-ring's ``submit`` to the new head (then flags the ring posted, and kicks the
-guest if it sleeps); the guest serves every entry up to it, writes status,
-value and TSC back into each, and moves ``served``. Both counters run modulo
-2**32: entry ``seq`` lives in slot ``seq % size``.
+The host writes entries from ``head`` on and publishes them with one 8-byte
+store into the first (:meth:`Ring.publication`: its lap's mark and how many
+entries), then kicks the guest if it sleeps; the guest, watching the next entry,
+serves what is published in order, writes status, value and TSC back into each,
+and moves ``served``. Both counters run modulo 2**32: entry ``seq`` lives in slot
+``seq % size``. A request so moves one cache line each way, its entry's.
 
 A channel (:class:`~harness.proxy.channel.ProxyChannel`) drives its ring;
 tests may read it, and publish entries without waiting (to catch the guest
@@ -37,21 +38,29 @@ class Ring:
         self.entry_size = abi.sizeof("proxy_request")
         ring = window.rings_off + index * window.ring_size
         self.entries_off = ring + abi.offsetof("proxy_ring", "entries")
-        self.submit_idx = (ring + abi.offsetof("proxy_ring", "submit")) // 4
         self.served_idx = (ring + abi.offsetof("proxy_ring", "served")) // 4
         self.idle_spin_idx = (ring + abi.offsetof("proxy_ring", "idle_spin_us")) // 4
         self.fenced = False     # fence each post before looking whether the guest sleeps (window.py)
-        self.posted_off = abi.offsetof("proxy_shared", "ring_posted") + index   # set after each move of submit
         self.status_off = abi.offsetof("proxy_request", "status")
         self.value_off = abi.offsetof("proxy_request", "value")
         self.start_tsc_off = abi.offsetof("proxy_request", "start_tsc")
+        self.published_off = abi.offsetof("proxy_request", "published")
         self.first_off = abi.offsetof("proxy_request", REQUEST_FIELDS[0])
         self.pack = abi.packer("proxy_request", REQUEST_FIELDS).pack_into
         # The hot path leaves mask and expect alone: only polls read them.
         self.pack_short = abi.packer("proxy_request", REQUEST_FIELDS[:6]).pack_into
-        if self.entries_off % 8 or self.entry_size % 8 or self.status_off % 2 or self.value_off % 8:
-            raise AbiError("ring entries are not naturally aligned; the host reads them as words")
-        self.head = window.u32[self.submit_idx]     # the next entry the host publishes
+        if self.entries_off % 8 or self.entry_size % 8 or self.status_off % 2 or self.value_off % 8 \
+                or self.published_off % 8 or abi.offsetof("proxy_request", "count") != self.published_off + 4:
+            raise AbiError("ring entries are not laid out as the host writes them: aligned words, "
+                           "published then count in one")
+        # Entry seq's publication word, as an index of the window's 64-bit words, is
+        # published_base + (seq & mask) * published_stride.
+        self.published_base = (self.entries_off + self.published_off) // 8
+        self.published_stride = self.entry_size // 8
+        self.lap_shift = self.size.bit_length() - 1
+        # The next entry the host publishes: where the guest left the ring (it skipped what
+        # a last owner published and it never served when the channel opened).
+        self.head = window.u32[self.served_idx]
 
     def __repr__(self) -> str:
         return f"<Ring {self.index} head {self.head} served {self.served}>"
@@ -61,16 +70,22 @@ class Ring:
         return self.entries_off + (seq & self.mask) * self.entry_size
 
     def write(self, seq: int, *fields: int) -> None:
-        """Fill entry ``seq`` with a request (REQUEST_FIELDS, in order); nothing is published."""
+        """Fill entry ``seq`` with a request (REQUEST_FIELDS, in order), its ``start_tsc`` zeroed
+        (:meth:`taken_up`); nothing is published."""
         self.pack(self.window.mem, self.offset(seq), *fields)
+        self.window.u64[(self.offset(seq) + self.start_tsc_off) >> 3] = 0
+
+    def publication(self, seq: int, count: int) -> int:
+        """The 8-byte word that publishes ``count`` entries from ``seq`` on (abi.h): the NOT of
+        ``seq``'s lap of the ring, then the count."""
+        return ~(seq >> self.lap_shift) & 0xFFFFFFFF | count << 32
 
     def publish(self, count: int) -> int:
         """Hand the ``count`` entries from ``head`` on to the guest, without waiting; returns
         the new head, which ``served`` reaches once the guest has served them all."""
-        w = self.window
-        head = self.head = (self.head + count) & 0xFFFFFFFF
-        w.u32[self.submit_idx] = head
-        w.mem[self.posted_off] = 1
+        w, first = self.window, self.head
+        w.u64[self.published_base + (first & self.mask) * self.published_stride] = self.publication(first, count)
+        head = self.head = (first + count) & 0xFFFFFFFF
         if self.fenced:
             w.fence()
         w.kick_if_sleeping()
@@ -94,10 +109,10 @@ class Ring:
         """The guest's count of entries served."""
         return int(self.window.u32[self.served_idx])
 
-    @property
-    def posted(self) -> bool:
-        """Whether the guest has yet to take up what was last published (it clears the flag first)."""
-        return bool(self.window.mem[self.posted_off])
+    def taken_up(self, seq: int) -> bool:
+        """Whether the guest has begun entry ``seq`` (it stamps ``start_tsc`` first), for an
+        entry whose ``start_tsc`` was zeroed before it was published."""
+        return self.start_tsc(seq) != 0
 
     def status(self, seq: int) -> int:
         """Entry ``seq``'s status (``enum proxy_status``; PENDING until served)."""
