@@ -413,6 +413,36 @@ def test_a_long_batch_yields_its_turn_to_the_other_rings(rig) -> None:
     assert statuses == [abi.PROXY_STATUS_OK] * len(statuses)
 
 
+def test_a_ring_closed_while_its_batch_waits_for_its_turn_runs_none_of_it_when_opened_again(rig) -> None:
+    """A long batch yields its turn, and a request published after it waits behind it; the
+    channel is closed before the batch is done. The channel opened next on that ring runs
+    neither the batch's rest nor that request: it starts past both."""
+    pm = rig[0]
+    bus, abi = pm.bus, pm.abi
+    reads = 10_000 if pm.machine.accel == "tcg" else 100        # the emulating KVM: 100x slower
+    card = bus.open(bus.find(vendor=edu.VENDOR, device=edu.DEVICE))
+    ring, index = card.channel.ring, card.channel.index
+    ident = card.function.bars[0].base
+    seq, n = ring.head, ring.size - 1
+    for i in range(n):
+        ring.write(seq + i, abi.PROXY_OP_MMIO_REPEAT, 4, 0, 0, ident, reads, 0, 0)
+    ring.publish(n)
+    ring.write(seq + n, abi.PROXY_OP_NOP, 0, 0, 0, 0, 0, 0, 0)
+    ring.publish(1)
+    until(lambda: ring.served != seq, "the guest yields the long batch")
+    card.close()
+    assert (ring.served - seq) & 0xFFFFFFFF < n, "the batch was done before its channel closed"
+    again = bus.open(bus.find(vendor=edu.VENDOR, device=edu.DEVICE))
+    try:
+        assert again.channel.index == index, "the test needs the same ring opened again"
+        assert again.channel.ring.head == (seq + n + 1) & 0xFFFFFFFF
+        assert again.bar(0).read32(0) == 0x010000ED
+        assert not ring.taken_up(seq + n - 1), "the closed channel's batch ran on"
+        assert not ring.taken_up(seq + n), "what waited behind the batch ran"
+    finally:
+        again.close()
+
+
 def test_boot_serve_lets_a_second_terminal_attach(hwharness_accel: str) -> None:
     """`hwharness boot --serve` as the README shows it: the address it prints is attached to
     from here, the e1000 read through the slot, and Ctrl-C (SIGINT) stops it cleanly."""

@@ -41,7 +41,8 @@ struct channel {
     u32 faults_reported;                        /* dma_faults[c].count the host has been told of */
     u32 served;                                 /* private copy; the ring's is only a report */
     u32 end;                                    /* the publication being served ends here (== served: none) */
-    u16 failed;                                 /* a request of a batch that yielded its turn failed */
+    u16 failed, first;                          /* a batch that yielded its turn: a request of it failed; */
+                                                /* what its next request is told */
     u32 generation;                             /* new at every open and close */
 };
 
@@ -206,12 +207,14 @@ static inline u32 publication(const struct proxy_ring *r, u32 seq, u16 *first)
 }
 
 /* Channel c's ring, taken up where the guest last left it, past whatever a last owner
- * published there and the guest never served (the channel was closed first): the new
- * owner starts at the `served` this reports. */
+ * published there and the guest never served (the channel was closed first), the rest of
+ * a batch that was waiting for its next turn included: the new owner starts at the
+ * `served` this reports. */
 static u32 skip_published(int c)
 {
     struct proxy_ring *r = ring_at[c];
-    u32 served = READ_ONCE(r->served), count;
+    const struct channel *ch = &channels[c];
+    u32 served = ch->served != ch->end ? ch->end : READ_ONCE(r->served), count;
     u16 ignored;
     for (u32 n = 0; n < PROXY_RING_ENTRIES && (count = publication(r, served, &ignored)); n += count)
         served += count;
@@ -224,10 +227,11 @@ static u32 skip_published(int c)
 static struct channel *fresh_channel(int c)
 {
     struct proxy_shared *w = window_of(c);
+    u32 served = skip_published(c);
     memset(&channels[c], 0, sizeof(channels[c]));
     channels[c].generation = ++generations;
     memset(&w->dma_faults[ring_of(c)], 0, sizeof(w->dma_faults[0]));
-    channels[c].served = channels[c].end = skip_published(c);
+    channels[c].served = channels[c].end = served;
     WRITE_ONCE(w->rings[ring_of(c)].idle_spin_us, PROXY_IDLE_SPIN_US);
     return &channels[c];
 }
@@ -873,6 +877,23 @@ static inline int has_work(int c)
     return ch->served != ch->end || published(ring_at[c], ch->served);
 }
 
+/* Take the publication at entry `seq` of open channel c's ring: how many entries it holds
+ * (0: none is there). Its first request is told a DMA fault of the channel's device
+ * since the last report (`first`), or that the count was bad. */
+static u32 take(int c, const struct proxy_ring *r, u32 seq, u16 *first)
+{
+    u32 count = publication(r, seq, first);
+    if (count && c != 0) {
+        struct channel *ch = &channels[c];
+        u32 faults = READ_ONCE(window_of(c)->dma_faults[ring_of(c)].count);
+        if (faults != ch->faults_reported) {
+            ch->faults_reported = faults;   /* told once, on the batch after the fault */
+            *first = PROXY_STATUS_DMA_FAULT;
+        }
+    }
+    return count;
+}
+
 /*
  * Execute what the host has published on open channel c (has_work): its publications in
  * order, or what a turn of PROXY_TURN_US leaves of them. A batch that outlasts its turn is
@@ -893,16 +914,12 @@ static int serve(int c)
      * close it): the generation is looked at after a request that is not a plain access.
      */
     u32 served = ch->served, end = ch->end, start = served, generation = ch->generation;
-    u16 failed = ch->failed, first = PROXY_STATUS_OK;   /* what the first request is told */
+    u16 failed = ch->failed, first = ch->first;         /* a yielded batch's, resumed */
     struct proxy_request *entries = r->entries;
     if (served == end) {                /* a new publication, not a yielded batch's rest */
-        end = served + publication(r, served, &first);
         failed = 0;
-        u32 faults = READ_ONCE(window_of(c)->dma_faults[ring_of(c)].count);
-        if (c != 0 && faults != ch->faults_reported) {
-            ch->faults_reported = faults;   /* told once, on the batch after the fault */
-            first = PROXY_STATUS_DMA_FAULT;
-        }
+        first = PROXY_STATUS_OK;
+        end = served + take(c, r, served, &first);
     }
     /*
      * One TSC read per request, after its copy, as its start_tsc (the ABI's "just before
@@ -944,7 +961,7 @@ static int serve(int c)
         barrier();
         WRITE_ONCE(slot->status, status);
         if (++served == end) {          /* the next publication, if it is there already */
-            u32 more = publication(r, served, &first);
+            u32 more = take(c, r, served, &first);
             if (!more)
                 break;
             end = served + more;
@@ -953,6 +970,7 @@ static int serve(int c)
     ch->served = served;
     ch->end = end;
     ch->failed = failed;
+    ch->first = first;
     shared->served_total += served - start;
     WRITE_ONCE(r->served, served);
     wake(&windows[window_number(c)], (u32)ring_of(c));
@@ -1087,11 +1105,12 @@ void proxy_loop(void)
         }
         /*
          * No pause here: under TCG it leaves the translated code, under KVM
-         * it may exit. And the clock is read only every 64 rounds: under TCG
-         * rdtsc is a helper call. A loop asked for no spin halts at once: under
-         * the emulating KVM 64 idle rounds take about a millisecond.
+         * it may exit. And the clock is read only every 8 rounds: under TCG
+         * rdtsc is a helper call; under the emulating KVM 64 idle rounds take
+         * about a millisecond, which made a 200 us spin one of 1 ms. A loop
+         * asked for no spin halts at once.
          */
-        if (spin && (round % 64 || rdtsc() - idle_since < spin))
+        if (spin && (round % 8 || rdtsc() - idle_since < spin))
             continue;
         /* Interrupts off between the last look and hlt: sti's shadow then covers hlt. */
         cli();

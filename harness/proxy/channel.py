@@ -299,7 +299,11 @@ class ProxyChannel(Channel):
                 raise ValueError(f"a ring entry is {ring.entry_size} bytes, not {len(raw)}")
             seq = ring.head
             slot = ring.offset(seq)
-            self._mem[slot:slot + ring.entry_size] = raw
+            # All of it but the publication word, which is publish()'s: garbage there could
+            # publish the entry, with any count, before it is whole.
+            word = ring.published_off
+            self._mem[slot:slot + word] = raw[:word]
+            self._mem[slot + word + 8:slot + ring.entry_size] = raw[word + 8:]
             self._publish(1, timeout, "a raw ring entry")
             out.append((ring.status(seq), ring.value(seq)))
         return out
