@@ -411,7 +411,7 @@ def test_a_publication_whose_count_is_out_of_range_publishes_its_first_entry_alo
             seq = ring.head
             ring.write(seq, *read)
             ring.write(seq + 1, *read)          # written, never published
-            u64[ring.published_base + (seq & ring.mask) * ring.published_stride] = ring.publication(seq, count)
+            u64[ring.publication_at(seq)] = ring.publication(seq, count)
             ring.head = (seq + 1) & 0xFFFFFFFF
             ring.wait(ring.head, 10, f"a publication of {count}")
             assert ring.status(seq) == abi.PROXY_STATUS_BAD_REQUEST, count

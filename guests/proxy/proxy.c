@@ -185,10 +185,16 @@ void proxy_crashed(void)
 
 /* ---- granting ---- */
 
-/* Has the host published entries from `seq` of ring r on (abi.h)? */
+/* What entry `seq`'s `published` holds once the host has published from it on (abi.h). */
+static inline u32 mark(u32 seq)
+{
+    return ~(seq / PROXY_RING_ENTRIES);
+}
+
+/* Has the host published entries from `seq` of ring r on? */
 static inline int published(const struct proxy_ring *r, u32 seq)
 {
-    return READ_ONCE(r->entries[seq % PROXY_RING_ENTRIES].published) == ~(seq / PROXY_RING_ENTRIES);
+    return READ_ONCE(r->entries[seq % PROXY_RING_ENTRIES].published) == mark(seq);
 }
 
 /* How many entries from `seq` of ring r the host has published, 0 if none: a count out
@@ -197,7 +203,7 @@ static inline u32 publication(const struct proxy_ring *r, u32 seq, u16 *first)
 {
     const volatile u64 *words = (const volatile u64 *)&r->entries[seq % PROXY_RING_ENTRIES];
     u64 word = words[__builtin_offsetof(struct proxy_request, published) / 8];   /* published, count */
-    if ((u32)word != ~(seq / PROXY_RING_ENTRIES))
+    if ((u32)word != mark(seq))
         return 0;
     u32 count = (u32)(word >> 32);
     if (count - 1 < PROXY_RING_ENTRIES)

@@ -53,8 +53,8 @@ class Ring:
                 or self.published_off % 8 or abi.offsetof("proxy_request", "count") != self.published_off + 4:
             raise AbiError("ring entries are not laid out as the host writes them: aligned words, "
                            "published then count in one")
-        # Entry seq's publication word, as an index of the window's 64-bit words, is
-        # published_base + (seq & mask) * published_stride.
+        # for publication_at(seq) and publication(seq, count), which the hot path
+        # (ProxyChannel._one) inlines
         self.published_base = (self.entries_off + self.published_off) // 8
         self.published_stride = self.entry_size // 8
         self.lap_shift = self.size.bit_length() - 1
@@ -75,6 +75,10 @@ class Ring:
         self.pack(self.window.mem, self.offset(seq), *fields)
         self.window.u64[(self.offset(seq) + self.start_tsc_off) >> 3] = 0
 
+    def publication_at(self, seq: int) -> int:
+        """Where entry ``seq``'s publication word is, as an index of the window's 64-bit words."""
+        return self.published_base + (seq & self.mask) * self.published_stride
+
     def publication(self, seq: int, count: int) -> int:
         """The 8-byte word that publishes ``count`` entries from ``seq`` on (abi.h): the NOT of
         ``seq``'s lap of the ring, then the count."""
@@ -84,7 +88,7 @@ class Ring:
         """Hand the ``count`` entries from ``head`` on to the guest, without waiting; returns
         the new head, which ``served`` reaches once the guest has served them all."""
         w, first = self.window, self.head
-        w.u64[self.published_base + (first & self.mask) * self.published_stride] = self.publication(first, count)
+        w.u64[self.publication_at(first)] = self.publication(first, count)
         head = self.head = (first + count) & 0xFFFFFFFF
         if self.fenced:
             w.fence()
