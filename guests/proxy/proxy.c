@@ -49,6 +49,7 @@ struct channel {
 /* One ivshmem window: the control window (0) or driver slot n. */
 struct shared_window {
     struct proxy_shared *win;                   /* NULL: the machine has no such slot */
+    struct proxy_window_hot *hot;               /* its hot page: win->hot[p] for window p (abi.h) */
     const struct proxy_pci_device *dev;         /* its ivshmem device: never granted */
     u64 doorbell;
 };
@@ -69,6 +70,7 @@ static int polling = -1;                        /* the channel whose poll lends 
  * requests on its rings go unanswered until a channel opens there.
  */
 static u32 serving;
+static u64 served_total;                        /* requests executed: the window's copy is updated at wake-ups */
 static u32 served_since;                        /* channels served since the idle loop last halted (bit c) */
 static u32 open_rings[1 + PROXY_MAX_SLOTS];     /* per window: bit k while its ring k's channel is open */
 static struct proxy_ring *ring_at[PROXY_TOTAL_CHANNELS];   /* channel c's ring, in a window the machine has */
@@ -78,6 +80,7 @@ static int ring_of(int c) { return c < PROXY_MAX_CHANNELS ? c : (c - PROXY_MAX_C
 static int first_channel(int p) { return p ? PROXY_MAX_CHANNELS + (p - 1) * PROXY_SLOT_CHANNELS : 0; }
 static int nchannels(int p) { return p ? PROXY_SLOT_CHANNELS : PROXY_MAX_CHANNELS; }
 static struct proxy_shared *window_of(int c) { return windows[window_number(c)].win; }
+static struct proxy_window_hot *hot_of(int c) { return windows[window_number(c)].hot; }
 
 static void set_open(int c)
 {
@@ -150,8 +153,8 @@ static int any_overlap(const struct window *w, int n, u64 addr, u64 width)
 static void wake(const struct shared_window *p, u32 vector)
 {
     mfence();                           /* our results before we read its flag */
-    if (p->win && vector < PROXY_DOORBELL_VECTORS && READ_ONCE(p->win->host_sleeping[vector])) {
-        WRITE_ONCE(p->win->host_sleeping[vector], 0);
+    if (p->win && vector < PROXY_DOORBELL_VECTORS && READ_ONCE(p->hot->host_sleeping[vector])) {
+        WRITE_ONCE(p->hot->host_sleeping[vector], 0);
         mmio_write32(p->doorbell, PROXY_HOST_PEER << 16 | vector);
     }
 }
@@ -159,7 +162,7 @@ static void wake(const struct shared_window *p, u32 vector)
 /* Channel c's interrupt vector v: its counter, and the doorbell of whoever waits on it. */
 struct proxy_irq *proxy_irq_slot(int c, u32 v)
 {
-    return &window_of(c)->irqs[ring_of(c) * PROXY_IRQ_VECTORS + v];
+    return &hot_of(c)->irqs[ring_of(c) * PROXY_IRQ_VECTORS + v];
 }
 
 void proxy_wake_irq(int c, u32 v)
@@ -232,13 +235,12 @@ static u32 skip_published(int c)
  * nothing stale in its ring. */
 static struct channel *fresh_channel(int c)
 {
-    struct proxy_shared *w = window_of(c);
     u32 served = skip_published(c);
     memset(&channels[c], 0, sizeof(channels[c]));
     channels[c].generation = ++generations;
-    memset(&w->dma_faults[ring_of(c)], 0, sizeof(w->dma_faults[0]));
+    memset(&hot_of(c)->dma_faults[ring_of(c)], 0, sizeof(struct proxy_dma_fault));
     channels[c].served = channels[c].end = served;
-    WRITE_ONCE(w->rings[ring_of(c)].idle_spin_us, PROXY_IDLE_SPIN_US);
+    WRITE_ONCE(ring_at[c]->idle_spin_us, PROXY_IDLE_SPIN_US);
     return &channels[c];
 }
 
@@ -546,7 +548,7 @@ void proxy_dma_fault(u32 source_id, u64 addr, int write, u8 reason, u64 tsc)
     for (int c = 1; c < PROXY_TOTAL_CHANNELS; c++) {
         const struct proxy_pci_device *d = channels[c].device;
         if (channels[c].open && d && (u32)(d->bus << 8 | d->dev << 3 | d->fn) == source_id) {
-            struct proxy_dma_fault *f = &window_of(c)->dma_faults[ring_of(c)];
+            struct proxy_dma_fault *f = &hot_of(c)->dma_faults[ring_of(c)];
             f->source_id = (u16)source_id;
             f->addr = addr;
             f->write = (u8)write;
@@ -891,7 +893,7 @@ static u32 take(int c, const struct proxy_ring *r, u32 seq, u16 *first)
     u32 count = publication(r, seq, first);
     if (count && c != 0) {
         struct channel *ch = &channels[c];
-        u32 faults = READ_ONCE(window_of(c)->dma_faults[ring_of(c)].count);
+        u32 faults = READ_ONCE(hot_of(c)->dma_faults[ring_of(c)].count);
         if (faults != ch->faults_reported) {
             ch->faults_reported = faults;   /* told once, on the batch after the fault */
             *first = PROXY_STATUS_DMA_FAULT;
@@ -977,7 +979,7 @@ static int serve(int c)
     ch->end = end;
     ch->failed = failed;
     ch->first = first;
-    shared->served_total += served - start;
+    served_total += served - start;
     WRITE_ONCE(r->served, served);
     wake(&windows[window_number(c)], (u32)ring_of(c));
     return 1;
@@ -1052,17 +1054,17 @@ void proxy_init(const struct proxy_pci_device *table, int n)
             panic("proxy_init: an ivshmem window with a bad or repeated slot number");
         if (pci_enable_msix(d, 0, VEC_KICK))
             panic("proxy_init: an ivshmem device without MSI-X");
-        windows[p] = (struct shared_window){ w, d, d->bars[0].base + IVSHMEM_DOORBELL };
+        windows[p] = (struct shared_window){ w, &w->hot[p], d, d->bars[0].base + IVSHMEM_DOORBELL };
     }
     if (!windows[0].win)
         panic("proxy_init: no control window (an ivshmem-doorbell whose slot is 0)");
     shared = windows[0].win;
     for (int c = 0; c < PROXY_TOTAL_CHANNELS; c++)
         if (window_of(c))
-            ring_at[c] = &window_of(c)->rings[ring_of(c)];
+            ring_at[c] = &window_of(c)->rings[c];
     channels[0].served = channels[0].end = skip_published(0);
     set_open(0);                                    /* the admin channel, for good */
-    WRITE_ONCE(shared->rings[0].idle_spin_us, PROXY_IDLE_SPIN_US);
+    WRITE_ONCE(ring_at[0]->idle_spin_us, PROXY_IDLE_SPIN_US);
     turn_ticks = tsc_hz / 1000000 * PROXY_TURN_US;
     for (int p = PROXY_MAX_SLOTS; p >= 0; p--)       /* the control window last: READY means all are */
         if (windows[p].win)
@@ -1079,7 +1081,7 @@ static u32 asked_spin(void)
     u32 most = 0;
     for (u32 m = served_since; m; m &= m - 1) {
         int c = __builtin_ctz(m);
-        u32 asked = READ_ONCE(window_of(c)->rings[ring_of(c)].idle_spin_us);
+        u32 asked = READ_ONCE(ring_at[c]->idle_spin_us);
         most = asked > most ? asked : most;
     }
     return most < PROXY_IDLE_SPIN_MAX_US ? most : PROXY_IDLE_SPIN_MAX_US;
@@ -1129,6 +1131,7 @@ void proxy_loop(void)
             sti();
         set_sleeping(flagged, 0);
         shared->kicks = kicks;
+        shared->served_total = served_total;
         served_since = 0;
         idle_since = rdtsc();
         spin = PROXY_IDLE_SPIN_US * us;     /* a wake-up that brings no request: the default */

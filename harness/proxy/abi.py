@@ -21,7 +21,7 @@ from elftools.elf.elffile import ELFFile
 
 from ..errors import AbiError
 
-HOST_ABI_VERSION = 12
+HOST_ABI_VERSION = 13
 
 
 @dataclass(frozen=True)

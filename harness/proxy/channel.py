@@ -434,7 +434,7 @@ class ProxyChannel(Channel):
     def dma_faults(self) -> DmaFaultRecord | None:
         abi = self.bus.abi
         f = abi.decode("proxy_dma_fault", self._mem,
-                       abi.offsetof("proxy_shared", "dma_faults") + self.index * abi.sizeof("proxy_dma_fault"))
+                       self._w.dma_faults_off + self.index * abi.sizeof("proxy_dma_fault"))
         if not f["count"]:
             return None
         source = f["source_id"]

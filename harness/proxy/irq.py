@@ -54,7 +54,7 @@ class ProxyIrq(Irq):
         abi = channel.bus.abi
         self._w = channel.bus.window
         slot = channel.index * abi.PROXY_IRQ_VECTORS + vector
-        base = abi.offsetof("proxy_shared", "irqs") + slot * abi.sizeof("proxy_irq")
+        base = self._w.irqs_off + slot * abi.sizeof("proxy_irq")
         self._count_idx = (base + abi.offsetof("proxy_irq", "count")) // 4
         self._masked_idx = (base + abi.offsetof("proxy_irq", "masked")) // 4
         self._line_idx = (base + abi.offsetof("proxy_irq", "line")) // 4

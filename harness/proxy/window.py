@@ -80,10 +80,17 @@ class SharedWindow:
         self.state_idx = off("state") // 4
         self.magic_idx = off("magic") // 4
         self.guest_sleeping_idx = off("guest_sleeping") // 4
-        self.host_sleeping_off = off("host_sleeping")          # a byte per doorbell vector
         self.heartbeat_idx = off("heartbeat") // 8
-        self.rings_off = off("rings")
+        # Window p's hot page is hot[p] and its ring r is rings[first channel of p + r], so
+        # no two windows' hot pages share an index of TCG's TLB (abi.h).
+        self.slot = self.u32[off("slot") // 4]                  # the owner wrote it before boot
+        hot = off("hot") + self.slot * abi.sizeof("proxy_window_hot")
+        self.host_sleeping_off = hot + abi.offsetof("proxy_window_hot", "host_sleeping")  # a byte per doorbell vector
+        self.irqs_off = hot + abi.offsetof("proxy_window_hot", "irqs")
+        self.dma_faults_off = hot + abi.offsetof("proxy_window_hot", "dma_faults")
+        first_channel = abi.PROXY_MAX_CHANNELS + (self.slot - 1) * abi.PROXY_SLOT_CHANNELS if self.slot else 0
         self.ring_size = abi.sizeof("proxy_ring")
+        self.rings_off = off("rings") + first_channel * self.ring_size   # this window's ring 0
         self._fence = threading.Lock()   # a locked instruction: the full fence Python lacks
         self._pollers: dict[int, select.poll] = {}    # one per doorbell vector, made at its first sleep
 
