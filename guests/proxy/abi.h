@@ -29,7 +29,8 @@
  * A machine has one control window, held by the process that owns the
  * machine, and up to PROXY_MAX_SLOTS driver slots: ivshmem devices of their
  * own with the same layout, each handed to one driver process. A slot's
- * channels use its rings 0..PROXY_SLOT_CHANNELS-1 and its devices' DMA
+ * channels use its rings 0..PROXY_SLOT_CHANNELS-1 (channel c's ring is
+ * rings[c] of the window: the hot part, below) and its devices' DMA
  * domains lie in its own pool; only the control window's channel 0 may open
  * and close channels (in any window). The proxy looks at a slot window only
  * while one of its channels is open: until then its rings go unserved and its
