@@ -158,6 +158,7 @@ trap_entry:                         /* an exception is a crash: trap() returns o
     call trap
     jmp restore
 
+.section .text.irq, "ax"             /* the interrupt path's page (link.ld) */
 irq_entry:
     SAVE_REGS
     mov %rsp, %rdi                  /* 176 bytes pushed since the CPU aligned rsp: still aligned */

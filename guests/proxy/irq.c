@@ -71,7 +71,7 @@ void irq_init(void)
     }
 }
 
-void lapic_eoi(void)
+IRQ_PATH void lapic_eoi(void)
 {
     mmio_write32(LAPIC_BASE + LAPIC_EOI, 0);
 }
@@ -94,7 +94,7 @@ static void record(struct proxy_irq *r, u64 tsc)
 }
 
 /* One dispatch for every device interrupt. */
-void irq(struct trapframe *tf)
+IRQ_PATH void irq(struct trapframe *tf)
 {
     u64 tsc = rdtsc();                  /* first: this is "handler entry" */
     u32 v = (u32)tf->vector;

@@ -37,6 +37,12 @@ void crash(const struct trapframe *tf, const char *msg) __attribute__((noreturn)
 void crash_on_purpose(u32 kind);
 
 /* irq.c */
+/* The request loop's code, and the interrupt path's, each in one page of its own (link.ld):
+ * TCG chains a jump straight to the next translated block only within the page that block
+ * starts on; every other jump, and every call and return, looks its target up. */
+#define HOT_PATH __attribute__((section(".text.hot")))
+#define IRQ_PATH __attribute__((section(".text.irq")))
+
 void irq_init(void);
 void lapic_eoi(void);
 int lapic_in_service(u32 vector);

@@ -160,12 +160,12 @@ static void wake(const struct shared_window *p, u32 vector)
 }
 
 /* Channel c's interrupt vector v: its counter, and the doorbell of whoever waits on it. */
-struct proxy_irq *proxy_irq_slot(int c, u32 v)
+IRQ_PATH struct proxy_irq *proxy_irq_slot(int c, u32 v)
 {
     return &hot_of(c)->irqs[ring_of(c) * PROXY_IRQ_VECTORS + v];
 }
 
-void proxy_wake_irq(int c, u32 v)
+IRQ_PATH void proxy_wake_irq(int c, u32 v)
 {
     wake(&windows[window_number(c)], PROXY_DOORBELL_IRQ_BASE + (u32)ring_of(c) * PROXY_IRQ_VECTORS + v);
 }
@@ -888,7 +888,7 @@ static inline int has_work(int c)
 /* Take the publication at entry `seq` of open channel c's ring: how many entries it holds
  * (0: none is there). Its first request is told a DMA fault of the channel's device
  * since the last report (`first`), or that the count was bad. */
-static u32 take(int c, const struct proxy_ring *r, u32 seq, u16 *first)
+HOT_PATH static u32 take(int c, const struct proxy_ring *r, u32 seq, u16 *first)
 {
     u32 count = publication(r, seq, first);
     if (count && c != 0) {
@@ -910,7 +910,7 @@ static u32 take(int c, const struct proxy_ring *r, u32 seq, u16 *first)
  * still runs to its end (a poll for up to PROXY_POLL_MAX_US). Once a request of a batch
  * fails, the rest of it is skipped, across turns too. Returns 1.
  */
-static int serve(int c)
+HOT_PATH static int serve(int c)
 {
     struct proxy_ring *r = ring_at[c];
     struct channel *ch = &channels[c];
@@ -1097,7 +1097,7 @@ static u32 asked_spin(void)
  * used goes to the threads the next request needs. On two cores such reads went
  * from 2,500-2,800 to 4,000 a second.
  */
-void proxy_loop(void)
+HOT_PATH void proxy_loop(void)
 {
     const u64 us = tsc_hz / 1000000;
     u64 idle_since = rdtsc(), spin = PROXY_IDLE_SPIN_US * us;  /* how long to look on after idle_since */
