@@ -196,6 +196,7 @@ gdt_desc:
 .align 4096
 pml4:
     .skip 4096
+.globl pdpt                             /* kernel.c maps page aliases through its entry 4 */
 pdpt:
     .skip 4096
 pd:

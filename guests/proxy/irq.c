@@ -11,12 +11,14 @@
 #include "kernel.h"
 #include "vectors.h"
 
-#define LAPIC_BASE 0xfee00000u
+#define LAPIC_PHYS 0xfee00000u
 #define LAPIC_TPR 0x80
 #define LAPIC_ISR 0x100                 /* in-service bits, 32 vectors per register, 16 bytes apart */
 #define LAPIC_EOI 0xb0
 #define LAPIC_SVR 0xf0
-#define IOAPIC_BASE 0xfec00000u
+#define IOAPIC_PHYS 0xfec00000u
+#define LAPIC_ALIAS_INDEX 0xf0          /* TLB indexes of their aliases (map_alias): free ones */
+#define IOAPIC_ALIAS_INDEX 0xf1
 #define IOAPIC_PINS 24
 #define IOREDTBL_LEVEL (1u << 15)
 #define IOREDTBL_MASKED (1u << 16)
@@ -33,6 +35,9 @@ static u32 channel_vectors[PROXY_TOTAL_CHANNELS]; /* MSI-X entries a channel too
 static u32 channel_pins[PROXY_TOTAL_CHANNELS];    /* IOAPIC inputs a channel owns (INTx, ISA) */
 volatile u32 kicks;
 
+/* Where the two are reached: their aliases once irq_init made them (map_alias says why). */
+static u64 lapic = LAPIC_PHYS, ioapic = IOAPIC_PHYS;
+
 static inline void irq_off(void) { asm volatile("cli" : : : "memory"); }
 static inline void irq_on(void) { asm volatile("sti" : : : "memory"); }
 
@@ -43,10 +48,10 @@ static u32 ioapic_selected = ~0u;
 static void ioapic_write(u32 reg, u32 v)
 {
     if (reg != ioapic_selected) {
-        mmio_write32(IOAPIC_BASE, reg);
+        mmio_write32(ioapic, reg);
         ioapic_selected = reg;
     }
-    mmio_write32(IOAPIC_BASE + 0x10, v);
+    mmio_write32(ioapic + 0x10, v);
 }
 
 /*
@@ -63,8 +68,10 @@ static void ioapic_route(u32 pin, int level, int masked)
 
 void irq_init(void)
 {
-    mmio_write32(LAPIC_BASE + LAPIC_TPR, 0);
-    mmio_write32(LAPIC_BASE + LAPIC_SVR, 0x100 | VEC_SPURIOUS);
+    lapic = map_alias(LAPIC_ALIAS_INDEX, LAPIC_PHYS);
+    ioapic = map_alias(IOAPIC_ALIAS_INDEX, IOAPIC_PHYS);
+    mmio_write32(lapic + LAPIC_TPR, 0);
+    mmio_write32(lapic + LAPIC_SVR, 0x100 | VEC_SPURIOUS);
     for (u32 pin = 0; pin < IOAPIC_PINS; pin++) {
         ioapic_write(0x11 + 2 * pin, 0);
         ioapic_route(pin, 0, 1);
@@ -73,13 +80,13 @@ void irq_init(void)
 
 IRQ_PATH void lapic_eoi(void)
 {
-    mmio_write32(LAPIC_BASE + LAPIC_EOI, 0);
+    mmio_write32(lapic + LAPIC_EOI, 0);
 }
 
 /* Is `vector` in service at the local APIC? An interrupt is, an exception is not. */
 int lapic_in_service(u32 vector)
 {
-    return mmio_read32(LAPIC_BASE + LAPIC_ISR + 16 * (vector / 32)) >> (vector % 32) & 1;
+    return mmio_read32(lapic + LAPIC_ISR + 16 * (vector / 32)) >> (vector % 32) & 1;
 }
 
 /* Channel c's vector v: its counter in shared memory, its IDT vector, its host doorbell. */

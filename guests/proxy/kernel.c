@@ -256,6 +256,29 @@ static u64 calibrate_tsc(struct pit_span *boot)
     return good[2] < lo ? lo : good[2] > hi ? hi : good[2];    /* the median */
 }
 
+/*
+ * A 4 KiB alias of the page at `phys`, at TLB index `index` of TCG's TLB (256 entries,
+ * indexed by virtual page number: abi.h): virtual 4 GiB + index * 4 KiB, uncached. The
+ * LAPIC and the IOAPIC live at index 0, as does the first page of every large BAR,
+ * where most device registers are; reached through aliases they cost a victim-TLB swap
+ * neither each other nor a device. Boot is single-threaded and the aliased range was
+ * never mapped, so no TLB holds a stale entry for it.
+ */
+extern u64 pdpt[512];
+static u64 alias_pd[512] __attribute__((aligned(4096)));
+static u64 alias_pt[512] __attribute__((aligned(4096)));
+
+u64 map_alias(u32 index, u64 phys)
+{
+    const u64 present_writable_uncached = 0x1b;
+    if (!pdpt[4]) {
+        alias_pd[0] = (u64)alias_pt | 3;
+        pdpt[4] = (u64)alias_pd | 3;
+    }
+    alias_pt[index % 256] = phys | present_writable_uncached;
+    return 0x100000000ull + (u64)(index % 256) * 4096;
+}
+
 void kmain(void)
 {
     serial_init();

@@ -44,6 +44,7 @@ void crash_on_purpose(u32 kind);
 #define IRQ_PATH __attribute__((section(".text.irq")))
 
 void irq_init(void);
+u64 map_alias(u32 index, u64 phys);
 void lapic_eoi(void);
 int lapic_in_service(u32 vector);
 u16 irq_enable_intx(int c, const struct proxy_pci_device *d);
