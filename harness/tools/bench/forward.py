@@ -386,7 +386,11 @@ def workloads(wires: Wires, bridge: Bridge, native: NativeBridge, sides: dict[st
             if sink.count[0] >= count:
                 return True
             if time.monotonic() > deadline[0]:
-                raise ForwardStalled(f"the Python bridge: the sink got {sink.count[0]} of {count} frames")
+                # Where the rest went, as far as the bridge and its NICs know (drops are counted
+                # there; a frame none of them counts is still in a ring or in QEMU).
+                bridge.count_missed(side.counters)
+                raise ForwardStalled(f"the Python bridge: the sink got {sink.count[0]} of {count} frames; "
+                                     f"the bridge's counters since the bench began: {side.counters.snapshot()}")
             return False
 
         def forward() -> int:
