@@ -271,12 +271,13 @@ static u64 alias_pt[512] __attribute__((aligned(4096)));
 u64 map_alias(u32 index, u64 phys)
 {
     const u64 present_writable_uncached = 0x1b;
+    u32 page = index % 256;                     /* one TLB's worth of indexes */
     if (!pdpt[4]) {
         alias_pd[0] = (u64)alias_pt | 3;
         pdpt[4] = (u64)alias_pd | 3;
     }
-    alias_pt[index % 256] = phys | present_writable_uncached;
-    return 0x100000000ull + (u64)(index % 256) * 4096;
+    alias_pt[page] = phys | present_writable_uncached;
+    return 0x100000000ull + (u64)page * 4096;
 }
 
 void kmain(void)

@@ -8,6 +8,12 @@
 #define NULL ((void *)0)
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
+/* The request loop's code, and the interrupt path's, each in one page of its own (link.ld):
+ * TCG chains a jump straight to the next translated block only within the page that block
+ * starts on; every other jump, and every call and return, looks its target up. */
+#define HOT_PATH __attribute__((section(".text.hot")))
+#define IRQ_PATH __attribute__((section(".text.irq")))
+
 /* A range of addresses: a BAR, a port range, a DMA domain. */
 struct window {
     u64 base, size;
@@ -24,6 +30,7 @@ void kprintf(const char *fmt, ...);
 void panic(const char *msg) __attribute__((noreturn));
 void *memset(void *d, int c, unsigned n);
 void *memcpy(void *d, const void *s, unsigned n);
+u64 map_alias(u32 index, u64 phys);
 extern u64 tsc_hz;
 
 /* trap.c */
@@ -37,14 +44,7 @@ void crash(const struct trapframe *tf, const char *msg) __attribute__((noreturn)
 void crash_on_purpose(u32 kind);
 
 /* irq.c */
-/* The request loop's code, and the interrupt path's, each in one page of its own (link.ld):
- * TCG chains a jump straight to the next translated block only within the page that block
- * starts on; every other jump, and every call and return, looks its target up. */
-#define HOT_PATH __attribute__((section(".text.hot")))
-#define IRQ_PATH __attribute__((section(".text.irq")))
-
 void irq_init(void);
-u64 map_alias(u32 index, u64 phys);
 void lapic_eoi(void);
 int lapic_in_service(u32 vector);
 u16 irq_enable_intx(int c, const struct proxy_pci_device *d);
