@@ -25,7 +25,7 @@ def test_flatten_keeps_numbers_by_path_and_drops_lists_and_flags() -> None:
     # facts about a figure are not the figure: a thread's share of the cores, the work per run
     ("cpu_cores.randread_4k_qd1_iops.vcpu", None), ("work.rx_pps_64.units_per_run", None),
     ("foreign_cores.restores_standby", None), ("peer.spread.peer_linux_fwd_pps_64", None), ("icount_shift", None),
-    ("timed_s.fwd_pps_1514", None),
+    ("timed_s.fwd_pps_1514", None), ("after_idle.idle_s", None), ("after_idle.boot_p50_s", "lower"),
 ])
 def test_which_way_is_better_comes_from_the_name(key: str, expected: str | None) -> None:
     assert better(key) == expected

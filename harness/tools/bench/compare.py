@@ -96,10 +96,10 @@ SIDE_TIMEOUT = 1800.0           # one bench on one side; a full (not --quick) be
 HIGHER = ("iops", "per_s", "mbps", "mb_s", "pps", "ops_s", "throughput", "frames_s", "bytes_s")
 LOWER = ("_us", "_ms", "_ns", "_s", "p50", "p90", "p99", "latency", "instructions")
 # ratios, settings and context, not figures, wherever in a key's path (a thread's share of the
-# cores, an -icount shift, the seconds a figure's runs took: what its cores are shared over, and
-# named after the figure, which is compared itself); "count" as a word, so that `init_icount_s`
-# is a figure
-NEITHER = re.compile(r"ratio|_over_|cost|spread|foreign|cores|(?<![a-z])count|load|shift|timed_s")
+# cores, an -icount shift, the idle wait a bench was told to take, the seconds a figure's runs
+# took: what its cores are shared over, and named after the figure, which is compared itself);
+# "count" as a word, so that `init_icount_s` is a figure
+NEITHER = re.compile(r"ratio|_over_|cost|spread|foreign|cores|(?<![a-z])count|load|shift|timed_s|^idle_s$")
 
 
 class CompareError(HarnessError):
