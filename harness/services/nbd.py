@@ -43,12 +43,20 @@ WRITE is acknowledged once the device has completed it (it may still sit in the
 device's volatile cache, which NBD allows), a FUA write or a FLUSH only once a
 device flush after it has completed.
 
+Read-ahead: a client that reads one request at a time, each where the last ended,
+gets the data past its read read ahead while it takes the reply (``READ_AHEAD``),
+and its next reads answered from there without a device command. What was read
+ahead is one range in the device's DMA memory; a write, TRIM or WRITE_ZEROES that
+overlaps it drops it before it runs, and so does any other read (it reuses that
+memory).
+
 ``NBD_FLAG_CAN_MULTI_CONN`` is advertised because it is true of this design: the
-server keeps no cache and answers a write only after the device completed it, so
+server caches no writes and answers a write only after the device completed it, so
 every write acknowledged on any connection before a FLUSH arrives is in the one
 device whose flush (AHCI FLUSH CACHE EXT, NVMe Flush) makes it durable; the same
 holds across a driver restart, because completed writes live in the device, not
-in the dead process.
+in the dead process. The one read-ahead range is the server's, whatever the
+connection, and dropped by any write over it, so no connection reads stale data.
 
 Errors (all :class:`~harness.errors.HarnessError`)::
 
@@ -193,6 +201,11 @@ ANSWERED_SPIN = 0.5e-3
 # The most device work between two beats in a turn: also the most one read_many or write_many
 # call is given, so it bounds the DMA memory a device stages a batch in.
 BEAT_BYTES = 4 << 20
+# A client that sends one READ at a time, each where the last ended (a Linux machine's
+# O_DIRECT sequential reads), would wait a device command for every request: once such a
+# read is answered the server reads this much (or two of its reads, if more) past it in one
+# batch while the client takes the reply, and answers the next reads from there (_ReadAhead).
+READ_AHEAD = 1 << 20
 # A connection whose unread input or unsent replies pass this is not read until they drain,
 # so a client that never reads cannot make the server's memory grow.
 CONNECTION_BUFFER = 4 << 20
@@ -258,6 +271,48 @@ class _Spans:
         if i < j:                                        # they touch or overlap: merge them
             start, end = min(start, self.starts[i]), max(end, self.ends[j - 1])
         self.starts[i:j], self.ends[i:j] = [start], [end]
+
+
+class _ReadAhead:
+    """What the server read ahead of a sequential reader: bytes [start, end) of the export in
+    ``view``, the device's DMA memory as ``read_many`` returned it (valid until its next call:
+    the server drops this before any)."""
+
+    def __init__(self) -> None:
+        self.start = self.end = 0
+        self.view: memoryview | None = None
+        self.reader: object = None  # the connection of the last read served
+        self.read_end = -1          # where it ended
+        self.stride = 0             # its length if it began where the one before it, on its connection, ended; else 0
+
+    def saw(self, connection: object, offset: int, length: int) -> None:
+        """A read served. A reader of its own: reads on several connections (nbdcopy's) do not follow each other."""
+        self.stride = length if connection is self.reader and offset == self.read_end else 0
+        self.reader, self.read_end = connection, offset + length
+
+    def take(self, offset: int, length: int) -> memoryview | None:
+        """A read's data, if all of it is held."""
+        if self.view is None or offset < self.start or offset + length > self.end:
+            return None
+        return self.view[offset - self.start:offset - self.start + length]
+
+    def overlaps(self, start: int, end: int) -> bool:
+        return self.view is not None and start < self.end and self.start < end
+
+    def hold(self, start: int, view: memoryview) -> None:
+        self.start, self.end, self.view = start, start + len(view), view
+
+    def drop(self) -> None:
+        self.start = self.end = 0
+        self.view = None
+
+    def wanted(self, size: int) -> tuple[int, int] | None:
+        """(offset, length) to read ahead now, or None: the reader is sequential and what is
+        held does not hold its next read (so nothing is read twice while it would do)."""
+        if not self.stride or (self.view is not None and self.end - self.read_end >= self.stride):
+            return None
+        length = min(max(READ_AHEAD, 2 * self.stride), BEAT_BYTES, size - self.read_end)
+        return (self.read_end, length) if length > 0 else None
 
 
 # ---- the server ----
@@ -376,6 +431,7 @@ class NbdServer:
         self._unanswered = 0                # the first of them not answered yet
         self._selector: selectors.BaseSelector | None = None
         self._answered_at = 0.0             # when the last turn's answers went out
+        self._ahead = _ReadAhead()
 
     def serve_forever(self) -> None:
         """Serve until the process is killed (or the device raises an error not in request_errors)."""
@@ -424,6 +480,27 @@ class NbdServer:
                     self._close(connection)
                 else:
                     self._watch(connection)
+        if batch and self.read_many is not None:
+            self._read_ahead(batch)
+
+    def _read_ahead(self, batch: list[_Request]) -> None:
+        """After a turn whose one read went on from where the last one ended: the data past it,
+        read while the client takes the reply (see READ_AHEAD). A failure here is the next
+        read's to meet, so it is only logged."""
+        reads = [r for r in batch if r.cmd == Cmd.READ and not r.error]
+        for request in reads:
+            self._ahead.saw(request.connection, request.offset, request.length)
+        wanted = self._ahead.wanted(self.size) if len(reads) == 1 else None
+        if wanted is None:
+            return
+        assert self.read_many is not None
+        offset, length = wanted
+        self._ahead.drop()
+        self._beat()
+        try:
+            self._ahead.hold(offset, self.read_many([(offset // self.sector_size, length // self.sector_size)])[0])
+        except self.request_errors as exc:
+            log.info("reading %d bytes ahead at %d failed (%s)", length, offset, exc)
 
     def _events(self, ready: bool) -> list[tuple[selectors.SelectorKey, int]]:
         """What the sockets have: a look if requests are already waiting, else a wait of up to
@@ -797,6 +874,8 @@ class NbdServer:
         BEAT_BYTES of device work, so a long turn on a slow device is not taken for a hang."""
         if not segment:
             return
+        if any(r.cmd in WRITING and self._ahead.overlaps(r.offset, r.offset + r.length) for r in segment):
+            self._ahead.drop()                      # what was read ahead there is about to change
         writes = [r for r in segment if r.cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES)]
         if writes and self.write_many is not None:
             try:
@@ -810,6 +889,17 @@ class NbdServer:
                 log.info("a batch of %d writes failed (%s); writing each alone", len(writes), exc)
         reads = [r for r in segment if r.cmd == Cmd.READ]
         if reads and self.read_many is not None:
+            held = [(r, view) for r in reads if (view := self._ahead.take(r.offset, r.length)) is not None]
+            if held:                                # answered from what was read ahead
+                for request, _ in held:
+                    request.done = True
+                self._answer_ready({id(r): view for r, view in held})
+                for request, view in held:
+                    if not request.answered:        # the next read_many reuses that memory
+                        request.reply = bytes(view)
+                reads = [r for r in reads if not r.done]
+            if reads:
+                self._ahead.drop()
             try:
                 for group in _groups(reads, lambda r: r.length):
                     self._beat()
