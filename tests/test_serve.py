@@ -76,7 +76,12 @@ def test_nbd_uris_become_qemu_blockdev_properties() -> None:
 def test_unusable_input_is_one_line_and_status_2(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
+    run_tool("qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "1M")
+    run_tool("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(tmp_path / "base.qcow2"), "-F", "qcow2",
+             str(tmp_path / "layer.qcow2"))
     for args, says in [(("serve", "disk", str(tmp_path / "missing.img")), "no such file"),
+                       (("serve", "disk", str(image), "--format", "qcow2"), "is not a qcow2 image"),
+                       (("serve", "disk", str(tmp_path / "layer.qcow2")), f"names another file ({tmp_path}/base.qcow2)"),
                        (("serve", "disk", str(image), "--nbd", "udp:1"), "not unix:PATH or tcp:HOST:PORT"),
                        (("serve", "disk", str(image), "--nbd", f"unix:{tmp_path}/no/such/dir.sock"),
                         "cannot listen there"),
@@ -133,6 +138,39 @@ def test_serve_prints_the_uri_and_every_start_and_stops_on_ctrl_c(
     assert not path.exists(), "the socket is removed"
     for pid in (first.group(1), again.group(1)):
         assert not Path(f"/proc/{pid}").exists(), f"driver {pid} is left behind"
+
+
+@pytest.mark.qemu
+def test_a_qcow2_image_is_served_as_its_virtual_disk_and_stays_a_sound_qcow2(
+        hwharness_accel: str, tmp_path: Path, socket_dir: Path) -> None:
+    """A qcow2 image (its header says so) is served as the disk it holds, not as its file:
+    qemu-img sees the export's bytes equal to the image's, and a client's write lands
+    inside the image, which qemu-img check finds sound once the server is gone."""
+    image = tmp_path / "disk.qcow2"
+    run_tool("qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M")
+    run_tool("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", str(image))
+    path = socket_dir / "disk.sock"
+    serve = subprocess.Popen(hwharness("serve", "disk", str(image), "--nbd", f"unix:{path}", "--accel", hwharness_accel),
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert serve.stdout is not None
+        uri = serve.stdout.readline().strip()
+        assert uri == f"nbd+unix:///?socket={path}", uri + serve.stderr.read()    # type: ignore[union-attr]
+        assert STARTED.match(serve.stdout.readline())
+        (export,) = json.loads(run_tool("nbdinfo", "--json", uri))["exports"]
+        assert export["export-size"] == 8 << 20 != image.stat().st_size
+        run_tool("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", str(image), uri)   # -U: QEMU holds its lock
+        run_tool("qemu-io", "-f", "raw", "-c", "write -P 0xa5 5M 128k", uri)
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(60) == 0, serve.stderr.read()     # type: ignore[union-attr]
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+    run_tool("qemu-img", "check", "-f", "qcow2", str(image))
+    for pattern, offset, length in (("0x5a", "1M", "64k"), ("0xa5", "5M", "128k"), ("0", "0", "1M")):
+        out = run_tool("qemu-io", "-f", "qcow2", "-c", f"read -P {pattern} {offset} {length}", str(image))
+        assert "Pattern verification failed" not in out, out
 
 
 @pytest.mark.qemu

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import stat
+import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +53,37 @@ def readable_file(path: str, what: str) -> Path:
     except OSError as exc:
         raise BadInput(f"{what} {path}: cannot be read ({exc.strerror})") from exc
     return file
+
+
+QCOW2_MAGIC = b"QFI\xfb"                 # a qcow2 image's first bytes (QEMU's docs/interop/qcow2.txt)
+
+
+def image_format(image: Path, asked: str = "auto") -> str:
+    """What QEMU opens ``image`` as: ``raw`` (its bytes are the disk) or ``qcow2``; ``auto``
+    goes by the qcow2 header. Served as raw, a qcow2 file's container is the disk, and a
+    client's writes would wreck it. A qcow2 image that names another file (a backing file, an
+    external data file) is refused: QEMU would open that file too, and a raw disk into
+    whose first sector a guest wrote a qcow2 header could name any file of the host."""
+    with open(image, "rb") as f:
+        qcow2 = f.read(len(QCOW2_MAGIC)) == QCOW2_MAGIC
+    if asked == "raw" or (asked == "auto" and not qcow2):
+        return "raw"
+    if not qcow2:
+        raise BadInput(f"image {image}: is not a qcow2 image (no qcow2 header); --format raw serves its bytes")
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise BadInput(f"image {image}: a qcow2 image is looked at with qemu-img, which is not installed "
+                       "(`make deps`; --format raw serves its bytes)")
+    done = subprocess.run([qemu_img, "info", "--output=json", "-f", "qcow2", str(image)],
+                          capture_output=True, text=True, timeout=60)
+    if done.returncode:
+        raise BadInput(f"image {image}: qemu-img cannot open it as qcow2: {done.stderr.strip()}")
+    info = json.loads(done.stdout)
+    named = info.get("backing-filename") or info.get("format-specific", {}).get("data", {}).get("data-file")
+    if named:
+        raise BadInput(f"image {image}: names another file ({named}); serve a standalone image "
+                       f"(`qemu-img convert -O qcow2 {image} NEW`)")
+    return "qcow2"
 
 
 def unix_socket(path: str, what: str, start: str) -> None:

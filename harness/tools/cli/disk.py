@@ -19,18 +19,19 @@ from .common import disk_image, iommu_of, say
 
 
 def disk_machine(accel: str, image: Path, iommu: bool | None, snapshot: bool = False, name: str = "disk",
-                 bus: str = "ahci", ioeventfd: bool = False) -> ProxyMachine:
-    """A proxy machine with ``image`` on the first port of q35's built-in AHCI controller, or
-    as namespace 1 of an NVMe controller (``bus="nvme"``; ``ioeventfd``: the driver rings its
-    I/O queues' doorbells itself, see MachineSpec.nvme).
+                 bus: str = "ahci", ioeventfd: bool = False, image_format: str = "raw") -> ProxyMachine:
+    """A proxy machine with ``image`` (of ``image_format``: see common.image_format) on the
+    first port of q35's built-in AHCI controller, or as namespace 1 of an NVMe controller
+    (``bus="nvme"``; ``ioeventfd``: the driver rings its I/O queues' doorbells itself, see
+    MachineSpec.nvme).
     With ``snapshot`` writes go to a throwaway overlay (QEMU's ide-hd refuses read-only drives)."""
     disk_image(str(image))
     spec = proxy_spec(accel=accel, iommu=iommu)
     if bus == "nvme":
-        spec.nvme([{"file": str(image.resolve()), "format": "raw", "snapshot": snapshot}],
+        spec.nvme([{"file": str(image.resolve()), "format": image_format, "snapshot": snapshot}],
                   **({"ioeventfd": "on"} if ioeventfd else {}))
     else:
-        spec.drive(file=str(image.resolve()), format="raw", id="disk0", snapshot=snapshot, **{"if": "none"})
+        spec.drive(file=str(image.resolve()), format=image_format, id="disk0", snapshot=snapshot, **{"if": "none"})
         spec.device("ide-hd", drive="disk0", bus="ide.0")
     return ProxyMachine(spec, name=name)
 

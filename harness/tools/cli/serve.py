@@ -21,7 +21,7 @@ from ...proxy import ProxyMachine, proxy_spec
 from ...services.bridge import BridgeService, bridge_spec
 from ...services.disk import DiskService, listen
 from .boot import CaughtStop
-from .common import disk_image, iommu_of, say
+from .common import disk_image, image_format, iommu_of, say
 from .disk import disk_machine
 
 
@@ -51,6 +51,7 @@ def check_nbd(spec: str) -> None:
 
 def serve_disk(args: argparse.Namespace) -> int:
     image = disk_image(args.image)
+    image_kind = image_format(image, args.format)
     if args.nbd:
         check_nbd(args.nbd)
     with CaughtStop() as stop:
@@ -58,7 +59,7 @@ def serve_disk(args: argparse.Namespace) -> int:
         # overlay), so the image may be read by others meanwhile. An NVMe export's driver rings
         # its doorbells itself (ioeventfds): a Linux client's 4 KiB reads 1.9 -> 2.6 k IOPS.
         with disk_machine(args.accel, image, iommu_of(args), snapshot=args.read_only, name="serve",
-                          bus=args.bus, ioeventfd=True) as pm:
+                          bus=args.bus, ioeventfd=True, image_format=image_kind) as pm:
             with DiskService(pm, args.bus, nbd=args.nbd, read_only=args.read_only) as service:
                 say(service.uri)
                 report(service.starts, stop, timeout=args.timeout)
