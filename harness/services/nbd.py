@@ -274,12 +274,13 @@ class _Spans:
 
 
 class _ReadAhead:
-    """What the server read ahead of a sequential reader: bytes [start, end) of the export, in
-    chunks copied out of the device's DMA memory (so every later read_many may reuse it)."""
+    """What the server read ahead of a sequential reader: bytes [start, end) of the export in
+    ``view``, the device's DMA memory as ``read_many`` returned it (valid until its next call:
+    the server drops this before any)."""
 
     def __init__(self) -> None:
-        self.chunks: deque[tuple[int, bytes]] = deque()     # (offset, data), in order, contiguous
         self.start = self.end = 0
+        self.view: memoryview | None = None
         self.reader: object = None  # the connection of the last read served
         self.read_end = -1          # where it ended
         self.stride = 0             # its length if it began where the one before it, on its connection, ended; else 0
@@ -289,51 +290,29 @@ class _ReadAhead:
         self.stride = length if connection is self.reader and offset == self.read_end else 0
         self.reader, self.read_end = connection, offset + length
 
-    def take(self, offset: int, length: int) -> bytes | memoryview | None:
-        """A read's data, if all of it is held; what lies before it is let go (a sequential
-        reader does not come back)."""
-        if not self.chunks or offset < self.start or offset + length > self.end:
+    def take(self, offset: int, length: int) -> memoryview | None:
+        """A read's data, if all of it is held."""
+        if self.view is None or offset < self.start or offset + length > self.end:
             return None
-        chunks = self.chunks
-        while chunks[0][0] + len(chunks[0][1]) <= offset:
-            chunks.popleft()
-        self.start = chunks[0][0]
-        pieces = []
-        for at, data in chunks:
-            if at >= offset + length:
-                break
-            pieces.append(memoryview(data)[max(offset - at, 0):offset + length - at])
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return self.view[offset - self.start:offset - self.start + length]
 
     def overlaps(self, start: int, end: int) -> bool:
-        return bool(self.chunks) and start < self.end and self.start < end
+        return self.view is not None and start < self.end and self.start < end
 
-    def add(self, offset: int, data: bytes) -> None:
-        if not self.chunks or offset != self.end:
-            self.drop()
-            self.start = offset
-        self.chunks.append((offset, data))
-        self.end = offset + len(data)
+    def hold(self, start: int, view: memoryview) -> None:
+        self.start, self.end, self.view = start, start + len(view), view
 
     def drop(self) -> None:
-        self.chunks.clear()
         self.start = self.end = 0
+        self.view = None
 
     def wanted(self, size: int) -> tuple[int, int] | None:
-        """(offset, length) to read ahead now, or None. For a sequential reader, at first
-        READ_AHEAD (at least two of its reads) from where it is, then one of its reads past
-        what is held each time it takes one, so it stays that far ahead."""
-        if not self.stride:
+        """(offset, length) to read ahead now, or None: the reader is sequential and what is
+        held does not hold its next read (so nothing is read twice while it would do)."""
+        if not self.stride or (self.view is not None and self.end - self.read_end >= self.stride):
             return None
-        ahead = min(max(READ_AHEAD, 2 * self.stride), BEAT_BYTES)
-        if not self.chunks or not self.start <= self.read_end <= self.end:
-            offset, length = self.read_end, ahead
-        elif self.end - self.read_end < ahead:
-            offset, length = self.end, self.stride
-        else:
-            return None
-        length = min(length, size - offset)
-        return (offset, length) if length > 0 else None
+        length = min(max(READ_AHEAD, 2 * self.stride), BEAT_BYTES, size - self.read_end)
+        return (self.read_end, length) if length > 0 else None
 
 
 # ---- the server ----
@@ -516,9 +495,10 @@ class NbdServer:
             return
         assert self.read_many is not None
         offset, length = wanted
+        self._ahead.drop()
         self._beat()
         try:
-            self._ahead.add(offset, bytes(self.read_many([(offset // self.sector_size, length // self.sector_size)])[0]))
+            self._ahead.hold(offset, self.read_many([(offset // self.sector_size, length // self.sector_size)])[0])
         except self.request_errors as exc:
             log.info("reading %d bytes ahead at %d failed (%s)", length, offset, exc)
 
@@ -915,9 +895,11 @@ class NbdServer:
                     request.done = True
                 self._answer_ready({id(r): view for r, view in held})
                 for request, view in held:
-                    if not request.answered:        # behind one not final yet
+                    if not request.answered:        # the next read_many reuses that memory
                         request.reply = bytes(view)
                 reads = [r for r in reads if not r.done]
+            if reads:
+                self._ahead.drop()
             try:
                 for group in _groups(reads, lambda r: r.length):
                     self._beat()
