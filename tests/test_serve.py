@@ -81,7 +81,9 @@ def test_unusable_input_is_one_line_and_status_2(tmp_path: Path) -> None:
              str(tmp_path / "layer.qcow2"))
     for args, says in [(("serve", "disk", str(tmp_path / "missing.img")), "no such file"),
                        (("serve", "disk", str(image), "--format", "qcow2"), "is not a qcow2 image"),
-                       (("serve", "disk", str(tmp_path / "layer.qcow2")), f"names another file ({tmp_path}/base.qcow2)"),
+                       (("serve", "disk", str(tmp_path / "base.qcow2")), "starts with a qcow2 header; --format qcow2"),
+                       (("serve", "disk", str(tmp_path / "layer.qcow2"), "--format", "qcow2"),
+                        "names another file (a backing file)"),
                        (("serve", "disk", str(image), "--nbd", "udp:1"), "not unix:PATH or tcp:HOST:PORT"),
                        (("serve", "disk", str(image), "--nbd", f"unix:{tmp_path}/no/such/dir.sock"),
                         "cannot listen there"),
@@ -143,14 +145,15 @@ def test_serve_prints_the_uri_and_every_start_and_stops_on_ctrl_c(
 @pytest.mark.qemu
 def test_a_qcow2_image_is_served_as_its_virtual_disk_and_stays_a_sound_qcow2(
         hwharness_accel: str, tmp_path: Path, socket_dir: Path) -> None:
-    """A qcow2 image (its header says so) is served as the disk it holds, not as its file:
+    """A qcow2 image (``--format qcow2``) is served as the disk it holds, not as its file:
     qemu-img sees the export's bytes equal to the image's, and a client's write lands
     inside the image, which qemu-img check finds sound once the server is gone."""
     image = tmp_path / "disk.qcow2"
     run_tool("qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M")
     run_tool("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", str(image))
     path = socket_dir / "disk.sock"
-    serve = subprocess.Popen(hwharness("serve", "disk", str(image), "--nbd", f"unix:{path}", "--accel", hwharness_accel),
+    serve = subprocess.Popen(hwharness("serve", "disk", str(image), "--format", "qcow2", "--nbd", f"unix:{path}",
+                                       "--accel", hwharness_accel),
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert serve.stdout is not None

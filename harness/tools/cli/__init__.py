@@ -165,9 +165,9 @@ def command_line() -> argparse.ArgumentParser:
     serve_disk.add_argument("--nbd", metavar="unix:PATH|tcp:HOST:PORT",
                             help="where clients connect (default: a Unix socket in the machine's directory; "
                                  "tcp port 0: any free one)")
-    serve_disk.add_argument("--format", choices=("auto", "raw", "qcow2"), default="auto",
+    serve_disk.add_argument("--format", choices=("raw", "qcow2"),
                             help="what the image is: raw bytes, or a qcow2 image whose virtual disk is served "
-                                 "(default: qcow2 if its header says so)")
+                                 "(default raw; an image with a qcow2 header must say which)")
     serve_disk.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
     serve_disk.add_argument("--timeout", type=float, default=120.0,
                             help="seconds a driver (the first, or a restarted one) has to start serving")

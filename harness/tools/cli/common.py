@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -56,33 +57,49 @@ def readable_file(path: str, what: str) -> Path:
 
 
 QCOW2_MAGIC = b"QFI\xfb"                 # a qcow2 image's first bytes (QEMU's docs/interop/qcow2.txt)
+# The qcow2 header's fields looked at here (docs/interop/qcow2.txt), big-endian: version,
+# backing_file_offset, crypt_method, incompatible_features (version 3) and its bits
+QCOW2_HEADER = struct.Struct(">4sIQ16xI36xQ")
+QCOW2_CORRUPT, QCOW2_EXTERNAL_DATA = 1 << 1, 1 << 2
 
 
-def image_format(image: Path, asked: str = "auto") -> str:
-    """What QEMU opens ``image`` as: ``raw`` (its bytes are the disk) or ``qcow2``; ``auto``
-    goes by the qcow2 header. Served as raw, a qcow2 file's container is the disk, and a
-    client's writes would wreck it. A qcow2 image that names another file (a backing file, an
-    external data file) is refused: QEMU would open that file too, and a raw disk into
-    whose first sector a guest wrote a qcow2 header could name any file of the host."""
+def image_format(image: Path, asked: str | None = None) -> str:
+    """What QEMU opens ``image`` as: ``raw`` (its bytes are the disk) or ``qcow2`` (the disk
+    it holds), as ``asked``; not asked, raw unless the image starts with a qcow2 header, which
+    is refused: the format is not guessed from bytes that a client of a raw export may have
+    written there. Served as raw, a qcow2 file's container would be the disk, and a client's
+    writes would wreck it. A qcow2 image that is encrypted, marked corrupt, or names another
+    file (a backing file, an external data file) is refused: QEMU would open that file too."""
     with open(image, "rb") as f:
-        qcow2 = f.read(len(QCOW2_MAGIC)) == QCOW2_MAGIC
-    if asked == "raw" or (asked == "auto" and not qcow2):
+        head = f.read(QCOW2_HEADER.size)
+    qcow2 = head.startswith(QCOW2_MAGIC)
+    if asked == "raw" or (asked is None and not qcow2):
         return "raw"
     if not qcow2:
         raise BadInput(f"image {image}: is not a qcow2 image (no qcow2 header); --format raw serves its bytes")
+    if asked is None:
+        raise BadInput(f"image {image}: starts with a qcow2 header; --format qcow2 serves the disk it holds, "
+                       "--format raw its bytes (not guessed: a client of a raw export can write such a header)")
+    if len(head) < QCOW2_HEADER.size:
+        raise BadInput(f"image {image}: a qcow2 header cut short ({len(head)} bytes)")
+    _, version, backing, crypt, incompatible = QCOW2_HEADER.unpack(head)
+    features = incompatible if version >= 3 else 0
+    if backing or features & QCOW2_EXTERNAL_DATA:
+        raise BadInput(f"image {image}: names another file ({'a backing file' if backing else 'an external data file'}), "
+                       f"which QEMU would open too; serve a standalone image (`qemu-img convert -O qcow2 {image} NEW`)")
+    if crypt or features & QCOW2_CORRUPT:
+        raise BadInput(f"image {image}: is {'encrypted' if crypt else 'marked corrupt (`qemu-img check -r all`)'}")
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
-        raise BadInput(f"image {image}: a qcow2 image is looked at with qemu-img, which is not installed "
-                       "(`make deps`; --format raw serves its bytes)")
-    done = subprocess.run([qemu_img, "info", "--output=json", "-f", "qcow2", str(image)],
-                          capture_output=True, text=True, timeout=60)
+        raise BadInput(f"image {image}: a qcow2 image is checked with qemu-img, which is not installed (`make deps`)")
+    try:
+        done = subprocess.run([qemu_img, "info", "--output=json", "-f", "qcow2", str(image.resolve())],
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise BadInput(f"image {image}: qemu-img took over 60 s to read its header") from None
     if done.returncode:
-        raise BadInput(f"image {image}: qemu-img cannot open it as qcow2: {done.stderr.strip()}")
-    info = json.loads(done.stdout)
-    named = info.get("backing-filename") or info.get("format-specific", {}).get("data", {}).get("data-file")
-    if named:
-        raise BadInput(f"image {image}: names another file ({named}); serve a standalone image "
-                       f"(`qemu-img convert -O qcow2 {image} NEW`)")
+        raise BadInput(f"image {image}: qemu-img cannot open it as qcow2 ({done.stderr.strip()}); "
+                       "--format raw serves its bytes")
     return "qcow2"
 
 
