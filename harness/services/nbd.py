@@ -47,8 +47,8 @@ Read-ahead: a client that reads one request at a time, each where the last ended
 gets the data past its read read ahead while it takes the reply (``READ_AHEAD``),
 and its next reads answered from there without a device command. What was read
 ahead is one range in the device's DMA memory; a write, TRIM or WRITE_ZEROES that
-overlaps it drops it before it runs, and so does any other read (it reuses that
-memory).
+overlaps it drops it before it runs, and so does any read it does not hold (the
+device's read reuses that memory).
 
 ``NBD_FLAG_CAN_MULTI_CONN`` is advertised because it is true of this design: the
 server caches no writes and answers a write only after the device completed it, so
@@ -485,8 +485,10 @@ class NbdServer:
 
     def _read_ahead(self, batch: list[_Request]) -> None:
         """After a turn whose one read went on from where the last one ended: the data past it,
-        read while the client takes the reply (see READ_AHEAD). A failure here is the next
-        read's to meet, so it is only logged."""
+        read while the client takes the reply (see READ_AHEAD). A failure of the request's kind
+        is the next read's to meet, so it is only logged; any other ends the server, as it would
+        on a read asked for (the supervisor starts the next). The look for the next request
+        (ANSWERED_SPIN) starts after it."""
         reads = [r for r in batch if r.cmd == Cmd.READ and not r.error]
         for request in reads:
             self._ahead.saw(request.connection, request.offset, request.length)
@@ -501,6 +503,7 @@ class NbdServer:
             self._ahead.hold(offset, self.read_many([(offset // self.sector_size, length // self.sector_size)])[0])
         except self.request_errors as exc:
             log.info("reading %d bytes ahead at %d failed (%s)", length, offset, exc)
+        self._answered_at = time.perf_counter()
 
     def _events(self, ready: bool) -> list[tuple[selectors.SelectorKey, int]]:
         """What the sockets have: a look if requests are already waiting, else a wait of up to

@@ -842,8 +842,9 @@ def test_the_disk_backend_stages_every_command_on_a_page_and_splits_at_the_large
 def test_a_sequential_reader_is_answered_from_what_was_read_ahead_and_a_write_there_drops_it(
         socket_dir: Path, rng: random.Random) -> None:
     """One 64 KiB READ at a time, each where the last ended (a Linux machine's O_DIRECT reads):
-    from the second on, the server reads READ_AHEAD past the read in one batch and answers
-    the next sixteen reads from there, with no device command; a write into that range from
+    after the second, the server reads READ_AHEAD past it in one batch and answers the next
+    sixteen reads from there, with no device command, reading ahead again only once they are
+    used up; a write into that range from
     another connection drops it before it is acknowledged, so the next read sees the write;
     reads that do not follow each other read nothing ahead. The device is the disk service's
     own backend, whose DMA staging every read_many reuses."""
@@ -874,4 +875,27 @@ def test_a_sequential_reader_is_answered_from_what_was_read_ahead_and_a_write_th
         assert device_reads()[3:] == [("read", [(12 * stride, 64 << 10)]),
                                       ("read_queued", [(13 * stride + i, 128 << 10) for i in range(0, ahead, 256)]),
                                       *[("read", [(lba, 64 << 10)]) for lba in lbas]], "random reads read ahead"
+    backend.close()
+
+
+def test_a_read_answered_from_what_was_read_ahead_keeps_its_data_while_it_waits_for_a_flush(
+        socket_dir: Path) -> None:
+    """A read the read-ahead holds, behind a FLUSH in the same turn (so not answered until the
+    turn's flush), and a read the device must do after it, whose batch reuses the DMA
+    staging the read-ahead lives in: the first still gets its own data."""
+    disk = PageStrictDisk(8192)
+    backend = DiskBackend(HostDma(), disk)
+    stride = 128
+    with served_here(backend, socket_dir / "behind") as address:
+        sock = negotiated(address)
+        for k, handle in ((0, 1), (1, 2)):              # a sequential reader: the server reads ahead
+            sock.sendall(request(Cmd.READ, handle, k * stride * SECTOR, stride * SECTOR))
+            assert read_reply(sock, stride * SECTOR) == (0, handle, bytes(disk.memory[k * stride * SECTOR:][:stride * SECTOR]))
+        sock.sendall(request(Cmd.FLUSH, 3) + request(Cmd.READ, 4, 2 * stride * SECTOR, stride * SECTOR)
+                     + request(Cmd.READ, 5, 4096 * SECTOR, stride * SECTOR))
+        replies = [read_reply(sock), read_reply(sock, stride * SECTOR), read_reply(sock, stride * SECTOR)]
+        sock.close()
+    assert replies == [(0, 3, b""), (0, 4, bytes(disk.memory[2 * stride * SECTOR:][:stride * SECTOR])),
+                       (0, 5, bytes(disk.memory[4096 * SECTOR:][:stride * SECTOR]))]
+    assert [c[0] for c in disk.calls] == ["read", "read", "read_queued", "read", "flush"], disk.calls
     backend.close()
