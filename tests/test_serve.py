@@ -5,6 +5,7 @@ and a Linux machine whose root filesystem is that export (``hwharness run --disk
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -39,6 +40,23 @@ PLAN = KillPlan(files=12, file_kib=2048, batch=3, kill_after=(2, 5, 9), stop_aft
 
 def hwharness(*args: str) -> list[str]:
     return [sys.executable, "-m", "harness", *args]
+
+
+@contextlib.contextmanager
+def serving(image: Path, path: Path, accel: str, *options: str,
+            env: dict[str, str] | None = None) -> Iterator[tuple["subprocess.Popen[str]", str, str]]:
+    """``hwharness serve disk IMAGE --nbd unix:PATH`` as a person runs it: the process, the
+    first line it printed (the URI) and the second (the first driver start); killed at the
+    end if it still runs."""
+    serve = subprocess.Popen(hwharness("serve", "disk", str(image), *options, "--nbd", f"unix:{path}", "--accel", accel),
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert serve.stdout is not None
+        yield serve, serve.stdout.readline().strip(), serve.stdout.readline()
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
 
 
 def assert_fsck_clean(image: Path) -> None:
@@ -110,14 +128,10 @@ def test_serve_prints_the_uri_and_every_start_and_stops_on_ctrl_c(
     image = tmp_path / "disk.img"
     image.write_bytes(os.urandom(1 << 20) * 8)
     path = socket_dir / "disk.sock"
-    serve = subprocess.Popen(hwharness("serve", "disk", str(image), "--bus", bus, "--nbd", f"unix:{path}",
-                                       "--accel", hwharness_accel),
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with serving(image, path, hwharness_accel, "--bus", bus) as (serve, uri, started):
         assert serve.stdout is not None
-        uri = serve.stdout.readline().strip()
         assert uri == f"nbd+unix:///?socket={path}", uri + serve.stderr.read()    # type: ignore[union-attr]
-        first = STARTED.match(serve.stdout.readline())
+        first = STARTED.match(started)
         assert first is not None and first.group(2, 3) == (bus, uri)
         (export,) = json.loads(run_tool("nbdinfo", "--json", uri))["exports"]
         assert export["export-size"] == image.stat().st_size
@@ -133,10 +147,6 @@ def test_serve_prints_the_uri_and_every_start_and_stops_on_ctrl_c(
         serve.send_signal(signal.SIGINT)
         assert serve.wait(60) == 0, serve.stderr.read()     # type: ignore[union-attr]
         assert serve.stdout.read() == "stopping\n"
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-            serve.wait()
     assert not path.exists(), "the socket is removed"
     for pid in (first.group(1), again.group(1)):
         assert not Path(f"/proc/{pid}").exists(), f"driver {pid} is left behind"
@@ -152,24 +162,15 @@ def test_a_qcow2_image_is_served_as_its_virtual_disk_and_stays_a_sound_qcow2(
     run_tool("qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M")
     run_tool("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", str(image))
     path = socket_dir / "disk.sock"
-    serve = subprocess.Popen(hwharness("serve", "disk", str(image), "--format", "qcow2", "--nbd", f"unix:{path}",
-                                       "--accel", hwharness_accel),
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert serve.stdout is not None
-        uri = serve.stdout.readline().strip()
+    with serving(image, path, hwharness_accel, "--format", "qcow2") as (serve, uri, started):
         assert uri == f"nbd+unix:///?socket={path}", uri + serve.stderr.read()    # type: ignore[union-attr]
-        assert STARTED.match(serve.stdout.readline())
+        assert STARTED.match(started)
         (export,) = json.loads(run_tool("nbdinfo", "--json", uri))["exports"]
         assert export["export-size"] == 8 << 20 != image.stat().st_size
         run_tool("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", str(image), uri)   # -U: QEMU holds its lock
         run_tool("qemu-io", "-f", "raw", "-c", "write -P 0xa5 5M 128k", uri)
         serve.send_signal(signal.SIGINT)
         assert serve.wait(60) == 0, serve.stderr.read()     # type: ignore[union-attr]
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-            serve.wait()
     run_tool("qemu-img", "check", "-f", "qcow2", str(image))
     for pattern, offset, length in (("0x5a", "1M", "64k"), ("0xa5", "5M", "128k"), ("0", "0", "1M")):
         out = run_tool("qemu-io", "-f", "qcow2", "-c", f"read -P {pattern} {offset} {length}", str(image))
@@ -187,18 +188,10 @@ def test_a_qemu_killed_under_serve_is_an_error_and_everything_goes(
     path = socket_dir / "disk.sock"
     # a machine whose QEMU died keeps its files for a look: in this test's directory
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    serve = subprocess.Popen(hwharness("serve", "disk", str(image), "--nbd", f"unix:{path}", "--accel", hwharness_accel),
-                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert serve.stdout is not None
-        serve.stdout.readline()
-        started = STARTED.match(serve.stdout.readline())
+    with serving(image, path, hwharness_accel, env=env) as (serve, _, line):
+        started = STARTED.match(line)
         assert started is not None, serve.stderr.read()      # type: ignore[union-attr]
         kill_its_qemu(serve)
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-            serve.wait()
     assert not path.exists(), "the socket is removed"
     assert ends(int(started.group(1)), within=20), "the driver process is left behind"
     assert [d.name.split("-")[-2] for d in workdirs(tmp_path)] == ["serve"], "the dead machine's files"
