@@ -230,15 +230,11 @@ class QueuePair:
     def _signal(self) -> None:
         """The doorbells that moved, through QEMU's ioeventfds: each value into its shadow
         doorbell, then its eventfd signalled (the system call orders the two); QEMU's main
-        loop reads the shadow when the eventfd wakes it. A polled queue's completion head
-        goes to its shadow alone: QEMU reads that before it posts any completion
-        (hw/nvme/ctrl.c, nvme_post_cqes), and the eventfd would wake its main loop only to
-        deassert an interrupt the queue does not have (at QD1 one system call of two, 10 us)."""
+        loop reads the shadow when the eventfd wakes it."""
         head, tail, shadow, (head_fd, tail_fd) = self.head, self.tail, self._shadow, self.eventfds
         if head != self.acked:
             shadow[self._shadow_head] = head
-            if self.irq is not None:
-                os.eventfd_write(head_fd, 1)
+            os.eventfd_write(head_fd, 1)
         if tail != self.rung_tail:
             shadow[self._shadow_tail] = tail
             os.eventfd_write(tail_fd, 1)
