@@ -25,7 +25,7 @@ from harness.machine.linux import nbd_server
 from harness.services.disk import DiskService
 from harness.tools.bench import serve
 from harness.tools.bench.serve import KillPlan, e2fs_tool, fsck_problems, write_through_kills
-from tests.test_cli import ends, kill_its_qemu, workdirs
+from tests.test_cli import ends, kill_its_qemu, qemu_of, workdirs
 from tests.test_nbd import machine_with
 from tests.unit.test_nbd import run_tool
 
@@ -152,12 +152,22 @@ def test_serve_prints_the_uri_and_every_start_and_stops_on_ctrl_c(
         assert not Path(f"/proc/{pid}").exists(), f"driver {pid} is left behind"
 
 
+def open_files(pid: int) -> set[str]:
+    """What process ``pid``'s descriptors name now (one closed meanwhile is left out)."""
+    names = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            names.add(os.readlink(fd))
+    return names
+
+
 @pytest.mark.qemu
 def test_a_qcow2_image_is_served_as_its_virtual_disk_and_stays_a_sound_qcow2(
         hwharness_accel: str, tmp_path: Path, socket_dir: Path) -> None:
     """A qcow2 image (``--format qcow2``) is served as the disk it holds, not as its file:
     qemu-img sees the export's bytes equal to the image's, and a client's write lands
-    inside the image, which qemu-img check finds sound once the server is gone."""
+    inside the image, which qemu-img check finds sound once the server is gone. The
+    disk is on QEMU's io_uring backend (QEMU here has it): its QEMU holds an io_uring."""
     image = tmp_path / "disk.qcow2"
     run_tool("qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M")
     run_tool("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", str(image))
@@ -165,6 +175,8 @@ def test_a_qcow2_image_is_served_as_its_virtual_disk_and_stays_a_sound_qcow2(
     with serving(image, path, hwharness_accel, "--format", "qcow2") as (serve, uri, started):
         assert uri == f"nbd+unix:///?socket={path}", uri + serve.stderr.read()    # type: ignore[union-attr]
         assert STARTED.match(started)
+        qemu = qemu_of(serve.pid)
+        assert qemu is not None and "anon_inode:[io_uring]" in open_files(qemu)
         (export,) = json.loads(run_tool("nbdinfo", "--json", uri))["exports"]
         assert export["export-size"] == 8 << 20 != image.stat().st_size
         run_tool("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", str(image), uri)   # -U: QEMU holds its lock

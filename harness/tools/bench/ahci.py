@@ -13,7 +13,6 @@ driver watches the FIS the HBA writes into host-mapped memory
 from __future__ import annotations
 
 import contextlib
-import logging
 import random
 import tempfile
 from pathlib import Path
@@ -25,11 +24,9 @@ from drivers.ahci.driver import TABLE_SIZE, Port
 from ...access import DmaBuffer
 from ...errors import MachineError
 from ...machine import MachineSpec
-from ...proxy import ProxyBus, ProxyMachine, ProxyWindows, proxy_spec, raw
+from ...proxy import ProxyBus, ProxyMachine, ProxyWindows, on_fastest_aio, proxy_spec, raw
 from .paired import Run, Workload, add_peer, clock_figures, run_rounds
 from .requests import RequestList
-
-log = logging.getLogger(__name__)
 
 DISK_BYTES = 256 << 20
 DRIVE = "disk0"
@@ -82,22 +79,6 @@ def _disk_image(path: Path) -> None:
     with open(path, "rb") as f:
         while f.read(1 << 20):
             pass
-
-
-def on_fastest_aio(stack: contextlib.ExitStack, name: str,
-                   spec_for: Callable[[str], MachineSpec]) -> tuple[ProxyMachine, str]:
-    """The machine ``spec_for(aio)`` describes, with its disk on QEMU's io_uring backend
-    where QEMU has one: its thread pool, the fallback, adds worker threads that fight
-    the vCPU for two cores, and both sides' figures then swing by twofold from run to
-    run. Returns the machine and the backend it got."""
-    for aio in ("io_uring", "threads"):
-        try:
-            return stack.enter_context(ProxyMachine(spec_for(aio), name=name)), aio
-        except MachineError as exc:
-            if aio == "threads":
-                raise
-            log.warning("QEMU refused aio=io_uring (%s); the disk uses its thread pool", str(exc).splitlines()[0])
-    raise AssertionError("unreachable")
 
 
 def machine(stack: contextlib.ExitStack, accel: str, image: Path, iommu: bool | None = True,

@@ -35,8 +35,8 @@ from drivers.nvme.regs import Nvm
 from ...access import DmaBuffer
 from ...errors import MachineError
 from ...machine import MachineSpec
-from ...proxy import ProxyBus, ProxyMachine, proxy_spec, raw
-from .ahci import DISK_BYTES, _disk_image, on_fastest_aio
+from ...proxy import ProxyBus, ProxyMachine, on_fastest_aio, proxy_spec, raw
+from .ahci import DISK_BYTES, _disk_image
 from .paired import Run, Workload, clock_figures, run_rounds
 from .requests import RequestList
 
@@ -116,7 +116,7 @@ def machine(stack: contextlib.ExitStack, accel: str, images: Sequence[Path], iom
             ioeventfd: Sequence[bool] = ()) -> tuple[ProxyMachine, str]:
     """A machine with an NVMe controller per image (``nvme0``, ``nvme1``, ...; ``ioeventfd[k]``
     turns QEMU's ioeventfds on for controller k), each namespace on the fastest disk backend
-    QEMU has (see bench ahci)."""
+    QEMU has (on_fastest_aio)."""
     def spec(aio: str) -> MachineSpec:
         spec = proxy_spec(accel=accel, iommu=iommu)
         for k, image in enumerate(images):

@@ -61,7 +61,7 @@ from ...errors import BadInput, HarnessError, ImageMissing
 from ...machine import Machine
 from ...machine.linux import ROOT_DEVICE, linux
 from ...services.disk import DiskService
-from . import ahci, nvme
+from ..cli.disk import disk_machine
 from .paired import ForeignLoad
 from .peer_linux import blockread, call_ms, timed
 
@@ -97,10 +97,8 @@ def exported(server: str, image: Path, accel: str, iommu: bool | None, directory
     if server == "qemu-nbd":
         yield from _qemu_nbd(image, path)
         return
-    with contextlib.ExitStack() as stack:
-        pm, _ = (ahci.machine(stack, accel, image, iommu, name="bench-serve-ahci") if server == "ahci"
-                 else nvme.machine(stack, accel, [image], iommu, ioeventfd=[True]))   # as serve disk has it
-        service = stack.enter_context(DiskService(pm, server, nbd=f"unix:{path}"))
+    with disk_machine(accel, image, iommu, name=f"bench-serve-{server}", bus=server, ioeventfd=True) as pm, \
+            DiskService(pm, server, nbd=f"unix:{path}") as service:    # the machine serve disk boots
         next(service.starts(timeout=SERVE_TIMEOUT_S))
         yield service.uri
 
@@ -419,7 +417,7 @@ def linux_through_kills(accel: str, plan: KillPlan, rng: random.Random, iommu: b
         directory = Path(tmp)
         image = grown_root(directory, 128 + plan.files * plan.file_kib // 1024)
         with contextlib.ExitStack() as stack:
-            pm, _ = ahci.machine(stack, accel, image, iommu, name=name)
+            pm = stack.enter_context(disk_machine(accel, image, iommu, name=name))
             service = stack.enter_context(DiskService(pm, "ahci", nbd=f"unix:{directory}/root.sock"))
 
             def boot(name: str) -> Machine:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import fs.errors
 
@@ -14,31 +14,37 @@ from drivers.ahci import Ahci
 from drivers.nvme import Nvme
 from ...devices.fat import DriverFatFS
 from ...errors import BadInput, HarnessError
-from ...proxy import ProxyMachine, proxy_spec
+from ...machine import MachineSpec
+from ...proxy import ProxyMachine, on_fastest_aio, proxy_spec
 from .common import disk_image, iommu_of, say
 
 
+@contextlib.contextmanager
 def disk_machine(accel: str, image: Path, iommu: bool | None, snapshot: bool = False, name: str = "disk",
-                 bus: str = "ahci", ioeventfd: bool = False, image_format: str = "raw") -> ProxyMachine:
-    """A proxy machine with ``image`` (of ``image_format``: see common.image_format) on the
-    first port of q35's built-in AHCI controller, or as namespace 1 of an NVMe controller
+                 bus: str = "ahci", ioeventfd: bool = False, image_format: str = "raw") -> Iterator[ProxyMachine]:
+    """A started proxy machine with ``image`` (of ``image_format``: see common.image_format) on
+    the first port of q35's built-in AHCI controller, or as namespace 1 of an NVMe controller
     (``bus="nvme"``; ``ioeventfd``: the driver rings its I/O queues' doorbells itself, see
-    MachineSpec.nvme).
+    MachineSpec.nvme), on QEMU's io_uring backend where it has one (on_fastest_aio).
     With ``snapshot`` writes go to a throwaway overlay (QEMU's ide-hd refuses read-only drives)."""
     disk_image(str(image))
-    spec = proxy_spec(accel=accel, iommu=iommu)
-    if bus == "nvme":
-        spec.nvme([{"file": str(image.resolve()), "format": image_format, "snapshot": snapshot}],
-                  **({"ioeventfd": "on"} if ioeventfd else {}))
-    else:
-        spec.drive(file=str(image.resolve()), format=image_format, id="disk0", snapshot=snapshot, **{"if": "none"})
-        spec.device("ide-hd", drive="disk0", bus="ide.0")
-    return ProxyMachine(spec, name=name)
+
+    def spec_for(aio: str) -> MachineSpec:
+        spec = proxy_spec(accel=accel, iommu=iommu)
+        drive = {"file": str(image.resolve()), "format": image_format, "snapshot": snapshot, "aio": aio}
+        if bus == "nvme":
+            spec.nvme([drive], **({"ioeventfd": "on"} if ioeventfd else {}))
+        else:
+            spec.drive(id="disk0", **drive, **{"if": "none"})
+            spec.device("ide-hd", drive="disk0", bus="ide.0")
+        return spec
+    with contextlib.ExitStack() as stack:
+        yield on_fastest_aio(stack, name, spec_for)[0]
 
 
 def check_fat_path(image: Path, path: str, command: str) -> None:
     """Read the image's FAT on the host and check ``path`` on it, before a machine boots."""
-    with closing(DriverFatFS.open_image(str(image))) as fat:
+    with contextlib.closing(DriverFatFS.open_image(str(image))) as fat:
         if not fat.exists(path):
             raise BadInput(f"{image}: there is no {path} on this FAT filesystem "
                            f"(`hwharness disk ls {image}` lists what is)")
