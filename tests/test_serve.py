@@ -21,10 +21,12 @@ from typing import Iterator
 
 import pytest
 
+from harness.errors import MachineError
 from harness.machine.linux import nbd_server
 from harness.services.disk import DiskService
 from harness.tools.bench import serve
 from harness.tools.bench.serve import KillPlan, e2fs_tool, fsck_problems, write_through_kills
+from harness.tools.cli.disk import disk_machine
 from tests.test_cli import ends, kill_its_qemu, qemu_of, workdirs
 from tests.test_nbd import machine_with
 from tests.unit.test_nbd import run_tool
@@ -187,6 +189,21 @@ def test_a_qcow2_image_is_served_as_its_virtual_disk_and_stays_a_sound_qcow2(
     for pattern, offset, length in (("0x5a", "1M", "64k"), ("0xa5", "5M", "128k"), ("0", "0", "1M")):
         out = run_tool("qemu-io", "-f", "qcow2", "-c", f"read -P {pattern} {offset} {length}", str(image))
         assert "Pattern verification failed" not in out, out
+
+
+@pytest.mark.qemu
+def test_an_image_another_qemu_holds_is_refused_at_once_not_retried_on_the_thread_pool(
+        hwharness_accel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """serve disk's machine falls back to QEMU's thread pool only where QEMU refuses io_uring:
+    QEMU's refusal of an image another QEMU holds (its write lock) is raised as it comes."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))     # the refused machine keeps its files here
+    with disk_machine(hwharness_accel, image, None):
+        with pytest.raises(MachineError, match='Failed to get "write" lock'):
+            with disk_machine(hwharness_accel, image, None, name="second"):
+                pass
+    assert "refused aio=io_uring" not in caplog.text
 
 
 @pytest.mark.qemu

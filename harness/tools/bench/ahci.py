@@ -16,7 +16,7 @@ import contextlib
 import random
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from drivers.ahci import Ahci
 from drivers.ahci.driver import TABLE_SIZE, Port
