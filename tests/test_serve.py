@@ -22,6 +22,7 @@ from typing import Iterator
 import pytest
 
 from harness.errors import MachineError
+from harness.machine.ioeventfd import descriptors
 from harness.machine.linux import nbd_server
 from harness.services.disk import DiskService
 from harness.tools.bench import serve
@@ -154,15 +155,6 @@ def test_serve_prints_the_uri_and_every_start_and_stops_on_ctrl_c(
         assert not Path(f"/proc/{pid}").exists(), f"driver {pid} is left behind"
 
 
-def open_files(pid: int) -> set[str]:
-    """What process ``pid``'s descriptors name now (one closed meanwhile is left out)."""
-    names = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            names.add(os.readlink(fd))
-    return names
-
-
 @pytest.mark.qemu
 def test_a_qcow2_image_is_served_as_its_virtual_disk_and_stays_a_sound_qcow2(
         hwharness_accel: str, tmp_path: Path, socket_dir: Path) -> None:
@@ -178,7 +170,7 @@ def test_a_qcow2_image_is_served_as_its_virtual_disk_and_stays_a_sound_qcow2(
         assert uri == f"nbd+unix:///?socket={path}", uri + serve.stderr.read()    # type: ignore[union-attr]
         assert STARTED.match(started)
         qemu = qemu_of(serve.pid)
-        assert qemu is not None and "anon_inode:[io_uring]" in open_files(qemu)
+        assert qemu is not None and descriptors(qemu, "anon_inode:[io_uring]")
         (export,) = json.loads(run_tool("nbdinfo", "--json", uri))["exports"]
         assert export["export-size"] == 8 << 20 != image.stat().st_size
         run_tool("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", str(image), uri)   # -U: QEMU holds its lock

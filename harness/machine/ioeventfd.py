@@ -39,15 +39,21 @@ WATCH_WAIT = 10.0               # seconds a watcher waits for another process's 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def eventfds(pid: int) -> set[int]:
-    """Process ``pid``'s descriptors that are eventfds."""
+def descriptors(pid: int, link: str) -> set[int]:
+    """Process ``pid``'s descriptors whose /proc link reads ``link`` (``EVENTFD_LINK``,
+    ``"anon_inode:[io_uring]"``)."""
     found = set()
     directory = f"/proc/{pid}/fd"
     for name in os.listdir(directory):
         with contextlib.suppress(OSError):      # closed meanwhile
-            if os.readlink(f"{directory}/{name}") == EVENTFD_LINK:
+            if os.readlink(f"{directory}/{name}") == link:
                 found.add(int(name))
     return found
+
+
+def eventfds(pid: int) -> set[int]:
+    """Process ``pid``'s descriptors that are eventfds."""
+    return descriptors(pid, EVENTFD_LINK)
 
 
 def take(pid: int, fd: int) -> int:
