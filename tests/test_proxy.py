@@ -12,7 +12,7 @@ from typing import Callable
 
 import pytest
 
-from harness.access import Batch, Kind, Space, spin_until
+from harness.access import Access, Batch, Kind, Space, spin_until
 from harness.errors import AccessDenied, BadRequest, DeviceTimeout
 from harness.proxy import ProxyMachine, raw
 from harness.proxy.machine import VCPU_NICE
@@ -395,6 +395,37 @@ def test_the_guest_spins_for_the_longest_ask_of_the_channels_it_served_since_it_
     finally:
         a.close()
         b.close()
+
+
+def test_a_halted_guest_is_kicked_once_however_many_batches_are_posted_before_it_wakes(
+        proxy_machine: ProxyMachine) -> None:
+    """The guest numbers each halt in ``guest_sleeping``; the host kicks a halt once. Posts
+    back to back on a channel that asks for no spin, each time the guest has halted again:
+    every kick went to a halt no kick had gone to, every post was served, and the posts
+    outnumbered the kicks (the vCPU's wake-up takes tens of microseconds; a post, a few)."""
+    window, channel = proxy_machine.bus.window, proxy_machine.bus.ports(0xE9, 1).channel
+    kicked: list[int] = []
+    kick = window.ivshmem.kick_guest
+
+    def counted(vector: int = 0) -> None:
+        kicked.append(window.u32[window.guest_sleeping_idx])
+        kick(vector)
+    window.ivshmem.kick_guest = counted             # type: ignore[method-assign]
+    posts = 0
+    try:
+        channel.guest_spin = 0.0
+        for _ in range(20):
+            assert spin_until(lambda: window.u32[window.guest_sleeping_idx] != 0, 5.0), "the guest never halted"
+            for _ in range(8):
+                channel.post([Access(Kind.READ, Space.PIO, 0xE9, 1)])
+                posts += 1
+            channel.flush()
+        assert kicked and len(kicked) == len(set(kicked)), f"halts kicked: {kicked}"
+        assert 0 not in kicked
+        assert posts > len(kicked), (posts, kicked)
+    finally:
+        window.ivshmem.kick_guest = kick            # type: ignore[method-assign]
+        channel.close()
 
 
 def test_a_publication_whose_count_is_out_of_range_publishes_its_first_entry_alone_refused(

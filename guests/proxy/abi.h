@@ -74,7 +74,7 @@ typedef unsigned long long u64 __attribute__((aligned(8)));
 
 enum proxy_abi {
     PROXY_ABI_MAGIC = 0x48574858,   /* "XHWH" little-endian */
-    PROXY_ABI_VERSION = 13,         /* 13: the hot part of a window from PROXY_HOT_OFFSET, rings by channel */
+    PROXY_ABI_VERSION = 14,         /* 14: guest_sleeping numbers each halt (one kick per halt) */
 };
 
 enum proxy_limits {
@@ -498,7 +498,7 @@ struct proxy_shared {
     u32 magic;                      /* PROXY_ABI_MAGIC once the guest is up */
     u32 abi_version;
     u32 state;                      /* enum proxy_state */
-    u32 guest_sleeping;             /* guest: "kick me before you wait" */
+    u32 guest_sleeping;             /* guest: 0 awake; else the number of the halt it is in: kick it once */
     u32 ndevices;
     u32 slot;                       /* 0: the control window; n: driver slot n */
     u64 heartbeat;                  /* a slot's driver counts here while it is alive (the supervisor watches) */

@@ -72,6 +72,7 @@ static int polling = -1;                        /* the channel whose poll lends 
 static u32 serving;
 static u64 served_total;                        /* requests executed: the window's copy is updated at wake-ups */
 static u32 served_since;                        /* channels served since the idle loop last halted (bit c) */
+static u32 sleeps;                              /* the idle loop's halts: each announced by its number */
 static u32 open_rings[1 + PROXY_MAX_SLOTS];     /* per window: bit k while its ring k's channel is open */
 static struct proxy_ring *ring_at[PROXY_TOTAL_CHANNELS];   /* channel c's ring, in a window the machine has */
 
@@ -997,11 +998,12 @@ static int pending(u32 which)
     return 0;
 }
 
-/* Tell the holders of `which` windows that the guest sleeps (kick it) or is awake. */
-static void set_sleeping(u32 which, u32 asleep)
+/* Tell the holders of `which` windows that the guest sleeps (`sleep`: this halt's number; kick
+ * it once) or is awake (0). */
+static void set_sleeping(u32 which, u32 sleep)
 {
     for (; which; which &= which - 1)
-        WRITE_ONCE(windows[__builtin_ctz(which)].win->guest_sleeping, asleep);
+        WRITE_ONCE(windows[__builtin_ctz(which)].win->guest_sleeping, sleep);
 }
 
 /* Serve every open channel of window p whose next entry is published. Inline in the loop:
@@ -1101,6 +1103,7 @@ HOT_PATH void proxy_loop(void)
 {
     const u64 us = tsc_hz / 1000000;
     u64 idle_since = rdtsc(), spin = PROXY_IDLE_SPIN_US * us;  /* how long to look on after idle_since */
+    sleeps = (u32)idle_since;               /* a guest booted again does not repeat a number a host kicked */
     sti();                                  /* the loop runs with interrupts on: they are forwarded */
     for (u32 round = 1;; round++) {
         int busy = 0;
@@ -1123,7 +1126,9 @@ HOT_PATH void proxy_loop(void)
         /* Interrupts off between the last look and hlt: sti's shadow then covers hlt. */
         cli();
         u32 flagged = serving;              /* only windows the loop serves: nobody else gets a reply */
-        set_sleeping(flagged, 1);
+        if (++sleeps == 0)                  /* 0 says awake */
+            sleeps = 1;
+        set_sleeping(flagged, sleeps);
         mfence();
         if (!pending(flagged))
             sti_hlt();

@@ -21,7 +21,7 @@ from elftools.elf.elffile import ELFFile
 
 from ..errors import AbiError
 
-HOST_ABI_VERSION = 13
+HOST_ABI_VERSION = 14
 
 
 @dataclass(frozen=True)

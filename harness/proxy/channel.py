@@ -402,7 +402,7 @@ class ProxyChannel(Channel):
         self._u64[ring.published_base + (head & ring.mask) * ring.published_stride] = ~(head >> ring.lap_shift) & 0xFFFFFFFF | 1 << 32
         ring.head = (head + 1) & 0xFFFFFFFF
         if self._u32[self._w.guest_sleeping_idx]:
-            self._w.ivshmem.kick_guest()
+            self._w.kick_if_sleeping()
         u16, st = self._u16, (slot + ring.status_off) >> 1
         spins = 0
         while not u16[st]:
