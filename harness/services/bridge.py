@@ -11,8 +11,11 @@ are promiscuous: an L2 bridge, so the machine on the wire gets its lease and rou
 from the user network itself.
 
 The driver polls: the receive rings are in memory it maps, so a look costs no
-request to the proxy; idle, it sleeps a little longer each round (up to
-``IDLE_MAX``), so an idle bridge costs little CPU. Its counters (frames and bytes
+request to the proxy. While frames come it looks again at once, and for
+``SPIN_AFTER_FRAME`` after the last one, as the C loop in the guest does: a sender
+that keeps a window in flight waits for every frame a nap leaves in a ring. Then
+it sleeps a little longer each round (up to ``IDLE_MAX``), so an idle bridge costs
+little CPU. Its counters (frames and bytes
 each way, drops by cause) live in a file the service owns and every driver
 process maps, so they add up across restarts and show up to a kill.
 
@@ -43,7 +46,8 @@ WAN_MAC, LAN_MAC = "52:54:00:b1:00:01", "52:54:00:b1:00:02"
 DOMAIN_SIZE = 4 << 20
 POOL_BUFFERS = 1280                                 # 2 x 256 receive + 2 x 255 in flight + slack
 BATCH = 64                                          # frames taken from a ring at a time
-IDLE_MIN, IDLE_MAX = 50e-6, 1e-3                    # seconds an idle round sleeps, growing
+SPIN_AFTER_FRAME = 1e-3                             # seconds the bridge looks on, unslept, after a frame
+IDLE_MIN, IDLE_MAX = 50e-6, 1e-3                    # seconds an idle round sleeps after that, growing
 RESTATE_ROUNDS = 64                                 # idle rounds between restating the receive tails
 STATS_SECONDS = 0.25                                # how often the NICs' miss counters are read
 
@@ -160,7 +164,7 @@ class Bridge:
         v, at = counters.values, counters.index
         ways = ((wan, lan, at["wan_to_lan_frames"], at["wan_to_lan_bytes"], at["dropped_lan_tx_full"]),
                 (lan, wan, at["lan_to_wan_frames"], at["lan_to_wan_bytes"], at["dropped_wan_tx_full"]))
-        idle, next_stats = 0, time.monotonic() + STATS_SECONDS
+        idle, next_stats, spin_until = 0, time.monotonic() + STATS_SECONDS, 0.0
         counters.mark("running")
         first_frame = True
         while not until():
@@ -180,10 +184,12 @@ class Bridge:
             if beat is not None:
                 beat()
             if moved:
-                idle = 0
+                idle, spin_until = 0, time.monotonic() + SPIN_AFTER_FRAME
                 if first_frame:
                     counters.mark("first_frame")
                     first_frame = False
+                continue
+            if time.monotonic() < spin_until:
                 continue
             idle += 1
             if idle % RESTATE_ROUNDS == 0:
