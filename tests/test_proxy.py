@@ -399,11 +399,13 @@ def test_the_guest_spins_for_the_longest_ask_of_the_channels_it_served_since_it_
 
 def test_a_halted_guest_is_kicked_once_however_many_batches_are_posted_before_it_wakes(
         proxy_machine: ProxyMachine) -> None:
-    """The guest numbers each halt in ``guest_sleeping``; the host kicks a halt once. Posts
-    back to back on a channel that asks for no spin, each time the guest has halted again:
-    every kick went to a halt no kick had gone to, every post was served, and the posts
-    outnumbered the kicks (the vCPU's wake-up takes tens of microseconds; a post, a few)."""
+    """The guest numbers each halt in ``guest_sleeping``; the host kicks a halt once. Each
+    round, once the guest has halted, its vCPU is stopped (QMP ``stop``) so that it cannot
+    wake between the posts, eight batches are posted on a channel that asks for no spin,
+    and the vCPU goes on: one kick per round, each to a halt of its own, and every post
+    served (the old rule kicked at every post that found the guest asleep: eight a round)."""
     window, channel = proxy_machine.bus.window, proxy_machine.bus.ports(0xE9, 1).channel
+    qmp = proxy_machine.machine.qmp
     kicked: list[int] = []
     kick = window.ivshmem.kick_guest
 
@@ -411,18 +413,18 @@ def test_a_halted_guest_is_kicked_once_however_many_batches_are_posted_before_it
         kicked.append(window.u32[window.guest_sleeping_idx])
         kick(vector)
     window.ivshmem.kick_guest = counted             # type: ignore[method-assign]
-    posts = 0
     try:
         channel.guest_spin = 0.0
-        for _ in range(20):
+        for round_ in range(1, 6):
             assert spin_until(lambda: window.u32[window.guest_sleeping_idx] != 0, 5.0), "the guest never halted"
-            for _ in range(8):
-                channel.post([Access(Kind.READ, Space.PIO, 0xE9, 1)])
-                posts += 1
-            channel.flush()
-        assert kicked and len(kicked) == len(set(kicked)), f"halts kicked: {kicked}"
-        assert 0 not in kicked
-        assert posts > len(kicked), (posts, kicked)
+            qmp("stop")
+            try:
+                pending = [channel.start([Access(Kind.READ, Space.PIO, 0xE9, 1)]) for _ in range(8)]
+            finally:
+                qmp("cont")
+            assert all(len(p.wait()) == 1 for p in pending)
+            assert len(kicked) == round_, f"round {round_}: halts kicked {kicked}"
+        assert len(set(kicked)) == len(kicked) and 0 not in kicked, kicked
     finally:
         window.ivshmem.kick_guest = kick            # type: ignore[method-assign]
         channel.close()
