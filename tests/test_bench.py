@@ -111,7 +111,9 @@ def test_bench_roundtrip_quick(tmp_path: Path, hwharness_accel: str) -> None:
 
 def test_bench_instructions_quick(tmp_path: Path, hwharness_accel: str) -> None:
     """Counts, not speeds: each a positive whole number of guest instructions, the same (or
-    nearly) every repeat, under TCG whatever was asked, named so bench compare knows lower is better."""
+    nearly) in most repeats, under TCG whatever was asked, named so bench compare knows lower is
+    better. Most, not all: on a loaded host an interrupt may land inside one repeat's span (a
+    CI run once counted 239 against 229, 229)."""
     result = bench("instructions", "auto" if hwharness_accel == "kvm" else hwharness_accel, tmp_path,
                    clock="guest instructions")
     assert result["accel"] == "tcg" and result["icount_shift"] == 0
@@ -124,7 +126,9 @@ def test_bench_instructions_quick(tmp_path: Path, hwharness_accel: str) -> None:
     for key, count in result["results"].items():
         low, high = result["range"][key]
         assert isinstance(count, int) and count > 0 and low <= count <= high, key
-        assert high - low <= high // 50, f"{key}: {low}..{high} is not deterministic"
+        repeated = result["repeated"][key]
+        agree = [v for v in repeated if abs(v - count) <= count // 50]
+        assert 3 * len(agree) >= 2 * len(repeated), f"{key}: {repeated} is not deterministic"
         assert compare.better(f"results.{key}") == "lower"
     r = result["results"]
     assert r["pio_single_instructions"] > r["pio_batch_instructions"], "a batch of one costs its batch's start and end"
