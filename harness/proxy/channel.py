@@ -225,30 +225,7 @@ class ProxyChannel(Channel):
     def post(self, accesses: Sequence[Access]) -> None:
         """Publish a batch nobody waits for (a doorbell, a tail pointer); its failure is raised,
         typed, by the channel's next waited request (or ``flush``)."""
-        if len(accesses) == 1:
-            a = accesses[0]
-            op = self._ops.get((a.kind, a.space))
-            if op is not None and not (a.timeout or a.mask or a.expect):
-                self._post_one(op, a)
-                return
         self._fly(accesses, True)
-
-    def _post_one(self, op: int, a: Access) -> None:
-        """:meth:`post` of one plain read or write (a doorbell), as :meth:`_one` writes it:
-        :meth:`_fly`'s general path cost a doorbell 3.3-4.5 us of Python, this 1.5."""
-        self._room(1)
-        ring = self.ring                # Ring.write and .publish, inlined
-        head = ring.head
-        ring.pack_short(self._mem, ring.entries_off + (head & ring.mask) * ring.entry_size, op, a.width, 0, 0,
-                        a.addr & 0xFFFFFFFFFFFFFFFF, a.value & 0xFFFFFFFFFFFFFFFF)
-        self._flights.append(Flight(head, 1, True, DEFAULT_TIMEOUT, (a,).__getitem__))
-        self._u64[ring.published_base + (head & ring.mask) * ring.published_stride] = ~(head >> ring.lap_shift) & 0xFFFFFFFF | 1 << 32
-        ring.head = (head + 1) & 0xFFFFFFFF
-        self._quiet = False
-        if ring.fenced:
-            self._w.fence()
-        if self._u32[self._w.guest_sleeping_idx]:
-            self._w.kick_if_sleeping()
 
     def start(self, accesses: Sequence[Access]) -> ProxyPending:
         """Publish a batch and return at once; ``wait()`` on the result returns its values.

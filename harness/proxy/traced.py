@@ -83,11 +83,6 @@ class TracedChannel(ProxyChannel):
         finally:
             self.tracer.batch(self, accesses, values, status, self.ring.start_tsc(head), start, time.perf_counter_ns())
 
-    def post(self, accesses: Sequence[Access]) -> None:
-        if not self.tracer.recording:
-            return super().post(accesses)
-        self._fly(accesses, True)                   # not the doorbell's shortcut: _fly records it
-
     def _fly(self, accesses: Sequence[Access], posted: bool) -> Flight:
         """A posted or started batch is recorded as it is published: nobody waits for it here."""
         if not self.tracer.recording:
