@@ -72,7 +72,9 @@ static int polling = -1;                        /* the channel whose poll lends 
 static u32 serving;
 static u64 served_total;                        /* requests executed: the window's copy is updated at wake-ups */
 static u32 served_since;                        /* channels served since the idle loop last halted (bit c) */
-static u32 sleeps;                              /* the idle loop's halts: each announced by its number */
+static u32 sleeps;                              /* the idle loop's halts: each announced by its number
+                                                 * (not a local of proxy_loop: one costs its idle pass
+                                                 * 8 instructions, bench instructions' turn_resume) */
 static u32 open_rings[1 + PROXY_MAX_SLOTS];     /* per window: bit k while its ring k's channel is open */
 static struct proxy_ring *ring_at[PROXY_TOTAL_CHANNELS];   /* channel c's ring, in a window the machine has */
 

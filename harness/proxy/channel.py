@@ -401,7 +401,7 @@ class ProxyChannel(Channel):
         ring.pack_short(self._mem, slot, op, width, 0, 0, addr, value)
         self._u64[ring.published_base + (head & ring.mask) * ring.published_stride] = ~(head >> ring.lap_shift) & 0xFFFFFFFF | 1 << 32
         ring.head = (head + 1) & 0xFFFFFFFF
-        if self._u32[self._w.guest_sleeping_idx]:
+        if self._u32[self._w.guest_sleeping_idx]:      # read here too: an awake guest costs no call
             self._w.kick_if_sleeping()
         u16, st = self._u16, (slot + ring.status_off) >> 1
         spins = 0

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     class Closeable(Protocol):
         def close(self) -> None: ...
 
+log = logging.getLogger(__name__)
+
 IOMMU_ENV = "HWHARNESS_IOMMU"      # "0": machines without the IOMMU, by default
 WINDOW_SIZE = 64 << 20
 DRIVER_SLOTS = 4            # driver slots a proxy machine has unless asked otherwise
@@ -188,6 +190,6 @@ def on_fastest_aio(stack: contextlib.ExitStack, name: str,
             # or "failed to init linux io_uring ring" where the kernel refuses one
             if aio == "threads" or "io_uring" not in str(exc):
                 raise
-            logging.getLogger(__name__).warning("QEMU refused aio=io_uring (%s); the disk uses its thread pool",
+            log.warning("QEMU refused aio=io_uring (%s); the disk uses its thread pool",
                                                 str(exc).splitlines()[0])
     raise AssertionError("unreachable")
